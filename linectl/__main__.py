@@ -1,0 +1,5 @@
+import sys
+
+from linectl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,1 @@
+"""One module per `linectl` subcommand; each exposes register(subparsers)."""

@@ -1,0 +1,381 @@
+"""The line configuration: one YAML file per line, validated into pydantic models.
+
+Unknown keys are refused everywhere: on a regulated line a misspelt setting
+that is silently ignored is worse than a config that does not load.
+Device sections are a discriminated union on `driver:` built from the driver
+registry (`drivers.registry`), the way Frigate selects detectors.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from drivers.base import DriverConfig
+from drivers.registry import device_config_classes
+from linectl import gs1
+from linectl.yamlsource import ConfigFileError, Problem, dotted, line_of, load_yaml, substitute_env, to_plain
+
+GS1_SET82 = re.compile(r"^[!\"%&'()*+,\-./0-9:;<=>?A-Z_a-z]+$")
+FMD_MAX_GUESS_PROBABILITY = 1e-4
+
+
+class Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------- identity
+
+
+class LineIdentity(Model):
+    """Where the line sits in the ISA-95 hierarchy; also the default MQTT topic root and EPCIS locations."""
+
+    enterprise: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    site: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    area: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    gln: str = Field(description="13-digit GLN of the site/line, used for EPCIS readPoint/bizLocation")
+    company_prefix_length: int = Field(ge=4, le=12, description="GS1 company prefix length of the GLN")
+    gln_extension: str = Field("0", pattern=r"^[!\"%&'()*+,\-./0-9:;<=>?A-Z_a-z]{1,20}$")
+    timezone_offset: str = Field("+00:00", pattern=r"^[+-](0\d|1[0-4]):[0-5]\d$")
+
+    @field_validator("gln")
+    @classmethod
+    def _gln(cls, v: str) -> str:
+        if not re.fullmatch(r"\d{13}", v):
+            raise ValueError("GLN must be 13 digits")
+        if gs1.gtin_check_digit(v[:-1]) != v[-1]:
+            raise ValueError(f"GLN check digit is {v[-1]}, expected {gs1.gtin_check_digit(v[:-1])}")
+        return v
+
+    @property
+    def sgln(self) -> str:
+        cp = self.gln[: self.company_prefix_length]
+        loc = self.gln[self.company_prefix_length : 12]
+        return f"urn:epc:id:sgln:{cp}.{loc}.{self.gln_extension}"
+
+    @property
+    def topic_root(self) -> str:
+        return f"{self.enterprise}/{self.site}/{self.area}/{self.name}"
+
+
+# --------------------------------------------------------------------------- serials
+
+
+class RandomSerials(Model):
+    """Non-deterministic randomisation (EU FMD art. 4): guess probability must stay below 1 in 10,000."""
+
+    scheme: Literal["random"]
+    alphabet: str = "0123456789ABCDEFGHJKLMNPQRSTUVWXYZ"
+    length: int = Field(12, ge=1, le=20)
+    planned_volume: int = Field(1_000_000, gt=0, description="serials expected for this GTIN over its lifetime")
+    low_water: int = Field(0, ge=0, description="not used for random (serials are generated locally)")
+
+    @field_validator("alphabet")
+    @classmethod
+    def _alphabet(cls, v: str) -> str:
+        if len(set(v)) != len(v):
+            raise ValueError("alphabet has repeated characters")
+        if len(v) < 2:
+            raise ValueError("alphabet needs at least 2 characters")
+        if not GS1_SET82.match(v):
+            raise ValueError("alphabet has characters outside GS1 character set 82")
+        return v
+
+    @model_validator(mode="after")
+    def _guess_probability(self) -> "RandomSerials":
+        p = self.guess_probability
+        if p >= FMD_MAX_GUESS_PROBABILITY:
+            raise ValueError(
+                f"guess probability {p:.3g} for planned_volume {self.planned_volume} over "
+                f"{len(self.alphabet)}^{self.length} is not below 1 in 10,000 (EU FMD); "
+                "use a longer serial or a larger alphabet"
+            )
+        return self
+
+    @property
+    def guess_probability(self) -> float:
+        return self.planned_volume / (len(self.alphabet) ** self.length)
+
+
+class SequentialSerials(Model):
+    """Numeric counting serials, for markets that allow predictable serials (never for EU FMD)."""
+
+    scheme: Literal["sequential"]
+    start: int = Field(1, ge=0)
+    step: int = Field(1, ge=1)
+    width: int = Field(0, ge=0, le=20, description="zero-pad to this width; 0 = no padding")
+    low_water: int = Field(0, ge=0)
+
+
+class PoolSerials(Model):
+    """Serials provisioned upstream (L3/L4) and imported or received over MQTT."""
+
+    scheme: Literal["pool"]
+    low_water: int = Field(1000, ge=0, description="raise an alarm and request more below this many available")
+    request_count: int = Field(10000, gt=0, description="how many to ask upstream for when low")
+
+
+SerialScheme = Annotated[Union[RandomSerials, SequentialSerials, PoolSerials], Field(discriminator="scheme")]
+
+
+class Product(Model):
+    gtin: str
+    name: str
+    company_prefix_length: int = Field(ge=4, le=12)
+    market: str = Field("EU-FMD", description="free text for reports; EU-FMD forbids sequential serials")
+    code_template: list[str] = Field(
+        default_factory=lambda: ["01", "17", "10", "21"],
+        description="AIs printed in the DataMatrix; fixed-length ones are moved first automatically",
+    )
+    extra_ais: dict[str, str] = Field(default_factory=dict, description="constant AIs, e.g. NHRN {'714': '1234567'}")
+    serials: SerialScheme
+    min_grade: float = Field(1.5, ge=0.0, le=4.0, description="ISO 15415 overall grade below which a unit is rejected")
+    shelf_life_days: int | None = Field(None, gt=0)
+
+    @field_validator("gtin")
+    @classmethod
+    def _gtin(cls, v: str) -> str:
+        try:
+            return gs1.normalize_gtin(v)
+        except gs1.GS1Error as exc:
+            raise ValueError(exc.reason) from exc
+
+    @field_validator("code_template")
+    @classmethod
+    def _template(cls, v: list[str]) -> list[str]:
+        if "01" not in v or "21" not in v:
+            raise ValueError("code_template must contain AI 01 (GTIN) and AI 21 (serial)")
+        allowed = {"01", "10", "11", "17", "21", "15", "16", "13"}
+        bad = [a for a in v if a not in allowed]
+        if bad:
+            raise ValueError(f"code_template: AI(s) {bad} are not per-unit fields; put constants in extra_ais")
+        if len(set(v)) != len(v):
+            raise ValueError("code_template lists an AI twice")
+        return v
+
+    @model_validator(mode="after")
+    def _market_rules(self) -> "Product":
+        if self.market.upper().startswith("EU") and self.serials.scheme == "sequential":
+            raise ValueError("market EU-FMD requires randomised serials; sequential is refused")
+        if self.gtin[1 : 1 + self.company_prefix_length] == "" or self.company_prefix_length > 12:
+            raise ValueError("company_prefix_length does not fit the GTIN")
+        return self
+
+
+# --------------------------------------------------------------------------- store, MQTT
+
+
+class StoreConfig(Model):
+    path: str = "linectl.db"
+    retention_days: float = Field(90.0, gt=0, description="forwarded events older than this may be purged")
+    group_commit_max: int = Field(2000, gt=0, description="most operations in one transaction")
+    queue_max: int = Field(50_000, gt=0, description="bound of the writer's queue; producers wait when full")
+
+
+class TlsConfig(Model):
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    insecure: bool = False
+
+
+class MqttConfig(Model):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = None
+    tls: TlsConfig | None = None
+    client_id: str | None = None
+    topic_root: str | None = Field(None, description="default: <enterprise>/<site>/<area>/<line>")
+    protocol: Literal["3.1.1", "5"] = "5"
+    keepalive_s: int = Field(30, ge=5)
+    max_events_per_message: int = Field(500, gt=0)
+    max_bytes_per_message: int = Field(256_000, ge=4096)
+    epc_format: Literal["urn", "digital_link"] = "urn"
+    state_interval_s: float = Field(2.0, gt=0)
+    max_command_bytes: int = Field(1_000_000, gt=0)
+    authorized_origins: list[str] = Field(default_factory=list, description="if set, only these command origins are accepted")
+
+
+# --------------------------------------------------------------------------- stations
+
+
+class VerifyRules(Model):
+    """Stop rules: each one stops the line with an alarm naming it."""
+
+    consecutive_reject_limit: int = Field(5, ge=1)
+    no_read_limit: int = Field(3, ge=1, description="consecutive no-reads that stop the line")
+    reject_confirm_timeout_s: float = Field(2.0, gt=0)
+    verdict_timeout_s: float = Field(1.0, gt=0, description="after this the PLC's fail-safe rejects the unit anyway")
+    require_gs1: bool = True
+    check_grade: bool = True
+
+
+class PrintVerifyStation(Model):
+    type: Literal["print_verify"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    printer: str
+    reader: str
+    plc: str
+    printer_queue_depth: int = Field(4, ge=1, le=64, description="codes kept on the printer ahead of the trigger")
+    rules: VerifyRules = Field(default_factory=VerifyRules)
+
+
+class VerifyStation(Model):
+    type: Literal["verify"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    reader: str
+    plc: str | None = None
+    rules: VerifyRules = Field(default_factory=VerifyRules)
+
+
+class CaseStation(Model):
+    type: Literal["case"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    reader: str
+    printer: str
+    label_reader: str | None = None
+    plc: str | None = None
+    units_per_case: int = Field(gt=0, le=10_000)
+    sscc_extension: int = Field(0, ge=0, le=9)
+
+
+class PalletStation(Model):
+    type: Literal["pallet"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    reader: str
+    printer: str
+    label_reader: str | None = None
+    cases_per_pallet: int = Field(gt=0, le=1000)
+    sscc_extension: int = Field(1, ge=0, le=9)
+
+
+class ReworkStation(Model):
+    type: Literal["rework"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    scanner: str
+    printer: str | None = None
+
+
+StationConfig = Annotated[
+    Union[PrintVerifyStation, VerifyStation, CaseStation, PalletStation, ReworkStation],
+    Field(discriminator="type"),
+]
+
+_DEVICE_CLASSES = device_config_classes()
+if len(_DEVICE_CLASSES) == 1:
+    DeviceConfig = _DEVICE_CLASSES[0]  # type: ignore[misc]
+else:
+    DeviceConfig = Annotated[Union[tuple(_DEVICE_CLASSES)], Field(discriminator="driver")]  # type: ignore[misc,valid-type]
+
+
+class BatchDefaults(Model):
+    unused_serials: Literal["return", "void"] = "return"
+    challenge: list[Literal["no_code", "wrong_code", "duplicate", "not_gs1", "low_grade"]] = Field(
+        default_factory=lambda: ["no_code", "wrong_code", "duplicate"]
+    )
+
+
+class LineConfig(Model):
+    line: LineIdentity
+    products: list[Product] = Field(min_length=1)
+    store: StoreConfig = Field(default_factory=StoreConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    batch: BatchDefaults = Field(default_factory=BatchDefaults)
+    devices: dict[str, DeviceConfig] = Field(default_factory=dict)  # type: ignore[valid-type]
+    stations: list[StationConfig] = Field(default_factory=list)
+    simulation: dict[str, Any] | None = Field(
+        None, description="line simulator settings (simulators.config.SimulationConfig); ignored by `linectl run`"
+    )
+
+    def product(self, gtin: str) -> Product:
+        g = gs1.normalize_gtin(gtin)
+        for p in self.products:
+            if p.gtin == g:
+                return p
+        raise KeyError(f"GTIN {gtin} is not configured on this line")
+
+    @property
+    def topic_root(self) -> str:
+        return self.mqtt.topic_root or self.line.topic_root
+
+
+def _reference_problems(cfg: LineConfig) -> list[tuple[tuple[Any, ...], str]]:
+    """Cross-references pydantic cannot see: station -> device names and roles, unique names and GTINs."""
+    from drivers.registry import role_of
+
+    out: list[tuple[tuple[Any, ...], str]] = []
+    seen_gtin: dict[str, int] = {}
+    for i, p in enumerate(cfg.products):
+        if p.gtin in seen_gtin:
+            out.append((("products", i, "gtin"), f"GTIN {p.gtin} is configured twice (also products.{seen_gtin[p.gtin]})"))
+        seen_gtin[p.gtin] = i
+    names: set[str] = set()
+    for i, st in enumerate(cfg.stations):
+        if st.name in names:
+            out.append((("stations", i, "name"), f"station name {st.name!r} is used twice"))
+        names.add(st.name)
+        for fld, role in (("printer", "printer"), ("reader", "reader"), ("plc", "plc"), ("scanner", "reader"), ("label_reader", "reader")):
+            ref = getattr(st, fld, None)
+            if ref is None:
+                continue
+            if ref not in cfg.devices:
+                out.append((("stations", i, fld), f"no device named {ref!r} (devices: {', '.join(sorted(cfg.devices)) or 'none'})"))
+            elif role_of(cfg.devices[ref].driver) != role:
+                out.append((("stations", i, fld), f"device {ref!r} is a {role_of(cfg.devices[ref].driver)}, not a {role}"))
+    return out
+
+
+def parse_config(data: dict[str, Any], *, source: Any = None, file: str = "<config>") -> LineConfig:
+    """Validate plain data; on failure raise ConfigFileError with every problem located."""
+    problems: list[Problem] = []
+    try:
+        cfg = LineConfig.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors(include_url=False):
+            loc = _clean_loc(data, tuple(err["loc"]))
+            msg = err["msg"]
+            if msg.startswith("Value error, "):
+                msg = msg[len("Value error, ") :]
+            problems.append(Problem(dotted(loc), line_of(source, loc) if source is not None else 0, msg))
+        raise ConfigFileError(file, problems) from None
+    for loc, msg in _reference_problems(cfg):
+        problems.append(Problem(dotted(loc), line_of(source, loc) if source is not None else 0, msg))
+    if problems:
+        raise ConfigFileError(file, problems)
+    return cfg
+
+
+def _clean_loc(data: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """Drop the parts of a pydantic location that are not in the file (union tags, validator names)."""
+    out: list[Any] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            out.append(part)
+            node = node[part]
+        elif isinstance(node, dict) and part in {str(node.get(k)) for k in ("driver", "type", "scheme") if k in node}:
+            continue
+        elif isinstance(part, str) and part.startswith("function-"):
+            continue
+        else:
+            out.append(part)  # a missing or unknown key: still worth naming
+            node = None
+    return tuple(out)
+
+
+def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> LineConfig:
+    """Load, substitute ${ENV}, validate. Raises ConfigFileError listing every problem with its line."""
+    source = load_yaml(path)
+    problems = substitute_env(source, env)
+    if problems:
+        raise ConfigFileError(path, problems)
+    return parse_config(to_plain(source), source=source, file=str(path))
