@@ -183,6 +183,9 @@ class PrintConfirm:
 
     seq: int
     printed_at: float
+    #: the printer's product (trigger) counter when it printed this job; equals the PLC's trigger count
+    #: for that unit, which is how a printed code is tracked to the read and the gate
+    product_count: int | None = None
 
 
 class Printer(Driver):
@@ -260,8 +263,12 @@ class Plc(Driver):
         """Read the named tags (all poll tags when None) in as few requests as possible."""
 
     @abc.abstractmethod
-    async def write_tag(self, name: str, value: Any) -> None:
-        """Write and confirm (read back or protocol acknowledgement). Raises DeviceError."""
+    async def write_tag(self, name: str, value: Any, index: int | None = None) -> None:
+        """Write and confirm (read back or protocol acknowledgement). Raises DeviceError.
+
+        `index` is an element offset into an array tag; a list value writes
+        consecutive elements in one protocol request (atomic on the PLC side).
+        """
 
     async def write_tags(self, values: dict[str, Any]) -> None:
         for k, v in values.items():

@@ -211,7 +211,8 @@ class VerifyRules(Model):
     consecutive_reject_limit: int = Field(5, ge=1)
     no_read_limit: int = Field(3, ge=1, description="consecutive no-reads that stop the line")
     reject_confirm_timeout_s: float = Field(2.0, gt=0)
-    verdict_timeout_s: float = Field(1.0, gt=0, description="after this the PLC's fail-safe rejects the unit anyway")
+    read_timeout_s: float = Field(3.0, gt=0, description="printed units but no read for this long: reader is silent, stop")
+    drain_timeout_s: float = Field(5.0, gt=0, description="at stop, how long units on the belt may take to reach reader and gate")
     require_gs1: bool = True
     check_grade: bool = True
 

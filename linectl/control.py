@@ -1,0 +1,155 @@
+"""Engine commands: the one vocabulary for PLC tags, the CLI and MQTT.
+
+Whatever an operator can do over a tag or the command line is one of these
+models, so every path is validated the same way and lands in the audit trail
+the same way. `origin` says where it came from ("plc:plc1", "mqtt:<client>",
+"cli:<user>"); `command_id` makes a retried command harmless.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Protocol, Union
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+_SET82 = re.compile(r"^[!\"%&'()*+,\-./0-9:;<=>?A-Z_a-z]{1,20}$")
+
+
+class Command(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    command_id: str | None = Field(None, max_length=128, description="client id; a repeated id gets the first reply again")
+    actor: str = Field("operator", max_length=128, description="who (user id / system) asked")
+
+
+class CreateBatch(Command):
+    name: Literal["create_batch"] = "create_batch"
+    lot: str
+    gtin: str
+    expiry: str = Field(pattern=r"^\d{6}$", description="YYMMDD, DD=00 allowed")
+    planned_qty: int = Field(gt=0, le=100_000_000)
+    challenge: bool = True
+
+    @field_validator("lot")
+    @classmethod
+    def _lot(cls, v: str) -> str:
+        if not _SET82.match(v):
+            raise ValueError("lot must be 1-20 characters of GS1 character set 82")
+        return v
+
+
+class StartBatch(Command):
+    name: Literal["start_batch"] = "start_batch"
+    lot: str | None = None
+
+
+class PauseBatch(Command):
+    name: Literal["pause_batch"] = "pause_batch"
+
+
+class ResumeBatch(Command):
+    name: Literal["resume_batch"] = "resume_batch"
+
+
+class StopBatch(Command):
+    name: Literal["stop_batch"] = "stop_batch"
+    reason: str = ""
+
+
+class CloseBatch(Command):
+    name: Literal["close_batch"] = "close_batch"
+    lot: str | None = None
+    unused_serials: Literal["return", "void"] | None = None
+
+
+class ProvisionPool(Command):
+    name: Literal["provision_pool"] = "provision_pool"
+    gtin: str
+    serials: list[str] | None = Field(None, max_length=1_000_000)
+    range_start: int | None = Field(None, ge=0)
+    range_count: int | None = Field(None, gt=0, le=1_000_000)
+    range_width: int = Field(0, ge=0, le=20)
+    request_id: str | None = None  # answer to linectl's own serial request (pages)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "ProvisionPool":
+        has_list = self.serials is not None
+        has_range = self.range_start is not None or self.range_count is not None
+        if has_list == has_range:
+            raise ValueError("give either serials (a list) or range_start + range_count")
+        if has_range and (self.range_start is None or self.range_count is None):
+            raise ValueError("a range needs both range_start and range_count")
+        if has_list and len(set(self.serials or [])) != len(self.serials or []):
+            raise ValueError("serials list contains duplicates")
+        return self
+
+    def serial_list(self) -> list[str]:
+        if self.serials is not None:
+            return list(self.serials)
+        assert self.range_start is not None and self.range_count is not None
+        return [str(n).zfill(self.range_width) for n in range(self.range_start, self.range_start + self.range_count)]
+
+
+class Challenge(Command):
+    name: Literal["challenge"] = "challenge"
+
+
+class RequestState(Command):
+    name: Literal["request_state"] = "request_state"
+
+
+class AckAlarm(Command):
+    name: Literal["ack_alarm"] = "ack_alarm"
+    alarm_id: str | None = None  # None = acknowledge all
+
+
+class ResetLine(Command):
+    name: Literal["reset"] = "reset"
+
+
+class VerifyCode(Command):
+    name: Literal["verify_code"] = "verify_code"
+    code: str = Field(max_length=4096)
+
+
+AnyCommand = Annotated[
+    Union[
+        CreateBatch,
+        StartBatch,
+        PauseBatch,
+        ResumeBatch,
+        StopBatch,
+        CloseBatch,
+        ProvisionPool,
+        Challenge,
+        RequestState,
+        AckAlarm,
+        ResetLine,
+        VerifyCode,
+    ],
+    Field(discriminator="name"),
+]
+COMMAND_ADAPTER: TypeAdapter[AnyCommand] = TypeAdapter(AnyCommand)
+COMMAND_NAMES = tuple(t.model_fields["name"].default for t in AnyCommand.__origin__.__args__)  # type: ignore[attr-defined]
+
+
+class CommandRejected(Exception):
+    """The command is well formed but not allowed now (wrong state, unknown GTIN...). Nothing changed."""
+
+    def __init__(self, reason: str, code: str = "rejected") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.code = code
+
+
+class CommandTarget(Protocol):
+    """What the MQTT bridge, the PLC control surface and the CLI call."""
+
+    async def execute(self, command: Any, origin: str) -> dict[str, Any]:
+        """Apply the command; return the reply body. Raises CommandRejected (nothing changed)."""
+        ...
+
+    def snapshot(self) -> dict[str, Any]:
+        """Current line state for the retained MQTT state topic and `request_state`."""
+        ...

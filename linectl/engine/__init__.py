@@ -1,0 +1,1 @@
+"""The line engine: batches, stations and the per-unit print-and-verify loop."""

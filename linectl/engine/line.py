@@ -1,0 +1,468 @@
+"""The line: batches and their lifecycle, commands, alarms, and the stations it runs.
+
+Every command, whatever its origin (PLC tag, MQTT, CLI), enters through
+`execute`, is validated, recorded in the audit trail with its origin, and is
+idempotent by `command_id`. State changes are domain events in the store, so
+the batch record answers "who started this and when" for an inspector.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import structlog
+
+from drivers.base import CodeReader, Driver, Plc, Printer
+from linectl import control as C
+from linectl.config import LineConfig, PrintVerifyStation, Product
+from linectl.engine.print_verify import PrintVerifyRuntime
+from linectl.events import (
+    AlarmAcknowledged,
+    AlarmRaised,
+    BatchState,
+    BatchStateChanged,
+    RejectReason,
+    SerialsReturned,
+    SerialsVoided,
+    Severity,
+    UnitDecommissioned,
+)
+
+log = structlog.get_logger("linectl.line")
+
+LINE_MODE = {"idle": 0, "challenge": 1, "production": 2}
+ALARM_CODES = {
+    "consecutive_rejects": 10,
+    "no_read_limit": 11,
+    "reject_not_confirmed": 12,
+    "reader_silent": 13,
+    "printer_error": 20,
+    "printer_fault": 21,
+    "plc_lost": 30,
+    "estop": 31,
+    "plc_write_failed": 32,
+    "challenge_failed": 40,
+    "no_serials": 50,
+    "pool_low": 51,
+    "failsafe_reject": 60,
+    "task_failed": 90,
+    "store_error": 91,
+}
+
+ALLOWED = {
+    "start": {BatchState.CREATED, BatchState.STOPPED, BatchState.PAUSED},
+    "pause": {BatchState.RUNNING},
+    "resume": {BatchState.PAUSED},
+    "stop": {BatchState.CHALLENGE, BatchState.RUNNING, BatchState.PAUSED},
+    "close": {BatchState.STOPPED, BatchState.CREATED},
+    "challenge": {BatchState.CREATED, BatchState.RUNNING, BatchState.PAUSED, BatchState.STOPPED},
+}
+
+
+@dataclass
+class BatchContext:
+    lot: str
+    gtin: str
+    expiry: str
+    planned_qty: int
+    product: Product
+    state: BatchState
+    challenge: bool = True
+    good: int = 0
+    good_before: int = 0  # commissioned in earlier runs of the daemon (restart mid-batch)
+    decommissioned: int = 0
+    started_at: float | None = None
+
+    def good_total(self) -> int:
+        return self.good + self.good_before
+
+
+@dataclass
+class ActiveAlarm:
+    alarm_id: str
+    code: str
+    severity: str
+    message: str
+    station: str | None
+    raised_at: str
+    acknowledged: bool = False
+
+
+class Line:
+    def __init__(self, cfg: LineConfig, store: Any, drivers: dict[str, Driver]) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.drivers = drivers
+        self.batch: BatchContext | None = None
+        self.fault: str | None = None
+        self.alarms: OrderedDict[str, ActiveAlarm] = OrderedDict()
+        self.stations: list[PrintVerifyRuntime] = []
+        self._replies: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._lock = asyncio.Lock()
+        self._stop_task: asyncio.Task[None] | None = None
+        self._state_listeners: list[Any] = []
+        self.started_at = time.time()
+        self.rate_window: list[tuple[float, int]] = []
+        self.completed = asyncio.Event()
+        self.challenge_done = asyncio.Event()
+        self.challenge_passed: bool | None = None
+        for st in cfg.stations:
+            if isinstance(st, PrintVerifyStation):
+                printer = drivers[st.printer]
+                reader = drivers[st.reader]
+                plc = drivers[st.plc]
+                assert isinstance(printer, Printer) and isinstance(reader, CodeReader) and isinstance(plc, Plc)
+                self.stations.append(PrintVerifyRuntime(st, self, printer, reader, plc))
+
+    # ------------------------------------------------------------------ helpers for stations
+
+    @property
+    def plcs(self) -> list[Plc]:
+        seen: list[Plc] = []
+        for s in self.stations:
+            if s.plc not in seen:
+                seen.append(s.plc)
+        return seen
+
+    def on_state_change(self, cb: Any) -> None:
+        self._state_listeners.append(cb)
+
+    def _notify(self) -> None:
+        for cb in list(self._state_listeners):
+            try:
+                cb()
+            except Exception:  # noqa: BLE001 - a listener must not break the line
+                log.exception("state_listener_failed")
+
+    async def alarm(self, code: str, message: str, severity: Severity, station: str | None = None) -> AlarmRaised:
+        ev = AlarmRaised(code=code, severity=severity, message=message, station=station, lot=self.batch.lot if self.batch else None)
+        await self.store.append(ev)
+        self.alarms[ev.alarm_id] = ActiveAlarm(ev.alarm_id, code, severity.value, message, station, ev.event_time.isoformat())
+        while len(self.alarms) > 100:
+            self.alarms.popitem(last=False)
+        log.warning("alarm", code=code, severity=severity.value, message=message, station=station)
+        self._notify()
+        return ev
+
+    async def fault_stop(self, code: str, message: str, station: str | None = None) -> None:
+        """Stop the line because a rule or a device says so. Safe to call from inside station tasks."""
+        if self.fault is not None and self._stop_task is not None and not self._stop_task.done():
+            return
+        self.fault = code
+        await self.alarm(code, message, Severity.CRITICAL, station)
+        if self.batch is not None and self.batch.state in ALLOWED["stop"]:
+            self._stop_task = asyncio.create_task(self._stop_batch(actor="system", origin=f"rule:{code}", reason=message))
+
+    def unit_decided(self, station: PrintVerifyRuntime, good: bool, reason: str | None = None) -> None:
+        now = time.monotonic()
+        self.rate_window.append((now, 1))
+        if len(self.rate_window) > 2000:
+            del self.rate_window[:1000]
+
+    async def planned_quantity_reached(self, station: PrintVerifyRuntime) -> None:
+        if self.batch is not None and self.batch.state == BatchState.RUNNING:
+            log.info("planned_quantity_reached", lot=self.batch.lot, good=self.batch.good_total())
+            self._stop_task = asyncio.create_task(self._stop_batch(actor="system", origin="engine", reason="planned quantity reached"))
+
+    async def challenge_finished(self, station: PrintVerifyRuntime, passed: bool, results: list[dict[str, Any]]) -> None:
+        if self.batch is None:
+            return
+        if all(s.mode != "challenge" for s in self.stations):
+            self.challenge_passed = passed
+            if passed:
+                await self._set_state(BatchState.RUNNING, actor="system", reason="challenge passed")
+                for s in self.stations:
+                    s.begin_production(self.batch)
+                await self._write_line_mode("production")
+            else:
+                detail = "; ".join(f"{r['challenge']}: {'rejected as ' + str(r['reason_seen']) if r['rejected'] else 'NOT rejected'}" for r in results)
+                await self.fault_stop("challenge_failed", f"challenge test failed: {detail}")
+            self.challenge_done.set()
+
+    # ------------------------------------------------------------------ start-up
+
+    async def load_open_batch(self) -> None:
+        """After a restart: pick up the batch that was open, never silently running."""
+        for b in self.store.batches():
+            if b.state != BatchState.CLOSED.value:
+                product = self.cfg.product(b.gtin)
+                counts = self.store.lot_counts(b.lot)
+                state = BatchState(b.state)
+                self.batch = BatchContext(b.lot, b.gtin, b.expiry, b.planned_qty, product, state, good_before=counts.get("commissioned", 0))
+                if state in (BatchState.RUNNING, BatchState.CHALLENGE, BatchState.PAUSED):
+                    await self._set_state(BatchState.STOPPED, actor="system", reason="daemon restarted; batch stopped until an operator starts it")
+                log.info("batch_resumed", lot=b.lot, state=self.batch.state.value, good_before=self.batch.good_before)
+                return
+
+    async def recover_in_flight(self) -> int:
+        """Serials sent to a printer but never decided before a crash: decommission, never commission blindly."""
+        rows = self.store.in_flight()
+        by_key: dict[tuple[str, str | None], list[str]] = {}
+        for gtin, serial, lot in rows:
+            by_key.setdefault((gtin, lot), []).append(serial)
+        n = 0
+        for (gtin, lot), serials in by_key.items():
+            for i in range(0, len(serials), 500):
+                await self.store.append(
+                    *[
+                        UnitDecommissioned(gtin=gtin, serial=s, lot=lot, reason=RejectReason.CRASH_RECOVERY, detail="in flight when the daemon stopped; not commissioned blindly")
+                        for s in serials[i : i + 500]
+                    ]
+                )
+            n += len(serials)
+        if n:
+            await self.store.audit("system", "daemon", "crash_recovery", {"decommissioned": n})
+            log.warning("crash_recovery", decommissioned=n)
+        return n
+
+    # ------------------------------------------------------------------ commands
+
+    async def execute(self, command: Any, origin: str) -> dict[str, Any]:
+        if isinstance(command, dict):
+            command = C.COMMAND_ADAPTER.validate_python(command)
+        if command.command_id and command.command_id in self._replies:
+            return self._replies[command.command_id]
+        async with self._lock:
+            handler = getattr(self, f"_cmd_{command.name}")
+            result = await handler(command, origin)
+            if not isinstance(command, (C.RequestState, C.VerifyCode)):
+                await self.store.audit(command.actor, origin, command.name, {**command.model_dump(mode="json", exclude={"serials"}), "result": _short(result)})
+        if command.command_id:
+            self._replies[command.command_id] = result
+            while len(self._replies) > 10_000:
+                self._replies.popitem(last=False)
+        self._notify()
+        return result
+
+    async def _cmd_create_batch(self, c: C.CreateBatch, origin: str) -> dict[str, Any]:
+        if self.batch is not None and self.batch.state != BatchState.CLOSED:
+            raise C.CommandRejected(f"batch {self.batch.lot} is still {self.batch.state.value}; close it first", "batch_open")
+        try:
+            product = self.cfg.product(c.gtin)
+        except (KeyError, Exception) as exc:
+            raise C.CommandRejected(f"unknown GTIN {c.gtin}: not configured on this line", "unknown_gtin") from exc
+        if self.store.batch(c.lot) is not None:
+            raise C.CommandRejected(f"lot {c.lot} already exists", "lot_exists")
+        await self.store.create_batch(c.lot, product.gtin, c.expiry, c.planned_qty, actor=c.actor)
+        self.batch = BatchContext(c.lot, product.gtin, c.expiry, c.planned_qty, product, BatchState.CREATED, challenge=c.challenge)
+        await self.store.append(BatchStateChanged(lot=c.lot, gtin=product.gtin, state=BatchState.CREATED, actor=f"{c.actor}@{origin}", reason="created"))
+        self.completed.clear()
+        return {"lot": c.lot, "state": "created"}
+
+    def _require_batch(self, action: str) -> BatchContext:
+        if self.batch is None or self.batch.state == BatchState.CLOSED:
+            raise C.CommandRejected("no open batch", "no_batch")
+        if self.batch.state not in ALLOWED[action]:
+            raise C.CommandRejected(f"cannot {action} batch {self.batch.lot} in state {self.batch.state.value}", "bad_state")
+        return self.batch
+
+    def _devices_ready(self) -> None:
+        bad = [f"{d.name}: {d.health.state.value} {d.health.reason}".strip() for d in self.drivers.values() if d.health.state.value == "disconnected"]
+        if bad:
+            raise C.CommandRejected("devices not ready: " + "; ".join(bad), "devices_not_ready")
+
+    async def _cmd_start_batch(self, c: C.StartBatch, origin: str) -> dict[str, Any]:
+        b = self._require_batch("start")
+        if c.lot is not None and c.lot != b.lot:
+            raise C.CommandRejected(f"open batch is {b.lot}, not {c.lot}", "wrong_lot")
+        if self.fault is not None:
+            raise C.CommandRejected(f"line fault {self.fault} active; reset first", "fault_active")
+        self._devices_ready()
+        if b.state == BatchState.CREATED and b.challenge and self.cfg.batch.challenge:
+            return await self._begin_challenge(c.actor, origin)
+        await self._set_state(BatchState.RUNNING, actor=f"{c.actor}@{origin}", reason="start")
+        b.started_at = b.started_at or time.time()
+        for s in self.stations:
+            s.begin_production(b)
+        await self._write_line_mode("production")
+        return {"lot": b.lot, "state": b.state.value}
+
+    async def _begin_challenge(self, actor: str, origin: str) -> dict[str, Any]:
+        b = self.batch
+        assert b is not None
+        self.challenge_done.clear()
+        self.challenge_passed = None
+        await self._set_state(BatchState.CHALLENGE, actor=f"{actor}@{origin}", reason="challenge test")
+        for s in self.stations:
+            s.begin_challenge(b, list(self.cfg.batch.challenge))
+        await self._write_line_mode("challenge")
+        return {"lot": b.lot, "state": b.state.value, "challenge": list(self.cfg.batch.challenge)}
+
+    async def _cmd_challenge(self, c: C.Challenge, origin: str) -> dict[str, Any]:
+        self._require_batch("challenge")
+        if self.fault is not None:
+            raise C.CommandRejected(f"line fault {self.fault} active; reset first", "fault_active")
+        self._devices_ready()
+        return await self._begin_challenge(c.actor, origin)
+
+    async def _cmd_pause_batch(self, c: C.PauseBatch, origin: str) -> dict[str, Any]:
+        b = self._require_batch("pause")
+        await self._write_line_mode("idle")
+        for s in self.stations:
+            s.pause()
+        await self._set_state(BatchState.PAUSED, actor=f"{c.actor}@{origin}", reason="pause")
+        return {"lot": b.lot, "state": b.state.value}
+
+    async def _cmd_resume_batch(self, c: C.ResumeBatch, origin: str) -> dict[str, Any]:
+        b = self._require_batch("resume")
+        if self.fault is not None:
+            raise C.CommandRejected(f"line fault {self.fault} active; reset first", "fault_active")
+        await self._set_state(BatchState.RUNNING, actor=f"{c.actor}@{origin}", reason="resume")
+        for s in self.stations:
+            s.begin_production(b)
+        await self._write_line_mode("production")
+        return {"lot": b.lot, "state": b.state.value}
+
+    async def _cmd_stop_batch(self, c: C.StopBatch, origin: str) -> dict[str, Any]:
+        self._require_batch("stop")
+        await self._stop_batch(actor=c.actor, origin=origin, reason=c.reason or "stop", locked=True)
+        assert self.batch is not None
+        return {"lot": self.batch.lot, "state": self.batch.state.value}
+
+    async def _stop_batch(self, *, actor: str, origin: str, reason: str, locked: bool = False) -> None:
+        if not locked:
+            async with self._lock:
+                await self._stop_batch_inner(actor, origin, reason)
+        else:
+            await self._stop_batch_inner(actor, origin, reason)
+
+    async def _stop_batch_inner(self, actor: str, origin: str, reason: str) -> None:
+        b = self.batch
+        if b is None or b.state not in ALLOWED["stop"]:
+            return
+        await self._write_line_mode("idle")
+        drain = max((s.rules.drain_timeout_s for s in self.stations), default=1.0)
+        await asyncio.gather(*(s.drain(drain) for s in self.stations))
+        await self._set_state(BatchState.STOPPED, actor=f"{actor}@{origin}", reason=reason)
+        await self._write_status(force=True)
+        if reason == "planned quantity reached":
+            self.completed.set()
+        self.challenge_done.set()
+
+    async def _cmd_close_batch(self, c: C.CloseBatch, origin: str) -> dict[str, Any]:
+        b = self._require_batch("close")
+        if c.lot is not None and c.lot != b.lot:
+            raise C.CommandRejected(f"open batch is {b.lot}, not {c.lot}", "wrong_lot")
+        policy = c.unused_serials or self.cfg.batch.unused_serials
+        unused = set()
+        for s in self.stations:
+            unused.update(s.unused_serials())
+        unused.update(self.store.serials_in_state(b.lot, "allocated"))
+        serials = sorted(unused)
+        for i in range(0, len(serials), 1000):
+            chunk = serials[i : i + 1000]
+            ev = SerialsVoided(gtin=b.gtin, lot=b.lot, serials=chunk) if policy == "void" else SerialsReturned(gtin=b.gtin, lot=b.lot, serials=chunk)
+            await self.store.append(ev)
+        # anything still 'sent' for this lot cannot be accounted for as printed-and-decided: decommission it
+        stray = [s for (g, s, lot) in self.store.in_flight(b.lot)]
+        if stray:
+            await self.store.append(*[UnitDecommissioned(gtin=b.gtin, serial=s, lot=b.lot, reason=RejectReason.LINE_STOPPED, detail="still in flight at batch close") for s in stray])
+        await self._set_state(BatchState.CLOSED, actor=f"{c.actor}@{origin}", reason=f"close; unused serials: {policy} {len(serials)}")
+        from linectl.report import batch_report
+
+        report = batch_report(self.store, b.lot)
+        return {"lot": b.lot, "state": "closed", "unused_serials": {"policy": policy, "count": len(serials)}, "report": report}
+
+    async def _cmd_provision_pool(self, c: C.ProvisionPool, origin: str) -> dict[str, Any]:
+        try:
+            product = self.cfg.product(c.gtin)
+        except Exception as exc:  # noqa: BLE001
+            raise C.CommandRejected(f"unknown GTIN {c.gtin}: not configured on this line", "unknown_gtin") from exc
+        if product.serials.scheme != "pool":
+            raise C.CommandRejected(f"GTIN {product.gtin} uses {product.serials.scheme} serials, not a pool", "not_pool")
+        res = await self.store.provision(product.gtin, c.serial_list(), source=origin)
+        if res.invalid or res.duplicates:
+            if res.accepted == 0:
+                raise C.CommandRejected(f"no serial accepted: {res.duplicates} duplicates, {res.invalid} invalid; {'; '.join(res.problems[:5])}", "pool_rejected")
+        return {"gtin": product.gtin, "accepted": res.accepted, "duplicates": res.duplicates, "invalid": res.invalid, "problems": res.problems[:20], "request_id": c.request_id}
+
+    async def _cmd_request_state(self, c: C.RequestState, origin: str) -> dict[str, Any]:
+        return self.snapshot()
+
+    async def _cmd_ack_alarm(self, c: C.AckAlarm, origin: str) -> dict[str, Any]:
+        ids = [c.alarm_id] if c.alarm_id else [a.alarm_id for a in self.alarms.values() if not a.acknowledged]
+        for aid in ids:
+            if aid not in self.alarms:
+                raise C.CommandRejected(f"no alarm {aid}", "unknown_alarm")
+        for aid in ids:
+            self.alarms[aid].acknowledged = True
+            await self.store.append(AlarmAcknowledged(alarm_id=aid, actor=f"{c.actor}@{origin}"))
+        return {"acknowledged": ids}
+
+    async def _cmd_reset(self, c: C.ResetLine, origin: str) -> dict[str, Any]:
+        was = self.fault
+        self.fault = None
+        await self._write_status(force=True)
+        return {"fault_cleared": was}
+
+    async def _cmd_verify_code(self, c: C.VerifyCode, origin: str) -> dict[str, Any]:
+        from linectl.store import verify_code
+
+        return verify_code(self.store, c.code)
+
+    # ------------------------------------------------------------------ state, PLC outputs
+
+    async def _set_state(self, state: BatchState, *, actor: str, reason: str) -> None:
+        b = self.batch
+        assert b is not None
+        prev = b.state
+        b.state = state
+        await self.store.append(BatchStateChanged(lot=b.lot, gtin=b.gtin, state=state, previous=prev, actor=actor, reason=reason))
+        log.info("batch_state", lot=b.lot, state=state.value, previous=prev.value, actor=actor, reason=reason)
+        self._notify()
+
+    async def _write_line_mode(self, mode: str) -> None:
+        running = mode != "idle"
+        for plc in self.plcs:
+            try:
+                await plc.write_tag("line_mode", LINE_MODE[mode])
+                await plc.write_tag("line_running", running)
+            except Exception as exc:  # noqa: BLE001 - a dead PLC cannot run the line anyway
+                log.error("plc_write_failed", plc=plc.name, error=str(exc))
+                if running:
+                    raise C.CommandRejected(f"PLC {plc.name} did not accept line_mode: {exc}", "plc_error") from exc
+
+    async def _write_status(self, force: bool = False) -> None:
+        good = sum(s.counters.good for s in self.stations)
+        rej = sum(sum(s.counters.rejected.values()) for s in self.stations)
+        code = ALARM_CODES.get(self.fault or "", 99 if self.fault else 0)
+        for plc in self.plcs:
+            try:
+                await plc.write_tags({"fault": self.fault is not None, "alarm_code": code, "good_count": good, "reject_count": rej})
+            except Exception as exc:  # noqa: BLE001
+                log.debug("plc_status_write_failed", plc=plc.name, error=str(exc))
+
+    def achieved_rate_upm(self) -> float:
+        w = self.rate_window
+        if len(w) < 2:
+            return 0.0
+        span = w[-1][0] - w[0][0]
+        return round(60.0 * (len(w) - 1) / span, 1) if span > 0 else 0.0
+
+    def snapshot(self) -> dict[str, Any]:
+        b = self.batch
+        return {
+            "ts": datetime.now(timezone.utc).isoformat(),
+            "line": self.cfg.topic_root,
+            "state": b.state.value if b else "idle",
+            "fault": self.fault,
+            "batch": (
+                {"lot": b.lot, "gtin": b.gtin, "expiry": b.expiry, "planned_qty": b.planned_qty, "good": b.good_total(), "state": b.state.value}
+                if b
+                else None
+            ),
+            "rate_upm": self.achieved_rate_upm(),
+            "stations": {s.name: s.snapshot() for s in self.stations},
+            "devices": {n: d.health.as_dict() for n, d in self.drivers.items()},
+            "alarms": [a.__dict__ for a in self.alarms.values() if not a.acknowledged][-20:],
+            "units": {"rate": "units/min", "latency": "ms"},
+        }
+
+
+def _short(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k not in ("report", "problems")}

@@ -1,0 +1,504 @@
+"""The print_verify station: allocate → print → track → read → verify → commission or reject → confirm.
+
+Tracking is by unit sequence (the product-trigger count the printer and the
+PLC share), never by time: a reader may answer in 5 ms or 80 ms. Time is only
+used to detect that something stopped answering.
+
+Safety rules carried by this module:
+- a serial is durably `sent` before the printer gets it, so a crash can never
+  lose track of a printed serial;
+- a unit's commissioning event is durable before the PLC hears "good";
+- the PLC rejects anything without a "good" verdict (fail-safe), and every
+  reject that was ordered must be confirmed by the gate sensor, else the line
+  stops;
+- a PLC reject of a unit already commissioned is caught from the reject ring
+  and that serial decommissioned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from drivers.base import CodeReader, DeviceError, Plc, PrintJob, Printer, Read
+from linectl import gs1
+from linectl.config import PrintVerifyStation as PrintVerifyConfig
+from linectl.engine.stats import LatencyHistogram
+from linectl.engine.verify import CHALLENGE_EXPECTED_REASON, Expected, Verdict, classify_unknown, verify_unit
+from linectl.events import ChallengeResult, RejectReason, Severity, UnitCommissioned, UnitDecommissioned
+
+if TYPE_CHECKING:
+    from linectl.engine.line import BatchContext, Line
+
+log = structlog.get_logger("linectl.station")
+
+VERDICT_GOOD = 1
+VERDICT_REJECT = 2
+SERIAL_BLOCK = 256
+
+
+@dataclass
+class Job:
+    job_seq: int
+    serial: str
+    code: gs1.ParsedCode
+    expected: Expected
+    sent_at: float
+
+
+@dataclass
+class Unit:
+    seq: int
+    job: Job
+    printed_at: float
+
+
+@dataclass
+class StationCounters:
+    printed: int = 0
+    read: int = 0
+    good: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    reject_confirmed: int = 0
+    failsafe_rejects: int = 0
+    print_failures: int = 0
+    production_units: int = 0
+    challenge_units: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "printed": self.printed,
+            "read": self.read,
+            "good": self.good,
+            "rejected": dict(self.rejected),
+            "rejected_total": sum(self.rejected.values()),
+            "reject_confirmed": self.reject_confirmed,
+            "failsafe_rejects": self.failsafe_rejects,
+            "print_failures": self.print_failures,
+            "production_units": self.production_units,
+            "challenge_units": self.challenge_units,
+        }
+
+
+class PrintVerifyRuntime:
+    def __init__(self, cfg: PrintVerifyConfig, line: "Line", printer: Printer, reader: CodeReader, plc: Plc) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.line = line
+        self.printer = printer
+        self.reader = reader
+        self.plc = plc
+        self.rules = cfg.rules
+        self.log = log.bind(station=cfg.name)
+        self.ring_slots = self._ring_slots()
+        self.mode = "idle"  # idle | challenge | production
+        self.batch: BatchContext | None = None
+        self.counters = StationCounters()
+        self.latency = LatencyHistogram()
+        self._job_counter = 0
+        self._serials: deque[str] = deque()
+        self._on_printer: OrderedDict[int, Job] = OrderedDict()
+        self._units: OrderedDict[int, Unit] = OrderedDict()
+        self._max_printed_seq = 0
+        self._last_read_seq = 0
+        self._pending_rejects: dict[int, tuple[float, str, Any]] = {}
+        self._recent_good: OrderedDict[int, Job] = OrderedDict()
+        self._decided: OrderedDict[int, bool] = OrderedDict()
+        self._ring_seen: list[int] | None = None
+        self._consecutive_rejects = 0
+        self._consecutive_noreads = 0
+        self._printed_here: set[tuple[str, str]] = set()
+        self._space = asyncio.Event()
+        self._confirm_arrived = asyncio.Event()
+        self._challenge_kinds: list[str] = []
+        self._challenge_index = 0
+        self._challenge_results: list[dict[str, Any]] = []
+        self._challenge_seen: set[tuple[str, str]] = set()
+        self._jobs_issued = 0
+        self._stopping_feed = False
+        self._last_read_at = time.monotonic()
+
+    # ------------------------------------------------------------------ setup
+
+    def _ring_slots(self) -> int:
+        tags = getattr(self.plc.config, "tags", {}) or {}
+        spec = tags.get("verdict_ring")
+        count = getattr(spec, "count", None) if spec is not None else None
+        if not count or count < 4 or count % 2:
+            raise ValueError(f"PLC {self.plc.name}: tag verdict_ring must be an array of 2*R elements")
+        return int(count) // 2
+
+    def tasks(self) -> dict[str, Any]:
+        return {
+            f"{self.name}.feeder": self._feeder,
+            f"{self.name}.confirms": self._confirms,
+            f"{self.name}.reads": self._reads,
+            f"{self.name}.watch": self._watch,
+        }
+
+    # ------------------------------------------------------------------ modes
+
+    def begin_challenge(self, batch: "BatchContext", kinds: list[str]) -> None:
+        self.batch = batch
+        self._challenge_kinds = list(kinds)
+        self._challenge_index = 0
+        self._challenge_results = []
+        self.mode = "challenge"
+        self.log.info("challenge_started", kinds=kinds)
+
+    def begin_production(self, batch: "BatchContext") -> None:
+        self.batch = batch
+        self.mode = "production"
+        self._stopping_feed = False
+        self._consecutive_rejects = 0
+        self._consecutive_noreads = 0
+        self._space.set()
+
+    def pause(self) -> None:
+        self.mode = "idle"
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._on_printer) + len(self._units) + len(self._pending_rejects)
+
+    def remaining_to_issue(self) -> int:
+        if self.batch is None:
+            return 0
+        need = self.batch.planned_qty - self.batch.good_total() - len(self._on_printer) - len(self._units)
+        return max(0, need)
+
+    # ------------------------------------------------------------------ feeder
+
+    async def _feeder(self) -> None:
+        """Keep the printer's queue filled ahead of the trigger (coders need the data before the product)."""
+        while True:
+            if self.mode != "production" or self.batch is None or len(self._on_printer) >= self.cfg.printer_queue_depth:
+                self._space.clear()
+                try:
+                    await asyncio.wait_for(self._space.wait(), 0.05)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            if self.remaining_to_issue() <= 0:
+                self._space.clear()
+                try:
+                    await asyncio.wait_for(self._space.wait(), 0.05)
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            batch = self.batch
+            if not self._serials:
+                want = min(SERIAL_BLOCK, max(1, self.remaining_to_issue() + self.cfg.printer_queue_depth))
+                serials = await self.line.store.allocate(batch.gtin, batch.lot, want, batch.product.serials)
+                if not serials:
+                    await self.line.fault_stop("no_serials", f"no serial available for GTIN {batch.gtin}", self.name)
+                    continue
+                self._serials.extend(serials)
+            n = min(self.cfg.printer_queue_depth - len(self._on_printer), self.remaining_to_issue(), len(self._serials))
+            jobs = [self._make_job(self._serials.popleft(), batch) for _ in range(n)]
+            # durable 'sent' before the printer sees a single byte of them
+            await self.line.store.mark_sent(batch.gtin, batch.lot, [j.serial for j in jobs])
+            for j in jobs:
+                self._on_printer[j.job_seq] = j
+            for idx, j in enumerate(jobs):
+                try:
+                    await self.printer.send(PrintJob(seq=j.job_seq, element_string=j.code.element_string, hri=j.code.hri, fields={"lot": batch.lot, "expiry": batch.expiry, "gtin": batch.gtin, "serial": j.serial}))
+                    self._jobs_issued += 1
+                except DeviceError as exc:
+                    # NAK or no answer: the printer may or may not hold it; never reuse the serial
+                    failed = [x for x in jobs[idx:] if x.job_seq in self._on_printer]
+                    for x in failed:
+                        self._on_printer.pop(x.job_seq, None)
+                        self.counters.print_failures += 1
+                        await self._decommission(x, RejectReason.PRINT_FAILED, f"printer {self.printer.name}: {exc.reason}", seq=None)
+                    await self.line.fault_stop("printer_error", f"printer {self.printer.name}: {exc.reason}", self.name)
+                    break
+
+    def _make_job(self, serial: str, batch: "BatchContext") -> Job:
+        self._job_counter += 1
+        p = batch.product
+        tpl = p.code_template
+        code = gs1.compose_unit(
+            batch.gtin,
+            serial,
+            lot=batch.lot if "10" in tpl else None,
+            expiry=batch.expiry if "17" in tpl else None,
+            extra=p.extra_ais or None,
+        )
+        exp = Expected(batch.gtin, serial, batch.lot if "10" in tpl else None, batch.expiry if "17" in tpl else None, code.element_string)
+        return Job(self._job_counter, serial, code, exp, time.monotonic())
+
+    # ------------------------------------------------------------------ print confirmations
+
+    async def _confirms(self) -> None:
+        async for c in self.printer.confirmations():
+            job = self._on_printer.pop(c.seq, None)
+            if job is None:
+                self.log.warning("unknown_print_confirm", job=c.seq)
+                continue
+            # jobs queued before this one and not confirmed were skipped by the printer
+            for older in [k for k in self._on_printer if k < c.seq]:
+                skipped = self._on_printer.pop(older)
+                await self._decommission(skipped, RejectReason.PRINT_FAILED, "printer skipped the job", seq=None)
+            unit_seq = getattr(c, "product_count", None)
+            if unit_seq is None:
+                unit_seq = self._max_printed_seq + 1
+            self._units[unit_seq] = Unit(unit_seq, job, time.monotonic())
+            self._printed_here.add((self.batch.gtin if self.batch else "", job.serial))
+            self._max_printed_seq = max(self._max_printed_seq, unit_seq)
+            self.counters.printed += 1
+            self._confirm_arrived.set()
+            self._space.set()
+
+    # ------------------------------------------------------------------ reads
+
+    async def _reads(self) -> None:
+        async for r in self.reader.reads():
+            self._last_read_at = time.monotonic()
+            try:
+                await self._handle_read(r)
+            except DeviceError as exc:
+                await self.line.fault_stop("plc_write_failed", f"PLC {self.plc.name}: {exc.reason}", self.name)
+
+    async def _handle_read(self, r: Read) -> None:
+        self.counters.read += 1
+        seq = r.seq
+        if seq is None:
+            seq = next(iter(self._units), self._last_read_seq + 1)
+        if seq in self._decided:
+            self.log.warning("second_read_for_unit", seq=seq)
+            return
+        self._last_read_seq = max(self._last_read_seq, seq)
+        if self.mode == "challenge" and seq not in self._units:
+            await self._handle_challenge(seq, r)
+            return
+        if seq not in self._units and seq > self._max_printed_seq:
+            # the print confirmation may still be on its way; wait a little, not for ever
+            deadline = time.monotonic() + 0.25
+            while seq not in self._units and time.monotonic() < deadline:
+                self._confirm_arrived.clear()
+                try:
+                    await asyncio.wait_for(self._confirm_arrived.wait(), max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    break
+        # units printed before this one that were never read: the reader missed them
+        for older in [k for k in self._units if k < seq]:
+            u = self._units.pop(older)
+            await self._reject(older, u.job, Verdict(False, RejectReason.MISSING_UNIT, "printed but never read"), r.received_at, count_latency=False)
+        unit = self._units.pop(seq, None)
+        self.counters.production_units += 1
+        if unit is None:
+            v = classify_unknown(r.codes, min_grade=self._min_grade(), is_known_serial=self._is_known, require_gs1=self.rules.require_gs1)
+            await self._reject(seq, None, Verdict(False, RejectReason.UNEXPECTED_UNIT, f"no code was printed for unit {seq}; read: {v.detail}"), r.received_at)
+            return
+        v = verify_unit(
+            unit.job.expected,
+            r.codes,
+            min_grade=self._min_grade(),
+            require_gs1=self.rules.require_gs1,
+            check_grade=self.rules.check_grade,
+            is_known_serial=self._is_known,
+        )
+        if v.good:
+            await self._accept(seq, unit.job, v, r.received_at)
+        else:
+            await self._reject(seq, unit.job, v, r.received_at)
+
+    def _min_grade(self) -> float:
+        return self.batch.product.min_grade if self.batch else 1.5
+
+    def _is_known(self, gtin: str, serial: str) -> bool:
+        if (gtin, serial) in self._printed_here:
+            return True
+        rec = self.line.store.serial(gtin, serial)
+        return rec is not None and rec.state in ("sent", "commissioned", "decommissioned")
+
+    async def _accept(self, seq: int, job: Job, v: Verdict, received_at: float) -> None:
+        batch = self.batch
+        assert batch is not None
+        ev = UnitCommissioned(gtin=batch.gtin, serial=job.serial, lot=batch.lot, expiry=batch.expiry, seq=seq, grade=v.grade, station=self.name)
+        await self.line.store.append(ev)  # durable before the PLC hears "good"
+        await self.plc.write_tag("verdict_ring", [seq, VERDICT_GOOD], index=2 * (seq % self.ring_slots))
+        self.latency.add((time.monotonic() - received_at) * 1000.0)
+        self._remember(seq, True)
+        self._recent_good[seq] = job
+        while len(self._recent_good) > 4 * self.ring_slots:
+            self._recent_good.popitem(last=False)
+        self.counters.good += 1
+        batch.good += 1
+        self._consecutive_rejects = 0
+        self._consecutive_noreads = 0
+        self.line.unit_decided(self, True)
+        if self.remaining_to_issue() == 0 and not self._on_printer and not self._units and batch.good_total() >= batch.planned_qty:
+            await self.line.planned_quantity_reached(self)
+
+    async def _reject(self, seq: int, job: Job | None, v: Verdict, received_at: float, *, count_latency: bool = True) -> None:
+        assert v.reason is not None
+        # the reject order first: it is the safety-relevant write
+        await self.plc.write_tag("verdict_ring", [seq, VERDICT_REJECT], index=2 * (seq % self.ring_slots))
+        if count_latency:
+            self.latency.add((time.monotonic() - received_at) * 1000.0)
+        self._remember(seq, False)
+        self._pending_rejects[seq] = (time.monotonic() + self.rules.reject_confirm_timeout_s, v.reason.value, None)
+        self.counters.rejected[v.reason.value] = self.counters.rejected.get(v.reason.value, 0) + 1
+        if job is not None:
+            await self._decommission(job, v.reason, v.detail, seq=seq)
+        self.line.unit_decided(self, False, v.reason.value)
+        self._consecutive_rejects += 1
+        self._consecutive_noreads = self._consecutive_noreads + 1 if v.reason == RejectReason.NO_READ else 0
+        if self._consecutive_noreads >= self.rules.no_read_limit:
+            await self.line.fault_stop("no_read_limit", f"{self._consecutive_noreads} consecutive no-reads (limit {self.rules.no_read_limit})", self.name)
+        elif self._consecutive_rejects >= self.rules.consecutive_reject_limit:
+            await self.line.fault_stop("consecutive_rejects", f"{self._consecutive_rejects} consecutive rejects (limit {self.rules.consecutive_reject_limit}), last: {v.reason.value}", self.name)
+
+    async def _decommission(self, job: Job, reason: RejectReason, detail: str, *, seq: int | None) -> None:
+        batch = self.batch
+        assert batch is not None
+        await self.line.store.append(
+            UnitDecommissioned(gtin=batch.gtin, serial=job.serial, lot=batch.lot, reason=reason, detail=detail[:500], seq=seq, station=self.name)
+        )
+        batch.decommissioned += 1
+        self._space.set()
+
+    def _remember(self, seq: int, good: bool) -> None:
+        self._decided[seq] = good
+        while len(self._decided) > 4 * self.ring_slots:
+            self._decided.popitem(last=False)
+
+    # ------------------------------------------------------------------ challenge
+
+    async def _handle_challenge(self, seq: int, r: Read) -> None:
+        self.counters.challenge_units += 1
+        v = classify_unknown(r.codes, min_grade=self._min_grade(), is_known_serial=self._challenge_known, require_gs1=self.rules.require_gs1)
+        if r.codes and r.codes[0].data:
+            try:
+                p = gs1.parse(r.codes[0].data)
+                if p.gtin and p.serial:
+                    self._challenge_seen.add((p.gtin, p.serial))
+            except gs1.GS1Error:
+                pass
+        await self.plc.write_tag("verdict_ring", [seq, VERDICT_REJECT], index=2 * (seq % self.ring_slots))
+        self._remember(seq, False)
+        kind = self._challenge_kinds[self._challenge_index] if self._challenge_index < len(self._challenge_kinds) else "extra"
+        self._challenge_index += 1
+        self._pending_rejects[seq] = (time.monotonic() + self.rules.reject_confirm_timeout_s, f"challenge:{kind}", (kind, v))
+
+    def _challenge_known(self, gtin: str, serial: str) -> bool:
+        return (gtin, serial) in self._challenge_seen or self._is_known(gtin, serial)
+
+    async def _challenge_confirmed(self, seq: int, kind: str, v: Verdict, confirmed: bool) -> None:
+        expected = CHALLENGE_EXPECTED_REASON.get(kind)
+        ok = confirmed and expected is not None and v.reason == expected
+        res = {"seq": seq, "challenge": kind, "rejected": confirmed, "reason_seen": v.reason.value if v.reason else None, "passed": ok}
+        self._challenge_results.append(res)
+        await self.line.store.append(
+            ChallengeResult(lot=self.batch.lot if self.batch else None, station=self.name, challenge=kind, rejected=confirmed, reason_seen=res["reason_seen"], seq=seq)
+        )
+        if len(self._challenge_results) >= len(self._challenge_kinds):
+            passed = all(x["passed"] for x in self._challenge_results)
+            self.mode = "idle"
+            self._challenge_seen = set()
+            await self.line.challenge_finished(self, passed, list(self._challenge_results))
+
+    # ------------------------------------------------------------------ watch: reject confirmations, silence
+
+    async def _watch(self) -> None:
+        interval = max(0.005, float(getattr(self.plc.config, "poll_interval_s", 0.02)))
+        while True:
+            await asyncio.sleep(interval)
+            await self._check_reject_ring()
+            await self._check_timeouts()
+
+    async def _check_reject_ring(self) -> None:
+        ring = self.plc.latest().get("reject_ring")
+        if not ring:
+            return
+        ring = list(ring)
+        if self._ring_seen is None:
+            self._ring_seen = ring
+            # values already there at start belong to earlier runs
+            return
+        changed = [v for i, v in enumerate(ring) if v != self._ring_seen[i] and v]
+        self._ring_seen = ring
+        for seq in sorted(changed):
+            pending = self._pending_rejects.pop(seq, None)
+            if pending is not None:
+                self.counters.reject_confirmed += 1
+                tag = pending[1]
+                if tag.startswith("challenge:"):
+                    kind, v = pending[2]
+                    await self._challenge_confirmed(seq, kind, v, True)
+                continue
+            self.counters.failsafe_rejects += 1
+            job = self._recent_good.pop(seq, None)
+            if job is not None:
+                # a unit we commissioned went to the reject bin (verdict came too late): it is not on the market
+                await self._decommission(job, RejectReason.PLC_FAILSAFE, "PLC rejected a unit after the good verdict (verdict too late)", seq=seq)
+                self.counters.good -= 1
+                if self.batch:
+                    self.batch.good -= 1
+                await self.line.alarm("failsafe_reject", f"unit {seq} rejected by PLC fail-safe after commissioning; serial {job.serial} decommissioned", Severity.WARNING, self.name)
+                self._space.set()
+            else:
+                unit = self._units.pop(seq, None)
+                if unit is not None:
+                    self._remember(seq, False)
+                    self.counters.rejected[RejectReason.PLC_FAILSAFE.value] = self.counters.rejected.get(RejectReason.PLC_FAILSAFE.value, 0) + 1
+                    await self._decommission(unit.job, RejectReason.PLC_FAILSAFE, "PLC rejected the unit before any read arrived", seq=seq)
+
+    async def _check_timeouts(self) -> None:
+        now = time.monotonic()
+        late = [s for s, (deadline, _, _) in self._pending_rejects.items() if deadline < now]
+        for s in late:
+            _, tag, extra = self._pending_rejects.pop(s)
+            if tag.startswith("challenge:"):
+                kind, v = extra
+                await self._challenge_confirmed(s, kind, v, False)
+            await self.line.fault_stop("reject_not_confirmed", f"reject of unit {s} ({tag}) not confirmed within {self.rules.reject_confirm_timeout_s}s", self.name)
+        if self._units:
+            oldest = next(iter(self._units.values()))
+            if now - oldest.printed_at > self.rules.read_timeout_s and now - self._last_read_at > self.rules.read_timeout_s:
+                await self.line.fault_stop("reader_silent", f"reader {self.reader.name}: no read for {self.rules.read_timeout_s}s while units were printed", self.name)
+                self._last_read_at = now
+
+    # ------------------------------------------------------------------ stop / drain
+
+    async def drain(self, timeout_s: float) -> None:
+        """After the line stopped: let units on the belt reach the reader and gate; then account for the rest."""
+        self.mode = "idle"
+        deadline = time.monotonic() + timeout_s
+        while (self._units or self._pending_rejects) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        try:
+            await self.printer.clear()
+        except DeviceError as exc:
+            self.log.warning("printer_clear_failed", reason=exc.reason)
+        for job in list(self._on_printer.values()):
+            await self._decommission(job, RejectReason.LINE_STOPPED, "sent to the printer, not printed before the line stopped", seq=None)
+        self._on_printer.clear()
+        for seq, unit in list(self._units.items()):
+            await self._decommission(unit.job, RejectReason.MISSING_UNIT, "printed but not read before the line stopped", seq=seq)
+        self._units.clear()
+        if self._pending_rejects:
+            missing = sorted(self._pending_rejects)
+            self._pending_rejects.clear()
+            await self.line.alarm("reject_not_confirmed", f"rejects of units {missing[:10]} not confirmed at stop", Severity.CRITICAL, self.name)
+
+    def unused_serials(self) -> list[str]:
+        out = list(self._serials)
+        self._serials.clear()
+        return out
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "counters": self.counters.as_dict(),
+            "decision_latency_ms": self.latency.summary(),
+            "in_flight": {"on_printer": len(self._on_printer), "printed_unread": len(self._units), "rejects_unconfirmed": len(self._pending_rejects)},
+            "challenge": list(self._challenge_results),
+        }

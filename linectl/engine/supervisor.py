@@ -1,0 +1,76 @@
+"""Supervised tasks: a failing task is restarted with a rate limit, never silently lost.
+
+A line controller that quietly loses its reader task keeps "running" while
+nothing is verified. Every crash is logged with its traceback; a task that
+keeps crashing past the limit escalates to `on_give_up` (the line stops with
+an alarm) instead of looping forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import Awaitable, Callable
+
+import structlog
+
+log = structlog.get_logger("linectl.supervisor")
+
+
+class Supervisor:
+    def __init__(
+        self,
+        *,
+        max_restarts: int = 5,
+        window_s: float = 60.0,
+        restart_delay_s: float = 0.5,
+        on_give_up: Callable[[str, BaseException], Awaitable[None]] | None = None,
+    ) -> None:
+        self.max_restarts = max_restarts
+        self.window_s = window_s
+        self.restart_delay_s = restart_delay_s
+        self.on_give_up = on_give_up
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stopping = False
+        self.restarts: dict[str, int] = {}
+
+    def start(self, name: str, factory: Callable[[], Awaitable[None]], *, restart: bool = True) -> None:
+        if name in self._tasks and not self._tasks[name].done():
+            raise RuntimeError(f"task {name} already running")
+        self._tasks[name] = asyncio.create_task(self._run(name, factory, restart), name=name)
+
+    async def _run(self, name: str, factory: Callable[[], Awaitable[None]], restart: bool) -> None:
+        history: deque[float] = deque()
+        while not self._stopping:
+            try:
+                await factory()
+                if not restart or self._stopping:
+                    return
+                log.warning("task_exited", task=name)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the point is to catch everything
+                log.exception("task_crashed", task=name, error=str(exc))
+                now = time.monotonic()
+                history.append(now)
+                while history and now - history[0] > self.window_s:
+                    history.popleft()
+                self.restarts[name] = self.restarts.get(name, 0) + 1
+                if not restart or len(history) > self.max_restarts:
+                    log.error("task_given_up", task=name, restarts=len(history), window_s=self.window_s)
+                    if self.on_give_up is not None:
+                        await self.on_give_up(name, exc)
+                    return
+            await asyncio.sleep(self.restart_delay_s)
+
+    def running(self) -> list[str]:
+        return [n for n, t in self._tasks.items() if not t.done()]
+
+    async def stop(self, timeout: float = 5.0) -> None:
+        self._stopping = True
+        tasks = [t for t in self._tasks.values() if not t.done()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=timeout)

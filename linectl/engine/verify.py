@@ -1,0 +1,131 @@
+"""The verdict on one read: pure functions, so every rule can be tested without a line.
+
+The order of checks matters for the reason reported: an operator fixing a
+printer needs "not GS1" (FNC1 missing) rather than "wrong content" when both
+are true, and "no read" before anything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from drivers.base import Decoded
+from linectl import gs1
+from linectl.events import RejectReason
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What should be on the unit: the code we sent to the printer."""
+
+    gtin: str
+    serial: str
+    lot: str | None
+    expiry: str | None  # YYMMDD
+    element_string: str
+
+
+@dataclass(frozen=True)
+class Verdict:
+    good: bool
+    reason: RejectReason | None = None
+    detail: str = ""
+    grade: float | None = None
+    seen_gtin: str | None = None
+    seen_serial: str | None = None
+
+    @staticmethod
+    def ok(grade: float | None) -> "Verdict":
+        return Verdict(True, None, "", grade)
+
+
+def _first_code(codes: tuple[Decoded, ...]) -> Decoded | None:
+    return codes[0] if codes else None
+
+
+def verify_unit(
+    expected: Expected,
+    codes: tuple[Decoded, ...],
+    *,
+    min_grade: float,
+    require_gs1: bool = True,
+    check_grade: bool = True,
+    is_known_serial: Callable[[str, str], bool] = lambda g, s: False,
+) -> Verdict:
+    """Production check of one unit against the code sent for it.
+
+    `is_known_serial(gtin, serial)` says whether that serial was already
+    printed/verified on a unit before (then the read is a duplicate).
+    """
+    code = _first_code(codes)
+    if code is None or not code.data:
+        return Verdict(False, RejectReason.NO_READ, "nothing decoded")
+    if len(codes) > 1:
+        return Verdict(False, RejectReason.WRONG_CONTENT, f"{len(codes)} codes seen on one unit")
+    if require_gs1 and code.symbology != gs1.SYMBOLOGY_GS1_DM:
+        return Verdict(False, RejectReason.NOT_GS1, f"symbology {code.symbology or 'unknown'}, expected ]d2 (FNC1 missing)")
+    try:
+        parsed = gs1.parse(code.data)
+    except gs1.GS1Error as exc:
+        return Verdict(False, RejectReason.WRONG_CONTENT, f"not a valid GS1 element string: {exc.reason}")
+    seen_g, seen_s = parsed.gtin, parsed.serial
+    if seen_g != expected.gtin or seen_s != expected.serial:
+        if seen_g and seen_s and is_known_serial(seen_g, seen_s):
+            return Verdict(False, RejectReason.DUPLICATE, f"serial {seen_s} was already printed on another unit", seen_gtin=seen_g, seen_serial=seen_s)
+        return Verdict(
+            False,
+            RejectReason.WRONG_CONTENT,
+            f"read (01){seen_g}(21){seen_s}, expected (01){expected.gtin}(21){expected.serial}",
+            seen_gtin=seen_g,
+            seen_serial=seen_s,
+        )
+    if expected.lot is not None and parsed.lot != expected.lot:
+        return Verdict(False, RejectReason.DATA_MISMATCH, f"lot {parsed.lot!r}, expected {expected.lot!r}", seen_gtin=seen_g, seen_serial=seen_s)
+    if expected.expiry is not None and parsed.expiry_raw != expected.expiry:
+        return Verdict(False, RejectReason.DATA_MISMATCH, f"expiry {parsed.expiry_raw!r}, expected {expected.expiry!r}", seen_gtin=seen_g, seen_serial=seen_s)
+    if parsed.element_string != expected.element_string:
+        return Verdict(False, RejectReason.WRONG_CONTENT, "element string differs from the one sent (extra or missing AIs)", seen_gtin=seen_g, seen_serial=seen_s)
+    if check_grade:
+        if code.grade is None:
+            return Verdict(False, RejectReason.LOW_GRADE, "no grade reported (ungraded)", seen_gtin=seen_g, seen_serial=seen_s)
+        if code.grade < min_grade:
+            return Verdict(False, RejectReason.LOW_GRADE, f"grade {code.grade:.1f} below minimum {min_grade:.1f}", grade=code.grade, seen_gtin=seen_g, seen_serial=seen_s)
+    return Verdict.ok(code.grade)
+
+
+def classify_unknown(
+    codes: tuple[Decoded, ...],
+    *,
+    min_grade: float,
+    is_known_serial: Callable[[str, str], bool],
+    require_gs1: bool = True,
+) -> Verdict:
+    """A unit for which no code was sent (challenge units, unexpected units): always a reject, with the reason seen.
+
+    Grade is checked before content so a low-grade challenge unit is
+    recognised as such and the challenge proves the grade rule works too.
+    """
+    code = _first_code(codes)
+    if code is None or not code.data:
+        return Verdict(False, RejectReason.NO_READ, "nothing decoded")
+    if require_gs1 and code.symbology != gs1.SYMBOLOGY_GS1_DM:
+        return Verdict(False, RejectReason.NOT_GS1, f"symbology {code.symbology or 'unknown'}")
+    if code.grade is None or code.grade < min_grade:
+        return Verdict(False, RejectReason.LOW_GRADE, f"grade {code.grade} below minimum {min_grade:.1f}", grade=code.grade)
+    try:
+        parsed = gs1.parse(code.data)
+    except gs1.GS1Error as exc:
+        return Verdict(False, RejectReason.WRONG_CONTENT, exc.reason)
+    if parsed.gtin and parsed.serial and is_known_serial(parsed.gtin, parsed.serial):
+        return Verdict(False, RejectReason.DUPLICATE, f"serial {parsed.serial} seen before", seen_gtin=parsed.gtin, seen_serial=parsed.serial)
+    return Verdict(False, RejectReason.WRONG_CONTENT, "code was not sent to the printer by this line", seen_gtin=parsed.gtin, seen_serial=parsed.serial)
+
+
+CHALLENGE_EXPECTED_REASON = {
+    "no_code": RejectReason.NO_READ,
+    "wrong_code": RejectReason.WRONG_CONTENT,
+    "duplicate": RejectReason.DUPLICATE,
+    "not_gs1": RejectReason.NOT_GS1,
+    "low_grade": RejectReason.LOW_GRADE,
+}

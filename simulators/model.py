@@ -1,0 +1,100 @@
+"""The physical unit as the line simulator sees it, and the ground truth kept about it.
+
+The simulators know what they damaged; the daemon does not. Comparing the
+two is how missed rejects and false rejects are counted independently of
+linectl's own opinion.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+#: unit defects the configured verification rules must reject
+UNIT_DEFECTS = (
+    "no_print",  # nothing printed
+    "smudge_heavy",  # symbol damaged: grade below the minimum (or unreadable)
+    "low_contrast",  # faded ink: grade below the minimum
+    "partial",  # part of the symbol missing: unreadable
+    "wrong_code",  # a valid GS1 code, but not the one sent
+    "duplicate",  # the previous unit's code printed again
+    "not_gs1",  # same content, plain DataMatrix (]d1): printer sent GS instead of FNC1
+    "data_mismatch",  # right GTIN+serial, wrong lot
+)
+#: harmless variations: must NOT be rejected (counted apart)
+VARIATIONS = ("smudge_mild",)
+#: challenge units an operator feeds at batch start
+CHALLENGE_KINDS = ("no_code", "wrong_code", "duplicate", "not_gs1", "low_grade")
+
+
+@dataclass
+class SimUnit:
+    seq: int  # product trigger count (1-based), the unit's identity on the conveyor
+    content: str | None = None  # element string physically printed (GS separated); None = nothing printed
+    symbology: str = "]d2"  # "]d1" when printed as a plain DataMatrix
+    quality: float = 4.0  # ISO 15415-like overall grade the print deserves (0.0-4.0)
+    defect: str | None = None  # ground truth: injected unit defect (must be rejected)
+    variation: str | None = None  # ground truth: harmless variation
+    challenge: str | None = None  # ground truth: this is a challenge unit of that kind
+    job_seq: int | None = None  # the printer job it was printed from
+    image: Any = None  # numpy uint8 rendering of what is on the pack, when a camera needs it
+    outcome: str | None = None  # "passed" | "rejected", set by the reject gate
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def bad(self) -> bool:
+        return self.defect is not None or self.challenge is not None
+
+
+class PrintHead(Protocol):
+    """A printer simulator as the conveyor sees it: prints its next queued job on the unit at the trigger."""
+
+    def on_trigger(self, unit: SimUnit) -> None: ...
+
+
+class ReadPoint(Protocol):
+    """A reader or camera simulator: the unit has reached its reading position."""
+
+    def present(self, unit: SimUnit) -> None: ...
+
+
+@dataclass
+class Truth:
+    """Counts the simulators keep, independent of the daemon."""
+
+    passed: int = 0
+    rejected: int = 0
+    missed_rejects: int = 0  # bad unit that passed the gate
+    false_rejects: int = 0  # good unit that was rejected
+    defects: dict[str, int] = field(default_factory=dict)
+    variations: dict[str, int] = field(default_factory=dict)
+    challenge_units: int = 0
+    challenge_passed: int = 0  # challenge unit that passed the gate (a failed challenge)
+    missed: list[int] = field(default_factory=list)  # seqs of missed rejects (first 100)
+    false: list[int] = field(default_factory=list)  # seqs of false rejects (first 100)
+
+    def record(self, unit: SimUnit) -> None:
+        if unit.challenge is not None:
+            self.challenge_units += 1
+        if unit.defect:
+            self.defects[unit.defect] = self.defects.get(unit.defect, 0) + 1
+        if unit.variation:
+            self.variations[unit.variation] = self.variations.get(unit.variation, 0) + 1
+        if unit.outcome == "passed":
+            self.passed += 1
+            if unit.bad:
+                if unit.challenge is not None:
+                    self.challenge_passed += 1
+                else:
+                    self.missed_rejects += 1
+                    if len(self.missed) < 100:
+                        self.missed.append(unit.seq)
+        elif unit.outcome == "rejected":
+            self.rejected += 1
+            if not unit.bad:
+                self.false_rejects += 1
+                if len(self.false) < 100:
+                    self.false.append(unit.seq)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
