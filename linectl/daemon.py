@@ -1,0 +1,167 @@
+"""`linectl run`: the unattended daemon on the line PC.
+
+Start order matters for safety: the store opens (and refuses a corrupt or
+foreign file) before any device is touched; in-flight serials from a crash
+are decommissioned before any new batch can run; the line is never resumed
+automatically after a restart — an operator starts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+import structlog
+
+from drivers.base import Driver
+from drivers.registry import driver_class
+from linectl.config import LineConfig
+from linectl.engine.line import Line
+from linectl.engine.plc_surface import PlcSurface
+from linectl.engine.supervisor import Supervisor
+
+log = structlog.get_logger("linectl.daemon")
+
+
+def sd_notify(message: str) -> bool:
+    """systemd's notify protocol without a dependency: one datagram to $NOTIFY_SOCKET."""
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return False
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            s.sendall(message.encode())
+        return True
+    except OSError as exc:
+        log.warning("sd_notify_failed", error=str(exc))
+        return False
+
+
+def build_drivers(cfg: LineConfig) -> dict[str, Driver]:
+    return {name: driver_class(dev.driver)(name, dev) for name, dev in cfg.devices.items()}
+
+
+@dataclass
+class Daemon:
+    cfg: LineConfig
+    db_path: str | None = None
+    store: Any = None
+    line: Line | None = None
+    drivers: dict[str, Driver] = field(default_factory=dict)
+    supervisor: Supervisor | None = None
+    upstream: list[Any] = field(default_factory=list)
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    loop_lag_ms: float = 0.0
+
+    async def start(self) -> None:
+        from linectl.store import Store
+
+        path = self.db_path or self.cfg.store.path
+        self.store = await Store.open(path, group_commit_max=self.cfg.store.group_commit_max, queue_max=self.cfg.store.queue_max)
+        await self.store.upsert_products(self.cfg.products)
+        self.drivers = build_drivers(self.cfg)
+        self.line = Line(self.cfg, self.store, self.drivers)
+        await self.line.recover_in_flight()
+        await self.line.load_open_batch()
+        for d in self.drivers.values():
+            await d.start()
+        self.supervisor = Supervisor(on_give_up=self._task_gave_up)
+        for st in self.line.stations:
+            for name, factory in st.tasks().items():
+                self.supervisor.start(name, factory)
+        for plc in self.line.plcs:
+            self.supervisor.start(f"plc_surface.{plc.name}", PlcSurface(self.line, plc).run)
+        self.supervisor.start("loop_health", self._loop_health)
+        if self.cfg.mqtt.enabled:
+            await self._start_upstream()
+        self.supervisor.start("retention", self._retention)
+        sd_notify("READY=1\nSTATUS=line controller running")
+        log.info("daemon_started", line=self.cfg.topic_root, db=path, devices=list(self.drivers))
+
+    async def _start_upstream(self) -> None:
+        from linectl.forwarder import Forwarder
+        from linectl.mqtt_bridge import MqttBridge
+
+        assert self.line is not None and self.supervisor is not None
+        fwd = Forwarder(self.cfg, self.store)
+        bridge = MqttBridge(self.cfg, self.line, store=self.store, forwarder=fwd)
+        self.upstream = [bridge, fwd]
+        self.supervisor.start("forwarder", fwd.run)
+        self.supervisor.start("mqtt_bridge", bridge.run)
+        self.line.on_state_change(bridge.state_changed)
+
+    async def _task_gave_up(self, name: str, exc: BaseException) -> None:
+        if self.line is not None:
+            await self.line.fault_stop("task_failed", f"task {name} keeps failing: {exc}")
+
+    async def _loop_health(self) -> None:
+        """Feed the systemd watchdog only while the event loop answers on time and the store writer lives."""
+        interval = 0.5
+        usec = os.environ.get("WATCHDOG_USEC")
+        wd_every = (int(usec) / 1e6 / 2) if usec else None
+        last_feed = 0.0
+        while True:
+            t0 = time.monotonic()
+            await asyncio.sleep(interval)
+            self.loop_lag_ms = (time.monotonic() - t0 - interval) * 1000.0
+            healthy = self.loop_lag_ms < 1000.0 and getattr(self.store, "writer_alive", lambda: True)()
+            if wd_every is not None and healthy and time.monotonic() - last_feed >= wd_every:
+                sd_notify("WATCHDOG=1")
+                last_feed = time.monotonic()
+            elif not healthy:
+                log.error("loop_unhealthy", lag_ms=round(self.loop_lag_ms, 1))
+
+    async def _retention(self) -> None:
+        while True:
+            await asyncio.sleep(3600)
+            n = await self.store.purge_forwarded(self.cfg.store.retention_days)
+            if n:
+                log.info("retention_purged", rows=n)
+
+    async def shutdown(self, reason: str = "shutdown") -> None:
+        """Stop the line cleanly (drain units on the belt), then flush the store."""
+        sd_notify("STOPPING=1")
+        line = self.line
+        if line is not None and line.batch is not None:
+            try:
+                await asyncio.wait_for(line._stop_batch(actor="system", origin="daemon", reason=reason), 30)
+            except Exception as exc:  # noqa: BLE001
+                log.error("stop_on_shutdown_failed", error=str(exc))
+        for u in self.upstream:
+            stop = getattr(u, "stop", None)
+            if stop is not None:
+                try:
+                    await asyncio.wait_for(stop(), 5)
+                except Exception as exc:  # noqa: BLE001
+                    log.warning("upstream_stop_failed", error=str(exc))
+        if self.supervisor is not None:
+            await self.supervisor.stop()
+        for d in self.drivers.values():
+            try:
+                await asyncio.wait_for(d.stop(), 5)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("driver_stop_failed", device=d.name, error=str(exc))
+        if self.store is not None:
+            await self.store.close()
+        log.info("daemon_stopped", reason=reason)
+
+
+async def run_daemon(cfg: LineConfig, db_path: str | None = None, on_started: Callable[[Daemon], Awaitable[None]] | None = None) -> int:
+    d = Daemon(cfg, db_path)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, d.stop_event.set)
+    await d.start()
+    if on_started is not None:
+        await on_started(d)
+    await d.stop_event.wait()
+    await d.shutdown("SIGTERM")
+    return 0
