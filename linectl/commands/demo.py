@@ -1,0 +1,52 @@
+"""`linectl demo`: run a whole simulated line for one batch and print a summary (`--json`: one JSON object, last line)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="run a simulated line for one batch and summarise it")
+    p.add_argument("--config", help="line YAML (default: config/demo-line.yaml)")
+    p.add_argument("--units", type=int, default=500, help="production units to commission (planned quantity)")
+    p.add_argument("--rate", type=float, default=600.0, help="line speed, units per minute")
+    p.add_argument("--defect-rate", type=float, default=0.03, help="fraction of units the simulator damages")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--camera", action="store_true", help="decode camera images locally instead of reader result lines")
+    p.add_argument("--broker", help="HOST:PORT of an MQTT broker (default: an embedded one)")
+    p.add_argument("--db", help="store path (default: a temporary file)")
+    p.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from linectl.demo import run_demo
+
+    try:
+        summary = asyncio.run(run_demo(args))
+    except RuntimeError as exc:
+        print(f"linectl demo: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_human(summary)
+    ok = summary.get("missed_rejects") == 0 and summary.get("balanced")
+    return 0 if ok else 1
+
+
+def _print_human(s: dict) -> None:
+    print(f"batch {s['batch']}: {s['units']} units at {s['achieved_rate_upm']} upm")
+    print(f"  commissioned     {s['commissioned']}")
+    print(f"  rejected         {sum(s['rejected'].values())}  {s['rejected']}")
+    print(f"  reject confirmed {s['reject_confirmed']}")
+    print(f"  missed rejects   {s['missed_rejects']}   false rejects {s['false_rejects']}   (simulator ground truth)")
+    print(f"  challenge        {s['challenge']}")
+    print(f"  events stored    {s['events_stored']}   forwarded {s['events_forwarded']}")
+    lat = s["decision_latency_ms"]
+    print(f"  decision latency p50 {lat['p50']} ms  p99 {lat['p99']} ms  max {lat['max']} ms")
+    print(f"  reconciliation   {'balanced' if s['balanced'] else 'NOT balanced'}")
+    print(f"  db               {s['db']}")

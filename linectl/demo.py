@@ -1,0 +1,219 @@
+"""`linectl demo`: a whole simulated line on one machine, one batch, one summary.
+
+The simulator runs in its own process (it is the physical world: it must
+not share the daemon's event loop, and on two cores it gets its own). The
+daemon runs in this process so the summary can read its counters directly.
+Missed and false rejects come from the simulator's ground truth, not from
+the daemon's own opinion.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import structlog
+from ruamel.yaml import YAML
+
+from linectl import control as C
+from linectl.broker import free_port, start_embedded, wait_listening
+from linectl.config import LineConfig, PrintVerifyStation, load_config
+from linectl.yamlsource import load_yaml, to_plain
+
+log = structlog.get_logger("linectl.demo")
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo-line.yaml"
+
+
+class SimControl:
+    """Client of the line simulator's JSON-lines control port."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    async def call(self, **msg: Any) -> dict[str, Any]:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), 5)
+        try:
+            writer.write((json.dumps(msg) + "\n").encode())
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), 10)
+            return json.loads(line) if line else {}
+        finally:
+            writer.close()
+
+
+def _rewrite_ports(raw: dict[str, Any], workdir: Path) -> dict[str, Any]:
+    """Give every simulated device a free localhost port and the camera a private folder, so demos never collide."""
+    for name, dev in (raw.get("devices") or {}).items():
+        if isinstance(dev.get("port"), int) and dev.get("host", "127.0.0.1") in ("127.0.0.1", "localhost"):
+            dev["port"] = free_port()
+        sp = dev.get("serial_port")
+        if isinstance(sp, str) and sp.startswith("socket://"):
+            dev["serial_port"] = f"socket://127.0.0.1:{free_port()}"
+        src = dev.get("source")
+        if dev.get("driver") == "camera" and isinstance(src, str) and not src.isdigit() and "://" not in src:
+            d = workdir / f"frames-{name}"
+            d.mkdir(parents=True, exist_ok=True)
+            dev["source"] = str(d)
+    sim = raw.setdefault("simulation", {}) or {}
+    raw["simulation"] = sim
+    sim["control_port"] = free_port()
+    return raw
+
+
+async def run_demo(args: Any) -> dict[str, Any]:
+    from linectl.daemon import Daemon
+
+    cfg_path = Path(args.config or DEFAULT_CONFIG)
+    workdir = Path(tempfile.mkdtemp(prefix="linectl-demo-"))
+    raw = to_plain(load_yaml(cfg_path))
+    raw = _rewrite_ports(raw, workdir)
+    if args.camera:
+        cams = [n for n, d in raw["devices"].items() if d.get("driver") == "camera"]
+        if not cams:
+            raise SystemExit(f"{cfg_path}: --camera needs a device with driver: camera")
+        for st in raw.get("stations", []):
+            if st.get("type") == "print_verify":
+                st["reader"] = cams[0]
+    broker_proc = None
+    if args.broker:
+        host, _, port = args.broker.partition(":")
+        raw.setdefault("mqtt", {}).update({"host": host or "127.0.0.1", "port": int(port or 1883), "enabled": True})
+    else:
+        broker_proc, bport = start_embedded()
+        raw.setdefault("mqtt", {}).update({"host": "127.0.0.1", "port": bport, "protocol": "3.1.1", "enabled": True})
+    db = Path(args.db) if args.db else workdir / "demo.db"
+    raw.setdefault("store", {})["path"] = str(db)
+    run_cfg_path = workdir / "line.yaml"
+    with open(run_cfg_path, "w", encoding="utf-8") as fh:
+        YAML(typ="safe").dump(raw, fh)
+    cfg: LineConfig = load_config(run_cfg_path)
+    control = SimControl(int(raw["simulation"]["control_port"]))
+    truth_path = workdir / "truth.json"
+    sim_cmd = [
+        sys.executable, "-m", "linectl", "--log-level", "warning", "simulate", "-c", str(run_cfg_path),
+        "--rate", str(args.rate), "--defect-rate", str(args.defect_rate), "--seed", str(args.seed),
+        "--truth", str(truth_path),
+    ]
+    if args.camera:
+        sim_cmd.append("--camera")
+    sim_log = open(workdir / "simulator.log", "wb")
+    sim = subprocess.Popen(sim_cmd, stdout=sim_log, stderr=subprocess.STDOUT)
+    daemon: Daemon | None = None
+    try:
+        if not wait_listening(control.port, 20):
+            raise RuntimeError(f"simulator did not start; see {workdir / 'simulator.log'}")
+        daemon = Daemon(cfg, str(db))
+        await daemon.start()
+        line = daemon.line
+        assert line is not None
+        for d in daemon.drivers.values():
+            if not await d.wait_connected(15):
+                raise RuntimeError(f"device {d.name} did not connect: {d.health.reason}")
+        product = cfg.products[0]
+        if product.serials.scheme == "pool":
+            need = int(args.units * 1.3) + 200
+            await line.execute(C.ProvisionPool(gtin=product.gtin, range_start=10**9, range_count=need, actor="demo"), origin="demo")
+        lot = f"DEMO{int(time.time()) % 10**8}"
+        expiry = (date.today() + timedelta(days=730)).strftime("%y%m%d")
+        await line.execute(C.CreateBatch(lot=lot, gtin=product.gtin, expiry=expiry, planned_qty=args.units, actor="demo"), origin="demo")
+        kinds = list(cfg.batch.challenge)
+        if kinds:
+            await control.call(cmd="challenge", kinds=kinds)
+        t_start = time.monotonic()
+        await line.execute(C.StartBatch(actor="demo"), origin="demo")
+        if kinds:
+            await asyncio.wait_for(line.challenge_done.wait(), 60)
+            if not line.challenge_passed:
+                raise RuntimeError(f"challenge test failed: {line.snapshot()['stations']}")
+        t_prod = time.monotonic()
+        await _progress(line, args.units, args.json)
+        t_end = time.monotonic()
+        close = await line.execute(C.CloseBatch(actor="demo"), origin="demo")
+        await _wait_forwarded(daemon, 30)
+        truth = await control.call(cmd="truth")
+        summary = _summary(line, daemon, close["report"], truth, db, t_end - t_prod, t_end - t_start)
+        return summary
+    finally:
+        if daemon is not None:
+            await daemon.shutdown("demo finished")
+        sim.send_signal(signal.SIGTERM)
+        try:
+            sim.wait(10)
+        except subprocess.TimeoutExpired:
+            sim.kill()
+        sim_log.close()
+        if broker_proc is not None:
+            broker_proc.terminate()
+            broker_proc.wait(5)
+
+
+async def _progress(line: Any, units: int, quiet: bool) -> None:
+    tty = sys.stderr.isatty() and not quiet
+    last = -1.0
+    while not line.completed.is_set():
+        if line.fault is not None and line.batch is not None and line.batch.state.value == "stopped":
+            raise RuntimeError(f"line stopped with fault {line.fault}: {[a.message for a in line.alarms.values()][-3:]}")
+        good = line.batch.good_total() if line.batch else 0
+        frac = min(1.0, good / max(1, units))
+        if tty:
+            bar = "#" * int(frac * 40)
+            sys.stderr.write(f"\r[{bar:<40}] {good}/{units} good  {line.achieved_rate_upm():.0f} upm ")
+            sys.stderr.flush()
+        elif frac - last >= 0.1:
+            print(f"progress: {good}/{units} good", file=sys.stderr)
+            last = frac
+        await asyncio.sleep(0.2)
+    if tty:
+        sys.stderr.write("\n")
+
+
+async def _wait_forwarded(daemon: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if daemon.store.backlog() == 0:
+            return
+        await asyncio.sleep(0.2)
+
+
+def _summary(line: Any, daemon: Any, report: dict[str, Any], truth: dict[str, Any], db: Path, prod_s: float, total_s: float) -> dict[str, Any]:
+    rejected: dict[str, int] = {}
+    units = commissioned = confirmed = challenge_units = 0
+    lat = None
+    for s in line.stations:
+        for k, v in s.counters.rejected.items():
+            rejected[k] = rejected.get(k, 0) + v
+        units += s.counters.production_units
+        commissioned += s.counters.good
+        confirmed += s.counters.reject_confirmed
+        challenge_units += s.counters.challenge_units
+        lat = s.latency.summary()
+    stats = daemon.store.stats()
+    return {
+        "units": units,
+        "commissioned": commissioned,
+        "rejected": rejected,
+        "reject_confirmed": confirmed,
+        "missed_rejects": truth.get("missed_rejects"),
+        "false_rejects": truth.get("false_rejects"),
+        "challenge": {"units": challenge_units, "passed": line.challenge_passed},
+        "events_stored": stats.get("events"),
+        "events_forwarded": stats.get("forwarded"),
+        "decision_latency_ms": {k: (lat or {}).get(k) for k in ("p50", "p99", "max")},
+        "achieved_rate_upm": round(units / prod_s * 60.0, 1) if prod_s > 0 else 0.0,
+        "balanced": report.get("balanced"),
+        "batch": report.get("lot"),
+        "truth": {k: truth.get(k) for k in ("passed", "rejected", "defects", "variations", "challenge_units", "challenge_passed")},
+        "db": str(db),
+    }
