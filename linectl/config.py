@@ -376,7 +376,11 @@ def _clean_loc(data: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:
 def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> LineConfig:
     """Load, substitute ${ENV}, validate. Raises ConfigFileError listing every problem with its line."""
     source = load_yaml(path)
-    problems = substitute_env(source, env)
-    if problems:
-        raise ConfigFileError(path, problems)
-    return parse_config(to_plain(source), source=source, file=str(path))
+    env_problems = substitute_env(source, env)
+    try:
+        cfg = parse_config(to_plain(source), source=source, file=str(path))
+    except ConfigFileError as exc:
+        raise ConfigFileError(path, sorted(env_problems + exc.problems, key=lambda p: p.line)) from None
+    if env_problems:
+        raise ConfigFileError(path, env_problems)
+    return cfg
