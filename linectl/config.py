@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from drivers.base import DriverConfig
 from drivers.registry import device_config_classes
 from linectl import gs1
+from simulators.config import SimulationConfig
 from linectl.yamlsource import ConfigFileError, Problem, dotted, line_of, load_yaml, substitute_env, to_plain
 
 GS1_SET82 = re.compile(r"^[!\"%&'()*+,\-./0-9:;<=>?A-Z_a-z]+$")
@@ -290,9 +291,7 @@ class LineConfig(Model):
     batch: BatchDefaults = Field(default_factory=BatchDefaults)
     devices: dict[str, DeviceConfig] = Field(default_factory=dict)  # type: ignore[valid-type]
     stations: list[StationConfig] = Field(default_factory=list)
-    simulation: dict[str, Any] | None = Field(
-        None, description="line simulator settings (simulators.config.SimulationConfig); ignored by `linectl run`"
-    )
+    simulation: SimulationConfig | None = Field(None, description="line simulator settings; ignored by `linectl run`")
 
     def product(self, gtin: str) -> Product:
         g = gs1.normalize_gtin(gtin)
