@@ -130,6 +130,8 @@ class Daemon:
         """Stop the line cleanly (drain units on the belt), then flush the store."""
         sd_notify("STOPPING=1")
         line = self.line
+        if line is not None:
+            line.shutting_down = True
         if line is not None and line.batch is not None:
             try:
                 await asyncio.wait_for(line._stop_batch(actor="system", origin="daemon", reason=reason), 30)

@@ -142,6 +142,7 @@ async def run_demo(args: Any) -> dict[str, Any]:
         t_end = time.monotonic()
         close = await line.execute(C.CloseBatch(actor="demo"), origin="demo")
         await _wait_forwarded(daemon, 30)
+        await _wait_belt_empty(control, 30)
         truth = await control.call(cmd="truth")
         summary = _summary(line, daemon, close["report"], truth, db, t_end - t_prod, t_end - t_start)
         return summary
@@ -179,6 +180,17 @@ async def _progress(line: Any, units: int, quiet: bool) -> None:
         sys.stderr.write("\n")
 
 
+async def _wait_belt_empty(control: SimControl, timeout: float) -> None:
+    """Ground truth is final only once every unit on the belt has passed the gate."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = await control.call(cmd="status")
+        convs = st.get("conveyors") or {}
+        if all(int(c.get("in_flight", 0)) == 0 for c in convs.values()):
+            return
+        await asyncio.sleep(0.1)
+
+
 async def _wait_forwarded(daemon: Any, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -208,8 +220,8 @@ def _summary(line: Any, daemon: Any, report: dict[str, Any], truth: dict[str, An
         "missed_rejects": truth.get("missed_rejects"),
         "false_rejects": truth.get("false_rejects"),
         "challenge": {"units": challenge_units, "passed": line.challenge_passed},
-        "events_stored": stats.get("events"),
-        "events_forwarded": stats.get("forwarded"),
+        "events_stored": stats["last_seq"],
+        "events_forwarded": stats["last_seq"] - stats["backlog"],
         "decision_latency_ms": {k: (lat or {}).get(k) for k in ("p50", "p99", "max")},
         "achieved_rate_upm": round(units / prod_s * 60.0, 1) if prod_s > 0 else 0.0,
         "balanced": report.get("balanced"),

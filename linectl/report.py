@@ -17,7 +17,7 @@ def batch_report(store: Any, lot: str) -> dict[str, Any]:
     if b is None:
         raise KeyError(f"no batch {lot}")
     counts: dict[str, int] = store.lot_counts(lot)
-    events = store.lot_events(lot, ("unit_decommissioned", "serials_returned", "batch_state", "challenge_result"))
+    events = _lot_events(store, lot)
     reasons: dict[str, int] = {}
     returned = 0
     history: list[dict[str, Any]] = []
@@ -40,9 +40,9 @@ def batch_report(store: Any, lot: str) -> dict[str, Any]:
     accounted = commissioned + decommissioned + voided + returned
     problems: list[str] = []
     if still_sent:
-        problems.append(f"{still_sent} serial(s) sent to a printer but neither commissioned nor decommissioned: {store.lot_serials(lot, 'sent', 20)}")
+        problems.append(f"{still_sent} serial(s) sent to a printer but neither commissioned nor decommissioned: {[s for _, s, _ in store.in_flight(lot)][:20]}")
     if still_allocated and b.state == "closed":
-        problems.append(f"{still_allocated} serial(s) still allocated after close: {store.lot_serials(lot, 'allocated', 20)}")
+        problems.append(f"{still_allocated} serial(s) still allocated after close: {[s for _, s in store.allocated(lot)][:20]}")
     if provisioned != accounted + still_allocated + still_sent:
         problems.append(f"registry inconsistency: {provisioned} provisioned vs {accounted + still_allocated + still_sent} in known states")
     balanced = provisioned == accounted and not problems
@@ -69,6 +69,17 @@ def batch_report(store: Any, lot: str) -> dict[str, Any]:
         "stopped": stops[-1] if stops else None,
         "history": history,
     }
+
+
+def _lot_events(store: Any, lot: str) -> list[Any]:
+    out: list[Any] = []
+    after = 0
+    while True:
+        rows = store.events_of_lot(lot, after, 10000)
+        if not rows:
+            return out
+        out.extend(r.event for r in rows if r.kind in ("unit_decommissioned", "serials_returned", "batch_state", "challenge_result"))
+        after = rows[-1].seq
 
 
 def format_report(r: dict[str, Any]) -> str:

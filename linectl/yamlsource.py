@@ -150,4 +150,10 @@ def to_plain(node: Any) -> Any:
         return [to_plain(v) for v in node]
     if isinstance(node, str):
         return str(node)
+    if isinstance(node, bool):
+        return bool(node)
+    if isinstance(node, int):
+        return int(node)
+    if isinstance(node, float):
+        return float(node)
     return node

@@ -107,6 +107,7 @@ class Line:
         self._stop_task: asyncio.Task[None] | None = None
         self._state_listeners: list[Any] = []
         self.started_at = time.time()
+        self.shutting_down = False
         self.rate_window: list[tuple[float, int]] = []
         self.completed = asyncio.Event()
         self.challenge_done = asyncio.Event()
@@ -352,7 +353,7 @@ class Line:
         unused = set()
         for s in self.stations:
             unused.update(s.unused_serials())
-        unused.update(self.store.serials_in_state(b.lot, "allocated"))
+        unused.update(s for _, s in self.store.allocated(b.lot))
         serials = sorted(unused)
         for i in range(0, len(serials), 1000):
             chunk = serials[i : i + 1000]

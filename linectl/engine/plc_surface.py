@@ -67,7 +67,7 @@ class PlcSurface:
 
     def _on_health(self, plc: Any, health: Any) -> None:
         if health.state == HealthState.DISCONNECTED:
-            if not self._lost and self.line.batch is not None:
+            if not self._lost and self.line.batch is not None and not self.line.shutting_down:
                 self._lost = True
                 asyncio.get_running_loop().create_task(self.line.fault_stop("plc_lost", f"PLC {plc.name} lost: {health.reason}"))
         elif health.state == HealthState.CONNECTED:

@@ -114,6 +114,7 @@ class PrintVerifyRuntime:
         self._consecutive_noreads = 0
         self._printed_here: set[tuple[str, str]] = set()
         self._space = asyncio.Event()
+        self._refill = asyncio.Event()
         self._confirm_arrived = asyncio.Event()
         self._challenge_kinds: list[str] = []
         self._challenge_index = 0
@@ -122,6 +123,7 @@ class PrintVerifyRuntime:
         self._jobs_issued = 0
         self._stopping_feed = False
         self._last_read_at = time.monotonic()
+        self._deciding = 0  # units taken off _units whose verdict is being recorded
 
     # ------------------------------------------------------------------ setup
 
@@ -136,6 +138,7 @@ class PrintVerifyRuntime:
     def tasks(self) -> dict[str, Any]:
         return {
             f"{self.name}.feeder": self._feeder,
+            f"{self.name}.allocator": self._allocator,
             f"{self.name}.confirms": self._confirms,
             f"{self.name}.reads": self._reads,
             f"{self.name}.watch": self._watch,
@@ -169,7 +172,7 @@ class PrintVerifyRuntime:
     def remaining_to_issue(self) -> int:
         if self.batch is None:
             return 0
-        need = self.batch.planned_qty - self.batch.good_total() - len(self._on_printer) - len(self._units)
+        need = self.batch.planned_qty - self.batch.good_total() - len(self._on_printer) - len(self._units) - self._deciding
         return max(0, need)
 
     # ------------------------------------------------------------------ feeder
@@ -193,13 +196,12 @@ class PrintVerifyRuntime:
                 continue
             batch = self.batch
             if not self._serials:
-                want = min(SERIAL_BLOCK, max(1, self.remaining_to_issue() + self.cfg.printer_queue_depth))
-                serials = await self.line.store.allocate(batch.gtin, batch.lot, want, batch.product.serials)
-                if not serials:
-                    await self.line.fault_stop("no_serials", f"no serial available for GTIN {batch.gtin}", self.name)
-                    continue
-                self._serials.extend(serials)
+                self._refill.set()
+                await asyncio.sleep(0.01)
+                continue
             n = min(self.cfg.printer_queue_depth - len(self._on_printer), self.remaining_to_issue(), len(self._serials))
+            if len(self._serials) - n < SERIAL_BLOCK // 2:
+                self._refill.set()
             jobs = [self._make_job(self._serials.popleft(), batch) for _ in range(n)]
             # durable 'sent' before the printer sees a single byte of them
             await self.line.store.mark_sent(batch.gtin, batch.lot, [j.serial for j in jobs])
@@ -232,6 +234,27 @@ class PrintVerifyRuntime:
         )
         exp = Expected(batch.gtin, serial, batch.lot if "10" in tpl else None, batch.expiry if "17" in tpl else None, code.element_string)
         return Job(self._job_counter, serial, code, exp, time.monotonic())
+
+    async def _allocator(self) -> None:
+        """Keep a block of allocated serials in hand, so the feeder never waits on the store mid-run."""
+        while True:
+            try:
+                await asyncio.wait_for(self._refill.wait(), 0.1)
+            except asyncio.TimeoutError:
+                pass
+            self._refill.clear()
+            batch = self.batch
+            if self.mode != "production" or batch is None:
+                continue
+            want = min(SERIAL_BLOCK, self.remaining_to_issue() + self.cfg.printer_queue_depth) - len(self._serials)
+            if len(self._serials) >= SERIAL_BLOCK // 2 or want <= 0:
+                continue
+            serials = await self.line.store.allocate(batch.gtin, batch.lot, want, batch.product.serials)
+            if not serials:
+                await self.line.fault_stop("no_serials", f"no serial available for GTIN {batch.gtin}", self.name)
+                continue
+            if self.batch is batch:
+                self._serials.extend(serials)
 
     # ------------------------------------------------------------------ print confirmations
 
@@ -304,10 +327,14 @@ class PrintVerifyRuntime:
             check_grade=self.rules.check_grade,
             is_known_serial=self._is_known,
         )
-        if v.good:
-            await self._accept(seq, unit.job, v, r.received_at)
-        else:
-            await self._reject(seq, unit.job, v, r.received_at)
+        self._deciding += 1  # until good/decommissioned is counted, so the feeder does not over-issue
+        try:
+            if v.good:
+                await self._accept(seq, unit.job, v, r.received_at)
+            else:
+                await self._reject(seq, unit.job, v, r.received_at)
+        finally:
+            self._deciding -= 1
 
     def _min_grade(self) -> float:
         return self.batch.product.min_grade if self.batch else 1.5
@@ -334,7 +361,7 @@ class PrintVerifyRuntime:
         self._consecutive_rejects = 0
         self._consecutive_noreads = 0
         self.line.unit_decided(self, True)
-        if self.remaining_to_issue() == 0 and not self._on_printer and not self._units and batch.good_total() >= batch.planned_qty:
+        if batch.good_total() >= batch.planned_qty and not self._on_printer and not self._units:
             await self.line.planned_quantity_reached(self)
 
     async def _reject(self, seq: int, job: Job | None, v: Verdict, received_at: float, *, count_latency: bool = True) -> None:
@@ -440,6 +467,7 @@ class PrintVerifyRuntime:
                 # a unit we commissioned went to the reject bin (verdict came too late): it is not on the market
                 await self._decommission(job, RejectReason.PLC_FAILSAFE, "PLC rejected a unit after the good verdict (verdict too late)", seq=seq)
                 self.counters.good -= 1
+                self.counters.rejected[RejectReason.PLC_FAILSAFE.value] = self.counters.rejected.get(RejectReason.PLC_FAILSAFE.value, 0) + 1
                 if self.batch:
                     self.batch.good -= 1
                 await self.line.alarm("failsafe_reject", f"unit {seq} rejected by PLC fail-safe after commissioning; serial {job.serial} decommissioned", Severity.WARNING, self.name)

@@ -1,0 +1,161 @@
+"""`linectl export epcis --db PATH -c CONFIG [--batch LOT] [--since TIME] [--out FILE]`.
+
+Writes one EPCIS 2.0 EPCISDocument with the EPCIS events of the store's
+outbox (forwarded or not), in store order: for a partner, an auditor, or an
+upstream that lost data. Streams the document, so a year of events does not
+have to fit in memory. Exit 0 done, 2 bad input, 3 the store refused the file.
+
+The line identity (readPoint/bizLocation, time zone) and the company prefix
+length of each GTIN come from the config, which is why -c is required.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TextIO
+
+PAGE = 5000
+_FAILED: list[int] = []  # rows that could not be mapped (reported; exit 1)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export stored events (EPCIS 2.0 JSON-LD)")
+    kinds = p.add_subparsers(dest="export_kind", metavar="FORMAT")
+    e = kinds.add_parser("epcis", help="one EPCIS 2.0 EPCISDocument with the EPCIS events of the store")
+    e.add_argument("--db", required=True, help="the line's SQLite store")
+    e.add_argument("-c", "--config", help="line YAML: line identity (GLN, time zone) and company prefix length per GTIN (required)")
+    e.add_argument("--batch", metavar="LOT", help="only events of this lot")
+    e.add_argument("--since", metavar="TIME", help="only events with eventTime at or after TIME (ISO 8601 date or date-time; no offset = UTC)")
+    e.add_argument("--out", metavar="FILE", help="output file (default stdout); written atomically")
+    e.add_argument("--validate", choices=["sample", "all", "none"], default="sample",
+                   help="check events against the official schema: one of each shape (default), every event (slow), or none")
+    e.set_defaults(func=run)
+
+
+def parse_since(text: str) -> datetime:
+    t = text.strip()
+    try:
+        d = datetime.fromisoformat(t.replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--since {text!r} is not an ISO 8601 date or date-time (e.g. 2026-03-01 or 2026-03-01T08:00:00+01:00)") from None
+    return d if d.tzinfo else d.replace(tzinfo=timezone.utc)
+
+
+def run(args: argparse.Namespace) -> int:
+    from linectl.config import load_config
+    from linectl.yamlsource import ConfigFileError
+
+    if not args.config:
+        print("linectl export epcis: -c CONFIG is required (readPoint/bizLocation and company prefix lengths come from the line config)", file=sys.stderr)
+        return 2
+    try:
+        cfg = load_config(args.config)
+    except ConfigFileError as exc:
+        for prob in exc.problems:
+            print(prob.format(args.config), file=sys.stderr)
+        return 2
+    since = None
+    if args.since:
+        try:
+            since = parse_since(args.since)
+        except ValueError as exc:
+            print(f"linectl export epcis: {exc}", file=sys.stderr)
+            return 2
+    if not Path(args.db).is_file():
+        print(f"linectl export epcis: no store at {args.db}", file=sys.stderr)
+        return 2
+    return asyncio.run(_export(args, cfg, since))
+
+
+async def _export(args: argparse.Namespace, cfg: Any, since: datetime | None) -> int:
+    from linectl import epcis
+    from linectl.store import Store, StoreError
+
+    try:
+        store = await Store.open(args.db, create=False, readonly=True)
+    except StoreError as exc:
+        print(f"linectl export epcis: {args.db}: {exc}", file=sys.stderr)
+        return 3
+    try:
+        mapper = epcis.EpcisMapper.from_config(cfg)
+        validator = None if args.validate == "none" else epcis.default_validator()
+        if args.out:
+            out_path = Path(args.out)
+            fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=str(out_path.parent or "."))
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    n = await asyncio.to_thread(_write, fh, store, mapper, validator, args, since)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, out_path)
+            except BaseException:
+                with_suppress_unlink(tmp)
+                raise
+        else:
+            n = await asyncio.to_thread(_write, sys.stdout, store, mapper, validator, args, since)
+            sys.stdout.flush()
+    except epcis.EpcisValidationError as exc:
+        print(f"linectl export epcis: produced an event that fails the EPCIS schema (a bug): {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await store.close()
+    print(f"exported {n} EPCIS event(s)" + (f" to {args.out}" if args.out else ""), file=sys.stderr)
+    if _FAILED:
+        print(f"linectl export epcis: {len(_FAILED)} event(s) could not be mapped and are missing", file=sys.stderr)
+        return 1
+    return 0
+
+
+def with_suppress_unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _write(fh: TextIO, store: Any, mapper: Any, validator: Any, args: argparse.Namespace, since: datetime | None) -> int:
+    """(worker thread) stream the document: head, events page by page, tail."""
+    from linectl import epcis
+
+    seen_shapes: set[tuple[Any, ...]] = set()
+    fh.write(epcis.document_head())
+    n = 0
+    after = 0
+    while True:
+        rows = store.outbox(after, PAGE, only_unforwarded=False)
+        if not rows:
+            break
+        after = rows[-1].seq
+        for row in rows:
+            e = row.event
+            if not getattr(e, "epcis", False):
+                continue
+            if args.batch is not None and (row.lot if row.lot is not None else e.lot) != args.batch:
+                continue
+            if since is not None:
+                t = e.event_time if e.event_time.tzinfo else e.event_time.replace(tzinfo=timezone.utc)
+                if t < since:
+                    continue
+            try:
+                mapped = mapper.map(e)
+            except epcis.EpcisMappingError as exc:
+                print(f"linectl export epcis: seq {row.seq} ({row.kind}, {row.event_id}) left out: {exc}", file=sys.stderr)
+                _FAILED.append(row.seq)
+                continue
+            for ev in mapped:
+                if validator is not None:
+                    shape = (ev["type"], ev["action"], ev.get("bizStep"), ev.get("disposition"), tuple(sorted(ev)))
+                    if args.validate == "all" or shape not in seen_shapes:
+                        seen_shapes.add(shape)
+                        validator.validate(epcis.build_document([ev]))
+                fh.write(("," if n else "") + epcis.encode_event(ev))
+                n += 1
+    fh.write(epcis.DOCUMENT_TAIL)
+    fh.write("\n")
+    return n

@@ -1,0 +1,446 @@
+"""Domain events -> EPCIS 2.0 JSON events and documents, and an offline schema check.
+
+The line speaks in its own words (linectl.events); upstream repositories speak
+EPCIS 2.0 / CBV 2.0. This module is the one place where the translation lives,
+so the forwarder, `linectl export` and the tests all produce the same JSON.
+
+Choices that matter upstream:
+- `eventID` is the domain event's `event_id`, so a re-sent event is a duplicate
+  upstream (EPCIS `POST /events` answers 409), never a second event. An event
+  too big for one EPCIS event (voiding or packing thousands of serials) is split
+  into chunks of EPCS_PER_EVENT EPCs with eventIDs derived deterministically
+  (uuid5) from the original, so the chunks are as stable as the original.
+- bizStep/disposition use the bare CBV 2.0 short names ("commissioning"), which
+  the official JSON schema enumerates and the JSON-LD context expands; the
+  schema refuses `urn:epcglobal:cbv:` URIs there.
+- ILMD uses the `cbvmda:` CURIEs the context defines (lotNumber, itemExpirationDate).
+- An SGTIN needs the GS1 company prefix length of its GTIN. When it is not known
+  (a GTIN no longer configured) the EPC is written as a GS1 Digital Link URI,
+  which EPCIS 2.0 accepts and needs no prefix length, rather than blocking the
+  outbox behind an event that cannot be mapped.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import os
+import re
+import uuid
+from dataclasses import dataclass, field
+from datetime import date, datetime, timezone
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence
+
+import structlog
+
+from linectl import events as ev
+
+if TYPE_CHECKING:  # pragma: no cover
+    from linectl.config import LineConfig
+
+log = structlog.get_logger("linectl.epcis")
+
+EPCIS_CONTEXT_URL = "https://ref.gs1.org/standards/epcis/2.0.0/epcis-context.jsonld"
+#: at most this many EPCs in one EPCIS event; bigger domain events are split (stable derived eventIDs)
+EPCS_PER_EVENT = 1000
+_SPLIT_NS = uuid.UUID("3b0f6a3e-5f0c-4d49-9c55-6f0b3c1d2a11")  # namespace of derived chunk eventIDs
+
+EpcFormat = Literal["urn", "digital_link"]
+_PLAIN_SERIAL = re.compile(r"^[A-Za-z0-9]{1,20}$")  # set-82 subset that no EPC/Digital Link form escapes
+
+
+class EpcisMappingError(ValueError):
+    """A domain event cannot be expressed in EPCIS (bad identifier data)."""
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def epcis_time(t: datetime) -> str:
+    """UTC with a Z suffix and millisecond precision; naive datetimes are taken as UTC."""
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=timezone.utc)
+    return t.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+@lru_cache(maxsize=4096)
+def expiry_to_date(yymmdd: str, reference: date | None = None) -> str:
+    """GS1 AI (17) YYMMDD -> ISO YYYY-MM-DD.
+
+    The century follows the GS1 General Specifications (7.12) sliding window
+    around the reference year (the event's year), and DD=00 means the last day
+    of the month.
+    """
+    if not re.fullmatch(r"\d{6}", yymmdd or ""):
+        raise EpcisMappingError(f"expiry {yymmdd!r} is not YYMMDD")
+    yy, mm, dd = int(yymmdd[:2]), int(yymmdd[2:4]), int(yymmdd[4:6])
+    ref = (reference or datetime.now(timezone.utc).date()).year
+    century = ref - ref % 100
+    diff = yy - ref % 100
+    if 51 <= diff <= 99:
+        century -= 100
+    elif -99 <= diff <= -50:
+        century += 100
+    year = century + yy
+    if not 1 <= mm <= 12:
+        raise EpcisMappingError(f"expiry {yymmdd!r}: month {mm:02d} is invalid")
+    last = calendar.monthrange(year, mm)[1]
+    if dd == 0:
+        dd = last
+    elif dd > last:
+        raise EpcisMappingError(f"expiry {yymmdd!r}: day {dd:02d} does not exist in {year}-{mm:02d}")
+    return f"{year:04d}-{mm:02d}-{dd:02d}"
+
+
+def chunk_event_id(event_id: str, index: int) -> str:
+    """eventID of chunk `index` (>0) of a split event; chunk 0 keeps the original id."""
+    if index == 0:
+        return event_id
+    return f"urn:uuid:{uuid.uuid5(_SPLIT_NS, f'{event_id}#{index}')}"
+
+
+def _chunks(items: Sequence[str], size: int = EPCS_PER_EVENT) -> list[Sequence[str]]:
+    return [items[i : i + size] for i in range(0, len(items), size)] or [items]
+
+
+# --------------------------------------------------------------------------- mapper
+
+
+@dataclass
+class EpcisMapper:
+    """Maps linectl domain events to EPCIS 2.0 event dicts for one line."""
+
+    read_point: str
+    biz_location: str
+    tz_offset: str = "+00:00"
+    epc_format: EpcFormat = "urn"
+    #: GTIN-14 -> GS1 company prefix length
+    cp_lengths: dict[str, int] = field(default_factory=dict)
+    #: known company prefixes (digits), used to find the prefix length of an SSCC
+    company_prefixes: tuple[str, ...] = ()
+    _sgtin_prefix: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def from_config(cls, cfg: "LineConfig") -> "EpcisMapper":
+        cp_lengths = {p.gtin: p.company_prefix_length for p in cfg.products}
+        prefixes = {p.gtin[1 : 1 + p.company_prefix_length] for p in cfg.products}
+        prefixes.add(cfg.line.gln[: cfg.line.company_prefix_length])
+        sgln = cfg.line.sgln
+        return cls(
+            read_point=sgln,
+            biz_location=sgln,
+            tz_offset=cfg.line.timezone_offset,
+            epc_format=cfg.mqtt.epc_format,
+            cp_lengths=cp_lengths,
+            company_prefixes=tuple(sorted(prefixes, key=len, reverse=True)),
+        )
+
+    # identifiers ---------------------------------------------------------------
+
+    def sgtin(self, gtin: str, serial: str) -> str:
+        # Serials are almost always plain alphanumerics, which neither the EPC URI nor the
+        # Digital Link escapes: those take a cached per-GTIN prefix (the full gs1 path costs
+        # ~70 us per EPC, which alone would cap forwarding well below 20,000 events/s).
+        prefix = self._sgtin_prefix.get(gtin)
+        if prefix is None:
+            prefix = self._sgtin_prefix[gtin] = self._slow_sgtin(gtin, "0")[:-1]
+        if _PLAIN_SERIAL.match(serial):
+            return prefix + serial
+        return self._slow_sgtin(gtin, serial)
+
+    def _slow_sgtin(self, gtin: str, serial: str) -> str:
+        from linectl import gs1
+
+        try:
+            g = gs1.normalize_gtin(gtin)
+        except gs1.GS1Error as exc:
+            raise EpcisMappingError(f"GTIN {gtin!r}: {exc.reason}") from exc
+        cp_len = None if self.epc_format == "digital_link" else (self.cp_lengths.get(g) or self._prefix_len(g[1:13]))
+        try:
+            if cp_len is None:
+                if self.epc_format != "digital_link" and serial == "0":
+                    log.warning("epc_as_digital_link", gtin=g, why="company prefix length unknown for this GTIN")
+                return gs1.digital_link(g, serial)
+            return gs1.sgtin_urn(g, serial, cp_len)
+        except gs1.GS1Error as exc:
+            raise EpcisMappingError(f"GTIN {g} serial {serial!r}: {exc.reason}") from exc
+
+    def sscc(self, sscc: str) -> str:
+        from linectl import gs1
+
+        if not re.fullmatch(r"\d{18}", sscc or ""):
+            raise EpcisMappingError(f"SSCC {sscc!r} is not 18 digits")
+        cp_len = None if self.epc_format == "digital_link" else self._prefix_len(sscc[1:17])
+        try:
+            if cp_len is None:
+                if self.epc_format != "digital_link":
+                    log.warning("epc_as_digital_link", sscc=sscc, why="company prefix of this SSCC is not configured")
+                return gs1.sscc_digital_link(sscc)
+            return gs1.sscc_urn(sscc, cp_len)
+        except gs1.GS1Error as exc:
+            raise EpcisMappingError(f"SSCC {sscc}: {exc.reason}") from exc
+
+    def _prefix_len(self, digits: str) -> int | None:
+        for cp in self.company_prefixes:  # longest first: a longer matching prefix is the more specific one
+            if digits.startswith(cp):
+                return len(cp)
+        return None
+
+    def child_epc(self, child: ev.ChildRef) -> str:
+        if child.sscc:
+            return self.sscc(child.sscc)
+        if child.gtin and child.serial is not None:
+            return self.sgtin(child.gtin, child.serial)
+        raise EpcisMappingError(f"child {child!r} has neither an SSCC nor GTIN + serial")
+
+    # events --------------------------------------------------------------------
+
+    def _base(self, e: ev.Event, etype: str, event_id: str | None = None) -> dict[str, Any]:
+        return {
+            "type": etype,
+            "eventID": event_id or e.event_id,
+            "eventTime": epcis_time(e.event_time),
+            "eventTimeZoneOffset": self.tz_offset,
+        }
+
+    def _where(self, d: dict[str, Any]) -> dict[str, Any]:
+        d["readPoint"] = {"id": self.read_point}
+        d["bizLocation"] = {"id": self.biz_location}
+        return d
+
+    def _object(
+        self,
+        e: ev.Event,
+        epcs: Sequence[str],
+        action: str,
+        biz_step: str,
+        disposition: str | None,
+        ilmd: dict[str, str] | None = None,
+    ) -> list[dict[str, Any]]:
+        out = []
+        for i, part in enumerate(_chunks(epcs)):
+            d = self._base(e, "ObjectEvent", chunk_event_id(e.event_id, i))
+            d["epcList"] = list(part)
+            d["action"] = action
+            d["bizStep"] = biz_step
+            if disposition:
+                d["disposition"] = disposition
+            self._where(d)
+            if ilmd:
+                d["ilmd"] = dict(ilmd)
+            out.append(d)
+        return out
+
+    def _aggregation(self, e: ev.Event, parent: str, children: Sequence[str], action: str, biz_step: str, disposition: str | None) -> list[dict[str, Any]]:
+        out = []
+        for i, part in enumerate(_chunks(children)):
+            d = self._base(e, "AggregationEvent", chunk_event_id(e.event_id, i))
+            d["parentID"] = parent
+            if part:
+                d["childEPCs"] = list(part)
+            d["action"] = action
+            d["bizStep"] = biz_step
+            if disposition:
+                d["disposition"] = disposition
+            out.append(self._where(d))
+        return out
+
+    def map(self, e: ev.Event) -> list[dict[str, Any]]:
+        """EPCIS events for one domain event: [] when it has no EPCIS meaning, >1 when split."""
+        if isinstance(e, ev.UnitCommissioned):
+            ilmd: dict[str, str] = {}
+            if e.lot:
+                ilmd["cbvmda:lotNumber"] = e.lot
+            if e.expiry:
+                ilmd["cbvmda:itemExpirationDate"] = expiry_to_date(e.expiry, e.event_time.date())
+            return self._object(e, [self.sgtin(e.gtin, e.serial)], "ADD", "commissioning", "active", ilmd or None)
+        if isinstance(e, ev.UnitDecommissioned):
+            step, disp = ("destroying", "destroyed") if e.destroyed else ("decommissioning", "inactive")
+            return self._object(e, [self.sgtin(e.gtin, e.serial)], "DELETE", step, disp)
+        if isinstance(e, ev.SerialsVoided):
+            if not e.serials:
+                return []
+            return self._object(e, [self.sgtin(e.gtin, s) for s in e.serials], "DELETE", "decommissioning", "inactive")
+        if isinstance(e, ev.UnitInspected):
+            return self._object(e, [self.sgtin(e.gtin, e.serial)], "OBSERVE", e.biz_step, None)
+        if isinstance(e, ev.ContainerCommissioned):
+            return self._object(e, [self.sscc(e.sscc)], "ADD", "commissioning", "active")
+        if isinstance(e, ev.ContainerDecommissioned):
+            if not e.commissioned:  # the SSCC never existed upstream: nothing to delete there
+                return []
+            return self._object(e, [self.sscc(e.sscc)], "DELETE", "decommissioning", "inactive")
+        if isinstance(e, ev.Packed):
+            if not e.children:
+                return []
+            return self._aggregation(e, self.sscc(e.parent), [self.child_epc(c) for c in e.children], "ADD", "packing", "in_progress")
+        if isinstance(e, ev.Unpacked):
+            # no children = the whole content: an AggregationEvent DELETE without childEPCs says exactly that
+            return self._aggregation(e, self.sscc(e.parent), [self.child_epc(c) for c in e.children], "DELETE", "unpacking", None)
+        return []
+
+
+# --------------------------------------------------------------------------- documents
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))  # ASCII only: len() is the byte size
+
+
+def encode_event(event: dict[str, Any]) -> str:
+    """Compact JSON of one EPCIS event, as it is placed in a document."""
+    return _dumps(event)
+
+
+def document_head(creation_date: datetime | None = None) -> str:
+    """The JSON text of an EPCISDocument up to the opening bracket of its eventList."""
+    head = {
+        "@context": [EPCIS_CONTEXT_URL],
+        "type": "EPCISDocument",
+        "schemaVersion": "2.0",
+        "creationDate": epcis_time(creation_date or datetime.now(timezone.utc)),
+    }
+    return _dumps(head)[:-1] + ',"epcisBody":{"eventList":['
+
+
+DOCUMENT_TAIL = "]}}"
+
+
+def document_bytes(encoded_events: Iterable[str], creation_date: datetime | None = None) -> bytes:
+    """An EPCISDocument from already-encoded events (no re-serialisation: the forwarder sizes events once)."""
+    return (document_head(creation_date) + ",".join(encoded_events) + DOCUMENT_TAIL).encode()
+
+
+def build_document(events: Iterable[dict[str, Any]], creation_date: datetime | None = None) -> dict[str, Any]:
+    """An EPCISDocument as a dict (for tests and small exports)."""
+    return {
+        "@context": [EPCIS_CONTEXT_URL],
+        "type": "EPCISDocument",
+        "schemaVersion": "2.0",
+        "creationDate": epcis_time(creation_date or datetime.now(timezone.utc)),
+        "epcisBody": {"eventList": list(events)},
+    }
+
+
+# --------------------------------------------------------------------------- validation
+
+SCHEMA_FILE = "EPCIS-JSON-Schema.json"
+#: context files shipped next to the schema, and the URLs documents and contexts refer to them by
+CONTEXT_FILES = {
+    "epcis-context.jsonld": (EPCIS_CONTEXT_URL, "https://ref.gs1.org/standards/epcis/epcis-context.jsonld", "https://gs1.github.io/EPCIS/epcis-context.jsonld"),
+    "cbv-context-bizstep.jsonld": ("https://gs1.github.io/EPCIS/cbv-context-bizstep.jsonld",),
+    "cbv-context-disposition.jsonld": ("https://gs1.github.io/EPCIS/cbv-context-disposition.jsonld",),
+}
+
+
+class EpcisValidationError(ValueError):
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems[:5]) + (f" (+{len(problems) - 5} more)" if len(problems) > 5 else ""))
+        self.problems = problems
+
+
+def schema_dir() -> Path:
+    """Where the official schema lives: $LINECTL_EPCIS_SCHEMA_DIR, package data, or the shared standards folder."""
+    candidates = []
+    if os.environ.get("LINECTL_EPCIS_SCHEMA_DIR"):
+        candidates.append(Path(os.environ["LINECTL_EPCIS_SCHEMA_DIR"]))
+    here = Path(__file__).resolve().parent
+    candidates += [here / "standards" / "epcis", here.parent.parent / "shared" / "standards" / "epcis"]
+    for c in candidates:
+        if (c / SCHEMA_FILE).is_file():
+            return c
+    raise FileNotFoundError(f"{SCHEMA_FILE} not found in {', '.join(map(str, candidates))}; set LINECTL_EPCIS_SCHEMA_DIR")
+
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:[^\s<>\"{}|\\^`]*$")
+_BAD_PCT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_DATETIME = re.compile(
+    r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])[Tt]([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)(\.\d+)?([Zz]|[+-]([01]\d|2[0-3]):[0-5]\d)$"
+)
+
+
+def _format_checker() -> Any:
+    """jsonschema's own uri/date-time checks need optional packages; without them those formats
+    pass unchecked, so the two formats EPCIS relies on are checked here (RFC 3986 / RFC 3339)."""
+    from jsonschema import FormatChecker
+
+    checker = FormatChecker()
+
+    @checker.checks("uri")
+    def _uri(value: object) -> bool:
+        return not isinstance(value, str) or (bool(_URI.match(value)) and not _BAD_PCT.search(value) and value.isascii())
+
+    @checker.checks("date-time")
+    def _dt(value: object) -> bool:
+        if not isinstance(value, str):
+            return True
+        if not _DATETIME.match(value):
+            return False
+        try:
+            datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00").replace("t", "T"))
+        except ValueError:
+            return False
+        return True
+
+    return checker
+
+
+class EpcisValidator:
+    """The official EPCIS 2.0 JSON schema (draft-07), resolved from local files only: never the network."""
+
+    def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
+        from jsonschema import Draft7Validator
+        from referencing import Registry
+        from referencing.exceptions import NoSuchResource
+        from referencing.jsonschema import DRAFT7
+
+        d = Path(directory) if directory else schema_dir()
+        schema = json.loads((d / SCHEMA_FILE).read_text(encoding="utf-8"))
+        resources = [(schema["$id"], DRAFT7.create_resource(schema))]
+        for name, urls in CONTEXT_FILES.items():
+            p = d / name
+            if p.is_file():
+                res = DRAFT7.create_resource(json.loads(p.read_text(encoding="utf-8")))
+                resources += [(u, res) for u in urls]
+
+        def offline(uri: str) -> Any:
+            raise NoSuchResource(ref=uri)  # no network: anything not registered is unresolvable
+
+        self.registry = Registry(retrieve=offline).with_resources(resources)
+        self._validator = Draft7Validator(schema, registry=self.registry, format_checker=_format_checker())
+
+    def problems(self, document: Any) -> list[str]:
+        out = []
+        for err in sorted(self._validator.iter_errors(document), key=lambda e: list(e.absolute_path)):
+            where = "/".join(str(p) for p in err.absolute_path) or "(document)"
+            # if/then/anyOf errors hide the real cause in their context; report the deepest ones
+            leaves = _leaf_errors(err)
+            for leaf in leaves[:3]:
+                lw = "/".join(str(p) for p in leaf.absolute_path) or where
+                out.append(f"{lw}: {leaf.message}")
+        return out
+
+    def validate(self, document: Any) -> None:
+        problems = self.problems(document)
+        if problems:
+            raise EpcisValidationError(problems)
+
+
+def _leaf_errors(err: Any) -> list[Any]:
+    if not err.context:
+        return [err]
+    out: list[Any] = []
+    for sub in err.context:
+        out += _leaf_errors(sub)
+    return out
+
+
+@lru_cache(maxsize=1)
+def default_validator() -> EpcisValidator:
+    return EpcisValidator()
+
+
+def validate_document(document: Any) -> None:
+    """Raise EpcisValidationError listing the problems when `document` does not follow the EPCIS 2.0 schema."""
+    default_validator().validate(document)

@@ -1,0 +1,695 @@
+"""Outbox -> MQTT: every stored event reaches upstream at least once, in order, after any outage.
+
+The SQLite outbox is the only buffer. A row is marked forwarded only after the
+broker's PUBACK for the message that carries it (and for every message
+published before it), so a crash, a dead broker or a cut cable can cause a
+duplicate upstream (same eventID) but never a gap. Sessions are clean: after
+every (re)connect the forwarder starts again from the first outbox row that is
+neither marked nor acknowledged; nothing relies on a broker or client session
+surviving.
+
+Topics (root = mqtt.topic_root or <enterprise>/<site>/<area>/<line>):
+  <root>/events   EPCISDocument (EPCIS 2.0 JSON-LD), many events per message
+  <root>/alarms   one JSON object per AlarmRaised / AlarmAcknowledged row
+  <root>/records  one JSON object per other row (batch state, challenge results,
+                  serials returned, an SSCC voided before it was commissioned...)
+All QoS 1, not retained. Non-EPCIS rows travel in the same ordered stream as
+the EPCIS ones, so "forwarded" means the same thing for every row.
+
+Ordering. Messages are built from consecutive outbox rows in seq order and
+published in that order over one connection, so a subscriber sees them in seq
+order (MQTT keeps the order of QoS 1 messages from one publisher per topic).
+Catch-up: when a (re)connect finds more than `catchup_threshold` unforwarded
+rows, the forwarder freezes the boundary S = last seq at that moment and runs
+two lanes over the same bounded window of unacknowledged messages: the backlog
+lane (rows <= S, oldest first) and the live lane (rows > S). A ready live
+message always goes first, so a live event waits for at most one window slot
+(one document round-trip), not for the backlog. Guarantee, exactly: within each
+lane rows are published in seq order; a live row (> S) may arrive before older
+backlog rows (<= S) of the same lot; rows are never marked out of publish order;
+every EPCIS event keeps its eventTime and eventID, and every message carries its
+seq range (MQTT 5 user properties first_seq/last_seq; `seq` in alarm/record
+payloads) so a consumer that needs strict order can restore it. Below the
+threshold (the normal case, and any short outage) there is one lane and strict
+seq order. `catchup_threshold=None` disables the split (strict order always, at
+the price of live delay = drain time).
+
+Why not aiomqtt's `await client.publish(qos=1)`: in aiomqtt 2.5.1 it does wait
+for the PUBACK (paho 2.2 calls on_publish when the PUBACK arrives), but it
+drops the MQTT 5 PUBACK reason code (a broker refusing a message with 0x87
+"not authorized" would look delivered) and its wait is a plain timeout that a
+dropped connection does not end. AckingClient keeps paho's MQTTMessageInfo mid
+and resolves a future with the reason code, and the window also watches the
+connection.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import json
+import math
+import random
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+import aiomqtt
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from drivers.base import Backoff
+from linectl import epcis
+from linectl.events import AlarmAcknowledged, AlarmRaised
+
+if TYPE_CHECKING:  # pragma: no cover
+    from linectl.config import LineConfig, MqttConfig
+
+log = structlog.get_logger("linectl.forwarder")
+
+ALARM_KINDS = frozenset({AlarmRaised.model_fields["kind"].default, AlarmAcknowledged.model_fields["kind"].default})
+
+
+# --------------------------------------------------------------------------- client
+
+
+class PublishRefused(aiomqtt.MqttError):
+    """The broker answered a PUBLISH with a failure reason code (MQTT 5): the message is not delivered."""
+
+    def __init__(self, reason: ReasonCode, topic: str) -> None:
+        super().__init__(f"broker refused publish to {topic}: {reason} (0x{reason.value:02x})")
+        self.reason = reason
+
+
+class AckingClient(aiomqtt.Client):
+    """aiomqtt.Client plus publish_nowait(): a future per QoS 1 message resolved by its PUBACK reason code.
+
+    Touches aiomqtt internals (`_client`, `_on_publish`, `_disconnected`), which
+    is why aiomqtt is pinned below 3 and tests exercise this class against a real
+    broker.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._acks: dict[int, asyncio.Future[ReasonCode]] = {}
+
+    def publish_nowait(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, properties: Properties | None = None
+    ) -> asyncio.Future[ReasonCode]:
+        info = self._client.publish(topic, payload, qos, retain, properties)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, f"could not publish to {topic}")
+        fut: asyncio.Future[ReasonCode] = self._loop.create_future()
+        if qos == 0 or info.is_published():
+            fut.set_result(ReasonCode(PacketTypes.PUBACK, "Success"))
+        else:
+            self._acks[info.mid] = fut
+        return fut
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason_code: ReasonCode, properties: Any) -> None:
+        super()._on_publish(client, userdata, mid, reason_code, properties)
+        fut = self._acks.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(reason_code)
+
+    @property
+    def disconnected(self) -> asyncio.Future[None]:
+        """Done (usually with an exception) once the connection is gone."""
+        return self._disconnected
+
+    def abandon_pending(self) -> None:
+        for fut in self._acks.values():
+            if not fut.done():
+                fut.cancel()
+        self._acks.clear()
+
+
+def client_options(mqtt: "MqttConfig", client_id: str, *, max_inflight: int | None = None) -> dict[str, Any]:
+    """aiomqtt.Client keyword arguments from the config: protocol, clean session, TLS, credentials.
+
+    Sessions are always clean: a persistent session lives in paho's memory and
+    dies with the process, so the outbox, not the session, is what resends.
+    """
+    v5 = mqtt.protocol == "5"
+    opts: dict[str, Any] = {
+        "hostname": mqtt.host,
+        "port": mqtt.port,
+        "identifier": client_id,
+        "protocol": aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+        "keepalive": mqtt.keepalive_s,
+        "username": mqtt.username,
+        "password": mqtt.password,
+    }
+    if v5:
+        opts["clean_start"] = paho.MQTT_CLEAN_START_FIRST_ONLY  # a fresh Client per connection: always clean
+    else:
+        opts["clean_session"] = True
+    if max_inflight is not None:
+        opts["max_inflight_messages"] = max_inflight
+        opts["max_queued_outgoing_messages"] = max_inflight + 8
+    if mqtt.tls is not None:
+        opts["tls_params"] = aiomqtt.TLSParameters(ca_certs=mqtt.tls.ca_file, certfile=mqtt.tls.cert_file, keyfile=mqtt.tls.key_file)
+        if mqtt.tls.insecure:
+            opts["tls_insecure"] = True
+    return opts
+
+
+def _epoch(value: Any) -> float | None:
+    """OutboxRow.created_at as epoch seconds, whatever the store hands back (float, datetime, ISO text)."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, datetime):
+        return (value if value.tzinfo else value.replace(tzinfo=timezone.utc)).timestamp()
+    try:
+        d = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        return (d if d.tzinfo else d.replace(tzinfo=timezone.utc)).timestamp()
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------- messages and lanes
+
+
+@dataclass
+class _Message:
+    topic: str
+    payload: bytes
+    lane: str
+    first_seq: int
+    last_seq: int
+    seqs: list[int]  # rows completed by this message (a row split over several documents rides on its last one)
+    events: int
+    oldest_created: float | None
+
+
+@dataclass
+class _Lane:
+    name: str
+    cursor: int  # last seq read
+    end: int | None  # inclusive upper bound (backlog lane) or None (follows the outbox)
+    queue: asyncio.Queue[_Message]
+    done: bool = False
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class _SessionEnd(Exception):
+    """Leave the current connection and reconnect (reason in args[0])."""
+
+
+# --------------------------------------------------------------------------- forwarder
+
+
+class Forwarder:
+    """Publishes the outbox to MQTT. `run()` is the whole life: connect, forward, reconnect, until `stop()`."""
+
+    def __init__(
+        self,
+        cfg: "LineConfig",
+        store: Any,
+        *,
+        client_id: str | None = None,
+        max_inflight: int = 20,
+        page_size: int = 2000,
+        catchup_threshold: int | None = 20_000,
+        poll_interval_s: float = 0.05,
+        ack_timeout_s: float = 30.0,
+        stats_interval_s: float = 1.0,
+        max_unmarked: int = 200_000,
+        backoff_initial_s: float = 0.2,
+        backoff_max_s: float = 10.0,
+        mapper: epcis.EpcisMapper | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.mqtt = cfg.mqtt
+        self.store = store
+        self.root = cfg.topic_root
+        self.client_id = client_id or f"{cfg.mqtt.client_id or 'linectl-' + cfg.line.name}-fwd"
+        self.mapper = mapper or epcis.EpcisMapper.from_config(cfg)
+        self.max_inflight = max_inflight
+        self.page_size = page_size
+        self.catchup_threshold = catchup_threshold
+        self.poll_interval_s = poll_interval_s
+        self.ack_timeout_s = ack_timeout_s
+        self.stats_interval_s = stats_interval_s
+        self.max_unmarked = max_unmarked
+        self.max_events = cfg.mqtt.max_events_per_message
+        self.max_bytes = cfg.mqtt.max_bytes_per_message
+        self.v5 = cfg.mqtt.protocol == "5"
+        self._backoff = Backoff(backoff_initial_s, backoff_max_s)
+        self.topic_events = f"{self.root}/events"
+        self.topic_alarms = f"{self.root}/alarms"
+        self.topic_records = f"{self.root}/records"
+
+        self._stop = asyncio.Event()
+        self._wake_live = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._lanes: list[_Lane] = []
+        self._mark_pending: list[int] = []
+        self._unmarked_acked: set[int] = set()
+        self._mark_event = asyncio.Event()
+        self._connected = False
+        self._connected_since: float | None = None
+        self._last_error: str | None = None
+        self._inflight = 0
+        self.forwarded_rows = 0
+        self.published_messages = 0
+        self.published_events = 0
+        self.last_ack_at: float | None = None
+        self.backlog: int | None = None
+        self.oldest_age_s: float | None = None
+        self.catch_up: dict[str, Any] | None = None
+        self._running = False
+
+    @classmethod
+    def from_config(cls, cfg: "LineConfig", store: Any, **kw: Any) -> "Forwarder":
+        return cls(cfg, store, **kw)
+
+    # ---------------------------------------------------------------- public
+
+    def notify(self, *_: Any) -> None:
+        """Rows were appended: look at the outbox now rather than at the next poll."""
+        self._wake_live.set()
+
+    def status(self) -> dict[str, Any]:
+        """For the retained state topic: backlog in rows, ages in seconds, times in epoch seconds."""
+        return {
+            "connected": self._connected,
+            "connected_since": self._connected_since,
+            "last_error": self._last_error,
+            "backlog_rows": self.backlog,
+            "oldest_unforwarded_age_s": None if self.oldest_age_s is None else round(self.oldest_age_s, 3),
+            "forwarded_rows": self.forwarded_rows,
+            "published_messages": self.published_messages,
+            "inflight_messages": self._inflight,
+            "last_ack_at": self.last_ack_at,
+            "mode": "catch_up" if self.catch_up else "normal",
+            "catch_up": dict(self.catch_up) if self.catch_up else None,
+        }
+
+    def acknowledged_unmarked(self) -> set[int]:
+        """Seqs acknowledged by the broker whose mark_forwarded write has not completed yet."""
+        return set(self._unmarked_acked)
+
+    async def stop(self, timeout: float = 3.0) -> None:
+        """Stop publishing, wait (bounded) for outstanding acks and record them as forwarded."""
+        self._stop.set()
+        self._ready.set()
+        deadline = time.monotonic() + timeout
+        while self._running and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def run(self) -> None:
+        """Forward until stop() or cancellation. Never raises for broker/network trouble; it reconnects."""
+        self._running = True
+        marker = asyncio.create_task(self._marker(), name="forwarder.marker")
+        stats = asyncio.create_task(self._stats_loop(), name="forwarder.stats")
+        try:
+            while not self._stop.is_set():
+                try:
+                    client = AckingClient(**client_options(self.mqtt, self.client_id, max_inflight=self.max_inflight), timeout=10.0)
+                    async with client:
+                        self._set_connected(True)
+                        try:
+                            await self._session(client)
+                        finally:
+                            client.abandon_pending()
+                except (aiomqtt.MqttError, _SessionEnd, OSError) as exc:
+                    self._set_connected(False, str(exc) or type(exc).__name__)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - e.g. the store refusing a read: retry, never die silently
+                    log.exception("forwarder_error", error=str(exc))
+                    self._set_connected(False, f"{type(exc).__name__}: {exc}")
+                if self._stop.is_set():
+                    break
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), self._backoff.next_delay())
+        finally:
+            self._set_connected(False, "stopped")
+            await self._flush_marks()
+            for t in (marker, stats):
+                t.cancel()
+            await asyncio.gather(marker, stats, return_exceptions=True)
+            self._running = False
+
+    # ---------------------------------------------------------------- connection state
+
+    def _set_connected(self, up: bool, reason: str = "") -> None:
+        """Track the link; log transitions, and a failed (re)connect only when its reason changes."""
+        was = self._connected
+        self._connected = up
+        if up:
+            self._last_error = None
+            if not was:
+                self._connected_since = time.time()
+                log.info("forwarder_connected", broker=f"{self.mqtt.host}:{self.mqtt.port}", client_id=self.client_id, backlog=self.backlog)
+            return
+        self._connected_since = None
+        changed = reason != self._last_error
+        if reason != "stopped" or was:
+            self._last_error = reason
+        if was:
+            log.warning("forwarder_disconnected", reason=reason, backlog=self.backlog)
+        elif changed and reason != "stopped":
+            log.warning("forwarder_connect_failed", reason=reason, backlog=self.backlog)
+
+    # ---------------------------------------------------------------- session
+
+    async def _session(self, client: AckingClient) -> None:
+        self._lanes = await self._plan_lanes()
+        fillers = [asyncio.create_task(self._fill(lane), name=f"forwarder.fill.{lane.name}") for lane in self._lanes]
+        inflight: collections.deque[tuple[_Message, asyncio.Future[ReasonCode], float]] = collections.deque()
+        acked_once = False
+        try:
+            while True:
+                for f in fillers:
+                    if f.done() and f.exception() is not None:
+                        raise f.exception()  # type: ignore[misc]
+                # fill the window: live lane first, so a live event never queues behind the backlog
+                self._ready.clear()
+                while (
+                    len(inflight) < self.max_inflight
+                    and not self._stop.is_set()
+                    and len(self._unmarked_acked) < self.max_unmarked
+                ):
+                    msg = self._next_message()
+                    if msg is None:
+                        break
+                    props = self._properties(msg)
+                    fut = client.publish_nowait(msg.topic, msg.payload, 1, False, props)
+                    inflight.append((msg, fut, time.monotonic()))
+                self._inflight = len(inflight)
+                if self._stop.is_set() and not inflight:
+                    return
+                waits: list[asyncio.Future[Any]] = [client.disconnected]
+                if inflight:
+                    waits.append(inflight[0][1])
+                helper = None
+                if len(inflight) < self.max_inflight and not self._stop.is_set():
+                    helper = asyncio.ensure_future(self._ready.wait())  # new messages, or the marker caught up
+                    waits.append(helper)
+                timeout = (2.0 if self._stop.is_set() else self.ack_timeout_s) if inflight else None
+                done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                if helper is not None and not helper.done():
+                    helper.cancel()
+                if client.disconnected.done():
+                    exc = client.disconnected.exception() if not client.disconnected.cancelled() else None
+                    raise _SessionEnd(f"connection lost: {exc}" if exc else "connection closed")
+                # acknowledge strictly in publish order: a row is forwarded only once it and all before it are
+                while inflight and inflight[0][1].done():
+                    msg, fut, _t = inflight.popleft()
+                    if fut.cancelled():
+                        raise _SessionEnd("publish abandoned")
+                    rc = fut.result()
+                    if rc.is_failure:
+                        raise PublishRefused(rc, msg.topic)
+                    self._acked(msg)
+                    if not acked_once:
+                        acked_once = True
+                        self._backoff.reset()
+                self._inflight = len(inflight)
+                if inflight and time.monotonic() - inflight[0][2] > self.ack_timeout_s:
+                    raise _SessionEnd(f"no PUBACK within {self.ack_timeout_s:g} s")
+                if self._stop.is_set() and (not inflight or not done):
+                    return
+        finally:
+            self._inflight = 0
+            for f in fillers:
+                f.cancel()
+            await asyncio.gather(*fillers, return_exceptions=True)
+            self._lanes = []
+            if self.catch_up is not None and not self.catch_up.get("done"):
+                self.catch_up = None  # replanned on the next connection
+
+    def _properties(self, msg: _Message) -> Properties | None:
+        if not self.v5:
+            return None
+        p = Properties(PacketTypes.PUBLISH)
+        p.ContentType = "application/ld+json" if msg.topic == self.topic_events else "application/json"
+        p.PayloadFormatIndicator = 1
+        p.UserProperty = [("first_seq", str(msg.first_seq)), ("last_seq", str(msg.last_seq))]
+        return p
+
+    def _next_message(self) -> _Message | None:
+        for lane in sorted(self._lanes, key=lambda ln: ln.name != "live"):
+            try:
+                return lane.queue.get_nowait()
+            except asyncio.QueueEmpty:
+                continue
+        return None
+
+    def _acked(self, msg: _Message) -> None:
+        self.published_messages += 1
+        self.published_events += msg.events
+        self.last_ack_at = time.time()
+        if msg.seqs:
+            self._unmarked_acked.update(msg.seqs)
+            self._mark_pending.extend(msg.seqs)
+            self._mark_event.set()
+
+    # ---------------------------------------------------------------- planning and reading
+
+    async def _plan_lanes(self) -> list[_Lane]:
+        """Start from the first row not yet forwarded; split into backlog + live lanes if the backlog is big."""
+        backlog = await asyncio.to_thread(self.store.backlog)
+        self.backlog = backlog
+        qmax = max(2, self.max_inflight)
+        if self.catchup_threshold is None or backlog <= self.catchup_threshold:
+            self.catch_up = None
+            return [_Lane("live", 0, None, asyncio.Queue(qmax))]
+        boundary = await asyncio.to_thread(self._last_seq)
+        self.catch_up = {"boundary_seq": boundary, "backlog_rows": backlog, "started_at": time.time(), "done": False}
+        log.info("catch_up_started", backlog=backlog, boundary_seq=boundary)
+        return [_Lane("backlog", 0, boundary, asyncio.Queue(qmax)), _Lane("live", boundary, None, asyncio.Queue(qmax))]
+
+    def _last_seq(self) -> int:
+        """Highest seq in the outbox: store.last_seq(), stats()['last_seq'], else a log2 probe of outbox()."""
+        if callable(getattr(self.store, "last_seq", None)):
+            return int(self.store.last_seq())
+        with contextlib.suppress(Exception):
+            v = self.store.stats().get("last_seq")
+            if isinstance(v, int):
+                return v
+        if not self.store.outbox(0, 1, only_unforwarded=False):
+            return 0
+        lo, hi = 0, 1
+        while self.store.outbox(hi, 1, only_unforwarded=False):  # some row above hi exists
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:  # invariant: a row > lo exists, none > hi
+            mid = (lo + hi) // 2
+            if self.store.outbox(mid, 1, only_unforwarded=False):
+                lo = mid
+            else:
+                hi = mid
+        return hi
+
+    async def _fill(self, lane: _Lane) -> None:
+        """Keep the lane's queue stocked with ready messages (bounded: the queue blocks when full)."""
+        while True:
+            if lane.end is None:
+                self._wake_live.clear()
+            msgs, cursor, n_rows, finished = await asyncio.to_thread(self._read_build, lane.cursor, lane.end, lane.name)
+            lane.cursor = cursor
+            for m in msgs:
+                await lane.queue.put(m)
+                self._ready.set()
+            if finished:
+                lane.done = True
+                await self._lane_finished(lane)
+                return
+            if n_rows < self.page_size:  # at the end of the outbox: wait for new rows
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._wake_live.wait(), self.poll_interval_s)
+
+    async def _lane_finished(self, lane: _Lane) -> None:
+        while not lane.queue.empty():
+            await asyncio.sleep(self.poll_interval_s)
+        if self.catch_up is not None:
+            took = time.time() - self.catch_up["started_at"]
+            self.catch_up.update(done=True, drain_s=round(took, 3))
+            log.info("catch_up_done", rows=self.catch_up["backlog_rows"], drain_s=round(took, 1))
+            self.catch_up = None
+
+    def _read_build(self, cursor: int, end: int | None, lane: str) -> tuple[list[_Message], int, int, bool]:
+        """(worker thread) read one page after `cursor` and turn it into messages."""
+        rows = self.store.outbox(cursor, self.page_size)
+        n = len(rows)
+        finished = False
+        if end is not None:
+            inside = [r for r in rows if r.seq <= end]
+            finished = len(inside) < len(rows) or n < self.page_size
+            rows = inside
+        new_cursor = rows[-1].seq if rows else cursor
+        if end is not None and new_cursor >= end:
+            finished = True
+        skip = self._unmarked_acked
+        rows = [r for r in rows if r.seq not in skip]
+        return self.build_messages(rows, lane), new_cursor, n, finished
+
+    # ---------------------------------------------------------------- message building
+
+    def build_messages(self, rows: list[Any], lane: str = "live") -> list[_Message]:
+        """Rows (in seq order) -> messages (in the same order). EPCIS rows are packed into documents
+        bounded by max_events_per_message and max_bytes_per_message; any other row is its own message."""
+        out: list[_Message] = []
+        head = epcis.document_head().encode()
+        budget = self.max_bytes - len(head) - len(epcis.DOCUMENT_TAIL)
+        doc: list[str] = []
+        size = 0
+        seqs: list[int] = []
+        first = last = 0
+        oldest: float | None = None
+
+        def flush() -> None:
+            nonlocal doc, size, seqs, first, oldest
+            if doc:
+                payload = head + ",".join(doc).encode() + epcis.DOCUMENT_TAIL.encode()
+                out.append(_Message(self.topic_events, payload, lane, first, last, seqs, len(doc), oldest))
+            doc, size, seqs, oldest = [], 0, [], None
+
+        for row in rows:
+            e = row.event
+            created = _epoch(row.created_at)
+            mapped: list[dict[str, Any]] | None = None
+            error = None
+            if getattr(e, "epcis", False):
+                try:
+                    mapped = self.mapper.map(e)
+                except (epcis.EpcisMappingError, ValueError) as exc:
+                    error = str(exc)
+                    log.error("epcis_mapping_failed", seq=row.seq, event_id=row.event_id, kind=row.kind, error=error)
+            if mapped:
+                for enc in map(epcis.encode_event, mapped):
+                    if doc and (len(doc) >= self.max_events or size + len(enc) + 1 > budget):
+                        flush()
+                    if not doc:
+                        first = row.seq
+                    doc.append(enc)
+                    size += len(enc) + 1
+                    last = row.seq
+                    if created is not None and (oldest is None or created < oldest):
+                        oldest = created
+                seqs.append(row.seq)
+                continue
+            flush()
+            out.append(self._record_message(row, lane, created, error))
+        flush()
+        return out
+
+    def _record_message(self, row: Any, lane: str, created: float | None, error: str | None) -> _Message:
+        body: dict[str, Any] = {"seq": row.seq, "line": self.root}
+        if created is not None:
+            body["stored_at"] = datetime.fromtimestamp(created, timezone.utc).isoformat()
+        body.update(row.event.model_dump(mode="json"))
+        if error:
+            body["epcis_error"] = error
+        topic = self.topic_alarms if row.kind in ALARM_KINDS else self.topic_records
+        return _Message(topic, json.dumps(body, separators=(",", ":")).encode(), lane, row.seq, row.seq, [row.seq], 1, created)
+
+    # ---------------------------------------------------------------- marking and stats
+
+    async def _marker(self) -> None:
+        """Record acknowledged rows as forwarded, batching whatever accumulated while the last write ran."""
+        while True:
+            await self._mark_event.wait()
+            self._mark_event.clear()
+            await self._flush_marks(retry=True)
+
+    async def _flush_marks(self, retry: bool = False) -> None:
+        while self._mark_pending:
+            batch, self._mark_pending = self._mark_pending, []
+            try:
+                await self.store.mark_forwarded(batch)
+            except asyncio.CancelledError:
+                self._mark_pending[:0] = batch
+                raise
+            except Exception as exc:  # noqa: BLE001 - unmarked rows are resent later: a duplicate, not a loss
+                self._mark_pending[:0] = batch
+                log.error("mark_forwarded_failed", rows=len(batch), error=str(exc))
+                if not retry:
+                    return
+                await asyncio.sleep(1.0)
+                continue
+            self._unmarked_acked.difference_update(batch)
+            self.forwarded_rows += len(batch)
+            self._ready.set()  # the window may have been held back by max_unmarked
+
+    async def _stats_loop(self) -> None:
+        last_log = time.monotonic()
+        while True:
+            with contextlib.suppress(Exception):
+                self.backlog, self.oldest_age_s = await asyncio.to_thread(self._backlog_now)
+            if self.catch_up and time.monotonic() - last_log >= 10.0:
+                last_log = time.monotonic()
+                log.info("catch_up_progress", backlog=self.backlog, oldest_age_s=self.oldest_age_s, forwarded=self.forwarded_rows)
+            await asyncio.sleep(self.stats_interval_s)
+
+    def _backlog_now(self) -> tuple[int, float | None]:
+        n = self.store.backlog()
+        first = self.store.outbox(0, 1) if n else []
+        created = _epoch(first[0].created_at) if first else None
+        return n, (max(0.0, time.time() - created) if created is not None else None)
+
+
+# --------------------------------------------------------------------------- standalone runner
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m linectl.forwarder -c CONFIG --db PATH`: the forwarder alone (tests, benches, a side-car)."""
+    p = argparse.ArgumentParser(prog="python -m linectl.forwarder")
+    p.add_argument("-c", "--config", required=True)
+    p.add_argument("--db", help="store path (default: store.path of the config)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--topic-root")
+    p.add_argument("--max-inflight", type=int, default=20)
+    p.add_argument("--catchup-threshold", type=int, default=20_000)
+    p.add_argument("--log-level", default="warning")
+    args = p.parse_args(argv)
+
+    from linectl.config import load_config
+    from linectl.logging import setup_logging
+
+    setup_logging(args.log_level)
+    cfg = load_config(args.config)
+    upd: dict[str, Any] = {}
+    if args.host:
+        upd["host"] = args.host
+    if args.port:
+        upd["port"] = args.port
+    if args.topic_root:
+        upd["topic_root"] = args.topic_root
+    if upd:
+        cfg = cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update=upd)})
+
+    async def go() -> None:
+        from linectl.store import Store
+
+        store = await Store.open(args.db or cfg.store.path)
+        fwd = Forwarder(cfg, store, max_inflight=args.max_inflight, catchup_threshold=args.catchup_threshold)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(fwd.stop()))
+        print("FORWARDER READY", flush=True)
+        try:
+            await fwd.run()
+        finally:
+            await store.close()
+
+    asyncio.run(go())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

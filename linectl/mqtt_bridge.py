@@ -1,0 +1,446 @@
+"""The line's MQTT face for operators and L3: availability, retained state, commands, serial requests.
+
+Topics under <root> (mqtt.topic_root or <enterprise>/<site>/<area>/<line>):
+  status                  retained "online" after every connect; Last Will (retained) "offline";
+                          "offline" again on a clean stop
+  state                   retained JSON: target.snapshot() + upstream (forwarder) status,
+                          on change (rate-limited) and every state_interval_s, and after every connect
+  cmd/<name>              commands in (QoS 1); subscription renewed on every connect
+  cmd/<name>/reply        reply for MQTT 3.1.1 clients (MQTT 5 clients name a ResponseTopic and
+                          get their CorrelationData back)
+  serials/request         linectl asks L3 for serials; answers arrive as provision_pool commands
+                          carrying the request_id, possibly in several pages
+Events and alarms are published by the forwarder (linectl.forwarder), from the outbox.
+
+Every command is validated here before the target sees it, so anything malformed
+is refused with a reply naming the problem and nothing changes. Accepted
+commands go to target.execute(cmd, origin="mqtt:<origin>"), which applies and
+audits them. A repeated command_id gets the first successful reply again
+(bounded in-memory LRU, plus the store's persisted replies when it offers
+`command_reply(command_id)`), so an at-least-once client cannot apply a
+command twice.
+
+`origin` comes from the MQTT 5 user property "origin" (or "client_id"): MQTT
+does not tell a subscriber who published, so it is the sender's claim. When
+mqtt.authorized_origins is set, a command without a listed origin is refused,
+which keeps honest clients apart; real access control belongs in the broker's
+ACL on <root>/cmd/#.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import enum
+import json
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import aiomqtt
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from pydantic import ValidationError
+
+from drivers.base import Backoff
+from linectl.control import COMMAND_ADAPTER, COMMAND_NAMES, CommandRejected
+from linectl.forwarder import client_options
+
+if TYPE_CHECKING:  # pragma: no cover
+    from linectl.config import LineConfig
+
+log = structlog.get_logger("linectl.mqtt")
+
+REPLY_CACHE_SIZE = 10_000
+MAX_PENDING_REQUESTS = 100
+STATE_MIN_INTERVAL_S = 0.2
+
+
+class CommandError(Exception):
+    """A command refused before it reached the target."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, datetime):
+        return o.isoformat()
+    if isinstance(o, enum.Enum):
+        return o.value
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
+    if hasattr(o, "model_dump"):
+        return o.model_dump(mode="json")
+    if hasattr(o, "__dict__"):
+        return {k: v for k, v in vars(o).items() if not k.startswith("_")}
+    return str(o)
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=_json_default).encode()
+
+
+def _valid_topic(t: Any) -> bool:
+    return isinstance(t, str) and 0 < len(t.encode()) <= 65535 and "+" not in t and "#" not in t and "\0" not in t
+
+
+class MqttBridge:
+    """One MQTT connection for status, state, commands and serial requests. `run()` until `stop()`."""
+
+    def __init__(
+        self,
+        cfg: "LineConfig",
+        target: Any,
+        *,
+        store: Any = None,
+        forwarder: Any = None,
+        client_id: str | None = None,
+        backoff_initial_s: float = 0.2,
+        backoff_max_s: float = 10.0,
+    ) -> None:
+        self.cfg = cfg
+        self.mqtt = cfg.mqtt
+        self.target = target
+        self.store = store
+        self.forwarder = forwarder
+        self.root = cfg.topic_root
+        self.client_id = client_id or cfg.mqtt.client_id or f"linectl-{cfg.line.name}"
+        self.topic_status = f"{self.root}/status"
+        self.topic_state = f"{self.root}/state"
+        self.topic_cmd = f"{self.root}/cmd/"
+        self.topic_serial_request = f"{self.root}/serials/request"
+        self._backoff = Backoff(backoff_initial_s, backoff_max_s)
+        self._stop = asyncio.Event()
+        self._state_dirty = asyncio.Event()
+        self._outgoing_wake = asyncio.Event()
+        self._replies: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self._requests: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self._connected = False
+        self._connected_since: float | None = None
+        self._last_error: str | None = None
+        self._running = False
+        self.commands_accepted = 0
+        self.commands_refused = 0
+        self.state_published = 0
+
+    # ---------------------------------------------------------------- public
+
+    def state_changed(self, *_: Any, **__: Any) -> None:
+        """The line's state changed: republish soon (coalesced, at most every STATE_MIN_INTERVAL_S)."""
+        self._state_dirty.set()
+
+    def request_serials(self, gtin: str, count: int, format: str | None = None) -> str:
+        """Ask L3 for `count` serials; returns the request_id at once (the line keeps running).
+
+        Published on <root>/serials/request now if connected, else after the next
+        connect; an unanswered request is published again after every reconnect
+        (same request_id: L3 must treat it as one request). Answers are
+        provision_pool commands with this request_id, in one or several pages.
+        """
+        rid = uuid.uuid4().hex
+        self._requests[rid] = {
+            "request_id": rid,
+            "gtin": gtin,
+            "count": int(count),
+            "format": format,
+            "requested_at": datetime.now(timezone.utc).isoformat(),
+            "received": 0,
+            "pages": 0,
+            "sent": False,
+        }
+        while len(self._requests) > MAX_PENDING_REQUESTS:
+            old_id, old = self._requests.popitem(last=False)
+            log.warning("serial_request_dropped", request_id=old_id, gtin=old["gtin"], why="too many pending requests")
+        self._outgoing_wake.set()
+        log.info("serials_requested", request_id=rid, gtin=gtin, count=count)
+        return rid
+
+    def pending_serial_requests(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._requests.values()]
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "connected": self._connected,
+            "connected_since": self._connected_since,
+            "last_error": self._last_error,
+            "commands_accepted": self.commands_accepted,
+            "commands_refused": self.commands_refused,
+        }
+
+    async def stop(self, timeout: float = 3.0) -> None:
+        """Publish retained "offline" and disconnect cleanly (bounded wait)."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        while self._running and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def run(self) -> None:
+        self._running = True
+        try:
+            while not self._stop.is_set():
+                try:
+                    will = aiomqtt.Will(self.topic_status, b"offline", qos=1, retain=True)
+                    client = aiomqtt.Client(**client_options(self.mqtt, self.client_id), will=will, timeout=10.0, max_queued_incoming_messages=1000)
+                    async with client:
+                        self._set_connected(True)
+                        await self._session(client)
+                except aiomqtt.MqttError as exc:
+                    self._set_connected(False, str(exc) or type(exc).__name__)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - keep the line's MQTT face alive; log and reconnect
+                    log.exception("mqtt_bridge_error", error=str(exc))
+                    self._set_connected(False, f"{type(exc).__name__}: {exc}")
+                if self._stop.is_set():
+                    break
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), self._backoff.next_delay())
+        finally:
+            self._set_connected(False, "stopped")
+            self._running = False
+
+    # ---------------------------------------------------------------- session
+
+    def _set_connected(self, up: bool, reason: str = "") -> None:
+        """Track the link; log transitions, and a failed (re)connect only when its reason changes."""
+        was = self._connected
+        self._connected = up
+        if up:
+            self._last_error = None
+            if not was:
+                self._connected_since = time.time()
+                log.info("mqtt_connected", broker=f"{self.mqtt.host}:{self.mqtt.port}", client_id=self.client_id, root=self.root)
+            return
+        self._connected_since = None
+        changed = reason != self._last_error
+        if reason != "stopped" or was:
+            self._last_error = reason
+        if was:
+            log.warning("mqtt_disconnected", reason=reason)
+        elif changed and reason != "stopped":
+            log.warning("mqtt_connect_failed", reason=reason)
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        await client.publish(self.topic_status, b"online", qos=1, retain=True)
+        await client.subscribe(f"{self.topic_cmd}+", qos=1)
+        await self._publish_state(client)
+        for r in self._requests.values():
+            if r["received"] == 0:
+                r["sent"] = False
+        self._outgoing_wake.set()
+        self._backoff.reset()
+        tasks = [
+            asyncio.create_task(self._commands(client), name="mqtt.commands"),
+            asyncio.create_task(self._state_loop(client), name="mqtt.state"),
+            asyncio.create_task(self._outgoing(client), name="mqtt.outgoing"),
+            asyncio.create_task(self._stop.wait(), name="mqtt.stop"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not tasks[-1] and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+            if self._stop.is_set():
+                with contextlib.suppress(Exception):
+                    await client.publish(self.topic_status, b"offline", qos=1, retain=True, timeout=2.0)
+                log.info("mqtt_offline_published", root=self.root)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---------------------------------------------------------------- state
+
+    def state_payload(self) -> dict[str, Any]:
+        snap = dict(self.target.snapshot())
+        snap.setdefault("ts", datetime.now(timezone.utc).isoformat())
+        snap.setdefault("line", self.root)
+        if self.forwarder is not None:
+            up = self.forwarder.status()
+            snap["upstream"] = {**up, "units": {"backlog_rows": "rows", "oldest_unforwarded_age_s": "s", "times": "epoch s"}}
+        snap["mqtt"] = self.status()
+        if self._requests:
+            snap["serial_requests"] = self.pending_serial_requests()
+        return snap
+
+    async def _publish_state(self, client: aiomqtt.Client) -> None:
+        try:
+            payload = dumps(self.state_payload())
+        except Exception as exc:  # noqa: BLE001 - a bad snapshot must not take the connection down
+            log.error("state_snapshot_failed", error=str(exc))
+            return
+        await client.publish(self.topic_state, payload, qos=1, retain=True)
+        self.state_published += 1
+
+    async def _state_loop(self, client: aiomqtt.Client) -> None:
+        interval = self.mqtt.state_interval_s
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._state_dirty.wait(), interval)
+            self._state_dirty.clear()
+            await self._publish_state(client)
+            await asyncio.sleep(STATE_MIN_INTERVAL_S)
+
+    # ---------------------------------------------------------------- serial requests
+
+    async def _outgoing(self, client: aiomqtt.Client) -> None:
+        while True:
+            await self._outgoing_wake.wait()
+            self._outgoing_wake.clear()
+            for r in list(self._requests.values()):
+                if r["sent"]:
+                    continue
+                body = {k: r[k] for k in ("request_id", "gtin", "count", "format", "requested_at")}
+                body["line"] = self.root
+                body["reply_to"] = f"{self.topic_cmd}provision_pool"
+                await client.publish(self.topic_serial_request, dumps(body), qos=1)
+                r["sent"] = True
+
+    def _note_provision(self, result: Any) -> None:
+        if not isinstance(result, dict):
+            return
+        rid = result.get("request_id")
+        r = self._requests.get(rid) if rid else None
+        if r is None:
+            return
+        r["received"] += int(result.get("accepted") or 0)
+        r["pages"] += 1
+        if r["received"] >= r["count"]:
+            del self._requests[rid]
+            log.info("serial_request_complete", request_id=rid, received=r["received"], pages=r["pages"])
+        self._state_dirty.set()
+
+    # ---------------------------------------------------------------- commands
+
+    async def _commands(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            topic = str(message.topic)
+            if not topic.startswith(self.topic_cmd):
+                continue
+            name = topic[len(self.topic_cmd) :]
+            reply, reply_topic, props = await self.handle_command(name, message.payload, message.properties)
+            try:
+                await client.publish(reply_topic, dumps(reply), qos=1, properties=props)
+            except aiomqtt.MqttError as exc:
+                # the client retries with the same command_id and gets the cached reply
+                log.warning("command_reply_failed", command=name, command_id=reply.get("command_id"), error=str(exc))
+                raise
+
+    async def handle_command(self, name: str, payload: Any, properties: Any = None) -> tuple[dict[str, Any], str, Properties | None]:
+        """Validate, de-duplicate and execute one command; returns (reply, reply topic, reply properties)."""
+        response_topic = getattr(properties, "ResponseTopic", None) if properties is not None else None
+        correlation = getattr(properties, "CorrelationData", None) if properties is not None else None
+        user_props = dict(getattr(properties, "UserProperty", None) or []) if properties is not None else {}
+        origin = user_props.get("origin") or user_props.get("client_id") or "anonymous"
+        reply_topic = response_topic if _valid_topic(response_topic) else f"{self.topic_cmd}{name}/reply"
+        props: Properties | None = None
+        if self.mqtt.protocol == "5":
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = "application/json"
+            if correlation is not None:
+                props.CorrelationData = correlation
+        command_id = None
+        try:
+            obj = self._decode(name, payload)
+            command_id = obj.get("command_id") if isinstance(obj.get("command_id"), str) else None
+            if self.mqtt.authorized_origins and origin not in self.mqtt.authorized_origins:
+                raise CommandError("unauthorized", f"origin {origin!r} is not in mqtt.authorized_origins")
+            try:
+                cmd = COMMAND_ADAPTER.validate_python(obj)
+            except ValidationError as exc:
+                raise CommandError("invalid", _validation_message(exc)) from None
+            cached = await self._cached_reply(cmd.command_id, name)
+            if cached is not None:
+                log.info("command_repeated", command=name, command_id=cmd.command_id, origin=origin)
+                return cached, reply_topic, props
+            self._check_references(cmd)
+            result = await self.target.execute(cmd, origin=f"mqtt:{origin}")
+        except CommandError as exc:
+            return self._refused(name, command_id, origin, exc.code, exc.message), reply_topic, props
+        except CommandRejected as exc:
+            return self._refused(name, command_id, origin, exc.code, exc.reason), reply_topic, props
+        except Exception as exc:  # noqa: BLE001 - the caller gets an answer, the log gets the traceback
+            log.exception("command_failed", command=name, command_id=command_id, origin=origin)
+            return self._refused(name, command_id, origin, "internal", f"{type(exc).__name__}: {exc}"), reply_topic, props
+        reply = {"ok": True, "command_id": cmd.command_id, "command": name, "result": result}
+        if cmd.command_id:
+            self._replies[cmd.command_id] = reply
+            self._replies.move_to_end(cmd.command_id)
+            while len(self._replies) > REPLY_CACHE_SIZE:
+                self._replies.popitem(last=False)
+        if name == "provision_pool":
+            self._note_provision(result)
+        self.commands_accepted += 1
+        log.info("command_accepted", command=name, command_id=cmd.command_id, origin=origin)
+        self._state_dirty.set()
+        return reply, reply_topic, props
+
+    def _decode(self, name: str, payload: Any) -> dict[str, Any]:
+        if payload is None:
+            payload = b""
+        if isinstance(payload, str):
+            payload = payload.encode()
+        if not isinstance(payload, (bytes, bytearray)):
+            payload = str(payload).encode()  # aiomqtt hands int/float payloads over already decoded
+        if len(payload) > self.mqtt.max_command_bytes:
+            raise CommandError("too_large", f"payload is {len(payload)} bytes; the limit is mqtt.max_command_bytes = {self.mqtt.max_command_bytes}")
+        if name not in COMMAND_NAMES:
+            raise CommandError("unknown_command", f"unknown command {name!r}; known: {', '.join(COMMAND_NAMES)}")
+        text = bytes(payload).strip()
+        try:
+            obj = json.loads(text) if text else {}
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CommandError("bad_json", f"payload is not JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise CommandError("bad_request", "payload must be a JSON object")
+        given = obj.get("name")
+        if given is None:
+            obj["name"] = name
+        elif given != name:
+            raise CommandError("name_mismatch", f"payload names command {given!r} but was sent to cmd/{name}")
+        return obj
+
+    def _check_references(self, cmd: Any) -> None:
+        gtin = getattr(cmd, "gtin", None)
+        if gtin is not None:
+            try:
+                self.cfg.product(gtin)
+            except Exception:  # noqa: BLE001 - KeyError, or a malformed GTIN
+                raise CommandError("unknown_gtin", f"GTIN {gtin} is not configured on this line") from None
+
+    async def _cached_reply(self, command_id: str | None, name: str) -> dict[str, Any] | None:
+        if not command_id:
+            return None
+        reply = self._replies.get(command_id)
+        if reply is None and self.store is not None and callable(getattr(self.store, "command_reply", None)):
+            with contextlib.suppress(Exception):
+                stored = await asyncio.to_thread(self.store.command_reply, command_id)
+                if stored is not None:
+                    reply = stored if "ok" in stored else {"ok": True, "command_id": command_id, "command": name, "result": stored}
+        if reply is None:
+            return None
+        if reply.get("command") not in (None, name):
+            raise CommandError("command_id_reused", f"command_id {command_id!r} was already used for {reply.get('command')}")
+        return reply
+
+    def _refused(self, name: str, command_id: str | None, origin: str, code: str, message: str) -> dict[str, Any]:
+        self.commands_refused += 1
+        log.warning("command_refused", command=name, command_id=command_id, origin=origin, code=code, reason=message[:300])
+        return {"ok": False, "command_id": command_id, "command": name, "error": {"code": code, "message": message}}
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False)[:10]:
+        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in COMMAND_NAMES))
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)

@@ -1,0 +1,37 @@
+"""Durable local store: serial registry, event outbox, aggregation, batches, hash-chained audit trail.
+
+One SQLite file in WAL mode with synchronous=FULL, written by exactly one
+thread (group commit), read through separate connections. See docs_store.md.
+"""
+
+from linectl.store.model import (
+    SERIAL_STATES,
+    AuditCheck,
+    AuditRecord,
+    Batch,
+    Container,
+    OutboxRow,
+    PoolExhausted,
+    ProvisionResult,
+    SerialRecord,
+    StoreError,
+)
+from linectl.store.schema import SCHEMA_VERSION
+from linectl.store.store import Store
+from linectl.store.trace import trace_code
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "SERIAL_STATES",
+    "AuditCheck",
+    "AuditRecord",
+    "Batch",
+    "Container",
+    "OutboxRow",
+    "PoolExhausted",
+    "ProvisionResult",
+    "SerialRecord",
+    "Store",
+    "StoreError",
+    "trace_code",
+]

@@ -1,0 +1,580 @@
+"""Write operations, run by the writer thread inside a transaction (`Tx`).
+
+Every function here either completes or raises; the writer turns a raise into
+a rollback of that operation only. Checks are written as conditional UPDATEs
+(`... WHERE state = 'sent'`) and the row count decides, so the common case is
+one statement per unit; the slower look-up that explains a refusal only runs
+when something is refused.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import structlog
+
+from linectl.events import AlarmRaised, Severity
+from linectl.store.model import Batch, PoolExhausted, StoreError
+from linectl.store.serials import random_serials, sequential_serial
+from linectl.store.writer import Tx
+
+log = structlog.get_logger("linectl.store")
+
+#: kinds that always leave an audit record; any other event does when it names an actor (an operator did it)
+AUDITED_KINDS = frozenset({"batch_state", "alarm", "alarm_ack", "challenge_result"})
+
+
+def unit_key(gtin: str, serial: str) -> str:
+    """Aggregation child key of a unit: its GS1 element string, unambiguous because the GTIN is fixed-length."""
+    return f"01{gtin}21{serial}"
+
+
+def _sscc_ok(sscc: str) -> bool:
+    if len(sscc) != 18 or not sscc.isdigit():
+        return False
+    total = sum(int(c) * (3 if i % 2 == 0 else 1) for i, c in enumerate(reversed(sscc[:-1])))
+    return (10 - total % 10) % 10 == int(sscc[-1])
+
+
+def _list(items: list[str], n: int = 5) -> str:
+    shown = ", ".join(items[:n])
+    return shown + (f" … (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def _explain(tx: Tx, gtin: str, serials: list[str], action: str, allowed: tuple[str, ...],
+             lot: str | None = None, never_sent: bool = False) -> StoreError:
+    """Why a bulk transition did not apply to every serial: unknown ones, wrong state, wrong lot."""
+    rows = {
+        r[0]: r[1:]
+        for r in tx.cur.execute(
+            "SELECT serial, state, lot, sent_at FROM serials WHERE gtin = ? AND serial IN (SELECT value FROM json_each(?))",
+            (gtin, json.dumps(serials)),
+        )
+    }
+    problems: list[str] = []
+    for s in serials:
+        r = rows.get(s)
+        if r is None:
+            problems.append(f"{s} (unknown serial for this GTIN)")
+        elif r[0] not in allowed:
+            problems.append(f"{s} (it is {r[0]}, must be {' or '.join(allowed)})")
+        elif lot is not None and r[0] != "provisioned" and r[1] != lot:
+            problems.append(f"{s} (belongs to lot {r[1]}, not {lot})")
+        elif never_sent and r[2] is not None:
+            problems.append(f"{s} (was sent to a printer at {r[2]}; a serial ever sent can never be returned)")
+    if not problems:
+        problems.append("a serial is listed more than once")
+    return StoreError(f"cannot {action} {len(problems)} serial(s) of GTIN {gtin}: {_list(problems)}")
+
+
+# --------------------------------------------------------------------------- events
+
+
+def _commissioned(tx: Tx, ev: Any, seq: int) -> int | None:
+    if ev.lot is None:
+        rows = tx.cur.execute(
+            "UPDATE serials SET state='commissioned', updated_at=? WHERE gtin=? AND serial=? AND state='sent' RETURNING id",
+            (tx.ts, ev.gtin, ev.serial),
+        ).fetchall()
+    else:
+        rows = tx.cur.execute(
+            "UPDATE serials SET state='commissioned', updated_at=? WHERE gtin=? AND serial=? AND state='sent' AND lot=? RETURNING id",
+            (tx.ts, ev.gtin, ev.serial, ev.lot),
+        ).fetchall()
+    if not rows:
+        raise _explain(tx, ev.gtin, [ev.serial], "commission", ("sent",), lot=ev.lot)
+    return rows[0][0]
+
+
+def _decommissioned(tx: Tx, ev: Any, seq: int) -> int | None:
+    r = tx.cur.execute("SELECT id, state FROM serials WHERE gtin=? AND serial=?", (ev.gtin, ev.serial)).fetchone()
+    if r is None or r[1] not in ("sent", "commissioned"):
+        raise _explain(tx, ev.gtin, [ev.serial], "decommission", ("sent", "commissioned"))
+    parent = tx.cur.execute(
+        "SELECT parent FROM aggregation WHERE child_kind='unit' AND child_key=? AND removed_seq IS NULL",
+        (unit_key(ev.gtin, ev.serial),),
+    ).fetchone()
+    if parent is not None:
+        raise StoreError(
+            f"cannot decommission serial {ev.serial} of GTIN {ev.gtin}: it is packed in SSCC {parent[0]}; unpack it first (same append)"
+        )
+    tx.cur.execute("UPDATE serials SET state='decommissioned', updated_at=? WHERE id=?", (tx.ts, r[0]))
+    return r[0]
+
+
+def _bulk(tx: Tx, ev: Any, seq: int, sql: str, action: str, allowed: tuple[str, ...], never_sent: bool = False) -> None:
+    serials = list(ev.serials)
+    if len(set(serials)) != len(serials):
+        raise StoreError(f"cannot {action} serials of GTIN {ev.gtin}: the list repeats a serial")
+    if not serials:
+        return
+    lot_clause = "" if ev.lot is None else " AND (state = 'provisioned' OR lot = ?)"
+    params = [(tx.ts, ev.gtin, s) + (() if ev.lot is None else (ev.lot,)) for s in serials]
+    cur = tx.cur.executemany(sql + lot_clause, params)
+    if cur.rowcount != len(serials):
+        raise _explain(tx, ev.gtin, serials, action, allowed, lot=ev.lot, never_sent=never_sent)
+    tx.cur.execute(
+        "INSERT INTO event_refs(seq, serial_id) SELECT ?, id FROM serials WHERE gtin=? AND serial IN (SELECT value FROM json_each(?))",
+        (seq, ev.gtin, json.dumps(serials)),
+    )
+
+
+def _voided(tx: Tx, ev: Any, seq: int) -> int | None:
+    _bulk(tx, ev, seq,
+          "UPDATE serials SET state='voided', updated_at=? WHERE gtin=? AND serial=? AND state IN ('allocated','provisioned')",
+          "void", ("allocated", "provisioned"))
+    return None
+
+
+def _returned(tx: Tx, ev: Any, seq: int) -> int | None:
+    _bulk(tx, ev, seq,
+          "UPDATE serials SET state='provisioned', lot=NULL, updated_at=? WHERE gtin=? AND serial=? AND state='allocated' AND sent_at IS NULL",
+          "return", ("allocated",), never_sent=True)
+    return None
+
+
+def _inspected(tx: Tx, ev: Any, seq: int) -> int | None:
+    r = tx.cur.execute("SELECT id FROM serials WHERE gtin=? AND serial=?", (ev.gtin, ev.serial)).fetchone()
+    if r is None:
+        raise StoreError(f"cannot record inspection: serial {ev.serial} of GTIN {ev.gtin} is unknown")
+    return r[0]
+
+
+def _container(tx: Tx, sscc: str) -> tuple[str, str] | None:
+    r = tx.cur.execute("SELECT level, state FROM containers WHERE sscc=?", (sscc,)).fetchone()
+    return (r[0], r[1]) if r else None
+
+
+def _container_commissioned(tx: Tx, ev: Any, seq: int) -> int | None:
+    if not _sscc_ok(ev.sscc):
+        raise StoreError(f"cannot commission SSCC {ev.sscc!r}: not 18 digits with a valid check digit")
+    c = _container(tx, ev.sscc)
+    if c is not None:
+        raise StoreError(f"cannot commission SSCC {ev.sscc}: already used ({c[0]}, {c[1]}); an SSCC is never reused")
+    tx.cur.execute(
+        "INSERT INTO containers(sscc, level, state, lot, gtin, updated_at) VALUES (?,?,'commissioned',?,?,?)",
+        (ev.sscc, ev.level, ev.lot, ev.gtin, tx.ts),
+    )
+    tx.cur.execute("INSERT INTO event_refs(seq, sscc) VALUES (?,?)", (seq, ev.sscc))
+    return None
+
+
+def _container_decommissioned(tx: Tx, ev: Any, seq: int) -> int | None:
+    c = _container(tx, ev.sscc)
+    if c is None:
+        if ev.commissioned:
+            raise StoreError(f"cannot decommission SSCC {ev.sscc}: event says it was commissioned, but it never was")
+        # A label printed but never verified/committed (e.g. crash in between): record it so it is never reused.
+        if not _sscc_ok(ev.sscc):
+            raise StoreError(f"cannot decommission SSCC {ev.sscc!r}: not 18 digits with a valid check digit")
+        tx.cur.execute(
+            "INSERT INTO containers(sscc, level, state, lot, gtin, updated_at) VALUES (?,?,'decommissioned',?,NULL,?)",
+            (ev.sscc, "unknown", ev.lot, tx.ts),
+        )
+    else:
+        if c[1] == "decommissioned":
+            raise StoreError(f"cannot decommission SSCC {ev.sscc}: already decommissioned")
+        if not ev.commissioned:
+            raise StoreError(f"cannot decommission SSCC {ev.sscc} with commissioned=False: it is commissioned (EPCIS needs the DELETE)")
+        kids = tx.cur.execute(
+            "SELECT count(*) FROM aggregation WHERE parent=? AND removed_seq IS NULL", (ev.sscc,)
+        ).fetchone()[0]
+        if kids:
+            raise StoreError(f"cannot decommission SSCC {ev.sscc}: it still holds {kids} child(ren); unpack first (same append)")
+        parent = tx.cur.execute(
+            "SELECT parent FROM aggregation WHERE child_kind='container' AND child_key=? AND removed_seq IS NULL", (ev.sscc,)
+        ).fetchone()
+        if parent is not None:
+            raise StoreError(f"cannot decommission SSCC {ev.sscc}: it is packed in {parent[0]}; unpack it first")
+        tx.cur.execute("UPDATE containers SET state='decommissioned', updated_at=? WHERE sscc=?", (tx.ts, ev.sscc))
+    tx.cur.execute("INSERT INTO event_refs(seq, sscc) VALUES (?,?)", (seq, ev.sscc))
+    return None
+
+
+_LEVEL_RANK = {"case": 1, "pallet": 2}
+
+
+def _packed(tx: Tx, ev: Any, seq: int) -> int | None:
+    parent = _container(tx, ev.parent)
+    if parent is None or parent[1] != "commissioned":
+        what = "unknown" if parent is None else parent[1]
+        raise StoreError(f"cannot pack into SSCC {ev.parent}: it is {what}; commission it first (ContainerCommissioned, may be in the same append)")
+    if not ev.children:
+        raise StoreError(f"cannot pack into SSCC {ev.parent}: no children listed")
+    seen: set[tuple[str, str]] = set()
+    agg_rows: list[tuple[Any, ...]] = []
+    ref_rows: list[tuple[Any, ...]] = [(seq, None, ev.parent)]
+    for ch in ev.children:
+        if ch.sscc and not (ch.gtin or ch.serial):
+            kind, key, gtin, serial = "container", ch.sscc, None, None
+            c = _container(tx, ch.sscc)
+            if c is None or c[1] != "commissioned":
+                raise StoreError(f"cannot pack SSCC {ch.sscc} into {ev.parent}: it is {'unknown' if c is None else c[1]}")
+            if ch.sscc == ev.parent or _LEVEL_RANK.get(c[0], 0) >= _LEVEL_RANK.get(parent[0], 0):
+                raise StoreError(f"cannot pack {c[0]} {ch.sscc} into {parent[0]} {ev.parent}: a container only holds lower levels")
+            ref_rows.append((seq, None, ch.sscc))
+        elif ch.gtin and ch.serial and not ch.sscc:
+            kind, key, gtin, serial = "unit", unit_key(ch.gtin, ch.serial), ch.gtin, ch.serial
+            r = tx.cur.execute("SELECT id, state FROM serials WHERE gtin=? AND serial=?", (ch.gtin, ch.serial)).fetchone()
+            if r is None or r[1] != "commissioned":
+                raise StoreError(
+                    f"cannot pack serial {ch.serial} of GTIN {ch.gtin} into {ev.parent}: it is {'unknown' if r is None else r[1]}, "
+                    "only commissioned units can be packed"
+                )
+            ref_rows.append((seq, r[0], None))
+        else:
+            raise StoreError(f"cannot pack into {ev.parent}: a child must be either gtin+serial or sscc ({ch!r})")
+        if (kind, key) in seen:
+            raise StoreError(f"cannot pack into {ev.parent}: child {key} is listed twice")
+        seen.add((kind, key))
+        cur_parent = tx.cur.execute(
+            "SELECT parent FROM aggregation WHERE child_kind=? AND child_key=? AND removed_seq IS NULL", (kind, key)
+        ).fetchone()
+        if cur_parent is not None:
+            raise StoreError(f"cannot pack {key} into {ev.parent}: it is already packed in {cur_parent[0]}; unpack it first")
+        agg_rows.append((ev.parent, kind, key, gtin, serial, ev.lot, seq))
+    tx.cur.executemany(
+        "INSERT INTO aggregation(parent, child_kind, child_key, child_gtin, child_serial, lot, added_seq) VALUES (?,?,?,?,?,?,?)",
+        agg_rows,
+    )
+    tx.cur.executemany("INSERT INTO event_refs(seq, serial_id, sscc) VALUES (?,?,?)", ref_rows)
+    return None
+
+
+def _unpacked(tx: Tx, ev: Any, seq: int) -> int | None:
+    if _container(tx, ev.parent) is None:
+        raise StoreError(f"cannot unpack from SSCC {ev.parent}: unknown container")
+    if not ev.children:
+        active = tx.cur.execute(
+            "SELECT id, child_kind, child_key, child_gtin, child_serial FROM aggregation WHERE parent=? AND removed_seq IS NULL",
+            (ev.parent,),
+        ).fetchall()
+    else:
+        active = []
+        for ch in ev.children:
+            if ch.sscc and not (ch.gtin or ch.serial):
+                kind, key = "container", ch.sscc
+            elif ch.gtin and ch.serial and not ch.sscc:
+                kind, key = "unit", unit_key(ch.gtin, ch.serial)
+            else:
+                raise StoreError(f"cannot unpack from {ev.parent}: a child must be either gtin+serial or sscc ({ch!r})")
+            r = tx.cur.execute(
+                "SELECT id, child_kind, child_key, child_gtin, child_serial, parent FROM aggregation "
+                "WHERE child_kind=? AND child_key=? AND removed_seq IS NULL",
+                (kind, key),
+            ).fetchone()
+            if r is None or r[5] != ev.parent:
+                where = "not packed anywhere" if r is None else f"packed in {r[5]}"
+                raise StoreError(f"cannot unpack {key} from {ev.parent}: it is {where}")
+            if any(a[0] == r[0] for a in active):
+                raise StoreError(f"cannot unpack from {ev.parent}: child {key} is listed twice")
+            active.append(r[:5])
+    tx.cur.executemany("UPDATE aggregation SET removed_seq=? WHERE id=?", [(seq, a[0]) for a in active])
+    refs: list[tuple[Any, ...]] = [(seq, None, ev.parent)]
+    for _id, kind, key, gtin, serial in active:
+        if kind == "container":
+            refs.append((seq, None, key))
+        else:
+            r = tx.cur.execute("SELECT id FROM serials WHERE gtin=? AND serial=?", (gtin, serial)).fetchone()
+            refs.append((seq, r[0] if r else None, None))
+    tx.cur.executemany("INSERT INTO event_refs(seq, serial_id, sscc) VALUES (?,?,?)", refs)
+    return None
+
+
+def _batch_state(tx: Tx, ev: Any, seq: int) -> int | None:
+    if ev.lot is None:
+        raise StoreError("BatchStateChanged needs the lot")
+    r = tx.cur.execute("SELECT gtin, state FROM batches WHERE lot=?", (ev.lot,)).fetchone()
+    if r is None:
+        raise StoreError(f"batch {ev.lot} does not exist (create_batch first)")
+    gtin, state = r
+    if gtin != ev.gtin:
+        raise StoreError(f"batch {ev.lot} is for GTIN {gtin}, not {ev.gtin}")
+    if state == "closed":
+        raise StoreError(f"batch {ev.lot} is closed; a closed batch never changes state")
+    new = ev.state.value
+    if ev.previous is not None and ev.previous.value != state:
+        raise StoreError(f"batch {ev.lot} is {state}, but the event says it was {ev.previous.value}")
+    tx.cur.execute(
+        "UPDATE batches SET state=?, updated_at=?, "
+        "started_at = CASE WHEN ?='running' THEN coalesce(started_at, ?) ELSE started_at END, "
+        "stopped_at = CASE WHEN ?='stopped' THEN ? ELSE stopped_at END, "
+        "closed_at = CASE WHEN ?='closed' THEN ? ELSE closed_at END WHERE lot=?",
+        (new, tx.ts, new, tx.ts, new, tx.ts, new, tx.ts, ev.lot),
+    )
+    return None
+
+
+def _challenge(tx: Tx, ev: Any, seq: int) -> int | None:
+    if ev.lot is None:
+        return None
+    result = {
+        "challenge": ev.challenge, "rejected": ev.rejected, "reason_seen": ev.reason_seen,
+        "seq": ev.seq, "event_id": ev.event_id, "at": ev.event_time.isoformat(),
+    }
+    cur = tx.cur.execute(
+        "UPDATE batches SET challenge = json_insert(challenge, '$[#]', json(?)), updated_at=? WHERE lot=?",
+        (json.dumps(result), tx.ts, ev.lot),
+    )
+    if cur.rowcount != 1:
+        raise StoreError(f"challenge result for unknown batch {ev.lot}")
+    return None
+
+
+_APPLY = {
+    "unit_commissioned": _commissioned,
+    "unit_decommissioned": _decommissioned,
+    "serials_voided": _voided,
+    "serials_returned": _returned,
+    "unit_inspected": _inspected,
+    "container_commissioned": _container_commissioned,
+    "container_decommissioned": _container_decommissioned,
+    "packed": _packed,
+    "unpacked": _unpacked,
+    "batch_state": _batch_state,
+    "challenge_result": _challenge,
+}
+
+
+def apply_event(tx: Tx, ev: Any, body: str) -> int:
+    """Store one event in the outbox and apply its effect, in the caller's transaction. Returns its seq."""
+    seq = tx.next_seq()
+    kind = ev.kind
+    fn = _APPLY.get(kind)
+    serial_id = fn(tx, ev, seq) if fn is not None else None
+    tx.add_outbox((seq, ev.event_id, kind, ev.lot, getattr(ev, "gtin", None), getattr(ev, "serial", None), serial_id, tx.ts, body))
+    actor = getattr(ev, "actor", None)
+    if kind in AUDITED_KINDS or actor:
+        who = actor or "system"
+        default_origin = f"station:{ev.station}" if ev.station else "line"
+        origin = who.split(":", 1)[0] if ":" in who else default_origin
+        tx.audit(who, origin, kind, json.loads(body))
+    return seq
+
+
+def op_append(tx: Tx, items: list[tuple[Any, str]]) -> list[int]:
+    return [apply_event(tx, ev, body) for ev, body in items]
+
+
+# --------------------------------------------------------------------------- serial pool
+
+
+def _batch_for_allocation(tx: Tx, gtin: str, lot: str) -> None:
+    r = tx.cur.execute("SELECT gtin, state FROM batches WHERE lot=?", (lot,)).fetchone()
+    if r is None:
+        raise StoreError(f"cannot allocate serials to lot {lot}: no such batch")
+    if r[0] != gtin:
+        raise StoreError(f"cannot allocate serials of GTIN {gtin} to lot {lot}: the batch is for GTIN {r[0]}")
+    if r[1] == "closed":
+        raise StoreError(f"cannot allocate serials to lot {lot}: the batch is closed")
+
+
+_INSERT_NEW = (
+    "INSERT OR IGNORE INTO serials(gtin, serial, state, lot, source, updated_at) "
+    "SELECT ?, value, 'allocated', ?, ?, ? FROM json_each(?) RETURNING serial"
+)
+
+
+def op_allocate(tx: Tx, gtin: str, lot: str, n: int, scheme: Any) -> list[str]:
+    _batch_for_allocation(tx, gtin, lot)
+    if n <= 0:
+        return []
+    kind = getattr(scheme, "scheme", None)
+    if kind == "pool":
+        return _allocate_pool(tx, gtin, lot, n, int(getattr(scheme, "low_water", 0)))
+    if kind == "random":
+        return _allocate_random(tx, gtin, lot, n, scheme.alphabet, int(scheme.length))
+    if kind == "sequential":
+        return _allocate_sequential(tx, gtin, lot, n, int(scheme.start), int(scheme.step), int(scheme.width))
+    raise StoreError(f"unknown serial scheme {kind!r}")
+
+
+def _allocate_pool(tx: Tx, gtin: str, lot: str, n: int, low_water: int) -> list[str]:
+    rows = tx.cur.execute(
+        "UPDATE serials SET state='allocated', lot=?, updated_at=? WHERE id IN "
+        "(SELECT id FROM serials WHERE gtin=? AND state='provisioned' ORDER BY id LIMIT ?) RETURNING id, serial",
+        (lot, tx.ts, gtin, n),
+    ).fetchall()
+    if len(rows) < n:
+        raise PoolExhausted(f"serial pool of GTIN {gtin} has only {len(rows)} of the {n} serials asked for; nothing allocated", len(rows))
+    rows.sort()
+    if low_water > 0:
+        _pool_low_check(tx, gtin, lot, n, low_water)
+    return [r[1] for r in rows]
+
+
+def _pool_low_check(tx: Tx, gtin: str, lot: str, n: int, low_water: int) -> None:
+    """Alarm once per descent below low water, and once when a pool is already low at its first use.
+
+    A persisted flag (counters 'pool_low:<gtin>') remembers the alarm was given;
+    it re-arms when the pool is seen at or above low water again (re-provisioned).
+    """
+    after = tx.cur.execute(
+        "SELECT count(*) FROM (SELECT 1 FROM serials WHERE gtin=? AND state='provisioned' LIMIT ?)", (gtin, low_water)
+    ).fetchone()[0]
+    name = f"pool_low:{gtin}"
+    r = tx.cur.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()
+    flagged = bool(r and r[0])
+    if after >= low_water:
+        if flagged:
+            tx.cur.execute("UPDATE counters SET value=0, updated_at=? WHERE name=?", (tx.ts, name))
+        return
+    if flagged and after + n < low_water:
+        return  # already alarmed for this descent
+    tx.cur.execute(
+        "INSERT INTO counters(name, value, updated_at) VALUES (?,1,?) ON CONFLICT(name) DO UPDATE SET value=1, updated_at=excluded.updated_at",
+        (name, tx.ts),
+    )
+    alarm = AlarmRaised(
+        code="pool_low",
+        severity=Severity.WARNING,
+        message=f"serial pool of GTIN {gtin} is low: {after} available, low water {low_water}",
+        lot=lot,
+    )
+    apply_event(tx, alarm, alarm.model_dump_json())
+    tx.after_commit(lambda: log.warning("serial_pool_low", gtin=gtin, available=after, low_water=low_water))
+
+
+def _allocate_random(tx: Tx, gtin: str, lot: str, n: int, alphabet: str, length: int) -> list[str]:
+    out: list[str] = []
+    idle = 0
+    while len(out) < n:
+        cand = random_serials(n - len(out), alphabet, length)
+        got = [r[0] for r in tx.cur.execute(_INSERT_NEW, (gtin, lot, "random", tx.ts, json.dumps(cand))).fetchall()]
+        out.extend(got)
+        idle = 0 if got else idle + 1
+        if idle >= 20:
+            raise StoreError(f"random serial space of GTIN {gtin} ({len(alphabet)}^{length}) is exhausted")
+    return out
+
+
+def _allocate_sequential(tx: Tx, gtin: str, lot: str, n: int, start: int, step: int, width: int) -> list[str]:
+    name = f"seq:{gtin}"
+    r = tx.cur.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()
+    nxt = max(int(r[0]) if r else start, start)
+    out: list[str] = []
+    while len(out) < n:
+        need = n - len(out)
+        try:
+            cand = [sequential_serial(nxt + i * step, width) for i in range(need)]
+        except ValueError as exc:
+            raise StoreError(f"sequential serials of GTIN {gtin} exhausted: {exc}") from None
+        out.extend(r[0] for r in tx.cur.execute(_INSERT_NEW, (gtin, lot, "sequential", tx.ts, json.dumps(cand))).fetchall())
+        nxt += need * step
+    tx.cur.execute(
+        "INSERT INTO counters(name, value, updated_at) VALUES (?,?,?) ON CONFLICT(name) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
+        (name, nxt, tx.ts),
+    )
+    return out
+
+
+def op_mark_sent(tx: Tx, gtin: str, lot: str, serials: list[str]) -> None:
+    if len(set(serials)) != len(serials):
+        raise StoreError(f"cannot mark serials of GTIN {gtin} sent: the list repeats a serial")
+    cur = tx.cur.executemany(
+        "UPDATE serials SET state='sent', updated_at=?, sent_at=? WHERE gtin=? AND serial=? AND lot=? AND state='allocated'",
+        [(tx.ts, tx.ts, gtin, s, lot) for s in serials],
+    )
+    if cur.rowcount != len(serials):
+        raise _explain(tx, gtin, serials, f"mark sent (lot {lot})", ("allocated",), lot=lot)
+
+
+def op_provision(tx: Tx, gtin: str, candidates: list[str], source: str, actor: str, invalid: int, repeats: int) -> list[str]:
+    inserted = [
+        r[0]
+        for r in tx.cur.execute(
+            "INSERT OR IGNORE INTO serials(gtin, serial, state, lot, source, updated_at) "
+            "SELECT ?, value, 'provisioned', NULL, ?, ? FROM json_each(?) RETURNING serial",
+            (gtin, source, tx.ts, json.dumps(candidates)),
+        ).fetchall()
+    ]
+    tx.audit(actor, None, "serials_provisioned", {
+        "gtin": gtin, "source": source, "accepted": len(inserted),
+        "duplicates": repeats + len(candidates) - len(inserted), "invalid": invalid,
+    })
+    return inserted
+
+
+def op_next_sscc_refs(tx: Tx, company_prefix: str, extension: int, n: int) -> list[int]:
+    digits = 16 - len(company_prefix)
+    name = f"sscc:{extension}:{company_prefix}"
+    r = tx.cur.execute("SELECT value FROM counters WHERE name=?", (name,)).fetchone()
+    last = int(r[0]) if r else 0
+    top = 10**digits - 1
+    if last + n > top:
+        raise StoreError(
+            f"SSCC serial references for company prefix {company_prefix} extension {extension} exhausted "
+            f"({last} of {top} used, {n} asked)"
+        )
+    tx.cur.execute(
+        "INSERT INTO counters(name, value, updated_at) VALUES (?,?,?) ON CONFLICT(name) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
+        (name, last + n, tx.ts),
+    )
+    return list(range(last + 1, last + n + 1))
+
+
+# --------------------------------------------------------------------------- batches, products, audit, outbox
+
+
+def op_create_batch(tx: Tx, lot: str, gtin: str, expiry: str, planned_qty: int, actor: str, origin: str | None) -> Batch:
+    r = tx.cur.execute("SELECT gtin, state FROM batches WHERE lot=?", (lot,)).fetchone()
+    if r is not None:
+        raise StoreError(f"batch {lot} already exists (GTIN {r[0]}, {r[1]}); a lot number is used once")
+    tx.cur.execute(
+        "INSERT INTO batches(lot, gtin, expiry, planned_qty, state, created_by, created_at, updated_at, challenge) "
+        "VALUES (?,?,?,?,'created',?,?,?,'[]')",
+        (lot, gtin, expiry, planned_qty, actor, tx.ts, tx.ts),
+    )
+    tx.audit(actor, origin, "batch_created", {"lot": lot, "gtin": gtin, "expiry": expiry, "planned_qty": planned_qty})
+    return Batch(lot=lot, gtin=gtin, expiry=expiry, planned_qty=planned_qty, state="created", created_at=tx.ts, created_by=actor)
+
+
+def op_upsert_products(tx: Tx, rows: list[tuple[str, str, str, str]], actor: str) -> int:
+    """Registers products; a changed configuration is an audited change (Annex 11: controlled configuration)."""
+    changed = 0
+    for gtin, name, scheme, config in rows:
+        r = tx.cur.execute("SELECT config FROM products WHERE gtin=?", (gtin,)).fetchone()
+        if r is not None and r[0] == config:
+            continue
+        tx.cur.execute(
+            "INSERT INTO products(gtin, name, scheme, config, updated_at) VALUES (?,?,?,?,?) "
+            "ON CONFLICT(gtin) DO UPDATE SET name=excluded.name, scheme=excluded.scheme, config=excluded.config, updated_at=excluded.updated_at",
+            (gtin, name, scheme, config, tx.ts),
+        )
+        detail: dict[str, Any] = {"gtin": gtin, "config": json.loads(config)}
+        if r is not None:
+            detail["previous"] = json.loads(r[0])
+        tx.audit(actor, None, "product_changed" if r is not None else "product_registered", detail)
+        changed += 1
+    return changed
+
+
+def op_audit(tx: Tx, actor: str, origin: str, action: str, detail: dict[str, Any]) -> int:
+    return tx.audit(actor, origin, action, detail)
+
+
+def op_mark_forwarded(tx: Tx, seqs: list[int]) -> int:
+    cur = tx.cur.executemany("UPDATE outbox SET forwarded_at=? WHERE seq=? AND forwarded_at IS NULL", [(tx.ts, s) for s in seqs])
+    return cur.rowcount
+
+
+def op_purge_chunk(tx: Tx, cutoff: str, limit: int) -> int:
+    seqs = [r[0] for r in tx.cur.execute(
+        "SELECT seq FROM outbox WHERE forwarded_at IS NOT NULL AND forwarded_at < ? ORDER BY seq LIMIT ?", (cutoff, limit)
+    )]
+    if not seqs:
+        return 0
+    js = json.dumps(seqs)
+    tx.cur.execute("DELETE FROM event_refs WHERE seq IN (SELECT value FROM json_each(?))", (js,))
+    tx.cur.execute("DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?))", (js,))
+    return len(seqs)
+
+
+def op_set_max_pages(tx: Tx, pages: int | None) -> int:
+    value = 4294967294 if pages is None else max(1, int(pages))
+    return int(tx.cur.execute(f"PRAGMA max_page_count={value}").fetchone()[0])
+
+
+def op_page_size(tx: Tx) -> int:
+    return int(tx.cur.execute("PRAGMA page_size").fetchone()[0])

@@ -1,0 +1,189 @@
+"""Read side: pooled connections of their own, read-only, each call one WAL snapshot.
+
+In WAL mode readers never wait for the writer and the writer never waits for
+readers, so the forwarder, the HMI and the CLI can read while the line runs.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Connection, Engine, select
+from sqlalchemy import exc as sa_exc
+
+from linectl.events import event_from_json
+from linectl.store import schema
+from linectl.store.audit import META_COUNT, META_HEAD, GENESIS, verify_rows
+from linectl.store.model import (
+    SERIAL_STATES,
+    AuditCheck,
+    AuditRecord,
+    Batch,
+    Container,
+    OutboxRow,
+    SerialRecord,
+    StoreError,
+)
+
+_OUTBOX_COLS = "o.seq, o.event_id, o.kind, o.lot, o.created_at, o.body, o.forwarded_at"
+
+
+def _row(r: Any) -> OutboxRow:
+    return OutboxRow(seq=r[0], event_id=r[1], kind=r[2], lot=r[3], created_at=r[4], event=event_from_json(r[5]), forwarded_at=r[6])
+
+
+def _batch(r: Any) -> Batch:
+    return Batch(
+        lot=r.lot, gtin=r.gtin, expiry=r.expiry, planned_qty=r.planned_qty, state=r.state, created_at=r.created_at,
+        created_by=r.created_by, started_at=r.started_at, stopped_at=r.stopped_at, closed_at=r.closed_at,
+        challenge=json.loads(r.challenge or "[]"),
+    )
+
+
+class Reader:
+    def __init__(self, engine: Engine, path: str) -> None:
+        self.engine = engine
+        self.path = path
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Connection]:
+        """One read transaction: everything read inside sees the same committed state."""
+        try:
+            with self.engine.connect() as c:
+                yield c
+        except sa_exc.DBAPIError as exc:
+            raise StoreError(f"{self.path}: read failed: {schema.orig(exc)}") from None
+
+    def q(self, sql: str, params: tuple[Any, ...] = ()) -> list[Any]:
+        with self.snapshot() as c:
+            return list(c.exec_driver_sql(sql, params).fetchall())
+
+    # ------------------------------------------------------------------ outbox
+
+    def outbox(self, after_seq: int = 0, limit: int = 1000, only_unforwarded: bool = True) -> list[OutboxRow]:
+        where = "o.forwarded_at IS NULL AND o.seq > ?" if only_unforwarded else "o.seq > ?"
+        rows = self.q(f"SELECT {_OUTBOX_COLS} FROM outbox o WHERE {where} ORDER BY o.seq LIMIT ?", (after_seq, limit))
+        return [_row(r) for r in rows]
+
+    def backlog(self) -> int:
+        return int(self.q("SELECT count(*) FROM outbox WHERE forwarded_at IS NULL")[0][0])
+
+    def last_seq(self) -> int:
+        return int(self.q("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name='outbox'), 0)")[0][0])
+
+    def events_of_lot(self, lot: str, after_seq: int = 0, limit: int = 10000) -> list[OutboxRow]:
+        rows = self.q(f"SELECT {_OUTBOX_COLS} FROM outbox o WHERE o.lot=? AND o.seq > ? ORDER BY o.seq LIMIT ?", (lot, after_seq, limit))
+        return [_row(r) for r in rows]
+
+    # ------------------------------------------------------------------ serials
+
+    def serial_counts(self, gtin: str | None = None) -> dict[str, dict[str, int]]:
+        if gtin is None:
+            rows = self.q("SELECT gtin, state, count(*) FROM serials GROUP BY gtin, state")
+        else:
+            rows = self.q("SELECT gtin, state, count(*) FROM serials WHERE gtin=? GROUP BY gtin, state", (gtin,))
+        out: dict[str, dict[str, int]] = {}
+        for g, state, n in rows:
+            out.setdefault(g, dict.fromkeys(SERIAL_STATES, 0))[state] = n
+        if gtin is not None and gtin not in out:
+            out[gtin] = dict.fromkeys(SERIAL_STATES, 0)
+        return out
+
+    def lot_counts(self, lot: str) -> dict[str, int]:
+        out = dict.fromkeys(SERIAL_STATES, 0)
+        for state, n in self.q("SELECT state, count(*) FROM serials WHERE lot=? GROUP BY state", (lot,)):
+            out[state] = n
+        return out
+
+    def available(self, gtin: str) -> int:
+        return int(self.q("SELECT count(*) FROM serials WHERE gtin=? AND state='provisioned'", (gtin,))[0][0])
+
+    def serial(self, gtin: str, serial: str) -> SerialRecord | None:
+        r = self.q("SELECT gtin, serial, state, lot, source, updated_at, sent_at FROM serials WHERE gtin=? AND serial=?", (gtin, serial))
+        return SerialRecord(*r[0]) if r else None
+
+    def serial_history(self, gtin: str, serial: str) -> list[OutboxRow]:
+        rows = self.q(
+            f"WITH s AS (SELECT id FROM serials WHERE gtin=? AND serial=?) "
+            f"SELECT {_OUTBOX_COLS} FROM outbox o WHERE o.serial_id = (SELECT id FROM s) "
+            f"UNION SELECT {_OUTBOX_COLS} FROM event_refs r JOIN outbox o ON o.seq = r.seq WHERE r.serial_id = (SELECT id FROM s) "
+            f"ORDER BY 1",
+            (gtin, serial),
+        )
+        return [_row(r) for r in rows]
+
+    def in_flight(self, lot: str | None = None) -> list[tuple[str, str, str]]:
+        if lot is None:
+            rows = self.q("SELECT gtin, serial, lot FROM serials WHERE state='sent' ORDER BY id")
+        else:
+            rows = self.q("SELECT gtin, serial, lot FROM serials WHERE lot=? AND state='sent' ORDER BY id", (lot,))
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    def allocated(self, lot: str) -> list[tuple[str, str]]:
+        """Allocated to the lot and never sent: what batch close returns or voids."""
+        return [(r[0], r[1]) for r in self.q("SELECT gtin, serial FROM serials WHERE lot=? AND state='allocated' ORDER BY id", (lot,))]
+
+    # ------------------------------------------------------------------ batches, containers
+
+    def batch(self, lot: str) -> Batch | None:
+        with self.snapshot() as c:
+            r = c.execute(select(schema.batches).where(schema.batches.c.lot == lot)).first()
+        return _batch(r) if r else None
+
+    def batches(self, state: str | None = None) -> list[Batch]:
+        stmt = select(schema.batches).order_by(schema.batches.c.created_at)
+        if state is not None:
+            stmt = stmt.where(schema.batches.c.state == state)
+        with self.snapshot() as c:
+            return [_batch(r) for r in c.execute(stmt)]
+
+    def container(self, sscc: str) -> Container | None:
+        r = self.q("SELECT sscc, level, state, lot, gtin, updated_at FROM containers WHERE sscc=?", (sscc,))
+        return Container(*r[0]) if r else None
+
+    def container_history(self, sscc: str) -> list[OutboxRow]:
+        rows = self.q(
+            f"SELECT DISTINCT {_OUTBOX_COLS} FROM event_refs r JOIN outbox o ON o.seq = r.seq WHERE r.sscc=? ORDER BY o.seq", (sscc,)
+        )
+        return [_row(r) for r in rows]
+
+    def children(self, sscc: str) -> list[dict[str, Any]]:
+        rows = self.q(
+            "SELECT child_kind, child_key, child_gtin, child_serial, lot, added_seq FROM aggregation "
+            "WHERE parent=? AND removed_seq IS NULL ORDER BY id",
+            (sscc,),
+        )
+        return [
+            {"kind": k, "sscc": key if k == "container" else None, "gtin": g, "serial": s, "lot": lot, "added_seq": a}
+            for k, key, g, s, lot, a in rows
+        ]
+
+    def parent_of(self, child_kind: str, child_key: str) -> str | None:
+        r = self.q(
+            "SELECT parent FROM aggregation WHERE child_kind=? AND child_key=? AND removed_seq IS NULL", (child_kind, child_key)
+        )
+        return r[0][0] if r else None
+
+    # ------------------------------------------------------------------ audit
+
+    def verify_audit(self) -> AuditCheck:
+        with self.snapshot() as c:  # meta and rows from one snapshot, or a concurrent append looks like tampering
+            m = dict(c.exec_driver_sql("SELECT key, value FROM meta WHERE key IN (?, ?)", (META_COUNT, META_HEAD)).fetchall())
+            rows = c.exec_driver_sql("SELECT seq, ts, actor, origin, action, detail, prev_hash, hash FROM audit ORDER BY seq")
+            return verify_rows((tuple(r) for r in rows), int(m.get(META_COUNT, 0)), m.get(META_HEAD, GENESIS))
+
+    def audit_log(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRecord]:
+        rows = self.q(
+            "SELECT seq, ts, actor, origin, action, detail, prev_hash, hash FROM audit WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        )
+        return [AuditRecord(r[0], r[1], r[2], r[3], r[4], json.loads(r[5]), r[6], r[7]) for r in rows]
+
+    def meta(self) -> dict[str, str]:
+        return dict(self.q("SELECT key, value FROM meta"))
+
+    def integrity_check(self) -> list[str]:
+        return [r[0] for r in self.q("PRAGMA integrity_check")]

@@ -1,0 +1,482 @@
+"""Schema (SQLAlchemy Core), opening checks and step-by-step migrations.
+
+Opening never recreates or "repairs" a file: a regulated record that is
+corrupt, foreign or from a newer linectl is refused with a message naming the
+file and the problem, and the operator decides. Only a missing or completely
+empty file is initialised.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+
+import structlog
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    Connection,
+    Engine,
+    Index,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    exc as sa_exc,
+)
+from sqlalchemy.engine import URL
+from sqlalchemy.pool import QueuePool
+
+from linectl.store.audit import AuditHead
+from linectl.store.model import SERIAL_STATES, StoreError
+
+log = structlog.get_logger("linectl.store")
+
+APP_ID = "linectl"
+SCHEMA_VERSION = 2
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+metadata = MetaData()
+
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", Text, primary_key=True),
+    Column("value", Text, nullable=False),
+)
+
+products = Table(
+    "products",
+    metadata,
+    Column("gtin", Text, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("scheme", Text, nullable=False),
+    Column("config", Text, nullable=False),  # the Product as JSON, to show what was configured when
+    Column("updated_at", Text, nullable=False),
+)
+
+batches = Table(
+    "batches",
+    metadata,
+    Column("lot", Text, primary_key=True),
+    Column("gtin", Text, nullable=False),
+    Column("expiry", Text, nullable=False),
+    Column("planned_qty", Integer, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("created_by", Text, nullable=False),
+    Column("created_at", Text, nullable=False),
+    Column("started_at", Text),
+    Column("stopped_at", Text),
+    Column("closed_at", Text),
+    Column("updated_at", Text, nullable=False),
+    Column("challenge", Text, nullable=False, server_default="[]"),  # JSON list of challenge results
+)
+
+# id is an explicit INTEGER PRIMARY KEY (a stable rowid alias, unlike an implicit rowid VACUUM may renumber)
+# so the outbox can point at a serial with a small, allocation-ordered key; (gtin, serial) is the real key.
+serials = Table(
+    "serials",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("gtin", Text, nullable=False),
+    Column("serial", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("lot", Text),
+    Column("source", Text, nullable=False),
+    Column("updated_at", Text, nullable=False),
+    Column("sent_at", Text),  # first time sent to a printer; never cleared: such a serial can never be returned
+    UniqueConstraint("gtin", "serial", name="uq_serials_gtin_serial"),
+    CheckConstraint("state IN (%s)" % ",".join(f"'{s}'" for s in SERIAL_STATES), name="ck_serials_state"),
+)
+Index("ix_serials_gtin_state", serials.c.gtin, serials.c.state)
+Index("ix_serials_lot_state", serials.c.lot, serials.c.state)
+
+counters = Table(
+    "counters",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("value", Integer, nullable=False),
+    Column("updated_at", Text, nullable=False),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("seq", Integer, primary_key=True),
+    Column("event_id", Text, nullable=False, unique=True),
+    Column("kind", Text, nullable=False),
+    Column("lot", Text),
+    Column("gtin", Text),
+    Column("serial", Text),
+    Column("serial_id", Integer),  # serials.id for single-unit events (history lookups)
+    Column("created_at", Text, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("forwarded_at", Text),
+    sqlite_autoincrement=True,  # seqs are never reused, even after a purge
+)
+Index("ix_outbox_unforwarded", outbox.c.seq, sqlite_where=outbox.c.forwarded_at.is_(None))
+Index("ix_outbox_serial_id", outbox.c.serial_id, sqlite_where=outbox.c.serial_id.is_not(None))
+Index("ix_outbox_lot", outbox.c.lot, outbox.c.seq)
+
+# Which units/containers a multi-object event (void, return, pack, unpack, container events) touches.
+event_refs = Table(
+    "event_refs",
+    metadata,
+    Column("seq", Integer, nullable=False),
+    Column("serial_id", Integer),
+    Column("sscc", Text),
+)
+Index("ix_event_refs_seq", event_refs.c.seq)
+Index("ix_event_refs_serial_id", event_refs.c.serial_id, sqlite_where=event_refs.c.serial_id.is_not(None))
+Index("ix_event_refs_sscc", event_refs.c.sscc, sqlite_where=event_refs.c.sscc.is_not(None))
+
+aggregation = Table(
+    "aggregation",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("parent", Text, nullable=False),  # SSCC
+    Column("child_kind", Text, nullable=False),  # 'unit' | 'container'
+    Column("child_key", Text, nullable=False),  # '01<gtin>21<serial>' or the SSCC
+    Column("child_gtin", Text),
+    Column("child_serial", Text),
+    Column("lot", Text),
+    Column("added_seq", Integer, nullable=False),
+    Column("removed_seq", Integer),
+    CheckConstraint("child_kind IN ('unit','container')", name="ck_aggregation_kind"),
+)
+Index(
+    "ux_aggregation_active_child",
+    aggregation.c.child_kind,
+    aggregation.c.child_key,
+    unique=True,
+    sqlite_where=aggregation.c.removed_seq.is_(None),
+)
+Index("ix_aggregation_child", aggregation.c.child_kind, aggregation.c.child_key)
+Index("ix_aggregation_parent", aggregation.c.parent)
+
+containers = Table(
+    "containers",
+    metadata,
+    Column("sscc", Text, primary_key=True),
+    Column("level", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("lot", Text),
+    Column("gtin", Text),
+    Column("updated_at", Text, nullable=False),
+    CheckConstraint("state IN ('commissioned','decommissioned')", name="ck_containers_state"),
+)
+
+audit = Table(
+    "audit",
+    metadata,
+    Column("seq", Integer, primary_key=True),
+    Column("ts", Text, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("origin", Text, nullable=False),
+    Column("action", Text, nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("prev_hash", Text, nullable=False),
+    Column("hash", Text, nullable=False),
+)
+
+# Guards against a code path that deletes by mistake; not against a person with the file (the hash chain is for that).
+TRIGGERS = (
+    "CREATE TRIGGER IF NOT EXISTS serials_never_deleted BEFORE DELETE ON serials "
+    "BEGIN SELECT RAISE(ABORT, 'serials are never deleted'); END",
+    "CREATE TRIGGER IF NOT EXISTS serials_key_immutable BEFORE UPDATE OF gtin, serial ON serials "
+    "BEGIN SELECT RAISE(ABORT, 'a serial''s gtin/serial never change'); END",
+    "CREATE TRIGGER IF NOT EXISTS audit_never_updated BEFORE UPDATE ON audit "
+    "BEGIN SELECT RAISE(ABORT, 'audit records are never changed'); END",
+    "CREATE TRIGGER IF NOT EXISTS audit_never_deleted BEFORE DELETE ON audit "
+    "BEGIN SELECT RAISE(ABORT, 'audit records are never deleted'); END",
+)
+
+
+def now_iso() -> str:
+    """Fixed-width UTC timestamps, so text comparison is time comparison (retention, reports)."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+# --------------------------------------------------------------------------- engines
+
+
+def make_engine(
+    path: str,
+    *,
+    begin: str | None = None,
+    query_only: bool = False,
+    busy_timeout_s: float = 10.0,
+    cache_kib: int | None = None,
+    pool_size: int = 4,
+) -> Engine:
+    """An engine whose connections leave transaction control to us (pysqlite's implicit BEGIN is off).
+
+    `begin` is what SQLAlchemy's begin() emits: "BEGIN IMMEDIATE" for the admin
+    connection (take the write lock up front: a deferred BEGIN that later writes
+    fails with "database is locked" and busy_timeout cannot help), "BEGIN" for
+    readers (one snapshot per `with engine.connect()` block).
+    """
+    eng = create_engine(
+        URL.create("sqlite", database=str(path)),
+        poolclass=QueuePool,
+        pool_size=pool_size,
+        max_overflow=8,
+        connect_args={"timeout": busy_timeout_s, "check_same_thread": False},
+    )
+
+    @event.listens_for(eng, "connect")
+    def _on_connect(dbapi_conn: sqlite3.Connection, _rec: object) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        cur.execute("PRAGMA synchronous=FULL")
+        if cache_kib:
+            cur.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
+        if query_only:
+            cur.execute("PRAGMA query_only=ON")
+        cur.close()
+
+    if begin:
+
+        @event.listens_for(eng, "begin")
+        def _on_begin(conn: Connection) -> None:
+            conn.exec_driver_sql(begin)
+
+    return eng
+
+
+def orig(exc: BaseException) -> BaseException:
+    return getattr(exc, "orig", None) or exc
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def _refuse(path: str, what: str) -> StoreError:
+    log.error("store_refused", path=path, reason=what)
+    return StoreError(f"{path}: {what}")
+
+
+def check_file(path: str, *, create: bool) -> bool:
+    """Cheap checks before SQLite touches the file. Returns True when the file is new or empty."""
+    p = Path(path)
+    if not p.exists():
+        if not create:
+            raise _refuse(path, "no such database file")
+        if not p.parent.is_dir():
+            raise _refuse(path, f"directory {p.parent} does not exist")
+        return True
+    if p.is_dir():
+        raise _refuse(path, "is a directory, not a database file")
+    if p.stat().st_size == 0:
+        return True
+    with open(p, "rb") as f:
+        header = f.read(len(SQLITE_HEADER))
+    if header != SQLITE_HEADER:
+        raise _refuse(path, "file is not a database (no SQLite header); refusing to touch it")
+    return False
+
+
+def _user_tables(conn: Connection) -> list[str]:
+    return [r[0] for r in conn.exec_driver_sql("SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")]
+
+
+def _integrity(conn: Connection, path: str, mode: str) -> None:
+    if mode == "none":
+        return
+    pragma = "integrity_check" if mode == "full" else "quick_check"
+    rows = [r[0] for r in conn.exec_driver_sql(f"PRAGMA {pragma}(20)")]
+    if rows != ["ok"]:
+        raise _refuse(path, "integrity_check failed: " + "; ".join(rows[:5]))
+
+
+def _read_meta(conn: Connection, path: str, tables: list[str]) -> int:
+    if "meta" not in tables:
+        shown = ", ".join(sorted(tables)[:8])
+        raise _refuse(path, f"not a linectl database: no meta table (it has: {shown})")
+    m = dict(conn.exec_driver_sql("SELECT key, value FROM meta").fetchall())
+    if m.get("app_id") != APP_ID:
+        raise _refuse(path, f"not a linectl database: meta app_id is {m.get('app_id')!r}")
+    try:
+        version = int(m["schema_version"])
+    except (KeyError, ValueError):
+        raise _refuse(path, f"meta schema_version is missing or not a number ({m.get('schema_version')!r})") from None
+    if version > SCHEMA_VERSION:
+        raise _refuse(
+            path, f"schema version {version} is newer than this linectl supports ({SCHEMA_VERSION}); upgrade linectl, do not downgrade the database"
+        )
+    if version < 1:
+        raise _refuse(path, f"meta schema_version {version} is not a valid version")
+    return version
+
+
+def _create(conn: Connection) -> None:
+    metadata.create_all(conn)
+    for ddl in TRIGGERS:
+        conn.exec_driver_sql(ddl)
+    ts = now_iso()
+    conn.exec_driver_sql(
+        "INSERT INTO meta(key, value) VALUES ('app_id', ?), ('schema_version', ?), ('created_at', ?)",
+        (APP_ID, str(SCHEMA_VERSION), ts),
+    )
+    cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+    head = AuditHead.load(cur)
+    head.append(cur, ts, "system", "store", "store_created", {"schema_version": SCHEMA_VERSION})
+    head.save(cur)
+
+
+def _backup(path: str, version: int) -> str:
+    """A consistent copy before migrating, via SQLite's backup API (safe while others read the WAL)."""
+    dest = f"{path}.v{version}.bak"
+    n = 1
+    while os.path.exists(dest):
+        n += 1
+        dest = f"{path}.v{version}.{n}.bak"
+    src = sqlite3.connect(path)
+    try:
+        dst = sqlite3.connect(dest)
+        try:
+            src.backup(dst)
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    return dest
+
+
+def open_database(path: str, *, create: bool = True, readonly: bool = False, integrity: str = "quick", busy_timeout_s: float = 10.0) -> int:
+    """Check, create or migrate the file; returns the schema version found before migrating (0 = new)."""
+    is_new = check_file(path, create=create and not readonly)
+    if readonly and is_new:
+        raise _refuse(path, "empty file, not a linectl database")
+    eng = make_engine(path, begin="BEGIN IMMEDIATE", busy_timeout_s=busy_timeout_s, pool_size=1)
+    try:
+        try:
+            return _open(eng, path, readonly=readonly, integrity=integrity)
+        except StoreError:
+            raise
+        except (sa_exc.DBAPIError, sqlite3.Error) as exc:
+            e = orig(exc)
+            msg = str(e)
+            if "not a database" in msg:
+                raise _refuse(path, f"file is not a database ({msg})") from None
+            if "malformed" in msg or isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
+                raise _refuse(path, f"integrity_check failed: {msg}") from None
+            raise _refuse(path, f"cannot open: {msg}") from None
+    finally:
+        eng.dispose()
+
+
+def _open(eng: Engine, path: str, *, readonly: bool, integrity: str) -> int:
+    with eng.connect() as conn:
+        raw = conn.connection.driver_connection
+        assert raw is not None
+        # Read without the write lock first: a foreign or broken file must not even be locked for writing.
+        tables = _user_tables(conn)
+        _integrity(conn, path, integrity)
+        version = _read_meta(conn, path, tables) if tables else 0
+        conn.rollback()
+        if readonly:
+            if version == 0:
+                raise _refuse(path, "empty file, not a linectl database")
+            if version < SCHEMA_VERSION:
+                raise _refuse(path, f"schema version {version} needs migrating to {SCHEMA_VERSION}: open it read-write once (e.g. start linectl)")
+            return version
+        mode = raw.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise _refuse(path, f"cannot switch to WAL journal mode (got {mode!r}); is the filesystem local?")
+        if version and version < SCHEMA_VERSION:
+            dest = _backup(path, version)
+            log.info("store_backup_before_migration", path=path, backup=dest, from_version=version)
+        with conn.begin():
+            # Again under the write lock: another process may have created or migrated it meanwhile.
+            tables = _user_tables(conn)
+            current = _read_meta(conn, path, tables) if tables else 0
+            if current == 0:
+                _create(conn)
+                log.info("store_created", path=path, schema_version=SCHEMA_VERSION)
+            while 0 < current < SCHEMA_VERSION:
+                MIGRATIONS[current](conn)
+                conn.exec_driver_sql("UPDATE meta SET value=? WHERE key='schema_version'", (str(current + 1),))
+                cur = raw.cursor()
+                head = AuditHead.load(cur)
+                head.append(cur, now_iso(), "system", "store", "schema_migrated", {"from": current, "to": current + 1})
+                head.save(cur)
+                log.info("store_migrated", path=path, from_version=current, to_version=current + 1)
+                current += 1
+            for ddl in TRIGGERS:
+                conn.exec_driver_sql(ddl)
+            missing = sorted(set(metadata.tables) - set(_user_tables(conn)))
+            if missing:
+                raise _refuse(path, f"schema version {current} but tables are missing: {', '.join(missing)}")
+        return version
+
+
+# --------------------------------------------------------------------------- migrations
+
+
+def _migrate_1_to_2(conn: Connection) -> None:
+    """v1 -> v2: history lookups by serial id instead of by (gtin, serial), and an explicit 'ever sent' mark.
+
+    v1 indexed outbox(gtin, serial): random serials made that index take one
+    random page write per event and halved group-commit throughput. v2 points
+    outbox rows at serials.id (allocation-ordered, so almost append-only) and
+    puts the objects of multi-object events into event_refs. v1 decided "was
+    this serial ever sent" from its current state; v2 keeps serials.sent_at.
+    """
+    x = conn.exec_driver_sql
+    x("ALTER TABLE serials ADD COLUMN sent_at TEXT")
+    x("UPDATE serials SET sent_at = updated_at WHERE state IN ('sent', 'commissioned', 'decommissioned')")
+    x("ALTER TABLE outbox ADD COLUMN serial_id INTEGER")
+    x(
+        "UPDATE outbox SET serial_id = (SELECT s.id FROM serials s WHERE s.gtin = outbox.gtin AND s.serial = outbox.serial) "
+        "WHERE serial IS NOT NULL"
+    )
+    x("DROP INDEX IF EXISTS ix_outbox_gtin_serial")
+    event_refs.create(conn)  # with its indexes
+    x("CREATE INDEX IF NOT EXISTS ix_outbox_serial_id ON outbox(serial_id) WHERE serial_id IS NOT NULL")
+    x("CREATE INDEX IF NOT EXISTS ix_outbox_lot ON outbox(lot, seq)")
+    x(
+        "INSERT INTO event_refs(seq, serial_id) "
+        "SELECT o.seq, s.id FROM outbox o, json_each(o.body, '$.serials') j "
+        "JOIN serials s ON s.gtin = json_extract(o.body, '$.gtin') AND s.serial = j.value "
+        "WHERE o.kind IN ('serials_voided', 'serials_returned')"
+    )
+    x(
+        "INSERT INTO event_refs(seq, serial_id) "
+        "SELECT o.seq, s.id FROM outbox o, json_each(o.body, '$.children') c "
+        "JOIN serials s ON s.gtin = json_extract(c.value, '$.gtin') AND s.serial = json_extract(c.value, '$.serial') "
+        "WHERE o.kind IN ('packed', 'unpacked')"
+    )
+    x(
+        "INSERT INTO event_refs(seq, sscc) "
+        "SELECT o.seq, json_extract(c.value, '$.sscc') FROM outbox o, json_each(o.body, '$.children') c "
+        "WHERE o.kind IN ('packed', 'unpacked') AND json_extract(c.value, '$.sscc') IS NOT NULL"
+    )
+    x(
+        "INSERT INTO event_refs(seq, sscc) SELECT seq, json_extract(body, '$.parent') FROM outbox "
+        "WHERE kind IN ('packed', 'unpacked')"
+    )
+    x(
+        "INSERT INTO event_refs(seq, sscc) SELECT seq, json_extract(body, '$.sscc') FROM outbox "
+        "WHERE kind IN ('container_commissioned', 'container_decommissioned')"
+    )
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2}
+
+
+def remove_files(path: str) -> None:
+    """Test/bench helper: delete a database and its WAL/SHM side files."""
+    for suffix in ("", "-wal", "-shm"):
+        try:
+            os.remove(path + suffix)
+        except FileNotFoundError:
+            pass
+

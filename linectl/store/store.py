@@ -1,0 +1,384 @@
+"""The Store facade: async writes through the single writer thread, sync reads on their own connections.
+
+Every write coroutine returns only after its transaction is durable
+(synchronous=FULL), so "await store.mark_sent(...)" returning means the serials
+are recorded as sent before the printer sees them, and "await store.append(ev)"
+returning means the event survives a power cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import structlog
+
+from linectl.store import ops, schema
+from linectl.store.model import (
+    AuditCheck,
+    AuditRecord,
+    Batch,
+    Container,
+    OutboxRow,
+    ProvisionResult,
+    SerialRecord,
+    StoreError,
+)
+from linectl.store.reads import Reader
+from linectl.store.serials import serial_problem
+from linectl.store.writer import Op, Writer, _stop
+
+log = structlog.get_logger("linectl.store")
+
+_LOT_RE = re.compile(r"[!\"%&'()*+,\-./0-9:;<=>?A-Z_a-z]{1,20}")
+PROBLEMS_SHOWN = 100
+REJECTED_KEPT = 10_000
+WRITER_CACHE_KIB = 32 * 1024
+PURGE_CHUNK = 5000
+
+
+def _gtin(gtin: str) -> str:
+    """GTIN-14 with a valid check digit; shorter GTINs are left-padded (GS1 rule)."""
+    try:
+        from linectl.gs1 import GS1Error, normalize_gtin
+    except ImportError:  # gs1 still in progress elsewhere: minimal private check
+        g = str(gtin).strip()
+        if not g.isdigit() or len(g) not in (8, 12, 13, 14):
+            raise StoreError(f"GTIN {gtin!r} must be 8, 12, 13 or 14 digits") from None
+        g = g.zfill(14)
+        total = sum(int(c) * (3 if i % 2 == 0 else 1) for i, c in enumerate(reversed(g[:-1])))
+        if (10 - total % 10) % 10 != int(g[-1]):
+            raise StoreError(f"GTIN {gtin} has a wrong check digit") from None
+        return g
+    try:
+        return normalize_gtin(str(gtin))
+    except GS1Error as exc:
+        raise StoreError(f"GTIN {gtin!r}: {exc.reason}") from None
+
+
+class Store:
+    def __init__(self, path: str, reader: Reader, writer: Writer | None, queue_max: int) -> None:
+        self.path = path
+        self._reader = reader
+        self._writer = writer
+        self._slots = asyncio.Semaphore(queue_max)
+        self._queue_max = queue_max
+        self._closed = False
+        self.opened_from_version = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def open(
+        cls,
+        path: str | os.PathLike[str],
+        group_commit_max: int = 2000,
+        queue_max: int = 50_000,
+        *,
+        create: bool = True,
+        readonly: bool = False,
+        integrity: str = "quick",
+        busy_timeout_s: float = 10.0,
+    ) -> "Store":
+        """Open (create or migrate) the database and start the writer.
+
+        integrity: "quick" (default, PRAGMA quick_check), "full" (integrity_check, slower on big files) or "none".
+        readonly: no writer thread, no migration, the file must exist.
+        """
+        p = os.fspath(path)
+        found = await asyncio.to_thread(
+            schema.open_database, p, create=create, readonly=readonly, integrity=integrity, busy_timeout_s=busy_timeout_s
+        )
+        reader = Reader(schema.make_engine(p, begin="BEGIN", query_only=True, busy_timeout_s=busy_timeout_s), p)
+        writer = None
+        if not readonly:
+            writer = Writer(p, schema.make_engine(p, busy_timeout_s=busy_timeout_s, cache_kib=WRITER_CACHE_KIB, pool_size=1), group_commit_max)
+            writer.start()
+            await asyncio.to_thread(writer.ready.wait)
+            if writer.start_error is not None:
+                reader.engine.dispose()
+                raise StoreError(f"{p}: cannot open the writer connection: {writer.start_error}")
+        store = cls(p, reader, writer, queue_max)
+        store.opened_from_version = found
+        log.debug("store_opened", path=p, readonly=readonly, group_commit_max=group_commit_max, queue_max=queue_max)
+        return store
+
+    async def close(self) -> None:
+        """Flush everything queued, stop the writer, release connections. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        w = self._writer
+        if w is not None and w.is_alive():
+            loop = asyncio.get_running_loop()
+            fut = loop.create_future()
+            w.submit(Op(_stop, (), fut, loop, None))
+            await fut
+            await asyncio.to_thread(w.join)
+            w.engine.dispose()
+        self._reader.engine.dispose()
+        log.debug("store_closed", path=self.path)
+
+    async def __aenter__(self) -> "Store":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def readonly(self) -> bool:
+        return self._writer is None
+
+    async def _submit(self, fn: Any, *args: Any) -> Any:
+        if self._closed:
+            raise StoreError(f"{self.path}: store is closed")
+        if self._writer is None:
+            raise StoreError(f"{self.path}: store was opened read-only")
+        await self._slots.acquire()  # bounded queue: producers wait here when the writer is behind
+        if self._closed:
+            self._slots.release()
+            raise StoreError(f"{self.path}: store is closed")
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._writer.submit(Op(fn, args, fut, loop, self._slots.release))
+        return await fut
+
+    # ------------------------------------------------------------------ writes
+
+    async def append(self, *events: Any) -> list[int]:
+        """Store events in the outbox and apply them to the registry, atomically; returns their outbox seqs."""
+        if not events:
+            return []
+        items = []
+        for ev in events:
+            if not hasattr(ev, "kind") or not hasattr(ev, "model_dump_json"):
+                raise StoreError(f"append() takes linectl.events objects, got {type(ev).__name__}")
+            items.append((ev, ev.model_dump_json()))
+        return await self._submit(ops.op_append, items)  # type: ignore[no-any-return]
+
+    async def upsert_products(self, products: Iterable[Any], actor: str = "system") -> int:
+        rows = []
+        for p in products:
+            rows.append((_gtin(p.gtin), p.name, p.serials.scheme, p.model_dump_json()))
+        return await self._submit(ops.op_upsert_products, rows, actor)  # type: ignore[no-any-return]
+
+    async def provision(self, gtin: str, serials: Iterable[str], source: str, *, actor: str = "system") -> ProvisionResult:
+        """Add serials to the pool. Invalid and duplicate serials are counted and named, never stored."""
+        g = _gtin(gtin)
+        items = list(serials)
+        candidates, problems, rejected, invalid, repeats, positions = await asyncio.to_thread(_screen, items)
+        inserted = await self._submit(ops.op_provision, g, candidates, source, actor, invalid, repeats)
+        dups = repeats
+        if len(inserted) != len(candidates):
+            got = set(inserted)
+            for s in candidates:
+                if s not in got:
+                    dups += 1
+                    i = positions[s]
+                    if len(rejected) < REJECTED_KEPT:
+                        rejected.append((i, s, f"duplicate: already known for GTIN {g}"))
+                    if len(problems) < PROBLEMS_SHOWN:
+                        problems.append(f"#{i + 1} {s!r}: duplicate: already known for GTIN {g}")
+        rejected.sort()
+        if invalid + dups > len(problems) and len(problems) >= PROBLEMS_SHOWN:
+            problems.append(f"… and {invalid + dups - len(problems)} more problem(s)")
+        log.info("serials_provisioned", gtin=g, source=source, accepted=len(inserted), duplicates=dups, invalid=invalid)
+        return ProvisionResult(accepted=len(inserted), duplicates=dups, invalid=invalid, problems=problems, rejected=rejected)
+
+    async def create_batch(self, lot: str, gtin: str, expiry: str, planned_qty: int, actor: str, origin: str | None = None) -> Batch:
+        if not isinstance(lot, str) or not _LOT_RE.fullmatch(lot):
+            raise StoreError(f"lot {lot!r} must be 1-20 characters of GS1 character set 82")
+        if not re.fullmatch(r"\d{6}", str(expiry)):
+            raise StoreError(f"expiry {expiry!r} must be YYMMDD")
+        if int(planned_qty) <= 0:
+            raise StoreError(f"planned quantity must be positive, got {planned_qty}")
+        return await self._submit(ops.op_create_batch, lot, _gtin(gtin), str(expiry), int(planned_qty), actor, origin)  # type: ignore[no-any-return]
+
+    async def allocate(self, gtin: str, lot: str, n: int, scheme: Any) -> list[str]:
+        """Take n never-used serials for the lot: pool (provisioned ones), random or sequential per the product's scheme."""
+        return await self._submit(ops.op_allocate, _gtin(gtin), lot, int(n), scheme)  # type: ignore[no-any-return]
+
+    async def mark_sent(self, gtin: str, lot: str, serials: Sequence[str]) -> None:
+        """Record serials as sent, durably, before the printer gets them: a crash can then never lose track of one."""
+        await self._submit(ops.op_mark_sent, _gtin(gtin), lot, list(serials))
+
+    async def next_sscc_refs(self, company_prefix: str, extension: int, n: int) -> list[int]:
+        cp = str(company_prefix)
+        if not cp.isdigit() or not 4 <= len(cp) <= 12:
+            raise StoreError(f"company prefix {company_prefix!r} must be 4-12 digits")
+        if not 0 <= int(extension) <= 9:
+            raise StoreError(f"SSCC extension digit must be 0-9, got {extension}")
+        if int(n) <= 0:
+            return []
+        return await self._submit(ops.op_next_sscc_refs, cp, int(extension), int(n))  # type: ignore[no-any-return]
+
+    async def audit(self, actor: str, origin: str, action: str, detail: dict[str, Any] | None = None) -> int:
+        """Append a hash-chained audit record; returns its seq."""
+        return await self._submit(ops.op_audit, actor, origin, action, detail or {})  # type: ignore[no-any-return]
+
+    async def mark_forwarded(self, seqs: Sequence[int]) -> int:
+        if not seqs:
+            return 0
+        return await self._submit(ops.op_mark_forwarded, [int(s) for s in seqs])  # type: ignore[no-any-return]
+
+    async def purge_forwarded(self, older_than_days: float, *, actor: str = "system") -> int:
+        """Delete outbox rows forwarded more than `older_than_days` ago, in small transactions so the line never waits.
+
+        Unforwarded rows, the serial registry and the audit trail are never purged.
+        """
+        if older_than_days < 0:
+            raise StoreError("retention must not be negative")
+        cutoff = (datetime.now(timezone.utc) - timedelta(days=older_than_days)).isoformat(timespec="microseconds")
+        total = 0
+        while True:
+            n = await self._submit(ops.op_purge_chunk, cutoff, PURGE_CHUNK)
+            total += n
+            if n < PURGE_CHUNK:
+                break
+        if total:
+            await self.audit(actor, "store", "outbox_purged", {"rows": total, "forwarded_before": cutoff})
+            log.info("outbox_purged", rows=total, forwarded_before=cutoff)
+        return total
+
+    async def set_max_db_bytes(self, max_bytes: int | None) -> int:
+        """Cap the database size (PRAGMA max_page_count on the writer); hitting it behaves exactly like a full disk.
+
+        Useful to keep a shared disk from filling; None lifts the cap. Returns the cap in pages.
+        """
+        if max_bytes is None:
+            return await self._submit(ops.op_set_max_pages, None)  # type: ignore[no-any-return]
+        page = await self._submit(ops.op_page_size)
+        return await self._submit(ops.op_set_max_pages, max(1, int(max_bytes) // page))  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------ reads (sync)
+
+    def outbox(self, after_seq: int = 0, limit: int = 1000, only_unforwarded: bool = True) -> list[OutboxRow]:
+        return self._reader.outbox(after_seq, limit, only_unforwarded)
+
+    def backlog(self) -> int:
+        return self._reader.backlog()
+
+    def last_seq(self) -> int:
+        return self._reader.last_seq()
+
+    def events_of_lot(self, lot: str, after_seq: int = 0, limit: int = 10000) -> list[OutboxRow]:
+        return self._reader.events_of_lot(lot, after_seq, limit)
+
+    def serial_counts(self, gtin: str | None = None) -> dict[str, dict[str, int]]:
+        return self._reader.serial_counts(None if gtin is None else _gtin(gtin))
+
+    def lot_counts(self, lot: str) -> dict[str, int]:
+        return self._reader.lot_counts(lot)
+
+    def available(self, gtin: str) -> int:
+        return self._reader.available(_gtin(gtin))
+
+    def serial(self, gtin: str, serial: str) -> SerialRecord | None:
+        return self._reader.serial(_gtin(gtin), serial)
+
+    def serial_history(self, gtin: str, serial: str) -> list[OutboxRow]:
+        return self._reader.serial_history(_gtin(gtin), serial)
+
+    def batch(self, lot: str) -> Batch | None:
+        return self._reader.batch(lot)
+
+    def batches(self, state: str | None = None) -> list[Batch]:
+        return self._reader.batches(state)
+
+    def in_flight(self, lot: str | None = None) -> list[tuple[str, str, str]]:
+        return self._reader.in_flight(lot)
+
+    def allocated(self, lot: str) -> list[tuple[str, str]]:
+        return self._reader.allocated(lot)
+
+    def container(self, sscc: str) -> Container | None:
+        return self._reader.container(sscc)
+
+    def container_history(self, sscc: str) -> list[OutboxRow]:
+        return self._reader.container_history(sscc)
+
+    def children(self, sscc: str) -> list[dict[str, Any]]:
+        return self._reader.children(sscc)
+
+    def parent_of(self, gtin: str | None = None, serial: str | None = None, sscc: str | None = None) -> str | None:
+        if sscc is not None:
+            return self._reader.parent_of("container", sscc)
+        if gtin is None or serial is None:
+            raise StoreError("parent_of needs gtin+serial or sscc")
+        return self._reader.parent_of("unit", ops.unit_key(_gtin(gtin), serial))
+
+    def verify_audit(self) -> AuditCheck:
+        return self._reader.verify_audit()
+
+    def audit_log(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRecord]:
+        return self._reader.audit_log(after_seq, limit)
+
+    def integrity_check(self) -> list[str]:
+        return self._reader.integrity_check()
+
+    def stats(self) -> dict[str, Any]:
+        m = self._reader.meta()
+        out: dict[str, Any] = {
+            "path": self.path,
+            "schema_version": int(m.get("schema_version", 0)),
+            "last_seq": self._reader.last_seq(),
+            "backlog": self._reader.backlog(),
+            "audit_records": int(m.get("audit_count", 0)),
+            "audit_head": m.get("audit_head"),
+            "db_bytes": _size(self.path),
+            "wal_bytes": _size(self.path + "-wal"),
+        }
+        w = self._writer
+        if w is not None:
+            lat = sorted(w.commit_ms)
+            out["writer"] = {
+                "queue_depth": w.queue_depth(),
+                "queue_max": self._queue_max,
+                "groups": w.groups,
+                "groups_failed": w.groups_failed,
+                "ops_ok": w.ops_ok,
+                "ops_failed": w.ops_failed,
+                "last_group_size": w.last_group_size,
+                "commit_ms_p50": lat[len(lat) // 2] if lat else None,
+                "commit_ms_p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))] if lat else None,
+                "commit_ms_max": lat[-1] if lat else None,
+            }
+        return out
+
+
+def _size(p: str) -> int:
+    try:
+        return os.path.getsize(p)
+    except OSError:
+        return 0
+
+
+def _screen(items: list[Any]) -> tuple[list[str], list[str], list[tuple[int, str, str]], int, int, dict[str, int]]:
+    """Split input into valid first occurrences and named problems (invalid, repeated in the input)."""
+    problems: list[str] = []
+    rejected: list[tuple[int, str, str]] = []
+    first: dict[str, int] = {}
+    candidates: list[str] = []
+    invalid = repeats = 0
+    for i, s in enumerate(items):
+        why = serial_problem(s)
+        if why is None:
+            j = first.get(s)
+            if j is None:
+                first[s] = i
+                candidates.append(s)
+                continue
+            repeats += 1
+            why = f"duplicate: repeated in the input (first at #{j + 1})"
+        else:
+            invalid += 1
+            why = f"invalid: {why}"
+        if len(rejected) < REJECTED_KEPT:
+            rejected.append((i, str(s), why))
+        if len(problems) < PROBLEMS_SHOWN:
+            problems.append(f"#{i + 1} {s!r}: {why}")
+    return candidates, problems, rejected, invalid, repeats, first
