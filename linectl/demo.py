@@ -72,92 +72,175 @@ def _rewrite_ports(raw: dict[str, Any], workdir: Path) -> dict[str, Any]:
     return raw
 
 
-async def run_demo(args: Any) -> dict[str, Any]:
-    from linectl.daemon import Daemon
+class SimulatedLine:
+    """A line config brought up on the simulators: simulator process, broker, and an in-process daemon.
 
-    cfg_path = Path(args.config or DEFAULT_CONFIG)
-    workdir = Path(tempfile.mkdtemp(prefix="linectl-demo-"))
-    raw = to_plain(load_yaml(cfg_path))
-    raw = _rewrite_ports(raw, workdir)
-    if args.camera:
-        cams = [n for n, d in raw["devices"].items() if d.get("driver") == "camera"]
-        if not cams:
-            raise SystemExit(f"{cfg_path}: --camera needs a device with driver: camera")
-        for st in raw.get("stations", []):
-            if st.get("type") == "print_verify":
-                st["reader"] = cams[0]
-    broker_proc = None
-    if args.broker:
-        host, _, port = args.broker.partition(":")
-        raw.setdefault("mqtt", {}).update({"host": host or "127.0.0.1", "port": int(port or 1883), "enabled": True})
-    else:
-        broker_proc, bport = start_embedded()
-        raw.setdefault("mqtt", {}).update({"host": "127.0.0.1", "port": bport, "protocol": "3.1.1", "enabled": True})
-    db = Path(args.db) if args.db else workdir / "demo.db"
-    raw.setdefault("store", {})["path"] = str(db)
-    run_cfg_path = workdir / "line.yaml"
-    with open(run_cfg_path, "w", encoding="utf-8") as fh:
-        YAML(typ="safe").dump(raw, fh)
-    cfg: LineConfig = load_config(run_cfg_path)
-    control = SimControl(int(raw["simulation"]["control_port"]))
-    truth_path = workdir / "truth.json"
-    sim_cmd = [
-        sys.executable, "-m", "linectl", "--log-level", "warning", "simulate", "-c", str(run_cfg_path),
-        "--rate", str(args.rate), "--defect-rate", str(args.defect_rate), "--seed", str(args.seed),
-        "--truth", str(truth_path),
-    ]
-    if args.camera:
-        sim_cmd.append("--camera")
-    sim_log = open(workdir / "simulator.log", "wb")
-    sim = subprocess.Popen(sim_cmd, stdout=sim_log, stderr=subprocess.STDOUT)
-    daemon: Daemon | None = None
-    try:
-        if not wait_listening(control.port, 20):
-            raise RuntimeError(f"simulator did not start; see {workdir / 'simulator.log'}")
-        daemon = Daemon(cfg, str(db))
-        await daemon.start()
-        line = daemon.line
-        assert line is not None
-        for d in daemon.drivers.values():
+    `linectl demo` and the end-to-end tests share it, so what the tests prove
+    is what the demo shows.
+    """
+
+    def __init__(
+        self,
+        config: str | Path | None = None,
+        *,
+        rate: float = 600.0,
+        defect_rate: float = 0.03,
+        seed: int = 1,
+        camera: bool = False,
+        broker: str | None = None,
+        db: str | Path | None = None,
+        overrides: dict[str, Any] | None = None,
+    ) -> None:
+        self.cfg_path = Path(config or DEFAULT_CONFIG)
+        self.workdir = Path(tempfile.mkdtemp(prefix="linectl-demo-"))
+        self.rate, self.defect_rate, self.seed, self.camera = rate, defect_rate, seed, camera
+        self.broker = broker
+        self.db = Path(db) if db else self.workdir / "demo.db"
+        self.overrides = overrides or {}
+        self.broker_proc: subprocess.Popen[bytes] | None = None
+        self.sim: subprocess.Popen[bytes] | None = None
+        self.daemon: Any = None
+        self.cfg: LineConfig | None = None
+        self.control: SimControl | None = None
+        self.run_cfg_path = self.workdir / "line.yaml"
+
+    def write_config(self) -> Path:
+        raw = to_plain(load_yaml(self.cfg_path))
+        raw = _rewrite_ports(raw, self.workdir)
+        if self.camera:
+            cams = [n for n, d in raw["devices"].items() if d.get("driver") == "camera"]
+            if not cams:
+                raise RuntimeError(f"{self.cfg_path}: --camera needs a device with driver: camera")
+            for st in raw.get("stations", []):
+                if st.get("type") == "print_verify":
+                    st["reader"] = cams[0]
+        if self.broker:
+            host, _, port = self.broker.partition(":")
+            raw.setdefault("mqtt", {}).update({"host": host or "127.0.0.1", "port": int(port or 1883), "enabled": True})
+        else:
+            self.broker_proc, bport = start_embedded()
+            raw.setdefault("mqtt", {}).update({"host": "127.0.0.1", "port": bport, "protocol": "3.1.1", "enabled": True})
+        raw.setdefault("store", {})["path"] = str(self.db)
+        _merge(raw, self.overrides)
+        with open(self.run_cfg_path, "w", encoding="utf-8") as fh:
+            YAML(typ="safe").dump(raw, fh)
+        self.cfg = load_config(self.run_cfg_path)
+        self.control = SimControl(int(raw["simulation"]["control_port"]))
+        return self.run_cfg_path
+
+    def start_simulator(self) -> None:
+        assert self.control is not None
+        cmd = [
+            sys.executable, "-m", "linectl", "--log-level", "warning", "simulate", "-c", str(self.run_cfg_path),
+            "--rate", str(self.rate), "--defect-rate", str(self.defect_rate), "--seed", str(self.seed),
+            "--truth", str(self.workdir / "truth.json"),
+        ]
+        if self.camera:
+            cmd.append("--camera")
+        self._sim_log = open(self.workdir / "simulator.log", "wb")
+        self.sim = subprocess.Popen(cmd, stdout=self._sim_log, stderr=subprocess.STDOUT)
+        if not wait_listening(self.control.port, 20):
+            raise RuntimeError(f"simulator did not start; see {self.workdir / 'simulator.log'}")
+
+    async def start_daemon(self) -> Any:
+        from linectl.daemon import Daemon
+
+        assert self.cfg is not None
+        self.daemon = Daemon(self.cfg, str(self.db))
+        await self.daemon.start()
+        for d in self.daemon.drivers.values():
             if not await d.wait_connected(15):
                 raise RuntimeError(f"device {d.name} did not connect: {d.health.reason}")
-        product = cfg.products[0]
+        return self.daemon
+
+    async def start(self) -> "SimulatedLine":
+        self.write_config()
+        self.start_simulator()
+        await self.start_daemon()
+        return self
+
+    @property
+    def line(self) -> Any:
+        return self.daemon.line
+
+    async def create_batch(self, units: int, lot: str | None = None, challenge: bool = True) -> str:
+        assert self.cfg is not None
+        product = self.cfg.products[0]
         if product.serials.scheme == "pool":
-            need = int(args.units * 1.3) + 200
-            await line.execute(C.ProvisionPool(gtin=product.gtin, range_start=10**9, range_count=need, actor="demo"), origin="demo")
-        lot = f"DEMO{int(time.time()) % 10**8}"
+            need = int(units * 1.3) + 200
+            await self.line.execute(C.ProvisionPool(gtin=product.gtin, range_start=10**9, range_count=need, actor="demo"), origin="demo")
+        lot = lot or f"DEMO{int(time.time() * 1000) % 10**9}"
         expiry = (date.today() + timedelta(days=730)).strftime("%y%m%d")
-        await line.execute(C.CreateBatch(lot=lot, gtin=product.gtin, expiry=expiry, planned_qty=args.units, actor="demo"), origin="demo")
-        kinds = list(cfg.batch.challenge)
+        await self.line.execute(C.CreateBatch(lot=lot, gtin=product.gtin, expiry=expiry, planned_qty=units, challenge=challenge, actor="demo"), origin="demo")
+        return lot
+
+    async def start_batch(self) -> None:
+        """Start; when a challenge is configured, feed the challenge units and wait for its verdict."""
+        assert self.cfg is not None and self.control is not None
+        kinds = list(self.cfg.batch.challenge) if self.line.batch.challenge else []
         if kinds:
-            await control.call(cmd="challenge", kinds=kinds)
+            await self.control.call(cmd="challenge", kinds=kinds)
+        await self.line.execute(C.StartBatch(actor="demo"), origin="demo")
+        if kinds:
+            await asyncio.wait_for(self.line.challenge_done.wait(), 60)
+            if not self.line.challenge_passed:
+                raise RuntimeError(f"challenge test failed: {self.line.snapshot()['stations']}")
+
+    async def truth(self) -> dict[str, Any]:
+        assert self.control is not None
+        await _wait_belt_empty(self.control, 30)
+        return await self.control.call(cmd="truth")
+
+    async def stop(self) -> None:
+        if self.daemon is not None:
+            await self.daemon.shutdown("demo finished")
+            self.daemon = None
+        if self.sim is not None:
+            self.sim.send_signal(signal.SIGTERM)
+            try:
+                self.sim.wait(10)
+            except subprocess.TimeoutExpired:
+                self.sim.kill()
+            self._sim_log.close()
+            self.sim = None
+        if self.broker_proc is not None:
+            self.broker_proc.terminate()
+            self.broker_proc.wait(5)
+            self.broker_proc = None
+
+    async def __aenter__(self) -> "SimulatedLine":
+        try:
+            return await self.start()
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> None:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+async def run_demo(args: Any) -> dict[str, Any]:
+    sl = SimulatedLine(args.config, rate=args.rate, defect_rate=args.defect_rate, seed=args.seed, camera=args.camera, broker=args.broker, db=args.db)
+    async with sl:
+        line = sl.line
+        await sl.create_batch(args.units)
         t_start = time.monotonic()
-        await line.execute(C.StartBatch(actor="demo"), origin="demo")
-        if kinds:
-            await asyncio.wait_for(line.challenge_done.wait(), 60)
-            if not line.challenge_passed:
-                raise RuntimeError(f"challenge test failed: {line.snapshot()['stations']}")
+        await sl.start_batch()
         t_prod = time.monotonic()
         await _progress(line, args.units, args.json)
         t_end = time.monotonic()
         close = await line.execute(C.CloseBatch(actor="demo"), origin="demo")
-        await _wait_forwarded(daemon, 30)
-        await _wait_belt_empty(control, 30)
-        truth = await control.call(cmd="truth")
-        summary = _summary(line, daemon, close["report"], truth, db, t_end - t_prod, t_end - t_start)
-        return summary
-    finally:
-        if daemon is not None:
-            await daemon.shutdown("demo finished")
-        sim.send_signal(signal.SIGTERM)
-        try:
-            sim.wait(10)
-        except subprocess.TimeoutExpired:
-            sim.kill()
-        sim_log.close()
-        if broker_proc is not None:
-            broker_proc.terminate()
-            broker_proc.wait(5)
+        await _wait_forwarded(sl.daemon, 30)
+        truth = await sl.truth()
+        return _summary(line, sl.daemon, close["report"], truth, sl.db, t_end - t_prod, t_end - t_start)
 
 
 async def _progress(line: Any, units: int, quiet: bool) -> None:

@@ -163,6 +163,12 @@ def client_options(mqtt: "MqttConfig", client_id: str, *, max_inflight: int | No
     return opts
 
 
+def default_client_id(cfg: "LineConfig") -> str:
+    """linectl-<topic root with dashes>: unique per line on a shared broker (a duplicate client id makes
+    the broker drop the other connection, and the two would take turns for ever)."""
+    return "linectl-" + cfg.topic_root.replace("/", "-")
+
+
 def _epoch(value: Any) -> float | None:
     """OutboxRow.created_at as epoch seconds, whatever the store hands back (float, datetime, ISO text)."""
     if value is None:
@@ -229,12 +235,17 @@ class Forwarder:
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 10.0,
         mapper: epcis.EpcisMapper | None = None,
+        confirm: str = "puback",
+        confirm_timeout_s: float = 60.0,
+        max_unconfirmed: int = 100_000,
     ) -> None:
+        if confirm not in ("puback", "upstream"):
+            raise ValueError("confirm must be 'puback' or 'upstream'")
         self.cfg = cfg
         self.mqtt = cfg.mqtt
         self.store = store
         self.root = cfg.topic_root
-        self.client_id = client_id or f"{cfg.mqtt.client_id or 'linectl-' + cfg.line.name}-fwd"
+        self.client_id = client_id or f"{cfg.mqtt.client_id or default_client_id(cfg)}-fwd"
         self.mapper = mapper or epcis.EpcisMapper.from_config(cfg)
         self.max_inflight = max_inflight
         self.page_size = page_size
@@ -250,6 +261,12 @@ class Forwarder:
         self.topic_events = f"{self.root}/events"
         self.topic_alarms = f"{self.root}/alarms"
         self.topic_records = f"{self.root}/records"
+        self.topic_confirm = f"{self.root}/confirm"
+        self.confirm = confirm
+        self.confirm_timeout_s = confirm_timeout_s
+        self.max_unconfirmed = max_unconfirmed
+        self._awaiting: collections.OrderedDict[tuple[int, int], tuple[_Message, float]] = collections.OrderedDict()
+        self._awaiting_rows = 0
 
         self._stop = asyncio.Event()
         self._wake_live = asyncio.Event()
@@ -284,6 +301,8 @@ class Forwarder:
     def status(self) -> dict[str, Any]:
         """For the retained state topic: backlog in rows, ages in seconds, times in epoch seconds."""
         return {
+            "confirm": self.confirm,
+            "awaiting_confirmation_rows": self._awaiting_rows,
             "connected": self._connected,
             "connected_since": self._connected_since,
             "last_error": self._last_error,
@@ -367,8 +386,12 @@ class Forwarder:
     # ---------------------------------------------------------------- session
 
     async def _session(self, client: AckingClient) -> None:
+        if self.confirm == "upstream":
+            await client.subscribe(self.topic_confirm, qos=1)
         self._lanes = await self._plan_lanes()
         fillers = [asyncio.create_task(self._fill(lane), name=f"forwarder.fill.{lane.name}") for lane in self._lanes]
+        if self.confirm == "upstream":
+            fillers.append(asyncio.create_task(self._confirmations(client), name="forwarder.confirm"))
         inflight: collections.deque[tuple[_Message, asyncio.Future[ReasonCode], float]] = collections.deque()
         acked_once = False
         try:
@@ -382,6 +405,7 @@ class Forwarder:
                     len(inflight) < self.max_inflight
                     and not self._stop.is_set()
                     and len(self._unmarked_acked) < self.max_unmarked
+                    and self._awaiting_rows < self.max_unconfirmed
                 ):
                     msg = self._next_message()
                     if msg is None:
@@ -400,6 +424,8 @@ class Forwarder:
                     helper = asyncio.ensure_future(self._ready.wait())  # new messages, or the marker caught up
                     waits.append(helper)
                 timeout = (2.0 if self._stop.is_set() else self.ack_timeout_s) if inflight else None
+                if self._awaiting:
+                    timeout = min(timeout or self.confirm_timeout_s, self.confirm_timeout_s / 4)
                 done, _ = await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
                 if helper is not None and not helper.done():
                     helper.cancel()
@@ -421,6 +447,9 @@ class Forwarder:
                 self._inflight = len(inflight)
                 if inflight and time.monotonic() - inflight[0][2] > self.ack_timeout_s:
                     raise _SessionEnd(f"no PUBACK within {self.ack_timeout_s:g} s")
+                if self._awaiting and time.monotonic() - next(iter(self._awaiting.values()))[1] > self.confirm_timeout_s:
+                    # go back: reconnect and resend from the first row not confirmed (upstream dedupes by eventID)
+                    raise _SessionEnd(f"no upstream confirmation within {self.confirm_timeout_s:g} s")
                 if self._stop.is_set() and (not inflight or not done):
                     return
         finally:
@@ -429,6 +458,8 @@ class Forwarder:
                 f.cancel()
             await asyncio.gather(*fillers, return_exceptions=True)
             self._lanes = []
+            self._awaiting.clear()
+            self._awaiting_rows = 0
             if self.catch_up is not None and not self.catch_up.get("done"):
                 self.catch_up = None  # replanned on the next connection
 
@@ -453,10 +484,38 @@ class Forwarder:
         self.published_messages += 1
         self.published_events += msg.events
         self.last_ack_at = time.time()
+        if self.confirm == "upstream":
+            self._awaiting[(msg.first_seq, msg.last_seq)] = (msg, time.monotonic())
+            self._awaiting_rows += len(msg.seqs) or 1
+            return
+        self._forwarded(msg)
+
+    def _forwarded(self, msg: _Message) -> None:
         if msg.seqs:
             self._unmarked_acked.update(msg.seqs)
             self._mark_pending.extend(msg.seqs)
             self._mark_event.set()
+
+    async def _confirmations(self, client: AckingClient) -> None:
+        """Upstream says which messages it has stored: {"ranges": [[first_seq, last_seq], ...]}.
+
+        Only a range that is exactly a message still awaiting confirmation counts, so a
+        stale or wrong confirmation can never mark rows that were not delivered."""
+        async for m in client.messages:
+            if str(m.topic) != self.topic_confirm:
+                continue
+            try:
+                ranges = json.loads(m.payload)["ranges"]
+                keys = [(int(a), int(b)) for a, b in ranges]
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("confirmation_ignored", error=str(exc), payload=bytes(m.payload)[:200])
+                continue
+            for key in keys:
+                item = self._awaiting.pop(key, None)
+                if item is not None:
+                    self._awaiting_rows -= len(item[0].seqs) or 1
+                    self._forwarded(item[0])
+            self._ready.set()
 
     # ---------------------------------------------------------------- planning and reading
 
@@ -543,8 +602,12 @@ class Forwarder:
         """Rows (in seq order) -> messages (in the same order). EPCIS rows are packed into documents
         bounded by max_events_per_message and max_bytes_per_message; any other row is its own message."""
         out: list[_Message] = []
-        head = epcis.document_head().encode()
-        budget = self.max_bytes - len(head) - len(epcis.DOCUMENT_TAIL)
+        # the document names its seq range (instanceIdentifier "first-last"): for MQTT 3.1.1 consumers, which
+        # have no user properties, to restore order during catch-up and to confirm in upstream mode
+        full_head = epcis.document_head()
+        cut = full_head.index('"epcisBody"')
+        head, body_open = full_head[:cut].encode(), full_head[cut:].encode()
+        budget = self.max_bytes - len(full_head) - len(epcis.DOCUMENT_TAIL) - 48
         doc: list[str] = []
         size = 0
         seqs: list[int] = []
@@ -554,7 +617,7 @@ class Forwarder:
         def flush() -> None:
             nonlocal doc, size, seqs, first, oldest
             if doc:
-                payload = head + ",".join(doc).encode() + epcis.DOCUMENT_TAIL.encode()
+                payload = head + f'"instanceIdentifier":"{first}-{last}",'.encode() + body_open + ",".join(doc).encode() + epcis.DOCUMENT_TAIL.encode()
                 out.append(_Message(self.topic_events, payload, lane, first, last, seqs, len(doc), oldest))
             doc, size, seqs, oldest = [], 0, [], None
 

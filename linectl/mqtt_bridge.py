@@ -47,7 +47,7 @@ from pydantic import ValidationError
 
 from drivers.base import Backoff
 from linectl.control import COMMAND_ADAPTER, COMMAND_NAMES, CommandRejected
-from linectl.forwarder import client_options
+from linectl.forwarder import client_options, default_client_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from linectl.config import LineConfig
@@ -110,7 +110,7 @@ class MqttBridge:
         self.store = store
         self.forwarder = forwarder
         self.root = cfg.topic_root
-        self.client_id = client_id or cfg.mqtt.client_id or f"linectl-{cfg.line.name}"
+        self.client_id = client_id or cfg.mqtt.client_id or default_client_id(cfg)
         self.topic_status = f"{self.root}/status"
         self.topic_state = f"{self.root}/state"
         self.topic_cmd = f"{self.root}/cmd/"

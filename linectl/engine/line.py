@@ -108,6 +108,7 @@ class Line:
         self._state_listeners: list[Any] = []
         self.started_at = time.time()
         self.shutting_down = False
+        self.infeed_stopped = False
         self.rate_window: list[tuple[float, int]] = []
         self.completed = asyncio.Event()
         self.challenge_done = asyncio.Event()
@@ -165,6 +166,15 @@ class Line:
         if len(self.rate_window) > 2000:
             del self.rate_window[:1000]
 
+    async def set_infeed(self, station: PrintVerifyRuntime, on: bool) -> None:
+        """Count reached: stop feeding product (the belt keeps running so units in flight reach the gate)."""
+        if self.batch is None or self.batch.state != BatchState.RUNNING or on != self.infeed_stopped:
+            return
+        self.infeed_stopped = not on
+        for plc in self.plcs:
+            await plc.write_tag("line_mode", LINE_MODE["production" if on else "idle"])
+        log.info("infeed", on=on, lot=self.batch.lot, good=self.batch.good_total())
+
     async def planned_quantity_reached(self, station: PrintVerifyRuntime) -> None:
         if self.batch is not None and self.batch.state == BatchState.RUNNING:
             log.info("planned_quantity_reached", lot=self.batch.lot, good=self.batch.good_total())
@@ -179,6 +189,7 @@ class Line:
                 await self._set_state(BatchState.RUNNING, actor="system", reason="challenge passed")
                 for s in self.stations:
                     s.begin_production(self.batch)
+                await self._prime()
                 await self._write_line_mode("production")
             else:
                 detail = "; ".join(f"{r['challenge']}: {'rejected as ' + str(r['reason_seen']) if r['rejected'] else 'NOT rejected'}" for r in results)
@@ -280,8 +291,14 @@ class Line:
         b.started_at = b.started_at or time.time()
         for s in self.stations:
             s.begin_production(b)
+        await self._prime()
         await self._write_line_mode("production")
         return {"lot": b.lot, "state": b.state.value}
+
+    async def _prime(self) -> None:
+        for s in self.stations:
+            if not await s.primed():
+                log.warning("printer_not_primed", station=s.name)
 
     async def _begin_challenge(self, actor: str, origin: str) -> dict[str, Any]:
         b = self.batch
@@ -316,6 +333,7 @@ class Line:
         await self._set_state(BatchState.RUNNING, actor=f"{c.actor}@{origin}", reason="resume")
         for s in self.stations:
             s.begin_production(b)
+        await self._prime()
         await self._write_line_mode("production")
         return {"lot": b.lot, "state": b.state.value}
 
@@ -419,6 +437,7 @@ class Line:
 
     async def _write_line_mode(self, mode: str) -> None:
         running = mode != "idle"
+        self.infeed_stopped = False
         for plc in self.plcs:
             try:
                 await plc.write_tag("line_mode", LINE_MODE[mode])

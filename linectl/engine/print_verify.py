@@ -162,6 +162,16 @@ class PrintVerifyRuntime:
         self._consecutive_noreads = 0
         self._space.set()
 
+    async def primed(self, timeout_s: float = 3.0) -> bool:
+        """Wait until the printer holds its queue of codes, so the first trigger does not find it empty."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            want = min(self.cfg.printer_queue_depth, max(0, self.remaining_to_issue() + len(self._on_printer)))
+            if len(self._on_printer) >= want:
+                return True
+            await asyncio.sleep(0.005)
+        return False
+
     def pause(self) -> None:
         self.mode = "idle"
 
@@ -187,6 +197,8 @@ class PrintVerifyRuntime:
                 except asyncio.TimeoutError:
                     pass
                 continue
+            if self.remaining_to_issue() > 0 and self.line.infeed_stopped:
+                await self.line.set_infeed(self, True)  # a unit was rejected after the count was reached: replace it
             if self.remaining_to_issue() <= 0:
                 self._space.clear()
                 try:
@@ -277,6 +289,9 @@ class PrintVerifyRuntime:
             self.counters.printed += 1
             self._confirm_arrived.set()
             self._space.set()
+            if self.mode == "production" and not self._on_printer and self.remaining_to_issue() == 0:
+                # the last code the batch needs is on a unit: stop the infeed so no unprinted pack follows it
+                await self.line.set_infeed(self, False)
 
     # ------------------------------------------------------------------ reads
 
