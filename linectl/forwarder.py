@@ -50,15 +50,12 @@ import asyncio
 import collections
 import contextlib
 import json
-import math
-import random
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 import paho.mqtt.client as paho

@@ -65,7 +65,7 @@ class _Refused(Exception):
 class Tx:
     """State of one write transaction: the next outbox seq, the audit head, rows to insert in bulk."""
 
-    __slots__ = ("cur", "ts", "_seq", "_head", "_head_dirty", "rows", "post")
+    __slots__ = ("cur", "ts", "_seq", "_head", "_head_dirty", "rows", "post", "tally")
 
     def __init__(self, cur: sqlite3.Cursor) -> None:
         self.cur = cur
@@ -75,6 +75,7 @@ class Tx:
         self._head_dirty = False
         self.rows: list[tuple[Any, ...]] = []
         self.post: list[Callable[[], None]] = []
+        self.tally: dict[tuple[str, str, str], int] = {}
 
     def next_seq(self) -> int:
         if self._seq is None:
@@ -102,15 +103,25 @@ class Tx:
         self._head_dirty = True
         return self._head.append(self.cur, self.ts, actor, origin or origin_of(actor), action, detail)
 
+    def count(self, gtin: str, lot: str | None, state: str, n: int) -> None:
+        """Adjust serial_tally for (gtin, lot, state) by n; written once per transaction in finish()."""
+        k = (gtin, lot or "", state)
+        self.tally[k] = self.tally.get(k, 0) + n
+
+    def move(self, gtin: str, lot_from: str | None, state_from: str, lot_to: str | None, state_to: str, n: int = 1) -> None:
+        self.count(gtin, lot_from, state_from, -n)
+        self.count(gtin, lot_to, state_to, n)
+
     def after_commit(self, fn: Callable[[], None]) -> None:
         self.post.append(fn)
 
     def snapshot(self) -> tuple[Any, ...]:
         head = (self._head.count, self._head.hash) if self._head else None
-        return (self._seq, head, self._head_dirty, len(self.rows), len(self.post))
+        return (self._seq, head, self._head_dirty, len(self.rows), len(self.post), dict(self.tally))
 
     def restore(self, snap: tuple[Any, ...]) -> None:
-        seq, head, dirty, nrows, npost = snap
+        seq, head, dirty, nrows, npost, tally = snap
+        self.tally = tally
         self._seq = seq
         if head is None:
             self._head = None
@@ -123,8 +134,16 @@ class Tx:
 
     def finish(self) -> None:
         self.flush()
+        if self.tally:
+            self.cur.executemany(
+                "INSERT INTO serial_tally(gtin, lot, state, n) VALUES (?,?,?,?) "
+                "ON CONFLICT(gtin, lot, state) DO UPDATE SET n = n + excluded.n",
+                [(g, lot, st, n) for (g, lot, st), n in self.tally.items() if n],
+            )
+            self.tally = {}
         if self._head_dirty and self._head is not None:
             self._head.save(self.cur)
+            self._head_dirty = False
 
 
 def _primary(exc: sqlite3.Error) -> int:
