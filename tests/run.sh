@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command of the README: sets itself up on a fresh Debian/Ubuntu machine, then runs the whole suite.
 #   - a virtualenv in .venv (created if missing) with linectl and its test extras installed
-#   - mosquitto (the tests talk to a real broker) installed with apt-get when it is missing
+#   - mosquitto (the tests talk to a real broker) and libdmtx installed with apt-get when missing
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -9,9 +9,13 @@ if [[ ! -x .venv/bin/python ]]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[test]'
-if ! command -v mosquitto >/dev/null 2>&1 && [[ ! -x /usr/sbin/mosquitto ]]; then
+.venv/bin/python -m pip install -q -e '.[test,dmtx]'
+# system packages the tests need: mosquitto (a real broker), libdmtx (the optional second DataMatrix decoder)
+missing=()
+command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || missing+=(mosquitto)
+ldconfig -p 2>/dev/null | grep -q libdmtx || missing+=(libdmtx0b)
+if (( ${#missing[@]} )); then
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq mosquitto >/dev/null
+  $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 exec .venv/bin/python -m pytest -q "$@"
