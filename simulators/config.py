@@ -1,0 +1,80 @@
+"""The `simulation:` section of a line YAML: how the simulated line behaves. `linectl run` ignores it.
+
+Distances are in product pitches (one pitch = 60 / rate_upm seconds at the
+current speed). They are the physics of the simulated line; linectl must not
+rely on them, it tracks units by seq.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from simulators.model import UNIT_DEFECTS
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FaultRate(_Model):
+    """A fault that strikes a device at random (Poisson), seeded with the line seed."""
+
+    per_hour: float = Field(ge=0, description="mean occurrences per hour of simulated running")
+    duration_s: float | None = Field(5.0, gt=0, description="how long each occurrence lasts")
+    params: dict[str, Any] = Field(default_factory=dict, description="extra fault parameters, e.g. {delay_s: 1.5}")
+
+
+class SimulationConfig(_Model):
+    rate_upm: float = Field(600.0, gt=0, le=12_000, description="line speed, units per minute")
+    defect_rate: float = Field(0.0, ge=0, le=1, description="fraction of printed units given a defect that must be rejected")
+    defect_mix: dict[str, float] = Field(
+        default_factory=dict, description="relative weights of the defects in simulators.model.UNIT_DEFECTS; empty = equal"
+    )
+    variation_rate: float = Field(0.0, ge=0, le=1, description="fraction of good units with a harmless variation (must pass)")
+    seed: int = Field(1, description="same seed, same defects on the same unit seqs")
+    camera_distance: float = Field(2.0, gt=0, description="pitches from the printer trigger to the read point")
+    gate_distance: float = Field(8.0, gt=0, description="pitches from the printer trigger to the reject gate")
+    control_host: str = "127.0.0.1"
+    control_port: int = Field(7700, ge=0, le=65535, description="JSON-lines control/truth server; 0 = any free port")
+    units: int = Field(0, ge=0, description="stop feeding after this many units; 0 = endless")
+    free_run: bool = Field(
+        False, description="feed product without a controller (ignore the PLC interlock); the gate stays fail-safe"
+    )
+    faults: dict[str, dict[str, FaultRate]] = Field(
+        default_factory=dict, description="device name -> fault kind -> rate; kinds are the device simulator's inject() faults"
+    )
+
+    @field_validator("defect_mix")
+    @classmethod
+    def _mix(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = [k for k in v if k not in UNIT_DEFECTS]
+        if bad:
+            raise ValueError(f"unknown defect(s) {bad}; known: {', '.join(UNIT_DEFECTS)}")
+        if any(w < 0 for w in v.values()):
+            raise ValueError("defect_mix weights must be >= 0")
+        if v and sum(v.values()) <= 0:
+            raise ValueError("defect_mix weights sum to 0")
+        return v
+
+    @model_validator(mode="after")
+    def _distances(self) -> "SimulationConfig":
+        if self.gate_distance <= self.camera_distance:
+            raise ValueError(
+                f"gate_distance ({self.gate_distance}) must be greater than camera_distance ({self.camera_distance}): "
+                "the gate is downstream of the read point"
+            )
+        return self
+
+    @classmethod
+    def from_line(cls, line_cfg: Any) -> "SimulationConfig":
+        """From a LineConfig whose `simulation` is still a plain dict (or already typed, or absent)."""
+        sim = getattr(line_cfg, "simulation", None)
+        if sim is None:
+            return cls()
+        if isinstance(sim, cls):
+            return sim
+        if isinstance(sim, BaseModel):
+            return cls.model_validate(sim.model_dump())
+        return cls.model_validate(sim)

@@ -1,0 +1,382 @@
+"""The whole simulated line of one line YAML, in one asyncio process.
+
+Every device of the config gets its simulator, listening where the config
+says linectl will connect; each print_verify / verify station that has a PLC
+gets a conveyor wiring its printer -> reader/camera -> the PLC's reject gate.
+The simulators keep the ground truth (`Truth`) about every unit, which the
+control server hands out, so linectl's results can be checked against what
+physically happened.
+
+Construction of the device simulators owned by other modules is one small
+function per kind (`_make_printer`, `_make_reader`, ...), so a change in
+their constructors is a one-place fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import ipaddress
+import random
+import socket
+from typing import Any, Callable
+
+import structlog
+
+from simulators.config import SimulationConfig
+from simulators.control import ControlServer
+from simulators.conveyor import ChallengeFactory, Conveyor
+from simulators.defects import DefectPlan
+from simulators.model import SimUnit, Truth
+from simulators.plc import PlcSim
+
+log = structlog.get_logger("simulators.line")
+
+PLC_DRIVERS = ("modbus_tcp", "modbus_rtu", "s7")
+PRINTER_CLASSES = {"coder": ("simulators.printer", "CoderPrinterSim"), "zpl": ("simulators.printer", "ZplPrinterSim")}
+READER_CLASSES = {
+    "reader": ("simulators.reader", "ReaderSim"),
+    "scanner": ("simulators.scanner", "ScannerSim"),
+    "camera": ("simulators.camera", "CameraSim"),
+}
+
+
+class SimulatorError(Exception):
+    """The line cannot be simulated as configured (the message says why)."""
+
+
+# --------------------------------------------------------------------------- device factories
+
+
+def _transport_kwargs(name: str, cfg: Any) -> dict[str, Any]:
+    """Where a stream device simulator listens: the config's TCP host/port, or a pty linked at its serial_port."""
+    serial = getattr(cfg, "serial_port", None)
+    if serial:
+        if "://" in serial:
+            raise SimulatorError(f"device {name}: cannot simulate serial URL {serial!r}; use a path for a pty link")
+        return {"serial_link": serial, "name": name}
+    return {"host": cfg.host, "port": cfg.port, "name": name}
+
+
+def _make_plc(name: str, cfg: Any, line: "LineSim") -> Any:
+    return PlcSim(name, cfg)
+
+
+def _make_printer(name: str, cfg: Any, line: "LineSim") -> Any:
+    mod, cls = PRINTER_CLASSES[cfg.driver]
+    klass = getattr(importlib.import_module(mod), cls)
+    kw: dict[str, Any] = {"render_images": name in line.rendering, "seed": line.sim.seed}
+    if cfg.driver == "zpl":
+        kw["auto_print"] = name not in line.wired  # on a conveyor the product trigger prints, else it runs free
+    return klass(config=cfg, defect_for=line.plan.defect_for, **kw, **_transport_kwargs(name, cfg))
+
+
+def _make_reader(name: str, cfg: Any, line: "LineSim") -> Any:
+    mod, cls = READER_CLASSES[cfg.driver]
+    klass = getattr(importlib.import_module(mod), cls)
+    if cfg.driver == "camera":
+        return klass(config=cfg, name=name)
+    return klass(config=cfg, seed=line.sim.seed, **_transport_kwargs(name, cfg))
+
+
+FACTORIES: dict[str, Callable[[str, Any, "LineSim"], Any]] = {
+    **{k: _make_plc for k in PLC_DRIVERS},
+    **{k: _make_printer for k in PRINTER_CLASSES},
+    **{k: _make_reader for k in READER_CLASSES},
+}
+
+
+def _check_local(name: str, cfg: Any) -> None:
+    host = getattr(cfg, "host", None)
+    if not host or getattr(cfg, "serial_port", None):
+        return
+    try:
+        addr = ipaddress.ip_address(socket.gethostbyname(host))
+    except (OSError, ValueError) as exc:
+        raise SimulatorError(f"device {name}: host {host!r} does not resolve ({exc})") from None
+    if not addr.is_loopback:
+        raise SimulatorError(
+            f"device {name}: host {host} is not this machine's loopback; the simulator only listens on localhost "
+            "(point the config at 127.0.0.1 to simulate it)"
+        )
+
+
+# --------------------------------------------------------------------------- the line
+
+
+class LineSim:
+    def __init__(self, line_cfg: Any, sim: SimulationConfig | None = None, *, camera: bool | None = None) -> None:
+        self.cfg = line_cfg
+        self.sim = sim or SimulationConfig.from_line(line_cfg)
+        self.camera = camera
+        self.truth = Truth()
+        self.plan = DefectPlan(self.sim.defect_rate, self.sim.defect_mix, self.sim.seed, self.sim.variation_rate)
+        self.devices: dict[str, Any] = {}
+        self.listening: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}
+        self.conveyors: dict[str, Conveyor] = {}
+        self.wired: set[str] = set()
+        self.rendering: set[str] = set()
+        self.control: ControlServer | None = None
+        self.control_address: tuple[str, int] | None = None
+        self._fault_tasks: list[asyncio.Task] = []
+        self.done = asyncio.Event()
+
+    # -- build / lifecycle ----------------------------------------------------------
+
+    def _conveyor_stations(self) -> list[Any]:
+        return [st for st in self.cfg.stations if st.type in ("print_verify", "verify") and getattr(st, "plc", None)]
+
+    def _build(self) -> None:
+        # Which devices a conveyor drives (a ZPL head then prints on the trigger) and which printers
+        # must render the pack image because a camera reads it.
+        for st in self._conveyor_stations():
+            printer = getattr(st, "printer", None) if st.type == "print_verify" else None
+            self.wired.update(x for x in (printer, st.reader, st.plc) if x)
+            reader_cfg = self.cfg.devices.get(st.reader)
+            if printer and reader_cfg is not None and reader_cfg.driver == "camera":
+                self.rendering.add(printer)
+        for name, dcfg in self.cfg.devices.items():
+            factory = FACTORIES.get(dcfg.driver)
+            if factory is None:
+                self.skipped[name] = f"no simulator for driver {dcfg.driver}"
+                continue
+            if dcfg.driver == "camera" and self.camera is False:
+                self.skipped[name] = "camera simulation off (--no-camera)"
+                continue
+            _check_local(name, dcfg)
+            try:
+                self.devices[name] = factory(name, dcfg, self)
+            except (ImportError, AttributeError) as exc:
+                if dcfg.driver == "camera" and self.camera:
+                    raise SimulatorError(f"device {name}: camera simulator unavailable: {exc}") from None
+                self.skipped[name] = f"simulator not available: {exc}"
+                log.warning("sim_device_skipped", device=name, driver=dcfg.driver, reason=str(exc))
+        gtin = self.cfg.products[0].gtin if getattr(self.cfg, "products", None) else None
+        used_plcs: dict[str, str] = {}
+        for st in self._conveyor_stations():
+            plc = self.devices.get(st.plc)
+            if not isinstance(plc, PlcSim):
+                raise SimulatorError(f"station {st.name}: PLC {st.plc} is not simulated ({self.skipped.get(st.plc, '?')})")
+            if st.plc in used_plcs:
+                raise SimulatorError(f"stations {used_plcs[st.plc]} and {st.name} share PLC {st.plc}: one gate per PLC")
+            used_plcs[st.plc] = st.name
+            if plc.ring and self.sim.gate_distance >= plc.ring - 1:
+                raise SimulatorError(
+                    f"gate_distance {self.sim.gate_distance} pitches >= verdict ring of {plc.ring} slots - 1: "
+                    "a slot would be reused before its unit reaches the gate"
+                )
+            printer = self.devices.get(getattr(st, "printer", None) or "") if st.type == "print_verify" else None
+            reader = self.devices.get(st.reader)
+            camera = self.cfg.devices[st.reader].driver == "camera" if st.reader in self.cfg.devices else False
+            self.conveyors[st.name] = Conveyor(
+                st.name,
+                plc,
+                self.truth,
+                rate_upm=self.sim.rate_upm,
+                camera_distance=self.sim.camera_distance,
+                gate_distance=self.sim.gate_distance,
+                printer=printer,
+                reader=reader,
+                challenge=ChallengeFactory(gtin, self.sim.seed, render=camera),
+                free_run=self.sim.free_run,
+                units=self.sim.units,
+                on_unit=self._on_unit,
+            )
+
+    async def start(self) -> None:
+        self._build()
+        started: list[Any] = []
+        try:
+            for name, dev in self.devices.items():
+                res = await dev.start()
+                started.append(dev)
+                self.listening[name] = _where(dev, res)
+            self.control = ControlServer(self, self.sim.control_host, self.sim.control_port)
+            self.control_address = await self.control.start()
+        except BaseException:
+            for dev in reversed(started):
+                try:
+                    await dev.stop()
+                except Exception:  # noqa: BLE001
+                    pass
+            raise
+        for c in self.conveyors.values():
+            c.start()
+        self._start_fault_schedules()
+        log.info("line_sim_started", devices=self.listening, control=self.control_address, rate_upm=self.sim.rate_upm)
+
+    async def stop(self) -> None:
+        for t in self._fault_tasks:
+            t.cancel()
+        for c in self.conveyors.values():
+            await c.stop()
+        if self.control is not None:
+            await self.control.stop()
+        for name, dev in self.devices.items():
+            try:
+                await dev.stop()
+            except Exception as exc:  # noqa: BLE001
+                log.warning("sim_device_stop_failed", device=name, error=repr(exc))
+
+    async def wait_done(self) -> None:
+        """Until every conveyor has fed and gated its `units` (never, when units = 0)."""
+        if not self.conveyors or not self.sim.units:
+            await asyncio.Event().wait()
+        await asyncio.gather(*(c.done.wait() for c in self.conveyors.values()))
+
+    def _on_unit(self, unit: SimUnit) -> None:
+        pass
+
+    # -- random faults --------------------------------------------------------------
+
+    def _start_fault_schedules(self) -> None:
+        for dev, kinds in self.sim.faults.items():
+            if dev not in self.devices:
+                log.warning("sim_fault_device_unknown", device=dev)
+                continue
+            for kind, rate in kinds.items():
+                if rate.per_hour > 0:
+                    rng = random.Random(f"{self.sim.seed}:{dev}:{kind}")
+                    self._fault_tasks.append(asyncio.create_task(self._fault_loop(dev, kind, rate, rng)))
+
+    async def _fault_loop(self, dev: str, kind: str, rate: Any, rng: random.Random) -> None:
+        while True:
+            await asyncio.sleep(rng.expovariate(rate.per_hour / 3600.0))
+            params = dict(rate.params)
+            if rate.duration_s is not None:
+                params.setdefault("duration_s", rate.duration_s)
+            try:
+                _inject(self.devices[dev], kind, params)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("sim_fault_failed", device=dev, fault=kind, error=repr(exc))
+
+    # -- control commands -----------------------------------------------------------
+
+    def command(self, msg: dict[str, Any]) -> dict[str, Any]:
+        cmd = msg["cmd"]
+        if cmd == "truth":
+            return {"ok": True, **self.truth.as_dict()}
+        if cmd == "status":
+            return {"ok": True, **self.status()}
+        if cmd == "units":
+            last = int(msg.get("last", 100))
+            conv = self._conveyor(msg.get("conveyor"))
+            return {"ok": True, "units": list(conv.recent)[-last:] if last > 0 else []}
+        if cmd == "challenge":
+            kinds = msg.get("kinds")
+            if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+                raise ValueError('"kinds" must be a list of challenge kinds')
+            queued = self._conveyor(msg.get("conveyor")).queue_challenge(kinds)
+            return {"ok": True, "queued": queued}
+        if cmd == "inject":
+            name, fault = msg.get("device"), msg.get("fault")
+            if name not in self.devices:
+                raise ValueError(f"no simulated device {name!r} (devices: {', '.join(self.devices)})")
+            if not isinstance(fault, str):
+                raise ValueError('"fault" is required')
+            params = {k: v for k, v in msg.items() if k not in ("cmd", "device", "fault")}
+            res = _inject(self.devices[name], fault, params)
+            return {"ok": True, "device": name, "result": res}
+        if cmd == "set":
+            return self._set(msg)
+        raise ValueError(f"unknown cmd {cmd!r} (truth, status, units, challenge, inject, set)")
+
+    def _set(self, msg: dict[str, Any]) -> dict[str, Any]:
+        changed: dict[str, Any] = {}
+        if "device" in msg or "tags" in msg:
+            dev = self.devices.get(msg.get("device"))
+            if not isinstance(dev, PlcSim):
+                raise ValueError(f"device {msg.get('device')!r} is not a simulated PLC")
+            tags = msg.get("tags") or {}
+            if not isinstance(tags, dict):
+                raise ValueError('"tags" must be an object')
+            for tag, value in tags.items():
+                dev.set(tag, value)
+            dev.scan()
+            changed["tags"] = tags
+        if "defect_rate" in msg:
+            rate = float(msg["defect_rate"])
+            if not 0 <= rate <= 1:
+                raise ValueError("defect_rate must be within 0..1")
+            self.plan.rate = changed["defect_rate"] = rate
+        if "variation_rate" in msg:
+            rate = float(msg["variation_rate"])
+            if not 0 <= rate <= 1:
+                raise ValueError("variation_rate must be within 0..1")
+            self.plan.variation_rate = changed["variation_rate"] = rate
+        if "defect_mix" in msg:
+            self.plan.set_mix(msg["defect_mix"])
+            changed["defect_mix"] = self.plan.mix
+        if "rate_upm" in msg:
+            rate = float(msg["rate_upm"])
+            if not 0 < rate <= 12_000:
+                raise ValueError("rate_upm must be within 0..12000")
+            for c in self.conveyors.values():
+                c.set_rate(rate)
+            changed["rate_upm"] = rate
+        if not changed:
+            raise ValueError("set: nothing to set (defect_rate, variation_rate, defect_mix, rate_upm, device+tags)")
+        return {"ok": True, "set": changed}
+
+    def _conveyor(self, name: Any) -> Conveyor:
+        if not self.conveyors:
+            raise ValueError("this line has no conveyor (no print_verify/verify station with a PLC)")
+        if name is None:
+            return next(iter(self.conveyors.values()))
+        if name not in self.conveyors:
+            raise ValueError(f"no conveyor {name!r} (conveyors: {', '.join(self.conveyors)})")
+        return self.conveyors[name]
+
+    def status(self) -> dict[str, Any]:
+        devices: dict[str, Any] = {}
+        for name, dev in self.devices.items():
+            st = getattr(dev, "status", None)
+            try:
+                devices[name] = st() if callable(st) else {"listening": self.listening.get(name)}
+            except Exception as exc:  # noqa: BLE001
+                devices[name] = {"error": repr(exc)}
+        return {
+            "conveyors": {n: c.status() for n, c in self.conveyors.items()},
+            "devices": devices,
+            "listening": self.listening,
+            "skipped": self.skipped,
+            "defects": self.plan.as_dict(),
+            "truth": self.truth.as_dict(),
+        }
+
+
+def _inject(dev: Any, fault: str, params: dict[str, Any]) -> Any:
+    fn = getattr(dev, "inject", None)
+    if fn is None:
+        raise ValueError(f"{type(dev).__name__} takes no fault injection")
+    return fn(fault, **params)
+
+
+def _where(dev: Any, started: Any) -> str:
+    if isinstance(started, str):
+        return started
+    for attr in ("listening", "address"):
+        v = getattr(dev, attr, None)
+        if isinstance(v, str) and v:
+            return v
+    serial = getattr(dev, "serial_path", None)
+    if serial:
+        return f"serial {serial}"
+    host, port = getattr(dev, "host", None), getattr(dev, "port", None)
+    if host and port:
+        return f"tcp {host}:{port}"
+    return "started"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m simulators.line -c CONFIG [...]` = `linectl simulate -c CONFIG [...]`."""
+    import sys
+
+    from linectl.cli import main as cli_main
+
+    return cli_main(["simulate", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,823 @@
+"""PLC simulator: the line's tag map served by pymodbus' own server (TCP, or RTU over a pty / socket)
+and by python-snap7's own server (S7), plus the PLC program around the reject gate.
+
+The memory behind the servers is the same memory the simulated PLC program
+scans, so linectl talks to a real protocol stack end to end. The program is
+fail-safe like a real one: a unit passes the gate only when its verdict slot
+holds (seq, GOOD); no verdict, a stale slot or a dead controller means
+reject. Faults (disconnect, slow replies, heartbeat stop, gate jam, lost
+reject confirm, e-stop) are injectable, so linectl's reaction can be tested
+without a real line.
+
+Run alone: `python -m simulators.plc --config line.yaml --device plc1`, or
+`python -m simulators.plc --driver modbus_tcp --port 1502` with the built-in
+default tag map (see DEFAULT_MODBUS_TAGS / DEFAULT_S7_TAGS).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import logging
+import os
+import pty
+import signal
+import socket
+import sys
+import threading
+import time
+import tty
+from typing import Any, Callable
+
+import structlog
+
+from drivers.plc_tags import (
+    MODE_CHALLENGE,
+    MODE_IDLE,
+    MODE_PRODUCTION,
+    VERDICT_GOOD,
+    ModbusTagSpec,
+    S7TagSpec,
+)
+from simulators.model import SimUnit
+
+log = structlog.get_logger("simulators.plc")
+logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
+logging.getLogger("snap7").setLevel(logging.CRITICAL)
+
+RING = 64  # default verdict ring slots R
+
+#: default Modbus tag map (holding registers + coils), the one the docs and example configs use
+DEFAULT_MODBUS_TAGS: dict[str, dict[str, Any]] = {
+    "heartbeat_plc": {"table": "coil", "address": 0, "type": "bool"},
+    "heartbeat_ctl": {"table": "coil", "address": 1, "type": "bool"},
+    "cmd_start": {"table": "coil", "address": 2, "type": "bool"},
+    "cmd_stop": {"table": "coil", "address": 3, "type": "bool"},
+    "cmd_pause": {"table": "coil", "address": 4, "type": "bool"},
+    "cmd_reset": {"table": "coil", "address": 5, "type": "bool"},
+    "estop": {"table": "coil", "address": 6, "type": "bool"},
+    "line_mode": {"table": "holding", "address": 0, "type": "uint16"},
+    "line_running": {"table": "holding", "address": 1, "type": "uint16"},
+    "fault": {"table": "holding", "address": 2, "type": "uint16"},
+    "alarm_code": {"table": "holding", "address": 3, "type": "uint16"},
+    "good_count": {"table": "holding", "address": 4, "type": "uint32"},
+    "reject_count": {"table": "holding", "address": 6, "type": "uint32"},
+    "trigger_count": {"table": "holding", "address": 8, "type": "uint32"},
+    "reject_total": {"table": "holding", "address": 10, "type": "uint32"},
+    "pass_total": {"table": "holding", "address": 12, "type": "uint32"},
+    "verdict_ring": {"table": "holding", "address": 100, "type": "uint32", "count": 2 * RING},
+    "reject_ring": {"table": "holding", "address": 400, "type": "uint32", "count": RING},
+}
+#: default S7 tag map (DB1)
+DEFAULT_S7_TAGS: dict[str, dict[str, Any]] = {
+    "heartbeat_plc": {"db": 1, "offset": "0.0", "type": "BOOL"},
+    "heartbeat_ctl": {"db": 1, "offset": "0.1", "type": "BOOL"},
+    "cmd_start": {"db": 1, "offset": "0.2", "type": "BOOL"},
+    "cmd_stop": {"db": 1, "offset": "0.3", "type": "BOOL"},
+    "cmd_pause": {"db": 1, "offset": "0.4", "type": "BOOL"},
+    "cmd_reset": {"db": 1, "offset": "0.5", "type": "BOOL"},
+    "estop": {"db": 1, "offset": "0.6", "type": "BOOL"},
+    "line_running": {"db": 1, "offset": "0.7", "type": "BOOL"},
+    "fault": {"db": 1, "offset": "1.0", "type": "BOOL"},
+    "line_mode": {"db": 1, "offset": "2", "type": "INT"},
+    "alarm_code": {"db": 1, "offset": "4", "type": "INT"},
+    "good_count": {"db": 1, "offset": "6", "type": "UDINT"},
+    "reject_count": {"db": 1, "offset": "10", "type": "UDINT"},
+    "trigger_count": {"db": 1, "offset": "14", "type": "UDINT"},
+    "reject_total": {"db": 1, "offset": "18", "type": "UDINT"},
+    "pass_total": {"db": 1, "offset": "22", "type": "UDINT"},
+    "verdict_ring": {"db": 1, "offset": "26", "type": "UDINT", "count": 2 * RING},
+    "reject_ring": {"db": 1, "offset": "538", "type": "UDINT", "count": RING},
+}
+
+FAULTS = ("disconnect", "slow", "heartbeat_stop", "gate_jam", "confirm_lost", "estop")
+
+
+# --------------------------------------------------------------------------- memory
+
+
+class ModbusMemory:
+    """Tag access straight into the register lists pymodbus' SimCore serves (same event loop: no locking)."""
+
+    def __init__(self, tags: dict[str, ModbusTagSpec], core: Any, device_id: int) -> None:
+        self.tags = tags
+        rt = core.devices[device_id]
+        self._blocks = {t: rt.block[t[0]] for t in ("coil", "discrete", "holding", "input")}
+        self.lock = contextlib.nullcontext()
+
+    def get_elems(self, name: str, index: int = 0, n: int | None = None) -> list[Any]:
+        s = self.tags[name]
+        n = s.count - index if n is None else n
+        start, _, regs, _ = self._blocks[s.table]
+        a = s.address + index * s.width
+        if s.is_bits:
+            return [bool(regs[(x // 16) - start] >> (x % 16) & 1) for x in range(a, a + n)]
+        return s.decode(regs[a - start : a - start + n * s.width])
+
+    def set_elems(self, name: str, values: list[Any], index: int = 0) -> None:
+        s = self.tags[name]
+        start, _, regs, _ = self._blocks[s.table]
+        a = s.address + index * s.width
+        if s.is_bits:
+            for k, v in enumerate(values):
+                x = a + k
+                i = (x // 16) - start
+                regs[i] = (regs[i] | (1 << (x % 16))) if v else (regs[i] & ~(1 << (x % 16)))
+            return
+        wire = s.encode(values)
+        regs[a - start : a - start + len(wire)] = wire
+
+
+class S7Memory:
+    """Tag access into the DB bytearrays the snap7 server serves from its own threads (hence the area lock)."""
+
+    def __init__(self, tags: dict[str, S7TagSpec], dbs: dict[int, bytearray], locks: dict[int, threading.Lock]) -> None:
+        self.tags = tags
+        self._dbs = dbs
+        self._locks = locks
+        # one PLC-program lock for multi-tag steps; every DB lock is taken under it in DB order
+        self.lock = _MultiLock([locks[k] for k in sorted(locks)])
+
+    def get_elems(self, name: str, index: int = 0, n: int | None = None) -> list[Any]:
+        s = self.tags[name]
+        with self._locks[s.db]:
+            return s.decode(self._dbs[s.db], 0, index, n)
+
+    def set_elems(self, name: str, values: list[Any], index: int = 0) -> None:
+        s = self.tags[name]
+        db = self._dbs[s.db]
+        with self._locks[s.db]:
+            if s.type == "BOOL":
+                for k, v in enumerate(values):
+                    b = s.byte * 8 + s.bit + index + k
+                    db[b // 8] = (db[b // 8] | (1 << (b % 8))) if v else (db[b // 8] & ~(1 << (b % 8)))
+            else:
+                data = s.encode(values)
+                start = s.byte + index * s.elem_size
+                db[start : start + len(data)] = data
+
+
+class _MultiLock:
+    def __init__(self, locks: list[threading.Lock]) -> None:
+        self._locks = locks
+
+    def __enter__(self) -> None:
+        for lk in self._locks:
+            lk.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        for lk in reversed(self._locks):
+            lk.release()
+
+
+def _get(mem: Any, name: str) -> Any:
+    vals = mem.get_elems(name)
+    return vals if mem.tags[name].count > 1 else vals[0]
+
+
+# --------------------------------------------------------------------------- pty link
+
+
+class PtyLink:
+    """Two pseudo-terminals joined back to back: a null-modem cable for RTU tests without socat or root.
+
+    `client_path` is what the driver opens, `server_path` what the simulator's
+    serial server opens. With `link` set, a symlink there points at
+    client_path so a config can name a stable path.
+    """
+
+    def __init__(self, link: str | None = None) -> None:
+        self._m1, self._s1 = pty.openpty()
+        self._m2, self._s2 = pty.openpty()
+        for fd in (self._s1, self._s2):
+            tty.setraw(fd)
+        for fd in (self._m1, self._m2):
+            os.set_blocking(fd, False)
+        self.server_path = os.ttyname(self._s1)
+        self.client_path = os.ttyname(self._s2)
+        self.link = link
+        if link:
+            if os.path.lexists(link):
+                if not os.path.islink(link):
+                    os.close(self._m1)
+                    raise FileExistsError(f"{link} exists and is not a symlink; will not replace it")
+                os.unlink(link)
+            os.symlink(self.client_path, link)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.broken = False  # fault injection: drop every byte
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._m1, self._pump, self._m1, self._m2)
+        self._loop.add_reader(self._m2, self._pump, self._m2, self._m1)
+
+    def _pump(self, src: int, dst: int) -> None:
+        try:
+            data = os.read(src, 4096)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return
+        if self.broken or not data:
+            return
+        while data:
+            try:
+                n = os.write(dst, data)
+                data = data[n:]
+            except BlockingIOError:
+                time.sleep(0.0005)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        if self._loop is not None:
+            for fd in (self._m1, self._m2):
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(fd)
+        for fd in (self._m1, self._m2, self._s1, self._s2):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        if self.link and os.path.islink(self.link):
+            with contextlib.suppress(OSError):
+                os.unlink(self.link)
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def _simdevice(tags: dict[str, ModbusTagSpec], device_id: int, action: Callable[..., Any]) -> Any:
+    from pymodbus.simulator import DataType, SimData, SimDevice
+
+    blocks = []
+    for table in ("coil", "discrete", "holding", "input"):
+        spans = [(s.address, s.address + s.size) for s in tags.values() if s.table == table]
+        lo = min((a for a, _ in spans), default=0)
+        hi = max((b for _, b in spans), default=1)
+        if table in ("coil", "discrete"):
+            blocks.append([SimData(lo, values=[False] * (hi - lo), datatype=DataType.BITS)])
+        else:
+            blocks.append([SimData(lo, values=[0] * (hi - lo), datatype=DataType.REGISTERS)])
+    return SimDevice(id=device_id, simdata=tuple(blocks), action=action)  # type: ignore[arg-type]
+
+
+class ModbusServerHost:
+    """pymodbus' own server over TCP, RTU over TCP (`socket://` port) or RTU over a pty, restartable on one memory."""
+
+    def __init__(self, cfg: Any, faults: "FaultState") -> None:
+        from pymodbus.simulator.simcore import SimCore
+
+        self.cfg = cfg
+        self.faults = faults
+        self.device_id = cfg.device_id or 0
+        self._simdev = _simdevice(cfg.tags, self.device_id, self._action)
+        self.core = SimCore(self._simdev)
+        self.server: Any = None
+        self.pty: PtyLink | None = None
+        self.bound: str = ""
+        self.port: int | None = getattr(cfg, "port", None)
+
+    async def _action(self, fc: int, start: int, address: int, count: int, regs: list[int], values: Any) -> None:
+        # The slow-PLC fault: every request waits before the datastore answers.
+        delay = self.faults.slow_delay()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        return None
+
+    async def start(self) -> str:
+        from pymodbus.framer import FramerType
+        from pymodbus.server import ModbusSerialServer, ModbusTcpServer
+
+        cfg = self.cfg
+        if cfg.driver == "modbus_tcp":
+            srv = ModbusTcpServer(context=self._simdev, address=(cfg.host, cfg.port))
+        else:
+            port = cfg.serial_port
+            if not port.startswith("socket://"):
+                if self.pty is None:
+                    self.pty = PtyLink(link=port)
+                    self.pty.start()
+                port = self.pty.server_path
+            srv = ModbusSerialServer(
+                context=self._simdev,
+                framer=FramerType.RTU,
+                port=port,
+                baudrate=cfg.baudrate,
+                bytesize=cfg.bytesize,
+                parity="N" if self.pty is not None else cfg.parity,  # some kernels refuse parity on a pty
+                stopbits=cfg.stopbits,
+            )
+        srv.context = self.core  # keep one memory across restarts
+        await srv.serve_forever(background=True)
+        self.server = srv
+        if cfg.driver == "modbus_tcp":
+            sock = srv.transport.sockets[0].getsockname()
+            self.bound = f"modbus_tcp {sock[0]}:{sock[1]}"
+            self.port = sock[1]
+        elif self.pty is not None:
+            self.bound = f"modbus_rtu {cfg.serial_port} -> {self.pty.client_path} (pty)"
+        else:
+            self.bound = f"modbus_rtu {cfg.serial_port}"
+        return self.bound
+
+    async def stop(self) -> None:
+        srv, self.server = self.server, None
+        if srv is not None:
+            with contextlib.suppress(Exception):
+                await srv.shutdown()
+
+    async def close(self) -> None:
+        await self.stop()
+        if self.pty is not None:
+            self.pty.close()
+            self.pty = None
+
+    def memory(self) -> ModbusMemory:
+        return ModbusMemory(self.cfg.tags, self.core, self.device_id)
+
+
+class S7ServerHost:
+    """python-snap7's own (threaded) server on a configurable port, with fault hooks and correct bit writes."""
+
+    def __init__(self, cfg: Any, faults: "FaultState") -> None:
+        self.cfg = cfg
+        self.faults = faults
+        sizes: dict[int, int] = {}
+        for s in cfg.tags.values():
+            start, n = s.byte_span()
+            sizes[s.db] = max(sizes.get(s.db, 0), start + n)
+        self.dbs = {db: bytearray(size) for db, size in sizes.items()}
+        self.server: Any = None
+        self.bound = ""
+        self.port = cfg.port
+
+    def _make(self) -> Any:
+        from snap7.type import SrvArea
+
+        srv = _s7_server_class()(self.faults)
+        for db, data in self.dbs.items():
+            srv.register_area(SrvArea.DB, db, data)
+        return srv
+
+    async def start(self) -> str:
+        if self.server is None:
+            self.server = self._make()
+        ip = socket.gethostbyname(self.cfg.host)
+        await asyncio.to_thread(self.server.start_to, ip, self.port)
+        self.port = self.server.server_socket.getsockname()[1]
+        self.bound = f"s7 {ip}:{self.port}"
+        return self.bound
+
+    async def stop(self) -> None:
+        if self.server is not None and self.server.running:
+            self.server.drop_clients()
+            await asyncio.to_thread(self.server.stop)
+
+    async def close(self) -> None:
+        await self.stop()
+
+    def memory(self) -> S7Memory:
+        if self.server is None:
+            self.server = self._make()
+        locks = {k[1]: lk for k, lk in self.server.area_locks.items()}
+        return S7Memory(self.cfg.tags, self.dbs, locks)
+
+
+@functools.lru_cache(maxsize=None)
+def _s7_server_class() -> type:
+    """Built on first use so importing this module does not import snap7."""
+    import snap7
+    from snap7.datatypes import S7WordLen
+
+    class SimS7Server(snap7.Server):
+        """snap7.Server plus: a slow-reply hook, dropping live connections, and real single-bit writes.
+
+        snap7 3.3's server turns a BIT write into a whole-byte write at the
+        byte address, which would clobber the neighbouring bits; a real CPU
+        writes only the addressed bit, and linectl relies on that.
+        """
+
+        def __init__(self, faults: "FaultState") -> None:
+            super().__init__(log=False)
+            self.faults = faults
+            self._socks: set[socket.socket] = set()
+            self._socks_lock = threading.Lock()
+
+        def _handle_client(self, client_socket: socket.socket, address: Any) -> None:
+            with self._socks_lock:
+                self._socks.add(client_socket)
+            try:
+                super()._handle_client(client_socket, address)
+            finally:
+                with self._socks_lock:
+                    self._socks.discard(client_socket)
+
+        def drop_clients(self) -> None:
+            with self._socks_lock:
+                socks = list(self._socks)
+            for s in socks:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+        def _process_request(self, request_data: bytes, client_address: Any) -> Any:
+            delay = self.faults.slow_delay()
+            if delay > 0:
+                time.sleep(delay)
+            return super()._process_request(request_data, client_address)
+
+        def _parse_address_specification(self, addr_spec: bytes) -> dict[str, Any]:
+            out = super()._parse_address_specification(addr_spec)
+            if out and out.get("word_len") == S7WordLen.BIT:
+                out["bit"] = int.from_bytes(addr_spec[9:12], "big") % 8
+            return out
+
+        def _handle_write_area(self, request: dict[str, Any], client_address: Any) -> bytes:
+            spec = request.get("parameters", {}).get("address_spec", {})
+            if spec.get("word_len") != S7WordLen.BIT:
+                return super()._handle_write_area(request, client_address)
+            data = request.get("data", {}).get("data", b"")
+            key = (spec.get("area"), spec.get("db_number"))
+            if not data or key not in self.memory_areas:
+                return self._build_error_response(request, 0x8404)
+            start, bit = spec["start"], spec.get("bit", 0)
+            with self.area_locks[key]:
+                area = self.memory_areas[key]
+                if start >= len(area):
+                    return self._build_error_response(request, 0x8404)
+                area[start] = (area[start] | (1 << bit)) if data[0] & 1 else (area[start] & ~(1 << bit))
+            import struct
+
+            header = struct.pack(">BBHHHHBB", 0x32, 0x03, 0, request["sequence"], 2, 1, 0, 0)
+            return header + struct.pack(">BB", 0x05, 1) + b"\xff"
+
+    return SimS7Server
+
+
+
+# --------------------------------------------------------------------------- faults
+
+
+class FaultState:
+    """Active injected faults, each until a monotonic deadline (or a unit count)."""
+
+    def __init__(self) -> None:
+        self.until: dict[str, float] = {}
+        self.params: dict[str, dict[str, Any]] = {}
+        self.counts: dict[str, int] = {}
+
+    def set(self, kind: str, duration_s: float | None, **params: Any) -> None:
+        self.until[kind] = time.monotonic() + duration_s if duration_s is not None else float("inf")
+        self.params[kind] = params
+        if params.get("units"):
+            self.counts[kind] = int(params["units"])
+
+    def clear(self, kind: str) -> None:
+        self.until.pop(kind, None)
+        self.params.pop(kind, None)
+        self.counts.pop(kind, None)
+
+    def active(self, kind: str) -> bool:
+        t = self.until.get(kind)
+        if t is None:
+            return False
+        if time.monotonic() >= t:
+            self.clear(kind)
+            return False
+        return True
+
+    def consume(self, kind: str) -> bool:
+        """True when the fault applies to this unit (unit-counted faults count down)."""
+        if not self.active(kind):
+            return False
+        if kind in self.counts:
+            self.counts[kind] -= 1
+            if self.counts[kind] <= 0:
+                self.clear(kind)
+        return True
+
+    def slow_delay(self) -> float:
+        if not self.active("slow"):
+            return 0.0
+        return float(self.params.get("slow", {}).get("delay_s", 1.0))
+
+    def as_dict(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {k: {"remaining_s": (round(t - now, 3) if t != float("inf") else None), **self.params.get(k, {})}
+                for k, t in self.until.items() if t > now}
+
+
+# --------------------------------------------------------------------------- the PLC program
+
+
+class PlcSim:
+    """The simulated PLC: protocol server + scan cycle (heartbeats, interlock) + the reject gate.
+
+    The conveyor asks `belt_running()` / `feed_mode()` for the interlock,
+    `count_trigger()` for each product it feeds, and `gate(unit)` when a unit
+    reaches the reject gate.
+    """
+
+    def __init__(self, name: str, cfg: Any, *, scan_s: float = 0.005, heartbeat_period_s: float = 0.5) -> None:
+        self.name = name
+        self.cfg = cfg
+        self.faults = FaultState()
+        self.host: ModbusServerHost | S7ServerHost = (
+            S7ServerHost(cfg, self.faults) if cfg.driver == "s7" else ModbusServerHost(cfg, self.faults)
+        )
+        self.mem: Any = self.host.memory()
+        self.tags = cfg.tags
+        self.ring = cfg.tags["verdict_ring"].count // 2 if "verdict_ring" in cfg.tags else 0
+        self.scan_s = scan_s
+        self.heartbeat_period_s = heartbeat_period_s
+        self.heartbeat_timeout_s = getattr(cfg, "heartbeat_timeout_s", 2.0)
+        self.controller_alive = False
+        self.estop = False
+        self.line_mode = MODE_IDLE
+        self.line_running = False
+        self._ctl_value: Any = None
+        self._ctl_changed_at = 0.0
+        self._hb = False
+        self._next_hb = 0.0
+        self._task: asyncio.Task | None = None
+        self._fault_tasks: set[asyncio.Task] = set()
+        self._listeners: list[Callable[[], None]] = []
+        self.trigger_count = 0
+        self.pass_total = 0
+        self.reject_total = 0
+        self.jammed = 0
+        self.unconfirmed = 0
+        self.log = log.bind(device=name)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> str:
+        bound = await self.host.start()
+        self._task = asyncio.create_task(self._scan_loop(), name=f"plcsim:{self.name}")
+        self.log.info("plc_sim_listening", at=bound)
+        return bound
+
+    async def stop(self) -> None:
+        for t in list(self._fault_tasks):
+            t.cancel()
+        task, self._task = self._task, None
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=0.5)
+        await self.host.close()
+
+    @property
+    def listening(self) -> str:
+        return self.host.bound
+
+    def on_change(self, cb: Callable[[], None]) -> None:
+        """cb() after any interlock-relevant change (so the conveyor need not poll)."""
+        self._listeners.append(cb)
+
+    # -- tag helpers ----------------------------------------------------------------
+
+    def has(self, name: str) -> bool:
+        return name in self.tags
+
+    def get(self, name: str) -> Any:
+        return _get(self.mem, name) if name in self.tags else None
+
+    def set(self, name: str, value: Any, index: int | None = None) -> None:
+        if name not in self.tags:
+            raise KeyError(f"{self.name}: no tag {name}")
+        spec = self.tags[name]
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        values = [spec.check_value(v) for v in values]
+        self.mem.set_elems(name, values, index or 0)
+
+    # -- scan cycle -----------------------------------------------------------------
+
+    async def _scan_loop(self) -> None:
+        while True:
+            try:
+                self.scan()
+            except Exception as exc:  # noqa: BLE001 - a bad scan must not kill the PLC
+                self.log.error("plc_scan_error", error=str(exc))
+            await asyncio.sleep(self.scan_s)
+
+    def scan(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_hb:
+            self._next_hb = now + self.heartbeat_period_s
+            if not self.faults.active("heartbeat_stop") and self.has("heartbeat_plc"):
+                self._hb = not self._hb
+                self.set("heartbeat_plc", self._hb)
+        before = (self.controller_alive, self.estop, self.line_mode, self.line_running)
+        if self.has("heartbeat_ctl"):
+            v = self.get("heartbeat_ctl")
+            if v != self._ctl_value:
+                if self._ctl_value is not None:
+                    if not self.controller_alive:
+                        self.log.info("plc_controller_alive")
+                    self.controller_alive = True
+                    self._ctl_changed_at = now
+                self._ctl_value = v
+            if self.controller_alive and now - self._ctl_changed_at > self.heartbeat_timeout_s:
+                # Fail-safe: the controller died. Stop the line and drop its run permission, so a
+                # restarted controller has to start the line deliberately.
+                self.controller_alive = False
+                self.log.warning("plc_controller_lost", timeout_s=self.heartbeat_timeout_s)
+                if self.has("line_running"):
+                    self.set("line_running", 0)
+        else:
+            self.controller_alive = True
+        estop = bool(self.get("estop")) if self.has("estop") else False
+        self.estop = estop or self.faults.active("estop")
+        self.line_mode = int(self.get("line_mode") or 0) if self.has("line_mode") else MODE_PRODUCTION
+        self.line_running = bool(self.get("line_running")) if self.has("line_running") else True
+        if (self.controller_alive, self.estop, self.line_mode, self.line_running) != before:
+            for cb in list(self._listeners):
+                cb()
+
+    # -- interlock, triggers, gate --------------------------------------------------
+
+    def belt_running(self) -> bool:
+        """The conveyor moves unless e-stopped or the controller is dead (fail-safe stop)."""
+        return self.controller_alive and not self.estop
+
+    def feed_mode(self) -> int:
+        """Line mode the infeed runs in: 0 = no product (serialization interlock), 1 challenge, 2 production."""
+        if not self.belt_running() or not self.line_running or self.line_mode not in (MODE_CHALLENGE, MODE_PRODUCTION):
+            return MODE_IDLE
+        return self.line_mode
+
+    def count_trigger(self) -> int:
+        self.trigger_count += 1
+        if self.has("trigger_count"):
+            self.set("trigger_count", self.trigger_count & 0xFFFFFFFF)
+        return self.trigger_count
+
+    def verdict_of(self, seq: int) -> tuple[int, int] | None:
+        if not self.ring:
+            return None
+        slot = seq % self.ring
+        s, v = self.mem.get_elems("verdict_ring", 2 * slot, 2)
+        return int(s), int(v)
+
+    def gate(self, unit: SimUnit) -> str:
+        """Decide and physically act on one unit at the reject gate; returns its outcome."""
+        seq = unit.seq
+        with self.mem.lock:
+            slot = self.verdict_of(seq)
+            good = slot == (seq & 0xFFFFFFFF, VERDICT_GOOD)
+            unit.extras["verdict"] = slot[1] if slot and slot[0] == seq else None
+            if good:
+                self.pass_total += 1
+                if self.has("pass_total"):
+                    self.set("pass_total", self.pass_total & 0xFFFFFFFF)
+                return "passed"
+            if self.faults.consume("gate_jam"):
+                # The gate did not move: the unit escapes and no confirm comes (linectl must stop the line).
+                self.jammed += 1
+                unit.extras["gate"] = "jammed"
+                return "passed"
+            if self.faults.consume("confirm_lost"):
+                self.unconfirmed += 1
+                unit.extras["gate"] = "unconfirmed"
+                return "rejected"
+            self.reject_total += 1
+            if self.ring and self.has("reject_ring"):
+                self.set("reject_ring", seq & 0xFFFFFFFF, index=seq % self.ring)
+            if self.has("reject_total"):
+                self.set("reject_total", self.reject_total & 0xFFFFFFFF)
+            return "rejected"
+
+    # -- faults ---------------------------------------------------------------------
+
+    def inject(self, fault: str, **params: Any) -> dict[str, Any]:
+        """Inject a fault. duration_s (default 5 s) bounds timed faults; gate faults may give units=N instead."""
+        if fault not in FAULTS and fault != "clear":
+            raise ValueError(f"unknown PLC fault {fault!r} (known: {', '.join(FAULTS)}, clear)")
+        if fault == "clear":
+            for k in list(self.faults.until):
+                self.faults.clear(k)
+            return {"cleared": True}
+        duration = params.pop("duration_s", None)
+        if duration is None and not params.get("units"):
+            duration = 5.0
+        self.faults.set(fault, float(duration) if duration is not None else None, **params)
+        self.log.warning("plc_fault_injected", fault=fault, duration_s=duration, **params)
+        if fault == "disconnect":
+            t = asyncio.create_task(self._outage(float(duration or 5.0)))
+            self._fault_tasks.add(t)
+            t.add_done_callback(self._fault_tasks.discard)
+        return {"fault": fault, "duration_s": duration, **params}
+
+    async def _outage(self, duration: float) -> None:
+        host = self.host
+        pty_link = getattr(host, "pty", None)
+        if pty_link is not None:
+            pty_link.broken = True  # a cut RS-485 cable: the port stays, the bytes vanish
+        else:
+            await host.stop()
+        try:
+            await asyncio.sleep(duration)
+        finally:
+            if pty_link is not None:
+                pty_link.broken = False
+            else:
+                for _ in range(50):
+                    try:
+                        await host.start()
+                        break
+                    except Exception:  # noqa: BLE001 - the port may linger a moment
+                        await asyncio.sleep(0.1)
+            self.faults.clear("disconnect")
+            self.log.info("plc_fault_over", fault="disconnect")
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "listening": self.listening,
+            "controller_alive": self.controller_alive,
+            "estop": self.estop,
+            "line_mode": self.line_mode,
+            "line_running": self.line_running,
+            "trigger_count": self.trigger_count,
+            "pass_total": self.pass_total,
+            "reject_total": self.reject_total,
+            "gate_jammed": self.jammed,
+            "rejects_unconfirmed": self.unconfirmed,
+            "faults": self.faults.as_dict(),
+        }
+
+
+# --------------------------------------------------------------------------- standalone
+
+
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (tests, benches: never needs root, never port 102)."""
+    with socket.socket() as so:
+        so.bind((host, 0))
+        return so.getsockname()[1]
+
+
+def default_config(driver: str, host: str = "127.0.0.1", port: int | None = None, **extra: Any) -> Any:
+    """A driver config with the default tag map, for standalone runs and tests."""
+    if driver == "s7":
+        from drivers.s7 import S7Config
+
+        return S7Config(driver="s7", host=host, port=port if port is not None else 1102, tags=DEFAULT_S7_TAGS, **extra)
+    if driver == "modbus_rtu":
+        from drivers.modbus import ModbusRtuConfig
+
+        return ModbusRtuConfig(driver="modbus_rtu", serial_port=extra.pop("serial", "/tmp/linectl-plc-rtu"), tags=DEFAULT_MODBUS_TAGS, **extra)
+    from drivers.modbus import ModbusTcpConfig
+
+    return ModbusTcpConfig(driver="modbus_tcp", host=host, port=port if port is not None else 1502, tags=DEFAULT_MODBUS_TAGS, **extra)
+
+
+async def _amain(args: argparse.Namespace) -> int:
+    if args.config:
+        from linectl.config import load_config
+
+        line = load_config(args.config)
+        if args.device not in line.devices:
+            print(f"no device {args.device!r} in {args.config}", file=sys.stderr)
+            return 2
+        cfg = line.devices[args.device]
+        if cfg.driver not in ("modbus_tcp", "modbus_rtu", "s7"):
+            print(f"device {args.device} is a {cfg.driver}, not a PLC", file=sys.stderr)
+            return 2
+        name = args.device
+    else:
+        extra: dict[str, Any] = {}
+        if args.driver == "modbus_rtu":
+            extra["serial"] = args.serial
+        cfg = default_config(args.driver, args.host, args.port, **extra)
+        name = args.driver
+    sim = PlcSim(name, cfg)
+    bound = await sim.start()
+    print(f"{name}: listening on {bound}", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    await sim.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m simulators.plc", description=__doc__.split("\n")[0])
+    p.add_argument("--config", "-c", help="line YAML; serve the device named by --device")
+    p.add_argument("--device", help="PLC device name in the config")
+    p.add_argument("--driver", choices=["modbus_tcp", "modbus_rtu", "s7"], default="modbus_tcp", help="standalone: protocol")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, help="standalone TCP port (default 1502 Modbus, 1102 S7)")
+    p.add_argument("--serial", default="/tmp/linectl-plc-rtu", help="standalone RTU: symlink to the pty, or socket://host:port")
+    args = p.parse_args(argv)
+    if args.config and not args.device:
+        p.error("--config needs --device")
+    from linectl.logging import setup_logging
+
+    setup_logging("info")
+    return asyncio.run(_amain(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
