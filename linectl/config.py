@@ -41,7 +41,7 @@ class LineIdentity(Model):
     gln: str = Field(description="13-digit GLN of the site/line, used for EPCIS readPoint/bizLocation")
     company_prefix_length: int = Field(ge=4, le=12, description="GS1 company prefix length of the GLN")
     gln_extension: str = Field("0", pattern=r"^[!\"%&'()*+,\-./0-9:;<=>?A-Z_a-z]{1,20}$")
-    timezone_offset: str = Field("+00:00", pattern=r"^[+-](0\d|1[0-4]):[0-5]\d$")
+    timezone_offset: str = Field("+00:00", pattern=r"^[+-]((0\d|1[0-3]):[0-5]\d|14:00)$")
 
     @field_validator("gln")
     @classmethod

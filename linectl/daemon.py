@@ -70,11 +70,17 @@ class Daemon:
         self.drivers = build_drivers(self.cfg)
         self.line = Line(self.cfg, self.store, self.drivers)
         await self.line.recover_in_flight()
+        from linectl.engine.aggregation import recover_containers  # SSCCs labelled but never recorded: void them
+
+        await recover_containers(self.store)
         await self.line.load_open_batch()
         for d in self.drivers.values():
             await d.start()
         self.supervisor = Supervisor(on_give_up=self._task_gave_up)
         for st in self.line.stations:
+            for name, factory in st.tasks().items():
+                self.supervisor.start(name, factory)
+        for st in self.line.aggregation_stations:  # case, pallet and rework stations
             for name, factory in st.tasks().items():
                 self.supervisor.start(name, factory)
         for plc in self.line.plcs:
@@ -97,6 +103,7 @@ class Daemon:
         self.supervisor.start("forwarder", fwd.run)
         self.supervisor.start("mqtt_bridge", bridge.run)
         self.line.on_state_change(bridge.state_changed)
+        self.line.on_pool_low = lambda gtin, count: bridge.request_serials(gtin, count, "pool")
 
     async def _task_gave_up(self, name: str, exc: BaseException) -> None:
         if self.line is not None:
@@ -137,6 +144,8 @@ class Daemon:
                 await asyncio.wait_for(line._stop_batch(actor="system", origin="daemon", reason=reason), 30)
             except Exception as exc:  # noqa: BLE001
                 log.error("stop_on_shutdown_failed", error=str(exc))
+        if self.supervisor is not None:
+            self.supervisor.stopping()
         for u in self.upstream:
             stop = getattr(u, "stop", None)
             if stop is not None:

@@ -219,6 +219,18 @@ class EpcisMapper:
         disposition: str | None,
         ilmd: dict[str, str] | None = None,
     ) -> list[dict[str, Any]]:
+        if len(epcs) == 1:  # the common case, without the chunking machinery
+            d = self._base(e, "ObjectEvent")
+            d["epcList"] = list(epcs)
+            d["action"] = action
+            d["bizStep"] = biz_step
+            if disposition:
+                d["disposition"] = disposition
+            d["readPoint"] = {"id": self.read_point}
+            d["bizLocation"] = {"id": self.biz_location}
+            if ilmd:
+                d["ilmd"] = ilmd
+            return [d]
         out = []
         for i, part in enumerate(_chunks(epcs)):
             d = self._base(e, "ObjectEvent", chunk_event_id(e.event_id, i))
@@ -284,8 +296,11 @@ class EpcisMapper:
 # --------------------------------------------------------------------------- documents
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps builds a new one per call with these args
+
+
 def _dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))  # ASCII only: len() is the byte size
+    return _ENCODER.encode(obj)  # ASCII only (ensure_ascii): len() is the byte size
 
 
 def encode_event(event: dict[str, Any]) -> str:

@@ -1,46 +1,55 @@
 """Outbox -> MQTT: every stored event reaches upstream at least once, in order, after any outage.
 
 The SQLite outbox is the only buffer. A row is marked forwarded only after the
-broker's PUBACK for the message that carries it (and for every message
-published before it), so a crash, a dead broker or a cut cable can cause a
-duplicate upstream (same eventID) but never a gap. Sessions are clean: after
-every (re)connect the forwarder starts again from the first outbox row that is
-neither marked nor acknowledged; nothing relies on a broker or client session
-surviving.
+broker's PUBACK for the message that carries it and for every message
+published before it (confirm="puback"), or only after the upstream consumer
+confirms it on <root>/confirm (confirm="upstream"). So a crash, a dead broker
+or a cut cable can cause a duplicate upstream (same eventID), never a gap.
+Sessions are clean: after every (re)connect the forwarder starts again from
+the first outbox row that is neither marked nor acknowledged; nothing relies
+on a broker or client session surviving.
+
+Custody: a PUBACK means the broker has the message. A broker that is killed
+before it delivers (or a non-persistent subscriber) can still lose it; only
+confirm="upstream" closes that gap (the consumer confirms
+{"ranges": [[first_seq, last_seq], ...]} once it has stored a message, and an
+unconfirmed message is sent again after confirm_timeout_s).
 
 Topics (root = mqtt.topic_root or <enterprise>/<site>/<area>/<line>):
   <root>/events   EPCISDocument (EPCIS 2.0 JSON-LD), many events per message
   <root>/alarms   one JSON object per AlarmRaised / AlarmAcknowledged row
   <root>/records  one JSON object per other row (batch state, challenge results,
                   serials returned, an SSCC voided before it was commissioned...)
-All QoS 1, not retained. Non-EPCIS rows travel in the same ordered stream as
-the EPCIS ones, so "forwarded" means the same thing for every row.
+All QoS 1, not retained. Every message names its outbox seq range: MQTT 5 user
+properties first_seq/last_seq, the document's instanceIdentifier "first-last",
+`seq` in alarm/record payloads. Non-EPCIS rows travel in the same ordered
+stream as the EPCIS ones, so "forwarded" means the same thing for every row.
 
 Ordering. Messages are built from consecutive outbox rows in seq order and
 published in that order over one connection, so a subscriber sees them in seq
-order (MQTT keeps the order of QoS 1 messages from one publisher per topic).
-Catch-up: when a (re)connect finds more than `catchup_threshold` unforwarded
-rows, the forwarder freezes the boundary S = last seq at that moment and runs
-two lanes over the same bounded window of unacknowledged messages: the backlog
-lane (rows <= S, oldest first) and the live lane (rows > S). A ready live
-message always goes first, so a live event waits for at most one window slot
-(one document round-trip), not for the backlog. Guarantee, exactly: within each
-lane rows are published in seq order; a live row (> S) may arrive before older
-backlog rows (<= S) of the same lot; rows are never marked out of publish order;
-every EPCIS event keeps its eventTime and eventID, and every message carries its
-seq range (MQTT 5 user properties first_seq/last_seq; `seq` in alarm/record
-payloads) so a consumer that needs strict order can restore it. Below the
-threshold (the normal case, and any short outage) there is one lane and strict
-seq order. `catchup_threshold=None` disables the split (strict order always, at
-the price of live delay = drain time).
+order. Catch-up: when a (re)connect finds more than `catchup_threshold`
+unforwarded rows, the forwarder freezes the boundary S = last seq at that
+moment and runs two lanes over the same bounded window of unacknowledged
+messages: the backlog lane (rows <= S, oldest first) and the live lane
+(rows > S). A ready live message always goes first, so a live event waits for
+at most one window slot (one document round-trip), not for the backlog.
+Guarantee, exactly: within each lane rows are published in seq order; a live
+row (> S) may arrive before older backlog rows (<= S), also of the same lot;
+rows are never marked out of publish order; eventTime, eventID and the seq
+range let a consumer that needs strict order restore it. Below the threshold
+(the normal case, and any short outage) there is one lane and strict seq
+order. `catchup_threshold=None` keeps strict order always, at the price of a
+live delay equal to the drain time. The backlog lane is paced
+(`catchup_max_rate` rows/s) so that draining days of backlog never slows the
+line itself, which shares this process and the store's single writer.
 
 Why not aiomqtt's `await client.publish(qos=1)`: in aiomqtt 2.5.1 it does wait
 for the PUBACK (paho 2.2 calls on_publish when the PUBACK arrives), but it
-drops the MQTT 5 PUBACK reason code (a broker refusing a message with 0x87
-"not authorized" would look delivered) and its wait is a plain timeout that a
-dropped connection does not end. AckingClient keeps paho's MQTTMessageInfo mid
-and resolves a future with the reason code, and the window also watches the
-connection.
+drops the MQTT 5 PUBACK reason code (Mosquitto answers an ACL-denied publish
+with 0x87 "not authorized", which would look delivered) and its wait is a
+plain timeout that a dropped connection does not end. AckingClient keeps
+paho's message id and resolves a future with the reason code, and the window
+also watches the connection.
 """
 
 from __future__ import annotations
@@ -53,7 +62,7 @@ import json
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -193,7 +202,6 @@ class _Message:
     last_seq: int
     seqs: list[int]  # rows completed by this message (a row split over several documents rides on its last one)
     events: int
-    oldest_created: float | None
 
 
 @dataclass
@@ -203,7 +211,6 @@ class _Lane:
     end: int | None  # inclusive upper bound (backlog lane) or None (follows the outbox)
     queue: asyncio.Queue[_Message]
     done: bool = False
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class _SessionEnd(Exception):
@@ -223,18 +230,20 @@ class Forwarder:
         *,
         client_id: str | None = None,
         max_inflight: int = 20,
-        page_size: int = 2000,
+        page_size: int = 500,
+        catchup_max_rate: float | None = 10_000.0,
         catchup_threshold: int | None = 20_000,
         poll_interval_s: float = 0.05,
         ack_timeout_s: float = 30.0,
         stats_interval_s: float = 1.0,
-        max_unmarked: int = 200_000,
+        max_unmarked: int = 20_000,
+        mark_chunk: int = 1000,
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 10.0,
         mapper: epcis.EpcisMapper | None = None,
         confirm: str = "puback",
         confirm_timeout_s: float = 60.0,
-        max_unconfirmed: int = 100_000,
+        max_unconfirmed: int | None = None,
     ) -> None:
         if confirm not in ("puback", "upstream"):
             raise ValueError("confirm must be 'puback' or 'upstream'")
@@ -245,12 +254,21 @@ class Forwarder:
         self.client_id = client_id or f"{cfg.mqtt.client_id or default_client_id(cfg)}-fwd"
         self.mapper = mapper or epcis.EpcisMapper.from_config(cfg)
         self.max_inflight = max_inflight
+        # Small pages: reading and decoding a page holds the GIL in long C calls, which the line's event
+        # loop and the store writer (same process) feel as latency.
         self.page_size = page_size
+        # The backlog lane is paced (rows/s) so a catch-up leaves CPU to the line: it shares the process,
+        # the GIL and the store writer with the engine (measured on 2 CPUs: unpaced, the line's appends
+        # reached p99 ~100-350 ms during a 1M-row catch-up). None = as fast as possible.
+        self.catchup_max_rate = catchup_max_rate
         self.catchup_threshold = catchup_threshold
         self.poll_interval_s = poll_interval_s
         self.ack_timeout_s = ack_timeout_s
         self.stats_interval_s = stats_interval_s
         self.max_unmarked = max_unmarked
+        # The store has one writer for everything: the line's own appends queue behind whatever we
+        # submit. Marks go in small operations, one at a time, so an append never waits behind a big one.
+        self.mark_chunk = mark_chunk
         self.max_events = cfg.mqtt.max_events_per_message
         self.max_bytes = cfg.mqtt.max_bytes_per_message
         self.v5 = cfg.mqtt.protocol == "5"
@@ -261,8 +279,14 @@ class Forwarder:
         self.topic_confirm = f"{self.root}/confirm"
         self.confirm = confirm
         self.confirm_timeout_s = confirm_timeout_s
-        self.max_unconfirmed = max_unconfirmed
-        self._awaiting: collections.OrderedDict[tuple[int, int], tuple[_Message, float]] = collections.OrderedDict()
+        # upstream mode: acknowledged but unconfirmed messages, bounded so a slow consumer slows the
+        # forwarder down instead of letting confirmations fall behind the timeout (go-back-N livelock)
+        self.max_unconfirmed = max_unconfirmed or 4 * max_inflight
+        # upstream mode: acknowledged messages waiting for the consumer's confirmation, oldest first; by seq range
+        # a list, since the parts of one split row share the range (first, last) = (row, row)
+        self._awaiting: collections.OrderedDict[int, list[Any]] = collections.OrderedDict()  # id -> [msg, t, confirmed]
+        self._awaiting_by_range: dict[tuple[int, int], collections.deque[int]] = {}
+        self._awaiting_ids = 0
         self._awaiting_rows = 0
 
         self._stop = asyncio.Event()
@@ -334,12 +358,16 @@ class Forwarder:
             while not self._stop.is_set():
                 try:
                     client = AckingClient(**client_options(self.mqtt, self.client_id, max_inflight=self.max_inflight), timeout=10.0)
-                    async with client:
-                        self._set_connected(True)
-                        try:
-                            await self._session(client)
-                        finally:
-                            client.abandon_pending()
+                    try:
+                        async with client:
+                            self._set_connected(True)
+                            try:
+                                await self._session(client)
+                            finally:
+                                client.abandon_pending()
+                    finally:
+                        if client.disconnected.done() and not client.disconnected.cancelled():
+                            client.disconnected.exception()  # retrieved: no "exception never retrieved" noise
                 except (aiomqtt.MqttError, _SessionEnd, OSError) as exc:
                     self._set_connected(False, str(exc) or type(exc).__name__)
                 except asyncio.CancelledError:
@@ -375,7 +403,9 @@ class Forwarder:
         changed = reason != self._last_error
         if reason != "stopped" or was:
             self._last_error = reason
-        if was:
+        if was and reason == "stopped":
+            log.info("forwarder_stopped", backlog=self.backlog)
+        elif was:
             log.warning("forwarder_disconnected", reason=reason, backlog=self.backlog)
         elif changed and reason != "stopped":
             log.warning("forwarder_connect_failed", reason=reason, backlog=self.backlog)
@@ -402,7 +432,7 @@ class Forwarder:
                     len(inflight) < self.max_inflight
                     and not self._stop.is_set()
                     and len(self._unmarked_acked) < self.max_unmarked
-                    and self._awaiting_rows < self.max_unconfirmed
+                    and len(self._awaiting) < self.max_unconfirmed
                 ):
                     msg = self._next_message()
                     if msg is None:
@@ -456,6 +486,7 @@ class Forwarder:
             await asyncio.gather(*fillers, return_exceptions=True)
             self._lanes = []
             self._awaiting.clear()
+            self._awaiting_by_range.clear()
             self._awaiting_rows = 0
             if self.catch_up is not None and not self.catch_up.get("done"):
                 self.catch_up = None  # replanned on the next connection
@@ -482,7 +513,9 @@ class Forwarder:
         self.published_events += msg.events
         self.last_ack_at = time.time()
         if self.confirm == "upstream":
-            self._awaiting[(msg.first_seq, msg.last_seq)] = (msg, time.monotonic())
+            self._awaiting_ids += 1
+            self._awaiting[self._awaiting_ids] = [msg, time.monotonic(), False]
+            self._awaiting_by_range.setdefault((msg.first_seq, msg.last_seq), collections.deque()).append(self._awaiting_ids)
             self._awaiting_rows += len(msg.seqs) or 1
             return
         self._forwarded(msg)
@@ -497,7 +530,9 @@ class Forwarder:
         """Upstream says which messages it has stored: {"ranges": [[first_seq, last_seq], ...]}.
 
         Only a range that is exactly a message still awaiting confirmation counts, so a
-        stale or wrong confirmation can never mark rows that were not delivered."""
+        stale or wrong confirmation can never mark rows that were not delivered; and rows
+        are marked in publish order (a row split over several documents is complete only
+        when all of them are confirmed), as with PUBACKs."""
         async for m in client.messages:
             if str(m.topic) != self.topic_confirm:
                 continue
@@ -508,10 +543,16 @@ class Forwarder:
                 log.warning("confirmation_ignored", error=str(exc), payload=bytes(m.payload)[:200])
                 continue
             for key in keys:
-                item = self._awaiting.pop(key, None)
-                if item is not None:
-                    self._awaiting_rows -= len(item[0].seqs) or 1
-                    self._forwarded(item[0])
+                ids = self._awaiting_by_range.get(key)
+                if not ids:
+                    continue
+                self._awaiting[ids.popleft()][2] = True
+                if not ids:
+                    del self._awaiting_by_range[key]
+            while self._awaiting and next(iter(self._awaiting.values()))[2]:
+                msg = self._awaiting.popitem(last=False)[1][0]
+                self._awaiting_rows -= len(msg.seqs) or 1
+                self._forwarded(msg)
             self._ready.set()
 
     # ---------------------------------------------------------------- planning and reading
@@ -552,10 +593,17 @@ class Forwarder:
 
     async def _fill(self, lane: _Lane) -> None:
         """Keep the lane's queue stocked with ready messages (bounded: the queue blocks when full)."""
+        paced = lane.end is not None and self.catchup_max_rate
+        t_start, rows_done = time.monotonic(), 0
         while True:
             if lane.end is None:
                 self._wake_live.clear()
             msgs, cursor, n_rows, finished = await asyncio.to_thread(self._read_build, lane.cursor, lane.end, lane.name)
+            if paced:
+                rows_done += n_rows
+                ahead = rows_done / self.catchup_max_rate - (time.monotonic() - t_start)  # type: ignore[operator]
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
             lane.cursor = cursor
             for m in msgs:
                 await lane.queue.put(m)
@@ -609,18 +657,16 @@ class Forwarder:
         size = 0
         seqs: list[int] = []
         first = last = 0
-        oldest: float | None = None
 
         def flush() -> None:
-            nonlocal doc, size, seqs, first, oldest
+            nonlocal doc, size, seqs
             if doc:
                 payload = head + f'"instanceIdentifier":"{first}-{last}",'.encode() + body_open + ",".join(doc).encode() + epcis.DOCUMENT_TAIL.encode()
-                out.append(_Message(self.topic_events, payload, lane, first, last, seqs, len(doc), oldest))
-            doc, size, seqs, oldest = [], 0, [], None
+                out.append(_Message(self.topic_events, payload, lane, first, last, seqs, len(doc)))
+            doc, size, seqs = [], 0, []
 
         for row in rows:
             e = row.event
-            created = _epoch(row.created_at)
             mapped: list[dict[str, Any]] | None = None
             error = None
             if getattr(e, "epcis", False):
@@ -638,12 +684,10 @@ class Forwarder:
                     doc.append(enc)
                     size += len(enc) + 1
                     last = row.seq
-                    if created is not None and (oldest is None or created < oldest):
-                        oldest = created
                 seqs.append(row.seq)
                 continue
             flush()
-            out.append(self._record_message(row, lane, created, error))
+            out.append(self._record_message(row, lane, _epoch(row.created_at), error))
         flush()
         return out
 
@@ -655,7 +699,7 @@ class Forwarder:
         if error:
             body["epcis_error"] = error
         topic = self.topic_alarms if row.kind in ALARM_KINDS else self.topic_records
-        return _Message(topic, json.dumps(body, separators=(",", ":")).encode(), lane, row.seq, row.seq, [row.seq], 1, created)
+        return _Message(topic, json.dumps(body, separators=(",", ":")).encode(), lane, row.seq, row.seq, [row.seq], 1)
 
     # ---------------------------------------------------------------- marking and stats
 
@@ -668,7 +712,7 @@ class Forwarder:
 
     async def _flush_marks(self, retry: bool = False) -> None:
         while self._mark_pending:
-            batch, self._mark_pending = self._mark_pending, []
+            batch, self._mark_pending = self._mark_pending[: self.mark_chunk], self._mark_pending[self.mark_chunk :]
             try:
                 await self.store.mark_forwarded(batch)
             except asyncio.CancelledError:

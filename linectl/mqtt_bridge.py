@@ -221,7 +221,9 @@ class MqttBridge:
         changed = reason != self._last_error
         if reason != "stopped" or was:
             self._last_error = reason
-        if was:
+        if was and reason == "stopped":
+            log.info("mqtt_stopped")
+        elif was:
             log.warning("mqtt_disconnected", reason=reason)
         elif changed and reason != "stopped":
             log.warning("mqtt_connect_failed", reason=reason)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 PAGE = 5000
-_FAILED: list[int] = []  # rows that could not be mapped (reported; exit 1)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -90,15 +89,18 @@ async def _export(args: argparse.Namespace, cfg: Any, since: datetime | None) ->
             fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=str(out_path.parent or "."))
             try:
                 with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                    n = await asyncio.to_thread(_write, fh, store, mapper, validator, args, since)
+                    n, failed = await asyncio.to_thread(_write, fh, store, mapper, validator, args, since)
                     fh.flush()
                     os.fsync(fh.fileno())
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; an export is an ordinary file
                 os.replace(tmp, out_path)
             except BaseException:
-                with_suppress_unlink(tmp)
+                _unlink_quietly(tmp)
                 raise
         else:
-            n = await asyncio.to_thread(_write, sys.stdout, store, mapper, validator, args, since)
+            n, failed = await asyncio.to_thread(_write, sys.stdout, store, mapper, validator, args, since)
             sys.stdout.flush()
     except epcis.EpcisValidationError as exc:
         print(f"linectl export epcis: produced an event that fails the EPCIS schema (a bug): {exc}", file=sys.stderr)
@@ -106,24 +108,25 @@ async def _export(args: argparse.Namespace, cfg: Any, since: datetime | None) ->
     finally:
         await store.close()
     print(f"exported {n} EPCIS event(s)" + (f" to {args.out}" if args.out else ""), file=sys.stderr)
-    if _FAILED:
-        print(f"linectl export epcis: {len(_FAILED)} event(s) could not be mapped and are missing", file=sys.stderr)
+    if failed:
+        print(f"linectl export epcis: {len(failed)} event(s) could not be mapped and are missing (seq {failed[:10]})", file=sys.stderr)
         return 1
     return 0
 
 
-def with_suppress_unlink(path: str) -> None:
+def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
     except OSError:
         pass
 
 
-def _write(fh: TextIO, store: Any, mapper: Any, validator: Any, args: argparse.Namespace, since: datetime | None) -> int:
+def _write(fh: TextIO, store: Any, mapper: Any, validator: Any, args: argparse.Namespace, since: datetime | None) -> tuple[int, list[int]]:
     """(worker thread) stream the document: head, events page by page, tail."""
     from linectl import epcis
 
     seen_shapes: set[tuple[Any, ...]] = set()
+    failed: list[int] = []
     fh.write(epcis.document_head())
     n = 0
     after = 0
@@ -146,7 +149,7 @@ def _write(fh: TextIO, store: Any, mapper: Any, validator: Any, args: argparse.N
                 mapped = mapper.map(e)
             except epcis.EpcisMappingError as exc:
                 print(f"linectl export epcis: seq {row.seq} ({row.kind}, {row.event_id}) left out: {exc}", file=sys.stderr)
-                _FAILED.append(row.seq)
+                failed.append(row.seq)
                 continue
             for ev in mapped:
                 if validator is not None:
@@ -158,4 +161,4 @@ def _write(fh: TextIO, store: Any, mapper: Any, validator: Any, args: argparse.N
                 n += 1
     fh.write(epcis.DOCUMENT_TAIL)
     fh.write("\n")
-    return n
+    return n, failed

@@ -105,10 +105,17 @@ class Line:
         self._replies: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._lock = asyncio.Lock()
         self._stop_task: asyncio.Task[None] | None = None
+        self._faulting = False
+        self._fault_codes: set[str] = set()  # fault alarms raised since the last reset
+        self._mode_wanted = "idle"
+        self._mode_unsynced: set[str] = set()  # PLCs that missed the last line_mode write
         self._state_listeners: list[Any] = []
         self.started_at = time.time()
         self.shutting_down = False
         self.infeed_stopped = False
+        #: called (gtin, count) when a pool product falls below its low-water mark; the daemon wires it to MQTT
+        self.on_pool_low: Any = None
+        self._pool_requested: dict[str, float] = {}
         self.rate_window: list[tuple[float, int]] = []
         self.completed = asyncio.Event()
         self.challenge_done = asyncio.Event()
@@ -120,6 +127,12 @@ class Line:
                 plc = drivers[st.plc]
                 assert isinstance(printer, Printer) and isinstance(reader, CodeReader) and isinstance(plc, Plc)
                 self.stations.append(PrintVerifyRuntime(st, self, printer, reader, plc))
+        # --- aggregation block (case/pallet/rework stations; linectl/engine/aggregation.py, rework.py) ---
+        from linectl.engine.aggregation import build_aggregation_stations
+        from linectl.engine.rework import build_rework_stations
+
+        self.aggregation_stations: list[Any] = build_aggregation_stations(cfg, self, drivers) + build_rework_stations(cfg, self, drivers)
+        # --- end aggregation block ---
 
     # ------------------------------------------------------------------ helpers for stations
 
@@ -153,10 +166,20 @@ class Line:
 
     async def fault_stop(self, code: str, message: str, station: str | None = None) -> None:
         """Stop the line because a rule or a device says so. Safe to call from inside station tasks."""
-        if self.fault is not None and self._stop_task is not None and not self._stop_task.done():
+        if self.fault is not None and (self._faulting or (self._stop_task is not None and not self._stop_task.done())):
+            return
+        if self.fault is not None and code in self._fault_codes and (self.batch is None or self.batch.state not in ALLOWED["stop"]):
+            # already stopped, and this alarm was raised since the last reset (e.g. every read while the PLC is
+            # away): one alarm per cause, not one per unit
+            log.warning("fault_repeated", code=code, message=message, station=station)
             return
         self.fault = code
-        await self.alarm(code, message, Severity.CRITICAL, station)
+        self._fault_codes.add(code)
+        self._faulting = True  # the alarm append awaits: a second fault meanwhile must not start a second stop
+        try:
+            await self.alarm(code, message, Severity.CRITICAL, station)
+        finally:
+            self._faulting = False
         if self.batch is not None and self.batch.state in ALLOWED["stop"]:
             self._stop_task = asyncio.create_task(self._stop_batch(actor="system", origin=f"rule:{code}", reason=message))
 
@@ -165,6 +188,21 @@ class Line:
         self.rate_window.append((now, 1))
         if len(self.rate_window) > 2000:
             del self.rate_window[:1000]
+
+    def check_pool(self, product: Product) -> None:
+        """After an allocation: below low water, ask upstream for more (once per hour per GTIN), keep running."""
+        if product.serials.scheme != "pool" or self.on_pool_low is None:
+            return
+        available = self.store.available(product.gtin)
+        if available >= product.serials.low_water:
+            self._pool_requested.pop(product.gtin, None)
+            return
+        last = self._pool_requested.get(product.gtin)
+        if last is not None and time.monotonic() - last < 3600:
+            return
+        self._pool_requested[product.gtin] = time.monotonic()
+        rid = self.on_pool_low(product.gtin, product.serials.request_count)
+        log.warning("serials_requested", gtin=product.gtin, available=available, count=product.serials.request_count, request_id=rid)
 
     async def set_infeed(self, station: PrintVerifyRuntime, on: bool) -> None:
         """Count reached: stop feeding product (the belt keeps running so units in flight reach the gate)."""
@@ -416,6 +454,7 @@ class Line:
     async def _cmd_reset(self, c: C.ResetLine, origin: str) -> dict[str, Any]:
         was = self.fault
         self.fault = None
+        self._fault_codes.clear()
         await self._write_status(force=True)
         return {"fault_cleared": was}
 
@@ -438,14 +477,31 @@ class Line:
     async def _write_line_mode(self, mode: str) -> None:
         running = mode != "idle"
         self.infeed_stopped = False
+        self._mode_wanted = mode
         for plc in self.plcs:
             try:
                 await plc.write_tag("line_mode", LINE_MODE[mode])
                 await plc.write_tag("line_running", running)
+                self._mode_unsynced.discard(plc.name)
             except Exception as exc:  # noqa: BLE001 - a dead PLC cannot run the line anyway
+                self._mode_unsynced.add(plc.name)
                 log.error("plc_write_failed", plc=plc.name, error=str(exc))
                 if running:
                     raise C.CommandRejected(f"PLC {plc.name} did not accept line_mode: {exc}", "plc_error") from exc
+
+    async def resync_line_mode(self, plc: Plc) -> None:
+        """A PLC that was away when the line stopped still holds line_mode/line_running of a running line: a short
+        outage (shorter than its heartbeat timeout) would let it keep feeding product. Repeat the idle once it answers."""
+        if plc.name not in self._mode_unsynced or self._mode_wanted != "idle":
+            return
+        try:
+            await plc.write_tag("line_mode", LINE_MODE["idle"])
+            await plc.write_tag("line_running", False)
+        except Exception as exc:  # noqa: BLE001 - retried on the next cycle
+            log.debug("plc_resync_failed", plc=plc.name, error=str(exc))
+            return
+        self._mode_unsynced.discard(plc.name)
+        log.warning("plc_line_mode_resynced", plc=plc.name, mode="idle")
 
     async def _write_status(self, force: bool = False) -> None:
         good = sum(s.counters.good for s in self.stations)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from drivers.base import CodeReader, DeviceError, Plc, PrintJob, Printer, Read
+from drivers.base import CodeReader, DeviceError, HealthState, Plc, PrintJob, Printer, Read
 from linectl import gs1
 from linectl.config import PrintVerifyStation as PrintVerifyConfig
 from linectl.engine.stats import LatencyHistogram
@@ -110,6 +110,7 @@ class PrintVerifyRuntime:
         self._recent_good: OrderedDict[int, Job] = OrderedDict()
         self._decided: OrderedDict[int, bool] = OrderedDict()
         self._ring_seen: list[int] | None = None
+        self._early_confirms: OrderedDict[int, None] = OrderedDict()  # gate rejected it before we ordered it
         self._consecutive_rejects = 0
         self._consecutive_noreads = 0
         self._printed_here: set[tuple[str, str]] = set()
@@ -123,7 +124,9 @@ class PrintVerifyRuntime:
         self._jobs_issued = 0
         self._stopping_feed = False
         self._last_read_at = time.monotonic()
+        self._unread_since: float | None = None  # first print confirmed after the last read (reader silence clock)
         self._deciding = 0  # units taken off _units whose verdict is being recorded
+        self._printer_unknown = False
 
     # ------------------------------------------------------------------ setup
 
@@ -160,6 +163,7 @@ class PrintVerifyRuntime:
         self._stopping_feed = False
         self._consecutive_rejects = 0
         self._consecutive_noreads = 0
+        self._unread_since = None
         self._space.set()
 
     async def primed(self, timeout_s: float = 3.0) -> bool:
@@ -206,6 +210,16 @@ class PrintVerifyRuntime:
                 except asyncio.TimeoutError:
                     pass
                 continue
+            if self._printer_unknown and not self._on_printer:
+                # jobs a previous run (a crash, a failed clear at stop) may have left queued carry serials that
+                # were decommissioned since: they must never be printed, and their job numbers would clash
+                try:
+                    await self.printer.clear()
+                    self._printer_unknown = False
+                except DeviceError as exc:
+                    await self.line.fault_stop("printer_error", f"printer {self.printer.name}: cannot clear jobs left queued: {exc.reason}", self.name)
+                    await asyncio.sleep(0.1)
+                    continue
             batch = self.batch
             if not self._serials:
                 self._refill.set()
@@ -267,6 +281,7 @@ class PrintVerifyRuntime:
                 continue
             if self.batch is batch:
                 self._serials.extend(serials)
+            self.line.check_pool(batch.product)
 
     # ------------------------------------------------------------------ print confirmations
 
@@ -284,6 +299,8 @@ class PrintVerifyRuntime:
             if unit_seq is None:
                 unit_seq = self._max_printed_seq + 1
             self._units[unit_seq] = Unit(unit_seq, job, time.monotonic())
+            if self._unread_since is None:
+                self._unread_since = self._units[unit_seq].printed_at
             self._printed_here.add((self.batch.gtin if self.batch else "", job.serial))
             self._max_printed_seq = max(self._max_printed_seq, unit_seq)
             self.counters.printed += 1
@@ -298,6 +315,7 @@ class PrintVerifyRuntime:
     async def _reads(self) -> None:
         async for r in self.reader.reads():
             self._last_read_at = time.monotonic()
+            self._unread_since = None
             try:
                 await self._handle_read(r)
             except DeviceError as exc:
@@ -315,10 +333,13 @@ class PrintVerifyRuntime:
         if self.mode == "challenge" and seq not in self._units:
             await self._handle_challenge(seq, r)
             return
-        if seq not in self._units and seq > self._max_printed_seq:
+        if seq not in self._units and seq > self._max_printed_seq and self._on_printer:
             # the print confirmation may still be on its way; wait a little, not for ever
+            # (with no job on the printer nothing can be printed on this unit: no wait, or a printer that
+            # prints nothing would put the read loop 0.25 s behind per unit)
             deadline = time.monotonic() + 0.25
-            while seq not in self._units and time.monotonic() < deadline:
+            # (a later unit already printed means this one never will be: the printer reports in order)
+            while seq not in self._units and self._max_printed_seq < seq and time.monotonic() < deadline:
                 self._confirm_arrived.clear()
                 try:
                     await asyncio.wait_for(self._confirm_arrived.wait(), max(0.0, deadline - time.monotonic()))
@@ -342,6 +363,9 @@ class PrintVerifyRuntime:
             check_grade=self.rules.check_grade,
             is_known_serial=self._is_known,
         )
+        if v.good and self.plc.health.state == HealthState.DISCONNECTED:
+            # the gate will reject it fail-safe whatever we decide: do not commission a unit that cannot leave
+            v = Verdict(False, RejectReason.PLC_FAILSAFE, f"PLC {self.plc.name} unreachable: the good verdict cannot reach the gate", grade=v.grade)
         self._deciding += 1  # until good/decommissioned is counted, so the feeder does not over-issue
         try:
             if v.good:
@@ -365,8 +389,8 @@ class PrintVerifyRuntime:
         assert batch is not None
         ev = UnitCommissioned(gtin=batch.gtin, serial=job.serial, lot=batch.lot, expiry=batch.expiry, seq=seq, grade=v.grade, station=self.name)
         await self.line.store.append(ev)  # durable before the PLC hears "good"
-        await self.plc.write_tag("verdict_ring", [seq, VERDICT_GOOD], index=2 * (seq % self.ring_slots))
-        self.latency.add((time.monotonic() - received_at) * 1000.0)
+        # Booked as good before the write: if the write fails (or is late) the gate rejects the unit fail-safe,
+        # and the reject ring check finds it in _recent_good and decommissions its serial.
         self._remember(seq, True)
         self._recent_good[seq] = job
         while len(self._recent_good) > 4 * self.ring_slots:
@@ -376,23 +400,39 @@ class PrintVerifyRuntime:
         self._consecutive_rejects = 0
         self._consecutive_noreads = 0
         self.line.unit_decided(self, True)
+        if seq in self._early_confirms:
+            # the gate rejected it (fail-safe) while its commissioning was being stored
+            del self._early_confirms[seq]
+            self._recent_good.pop(seq, None)
+            await self._rejected_after_good(seq, job)
+            return
+        await self.plc.write_tag("verdict_ring", [seq, VERDICT_GOOD], index=2 * (seq % self.ring_slots))
+        self.latency.add((time.monotonic() - received_at) * 1000.0)
         if batch.good_total() >= batch.planned_qty and not self._on_printer and not self._units:
             await self.line.planned_quantity_reached(self)
 
     async def _reject(self, seq: int, job: Job | None, v: Verdict, received_at: float, *, count_latency: bool = True) -> None:
         assert v.reason is not None
         # the reject order first: it is the safety-relevant write
-        await self.plc.write_tag("verdict_ring", [seq, VERDICT_REJECT], index=2 * (seq % self.ring_slots))
+        write_error: DeviceError | None = None
+        try:
+            await self.plc.write_tag("verdict_ring", [seq, VERDICT_REJECT], index=2 * (seq % self.ring_slots))
+        except DeviceError as exc:
+            write_error = exc  # the gate rejects a unit without a good verdict anyway: book the reject, then report
         if count_latency:
             self.latency.add((time.monotonic() - received_at) * 1000.0)
         self._remember(seq, False)
-        self._pending_rejects[seq] = (time.monotonic() + self.rules.reject_confirm_timeout_s, v.reason.value, None)
+        await self._await_confirm(seq, v.reason.value, None)
         self.counters.rejected[v.reason.value] = self.counters.rejected.get(v.reason.value, 0) + 1
         if job is not None:
             await self._decommission(job, v.reason, v.detail, seq=seq)
         self.line.unit_decided(self, False, v.reason.value)
+        if write_error is not None:
+            raise write_error
         self._consecutive_rejects += 1
         self._consecutive_noreads = self._consecutive_noreads + 1 if v.reason == RejectReason.NO_READ else 0
+        if self.mode != "production":
+            return  # stop rules guard production; units drained after a stop are rejected anyway
         if self._consecutive_noreads >= self.rules.no_read_limit:
             await self.line.fault_stop("no_read_limit", f"{self._consecutive_noreads} consecutive no-reads (limit {self.rules.no_read_limit})", self.name)
         elif self._consecutive_rejects >= self.rules.consecutive_reject_limit:
@@ -428,7 +468,18 @@ class PrintVerifyRuntime:
         self._remember(seq, False)
         kind = self._challenge_kinds[self._challenge_index] if self._challenge_index < len(self._challenge_kinds) else "extra"
         self._challenge_index += 1
-        self._pending_rejects[seq] = (time.monotonic() + self.rules.reject_confirm_timeout_s, f"challenge:{kind}", (kind, v))
+        await self._await_confirm(seq, f"challenge:{kind}", (kind, v))
+
+    async def _await_confirm(self, seq: int, tag: str, extra: Any) -> None:
+        """A reject was ordered: expect the gate's confirm, unless the gate already rejected the unit (verdict late)."""
+        if seq in self._early_confirms:
+            del self._early_confirms[seq]
+            self.counters.reject_confirmed += 1
+            if tag.startswith("challenge:"):
+                kind, v = extra
+                await self._challenge_confirmed(seq, kind, v, True)
+            return
+        self._pending_rejects[seq] = (time.monotonic() + self.rules.reject_confirm_timeout_s, tag, extra)
 
     def _challenge_known(self, gtin: str, serial: str) -> bool:
         return (gtin, serial) in self._challenge_seen or self._is_known(gtin, serial)
@@ -479,20 +530,28 @@ class PrintVerifyRuntime:
             self.counters.failsafe_rejects += 1
             job = self._recent_good.pop(seq, None)
             if job is not None:
-                # a unit we commissioned went to the reject bin (verdict came too late): it is not on the market
-                await self._decommission(job, RejectReason.PLC_FAILSAFE, "PLC rejected a unit after the good verdict (verdict too late)", seq=seq)
-                self.counters.good -= 1
-                self.counters.rejected[RejectReason.PLC_FAILSAFE.value] = self.counters.rejected.get(RejectReason.PLC_FAILSAFE.value, 0) + 1
-                if self.batch:
-                    self.batch.good -= 1
-                await self.line.alarm("failsafe_reject", f"unit {seq} rejected by PLC fail-safe after commissioning; serial {job.serial} decommissioned", Severity.WARNING, self.name)
-                self._space.set()
+                await self._rejected_after_good(seq, job)
             else:
                 unit = self._units.pop(seq, None)
                 if unit is not None:
                     self._remember(seq, False)
                     self.counters.rejected[RejectReason.PLC_FAILSAFE.value] = self.counters.rejected.get(RejectReason.PLC_FAILSAFE.value, 0) + 1
                     await self._decommission(unit.job, RejectReason.PLC_FAILSAFE, "PLC rejected the unit before any read arrived", seq=seq)
+                elif seq not in self._decided:
+                    # a unit not (yet) known here, e.g. its read is still being handled: its reject order will find it
+                    self._early_confirms[seq] = None
+                    while len(self._early_confirms) > 4 * self.ring_slots:
+                        self._early_confirms.popitem(last=False)
+
+    async def _rejected_after_good(self, seq: int, job: Job) -> None:
+        """A unit we commissioned went to the reject bin (verdict came too late): it is not on the market."""
+        await self._decommission(job, RejectReason.PLC_FAILSAFE, "PLC rejected a unit after the good verdict (verdict too late)", seq=seq)
+        self.counters.good -= 1
+        self.counters.rejected[RejectReason.PLC_FAILSAFE.value] = self.counters.rejected.get(RejectReason.PLC_FAILSAFE.value, 0) + 1
+        if self.batch:
+            self.batch.good -= 1
+        await self.line.alarm("failsafe_reject", f"unit {seq} rejected by PLC fail-safe after commissioning; serial {job.serial} decommissioned", Severity.WARNING, self.name)
+        self._space.set()
 
     async def _check_timeouts(self) -> None:
         now = time.monotonic()
@@ -503,9 +562,17 @@ class PrintVerifyRuntime:
                 kind, v = extra
                 await self._challenge_confirmed(s, kind, v, False)
             await self.line.fault_stop("reject_not_confirmed", f"reject of unit {s} ({tag}) not confirmed within {self.rules.reject_confirm_timeout_s}s", self.name)
+        if self.mode == "production" and self.printer.health.state == HealthState.DISCONNECTED:
+            # a printer in a stop fault (or gone) prints nothing: packs would go by unprinted
+            await self.line.fault_stop("printer_fault", f"printer {self.printer.name}: {self.printer.health.reason or 'not ready'}", self.name)
+        silent_since = self._unread_since if self.mode == "production" else None
         if self._units:
-            oldest = next(iter(self._units.values()))
-            if now - oldest.printed_at > self.rules.read_timeout_s and now - self._last_read_at > self.rules.read_timeout_s:
+            # (units leave _units at the gate too: the PLC rejects unread units fail-safe, so a silent reader
+            # would never leave an old unit here; _unread_since keeps the clock running)
+            oldest = next(iter(self._units.values())).printed_at
+            silent_since = oldest if silent_since is None else min(silent_since, oldest)
+        if silent_since is not None:
+            if now - silent_since > self.rules.read_timeout_s and now - self._last_read_at > self.rules.read_timeout_s:
                 await self.line.fault_stop("reader_silent", f"reader {self.reader.name}: no read for {self.rules.read_timeout_s}s while units were printed", self.name)
                 self._last_read_at = now
 
@@ -520,6 +587,7 @@ class PrintVerifyRuntime:
         try:
             await self.printer.clear()
         except DeviceError as exc:
+            self._printer_unknown = True  # cleared before the next job is sent
             self.log.warning("printer_clear_failed", reason=exc.reason)
         for job in list(self._on_printer.values()):
             await self._decommission(job, RejectReason.LINE_STOPPED, "sent to the printer, not printed before the line stopped", seq=None)

@@ -64,6 +64,10 @@ class Supervisor:
                     return
             await asyncio.sleep(self.restart_delay_s)
 
+    def stopping(self) -> None:
+        """From now on a task that returns is done, not restarted (shutdown in progress)."""
+        self._stopping = True
+
     def running(self) -> list[str]:
         return [n for n, t in self._tasks.items() if not t.done()]
 
