@@ -9,6 +9,8 @@ created, so a re-sent event is recognisably the same event upstream.
 from __future__ import annotations
 
 import enum
+import secrets
+import time
 import uuid
 from datetime import datetime, timezone
 from typing import Annotated, ClassVar, Literal, Union
@@ -17,7 +19,12 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 
 def new_event_id() -> str:
-    return f"urn:uuid:{uuid.uuid4()}"
+    """A time-ordered UUID (RFC 9562 v7) as a URN: globally unique like v4, and appended in index order,
+    which keeps the outbox's unique index on event_id from costing a random page write per event."""
+    ms = time.time_ns() // 1_000_000
+    r = int.from_bytes(secrets.token_bytes(10), "big")
+    v = (ms << 80) | (0x7 << 76) | (((r >> 64) & 0xFFF) << 64) | (0b10 << 62) | (r & ((1 << 62) - 1))
+    return f"urn:uuid:{uuid.UUID(int=v)}"
 
 
 def utcnow() -> datetime:

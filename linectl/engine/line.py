@@ -459,7 +459,7 @@ class Line:
         return {"fault_cleared": was}
 
     async def _cmd_verify_code(self, c: C.VerifyCode, origin: str) -> dict[str, Any]:
-        from linectl.store import verify_code
+        from linectl.trace import verify_code
 
         return verify_code(self.store, c.code)
 

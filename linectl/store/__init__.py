@@ -35,3 +35,12 @@ __all__ = [
     "StoreError",
     "trace_code",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # engine/line.py imports verify_code from here; it lives in linectl.trace (kept lazy: no import cycle)
+    if name == "verify_code":
+        from linectl.trace import verify_code
+
+        return verify_code
+    raise AttributeError(f"module 'linectl.store' has no attribute {name!r}")

@@ -1,15 +1,17 @@
 """Write operations, run by the writer thread inside a transaction (`Tx`).
 
 Every function here either completes or raises; the writer turns a raise into
-a rollback of that operation only. Checks are written as conditional UPDATEs
-(`... WHERE state = 'sent'`) and the row count decides, so the common case is
-one statement per unit; the slower look-up that explains a refusal only runs
-when something is refused.
+a rollback of that operation only. A transition reads the row by its key,
+decides in Python (so a refusal can say exactly why) and updates by id; the
+serial counts in serial_tally are adjusted in memory and written once per
+transaction. Runs of UnitCommissioned, the bulk of a line's events, take one
+look-up and one executemany for the whole run.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from typing import Any
 
 import structlog
@@ -42,55 +44,51 @@ def _list(items: list[str], n: int = 5) -> str:
     return shown + (f" … (+{len(items) - n} more)" if len(items) > n else "")
 
 
-def _explain(tx: Tx, gtin: str, serials: list[str], action: str, allowed: tuple[str, ...],
-             lot: str | None = None, never_sent: bool = False) -> StoreError:
-    """Why a bulk transition did not apply to every serial: unknown ones, wrong state, wrong lot."""
-    rows = {
-        r[0]: r[1:]
-        for r in tx.cur.execute(
-            "SELECT serial, state, lot, sent_at FROM serials WHERE gtin = ? AND serial IN (SELECT value FROM json_each(?))",
-            (gtin, json.dumps(serials)),
-        )
-    }
+_SEL = "SELECT id, serial, state, lot, sent_at FROM serials WHERE gtin=? AND serial=?"
+_SEL_MANY = "SELECT id, serial, state, lot, sent_at FROM serials WHERE gtin=? AND serial IN (SELECT value FROM json_each(?))"
+
+
+def _fetch(tx: Tx, gtin: str, serials: list[str]) -> dict[str, tuple[Any, ...]]:
+    if len(serials) == 1:
+        r = tx.cur.execute(_SEL, (gtin, serials[0])).fetchone()
+        return {r[1]: r} if r else {}
+    return {r[1]: r for r in tx.cur.execute(_SEL_MANY, (gtin, json.dumps(serials)))}
+
+
+def _check(gtin: str, serials: list[str], found: dict[str, tuple[Any, ...]], action: str, allowed: tuple[str, ...],
+           lot: str | None = None, never_sent: bool = False) -> None:
+    """Raise naming every serial (first few) that may not take this transition, and why."""
     problems: list[str] = []
     for s in serials:
-        r = rows.get(s)
+        r = found.get(s)
         if r is None:
             problems.append(f"{s} (unknown serial for this GTIN)")
-        elif r[0] not in allowed:
-            problems.append(f"{s} (it is {r[0]}, must be {' or '.join(allowed)})")
-        elif lot is not None and r[0] != "provisioned" and r[1] != lot:
-            problems.append(f"{s} (belongs to lot {r[1]}, not {lot})")
-        elif never_sent and r[2] is not None:
-            problems.append(f"{s} (was sent to a printer at {r[2]}; a serial ever sent can never be returned)")
-    if not problems:
-        problems.append("a serial is listed more than once")
-    return StoreError(f"cannot {action} {len(problems)} serial(s) of GTIN {gtin}: {_list(problems)}")
+        elif r[2] not in allowed:
+            problems.append(f"{s} (it is {r[2]}, must be {' or '.join(allowed)})")
+        elif lot is not None and r[2] != "provisioned" and r[3] != lot:
+            problems.append(f"{s} (belongs to lot {r[3]}, not {lot})")
+        elif never_sent and r[4] is not None:
+            problems.append(f"{s} (was sent to a printer at {r[4]}; a serial ever sent can never be returned)")
+    if problems:
+        raise StoreError(f"cannot {action} {len(problems)} serial(s) of GTIN {gtin}: {_list(problems)}")
 
 
 # --------------------------------------------------------------------------- events
 
 
 def _commissioned(tx: Tx, ev: Any, seq: int) -> int | None:
-    if ev.lot is None:
-        rows = tx.cur.execute(
-            "UPDATE serials SET state='commissioned', updated_at=? WHERE gtin=? AND serial=? AND state='sent' RETURNING id",
-            (tx.ts, ev.gtin, ev.serial),
-        ).fetchall()
-    else:
-        rows = tx.cur.execute(
-            "UPDATE serials SET state='commissioned', updated_at=? WHERE gtin=? AND serial=? AND state='sent' AND lot=? RETURNING id",
-            (tx.ts, ev.gtin, ev.serial, ev.lot),
-        ).fetchall()
-    if not rows:
-        raise _explain(tx, ev.gtin, [ev.serial], "commission", ("sent",), lot=ev.lot)
-    return rows[0][0]
+    r = tx.cur.execute(_SEL, (ev.gtin, ev.serial)).fetchone()
+    if r is None or r[2] != "sent" or (ev.lot is not None and r[3] != ev.lot):
+        _check(ev.gtin, [ev.serial], {ev.serial: r} if r else {}, "commission", ("sent",), lot=ev.lot)
+    tx.cur.execute("UPDATE serials SET state='commissioned', updated_at=? WHERE id=?", (tx.ts, r[0]))
+    tx.move(ev.gtin, r[3], "sent", r[3], "commissioned")
+    return r[0]  # type: ignore[no-any-return]
 
 
 def _decommissioned(tx: Tx, ev: Any, seq: int) -> int | None:
-    r = tx.cur.execute("SELECT id, state FROM serials WHERE gtin=? AND serial=?", (ev.gtin, ev.serial)).fetchone()
-    if r is None or r[1] not in ("sent", "commissioned"):
-        raise _explain(tx, ev.gtin, [ev.serial], "decommission", ("sent", "commissioned"))
+    r = tx.cur.execute(_SEL, (ev.gtin, ev.serial)).fetchone()
+    if r is None or r[2] not in ("sent", "commissioned"):
+        _check(ev.gtin, [ev.serial], {ev.serial: r} if r else {}, "decommission", ("sent", "commissioned"))
     parent = tx.cur.execute(
         "SELECT parent FROM aggregation WHERE child_kind='unit' AND child_key=? AND removed_seq IS NULL",
         (unit_key(ev.gtin, ev.serial),),
@@ -100,37 +98,36 @@ def _decommissioned(tx: Tx, ev: Any, seq: int) -> int | None:
             f"cannot decommission serial {ev.serial} of GTIN {ev.gtin}: it is packed in SSCC {parent[0]}; unpack it first (same append)"
         )
     tx.cur.execute("UPDATE serials SET state='decommissioned', updated_at=? WHERE id=?", (tx.ts, r[0]))
-    return r[0]
+    tx.move(ev.gtin, r[3], r[2], r[3], "decommissioned")
+    return r[0]  # type: ignore[no-any-return]
 
 
-def _bulk(tx: Tx, ev: Any, seq: int, sql: str, action: str, allowed: tuple[str, ...], never_sent: bool = False) -> None:
+def _bulk(tx: Tx, ev: Any, seq: int, new_state: str, action: str, allowed: tuple[str, ...], never_sent: bool = False) -> None:
     serials = list(ev.serials)
     if len(set(serials)) != len(serials):
         raise StoreError(f"cannot {action} serials of GTIN {ev.gtin}: the list repeats a serial")
     if not serials:
         return
-    lot_clause = "" if ev.lot is None else " AND (state = 'provisioned' OR lot = ?)"
-    params = [(tx.ts, ev.gtin, s) + (() if ev.lot is None else (ev.lot,)) for s in serials]
-    cur = tx.cur.executemany(sql + lot_clause, params)
-    if cur.rowcount != len(serials):
-        raise _explain(tx, ev.gtin, serials, action, allowed, lot=ev.lot, never_sent=never_sent)
-    tx.cur.execute(
-        "INSERT INTO event_refs(seq, serial_id) SELECT ?, id FROM serials WHERE gtin=? AND serial IN (SELECT value FROM json_each(?))",
-        (seq, ev.gtin, json.dumps(serials)),
-    )
+    found = _fetch(tx, ev.gtin, serials)
+    _check(ev.gtin, serials, found, action, allowed, lot=ev.lot, never_sent=never_sent)
+    clear_lot = new_state == "provisioned"  # returned to the pool: no longer tied to the batch
+    rows = list(found.values())
+    if clear_lot:
+        tx.cur.executemany("UPDATE serials SET state=?, lot=NULL, updated_at=? WHERE id=?", [(new_state, tx.ts, r[0]) for r in rows])
+    else:
+        tx.cur.executemany("UPDATE serials SET state=?, updated_at=? WHERE id=?", [(new_state, tx.ts, r[0]) for r in rows])
+    for r in rows:
+        tx.move(ev.gtin, r[3], r[2], None if clear_lot else r[3], new_state)
+    tx.cur.executemany("INSERT INTO event_refs(seq, serial_id) VALUES (?,?)", [(seq, r[0]) for r in rows])
 
 
 def _voided(tx: Tx, ev: Any, seq: int) -> int | None:
-    _bulk(tx, ev, seq,
-          "UPDATE serials SET state='voided', updated_at=? WHERE gtin=? AND serial=? AND state IN ('allocated','provisioned')",
-          "void", ("allocated", "provisioned"))
+    _bulk(tx, ev, seq, "voided", "void", ("allocated", "provisioned"))
     return None
 
 
 def _returned(tx: Tx, ev: Any, seq: int) -> int | None:
-    _bulk(tx, ev, seq,
-          "UPDATE serials SET state='provisioned', lot=NULL, updated_at=? WHERE gtin=? AND serial=? AND state='allocated' AND sent_at IS NULL",
-          "return", ("allocated",), never_sent=True)
+    _bulk(tx, ev, seq, "provisioned", "return", ("allocated",), never_sent=True)
     return None
 
 
@@ -340,12 +337,13 @@ _APPLY = {
 def apply_event(tx: Tx, ev: Any, body: str) -> int:
     """Store one event in the outbox and apply its effect, in the caller's transaction. Returns its seq."""
     seq = tx.next_seq()
-    kind = ev.kind
+    d = ev.__dict__  # pydantic keeps fields here; .get avoids getattr's slow miss path for absent fields
+    kind = d["kind"]
     fn = _APPLY.get(kind)
     serial_id = fn(tx, ev, seq) if fn is not None else None
-    tx.add_outbox((seq, ev.event_id, kind, ev.lot, getattr(ev, "gtin", None), getattr(ev, "serial", None), serial_id, tx.ts, body))
-    actor = getattr(ev, "actor", None)
-    if kind in AUDITED_KINDS or actor:
+    tx.rows.append((seq, d["event_id"], kind, d["lot"], d.get("gtin"), d.get("serial"), serial_id, tx.ts, body))
+    actor = d.get("actor")
+    if actor or kind in AUDITED_KINDS:
         who = actor or "system"
         default_origin = f"station:{ev.station}" if ev.station else "line"
         origin = who.split(":", 1)[0] if ":" in who else default_origin
@@ -353,8 +351,73 @@ def apply_event(tx: Tx, ev: Any, body: str) -> int:
     return seq
 
 
+RUN_MIN = 8  # shorter runs of commissionings are not worth the bulk path
+
+
 def op_append(tx: Tx, items: list[tuple[Any, str]]) -> list[int]:
-    return [apply_event(tx, ev, body) for ev, body in items]
+    """Events in order; runs of UnitCommissioned (the bulk of a line's events) go through one bulk look-up."""
+    out: list[int] = []
+    i, n = 0, len(items)
+    while i < n:
+        if items[i][0].__dict__["kind"] == "unit_commissioned":
+            j = i + 1
+            while j < n and items[j][0].__dict__["kind"] == "unit_commissioned":
+                j += 1
+            if j - i >= RUN_MIN:
+                out.extend(_commission_run(tx, items[i:j]))
+                i = j
+                continue
+        out.append(apply_event(tx, items[i][0], items[i][1]))
+        i += 1
+    return out
+
+
+def _op_append_batch(tx: Tx, arglist: list[tuple[Any, ...]]) -> list[list[int]]:
+    """Consecutive append operations of one group as one sequence (fast path only: any refusal re-runs them one by one)."""
+    flat: list[tuple[Any, str]] = []
+    for (items,) in arglist:
+        flat.extend(items)
+    seqs = op_append(tx, flat)
+    out, k = [], 0
+    for (items,) in arglist:
+        out.append(seqs[k : k + len(items)])
+        k += len(items)
+    return out
+
+
+op_append.batch = _op_append_batch  # type: ignore[attr-defined]
+
+
+def _commission_run(tx: Tx, run: list[tuple[Any, str]]) -> list[int]:
+    """Same checks and effects as _commissioned, with one look-up and one executemany for the whole run."""
+    keys = [(ev.gtin, ev.serial) for ev, _ in run]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k, c in Counter(keys).items() if c > 1)
+        raise StoreError(f"cannot commission serial {dup[1]} of GTIN {dup[0]} twice")
+    found: dict[tuple[str, str], tuple[Any, ...]] = {}
+    by_gtin: dict[str, list[str]] = {}
+    for g, s in keys:
+        by_gtin.setdefault(g, []).append(s)
+    for g, ss in by_gtin.items():
+        for r in tx.cur.execute(_SEL_MANY, (g, json.dumps(ss))):
+            found[(g, r[1])] = r
+    upd: list[tuple[str, int]] = []
+    out: list[int] = []
+    ts = tx.ts
+    rows = tx.rows
+    for ev, body in run:
+        d = ev.__dict__
+        g, s, lot = d["gtin"], d["serial"], d["lot"]
+        r = found.get((g, s))
+        if r is None or r[2] != "sent" or (lot is not None and r[3] != lot):
+            _check(g, [s], {s: r} if r else {}, "commission", ("sent",), lot=lot)
+        upd.append((ts, r[0]))  # type: ignore[index]
+        tx.move(g, r[3], "sent", r[3], "commissioned")  # type: ignore[index]
+        seq = tx.next_seq()
+        rows.append((seq, d["event_id"], "unit_commissioned", lot, g, s, r[0], ts, body))  # type: ignore[index]
+        out.append(seq)
+    tx.cur.executemany("UPDATE serials SET state='commissioned', updated_at=? WHERE id=?", upd)
+    return out
 
 
 # --------------------------------------------------------------------------- serial pool
@@ -399,6 +462,7 @@ def _allocate_pool(tx: Tx, gtin: str, lot: str, n: int, low_water: int) -> list[
     if len(rows) < n:
         raise PoolExhausted(f"serial pool of GTIN {gtin} has only {len(rows)} of the {n} serials asked for; nothing allocated", len(rows))
     rows.sort()
+    tx.move(gtin, None, "provisioned", lot, "allocated", n)
     if low_water > 0:
         _pool_low_check(tx, gtin, lot, n, low_water)
     return [r[1] for r in rows]
@@ -437,15 +501,27 @@ def _pool_low_check(tx: Tx, gtin: str, lot: str, n: int, low_water: int) -> None
 
 
 def _allocate_random(tx: Tx, gtin: str, lot: str, n: int, alphabet: str, length: int) -> list[str]:
-    out: list[str] = []
+    """One block of exactly n candidates first (the common case: no collision); then top-up rounds.
+
+    A top-up round oversamples (at least 256 candidates) and filters out known serials before inserting
+    exactly what is missing, so a nearly full space is not mistaken for an exhausted one.
+    """
+    got = [r[0] for r in tx.cur.execute(_INSERT_NEW, (gtin, lot, "random", tx.ts, json.dumps(random_serials(n, alphabet, length))))]
+    out = list(got)
     idle = 0
     while len(out) < n:
-        cand = random_serials(n - len(out), alphabet, length)
-        got = [r[0] for r in tx.cur.execute(_INSERT_NEW, (gtin, lot, "random", tx.ts, json.dumps(cand))).fetchall()]
+        need = n - len(out)
+        cand = list(dict.fromkeys(random_serials(max(4 * need, 256), alphabet, length)))
+        known = {r[0] for r in tx.cur.execute(
+            "SELECT serial FROM serials WHERE gtin=? AND serial IN (SELECT value FROM json_each(?))", (gtin, json.dumps(cand))
+        )}
+        fresh = [c for c in cand if c not in known][:need]
+        got = [r[0] for r in tx.cur.execute(_INSERT_NEW, (gtin, lot, "random", tx.ts, json.dumps(fresh)))] if fresh else []
         out.extend(got)
         idle = 0 if got else idle + 1
         if idle >= 20:
             raise StoreError(f"random serial space of GTIN {gtin} ({len(alphabet)}^{length}) is exhausted")
+    tx.count(gtin, lot, "allocated", len(out))
     return out
 
 
@@ -460,7 +536,9 @@ def _allocate_sequential(tx: Tx, gtin: str, lot: str, n: int, start: int, step: 
             cand = [sequential_serial(nxt + i * step, width) for i in range(need)]
         except ValueError as exc:
             raise StoreError(f"sequential serials of GTIN {gtin} exhausted: {exc}") from None
-        out.extend(r[0] for r in tx.cur.execute(_INSERT_NEW, (gtin, lot, "sequential", tx.ts, json.dumps(cand))).fetchall())
+        got = [r[0] for r in tx.cur.execute(_INSERT_NEW, (gtin, lot, "sequential", tx.ts, json.dumps(cand))).fetchall()]
+        out.extend(got)
+        tx.count(gtin, lot, "allocated", len(got))
         nxt += need * step
     tx.cur.execute(
         "INSERT INTO counters(name, value, updated_at) VALUES (?,?,?) ON CONFLICT(name) DO UPDATE SET value=excluded.value, updated_at=excluded.updated_at",
@@ -472,12 +550,13 @@ def _allocate_sequential(tx: Tx, gtin: str, lot: str, n: int, start: int, step: 
 def op_mark_sent(tx: Tx, gtin: str, lot: str, serials: list[str]) -> None:
     if len(set(serials)) != len(serials):
         raise StoreError(f"cannot mark serials of GTIN {gtin} sent: the list repeats a serial")
-    cur = tx.cur.executemany(
-        "UPDATE serials SET state='sent', updated_at=?, sent_at=? WHERE gtin=? AND serial=? AND lot=? AND state='allocated'",
-        [(tx.ts, tx.ts, gtin, s, lot) for s in serials],
-    )
-    if cur.rowcount != len(serials):
-        raise _explain(tx, gtin, serials, f"mark sent (lot {lot})", ("allocated",), lot=lot)
+    if not serials:
+        return
+    found = _fetch(tx, gtin, serials)
+    if len(found) != len(serials) or any(r[2] != "allocated" or r[3] != lot for r in found.values()):
+        _check(gtin, serials, found, f"mark sent (lot {lot})", ("allocated",), lot=lot)
+    tx.cur.executemany("UPDATE serials SET state='sent', updated_at=?, sent_at=? WHERE id=?", [(tx.ts, tx.ts, r[0]) for r in found.values()])
+    tx.move(gtin, lot, "allocated", lot, "sent", len(serials))
 
 
 def op_provision(tx: Tx, gtin: str, candidates: list[str], source: str, actor: str, invalid: int, repeats: int) -> list[str]:
@@ -489,6 +568,7 @@ def op_provision(tx: Tx, gtin: str, candidates: list[str], source: str, actor: s
             (gtin, source, tx.ts, json.dumps(candidates)),
         ).fetchall()
     ]
+    tx.count(gtin, None, "provisioned", len(inserted))
     tx.audit(actor, None, "serials_provisioned", {
         "gtin": gtin, "source": source, "accepted": len(inserted),
         "duplicates": repeats + len(candidates) - len(inserted), "invalid": invalid,
@@ -559,16 +639,16 @@ def op_mark_forwarded(tx: Tx, seqs: list[int]) -> int:
     return cur.rowcount
 
 
-def op_purge_chunk(tx: Tx, cutoff: str, limit: int) -> int:
-    seqs = [r[0] for r in tx.cur.execute(
-        "SELECT seq FROM outbox WHERE forwarded_at IS NOT NULL AND forwarded_at < ? ORDER BY seq LIMIT ?", (cutoff, limit)
-    )]
-    if not seqs:
-        return 0
+def op_purge(tx: Tx, seqs: list[int], cutoff: str) -> int:
     js = json.dumps(seqs)
-    tx.cur.execute("DELETE FROM event_refs WHERE seq IN (SELECT value FROM json_each(?))", (js,))
-    tx.cur.execute("DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?))", (js,))
-    return len(seqs)
+    # re-checked here: the candidate list was read outside this transaction
+    gone = [r[0] for r in tx.cur.execute(
+        "DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?)) AND forwarded_at IS NOT NULL AND forwarded_at < ? RETURNING seq",
+        (js, cutoff),
+    )]
+    if gone:
+        tx.cur.execute("DELETE FROM event_refs WHERE seq IN (SELECT value FROM json_each(?))", (json.dumps(gone),))
+    return len(gone)
 
 
 def op_set_max_pages(tx: Tx, pages: int | None) -> int:

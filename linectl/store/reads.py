@@ -82,24 +82,40 @@ class Reader:
 
     def serial_counts(self, gtin: str | None = None) -> dict[str, dict[str, int]]:
         if gtin is None:
-            rows = self.q("SELECT gtin, state, count(*) FROM serials GROUP BY gtin, state")
+            rows = self.q("SELECT gtin, state, sum(n) FROM serial_tally GROUP BY gtin, state")
         else:
-            rows = self.q("SELECT gtin, state, count(*) FROM serials WHERE gtin=? GROUP BY gtin, state", (gtin,))
+            rows = self.q("SELECT gtin, state, sum(n) FROM serial_tally WHERE gtin=? GROUP BY gtin, state", (gtin,))
         out: dict[str, dict[str, int]] = {}
         for g, state, n in rows:
-            out.setdefault(g, dict.fromkeys(SERIAL_STATES, 0))[state] = n
+            out.setdefault(g, dict.fromkeys(SERIAL_STATES, 0))[state] = int(n)
         if gtin is not None and gtin not in out:
             out[gtin] = dict.fromkeys(SERIAL_STATES, 0)
-        return out
+        return {g: c for g, c in out.items() if any(c.values()) or g == gtin}
 
     def lot_counts(self, lot: str) -> dict[str, int]:
+        """Serials of a batch by state (reconciliation); counts come from the tally, not a scan."""
         out = dict.fromkeys(SERIAL_STATES, 0)
-        for state, n in self.q("SELECT state, count(*) FROM serials WHERE lot=? GROUP BY state", (lot,)):
-            out[state] = n
+        for state, n in self.q("SELECT state, sum(n) FROM serial_tally WHERE lot=? GROUP BY state", (lot,)):
+            out[state] = int(n)
         return out
 
     def available(self, gtin: str) -> int:
-        return int(self.q("SELECT count(*) FROM serials WHERE gtin=? AND state='provisioned'", (gtin,))[0][0])
+        r = self.q("SELECT coalesce(sum(n), 0) FROM serial_tally WHERE gtin=? AND lot='' AND state='provisioned'", (gtin,))
+        return int(r[0][0])
+
+    def tally_mismatches(self) -> list[tuple[str, str, str, int, int]]:
+        """(gtin, lot, state, tally, actual) where the kept counts disagree with a full count; [] when consistent."""
+        with self.snapshot() as c:
+            actual = {
+                (g, lot, st): n
+                for g, lot, st, n in c.exec_driver_sql(
+                    "SELECT gtin, coalesce(lot, ''), state, count(*) FROM serials GROUP BY 1, 2, 3"
+                )
+            }
+            kept = {(g, lot, st): n for g, lot, st, n in c.exec_driver_sql("SELECT gtin, lot, state, n FROM serial_tally")}
+        keys = sorted(set(actual) | set(kept))
+        return [(g, lot, st, kept.get((g, lot, st), 0), actual.get((g, lot, st), 0))
+                for g, lot, st in keys if kept.get((g, lot, st), 0) != actual.get((g, lot, st), 0)]
 
     def serial(self, gtin: str, serial: str) -> SerialRecord | None:
         r = self.q("SELECT gtin, serial, state, lot, source, updated_at, sent_at FROM serials WHERE gtin=? AND serial=?", (gtin, serial))
@@ -119,12 +135,22 @@ class Reader:
         if lot is None:
             rows = self.q("SELECT gtin, serial, lot FROM serials WHERE state='sent' ORDER BY id")
         else:
-            rows = self.q("SELECT gtin, serial, lot FROM serials WHERE lot=? AND state='sent' ORDER BY id", (lot,))
+            # +lot: keep the planner on the small partial index of sent serials, not the whole lot
+            rows = self.q("SELECT gtin, serial, lot FROM serials WHERE state='sent' AND +lot=? ORDER BY id", (lot,))
         return [(r[0], r[1], r[2]) for r in rows]
 
     def allocated(self, lot: str) -> list[tuple[str, str]]:
         """Allocated to the lot and never sent: what batch close returns or voids."""
-        return [(r[0], r[1]) for r in self.q("SELECT gtin, serial FROM serials WHERE lot=? AND state='allocated' ORDER BY id", (lot,))]
+        return [(r[0], r[1]) for r in self.q(
+            "SELECT gtin, serial FROM serials INDEXED BY ix_serials_allocated WHERE lot=? AND state='allocated' ORDER BY id", (lot,)
+        )]
+
+    def purgeable(self, cutoff: str, after_seq: int, limit: int) -> list[int]:
+        """Forwarded before `cutoff`; scanned here, on a reader, so a long scan never holds the writer."""
+        return [r[0] for r in self.q(
+            "SELECT seq FROM outbox WHERE seq > ? AND forwarded_at IS NOT NULL AND forwarded_at < ? ORDER BY seq LIMIT ?",
+            (after_seq, cutoff, limit),
+        )]
 
     # ------------------------------------------------------------------ batches, containers
 

@@ -232,6 +232,7 @@ def make_engine(
     busy_timeout_s: float = 10.0,
     cache_kib: int | None = None,
     pool_size: int = 4,
+    wal_autocheckpoint: int | None = None,
 ) -> Engine:
     """An engine whose connections leave transaction control to us (pysqlite's implicit BEGIN is off).
 
@@ -258,6 +259,9 @@ def make_engine(
             cur.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
         if query_only:
             cur.execute("PRAGMA query_only=ON")
+        if wal_autocheckpoint is not None:
+            cur.execute(f"PRAGMA wal_autocheckpoint={int(wal_autocheckpoint)}")
+            cur.execute(f"PRAGMA journal_size_limit={int(wal_autocheckpoint) * 4096 * 2}")
         cur.close()
 
     if begin:

@@ -279,8 +279,7 @@ class Writer(threading.Thread):
                 tx.finish()
             else:
                 try:
-                    for o in ops:
-                        o.result = o.fn(tx, *o.args)
+                    self._run_fast(tx, ops)
                     tx.finish()
                 except Exception as exc:  # noqa: BLE001
                     if _is_group_error(exc):
@@ -302,6 +301,25 @@ class Writer(threading.Thread):
                 fn()
             except Exception:  # noqa: BLE001
                 log.exception("store_post_commit_hook_failed")
+
+    @staticmethod
+    def _run_fast(tx: Tx, ops: list[Op]) -> None:
+        """Run the ops in order; consecutive ops of a function with a `.batch` form run as one call."""
+        i, n = 0, len(ops)
+        while i < n:
+            o = ops[i]
+            batch = getattr(o.fn, "batch", None)
+            if batch is not None:
+                j = i + 1
+                while j < n and ops[j].fn is o.fn:
+                    j += 1
+                if j - i > 1:
+                    for x, r in zip(ops[i:j], batch(tx, [x.args for x in ops[i:j]])):
+                        x.result = r
+                    i = j
+                    continue
+            o.result = o.fn(tx, *o.args)
+            i += 1
 
     def _rollback(self, conn: sqlite3.Connection) -> None:
         if conn.in_transaction:
