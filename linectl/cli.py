@@ -25,6 +25,7 @@ COMMAND_MODULES = (
     "linectl.commands.export",
     "linectl.commands.recall",
     "linectl.commands.verify",
+    "linectl.commands.rework",
 )
 
 

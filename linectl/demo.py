@@ -43,7 +43,8 @@ class SimControl:
         self.port = port
 
     async def call(self, **msg: Any) -> dict[str, Any]:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port), 5)
+        # replies can be long (`units` lists up to 1000 units): the simulator allows 1 MiB lines
+        reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", self.port, limit=1 << 20), 5)
         try:
             writer.write((json.dumps(msg) + "\n").encode())
             await writer.drain()

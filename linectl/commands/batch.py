@@ -75,12 +75,12 @@ def build_command(args: argparse.Namespace) -> dict[str, Any]:
 async def send_command(cfg: Any, body: dict[str, Any], timeout: float) -> dict[str, Any]:
     import aiomqtt
 
-    from linectl.mqtt_bridge import client_kwargs
+    from linectl.forwarder import client_options
 
     root = cfg.topic_root
     name = body["name"]
     reply_topic = f"{root}/cmd/{name}/reply"
-    async with aiomqtt.Client(**client_kwargs(cfg.mqtt, identifier=f"linectl-cli-{uuid.uuid4().hex[:8]}")) as client:
+    async with aiomqtt.Client(**client_options(cfg.mqtt, f"linectl-cli-{uuid.uuid4().hex[:8]}")) as client:
         await client.subscribe(reply_topic, qos=1)
         await client.publish(f"{root}/cmd/{name}", json.dumps(body), qos=1)
         async with asyncio.timeout(timeout):

@@ -42,6 +42,7 @@ class PlcSurface:
             tags = self.plc.latest()
             if not tags or self.plc.health.state != HealthState.CONNECTED:
                 continue
+            await self.line.resync_line_mode(self.plc)
             await self._check_estop(tags)
             for tag, make in COMMAND_TAGS.items():
                 if tags.get(tag):

@@ -110,10 +110,10 @@ class PrintVerifyRuntime:
         self._recent_good: OrderedDict[int, Job] = OrderedDict()
         self._decided: OrderedDict[int, bool] = OrderedDict()
         self._ring_seen: list[int] | None = None
+        self._restart_commissioned: dict[int, tuple[str, str, str | None]] = {}
         self._early_confirms: OrderedDict[int, None] = OrderedDict()  # gate rejected it before we ordered it
         self._consecutive_rejects = 0
         self._consecutive_noreads = 0
-        self._printed_here: set[tuple[str, str]] = set()
         self._space = asyncio.Event()
         self._refill = asyncio.Event()
         self._confirm_arrived = asyncio.Event()
@@ -126,7 +126,8 @@ class PrintVerifyRuntime:
         self._last_read_at = time.monotonic()
         self._unread_since: float | None = None  # first print confirmed after the last read (reader silence clock)
         self._deciding = 0  # units taken off _units whose verdict is being recorded
-        self._printer_unknown = False
+        self._printer_unknown = True  # the printer may hold jobs we did not send (daemon restart): clear first
+        self._feed_lock = asyncio.Lock()  # a group of jobs being handed to the printer (see _feeder, drain)
 
     # ------------------------------------------------------------------ setup
 
@@ -220,32 +221,40 @@ class PrintVerifyRuntime:
                     await self.line.fault_stop("printer_error", f"printer {self.printer.name}: cannot clear jobs left queued: {exc.reason}", self.name)
                     await asyncio.sleep(0.1)
                     continue
-            batch = self.batch
             if not self._serials:
                 self._refill.set()
                 await asyncio.sleep(0.01)
                 continue
-            n = min(self.cfg.printer_queue_depth - len(self._on_printer), self.remaining_to_issue(), len(self._serials))
-            if len(self._serials) - n < SERIAL_BLOCK // 2:
-                self._refill.set()
-            jobs = [self._make_job(self._serials.popleft(), batch) for _ in range(n)]
-            # durable 'sent' before the printer sees a single byte of them
-            await self.line.store.mark_sent(batch.gtin, batch.lot, [j.serial for j in jobs])
-            for j in jobs:
-                self._on_printer[j.job_seq] = j
-            for idx, j in enumerate(jobs):
-                try:
-                    await self.printer.send(PrintJob(seq=j.job_seq, element_string=j.code.element_string, hri=j.code.hri, fields={"lot": batch.lot, "expiry": batch.expiry, "gtin": batch.gtin, "serial": j.serial}))
-                    self._jobs_issued += 1
-                except DeviceError as exc:
-                    # NAK or no answer: the printer may or may not hold it; never reuse the serial
-                    failed = [x for x in jobs[idx:] if x.job_seq in self._on_printer]
-                    for x in failed:
-                        self._on_printer.pop(x.job_seq, None)
-                        self.counters.print_failures += 1
-                        await self._decommission(x, RejectReason.PRINT_FAILED, f"printer {self.printer.name}: {exc.reason}", seq=None)
-                    await self.line.fault_stop("printer_error", f"printer {self.printer.name}: {exc.reason}", self.name)
-                    break
+            # One group of jobs goes from 'sent' to the printer under the lock; drain() takes it after setting
+            # mode idle, so a stop never clears the printer half-way through a group (a job sent after the
+            # clear would be printed later with a serial drain() had decommissioned).
+            async with self._feed_lock:
+                batch = self.batch
+                if self.mode != "production" or batch is None:
+                    continue
+                n = min(self.cfg.printer_queue_depth - len(self._on_printer), self.remaining_to_issue(), len(self._serials))
+                if n <= 0:
+                    continue
+                if len(self._serials) - n < SERIAL_BLOCK // 2:
+                    self._refill.set()
+                jobs = [self._make_job(self._serials.popleft(), batch) for _ in range(n)]
+                # durable 'sent' before the printer sees a single byte of them
+                await self.line.store.mark_sent(batch.gtin, batch.lot, [j.serial for j in jobs])
+                for j in jobs:
+                    self._on_printer[j.job_seq] = j
+                for idx, j in enumerate(jobs):
+                    try:
+                        await self.printer.send(PrintJob(seq=j.job_seq, element_string=j.code.element_string, hri=j.code.hri, fields={"lot": batch.lot, "expiry": batch.expiry, "gtin": batch.gtin, "serial": j.serial}))
+                        self._jobs_issued += 1
+                    except DeviceError as exc:
+                        # NAK or no answer: the printer may or may not hold it; never reuse the serial
+                        failed = [x for x in jobs[idx:] if x.job_seq in self._on_printer]
+                        for x in failed:
+                            self._on_printer.pop(x.job_seq, None)
+                            self.counters.print_failures += 1
+                            await self._decommission(x, RejectReason.PRINT_FAILED, f"printer {self.printer.name}: {exc.reason}", seq=None)
+                        await self.line.fault_stop("printer_error", f"printer {self.printer.name}: {exc.reason}", self.name)
+                        break
 
     def _make_job(self, serial: str, batch: "BatchContext") -> Job:
         self._job_counter += 1
@@ -301,7 +310,6 @@ class PrintVerifyRuntime:
             self._units[unit_seq] = Unit(unit_seq, job, time.monotonic())
             if self._unread_since is None:
                 self._unread_since = self._units[unit_seq].printed_at
-            self._printed_here.add((self.batch.gtin if self.batch else "", job.serial))
             self._max_printed_seq = max(self._max_printed_seq, unit_seq)
             self.counters.printed += 1
             self._confirm_arrived.set()
@@ -352,6 +360,12 @@ class PrintVerifyRuntime:
         unit = self._units.pop(seq, None)
         self.counters.production_units += 1
         if unit is None:
+            job = self._job_on_printer(r)
+            if job is not None:
+                # printed, but its print confirmation was lost (printer link reset): the read names the job.
+                # Tracking was not confirmed, so reject it, and record that this serial is on this unit.
+                await self._reject(seq, job, Verdict(False, RejectReason.UNEXPECTED_UNIT, f"job {job.job_seq} printed on unit {seq} without a print confirmation"), r.received_at)
+                return
             v = classify_unknown(r.codes, min_grade=self._min_grade(), is_known_serial=self._is_known, require_gs1=self.rules.require_gs1)
             await self._reject(seq, None, Verdict(False, RejectReason.UNEXPECTED_UNIT, f"no code was printed for unit {seq}; read: {v.detail}"), r.received_at)
             return
@@ -375,12 +389,23 @@ class PrintVerifyRuntime:
         finally:
             self._deciding -= 1
 
+    def _job_on_printer(self, r: Read) -> Job | None:
+        """The job on the printer whose serial this read shows (its print confirmation never arrived), if any."""
+        if not self._on_printer or not r.codes or not r.codes[0].data:
+            return None
+        try:
+            p = gs1.parse(r.codes[0].data)
+        except gs1.GS1Error:
+            return None
+        for k, job in self._on_printer.items():
+            if job.serial == p.serial and job.expected.gtin == p.gtin:
+                return self._on_printer.pop(k)
+        return None
+
     def _min_grade(self) -> float:
         return self.batch.product.min_grade if self.batch else 1.5
 
     def _is_known(self, gtin: str, serial: str) -> bool:
-        if (gtin, serial) in self._printed_here:
-            return True
         rec = self.line.store.serial(gtin, serial)
         return rec is not None and rec.state in ("sent", "commissioned", "decommissioned")
 
@@ -514,7 +539,11 @@ class PrintVerifyRuntime:
         ring = list(ring)
         if self._ring_seen is None:
             self._ring_seen = ring
-            # values already there at start belong to earlier runs
+            # values already there at start belong to earlier runs; but a unit commissioned just before a crash
+            # whose good verdict never reached the PLC went to the reject bin meanwhile: find those
+            self._restart_commissioned = self._commissioned_before_start()
+            for seq in sorted({v for v in ring if v}):
+                await self._rejected_while_down(seq)
             return
         changed = [v for i, v in enumerate(ring) if v != self._ring_seen[i] and v]
         self._ring_seen = ring
@@ -537,11 +566,45 @@ class PrintVerifyRuntime:
                     self._remember(seq, False)
                     self.counters.rejected[RejectReason.PLC_FAILSAFE.value] = self.counters.rejected.get(RejectReason.PLC_FAILSAFE.value, 0) + 1
                     await self._decommission(unit.job, RejectReason.PLC_FAILSAFE, "PLC rejected the unit before any read arrived", seq=seq)
+                elif seq in self._restart_commissioned:
+                    await self._rejected_while_down(seq)
                 elif seq not in self._decided:
                     # a unit not (yet) known here, e.g. its read is still being handled: its reject order will find it
                     self._early_confirms[seq] = None
                     while len(self._early_confirms) > 4 * self.ring_slots:
                         self._early_confirms.popitem(last=False)
+
+    def _commissioned_before_start(self) -> dict[int, tuple[str, str, str | None]]:
+        """seq -> (gtin, serial, lot) of the last units this station commissioned in the open batch before this start."""
+        b = self.line.batch
+        if b is None:
+            return {}
+        window = 16 * self.ring_slots
+        rows = self.line.store.outbox(max(0, self.line.store.last_seq() - window), window, only_unforwarded=False)
+        out: dict[int, tuple[str, str, str | None]] = {}
+        for r in rows:
+            ev = r.event
+            if isinstance(ev, UnitCommissioned) and ev.lot == b.lot and ev.station == self.name and ev.seq is not None:
+                out[ev.seq] = (ev.gtin, ev.serial, ev.lot)
+        return out
+
+    async def _rejected_while_down(self, seq: int) -> None:
+        """The gate rejected a unit commissioned before a restart (its "good" never reached the PLC): decommission it."""
+        hit = self._restart_commissioned.pop(seq, None)
+        if hit is None:
+            return
+        gtin, serial, lot = hit
+        rec = self.line.store.serial(gtin, serial)
+        if rec is None or rec.state != "commissioned":
+            return
+        await self.line.store.append(
+            UnitDecommissioned(gtin=gtin, serial=serial, lot=lot, reason=RejectReason.PLC_FAILSAFE, seq=seq, station=self.name,
+                               detail="rejected at the gate while linectl was down: its good verdict never reached the PLC")
+        )
+        b = self.line.batch
+        if b is not None and b.lot == lot:
+            b.good_before -= 1
+        await self.line.alarm("failsafe_reject", f"unit {seq} was rejected by the PLC while linectl was down; serial {serial} decommissioned", Severity.WARNING, self.name)
 
     async def _rejected_after_good(self, seq: int, job: Job) -> None:
         """A unit we commissioned went to the reject bin (verdict came too late): it is not on the market."""
@@ -581,6 +644,8 @@ class PrintVerifyRuntime:
     async def drain(self, timeout_s: float) -> None:
         """After the line stopped: let units on the belt reach the reader and gate; then account for the rest."""
         self.mode = "idle"
+        async with self._feed_lock:
+            pass  # a group of jobs being handed to the printer is complete (on the printer or failed) from here
         deadline = time.monotonic() + timeout_s
         while (self._units or self._pending_rejects) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
