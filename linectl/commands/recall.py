@@ -1,0 +1,61 @@
+"""`linectl recall --batch LOT`: every pallet, case and unit of a batch with status and parent.
+
+Streams CSV or JSON to stdout or --out FILE (a 1,000,000-unit batch never
+sits in memory). `--mark --actor NAME` also flags the batch as recalled in
+the audit trail, after which `linectl verify` answers "recalled" for its codes.
+Exit 0 listed, 1 no such batch, 2 bad input, 3 store error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from linectl.store.cliutil import EXIT_BAD_INPUT, add_db_options, run_with_store
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recall", help="list every pallet, case and unit of a batch (CSV or JSON)")
+    p.add_argument("--batch", "--lot", dest="lot", required=True, metavar="LOT", help="batch / lot number")
+    p.add_argument("--format", choices=("json", "csv"), default="json")
+    p.add_argument("--out", metavar="FILE", help="write here instead of stdout (written to FILE.tmp, then renamed)")
+    p.add_argument("--mark", action="store_true", help="also flag the batch as recalled (audit record; needs --actor)")
+    p.add_argument("--actor", help="who marks the recall (with --mark)")
+    p.add_argument("--reason", default="", help="why (with --mark)")
+    add_db_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from linectl.trace import mark_recalled, write_recall_csv, write_recall_json
+
+    if args.mark and not args.actor:
+        print("linectl: --mark needs --actor NAME", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+    async def body(store: Any, cfg: Any | None) -> int:
+        if store.batch(args.lot) is None:
+            print(f"linectl: no batch {args.lot} in {store.path}", file=sys.stderr)
+            return 1
+        if args.mark:
+            actor = args.actor if ":" in args.actor else f"cli:{args.actor}"
+            res = await mark_recalled(store, args.lot, actor, args.reason)
+            print(f"batch {args.lot} {'was already' if res['already'] else 'is now'} marked recalled", file=sys.stderr)
+        writer = write_recall_csv if args.format == "csv" else write_recall_json
+        if args.out:
+            tmp = args.out + ".tmp"
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                counts = writer(store, args.lot, f)
+            os.replace(tmp, args.out)
+        else:
+            counts = writer(store, args.lot, sys.stdout)
+            if args.format == "json":
+                sys.stdout.write("\n")
+            sys.stdout.flush()
+        summary = ", ".join(f"{lv}: " + " ".join(f"{st}={n}" for st, n in sorted(c.items())) for lv, c in counts.items())
+        print(f"recall {args.lot}: {summary or 'nothing packed or printed'}", file=sys.stderr)
+        return 0
+
+    return run_with_store(args, body, readonly=not args.mark)
