@@ -30,6 +30,9 @@ log = structlog.get_logger("simulators.conveyor")
 TRIGGER, READ, GATE = 0, 1, 2
 
 
+#: a scheduler wake-up later than this counts as a simulator stall (belt frozen for the excess)
+STALL_TOLERANCE_S = 0.005
+
 class ChallengeFactory:
     """Pre-printed challenge units, the packs QA prepares to prove the line rejects bad ones.
 
@@ -131,6 +134,8 @@ class Conveyor:
         self.fed = 0
         self.done_units = 0
         self.in_flight = 0
+        self.stalls = 0  # times the simulator woke late and froze the belt for the excess
+        self.stall_s = 0.0
         self.errors = 0
         self.done = asyncio.Event()
         self._heap: list[tuple[float, int, int, SimUnit | None]] = []
@@ -194,6 +199,8 @@ class Conveyor:
             "in_flight": self.in_flight,
             "challenge_queued": len(self.challenge_queue),
             "errors": self.errors,
+            "stalls": self.stalls,
+            "stall_s": round(self.stall_s, 3),
         }
 
     # -- the scheduler --------------------------------------------------------------
@@ -241,7 +248,16 @@ class Conveyor:
                 delay = (heap[0][0] - pos) * 60.0 / self.rate_upm
             else:
                 delay = 0.5
+            planned = loop.time() + max(delay, 0.0)
             await self._sleep(max(delay, 0.0))
+            late = loop.time() - planned
+            if late > STALL_TOLERANCE_S and self._running:
+                # The simulator process was not scheduled: the physical belt cannot have moved while nobody
+                # simulated it, or a stall would send reads and gate the same units in one burst, leaving
+                # the controller no time at all (false rejects that no real line would see).
+                self._t0 += late - STALL_TOLERANCE_S
+                self.stalls += 1
+                self.stall_s += late - STALL_TOLERANCE_S
 
     async def _sleep(self, delay: float) -> None:
         loop = asyncio.get_running_loop()
