@@ -111,6 +111,20 @@ class ResetLine(Command):
 class VerifyCode(Command):
     name: Literal["verify_code"] = "verify_code"
     code: str = Field(max_length=4096)
+    where: str | None = Field(None, max_length=64, description="SSCC of the container it was scanned in, if any")
+
+
+class CloseCase(Command):
+    """Close the partial case (or pallet) open at a station, e.g. at batch end."""
+
+    name: Literal["close_case"] = "close_case"
+    station: str | None = None
+
+
+class RecallBatch(Command):
+    name: Literal["recall_batch"] = "recall_batch"
+    lot: str
+    reason: str = Field("", max_length=500)
 
 
 AnyCommand = Annotated[
@@ -127,6 +141,8 @@ AnyCommand = Annotated[
         AckAlarm,
         ResetLine,
         VerifyCode,
+        CloseCase,
+        RecallBatch,
     ],
     Field(discriminator="name"),
 ]

@@ -222,10 +222,10 @@ def test_trace_unit_in_every_notation(tmp_path, capsys):
         assert t["status"] == "commissioned" and t["lot"] == "LOT42" and t["batch"]["expiry"] == "271231"
         assert [p["sscc"] for p in t["parents"]] == [h["case"], h["pallet"]]
         assert [e["kind"] for e in t["events"]] == ["unit_commissioned", "packed"]
-        assert t["events"][0]["event"]["serial"] == u
+        assert t["events"][0]["serial"] == u
     rc, out, _ = run(capsys, "trace", f"(01){GTIN}(21){h['units'][2]}", "--db", str(db))
     t = json.loads(out)
-    assert rc == 0 and t["status"] == "decommissioned" and t["events"][0]["event"]["reason"] == "no_read"
+    assert rc == 0 and t["status"] == "decommissioned" and t["events"][0]["reason"] == "no_read"
 
 
 def test_trace_container_unknown_and_bad(tmp_path, capsys):
@@ -234,7 +234,7 @@ def test_trace_container_unknown_and_bad(tmp_path, capsys):
     rc, out, _ = run(capsys, "trace", f"(00){h['case']}", "--db", str(db))
     t = json.loads(out)
     assert rc == 0 and t["status"] == "commissioned" and t["level"] == "case"
-    assert [c["serial"] for c in t["children"]] == h["units"][:2]
+    assert [c["serial"] for c in t["tree"]] == h["units"][:2] and t["contents"] == {"units": 2}
     assert [p["sscc"] for p in t["parents"]] == [h["pallet"]]
     assert [e["kind"] for e in t["events"]] == ["container_commissioned", "packed", "packed"]
     rc, out, _ = run(capsys, "trace", f"(01){GTIN}(21)NEVERSEEN", "--db", str(db))

@@ -22,7 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from linectl.store.trace import TraceError, identify, trace_code
+    from linectl.store.trace import TraceError, identify
+    from linectl.trace import trace
 
     try:
         identify(args.code)
@@ -31,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
 
     async def body(store: Any, cfg: Any | None) -> int:
-        result = trace_code(store, args.code)
+        result = trace(store, args.code)  # identity, status, events, parent chain and, for a container, its tree
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return 0 if result["found"] else 1
 

@@ -459,9 +459,26 @@ class Line:
         return {"fault_cleared": was}
 
     async def _cmd_verify_code(self, c: C.VerifyCode, origin: str) -> dict[str, Any]:
-        from linectl.trace import verify_code
+        from linectl.trace import verify_code_async
 
-        return verify_code(self.store, c.code)
+        return await verify_code_async(self.store, c.code, where=c.where, raise_alarm=True)
+
+    async def _cmd_close_case(self, c: C.CloseCase, origin: str) -> dict[str, Any]:
+        stations = [s for s in getattr(self, "aggregation_stations", []) if hasattr(s, "close_partial") and (c.station is None or s.name == c.station)]
+        if not stations:
+            raise C.CommandRejected(f"no case or pallet station{' named ' + c.station if c.station else ''}", "no_station")
+        results = {}
+        for s in stations:
+            results[s.name] = await s.close_partial()
+        return {"closed": _jsonable(results)}
+
+    async def _cmd_recall_batch(self, c: C.RecallBatch, origin: str) -> dict[str, Any]:
+        from linectl.trace import mark_recalled
+
+        if self.store.batch(c.lot) is None:
+            raise C.CommandRejected(f"no batch {c.lot}", "unknown_lot")
+        await mark_recalled(self.store, c.lot, c.actor, c.reason, origin=origin)
+        return {"lot": c.lot, "recalled": True}
 
     # ------------------------------------------------------------------ state, PLC outputs
 
@@ -533,11 +550,21 @@ class Line:
                 else None
             ),
             "rate_upm": self.achieved_rate_upm(),
-            "stations": {s.name: s.snapshot() for s in self.stations},
+            "stations": {s.name: s.snapshot() for s in [*self.stations, *getattr(self, "aggregation_stations", [])]},
             "devices": {n: d.health.as_dict() for n, d in self.drivers.items()},
             "alarms": [a.__dict__ for a in self.alarms.values() if not a.acknowledged][-20:],
             "units": {"rate": "units/min", "latency": "ms"},
         }
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
 
 
 def _short(result: dict[str, Any]) -> dict[str, Any]:
