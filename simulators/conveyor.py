@@ -322,6 +322,7 @@ class Conveyor:
                 "variation": unit.variation,
                 "challenge": unit.challenge,
                 "job_seq": unit.job_seq,
+                "content": unit.content,
                 "verdict": unit.extras.get("verdict"),
                 "gate": unit.extras.get("gate"),
             }

@@ -626,8 +626,13 @@ class PlcSim:
                     self.set("line_running", 0)
         else:
             self.controller_alive = True
+        fault_estop = self.faults.active("estop")
+        if self.has("estop") and fault_estop != getattr(self, "_estop_fault_was", False):
+            # an e-stop pressed on the machine is an input the controller can read, not only a frozen belt
+            self.set("estop", 1 if fault_estop else 0)
+            self._estop_fault_was = fault_estop
         estop = bool(self.get("estop")) if self.has("estop") else False
-        self.estop = estop or self.faults.active("estop")
+        self.estop = estop or fault_estop
         self.line_mode = int(self.get("line_mode") or 0) if self.has("line_mode") else MODE_PRODUCTION
         self.line_running = bool(self.get("line_running")) if self.has("line_running") else True
         if (self.controller_alive, self.estop, self.line_mode, self.line_running) != before:

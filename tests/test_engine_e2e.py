@@ -35,6 +35,7 @@ from engine_helpers import (
 )
 from linectl import control as C
 from linectl.engine.verify import CHALLENGE_EXPECTED_REASON
+from linectl import gs1
 from linectl.events import ChallengeResult, UnitCommissioned, UnitDecommissioned
 
 pytestmark = pytest.mark.slow
@@ -81,6 +82,10 @@ async def test_batch_at_speed_with_defects_balances_and_rejects_every_bad_unit(t
     led = unit_ledger(units, events, states)
     led.assert_ok()
     assert len(led.passed) == planned
+
+    # what the simulated printer physically put on the packs: no serial twice, except the injected duplicates
+    printed = [gs1.parse(u["content"]).serial for u in units if u["content"] and not u["challenge"] and u["defect"] not in ("duplicate", "wrong_code")]
+    assert len(printed) == len(set(printed)) > planned - 1
 
     # commissioned serials: unique, each 'commissioned' in the store, one per passed unit (a serial commissioned
     # and then decommissioned plc_failsafe is one whose verdict reached the gate too late)
