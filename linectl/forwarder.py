@@ -175,6 +175,30 @@ def default_client_id(cfg: "LineConfig") -> str:
     return "linectl-" + cfg.topic_root.replace("/", "-")
 
 
+def track_link(owner: Any, up: bool, reason: str, event: str, *, connect_ctx: dict[str, Any] | None = None, **ctx: Any) -> None:
+    """Track an MQTT link on `owner` (its _connected, _connected_since, _last_error) and log transitions:
+    a connect, a drop, a clean stop, and a failed (re)connect only when its reason changes, so a broker
+    that is away for a night leaves a handful of lines, not one per retry."""
+    was = owner._connected
+    owner._connected = up
+    if up:
+        owner._last_error = None
+        if not was:
+            owner._connected_since = time.time()
+            log.info(f"{event}_connected", broker=f"{owner.mqtt.host}:{owner.mqtt.port}", **(connect_ctx or {}), **ctx)
+        return
+    owner._connected_since = None
+    changed = reason != owner._last_error
+    if reason != "stopped" or was:
+        owner._last_error = reason
+    if was and reason == "stopped":
+        log.info(f"{event}_stopped", **ctx)
+    elif was:
+        log.warning(f"{event}_disconnected", reason=reason, **ctx)
+    elif changed and reason != "stopped":
+        log.warning(f"{event}_connect_failed", reason=reason, **ctx)
+
+
 def _epoch(value: Any) -> float | None:
     """OutboxRow.created_at as epoch seconds, whatever the store hands back (float, datetime, ISO text)."""
     if value is None:
@@ -390,25 +414,7 @@ class Forwarder:
     # ---------------------------------------------------------------- connection state
 
     def _set_connected(self, up: bool, reason: str = "") -> None:
-        """Track the link; log transitions, and a failed (re)connect only when its reason changes."""
-        was = self._connected
-        self._connected = up
-        if up:
-            self._last_error = None
-            if not was:
-                self._connected_since = time.time()
-                log.info("forwarder_connected", broker=f"{self.mqtt.host}:{self.mqtt.port}", client_id=self.client_id, backlog=self.backlog)
-            return
-        self._connected_since = None
-        changed = reason != self._last_error
-        if reason != "stopped" or was:
-            self._last_error = reason
-        if was and reason == "stopped":
-            log.info("forwarder_stopped", backlog=self.backlog)
-        elif was:
-            log.warning("forwarder_disconnected", reason=reason, backlog=self.backlog)
-        elif changed and reason != "stopped":
-            log.warning("forwarder_connect_failed", reason=reason, backlog=self.backlog)
+        track_link(self, up, reason, "forwarder", connect_ctx={"client_id": self.client_id}, backlog=self.backlog)
 
     # ---------------------------------------------------------------- session
 

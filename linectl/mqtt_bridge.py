@@ -47,7 +47,7 @@ from pydantic import ValidationError
 
 from drivers.base import Backoff
 from linectl.control import COMMAND_ADAPTER, COMMAND_NAMES, CommandRejected
-from linectl.forwarder import client_options, default_client_id
+from linectl.forwarder import client_options, default_client_id, track_link
 
 if TYPE_CHECKING:  # pragma: no cover
     from linectl.config import LineConfig
@@ -208,25 +208,7 @@ class MqttBridge:
     # ---------------------------------------------------------------- session
 
     def _set_connected(self, up: bool, reason: str = "") -> None:
-        """Track the link; log transitions, and a failed (re)connect only when its reason changes."""
-        was = self._connected
-        self._connected = up
-        if up:
-            self._last_error = None
-            if not was:
-                self._connected_since = time.time()
-                log.info("mqtt_connected", broker=f"{self.mqtt.host}:{self.mqtt.port}", client_id=self.client_id, root=self.root)
-            return
-        self._connected_since = None
-        changed = reason != self._last_error
-        if reason != "stopped" or was:
-            self._last_error = reason
-        if was and reason == "stopped":
-            log.info("mqtt_stopped")
-        elif was:
-            log.warning("mqtt_disconnected", reason=reason)
-        elif changed and reason != "stopped":
-            log.warning("mqtt_connect_failed", reason=reason)
+        track_link(self, up, reason, "mqtt", connect_ctx={"client_id": self.client_id, "root": self.root})
 
     async def _session(self, client: aiomqtt.Client) -> None:
         await client.publish(self.topic_status, b"online", qos=1, retain=True)
