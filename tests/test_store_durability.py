@@ -206,6 +206,8 @@ ALLOCATOR = textwrap.dedent(
         try:
             for _ in range(40):
                 seq += await store.allocate("09501101530003", "LOTS", 25, SequentialSerials(scheme="sequential", width=10))
+            print("SEQDONE", flush=True)
+            sys.stdin.readline()  # second barrier: neither can drain the pool before the other starts
             while True:
                 try:
                     pool += await store.allocate("09501101530003", "LOTP", 5, PoolSerials(scheme="pool", low_water=0))
@@ -241,6 +243,11 @@ async def test_two_processes_never_share_a_serial(tmp_path):
     ]
     for p in procs:
         assert (await asyncio.wait_for(p.stdout.readline(), 30)).strip() == b"READY"
+    for p in procs:
+        p.stdin.write(b"go\n")
+        await p.stdin.drain()
+    for p in procs:
+        assert (await asyncio.wait_for(p.stdout.readline(), 60)).strip() == b"SEQDONE"
     outs = await asyncio.wait_for(asyncio.gather(*(p.communicate(b"go\n") for p in procs)), 60)
     got = []
     for p, (out, err) in zip(procs, outs):
