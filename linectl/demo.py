@@ -109,9 +109,10 @@ class SimulatedLine:
         raw = to_plain(load_yaml(self.cfg_path))
         raw = _rewrite_ports(raw, self.workdir)
         if self.camera:
-            cams = [n for n, d in raw["devices"].items() if d.get("driver") == "camera"]
+            packing = {st.get("reader") for st in raw.get("stations", []) if st.get("type") in ("case", "pallet")}
+            cams = [n for n, d in raw["devices"].items() if d.get("driver") == "camera" and n not in packing]
             if not cams:
-                raise RuntimeError(f"{self.cfg_path}: --camera needs a device with driver: camera")
+                raise RuntimeError(f"{self.cfg_path}: --camera needs a device with driver: camera that no case station uses")
             for st in raw.get("stations", []):
                 if st.get("type") == "print_verify":
                     st["reader"] = cams[0]
@@ -187,6 +188,41 @@ class SimulatedLine:
             if not self.line.challenge_passed:
                 raise RuntimeError(f"challenge test failed: {self.line.snapshot()['stations']}")
 
+    async def finish_packing(self, timeout: float = 60.0) -> None:
+        """Batch end at the packer: every good unit read into a case, the partial case and pallet closed on command.
+
+        What an operator does at the end of a batch: wait for the last full
+        cases, then close the partial case (`close_case`) and the partial
+        pallet. Waits on the simulator's ground truth (what it physically
+        put in front of each reader) and the stations' handled-read counters.
+        """
+        assert self.control is not None
+        stations = list(getattr(self.line, "aggregation_stations", []))
+        case = next((s for s in stations if s.level == "case"), None)
+        pallet = next((s for s in stations if s.level == "pallet"), None)
+        if case is None:
+            return
+        ctl = self.control
+        await _wait_belt_empty(ctl, 30)
+        st = await _poll(ctl, lambda p: p["units_presented"] + p["open_units"] >= p["units_in"], timeout, "units into the case packer")
+
+        def case_reads(p: dict[str, Any]) -> int:
+            return p["cases_presented"] if p["frame"] else p["units_presented"]
+
+        await _until(lambda: case.counters.reads >= case_reads(st), timeout, "case station reads")
+        if st["frame"] and st["open_units"]:
+            await self.line.execute(C.CloseCase(station=case.name, actor="demo"), origin="demo")
+            st = await ctl.call(cmd="pack", flush=True)
+            await _until(lambda: case.counters.reads >= case_reads(st), timeout, "partial case decision")
+        elif not st["frame"] and case.snapshot()["open"]:
+            await self.line.execute(C.CloseCase(station=case.name, actor="demo"), origin="demo")
+        if pallet is None:
+            return
+        st = await _poll(ctl, lambda p: p["cases_to_pallet"] >= p["case_labels"], timeout, "labelled cases to the palletizer")
+        await _until(lambda: pallet.counters.reads >= st["cases_to_pallet"], timeout, "pallet station reads")
+        if pallet.snapshot()["open"]:
+            await self.line.execute(C.CloseCase(station=pallet.name, actor="demo"), origin="demo")
+
     async def truth(self) -> dict[str, Any]:
         assert self.control is not None
         await _wait_belt_empty(self.control, 30)
@@ -238,10 +274,14 @@ async def run_demo(args: Any) -> dict[str, Any]:
         t_prod = time.monotonic()
         await _progress(line, args.units, args.json)
         t_end = time.monotonic()
+        await sl.finish_packing()
         close = await line.execute(C.CloseBatch(actor="demo"), origin="demo")
         await _wait_forwarded(sl.daemon, 30)
         truth = await sl.truth()
-        return _summary(line, sl.daemon, close["report"], truth, sl.db, t_end - t_prod, t_end - t_start)
+        summary = _summary(line, sl.daemon, close["report"], truth, sl.db, t_end - t_prod, t_end - t_start)
+        if line.aggregation_stations:
+            summary["aggregation"] = await _aggregation_summary(sl, close["report"].get("lot"))
+        return summary
 
 
 async def _progress(line: Any, units: int, quiet: bool) -> None:
@@ -262,6 +302,52 @@ async def _progress(line: Any, units: int, quiet: bool) -> None:
         await asyncio.sleep(0.2)
     if tty:
         sys.stderr.write("\n")
+
+
+async def _until(cond: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def _poll(control: SimControl, cond: Any, timeout: float, what: str) -> dict[str, Any]:
+    """The simulator's packer status, once `cond(status)` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        st = await control.call(cmd="pack")
+        if cond(st):
+            return st
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f}s waiting for {what}: {st}")
+        await asyncio.sleep(0.1)
+
+
+async def _aggregation_summary(sl: SimulatedLine, lot: str | None) -> dict[str, Any]:
+    """Cases and pallets as the store recorded them, the stations' rejects, and the packer's ground truth."""
+    from linectl.engine.rework import check_hierarchy
+    from linectl.trace import snapshot
+
+    assert sl.control is not None
+    store = sl.daemon.store
+
+    def counts() -> dict[str, int]:
+        with snapshot(store) as conn:
+            lv = dict(conn.execute("SELECT level, count(*) FROM containers WHERE lot = ? AND state = 'commissioned' GROUP BY level", (lot,)).fetchall())
+            packed = conn.execute(
+                "SELECT count(*) FROM aggregation a JOIN serials s ON s.gtin = a.child_gtin AND s.serial = a.child_serial "
+                "WHERE a.removed_seq IS NULL AND a.child_kind = 'unit' AND s.lot = ?", (lot,)
+            ).fetchone()[0]
+        return {"cases": int(lv.get("case", 0)), "pallets": int(lv.get("pallet", 0)), "units_aggregated": int(packed)}
+
+    out: dict[str, Any] = await asyncio.to_thread(counts)
+    for s in sl.line.aggregation_stations:
+        out[s.name] = s.counters.as_dict()
+    out["hierarchy_violations"] = await asyncio.to_thread(check_hierarchy, store)
+    packer = await sl.control.call(cmd="pack")
+    out["packer"] = {k: packer.get(k) for k in ("units_in", "cases_presented", "case_labels", "cases_to_pallet", "pallet_labels", "skipped")}
+    return out
 
 
 async def _wait_belt_empty(control: SimControl, timeout: float) -> None:

@@ -42,6 +42,8 @@ class SimulationConfig(_Model):
     free_run: bool = Field(
         False, description="feed product without a controller (ignore the PLC interlock); the gate stays fail-safe"
     )
+    pack_delay_s: float = Field(0.5, ge=0, le=60, description="case packer: seconds from the reject gate into the open case")
+    case_travel_s: float = Field(1.5, ge=0, le=600, description="seconds from the case labeller to the palletizer's scanner")
     faults: dict[str, dict[str, FaultRate]] = Field(
         default_factory=dict, description="device name -> fault kind -> rate; kinds are the device simulator's inject() faults"
     )

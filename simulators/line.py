@@ -28,6 +28,7 @@ from simulators.control import ControlServer
 from simulators.conveyor import ChallengeFactory, Conveyor
 from simulators.defects import DefectPlan
 from simulators.model import SimUnit, Truth
+from simulators.packer import Packer
 from simulators.plc import PlcSim
 
 log = structlog.get_logger("simulators.line")
@@ -68,7 +69,9 @@ def _make_printer(name: str, cfg: Any, line: "LineSim") -> Any:
     kw: dict[str, Any] = {"render_images": name in line.rendering, "seed": line.sim.seed}
     if cfg.driver == "zpl":
         kw["auto_print"] = name not in line.wired  # on a conveyor the product trigger prints, else it runs free
-    return klass(config=cfg, defect_for=line.plan.defect_for, **kw, **_transport_kwargs(name, cfg))
+    # Unit defects are printed by the coders on the conveyor; label printers print clean unless a fault is injected.
+    defects = None if name in line.labellers and name not in line.wired else line.plan.defect_for
+    return klass(config=cfg, defect_for=defects, **kw, **_transport_kwargs(name, cfg))
 
 
 def _make_reader(name: str, cfg: Any, line: "LineSim") -> Any:
@@ -117,6 +120,8 @@ class LineSim:
         self.conveyors: dict[str, Conveyor] = {}
         self.wired: set[str] = set()
         self.rendering: set[str] = set()
+        self.labellers: set[str] = set()  # printers of case/pallet stations
+        self.packer: Packer | None = None
         self.control: ControlServer | None = None
         self.control_address: tuple[str, int] | None = None
         self._fault_tasks: list[asyncio.Task] = []
@@ -136,6 +141,7 @@ class LineSim:
             reader_cfg = self.cfg.devices.get(st.reader)
             if printer and reader_cfg is not None and reader_cfg.driver == "camera":
                 self.rendering.add(printer)
+        self.labellers = {st.printer for st in self.cfg.stations if st.type in ("case", "pallet")}
         for name, dcfg in self.cfg.devices.items():
             factory = FACTORIES.get(dcfg.driver)
             if factory is None:
@@ -183,6 +189,44 @@ class LineSim:
                 units=self.sim.units,
                 on_unit=self._on_unit,
             )
+        self.packer = self._build_packer()
+
+    def _build_packer(self) -> Packer | None:
+        """The case packer (and palletizer) behind the gate, when the config has a case station.
+
+        A line has one case packer: units of every conveyor go to the first
+        case station; its cases go to the first pallet station.
+        """
+        cases = [st for st in self.cfg.stations if st.type == "case"]
+        if not cases:
+            return None
+        case = cases[0]
+        if len(cases) > 1:
+            log.warning("sim_packer_first_case_station_only", station=case.name, ignored=[c.name for c in cases[1:]])
+        pallet = next((st for st in self.cfg.stations if st.type == "pallet"), None)
+
+        def dev(name: str | None, role: str, required: bool = True) -> Any:
+            if name is None:
+                return None
+            d = self.devices.get(name)
+            if d is None and required:
+                raise SimulatorError(f"station {case.name}: {role} {name} is not simulated ({self.skipped.get(name, '?')})")
+            return d
+
+        reader_cfg = self.cfg.devices[case.reader]
+        return Packer(
+            case.name,
+            units_per_case=case.units_per_case,
+            case_reader=dev(case.reader, "case reader"),
+            case_frame=getattr(reader_cfg, "max_codes", 1) > 1,
+            case_printer=dev(case.printer, "case label printer"),
+            case_label_reader=dev(case.label_reader, "case label reader"),
+            pallet_reader=dev(pallet.reader, "pallet reader") if pallet else None,
+            pallet_printer=dev(pallet.printer, "pallet label printer") if pallet else None,
+            pallet_label_reader=dev(pallet.label_reader, "pallet label reader") if pallet else None,
+            pack_delay_s=self.sim.pack_delay_s,
+            case_travel_s=self.sim.case_travel_s,
+        )
 
     async def start(self) -> None:
         self._build()
@@ -226,7 +270,8 @@ class LineSim:
         await asyncio.gather(*(c.done.wait() for c in self.conveyors.values()))
 
     def _on_unit(self, unit: SimUnit) -> None:
-        pass
+        if self.packer is not None:
+            self.packer.on_unit(unit)
 
     # -- random faults --------------------------------------------------------------
 
@@ -280,7 +325,12 @@ class LineSim:
             return {"ok": True, "device": name, "result": res}
         if cmd == "set":
             return self._set(msg)
-        raise ValueError(f"unknown cmd {cmd!r} (truth, status, units, challenge, inject, set)")
+        if cmd == "pack":
+            if self.packer is None:
+                raise ValueError("this line has no case station to pack for")
+            flushed = self.packer.flush() if msg.get("flush") else 0
+            return {"ok": True, "flushed": flushed, **self.packer.status()}
+        raise ValueError(f"unknown cmd {cmd!r} (truth, status, units, challenge, inject, set, pack)")
 
     def _set(self, msg: dict[str, Any]) -> dict[str, Any]:
         changed: dict[str, Any] = {}
@@ -338,6 +388,7 @@ class LineSim:
                 devices[name] = {"error": repr(exc)}
         return {
             "conveyors": {n: c.status() for n, c in self.conveyors.items()},
+            "packer": self.packer.status() if self.packer is not None else None,
             "devices": devices,
             "listening": self.listening,
             "skipped": self.skipped,

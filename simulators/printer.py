@@ -588,6 +588,8 @@ class ZplPrinterSim(SimServer):
         self._engine: asyncio.Task[None] | None = None
         self._previous: str | None = None
         self._unit_seq = 0
+        #: called with (label, unit) for every label printed: the packer simulator hands it to a label reader
+        self.on_label: Callable[[ZplLabel, SimUnit], None] | None = None
 
     async def on_started(self) -> None:
         if self.auto_print:
@@ -711,6 +713,11 @@ class ZplPrinterSim(SimServer):
             apply_print(unit, content, sym, defect, self.rng, self._previous, self.render_images)
             self._previous = content
         self.units.append(unit)
+        if self.on_label is not None:
+            try:
+                self.on_label(label, unit)
+            except Exception as exc:  # noqa: BLE001 - the print engine must outlive a broken observer
+                log.warning("zpl_sim_on_label_failed", error=repr(exc))
 
     def on_trigger(self, unit: SimUnit) -> None:
         """Print-and-apply at the product trigger; a conveyor driving the printer replaces free-running printing."""

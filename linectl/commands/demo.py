@@ -10,7 +10,7 @@ import sys
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run a simulated line for one batch and summarise it")
-    p.add_argument("--config", help="line YAML (default: config/demo-line.yaml)")
+    p.add_argument("--config", help="line YAML (default: config/demo-line.yaml; config/demo-aggregation.yaml adds case and pallet stations)")
     p.add_argument("--units", type=int, default=500, help="production units to commission (planned quantity)")
     p.add_argument("--rate", type=float, default=600.0, help="line speed, units per minute")
     p.add_argument("--defect-rate", type=float, default=0.03, help="fraction of units the simulator damages")
@@ -35,6 +35,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_human(summary)
     ok = summary.get("missed_rejects") == 0 and summary.get("balanced")
+    if "aggregation" in summary:
+        ok = ok and not summary["aggregation"]["hierarchy_violations"]
     return 0 if ok else 1
 
 
@@ -49,4 +51,12 @@ def _print_human(s: dict) -> None:
     lat = s["decision_latency_ms"]
     print(f"  decision latency p50 {lat['p50']} ms  p99 {lat['p99']} ms  max {lat['max']} ms")
     print(f"  reconciliation   {'balanced' if s['balanced'] else 'NOT balanced'}")
+    agg = s.get("aggregation")
+    if agg:
+        print(f"  cases            {agg['cases']}   pallets {agg['pallets']}   units aggregated {agg['units_aggregated']}")
+        for name, c in agg.items():
+            if isinstance(c, dict) and "recorded" in c:
+                print(f"    {name:<14} recorded {c['recorded']} (partial {c['partial']})  rejected {c['rejected_total']} {c['rejected']}")
+        bad = agg["hierarchy_violations"]
+        print(f"  hierarchy        {'consistent' if not bad else f'{len(bad)} violation(s): ' + '; '.join(bad[:3])}")
     print(f"  db               {s['db']}")

@@ -95,6 +95,7 @@ class AggCounters:
     rejected: dict[str, int] = field(default_factory=dict)
     labels_printed: int = 0
     sscc_voided: int = 0
+    reads: int = 0  # reader results fully handled (frames, or single scans): lets a caller wait for "all seen"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +105,7 @@ class AggCounters:
             "rejected_total": sum(self.rejected.values()),
             "labels_printed": self.labels_printed,
             "sscc_voided": self.sscc_voided,
+            "reads": self.reads,
         }
 
 
@@ -213,6 +215,8 @@ class AggregationRuntime:
                 await self.handle_read(r)
             except Exception as exc:  # noqa: BLE001 - one bad read must not stop the station
                 self.log.exception("read_handling_failed", error=str(exc))
+            finally:
+                self.counters.reads += 1
 
     async def handle_read(self, r: Read) -> AggResult | None:
         if self.mode == "frame":
