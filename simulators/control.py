@@ -13,6 +13,7 @@ Commands:
   {"cmd":"inject","device":NAME,"fault":KIND,...}  -> {"ok":true, ...}           (extra keys go to the device)
   {"cmd":"set","defect_rate":F,"variation_rate":F,"defect_mix":{...},"rate_upm":R}
   {"cmd":"set","device":PLC,"tags":{"estop":true}} -> writes PLC tags as the HMI/field would
+  {"cmd":"pack","flush":B?}                        -> the case packer's counts; flush: show the partial case now
 Errors: {"ok":false,"error":"..."}.
 """
 
