@@ -121,6 +121,44 @@ class CloseCase(Command):
     station: str | None = None
 
 
+class Rework(Command):
+    """One rework operation decided at an HMI or MES, the same operations a rework bench scans.
+
+    `code` is what the operation is about: the unit taken out (remove,
+    replace, decommission) or the SSCC (add: the target case; dissolve;
+    reprint). `child` is the unit put in (add, replace). The actor is
+    recorded on every event and in the audit trail, so it must name a person.
+    """
+
+    name: Literal["rework"] = "rework"
+    operation: Literal["remove", "add", "replace", "dissolve", "decommission", "reprint"]
+    code: str = Field(min_length=1, max_length=300)
+    child: str | None = Field(None, min_length=1, max_length=300)
+    decommission_old: bool = Field(False, description="replace: also destroy the unit taken out")
+    keep_sscc: bool = Field(False, description="dissolve: keep the container commissioned (default: void its SSCC)")
+    reason: str = Field("", max_length=500, description="dissolve / decommission: why (recorded)")
+    station: str | None = Field(None, description="reprint: the rework station whose printer prints (default: the first with one)")
+
+    @model_validator(mode="after")
+    def _shape(self) -> "Rework":
+        if self.operation in ("add", "replace") and not self.child:
+            raise ValueError(f"rework {self.operation} needs child: the unit put in")
+        if self.operation not in ("add", "replace") and self.child:
+            raise ValueError(f"rework {self.operation} takes no child")
+        if not self.actor.strip() or self.actor == "operator":
+            raise ValueError("rework needs actor: the operator's id (it goes in the audit trail)")
+        return self
+
+
+class ReworkMode(Command):
+    """Set a rework bench's operation (what its `LINECTL:MODE=` command barcode does) and its operator."""
+
+    name: Literal["rework_mode"] = "rework_mode"
+    station: str | None = Field(None, description="the rework station (default: the only one)")
+    mode: Literal["remove", "add", "replace", "dissolve", "decommission", "reprint", "inspect"]
+    operator: str | None = Field(None, min_length=1, max_length=64, description="operator id for the bench's next operations")
+
+
 class RecallBatch(Command):
     name: Literal["recall_batch"] = "recall_batch"
     lot: str
@@ -143,6 +181,8 @@ AnyCommand = Annotated[
         VerifyCode,
         CloseCase,
         RecallBatch,
+        Rework,
+        ReworkMode,
     ],
     Field(discriminator="name"),
 ]

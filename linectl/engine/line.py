@@ -472,6 +472,50 @@ class Line:
             results[s.name] = await s.close_partial()
         return {"closed": _jsonable(results)}
 
+    def _rework_benches(self, station: str | None) -> list[Any]:
+        from linectl.engine.rework import ReworkRuntime
+
+        return [s for s in getattr(self, "aggregation_stations", []) if isinstance(s, ReworkRuntime) and (station is None or s.name == station)]
+
+    async def _cmd_rework(self, c: C.Rework, origin: str) -> dict[str, Any]:
+        from linectl.engine import rework as R
+
+        actor, store, op = f"{c.actor}@{origin}", self.store, c.operation
+        try:
+            if op == "remove":
+                res = await R.remove_unit(store, c.code, actor)
+            elif op == "add":
+                assert c.child is not None
+                res = await R.add_unit(store, c.code, c.child, actor)
+            elif op == "replace":
+                assert c.child is not None
+                res = await R.replace_unit(store, c.code, c.child, actor, decommission_old=c.decommission_old, detail=c.reason)
+            elif op == "dissolve":
+                res = await R.dissolve(store, c.code, actor, void_sscc=not c.keep_sscc, reason=c.reason or "dissolved")
+            elif op == "decommission":
+                res = await R.decommission_unit(store, c.code, actor, detail=c.reason or "damaged")
+            else:  # reprint: on a rework bench's printer, whose confirmation stream the bench owns
+                benches = [b for b in self._rework_benches(c.station) if b.printer is not None]
+                if not benches:
+                    raise C.CommandRejected(
+                        f"no rework station{' ' + c.station if c.station else ''} with a printer to reprint on", "no_printer"
+                    )
+                b = benches[0]
+                res = await R.reprint_label(store, c.code, actor, printer=b.printer, confirm=b._confirm, origin=origin)
+        except R.ReworkError as exc:
+            raise C.CommandRejected(exc.message, exc.code) from None
+        return {"rework": res}
+
+    async def _cmd_rework_mode(self, c: C.ReworkMode, origin: str) -> dict[str, Any]:
+        benches = self._rework_benches(c.station)
+        if not benches:
+            raise C.CommandRejected(f"no rework station{' named ' + c.station if c.station else ''}", "no_station")
+        if c.station is None and len(benches) > 1:
+            raise C.CommandRejected(f"several rework stations ({', '.join(b.name for b in benches)}): name one", "ambiguous_station")
+        b = benches[0]
+        b.set_mode(c.mode, c.operator)  # execute() has put the command itself in the audit trail
+        return {"station": b.name, "mode": b.mode, "operator": b.operator}
+
     async def _cmd_recall_batch(self, c: C.RecallBatch, origin: str) -> dict[str, Any]:
         from linectl.trace import mark_recalled
 
