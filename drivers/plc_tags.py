@@ -28,13 +28,21 @@ from drivers.base import Backoff, DeviceError, DriverConfig, HealthState, Plc, T
 
 #: tags linectl writes and never needs to poll (they are still readable with read_tags([...]))
 ENGINE_WRITTEN = frozenset(
-    {"heartbeat_ctl", "line_mode", "line_running", "fault", "alarm_code", "good_count", "reject_count", "verdict_ring"}
+    {
+        "heartbeat_ctl", "line_mode", "line_running", "fault", "alarm_code", "good_count", "reject_count", "verdict_ring",
+        "case_result", "case_seq",
+    }
 )
 #: tags linectl writes (so they must live in a writable area)
 ENGINE_WRITES = ENGINE_WRITTEN | {"cmd_start", "cmd_stop", "cmd_pause", "cmd_reset"}
 #: the verdict protocol's values
 VERDICT_GOOD = 1
 VERDICT_REJECT = 2
+#: case_result values a case station writes (the PLC's reject pusher acts on a change of case_seq)
+CASE_ACCEPT = 1
+CASE_REJECT = 2
+#: the case-divert handshake: result first, then the counter the PLC watches
+CASE_TAGS = ("case_result", "case_seq")
 #: line_mode values
 MODE_IDLE, MODE_CHALLENGE, MODE_PRODUCTION = 0, 1, 2
 
@@ -330,6 +338,12 @@ def _check_scalar(typ: str, v: Any) -> Any:
     return v
 
 
+def next_counter(typ: str, value: int) -> int:
+    """value + 1, wrapping inside the tag type's range, so a handshake counter never fails a range check."""
+    lo, hi = _INT_RANGE[typ]
+    return value + 1 if lo <= value < hi else max(lo, 0)
+
+
 def _chunks(b: bytes, n: int) -> list[bytes]:
     return [b[i : i + n] for i in range(0, len(b), n)]
 
@@ -365,6 +379,16 @@ def check_tag_map(tags: dict[str, Any], heartbeat: bool) -> None:
             raise ValueError(
                 f"tag {ring} count {spec.count}: "
                 + ("must be 2 x R slots ([seq, verdict] pairs)" if ring == "verdict_ring" else "must be >= 1")
+            )
+    for name in CASE_TAGS:
+        spec = tags.get(name)
+        if spec is None:
+            continue
+        # A divert decision is one number; a float or a bit cannot carry 1/2 or a wrapping counter.
+        if spec.type not in _INT_RANGE or spec.count != 1:
+            raise ValueError(
+                f"tag {name} must be a single integer (uint16 / uint32 / INT / UDINT ...), "
+                f"not {spec.type}" + (f"[{spec.count}]" if spec.count != 1 else "")
             )
     if "verdict_ring" in tags and "reject_ring" in tags:
         r = tags["verdict_ring"].count // 2
