@@ -37,6 +37,7 @@ from drivers.plc_tags import (
     MODE_CHALLENGE,
     MODE_IDLE,
     MODE_PRODUCTION,
+    CASE_ACCEPT,
     VERDICT_GOOD,
     ModbusTagSpec,
     S7TagSpec,
@@ -69,6 +70,8 @@ DEFAULT_MODBUS_TAGS: dict[str, dict[str, Any]] = {
     "pass_total": {"table": "holding", "address": 12, "type": "uint32"},
     "verdict_ring": {"table": "holding", "address": 100, "type": "uint32", "count": 2 * RING},
     "reject_ring": {"table": "holding", "address": 400, "type": "uint32", "count": RING},
+    "case_result": {"table": "holding", "address": 14, "type": "uint16"},
+    "case_seq": {"table": "holding", "address": 16, "type": "uint32"},
 }
 #: default S7 tag map (DB1)
 DEFAULT_S7_TAGS: dict[str, dict[str, Any]] = {
@@ -90,6 +93,8 @@ DEFAULT_S7_TAGS: dict[str, dict[str, Any]] = {
     "pass_total": {"db": 1, "offset": "22", "type": "UDINT"},
     "verdict_ring": {"db": 1, "offset": "26", "type": "UDINT", "count": 2 * RING},
     "reject_ring": {"db": 1, "offset": "538", "type": "UDINT", "count": RING},
+    "case_result": {"db": 1, "offset": "794", "type": "INT"},
+    "case_seq": {"db": 1, "offset": "796", "type": "UDINT"},
 }
 
 FAULTS = ("disconnect", "slow", "heartbeat_stop", "gate_jam", "confirm_lost", "estop")
@@ -547,6 +552,11 @@ class PlcSim:
         self.reject_total = 0
         self.jammed = 0
         self.unconfirmed = 0
+        #: the case reject pusher: (case_seq, case_result) of every case decision the program acted on
+        self.case_decisions: list[tuple[int, int]] = []
+        self.cases_diverted = 0
+        self.cases_passed = 0
+        self._case_seq_seen: int | None = None
         self.log = log.bind(device=name)
 
     # -- lifecycle ------------------------------------------------------------------
@@ -638,6 +648,26 @@ class PlcSim:
         if (self.controller_alive, self.estop, self.line_mode, self.line_running) != before:
             for cb in list(self._listeners):
                 cb()
+        if self.has("case_seq"):
+            self._case_pusher()
+
+    def _case_pusher(self) -> None:
+        """A case packer's reject pusher: acts once per change of case_seq, on the case_result written before it.
+
+        Whatever value case_seq holds at power-up is not a decision. Any result
+        other than accept diverts (fail-safe, like the unit gate).
+        """
+        seq = int(self.get("case_seq"))
+        if self._case_seq_seen is None or seq == self._case_seq_seen:
+            self._case_seq_seen = seq
+            return
+        self._case_seq_seen = seq
+        result = int(self.get("case_result")) if self.has("case_result") else 0
+        self.case_decisions.append((seq, result))
+        if result == CASE_ACCEPT:
+            self.cases_passed += 1
+        else:
+            self.cases_diverted += 1
 
     # -- interlock, triggers, gate --------------------------------------------------
 
@@ -747,6 +777,8 @@ class PlcSim:
             "reject_total": self.reject_total,
             "gate_jammed": self.jammed,
             "rejects_unconfirmed": self.unconfirmed,
+            "cases_passed": self.cases_passed,
+            "cases_diverted": self.cases_diverted,
             "faults": self.faults.as_dict(),
         }
 
