@@ -242,7 +242,9 @@ class CaseStation(Model):
     reader: str
     printer: str
     label_reader: str | None = None
-    plc: str | None = None
+    plc: str | None = Field(
+        None, description="PLC of the case reject pusher: every decision is written to its case_result, then case_seq"
+    )
     units_per_case: int = Field(gt=0, le=10_000)
     sscc_extension: int = Field(0, ge=0, le=9)
 
@@ -328,7 +330,26 @@ def _reference_problems(cfg: LineConfig) -> list[tuple[tuple[Any, ...], str]]:
                 out.append((("stations", i, fld), f"no device named {ref!r} (devices: {', '.join(sorted(cfg.devices)) or 'none'})"))
             elif role_of(cfg.devices[ref].driver) != role:
                 out.append((("stations", i, fld), f"device {ref!r} is a {role_of(cfg.devices[ref].driver)}, not a {role}"))
+            elif isinstance(st, CaseStation) and fld == "plc":
+                out.extend(_case_plc_problems(i, st, cfg.devices[ref]))
     return out
+
+
+def _case_plc_problems(i: int, st: CaseStation, dev: Any) -> list[tuple[tuple[Any, ...], str]]:
+    """A case PLC that lacks the divert tags would let every rejected case ride on: refuse it at load."""
+    from drivers.plc_tags import CASE_TAGS
+
+    tags = getattr(dev, "tags", None)
+    if tags is None:
+        return [(("stations", i, "plc"), f"case station {st.name!r}: PLC {st.plc!r} (driver {dev.driver}) has no tag map for case_result / case_seq")]
+    missing = [t for t in CASE_TAGS if t not in tags]
+    if missing:
+        return [(
+            ("stations", i, "plc"),
+            f"case station {st.name!r}: PLC {st.plc!r} has no {' / '.join(missing)} tag in its tag map "
+            "(linectl writes each case decision there for the reject pusher: case_result 1 = accept, 2 = reject, then case_seq + 1)",
+        )]
+    return []
 
 
 def parse_config(data: dict[str, Any], *, source: Any = None, file: str = "<config>") -> LineConfig:
