@@ -3,7 +3,8 @@
 `Rig` wires CameraSim -> frame folder -> camera driver -> case runtime, a
 ZplPrinterSim on TCP -> ZPL driver, and optionally a scanner simulator as the
 label reader (it "reads" each label the ZPL simulator prints, the way a label
-camera would). The Line is the real one, built from a parsed LineConfig, so
+camera would), and optionally a PlcSim (pymodbus' or snap7's own server) as
+the PLC of the case reject pusher. The Line is the real one, built from a parsed LineConfig, so
 the station runtime is constructed by Line.__init__ like in the daemon.
 """
 
@@ -88,7 +89,8 @@ class Rig:
     """One case (or pallet) station with its devices and simulators, started and stopped as a unit."""
 
     def __init__(self, tmp: Path, *, per_case: int = 120, label_reader: bool = False, print_time_s: float = 0.01,
-                 label_timeout_s: float = 4.0, pallet: bool = False, reader: str = "camera") -> None:
+                 label_timeout_s: float = 4.0, pallet: bool = False, reader: str = "camera", plc: str | None = None,
+                 plc_tags: dict[str, Any] | None = None) -> None:
         self.tmp = tmp
         self.per_case = per_case
         self.use_label_reader = label_reader
@@ -96,6 +98,9 @@ class Rig:
         self.label_timeout_s = label_timeout_s
         self.pallet = pallet
         self.reader_kind = reader
+        #: PLC driver of the case station ("modbus_tcp" or "s7"), served by a PlcSim; None = no plc
+        self.plc_driver = plc
+        self.plc_tags = plc_tags
         self.tasks: list[asyncio.Task[Any]] = []
         self.label_scans: list[str] = []
         #: what the label reader reports for the next label: None = the label's DataMatrix; a str = that data
@@ -130,6 +135,9 @@ class Rig:
             devices["labelcam"] = {"driver": "scanner", "host": "127.0.0.1", "port": self.label_sim.port, "no_read": "NOREAD", **FAST}
         st: dict[str, Any] = {"type": "pallet" if self.pallet else "case", "name": "palletizer" if self.pallet else "casepacker",
                               "reader": "casecam", "printer": "labeler"}
+        if self.plc_driver is not None:
+            devices["caseplc"] = await self._start_plc_sim()
+            st["plc"] = "caseplc"
         st["cases_per_pallet" if self.pallet else "units_per_case"] = self.per_case
         if self.use_label_reader:
             st["label_reader"] = "labelcam"
@@ -148,6 +156,18 @@ class Rig:
         if self.use_label_reader:
             self.tasks.append(asyncio.create_task(self._label_camera()))
         return self
+
+    async def _start_plc_sim(self) -> dict[str, Any]:
+        from simulators.plc import DEFAULT_MODBUS_TAGS, DEFAULT_S7_TAGS, PlcSim, free_tcp_port
+
+        assert self.plc_driver in ("modbus_tcp", "s7"), self.plc_driver
+        tags = self.plc_tags or (DEFAULT_S7_TAGS if self.plc_driver == "s7" else DEFAULT_MODBUS_TAGS)
+        dev = {"driver": self.plc_driver, "host": "127.0.0.1", "port": free_tcp_port(), "tags": tags,
+               "heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 1.0, **FAST}
+        sim_cfg = config({"caseplc": dev}).devices["caseplc"]
+        self.plc_sim = PlcSim("caseplc", sim_cfg, heartbeat_period_s=0.2)
+        await self.plc_sim.start()
+        return dev
 
     async def _label_camera(self) -> None:
         """Stands in for a label camera: whatever the ZPL simulator prints is read back a moment later."""
@@ -200,7 +220,7 @@ class Rig:
                 pass
         for d in self.drivers.values():
             await d.stop()
-        for sim in ("zpl_sim", "label_sim", "child_scan_sim"):
+        for sim in ("zpl_sim", "label_sim", "child_scan_sim", "plc_sim"):
             if hasattr(self, sim):
                 await getattr(self, sim).stop()
         if hasattr(self, "cam_sim"):

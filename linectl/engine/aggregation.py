@@ -15,6 +15,13 @@ be made atomic with each other, so the gap is closed at start-up:
 `recover_containers(store)` voids (ContainerDecommissioned) every SSCC with
 such an intent but no container row. A case is therefore either complete
 and recorded, or not recorded with its SSCC voided — never half.
+
+Physical divert. A case station with a `plc:` writes every decision to the
+PLC that drives the case reject pusher (`case_result`, then `case_seq`; see
+`AggregationRuntime._signal`). The store is the record and the PLC only
+acts on it, so a failed PLC write never undoes or loses a decision: it is
+an alarm, and the PLC program is expected to divert a case whose decision
+does not arrive in time.
 """
 
 from __future__ import annotations
@@ -29,7 +36,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
-from drivers.base import CodeReader, DeviceError, PrintConfirm, Printer, PrintJob, Read
+from drivers.base import CodeReader, DeviceError, Plc, PrintConfirm, Printer, PrintJob, Read
+from drivers.plc_tags import CASE_ACCEPT, CASE_REJECT, next_counter
 from linectl import gs1
 from linectl.config import CaseStation, LineConfig, PalletStation
 from linectl.events import ChildRef, ContainerCommissioned, ContainerDecommissioned, Packed, Severity
@@ -96,6 +104,8 @@ class AggCounters:
     labels_printed: int = 0
     sscc_voided: int = 0
     reads: int = 0  # reader results fully handled (frames, or single scans): lets a caller wait for "all seen"
+    plc_signalled: int = 0  # decisions the PLC confirmed (case_result + case_seq written)
+    plc_signal_failed: int = 0  # decisions the PLC was not told of (alarm raised; the record stands)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -106,6 +116,8 @@ class AggCounters:
             "labels_printed": self.labels_printed,
             "sscc_voided": self.sscc_voided,
             "reads": self.reads,
+            "plc_signalled": self.plc_signalled,
+            "plc_signal_failed": self.plc_signal_failed,
         }
 
 
@@ -123,6 +135,7 @@ class AggregationRuntime:
         printer: Printer,
         label_reader: CodeReader | None = None,
         *,
+        plc: Plc | None = None,
         label_timeout_s: float = 10.0,
         mode: Literal["frame", "scan"] | None = None,
     ) -> None:
@@ -132,6 +145,7 @@ class AggregationRuntime:
         self.reader = reader
         self.printer = printer
         self.label_reader = label_reader
+        self.plc = plc
         self.label_timeout_s = label_timeout_s
         # A camera reports the whole open case in one frame; a scanner one child per trigger pull.
         self.mode = mode or ("frame" if getattr(reader.config, "max_codes", 1) > 1 else "scan")
@@ -145,6 +159,8 @@ class AggregationRuntime:
         self._job_seq = 0
         self._waiting: dict[int, asyncio.Future[PrintConfirm]] = {}
         self._label_reads: asyncio.Queue[Read] = asyncio.Queue(maxsize=64)
+        self._plc_seq: int | None = None  # last case_seq the PLC confirmed; None = ask the PLC first
+        self._signal_lock = asyncio.Lock()  # scan-mode no-reads decide outside _busy: keep result/seq pairs whole
 
     @property
     def target(self) -> int:
@@ -181,6 +197,7 @@ class AggregationRuntime:
             "target": self.target,
             "open": len(self._open),
             "partial_armed": self._partial_armed,
+            "plc": None if self.plc is None else {"device": self.plc.name, "case_seq": self._plc_seq},
             "counters": self.counters.as_dict(),
             "last": [r.as_dict() for r in list(self.recent)[-5:]],
         }
@@ -285,6 +302,7 @@ class AggregationRuntime:
         self.counters.recorded += 1
         self.counters.partial += int(partial)
         res = AggResult(True, self.level, len(refs), sscc, partial=partial)
+        await self._signal(res)
         self.recent.append(res)
         self.log.info("aggregated", sscc=sscc, children=len(refs), partial=partial, lot=batch.lot, read_seq=read_seq)
         return res
@@ -383,6 +401,7 @@ class AggregationRuntime:
 
     async def _rejected(self, res: AggResult) -> AggResult:
         assert res.reason is not None
+        await self._signal(res)  # first: the case is moving towards the pusher while the alarm is written
         self.counters.rejected[res.reason] = self.counters.rejected.get(res.reason, 0) + 1
         self.log.warning("rejected", reason=res.reason, detail=res.detail, sscc=res.sscc, children=res.count)
         msg = f"{self.level} rejected ({res.reason}): {res.detail}" + (f"; SSCC {res.sscc} voided" if res.sscc else "")
@@ -392,6 +411,53 @@ class AggregationRuntime:
             self.log.error("alarm_failed", error=str(exc))
         self.recent.append(res)  # shown as decided once its alarm is on record
         return res
+
+    # ------------------------------------------------------------------ PLC (reject pusher)
+
+    async def _signal(self, res: AggResult) -> None:
+        """Tell the PLC's reject pusher about the decision just taken: case_result, then case_seq + 1.
+
+        The PLC acts on a change of case_seq, so the result must be in place
+        before the counter moves, and two rejects in a row are still two
+        changes. The counter continues from the value the PLC holds (read
+        before the first write and again after any failed one) rather than
+        from 0 at each start: after a daemon restart, 0 + 1 may be exactly what
+        the PLC already holds, and that decision would never be acted on.
+        Reading after a failure also settles whether a timed-out write landed.
+
+        A failure is logged, counted and alarmed; it never raises, because the
+        decision is already on record in the store and must stay there.
+        """
+        if self.plc is None:
+            return
+        result = CASE_ACCEPT if res.ok else CASE_REJECT
+        async with self._signal_lock:
+            try:
+                if self._plc_seq is None:
+                    self._plc_seq = int((await self.plc.read_tags(["case_seq"]))["case_seq"])
+                seq = next_counter(self._seq_type(), self._plc_seq)
+                await self.plc.write_tag("case_result", result)
+                await self.plc.write_tag("case_seq", seq)
+            except Exception as exc:  # noqa: BLE001 - DeviceError, or anything else: the decision must survive it
+                self._plc_seq = None
+                self.counters.plc_signal_failed += 1
+                reason = exc.reason if isinstance(exc, DeviceError) else (str(exc) or type(exc).__name__)
+            else:
+                self._plc_seq = seq
+                self.counters.plc_signalled += 1
+                self.log.debug("plc_signalled", plc=self.plc.name, case_result=result, case_seq=seq, sscc=res.sscc)
+                return
+        self.log.error("plc_signal_failed", plc=self.plc.name, case_result=result, sscc=res.sscc, ok=res.ok, error=reason)
+        what = f"{self.level} {'recorded' if res.ok else 'rejected'}" + (f" (SSCC {res.sscc})" if res.sscc else "")
+        todo = f"a fail-safe PLC diverts it: put the recorded {self.level} back on the line" if res.ok else "it may not be diverted: take it off the line by hand"
+        try:
+            await self.line.alarm(f"{self.level}_signal_failed", f"{what}, but PLC {self.plc.name} was not told: {reason}; {todo}"[:500], Severity.WARNING, self.name)
+        except Exception as exc:  # noqa: BLE001
+            self.log.error("alarm_failed", error=str(exc))
+
+    def _seq_type(self) -> str:
+        spec = (getattr(self.plc.config, "tags", None) or {}).get("case_seq") if self.plc is not None else None
+        return getattr(spec, "type", "uint32")
 
     # ------------------------------------------------------------------ children (per level)
 
@@ -528,7 +594,9 @@ def build_aggregation_stations(cfg: LineConfig, line: "Line", drivers: dict[str,
             label_reader = drivers[st.label_reader] if st.label_reader else None
             assert isinstance(reader, CodeReader) and isinstance(printer, Printer)
             cls = CaseRuntime if isinstance(st, CaseStation) else PalletRuntime
-            out.append(cls(st, line, reader, printer, label_reader))  # type: ignore[arg-type]
+            plc = drivers[st.plc] if isinstance(st, CaseStation) and st.plc else None
+            assert plc is None or isinstance(plc, Plc)
+            out.append(cls(st, line, reader, printer, label_reader, plc=plc))  # type: ignore[arg-type]
     return out
 
 
