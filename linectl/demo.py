@@ -198,8 +198,8 @@ class SimulatedLine:
         """
         assert self.control is not None
         stations = list(getattr(self.line, "aggregation_stations", []))
-        case = next((s for s in stations if s.level == "case"), None)
-        pallet = next((s for s in stations if s.level == "pallet"), None)
+        case = next((s for s in stations if getattr(s, "level", None) == "case"), None)
+        pallet = next((s for s in stations if getattr(s, "level", None) == "pallet"), None)
         if case is None:
             return
         ctl = self.control
@@ -279,7 +279,7 @@ async def run_demo(args: Any) -> dict[str, Any]:
         await _wait_forwarded(sl.daemon, 30)
         truth = await sl.truth()
         summary = _summary(line, sl.daemon, close["report"], truth, sl.db, t_end - t_prod, t_end - t_start)
-        if line.aggregation_stations:
+        if any(getattr(s, "level", None) == "case" for s in line.aggregation_stations):
             summary["aggregation"] = await _aggregation_summary(sl, close["report"].get("lot"))
         return summary
 
@@ -343,10 +343,16 @@ async def _aggregation_summary(sl: SimulatedLine, lot: str | None) -> dict[str, 
 
     out: dict[str, Any] = await asyncio.to_thread(counts)
     for s in sl.line.aggregation_stations:
-        out[s.name] = s.counters.as_dict()
+        if getattr(s, "level", None) in ("case", "pallet"):
+            out[s.name] = s.counters.as_dict()
     out["hierarchy_violations"] = await asyncio.to_thread(check_hierarchy, store)
     packer = await sl.control.call(cmd="pack")
     out["packer"] = {k: packer.get(k) for k in ("units_in", "cases_presented", "case_labels", "cases_to_pallet", "pallet_labels", "skipped")}
+    case_plc = next((getattr(s.cfg, "plc", None) for s in sl.line.aggregation_stations if getattr(s, "level", None) == "case"), None)
+    if case_plc:  # what the case reject pusher did, as the simulated PLC saw it over the wire
+        plc = ((await sl.control.call(cmd="status")).get("devices") or {}).get(case_plc) or {}
+        out["packer"]["plc_cases_passed"] = plc.get("cases_passed")
+        out["packer"]["plc_cases_diverted"] = plc.get("cases_diverted")
     return out
 
 

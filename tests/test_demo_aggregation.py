@@ -52,6 +52,8 @@ def test_demo_packs_every_commissioned_unit_into_cases_and_pallets(demo):
     p = agg["packer"]
     assert p["units_in"] == n and p["cases_presented"] == cases and p["case_labels"] == cases
     assert p["cases_to_pallet"] == cases and p["pallet_labels"] == pallets
+    # the case station told the PLC's reject pusher about every case, over Modbus: all recorded, none diverted
+    assert (p["plc_cases_passed"], p["plc_cases_diverted"]) == (cases, 0)
 
     con = sqlite3.connect(db)
     try:
