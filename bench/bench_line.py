@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import resource
+import tempfile
 import time
 
 from linectl import control as C
@@ -37,7 +38,21 @@ def cpu_s(pid: int) -> float:
 
 async def main(args: argparse.Namespace) -> dict:
     units = int(args.rate * args.minutes)
-    sl = SimulatedLine(rate=args.rate, defect_rate=args.defect_rate, seed=args.seed, camera=args.camera)
+    over = {"simulation": {"gate_distance": args.gate_distance}} if args.gate_distance else None
+    config = None
+    if args.queue_depth:  # jobs kept on the coder ahead of the trigger = how long a daemon stall the print buffer hides
+        from linectl.demo import DEFAULT_CONFIG
+        from linectl.yamlsource import load_yaml, to_plain
+        from ruamel.yaml import YAML
+
+        raw = to_plain(load_yaml(DEFAULT_CONFIG))
+        for st in raw["stations"]:
+            if st.get("type") == "print_verify":
+                st["printer_queue_depth"] = args.queue_depth
+        config = os.path.join(tempfile.mkdtemp(prefix="bench-line-"), "line.yaml")
+        with open(config, "w", encoding="utf-8") as fh:
+            YAML(typ="safe").dump(raw, fh)
+    sl = SimulatedLine(config, rate=args.rate, defect_rate=args.defect_rate, seed=args.seed, camera=args.camera, overrides=over)
     async with sl:
         line = sl.line
         await sl.create_batch(units, challenge=False)
@@ -46,9 +61,13 @@ async def main(args: argparse.Namespace) -> dict:
         cpu0, sim_cpu0 = cpu_s(os.getpid()), cpu_s(sl.sim.pid)
         await line.execute(C.StartBatch(actor="bench"), origin="bench")
         next_sample = t0 + 10
+        stopped = None
         while not line.completed.is_set():
             if line.fault is not None and line.batch.state.value == "stopped":
-                raise RuntimeError(f"line stopped: {line.fault}: {[a.message for a in line.alarms.values()][-3:]}")
+                # a result too: how long the line ran before a stop rule fired, and why
+                stopped = {"fault": line.fault, "after_s": round(time.monotonic() - t0, 1),
+                           "alarms": [a.message for a in line.alarms.values()][-5:]}
+                break
             await asyncio.sleep(0.5)
             if time.monotonic() >= next_sample:
                 rss.append((round(time.monotonic() - t0, 1), round(rss_mb(), 1)))
@@ -66,6 +85,9 @@ async def main(args: argparse.Namespace) -> dict:
             "machine": f"{platform.processor() or platform.machine()} {os.cpu_count()} cores",
             "mode": "camera (local decoding)" if args.camera else "reader result lines",
             "rate_upm_set": args.rate,
+            "gate_distance_pitches": args.gate_distance or "config default",
+            "printer_queue_depth": args.queue_depth or "config default",
+            "stopped": stopped,
             "units": n,
             "achieved_rate_upm": round(n / elapsed * 60, 1),
             "commissioned": st.counters.good,
@@ -88,6 +110,8 @@ if __name__ == "__main__":
     ap.add_argument("--defect-rate", type=float, default=0.03)
     ap.add_argument("--seed", type=int, default=7)
     ap.add_argument("--camera", action="store_true")
+    ap.add_argument("--queue-depth", type=int, default=None, help="printer_queue_depth of the station (default: the demo config's 4)")
+    ap.add_argument("--gate-distance", type=float, default=None, help="pitches read point -> gate (default: the demo config's)")
     a = ap.parse_args()
     setup_logging("error")
     print(json.dumps(asyncio.run(main(a)), indent=1))
