@@ -21,7 +21,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,21 +30,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchinfo import machine  # noqa: E402 - bench/ is the script's own directory
 GTIN = "04012345000016"
 LOT = "CASEBENCH"
 EXPIRY = "281231"
-
-
-def machine() -> str:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPU, Python {platform.python_version()}"
 
 
 def pct(values: list[float], q: float) -> float:

@@ -14,8 +14,6 @@ import argparse
 import asyncio
 import datetime as dt
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -26,6 +24,8 @@ from typing import Any, Callable
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import benchinfo  # noqa: E402 - bench/ is the script's own directory
 
 from drivers.camera import Camera, CameraConfig  # noqa: E402
 from drivers.decoders import ZxingDecoder, _dmtx_decode_in_child, dmtx_available, zxing_version  # noqa: E402
@@ -38,15 +38,7 @@ ROI = (440, 312, 400, 400)  # the simulator jitters the label ±30 px around the
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPUs, Python {platform.python_version()}, zxing-cpp {zxing_version()}"
+    return benchinfo.machine(f"zxing-cpp {zxing_version()}")
 
 
 def units(n: int, start: int = 1) -> list[SimUnit]:

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -26,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+import benchinfo  # noqa: E402 - bench/ is the script's own directory
 OUT = REPO / "bench" / "out"
 GTIN = "04012345000016"
 
@@ -77,16 +77,8 @@ def fresh_copy(seed_path: Path, run_path: Path) -> None:
 
 
 def machine() -> str:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     mosq = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout.splitlines()[:1] if shutil.which("mosquitto") else ["?"]
-    return f"{cpu}, {os.cpu_count()} CPU, Python {platform.python_version()}, {platform.system()} {platform.release()}, {mosq[0] if mosq else '?'}"
+    return benchinfo.machine(mosq[0] if mosq else "?")
 
 
 # --------------------------------------------------------------------------- subscriber process

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import sys
 import time
@@ -26,22 +25,11 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from benchinfo import machine  # noqa: E402 - bench/ is the script's own directory
 OUT = REPO / "bench" / "out"
 GTIN = "04012345000016"
 CP = "4012345"  # company prefix of GTIN (length 7)
 LOT = "RECALL1"
-
-
-def machine() -> str:
-    cpu = "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} CPU, Python {platform.python_version()}, {platform.system()} {platform.release()}"
 
 
 async def seed(path: Path, units: int, per_case: int, per_pallet: int) -> None:
