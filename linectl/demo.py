@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +25,7 @@ from ruamel.yaml import YAML
 
 from linectl import control as C
 from linectl.broker import free_port, start_embedded, wait_listening
-from linectl.config import LineConfig, PrintVerifyStation, load_config
+from linectl.config import LineConfig, load_config
 from linectl.yamlsource import load_yaml, to_plain
 
 log = structlog.get_logger("linectl.demo")
@@ -197,9 +194,7 @@ class SimulatedLine:
         put in front of each reader) and the stations' handled-read counters.
         """
         assert self.control is not None
-        stations = list(getattr(self.line, "aggregation_stations", []))
-        case = next((s for s in stations if getattr(s, "level", None) == "case"), None)
-        pallet = next((s for s in stations if getattr(s, "level", None) == "pallet"), None)
+        case, pallet = _packing_station(self.line, "case"), _packing_station(self.line, "pallet")
         if case is None:
             return
         ctl = self.control
@@ -279,7 +274,7 @@ async def run_demo(args: Any) -> dict[str, Any]:
         await _wait_forwarded(sl.daemon, 30)
         truth = await sl.truth()
         summary = _summary(line, sl.daemon, close["report"], truth, sl.db, t_end - t_prod, t_end - t_start)
-        if any(getattr(s, "level", None) == "case" for s in line.aggregation_stations):
+        if _packing_station(line, "case") is not None:
             summary["aggregation"] = await _aggregation_summary(sl, close["report"].get("lot"))
         return summary
 
@@ -302,6 +297,11 @@ async def _progress(line: Any, units: int, quiet: bool) -> None:
         await asyncio.sleep(0.2)
     if tty:
         sys.stderr.write("\n")
+
+
+def _packing_station(line: Any, level: str) -> Any:
+    """The line's first case (or pallet) station; rework benches share the list but have no level."""
+    return next((s for s in line.aggregation_stations if getattr(s, "level", None) == level), None)
 
 
 async def _until(cond: Any, timeout: float, what: str) -> None:
@@ -342,13 +342,14 @@ async def _aggregation_summary(sl: SimulatedLine, lot: str | None) -> dict[str, 
         return {"cases": int(lv.get("case", 0)), "pallets": int(lv.get("pallet", 0)), "units_aggregated": int(packed)}
 
     out: dict[str, Any] = await asyncio.to_thread(counts)
-    for s in sl.line.aggregation_stations:
-        if getattr(s, "level", None) in ("case", "pallet"):
+    case, pallet = _packing_station(sl.line, "case"), _packing_station(sl.line, "pallet")
+    for s in (case, pallet):
+        if s is not None:
             out[s.name] = s.counters.as_dict()
     out["hierarchy_violations"] = await asyncio.to_thread(check_hierarchy, store)
     packer = await sl.control.call(cmd="pack")
     out["packer"] = {k: packer.get(k) for k in ("units_in", "cases_presented", "case_labels", "cases_to_pallet", "pallet_labels", "skipped")}
-    case_plc = next((getattr(s.cfg, "plc", None) for s in sl.line.aggregation_stations if getattr(s, "level", None) == "case"), None)
+    case_plc = getattr(case.cfg, "plc", None) if case is not None else None
     if case_plc:  # what the case reject pusher did, as the simulated PLC saw it over the wire
         plc = ((await sl.control.call(cmd="status")).get("devices") or {}).get(case_plc) or {}
         out["packer"]["plc_cases_passed"] = plc.get("cases_passed")

@@ -136,11 +136,6 @@ class Packer:
         """Batch end: show the partial case now (frame mode). Returns the units shown."""
         return self._present_case() if self.case_frame else 0
 
-    @property
-    def pending_units(self) -> int:
-        """Units in the open case not shown to the reader yet (frame mode)."""
-        return len(self.open)
-
     # -- labels
 
     def _read_label(self, reader: Any | None, unit: SimUnit) -> None:
