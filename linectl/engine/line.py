@@ -501,7 +501,7 @@ class Line:
                         f"no rework station{' ' + c.station if c.station else ''} with a printer to reprint on", "no_printer"
                     )
                 b = benches[0]
-                res = await R.reprint_label(store, c.code, actor, printer=b.printer, confirm=b._confirm, origin=origin)
+                res = await R.reprint_label(store, c.code, actor, printer=b.printer, confirm=b.confirm_print, origin=origin)
         except R.ReworkError as exc:
             raise C.CommandRejected(exc.message, exc.code) from None
         return {"rework": res}

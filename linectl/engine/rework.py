@@ -404,7 +404,9 @@ class ReworkRuntime:
             if fut is not None and not fut.done():
                 fut.set_result(True)
 
-    async def _confirm(self, seq: int) -> bool:
+    async def confirm_print(self, seq: int) -> bool:
+        """Whether the bench printer confirmed job `seq` in time: the bench owns its confirmation stream, so a reprint
+        ordered from elsewhere (MQTT) waits here rather than on a second reader of that stream."""
         fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting[seq] = fut
         try:
@@ -458,7 +460,7 @@ class ReworkRuntime:
         if mode == "dissolve":
             return await dissolve(store, code, actor, station=st)
         if mode == "reprint":
-            return await reprint_label(store, code, actor, printer=self.printer, confirm=self._confirm if self.printer else None, origin=f"station:{st}")
+            return await reprint_label(store, code, actor, printer=self.printer, confirm=self.confirm_print if self.printer else None, origin=f"station:{st}")
         if mode == "replace":
             if self._pending is None:
                 gtin, serial = _unit(code)
