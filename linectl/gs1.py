@@ -5,20 +5,22 @@ operator, an EPC URN from L3, a Digital Link from a QR code) is turned into the
 same validated form here, so that the print-and-verify cycle, the serial pool
 and the EPCIS layer never have to re-interpret GS1 syntax themselves.
 
-Library use, and why (details in docs_gs1.md):
+Where the rules come from, and why:
 
-* biip supplies the AI table (formats, which AIs need a separator) and is the
-  last safety net on every value (its per-AI regex and date parser).  It does
-  not raise on bad check digits, does not check duplicates, pairings, the
-  symbology identifier or a leading GS, and its error messages do not say what
-  is wrong, so the checks that produce a reason are done here first.
-* epcpy is *not* used at run time: it silently recomputes a wrong GTIN check
-  digit, does not escape serials itself and leaves unknown %-escapes undecoded.
-  The EPC pure-identity URIs are built and parsed here (TDS Table A-1 escapes)
-  and epcpy only serves as an independent oracle in the tests.
-* zxing-cpp (writer backed by zint) renders GS1 DataMatrix for simulators.  Its
-  GS1 mode does not check check digits, dates or character set 82, so only
-  validated codes are rendered by default.
+* Every AI rule (format, which AIs need FNC1, the content checks called
+  "linters", mandatory associations ``req=``, invalid pairs ``ex=``, Digital
+  Link primary keys and qualifiers ``dlpkey=``) is read from GS1's own Barcode
+  Syntax Dictionary, shipped unmodified in ``linectl/standards/gs1/`` and
+  loaded by :mod:`linectl.gs1_dictionary`.  A hand-made table missed rules
+  ((716) without (01), (03) as a key, single-country (423)); the file does not.
+* This module adds what the dictionary cannot say and a line needs: a reason
+  an operator can act on, the symbology identifier (only GS1 symbologies carry
+  element strings), a leading GS from a misconfigured printer, serial-line
+  noise, duplicates, and expiry before production.
+* biip and epcpy are *not* used at run time; they are independent oracles in
+  the tests.  zxing-cpp (writer backed by zint) renders GS1 DataMatrix for
+  simulators; its GS1 mode does not check check digits, dates or set 82, so
+  only validated codes are rendered by default.
 """
 
 from __future__ import annotations
@@ -28,14 +30,11 @@ import datetime as dt
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-from biip import ParseError as _BiipParseError
-from biip.checksums import gs1_standard_check_digit as _biip_check_digit
-from biip.gs1_application_identifiers import GS1ApplicationIdentifier
-from biip.gs1_element_strings import GS1ElementString
+from linectl import gs1_dictionary as _gsd
+from linectl.gs1_dictionary import CSET39, CSET64, CSET82, AIEntry, LintError
 
 if TYPE_CHECKING:
     import numpy
@@ -43,8 +42,10 @@ if TYPE_CHECKING:
 __all__ = [
     "CSET82",
     "GS",
+    "GS1_SYMBOLOGIES",
     "SYMBOLOGY_DM",
     "SYMBOLOGY_GS1_DM",
+    "SYMBOLOGY_GS1_DMRE",
     "GS1Error",
     "Identity",
     "ParsedCode",
@@ -67,19 +68,28 @@ __all__ = [
 ]
 
 SYMBOLOGY_GS1_DM = "]d2"
+#: GS1 data in a DMRE (rectangular extension, ISO/IEC 21471) DataMatrix, as zxing-cpp reports it.
+SYMBOLOGY_GS1_DMRE = "]d8"
 SYMBOLOGY_DM = "]d1"
 GS = "\x1d"
 
-#: GS1 AI encodable character set 82 (GS1 General Specifications fig. 7.11-1).
-CSET82 = frozenset(
-    "!\"%&'()*+,-./0123456789:;<=>?ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
-)
-#: Character set 39 (AI 8010 and friends).
-CSET39 = frozenset("#-/0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ")
-#: Character set 64 (AI 8030 digital signature), base64url plus padding.
-CSET64 = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_=")
-_DIGITS = frozenset("0123456789")
-_CHARSETS = {"N": _DIGITS, "X": CSET82, "Y": CSET39, "Z": CSET64}
+#: Symbology identifiers (ISO/IEC 15424) whose data is a GS1 element string.
+GS1_SYMBOLOGIES: dict[str, str] = {
+    "]d2": "GS1 DataMatrix",
+    SYMBOLOGY_GS1_DMRE: "GS1 DataMatrix (DMRE)",
+    "]C1": "GS1-128",
+    "]e0": "GS1 DataBar / GS1 Composite",
+    "]Q3": "GS1 QR Code",
+    "]J1": "GS1 DotCode",
+}
+#: EAN/UPC symbols carry a bare GTIN, never AIs: data length per identifier.
+_EAN_UPC = {"]E0": 13, "]E4": 8}
+_SYMBOLOGY_NAMES = {
+    "A": "Code 39", "C": "Code 128", "d": "Data Matrix", "E": "EAN/UPC", "e": "GS1 DataBar",
+    "F": "Codabar", "G": "Code 93", "I": "Interleaved 2 of 5", "J": "DotCode", "L": "PDF417",
+    "Q": "QR Code", "z": "Aztec Code", "X": "other",
+}
+
 _CHARSET_NAMES = {
     "N": "a digit (numeric-only field)",
     "X": "in GS1 character set 82",
@@ -89,6 +99,7 @@ _CHARSET_NAMES = {
 
 # EPC TDS Table A-1: the set-82 characters that must be %-escaped in an EPC URI.
 _EPC_ESCAPE = {c: f"%{ord(c):02X}" for c in "\"%&/<>?"}
+_ = (CSET39, CSET64)  # re-exported for callers that check character sets
 
 
 class GS1Error(ValueError):
@@ -106,216 +117,22 @@ class GS1Error(ValueError):
 
 
 # --------------------------------------------------------------------------
-# AI table (from biip) and per-AI rules (from the GS1 Syntax Dictionary)
+# AI rules: GS1 Barcode Syntax Dictionary
 # --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Component:
-    kind: str  # N, X, Y or Z
-    min_len: int
-    max_len: int
-    optional: bool
-
-
-@dataclass(frozen=True)
-class _AISpec:
-    ai: str
-    title: str
-    format: str
-    predefined_fixed: bool  # in the GS1 table of predefined lengths: no FNC1 needed
-    components: tuple[_Component, ...] | None  # None: format too irregular, biip regex only
-    needs_biip: bool  # our checks do not cover everything biip's regex/date parser knows
-
-    @property
-    def min_len(self) -> int:
-        return sum(c.min_len for c in self.components or () if not c.optional)
-
-    @property
-    def max_len(self) -> int | None:
-        if self.components is None:
-            return None
-        return sum(c.max_len for c in self.components)
-
-    @property
-    def fixed_len(self) -> int | None:
-        if self.components is None or any(
-            c.optional or c.min_len != c.max_len for c in self.components
-        ):
-            return None
-        return self.max_len
-
-
-_COMPONENT_RE = re.compile(r"(\[)?\+([NXYZ])(\.\.)?(\d+)(\])?")
-
-
-def _components(fmt: str) -> tuple[_Component, ...] | None:
-    m = re.match(r"N\d", fmt)
-    if not m:
-        return None
-    pos, out = m.end(), []
-    while pos < len(fmt):
-        c = _COMPONENT_RE.match(fmt, pos)
-        if c is None or bool(c.group(1)) != bool(c.group(5)):
-            return None
-        n = int(c.group(4))
-        out.append(_Component(c.group(2), 1 if c.group(3) else n, n, bool(c.group(1))))
-        pos = c.end()
-    # A variable component anywhere but last would make the split ambiguous.
-    if any(c.min_len != c.max_len for c in out[:-1]):
-        return None
-    return tuple(out)
-
-
-@lru_cache(maxsize=None)
-def _spec(ai: str) -> _AISpec | None:
-    """Look up an AI in biip's bundled table, None if it is not a known AI."""
-    try:
-        entry = GS1ApplicationIdentifier.extract(ai)
-    except _BiipParseError:
-        return None
-    if entry.ai != ai:
-        return None
-    comps = _components(entry.format)
-    return _AISpec(
-        ai=entry.ai,
-        title=entry.data_title,
-        format=entry.format,
-        predefined_fixed=not entry.separator_required,
-        components=comps,
-        needs_biip=not _fully_checked_here(entry.ai, entry.pattern, comps),
-    )
-
-
-_SIMPLE_PATTERNS = {"N": r"\d", "X": r"[!%-?A-Z_a-z\x22]"}
-
-
-def _fully_checked_here(ai: str, pattern: str, comps: tuple[_Component, ...] | None) -> bool:
-    """True when biip's regex for the AI says no more than our own checks.
-
-    Skipping biip there keeps a full parse near 30 us instead of 130 us; for
-    every irregular AI (extra constraints in biip's regex) biip still runs.
-    """
-    if comps is None or len(comps) != 1 or comps[0].kind not in _SIMPLE_PATTERNS:
-        return False
-    c = comps[0]
-    if ai in _DATES:
-        return ai in ("11", "12", "13", "15", "16", "17")  # date logic fully done here
-    rep = f"{{{c.max_len}}}" if c.min_len == c.max_len else f"{{{c.min_len},{c.max_len}}}"
-    return pattern == f"^{ai}({_SIMPLE_PATTERNS[c.kind]}{rep})$"
+def _entry(ai: str) -> AIEntry | None:
+    return _gsd.load().get(ai)
 
 
 def _ai_at(s: str, pos: int) -> str | None:
-    for n in (2, 3, 4):
-        cand = s[pos : pos + n]
-        if len(cand) == n and cand.isdigit() and cand.isascii() and _spec(cand):
-            return cand
-    return None
+    entry = _gsd.load().ai_at(s, pos)
+    return entry.ai if entry is not None else None
 
 
-# Check digit position (start, length of the digits incl. check digit) per AI.
-_CSUM: dict[str, tuple[int, int]] = {
-    "00": (0, 18),
-    "01": (0, 14),
-    "02": (0, 14),
-    "03": (0, 14),
-    "253": (0, 13),
-    "255": (0, 13),
-    "402": (0, 17),
-    "8003": (1, 13),
-    "8006": (0, 14),
-    "8017": (0, 18),
-    "8018": (0, 18),
-    "8026": (0, 14),
-    **{f"41{i}": (0, 13) for i in range(8)},
-}
-
-# Date fields: AI -> ((offset, day 00 allowed), ...).  yymmd0 vs yymmdd as in
-# the GS1 Syntax Dictionary; biip lets DD=00 through for every date AI.
-_DATES: dict[str, tuple[tuple[int, bool], ...]] = {
-    "11": ((0, True),),
-    "12": ((0, True),),
-    "13": ((0, True),),
-    "15": ((0, True),),
-    "16": ((0, True),),
-    "17": ((0, True),),
-    "4324": ((0, True),),
-    "4325": ((0, True),),
-    "4326": ((0, False),),
-    "7003": ((0, False),),
-    "7006": ((0, False),),
-    "7007": ((0, False), (6, False)),
-    "7011": ((0, False),),
-    "8008": ((0, False),),
-}
-
-# Mandatory associations ("req", each tuple: one of) and invalid pairs ("ex"),
-# transcribed from the GS1 Syntax Dictionary for the AIs a packaging line meets.
-_TRADE = ("01", "02", "8006", "8026")
-_REQ: dict[str, tuple[tuple[str, ...], ...]] = {
-    "02": (("37",),),
-    **{ai: (_TRADE,) for ai in ("10", "11", "13", "15", "16", "20", "240", "241", "242", "422", "7001")},
-    "12": (("8020",),),
-    "17": (("01", "02", "255", "8006", "8026"),),
-    "21": (("01", "8006"),),
-    **{ai: (("01",),) for ai in ("22", "235", "243", "8001", "8200", "710", "711", "712", "713", "714", "715")},
-    "250": (("01", "8006"), ("21",)),
-    "251": (("01", "8006"),),
-    "254": (("414",),),
-    "30": (("01", "02"),),
-    "37": (("00",), ("02", "8026")),
-    "403": (("00",),),
-    "415": (("8020",),),
-    **{ai: (("01", "02"),) for ai in ("423", "424", "425", "426", "7002", "7003", "7005", "7006",
-                                      "7007", "7008", "7009", "7010", "7011", "8005", "8008")},
-    "427": (("01", "02"), ("422",)),
-    "7004": (("01",), ("10",)),
-    "7020": (("01", "8006"), ("416",)),
-    "7021": (("01", "8006"),),
-    "7022": (("7021",),),
-    "7240": (("01", "8006"),),
-    "8007": (("415",),),
-    "8009": (("00", "01"),),
-    "8011": (("8010",),),
-    "8012": (("01", "8006"),),
-    "8019": (("8017", "8018"),),
-    "8020": (("415",),),
-    "8026": (("37",),),
-    "8111": (("255",),),
-    **{f"43{i:02d}": (("00",),) for i in range(27) if i not in (3, 13)},
-    "4303": (("4302",),),
-    "4313": (("4312",),),
-}
-_EX: dict[str, tuple[str, ...]] = {
-    "01": ("02", "255", "37"),
-    "21": ("235",),
-    "255": ("01", "02", "415", "8006", "8020", "8026"),
-    "420": ("421",),
-    "421": ("4307",),
-    **{ai: ("426",) for ai in ("422", "423", "424", "425")},
-    "4330": ("4331",),
-    "4331": ("4330",),
-    "4332": ("4333",),
-    "4333": ("4332",),
-    "8006": ("01", "37"),
-    "8017": ("8018",),
-    "8018": ("8017",),
-    "8026": ("02", "8006"),
-}
-# Measures 31nn-36nn: which key they need (by 3-digit prefix).
-_MEASURE_LOGISTIC = {"330", "331", "332", "333", "334", "335", "336", "340", "341", "342",
-                     "343", "344", "345", "346", "347", "348", "349", "353", "354", "355",
-                     "362", "363", "367", "368", "369"}
-
-
-def _requirements(ai: str) -> tuple[tuple[str, ...], ...]:
-    if ai in _REQ:
-        return _REQ[ai]
-    if len(ai) == 4 and ai[:2] in ("31", "32", "33", "34", "35", "36"):
-        if ai[:3] == "337":
-            return (("01",),)
-        return (("00", "01"),) if ai[:3] in _MEASURE_LOGISTIC else (("01", "02"),)
-    return ()
+def _predefined_len(entry: AIEntry) -> int | None:
+    """Length of an AI that needs no FNC1 after it (``*`` flag), else None."""
+    return None if entry.fnc1 else entry.fixed_len
 
 
 # --------------------------------------------------------------------------
@@ -325,14 +142,7 @@ def _requirements(ai: str) -> tuple[tuple[str, ...], ...]:
 
 def _century_year(yy: int, today: dt.date | None = None) -> int:
     """Full year for a YY field, sliding window of GS1 General Specifications 7.12."""
-    current = (today or dt.date.today()).year
-    century, cur_yy = current - current % 100, current % 100
-    diff = yy - cur_yy
-    if 51 <= diff <= 99:
-        return century - 100 + yy
-    if -99 <= diff <= -50:
-        return century + 100 + yy
-    return century + yy
+    return _gsd.century_year(yy, (today or dt.date.today()).year)
 
 
 def _resolve_date(value: str, *, last_day: bool = True) -> dt.date:
@@ -344,26 +154,6 @@ def _resolve_date(value: str, *, last_day: bool = True) -> dt.date:
     return dt.date(year, month, day)
 
 
-def _check_date(ai: str, value: str, allow_day_zero: bool) -> None:
-    if len(value) < 6 or not value[:6].isdigit():
-        return  # length/charset errors are reported elsewhere
-    yy, mm, dd = int(value[0:2]), int(value[2:4]), int(value[4:6])
-    if not 1 <= mm <= 12:
-        raise GS1Error(f"AI ({ai}): invalid date {value[:6]!r}: month {mm:02d} does not exist", ai)
-    year = _century_year(yy)
-    if dd == 0:
-        if not allow_day_zero:
-            raise GS1Error(f"AI ({ai}): invalid date {value[:6]!r}: day 00 is not allowed for this AI", ai)
-        return
-    last = calendar.monthrange(year, mm)[1]
-    if dd > last:
-        raise GS1Error(
-            f"AI ({ai}): invalid date {value[:6]!r}: day {dd:02d} does not exist in "
-            f"{calendar.month_name[mm]} {year} (last day is {last})",
-            ai,
-        )
-
-
 def _describe_char(ch: str) -> str:
     if ch == " ":
         return "' ' (space)"
@@ -372,64 +162,72 @@ def _describe_char(ch: str) -> str:
     return repr(ch) if ch.isascii() else f"{ch!r} (U+{ord(ch):04X})"
 
 
-def _check_value(ai: str, value: str, *, element_string: bool = False) -> None:
-    """Raise GS1Error with a precise reason if ``value`` is not valid for ``ai``.
+def _components(entry: AIEntry, value: str) -> list[tuple[int, _gsd.Component, str]]:
+    """Split a value into its dictionary components: (offset, component, data)."""
+    out, pos = [], 0
+    for comp in entry.components:
+        if pos >= len(value) and comp.optional:
+            break
+        n = comp.max_len if comp.fixed else len(value) - pos
+        out.append((pos, comp, value[pos:pos + n]))
+        pos += n
+    return out
 
-    Our own checks run first because they can name the problem; biip's regex
-    and date parser run last so that nothing it knows about slips through.
-    """
-    spec = _spec(ai)
-    if spec is None:
+
+def _check_value(ai: str, value: str, *, element_string: bool = False) -> None:
+    """Raise GS1Error with a precise reason if ``value`` is not valid for ``ai``."""
+    entry = _entry(ai)
+    if entry is None:
         raise GS1Error(f"unknown AI ({ai})", ai)
     if value == "":
         raise GS1Error(f"AI ({ai}): empty value", ai)
-    comps = spec.components
-    if comps is not None:
-        unit = "digits" if value.isdigit() and all(c.kind == "N" for c in comps) else "characters"
-        fixed, max_len = spec.fixed_len, spec.max_len
-        if fixed is not None and len(value) != fixed:
-            raise GS1Error(f"AI ({ai}): value {value!r} has {len(value)} {unit}, expected {fixed}", ai)
-        if max_len is not None and len(value) > max_len:
-            hint = " (missing GS separator?)" if element_string and fixed is None else ""
+    comps = entry.components
+    unit = "digits" if value.isdigit() and all(c.cset == "N" for c in comps) else "characters"
+    fixed, max_len = entry.fixed_len, entry.max_len
+    if fixed is not None and len(value) != fixed:
+        raise GS1Error(f"AI ({ai}): value {value!r} has {len(value)} {unit}, expected {fixed}", ai)
+    if len(value) > max_len:
+        hint = " (missing GS separator?)" if element_string and fixed is None else ""
+        raise GS1Error(f"AI ({ai}): value {value!r} has {len(value)} {unit}, maximum is {max_len}{hint}", ai)
+    if len(value) < entry.min_len:
+        raise GS1Error(f"AI ({ai}): value {value!r} has {len(value)} {unit}, minimum is {entry.min_len}", ai)
+    parts = _components(entry, value)
+    for i, (offset, comp, data) in enumerate(parts):
+        if comp.fixed and len(data) != comp.max_len:
             raise GS1Error(
-                f"AI ({ai}): value {value!r} has {len(value)} {unit}, maximum is {max_len}{hint}", ai
+                f"AI ({ai}): value {value!r} has {len(value)} {unit}, which does not fit the format "
+                f"{entry.spec}: component {i + 1} needs {comp.max_len}",
+                ai,
             )
-        if len(value) < spec.min_len:
-            raise GS1Error(
-                f"AI ({ai}): value {value!r} has {len(value)} {unit}, minimum is {spec.min_len}", ai
-            )
-        pos = 0
-        for comp in comps:
-            part = value[pos : pos + comp.max_len]
-            allowed = _CHARSETS[comp.kind]
-            for i, ch in enumerate(part):
+        if comp.cset != "Z":  # set 64 has padding rules: judged by its own test below
+            allowed = _ALLOWED[comp.cset]
+            for j, ch in enumerate(data):
                 if ch not in allowed:
                     raise GS1Error(
-                        f"AI ({ai}): character {_describe_char(ch)} at position {pos + i + 1} "
-                        f"is not {_CHARSET_NAMES[comp.kind]}",
+                        f"AI ({ai}): character {_describe_char(ch)} at position {offset + j + 1} "
+                        f"is not {_CHARSET_NAMES[comp.cset]}",
                         ai,
                     )
-            pos += len(part)
-    if ai in _CSUM:
-        start, n = _CSUM[ai]
-        digits = value[start : start + n]
-        if len(digits) == n and digits.isdigit():
-            expected = _biip_check_digit(digits[:-1])
-            if int(digits[-1]) != expected:
-                raise GS1Error(f"AI ({ai}): check digit is {digits[-1]}, expected {expected}", ai)
-    for offset, zero_ok in _DATES.get(ai, ()):
-        if len(value) >= offset + 6:
-            _check_date(ai, value[offset : offset + 6], zero_ok)
-    if not spec.needs_biip:
-        return
-    try:
-        GS1ElementString.parse(ai + value)
-    except _BiipParseError as exc:
-        raise GS1Error(f"AI ({ai}): value {value!r} does not match format {spec.format} ({exc})", ai) from None
+        try:
+            if comp.cset == "Z":
+                _gsd.lint_cset64(data)
+            for name in comp.linters:
+                _gsd.LINTERS[name](data)
+        except LintError as exc:
+            where = f" (component {i + 1} of {entry.spec})" if len(parts) > 1 and exc.code not in (
+                "INCORRECT_CHECK_DIGIT", "ILLEGAL_MONTH", "ILLEGAL_DAY") else ""
+            raise GS1Error(f"AI ({ai}): {exc.message}{where}", ai) from None
+
+
+_ALLOWED = {"N": frozenset("0123456789"), "X": CSET82, "Y": CSET39}
+
+
+def _show(pattern: str) -> str:
+    return f"AI ({pattern})"
 
 
 def _check_message(pairs: list[tuple[str, str]]) -> None:
-    """Rules that need the whole message: duplicates, pairings, date order."""
+    """Rules that need the whole message: duplicates, ex=, req=, date order."""
     seen: dict[str, str] = {}
     for ai, value in pairs:
         if ai in seen:
@@ -437,19 +235,37 @@ def _check_message(pairs: list[tuple[str, str]]) -> None:
                 raise GS1Error(f"AI ({ai}) appears twice (same value {value!r})", ai)
             raise GS1Error(f"AI ({ai}) appears twice with different values {seen[ai]!r} and {value!r}", ai)
         seen[ai] = value
-    present = set(seen)
-    for ai, _ in pairs:
-        for other in _EX.get(ai, ()):
-            if other in present:
-                raise GS1Error(f"AI ({ai}) and AI ({other}) must not appear together", ai)
-        if ai[:2] in ("31", "32", "33", "34", "35", "36") and len(ai) == 4:
-            clash = [o for o in present if o != ai and o[:3] == ai[:3]]
-            if clash:
-                raise GS1Error(f"AI ({ai}) and AI ({clash[0]}) must not appear together", ai)
-        for alternatives in _requirements(ai):
-            if not present.intersection(alternatives):
-                need = " or ".join(f"AI ({a})" for a in alternatives)
-                raise GS1Error(f"AI ({ai}) requires {need} in the same code", ai)
+    order = [ai for ai, _ in pairs]
+    # ex=: report every clashing pair, each once, in the order of the message.
+    clashes: list[tuple[str, str]] = []
+    for ai in order:
+        entry = _entry(ai)
+        assert entry is not None
+        for pattern in entry.ex:
+            for other in order:
+                if other != ai and _gsd.matches(pattern, other):
+                    pair = (ai, other) if order.index(ai) < order.index(other) else (other, ai)
+                    if pair not in clashes:
+                        clashes.append(pair)
+    if clashes:
+        raise GS1Error(
+            "; ".join(f"AI ({a}) and AI ({b}) must not appear together" for a, b in clashes), clashes[0][0]
+        )
+    # req=: each attribute needs one of its groups wholly present (never counting the AI itself).
+    for ai in order:
+        entry = _entry(ai)
+        assert entry is not None
+        for groups in entry.req:
+            if any(all(_gsd.present(p, order, ignore=ai) for p in group) for group in groups):
+                continue
+            need = " or ".join(" with ".join(_show(p) for p in group) for group in groups)
+            raise GS1Error(f"AI ({ai}) requires {need} in the same code", ai)
+    # A digital signature covers a serialised key only (GS1 Syntax Engine rule).
+    if "8030" in seen:
+        for ai in ("253", "255", "8003"):
+            entry = _entry(ai)
+            if ai in seen and entry is not None and len(seen[ai]) == entry.min_len:
+                raise GS1Error(f"AI (8030) requires the serial component of AI ({ai})", "8030")
     for late, what in (("17", "expiry"), ("15", "best-before"), ("16", "sell-by")):
         if late not in seen:
             continue
@@ -473,16 +289,22 @@ def _check_message(pairs: list[tuple[str, str]]) -> None:
 def _canonical(ais: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """Predefined-length AIs first: they need no FNC1, so the symbol is smallest."""
     ais = list(ais)
-    is_fixed = [bool((s := _spec(ai)) and s.predefined_fixed) for ai, _ in ais]
+    is_fixed = [bool((e := _entry(ai)) and not e.fnc1) for ai, _ in ais]
     return [p for p, f in zip(ais, is_fixed) if f] + [p for p, f in zip(ais, is_fixed) if not f]
 
 
 @dataclass(frozen=True)
 class ParsedCode:
-    """A validated GS1 message; the common currency of printer, camera and pool."""
+    """A validated GS1 message; the common currency of printer, camera and pool.
+
+    ``kind`` is ``"gs1"`` for GS1 element strings and ``"ean_upc"`` for an
+    EAN-13/UPC-A/EAN-8 scan, which carries a bare GTIN (reported as AI (01))
+    and nothing else.
+    """
 
     symbology: str | None
     ais: tuple[tuple[str, str], ...]
+    kind: Literal["gs1", "ean_upc"] = "gs1"
 
     def get(self, ai: str) -> str | None:
         for key, value in self.ais:
@@ -525,14 +347,16 @@ class ParsedCode:
         ordered = _canonical(self.ais)
         for i, (ai, value) in enumerate(ordered):
             parts.append(ai + value)
-            spec = _spec(ai)
-            if i < len(ordered) - 1 and not (spec and spec.predefined_fixed):
+            entry = _entry(ai)
+            if i < len(ordered) - 1 and not (entry and not entry.fnc1):
                 parts.append(GS)
         return "".join(parts)
 
     @property
     def scan_string(self) -> str:
         """What a reader with symbology identifiers on would transmit."""
+        if self.kind == "ean_upc" and self.symbology in _EAN_UPC and self.gtin:
+            return self.symbology + self.gtin[-_EAN_UPC[self.symbology]:]
         return (self.symbology or "") + self.element_string
 
 
@@ -542,6 +366,8 @@ class ParsedCode:
 
 _SYMBOLOGY_RE = re.compile(r"\][A-Za-z][0-9A-Za-z]")
 _HRI_MARK_RE = re.compile(r"\((\d{2,4})\)")
+#: How many readings of an ambiguous HRI text are tried before giving up.
+_HRI_MAX_READINGS = 256
 
 
 def _decode_input(raw: str | bytes) -> str:
@@ -569,30 +395,42 @@ def _split_symbology(text: str) -> tuple[str | None, str]:
     return text[:3], text[3:]
 
 
-def _next_hri_mark(body: str, start: int) -> int:
-    """Position of the next '(AI)' with a known AI; values may contain '(' themselves."""
-    for m in _HRI_MARK_RE.finditer(body, start):
-        if _spec(m.group(1)):
-            return m.start()
-    return len(body)
+def _symbology_name(symbology: str) -> str:
+    return GS1_SYMBOLOGIES.get(symbology) or _SYMBOLOGY_NAMES.get(symbology[1], "unknown symbology")
 
 
-def _tokenize_hri(body: str) -> list[tuple[str, str]]:
+def _hri_unescape(value: str) -> str:
+    # The GS1 Syntax Engine's bracketed syntax writes a literal '(' in data as '\('.
+    return value.replace("\\(", "(").replace("\\)", ")")
+
+
+def _hri_marks(body: str) -> list[re.Match[str]]:
+    """Every '(AI)' with a known AI that is not escaped as '\\('."""
+    return [
+        m for m in _HRI_MARK_RE.finditer(body)
+        if _entry(m.group(1)) is not None and (m.start() == 0 or body[m.start() - 1] != "\\")
+    ]
+
+
+def _tokenize_hri_naive(body: str) -> list[tuple[str, str]]:
+    """Split at every known '(AI)' mark; used for the reason when no reading is valid."""
     out: list[tuple[str, str]] = []
+    marks = _hri_marks(body)
+    starts = {m.start(): m for m in marks}
     pos = 0
     while pos < len(body):
-        m = _HRI_MARK_RE.match(body, pos)
+        m = starts.get(pos) or _HRI_MARK_RE.match(body, pos)
         if m is None:
             raise GS1Error(f"HRI: expected '(AI)' at position {pos}, found {body[pos:pos + 8]!r}")
         ai = m.group(1)
-        spec = _spec(ai)
-        if spec is None:
+        entry = _entry(ai)
+        if entry is None:
             raise GS1Error(f"unknown AI ({ai}) at position {pos}", ai)
-        end = _next_hri_mark(body, m.end())
-        value = body[m.end() : end]
+        end = next((k.start() for k in marks if k.start() >= m.end()), len(body))
+        value = body[m.end():end]
         if GS in value:
             raise GS1Error(f"AI ({ai}): GS separator inside HRI text", ai)
-        fixed = spec.fixed_len if spec.predefined_fixed else None
+        fixed = _predefined_len(entry)
         if fixed is not None and len(value) > fixed and value[:fixed].isdigit():
             extra = value[fixed:]
             unknown = _HRI_MARK_RE.match(extra)
@@ -600,9 +438,59 @@ def _tokenize_hri(body: str) -> list[tuple[str, str]]:
                 raise GS1Error(f"unknown AI ({unknown.group(1)}) after AI ({ai})", unknown.group(1))
             if end == len(body):
                 raise GS1Error(f"trailing garbage {extra!r} after AI ({ai})", ai)
-        out.append((ai, value))
+        out.append((ai, _hri_unescape(value)))
         pos = end
     return out
+
+
+def _tokenize_hri(body: str) -> list[tuple[str, str]]:
+    """HRI text to AI/value pairs, resolving '(NN)' inside values by the dictionary.
+
+    HRI has no separator but the brackets, and a value may contain '(10)'
+    itself.  Each known '(AI)' mark is a possible split; the first reading
+    (nearest split first) in which every value fits its AI by the dictionary
+    (length, character set, linters) is taken, and the message rules are
+    checked on that reading only.  So '(10)L(17)X' is one lot, since '(17)X'
+    is no date, while '(21)S1(10)L1' stays two AIs.  A value that would be
+    valid both ways needs the Syntax Engine's escape '\\(' to stay whole.
+    """
+    if not body.startswith("("):
+        raise GS1Error(f"HRI: expected '(AI)' at position 0, found {body[:8]!r}")
+    marks = _hri_marks(body)
+    if not marks or marks[0].start() != 0:
+        return _tokenize_hri_naive(body)
+    budget = [_HRI_MAX_READINGS]
+
+    def value_ok(ai: str, value: str) -> bool:
+        if GS in value:
+            return False
+        try:
+            _check_value(ai, _hri_unescape(value))
+        except GS1Error:
+            return False
+        return True
+
+    def solve(i: int, acc: list[tuple[str, str]]) -> list[tuple[str, str]] | None:
+        m = marks[i]
+        ai = m.group(1)
+        ends = [k for k in range(i + 1, len(marks))] + [len(marks)]
+        for j in ends:
+            if budget[0] <= 0:
+                return None
+            end = marks[j].start() if j < len(marks) else len(body)
+            value = body[m.end():end]
+            if not value_ok(ai, value):
+                continue
+            budget[0] -= 1
+            pairs = acc + [(ai, _hri_unescape(value))]
+            if j == len(marks):
+                return pairs
+            found = solve(j, pairs)
+            if found is not None:
+                return found
+        return None
+
+    return solve(0, []) or _tokenize_hri_naive(body)
 
 
 def _tokenize_element_string(body: str) -> list[tuple[str, str]]:
@@ -630,17 +518,17 @@ def _tokenize_element_string(body: str) -> list[tuple[str, str]]:
                     )
                 raise GS1Error(f"trailing garbage {rest[:20]!r} at position {pos} after AI ({prev})", prev)
             raise GS1Error(f"data does not start with a known GS1 AI: {rest[:12]!r}")
-        spec = _spec(ai)
-        assert spec is not None
+        entry = _entry(ai)
+        assert entry is not None
         start = pos + len(ai)
-        if spec.predefined_fixed and spec.fixed_len is not None:
-            end = start + spec.fixed_len
+        fixed = _predefined_len(entry)
+        if fixed is not None:
+            end = start + fixed
             value = body[start:end]
             if GS in value:
                 cut = value.index(GS)
                 raise GS1Error(
-                    f"AI ({ai}): value {value[:cut]!r} has {cut} characters before GS, expected {spec.fixed_len}",
-                    ai,
+                    f"AI ({ai}): value {value[:cut]!r} has {cut} characters before GS, expected {fixed}", ai
                 )
         else:
             gs = body.find(GS, start)
@@ -657,16 +545,34 @@ def _validate(pairs: list[tuple[str, str]], *, element_string: bool = False) -> 
     _check_message(pairs)
 
 
-def parse(raw: str | bytes, *, require_gs1: bool = False) -> ParsedCode:
+def _parse_ean_upc(symbology: str, body: str) -> ParsedCode:
+    n = _EAN_UPC[symbology]
+    name = "EAN-8" if n == 8 else "EAN-13/UPC-A"
+    if len(body) != n or not body.isdigit() or not body.isascii():
+        raise GS1Error(f"{name} ({symbology}): expected {n} digits, got {body[:20]!r}", "01")
+    expected = _gsd.check_digit(body[:-1])
+    if body[-1] != expected:
+        raise GS1Error(f"{name} ({symbology}): check digit is {body[-1]}, expected {expected}", "01")
+    return ParsedCode(symbology=symbology, ais=(("01", body.zfill(14)),), kind="ean_upc")
+
+
+def parse(raw: str | bytes, *, require_gs1: bool = False, allow_dmre: bool = False) -> ParsedCode:
     """Parse and fully validate one scan, HRI string or element string.
+
+    Only GS1 symbologies (``]d2``, ``]C1``, ``]e0``, ``]Q3``, ``]J1`` and
+    zxing-cpp's ``]d8`` for GS1 DMRE) carry element strings; an EAN/UPC scan
+    (``]E0``/``]E4``) is a bare GTIN; any other identifier is not GS1.  Data
+    without an identifier is taken as an element string or HRI text.
 
     ``require_gs1`` is for verification: a code whose data is right but whose
     symbol is a plain DataMatrix (``]d1``) or carries no symbology identifier
-    cannot be proven to be GS1 DataMatrix and is rejected.
+    cannot be proven to be GS1 DataMatrix and is rejected; ``allow_dmre``
+    also accepts GS1 DataMatrix in a DMRE symbol (``]d8``).
     """
     text = _decode_input(raw)
     symbology, body = _split_symbology(text)
-    if require_gs1 and symbology != SYMBOLOGY_GS1_DM:
+    accepted = (SYMBOLOGY_GS1_DM, SYMBOLOGY_GS1_DMRE) if allow_dmre else (SYMBOLOGY_GS1_DM,)
+    if require_gs1 and symbology not in accepted:
         if body.startswith(GS):
             raise GS1Error(
                 "GS in first position, printer sent literal GS instead of FNC1 "
@@ -674,6 +580,8 @@ def parse(raw: str | bytes, *, require_gs1: bool = False) -> ParsedCode:
             )
         if symbology is None:
             raise GS1Error("not GS1 DataMatrix: no symbology identifier in the data (enable ]d2 on the reader)")
+        if symbology == SYMBOLOGY_GS1_DMRE:
+            raise GS1Error("not GS1 DataMatrix: symbology ]d8 (GS1 DataMatrix DMRE) is not allowed for this product")
         raise GS1Error(f"not GS1 DataMatrix: symbology {symbology}")
     if body == "":
         raise GS1Error("empty code: no data" + (f" after symbology {symbology}" if symbology else ""))
@@ -682,7 +590,15 @@ def parse(raw: str | bytes, *, require_gs1: bool = False) -> ParsedCode:
     low = body[:8].lower()
     if low.startswith(("http://", "https://", "urn:")):
         raise GS1Error("input is a URI, not a GS1 element string: use parse_uri() or identify()")
-    if body.startswith("("):
+    if symbology in _EAN_UPC:
+        return _parse_ean_upc(symbology, body)
+    if symbology is not None and symbology not in GS1_SYMBOLOGIES:
+        if symbology == SYMBOLOGY_DM:
+            raise GS1Error("not GS1 DataMatrix: symbology ]d1")
+        raise GS1Error(
+            f"not GS1: symbology {symbology} ({_symbology_name(symbology)}) does not carry GS1 element strings"
+        )
+    if symbology is None and body.startswith("("):
         pairs = _tokenize_hri(body)
         _validate(pairs)
     else:
@@ -702,7 +618,7 @@ def compose(ais: Mapping[str, str] | Iterable[tuple[str, str]]) -> ParsedCode:
         if not isinstance(ai, str) or not isinstance(value, str):
             raise GS1Error(f"AI and value must be strings, got {item!r}")
         ai = ai.strip("()")
-        if _spec(ai) is None:
+        if _entry(ai) is None:
             raise GS1Error(f"unknown AI ({ai})", ai)
         if GS in value:
             raise GS1Error(f"AI ({ai}): value contains a GS character", ai)
@@ -735,6 +651,8 @@ def compose_unit(
     return compose(pairs)
 
 
+
+
 # --------------------------------------------------------------------------
 # keys: GTIN, SSCC
 # --------------------------------------------------------------------------
@@ -744,7 +662,7 @@ def gtin_check_digit(body: str) -> str:
     """GS1 mod-10 check digit (weights 3,1,3,... from the right) for any key body."""
     if not body or not body.isdigit() or not body.isascii():
         raise GS1Error(f"check digit: body {body!r} must be a non-empty string of digits")
-    return str(_biip_check_digit(body))
+    return _gsd.check_digit(body)
 
 
 def normalize_gtin(gtin: str) -> str:
@@ -914,10 +832,23 @@ def sscc_digital_link(sscc: str, base: str = "https://id.gs1.org") -> str:
 
 # Convenience alphas of Digital Link 1.1 (deprecated later, still seen on old packs).
 _DL_ALIASES = {"gtin": "01", "sscc": "00", "cpv": "22", "lot": "10", "ser": "21"}
-_DL_QUALIFIERS = {"01": ("22", "10", "21"), "00": ()}
+
+
+def _dl_path_ok(qualifiers: list[str], sequences: tuple[tuple[str, ...], ...]) -> bool:
+    """Qualifiers must follow one alternative's order, without mixing alternatives."""
+    for seq in sequences:
+        idx = -1
+        for q in qualifiers:
+            if q not in seq or seq.index(q) <= idx:
+                break
+            idx = seq.index(q)
+        else:
+            return True
+    return False
 
 
 def _parse_digital_link(uri: str) -> list[tuple[str, str]]:
+    """GS1 Digital Link URI to AI/value pairs, keys and qualifiers by the dictionary's ``dlpkey``."""
     parts = urlsplit(uri)
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         raise GS1Error(f"Digital Link: {uri!r} is not an http(s) URI with a host")
@@ -928,24 +859,29 @@ def _parse_digital_link(uri: str) -> list[tuple[str, str]]:
     def key(seg: str) -> str:
         return _DL_ALIASES.get(seg, seg)
 
-    # Walk back from the end in AI/value pairs until the primary key, like the
-    # GS1 Syntax Engine, so any path prefix on a custom domain is allowed.
+    def is_ai(seg: str) -> bool:
+        k = key(seg)
+        return k.isdigit() and k.isascii() and _entry(k) is not None
+
+    # Walk back from the end in AI/value pairs to the rightmost primary key,
+    # like the GS1 Syntax Engine, so any path prefix on a custom domain is allowed.
     j = len(segs) - 2
     root = None
-    while j >= 0:
-        k = key(segs[j])
-        if not (k.isdigit() and _spec(k)):
-            break
-        if k in _DL_QUALIFIERS:
+    while j >= 0 and is_ai(segs[j]):
+        entry = _entry(key(segs[j]))
+        if entry is not None and entry.dlpkey is not None:
             root = j
             break
         j -= 2
     if root is None:
-        raise GS1Error("Digital Link: no GS1 primary key (01) or (00) found in the path")
+        raise GS1Error("Digital Link: no GS1 primary key (such as (01) or (00)) found in the path")
     pk = key(segs[root])
-    allowed = _DL_QUALIFIERS[pk]
+    pk_entry = _entry(pk)
+    assert pk_entry is not None and pk_entry.dlpkey is not None
+    sequences = pk_entry.dlpkey
+    allowed = {q for seq in sequences for q in seq}
     pairs: list[tuple[str, str]] = []
-    last_idx = -1
+    qualifiers: list[str] = []
     for i in range(root, len(segs), 2):
         ai, raw = key(segs[i]), segs[i + 1]
         try:
@@ -957,25 +893,28 @@ def _parse_digital_link(uri: str) -> list[tuple[str, str]]:
         if i > root:
             if ai not in allowed:
                 raise GS1Error(f"Digital Link: AI ({ai}) is not a key qualifier of AI ({pk})", ai)
-            idx = allowed.index(ai)
-            if idx <= last_idx:
+            qualifiers.append(ai)
+            if not _dl_path_ok(qualifiers, sequences):
+                expected = " | ".join(", ".join(seq) for seq in sequences)
                 raise GS1Error(
-                    f"Digital Link: qualifier AI ({ai}) is out of order; expected order "
-                    + ", ".join(allowed) + f" after AI ({pk})",
+                    f"Digital Link: qualifier AI ({ai}) is out of order; expected order {expected} after AI ({pk})",
                     ai,
                 )
-            last_idx = idx
         if ai == "01" and value.isdigit() and len(value) in (8, 12, 13):
             value = value.zfill(14)
         pairs.append((ai, value))
+    path_ais = {ai for ai, _ in pairs}
     for k, v in parse_qsl(parts.query, keep_blank_values=True):
         k = key(k)
         if not k.isdigit():
             continue  # linkType, context etc. are not GS1 data
-        if _spec(k) is None:
+        entry = _entry(k)
+        if entry is None:
             raise GS1Error(f"Digital Link: unknown AI ({k}) in query string", k)
-        if k in _DL_QUALIFIERS or any(k in q for q in _DL_QUALIFIERS.values()):
+        if k in path_ais or k in allowed or entry.dlpkey is not None:
             raise GS1Error(f"Digital Link: AI ({k}) is a key or key qualifier and belongs in the path", k)
+        if not entry.dl_data_attribute:
+            raise GS1Error(f"Digital Link: AI ({k}) is not permitted as a data attribute in the query string", k)
         if v == "":
             raise GS1Error(f"Digital Link: AI ({k}) has an empty value in the query string", k)
         pairs.append((k, v))
@@ -1043,7 +982,7 @@ def parse_uri(uri: str) -> Identity:
     raise GS1Error(f"not an EPC URN or GS1 Digital Link URI: {uri[:40]!r}")
 
 
-def identify(code: str | bytes, *, require_gs1: bool = False) -> Identity:
+def identify(code: str | bytes, *, require_gs1: bool = False, allow_dmre: bool = False) -> Identity:
     """Whatever arrives (scan, HRI, URN, Digital Link, from a QR too) -> its identity."""
     text = _decode_input(code)
     symbology, body = _split_symbology(text)
@@ -1051,7 +990,7 @@ def identify(code: str | bytes, *, require_gs1: bool = False) -> Identity:
         if require_gs1:
             raise GS1Error(f"not GS1 DataMatrix: a URI was read (symbology {symbology or 'not reported'})")
         return parse_uri(body)
-    return _identity_from_pairs(parse(text, require_gs1=require_gs1).ais)
+    return _identity_from_pairs(parse(text, require_gs1=require_gs1, allow_dmre=allow_dmre).ais)
 
 
 # --------------------------------------------------------------------------

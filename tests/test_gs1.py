@@ -344,8 +344,10 @@ def test_reason_literal_gs_in_first_position():
     assert "GS in first position" in reason_of("]d1" + GS + "01" + GTIN + "21X", require_gs1=True)
 
 
-def test_plain_datamatrix_parses_but_is_rejected_when_gs1_is_required():
-    assert parse("]d1" + UNIT_ES).symbology == "]d1"
+def test_plain_datamatrix_is_not_gs1_even_when_its_text_looks_like_an_element_string():
+    # Issue 10: a plain DataMatrix (]d1) carries no FNC1, so its text is not a GS1
+    # element string however it looks; it used to be stripped and parsed as GS1.
+    assert reason_of("]d1" + UNIT_ES) == "not GS1 DataMatrix: symbology ]d1"
     assert reason_of("]d1" + UNIT_ES, require_gs1=True) == "not GS1 DataMatrix: symbology ]d1"
     assert "]Q1" in reason_of("]Q1" + UNIT_ES, require_gs1=True)
     assert "no symbology identifier" in reason_of(UNIT_ES, require_gs1=True)

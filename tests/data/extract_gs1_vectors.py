@@ -1,0 +1,90 @@
+"""Extract literal test vectors (data only) from the GS1 Syntax Dictionary linter
+tests and the GS1 Syntax Engine unit tests."""
+import glob, json, re, subprocess
+
+def c_unescape(s):
+    out, i = [], 0
+    while i < len(s):
+        c = s[i]
+        if c == '\\':
+            n = s[i+1]
+            if n == 'x':
+                m = re.match(r'[0-9a-fA-F]{1,2}', s[i+2:])
+                out.append(chr(int(m.group(0), 16))); i += 2 + len(m.group(0)); continue
+            out.append({'n': '\n', 't': '\t', 'r': '\r', '0': '\0', '\\': '\\', '"': '"', "'": "'"}.get(n, '\\' + n))
+            i += 2; continue
+        out.append(c); i += 1
+    return ''.join(out)
+
+STR = r'"(?:[^"\\]|\\.)*"'
+def args(call):
+    # split top-level args; string literals adjacent are concatenated
+    toks = re.findall(STR + r'|[^,"\s][^,"]*|,', call)
+    res, cur = [], []
+    for t in toks:
+        if t == ',':
+            res.append(cur); cur = []
+        else:
+            cur.append(t.strip())
+    res.append(cur)
+    out = []
+    for parts in res:
+        if parts and all(p.startswith('"') for p in parts):
+            out.append(''.join(c_unescape(p[1:-1]) for p in parts))
+        else:
+            out.append(' '.join(parts))
+    return out
+
+def calls(src, name):
+    src = re.sub(r'//[^\n]*', '', src)
+    for m in re.finditer(r'\b' + name + r'\((.*?)\);', src, re.S):
+        body = m.group(1)
+        if '"' not in body:
+            continue
+        yield args(body)
+
+def git_show(repo, path):
+    return subprocess.run(['git', f'--git-dir={repo}', 'show', f'HEAD:{path}'], capture_output=True, text=True, check=True).stdout
+
+dic = '/work/.mirror/gs1+gs1-syntax-dictionary/repo'
+eng = '/work/.mirror/gs1+gs1-syntax-engine/repo'
+lint = []
+files = subprocess.run(['git', f'--git-dir={dic}', 'ls-tree', '-r', '--name-only', 'HEAD', 'src'], capture_output=True, text=True).stdout.split()
+for f in sorted(files):
+    if not re.search(r'src/lint_[a-z0-9]+\.c$', f):
+        continue
+    src = git_show(dic, f)
+    src = src[src.find('#ifdef UNIT_TESTS'):]
+    # vectors for an optional GCP lookup hook are not part of the default linters
+    src = re.sub(r'#ifdef GS1_LINTER_CUSTOM\w*.*?#endif', '', src, flags=re.S)
+    for a in calls(src, 'UNIT_TEST_PASS'):
+        if re.fullmatch(r'gs1_lint_\w+', a[0]) and len(a) == 2 and '"' not in a[1] and a[1] is not None:
+            lint.append([a[0][9:], a[1], True, None])
+    for a in calls(src, 'UNIT_TEST_FAIL'):
+        if re.fullmatch(r'gs1_lint_\w+', a[0]) and len(a) == 4:
+            lint.append([a[0][9:], a[1], False, a[2].replace('GS1_LINTER_', '')])
+
+ai = git_show(eng, 'src/c-lib/ai.c')
+ai = ai[ai.find('#ifdef UNIT_TESTS'):]
+process = [[a[0] == 'true', a[1]] for a in calls(ai, 'test_processAIdata') if a[0] in ('true', 'false')]
+parse = [[a[0] == 'true', a[1], a[2]] for a in calls(ai, 'test_parseAIdata') if a[0] in ('true', 'false')]
+validate = [[a[0] == 'true', a[1], a[2]] for a in calls(ai, 'test_validateAIs') if a[0] in ('true', 'false')]
+table = re.search(r'linter_test_s tests\[\] = \{(.*?)\n\t\};', ai, re.S).group(1)
+table = re.sub(r'//[^\n]*', '', table)
+lintai = [[c_unescape(m.group(1)), m.group(2).replace('GS1_LINTER_', '')] for m in re.finditer(r'\{\s*"((?:[^"\\]|\\.)*)"\s*,\s*(\w+)\s*\}', table)]
+out = {
+    "source": {
+        "gs1-syntax-dictionary": subprocess.run(['git', f'--git-dir={dic}', 'rev-parse', 'HEAD'], capture_output=True, text=True).stdout.strip(),
+        "gs1-syntax-engine": subprocess.run(['git', f'--git-dir={eng}', 'rev-parse', 'HEAD'], capture_output=True, text=True).stdout.strip(),
+        "license": "Apache-2.0 (Copyright GS1 AISBL and contributors); literal test vectors only, extracted by tests/data/extract_gs1_vectors.py",
+    },
+    "linter_unit_tests": lint,
+    "engine_process_ai_data": process,
+    "engine_parse_ai_data": parse,
+    "engine_validate_ais": validate,
+    "engine_linter_ais": lintai,
+}
+json.dump(out, open('/work/wt/h-gs1/tests/data/gs1_syntax_vectors.json', 'w'), indent=0, ensure_ascii=True)
+print(len(lint), len(process), len(parse), len(validate), len(lintai))
+from collections import Counter
+print(Counter(l[0] for l in lint))
