@@ -448,11 +448,11 @@ def _tokenize_hri(body: str) -> list[tuple[str, str]]:
 
     HRI has no separator but the brackets, and a value may contain '(10)'
     itself.  Each known '(AI)' mark is a possible split; the first reading
-    (nearest split first) in which every value fits its AI by the dictionary
-    (length, character set, linters) is taken, and the message rules are
-    checked on that reading only.  So '(10)L(17)X' is one lot, since '(17)X'
-    is no date, while '(21)S1(10)L1' stays two AIs.  A value that would be
-    valid both ways needs the Syntax Engine's escape '\\(' to stay whole.
+    (nearest split first) in which every value has a length its AI allows by
+    the dictionary is taken, and then validated in full.  So '(10)L(17)X' is
+    one lot, since '(17)' takes exactly six digits, while '(21)S1(10)L1'
+    stays two AIs and '(3910)999100' stays an AI with a bad currency code.
+    A value that would fit both ways needs the Syntax Engine's escape '\\('.
     """
     if not body.startswith("("):
         raise GS1Error(f"HRI: expected '(AI)' at position 0, found {body[:8]!r}")
@@ -460,22 +460,29 @@ def _tokenize_hri(body: str) -> list[tuple[str, str]]:
     if not marks or marks[0].start() != 0:
         return _tokenize_hri_naive(body)
     budget = [_HRI_MAX_READINGS]
+    # A mark followed by nothing or by another mark can only be an AI (with an
+    # empty value, an error), as in the Syntax Engine: it never joins a value.
+    forced = [
+        m.end() == len(body) or (k + 1 < len(marks) and marks[k + 1].start() == m.end())
+        for k, m in enumerate(marks)
+    ]
 
     def value_ok(ai: str, value: str) -> bool:
-        if GS in value:
+        # Lengths only: a value of the right length but bad content (a wrong
+        # check digit, currency or date) is a real AI with an error to report,
+        # never a reason to read its mark as text of the previous value.
+        entry = _entry(ai)
+        value = _hri_unescape(value)
+        if entry is None or GS in value or not entry.min_len <= len(value) <= entry.max_len:
             return False
-        try:
-            _check_value(ai, _hri_unescape(value))
-        except GS1Error:
-            return False
-        return True
+        return all(not comp.fixed or len(data) == comp.max_len for _, comp, data in _components(entry, value))
 
     def solve(i: int, acc: list[tuple[str, str]]) -> list[tuple[str, str]] | None:
         m = marks[i]
         ai = m.group(1)
-        ends = [k for k in range(i + 1, len(marks))] + [len(marks)]
+        ends = [i + 1] if forced[i] else list(range(i + 1, len(marks) + 1))
         for j in ends:
-            if budget[0] <= 0:
+            if budget[0] <= 0 or (j - 1 > i and forced[j - 1]):
                 return None
             end = marks[j].start() if j < len(marks) else len(body)
             value = body[m.end():end]
@@ -600,7 +607,16 @@ def parse(raw: str | bytes, *, require_gs1: bool = False, allow_dmre: bool = Fal
         )
     if symbology is None and body.startswith("("):
         pairs = _tokenize_hri(body)
-        _validate(pairs)
+        try:
+            _validate(pairs)
+        except GS1Error:
+            # The reason given is that of the plain reading (split at every
+            # mark), which is what an operator meant when neither is valid.
+            naive = _tokenize_hri_naive(body)
+            if naive == pairs:
+                raise
+            _validate(naive)
+            pairs = naive
     else:
         pairs = _tokenize_element_string(body)
         _validate(pairs, element_string=True)
