@@ -91,11 +91,13 @@ def identify_code(code: str) -> dict[str, Any]:
     code = code.strip("\r\n")
     if len(code) == 18 and code.isdigit() and gs1.is_valid_sscc(code):
         code = "(00)" + code  # a bare SSCC as an operator types it from the label
+    sym = code[:3] if code.startswith("]") and len(code) >= 3 else None
     try:
-        ident = gs1.identify(code)
+        # A plain DataMatrix (]d1) is not GS1, so gs1 refuses it; its text still names
+        # the unit a counterfeiter copied, which is what the verdict needs.
+        ident = gs1.identify(code[3:] if sym == gs1.SYMBOLOGY_DM else code)
     except gs1.GS1Error as exc:
         raise TraceError(f"cannot identify {code[:80]!r}: {exc.reason}") from None
-    sym = code[:3] if code.startswith("]") and len(code) >= 3 else None
     if ident.kind == "sscc":
         return {"kind": "sscc", "sscc": ident.sscc, "gtin": None, "serial": None, "lot": None, "expiry": None, "symbology": sym}
     return {"kind": "sgtin", "sscc": None, "gtin": ident.gtin, "serial": ident.serial, "lot": ident.lot, "expiry": ident.expiry, "symbology": sym}
