@@ -90,7 +90,7 @@ async def test_case_failures_reject_the_whole_case_and_leave_units_free(tmp_path
             ("count_over", units(s[16:21]), "5 read, case holds 4"),  # extra unit
             ("duplicate", units([s[21], s[21], s[22], s[23]]), s[21]),
             ("count_short", units(s[24:27]) + [sim_unit(next(seq), s[27], extras={"damage": "partial"})], "3 read"),  # unreadable code
-            ("unreadable", units(s[28:31]) + [sim_unit(next(seq), s[31], symbology="]d1")], "]d1 symbol"),  # plain DataMatrix
+            ("unreadable", units(s[28:31]) + [sim_unit(next(seq), s[31], symbology="]d1")], "not GS1 DataMatrix: symbology ]d1"),  # plain DataMatrix
             ("unknown", units(s[32:35]) + units(["NEVERISSUED1"]), "NEVERISSUED1"),
         ]
         for reason, frame, detail in cases:
