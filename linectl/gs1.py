@@ -122,7 +122,7 @@ class GS1Error(ValueError):
 
 
 def _entry(ai: str) -> AIEntry | None:
-    return _gsd.load().get(ai)
+    return _gsd.load().entries.get(ai)
 
 
 def _ai_at(s: str, pos: int) -> str | None:

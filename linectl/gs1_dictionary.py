@@ -19,7 +19,7 @@ from __future__ import annotations
 import calendar
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 
@@ -699,20 +699,17 @@ class AIEntry:
     #: None: not a Digital Link primary key; else its alternative qualifier sequences
     dlpkey: tuple[tuple[str, ...], ...] | None
     title: str
+    # Derived from the components once, since every scan needs them.
+    min_len: int = field(init=False)
+    max_len: int = field(init=False)
+    fixed_len: int | None = field(init=False)
 
-    @property
-    def min_len(self) -> int:
-        return sum(c.min_len for c in self.components if not c.optional)
-
-    @property
-    def max_len(self) -> int:
-        return sum(c.max_len for c in self.components)
-
-    @property
-    def fixed_len(self) -> int | None:
-        if any(c.optional or not c.fixed for c in self.components):
-            return None
-        return self.max_len
+    def __post_init__(self) -> None:
+        max_len = sum(c.max_len for c in self.components)
+        fixed = not any(c.optional or not c.fixed for c in self.components)
+        object.__setattr__(self, "min_len", sum(c.min_len for c in self.components if not c.optional))
+        object.__setattr__(self, "max_len", max_len)
+        object.__setattr__(self, "fixed_len", max_len if fixed else None)
 
     @property
     def spec(self) -> str:
