@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Literal
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from linectl import gs1_dictionary as _gsd
-from linectl.gs1_dictionary import CSET39, CSET64, CSET82, AIEntry, LintError
+from linectl.gs1_dictionary import CSET39, CSET82, AIEntry, LintError
 
 if TYPE_CHECKING:
     import numpy
@@ -99,7 +99,6 @@ _CHARSET_NAMES = {
 
 # EPC TDS Table A-1: the set-82 characters that must be %-escaped in an EPC URI.
 _EPC_ESCAPE = {c: f"%{ord(c):02X}" for c in "\"%&/<>?"}
-_ = (CSET39, CSET64)  # re-exported for callers that check character sets
 
 
 class GS1Error(ValueError):

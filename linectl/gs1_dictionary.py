@@ -126,7 +126,6 @@ _PRIMES = (
     431, 433, 439, 443, 449, 457, 461, 463, 467, 479, 487, 491, 499, 503, 509,
 )
 _GCP_MIN_LENGTH = 4
-_CURRENT_YEAR_WINDOW: Callable[[], int] | None = None
 
 
 def _err(code: str, pos: int, length: int, message: str) -> LintError:
