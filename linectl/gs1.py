@@ -865,7 +865,9 @@ def _dl_path_ok(qualifiers: list[str], sequences: tuple[tuple[str, ...], ...]) -
 def _parse_digital_link(uri: str) -> list[tuple[str, str]]:
     """GS1 Digital Link URI to AI/value pairs, keys and qualifiers by the dictionary's ``dlpkey``."""
     parts = urlsplit(uri)
-    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+    # Lower or upper case scheme only, and a plain host: as the GS1 Syntax Engine.
+    scheme = uri.split(":", 1)[0]  # urlsplit lower-cases it
+    if scheme not in ("http", "https", "HTTP", "HTTPS") or not parts.netloc or "%" in parts.netloc:
         raise GS1Error(f"Digital Link: {uri!r} is not an http(s) URI with a host")
     segs = parts.path.split("/")[1:]
     if segs and segs[-1] == "":
@@ -894,7 +896,7 @@ def _parse_digital_link(uri: str) -> list[tuple[str, str]]:
     pk_entry = _entry(pk)
     assert pk_entry is not None and pk_entry.dlpkey is not None
     sequences = pk_entry.dlpkey
-    allowed = {q for seq in sequences for q in seq}
+    allowed = {q for seq in sequences for q in seq}  # qualifiers of any alternative
     pairs: list[tuple[str, str]] = []
     qualifiers: list[str] = []
     for i in range(root, len(segs), 2):
@@ -918,7 +920,10 @@ def _parse_digital_link(uri: str) -> list[tuple[str, str]]:
         if ai == "01" and value.isdigit() and len(value) in (8, 12, 13):
             value = value.zfill(14)
         pairs.append((ai, value))
-    path_ais = {ai for ai, _ in pairs}
+    # A qualifier of the key's chosen sequence belongs in the path; another key
+    # (e.g. ?01= after /8004/) or the qualifier of an unused alternative
+    # (?10= after /01/../235/..) is an ordinary data attribute.
+    in_path = {q for seq in sequences if _dl_path_ok(qualifiers, (seq,)) for q in seq}
     for k, v in parse_qsl(parts.query, keep_blank_values=True):
         k = key(k)
         if not k.isdigit():
@@ -926,7 +931,7 @@ def _parse_digital_link(uri: str) -> list[tuple[str, str]]:
         entry = _entry(k)
         if entry is None:
             raise GS1Error(f"Digital Link: unknown AI ({k}) in query string", k)
-        if k in path_ais or k in allowed or entry.dlpkey is not None:
+        if k == pk or k in in_path:
             raise GS1Error(f"Digital Link: AI ({k}) is a key or key qualifier and belongs in the path", k)
         if not entry.dl_data_attribute:
             raise GS1Error(f"Digital Link: AI ({k}) is not permitted as a data attribute in the query string", k)

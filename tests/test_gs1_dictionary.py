@@ -218,6 +218,50 @@ def test_engine_association_vectors(ok, rule, data):
         assert got is not None and _RULE_WORDS[rule] in got, got
 
 
+def _dl_difference(ok: bool, uri: str, options: dict[str, bool]) -> str | None:
+    """Where linectl deliberately differs from the Syntax Engine's DL vectors (README)."""
+    path = uri.split("?")[0]
+    if options["unknown_ais"]:
+        return "needs the engine's 'permit unknown AIs' option"
+    if not ok and re.search(r"/(gtin|ser|sscc|lot|cpv)/", uri):
+        return "linectl always reads the DL 1.1 convenience aliases"
+    if not ok and re.search(r"/01/(\d{8}|\d{12}|\d{13})(/|$)", path):
+        return "linectl pads a GTIN-8/12/13 in the path to 14 digits"
+    if ok and options["zero_suppressed_gtin"] and re.search(r"[?&]01=(\d{8}|\d{12}|\d{13})(&|$)", uri):
+        return "linectl does not pad a short GTIN in the query string"
+    if not ok and path.endswith("/") and path.count("/") > 3:
+        return "linectl tolerates a trailing slash"
+    return None
+
+
+@pytest.mark.parametrize(("ok", "uri", "expect", "options"), [tuple(v) for v in VECTORS["engine_parse_dl_uri"]])
+def test_engine_digital_link_vectors(ok, uri, expect, options):
+    try:
+        pairs = gs1._parse_digital_link(uri)
+        got = None
+    except GS1Error as exc:
+        got, pairs = exc.reason, None
+    if (got is None) != ok:
+        why = _dl_difference(ok, uri, options)
+        assert why is not None, f"{uri!r}: engine says {ok}, linectl {got or 'accepts'}"
+        return
+    if ok:  # same AIs and values (the engine re-orders them for encoding)
+        assert sorted(pairs) == sorted(gs1._tokenize_element_string(_element_string(expect)))
+
+
+def test_engine_digital_link_vectors_are_mostly_in_agreement():
+    vectors = VECTORS["engine_parse_dl_uri"]
+    differ = 0
+    for ok, uri, _, options in vectors:
+        try:
+            gs1._parse_digital_link(uri)
+            agree = ok
+        except GS1Error:
+            agree = not ok
+        differ += not agree
+    assert len(vectors) > 100 and differ <= 8
+
+
 # ---------------------------------------------------------------- findings of issue 10
 
 

@@ -16,6 +16,25 @@ def c_unescape(s):
         out.append(c); i += 1
     return ''.join(out)
 
+
+def strip_comments(src):
+    """Drop // and /* */ comments, but not inside string literals ("https://...")."""
+    out, i, n = [], 0, len(src)
+    while i < n:
+        c = src[i]
+        if c == '"':
+            j = i + 1
+            while j < n and src[j] != '"':
+                j += 2 if src[j] == '\\' else 1
+            out.append(src[i:j + 1]); i = j + 1
+        elif src.startswith('//', i):
+            j = src.find('\n', i); i = n if j < 0 else j
+        elif src.startswith('/*', i):
+            j = src.find('*/', i + 2); i = n if j < 0 else j + 2
+        else:
+            out.append(c); i += 1
+    return ''.join(out)
+
 STR = r'"(?:[^"\\]|\\.)*"'
 def args(call):
     # split top-level args; string literals adjacent are concatenated
@@ -36,7 +55,7 @@ def args(call):
     return out
 
 def calls(src, name):
-    src = re.sub(r'//[^\n]*', '', src)
+    src = strip_comments(src)
     for m in re.finditer(r'\b' + name + r'\((.*?)\);', src, re.S):
         body = m.group(1)
         if '"' not in body:
@@ -70,7 +89,7 @@ process = [[a[0] == 'true', a[1]] for a in calls(ai, 'test_processAIdata') if a[
 parse = [[a[0] == 'true', a[1], a[2]] for a in calls(ai, 'test_parseAIdata') if a[0] in ('true', 'false')]
 validate = [[a[0] == 'true', a[1], a[2]] for a in calls(ai, 'test_validateAIs') if a[0] in ('true', 'false')]
 table = re.search(r'linter_test_s tests\[\] = \{(.*?)\n\t\};', ai, re.S).group(1)
-table = re.sub(r'//[^\n]*', '', table)
+table = strip_comments(table)
 lintai = [[c_unescape(m.group(1)), m.group(2).replace('GS1_LINTER_', '')] for m in re.finditer(r'\{\s*"((?:[^"\\]|\\.)*)"\s*,\s*(\w+)\s*\}', table)]
 out = {
     "source": {
@@ -84,7 +103,31 @@ out = {
     "engine_validate_ais": validate,
     "engine_linter_ais": lintai,
 }
+# Digital Link URIs: the engine toggles options between calls, so record the
+# state of each option in force for every vector.
+dl = git_show(eng, 'src/c-lib/dl.c')
+body = dl[dl.find('void test_dl_parseDLuri(void)'):]
+body = body[:body.find('#undef test_parseDLuri')]
+body = strip_comments(body)
+state = {"zero_suppressed_gtin": False, "convenience_alphas": True, "unknown_ais": False}
+dlvec = []
+for m in re.finditer(r'gs1_encoder_setPermitZeroSuppressedGTINinDLuris\(ctx, (true|false)\)|'
+                     r'ctx->permitConvenienceAlphas = (true|false)|'
+                     r'gs1_encoder_setPermitUnknownAIs\(ctx, (true|false)\)|'
+                     r'test_parseDLuri\((.*?)\);', body, re.S):
+    if m.group(1):
+        state["zero_suppressed_gtin"] = m.group(1) == "true"
+    elif m.group(2):
+        state["convenience_alphas"] = m.group(2) == "true"
+    elif m.group(3):
+        state["unknown_ais"] = m.group(3) == "true"
+    else:
+        a = args(m.group(4))
+        if len(a) == 3 and a[0] in ("true", "false"):
+            dlvec.append([a[0] == "true", a[1], a[2], dict(state)])
+out["engine_parse_dl_uri"] = dlvec
+
 json.dump(out, open('/work/wt/h-gs1/tests/data/gs1_syntax_vectors.json', 'w'), indent=0, ensure_ascii=True)
-print(len(lint), len(process), len(parse), len(validate), len(lintai))
+print(len(lint), len(process), len(parse), len(validate), len(lintai), len(dlvec))
 from collections import Counter
 print(Counter(l[0] for l in lint))
