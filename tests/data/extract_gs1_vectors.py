@@ -1,6 +1,10 @@
 """Extract literal test vectors (data only) from the GS1 Syntax Dictionary linter
-tests and the GS1 Syntax Engine unit tests."""
-import glob, json, re, subprocess
+tests and the GS1 Syntax Engine unit tests into gs1_syntax_vectors.json.
+
+Usage: GS1_SYNTAX_DICTIONARY_GIT=<git dir> GS1_SYNTAX_ENGINE_GIT=<git dir> python tests/data/extract_gs1_vectors.py
+Only string literals of the C test calls are kept; none of GS1's code is shipped.
+"""
+import json, os, re, subprocess
 
 def c_unescape(s):
     out, i = [], 0
@@ -65,8 +69,9 @@ def calls(src, name):
 def git_show(repo, path):
     return subprocess.run(['git', f'--git-dir={repo}', 'show', f'HEAD:{path}'], capture_output=True, text=True, check=True).stdout
 
-dic = '/work/.mirror/gs1+gs1-syntax-dictionary/repo'
-eng = '/work/.mirror/gs1+gs1-syntax-engine/repo'
+# git directories of gs1/gs1-syntax-dictionary and gs1/gs1-syntax-engine (bare clones work)
+dic = os.environ.get('GS1_SYNTAX_DICTIONARY_GIT', '/work/.mirror/gs1+gs1-syntax-dictionary/repo')
+eng = os.environ.get('GS1_SYNTAX_ENGINE_GIT', '/work/.mirror/gs1+gs1-syntax-engine/repo')
 lint = []
 files = subprocess.run(['git', f'--git-dir={dic}', 'ls-tree', '-r', '--name-only', 'HEAD', 'src'], capture_output=True, text=True).stdout.split()
 for f in sorted(files):
@@ -127,7 +132,22 @@ for m in re.finditer(r'gs1_encoder_setPermitZeroSuppressedGTINinDLuris\(ctx, (tr
             dlvec.append([a[0] == "true", a[1], a[2], dict(state)])
 out["engine_parse_dl_uri"] = dlvec
 
-json.dump(out, open('/work/wt/h-gs1/tests/data/gs1_syntax_vectors.json', 'w'), indent=0, ensure_ascii=True)
+def dump(obj, path):
+    """One vector per line: readable diffs when GS1 adds vectors."""
+    lines = ["{"]
+    keys = list(obj)
+    for k, key in enumerate(keys):
+        val = obj[key]
+        if isinstance(val, list):
+            lines.append(f"{json.dumps(key)}: [")
+            lines += [json.dumps(v, ensure_ascii=True) + ("," if i < len(val) - 1 else "") for i, v in enumerate(val)]
+            lines.append("]" + ("," if k < len(keys) - 1 else ""))
+        else:
+            lines.append(f"{json.dumps(key)}: {json.dumps(val, ensure_ascii=True)}" + ("," if k < len(keys) - 1 else ""))
+    lines.append("}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+dump(out, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'gs1_syntax_vectors.json'))
 print(len(lint), len(process), len(parse), len(validate), len(lintai), len(dlvec))
-from collections import Counter
-print(Counter(l[0] for l in lint))
