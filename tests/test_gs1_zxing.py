@@ -183,3 +183,18 @@ def test_prop_render_decode_parse_equals_composed(code, module_px):
     assert read_one(img, zxingcpp.TextMode.HRI).text == code.hri
     if not any(_HRI_MARKER.search(v) for _, v in code.ais):
         assert parse(code.hri).ais == code.ais
+
+
+def test_gs1_dmre_reads_as_d8_and_is_classified_gs1():
+    # zxing-cpp reports GS1 data in a DMRE (rectangular extension) symbol as ]d8, not ]d2
+    code = compose_unit(GTIN, "A1B2C3D4ABCDEFGH", "LOT42", "271231", extra={"714": "1234567"})
+    bc = zxingcpp.create_barcode(code.hri, zxingcpp.BarcodeFormat.DataMatrix, gs1=True, forceSquare=False)
+    img = np.asarray(bc.to_image(scale=4))
+    assert img.shape[0] != img.shape[1]
+    read = read_one(img)
+    assert read.symbology_identifier == "]d8" and read.content_type == zxingcpp.ContentType.GS1
+    scanned = read.symbology_identifier + read.text
+    assert parse(scanned).ais == code.ais  # GS1 element string, not "another symbology"
+    with pytest.raises(GS1Error, match="DMRE"):
+        parse(scanned, require_gs1=True)  # not allowed unless the product's template says so
+    assert parse(scanned, require_gs1=True, allow_dmre=True).ais == code.ais
