@@ -30,6 +30,7 @@ import datetime as dt
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Literal
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
@@ -398,6 +399,11 @@ def _symbology_name(symbology: str) -> str:
     return GS1_SYMBOLOGIES.get(symbology) or _SYMBOLOGY_NAMES.get(symbology[1], "unknown symbology")
 
 
+@lru_cache(maxsize=1)
+def _longest_value() -> int:
+    return max(e.max_len for e in _gsd.load().entries.values())
+
+
 def _hri_unescape(value: str) -> str:
     # The GS1 Syntax Engine's bracketed syntax writes a literal '(' in data as '\('.
     return value.replace("\\(", "(").replace("\\)", ")")
@@ -459,6 +465,7 @@ def _tokenize_hri(body: str) -> list[tuple[str, str]]:
     if not marks or marks[0].start() != 0:
         return _tokenize_hri_naive(body)
     budget = [_HRI_MAX_READINGS]
+    longest = 2 * _longest_value()  # an escape '\\(' takes two characters for one
     # A mark followed by nothing or by another mark can only be an AI (with an
     # empty value, an error), as in the Syntax Engine: it never joins a value.
     forced = [
@@ -485,6 +492,8 @@ def _tokenize_hri(body: str) -> list[tuple[str, str]]:
                 return None
             end = marks[j].start() if j < len(marks) else len(body)
             value = body[m.end():end]
+            if len(value) > longest:
+                break  # later ends only make it longer (escapes at most halve it)
             if not value_ok(ai, value):
                 continue
             budget[0] -= 1

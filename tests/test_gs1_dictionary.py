@@ -441,6 +441,18 @@ def test_hri_escaped_bracket_keeps_a_value_whole():
     assert "AI (10): empty value" in reason_of(f"(01){GTIN}(10)(10)x")  # as the engine: '(' delimits
 
 
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        ("(17)" + "x(17)" * 300, "AI (17): value 'x' has 1 characters, expected 6"),
+        ("(10)" + "(10)a" * 300, "AI (10): empty value"),
+        ("(21)" + "ab(17)1" * 200, "AI (17): value '1ab' has 3 characters, expected 6"),
+    ],
+)
+def test_hri_with_hundreds_of_marks_gets_the_plain_readings_reason(body, reason):
+    assert reason_of(body) == reason
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     st.text(alphabet="ABCxyz-./", min_size=1, max_size=6),
