@@ -563,7 +563,7 @@ class Camera(CodeReader):
         if not self.config.grading:
             detail["estimated"] = True
             return Decoded(data=s.data, symbology=s.symbology, grade=0.0 if decode_grade == 0 else None, grade_detail=detail)
-        rep = quality.measure(gray, s.corners, s.version, s.uec, decode_grade)
+        rep = quality.measure(gray, s.corners, s.version, s.uec, decode_grade, calibrated=False)
         detail.update(rep.detail())
         return Decoded(data=s.data, symbology=s.symbology, grade=rep.overall, grade_detail=detail)
 
