@@ -210,6 +210,7 @@ GEOMETRIC_PARAMETERS = ("an", "gn")
 #: below this many pixels per module a camera cannot resolve modules (verifier practice: ≥ 5 px per module);
 #: modulation then mostly measures the lens and the image compression, not the print, so it is reported, not gated
 MIN_MODULE_PX_FOR_MOD = 5.0
+APERTURE_SIGMA = 0.2  # Gaussian aperture for SC and for the grid-error fit, in modules
 #: how far past the threshold (in modulation units) a fixed-pattern module must be to count as damaged
 FPD_MARGIN = 0.2
 STANDARD = "ISO/IEC 15415-style estimate from an uncalibrated camera: a process-control indicator, not an ISO verification"
@@ -293,6 +294,15 @@ class _Sampler:
         out.crop = cv2.GaussianBlur(self.crop, (0, 0), sigma) if sigma > 0.3 else self.crop
         return out
 
+    def extremes(self, polygon: np.ndarray) -> tuple[float, float]:
+        """(max, min) of the crop inside a convex polygon (image coordinates); (nan, nan) when empty."""
+        mask = np.zeros(self.crop.shape, np.uint8)
+        cv2.fillConvexPoly(mask, np.round((polygon - (self.x0, self.y0)) * 16).astype(np.int32), 1, lineType=cv2.LINE_8, shift=4)
+        vals = self.crop[mask > 0]
+        if vals.size == 0:
+            return float("nan"), float("nan")
+        return float(vals.max()), float(vals.min())
+
     def at(self, pts: np.ndarray) -> np.ndarray:
         n = len(pts)
         m = (pts - (self.x0, self.y0)).astype(np.float32)
@@ -373,20 +383,23 @@ def _orientations(corners: np.ndarray, rows: int, cols: int) -> list[tuple[np.nd
     return out
 
 
-def _orient(sampler: _Sampler, corners: np.ndarray, rows: int, cols: int) -> tuple[np.ndarray, bool, float, str]:
+def _orient(sampler: _Sampler, corners: np.ndarray, rows: int, cols: int, search: bool = True) -> tuple[np.ndarray, bool, float, str]:
     """Put the symbol in its canonical orientation from its own finder pattern: (corners, inverted, match, name).
 
     Whatever order the decoder reports corners in, and however the camera
     holds the code (rotated, mirrored, inverted), the grid is then sampled in
     the same order, so every parameter is invariant to 90° rotations.
+    `search=False` only measures the given ordering.
     """
     mask, ideal = perimeter_pattern(rows, cols)
+    options = _orientations(corners, rows, cols) if search else [(corners, rows, cols, "0")]
+    Hs = np.stack([_homography(c, r2, c2) for c, r2, c2, _ in options])
+    v = sampler.at(_project_many(Hs, _centres(rows, cols)).reshape(-1, 2)).reshape(len(options), rows, cols)
     best: tuple[np.ndarray, bool, float, str] = (corners, False, -1.0, "0")
-    for c, r2, c2, name in _orientations(corners, rows, cols):
-        v = sampler.at(_project(_homography(c, r2, c2), _centres(r2, c2))).reshape(r2, c2)
-        if np.isnan(v).any():
+    for (c, _, _, name), vi in zip(options, v):
+        if np.isnan(vi).any():
             continue
-        dark = v < (np.nanmax(v) + np.nanmin(v)) / 2
+        dark = vi < (vi.max() + vi.min()) / 2
         for inverted in (False, True):
             obs = ~dark if inverted else dark
             match = float(np.mean(obs[mask] == ideal[mask]))
@@ -395,54 +408,69 @@ def _orient(sampler: _Sampler, corners: np.ndarray, rows: int, cols: int) -> tup
     return best
 
 
-def _spread(sampler: _Sampler, corners: np.ndarray, rows: int, cols: int, pts: np.ndarray) -> float:
-    """How sharply the module centres separate into dark and light: largest when sampling hits the centres."""
-    return _var(sampler.at(_project(_homography(corners, rows, cols), pts)))
+def _project_many(Hs: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """Points (N, 2) through K homographies (K, 3, 3) -> (K, N, 2)."""
+    P = np.vstack([pts.T, np.ones((1, len(pts)))])
+    Q = np.matmul(Hs, P)  # (K, 3, N)
+    return (Q[:, :2, :] / Q[:, 2:3, :]).transpose(0, 2, 1)
+
+
+def _module_corners(rows: int, cols: int) -> np.ndarray:
+    return np.array([[0, 0], [cols, 0], [cols, rows], [0, rows]], dtype=np.float64)
+
+
+def _moves(n: int, step: float) -> np.ndarray:
+    """The 2n single-coordinate moves of +-step, shape (2n, n)."""
+    eye = np.eye(n) * step
+    return np.concatenate([eye, -eye])
 
 
 def _refine_corners(sampler: _Sampler, corners: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Move each corner (coordinate descent along the symbol's own axes, down to 1/16 module) to where the
-    module centres are sharpest.
+    """Move the corners (best-improvement descent along the symbol's own axes, down to 1/16 module) to where
+    the module centres are sharpest (largest variance of the centre samples).
 
     The decoder's corners are good enough to decode, not to measure: a
     one-pixel error moves the sampling points towards module edges and the
     modulation drops. Fitting the grid to the symbol's own modules makes the
     measurement independent of where the decoder put the corners; stepping in
     module units along the symbol's axes (not the image's) makes the search
-    itself the same whatever the rotation of the image.
+    itself the same whatever the rotation of the image. All 16 moves of a
+    step are sampled in one batch.
     """
     pts = _centres(rows, cols)
     if len(pts) > 900:  # large symbols: every other module is plenty to place the corners
         pts = pts.reshape(rows, cols, 2)[::2, ::2].reshape(-1, 2)
     H0 = _homography(corners, rows, cols)
-    base = np.array([[0, 0], [cols, 0], [cols, rows], [0, rows]], dtype=np.float64)
-    d = np.zeros((4, 2))
+    base = _module_corners(rows, cols)
+    src = base.astype(np.float32)
+    d = np.zeros(8)
 
-    def spread(dd: np.ndarray) -> float:
-        return _spread(sampler, _project(H0, base + dd), rows, cols, pts)
+    def spreads(cands: np.ndarray) -> np.ndarray:
+        img_corners = _project_many(H0[None], (base + cands.reshape(-1, 4, 2)).reshape(-1, 2)).reshape(-1, 4, 2)
+        Hs = np.stack([cv2.getPerspectiveTransform(src, c.astype(np.float32)) for c in img_corners])
+        v = sampler.at(_project_many(Hs, pts).reshape(-1, 2)).reshape(len(cands), len(pts)).astype(np.float64)
+        var = v.var(axis=1)
+        var[np.isnan(var)] = -1.0
+        return var
 
-    f_best = spread(d)
+    f_best = float(spreads(d[None])[0])
     for step in (0.25, 0.125, 0.0625):
-        for _ in range(3):
-            improved = False
-            for i in range(8):
-                for s in (step, -step):
-                    cand = d.copy()
-                    cand.flat[i] += s
-                    f = spread(cand)
-                    if f > f_best + 1e-6:
-                        d, f_best, improved = cand, f, True
-                        break
-            if not improved:
+        for _ in range(8):
+            cands = d + _moves(8, step)
+            f = spreads(cands)
+            k = int(np.argmax(f))
+            if f[k] <= f_best + 1e-6:
                 break
-    return _project(H0, base + d)
+            d, f_best = cands[k], float(f[k])
+    return _project(H0, base + d.reshape(4, 2))
 
 
-def _tiles(rows: int, cols: int, size: int = 8) -> list[tuple[slice, slice]]:
+def _tiles(rows: int, cols: int, size: int = 8) -> np.ndarray:
+    """Tile index (rows*cols,) of each module: tiles of about size×size modules."""
     nr, nc = max(1, round(rows / size)), max(1, round(cols / size))
-    re = np.linspace(0, rows, nr + 1).round().astype(int)
-    ce = np.linspace(0, cols, nc + 1).round().astype(int)
-    return [(slice(re[i], re[i + 1]), slice(ce[j], ce[j + 1])) for i in range(nr) for j in range(nc)]
+    ri = np.minimum((np.arange(rows) * nr) // rows, nr - 1)
+    ci = np.minimum((np.arange(cols) * nc) // cols, nc - 1)
+    return (ri[:, None] * nc + ci[None, :]).ravel()
 
 
 def _grid_nonuniformity(sampler: _Sampler, H: np.ndarray, rows: int, cols: int) -> float:
@@ -451,37 +479,34 @@ def _grid_nonuniformity(sampler: _Sampler, H: np.ndarray, rows: int, cols: int) 
     The homography already absorbs perspective, so what is left is the
     print's own grid error, or the paper's curvature: our grid non-uniformity.
     ISO measures every grid intersection on a square-on image; this sees
-    local shifts of whole tiles, and only to 0.05 module.
+    local shifts of whole tiles, to 0.05 module.
     """
-    centres = _centres(rows, cols).reshape(rows, cols, 2)
-    worst = 0.0
-    for rs, cs in _tiles(rows, cols):
-        pts = centres[rs, cs].reshape(-1, 2)
-        if len(pts) < 16:
-            continue
-        d = np.zeros(2)
+    centres = _centres(rows, cols)
+    tile = _tiles(rows, cols)
+    n_tiles = int(tile.max()) + 1
+    counts = np.bincount(tile, minlength=n_tiles).astype(np.float64)
+    d = np.zeros((n_tiles, 2))
+    moves = np.concatenate([np.zeros((1, 2)), _moves(2, 1.0)])  # stay, +x, +y, -x, -y
 
-        def spread(dd: np.ndarray) -> float:
-            return _var(sampler.at(_project(H, pts + dd)))
+    def tile_var(shift: np.ndarray) -> np.ndarray:
+        """Variance per tile of the centre samples, each tile shifted by its own (n_tiles, 2) vector."""
+        v = sampler.at(_project(H, centres + shift[tile])).astype(np.float64)
+        s1 = np.bincount(tile, v, n_tiles)
+        s2 = np.bincount(tile, v * v, n_tiles)
+        var = s2 / counts - (s1 / counts) ** 2
+        var[np.isnan(var)] = -1.0
+        return var
 
-        f_best = spread(d)
-        for step in (0.15, 0.05):
-            for _ in range(2):
-                improved = False
-                for i in range(2):
-                    for s in (step, -step):
-                        cand = d.copy()
-                        cand[i] += s
-                        if abs(cand[i]) > 0.5:
-                            continue
-                        f = spread(cand)
-                        if f > f_best + 1e-6:
-                            d, f_best, improved = cand, f, True
-                            break
-                if not improved:
-                    break
-        worst = max(worst, float(np.hypot(*d)))
-    return worst
+    for step in (0.15, 0.05):
+        for _ in range(4):
+            scores = np.stack([tile_var(np.clip(d + m * step, -0.5, 0.5)) for m in moves])  # (5, n_tiles)
+            best = np.argmax(scores - np.r_[0.0, [1e-6] * 4][:, None], axis=0)
+            if not best.any():
+                break
+            d = np.clip(d + moves[best] * step, -0.5, 0.5)
+    small = counts < 16  # a sliver of a tile has too few modules to place
+    d[small] = 0.0
+    return float(np.hypot(d[:, 0], d[:, 1]).max())
 
 
 def _fixed_pattern_damage(dark: np.ndarray, mod: np.ndarray, rows: int, cols: int, values: dict[str, Any]) -> int:
@@ -547,14 +572,10 @@ def measure(
         return QualityReport(None, values={"reason": f"module {module_px:.1f} px too small to sample", "module_px": round(module_px, 2)}, gating=gating)
     sampler = _Sampler(gray, c, margin=3 * module_px)
 
-    c, _, _, _ = _orient(sampler, c, rows, cols)
+    c, _, _, name = _orient(sampler, c, rows, cols)
     c = _refine_corners(sampler, c, rows, cols)
-    c, inverted, match, name = _orient(sampler, c, rows, cols)  # again, on the fitted grid
+    c, inverted, match, _ = _orient(sampler, c, rows, cols, search=False)  # polarity and match on the fitted grid
     H = _homography(c, rows, cols)
-    # the grid error is measured against a fit on a smoothed copy: on a sharp print the raw fit is flat-topped
-    # (anywhere inside the module is "centre"), which is fine for sampling but not as a reference for shifts
-    smooth = sampler.smoothed(0.2 * module_px)
-    gn = _grid_nonuniformity(smooth, _homography(_refine_corners(smooth, c, rows, cols), rows, cols), rows, cols)
     centres = _centres(rows, cols)  # on the fitted grid: per-tile shifts would pick noise maxima and bias MOD up
     sub = (centres[:, None, :] + APERTURE[None, :, :]).reshape(-1, 2)
     samples = sampler.at(_project(H, sub)).reshape(rows * cols, len(APERTURE))
@@ -563,7 +584,16 @@ def measure(
     symbol = samples.mean(axis=1).reshape(rows, cols)
     ring = sampler.at(_project(H, _ring(rows, cols)))
     allv = np.concatenate([symbol.ravel(), ring[~np.isnan(ring)]])
-    rmax, rmin = float(allv.max()), float(allv.min())
+    # Rmax / Rmin over the whole symbol and its one-module quiet-zone ring, through a Gaussian aperture: the
+    # extremes of a symmetric filter over a region are the same for every 90° rotation of the image, where the
+    # extremes of the module-centre samples would move with each hair's breadth of the grid fit
+    smooth = sampler.smoothed(APERTURE_SIGMA * module_px)
+    # the grid error is measured against a fit on a smoothed copy: on a sharp print the raw fit is flat-topped
+    # (anywhere inside the module is "centre"), which is fine for sampling but not as a reference for shifts
+    gn = _grid_nonuniformity(smooth, _homography(_refine_corners(smooth, c, rows, cols), rows, cols), rows, cols)
+    rmax, rmin = smooth.extremes(_project(H, np.array([[-1, -1], [cols + 1, -1], [cols + 1, rows + 1], [-1, rows + 1]], dtype=np.float64)))
+    if not rmax > rmin:
+        rmax, rmin = float(np.nanmax(allv)), float(np.nanmin(allv))
     sc = rmax - rmin
     values: dict[str, Any] = {
         "version": f"{rows}x{cols}",
