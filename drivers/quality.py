@@ -510,7 +510,7 @@ def _grid_nonuniformity(sampler: _Sampler, H: np.ndarray, rows: int, cols: int) 
 
 
 def _fixed_pattern_damage(dark: np.ndarray, mod: np.ndarray, rows: int, cols: int, values: dict[str, Any]) -> int:
-    """Share of wrong modules in the L finder and in the clock tracks (worst of the two), graded 0/9/13/17 %.
+    """Share of wrong modules in the worst L-finder leg or clock track of any region, graded 0/9/13/17 %.
 
     Thresholds after the L-finder / clock-track damage grading of ISO/IEC
     15415 Annex for Data Matrix (simplified: colour errors only). A module
@@ -520,25 +520,23 @@ def _fixed_pattern_damage(dark: np.ndarray, mod: np.ndarray, rows: int, cols: in
     without a table entry (DMRE) are checked on the outer perimeter only.
     """
     if (rows, cols) in ECC200:
-        mask, ideal = fixed_pattern(rows, cols)
+        _, ideal = fixed_pattern(rows, cols)
         values["fpd_scope"] = "all_regions"
     else:
-        mask, ideal = perimeter_pattern(rows, cols)
+        _, ideal = perimeter_pattern(rows, cols)
         values["fpd_scope"] = "perimeter"
     _, _, vr, hr, _ = ECC200.get((rows, cols), (0, 0, 1, 1, 1))
     if values["fpd_scope"] == "perimeter":
         vr = hr = 1
-    finder = np.zeros((rows, cols), dtype=bool)
+    wrong = (dark != ideal) & (mod >= FPD_MARGIN)
     rh, rw = rows // vr, cols // hr
+    frac = 0.0
     for i in range(vr):
         for j in range(hr):
-            finder[i * rh : (i + 1) * rh, j * rw] = True
-            finder[(i + 1) * rh - 1, j * rw : (j + 1) * rw] = True
-    wrong = (dark != ideal) & (mod >= FPD_MARGIN)
-    l_frac = float(np.mean(wrong[finder]))
-    clock = mask & ~finder
-    c_frac = float(np.mean(wrong[clock])) if clock.any() else 0.0
-    frac = max(l_frac, c_frac)
+            r0, r1, c0, c1 = i * rh, (i + 1) * rh, j * rw, (j + 1) * rw
+            # each leg of the L and each clock track of each region is graded on its own, as ISO does
+            for seg in (wrong[r0:r1, c0], wrong[r1 - 1, c0:c1], wrong[r0, c0:c1], wrong[r0:r1, c1 - 1]):
+                frac = max(frac, float(np.mean(seg)))
     values["fpd"] = round(frac, 3)
     return grade_at_most(frac, (0.0, 0.09, 0.13, 0.17))
 
