@@ -419,13 +419,37 @@ def _module_corners(rows: int, cols: int) -> np.ndarray:
     return np.array([[0, 0], [cols, 0], [cols, rows], [0, rows]], dtype=np.float64)
 
 
+def _homographies(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Homographies (K, 3, 3) taking the 4 points `src` (4, 2) to each of `dst` (K, 4, 2): one batched solve
+    instead of K calls to cv2.getPerspectiveTransform."""
+    k = len(dst)
+    x, y = src[:, 0], src[:, 1]
+    u, v = dst[..., 0], dst[..., 1]
+    A = np.zeros((k, 8, 8))
+    A[:, 0::2, 0] = x
+    A[:, 0::2, 1] = y
+    A[:, 0::2, 2] = 1
+    A[:, 1::2, 3] = x
+    A[:, 1::2, 4] = y
+    A[:, 1::2, 5] = 1
+    A[:, 0::2, 6] = -u * x
+    A[:, 0::2, 7] = -u * y
+    A[:, 1::2, 6] = -v * x
+    A[:, 1::2, 7] = -v * y
+    b = np.empty((k, 8))
+    b[:, 0::2] = u
+    b[:, 1::2] = v
+    h = np.linalg.solve(A, b[..., None])[..., 0]
+    return np.concatenate([h, np.ones((k, 1))], axis=1).reshape(k, 3, 3)
+
+
 def _moves(n: int, step: float) -> np.ndarray:
     """The 2n single-coordinate moves of +-step, shape (2n, n)."""
     eye = np.eye(n) * step
     return np.concatenate([eye, -eye])
 
 
-def _refine_corners(sampler: _Sampler, corners: np.ndarray, rows: int, cols: int) -> np.ndarray:
+def _refine_corners(sampler: _Sampler, corners: np.ndarray, rows: int, cols: int, steps: Sequence[float] = (0.25, 0.125, 0.0625)) -> np.ndarray:
     """Move the corners (best-improvement descent along the symbol's own axes, down to 1/16 module) to where
     the module centres are sharpest (largest variance of the centre samples).
 
@@ -442,19 +466,18 @@ def _refine_corners(sampler: _Sampler, corners: np.ndarray, rows: int, cols: int
         pts = pts.reshape(rows, cols, 2)[::2, ::2].reshape(-1, 2)
     H0 = _homography(corners, rows, cols)
     base = _module_corners(rows, cols)
-    src = base.astype(np.float32)
     d = np.zeros(8)
 
     def spreads(cands: np.ndarray) -> np.ndarray:
         img_corners = _project_many(H0[None], (base + cands.reshape(-1, 4, 2)).reshape(-1, 2)).reshape(-1, 4, 2)
-        Hs = np.stack([cv2.getPerspectiveTransform(src, c.astype(np.float32)) for c in img_corners])
+        Hs = _homographies(base, img_corners)
         v = sampler.at(_project_many(Hs, pts).reshape(-1, 2)).reshape(len(cands), len(pts)).astype(np.float64)
         var = v.var(axis=1)
         var[np.isnan(var)] = -1.0
         return var
 
     f_best = float(spreads(d[None])[0])
-    for step in (0.25, 0.125, 0.0625):
+    for step in steps:
         for _ in range(8):
             cands = d + _moves(8, step)
             f = spreads(cands)
@@ -488,22 +511,27 @@ def _grid_nonuniformity(sampler: _Sampler, H: np.ndarray, rows: int, cols: int) 
     d = np.zeros((n_tiles, 2))
     moves = np.concatenate([np.zeros((1, 2)), _moves(2, 1.0)])  # stay, +x, +y, -x, -y
 
-    def tile_var(shift: np.ndarray) -> np.ndarray:
-        """Variance per tile of the centre samples, each tile shifted by its own (n_tiles, 2) vector."""
-        v = sampler.at(_project(H, centres + shift[tile])).astype(np.float64)
-        s1 = np.bincount(tile, v, n_tiles)
-        s2 = np.bincount(tile, v * v, n_tiles)
+    n = len(centres)
+
+    def tile_vars(shifts: np.ndarray) -> np.ndarray:
+        """Variance per tile of the centre samples for M candidate shift sets (M, n_tiles, 2) -> (M, n_tiles)."""
+        pts = (centres[None] + shifts[:, tile]).reshape(-1, 2)
+        v = sampler.at(_project(H, pts)).astype(np.float64).reshape(len(shifts), n)
+        idx = (tile[None] + n_tiles * np.arange(len(shifts))[:, None]).ravel()
+        s1 = np.bincount(idx, v.ravel(), n_tiles * len(shifts)).reshape(len(shifts), n_tiles)
+        s2 = np.bincount(idx, (v * v).ravel(), n_tiles * len(shifts)).reshape(len(shifts), n_tiles)
         var = s2 / counts - (s1 / counts) ** 2
         var[np.isnan(var)] = -1.0
         return var
 
     for step in (0.15, 0.05):
-        for _ in range(4):
-            scores = np.stack([tile_var(np.clip(d + m * step, -0.5, 0.5)) for m in moves])  # (5, n_tiles)
+        for _ in range(3):
+            shifts = np.clip(d[None] + moves[:, None] * step, -0.5, 0.5)  # (5, n_tiles, 2)
+            scores = tile_vars(shifts)
             best = np.argmax(scores - np.r_[0.0, [1e-6] * 4][:, None], axis=0)
             if not best.any():
                 break
-            d = np.clip(d + moves[best] * step, -0.5, 0.5)
+            d = shifts[best, np.arange(n_tiles)]
     small = counts < 16  # a sliver of a tile has too few modules to place
     d[small] = 0.0
     return float(np.hypot(d[:, 0], d[:, 1]).max())
@@ -588,7 +616,7 @@ def measure(
     smooth = sampler.smoothed(APERTURE_SIGMA * module_px)
     # the grid error is measured against a fit on a smoothed copy: on a sharp print the raw fit is flat-topped
     # (anywhere inside the module is "centre"), which is fine for sampling but not as a reference for shifts
-    gn = _grid_nonuniformity(smooth, _homography(_refine_corners(smooth, c, rows, cols), rows, cols), rows, cols)
+    gn = _grid_nonuniformity(smooth, _homography(_refine_corners(smooth, c, rows, cols, steps=(0.0625,)), rows, cols), rows, cols)
     rmax, rmin = smooth.extremes(_project(H, np.array([[-1, -1], [cols + 1, -1], [cols + 1, rows + 1], [-1, rows + 1]], dtype=np.float64)))
     if not rmax > rmin:
         rmax, rmin = float(np.nanmax(allv)), float(np.nanmin(allv))
