@@ -208,7 +208,8 @@ ROBUST_PARAMETERS = ("decode", "sc", "mod", "uec", "fpd")
 #: what depends on the camera's geometry (tilt, lens, paper curvature): reported, gated only when `calibrated`
 GEOMETRIC_PARAMETERS = ("an", "gn")
 #: below this many pixels per module a camera cannot resolve modules (verifier practice: ≥ 5 px per module);
-#: modulation then mostly measures the lens and the image compression, not the print, so it is reported, not gated
+#: modulation then mostly measures the lens and the image compression, not the print, so it is reported, not
+#: gated; grid non-uniformity is not measured at all
 MIN_MODULE_PX_FOR_MOD = 5.0
 APERTURE_SIGMA = 0.2  # Gaussian aperture for SC and for the grid-error fit, in modules
 #: how far past the threshold (in modulation units) a fixed-pattern module must be to count as damaged
@@ -478,13 +479,25 @@ def _refine_corners(sampler: _Sampler, corners: np.ndarray, rows: int, cols: int
 
     f_best = float(spreads(d[None])[0])
     for step in steps:
-        for _ in range(8):
+        for _ in range(4):
+            # the 16 single moves and, from the same samples, a parabola per coordinate: all 8 coordinates go
+            # to their vertex at once (one Newton-like step), else the best single move is taken
             cands = d + _moves(8, step)
             f = spreads(cands)
+            fp, fm = f[:8], f[8:]
+            curv = fp + fm - 2 * f_best
+            with np.errstate(divide="ignore", invalid="ignore"):
+                vertex = np.where(curv < 0, 0.5 * step * (fm - fp) / curv, np.sign(fp - fm) * step)
+            vertex = np.clip(np.nan_to_num(vertex), -step, step)
+            joint = d + vertex
+            f_joint = float(spreads(joint[None])[0])
             k = int(np.argmax(f))
-            if f[k] <= f_best + 1e-6:
+            if f_joint > max(f[k], f_best) + 1e-6:
+                d, f_best = joint, f_joint
+            elif f[k] > f_best + 1e-6:
+                d, f_best = cands[k], float(f[k])
+            else:
                 break
-            d, f_best = cands[k], float(f[k])
     return _project(H0, base + d.reshape(4, 2))
 
 
@@ -616,7 +629,9 @@ def measure(
     smooth = sampler.smoothed(APERTURE_SIGMA * module_px)
     # the grid error is measured against a fit on a smoothed copy: on a sharp print the raw fit is flat-topped
     # (anywhere inside the module is "centre"), which is fine for sampling but not as a reference for shifts
-    gn = _grid_nonuniformity(smooth, _homography(_refine_corners(smooth, c, rows, cols, steps=(0.0625,)), rows, cols), rows, cols)
+    gn: float | None = None
+    if module_px >= MIN_MODULE_PX_FOR_MOD:  # below, a tile's best shift is noise, and the search costs the most
+        gn = _grid_nonuniformity(smooth, _homography(_refine_corners(smooth, c, rows, cols, steps=(0.0625,)), rows, cols), rows, cols)
     rmax, rmin = smooth.extremes(_project(H, np.array([[-1, -1], [cols + 1, -1], [cols + 1, rows + 1], [-1, rows + 1]], dtype=np.float64)))
     if not rmax > rmin:
         rmax, rmin = float(np.nanmax(allv)), float(np.nanmin(allv))
@@ -656,8 +671,12 @@ def measure(
     an = abs(xdim - ydim) / ((xdim + ydim) / 2)
     values["an"] = round(an, 4)
     grades["an"] = grade_at_most(an, AN_MAX)
-    values["gn"] = round(gn, 3)
-    grades["gn"] = grade_at_most(gn, GN_MAX)
+    if gn is not None:
+        values["gn"] = round(gn, 3)
+        grades["gn"] = grade_at_most(gn, GN_MAX)
+    else:
+        values["gn"] = None
+        values["gn_not_measured"] = f"{module_px:.1f} px/module < {MIN_MODULE_PX_FOR_MOD:g}: too coarse to place the grid per tile"
 
     if module_px < MIN_MODULE_PX_FOR_MOD and "mod" in gating:
         gating = tuple(p for p in gating if p != "mod")
