@@ -169,3 +169,19 @@ def test_unmeasurable_symbols_get_no_grade() -> None:
     assert rep.overall is None and "too small" in rep.values["reason"]
     rep = q.measure(img, [(-100, -100), (200, -100), (200, 200), (-100, 200)], "22x22")
     assert rep.overall is None and "outside" in rep.values["reason"]
+
+
+def test_one_pixel_corner_error_does_not_change_the_grade() -> None:
+    """Issue 10: moving one reported corner by a pixel changed the letter; the grid fit must absorb it."""
+    # 5 px modules, blurred: modulation near the B/C threshold, where the corner-only estimate went D/C/B
+    img = cv2.GaussianBlur(shade(render(scale=5), 225, 35), (0, 0), 1.6)
+    (sym,) = ZxingDecoder().decode(img)
+    ref = q.measure(img, sym.corners, sym.version, sym.uec)
+    assert ref.letter == "B"
+    for i in range(4):
+        for dx, dy in ((1, 0), (-1, 0), (0, 1), (0, -1)):
+            corners = [list(c) for c in sym.corners]
+            corners[i][0] += dx
+            corners[i][1] += dy
+            rep = q.measure(img, corners, sym.version, sym.uec)
+            assert (rep.letter, rep.grades["sc"], rep.grades["mod"], rep.grades["fpd"]) == (ref.letter, ref.grades["sc"], ref.grades["mod"], ref.grades["fpd"]), (i, dx, dy)
