@@ -319,3 +319,19 @@ def test_decode_takes_a_configured_camera(tmp_path: Path, capsys: pytest.Capture
     assert jsonl(out)[0]["grade"] == "A"
     rc, _, err = run_cli(capsys, "-c", str(cfg), "--camera", "nope", str(path))
     assert rc == 2 and "no camera named 'nope'" in err
+
+
+def test_allow_dmre_is_a_product_key_of_the_line_yaml(tmp_path: Path) -> None:
+    from linectl.config import load_config
+    from linectl.yamlsource import ConfigFileError
+
+    src = (Path(__file__).resolve().parents[1] / "config" / "demo-line.yaml").read_text()
+    assert "    min_grade: 1.5\n" in src
+    good = tmp_path / "dmre.yaml"
+    good.write_text(src.replace("    min_grade: 1.5\n", "    min_grade: 1.5\n    allow_dmre: true\n", 1))
+    assert load_config(good).products[0].allow_dmre is True
+    assert load_config(Path(__file__).resolve().parents[1] / "config" / "demo-line.yaml").products[0].allow_dmre is False
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(src.replace("    min_grade: 1.5\n", "    min_grade: 1.5\n    allow_dmre: sometimes\n", 1))
+    with pytest.raises(ConfigFileError):
+        load_config(bad)
