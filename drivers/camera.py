@@ -30,7 +30,7 @@ from typing import Any, AsyncIterator, Literal
 
 import cv2
 import numpy as np
-from pydantic import Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from drivers import quality
 from drivers.base import Backoff, CodeReader, Decoded, DeviceError, DriverConfig, HealthState, Read, register_driver
@@ -38,6 +38,17 @@ from drivers.decoders import DmtxDecoder, Symbol, ZxingDecoder, dmtx_available, 
 
 FRAME_NAME = re.compile(r"^frame_(\d+)\.")
 IMAGE_EXTENSIONS = (".pgm", ".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+class GradingConfig(BaseModel):
+    """How the camera grades. `calibrated: true` only for a camera mounted square-on to the code at a fixed,
+    known distance, with its scale checked against a reference: only then do axial and grid non-uniformity
+    describe the print rather than the camera's pose, and only then may they reject a unit."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, description="estimate ISO 15415-style grades (process indicator, not verification)")
+    calibrated: bool = Field(False, description="AN and GN gate the grade too (they are reported either way)")
 
 
 class CameraConfig(DriverConfig):
@@ -60,7 +71,7 @@ class CameraConfig(DriverConfig):
     try_rotate: bool = True
     try_invert: bool = False
     try_downscale: bool = True
-    grading: bool = Field(True, description="estimate ISO 15415-style grades (process indicator, not verification)")
+    grading: GradingConfig = Field(default_factory=lambda: GradingConfig(), description="true/false, or {enabled, calibrated}")
     dmtx: Literal["off", "confirm"] = Field(
         "off", description="confirm: libdmtx must decode each code to the same content (when installed)"
     )
@@ -73,6 +84,11 @@ class CameraConfig(DriverConfig):
         if v is not None and (v[0] < 0 or v[1] < 0 or v[2] <= 0 or v[3] <= 0):
             raise ValueError("roi is [x, y, w, h] with x, y >= 0 and w, h > 0")
         return v
+
+    @field_validator("grading", mode="before")
+    @classmethod
+    def _grading(cls, v: Any) -> Any:
+        return {"enabled": v} if isinstance(v, bool) else v  # `grading: false` stays valid
 
     @field_validator("dmtx", mode="before")
     @classmethod
@@ -118,9 +134,15 @@ class Frame:
 
 
 def to_gray(img: np.ndarray) -> np.ndarray:
-    """Decoding and grading work on one 8-bit channel; cameras deliver BGR, BGRA or 16-bit too."""
+    """Decoding and grading work on one 8-bit channel; cameras deliver BGR, BGRA or 16-bit too.
+
+    A 16-bit file is scaled by the bits it actually uses: a 10- or 12-bit
+    sensor stored in 16 bits would otherwise come out nearly black (and its
+    symbol contrast a few %), while a full 16-bit image keeps its top byte.
+    """
     if img.dtype == np.uint16:
-        img = (img >> 8).astype(np.uint8)
+        bits = max(8, int(img.max()).bit_length())
+        img = (img >> (bits - 8)).astype(np.uint8)
     elif img.dtype != np.uint8:
         img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
     if img.ndim == 3:
@@ -128,8 +150,31 @@ def to_gray(img: np.ndarray) -> np.ndarray:
             return cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY)
         if img.shape[2] == 3:
             return cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
-        return img[:, :, 0]
+        return np.ascontiguousarray(img[:, :, 0])
     return img
+
+
+def _truncated(data: bytes) -> bool:
+    """A JPEG without its end marker or a PNG without IEND: OpenCV decodes what is there and only warns."""
+    if data[:3] == b"\xff\xd8\xff":
+        return not data.rstrip(b"\x00").endswith(b"\xff\xd9")
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return b"IEND" not in data[-16:]
+    return False
+
+
+def load_image(data: bytes, name: str) -> tuple[np.ndarray | None, str | None]:
+    """(grey 8-bit image, None) or (None, reason): the one loader for frame files and `linectl decode`."""
+    if not data:
+        return None, f"{name}: empty file"
+    if _truncated(data):
+        return None, f"{name}: truncated image file ({len(data)} bytes)"
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None or img.size == 0:
+        return None, f"{name}: not a readable image ({len(data)} bytes)"
+    if img.ndim not in (2, 3) or min(img.shape[:2]) < 8:
+        return None, f"{name}: image of shape {img.shape} is not a frame"
+    return to_gray(img), None
 
 
 class FrameSource(abc.ABC):
@@ -244,15 +289,15 @@ class FolderSource(FrameSource):
         received = time.monotonic()
         m = FRAME_NAME.match(name)
         seq = int(m.group(1)) if m else None
-        img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED) if data else None
+        img, error = load_image(data, f"frame {name}")
         if self.delete_after:
             try:
                 path.unlink()
             except OSError:
                 pass
-        if img is None or img.size == 0:
-            return Frame(None, name, received, seq, error=f"frame {name}: not a readable image ({len(data)} bytes)")
-        return Frame(to_gray(img), name, received, seq)
+        if img is None:
+            return Frame(None, name, received, seq, error=error)
+        return Frame(img, name, received, seq)
 
 
 class CaptureSource(FrameSource):
@@ -370,13 +415,13 @@ class Camera(CodeReader):
 
     def __init__(self, name: str, config: CameraConfig) -> None:
         super().__init__(name, config)
-        self._zx = ZxingDecoder(config.try_rotate, config.try_invert, config.try_downscale)
         self._dmtx: DmtxDecoder | None = None
         if config.dmtx == "confirm":
             if dmtx_available():
                 self._dmtx = DmtxDecoder(config.dmtx_timeout_s)
             else:
                 self.log.warning("camera_dmtx_unavailable", reason="pylibdmtx/libdmtx not installed; zxing-cpp only")
+        self._decoder = FrameDecoder(config, self.log, self._dmtx)
         self._out: asyncio.Queue[Read] = asyncio.Queue(maxsize=1000)
         self._triggers: asyncio.Queue[int | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
@@ -536,35 +581,60 @@ class Camera(CodeReader):
     def decode_frame(self, gray: np.ndarray) -> tuple[Decoded, ...]:
         """Decode and grade one frame. Runs in a worker thread; pure apart from logging and stats."""
         t0 = time.perf_counter()
-        sub, offset = gray, (0, 0)
-        if self.config.roi is not None:
-            x, y, w, h = self.config.roi
-            sub, offset = gray[y : y + h, x : x + w], (x, y)  # clipped by numpy at the frame edge
-        symbols = self._zx.decode(sub, offset)
-        if len(symbols) > self.config.max_codes:
-            self.log.warning("camera_codes_truncated", found=len(symbols), max_codes=self.config.max_codes)
-            symbols = symbols[: self.config.max_codes]
-        codes = tuple(self._decoded(gray, s) for s in symbols)
+        codes = self._decoder.decode(gray)
         self.stats["decode_ms"] = round((time.perf_counter() - t0) * 1000, 2)
         return codes
 
     def _roi_outside(self, gray: np.ndarray) -> bool:
-        roi = self.config.roi
-        return roi is not None and (roi[0] >= gray.shape[1] or roi[1] >= gray.shape[0])
+        return roi_outside(self.config.roi, gray)
+
+
+def roi_outside(roi: tuple[int, int, int, int] | None, gray: np.ndarray) -> bool:
+    return roi is not None and (roi[0] >= gray.shape[1] or roi[1] >= gray.shape[0])
+
+
+class FrameDecoder:
+    """Decode and grade one grey frame: the one path shared by the camera driver and `linectl decode`.
+
+    Thread-safe (zxing-cpp is; the libdmtx child is serialised by its own lock).
+    """
+
+    def __init__(self, config: CameraConfig, log: Any, dmtx: DmtxDecoder | None = None) -> None:
+        self.config = config
+        self.log = log
+        self._zx = ZxingDecoder(config.try_rotate, config.try_invert, config.try_downscale)
+        self._dmtx = dmtx
+
+    def decode(self, gray: np.ndarray) -> tuple[Decoded, ...]:
+        sub, offset = gray, (0, 0)
+        if self.config.roi is not None:
+            x, y, w, h = self.config.roi
+            sub, offset = gray[y : y + h, x : x + w], (x, y)  # clipped by numpy at the frame edge
+        symbols = self._zx.decode(np.ascontiguousarray(sub), offset)
+        if len(symbols) > self.config.max_codes:
+            self.log.warning("camera_codes_truncated", found=len(symbols), max_codes=self.config.max_codes)
+            symbols = symbols[: self.config.max_codes]
+        return tuple(self._decoded(gray, s) for s in symbols)
 
     def _decoded(self, gray: np.ndarray, s: Symbol) -> Decoded:
-        detail: dict[str, Any] = {"decoder": f"zxing-cpp {zxing_version()}", "corners": [list(c) for c in s.corners]}
+        detail: dict[str, Any] = {
+            "decoder": f"zxing-cpp {zxing_version()}",
+            "content_type": s.content_type,
+            "corners": [list(c) for c in s.corners],
+        }
         decode_grade = 4
         if self._dmtx is not None:
             verdict = self._confirm(gray, s)
             detail["dmtx"] = verdict
             if verdict == "disagree":
                 decode_grade = 0  # two decoders, two answers: the content is not reliable
-        if not self.config.grading:
+        grading = self.config.grading
+        if not grading.enabled:
             detail["estimated"] = True
             return Decoded(data=s.data, symbology=s.symbology, grade=0.0 if decode_grade == 0 else None, grade_detail=detail)
-        rep = quality.measure(gray, s.corners, s.version, s.uec, decode_grade)
+        rep = quality.measure(gray, s.corners, s.version, s.uec, decode_grade, calibrated=grading.calibrated)
         detail.update(rep.detail())
+        detail["parameters"] = rep.parameters()
         return Decoded(data=s.data, symbology=s.symbology, grade=rep.overall, grade_detail=detail)
 
     def _confirm(self, gray: np.ndarray, s: Symbol) -> str:

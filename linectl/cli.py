@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "linectl.commands.recall",
     "linectl.commands.verify",
     "linectl.commands.rework",
+    "linectl.commands.decode",
 )
 
 

@@ -135,6 +135,7 @@ class Product(Model):
     extra_ais: dict[str, str] = Field(default_factory=dict, description="constant AIs, e.g. NHRN {'714': '1234567'}")
     serials: SerialScheme
     min_grade: float = Field(1.5, ge=0.0, le=4.0, description="ISO 15415 overall grade below which a unit is rejected")
+    allow_dmre: bool = Field(False, description="accept GS1 in a rectangular extension DataMatrix (DMRE, ISO 21471, reported as ]d8)")
     shelf_life_days: int | None = Field(None, gt=0)
 
     @field_validator("gtin")

@@ -331,6 +331,58 @@ class CameraSim:
         return final
 
 
+# --------------------------------------------------------------------------- grading ground truth
+
+CORPUS_EXTENSIONS = (".png", ".webp", ".jpg", ".jpeg", ".bmp", ".pgm", ".tif", ".tiff")
+
+
+def tilt_view(img: np.ndarray, degrees: float, axis: str = "y", focal: float = 3.0, background: float = PAPER) -> np.ndarray:
+    """The label as a pinhole camera sees it when the label is turned `degrees` about its vertical ("y"),
+    horizontal ("x") or diagonal ("xy") axis: a real perspective (foreshortening plus keystone), so what
+    is ground truth here is the pose, never a grade. `focal` is in label widths."""
+    h, w = img.shape[:2]
+    f = focal * max(w, h)
+    t = math.radians(degrees)
+    if axis == "y":
+        R = np.array([[math.cos(t), 0, math.sin(t)], [0, 1, 0], [-math.sin(t), 0, math.cos(t)]])
+    elif axis == "x":
+        R = np.array([[1, 0, 0], [0, math.cos(t), -math.sin(t)], [0, math.sin(t), math.cos(t)]])
+    elif axis == "xy":
+        a = np.array([1.0, 1.0, 0.0]) / math.sqrt(2)
+        K = np.array([[0, -a[2], a[1]], [a[2], 0, -a[0]], [-a[1], a[0], 0]])
+        R = np.eye(3) + math.sin(t) * K + (1 - math.cos(t)) * K @ K
+    else:
+        raise ValueError("axis is x, y or xy")
+    src = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
+    pts = np.array([[x - w / 2, y - h / 2, 0.0] for x, y in src]) @ R.T + [0, 0, f]
+    proj = pts[:, :2] / pts[:, 2:3] * f
+    dst = (proj - proj.min(axis=0) + 0.1 * max(w, h)).astype(np.float32)
+    size = (int(dst[:, 0].max() + 0.1 * max(w, h)) + 1, int(dst[:, 1].max() + 0.1 * max(w, h)) + 1)
+    M = cv2.getPerspectiveTransform(src, dst)
+    return cv2.warpPerspective(img, M, size, flags=cv2.INTER_LINEAR, borderValue=background)
+
+
+def render_code_grid(contents: Sequence[str], module_px: int = 4, gap_modules: int = 4, columns: int = 20) -> np.ndarray:
+    """One grey frame with every content as a plain DataMatrix in a grid (many-codes ground truth)."""
+    masks = [render_mask(c, "]d1", module_px) for c in contents]
+    if any(m is None for m in masks):
+        raise ValueError("a content could not be rendered")
+    cell = max(max(m.shape) for m in masks if m is not None) + gap_modules * module_px  # type: ignore[union-attr]
+    rows = math.ceil(len(masks) / columns)
+    frame = np.full((rows * cell + cell // 2, min(columns, len(masks)) * cell + cell // 2), PAPER, np.uint8)
+    for i, m in enumerate(masks):
+        assert m is not None
+        r, c = divmod(i, columns)
+        y, x = r * cell + cell // 4, c * cell + cell // 4
+        frame[y : y + m.shape[0], x : x + m.shape[1]][m] = 30
+    return frame
+
+
+def corpus_images(folder: str | os.PathLike[str]) -> list[Path]:
+    """Image files of a sample corpus (zxing-cpp's test/samples layout: NAME.ext beside NAME.txt)."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in CORPUS_EXTENSIONS and p.is_file())
+
+
 # --------------------------------------------------------------------------- standalone
 
 

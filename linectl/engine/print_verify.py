@@ -366,7 +366,7 @@ class PrintVerifyRuntime:
                 # Tracking was not confirmed, so reject it, and record that this serial is on this unit.
                 await self._reject(seq, job, Verdict(False, RejectReason.UNEXPECTED_UNIT, f"job {job.job_seq} printed on unit {seq} without a print confirmation"), r.received_at)
                 return
-            v = classify_unknown(r.codes, min_grade=self._min_grade(), is_known_serial=self._is_known, require_gs1=self.rules.require_gs1)
+            v = classify_unknown(r.codes, min_grade=self._min_grade(), is_known_serial=self._is_known, require_gs1=self.rules.require_gs1, allow_dmre=self._allow_dmre())
             await self._reject(seq, None, Verdict(False, RejectReason.UNEXPECTED_UNIT, f"no code was printed for unit {seq}; read: {v.detail}"), r.received_at)
             return
         v = verify_unit(
@@ -375,6 +375,7 @@ class PrintVerifyRuntime:
             min_grade=self._min_grade(),
             require_gs1=self.rules.require_gs1,
             check_grade=self.rules.check_grade,
+            allow_dmre=self._allow_dmre(),
             is_known_serial=self._is_known,
         )
         if v.good and self.plc.health.state == HealthState.DISCONNECTED:
@@ -404,6 +405,9 @@ class PrintVerifyRuntime:
 
     def _min_grade(self) -> float:
         return self.batch.product.min_grade if self.batch else 1.5
+
+    def _allow_dmre(self) -> bool:
+        return self.batch.product.allow_dmre if self.batch else False
 
     def _is_known(self, gtin: str, serial: str) -> bool:
         rec = self.line.store.serial(gtin, serial)
@@ -481,7 +485,7 @@ class PrintVerifyRuntime:
 
     async def _handle_challenge(self, seq: int, r: Read) -> None:
         self.counters.challenge_units += 1
-        v = classify_unknown(r.codes, min_grade=self._min_grade(), is_known_serial=self._challenge_known, require_gs1=self.rules.require_gs1)
+        v = classify_unknown(r.codes, min_grade=self._min_grade(), is_known_serial=self._challenge_known, require_gs1=self.rules.require_gs1, allow_dmre=self._allow_dmre())
         if r.codes and r.codes[0].data:
             try:
                 p = gs1.parse(r.codes[0].data)

@@ -40,6 +40,13 @@ class Verdict:
         return Verdict(True, None, "", grade)
 
 
+SYMBOLOGY_GS1_DMRE = "]d8"  # GS1 (FNC1 first) in a DMRE symbol, ISO/IEC 21471; zxing-cpp 3.1 reports it so
+
+
+def _is_gs1(symbology: str | None, allow_dmre: bool) -> bool:
+    return symbology == gs1.SYMBOLOGY_GS1_DM or (allow_dmre and symbology == SYMBOLOGY_GS1_DMRE)
+
+
 def _first_code(codes: tuple[Decoded, ...]) -> Decoded | None:
     return codes[0] if codes else None
 
@@ -51,6 +58,7 @@ def verify_unit(
     min_grade: float,
     require_gs1: bool = True,
     check_grade: bool = True,
+    allow_dmre: bool = False,
     is_known_serial: Callable[[str, str], bool] = lambda g, s: False,
 ) -> Verdict:
     """Production check of one unit against the code sent for it.
@@ -63,8 +71,9 @@ def verify_unit(
         return Verdict(False, RejectReason.NO_READ, "nothing decoded")
     if len(codes) > 1:
         return Verdict(False, RejectReason.WRONG_CONTENT, f"{len(codes)} codes seen on one unit")
-    if require_gs1 and code.symbology != gs1.SYMBOLOGY_GS1_DM:
-        return Verdict(False, RejectReason.NOT_GS1, f"symbology {code.symbology or 'unknown'}, expected ]d2 (FNC1 missing)")
+    if require_gs1 and not _is_gs1(code.symbology, allow_dmre):
+        expected = "]d2 or ]d8 (DMRE)" if allow_dmre else "]d2"
+        return Verdict(False, RejectReason.NOT_GS1, f"symbology {code.symbology or 'unknown'}, expected {expected} (FNC1 missing or DMRE not allowed)")
     try:
         parsed = gs1.parse(code.data)
     except gs1.GS1Error as exc:
@@ -100,6 +109,7 @@ def classify_unknown(
     min_grade: float,
     is_known_serial: Callable[[str, str], bool],
     require_gs1: bool = True,
+    allow_dmre: bool = False,
 ) -> Verdict:
     """A unit for which no code was sent (challenge units, unexpected units): always a reject, with the reason seen.
 
@@ -109,7 +119,7 @@ def classify_unknown(
     code = _first_code(codes)
     if code is None or not code.data:
         return Verdict(False, RejectReason.NO_READ, "nothing decoded")
-    if require_gs1 and code.symbology != gs1.SYMBOLOGY_GS1_DM:
+    if require_gs1 and not _is_gs1(code.symbology, allow_dmre):
         return Verdict(False, RejectReason.NOT_GS1, f"symbology {code.symbology or 'unknown'}")
     if code.grade is None or code.grade < min_grade:
         return Verdict(False, RejectReason.LOW_GRADE, f"grade {code.grade} below minimum {min_grade:.1f}", grade=code.grade)
