@@ -179,7 +179,7 @@ class MqttBridge:
         self.state_published = 0
         # namespaces a reply must never reach: the effective root and the line's default one
         self._own_roots = {self.root, cfg.line.topic_root}
-        self._refusals = RefusalTally("commands_refused", store=store, interval_s=REFUSAL_INTERVAL_S)
+        self.refusals = RefusalTally("commands_refused", store=store, interval_s=REFUSAL_INTERVAL_S)
         self._ignored = RefusalTally("commands_ignored", interval_s=REFUSAL_INTERVAL_S)  # not operator actions: log only
 
     # ---------------------------------------------------------------- public
@@ -259,7 +259,7 @@ class MqttBridge:
             self._set_connected(False, "stopped")
             self._running = False
             with contextlib.suppress(Exception):
-                await self._refusals.flush()
+                await self.refusals.flush()
                 await self._ignored.flush()
 
     # ---------------------------------------------------------------- session
@@ -287,8 +287,11 @@ class MqttBridge:
 
     async def _session(self, client: aiomqtt.Client) -> None:
         await client.publish(self.topic_status, b"online", qos=1, retain=True)
-        if self.mqtt.protocol == "5":  # retained commands are not even sent (and are ignored if a broker does)
-            await client.subscribe(f"{self.topic_cmd}+", options=SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND))
+        if self.mqtt.protocol == "5":
+            # no retained commands at subscribe; and the retain flag as published, so a command published retained
+            # while we are connected is recognised (and ignored) too. MQTT 3.1.1 clears that flag on live delivery.
+            opts = SubscribeOptions(qos=1, retainAsPublished=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+            await client.subscribe(f"{self.topic_cmd}+", options=opts)
         else:
             await client.subscribe(f"{self.topic_cmd}+", qos=1)
         await self._publish_state(client)
@@ -437,7 +440,7 @@ class MqttBridge:
         except CommandRejected as exc:
             return self._refused(name, command_id, origin, exc.code, exc.reason), reply_topic, props
         except Exception as exc:  # noqa: BLE001 - the caller gets an answer, the log gets the traceback (once per interval)
-            if "internal" not in self._refusals.pending():
+            if "internal" not in self.refusals.pending():
                 log.exception("command_failed", command=name, command_id=command_id, origin=origin)
             return self._refused(name, command_id, origin, "internal", f"{type(exc).__name__}: {exc}"[:500]), reply_topic, props
         reply = {"ok": True, "command_id": cmd.command_id, "command": name, "result": result}
@@ -522,7 +525,7 @@ class MqttBridge:
 
     def _refused(self, name: str, command_id: str | None, origin: str, code: str, message: str) -> dict[str, Any]:
         self.commands_refused += 1
-        if self._refusals.note(code, origin, f"{name[:64]}: {message[:120]}"):  # the first of its reason this interval
+        if self.refusals.note(code, origin, f"{name[:64]}: {message[:120]}"):  # the first of its reason this interval
             log.warning("command_refused", command=name[:100], command_id=command_id, origin=origin, code=code, reason=message[:300])
         return {"ok": False, "command_id": command_id, "command": name, "error": {"code": code, "message": message}}
 
