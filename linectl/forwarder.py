@@ -13,7 +13,8 @@ Custody: a PUBACK means the broker has the message. A broker that is killed
 before it delivers (or a non-persistent subscriber) can still lose it; only
 confirm="upstream" closes that gap (the consumer confirms
 {"ranges": [[first_seq, last_seq], ...]} once it has stored a message, and an
-unconfirmed message is sent again after confirm_timeout_s).
+unconfirmed message is sent again after confirm_timeout_s). The mode and timeout
+come from mqtt.delivery_confirm and mqtt.confirm_timeout_s unless given here.
 
 Topics (root = mqtt.topic_root or <enterprise>/<site>/<area>/<line>):
   <root>/events   EPCISDocument (EPCIS 2.0 JSON-LD), many events per message

@@ -80,6 +80,7 @@ MAX_JSON_ITEMS = 250_000  # keys + array items; a 1 MB provision_pool page holds
 MAX_RESPONSE_TOPIC_BYTES = 256
 PARSE_IN_THREAD_BYTES = 64 * 1024  # bigger payloads are decoded and validated off the event loop
 REFUSAL_INTERVAL_S = 60.0
+READ_ONLY_COMMANDS = frozenset({"verify_code", "request_state"})
 
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.S)
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b"[]{},")
@@ -452,7 +453,8 @@ class MqttBridge:
         if name == "provision_pool":
             self._note_provision(result)
         self.commands_accepted += 1
-        log.info("command_accepted", command=name, command_id=cmd.command_id, origin=origin)
+        # reads (verify_code, request_state) may come by the thousand: they change nothing, so debug only
+        (log.debug if name in READ_ONLY_COMMANDS else log.info)("command_accepted", command=name, command_id=cmd.command_id, origin=origin)
         self._state_dirty.set()
         return reply, reply_topic, props
 
