@@ -218,3 +218,26 @@ def test_delivery_confirm_config_is_validated(tmp_path):
     for bad in ({"delivery_confirm": "consumer"}, {"confirm_timeout_s": 0}):
         with pytest.raises((ConfigFileError, ValueError)):
             make_cfg(tmp_path, **bad)
+
+
+async def test_daemon_runs_the_forwarder_in_the_configured_mode(tmp_path):
+    """mqtt.delivery_confirm reaches the daemon's forwarder: rows of a real line are marked forwarded only once a
+    confirming consumer has them, and every stored row (EPCIS, alarms, records) reaches it."""
+    from engine_helpers import simulated_line, wait_for
+    from engine_helpers import unique_root as root_of
+
+    root = root_of()
+    col = await Collector(SHARED_PORT, root, confirm=True).start()
+    try:
+        overrides = {"mqtt": {"topic_root": root, "delivery_confirm": "upstream", "confirm_timeout_s": 5}}
+        async with simulated_line(tmp_path, overrides=overrides) as sl:
+            fwd = sl.daemon.upstream[1]
+            assert isinstance(fwd, Forwarder) and fwd.confirm == "upstream" and fwd.confirm_timeout_s == 5
+            await sl.create_batch(40, challenge=False)
+            await sl.start_batch()
+            await wait_for(lambda: sl.line.batch.good_total() >= 20, 60, "20 good units")
+            store = sl.daemon.store
+            await wait_for(lambda: store.backlog() == 0 and stored_ids(store) <= set(col.event_ids()), 60, "every row confirmed")
+            assert fwd.status()["confirm"] == "upstream"
+    finally:
+        await col.stop()
