@@ -345,3 +345,21 @@ async def test_store_migrates_v2_file_with_command_ids_table(tmp_path):
         assert s.verify_audit().ok
     finally:
         await s.close()
+
+
+async def test_command_ids_are_bounded_by_retention(tmp_path):
+    from linectl.store import Store
+
+    s = await Store.open(tmp_path / "r.db")
+    try:
+        await s.audit("op", "mqtt:t", "pause_batch", {}, command_id="old-1", reply={"state": "paused"})
+        assert s.command_reply("old-1") is not None
+        await s.purge_forwarded(1.0)  # younger than the retention: kept
+        assert s.command_reply("old-1") is not None
+        await asyncio.sleep(0.01)
+        await s.purge_forwarded(0.0)  # older than the retention: purged with the outbox
+        assert s.command_reply("old-1") is None
+        assert s.verify_audit().ok  # the audit record itself is never purged
+        assert [a.action for a in s.audit_log()].count("pause_batch") == 1
+    finally:
+        await s.close()
