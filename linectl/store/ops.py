@@ -635,7 +635,7 @@ def op_audit(tx: Tx, actor: str, origin: str, action: str, detail: dict[str, Any
     if command is not None:  # (command_id, name, reply JSON): same transaction as the audit record
         tx.cur.execute(
             "INSERT OR IGNORE INTO command_ids(command_id, name, origin, reply, ts) VALUES (?,?,?,?,?)",
-            (command[0], command[1], origin, command[2], tx.ts),
+            (command[0], command[1], origin or "", command[2], tx.ts),
         )
     return seq
 
