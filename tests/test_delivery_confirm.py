@@ -230,7 +230,7 @@ async def test_daemon_runs_the_forwarder_in_the_configured_mode(tmp_path):
     col = await Collector(SHARED_PORT, root, confirm=True).start()
     try:
         overrides = {"mqtt": {"topic_root": root, "delivery_confirm": "upstream", "confirm_timeout_s": 5}}
-        async with simulated_line(tmp_path, overrides=overrides) as sl:
+        async with simulated_line(tmp_path, rate=600.0, overrides=overrides) as sl:
             fwd = sl.daemon.upstream[1]
             assert isinstance(fwd, Forwarder) and fwd.confirm == "upstream" and fwd.confirm_timeout_s == 5
             await sl.create_batch(40, challenge=False)
