@@ -202,6 +202,20 @@ class MqttConfig(Model):
     state_interval_s: float = Field(2.0, gt=0)
     max_command_bytes: int = Field(1_000_000, gt=0)
     authorized_origins: list[str] = Field(default_factory=list, description="if set, only these command origins are accepted")
+    delivery_confirm: Literal["puback", "upstream"] = Field(
+        "puback",
+        description="when an outbox row counts as delivered: the broker's PUBACK, or the consumer's confirmation on <root>/confirm",
+    )
+    confirm_timeout_s: float = Field(
+        60.0, gt=0, le=3600, description="delivery_confirm=upstream: resend from the first unconfirmed message after this long"
+    )
+    command_session_expiry_s: int = Field(
+        60,
+        ge=0,
+        le=3600,
+        description="MQTT 5: the broker keeps the command subscription and queues commands this long while the bridge "
+        "is disconnected (0 = clean session); MQTT 3.1.1 sessions are always clean",
+    )
 
 
 # --------------------------------------------------------------------------- stations

@@ -8,10 +8,15 @@ the same way. `origin` says where it came from ("plc:plc1", "mqtt:<client>",
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 from typing import Annotated, Any, Literal, Protocol, Union
 
+import structlog
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+log = structlog.get_logger("linectl.control")
 
 _SET82 = re.compile(r"^[!\"%&'()*+,\-./0-9:;<=>?A-Z_a-z]{1,20}$")
 
@@ -209,3 +214,78 @@ class CommandTarget(Protocol):
     def snapshot(self) -> dict[str, Any]:
         """Current line state for the retained MQTT state topic and `request_state`."""
         ...
+
+
+class RefusalTally:
+    """Refused or suppressed input, counted by reason: one log line (and one audit record) per interval, not per message.
+
+    A flood of malformed commands or garbage scans must cost a counter increment
+    each, not a log line, an audit record or an alarm each: otherwise whoever can
+    publish on the command topic can fill the disk and drown the operators'
+    alarms. The first occurrence of each reason in an interval is logged with
+    its detail (the caller asks `note()`); the interval then closes with one
+    summary line and, when a store is given, one audit record
+    `{counts: {reason: n}, origins: {origin: n}, samples: [...], since, until}`.
+    """
+
+    SAMPLES = 10
+
+    def __init__(self, action: str, *, store: Any = None, interval_s: float = 60.0) -> None:
+        self.action = action
+        self.store = store
+        self.interval_s = interval_s
+        self.total = 0
+        self._counts: dict[str, int] = {}
+        self._origins: dict[str, int] = {}
+        self._samples: list[str] = []
+        self._since: float | None = None
+        self._flush: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def note(self, reason: str, origin: str = "", sample: str | None = None) -> bool:
+        """Count one; True when it is the first of its reason in this interval (log its detail then)."""
+        self.total += 1
+        first = reason not in self._counts
+        self._counts[reason] = self._counts.get(reason, 0) + 1
+        if origin and (origin in self._origins or len(self._origins) < 100):
+            self._origins[origin] = self._origins.get(origin, 0) + 1
+        if sample is not None and len(self._samples) < self.SAMPLES:
+            self._samples.append(sample[:200])
+        if self._since is None:
+            self._since = time.time()
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is not None:
+                self._flush = loop.call_later(self.interval_s, self._flush_soon, loop)
+        return first
+
+    def _flush_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._task = loop.create_task(self.flush())  # kept: an unreferenced task may be collected mid-write
+
+    def pending(self) -> dict[str, int]:
+        return dict(self._counts)
+
+    async def flush(self) -> None:
+        """Close the interval: one summary log line, one audit record (if a store was given)."""
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+        if not self._counts:
+            self._since = None
+            return
+        detail = {
+            "counts": self._counts,
+            "origins": self._origins,
+            "samples": self._samples,
+            "since": self._since,
+            "until": time.time(),
+        }
+        self._counts, self._origins, self._samples, self._since = {}, {}, [], None
+        log.warning(f"{self.action}_summary", counts=detail["counts"], origins=detail["origins"])
+        if self.store is not None:
+            try:
+                await self.store.audit("system", "control", self.action, detail)
+            except Exception as exc:  # noqa: BLE001 - a full disk must not turn refused input into a crash
+                log.error(f"{self.action}_not_audited", error=str(exc), counts=detail["counts"])

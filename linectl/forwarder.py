@@ -13,7 +13,8 @@ Custody: a PUBACK means the broker has the message. A broker that is killed
 before it delivers (or a non-persistent subscriber) can still lose it; only
 confirm="upstream" closes that gap (the consumer confirms
 {"ranges": [[first_seq, last_seq], ...]} once it has stored a message, and an
-unconfirmed message is sent again after confirm_timeout_s).
+unconfirmed message is sent again after confirm_timeout_s). The mode and timeout
+come from mqtt.delivery_confirm and mqtt.confirm_timeout_s unless given here.
 
 Topics (root = mqtt.topic_root or <enterprise>/<site>/<area>/<line>):
   <root>/events   EPCISDocument (EPCIS 2.0 JSON-LD), many events per message
@@ -22,7 +23,8 @@ Topics (root = mqtt.topic_root or <enterprise>/<site>/<area>/<line>):
                   serials returned, an SSCC voided before it was commissioned...)
 All QoS 1, not retained. Every message names its outbox seq range: MQTT 5 user
 properties first_seq/last_seq, the document's instanceIdentifier "first-last",
-`seq` in alarm/record payloads. Non-EPCIS rows travel in the same ordered
+`seq` (= `first_seq` = `last_seq`) in alarm/record payloads; an event's own unit
+sequence travels there as `unit_seq`, never as `seq`. Non-EPCIS rows travel in the same ordered
 stream as the EPCIS ones, so "forwarded" means the same thing for every row.
 
 Ordering. Messages are built from consecutive outbox rows in seq order and
@@ -265,10 +267,13 @@ class Forwarder:
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 10.0,
         mapper: epcis.EpcisMapper | None = None,
-        confirm: str = "puback",
-        confirm_timeout_s: float = 60.0,
+        confirm: str | None = None,
+        confirm_timeout_s: float | None = None,
         max_unconfirmed: int | None = None,
     ) -> None:
+        # default: mqtt.delivery_confirm / mqtt.confirm_timeout_s, so the daemon and the side-car follow the config
+        confirm = confirm or cfg.mqtt.delivery_confirm
+        confirm_timeout_s = cfg.mqtt.confirm_timeout_s if confirm_timeout_s is None else confirm_timeout_s
         if confirm not in ("puback", "upstream"):
             raise ValueError("confirm must be 'puback' or 'upstream'")
         self.cfg = cfg
@@ -698,10 +703,15 @@ class Forwarder:
         return out
 
     def _record_message(self, row: Any, lane: str, created: float | None, error: str | None) -> _Message:
-        body: dict[str, Any] = {"seq": row.seq, "line": self.root}
+        """`seq`/`first_seq`/`last_seq` are the outbox seq, what a consumer confirms. An event's own `seq` (the
+        unit's trigger count, e.g. on challenge_result) travels as `unit_seq`: it must never shadow the store's."""
+        event = row.event.model_dump(mode="json")
+        if "seq" in event:
+            event["unit_seq"] = event.pop("seq")
+        body: dict[str, Any] = {"seq": row.seq, "first_seq": row.seq, "last_seq": row.seq, "line": self.root}
         if created is not None:
             body["stored_at"] = datetime.fromtimestamp(created, timezone.utc).isoformat()
-        body.update(row.event.model_dump(mode="json"))
+        body.update({k: v for k, v in event.items() if k not in body})
         if error:
             body["epcis_error"] = error
         topic = self.topic_alarms if row.kind in ALARM_KINDS else self.topic_records

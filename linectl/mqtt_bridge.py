@@ -16,9 +16,24 @@ Every command is validated here before the target sees it, so anything malformed
 is refused with a reply naming the problem and nothing changes. Accepted
 commands go to target.execute(cmd, origin="mqtt:<origin>"), which applies and
 audits them. A repeated command_id gets the first successful reply again
-(bounded in-memory LRU, plus the store's persisted replies when it offers
-`command_reply(command_id)`), so an at-least-once client cannot apply a
-command twice.
+(bounded in-memory LRU, then the store's command_ids table, which survives a
+restart), so an at-least-once client cannot apply a command twice.
+
+The command topic is hostile ground (a misconfigured HMI, a script in a loop):
+- a retained command is never executed (it would run again after every broker or
+  daemon restart, with nobody commanding it), nor an empty payload (that is how a
+  retained message is cleared); both are ignored without a reply;
+- a response topic that could reach linectl's own namespace or a $-topic is
+  refused (the broker drops a client publishing to $SYS, and a reply in
+  <root>/events would enter the EPCIS stream);
+- the JSON is bounded in size, nesting depth and item count by a scan without
+  recursion *before* json.loads, so no payload can raise RecursionError or hold
+  the event loop (big payloads are parsed in a worker thread);
+- refusals cost a counter: one log line per reason and interval, one aggregated
+  audit record per interval (control.RefusalTally), never one per message.
+MQTT 5: the session is persistent for mqtt.command_session_expiry_s, so commands
+sent while the bridge reconnects are queued by the broker, not lost; the
+subscription asks the broker not to send retained messages at all.
 
 `origin` comes from the MQTT 5 user property "origin" (or "client_id"): MQTT
 does not tell a subscriber who published, so it is the sender's claim. When
@@ -33,6 +48,7 @@ import asyncio
 import collections
 import contextlib
 import enum
+import itertools
 import json
 import time
 import uuid
@@ -43,10 +59,11 @@ import aiomqtt
 import structlog
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import ValidationError
 
 from drivers.base import Backoff
-from linectl.control import COMMAND_ADAPTER, COMMAND_NAMES, CommandRejected
+from linectl.control import COMMAND_ADAPTER, COMMAND_NAMES, CommandRejected, RefusalTally
 from linectl.forwarder import client_options, default_client_id, track_link
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,15 +74,55 @@ log = structlog.get_logger("linectl.mqtt")
 REPLY_CACHE_SIZE = 10_000
 MAX_PENDING_REQUESTS = 100
 STATE_MIN_INTERVAL_S = 0.2
+MAX_JSON_DEPTH = 32  # commands nest 2-3 levels; json.loads recurses per level
+MAX_JSON_ITEMS = 250_000  # keys + array items; a 1 MB provision_pool page holds < 100,000 serials
+MAX_RESPONSE_TOPIC_BYTES = 256
+PARSE_IN_THREAD_BYTES = 64 * 1024  # bigger payloads are decoded and validated off the event loop
+REFUSAL_INTERVAL_S = 60.0
+READ_ONLY_COMMANDS = frozenset({"verify_code", "request_state"})
+
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b"[]{},")
+_DEPTH_STEP = [0] * 256
+_DEPTH_STEP[ord("[")] = _DEPTH_STEP[ord("{")] = 1
+_DEPTH_STEP[ord("]")] = _DEPTH_STEP[ord("}")] = -1
+_DEPTH_CHUNK = 8192
+
+
+def json_shape_problem(data: bytes, max_depth: int = MAX_JSON_DEPTH, max_items: int = MAX_JSON_ITEMS) -> str | None:
+    """Why `data` is too deep or too big to hand to json.loads, or None. No recursion, no Python loop per byte.
+
+    Only C-speed bytes operations in short steps, so even a worst-case payload in a
+    worker thread never holds the GIL long enough for the line to notice: escaped
+    backslashes and quotes are dropped, so every remaining quote delimits a string
+    and the text outside strings is every other piece of a split on quotes; of it
+    only brackets and commas are kept. The depth is the running sum of +1/-1 over
+    the brackets, taken chunk by chunk (stopping at the first chunk that goes too deep).
+    """
+    opens = data.count(b"[") + data.count(b"{")
+    if opens <= max_depth and data.count(b",") + opens <= max_items:
+        return None  # fast path (every normal command): brackets and commas inside strings only add to these counts
+    outside = b"".join(data.replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')[::2])
+    structure = outside.translate(None, _NOT_STRUCTURE)
+    nest = structure.replace(b",", b"")
+    if len(structure) - len(nest) + nest.count(b"[") + nest.count(b"{") > max_items:
+        return f"more than {max_items} JSON keys/items"
+    depth = 0
+    for i in range(0, len(nest), _DEPTH_CHUNK):
+        steps = list(itertools.accumulate(map(_DEPTH_STEP.__getitem__, nest[i : i + _DEPTH_CHUNK]), initial=depth))
+        if max(steps) > max_depth:
+            return f"JSON nested deeper than {max_depth} levels"
+        depth = steps[-1]
+    return None
 
 
 class CommandError(Exception):
     """A command refused before it reached the target."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, command_id: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.command_id = command_id
 
 
 def _json_default(o: Any) -> Any:
@@ -84,10 +141,6 @@ def _json_default(o: Any) -> Any:
 
 def dumps(obj: Any) -> bytes:
     return json.dumps(obj, separators=(",", ":"), default=_json_default).encode()
-
-
-def _valid_topic(t: Any) -> bool:
-    return isinstance(t, str) and 0 < len(t.encode()) <= 65535 and "+" not in t and "#" not in t and "\0" not in t
 
 
 class MqttBridge:
@@ -127,7 +180,12 @@ class MqttBridge:
         self._running = False
         self.commands_accepted = 0
         self.commands_refused = 0
+        self.commands_ignored = 0
         self.state_published = 0
+        # namespaces a reply must never reach: the effective root and the line's default one
+        self._own_roots = {self.root, cfg.line.topic_root}
+        self.refusals = RefusalTally("commands_refused", store=store, interval_s=REFUSAL_INTERVAL_S)
+        self._ignored = RefusalTally("commands_ignored", interval_s=REFUSAL_INTERVAL_S)  # not operator actions: log only
 
     # ---------------------------------------------------------------- public
 
@@ -171,6 +229,7 @@ class MqttBridge:
             "last_error": self._last_error,
             "commands_accepted": self.commands_accepted,
             "commands_refused": self.commands_refused,
+            "commands_ignored": self.commands_ignored,
         }
 
     async def stop(self, timeout: float = 3.0) -> None:
@@ -186,7 +245,7 @@ class MqttBridge:
             while not self._stop.is_set():
                 try:
                     will = aiomqtt.Will(self.topic_status, b"offline", qos=1, retain=True)
-                    client = aiomqtt.Client(**client_options(self.mqtt, self.client_id), will=will, timeout=10.0, max_queued_incoming_messages=1000)
+                    client = aiomqtt.Client(**self._client_options(), will=will, timeout=10.0, max_queued_incoming_messages=1000)
                     async with client:
                         self._set_connected(True)
                         await self._session(client)
@@ -204,15 +263,42 @@ class MqttBridge:
         finally:
             self._set_connected(False, "stopped")
             self._running = False
+            with contextlib.suppress(Exception):
+                await self.refusals.flush()
+                await self._ignored.flush()
 
     # ---------------------------------------------------------------- session
+
+    @property
+    def persistent_session(self) -> bool:
+        """MQTT 5 with a session expiry: the broker queues commands while the bridge is away (bounded in time).
+
+        Not with MQTT 3.1.1: its sessions never expire, so a command sent while the
+        daemon was down for a day would run at the next start; there the session is clean.
+        """
+        return self.mqtt.protocol == "5" and self.mqtt.command_session_expiry_s > 0
+
+    def _client_options(self) -> dict[str, Any]:
+        opts = client_options(self.mqtt, self.client_id)
+        if self.persistent_session:
+            opts["clean_start"] = False
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.mqtt.command_session_expiry_s
+            opts["properties"] = props
+        return opts
 
     def _set_connected(self, up: bool, reason: str = "") -> None:
         track_link(self, up, reason, "mqtt", connect_ctx={"client_id": self.client_id, "root": self.root})
 
     async def _session(self, client: aiomqtt.Client) -> None:
         await client.publish(self.topic_status, b"online", qos=1, retain=True)
-        await client.subscribe(f"{self.topic_cmd}+", qos=1)
+        if self.mqtt.protocol == "5":
+            # no retained commands at subscribe; and the retain flag as published, so a command published retained
+            # while we are connected is recognised (and ignored) too. MQTT 3.1.1 clears that flag on live delivery.
+            opts = SubscribeOptions(qos=1, retainAsPublished=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+            await client.subscribe(f"{self.topic_cmd}+", options=opts)
+        else:
+            await client.subscribe(f"{self.topic_cmd}+", qos=1)
         await self._publish_state(client)
         for r in self._requests.values():
             if r["received"] == 0:
@@ -308,6 +394,12 @@ class MqttBridge:
             if not topic.startswith(self.topic_cmd):
                 continue
             name = topic[len(self.topic_cmd) :]
+            if message.retain:
+                self._ignore("retained", name)
+                continue
+            if message.payload is None or message.payload in (b"", ""):
+                self._ignore("empty_payload", name)
+                continue
             reply, reply_topic, props = await self.handle_command(name, message.payload, message.properties)
             try:
                 await client.publish(reply_topic, dumps(reply), qos=1, properties=props)
@@ -321,8 +413,10 @@ class MqttBridge:
         response_topic = getattr(properties, "ResponseTopic", None) if properties is not None else None
         correlation = getattr(properties, "CorrelationData", None) if properties is not None else None
         user_props = dict(getattr(properties, "UserProperty", None) or []) if properties is not None else {}
-        origin = user_props.get("origin") or user_props.get("client_id") or "anonymous"
-        reply_topic = response_topic if _valid_topic(response_topic) else f"{self.topic_cmd}{name}/reply"
+        origin = str(user_props.get("origin") or user_props.get("client_id") or "anonymous")[:128]
+        default_topic = f"{self.topic_cmd}{name}/reply"
+        topic_problem = None if response_topic is None else self.response_topic_problem(response_topic, name)
+        reply_topic = default_topic if response_topic is None or topic_problem else response_topic
         props: Properties | None = None
         if self.mqtt.protocol == "5":
             props = Properties(PacketTypes.PUBLISH)
@@ -331,14 +425,15 @@ class MqttBridge:
                 props.CorrelationData = correlation
         command_id = None
         try:
-            obj = self._decode(name, payload)
+            raw = _as_bytes(payload)
+            offload = len(raw) > PARSE_IN_THREAD_BYTES
+            obj = await asyncio.to_thread(self._decode, name, raw) if offload else self._decode(name, raw)
             command_id = obj.get("command_id") if isinstance(obj.get("command_id"), str) else None
+            if topic_problem:
+                raise CommandError("bad_response_topic", topic_problem)
             if self.mqtt.authorized_origins and origin not in self.mqtt.authorized_origins:
                 raise CommandError("unauthorized", f"origin {origin!r} is not in mqtt.authorized_origins")
-            try:
-                cmd = COMMAND_ADAPTER.validate_python(obj)
-            except ValidationError as exc:
-                raise CommandError("invalid", _validation_message(exc)) from None
+            cmd = await asyncio.to_thread(_validate, obj) if offload else _validate(obj)
             cached = await self._cached_reply(cmd.command_id, name)
             if cached is not None:
                 log.info("command_repeated", command=name, command_id=cmd.command_id, origin=origin)
@@ -346,12 +441,13 @@ class MqttBridge:
             self._check_references(cmd)
             result = await self.target.execute(cmd, origin=f"mqtt:{origin}")
         except CommandError as exc:
-            return self._refused(name, command_id, origin, exc.code, exc.message), reply_topic, props
+            return self._refused(name, command_id or exc.command_id, origin, exc.code, exc.message), reply_topic, props
         except CommandRejected as exc:
             return self._refused(name, command_id, origin, exc.code, exc.reason), reply_topic, props
-        except Exception as exc:  # noqa: BLE001 - the caller gets an answer, the log gets the traceback
-            log.exception("command_failed", command=name, command_id=command_id, origin=origin)
-            return self._refused(name, command_id, origin, "internal", f"{type(exc).__name__}: {exc}"), reply_topic, props
+        except Exception as exc:  # noqa: BLE001 - the caller gets an answer, the log gets the traceback (once per interval)
+            if "internal" not in self.refusals.pending():
+                log.exception("command_failed", command=name, command_id=command_id, origin=origin)
+            return self._refused(name, command_id, origin, "internal", f"{type(exc).__name__}: {exc}"[:500]), reply_topic, props
         reply = {"ok": True, "command_id": cmd.command_id, "command": name, "result": result}
         if cmd.command_id:
             self._replies[cmd.command_id] = reply
@@ -361,26 +457,44 @@ class MqttBridge:
         if name == "provision_pool":
             self._note_provision(result)
         self.commands_accepted += 1
-        log.info("command_accepted", command=name, command_id=cmd.command_id, origin=origin)
+        # reads (verify_code, request_state) may come by the thousand: they change nothing, so debug only
+        (log.debug if name in READ_ONLY_COMMANDS else log.info)("command_accepted", command=name, command_id=cmd.command_id, origin=origin)
         self._state_dirty.set()
         return reply, reply_topic, props
 
-    def _decode(self, name: str, payload: Any) -> dict[str, Any]:
-        if payload is None:
-            payload = b""
-        if isinstance(payload, str):
-            payload = payload.encode()
-        if not isinstance(payload, (bytes, bytearray)):
-            payload = str(payload).encode()  # aiomqtt hands int/float payloads over already decoded
+    def response_topic_problem(self, topic: Any, name: str) -> str | None:
+        """Why a reply must not go to `topic` (None: it may). The command's own fallback reply topic is always fine."""
+        if not isinstance(topic, str) or not topic:
+            return "response topic must be a non-empty string"
+        if len(topic.encode()) > MAX_RESPONSE_TOPIC_BYTES:
+            return f"response topic is longer than {MAX_RESPONSE_TOPIC_BYTES} bytes"
+        if "+" in topic or "#" in topic or "\0" in topic:
+            return "response topic must not contain wildcards (+, #) or NUL"
+        if topic.startswith("$"):
+            return "response topic must not be a $-topic (reserved by the broker, e.g. $SYS)"
+        if topic == f"{self.topic_cmd}{name}/reply":
+            return None
+        for root in self._own_roots:
+            if topic == root or topic.startswith(root + "/"):
+                return f"response topic must not be under linectl's own topic root {root}/"
+        return None
+
+    def _decode(self, name: str, payload: bytes) -> dict[str, Any]:
+        """Size, then shape (depth, items) without recursion, then json.loads: nothing unbounded runs first."""
         if len(payload) > self.mqtt.max_command_bytes:
             raise CommandError("too_large", f"payload is {len(payload)} bytes; the limit is mqtt.max_command_bytes = {self.mqtt.max_command_bytes}")
         if name not in COMMAND_NAMES:
-            raise CommandError("unknown_command", f"unknown command {name!r}; known: {', '.join(COMMAND_NAMES)}")
-        text = bytes(payload).strip()
+            raise CommandError("unknown_command", f"unknown command {name[:100]!r}; known: {', '.join(COMMAND_NAMES)}")
+        text = payload.strip()
+        if not text:
+            raise CommandError("empty_payload", "payload is empty (an empty message clears a retained one; it is never a command)")
+        problem = json_shape_problem(text)
+        if problem is not None:
+            raise CommandError("too_complex", problem)
         try:
-            obj = json.loads(text) if text else {}
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CommandError("bad_json", f"payload is not JSON: {exc}") from None
+            obj = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise CommandError("bad_json", f"payload is not JSON: {str(exc)[:200]}") from None
         if not isinstance(obj, dict):
             raise CommandError("bad_request", "payload must be a JSON object")
         given = obj.get("name")
@@ -402,11 +516,13 @@ class MqttBridge:
         if not command_id:
             return None
         reply = self._replies.get(command_id)
-        if reply is None and self.store is not None and callable(getattr(self.store, "command_reply", None)):
-            with contextlib.suppress(Exception):
-                stored = await asyncio.to_thread(self.store.command_reply, command_id)
-                if stored is not None:
-                    reply = stored if "ok" in stored else {"ok": True, "command_id": command_id, "command": name, "result": stored}
+        if reply is None and self.store is not None:
+            try:
+                reply = await asyncio.to_thread(self.store.command_reply, command_id)
+            except Exception as exc:  # noqa: BLE001 - cannot tell: refuse rather than risk running it twice
+                raise CommandError("store_unavailable", f"cannot check command_id {command_id!r}: {exc}") from None
+            if reply is not None:
+                self._replies[command_id] = reply
         if reply is None:
             return None
         if reply.get("command") not in (None, name):
@@ -415,8 +531,32 @@ class MqttBridge:
 
     def _refused(self, name: str, command_id: str | None, origin: str, code: str, message: str) -> dict[str, Any]:
         self.commands_refused += 1
-        log.warning("command_refused", command=name, command_id=command_id, origin=origin, code=code, reason=message[:300])
+        if self.refusals.note(code, origin, f"{name[:64]}: {message[:120]}"):  # the first of its reason this interval
+            log.warning("command_refused", command=name[:100], command_id=command_id, origin=origin, code=code, reason=message[:300])
         return {"ok": False, "command_id": command_id, "command": name, "error": {"code": code, "message": message}}
+
+    def _ignore(self, reason: str, name: str) -> None:
+        self.commands_ignored += 1
+        if self._ignored.note(reason, "", name[:64]):
+            log.warning("command_ignored", command=name[:100], reason=reason, why="never executed, not replied to")
+
+
+def _as_bytes(payload: Any) -> bytes:
+    if payload is None:
+        return b""
+    if isinstance(payload, str):
+        return payload.encode()
+    if isinstance(payload, (bytes, bytearray)):
+        return bytes(payload)
+    return str(payload).encode()  # aiomqtt hands int/float payloads over already decoded
+
+
+def _validate(obj: dict[str, Any]) -> Any:
+    try:
+        return COMMAND_ADAPTER.validate_python(obj)
+    except ValidationError as exc:
+        cid = obj.get("command_id") if isinstance(obj.get("command_id"), str) else None
+        raise CommandError("invalid", _validation_message(exc), cid) from None
 
 
 def _validation_message(exc: ValidationError) -> str:

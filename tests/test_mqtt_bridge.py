@@ -103,7 +103,7 @@ class Commander:
         self.port = port
         self.root = root
         self.protocol = protocol
-        self.reply_topic = f"{root}/replies/{uuid.uuid4().hex[:8]}"
+        self.reply_topic = f"replies/{uuid.uuid4().hex[:8]}/{root}"  # outside the line's own namespace, as required
         self.client: aiomqtt.Client | None = None
 
     async def __aenter__(self) -> "Commander":

@@ -103,6 +103,7 @@ class Line:
         self.alarms: OrderedDict[str, ActiveAlarm] = OrderedDict()
         self.stations: list[PrintVerifyRuntime] = []
         self._replies: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self.verify_tally = C.RefusalTally("verify_alarms_suppressed", store=store)
         self._lock = asyncio.Lock()
         self._stop_task: asyncio.Task[None] | None = None
         self._faulting = False
@@ -281,7 +282,10 @@ class Line:
             handler = getattr(self, f"_cmd_{command.name}")
             result = await handler(command, origin)
             if not isinstance(command, (C.RequestState, C.VerifyCode)):
-                await self.store.audit(command.actor, origin, command.name, {**command.model_dump(mode="json", exclude={"serials"}), "result": _short(result)})
+                await self.store.audit(
+                    command.actor, origin, command.name, {**command.model_dump(mode="json", exclude={"serials"}), "result": _short(result)},
+                    command_id=command.command_id, reply=result,  # durable idempotency: a retry after a restart gets this reply
+                )
         if command.command_id:
             self._replies[command.command_id] = result
             while len(self._replies) > 10_000:
@@ -459,9 +463,20 @@ class Line:
         return {"fault_cleared": was}
 
     async def _cmd_verify_code(self, c: C.VerifyCode, origin: str) -> dict[str, Any]:
-        from linectl.trace import verify_code_async
+        from linectl.trace import alarm_event, verify_code_async
 
-        return await verify_code_async(self.store, c.code, where=c.where, raise_alarm=True)
+        result = await verify_code_async(self.store, c.code, where=c.where, raise_alarm=False)
+        if result["verdict"] in ("suspicious", "unknown"):
+            # one alarm per code while it is unacknowledged; further hits are counted into one audit record per
+            # interval (C.RefusalTally), so a flood of garbage scans cannot grow the alarm and audit tables
+            ev = alarm_event(result)
+            active = next((a for a in self.alarms.values() if a.code == ev.code and not a.acknowledged), None)
+            if active is None:
+                result["alarm_id"] = (await self.alarm(ev.code, ev.message, ev.severity)).alarm_id
+            else:
+                self.verify_tally.note(ev.code, origin, ev.message)
+                result["alarm_id"] = active.alarm_id
+        return result
 
     async def _cmd_close_case(self, c: C.CloseCase, origin: str) -> dict[str, Any]:
         stations = [s for s in getattr(self, "aggregation_stations", []) if hasattr(s, "close_partial") and (c.station is None or s.name == c.station)]

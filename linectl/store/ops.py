@@ -630,8 +630,18 @@ def op_upsert_products(tx: Tx, rows: list[tuple[str, str, str, str]], actor: str
     return changed
 
 
-def op_audit(tx: Tx, actor: str, origin: str, action: str, detail: dict[str, Any]) -> int:
-    return tx.audit(actor, origin, action, detail)
+def op_audit(tx: Tx, actor: str, origin: str, action: str, detail: dict[str, Any], command: tuple[str, str, str] | None = None) -> int:
+    seq = tx.audit(actor, origin, action, detail)
+    if command is not None:  # (command_id, name, reply JSON): same transaction as the audit record
+        tx.cur.execute(
+            "INSERT OR IGNORE INTO command_ids(command_id, name, origin, reply, ts) VALUES (?,?,?,?,?)",
+            (command[0], command[1], origin or "", command[2], tx.ts),
+        )
+    return seq
+
+
+def op_purge_command_ids(tx: Tx, cutoff: str) -> int:
+    return tx.cur.execute("DELETE FROM command_ids WHERE ts < ?", (cutoff,)).rowcount
 
 
 def op_mark_forwarded(tx: Tx, seqs: list[int]) -> int:

@@ -61,6 +61,14 @@ class Reader:
         with self.snapshot() as c:
             return list(c.exec_driver_sql(sql, params).fetchall())
 
+    # ------------------------------------------------------------------ executed commands
+
+    def command_reply(self, command_id: str) -> dict[str, Any] | None:
+        r = self.q("SELECT name, reply FROM command_ids WHERE command_id=?", (command_id,))
+        if not r:
+            return None
+        return {"ok": True, "command_id": command_id, "command": r[0][0], "result": json.loads(r[0][1])}
+
     # ------------------------------------------------------------------ outbox
 
     def outbox(self, after_seq: int = 0, limit: int = 1000, only_unforwarded: bool = True) -> list[OutboxRow]:

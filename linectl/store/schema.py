@@ -40,7 +40,7 @@ from linectl.store.model import StoreError
 log = structlog.get_logger("linectl.store")
 
 APP_ID = "linectl"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 metadata = MetaData()
@@ -201,6 +201,20 @@ audit = Table(
     Column("detail", Text, nullable=False),
     Column("prev_hash", Text, nullable=False),
     Column("hash", Text, nullable=False),
+)
+
+# Commands already executed, by client command_id, with the reply they got: a command retried after a daemon
+# restart gets this reply again instead of running twice. Written in the transaction of the command's audit
+# record; purged with the outbox retention (store.retention_days).
+command_ids = Table(
+    "command_ids",
+    metadata,
+    Column("command_id", Text, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("origin", Text, nullable=False),
+    Column("reply", Text, nullable=False),
+    Column("ts", Text, nullable=False),
+    Index("ix_command_ids_ts", "ts"),
 )
 
 # Guards against a code path that deletes by mistake; not against a person with the file (the hash chain is for that).
@@ -499,7 +513,12 @@ def _migrate_1_to_2(conn: Connection) -> None:
     )
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2}
+def _migrate_command_ids(conn: Connection) -> None:
+    """v2 -> v3: the command_ids table (durable command idempotency across restarts). Nothing else changes."""
+    command_ids.create(conn, checkfirst=True)  # with its index
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_command_ids}
 
 
 def remove_files(path: str) -> None:

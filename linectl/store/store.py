@@ -9,6 +9,8 @@ returning means the event survives a power cut.
 from __future__ import annotations
 
 import asyncio
+import enum
+import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -61,6 +63,21 @@ def _gtin(gtin: str) -> str:
         return normalize_gtin(str(gtin))
     except GS1Error as exc:
         raise StoreError(f"GTIN {gtin!r}: {exc.reason}") from None
+
+
+def _json_default(o: Any) -> Any:
+    """A command's reply as the MQTT bridge encodes it, so a stored reply reads back as the one first sent."""
+    if isinstance(o, datetime):
+        return o.isoformat()
+    if isinstance(o, enum.Enum):
+        return o.value
+    if isinstance(o, (set, frozenset, tuple)):
+        return list(o)
+    if hasattr(o, "model_dump"):
+        return o.model_dump(mode="json")
+    if hasattr(o, "__dict__"):
+        return {k: v for k, v in vars(o).items() if not k.startswith("_")}
+    return str(o)
 
 
 class Store:
@@ -222,9 +239,18 @@ class Store:
             return []
         return await self._submit(ops.op_next_sscc_refs, cp, int(extension), int(n))  # type: ignore[no-any-return]
 
-    async def audit(self, actor: str, origin: str, action: str, detail: dict[str, Any] | None = None) -> int:
-        """Append a hash-chained audit record; returns its seq."""
-        return await self._submit(ops.op_audit, actor, origin, action, detail or {})  # type: ignore[no-any-return]
+    async def audit(
+        self, actor: str, origin: str, action: str, detail: dict[str, Any] | None = None, *, command_id: str | None = None, reply: Any = None
+    ) -> int:
+        """Append a hash-chained audit record; returns its seq.
+
+        With `command_id`, the command `action` is also recorded as executed with `reply` (its result), in the
+        same transaction, so `command_reply(command_id)` answers a retry after a restart with the same reply.
+        """
+        command = None
+        if command_id:
+            command = (command_id, action, json.dumps(reply, separators=(",", ":"), default=_json_default))
+        return await self._submit(ops.op_audit, actor, origin, action, detail or {}, command)  # type: ignore[no-any-return]
 
     async def mark_forwarded(self, seqs: Sequence[int]) -> int:
         if not seqs:
@@ -250,6 +276,9 @@ class Store:
         if total:
             await self.audit(actor, "store", "outbox_purged", {"rows": total, "forwarded_before": cutoff})
             log.info("outbox_purged", rows=total, forwarded_before=cutoff)
+        commands = await self._submit(ops.op_purge_command_ids, cutoff)  # executed command ids: same retention
+        if commands:
+            log.info("command_ids_purged", rows=commands, before=cutoff)
         return total
 
     async def set_max_db_bytes(self, max_bytes: int | None) -> int:
@@ -266,6 +295,10 @@ class Store:
 
     def outbox(self, after_seq: int = 0, limit: int = 1000, only_unforwarded: bool = True) -> list[OutboxRow]:
         return self._reader.outbox(after_seq, limit, only_unforwarded)
+
+    def command_reply(self, command_id: str) -> dict[str, Any] | None:
+        """The reply of a command already executed with this command_id ({ok, command_id, command, result}), or None."""
+        return self._reader.command_reply(command_id)
 
     def backlog(self) -> int:
         return self._reader.backlog()
