@@ -228,6 +228,24 @@ def test_rendering_is_stored_with_the_event_and_export_needs_no_config(tmp_path,
     assert rc == 0, err
     assert event_list_text(out2) == want
 
+    # GS1's event hash: every event hashes, the same before and after the config change; a fresh rendering
+    # from the changed config would not (so this comparison can fail)
+    h1, h2 = event_hashes(json.loads(out)), event_hashes(json.loads(out2))
+    assert h1 == h2 and len(h1) == out.count('"eventID"') and all(h.startswith("ni:///sha-256;") for h in h1.values())
+    fresh = epcis.EpcisMapper.from_config(parse_config(doc2)).map(evs[0])
+    assert event_hashes(epcis.build_document(fresh))[evs[0].event_id] != h1[evs[0].event_id]
+
+
+def event_hashes(document: dict[str, Any]) -> dict[str, str]:
+    """eventID -> CBV 2.0 event hash by GS1's reference implementation (epcis-event-hash-generator)."""
+    from epcis_event_hash_generator.hash_generator import epcis_hashes_from_events
+    from epcis_event_hash_generator.json_to_py import event_list_from_epcis_document_json
+
+    ids = [e["eventID"] for e in document["epcisBody"]["eventList"]]
+    hashes = epcis_hashes_from_events(event_list_from_epcis_document_json(json.loads(json.dumps(document))))
+    assert len(hashes) == len(ids)  # the generator skips (logs) an event it cannot parse
+    return dict(zip(ids, hashes))
+
 
 # --------------------------------------------------------------------------- a store of schema 2
 
