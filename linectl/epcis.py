@@ -140,6 +140,7 @@ class EpcisMapper:
     rejected_serials: RejectedSerials = "omit"
     _sgtin_prefix: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
     _zone: ZoneInfo | None = field(default=None, repr=False, compare=False)
+    _offsets: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if fixed_offset(self.timezone) is None:
@@ -168,10 +169,19 @@ class EpcisMapper:
             return self.timezone
         if t.tzinfo is None:
             t = t.replace(tzinfo=timezone.utc)
+        # Offsets change only on quarter hours (tzdata): one look-up per 15 minutes of event time.
+        bucket = int(t.timestamp()) // 900
+        cached = self._offsets.get(bucket)
+        if cached is not None:
+            return cached
         off = t.astimezone(self._zone).utcoffset()
         minutes = int(off.total_seconds() // 60) if off is not None else 0
         sign = "-" if minutes < 0 else "+"
-        return f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+        text = f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+        if len(self._offsets) > 4096:
+            self._offsets.clear()
+        self._offsets[bucket] = text
+        return text
 
     # identifiers ---------------------------------------------------------------
 
