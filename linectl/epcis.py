@@ -370,6 +370,9 @@ class EpcisMapper:
             return "\n".join(map(encode_event, self.map(e, commissioned=commissioned)))
         except (EpcisMappingError, ValueError) as exc:
             return RENDER_FAILED + (str(exc) or type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - a mapping bug must not keep the event itself out of the store
+            log.exception("epcis_render_bug", event_id=e.event_id, event=type(e).__name__)
+            return RENDER_FAILED + f"internal error while rendering: {exc!r}"
 
     def renderings(self, e: ev.Event) -> str | tuple[str, str] | None:
         """What Store.append hands the writer: None (no EPCIS meaning), one rendering, or for a

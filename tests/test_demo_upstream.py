@@ -178,3 +178,58 @@ def event_by_id(*, store_path, event_id: str):
     with sqlite3.connect(store_path) as c:
         (body,) = c.execute("SELECT body FROM outbox WHERE event_id=?", (event_id,)).fetchone()
     return event_from_json(body)
+
+
+def test_cli_demo_with_commission_then_decommission_never_decommissions_the_uncommissioned(tmp_path) -> None:
+    """`linectl demo --defect-rate 0.05 --db …`, then `linectl export epcis --db …` (no config): every EPC an event
+    deletes was commissioned before; a pack rejected before commissioning is a commissioning + decommissioning pair
+    (epcis.rejected_serials: commission_then_decommission), a serial never printed is no event at all."""
+    import sqlite3
+    import subprocess
+    import sys
+
+    from linectl.epcis import NOT_PRINTED
+    from linectl.events import event_from_json
+    from mqtt_fixtures import REPO
+
+    raw = to_plain(load_yaml(REPO / "config" / "demo-line.yaml"))
+    raw["epcis"] = {"rejected_serials": "commission_then_decommission"}
+    raw["line"]["name"] = f"demo{uuid.uuid4().hex[:8]}"
+    cfg = tmp_path / "line.yaml"
+    cfg.write_text(json.dumps(raw))
+    db = tmp_path / "demo.db"
+    r = subprocess.run(
+        [sys.executable, "-m", "linectl", "--log-level", "error", "demo", "--config", str(cfg), "--units", "150", "--rate", "1200",
+         "--defect-rate", "0.05", "--seed", "5", "--broker", "127.0.0.1:1883", "--db", str(db), "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=200,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "export.json"
+    r = subprocess.run([sys.executable, "-m", "linectl", "export", "epcis", "--db", str(db), "--out", str(out), "--validate", "all"],
+                       cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    events = json.loads(out.read_text())["epcisBody"]["eventList"]
+    assert_no_state_change_before_commissioning(events)
+    assert len(event_hashes([json.loads(out.read_text())])) == len(events)
+
+    with sqlite3.connect(db) as c:
+        rows = [event_from_json(b) for (b,) in c.execute("SELECT body FROM outbox WHERE kind LIKE 'unit_%' ORDER BY seq")]
+    commissioned: set[str] = set()
+    want_pairs, want_plain, want_none = set(), set(), set()
+    for e in rows:
+        if e.kind == "unit_commissioned":
+            commissioned.add(e.serial)
+        elif e.kind == "unit_decommissioned":
+            if e.serial in commissioned:
+                want_plain.add(e.event_id)
+            elif e.reason in NOT_PRINTED:
+                want_none.add(e.event_id)
+            else:
+                want_pairs.add(e.event_id)
+    by_id = {e["eventID"]: i for i, e in enumerate(events)}
+    assert want_pairs, "the run must reject packs before commissioning"
+    for eid in want_pairs:
+        i = by_id[eid]
+        assert (events[i - 1]["bizStep"], events[i]["bizStep"]) == ("commissioning", "decommissioning")
+        assert events[i - 1]["epcList"] == events[i]["epcList"]
+    assert want_plain <= set(by_id) and not (want_none & set(by_id))
