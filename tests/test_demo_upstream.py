@@ -96,7 +96,7 @@ async def test_subscriber_gets_every_serial_of_a_demo_batch_as_valid_epcis(tmp_p
 
     # export --db, no config: byte for byte the events that were published, in the same order
     published_text = ",".join(event_list_text(p) for p in payloads)
-    rc, out, err = export_cli(capsys, "--db", str(db), "--validate", "all")
+    rc, out, err = await asyncio.to_thread(export_cli, capsys, "--db", str(db), "--validate", "all")
     assert rc == 0, err
     assert event_list_text(out) == published_text
     # ... also when the line's config has changed since (time zone, station and line SGLN extension)
@@ -107,7 +107,7 @@ async def test_subscriber_gets_every_serial_of_a_demo_batch_as_valid_epcis(tmp_p
     for st in raw["stations"]:
         st["gln_extension"] = f"X{st['name']}"[:20]
     changed.write_text(json.dumps(raw))
-    rc, out2, err = export_cli(capsys, "--db", str(db), "-c", str(changed))
+    rc, out2, err = await asyncio.to_thread(export_cli, capsys, "--db", str(db), "-c", str(changed))
     assert rc == 0, err
     assert out2.split('"epcisBody"', 1)[1] == out.split('"epcisBody"', 1)[1]
 

@@ -304,3 +304,72 @@ def test_v2_store_migrates_and_its_export_refuses_or_says_it_reconstructs(tmp_pa
     # C2 was commissioned: decommissioned (destroying); R1 never was: no bare decommissioning (policy omit)
     assert steps == [("C1", "commissioning"), ("C2", "commissioning"), ("C2", "destroying"), ("C1", "inspecting")]
     assert [e["eventTimeZoneOffset"] for e in got] == ["+01:00", "+02:00", "+02:00", "+02:00"]
+
+
+# --------------------------------------------------------------------------- published == exported, real broker
+
+
+async def test_published_events_are_the_stored_bytes_and_export_reproduces_them(tmp_path, capsys):
+    """A real forwarder publishes to the real Mosquitto; a subscriber keeps the raw payloads. `export epcis --db`
+    (no config) then gives exactly the published events, byte for byte, and after the config changed too."""
+    from linectl.forwarder import Forwarder
+    from linectl.store import Store
+    from mqtt_fixtures import Collector, SHARED_PORT, unique_root
+
+    root = unique_root()
+    doc = raw_config(tmp_path, timezone="Europe/Berlin")
+    doc["mqtt"].update(topic_root=root, max_events_per_message=3)  # several documents
+    doc["epcis"] = {"rejected_serials": "commission_then_decommission"}
+    cfg = parse_config(doc)
+    db = tmp_path / "line.db"
+    store = await Store.open(db)
+    try:
+        store.set_epcis_mapper(epcis.EpcisMapper.from_config(cfg))
+        await _prepare(store, "L1", ["C1", "C2", "R1", "R2"])
+        await store.append(*line_events())
+        col = await Collector(SHARED_PORT, root).start()
+        fwd = Forwarder(cfg, store)
+        task = asyncio.create_task(fwd.run())
+        try:
+            for _ in range(200):
+                if store.backlog() == 0:
+                    break
+                await asyncio.sleep(0.05)
+            assert store.backlog() == 0
+            await col.wait_for(lambda: len(col.messages) >= 3)
+        finally:
+            await fwd.stop()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(0.3)
+        await col.stop()
+    finally:
+        await store.close()
+    published = [p.decode() for _t, p, _pr, _ts in col.on("events")]
+    assert len(published) >= 2
+    published_text = ",".join(event_list_text(p) for p in published)
+    events = [e for p in published for e in json.loads(p)["epcisBody"]["eventList"]]
+    assert [(e["bizStep"], e["epcList"][0].rsplit(".", 1)[1]) for e in events] == [
+        ("commissioning", "C1"), ("commissioning", "C2"), ("destroying", "C2"),
+        ("commissioning", "R1"), ("decommissioning", "R1"),  # the pair: R1 was printed on a rejected pack
+        ("inspecting", "C1"),
+    ]  # R2 (never printed) is no EPCIS event
+    records = [json.loads(p) for _t, p, _pr, _ts in col.on("records")]
+    assert [(r["kind"], r["serial"], r["reason"]) for r in records if r["kind"] == "unit_decommissioned"] == [
+        ("unit_decommissioned", "R2", "line_stopped")]
+
+    rc, out, err = await asyncio.to_thread(export, capsys, "--db", str(db), "--validate", "all")
+    assert rc == 0, err
+    assert event_list_text(out) == published_text
+    hp = {}
+    for p in published:
+        hp.update(event_hashes(json.loads(p)))
+    assert event_hashes(json.loads(out)) == hp and len(hp) == len(events)
+
+    doc["line"]["timezone"] = "+05:30"
+    doc["stations"][0]["gln_extension"] = "NEW"
+    changed = tmp_path / "changed.yaml"
+    changed.write_text(json.dumps(doc))
+    rc, out2, err = await asyncio.to_thread(export, capsys, "--db", str(db), "-c", str(changed))
+    assert rc == 0, err
+    assert event_list_text(out2) == published_text and event_hashes(json.loads(out2)) == hp
