@@ -14,6 +14,13 @@ Choices that matter upstream:
   the official JSON schema enumerates and the JSON-LD context expands; the
   schema refuses `urn:epcglobal:cbv:` URIs there.
 - ILMD uses the `cbvmda:` CURIEs the context defines (lotNumber, itemExpirationDate).
+- An event is rendered once, when it is stored (Store.append -> outbox.epcis), with the context in force
+  then: the station's readPoint, the time zone offset at that instant, the EPC form and prefix lengths. The
+  forwarder publishes those bytes and `linectl export epcis` writes them, so an event means the same
+  whenever it is rendered and a config change never rewrites history.
+- Nothing asserts a state change of an object upstream never saw commissioned: a serial rejected before
+  commissioning follows `epcis.rejected_serials` (nothing, or a commissioning + decommissioning pair), and
+  serials never printed (voided, returned, sent but not printed) are no EPCIS event at all.
 - An SGTIN needs the GS1 company prefix length of its GTIN. When it is not known
   (a GTIN no longer configured) the EPC is written as a GS1 Digital Link URI,
   which EPCIS 2.0 accepts and needs no prefix length, rather than blocking the
