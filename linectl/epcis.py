@@ -381,12 +381,43 @@ class EpcisMapper:
             log.exception("epcis_render_bug", event_id=e.event_id, event=type(e).__name__)
             return RENDER_FAILED + f"internal error while rendering: {exc!r}"
 
+    def render_commissioned(self, e: ev.UnitCommissioned) -> str:
+        """render() of a UnitCommissioned, the bulk of a line's events, without building and encoding a dict:
+        the same bytes (tests/test_epcis_record.py compares both paths), at about half the cost, which the
+        line pays on every append."""
+        try:
+            q = _json_str
+            t = e.event_time
+            expiry = expiry_to_date(e.expiry, t.date()) if e.expiry else None  # first, as map() does: same error first
+            out = [
+                '{"type":"ObjectEvent","eventID":', q(e.event_id), ',"eventTime":', q(epcis_time(t)),
+                ',"eventTimeZoneOffset":', q(self.offset_at(t)), ',"epcList":[', q(self.sgtin(e.gtin, e.serial)),
+                '],"action":"ADD","bizStep":"commissioning","disposition":"active","readPoint":{"id":',
+                q(self.read_points.get(e.station, self.read_point) if e.station else self.read_point),
+                '},"bizLocation":{"id":', q(self.biz_location), "}",
+            ]
+            if e.lot or e.expiry:
+                ilmd = []
+                if e.lot:
+                    ilmd.append('"cbvmda:lotNumber":' + q(e.lot))
+                if expiry:
+                    ilmd.append('"cbvmda:itemExpirationDate":' + q(expiry))
+                out += [',"ilmd":{', ",".join(ilmd), "}"]
+            out.append("}")
+            return "".join(out)
+        except (EpcisMappingError, ValueError) as exc:
+            return RENDER_FAILED + (str(exc) or type(exc).__name__)
+        except Exception:  # noqa: BLE001 - let the generic path report it the same way
+            return self.render(e)
+
     def renderings(self, e: ev.Event) -> str | tuple[str, str] | None:
         """What Store.append hands the writer: None (no EPCIS meaning), one rendering, or for a
         UnitDecommissioned (rendering if the serial was commissioned, rendering if it never was):
         only the writer knows the serial's state at that instant."""
         if not e.epcis:
             return None
+        if type(e) is ev.UnitCommissioned:
+            return self.render_commissioned(e)
         if isinstance(e, ev.UnitDecommissioned):
             return (self.render(e), self.render(e, commissioned=False))
         return self.render(e)
@@ -400,7 +431,8 @@ def stored_events(rendering: str) -> list[str]:
 # --------------------------------------------------------------------------- documents
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps builds a new one per call with these args
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_json_str = json.encoder.encode_basestring_ascii  # how _ENCODER writes a string (ensure_ascii)  # one encoder: json.dumps builds a new one per call with these args
 
 
 def _dumps(obj: Any) -> str:

@@ -373,3 +373,37 @@ async def test_published_events_are_the_stored_bytes_and_export_reproduces_them(
     rc, out2, err = await asyncio.to_thread(export, capsys, "--db", str(db), "-c", str(changed))
     assert rc == 0, err
     assert event_list_text(out2) == published_text and event_hashes(json.loads(out2)) == hp
+
+
+def test_fast_commissioning_rendering_is_byte_identical_to_the_generic_one(tmp_path):
+    """Store.append renders UnitCommissioned without a dict (it is most of a line's events): same bytes, always."""
+    import random
+
+    from mqtt_fixtures import GTIN2
+
+    rnd = random.Random(7)
+    set82 = "!\"%&'()*+,-./0123456789:;<=>?ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz"
+    cfg = cfg_of(tmp_path, timezone="Europe/Berlin")
+    mappers = [
+        epcis.EpcisMapper.from_config(cfg),
+        epcis.EpcisMapper.from_config(cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update={"epc_format": "digital_link"})})),
+        epcis.EpcisMapper(read_point="urn:epc:id:sgln:4012345.00000.0", biz_location="urn:epc:id:sgln:4012345.00000.0", timezone="-03:30"),
+    ]
+    checked = failed = 0
+    for i in range(600):
+        serial = "".join(rnd.choice(set82) for _ in range(rnd.randint(1, 20))) if i % 3 else f"S{i}"
+        e = ev.UnitCommissioned(
+            gtin=rnd.choice([GTIN, GTIN2, "04012345000017"]),  # the last has a bad check digit
+            serial=serial,
+            lot=rnd.choice([None, "L1", 'L"2', "A/B%C"]),
+            expiry=rnd.choice([None, "271200", "280229", "271301"]),  # 271301 is no date
+            station=rnd.choice([None, "pv1", "checker", "elsewhere"]),
+            event_time=datetime(2026, rnd.randint(1, 12), rnd.randint(1, 28), rnd.randint(0, 23), rnd.randint(0, 59),
+                                rnd.randint(0, 59), rnd.randint(0, 999) * 1000, tzinfo=timezone.utc),
+        )
+        for m in mappers:
+            fast, generic = m.render_commissioned(e), m.render(e)
+            assert fast == generic, (e, fast, generic)
+            checked += 1
+            failed += fast.startswith(epcis.RENDER_FAILED)
+    assert checked == 1800 and 0 < failed < checked  # both the good and the refused paths were compared
