@@ -77,6 +77,20 @@ def commissioned(serials: list[str], lot: str = "BENCH", v7: bool = False) -> li
             for i, s in enumerate(serials)]
 
 
+#: set by --epcis: render each event's EPCIS when it is stored, as the daemon does (linectl.epcis)
+RENDER_EPCIS = False
+
+
+def with_mapper(store: Store) -> Store:
+    if RENDER_EPCIS:
+        from linectl.epcis import EpcisMapper
+
+        sgln = "urn:epc:id:sgln:9501101.00001.0"
+        store.set_epcis_mapper(EpcisMapper(read_point=sgln, biz_location=sgln, timezone="Europe/Berlin", cp_lengths={GTIN: 7},
+                                           read_points={"pv1": "urn:epc:id:sgln:9501101.00001.pv1"}))
+    return store
+
+
 async def bench_throughput(d: Path, n: int) -> None:
     for mode, per_append, producers, v7 in (
         ("one event per append", 1, 2000, False),
@@ -85,7 +99,7 @@ async def bench_throughput(d: Path, n: int) -> None:
         ("100 events per append, uuid7 event ids", 100, 40, True),
     ):
         db = d / f"tp_{per_append}_{v7}.db"
-        store = await Store.open(db, group_commit_max=2000, queue_max=50_000)
+        store = with_mapper(await Store.open(db, group_commit_max=2000, queue_max=50_000))
         serials = await prepare(store, n)
         events = commissioned(serials, v7=v7)
         chunks = [events[i : i + per_append] for i in range(0, n, per_append)]
@@ -103,7 +117,7 @@ async def bench_throughput(d: Path, n: int) -> None:
         groups = st["groups"] - g0
         assert store.backlog() == n
         await store.close()
-        print(f"throughput [{mode}, {producers} producers]: {n} UnitCommissioned in {dt:.2f} s = {n / dt:,.0f} events/s durable "
+        print(f"throughput [{mode}, {producers} producers{', EPCIS rendered at append' if RENDER_EPCIS else ''}]: {n} UnitCommissioned in {dt:.2f} s = {n / dt:,.0f} events/s durable "
               f"({groups} commits, {n / max(groups, 1):.0f} events/commit)")
 
 
@@ -179,8 +193,11 @@ async def main() -> None:
     ap.add_argument("--rss-events", type=int, default=1_000_000)
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--rate", type=float, default=100.0)
+    ap.add_argument("--epcis", action="store_true", help="render each event's EPCIS when stored, as the daemon does")
     ap.add_argument("--dir", default=None, help="where to put the databases (default: a temp dir, removed after)")
     a = ap.parse_args()
+    global RENDER_EPCIS
+    RENDER_EPCIS = a.epcis
     setup_logging("warning")
     d = Path(a.dir or tempfile.mkdtemp(prefix="linectl-bench-"))
     d.mkdir(parents=True, exist_ok=True)

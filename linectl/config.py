@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from typing import Annotated, Any, Literal, Union
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -19,6 +20,12 @@ from drivers.registry import device_config_classes
 from linectl import gs1
 from simulators.config import SimulationConfig
 from linectl.yamlsource import ConfigFileError, Problem, dotted, line_of, load_yaml, substitute_env, to_plain
+
+#: a fixed UTC offset as EPCIS writes eventTimeZoneOffset
+_FIXED_OFFSET = r"^[+-]((0\d|1[0-3]):[0-5]\d|14:00)$"
+#: characters of GS1 set 82 that an EPC URI escapes (TDS 2.x, section 6.3 / 14.3)
+_URI_ESCAPES = {c: f"%{ord(c):02X}" for c in "\"%&/<>?"}
+_SGLN_EXTENSION = r"^[!\"%&'()*+,\-./0-9:;<=>?A-Z_a-z]{1,20}$"
 
 GS1_SET82 = re.compile(r"^[!\"%&'()*+,\-./0-9:;<=>?A-Z_a-z]+$")
 FMD_MAX_GUESS_PROBABILITY = 1e-4
@@ -41,7 +48,34 @@ class LineIdentity(Model):
     gln: str = Field(description="13-digit GLN of the site/line, used for EPCIS readPoint/bizLocation")
     company_prefix_length: int = Field(ge=4, le=12, description="GS1 company prefix length of the GLN")
     gln_extension: str = Field("0", pattern=r"^[!\"%&'()*+,\-./0-9:;<=>?A-Z_a-z]{1,20}$")
-    timezone_offset: str = Field("+00:00", pattern=r"^[+-]((0\d|1[0-3]):[0-5]\d|14:00)$")
+    timezone: str | None = Field(
+        None, description="IANA zone (Europe/Berlin: the offset follows summer time) or a fixed offset (+01:00); default +00:00"
+    )
+    timezone_offset: str | None = Field(
+        None, pattern=_FIXED_OFFSET, description="older spelling of a fixed `timezone`; give one of the two, not both"
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, v: str | None) -> str | None:
+        if v is None or re.fullmatch(_FIXED_OFFSET, v):
+            return v
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"{v!r} is neither an IANA time zone (e.g. Europe/Berlin) nor a fixed offset (e.g. +01:00)") from None
+        return v
+
+    @model_validator(mode="after")
+    def _one_timezone(self) -> "LineIdentity":
+        if self.timezone is not None and self.timezone_offset is not None:
+            raise ValueError("give line.timezone or line.timezone_offset, not both (timezone_offset is the older spelling of a fixed timezone)")
+        return self
+
+    @property
+    def zone(self) -> str:
+        """The time zone in force: an IANA name or a fixed "+HH:MM" offset."""
+        return self.timezone or self.timezone_offset or "+00:00"
 
     @field_validator("gln")
     @classmethod
@@ -54,9 +88,14 @@ class LineIdentity(Model):
 
     @property
     def sgln(self) -> str:
+        return self.sgln_with(self.gln_extension)
+
+    def sgln_with(self, extension: str) -> str:
+        """SGLN EPC URI of this GLN with `extension` (TDS URI-escaped): the line's, or one of its stations'."""
         cp = self.gln[: self.company_prefix_length]
         loc = self.gln[self.company_prefix_length : 12]
-        return f"urn:epc:id:sgln:{cp}.{loc}.{self.gln_extension}"
+        ext = "".join(_URI_ESCAPES.get(c, c) for c in extension)
+        return f"urn:epc:id:sgln:{cp}.{loc}.{ext}"
 
     @property
     def topic_root(self) -> str:
@@ -236,6 +275,9 @@ class VerifyRules(Model):
 class PrintVerifyStation(Model):
     type: Literal["print_verify"]
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    gln_extension: str | None = Field(
+        None, pattern=_SGLN_EXTENSION, description="SGLN extension of this station's EPCIS readPoint; default: the station name"
+    )
     printer: str
     reader: str
     plc: str
@@ -246,6 +288,9 @@ class PrintVerifyStation(Model):
 class VerifyStation(Model):
     type: Literal["verify"]
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    gln_extension: str | None = Field(
+        None, pattern=_SGLN_EXTENSION, description="SGLN extension of this station's EPCIS readPoint; default: the station name"
+    )
     reader: str
     plc: str | None = None
     rules: VerifyRules = Field(default_factory=VerifyRules)
@@ -254,6 +299,9 @@ class VerifyStation(Model):
 class CaseStation(Model):
     type: Literal["case"]
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    gln_extension: str | None = Field(
+        None, pattern=_SGLN_EXTENSION, description="SGLN extension of this station's EPCIS readPoint; default: the station name"
+    )
     reader: str
     printer: str
     label_reader: str | None = None
@@ -267,6 +315,9 @@ class CaseStation(Model):
 class PalletStation(Model):
     type: Literal["pallet"]
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    gln_extension: str | None = Field(
+        None, pattern=_SGLN_EXTENSION, description="SGLN extension of this station's EPCIS readPoint; default: the station name"
+    )
     reader: str
     printer: str
     label_reader: str | None = None
@@ -277,6 +328,9 @@ class PalletStation(Model):
 class ReworkStation(Model):
     type: Literal["rework"]
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
+    gln_extension: str | None = Field(
+        None, pattern=_SGLN_EXTENSION, description="SGLN extension of this station's EPCIS readPoint; default: the station name"
+    )
     scanner: str
     printer: str | None = None
 
@@ -293,6 +347,16 @@ else:
     DeviceConfig = Annotated[Union[tuple(_DEVICE_CLASSES)], Field(discriminator="driver")]  # type: ignore[misc,valid-type]
 
 
+class EpcisConfig(Model):
+    """What the line tells upstream in EPCIS, beyond the fixed mapping (README "EPCIS 2.0 mapping")."""
+
+    rejected_serials: Literal["omit", "commission_then_decommission"] = Field(
+        "omit",
+        description="a serial printed on a pack that was rejected before it was ever commissioned: no EPCIS event "
+        "(omit; it travels as a record) or a commissioning + decommissioning pair",
+    )
+
+
 class BatchDefaults(Model):
     unused_serials: Literal["return", "void"] = "return"
     challenge: list[Literal["no_code", "wrong_code", "duplicate", "not_gs1", "low_grade"]] = Field(
@@ -306,6 +370,7 @@ class LineConfig(Model):
     store: StoreConfig = Field(default_factory=StoreConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     batch: BatchDefaults = Field(default_factory=BatchDefaults)
+    epcis: EpcisConfig = Field(default_factory=EpcisConfig)
     devices: dict[str, DeviceConfig] = Field(default_factory=dict)  # type: ignore[valid-type]
     stations: list[StationConfig] = Field(default_factory=list)
     simulation: SimulationConfig | None = Field(None, description="line simulator settings; ignored by `linectl run`")
@@ -321,6 +386,10 @@ class LineConfig(Model):
     def topic_root(self) -> str:
         return self.mqtt.topic_root or self.line.topic_root
 
+    def station_read_points(self) -> dict[str, str]:
+        """Station name -> the SGLN of its EPCIS readPoint (line GLN + the station's `gln_extension`, default its name)."""
+        return {st.name: self.line.sgln_with(st.gln_extension or st.name) for st in self.stations}
+
 
 def _reference_problems(cfg: LineConfig) -> list[tuple[tuple[Any, ...], str]]:
     """Cross-references pydantic cannot see: station -> device names and roles, unique names and GTINs."""
@@ -333,10 +402,19 @@ def _reference_problems(cfg: LineConfig) -> list[tuple[tuple[Any, ...], str]]:
             out.append((("products", i, "gtin"), f"GTIN {p.gtin} is configured twice (also products.{seen_gtin[p.gtin]})"))
         seen_gtin[p.gtin] = i
     names: set[str] = set()
+    extensions: dict[str, str] = {}
     for i, st in enumerate(cfg.stations):
         if st.name in names:
             out.append((("stations", i, "name"), f"station name {st.name!r} is used twice"))
         names.add(st.name)
+        ext = st.gln_extension or st.name
+        if st.gln_extension is None and len(st.name) > 20:
+            out.append((("stations", i, "name"), f"station name {st.name!r} is longer than 20 characters: set gln_extension "
+                        "(its EPCIS readPoint SGLN extension, which defaults to the name)"))
+        elif ext in extensions:
+            out.append((("stations", i, "gln_extension"), f"SGLN extension {ext!r} is also station {extensions[ext]!r}'s: "
+                        "each station needs its own EPCIS readPoint"))
+        extensions.setdefault(ext, st.name)
         for fld, role in (("printer", "printer"), ("reader", "reader"), ("plc", "plc"), ("scanner", "reader"), ("label_reader", "reader")):
             ref = getattr(st, fld, None)
             if ref is None:

@@ -63,10 +63,13 @@ class Daemon:
     loop_lag_ms: float = 0.0
 
     async def start(self) -> None:
+        from linectl.epcis import EpcisMapper
         from linectl.store import Store
 
         path = self.db_path or self.cfg.store.path
         self.store = await Store.open(path, group_commit_max=self.cfg.store.group_commit_max, queue_max=self.cfg.store.queue_max)
+        # every EPCIS event is rendered once, when stored, with the context in force then (linectl/epcis.py)
+        self.store.set_epcis_mapper(EpcisMapper.from_config(self.cfg))
         await self.store.upsert_products(self.cfg.products)
         self.drivers = build_drivers(self.cfg)
         self.line = Line(self.cfg, self.store, self.drivers)

@@ -14,6 +14,13 @@ Choices that matter upstream:
   the official JSON schema enumerates and the JSON-LD context expands; the
   schema refuses `urn:epcglobal:cbv:` URIs there.
 - ILMD uses the `cbvmda:` CURIEs the context defines (lotNumber, itemExpirationDate).
+- An event is rendered once, when it is stored (Store.append -> outbox.epcis), with the context in force
+  then: the station's readPoint, the time zone offset at that instant, the EPC form and prefix lengths. The
+  forwarder publishes those bytes and `linectl export epcis` writes them, so an event means the same
+  whenever it is rendered and a config change never rewrites history.
+- Nothing asserts a state change of an object upstream never saw commissioned: a serial rejected before
+  commissioning follows `epcis.rejected_serials` (nothing, or a commissioning + decommissioning pair), and
+  serials never printed (voided, returned, sent but not printed) are no EPCIS event at all.
 - An SGTIN needs the GS1 company prefix length of its GTIN. When it is not known
   (a GTIN no longer configured) the EPC is written as a GS1 Digital Link URI,
   which EPCIS 2.0 accepts and needs no prefix length, rather than blocking the
@@ -30,6 +37,7 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import date, datetime, timezone
 from functools import lru_cache
+from zoneinfo import ZoneInfo
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence
 
@@ -108,19 +116,42 @@ def _chunks(items: Sequence[str], size: int = EPCS_PER_EVENT) -> list[Sequence[s
 # --------------------------------------------------------------------------- mapper
 
 
+RejectedSerials = Literal["omit", "commission_then_decommission"]
+#: reasons for which the serial was sent to a printer but never printed on a pack (engine: seq=None, nothing on a unit)
+NOT_PRINTED = frozenset({ev.RejectReason.LINE_STOPPED, ev.RejectReason.PRINT_FAILED})
+#: first character of a stored rendering that records a mapping failure instead of events
+RENDER_FAILED = "!"
+
+
+def fixed_offset(zone: str) -> str | None:
+    """"+HH:MM" when `zone` is a fixed offset, else None (an IANA name)."""
+    return zone if re.fullmatch(r"[+-]\d\d:\d\d", zone) else None
+
+
 @dataclass
 class EpcisMapper:
     """Maps linectl domain events to EPCIS 2.0 event dicts for one line."""
 
     read_point: str
     biz_location: str
-    tz_offset: str = "+00:00"
+    #: IANA zone ("Europe/Berlin": eventTimeZoneOffset follows summer time) or a fixed "+01:00"
+    timezone: str = "+00:00"
     epc_format: EpcFormat = "urn"
     #: GTIN-14 -> GS1 company prefix length
     cp_lengths: dict[str, int] = field(default_factory=dict)
     #: known company prefixes (digits), used to find the prefix length of an SSCC
     company_prefixes: tuple[str, ...] = ()
+    #: station name -> SGLN of its readPoint; events of other stations (or none) use read_point
+    read_points: dict[str, str] = field(default_factory=dict)
+    #: a serial printed on a rejected pack, never commissioned: no EPCIS event, or a commissioning/decommissioning pair
+    rejected_serials: RejectedSerials = "omit"
     _sgtin_prefix: dict[str, str] = field(default_factory=dict, repr=False, compare=False)
+    _zone: ZoneInfo | None = field(default=None, repr=False, compare=False)
+    _offsets: dict[int, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if fixed_offset(self.timezone) is None:
+            self._zone = ZoneInfo(self.timezone)
 
     @classmethod
     def from_config(cls, cfg: "LineConfig") -> "EpcisMapper":
@@ -131,11 +162,33 @@ class EpcisMapper:
         return cls(
             read_point=sgln,
             biz_location=sgln,
-            tz_offset=cfg.line.timezone_offset,
+            timezone=cfg.line.zone,
             epc_format=cfg.mqtt.epc_format,
             cp_lengths=cp_lengths,
             company_prefixes=tuple(sorted(prefixes, key=len, reverse=True)),
+            read_points=cfg.station_read_points(),
+            rejected_serials=cfg.epcis.rejected_serials,
         )
+
+    def offset_at(self, t: datetime) -> str:
+        """The UTC offset in force at `t` where the line is (eventTimeZoneOffset)."""
+        if self._zone is None:
+            return self.timezone
+        if t.tzinfo is None:
+            t = t.replace(tzinfo=timezone.utc)
+        # Offsets change only on quarter hours (tzdata): one look-up per 15 minutes of event time.
+        bucket = int(t.timestamp()) // 900
+        cached = self._offsets.get(bucket)
+        if cached is not None:
+            return cached
+        off = t.astimezone(self._zone).utcoffset()
+        minutes = int(off.total_seconds() // 60) if off is not None else 0
+        sign = "-" if minutes < 0 else "+"
+        text = f"{sign}{abs(minutes) // 60:02d}:{abs(minutes) % 60:02d}"
+        if len(self._offsets) > 4096:
+            self._offsets.clear()
+        self._offsets[bucket] = text
+        return text
 
     # identifiers ---------------------------------------------------------------
 
@@ -202,11 +255,11 @@ class EpcisMapper:
             "type": etype,
             "eventID": event_id or e.event_id,
             "eventTime": epcis_time(e.event_time),
-            "eventTimeZoneOffset": self.tz_offset,
+            "eventTimeZoneOffset": self.offset_at(e.event_time),
         }
 
-    def _where(self, d: dict[str, Any]) -> dict[str, Any]:
-        d["readPoint"] = {"id": self.read_point}
+    def _where(self, d: dict[str, Any], e: ev.Event) -> dict[str, Any]:
+        d["readPoint"] = {"id": self.read_points.get(e.station, self.read_point) if e.station else self.read_point}
         d["bizLocation"] = {"id": self.biz_location}
         return d
 
@@ -226,8 +279,7 @@ class EpcisMapper:
             d["bizStep"] = biz_step
             if disposition:
                 d["disposition"] = disposition
-            d["readPoint"] = {"id": self.read_point}
-            d["bizLocation"] = {"id": self.biz_location}
+            self._where(d, e)
             if ilmd:
                 d["ilmd"] = ilmd
             return [d]
@@ -239,7 +291,7 @@ class EpcisMapper:
             d["bizStep"] = biz_step
             if disposition:
                 d["disposition"] = disposition
-            self._where(d)
+            self._where(d, e)
             if ilmd:
                 d["ilmd"] = dict(ilmd)
             out.append(d)
@@ -256,11 +308,17 @@ class EpcisMapper:
             d["bizStep"] = biz_step
             if disposition:
                 d["disposition"] = disposition
-            out.append(self._where(d))
+            out.append(self._where(d, e))
         return out
 
-    def map(self, e: ev.Event) -> list[dict[str, Any]]:
-        """EPCIS events for one domain event: [] when it has no EPCIS meaning, >1 when split."""
+    def map(self, e: ev.Event, *, commissioned: bool = True) -> list[dict[str, Any]]:
+        """EPCIS events for one domain event: [] when it has no EPCIS meaning, >1 when split.
+
+        `commissioned` (UnitDecommissioned only): whether the serial had been commissioned. EPCIS must
+        never decommission an object it never saw commissioned; such a serial follows `rejected_serials`.
+        """
+        if isinstance(e, ev.UnitDecommissioned) and not commissioned:
+            return self._never_commissioned(e)
         if isinstance(e, ev.UnitCommissioned):
             ilmd: dict[str, str] = {}
             if e.lot:
@@ -272,9 +330,8 @@ class EpcisMapper:
             step, disp = ("destroying", "destroyed") if e.destroyed else ("decommissioning", "inactive")
             return self._object(e, [self.sgtin(e.gtin, e.serial)], "DELETE", step, disp)
         if isinstance(e, ev.SerialsVoided):
-            if not e.serials:
-                return []
-            return self._object(e, [self.sgtin(e.gtin, s) for s in e.serials], "DELETE", "decommissioning", "inactive")
+            # never printed, never commissioned: no object upstream knows of, so no EPCIS event (a record)
+            return []
         if isinstance(e, ev.UnitInspected):
             return self._object(e, [self.sgtin(e.gtin, e.serial)], "OBSERVE", e.biz_step, None)
         if isinstance(e, ev.ContainerCommissioned):
@@ -293,10 +350,89 @@ class EpcisMapper:
         return []
 
 
+    def _never_commissioned(self, e: ev.UnitDecommissioned) -> list[dict[str, Any]]:
+        """A serial taken out before it was ever commissioned (a rejected pack, or sent but not printed).
+
+        omit: no EPCIS event; the row still reaches upstream as a record with its reason.
+        commission_then_decommission: when the code was printed on a pack (it physically exists), a
+        commissioning ADD (active) then a decommissioning DELETE (inactive; destroying/destroyed if
+        destroyed), both at the rejection time, so upstream knows the code and that it is dead.
+        Never a bare decommissioning, and nothing at all for a serial that was never printed.
+        """
+        if self.rejected_serials == "omit" or e.reason in NOT_PRINTED:
+            return []
+        epc = self.sgtin(e.gtin, e.serial)
+        add = self._base(e, "ObjectEvent", f"urn:uuid:{uuid.uuid5(_SPLIT_NS, f'{e.event_id}#commissioning')}")
+        add.update(epcList=[epc], action="ADD", bizStep="commissioning", disposition="active")
+        self._where(add, e)
+        if e.lot:
+            add["ilmd"] = {"cbvmda:lotNumber": e.lot}
+        step, disp = ("destroying", "destroyed") if e.destroyed else ("decommissioning", "inactive")
+        return [add] + self._object(e, [epc], "DELETE", step, disp)
+
+    def render(self, e: ev.Event, *, commissioned: bool = True) -> str:
+        """The stored form of an event's EPCIS rendering: its encoded events joined by newlines ('' = none),
+        or RENDER_FAILED + the reason when the event cannot be expressed in EPCIS."""
+        try:
+            return "\n".join(map(encode_event, self.map(e, commissioned=commissioned)))
+        except (EpcisMappingError, ValueError) as exc:
+            return RENDER_FAILED + (str(exc) or type(exc).__name__)
+        except Exception as exc:  # noqa: BLE001 - a mapping bug must not keep the event itself out of the store
+            log.exception("epcis_render_bug", event_id=e.event_id, event=type(e).__name__)
+            return RENDER_FAILED + f"internal error while rendering: {exc!r}"
+
+    def render_commissioned(self, e: ev.UnitCommissioned) -> str:
+        """render() of a UnitCommissioned, the bulk of a line's events, without building and encoding a dict:
+        the same bytes (tests/test_epcis_record.py compares both paths), at about half the cost, which the
+        line pays on every append."""
+        try:
+            q = _json_str
+            t = e.event_time
+            expiry = expiry_to_date(e.expiry, t.date()) if e.expiry else None  # first, as map() does: same error first
+            out = [
+                '{"type":"ObjectEvent","eventID":', q(e.event_id), ',"eventTime":', q(epcis_time(t)),
+                ',"eventTimeZoneOffset":', q(self.offset_at(t)), ',"epcList":[', q(self.sgtin(e.gtin, e.serial)),
+                '],"action":"ADD","bizStep":"commissioning","disposition":"active","readPoint":{"id":',
+                q(self.read_points.get(e.station, self.read_point) if e.station else self.read_point),
+                '},"bizLocation":{"id":', q(self.biz_location), "}",
+            ]
+            if e.lot or e.expiry:
+                ilmd = []
+                if e.lot:
+                    ilmd.append('"cbvmda:lotNumber":' + q(e.lot))
+                if expiry:
+                    ilmd.append('"cbvmda:itemExpirationDate":' + q(expiry))
+                out += [',"ilmd":{', ",".join(ilmd), "}"]
+            out.append("}")
+            return "".join(out)
+        except (EpcisMappingError, ValueError) as exc:
+            return RENDER_FAILED + (str(exc) or type(exc).__name__)
+        except Exception:  # noqa: BLE001 - let the generic path report it the same way
+            return self.render(e)
+
+    def renderings(self, e: ev.Event) -> str | tuple[str, str] | None:
+        """What Store.append hands the writer: None (no EPCIS meaning), one rendering, or for a
+        UnitDecommissioned (rendering if the serial was commissioned, rendering if it never was):
+        only the writer knows the serial's state at that instant."""
+        if not e.epcis:
+            return None
+        if type(e) is ev.UnitCommissioned:
+            return self.render_commissioned(e)
+        if isinstance(e, ev.UnitDecommissioned):
+            return (self.render(e), self.render(e, commissioned=False))
+        return self.render(e)
+
+
+def stored_events(rendering: str) -> list[str]:
+    """The encoded EPCIS events of a stored rendering (not a failed one)."""
+    return rendering.split("\n") if rendering else []
+
+
 # --------------------------------------------------------------------------- documents
 
 
-_ENCODER = json.JSONEncoder(separators=(",", ":"))  # one encoder: json.dumps builds a new one per call with these args
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_json_str = json.encoder.encode_basestring_ascii  # how _ENCODER writes a string (ensure_ascii)  # one encoder: json.dumps builds a new one per call with these args
 
 
 def _dumps(obj: Any) -> str:

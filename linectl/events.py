@@ -230,6 +230,14 @@ DomainEvent = Annotated[
     Field(discriminator="kind"),
 ]
 
+#: kinds the forwarder maps to EPCIS (Event.epcis)
+EVENT_KINDS_EPCIS: frozenset[str] = frozenset(
+    cls.model_fields["kind"].default
+    for cls in (UnitCommissioned, UnitDecommissioned, SerialsVoided, UnitInspected, ContainerCommissioned,
+                ContainerDecommissioned, Packed, Unpacked)
+    if cls.epcis
+)
+
 EVENT_ADAPTER: TypeAdapter[DomainEvent] = TypeAdapter(DomainEvent)
 
 

@@ -77,7 +77,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from drivers.base import Backoff
 from linectl import epcis
-from linectl.events import AlarmAcknowledged, AlarmRaised
+from linectl.events import AlarmAcknowledged, AlarmRaised, UnitDecommissioned
 
 if TYPE_CHECKING:  # pragma: no cover
     from linectl.config import LineConfig, MqttConfig
@@ -677,17 +677,9 @@ class Forwarder:
             doc, size, seqs = [], 0, []
 
         for row in rows:
-            e = row.event
-            mapped: list[dict[str, Any]] | None = None
-            error = None
-            if getattr(e, "epcis", False):
-                try:
-                    mapped = self.mapper.map(e)
-                except (epcis.EpcisMappingError, ValueError) as exc:
-                    error = str(exc)
-                    log.error("epcis_mapping_failed", seq=row.seq, event_id=row.event_id, kind=row.kind, error=error)
-            if mapped:
-                for enc in map(epcis.encode_event, mapped):
+            encoded, error = self._encoded(row)
+            if encoded:
+                for enc in encoded:
                     if doc and (len(doc) >= self.max_events or size + len(enc) + 1 > budget):
                         flush()
                     if not doc:
@@ -701,6 +693,23 @@ class Forwarder:
             out.append(self._record_message(row, lane, _epoch(row.created_at), error))
         flush()
         return out
+
+    def _encoded(self, row: Any) -> tuple[list[str], str | None]:
+        """The row's encoded EPCIS events and mapping error. The rendering stored with the row is published
+        as stored (byte for byte what `export epcis` gives); a row stored without one (older store, or a store
+        used without a line config) is rendered now from this forwarder's config, as before."""
+        stored = row.epcis
+        if stored is None:
+            if not row.event.epcis:
+                return [], None
+            e = row.event
+            commissioned = not isinstance(e, UnitDecommissioned) or self.store.was_commissioned(e.gtin, e.serial, row.seq)
+            stored = self.mapper.render(e, commissioned=commissioned)
+        if stored.startswith(epcis.RENDER_FAILED):
+            error = stored[len(epcis.RENDER_FAILED):]
+            log.error("epcis_mapping_failed", seq=row.seq, event_id=row.event_id, kind=row.kind, error=error)
+            return [], error
+        return epcis.stored_events(stored), None
 
     def _record_message(self, row: Any, lane: str, created: float | None, error: str | None) -> _Message:
         """`seq`/`first_seq`/`last_seq` are the outbox seq, what a consumer confirms. An event's own `seq` (the

@@ -1,18 +1,23 @@
-"""`linectl export epcis --db PATH -c CONFIG [--batch LOT] [--since TIME] [--out FILE]`.
+"""`linectl export epcis --db PATH [-c CONFIG] [--batch LOT] [--since TIME] [--out FILE]`.
 
 Writes one EPCIS 2.0 EPCISDocument with the EPCIS events of the store's
 outbox (forwarded or not), in store order: for a partner, an auditor, or an
 upstream that lost data. Streams the document, so a year of events does not
 have to fit in memory. Exit 0 done, 2 bad input, 3 the store refused the file.
 
-The line identity (readPoint/bizLocation, time zone) and the company prefix
-length of each GTIN come from the config, which is why -c is required.
+Each event is written exactly as it was rendered when it was stored (the
+outbox.epcis column), which is byte for byte what the forwarder published:
+no config is needed, and a later config change (time zone, station GLN) does
+not change the record. Rows of an older store carry no rendering; their
+context was never recorded, so they are refused unless -c CONFIG is given,
+and then reconstructed from that config and counted as reconstructed.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import tempfile
@@ -28,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     kinds = p.add_subparsers(dest="export_kind", metavar="FORMAT")
     e = kinds.add_parser("epcis", help="one EPCIS 2.0 EPCISDocument with the EPCIS events of the store")
     e.add_argument("--db", required=True, help="the line's SQLite store")
-    e.add_argument("-c", "--config", help="line YAML: line identity (GLN, time zone) and company prefix length per GTIN (required)")
+    e.add_argument("-c", "--config", help="only for events stored without their EPCIS rendering (a store from before schema 3): "
+                   "reconstruct them with this line YAML's identity, time zone and company prefix lengths")
     e.add_argument("--batch", metavar="LOT", help="only events of this lot")
     e.add_argument("--since", metavar="TIME", help="only events with eventTime at or after TIME (ISO 8601 date or date-time; no offset = UTC)")
     e.add_argument("--out", metavar="FILE", help="output file (default stdout); written atomically")
@@ -50,15 +56,14 @@ def run(args: argparse.Namespace) -> int:
     from linectl.config import load_config
     from linectl.yamlsource import ConfigFileError
 
-    if not args.config:
-        print("linectl export epcis: -c CONFIG is required (readPoint/bizLocation and company prefix lengths come from the line config)", file=sys.stderr)
-        return 2
-    try:
-        cfg = load_config(args.config)
-    except ConfigFileError as exc:
-        for prob in exc.problems:
-            print(prob.format(args.config), file=sys.stderr)
-        return 2
+    cfg = None
+    if args.config:
+        try:
+            cfg = load_config(args.config)
+        except ConfigFileError as exc:
+            for prob in exc.problems:
+                print(prob.format(args.config), file=sys.stderr)
+            return 2
     since = None
     if args.since:
         try:
@@ -69,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     if not Path(args.db).is_file():
         print(f"linectl export epcis: no store at {args.db}", file=sys.stderr)
         return 2
+    args.since_dt = since
     return asyncio.run(_export(args, cfg, since))
 
 
@@ -82,7 +88,18 @@ async def _export(args: argparse.Namespace, cfg: Any, since: datetime | None) ->
         print(f"linectl export epcis: {args.db}: {exc}", file=sys.stderr)
         return 3
     try:
-        mapper = epcis.EpcisMapper.from_config(cfg)
+        mapper = epcis.EpcisMapper.from_config(cfg) if cfg is not None else None
+        unrendered = await asyncio.to_thread(_unrendered, store, args)
+        if unrendered and mapper is None:
+            first, last, count = unrendered
+            print(
+                f"linectl export epcis: {args.db}: {count} EPCIS event(s) (outbox seq {first}..{last}) were stored by an older "
+                "linectl without their EPCIS rendering, so their readPoint, time zone offset and EPC form were never recorded. "
+                "Refusing to invent them: pass -c CONFIG to reconstruct those events from that line config "
+                "(a reconstruction, reported as such), or --batch/--since to leave them out.",
+                file=sys.stderr,
+            )
+            return 2
         validator = None if args.validate == "none" else epcis.default_validator()
         if args.out:
             out_path = Path(args.out)
@@ -108,10 +125,45 @@ async def _export(args: argparse.Namespace, cfg: Any, since: datetime | None) ->
     finally:
         await store.close()
     print(f"exported {n} EPCIS event(s)" + (f" to {args.out}" if args.out else ""), file=sys.stderr)
+    if unrendered:
+        print(f"linectl export epcis: {unrendered[2]} stored event(s) had no stored EPCIS rendering and were RECONSTRUCTED "
+              f"from {args.config} (readPoint, time zone offset, EPC form as that config says now, not as recorded)", file=sys.stderr)
     if failed:
         print(f"linectl export epcis: {len(failed)} event(s) could not be mapped and are missing (seq {failed[:10]})", file=sys.stderr)
         return 1
     return 0
+
+
+def _unrendered(store: Any, args: argparse.Namespace) -> tuple[int, int, int] | None:
+    """(first seq, last seq, count) of the EPCIS rows this export would need to reconstruct, or None."""
+    if not store.unrendered_epcis_rows():  # the usual case: one indexed-free count, no second pass
+        return None
+    first = last = None
+    count = 0
+    after = 0
+    while True:
+        rows = store.outbox(after, PAGE, only_unforwarded=False)
+        if not rows:
+            break
+        after = rows[-1].seq
+        for row in rows:
+            if row.epcis is None and row.event.epcis and _selected(row, args):
+                first = row.seq if first is None else first
+                last = row.seq
+                count += 1
+    return (first, last, count) if first is not None and last is not None else None
+
+
+def _selected(row: Any, args: argparse.Namespace) -> bool:
+    e = row.event
+    if args.batch is not None and (row.lot if row.lot is not None else e.lot) != args.batch:
+        return False
+    since = args.since_dt
+    if since is not None:
+        t = e.event_time if e.event_time.tzinfo else e.event_time.replace(tzinfo=timezone.utc)
+        if t < since:
+            return False
+    return True
 
 
 def _unlink_quietly(path: str) -> None:
@@ -124,6 +176,7 @@ def _unlink_quietly(path: str) -> None:
 def _write(fh: TextIO, store: Any, mapper: Any, validator: Any, args: argparse.Namespace, since: datetime | None) -> tuple[int, list[int]]:
     """(worker thread) stream the document: head, events page by page, tail."""
     from linectl import epcis
+    from linectl.events import UnitDecommissioned
 
     seen_shapes: set[tuple[Any, ...]] = set()
     failed: list[int] = []
@@ -137,27 +190,24 @@ def _write(fh: TextIO, store: Any, mapper: Any, validator: Any, args: argparse.N
         after = rows[-1].seq
         for row in rows:
             e = row.event
-            if not getattr(e, "epcis", False):
+            if not e.epcis or not _selected(row, args):
                 continue
-            if args.batch is not None and (row.lot if row.lot is not None else e.lot) != args.batch:
-                continue
-            if since is not None:
-                t = e.event_time if e.event_time.tzinfo else e.event_time.replace(tzinfo=timezone.utc)
-                if t < since:
-                    continue
-            try:
-                mapped = mapper.map(e)
-            except epcis.EpcisMappingError as exc:
-                print(f"linectl export epcis: seq {row.seq} ({row.kind}, {row.event_id}) left out: {exc}", file=sys.stderr)
+            stored = row.epcis
+            if stored is None:  # an older store's row: reconstructed (run() refused without a config)
+                commissioned = not isinstance(e, UnitDecommissioned) or store.was_commissioned(e.gtin, e.serial, row.seq)
+                stored = mapper.render(e, commissioned=commissioned)
+            if stored.startswith(epcis.RENDER_FAILED):
+                print(f"linectl export epcis: seq {row.seq} ({row.kind}, {row.event_id}) left out: {stored[1:]}", file=sys.stderr)
                 failed.append(row.seq)
                 continue
-            for ev in mapped:
+            for enc in epcis.stored_events(stored):
                 if validator is not None:
+                    ev = json.loads(enc)
                     shape = (ev["type"], ev["action"], ev.get("bizStep"), ev.get("disposition"), tuple(sorted(ev)))
                     if args.validate == "all" or shape not in seen_shapes:
                         seen_shapes.add(shape)
                         validator.validate(epcis.build_document([ev]))
-                fh.write(("," if n else "") + epcis.encode_event(ev))
+                fh.write(("," if n else "") + enc)
                 n += 1
     fh.write(epcis.DOCUMENT_TAIL)
     fh.write("\n")

@@ -34,6 +34,8 @@ class OutboxRow:
     created_at: str
     event: Any  # a linectl.events domain event
     forwarded_at: str | None = None
+    #: EPCIS rendering stored with the event (outbox.epcis): None = not rendered (older store)
+    epcis: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

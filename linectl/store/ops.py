@@ -334,14 +334,26 @@ _APPLY = {
 }
 
 
-def apply_event(tx: Tx, ev: Any, body: str) -> int:
-    """Store one event in the outbox and apply its effect, in the caller's transaction. Returns its seq."""
+def _choose_rendering(tx: Tx, ev: Any, rendering: Any) -> str | None:
+    """A (if commissioned, if never commissioned) pair is decided here, before the event changes the serial:
+    the writer is the one place that knows, at this instant, whether the serial was ever commissioned."""
+    if type(rendering) is not tuple:
+        return rendering  # type: ignore[no-any-return]
+    r = tx.cur.execute("SELECT state FROM serials WHERE gtin=? AND serial=?", (ev.gtin, ev.serial)).fetchone()
+    return rendering[0] if r is not None and r[0] == "commissioned" else rendering[1]  # type: ignore[no-any-return]
+
+
+def apply_event(tx: Tx, ev: Any, body: str, rendering: Any = None) -> int:
+    """Store one event in the outbox and apply its effect, in the caller's transaction. Returns its seq.
+
+    `rendering`: its EPCIS rendering (see EpcisMapper.renderings), stored in the same row."""
     seq = tx.next_seq()
     d = ev.__dict__  # pydantic keeps fields here; .get avoids getattr's slow miss path for absent fields
     kind = d["kind"]
+    epcis = _choose_rendering(tx, ev, rendering)
     fn = _APPLY.get(kind)
     serial_id = fn(tx, ev, seq) if fn is not None else None
-    tx.rows.append((seq, d["event_id"], kind, d["lot"], d.get("gtin"), d.get("serial"), serial_id, tx.ts, body))
+    tx.rows.append((seq, d["event_id"], kind, d["lot"], d.get("gtin"), d.get("serial"), serial_id, tx.ts, body, epcis))
     actor = d.get("actor")
     if actor or kind in AUDITED_KINDS:
         who = actor or "system"
@@ -354,7 +366,7 @@ def apply_event(tx: Tx, ev: Any, body: str) -> int:
 RUN_MIN = 8  # shorter runs of commissionings are not worth the bulk path
 
 
-def op_append(tx: Tx, items: list[tuple[Any, str]]) -> list[int]:
+def op_append(tx: Tx, items: list[tuple[Any, str, Any]]) -> list[int]:
     """Events in order; runs of UnitCommissioned (the bulk of a line's events) go through one bulk look-up."""
     out: list[int] = []
     i, n = 0, len(items)
@@ -367,14 +379,14 @@ def op_append(tx: Tx, items: list[tuple[Any, str]]) -> list[int]:
                 out.extend(_commission_run(tx, items[i:j]))
                 i = j
                 continue
-        out.append(apply_event(tx, items[i][0], items[i][1]))
+        out.append(apply_event(tx, *items[i]))
         i += 1
     return out
 
 
 def _op_append_batch(tx: Tx, arglist: list[tuple[Any, ...]]) -> list[list[int]]:
     """Consecutive append operations of one group as one sequence (fast path only: any refusal re-runs them one by one)."""
-    flat: list[tuple[Any, str]] = []
+    flat: list[tuple[Any, str, Any]] = []
     for (items,) in arglist:
         flat.extend(items)
     seqs = op_append(tx, flat)
@@ -388,9 +400,9 @@ def _op_append_batch(tx: Tx, arglist: list[tuple[Any, ...]]) -> list[list[int]]:
 op_append.batch = _op_append_batch  # type: ignore[attr-defined]
 
 
-def _commission_run(tx: Tx, run: list[tuple[Any, str]]) -> list[int]:
+def _commission_run(tx: Tx, run: list[tuple[Any, str, Any]]) -> list[int]:
     """Same checks and effects as _commissioned, with one look-up and one executemany for the whole run."""
-    keys = [(ev.gtin, ev.serial) for ev, _ in run]
+    keys = [(ev.gtin, ev.serial) for ev, _, _ in run]
     if len(set(keys)) != len(keys):
         dup = next(k for k, c in Counter(keys).items() if c > 1)
         raise StoreError(f"cannot commission serial {dup[1]} of GTIN {dup[0]} twice")
@@ -405,7 +417,7 @@ def _commission_run(tx: Tx, run: list[tuple[Any, str]]) -> list[int]:
     out: list[int] = []
     ts = tx.ts
     rows = tx.rows
-    for ev, body in run:
+    for ev, body, rendering in run:
         d = ev.__dict__
         g, s, lot = d["gtin"], d["serial"], d["lot"]
         r = found.get((g, s))
@@ -414,7 +426,7 @@ def _commission_run(tx: Tx, run: list[tuple[Any, str]]) -> list[int]:
         upd.append((ts, r[0]))  # type: ignore[index]
         tx.move(g, r[3], "sent", r[3], "commissioned")  # type: ignore[index]
         seq = tx.next_seq()
-        rows.append((seq, d["event_id"], "unit_commissioned", lot, g, s, r[0], ts, body))  # type: ignore[index]
+        rows.append((seq, d["event_id"], "unit_commissioned", lot, g, s, r[0], ts, body, rendering))  # type: ignore[index]
         out.append(seq)
     tx.cur.executemany("UPDATE serials SET state='commissioned', updated_at=? WHERE id=?", upd)
     return out

@@ -28,11 +28,11 @@ from linectl.store.model import (
     StoreError,
 )
 
-_OUTBOX_COLS = "o.seq, o.event_id, o.kind, o.lot, o.created_at, o.body, o.forwarded_at"
+_OUTBOX_COLS = "o.seq, o.event_id, o.kind, o.lot, o.created_at, o.body, o.forwarded_at, o.epcis"
 
 
 def _row(r: Any) -> OutboxRow:
-    return OutboxRow(seq=r[0], event_id=r[1], kind=r[2], lot=r[3], created_at=r[4], event=event_from_json(r[5]), forwarded_at=r[6])
+    return OutboxRow(seq=r[0], event_id=r[1], kind=r[2], lot=r[3], created_at=r[4], event=event_from_json(r[5]), forwarded_at=r[6], epcis=r[7])
 
 
 def _batch(r: Any) -> Batch:
@@ -138,6 +138,23 @@ class Reader:
             (gtin, serial),
         )
         return [_row(r) for r in rows]
+
+    def unrendered_epcis_rows(self) -> int:
+        """How many rows of EPCIS kinds carry no stored rendering (stored before schema 3, or without a mapper)."""
+        from linectl.events import EVENT_KINDS_EPCIS
+
+        marks = ",".join("?" * len(EVENT_KINDS_EPCIS))
+        return int(self.q(f"SELECT count(*) FROM outbox WHERE epcis IS NULL AND kind IN ({marks})", tuple(EVENT_KINDS_EPCIS))[0][0])
+
+    def was_commissioned(self, gtin: str, serial: str, before_seq: int) -> bool:
+        """Whether the serial had a UnitCommissioned stored before outbox row `before_seq` (used to render
+        an older store's decommissionings, which were stored without their rendering)."""
+        r = self.q(
+            "SELECT 1 FROM outbox o WHERE o.serial_id = (SELECT id FROM serials WHERE gtin=? AND serial=?) "
+            "AND o.kind='unit_commissioned' AND o.seq < ? LIMIT 1",
+            (gtin, serial, before_seq),
+        )
+        return bool(r)
 
     def in_flight(self, lot: str | None = None) -> list[tuple[str, str, str]]:
         if lot is None:

@@ -40,7 +40,7 @@ from linectl.store.model import StoreError
 log = structlog.get_logger("linectl.store")
 
 APP_ID = "linectl"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 metadata = MetaData()
@@ -136,6 +136,11 @@ outbox = Table(
     Column("created_at", Text, nullable=False),
     Column("body", Text, nullable=False),
     Column("forwarded_at", Text),
+    # The EPCIS 2.0 rendering fixed when the event was stored (linectl.epcis.EpcisMapper.render): its encoded
+    # events joined by newlines, '' = no EPCIS event, '!reason' = not expressible. NULL = not rendered (a row of
+    # a schema-2 store, or a store used without a line config). The forwarder publishes exactly these bytes and
+    # `export epcis` reproduces them, whatever the config says later.
+    Column("epcis", Text),
     sqlite_autoincrement=True,  # seqs are never reused, even after a purge
 )
 Index("ix_outbox_unforwarded", outbox.c.seq, sqlite_where=outbox.c.forwarded_at.is_(None))
@@ -513,12 +518,30 @@ def _migrate_1_to_2(conn: Connection) -> None:
     )
 
 
+def _add_column(conn: Connection, table: str, ddl: str) -> None:
+    """ALTER TABLE ADD COLUMN unless the column is there: a file made by tests or by hand may have it already."""
+    name = ddl.split()[0]
+    have = {r[1] for r in conn.exec_driver_sql(f"PRAGMA table_info({table})").fetchall()}
+    if name not in have:
+        conn.exec_driver_sql(f"ALTER TABLE {table} ADD COLUMN {ddl}")
+
+
 def _migrate_command_ids(conn: Connection) -> None:
     """v2 -> v3: the command_ids table (durable command idempotency across restarts). Nothing else changes."""
     command_ids.create(conn, checkfirst=True)  # with its index
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_command_ids}
+def _migrate_epcis_context(conn: Connection) -> None:
+    """v2 -> v3: outbox.epcis, each event's EPCIS rendering fixed when it is stored.
+
+    Rows stored before keep NULL: their context (station readPoint, time zone offset then in force,
+    company prefix lengths) was never recorded, and a migration has no config to invent it from.
+    `export epcis` refuses them unless given -c CONFIG, and then says it reconstructs them.
+    """
+    _add_column(conn, "outbox", "epcis TEXT")
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_command_ids, 3: _migrate_epcis_context}
 
 
 def remove_files(path: str) -> None:

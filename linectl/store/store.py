@@ -89,6 +89,7 @@ class Store:
         self._queue_max = queue_max
         self._closed = False
         self.opened_from_version = 0
+        self._epcis: Any = None  # linectl.epcis.EpcisMapper: renders each EPCIS event once, when it is stored
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -172,15 +173,22 @@ class Store:
 
     # ------------------------------------------------------------------ writes
 
+    def set_epcis_mapper(self, mapper: Any) -> None:
+        """Render every EPCIS event with `mapper` (the line's EpcisMapper) when it is appended and store the
+        rendering with it: the record then says for ever what was published (station readPoint, offset
+        in force, EPC form), whatever the config says later. Without one, rows are stored unrendered."""
+        self._epcis = mapper
+
     async def append(self, *events: Any) -> list[int]:
         """Store events in the outbox and apply them to the registry, atomically; returns their outbox seqs."""
         if not events:
             return []
         items = []
+        mapper = self._epcis
         for ev in events:
             if not hasattr(ev, "kind") or not hasattr(ev, "model_dump_json"):
                 raise StoreError(f"append() takes linectl.events objects, got {type(ev).__name__}")
-            items.append((ev, ev.model_dump_json()))
+            items.append((ev, ev.model_dump_json(), mapper.renderings(ev) if mapper is not None else None))
         return await self._submit(ops.op_append, items)  # type: ignore[no-any-return]
 
     async def upsert_products(self, products: Iterable[Any], actor: str = "system") -> int:
@@ -327,6 +335,12 @@ class Store:
 
     def serial_history(self, gtin: str, serial: str) -> list[OutboxRow]:
         return self._reader.serial_history(_gtin(gtin), serial)
+
+    def unrendered_epcis_rows(self) -> int:
+        return self._reader.unrendered_epcis_rows()
+
+    def was_commissioned(self, gtin: str, serial: str, before_seq: int) -> bool:
+        return self._reader.was_commissioned(gtin, serial, before_seq)
 
     def batch(self, lot: str) -> Batch | None:
         return self._reader.batch(lot)

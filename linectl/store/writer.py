@@ -36,7 +36,7 @@ from linectl.store.schema import now_iso
 log = structlog.get_logger("linectl.store")
 
 _OUTBOX_INSERT = (
-    "INSERT INTO outbox(seq, event_id, kind, lot, gtin, serial, serial_id, created_at, body) VALUES (?,?,?,?,?,?,?,?,?)"
+    "INSERT INTO outbox(seq, event_id, kind, lot, gtin, serial, serial_id, created_at, body, epcis) VALUES (?,?,?,?,?,?,?,?,?,?)"
 )
 
 
