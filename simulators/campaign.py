@@ -1,0 +1,1228 @@
+"""Seeded fault campaign: a real line driven through random faults, then checked against ground truth.
+
+One run brings up, all on loopback with free ports, in a private work dir:
+
+- a Mosquitto broker of its own (persistence on, so it can restart with or
+  without its state);
+- the line simulator (`linectl simulate`, a subprocess) writing the
+  append-only unit journal (`simulation.units_log`, simulators.model.UnitJournal);
+- a chaos proxy (simulators.chaos) on every TCP device link, between
+  the daemon's drivers and the simulated devices;
+- the daemon (`linectl run`, a subprocess in its own process group, so it can
+  be killed -9, stalled with SIGSTOP and given a full disk);
+- an independent subscriber on <root>/# with a persistent session that
+  confirms what it stored on <root>/confirm (the upstream of confirmed delivery);
+- an operator who creates, challenges, starts, resumes, stops and closes
+  batches over MQTT (as an HMI / the `linectl batch` CLI would).
+
+A seeded scheduler injects faults one episode at a time (FAULT_KINDS). At the
+end every fault is healed, the open batch is stopped and closed, the outbox
+drained, the processes stopped, and `check()` compares what linectl recorded
+with what physically happened (the unit journal) and with what the subscriber
+received. linectl's own counters are never the reference.
+
+It lives next to the simulators because it is product tooling like them (a
+line builder can run it against their own line YAML before a validation run),
+and so both tests/test_campaign.py and bench/campaign.py import it without
+installing anything beyond the project.
+
+The seed fixes the fault schedule and the simulated defects; process
+scheduling on a loaded machine still varies between runs of the same seed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import structlog
+
+from simulators.chaos import ChaosProxy
+from simulators.control import request as sim_request
+
+log = structlog.get_logger("simulators.campaign")
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = REPO / "config" / "demo-line.yaml"
+MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
+GS = "\x1d"
+
+FAULT_KINDS = (
+    "kill",  # kill -9 of the daemon at a random moment, then restart
+    "kill_challenge",  # kill -9 while the batch is in its challenge test
+    "kill_close",  # kill -9 right after a close_batch was sent
+    "stall",  # SIGSTOP 0.2-5 s, then SIGCONT
+    "plc_cold",  # PLC cold restart (counters and rings back to 0)
+    "plc_warm",  # PLC warm restart (retentive memory kept)
+    "sim_crash",  # kill -9 of the simulator process, restart it
+    "broker_keep",  # broker stopped and restarted with its persistence file
+    "broker_lose",  # broker killed and restarted empty (state lost)
+    "consumer_late",  # the subscriber goes away for a while and comes back
+    "chaos",  # garbage / splits / delays / resets on device links for a while
+    "disk_full",  # the daemon cannot grow its store files for a while (RLIMIT_FSIZE)
+    "operator",  # pause / resume / stop / start / challenge / close at a random moment
+    "hostile",  # malformed, retained, empty, oversize, deeply nested commands, abusive response topics
+)
+
+
+# --------------------------------------------------------------------------- options and results
+
+
+@dataclass
+class CampaignOptions:
+    seconds: float = 60.0
+    seed: int = 1
+    faults: tuple[str, ...] = FAULT_KINDS
+    rate_upm: float = 600.0
+    batch_units: int = 150
+    defect_rate: float = 0.03
+    mean_gap_s: float = 4.0  # mean time between fault episodes
+    confirm: str = "upstream"  # mqtt.delivery_confirm; dropped (and noted) when this build refuses the key
+    config: Path = DEFAULT_CONFIG
+    workdir: Path | None = None
+    keep: bool = False  # keep the work dir (logs, store, journal) even when the run is clean
+    echo: Callable[[str], None] | None = None
+
+
+@dataclass
+class Violation:
+    check: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"[{self.check}] {self.detail}"
+
+
+@dataclass
+class RunResult:
+    seed: int
+    seconds: float = 0.0
+    faults: Counter[str] = field(default_factory=Counter)
+    skipped: dict[str, str] = field(default_factory=dict)
+    units: dict[str, int] = field(default_factory=dict)
+    batches: list[str] = field(default_factory=list)
+    violations: list[Violation] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    restart_to_ready_s: list[float] = field(default_factory=list)
+    workdir: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def by_check(self) -> Counter[str]:
+        return Counter(v.check for v in self.violations)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seed": self.seed,
+            "seconds": round(self.seconds, 1),
+            "faults": dict(sorted(self.faults.items())),
+            "skipped": self.skipped,
+            "units": self.units,
+            "batches": self.batches,
+            "violations": len(self.violations),
+            "violations_by_check": dict(sorted(self.by_check().items())),
+            "violation_examples": [str(v) for v in self.violations[:40]],
+            "notes": self.notes,
+            "restart_to_ready_s": [round(x, 2) for x in self.restart_to_ready_s],
+            "workdir": self.workdir,
+        }
+
+    def summary(self) -> str:
+        f = ", ".join(f"{k} {v}" for k, v in sorted(self.faults.items())) or "none"
+        u = ", ".join(f"{k} {v}" for k, v in self.units.items())
+        lines = [
+            f"seed {self.seed}: {self.seconds:.0f} s, batches {len(self.batches)}",
+            f"  faults: {f}",
+            f"  units: {u}",
+            f"  violations: {len(self.violations)}" + (f" {dict(sorted(self.by_check().items()))}" if self.violations else ""),
+        ]
+        if self.skipped:
+            lines.append(f"  skipped: {self.skipped}")
+        for v in self.violations[:12]:
+            lines.append(f"    {v}")
+        if len(self.violations) > 12:
+            lines.append(f"    ... {len(self.violations) - 12} more")
+        for n in self.notes:
+            lines.append(f"  note: {n}")
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def kill_group(p: subprocess.Popen[bytes] | None, sig: int = signal.SIGKILL) -> None:
+    """Signal the process group of a child started with start_new_session (its pid is the group id)."""
+    if p is None or p.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(p.pid, sig)
+
+
+def stop_child(p: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None:
+    if p is None or p.poll() is not None:
+        return
+    kill_group(p, signal.SIGCONT)
+    kill_group(p, signal.SIGTERM)
+    try:
+        p.wait(timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(p, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(5)
+
+
+def parse_element_string(content: str | None) -> dict[str, str]:
+    """AIs of a printed element string (01/17 fixed length, 10/21 up to GS or end); {} when it is not one."""
+    out: dict[str, str] = {}
+    if not content:
+        return out
+    s = content
+    fixed = {"01": 14, "17": 6, "11": 6, "15": 6}
+    i = 0
+    while i < len(s):
+        ai = s[i : i + 2]
+        if ai in fixed:
+            out[ai] = s[i + 2 : i + 2 + fixed[ai]]
+            i += 2 + fixed[ai]
+        elif ai in ("10", "21"):
+            j = s.find(GS, i + 2)
+            j = len(s) if j < 0 else j
+            out[ai] = s[i + 2 : j]
+            i = j + 1
+        else:
+            return out
+        if i < len(s) and s[i] == GS:
+            i += 1
+    return out
+
+
+def ro_query(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    try:
+        return list(con.execute(sql, params))
+    finally:
+        con.close()
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> None:
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class Broker:
+    """A private mosquitto with a persistence file: restart with state (SIGTERM saves) or without (kill, delete)."""
+
+    def __init__(self, directory: Path) -> None:
+        if MOSQUITTO is None:
+            raise RuntimeError("mosquitto binary not found")
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.conf = self.dir / "mosquitto.conf"
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            "persistence true",
+            f"persistence_location {self.dir}/",
+            "max_queued_messages 200000",
+            "max_inflight_messages 100",
+            "log_dest none",
+        ]
+        if hasattr(os, "geteuid") and os.geteuid() == 0:
+            lines.append("user root")
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if port_open(self.port):
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited with {self.proc.returncode}")
+            time.sleep(0.02)
+        raise RuntimeError("mosquitto did not listen")
+
+    def restart(self, keep_state: bool) -> None:
+        if keep_state:
+            stop_child(self.proc, 10)
+        else:
+            kill_group(self.proc)
+            if self.proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(5)
+            for f in self.dir.glob("*.db"):
+                f.unlink()
+        self.start()
+
+    def close(self) -> None:
+        kill_group(self.proc)
+
+
+class LoggedChild:
+    """A subprocess in its own process group whose output goes through a pipe to a log file.
+
+    Through a pipe, not straight into a file: the disk_full fault limits the
+    size of files the daemon may write, and that must hit its store, not its log.
+    """
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.log_path = log_path
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> subprocess.Popen[bytes]:
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(REPO), env=self.env, start_new_session=True)
+        out = self.proc.stdout
+        path = self.log_path
+
+        def pump() -> None:
+            assert out is not None
+            with open(path, "ab") as fh:
+                for line in iter(out.readline, b""):
+                    fh.write(line)
+                    fh.flush()
+
+        self._thread = threading.Thread(target=pump, daemon=True, name=f"pump:{path.name}")
+        self._thread.start()
+        return self.proc
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def kill9(self) -> None:
+        kill_group(self.proc, signal.SIGKILL)
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        stop_child(self.proc, timeout)
+        if self._thread is not None:
+            self._thread.join(2)
+
+
+# --------------------------------------------------------------------------- the upstream consumer
+
+
+class Subscriber:
+    """The independent consumer: persistent session on <root>/#, keeps every eventID, confirms seq ranges."""
+
+    def __init__(self, port_of: Callable[[], int], root: str, confirm: bool) -> None:
+        self.port_of = port_of
+        self.root = root
+        self.confirm = confirm
+        self.client_id = f"campaign-sub-{uuid.uuid4().hex[:8]}"
+        self.event_ids: set[str] = set()
+        self.messages = 0
+        self.foreign: list[str] = []  # non-EPCIS payloads on <root>/events
+        self.state: dict[str, Any] | None = None
+        self.connected = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="campaign.subscriber")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._task
+            self._task = None
+        self.connected.clear()
+
+    async def _run(self) -> None:
+        import aiomqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 3600
+        while True:
+            try:
+                async with aiomqtt.Client(
+                    "127.0.0.1", self.port_of(), identifier=self.client_id, protocol=aiomqtt.ProtocolVersion.V5,
+                    clean_start=False, properties=props, keepalive=10,
+                ) as c:
+                    await c.subscribe(f"{self.root}/#", qos=1)
+                    self.connected.set()
+                    async for m in c.messages:
+                        await self._handle(c, m)
+            except aiomqtt.MqttError:
+                self.connected.clear()
+                await asyncio.sleep(0.2)
+
+    async def _handle(self, c: Any, m: Any) -> None:
+        topic = str(m.topic)
+        payload = bytes(m.payload) if isinstance(m.payload, (bytes, bytearray)) else str(m.payload or "").encode()
+        sub = topic[len(self.root) + 1 :] if topic.startswith(self.root + "/") else topic
+        if sub == "state":
+            with contextlib.suppress(ValueError):
+                self.state = json.loads(payload)
+            return
+        if sub not in ("events", "records", "alarms"):
+            return
+        self.messages += 1
+        first = last = None
+        try:
+            body = json.loads(payload)
+            if sub == "events":
+                ids = [e["eventID"] for e in body["epcisBody"]["eventList"]]
+                a, _, b = str(body.get("instanceIdentifier", "")).partition("-")
+                first, last = int(a), int(b)
+            else:
+                ids = [body["event_id"]]
+                first = last = int(body["seq"])
+        except (ValueError, KeyError, TypeError) as exc:
+            if sub == "events":
+                self.foreign.append(f"{payload[:120]!r} ({exc})")
+            return
+        up = dict(getattr(m.properties, "UserProperty", None) or []) if m.properties is not None else {}
+        if "first_seq" in up:
+            first, last = int(up["first_seq"]), int(up["last_seq"])
+        self.event_ids.update(ids)
+        if self.confirm and first is not None:
+            import aiomqtt
+
+            with contextlib.suppress(aiomqtt.MqttError):
+                await c.publish(f"{self.root}/confirm", json.dumps({"ranges": [[first, last]]}).encode(), qos=1)
+
+
+# --------------------------------------------------------------------------- the campaign
+
+
+class Campaign:
+    def __init__(self, opts: CampaignOptions) -> None:
+        self.o = opts
+        self.rng = random.Random(f"campaign:{opts.seed}")
+        self.res = RunResult(seed=opts.seed)
+        self.dir = Path(opts.workdir or tempfile.mkdtemp(prefix=f"linectl-campaign-{opts.seed}-"))
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.res.workdir = str(self.dir)
+        self.db = self.dir / "line.db"
+        self.journal = self.dir / "units.jsonl"
+        self.root = f"campaign/{uuid.uuid4().hex[:10]}/line1"
+        self.broker: Broker | None = None
+        self.daemon: LoggedChild | None = None
+        self.sim: LoggedChild | None = None
+        self.proxies: dict[str, ChaosProxy] = {}
+        self.sub: Subscriber | None = None
+        self.ctl_port = 0
+        self.plc = ""
+        self.kinds: list[str] = []
+        self.gtin = ""
+        self.lots: list[dict[str, Any]] = []  # {"lot", "created_t"}
+        self.batch_n = 0
+        self.hold_until = 0.0  # operator leaves a pause / stop alone until then
+        self.want_kill_challenge = False
+        self.want_kill_close = False
+        self.ready = asyncio.Event()  # the daemon is up (not killed / stalled / restarting)
+        self.busy = asyncio.Lock()  # one fault episode or operator action on the daemon at a time
+        self.ending = False
+
+    def echo(self, msg: str) -> None:
+        if self.o.echo is not None:
+            self.o.echo(msg)
+
+    # ------------------------------------------------------------------ setup
+
+    def _write_configs(self) -> tuple[Path, Path]:
+        from linectl.yamlsource import load_yaml, to_plain
+        from ruamel.yaml import YAML
+
+        raw = to_plain(load_yaml(self.o.config))
+        sim_raw = json.loads(json.dumps(raw))
+        run_raw = json.loads(json.dumps(raw))
+        for name, dev in (raw.get("devices") or {}).items():
+            if dev.get("driver") == "camera":
+                sim_raw["devices"].pop(name, None)
+                run_raw["devices"].pop(name, None)
+                continue
+            if isinstance(dev.get("port"), int):
+                port = free_port()
+                sim_raw["devices"][name]["port"] = port
+                proxy = ChaosProxy(("127.0.0.1", port), name=name, seed=self.o.seed)
+                self.proxies[name] = proxy
+        self.ctl_port = free_port()
+        sim = sim_raw.setdefault("simulation", {})
+        sim.update(
+            {"control_port": self.ctl_port, "units_log": str(self.journal), "seed": self.o.seed,
+             "rate_upm": self.o.rate_upm, "defect_rate": self.o.defect_rate}
+        )
+        run_raw.pop("simulation", None)
+        assert self.broker is not None
+        mqtt: dict[str, Any] = {"host": "127.0.0.1", "port": self.broker.port, "protocol": "5", "topic_root": self.root, "enabled": True, "state_interval_s": 1.0}
+        run_raw["mqtt"] = {**(run_raw.get("mqtt") or {}), **mqtt}
+        run_raw.setdefault("store", {})["path"] = str(self.db)
+        self.plc = next(st["plc"] for st in raw["stations"] if st.get("type") in ("print_verify", "verify"))
+        self.kinds = list((raw.get("batch") or {}).get("challenge") or [])
+        self.gtin = raw["products"][0]["gtin"]
+        sim_path, run_path = self.dir / "sim.yaml", self.dir / "run.yaml"
+        for path, doc in ((sim_path, sim_raw), (run_path, run_raw)):
+            with open(path, "w", encoding="utf-8") as fh:
+                YAML(typ="safe").dump(doc, fh)
+        return sim_path, run_path
+
+    def _confirm_key(self, run_path: Path) -> None:
+        """Ask for confirmed delivery (mqtt.delivery_confirm) when this build knows the key."""
+        from linectl.config import load_config
+        from linectl.yamlsource import ConfigFileError, load_yaml, to_plain
+        from ruamel.yaml import YAML
+
+        if self.o.confirm == "puback":
+            return
+        raw = to_plain(load_yaml(run_path))
+        raw["mqtt"]["delivery_confirm"] = self.o.confirm
+        trial = self.dir / "run-confirm.yaml"
+        with open(trial, "w", encoding="utf-8") as fh:
+            YAML(typ="safe").dump(raw, fh)
+        try:
+            load_config(trial)
+        except (ConfigFileError, ValueError) as exc:
+            self.res.notes.append(f"mqtt.delivery_confirm refused by this build ({str(exc).splitlines()[0][:120]}): forwarder confirms on PUBACK")
+            trial.unlink()
+            return
+        os.replace(trial, run_path)
+        self.res.notes.append(f"mqtt.delivery_confirm: {self.o.confirm}")
+
+    async def setup(self) -> None:
+        self.broker = Broker(self.dir / "broker")
+        self.broker.start()
+        sim_path, run_path = self._write_configs()
+        self._confirm_key(run_path)
+        # the daemon's devices are the proxies; the simulator listens behind them
+        from linectl.yamlsource import load_yaml, to_plain
+        from ruamel.yaml import YAML
+
+        for proxy in self.proxies.values():
+            await proxy.start()
+        raw = to_plain(load_yaml(run_path))
+        for name, proxy in self.proxies.items():
+            raw["devices"][name]["port"] = proxy.port
+        with open(run_path, "w", encoding="utf-8") as fh:
+            YAML(typ="safe").dump(raw, fh)
+        self.sim_path, self.run_path = sim_path, run_path
+        py = sys.executable
+        self.sim = LoggedChild([py, "-m", "linectl", "--log-level", "warning", "simulate", "-c", str(sim_path)], self.dir / "simulator.log")
+        self.daemon = LoggedChild([py, "-m", "linectl", "--log-level", "info", "--log-format", "json", "run", "-c", str(run_path)], self.dir / "daemon.log")
+        await self._init_store(run_path)
+        await self._start_sim()
+        self.sub = Subscriber(lambda: self.broker.port if self.broker else 0, self.root, confirm=self.o.confirm == "upstream")
+        self.sub.start()
+        await asyncio.wait_for(self.sub.connected.wait(), 15)
+        await self._start_daemon()
+
+    async def _init_store(self, run_path: Path) -> None:
+        """`linectl init -c CONFIG` where this build has it (only init creates a store); else `run` creates it."""
+        py = sys.executable
+        p = await asyncio.create_subprocess_exec(py, "-m", "linectl", "init", "-c", str(run_path), cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(p.communicate(), 60)
+        if p.returncode != 0 and b"invalid choice" not in out:
+            raise RuntimeError(f"linectl init failed: {out.decode(errors='replace')[-500:]}")
+
+    async def _start_sim(self) -> None:
+        assert self.sim is not None
+        self.sim.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if not self.sim.alive:
+                raise RuntimeError(f"simulator exited; see {self.dir / 'simulator.log'}")
+            with contextlib.suppress(OSError, asyncio.TimeoutError, ValueError):
+                if (await sim_request("127.0.0.1", self.ctl_port, {"cmd": "status"}, 2.0)).get("ok"):
+                    return
+            await asyncio.sleep(0.1)
+        raise RuntimeError("simulator control did not answer")
+
+    async def _start_daemon(self) -> float:
+        """Start `linectl run` and wait until it answers a command; returns the seconds that took."""
+        assert self.daemon is not None
+        t0 = time.monotonic()
+        self.daemon.start()
+        deadline = t0 + 90
+        while time.monotonic() < deadline:
+            if not self.daemon.alive:
+                raise RuntimeError(f"daemon exited with {self.daemon.proc.returncode if self.daemon.proc else '?'}; see {self.dir / 'daemon.log'}")
+            r = await self.command("request_state", timeout=2.0)
+            if r is not None:
+                self.ready.set()
+                return time.monotonic() - t0
+        raise RuntimeError(f"daemon did not answer commands within 90 s; see {self.dir / 'daemon.log'}")
+
+    # ------------------------------------------------------------------ talking to the line
+
+    async def sim_cmd(self, **msg: Any) -> dict[str, Any]:
+        try:
+            return await sim_request("127.0.0.1", self.ctl_port, msg, 5.0)
+        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+            return {"ok": False, "error": f"simulator unreachable: {exc}"}
+
+    async def command(self, name: str, timeout: float = 10.0, **body: Any) -> dict[str, Any] | None:
+        """One operator command over MQTT, as `linectl batch` sends it; None when no reply came in time."""
+        import aiomqtt
+
+        assert self.broker is not None
+        cid = uuid.uuid4().hex
+        msg = {"name": name, "command_id": cid, "actor": "campaign-operator", **body}
+        try:
+            async with asyncio.timeout(timeout):
+                async with aiomqtt.Client("127.0.0.1", self.broker.port, identifier=f"campaign-op-{cid[:8]}", protocol=aiomqtt.ProtocolVersion.V5) as c:
+                    await c.subscribe(f"{self.root}/cmd/{name}/reply", qos=1)
+                    await c.publish(f"{self.root}/cmd/{name}", json.dumps(msg), qos=1)
+                    async for m in c.messages:
+                        with contextlib.suppress(ValueError, TypeError):
+                            reply = json.loads(bytes(m.payload))
+                            if reply.get("command_id") == cid:
+                                return reply
+        except (aiomqtt.MqttError, TimeoutError, asyncio.TimeoutError, OSError):
+            return None
+        return None
+
+    async def cli_command(self, action: str, *extra: str) -> int:
+        """The same command through `linectl batch` (a subprocess), as an operator at a terminal."""
+        p = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "linectl", "batch", action, "-c", str(self.run_path), "--timeout", "8", *extra,
+            cwd=str(REPO), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            return await asyncio.wait_for(p.wait(), 30)
+        except asyncio.TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                p.kill()
+            await p.wait()
+            return -1
+
+    async def state(self) -> dict[str, Any] | None:
+        r = await self.command("request_state", timeout=3.0)
+        if r is None or not r.get("ok"):
+            return None
+        return r.get("result")
+
+    # ------------------------------------------------------------------ the operator
+
+    async def operator(self) -> None:
+        """Keeps the line producing, as an operator at the HMI would: new batch, challenge units, start, resume, close."""
+        challenge_t = 0.0
+        while True:
+            await asyncio.sleep(0.5)
+            if self.ending:
+                return
+            if not self.ready.is_set() or time.monotonic() < self.hold_until:
+                continue
+            async with self.busy:
+                st = await self.state()
+                if st is None:
+                    continue
+                batch = st.get("batch")
+                state = st.get("state")
+                if batch is None or state == "closed":
+                    await self._new_batch()
+                    continue
+                if state == "created":
+                    await self._start_batch()
+                    continue
+                if state == "challenge":
+                    sim = await self.sim_cmd(cmd="status")
+                    conv = next(iter((sim.get("conveyors") or {}).values()), {}) if sim.get("ok") else {}
+                    if conv and conv.get("challenge_queued", 1) == 0 and conv.get("in_flight", 1) == 0 and time.monotonic() - challenge_t > 4.0:
+                        await self.sim_cmd(cmd="challenge", kinds=self.kinds)  # the line still asks for challenge units
+                        challenge_t = time.monotonic()
+                    continue
+                if state == "paused":
+                    await self.command("resume_batch")
+                    continue
+                if state == "stopped":
+                    if batch.get("good", 0) >= batch.get("planned_qty", 1 << 30):
+                        await self._close_batch()
+                    else:
+                        await self.command("ack_alarm")
+                        await self.command("reset")
+                        await self._start_batch()
+                    continue
+
+    async def _new_batch(self) -> None:
+        self.batch_n += 1
+        lot = f"C{self.o.seed % 10000}N{self.batch_n}{uuid.uuid4().hex[:4].upper()}"
+        expiry = (date.today() + timedelta(days=700)).strftime("%y%m%d")
+        r = await self.command("create_batch", lot=lot, gtin=self.gtin, expiry=expiry, planned_qty=self.o.batch_units)
+        if r is not None and r.get("ok"):
+            self.lots.append({"lot": lot, "created_t": time.time()})
+            self.res.batches.append(lot)
+            await self._start_batch()
+
+    async def _start_batch(self) -> None:
+        sim = await self.sim_cmd(cmd="status")
+        conv = next(iter((sim.get("conveyors") or {}).values()), {}) if sim.get("ok") else {}
+        if self.kinds and conv.get("challenge_queued", 0) == 0:
+            await self.sim_cmd(cmd="challenge", kinds=self.kinds)
+        await self.command("start_batch")
+        if self.want_kill_challenge:
+            self.want_kill_challenge = False
+            await asyncio.sleep(self.rng.uniform(0.3, 2.0))
+            st = await self.state()
+            self.res.faults["kill_challenge"] += 1
+            await self._kill_restart(f"during {st.get('state') if st else '?'}")
+
+    async def _close_batch(self) -> None:
+        r = await self.command("close_batch", unused_serials="return")
+        if self.want_kill_close:
+            self.want_kill_close = False
+            self.res.faults["kill_close"] += 1
+            await self._kill_restart("after close_batch")
+        elif r is not None and not r.get("ok"):
+            log.info("close_refused", reply=r)
+
+    # ------------------------------------------------------------------ faults
+
+    async def _kill_restart(self, why: str) -> None:
+        assert self.daemon is not None
+        self.ready.clear()
+        self.daemon.kill9()
+        self.echo(f"  kill -9 daemon ({why})")
+        await asyncio.sleep(self.rng.uniform(0.2, 2.0))
+        self.res.restart_to_ready_s.append(await self._start_daemon())
+
+    async def scheduler(self) -> None:
+        enabled = [k for k in self.o.faults if k not in self.res.skipped]
+        while enabled and not self.ending:
+            await asyncio.sleep(self.rng.expovariate(1.0 / self.o.mean_gap_s))
+            if self.ending:
+                return
+            kind = self.rng.choice(enabled)
+            try:
+                async with self.busy:
+                    await self.episode(kind)
+            except Exception as exc:  # noqa: BLE001 - a harness failure is reported, never swallowed
+                self.res.violations.append(Violation("harness", f"fault {kind} failed: {exc!r}"))
+                return
+            enabled = [k for k in self.o.faults if k not in self.res.skipped]
+
+    async def episode(self, kind: str) -> None:
+        assert self.daemon is not None and self.sim is not None and self.broker is not None and self.sub is not None
+        rng = self.rng
+        if kind == "kill":
+            self.res.faults[kind] += 1
+            await self._kill_restart("random moment")
+        elif kind == "kill_challenge":
+            self.want_kill_challenge = True  # the operator kills at its next batch start
+        elif kind == "kill_close":
+            self.want_kill_close = True
+        elif kind == "stall":
+            self.res.faults[kind] += 1
+            d = rng.uniform(0.2, 5.0)
+            self.ready.clear()
+            kill_group(self.daemon.proc, signal.SIGSTOP)
+            try:
+                await asyncio.sleep(d)
+            finally:
+                kill_group(self.daemon.proc, signal.SIGCONT)
+                self.ready.set()
+        elif kind in ("plc_cold", "plc_warm"):
+            r = await self.sim_cmd(cmd="inject", device=self.plc, fault="plc_restart", cold=kind == "plc_cold")
+            if not r.get("ok"):
+                err = str(r.get("error"))
+                if "unknown" in err:
+                    self.res.skipped[kind] = f"simulator: {err[:100]}"
+                    self.echo(f"  {kind}: skipped ({err[:80]})")
+                    return
+                raise RuntimeError(f"plc_restart refused: {err}")
+            self.res.faults[kind] += 1
+        elif kind == "sim_crash":
+            self.res.faults[kind] += 1
+            self.sim.kill9()
+            for p in self.proxies.values():
+                p.reset_now()
+            await asyncio.sleep(rng.uniform(0.2, 2.0))
+            await self._start_sim()
+        elif kind in ("broker_keep", "broker_lose"):
+            self.res.faults[kind] += 1
+            await asyncio.to_thread(self.broker.restart, kind == "broker_keep")
+        elif kind == "consumer_late":
+            self.res.faults[kind] += 1
+            await self.sub.stop()
+            away = rng.uniform(2.0, 12.0)
+            if rng.random() < 0.5 and "broker_lose" in self.o.faults:
+                # the README's hard case: the broker loses its state while the consumer is away
+                await asyncio.sleep(away / 2)
+                self.res.faults["broker_lose"] += 1
+                await asyncio.to_thread(self.broker.restart, False)
+                await asyncio.sleep(away / 2)
+            else:
+                await asyncio.sleep(away)
+            self.sub.start()
+            await asyncio.wait_for(self.sub.connected.wait(), 20)
+        elif kind == "chaos":
+            self.res.faults[kind] += 1
+            links = list(self.proxies.items())
+            for name, proxy in links:
+                binary = name == self.plc  # Modbus TCP: no noise bytes (no real TCP link corrupts them)
+                proxy.set(
+                    garbage=0.0 if binary else rng.choice([0.0, 0.05, 0.2]),
+                    split=rng.choice([0.0, 0.3, 0.8]),
+                    delay_s=rng.choice([0.0, 0.0, 0.005, 0.03]),
+                    reset=rng.choice([0.0, 0.0, 0.002]),
+                    directions="down",
+                )
+            await asyncio.sleep(rng.uniform(2.0, 8.0))
+            if rng.random() < 0.5:
+                rng.choice(links)[1].reset_now()
+            for _, proxy in links:
+                proxy.clear()
+        elif kind == "disk_full":
+            self.res.faults[kind] += 1
+            await self._disk_full(rng.uniform(1.0, 6.0))
+        elif kind == "operator":
+            self.res.faults[kind] += 1
+            await self._operator_action()
+        elif kind == "hostile":
+            self.res.faults[kind] += 1
+            await self._hostile()
+        else:
+            raise ValueError(f"unknown fault kind {kind!r}")
+
+    async def _disk_full(self, seconds: float) -> None:
+        """The store cannot grow: RLIMIT_FSIZE of the daemon lowered to the current size of its files.
+
+        CPython ignores SIGXFSZ, so a write past the limit fails with EFBIG in
+        SQLite, as a full disk fails with ENOSPC; the daemon's log goes through a
+        pipe and is not affected. Then the limit is lifted: space is back.
+        """
+        assert self.daemon is not None
+        sizes = [f.stat().st_size for f in self.dir.glob("line.db*") if f.exists()]
+        limit = max(sizes or [0]) + 4096
+        pid = self.daemon.pid
+        try:
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+        except (ProcessLookupError, PermissionError, OSError) as exc:
+            self.res.notes.append(f"disk_full not applied: {exc}")
+            return
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+                resource.prlimit(pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+
+    async def _operator_action(self) -> None:
+        rng = self.rng
+        action = rng.choice(["pause", "resume", "stop", "start", "challenge", "close", "state"])
+        via_cli = rng.random() < 0.25
+        names = {"pause": "pause_batch", "resume": "resume_batch", "stop": "stop_batch", "start": "start_batch",
+                 "challenge": "challenge", "close": "close_batch", "state": "request_state"}
+        self.echo(f"  operator: {action}{' (linectl batch)' if via_cli else ''}")
+        if action in ("pause", "stop"):
+            self.hold_until = time.monotonic() + rng.uniform(0.5, 4.0)
+        if action == "challenge" and self.kinds:
+            await self.sim_cmd(cmd="challenge", kinds=self.kinds)
+        if via_cli:
+            extra = ["--unused", "return"] if action == "close" else []
+            await self.cli_command(action, *extra)
+        else:
+            body = {"unused_serials": "return"} if action == "close" else {}
+            await self.command(names[action], **body)
+
+    async def _hostile(self) -> None:
+        """What a misconfigured HMI or a hostile client publishes on the command topics."""
+        import aiomqtt
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        assert self.broker is not None
+        rng = self.rng
+        cmd = f"{self.root}/cmd/"
+        kind = rng.choice(["malformed", "empty", "retained_start", "retained_clear", "oversize", "nested", "sys_reply", "events_reply", "garbage_verify", "unknown"])
+        self.echo(f"  hostile: {kind}")
+
+        def props(topic: str) -> Properties:
+            p = Properties(PacketTypes.PUBLISH)
+            p.ResponseTopic = topic
+            p.CorrelationData = b"x"
+            return p
+
+        async with aiomqtt.Client("127.0.0.1", self.broker.port, identifier=f"campaign-hostile-{uuid.uuid4().hex[:8]}", protocol=aiomqtt.ProtocolVersion.V5) as c:
+            if kind == "malformed":
+                await c.publish(cmd + "start_batch", b'{"name": "start_batch", "command_id": ', qos=1)
+            elif kind == "empty":
+                await c.publish(cmd + "start_batch", b"", qos=1)
+            elif kind == "retained_start":
+                await c.publish(cmd + "start_batch", json.dumps({"name": "start_batch", "command_id": uuid.uuid4().hex, "actor": "stale-hmi"}), qos=1, retain=True)
+            elif kind == "retained_clear":
+                await c.publish(cmd + "start_batch", b"", qos=1, retain=True)
+            elif kind == "oversize":
+                await c.publish(cmd + "verify_code", json.dumps({"name": "verify_code", "code": "A" * 1_200_000}), qos=1)
+            elif kind == "nested":
+                depth = 100_000
+                await c.publish(cmd + "request_state", b"[" * depth + b"]" * depth, qos=1)
+            elif kind == "sys_reply":
+                await c.publish(cmd + "request_state", json.dumps({"name": "request_state", "command_id": uuid.uuid4().hex}), qos=1, properties=props("$SYS/x"))
+            elif kind == "events_reply":
+                await c.publish(cmd + "request_state", json.dumps({"name": "request_state", "command_id": uuid.uuid4().hex}), qos=1, properties=props(f"{self.root}/events"))
+            elif kind == "garbage_verify":
+                for _ in range(20):
+                    junk = "".join(rng.choice("0123456789ABCDEF]d\x1d") for _ in range(rng.randint(1, 60)))
+                    await c.publish(cmd + "verify_code", json.dumps({"name": "verify_code", "code": junk}), qos=1)
+            elif kind == "unknown":
+                await c.publish(cmd + "format_disk", json.dumps({"name": "format_disk"}), qos=1)
+        await asyncio.sleep(0.5)
+
+    # ------------------------------------------------------------------ the run
+
+    async def heal(self) -> None:
+        """Every fault undone: daemon running and not stopped, full disk gone, links clean, broker and consumer back."""
+        assert self.daemon is not None and self.sim is not None and self.broker is not None and self.sub is not None
+        kill_group(self.daemon.proc, signal.SIGCONT)
+        if self.daemon.alive:
+            with contextlib.suppress(ProcessLookupError, PermissionError, OSError):
+                resource.prlimit(self.daemon.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        for p in self.proxies.values():
+            p.clear()
+        if self.broker.proc is None or self.broker.proc.poll() is not None:
+            self.broker.start()
+        if not self.sim.alive:
+            await self._start_sim()
+        if not self.daemon.alive:
+            self.res.violations.append(Violation("harness", f"daemon had exited on its own (rc {self.daemon.proc.returncode if self.daemon.proc else '?'})"))
+            self.res.restart_to_ready_s.append(await self._start_daemon())
+        self.sub.start()
+        await asyncio.wait_for(self.sub.connected.wait(), 20)
+        # a retained command a hostile client left must not outlive the run
+        import aiomqtt
+
+        with contextlib.suppress(aiomqtt.MqttError):
+            async with aiomqtt.Client("127.0.0.1", self.broker.port, identifier=f"campaign-clean-{uuid.uuid4().hex[:8]}") as c:
+                await c.publish(f"{self.root}/cmd/start_batch", b"", qos=1, retain=True)
+
+    async def finish(self) -> None:
+        """Stop and close the open batch, wait for the belt to empty and the outbox to drain."""
+        deadline = time.monotonic() + 90
+        last: Any = None
+        while time.monotonic() < deadline:
+            st = await self.state()
+            if st is None:
+                await asyncio.sleep(0.5)
+                continue
+            state = st.get("state")
+            if st.get("batch") is None or state == "closed":
+                break
+            if state in ("running", "paused", "challenge"):
+                last = await self.command("stop_batch", reason="campaign end")
+                await asyncio.sleep(0.5)
+                continue
+            last = await self.command("close_batch", unused_serials="return")
+            if last is not None and last.get("ok"):
+                break
+            await asyncio.sleep(1.0)
+        else:
+            self.res.violations.append(Violation("close", f"the open batch could not be stopped and closed within 90 s: last reply {json.dumps(last)[:400]}"))
+        # ground truth final: nothing on the belt
+        for _ in range(100):
+            s = await self.sim_cmd(cmd="status")
+            if s.get("ok") and all(int(c.get("in_flight", 0)) == 0 for c in s["conveyors"].values()):
+                break
+            await asyncio.sleep(0.2)
+        # everything stored has left the outbox and reached the consumer
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with contextlib.suppress(sqlite3.Error):
+                left = ro_query(self.db, "SELECT count(*) FROM outbox WHERE forwarded_at IS NULL")[0][0]
+                ids = {r[0] for r in ro_query(self.db, "SELECT event_id FROM outbox")}
+                assert self.sub is not None
+                if left == 0 and ids <= self.sub.event_ids:
+                    break
+                if left == 0:
+                    await asyncio.sleep(1.0)  # delivered by the broker already, or lost: give stragglers a moment
+                    if ids <= self.sub.event_ids:
+                        break
+                    break
+            await asyncio.sleep(0.5)
+
+    async def run(self) -> RunResult:
+        t0 = time.monotonic()
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            await self.setup()
+            tasks = [asyncio.create_task(self.operator(), name="operator"), asyncio.create_task(self.scheduler(), name="scheduler")]
+            end = t0 + self.o.seconds
+            while time.monotonic() < end:
+                await asyncio.sleep(0.5)
+                for t in tasks:
+                    if t.done() and t.exception() is not None:
+                        raise t.exception()  # type: ignore[misc]
+            self.ending = True
+            async with self.busy:
+                pass
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            self.want_kill_challenge = self.want_kill_close = False
+            await self.heal()
+            await self.finish()
+            assert self.daemon is not None and self.sim is not None
+            self.daemon.stop()
+            if self.daemon.proc is not None and self.daemon.proc.returncode not in (0, None):
+                self.res.notes.append(f"daemon exit code at the end: {self.daemon.proc.returncode}")
+            self.sim.stop()
+            await self.check()
+        except Exception as exc:  # noqa: BLE001 - a run that cannot finish is a finding, with its logs kept
+            self.res.violations.append(Violation("harness", f"{type(exc).__name__}: {exc}"))
+        finally:
+            for t in tasks:
+                t.cancel()
+            if self.sub is not None:
+                await self.sub.stop()
+            for p in self.proxies.values():
+                await p.stop()
+            for child in (self.daemon, self.sim):
+                if child is not None:
+                    kill_group(child.proc, signal.SIGCONT)
+                    kill_group(child.proc, signal.SIGKILL)
+            if self.broker is not None:
+                self.broker.close()
+            self.res.seconds = time.monotonic() - t0
+            if self.res.ok and not self.o.keep:
+                shutil.rmtree(self.dir, ignore_errors=True)
+        return self.res
+
+    # ------------------------------------------------------------------ the checks
+
+    async def check(self) -> None:
+        viol = self.res.violations
+        truth = load_journal(self.journal)
+        units = truth["units"]
+        fed = [u for u in units if u.get("fed")]
+        gated = [u for u in fed if u.get("outcome")]
+        prod = [u for u in fed if not u.get("challenge")]
+        self.res.units = {
+            "fed": len(fed),
+            "production": len(prod),
+            "challenge": len(fed) - len(prod),
+            "passed": sum(1 for u in gated if u["outcome"] == "passed"),
+            "rejected": sum(1 for u in gated if u["outcome"] == "rejected"),
+            "lost_in_sim_crash": len(fed) - len(gated),
+            "defects": sum(1 for u in fed if u.get("defect")),
+            "simulator_runs": truth["runs"],
+        }
+        ev = store_events(self.db)
+        comm: Counter[str] = ev["commissioned"]
+        decomm: dict[str, list[str]] = ev["decommissioned"]
+        states: dict[str, str] = ev["states"]
+        # 1. no defective or uncoded unit passed the gate
+        passed_good: dict[str, dict[str, Any]] = {}
+        on_units: dict[str, list[dict[str, Any]]] = {}
+        for u in fed:
+            serial = parse_element_string(u.get("content")).get("21")
+            u["serial"] = serial
+            u["lot"] = parse_element_string(u.get("content")).get("10")
+            if serial and not u.get("defect") and not u.get("challenge"):
+                on_units.setdefault(serial, []).append(u)
+            if u.get("outcome") != "passed":
+                continue
+            if u.get("defect") or u.get("challenge") or not u.get("content"):
+                what = u.get("defect") or f"challenge {u.get('challenge')}" or "uncoded"
+                viol.append(Violation("bad_passed", f"unit {u['uid']} (seq {u['seq']}, {what}) passed the gate"))
+            elif serial:
+                passed_good[serial] = u
+        # 2. every unit that passed is commissioned exactly once and never decommissioned
+        for s, u in passed_good.items():
+            if comm[s] != 1:
+                viol.append(Violation("passed_commissioned", f"serial {s} (unit {u['uid']}, seq {u['seq']}) passed the gate but was commissioned {comm[s]} time(s)"))
+            if s in decomm:
+                viol.append(Violation("passed_decommissioned", f"serial {s} passed the gate (unit {u['uid']}, seq {u['seq']}) and was decommissioned ({', '.join(decomm[s])})"))
+            elif states.get(s) != "commissioned":
+                viol.append(Violation("passed_commissioned", f"serial {s} passed the gate but its registry state is {states.get(s)!r}"))
+        # a unit that went to the bin (or never reached the gate) must not be on the market
+        for s, n in comm.items():
+            if s in passed_good or states.get(s) != "commissioned":
+                continue
+            where = on_units.get(s)
+            fate = ", ".join(f"{x['uid']} {x.get('outcome') or 'lost'}" for x in where) if where else "on no unit that was fed"
+            viol.append(Violation("commissioned_not_passed", f"serial {s} is commissioned but its unit did not pass the gate ({fate})"))
+        # 3. no serial on two physical units, none commissioned twice
+        for s, us in on_units.items():
+            if len(us) > 1:
+                viol.append(Violation("serial_on_two_units", f"serial {s} printed on {len(us)} units: {[x['uid'] for x in us]}"))
+        for s, n in comm.items():
+            if n > 1:
+                viol.append(Violation("commissioned_twice", f"serial {s} commissioned {n} times"))
+        # 4. every decommissioned serial belongs to a unit proven rejected or never printed
+        for s, reasons in decomm.items():
+            us = on_units.get(s, [])
+            if any(x.get("outcome") == "passed" for x in us):
+                continue  # already reported as passed_decommissioned
+            unproven = [x for x in us if x.get("outcome") not in ("rejected", None)]
+            if unproven:
+                viol.append(Violation("decommissioned_unproven", f"serial {s} decommissioned ({', '.join(reasons)}) but its unit's fate is {[x.get('outcome') for x in unproven]}"))
+        # 5. no production unit of a batch precedes its complete challenge
+        self._check_challenges(fed)
+        # 6. the report balances by serials and by packs
+        for lot in [x["lot"] for x in self.lots]:
+            await self._check_report(lot, [u for u in passed_good.values() if u.get("lot") == lot])
+        # 7. every stored event reached the subscriber
+        assert self.sub is not None
+        ids = ev["event_ids"]
+        missing = [i for i in ids if i not in self.sub.event_ids]
+        if missing:
+            viol.append(Violation("event_lost", f"{len(missing)} of {len(ids)} stored events never reached the subscriber (first: {missing[:3]})"))
+        if ev["unforwarded"]:
+            viol.append(Violation("event_lost", f"{ev['unforwarded']} outbox rows still not forwarded at the end"))
+        for f in self.sub.foreign[:5]:
+            viol.append(Violation("foreign_in_events", f"non-EPCIS message on {self.root}/events: {f}"))
+        # 8. audit verify passes
+        rc, out = await self._linectl("audit", "verify", "--db", str(self.db))
+        if rc != 0:
+            viol.append(Violation("audit_verify", f"linectl audit verify exit {rc}: {out[-300:]}"))
+
+    def _check_challenges(self, fed: list[dict[str, Any]]) -> None:
+        if not self.kinds:
+            return
+        order = sorted(fed, key=lambda u: u["fed_t"])
+        for i, b in enumerate(self.lots):
+            lot, t0 = b["lot"], b["created_t"]
+            first = next((u for u in order if u.get("lot") == lot and not u.get("challenge")), None)
+            if first is None:
+                continue
+            done = {u["challenge"] for u in order if u.get("challenge") and t0 <= u["fed_t"] <= first["fed_t"] and u.get("outcome") == "rejected"}
+            missing = [k for k in self.kinds if k not in done]
+            if missing:
+                viol = Violation("challenge_incomplete", f"batch {lot}: production unit {first['uid']} fed before the challenge was complete (not rejected yet: {missing})")
+                self.res.violations.append(viol)
+
+    async def _linectl(self, *args: str) -> tuple[int, str]:
+        p = await asyncio.create_subprocess_exec(sys.executable, "-m", "linectl", *args, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(p.communicate(), 120)
+        return int(p.returncode or 0), out.decode(errors="replace")
+
+    async def _check_report(self, lot: str, passed: list[dict[str, Any]]) -> None:
+        rc, out = await self._linectl("report", "--db", str(self.db), "--batch", lot, "--json")
+        try:
+            rep = json.loads(out[out.index("{") :])
+        except ValueError:
+            self.res.violations.append(Violation("report", f"batch {lot}: linectl report exit {rc}: {out[-300:]}"))
+            return
+        problems = rep.get("problems") or []
+        if rep.get("state") != "closed":
+            if not problems:
+                self.res.violations.append(Violation("report", f"batch {lot} is {rep.get('state')} and its report names nothing open"))
+            return
+        if not rep.get("balanced"):
+            self.res.violations.append(Violation("report", f"batch {lot}: closed but not balanced: {problems[:3]}"))
+        if rep.get("provisioned") != sum(int(rep.get(k) or 0) for k in ("commissioned", "decommissioned", "returned", "voided")):
+            self.res.violations.append(Violation("report", f"batch {lot}: serials do not add up: {({k: rep.get(k) for k in ('provisioned', 'commissioned', 'decommissioned', 'returned', 'voided')})}"))
+        if int(rep.get("commissioned") or 0) != len(passed):
+            self.res.violations.append(Violation("report_packs", f"batch {lot}: report says {rep.get('commissioned')} commissioned, {len(passed)} coded packs of the lot passed the gate"))
+
+
+# --------------------------------------------------------------------------- ground truth and store readers
+
+
+def load_journal(path: Path) -> dict[str, Any]:
+    """Units from the simulator's append-only journal: fed record + gate outcome, keyed by uid."""
+    units: dict[str, dict[str, Any]] = {}
+    runs = 0
+    if not path.exists():
+        return {"units": [], "runs": 0}
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            kind = rec.get("ev")
+            if kind == "start":
+                runs += 1
+            elif kind == "fed":
+                u = dict(rec)
+                u["fed"] = True
+                u["fed_t"] = rec["t"]
+                units[rec["uid"]] = u
+            elif kind == "gate" and rec["uid"] in units:
+                units[rec["uid"]]["outcome"] = rec["outcome"]
+    return {"units": list(units.values()), "runs": runs}
+
+
+def store_events(db: Path) -> dict[str, Any]:
+    """Commissioning history and final states, read-only from the store (no writer, no migration)."""
+    commissioned: Counter[str] = Counter()
+    decommissioned: dict[str, list[str]] = {}
+    ids: list[str] = []
+    for event_id, kind, serial, body in ro_query(db, "SELECT event_id, kind, serial, body FROM outbox ORDER BY seq"):
+        ids.append(event_id)
+        if kind == "unit_commissioned":
+            commissioned[serial or json.loads(body).get("serial")] += 1
+        elif kind == "unit_decommissioned":
+            b = json.loads(body)
+            decommissioned.setdefault(serial or b.get("serial"), []).append(str(b.get("reason")))
+    states = {s: st for s, st in ro_query(db, "SELECT serial, state FROM serials WHERE lot IS NOT NULL")}
+    unforwarded = ro_query(db, "SELECT count(*) FROM outbox WHERE forwarded_at IS NULL")[0][0]
+    return {"commissioned": commissioned, "decommissioned": decommissioned, "states": states, "event_ids": ids, "unforwarded": unforwarded}
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def parse_faults(spec: str | None) -> tuple[str, ...]:
+    if not spec or spec == "all":
+        return FAULT_KINDS
+    kinds = tuple(k.strip() for k in spec.split(",") if k.strip())
+    bad = [k for k in kinds if k not in FAULT_KINDS]
+    if bad:
+        raise ValueError(f"unknown fault kind(s) {bad}; known: {', '.join(FAULT_KINDS)}")
+    return kinds
+
+
+async def run_campaign(opts: CampaignOptions) -> RunResult:
+    return await Campaign(opts).run()
+
+
+def run_sync(opts: CampaignOptions) -> RunResult:
+    return asyncio.run(run_campaign(opts))
+
