@@ -50,7 +50,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -65,6 +65,8 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "config" / "demo-line.yaml"
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
 GS = "\x1d"
+#: the reject reason that proves a challenge unit of each kind was recognised (linectl.engine.verify.CHALLENGE_EXPECTED_REASON)
+CHALLENGE_REASON = {"no_code": "no_read", "wrong_code": "wrong_content", "duplicate": "duplicate", "not_gs1": "not_gs1", "low_grade": "low_grade"}
 
 FAULT_KINDS = (
     "kill",  # kill -9 of the daemon at a random moment, then restart
@@ -157,6 +159,9 @@ class RunResult:
             f"  units: {u}",
             f"  violations: {len(self.violations)}" + (f" {dict(sorted(self.by_check().items()))}" if self.violations else ""),
         ]
+        if self.restart_to_ready_s:
+            r = sorted(self.restart_to_ready_s)
+            lines.append(f"  daemon restart to answering commands: {len(r)} restarts, median {r[len(r) // 2]:.1f} s, max {r[-1]:.1f} s")
         if self.skipped:
             lines.append(f"  skipped: {self.skipped}")
         for v in self.violations[:12]:
@@ -467,13 +472,16 @@ class Campaign:
         self.hold_until = 0.0  # operator leaves a pause / stop alone until then
         self.want_kill_challenge = False
         self.want_kill_close = False
+        self._last_state: str | None = None
+        self.challenge_t = 0.0  # when challenge units were last put on the infeed
         self.ready = asyncio.Event()  # the daemon is up (not killed / stalled / restarting)
         self.busy = asyncio.Lock()  # one fault episode or operator action on the daemon at a time
         self.ending = False
+        self.t0 = time.monotonic()
 
     def echo(self, msg: str) -> None:
         if self.o.echo is not None:
-            self.o.echo(msg)
+            self.o.echo(f"{time.monotonic() - self.t0:7.1f}s {msg.strip()}")
 
     # ------------------------------------------------------------------ setup
 
@@ -652,7 +660,6 @@ class Campaign:
 
     async def operator(self) -> None:
         """Keeps the line producing, as an operator at the HMI would: new batch, challenge units, start, resume, close."""
-        challenge_t = 0.0
         while True:
             await asyncio.sleep(0.5)
             if self.ending:
@@ -665,6 +672,9 @@ class Campaign:
                     continue
                 batch = st.get("batch")
                 state = st.get("state")
+                if state != self._last_state:
+                    self.echo(f"line: {self._last_state} -> {state} (good {batch.get('good') if batch else '-'}, fault {st.get('fault')})")
+                    self._last_state = state
                 if batch is None or state == "closed":
                     await self._new_batch()
                     continue
@@ -674,9 +684,11 @@ class Campaign:
                 if state == "challenge":
                     sim = await self.sim_cmd(cmd="status")
                     conv = next(iter((sim.get("conveyors") or {}).values()), {}) if sim.get("ok") else {}
-                    if conv and conv.get("challenge_queued", 1) == 0 and conv.get("in_flight", 1) == 0 and time.monotonic() - challenge_t > 4.0:
-                        await self.sim_cmd(cmd="challenge", kinds=self.kinds)  # the line still asks for challenge units
-                        challenge_t = time.monotonic()
+                    if conv and conv.get("challenge_queued", 1) == 0 and conv.get("in_flight", 1) == 0 and time.monotonic() - self.challenge_t > 8.0:
+                        # the line has asked for challenge units for a while and none is left to feed: feed a set
+                        await self.sim_cmd(cmd="challenge", kinds=self.kinds)
+                        self.challenge_t = time.monotonic()
+                        self.echo("operator: the line still waits for challenge units: fed a new set")
                     continue
                 if state == "paused":
                     await self.command("resume_batch")
@@ -687,6 +699,7 @@ class Campaign:
                     else:
                         await self.command("ack_alarm")
                         await self.command("reset")
+                        self.echo(f"operator: restart after stop (alarms {[a.get('code') for a in st.get('alarms') or []][-4:]})")
                         await self._start_batch()
                     continue
 
@@ -695,6 +708,7 @@ class Campaign:
         lot = f"C{self.o.seed % 10000}N{self.batch_n}{uuid.uuid4().hex[:4].upper()}"
         expiry = (date.today() + timedelta(days=700)).strftime("%y%m%d")
         r = await self.command("create_batch", lot=lot, gtin=self.gtin, expiry=expiry, planned_qty=self.o.batch_units)
+        self.echo(f"operator: create_batch {lot} -> {'ok' if r and r.get('ok') else (r or {}).get('error', 'no reply')}")
         if r is not None and r.get("ok"):
             self.lots.append({"lot": lot, "created_t": time.time()})
             self.res.batches.append(lot)
@@ -705,16 +719,19 @@ class Campaign:
         conv = next(iter((sim.get("conveyors") or {}).values()), {}) if sim.get("ok") else {}
         if self.kinds and conv.get("challenge_queued", 0) == 0:
             await self.sim_cmd(cmd="challenge", kinds=self.kinds)
-        await self.command("start_batch")
+            self.challenge_t = time.monotonic()
+        r = await self.command("start_batch")
+        self.echo(f"operator: start_batch -> {'ok' if r and r.get('ok') else (r or {}).get('error', 'no reply')}")
         if self.want_kill_challenge:
             self.want_kill_challenge = False
-            await asyncio.sleep(self.rng.uniform(0.3, 2.0))
+            await asyncio.sleep(self.rng.uniform(0.05, 1.0))
             st = await self.state()
             self.res.faults["kill_challenge"] += 1
             await self._kill_restart(f"during {st.get('state') if st else '?'}")
 
     async def _close_batch(self) -> None:
         r = await self.command("close_batch", unused_serials="return")
+        self.echo(f"operator: close_batch -> {'ok' if r and r.get('ok') else (r or {}).get('error', 'no reply')}")
         if self.want_kill_close:
             self.want_kill_close = False
             self.res.faults["kill_close"] += 1
@@ -730,22 +747,31 @@ class Campaign:
         self.daemon.kill9()
         self.echo(f"  kill -9 daemon ({why})")
         await asyncio.sleep(self.rng.uniform(0.2, 2.0))
-        self.res.restart_to_ready_s.append(await self._start_daemon())
+        took = await self._start_daemon()
+        self.res.restart_to_ready_s.append(took)
+        self.echo(f"daemon answering again {took:.1f} s after its restart")
 
     async def scheduler(self) -> None:
-        enabled = [k for k in self.o.faults if k not in self.res.skipped]
-        while enabled and not self.ending:
+        """Fault episodes one at a time, at exponential intervals; kinds dealt from a seeded shuffled deck,
+        so a short run still sees every enabled kind before any kind comes twice."""
+        deck: list[str] = []
+        while not self.ending:
             await asyncio.sleep(self.rng.expovariate(1.0 / self.o.mean_gap_s))
-            if self.ending:
+            enabled = [k for k in self.o.faults if k not in self.res.skipped]
+            if self.ending or not enabled:
                 return
-            kind = self.rng.choice(enabled)
+            deck = [k for k in deck if k in enabled]
+            if not deck:
+                deck = list(enabled)
+                self.rng.shuffle(deck)
+            kind = deck.pop()
+            self.echo(f"fault: {kind}")
             try:
                 async with self.busy:
                     await self.episode(kind)
             except Exception as exc:  # noqa: BLE001 - a harness failure is reported, never swallowed
                 self.res.violations.append(Violation("harness", f"fault {kind} failed: {exc!r}"))
                 return
-            enabled = [k for k in self.o.faults if k not in self.res.skipped]
 
     async def episode(self, kind: str) -> None:
         assert self.daemon is not None and self.sim is not None and self.broker is not None and self.sub is not None
@@ -986,12 +1012,22 @@ class Campaign:
             await asyncio.sleep(0.5)
 
     async def run(self) -> RunResult:
-        t0 = time.monotonic()
+        t0 = self.t0 = time.monotonic()
+        loop = asyncio.get_running_loop()
+        default_handler = loop.get_exception_handler()
+
+        def quiet(lp: asyncio.AbstractEventLoop, ctx: dict[str, Any]) -> None:
+            # aiomqtt leaves a future with "Unexpected disconnection" behind when the broker is killed: expected here
+            if "disconnect" in str(ctx.get("exception", "")).lower():
+                return
+            (default_handler or lp.default_exception_handler)(ctx) if default_handler else lp.default_exception_handler(ctx)
+
+        loop.set_exception_handler(quiet)
         tasks: list[asyncio.Task[None]] = []
         try:
             await self.setup()
             tasks = [asyncio.create_task(self.operator(), name="operator"), asyncio.create_task(self.scheduler(), name="scheduler")]
-            end = t0 + self.o.seconds
+            end = time.monotonic() + self.o.seconds  # fault time, after the line is up
             while time.monotonic() < end:
                 await asyncio.sleep(0.5)
                 for t in tasks:
@@ -1102,7 +1138,7 @@ class Campaign:
             if unproven:
                 viol.append(Violation("decommissioned_unproven", f"serial {s} decommissioned ({', '.join(reasons)}) but its unit's fate is {[x.get('outcome') for x in unproven]}"))
         # 5. no production unit of a batch precedes its complete challenge
-        self._check_challenges(fed)
+        self._check_challenges(fed, ev["challenge_results"])
         # 6. the report balances by serials and by packs
         for lot in [x["lot"] for x in self.lots]:
             await self._check_report(lot, [u for u in passed_good.values() if u.get("lot") == lot])
@@ -1121,20 +1157,43 @@ class Campaign:
         if rc != 0:
             viol.append(Violation("audit_verify", f"linectl audit verify exit {rc}: {out[-300:]}"))
 
-    def _check_challenges(self, fed: list[dict[str, Any]]) -> None:
+    def _check_challenges(self, fed: list[dict[str, Any]], results: list[dict[str, Any]]) -> None:
+        """Before the first production unit of a batch, every configured challenge kind was physically fed,
+        went to the reject bin, and was recognised for its own reason (a fail-safe reject of a dead
+        controller proves nothing about the verification).
+
+        A kind counts when a ChallengeResult of the lot (rejected, with the expected reason) names a unit
+        seq at which the journal has a challenge unit of that kind that went to the bin, fed after the
+        batch was created and before its first production unit.
+        """
         if not self.kinds:
             return
         order = sorted(fed, key=lambda u: u["fed_t"])
-        for i, b in enumerate(self.lots):
+        for b in self.lots:
             lot, t0 = b["lot"], b["created_t"]
             first = next((u for u in order if u.get("lot") == lot and not u.get("challenge")), None)
             if first is None:
                 continue
-            done = {u["challenge"] for u in order if u.get("challenge") and t0 <= u["fed_t"] <= first["fed_t"] and u.get("outcome") == "rejected"}
+            window = [u for u in order if u.get("challenge") and t0 <= u["fed_t"] <= first["fed_t"]]
+            done: set[str] = set()
+            for r in results:
+                if r.get("lot") != lot or not r.get("rejected") or r.get("t", 0) > first["fed_t"]:
+                    continue
+                k = r.get("challenge")
+                if r.get("reason_seen") != CHALLENGE_REASON.get(k):
+                    continue
+                if any(u["challenge"] == k and u["seq"] == r.get("seq") and u.get("outcome") == "rejected" for u in window):
+                    done.add(k)
             missing = [k for k in self.kinds if k not in done]
             if missing:
-                viol = Violation("challenge_incomplete", f"batch {lot}: production unit {first['uid']} fed before the challenge was complete (not rejected yet: {missing})")
-                self.res.violations.append(viol)
+                fed_kinds = Counter(u["challenge"] for u in window)
+                self.res.violations.append(
+                    Violation(
+                        "challenge_incomplete",
+                        f"batch {lot}: production unit {first['uid']} fed before the challenge was complete: not proven {missing} "
+                        f"(challenge units fed in the window: {dict(fed_kinds)})",
+                    )
+                )
 
     async def _linectl(self, *args: str) -> tuple[int, str]:
         p = await asyncio.create_subprocess_exec(sys.executable, "-m", "linectl", *args, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -1194,6 +1253,7 @@ def store_events(db: Path) -> dict[str, Any]:
     commissioned: Counter[str] = Counter()
     decommissioned: dict[str, list[str]] = {}
     ids: list[str] = []
+    challenges: list[dict[str, Any]] = []
     for event_id, kind, serial, body in ro_query(db, "SELECT event_id, kind, serial, body FROM outbox ORDER BY seq"):
         ids.append(event_id)
         if kind == "unit_commissioned":
@@ -1201,9 +1261,14 @@ def store_events(db: Path) -> dict[str, Any]:
         elif kind == "unit_decommissioned":
             b = json.loads(body)
             decommissioned.setdefault(serial or b.get("serial"), []).append(str(b.get("reason")))
+        elif kind == "challenge_result":
+            b = json.loads(body)
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                b["t"] = datetime.fromisoformat(b["event_time"]).timestamp()
+            challenges.append(b)
     states = {s: st for s, st in ro_query(db, "SELECT serial, state FROM serials WHERE lot IS NOT NULL")}
     unforwarded = ro_query(db, "SELECT count(*) FROM outbox WHERE forwarded_at IS NULL")[0][0]
-    return {"commissioned": commissioned, "decommissioned": decommissioned, "states": states, "event_ids": ids, "unforwarded": unforwarded}
+    return {"commissioned": commissioned, "decommissioned": decommissioned, "states": states, "challenge_results": challenges, "event_ids": ids, "unforwarded": unforwarded}
 
 
 # --------------------------------------------------------------------------- entry points

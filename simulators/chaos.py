@@ -103,7 +103,7 @@ class ChaosProxy:
         new = ChaosSettings(**{**asdict(self.settings), **kw})
         new.validate()
         self.settings = new
-        log.info("chaos_set", link=self.name, **asdict(new))
+        log.debug("chaos_set", link=self.name, **asdict(new))
         return asdict(new)
 
     def clear(self) -> None:
