@@ -707,10 +707,11 @@ class Campaign:
         self.batch_n += 1
         lot = f"C{self.o.seed % 10000}N{self.batch_n}{uuid.uuid4().hex[:4].upper()}"
         expiry = (date.today() + timedelta(days=700)).strftime("%y%m%d")
+        created_t = time.time()  # before the command: nothing of this batch can have been fed earlier
         r = await self.command("create_batch", lot=lot, gtin=self.gtin, expiry=expiry, planned_qty=self.o.batch_units)
         self.echo(f"operator: create_batch {lot} -> {'ok' if r and r.get('ok') else (r or {}).get('error', 'no reply')}")
         if r is not None and r.get("ok"):
-            self.lots.append({"lot": lot, "created_t": time.time()})
+            self.lots.append({"lot": lot, "created_t": created_t})
             self.res.batches.append(lot)
             await self._start_batch()
 
@@ -1071,136 +1072,27 @@ class Campaign:
     # ------------------------------------------------------------------ the checks
 
     async def check(self) -> None:
-        viol = self.res.violations
+        """Truth (journal), store (read-only), subscriber: the pure checks, then report and audit per batch."""
         truth = load_journal(self.journal)
-        units = truth["units"]
-        fed = [u for u in units if u.get("fed")]
-        gated = [u for u in fed if u.get("outcome")]
-        prod = [u for u in fed if not u.get("challenge")]
-        self.res.units = {
-            "fed": len(fed),
-            "production": len(prod),
-            "challenge": len(fed) - len(prod),
-            "passed": sum(1 for u in gated if u["outcome"] == "passed"),
-            "rejected": sum(1 for u in gated if u["outcome"] == "rejected"),
-            "lost_in_sim_crash": len(fed) - len(gated),
-            "defects": sum(1 for u in fed if u.get("defect")),
-            "simulator_runs": truth["runs"],
-        }
+        fed = truth["units"]
+        self.res.units = unit_counts(fed, truth["runs"])
         ev = store_events(self.db)
-        comm: Counter[str] = ev["commissioned"]
-        decomm: dict[str, list[str]] = ev["decommissioned"]
-        states: dict[str, str] = ev["states"]
-        # 1. no defective or uncoded unit passed the gate
-        passed_good: dict[str, dict[str, Any]] = {}
-        on_units: dict[str, list[dict[str, Any]]] = {}
-        for u in fed:
-            serial = parse_element_string(u.get("content")).get("21")
-            u["serial"] = serial
-            u["lot"] = parse_element_string(u.get("content")).get("10")
-            if serial and not u.get("defect") and not u.get("challenge"):
-                on_units.setdefault(serial, []).append(u)
-            if u.get("outcome") != "passed":
-                continue
-            if u.get("defect") or u.get("challenge") or not u.get("content"):
-                what = u.get("defect") or f"challenge {u.get('challenge')}" or "uncoded"
-                viol.append(Violation("bad_passed", f"unit {u['uid']} (seq {u['seq']}, {what}) passed the gate"))
-            elif serial:
-                passed_good[serial] = u
-        # 2. every unit that passed is commissioned exactly once and never decommissioned
-        for s, u in passed_good.items():
-            if comm[s] != 1:
-                viol.append(Violation("passed_commissioned", f"serial {s} (unit {u['uid']}, seq {u['seq']}) passed the gate but was commissioned {comm[s]} time(s)"))
-            if s in decomm:
-                viol.append(Violation("passed_decommissioned", f"serial {s} passed the gate (unit {u['uid']}, seq {u['seq']}) and was decommissioned ({', '.join(decomm[s])})"))
-            elif states.get(s) != "commissioned":
-                viol.append(Violation("passed_commissioned", f"serial {s} passed the gate but its registry state is {states.get(s)!r}"))
-        # a unit that went to the bin (or never reached the gate) must not be on the market
-        for s, n in comm.items():
-            if s in passed_good or states.get(s) != "commissioned":
-                continue
-            where = on_units.get(s)
-            fate = ", ".join(f"{x['uid']} {x.get('outcome') or 'lost'}" for x in where) if where else "on no unit that was fed"
-            viol.append(Violation("commissioned_not_passed", f"serial {s} is commissioned but its unit did not pass the gate ({fate})"))
-        # 3. no serial on two physical units, none commissioned twice
-        for s, us in on_units.items():
-            if len(us) > 1:
-                viol.append(Violation("serial_on_two_units", f"serial {s} printed on {len(us)} units: {[x['uid'] for x in us]}"))
-        for s, n in comm.items():
-            if n > 1:
-                viol.append(Violation("commissioned_twice", f"serial {s} commissioned {n} times"))
-        # 4. every decommissioned serial belongs to a unit proven rejected or never printed
-        for s, reasons in decomm.items():
-            us = on_units.get(s, [])
-            if any(x.get("outcome") == "passed" for x in us):
-                continue  # already reported as passed_decommissioned
-            unproven = [x for x in us if x.get("outcome") not in ("rejected", None)]
-            if unproven:
-                viol.append(Violation("decommissioned_unproven", f"serial {s} decommissioned ({', '.join(reasons)}) but its unit's fate is {[x.get('outcome') for x in unproven]}"))
-        # 5. no production unit of a batch precedes its complete challenge
-        self._check_challenges(fed, ev["challenge_results"])
-        # 6. the report balances by serials and by packs
-        for lot in [x["lot"] for x in self.lots]:
-            await self._check_report(lot, [u for u in passed_good.values() if u.get("lot") == lot])
-        # 7. every stored event reached the subscriber
         assert self.sub is not None
-        ids = ev["event_ids"]
-        missing = [i for i in ids if i not in self.sub.event_ids]
-        if missing:
-            viol.append(Violation("event_lost", f"{len(missing)} of {len(ids)} stored events never reached the subscriber (first: {missing[:3]})"))
-        if ev["unforwarded"]:
-            viol.append(Violation("event_lost", f"{ev['unforwarded']} outbox rows still not forwarded at the end"))
-        for f in self.sub.foreign[:5]:
-            viol.append(Violation("foreign_in_events", f"non-EPCIS message on {self.root}/events: {f}"))
-        # 8. audit verify passes
+        self.res.violations += check_records(fed, ev, kinds=self.kinds, lots=self.lots, received=self.sub.event_ids, foreign=self.sub.foreign, root=self.root)
+        passed_by_lot = Counter(u.get("lot") for u in fed if u.get("outcome") == "passed" and not u.get("defect") and not u.get("challenge") and u.get("content"))
+        for lot in [x["lot"] for x in self.lots]:
+            await self._check_report(lot, passed_by_lot[lot])
         rc, out = await self._linectl("audit", "verify", "--db", str(self.db))
         if rc != 0:
-            viol.append(Violation("audit_verify", f"linectl audit verify exit {rc}: {out[-300:]}"))
-
-    def _check_challenges(self, fed: list[dict[str, Any]], results: list[dict[str, Any]]) -> None:
-        """Before the first production unit of a batch, every configured challenge kind was physically fed,
-        went to the reject bin, and was recognised for its own reason (a fail-safe reject of a dead
-        controller proves nothing about the verification).
-
-        A kind counts when a ChallengeResult of the lot (rejected, with the expected reason) names a unit
-        seq at which the journal has a challenge unit of that kind that went to the bin, fed after the
-        batch was created and before its first production unit.
-        """
-        if not self.kinds:
-            return
-        order = sorted(fed, key=lambda u: u["fed_t"])
-        for b in self.lots:
-            lot, t0 = b["lot"], b["created_t"]
-            first = next((u for u in order if u.get("lot") == lot and not u.get("challenge")), None)
-            if first is None:
-                continue
-            window = [u for u in order if u.get("challenge") and t0 <= u["fed_t"] <= first["fed_t"]]
-            done: set[str] = set()
-            for r in results:
-                if r.get("lot") != lot or not r.get("rejected") or r.get("t", 0) > first["fed_t"]:
-                    continue
-                k = r.get("challenge")
-                if r.get("reason_seen") != CHALLENGE_REASON.get(k):
-                    continue
-                if any(u["challenge"] == k and u["seq"] == r.get("seq") and u.get("outcome") == "rejected" for u in window):
-                    done.add(k)
-            missing = [k for k in self.kinds if k not in done]
-            if missing:
-                fed_kinds = Counter(u["challenge"] for u in window)
-                self.res.violations.append(
-                    Violation(
-                        "challenge_incomplete",
-                        f"batch {lot}: production unit {first['uid']} fed before the challenge was complete: not proven {missing} "
-                        f"(challenge units fed in the window: {dict(fed_kinds)})",
-                    )
-                )
+            self.res.violations.append(Violation("audit_verify", f"linectl audit verify exit {rc}: {out[-300:]}"))
 
     async def _linectl(self, *args: str) -> tuple[int, str]:
         p = await asyncio.create_subprocess_exec(sys.executable, "-m", "linectl", *args, cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         out, _ = await asyncio.wait_for(p.communicate(), 120)
         return int(p.returncode or 0), out.decode(errors="replace")
 
-    async def _check_report(self, lot: str, passed: list[dict[str, Any]]) -> None:
+    async def _check_report(self, lot: str, passed: int) -> None:
+        """The report of a closed batch balances by serials, and its commissioned count is the packs that passed."""
         rc, out = await self._linectl("report", "--db", str(self.db), "--batch", lot, "--json")
         try:
             rep = json.loads(out[out.index("{") :])
@@ -1216,8 +1108,154 @@ class Campaign:
             self.res.violations.append(Violation("report", f"batch {lot}: closed but not balanced: {problems[:3]}"))
         if rep.get("provisioned") != sum(int(rep.get(k) or 0) for k in ("commissioned", "decommissioned", "returned", "voided")):
             self.res.violations.append(Violation("report", f"batch {lot}: serials do not add up: {({k: rep.get(k) for k in ('provisioned', 'commissioned', 'decommissioned', 'returned', 'voided')})}"))
-        if int(rep.get("commissioned") or 0) != len(passed):
-            self.res.violations.append(Violation("report_packs", f"batch {lot}: report says {rep.get('commissioned')} commissioned, {len(passed)} coded packs of the lot passed the gate"))
+        if int(rep.get("commissioned") or 0) != passed:
+            self.res.violations.append(Violation("report_packs", f"batch {lot}: report says {rep.get('commissioned')} commissioned, {passed} coded packs of the lot passed the gate"))
+
+
+# --------------------------------------------------------------------------- the checks
+
+
+def unit_counts(fed: list[dict[str, Any]], runs: int) -> dict[str, int]:
+    gated = [u for u in fed if u.get("outcome")]
+    prod = [u for u in fed if not u.get("challenge")]
+    longest = run = 0
+    for u in sorted(prod, key=lambda x: x["fed_t"]):
+        run = run + 1 if u.get("content") is None else 0
+        longest = max(longest, run)
+    return {
+        "fed": len(fed),
+        "production": len(prod),
+        "challenge": len(fed) - len(prod),
+        "passed": sum(1 for u in gated if u["outcome"] == "passed"),
+        "rejected": sum(1 for u in gated if u["outcome"] == "rejected"),
+        "lost_in_sim_crash": len(fed) - len(gated),
+        "defects": sum(1 for u in fed if u.get("defect")),
+        "uncoded": sum(1 for u in prod if u.get("content") is None),
+        "uncoded_longest_run": longest,
+        "simulator_runs": runs,
+    }
+
+
+def check_records(
+    fed: list[dict[str, Any]],
+    ev: dict[str, Any],
+    *,
+    kinds: list[str],
+    lots: list[dict[str, Any]],
+    received: set[str],
+    foreign: list[str],
+    root: str = "<root>",
+) -> list[Violation]:
+    """The invariants that need no subprocess: ground truth (journal units) against the store's record
+    (`store_events`) and the subscriber (`received` eventIDs, `foreign` payloads on <root>/events).
+
+    A physical unit is known by the serial printed on it (AI 21 of its content);
+    PLC seqs restart with a cold PLC or a new simulator and identify nothing.
+    Units lost in a simulator crash (fed, never gated) are of unknown fate.
+    """
+    viol: list[Violation] = []
+    comm: Counter[str] = ev["commissioned"]
+    decomm: dict[str, list[str]] = ev["decommissioned"]
+    states: dict[str, str] = ev["states"]
+    passed_good: dict[str, dict[str, Any]] = {}
+    on_units: dict[str, list[dict[str, Any]]] = {}
+    # 1. no defective or uncoded unit passed the gate
+    for u in fed:
+        ais = parse_element_string(u.get("content"))
+        u["serial"], u["lot"] = ais.get("21"), ais.get("10")
+        serial = u["serial"]
+        if serial and not u.get("defect") and not u.get("challenge"):
+            on_units.setdefault(serial, []).append(u)
+        if u.get("outcome") != "passed":
+            continue
+        if u.get("defect") or u.get("challenge") or not u.get("content"):
+            what = u.get("defect") or (f"challenge {u['challenge']}" if u.get("challenge") else "uncoded")
+            viol.append(Violation("bad_passed", f"unit {u['uid']} (seq {u['seq']}, {what}) passed the gate"))
+        elif serial:
+            passed_good[serial] = u
+    # 2. every unit that passed is commissioned exactly once and never decommissioned
+    for s, u in passed_good.items():
+        if s in decomm:
+            viol.append(Violation("passed_decommissioned", f"serial {s} passed the gate (unit {u['uid']}, seq {u['seq']}) and was decommissioned ({', '.join(decomm[s])})"))
+        elif comm[s] != 1:
+            viol.append(Violation("passed_commissioned", f"serial {s} (unit {u['uid']}, seq {u['seq']}) passed the gate but was commissioned {comm[s]} time(s)"))
+        elif states.get(s) != "commissioned":
+            viol.append(Violation("passed_commissioned", f"serial {s} passed the gate but its registry state is {states.get(s)!r}"))
+    #    and a unit that went to the bin (or never reached the gate) is not on the market
+    for s in comm:
+        if s in passed_good or states.get(s) != "commissioned":
+            continue
+        where = on_units.get(s)
+        fate = ", ".join(f"{x['uid']} {x.get('outcome') or 'lost'}" for x in where) if where else "on no unit that was fed"
+        viol.append(Violation("commissioned_not_passed", f"serial {s} is commissioned but its unit did not pass the gate ({fate})"))
+    # 3. no serial on two physical units, none commissioned twice
+    for s, us in on_units.items():
+        if len(us) > 1:
+            viol.append(Violation("serial_on_two_units", f"serial {s} printed on {len(us)} units: {[x['uid'] for x in us]}"))
+    for s, n in comm.items():
+        if n > 1:
+            viol.append(Violation("commissioned_twice", f"serial {s} commissioned {n} times"))
+    # 4. every decommissioned serial belongs to a unit proven rejected or never printed (passed: reported above)
+    for s, reasons in decomm.items():
+        us = on_units.get(s, [])
+        if any(x.get("outcome") == "passed" for x in us):
+            continue
+        unproven = [x for x in us if x.get("outcome") not in ("rejected", None)]
+        if unproven:
+            viol.append(Violation("decommissioned_unproven", f"serial {s} decommissioned ({', '.join(reasons)}) but its unit's fate is {[x.get('outcome') for x in unproven]}"))
+    # 5. no production unit of a batch precedes its complete challenge
+    viol += check_challenges(fed, ev["challenge_results"], kinds, lots)
+    # 7. every stored event reached the subscriber
+    ids = ev["event_ids"]
+    missing = [i for i in ids if i not in received]
+    if missing:
+        viol.append(Violation("event_lost", f"{len(missing)} of {len(ids)} stored events never reached the subscriber (first: {missing[:3]})"))
+    if ev["unforwarded"]:
+        viol.append(Violation("event_lost", f"{ev['unforwarded']} outbox rows still not forwarded at the end"))
+    for f in foreign[:5]:
+        viol.append(Violation("foreign_in_events", f"non-EPCIS message on {root}/events: {f}"))
+    return viol
+
+
+def check_challenges(fed: list[dict[str, Any]], results: list[dict[str, Any]], kinds: list[str], lots: list[dict[str, Any]]) -> list[Violation]:
+    """Before the first production unit of a batch, every configured challenge kind was physically fed,
+    went to the reject bin, and was recognised for its own reason (a fail-safe reject of a dead
+    controller proves nothing about the verification).
+
+    A kind counts when a ChallengeResult of the lot (rejected, with the expected reason) names a unit
+    seq at which the journal has a challenge unit of that kind that went to the bin, fed after the
+    batch was created and before its first production unit.
+    """
+    out: list[Violation] = []
+    if not kinds:
+        return out
+    order = sorted(fed, key=lambda u: u["fed_t"])
+    for b in lots:
+        lot, t0 = b["lot"], b["created_t"]
+        first = next((u for u in order if u.get("lot") == lot and not u.get("challenge")), None)
+        if first is None:
+            continue
+        window = [u for u in order if u.get("challenge") and t0 <= u["fed_t"] <= first["fed_t"]]
+        done: set[str] = set()
+        for r in results:
+            if r.get("lot") != lot or not r.get("rejected") or r.get("t", 0) > first["fed_t"]:
+                continue
+            k = r.get("challenge")
+            if r.get("reason_seen") != CHALLENGE_REASON.get(k):
+                continue
+            if any(u["challenge"] == k and u["seq"] == r.get("seq") and u.get("outcome") == "rejected" for u in window):
+                done.add(k)
+        missing = [k for k in kinds if k not in done]
+        if missing:
+            fed_kinds = Counter(u["challenge"] for u in window)
+            out.append(
+                Violation(
+                    "challenge_incomplete",
+                    f"batch {lot}: production unit {first['uid']} fed before the challenge was complete: not proven {missing} "
+                    f"(challenge units fed in the window: {dict(fed_kinds)})",
+                )
+            )
+    return out
 
 
 # --------------------------------------------------------------------------- ground truth and store readers
