@@ -37,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-units", type=int, default=150, help="planned quantity of each batch")
     p.add_argument("--mean-gap", type=float, default=4.0, help="mean seconds between fault episodes")
     p.add_argument("--confirm", choices=["upstream", "puback"], default="upstream", help="mqtt.delivery_confirm asked of the daemon")
+    p.add_argument("--config", type=Path, default=None, help="line YAML to run (default config/demo-line.yaml)")
     p.add_argument("--keep", action="store_true", help="keep every run's work dir (kept anyway when a run has violations)")
     p.add_argument("--json", action="store_true", help="one JSON object per run instead of the text summary")
     a = p.parse_args(argv)
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         seed = a.seed + i
         opts = CampaignOptions(
             seconds=a.minutes * 60, seed=seed, faults=faults, rate_upm=a.rate, batch_units=a.batch_units,
-            mean_gap_s=a.mean_gap, confirm=a.confirm, keep=a.keep, echo=None if a.json else (lambda m: print(m, flush=True)),
+            mean_gap_s=a.mean_gap, confirm=a.confirm, **({"config": a.config} if a.config else {}), keep=a.keep, echo=None if a.json else (lambda m: print(m, flush=True)),
         )
         res = asyncio.run(run_campaign(opts))
         bad += 0 if res.ok else 1

@@ -723,22 +723,27 @@ class Campaign:
             self.challenge_t = time.monotonic()
         r = await self.command("start_batch")
         self.echo(f"operator: start_batch -> {'ok' if r and r.get('ok') else (r or {}).get('error', 'no reply')}")
-        if self.want_kill_challenge:
-            self.want_kill_challenge = False
+        if self.want_kill_challenge and r is not None and r.get("ok"):
             await asyncio.sleep(self.rng.uniform(0.05, 1.0))
             st = await self.state()
-            self.res.faults["kill_challenge"] += 1
-            await self._kill_restart(f"during {st.get('state') if st else '?'}")
+            if st is not None and st.get("state") == "challenge":
+                self.want_kill_challenge = False
+                self.res.faults["kill_challenge"] += 1
+                await self._kill_restart("during the challenge")
 
     async def _close_batch(self) -> None:
-        r = await self.command("close_batch", unused_serials="return")
-        self.echo(f"operator: close_batch -> {'ok' if r and r.get('ok') else (r or {}).get('error', 'no reply')}")
         if self.want_kill_close:
+            # kill -9 while the close is being executed: the command is out, its reply not yet back
             self.want_kill_close = False
             self.res.faults["kill_close"] += 1
-            await self._kill_restart("after close_batch")
-        elif r is not None and not r.get("ok"):
-            log.info("close_refused", reply=r)
+            task = asyncio.create_task(self.command("close_batch", timeout=5.0, unused_serials="return"))
+            await asyncio.sleep(self.rng.uniform(0.0, 0.3))
+            await self._kill_restart("during close_batch")
+            with contextlib.suppress(BaseException):
+                await task
+            return
+        r = await self.command("close_batch", unused_serials="return")
+        self.echo(f"operator: close_batch -> {'ok' if r and r.get('ok') else (r or {}).get('error', 'no reply')}")
 
     # ------------------------------------------------------------------ faults
 
@@ -781,7 +786,12 @@ class Campaign:
             self.res.faults[kind] += 1
             await self._kill_restart("random moment")
         elif kind == "kill_challenge":
-            self.want_kill_challenge = True  # the operator kills at its next batch start
+            st = await self.state()
+            if st is not None and st.get("state") == "challenge":
+                self.res.faults[kind] += 1
+                await self._kill_restart("during the challenge")
+            else:
+                self.want_kill_challenge = True  # the operator kills in the next challenge it starts
         elif kind == "kill_close":
             self.want_kill_close = True
         elif kind == "stall":
@@ -996,20 +1006,26 @@ class Campaign:
             if s.get("ok") and all(int(c.get("in_flight", 0)) == 0 for c in s["conveyors"].values()):
                 break
             await asyncio.sleep(0.2)
-        # everything stored has left the outbox and reached the consumer
+        # everything stored has left the outbox and reached the consumer: wait until it has, or until the
+        # outbox has been empty for 3 s (what the broker lost by then it has lost), at most 120 s
+        assert self.sub is not None
         deadline = time.monotonic() + 120
+        empty_since: float | None = None
         while time.monotonic() < deadline:
-            with contextlib.suppress(sqlite3.Error):
+            try:
                 left = ro_query(self.db, "SELECT count(*) FROM outbox WHERE forwarded_at IS NULL")[0][0]
                 ids = {r[0] for r in ro_query(self.db, "SELECT event_id FROM outbox")}
-                assert self.sub is not None
-                if left == 0 and ids <= self.sub.event_ids:
+            except sqlite3.Error:
+                await asyncio.sleep(0.5)
+                continue
+            if left == 0 and ids <= self.sub.event_ids:
+                break
+            if left == 0:
+                empty_since = empty_since or time.monotonic()
+                if time.monotonic() - empty_since > 3.0:
                     break
-                if left == 0:
-                    await asyncio.sleep(1.0)  # delivered by the broker already, or lost: give stragglers a moment
-                    if ids <= self.sub.event_ids:
-                        break
-                    break
+            else:
+                empty_since = None
             await asyncio.sleep(0.5)
 
     async def run(self) -> RunResult:
@@ -1323,7 +1339,20 @@ def parse_faults(spec: str | None) -> tuple[str, ...]:
 
 
 async def run_campaign(opts: CampaignOptions) -> RunResult:
-    return await Campaign(opts).run()
+    """One run. SIGTERM / SIGINT cancel it, and cancelling still kills every process it started."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    installed: list[int] = []
+    if task is not None and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, task.cancel)
+                installed.append(sig)
+    try:
+        return await Campaign(opts).run()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
 
 
 def run_sync(opts: CampaignOptions) -> RunResult:
