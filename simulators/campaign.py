@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import random
 import resource
@@ -60,6 +61,9 @@ from simulators.chaos import ChaosProxy
 from simulators.control import request as sim_request
 
 log = structlog.get_logger("simulators.campaign")
+#: paho's logger for the campaign's own clients: a broker killed under them is this harness's doing, not news
+QUIET_MQTT = logging.getLogger("simulators.campaign.mqtt")
+QUIET_MQTT.setLevel(logging.CRITICAL)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "config" / "demo-line.yaml"
@@ -67,6 +71,11 @@ MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exist
 GS = "\x1d"
 #: the reject reason that proves a challenge unit of each kind was recognised (linectl.engine.verify.CHALLENGE_EXPECTED_REASON)
 CHALLENGE_REASON = {"no_code": "no_read", "wrong_code": "wrong_content", "duplicate": "duplicate", "not_gs1": "not_gs1", "low_grade": "low_grade"}
+
+#: uncoded production packs fed in a row beyond which the line failed to stop. Generous: the stop rules
+#: (5 consecutive rejects, 3 no-reads) plus the units between printer and gate plus a 2 s PLC heartbeat
+#: timeout at 600 upm stay well below it.
+UNCODED_RUN_LIMIT = 60
 
 FAULT_KINDS = (
     "kill",  # kill -9 of the daemon at a random moment, then restart
@@ -394,11 +403,12 @@ class Subscriber:
 
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
+        quiet = QUIET_MQTT
         while True:
             try:
                 async with aiomqtt.Client(
                     "127.0.0.1", self.port_of(), identifier=self.client_id, protocol=aiomqtt.ProtocolVersion.V5,
-                    clean_start=False, properties=props, keepalive=10,
+                    clean_start=False, properties=props, keepalive=10, logger=quiet,
                 ) as c:
                     await c.subscribe(f"{self.root}/#", qos=1)
                     self.connected.set()
@@ -624,7 +634,7 @@ class Campaign:
         msg = {"name": name, "command_id": cid, "actor": "campaign-operator", **body}
         try:
             async with asyncio.timeout(timeout):
-                async with aiomqtt.Client("127.0.0.1", self.broker.port, identifier=f"campaign-op-{cid[:8]}", protocol=aiomqtt.ProtocolVersion.V5) as c:
+                async with aiomqtt.Client("127.0.0.1", self.broker.port, identifier=f"campaign-op-{cid[:8]}", protocol=aiomqtt.ProtocolVersion.V5, logger=QUIET_MQTT) as c:
                     await c.subscribe(f"{self.root}/cmd/{name}/reply", qos=1)
                     await c.publish(f"{self.root}/cmd/{name}", json.dumps(msg), qos=1)
                     async for m in c.messages:
@@ -925,7 +935,7 @@ class Campaign:
             p.CorrelationData = b"x"
             return p
 
-        async with aiomqtt.Client("127.0.0.1", self.broker.port, identifier=f"campaign-hostile-{uuid.uuid4().hex[:8]}", protocol=aiomqtt.ProtocolVersion.V5) as c:
+        async with aiomqtt.Client("127.0.0.1", self.broker.port, identifier=f"campaign-hostile-{uuid.uuid4().hex[:8]}", protocol=aiomqtt.ProtocolVersion.V5, logger=QUIET_MQTT) as c:
             if kind == "malformed":
                 await c.publish(cmd + "start_batch", b'{"name": "start_batch", "command_id": ', qos=1)
             elif kind == "empty":
@@ -975,7 +985,7 @@ class Campaign:
         import aiomqtt
 
         with contextlib.suppress(aiomqtt.MqttError):
-            async with aiomqtt.Client("127.0.0.1", self.broker.port, identifier=f"campaign-clean-{uuid.uuid4().hex[:8]}") as c:
+            async with aiomqtt.Client("127.0.0.1", self.broker.port, identifier=f"campaign-clean-{uuid.uuid4().hex[:8]}", logger=QUIET_MQTT) as c:
                 await c.publish(f"{self.root}/cmd/start_batch", b"", qos=1, retain=True)
 
     async def finish(self) -> None:
@@ -1035,7 +1045,7 @@ class Campaign:
 
         def quiet(lp: asyncio.AbstractEventLoop, ctx: dict[str, Any]) -> None:
             # aiomqtt leaves a future with "Unexpected disconnection" behind when the broker is killed: expected here
-            if "disconnect" in str(ctx.get("exception", "")).lower():
+            if "disconnect" in repr(ctx.get("exception", "")).lower():
                 return
             (default_handler or lp.default_exception_handler)(ctx) if default_handler else lp.default_exception_handler(ctx)
 
@@ -1221,6 +1231,17 @@ def check_records(
             viol.append(Violation("decommissioned_unproven", f"serial {s} decommissioned ({', '.join(reasons)}) but its unit's fate is {[x.get('outcome') for x in unproven]}"))
     # 5. no production unit of a batch precedes its complete challenge
     viol += check_challenges(fed, ev["challenge_results"], kinds, lots)
+    # the line stops when it cannot code: no long run of uncoded production packs (printer starved, store full...)
+    run: list[dict[str, Any]] = []
+    for u in sorted((x for x in fed if not x.get("challenge")), key=lambda x: x["fed_t"]):
+        if u.get("content") is None:
+            run.append(u)
+            continue
+        if len(run) > UNCODED_RUN_LIMIT:
+            viol.append(Violation("line_not_stopped", f"{len(run)} uncoded packs fed in a row (units {run[0]['uid']} .. {run[-1]['uid']}): the line kept feeding what it could not code"))
+        run = []
+    if len(run) > UNCODED_RUN_LIMIT:
+        viol.append(Violation("line_not_stopped", f"{len(run)} uncoded packs fed in a row (units {run[0]['uid']} .. {run[-1]['uid']}): the line kept feeding what it could not code"))
     # 7. every stored event reached the subscriber
     ids = ev["event_ids"]
     missing = [i for i in ids if i not in received]

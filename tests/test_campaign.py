@@ -118,6 +118,15 @@ def test_checks_flag_production_before_a_complete_challenge() -> None:
     assert check_records(units, ev, kinds=kinds, lots=[{"lot": "L1", "created_t": 0.0}], received=set(), foreign=[]) == []
 
 
+def test_checks_flag_a_line_that_keeps_feeding_uncoded_packs() -> None:
+    from simulators.campaign import UNCODED_RUN_LIMIT
+
+    units = [_unit(f"u{i}", i, None, "rejected", defect="no_print") for i in range(UNCODED_RUN_LIMIT + 1)]
+    viol = check_records(units, _ev(), kinds=[], lots=[], received=set(), foreign=[])
+    assert [v.check for v in viol] == ["line_not_stopped"], viol
+    assert check_records(units[:-1], _ev(), kinds=[], lots=[], received=set(), foreign=[]) == []
+
+
 def test_checks_pass_a_clean_record() -> None:
     from collections import Counter
 
