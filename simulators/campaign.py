@@ -72,6 +72,9 @@ GS = "\x1d"
 #: the reject reason that proves a challenge unit of each kind was recognised (linectl.engine.verify.CHALLENGE_EXPECTED_REASON)
 CHALLENGE_REASON = {"no_code": "no_read", "wrong_code": "wrong_content", "duplicate": "duplicate", "not_gs1": "not_gs1", "low_grade": "low_grade"}
 
+#: what the `hostile` fault publishes on the command topics, dealt from a shuffled deck
+HOSTILE_KINDS = ("malformed", "empty", "retained_start", "retained_clear", "oversize", "nested", "sys_reply", "events_reply", "garbage_verify", "unknown")
+
 #: uncoded production packs fed in a row beyond which the line failed to stop. Generous: the stop rules
 #: (5 consecutive rejects, 3 no-reads) plus the units between printer and gate plus a 2 s PLC heartbeat
 #: timeout at 600 upm stay well below it.
@@ -484,6 +487,7 @@ class Campaign:
         self.want_kill_close = False
         self._last_state: str | None = None
         self.challenge_t = 0.0  # when challenge units were last put on the infeed
+        self._hostile_deck: list[str] = []
         self.ready = asyncio.Event()  # the daemon is up (not killed / stalled / restarting)
         self.busy = asyncio.Lock()  # one fault episode or operator action on the daemon at a time
         self.ending = False
@@ -926,7 +930,10 @@ class Campaign:
         assert self.broker is not None
         rng = self.rng
         cmd = f"{self.root}/cmd/"
-        kind = rng.choice(["malformed", "empty", "retained_start", "retained_clear", "oversize", "nested", "sys_reply", "events_reply", "garbage_verify", "unknown"])
+        if not self._hostile_deck:
+            self._hostile_deck = list(HOSTILE_KINDS)
+            rng.shuffle(self._hostile_deck)
+        kind = self._hostile_deck.pop()
         self.echo(f"  hostile: {kind}")
 
         def props(topic: str) -> Properties:
