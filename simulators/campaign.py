@@ -700,9 +700,13 @@ class Campaign:
                     conv = next(iter((sim.get("conveyors") or {}).values()), {}) if sim.get("ok") else {}
                     if conv and conv.get("challenge_queued", 1) == 0 and conv.get("in_flight", 1) == 0 and time.monotonic() - self.challenge_t > 8.0:
                         # the line has asked for challenge units for a while and none is left to feed: feed a set
-                        await self.sim_cmd(cmd="challenge", kinds=self.kinds)
+                        # the kinds the line has not yet seen rejected for their own reason (all, for a new challenge)
+                        done = {r.get("challenge") for stn in (st.get("stations") or {}).values() if isinstance(stn, dict)
+                                for r in (stn.get("challenge") or []) if isinstance(r, dict) and r.get("passed")}
+                        todo = [k for k in self.kinds if k not in done] or self.kinds
+                        await self.sim_cmd(cmd="challenge", kinds=todo)
                         self.challenge_t = time.monotonic()
-                        self.echo("operator: the line still waits for challenge units: fed a new set")
+                        self.echo(f"operator: the line still waits for challenge units: fed {todo}")
                     continue
                 if state == "paused":
                     await self.command("resume_batch")
