@@ -537,26 +537,31 @@ class Campaign:
         return sim_path, run_path
 
     def _confirm_key(self, run_path: Path) -> None:
-        """Ask for confirmed delivery (mqtt.delivery_confirm) when this build knows the key."""
+        """Ask for confirmed delivery (mqtt.delivery_confirm, with a short mqtt.confirm_timeout_s so a lost
+        message is resent within the run) as far as this build knows the keys."""
         from linectl.config import load_config
         from linectl.yamlsource import ConfigFileError, load_yaml, to_plain
         from ruamel.yaml import YAML
 
         if self.o.confirm == "puback":
             return
-        raw = to_plain(load_yaml(run_path))
-        raw["mqtt"]["delivery_confirm"] = self.o.confirm
-        trial = self.dir / "run-confirm.yaml"
-        with open(trial, "w", encoding="utf-8") as fh:
-            YAML(typ="safe").dump(raw, fh)
-        try:
-            load_config(trial)
-        except (ConfigFileError, ValueError) as exc:
-            self.res.notes.append(f"mqtt.delivery_confirm refused by this build ({str(exc).splitlines()[0][:120]}): forwarder confirms on PUBACK")
-            trial.unlink()
+        first_error = ""
+        for extra in ({"delivery_confirm": self.o.confirm, "confirm_timeout_s": 10.0}, {"delivery_confirm": self.o.confirm}):
+            raw = to_plain(load_yaml(run_path))
+            raw["mqtt"].update(extra)
+            trial = self.dir / "run-confirm.yaml"
+            with open(trial, "w", encoding="utf-8") as fh:
+                YAML(typ="safe").dump(raw, fh)
+            try:
+                load_config(trial)
+            except (ConfigFileError, ValueError) as exc:
+                first_error = str(exc).splitlines()[0][-120:]  # the last attempt's: delivery_confirm alone
+                trial.unlink()
+                continue
+            os.replace(trial, run_path)
+            self.res.notes.append("mqtt: " + ", ".join(f"{k}: {v}" for k, v in extra.items()))
             return
-        os.replace(trial, run_path)
-        self.res.notes.append(f"mqtt.delivery_confirm: {self.o.confirm}")
+        self.res.notes.append(f"mqtt.delivery_confirm refused by this build ({first_error}): the forwarder confirms on PUBACK")
 
     async def setup(self) -> None:
         self.broker = Broker(self.dir / "broker")
@@ -999,6 +1004,17 @@ class Campaign:
             async with aiomqtt.Client("127.0.0.1", self.broker.port, identifier=f"campaign-clean-{uuid.uuid4().hex[:8]}", logger=QUIET_MQTT) as c:
                 await c.publish(f"{self.root}/cmd/start_batch", b"", qos=1, retain=True)
 
+    async def _until_producing(self, timeout: float) -> None:
+        """Until the simulator feeds a coded production unit again (or `timeout`): the operator does the rest."""
+        deadline = time.monotonic() + timeout
+        n0 = load_journal(self.journal)["units"]
+        seen = {u["uid"] for u in n0}
+        while time.monotonic() < deadline:
+            await asyncio.sleep(1.0)
+            units = load_journal(self.journal)["units"]
+            if any(u["uid"] not in seen and not u.get("challenge") and u.get("content") for u in units):
+                return
+
     async def finish(self) -> None:
         """Stop and close the open batch, wait for the belt to empty and the outbox to drain."""
         deadline = time.monotonic() + 90
@@ -1071,14 +1087,19 @@ class Campaign:
                 for t in tasks:
                     if t.done() and t.exception() is not None:
                         raise t.exception()  # type: ignore[misc]
-            self.ending = True
+            # faults over: heal everything, let the operator bring the line back to production (so a batch
+            # whose challenge a late fault interrupted shows what happens next), then end
+            sched = tasks[1]
+            sched.cancel()
+            await asyncio.gather(sched, return_exceptions=True)
+            self.want_kill_challenge = self.want_kill_close = False
             async with self.busy:
-                pass
+                await self.heal()
+            await self._until_producing(30.0)
+            self.ending = True
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self.want_kill_challenge = self.want_kill_close = False
-            await self.heal()
             await self.finish()
             assert self.daemon is not None and self.sim is not None
             self.daemon.stop()

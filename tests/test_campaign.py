@@ -6,7 +6,7 @@ independent subscriber, through every fault kind of simulators.campaign.FAULT_KI
 then checks the invariants of README "Fault campaign" against the simulators' unit
 journal and what the subscriber received. The goal is zero violations.
 
-Select with `-m campaign`; one seed is 30 s of faults, about 75 s in all on 2 loaded cores. A failing run
+Select with `-m campaign`; one seed is 25 s of faults, 60-110 s in all on 2 loaded cores. A failing run
 keeps its work dir (daemon.log, simulator.log, units.jsonl, line.db) and prints it.
 Bench: bench/campaign.py --minutes N --seed S (hours when wanted).
 """
@@ -33,7 +33,7 @@ from simulators.model import SimUnit, UnitJournal
 from mqtt_fixtures import MOSQUITTO
 
 SEEDS = (11, 12, 13)
-FAULT_SECONDS = 30.0
+FAULT_SECONDS = 25.0
 
 
 @pytest.mark.campaign
