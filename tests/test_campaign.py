@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from pathlib import Path
 
 import pytest
@@ -200,3 +201,34 @@ async def test_chaos_proxy_garbles_splits_and_resets_a_link() -> None:
     finally:
         await proxy.stop()
         server.close()
+
+
+async def test_line_sim_writes_every_unit_to_the_units_log(tmp_path: Path) -> None:
+    """simulation.units_log end to end: a LineSim in free run writes one fed and one gate line per unit."""
+    from types import SimpleNamespace
+
+    from drivers.modbus import ModbusTcpConfig
+    from simulators.config import SimulationConfig
+    from simulators.line import LineSim
+    from simulators.plc import DEFAULT_MODBUS_TAGS, free_tcp_port
+
+    port = free_tcp_port()
+    plc_cfg = ModbusTcpConfig(driver="modbus_tcp", host="127.0.0.1", port=port, tags=DEFAULT_MODBUS_TAGS, heartbeat_interval_s=0.2, heartbeat_timeout_s=2.0)
+    line_cfg = SimpleNamespace(devices={"plc1": plc_cfg}, stations=[SimpleNamespace(type="verify", name="v1", reader="none", plc="plc1")], products=[])
+    log_path = tmp_path / "units.jsonl"
+    sim = SimulationConfig(rate_upm=3000, free_run=True, control_port=0, units=12, seed=5, units_log=str(log_path))
+    line = LineSim(line_cfg, sim)
+    await line.start()
+    try:
+        await asyncio.wait_for(line.wait_done(), 10)
+    finally:
+        await line.stop()
+    recs = [json.loads(x) for x in log_path.read_text().splitlines()]
+    assert [r["ev"] for r in recs].count("start") == 1
+    fed = [r for r in recs if r["ev"] == "fed"]
+    gate = {r["uid"]: r["outcome"] for r in recs if r["ev"] == "gate"}
+    assert len(fed) == 12 and len({r["uid"] for r in fed}) == 12
+    assert [r["seq"] for r in fed] == list(range(1, 13))
+    assert all(gate[r["uid"]] == "rejected" for r in fed)  # free run, nobody answers: fail-safe
+    truth = load_journal(log_path)
+    assert truth["runs"] == 1 and all(u["outcome"] == "rejected" for u in truth["units"])
