@@ -488,6 +488,7 @@ class Campaign:
         self._last_state: str | None = None
         self.challenge_t = 0.0  # when challenge units were last put on the infeed
         self._hostile_deck: list[str] = []
+        self.retained_starts = 0  # retained start_batch commands published (each may run once, live, never again)
         self.ready = asyncio.Event()  # the daemon is up (not killed / stalled / restarting)
         self.busy = asyncio.Lock()  # one fault episode or operator action on the daemon at a time
         self.ending = False
@@ -957,6 +958,7 @@ class Campaign:
             elif kind == "empty":
                 await c.publish(cmd + "start_batch", b"", qos=1)
             elif kind == "retained_start":
+                self.retained_starts += 1
                 await c.publish(cmd + "start_batch", json.dumps({"name": "start_batch", "command_id": uuid.uuid4().hex, "actor": "stale-hmi"}), qos=1, retain=True)
             elif kind == "retained_clear":
                 await c.publish(cmd + "start_batch", b"", qos=1, retain=True)
@@ -1137,6 +1139,10 @@ class Campaign:
         ev = store_events(self.db)
         assert self.sub is not None
         self.res.violations += check_records(fed, ev, kinds=self.kinds, lots=self.lots, received=self.sub.event_ids, foreign=self.sub.foreign, root=self.root)
+        if ev["stale_starts"] > self.retained_starts:
+            self.res.violations.append(
+                Violation("retained_command_replayed", f"{self.retained_starts} retained start_batch published, the line started {ev['stale_starts']} times on it (replayed after a reconnect or restart)")
+            )
         passed_by_lot = Counter(u.get("lot") for u in fed if u.get("outcome") == "passed" and not u.get("defect") and not u.get("challenge") and u.get("content"))
         for lot in [x["lot"] for x in self.lots]:
             await self._check_report(lot, passed_by_lot[lot])
@@ -1361,6 +1367,7 @@ def store_events(db: Path) -> dict[str, Any]:
     decommissioned: dict[str, list[str]] = {}
     ids: list[str] = []
     challenges: list[dict[str, Any]] = []
+    stale_starts = 0
     for event_id, kind, serial, body in ro_query(db, "SELECT event_id, kind, serial, body FROM outbox ORDER BY seq"):
         ids.append(event_id)
         if kind == "unit_commissioned":
@@ -1368,6 +1375,10 @@ def store_events(db: Path) -> dict[str, Any]:
         elif kind == "unit_decommissioned":
             b = json.loads(body)
             decommissioned.setdefault(serial or b.get("serial"), []).append(str(b.get("reason")))
+        elif kind == "batch_state":
+            b = json.loads(body)
+            if str(b.get("actor", "")).startswith("stale-hmi") and b.get("state") in ("challenge", "running"):
+                stale_starts += 1
         elif kind == "challenge_result":
             b = json.loads(body)
             with contextlib.suppress(ValueError, KeyError, TypeError):
@@ -1375,7 +1386,7 @@ def store_events(db: Path) -> dict[str, Any]:
             challenges.append(b)
     states = {s: st for s, st in ro_query(db, "SELECT serial, state FROM serials WHERE lot IS NOT NULL")}
     unforwarded = ro_query(db, "SELECT count(*) FROM outbox WHERE forwarded_at IS NULL")[0][0]
-    return {"commissioned": commissioned, "decommissioned": decommissioned, "states": states, "challenge_results": challenges, "event_ids": ids, "unforwarded": unforwarded}
+    return {"commissioned": commissioned, "decommissioned": decommissioned, "states": states, "challenge_results": challenges, "stale_starts": stale_starts, "event_ids": ids, "unforwarded": unforwarded}
 
 
 # --------------------------------------------------------------------------- entry points
