@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -122,7 +123,7 @@ class UnitJournal:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.run = f"{os.getpid()}-{int(time.time() * 1000)}"
+        self.run = f"{os.getpid()}-{int(time.time() * 1000)}-{uuid.uuid4().hex[:6]}"  # unique even for two journals in one ms
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self.write({"ev": "start", "run": self.run})
 
