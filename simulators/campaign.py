@@ -256,14 +256,6 @@ def ro_query(db: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any
         con.close()
 
 
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> None:
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(base.get(k), dict):
-            _merge(base[k], v)
-        else:
-            base[k] = v
-
-
 # --------------------------------------------------------------------------- processes
 
 
