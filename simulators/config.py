@@ -44,6 +44,9 @@ class SimulationConfig(_Model):
     )
     pack_delay_s: float = Field(0.5, ge=0, le=60, description="case packer: seconds from the reject gate into the open case")
     case_travel_s: float = Field(1.5, ge=0, le=600, description="seconds from the case labeller to the palletizer's scanner")
+    units_log: str | None = Field(
+        None, description="append-only JSON-lines ground truth: one line per unit fed and per unit at the gate (see UnitJournal)"
+    )
     faults: dict[str, dict[str, FaultRate]] = Field(
         default_factory=dict, description="device name -> fault kind -> rate; kinds are the device simulator's inject() faults"
     )

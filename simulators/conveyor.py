@@ -23,7 +23,7 @@ from typing import Any, Callable
 import structlog
 
 from drivers.plc_tags import MODE_CHALLENGE, MODE_PRODUCTION
-from simulators.model import CHALLENGE_KINDS, PrintHead, ReadPoint, SimUnit, Truth
+from simulators.model import CHALLENGE_KINDS, PrintHead, ReadPoint, SimUnit, Truth, UnitJournal
 
 log = structlog.get_logger("simulators.conveyor")
 
@@ -116,6 +116,7 @@ class Conveyor:
         free_run: bool = False,
         units: int = 0,
         on_unit: Callable[[SimUnit], None] | None = None,
+        journal: UnitJournal | None = None,
     ) -> None:
         self.name = name
         self.plc = plc
@@ -128,6 +129,7 @@ class Conveyor:
         self.free_run = free_run
         self.units_limit = units
         self.on_unit = on_unit
+        self.journal = journal
         self.rate_upm = rate_upm
         self.challenge_queue: deque[str] = deque()
         self.recent: deque[dict[str, Any]] = deque(maxlen=1000)
@@ -301,6 +303,9 @@ class Conveyor:
         self.fed += 1
         self.in_flight += 1
         unit.extras["fed_at"] = time.time()
+        if self.journal is not None:
+            unit.extras["uid"] = uid = self.journal.uid(self.name, self.fed)
+            self.journal.fed(uid, unit)
         if self.reader is not None:
             self._push(pos + self.camera_distance, READ, unit)
         self._push(pos + self.gate_distance, GATE, unit)
@@ -313,6 +318,8 @@ class Conveyor:
         self.in_flight -= 1
         unit.outcome = self.plc.gate(unit)
         self.truth.record(unit)
+        if self.journal is not None and "uid" in unit.extras:
+            self.journal.gate(unit.extras["uid"], unit)
         self.done_units += 1
         self.recent.append(
             {

@@ -27,7 +27,7 @@ from simulators.config import SimulationConfig
 from simulators.control import ControlServer
 from simulators.conveyor import ChallengeFactory, Conveyor
 from simulators.defects import DefectPlan
-from simulators.model import SimUnit, Truth
+from simulators.model import SimUnit, Truth, UnitJournal
 from simulators.packer import Packer
 from simulators.plc import PlcSim
 
@@ -113,6 +113,7 @@ class LineSim:
         self.sim = sim or SimulationConfig.from_line(line_cfg)
         self.camera = camera
         self.truth = Truth()
+        self.journal: UnitJournal | None = None
         self.plan = DefectPlan(self.sim.defect_rate, self.sim.defect_mix, self.sim.seed, self.sim.variation_rate)
         self.devices: dict[str, Any] = {}
         self.listening: dict[str, str] = {}
@@ -133,6 +134,8 @@ class LineSim:
         return [st for st in self.cfg.stations if st.type in ("print_verify", "verify") and getattr(st, "plc", None)]
 
     def _build(self) -> None:
+        if self.sim.units_log and self.journal is None:
+            self.journal = UnitJournal(self.sim.units_log)
         # Which devices a conveyor drives (a ZPL head then prints on the trigger) and which printers
         # must render the pack image because a camera reads it.
         for st in self._conveyor_stations():
@@ -188,6 +191,7 @@ class LineSim:
                 free_run=self.sim.free_run,
                 units=self.sim.units,
                 on_unit=self._on_unit,
+                journal=self.journal,
             )
         self.packer = self._build_packer()
 
@@ -262,6 +266,8 @@ class LineSim:
                 await dev.stop()
             except Exception as exc:  # noqa: BLE001
                 log.warning("sim_device_stop_failed", device=name, error=repr(exc))
+        if self.journal is not None:
+            self.journal.close()
 
     async def wait_done(self) -> None:
         """Until every conveyor has fed and gated its `units` (never, when units = 0)."""

@@ -7,6 +7,10 @@ linectl's own opinion.
 
 from __future__ import annotations
 
+import json
+import os
+import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -98,3 +102,50 @@ class Truth:
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
+
+
+class UnitJournal:
+    """Append-only ground truth, one JSON line per unit fed and per unit at the gate.
+
+    `Truth` is a set of counters and `recent` a window of 1,000 units, and both
+    die with the simulator process. A fault campaign kills the simulator, restarts
+    PLCs and runs for hours, and then has to say for every physical unit which
+    code it carried and where it went. Each line is one os.write() on an O_APPEND
+    descriptor, so a kill -9 of the simulator loses no line already written and
+    never leaves half a line. Units are identified by `uid` (simulator run +
+    conveyor + feed count), because PLC trigger counts (`seq`) restart with a
+    cold PLC or a new simulator.
+
+    Records: {"ev":"start","run":R,"t":T}
+             {"ev":"fed","uid":U,"seq":S,"t":T,"content":C|null,"defect":D,"challenge":K,"variation":V,"job_seq":J,"symbology":Y}
+             {"ev":"gate","uid":U,"seq":S,"t":T,"outcome":"passed"|"rejected"}
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.run = f"{os.getpid()}-{int(time.time() * 1000)}-{uuid.uuid4().hex[:6]}"  # unique even for two journals in one ms
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.write({"ev": "start", "run": self.run})
+
+    def write(self, rec: dict[str, Any]) -> None:
+        rec.setdefault("t", time.time())
+        os.write(self._fd, (json.dumps(rec, separators=(",", ":")) + "\n").encode())
+
+    def uid(self, conveyor: str, n: int) -> str:
+        return f"{self.run}:{conveyor}:{n}"
+
+    def fed(self, uid: str, unit: SimUnit) -> None:
+        self.write(
+            {
+                "ev": "fed", "uid": uid, "seq": unit.seq, "content": unit.content, "defect": unit.defect,
+                "challenge": unit.challenge, "variation": unit.variation, "job_seq": unit.job_seq, "symbology": unit.symbology,
+            }
+        )
+
+    def gate(self, uid: str, unit: SimUnit) -> None:
+        self.write({"ev": "gate", "uid": uid, "seq": unit.seq, "outcome": unit.outcome})
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
