@@ -720,6 +720,9 @@ class PlcSim:
                 # The gate did not move: the unit escapes and no confirm comes (linectl must stop the line).
                 self.jammed += 1
                 unit.extras["gate"] = "jammed"
+                self.pass_total += 1  # the pass counter counts what went by the gate, ordered or not
+                if self.has("pass_total"):
+                    self.set("pass_total", self.pass_total & 0xFFFFFFFF)
                 return "passed"
             self.gate_reject_total += 1
             if self.has("gate_reject_total"):

@@ -109,7 +109,30 @@ def op_plc_counters(tx: Tx, lot: str, plc: str, epoch: int, point: str, values: 
     )
 
 
+def op_count_packs(tx: Tx, lot: str, kind: str, n: int) -> None:
+    """Packs of a batch that carry no serial of it (blank packs): counted, since no serial event records them."""
+    if kind not in PACK_KINDS:
+        raise StoreError(f"unknown pack kind {kind!r}")
+    tx.cur.execute(
+        "INSERT INTO counters(name, value, updated_at) VALUES (?,?,?) "
+        "ON CONFLICT(name) DO UPDATE SET value=value+excluded.value, updated_at=excluded.updated_at",
+        (f"packs:{kind}:{lot}", int(n), tx.ts),
+    )
+
+
 # --------------------------------------------------------------------------- reads
+
+
+PACK_KINDS = ("blank",)
+
+
+def read_pack_counts(reader: Any, lot: str) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for kind in PACK_KINDS:
+        rows = reader.q("SELECT value FROM counters WHERE name=?", (f"packs:{kind}:{lot}",))
+        out[kind] = int(rows[0][0]) if rows else 0
+    return out
+
 
 _FATE_COLS = "gtin, serial, lot, station, plc, epoch, seq, state, cause, outcome, resolved_by, created_at, resolved_at"
 

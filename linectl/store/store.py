@@ -280,6 +280,13 @@ class Store:
     async def save_plc_counters(self, lot: str, plc: str, epoch: int, point: str, values: dict[str, int | None]) -> None:
         await self._submit(plc_records.op_plc_counters, lot, plc, int(epoch), point, dict(values))
 
+    async def count_packs(self, lot: str, kind: str, n: int = 1) -> None:
+        """Count packs of the batch that carry none of its serials (kind 'blank': no code printed / not ours)."""
+        await self._submit(plc_records.op_count_packs, lot, kind, int(n))
+
+    def pack_counts(self, lot: str) -> dict[str, int]:
+        return plc_records.read_pack_counts(self._reader, lot)
+
     def plc_state(self, plc: str) -> plc_records.PlcEpochState | None:
         return plc_records.read_plc_state(self._reader, plc)
 
