@@ -118,7 +118,11 @@ def _segments(snaps: list[dict[str, Any]], state: str) -> tuple[dict[str, int], 
         for a, b in zip(rows, rows[1:]):
             if a["epoch"] == b["epoch"]:
                 _add(total, a, b, keys)
-            elif not (a["point"] == "epoch_end" and b["point"] == "epoch_start"):
+            elif a["point"] == "epoch_end" and b["point"] == "epoch_start":
+                if b.get("trigger_count") == 0 and (a.get("trigger_count") or 0) > 0:
+                    gaps.append(f"PLC {plc}: counters reset by a cold restart at {b['ts']}: packs the PLC counted after linectl's "
+                                f"last poll before the reset ({a['ts']}) are not in these sums")
+            else:
                 gaps.append(f"PLC {plc}: counters between {a['ts']} (epoch {a['epoch']}) and {b['ts']} (epoch {b['epoch']}) are lost: "
                             "the PLC restarted while linectl was down")
         if rows[-1]["point"] != "stop" and state not in ("created", "challenge", "running", "paused"):
@@ -167,7 +171,7 @@ def pack_reconciliation(store: Any, lot: str, reasons: dict[str, int], challenge
     probs: list[str] = out["problems"]
     probs.extend(gaps)
     out["balanced"] = False
-    if gaps:
+    if any("are lost" in g or "no counters" in g for g in gaps):
         return out  # sums over an incomplete record would only mislead
     if state in ("created", "challenge", "running", "paused"):
         probs.append(f"batch is {state}: packs are still in transit")
