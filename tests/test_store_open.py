@@ -112,7 +112,7 @@ async def test_newer_schema_refused(tmp_path):
     await s.close()
     with sqlite3.connect(p) as c:
         c.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
-    with pytest.raises(StoreError, match=r"schema version 99 is newer than this linectl supports \(2\)"):
+    with pytest.raises(StoreError, match=rf"schema version 99 is newer than this linectl supports \({SCHEMA_VERSION}\)"):
         await Store.open(p)
     with pytest.raises(StoreError, match="newer"):
         await Store.open(p, readonly=True)
@@ -197,7 +197,7 @@ async def test_migrates_v1_database_and_keeps_data(tmp_path):
     s = await Store.open(p)
     try:
         assert s.opened_from_version == 1
-        assert s.stats()["schema_version"] == 2
+        assert s.stats()["schema_version"] == SCHEMA_VERSION  # v1 -> v2 -> ... in steps
         assert os.path.exists(f"{p}.v1.bak"), "a backup is taken before migrating"
         with sqlite3.connect(f"{p}.v1.bak") as c:
             assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
@@ -217,8 +217,10 @@ async def test_migrates_v1_database_and_keeps_data(tmp_path):
         assert s.parent_of(GTIN, "A1") == built["case"]
         # the audit chain continues across the migration, and records it
         chk = s.verify_audit()
-        assert chk.ok and chk.checked == 3
-        assert s.audit_log()[-1].action == "schema_migrated" and s.audit_log()[-1].detail == {"from": 1, "to": 2}
+        steps = SCHEMA_VERSION - 1
+        assert chk.ok and chk.checked == 2 + steps
+        migrated = [a.detail for a in s.audit_log() if a.action == "schema_migrated"]
+        assert migrated == [{"from": v, "to": v + 1} for v in range(1, SCHEMA_VERSION)]
         # the store works on the migrated file: v2 semantics apply to old rows
         seqs = await s.append(ev.UnitCommissioned(gtin=GTIN, serial="A2", lot="LOTV1"))
         assert seqs == [5]
@@ -237,7 +239,7 @@ async def test_migrates_v1_database_and_keeps_data(tmp_path):
         assert "audit_never_deleted" in trg
         assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     s = await Store.open(p)  # a second open does not migrate again
-    assert s.opened_from_version == 2 and s.verify_audit().checked == 3 and s.verify_audit().ok
+    assert s.opened_from_version == SCHEMA_VERSION and s.verify_audit().checked == 2 + SCHEMA_VERSION - 1 and s.verify_audit().ok
     await s.close()
 
 
@@ -261,4 +263,4 @@ async def test_schema_is_declared_with_sqlalchemy_core(tmp_path):
         got = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")}
         assert got == set(schema.metadata.tables)
         m = dict(c.execute("SELECT key, value FROM meta"))
-        assert m["app_id"] == "linectl" and m["schema_version"] == "2" and "created_at" in m
+        assert m["app_id"] == "linectl" and m["schema_version"] == str(SCHEMA_VERSION) and "created_at" in m
