@@ -72,8 +72,8 @@ DEFAULT_MODBUS_TAGS: dict[str, dict[str, Any]] = {
     "reject_ring": {"table": "holding", "address": 400, "type": "uint32", "count": RING},
     "case_result": {"table": "holding", "address": 14, "type": "uint16"},
     "case_seq": {"table": "holding", "address": 16, "type": "uint32"},
-    "gate_reject_total": {"table": "holding", "address": 18, "type": "uint32"},
-    "plc_epoch": {"table": "holding", "address": 20, "type": "uint32"},
+    "gate_reject_total": {"table": "holding", "address": 90, "type": "uint32"},
+    "plc_epoch": {"table": "holding", "address": 92, "type": "uint32"},
 }
 #: default S7 tag map (DB1)
 DEFAULT_S7_TAGS: dict[str, dict[str, Any]] = {
