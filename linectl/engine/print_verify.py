@@ -31,6 +31,7 @@ from linectl.config import PrintVerifyStation as PrintVerifyConfig
 from linectl.engine.stats import LatencyHistogram
 from linectl.engine.verify import CHALLENGE_EXPECTED_REASON, Expected, Verdict, classify_unknown, verify_unit
 from linectl.events import ChallengeResult, RejectReason, Severity, UnitCommissioned, UnitDecommissioned
+from linectl.store.model import StoreError
 
 if TYPE_CHECKING:
     from linectl.engine.line import BatchContext, Line
@@ -151,6 +152,7 @@ class PrintVerifyRuntime:
         self._plc_was_down = False
         #: unit numbers of an earlier epoch still on the belt -> True when the new epoch will number units so too
         self._stale: dict[int, bool] = {}
+        self._epoch_changes = 0  # new epochs seen since this daemon started
         self._carried = 0  # units of the previous epoch the gate still had to decide when the counters were reset
         self.fate_unknown = 0  # units marked fate_unknown by this station since start
 
@@ -441,7 +443,13 @@ class PrintVerifyRuntime:
         batch = self.batch
         assert batch is not None
         ev = UnitCommissioned(gtin=batch.gtin, serial=job.serial, lot=batch.lot, expiry=batch.expiry, seq=seq, grade=v.grade, station=self.name)
+        epoch = self._epoch_changes
         await self.line.store.append(ev)  # durable before the PLC hears "good"
+        if epoch != self._epoch_changes:
+            # the PLC restarted while the commissioning was being stored: this unit belongs to the closed epoch,
+            # no verdict goes out for it (the gate rejects it fail-safe) and nothing in the new ring can prove it
+            await self._epoch_closed_late(seq, job)
+            return
         # Booked as good before the write: if the write fails (or is late) the gate rejects the unit fail-safe,
         # and the reject ring check finds it in _recent_good and decommissions its serial.
         self._remember(seq, True)
@@ -677,7 +685,12 @@ class PrintVerifyRuntime:
         if state == self._plc_state_saved or (not force and now - self._plc_state_saved_at < 0.5):
             return
         self._plc_state_saved_at = now
-        await self.line.store.save_plc_state(self.plc.name, *state)
+        try:
+            await self.line.store.save_plc_state(self.plc.name, *state)
+        except StoreError as exc:
+            # the watch loop confirms rejects: a failing store must not stop it (the line's stop path reports the store)
+            self.log.warning("plc_state_not_saved", reason=str(exc))
+            return
         self._plc_state_saved = state
 
     async def _snapshot_counters(self, point: str) -> None:
@@ -685,7 +698,10 @@ class PrintVerifyRuntime:
         b = self.batch or self.line.batch
         if b is None or all(v is None for v in self._plc_counts.values()):
             return
-        await self.line.store.save_plc_counters(b.lot, self.plc.name, self.plc_epoch, point, self._plc_counts)
+        try:
+            await self.line.store.save_plc_counters(b.lot, self.plc.name, self.plc_epoch, point, self._plc_counts)
+        except StoreError as exc:
+            self.log.warning("plc_counters_not_saved", point=point, reason=str(exc))
 
     def _stale_read(self, seq: int) -> bool:
         """A read of a unit of an earlier PLC epoch (on the belt when the PLC restarted), not of this epoch's unit seq."""
@@ -733,6 +749,7 @@ class PrintVerifyRuntime:
             return
         # the ring and counters belong to a new epoch: nothing in them says anything about the old units
         self.plc_epoch += 1
+        self._epoch_changes += 1
         gated = st.gated if st is not None else None
         doubt = [(seq, g, s, lot) for seq, (g, s, lot) in sorted(self._restart_commissioned.items()) if gated is None or seq > gated]
         self._restart_commissioned = {}
@@ -744,6 +761,7 @@ class PrintVerifyRuntime:
         old_epoch = self.plc_epoch
         gated = self._gated_seen
         old_counts = dict(self._plc_counts)
+        self._epoch_changes += 1  # first: a commissioning being stored right now must not send its verdict
         await self._snapshot_counters("epoch_end")  # the last counters of the old epoch
         self.plc_epoch += 1
         self._epoch_tag = None
@@ -827,6 +845,18 @@ class PrintVerifyRuntime:
             # the line was already stopping for the PLC's outage: the restart is the cause an operator must see and reset
             await self.line.alarm("plc_restarted", detail, Severity.CRITICAL, self.name)
             self.line.fault = "plc_restarted"
+
+    async def _epoch_closed_late(self, seq: int, job: Job) -> None:
+        b = self.batch
+        n = await self.line.store.mark_fate_unknown(
+            [(job.expected.gtin, job.serial, b.lot if b else None, self.name, self.plc.name, self.plc_epoch - 1, seq,
+              f"PLC {self.plc.name} restarted while unit {seq} was being commissioned")]
+        )
+        self.fate_unknown += n
+        self.counters.good += 1
+        if b is not None:
+            b.good += 1
+        await self.line.alarm("units_fate_unknown", f"unit {seq} (serial {job.serial}) of unknown fate: the PLC restarted while it was being commissioned", Severity.CRITICAL, self.name)
 
     def _commissioned_before_start(self) -> dict[int, tuple[str, str, str | None]]:
         """seq -> (gtin, serial, lot) of the last units this station commissioned in the open batch before this start."""
