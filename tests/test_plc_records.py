@@ -109,3 +109,30 @@ async def test_packs_reconcile_against_plc_counters(tmp_path):
         assert "packs problem" in format_report(batch_report(s, "LOTP"))
     finally:
         await s.close()
+
+
+async def test_fate_unknown_visible_in_serials_status_trace_and_report_cli(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    db = tmp_path / "c.db"
+    s = await Store.open(db)
+    try:
+        serials = await _batch_with_units(s, "LOTC", 3)
+        await s.mark_fate_unknown([(GTIN, serials[1], "LOTC", "pv1", "plc1", 1, 2, "PLC plc1 restarted")])
+    finally:
+        await s.close()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "linectl", *args], capture_output=True, text=True, timeout=60)
+
+    st = cli("serials", "status", "--db", str(db), "--json")
+    assert st.returncode == 0, st.stderr
+    assert json.loads(st.stdout)[GTIN]["fate_unknown"] == 1
+    tr = cli("trace", f"01{GTIN}21{serials[1]}", "--db", str(db))
+    assert tr.returncode == 0, tr.stderr
+    t = json.loads(tr.stdout)
+    assert t["status"] == "commissioned (fate_unknown)" and t["fate"]["cause"] == "PLC plc1 restarted"
+    rep = cli("report", "--db", str(db), "--batch", "LOTC")
+    assert rep.returncode == 1 and "fate unknown    1" in rep.stdout and serials[1] in rep.stdout, rep.stdout

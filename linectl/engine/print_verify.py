@@ -965,4 +965,6 @@ class PrintVerifyRuntime:
             "decision_latency_ms": self.latency.summary(),
             "in_flight": {"on_printer": len(self._on_printer), "printed_unread": len(self._units), "rejects_unconfirmed": len(self._pending_rejects)},
             "challenge": list(self._challenge_results),
+            "plc_epoch": self.plc_epoch,
+            "fate_unknown": self.fate_unknown,
         }
