@@ -73,9 +73,7 @@ def judge(units: list[dict[str, Any]], events: list[Any], states: dict[str, str]
         else:
             if st == "commissioned" and s not in open_fates:
                 bad.append(f"serial {s} went to the reject bin but is silently commissioned (not fate_unknown); unit {unit_of[s]}")
-    for s in decom:
-        if fate.get(s) == "passed":
-            continue  # reported above
+    # (so every decommissioned serial is on a unit physically rejected, or on no unit at all: never printed)
     for s in open_fates:
         if s not in fate:
             bad.append(f"fate_unknown serial {s} was never printed on a unit")
