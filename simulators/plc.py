@@ -770,18 +770,19 @@ class PlcSim:
         plc_epoch and stop the line until the controller starts it again. The
         conveyor's units and the ground truth are physical and stay as they are.
         """
-        with self.mem.lock:
-            self.epoch += 1
-            for name, spec in self.tags.items():
-                if name == "plc_epoch" or (not cold and name in RETENTIVE):
-                    continue
-                zero = [False if spec.type in ("bool", "BOOL") else ("" if spec.type == "STRING" else 0)] * spec.count
-                self.mem.set_elems(name, zero, 0)
-            if self.has("plc_epoch"):
-                self.set("plc_epoch", self.epoch & 0xFFFFFFFF)
-            if cold:
-                self.trigger_count = self.pass_total = self.reject_total = self.gate_reject_total = 0
-                self._case_seq_seen = None
+        # (tag by tag, each under its own area lock: the S7 memory's program lock is not re-entrant; the scan
+        # cycle and the gate run on this same event loop, so nothing of the program runs in between)
+        self.epoch += 1
+        for name, spec in self.tags.items():
+            if name == "plc_epoch" or (not cold and name in RETENTIVE):
+                continue
+            zero = [False if spec.type in ("bool", "BOOL") else ("" if spec.type == "STRING" else 0)] * spec.count
+            self.mem.set_elems(name, zero, 0)
+        if self.has("plc_epoch"):
+            self.set("plc_epoch", self.epoch & 0xFFFFFFFF)
+        if cold:
+            self.trigger_count = self.pass_total = self.reject_total = self.gate_reject_total = 0
+            self._case_seq_seen = None
         self.controller_alive = False
         self._ctl_value = None
         self.line_running = False

@@ -231,3 +231,40 @@ async def test_cold_restart_while_linectl_is_down(tmp_path):
         violations = judge(units, events, _states(sl.db, lot), await _fates(sl, lot))
         assert not violations, "\n  ".join(violations[:30])
         assert not [e for e in events if isinstance(e, UnitDecommissioned) and "while linectl was down" in e.detail]
+
+
+@pytest.mark.parametrize("driver", ["modbus_tcp", "s7"])
+async def test_sim_plc_restart_over_the_wire(driver):
+    """The simulator's plc_restart: cold clears memory and counters, warm keeps retentive memory; both bump plc_epoch,
+    drop the connection and stop the line; a driver reconnects and reads the new epoch."""
+    from drivers.modbus import ModbusTcpPlc
+    from drivers.s7 import S7Plc
+    from simulators.plc import PlcSim, default_config, free_tcp_port
+
+    fast = {"heartbeat": False, "poll_interval_s": 0.02, "backoff_initial_s": 0.05, "backoff_max_s": 0.2}
+    cfg = default_config(driver, port=free_tcp_port(), **fast)
+    sim = PlcSim("plc1", cfg)
+    await sim.start()
+    drv = S7Plc("plc1", cfg) if driver == "s7" else ModbusTcpPlc("plc1", cfg)
+    await drv.start()
+    try:
+        assert await drv.wait_connected(5.0)
+        for _ in range(5):
+            sim.count_trigger()
+        sim.set("reject_ring", 3, index=3)
+        sim.set("line_running", 1)
+        sessions = drv.stats["sessions"]
+        assert sim.inject("plc_restart", cold=False)["epoch"] == 1
+        await wait_for(lambda: drv.stats["sessions"] > sessions and drv.health.state.value == "connected", 10, "reconnect after warm restart")
+        v = await drv.read_tags(["plc_epoch", "trigger_count", "reject_ring", "line_running"])
+        assert v["plc_epoch"] == 1 and v["trigger_count"] == 5 and v["reject_ring"][3] == 3 and not v["line_running"]
+        sessions = drv.stats["sessions"]
+        assert sim.inject("plc_restart", cold=True)["epoch"] == 2
+        await wait_for(lambda: drv.stats["sessions"] > sessions and drv.health.state.value == "connected", 10, "reconnect after cold restart")
+        v = await drv.read_tags(["plc_epoch", "trigger_count", "reject_ring"])
+        assert v["plc_epoch"] == 2 and v["trigger_count"] == 0 and v["reject_ring"][3] == 0
+        assert sim.count_trigger() == 1  # the new epoch numbers its units from 1
+        assert [r["cold"] for r in sim.status()["restarts"]] == [False, True]
+    finally:
+        await drv.stop()
+        await sim.stop()
