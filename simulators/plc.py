@@ -151,15 +151,20 @@ class S7Memory:
         # one PLC-program lock for multi-tag steps; every DB lock is taken under it in DB order
         self.lock = _MultiLock([locks[k] for k in sorted(locks)])
 
+    def _area(self, db: int) -> Any:
+        # inside a program step (self.lock held by this thread) every area lock is already ours: taking one
+        # again would deadlock (snap7's area locks are not re-entrant)
+        return contextlib.nullcontext() if self.lock.held() else self._locks[db]
+
     def get_elems(self, name: str, index: int = 0, n: int | None = None) -> list[Any]:
         s = self.tags[name]
-        with self._locks[s.db]:
+        with self._area(s.db):
             return s.decode(self._dbs[s.db], 0, index, n)
 
     def set_elems(self, name: str, values: list[Any], index: int = 0) -> None:
         s = self.tags[name]
         db = self._dbs[s.db]
-        with self._locks[s.db]:
+        with self._area(s.db):
             if s.type == "BOOL":
                 for k, v in enumerate(values):
                     b = s.byte * 8 + s.bit + index + k
@@ -173,12 +178,18 @@ class S7Memory:
 class _MultiLock:
     def __init__(self, locks: list[threading.Lock]) -> None:
         self._locks = locks
+        self._owner: int | None = None
+
+    def held(self) -> bool:
+        return self._owner == threading.get_ident()
 
     def __enter__(self) -> None:
         for lk in self._locks:
             lk.acquire()
+        self._owner = threading.get_ident()
 
     def __exit__(self, *exc: Any) -> None:
+        self._owner = None
         for lk in reversed(self._locks):
             lk.release()
 

@@ -268,3 +268,19 @@ async def test_sim_plc_restart_over_the_wire(driver):
     finally:
         await drv.stop()
         await sim.stop()
+
+
+async def test_s7_sim_gate_decides_without_deadlock():
+    """The S7 simulator's gate takes the program lock and then reads/writes tags: it must not wait on itself."""
+    from simulators.model import SimUnit
+    from simulators.plc import PlcSim, default_config, free_tcp_port
+
+    sim = PlcSim("plc1", default_config("s7", port=free_tcp_port()))
+    await sim.start()
+    try:
+        sim.set("verdict_ring", [1, 1], index=2)
+        assert await asyncio.wait_for(asyncio.to_thread(sim.gate, SimUnit(seq=1)), 5) == "passed"
+        assert await asyncio.wait_for(asyncio.to_thread(sim.gate, SimUnit(seq=2)), 5) == "rejected"
+        assert sim.get("reject_ring")[2] == 2 and sim.get("gate_reject_total") == 1 and sim.get("pass_total") == 1
+    finally:
+        await sim.stop()
