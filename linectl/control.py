@@ -164,6 +164,28 @@ class ReworkMode(Command):
     operator: str | None = Field(None, min_length=1, max_length=64, description="operator id for the bench's next operations")
 
 
+class ReconcileUnits(Command):
+    """An operator's finding for units of unknown fate (a PLC restart lost their gate evidence).
+
+    in_bin: found in the reject bin -> decommissioned; passed: not in the bin
+    (counted / rescanned downstream) -> stay commissioned. Either way the
+    fate_unknown record is closed with the actor, and the report can balance.
+    """
+
+    name: Literal["reconcile_units"] = "reconcile_units"
+    serials: list[str] = Field(min_length=1, max_length=10_000)
+    outcome: Literal["in_bin", "passed"]
+    gtin: str | None = Field(None, description="default: the GTIN recorded with each unit of unknown fate")
+
+    @model_validator(mode="after")
+    def _who(self) -> "ReconcileUnits":
+        if not self.actor.strip() or self.actor == "operator":
+            raise ValueError("reconcile_units needs actor: the id of the operator who checked the bin (audit trail)")
+        if len(set(self.serials)) != len(self.serials):
+            raise ValueError("serials: a serial is listed twice")
+        return self
+
+
 class RecallBatch(Command):
     name: Literal["recall_batch"] = "recall_batch"
     lot: str
@@ -188,6 +210,7 @@ AnyCommand = Annotated[
         RecallBatch,
         Rework,
         ReworkMode,
+        ReconcileUnits,
     ],
     Field(discriminator="name"),
 ]

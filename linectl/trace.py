@@ -339,6 +339,12 @@ def _trace_unit(store: Any, conn: sqlite3.Connection, products: dict[str, Any], 
         parents=_chain(conn, parent),
         events=_unit_history(conn, sid),
     )
+    fate = store.unit_fate(gtin, serial)
+    if fate is not None:
+        # a PLC restart left its passage of the reject gate unproven: shown until (and after) an operator decides
+        out["fate"] = fate.as_dict()
+        if fate.state == "fate_unknown":
+            out["status"] = f"{state} (fate_unknown)"
     return out
 
 

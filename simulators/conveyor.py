@@ -300,6 +300,7 @@ class Conveyor:
             unit = self.challenge.make(kind, self.plc.count_trigger())
         if unit is None:
             return
+        unit.extras["plc_epoch"] = self.plc.epoch  # seqs restart with a cold PLC restart: (epoch, seq) is the identity
         self.fed += 1
         self.in_flight += 1
         unit.extras["fed_at"] = time.time()
@@ -332,6 +333,7 @@ class Conveyor:
                 "content": unit.content,
                 "verdict": unit.extras.get("verdict"),
                 "gate": unit.extras.get("gate"),
+                "plc_epoch": unit.extras.get("plc_epoch"),
             }
         )
         if self.on_unit is not None:

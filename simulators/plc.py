@@ -72,6 +72,8 @@ DEFAULT_MODBUS_TAGS: dict[str, dict[str, Any]] = {
     "reject_ring": {"table": "holding", "address": 400, "type": "uint32", "count": RING},
     "case_result": {"table": "holding", "address": 14, "type": "uint16"},
     "case_seq": {"table": "holding", "address": 16, "type": "uint32"},
+    "gate_reject_total": {"table": "holding", "address": 90, "type": "uint32"},
+    "plc_epoch": {"table": "holding", "address": 92, "type": "uint32"},
 }
 #: default S7 tag map (DB1)
 DEFAULT_S7_TAGS: dict[str, dict[str, Any]] = {
@@ -95,9 +97,13 @@ DEFAULT_S7_TAGS: dict[str, dict[str, Any]] = {
     "reject_ring": {"db": 1, "offset": "538", "type": "UDINT", "count": RING},
     "case_result": {"db": 1, "offset": "794", "type": "INT"},
     "case_seq": {"db": 1, "offset": "796", "type": "UDINT"},
+    "gate_reject_total": {"db": 1, "offset": "800", "type": "UDINT"},
+    "plc_epoch": {"db": 1, "offset": "804", "type": "UDINT"},
 }
 
-FAULTS = ("disconnect", "slow", "heartbeat_stop", "gate_jam", "confirm_lost", "estop")
+FAULTS = ("disconnect", "slow", "heartbeat_stop", "gate_jam", "confirm_lost", "estop", "plc_restart")
+#: tags a warm restart keeps (retentive memory); a cold restart clears everything but plc_epoch
+RETENTIVE = frozenset({"trigger_count", "pass_total", "reject_total", "gate_reject_total", "verdict_ring", "reject_ring", "plc_epoch", "case_seq", "case_result"})
 
 
 # --------------------------------------------------------------------------- memory
@@ -145,15 +151,20 @@ class S7Memory:
         # one PLC-program lock for multi-tag steps; every DB lock is taken under it in DB order
         self.lock = _MultiLock([locks[k] for k in sorted(locks)])
 
+    def _area(self, db: int) -> Any:
+        # inside a program step (self.lock held by this thread) every area lock is already ours: taking one
+        # again would deadlock (snap7's area locks are not re-entrant)
+        return contextlib.nullcontext() if self.lock.held() else self._locks[db]
+
     def get_elems(self, name: str, index: int = 0, n: int | None = None) -> list[Any]:
         s = self.tags[name]
-        with self._locks[s.db]:
+        with self._area(s.db):
             return s.decode(self._dbs[s.db], 0, index, n)
 
     def set_elems(self, name: str, values: list[Any], index: int = 0) -> None:
         s = self.tags[name]
         db = self._dbs[s.db]
-        with self._locks[s.db]:
+        with self._area(s.db):
             if s.type == "BOOL":
                 for k, v in enumerate(values):
                     b = s.byte * 8 + s.bit + index + k
@@ -167,12 +178,18 @@ class S7Memory:
 class _MultiLock:
     def __init__(self, locks: list[threading.Lock]) -> None:
         self._locks = locks
+        self._owner: int | None = None
+
+    def held(self) -> bool:
+        return self._owner == threading.get_ident()
 
     def __enter__(self) -> None:
         for lk in self._locks:
             lk.acquire()
+        self._owner = threading.get_ident()
 
     def __exit__(self, *exc: Any) -> None:
+        self._owner = None
         for lk in reversed(self._locks):
             lk.release()
 
@@ -550,6 +567,10 @@ class PlcSim:
         self.trigger_count = 0
         self.pass_total = 0
         self.reject_total = 0
+        self.gate_reject_total = 0  # gate pushes, confirmed in the bin or not
+        #: the PLC's boot counter (also in tag plc_epoch when mapped): +1 on every cold or warm restart
+        self.epoch = 0
+        self.restarts: list[dict[str, Any]] = []
         self.jammed = 0
         self.unconfirmed = 0
         #: the case reject pusher: (case_seq, case_result) of every case decision the program acted on
@@ -710,7 +731,13 @@ class PlcSim:
                 # The gate did not move: the unit escapes and no confirm comes (linectl must stop the line).
                 self.jammed += 1
                 unit.extras["gate"] = "jammed"
+                self.pass_total += 1  # the pass counter counts what went by the gate, ordered or not
+                if self.has("pass_total"):
+                    self.set("pass_total", self.pass_total & 0xFFFFFFFF)
                 return "passed"
+            self.gate_reject_total += 1
+            if self.has("gate_reject_total"):
+                self.set("gate_reject_total", self.gate_reject_total & 0xFFFFFFFF)
             if self.faults.consume("confirm_lost"):
                 self.unconfirmed += 1
                 unit.extras["gate"] = "unconfirmed"
@@ -732,6 +759,8 @@ class PlcSim:
             for k in list(self.faults.until):
                 self.faults.clear(k)
             return {"cleared": True}
+        if fault == "plc_restart":
+            return self.restart(cold=bool(params.pop("cold", False)), outage_s=float(params.pop("duration_s", 0.5)))
         duration = params.pop("duration_s", None)
         if duration is None and not params.get("units"):
             duration = 5.0
@@ -742,6 +771,41 @@ class PlcSim:
             self._fault_tasks.add(t)
             t.add_done_callback(self._fault_tasks.discard)
         return {"fault": fault, "duration_s": duration, **params}
+
+    def restart(self, *, cold: bool, outage_s: float = 0.5) -> dict[str, Any]:
+        """The PLC restarts: connections drop for `outage_s`, the program starts over.
+
+        cold: all memory back to 0 (trigger count, rings, counters) except the
+        boot counter. warm: retentive memory (counters, rings) kept, the rest
+        (run permission, line mode, commands) back to 0. Both increment
+        plc_epoch and stop the line until the controller starts it again. The
+        conveyor's units and the ground truth are physical and stay as they are.
+        """
+        # (tag by tag, each under its own area lock: the S7 memory's program lock is not re-entrant; the scan
+        # cycle and the gate run on this same event loop, so nothing of the program runs in between)
+        self.epoch += 1
+        for name, spec in self.tags.items():
+            if name == "plc_epoch" or (not cold and name in RETENTIVE):
+                continue
+            zero = [False if spec.type in ("bool", "BOOL") else ("" if spec.type == "STRING" else 0)] * spec.count
+            self.mem.set_elems(name, zero, 0)
+        if self.has("plc_epoch"):
+            self.set("plc_epoch", self.epoch & 0xFFFFFFFF)
+        if cold:
+            self.trigger_count = self.pass_total = self.reject_total = self.gate_reject_total = 0
+            self._case_seq_seen = None
+        self.controller_alive = False
+        self._ctl_value = None
+        self.line_running = False
+        self.restarts.append({"cold": cold, "epoch": self.epoch, "at": time.time()})
+        self.log.warning("plc_restart", cold=cold, epoch=self.epoch)
+        for cb in list(self._listeners):
+            cb()
+        self.faults.set("disconnect", outage_s)
+        t = asyncio.create_task(self._outage(outage_s))
+        self._fault_tasks.add(t)
+        t.add_done_callback(self._fault_tasks.discard)
+        return {"fault": "plc_restart", "cold": cold, "epoch": self.epoch, "outage_s": outage_s}
 
     async def _outage(self, duration: float) -> None:
         host = self.host
@@ -775,6 +839,9 @@ class PlcSim:
             "trigger_count": self.trigger_count,
             "pass_total": self.pass_total,
             "reject_total": self.reject_total,
+            "gate_reject_total": self.gate_reject_total,
+            "epoch": self.epoch,
+            "restarts": list(self.restarts),
             "gate_jammed": self.jammed,
             "rejects_unconfirmed": self.unconfirmed,
             "cases_passed": self.cases_passed,

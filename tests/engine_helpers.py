@@ -99,6 +99,7 @@ async def simulated_line(
     rules: dict[str, Any] | None = None,
     simulation: dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
+    base: Path = DEFAULT_CONFIG,
 ) -> AsyncIterator[SimulatedLine]:
     """A SimulatedLine on the demo config (variant), own temp dir and db, a unique MQTT topic root.
 
@@ -106,7 +107,7 @@ async def simulated_line(
     test), else the embedded broker. Always tears the simulator down, even when
     the daemon's shutdown fails.
     """
-    cfg = variant_config(tmp_path, rules=rules, simulation=simulation)
+    cfg = variant_config(tmp_path, rules=rules, simulation=simulation, base=base)
     broker = "%s:%d" % SHARED_BROKER if port_open(*SHARED_BROKER) else None
     ov: dict[str, Any] = {"mqtt": {"topic_root": unique_root()}}
     for k, v in (overrides or {}).items():

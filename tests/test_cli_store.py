@@ -71,7 +71,7 @@ def test_import_csv_with_serial_column(tmp_path, capsys):
     rc, out, _ = run(capsys, "serials", "status", "--db", str(db), "--json")
     assert rc == 0
     assert json.loads(out)[GTIN] == {"provisioned": 3, "available": 3, "allocated": 0, "sent": 0,
-                                     "commissioned": 0, "decommissioned": 0, "voided": 0}
+                                     "commissioned": 0, "decommissioned": 0, "voided": 0, "fate_unknown": 0}
 
 
 def test_import_plain_list_then_again(tmp_path, capsys):

@@ -26,6 +26,7 @@ ACTIONS = {
     "state": "request_state",
     "ack-alarm": "ack_alarm",
     "reset": "reset",
+    "reconcile": "reconcile_units",
 }
 
 
@@ -42,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--reason", default="")
     p.add_argument("--unused", choices=["return", "void"], help="close: what to do with unused serials")
     p.add_argument("--alarm-id")
+    p.add_argument("--serials", help="reconcile: comma-separated serials of units of unknown fate")
+    p.add_argument("--outcome", choices=["in_bin", "passed"], help="reconcile: found in the reject bin, or passed")
     p.add_argument("--actor", default=None, help="who is commanding (default: the login name)")
     p.add_argument("--timeout", type=float, default=30.0)
     p.set_defaults(func=run)
@@ -64,6 +67,10 @@ def build_command(args: argparse.Namespace) -> dict[str, Any]:
         body["reason"] = args.reason
     if name == "close_batch" and args.unused:
         body["unused_serials"] = args.unused
+    if name == "reconcile_units":
+        body["serials"] = [s.strip() for s in (args.serials or "").split(",") if s.strip()]
+        if args.outcome:
+            body["outcome"] = args.outcome
     if name == "ack_alarm" and args.alarm_id:
         body["alarm_id"] = args.alarm_id
     from linectl.control import COMMAND_ADAPTER

@@ -173,16 +173,19 @@ def run_status(args: argparse.Namespace) -> int:
         for gtin in sorted(counts):
             c = counts[gtin]
             table[gtin] = {"provisioned": sum(c.values()), "available": c["provisioned"], **{k: c[k] for k in STATUS_COLUMNS[2:]}}
+            # commissioned units a PLC restart left of unknown fate (still commissioned until reconciled)
+            table[gtin]["fate_unknown"] = sum(1 for f in store.unit_fates(open_only=True) if f.gtin == gtin)
         if args.json:
             print(json.dumps(table, indent=2))
             return 0
         if not table:
             print("no serials in the store")
             return 0
-        widths = [14] + [max(len(col), 9) for col in STATUS_COLUMNS]
-        print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(("GTIN",) + STATUS_COLUMNS, widths))))
+        cols = STATUS_COLUMNS + ("fate_unknown",)
+        widths = [14] + [max(len(col), 9) for col in cols]
+        print("  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(("GTIN",) + cols, widths))))
         for gtin, row in table.items():
-            cells = [gtin.ljust(widths[0])] + [str(row[c]).rjust(w) for c, w in zip(STATUS_COLUMNS, widths[1:])]
+            cells = [gtin.ljust(widths[0])] + [str(row[c]).rjust(w) for c, w in zip(cols, widths[1:])]
             print("  ".join(cells))
         print("provisioned = every serial ever registered for the GTIN; available = provisioned and not yet allocated")
         return 0

@@ -326,6 +326,7 @@ class Line:
             raise C.CommandRejected(f"open batch is {b.lot}, not {c.lot}", "wrong_lot")
         if self.fault is not None:
             raise C.CommandRejected(f"line fault {self.fault} active; reset first", "fault_active")
+        self._require_reconciled(b)
         self._devices_ready()
         if b.state == BatchState.CREATED and b.challenge and self.cfg.batch.challenge:
             return await self._begin_challenge(c.actor, origin)
@@ -372,6 +373,7 @@ class Line:
         b = self._require_batch("resume")
         if self.fault is not None:
             raise C.CommandRejected(f"line fault {self.fault} active; reset first", "fault_active")
+        self._require_reconciled(b)
         await self._set_state(BatchState.RUNNING, actor=f"{c.actor}@{origin}", reason="resume")
         for s in self.stations:
             s.begin_production(b)
@@ -530,6 +532,49 @@ class Line:
         b = benches[0]
         b.set_mode(c.mode, c.operator)  # execute() has put the command itself in the audit trail
         return {"station": b.name, "mode": b.mode, "operator": b.operator}
+
+    # --- units of unknown fate (PLC restart; see PrintVerifyRuntime._new_epoch) ---
+
+    def _require_reconciled(self, b: BatchContext) -> None:
+        """Production does not resume over units nobody can vouch for: the operator reconciles them first."""
+        fates = self.store.unit_fates(b.lot, open_only=True)
+        if fates:
+            shown = ", ".join(f.serial for f in fates[:10]) + (" …" if len(fates) > 10 else "")
+            raise C.CommandRejected(
+                f"{len(fates)} unit(s) of batch {b.lot} have an unknown fate after a PLC restart ({shown}): "
+                "check the reject bin and reconcile them (reconcile_units) first", "units_fate_unknown")
+
+    async def _cmd_reconcile_units(self, c: C.ReconcileUnits, origin: str) -> dict[str, Any]:
+        """The operator's finding for units of unknown fate: in the reject bin (decommission) or passed (keep)."""
+        open_fates = {(f.gtin, f.serial): f for f in self.store.unit_fates(open_only=True)}
+        picked = []
+        unknown = []
+        for s in c.serials:
+            hits = [f for (g, ser), f in open_fates.items() if ser == s and (c.gtin is None or g == c.gtin.zfill(14))]
+            if len(hits) != 1:
+                unknown.append(s)
+            else:
+                picked.append(hits[0])
+        if unknown:
+            raise C.CommandRejected(f"no open fate_unknown record for serial(s) {', '.join(unknown[:10])}", "not_fate_unknown")
+        actor = f"{c.actor}@{origin}"
+        if c.outcome == "in_bin":
+            evs = [UnitDecommissioned(gtin=f.gtin, serial=f.serial, lot=f.lot, reason=RejectReason.PLC_FAILSAFE, seq=f.seq, station=f.station,
+                                      detail=f"found in the reject bin when reconciled by {actor} (unit of unknown fate after a PLC restart)")
+                   for f in picked if (rec := self.store.serial(f.gtin, f.serial)) is not None and rec.state == "commissioned"]
+            if evs:
+                await self.store.append(*evs)
+            if self.batch is not None:
+                n = sum(1 for e in evs if e.lot == self.batch.lot)
+                self.batch.good_before -= n
+                self.batch.decommissioned += n
+        by_gtin: dict[str, list[str]] = {}
+        for f in picked:
+            by_gtin.setdefault(f.gtin, []).append(f.serial)
+        for g, serials in by_gtin.items():
+            await self.store.resolve_fates(g, serials, c.outcome, c.actor, origin)
+        left = len(self.store.unit_fates(self.batch.lot, open_only=True)) if self.batch is not None else 0
+        return {"reconciled": len(picked), "outcome": c.outcome, "serials": [f.serial for f in picked], "still_unknown": left}
 
     async def _cmd_recall_batch(self, c: C.RecallBatch, origin: str) -> dict[str, Any]:
         from linectl.trace import mark_recalled

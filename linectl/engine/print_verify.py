@@ -31,6 +31,7 @@ from linectl.config import PrintVerifyStation as PrintVerifyConfig
 from linectl.engine.stats import LatencyHistogram
 from linectl.engine.verify import CHALLENGE_EXPECTED_REASON, Expected, Verdict, classify_unknown, verify_unit
 from linectl.events import ChallengeResult, RejectReason, Severity, UnitCommissioned, UnitDecommissioned
+from linectl.store.model import StoreError
 
 if TYPE_CHECKING:
     from linectl.engine.line import BatchContext, Line
@@ -40,6 +41,17 @@ log = structlog.get_logger("linectl.station")
 VERDICT_GOOD = 1
 VERDICT_REJECT = 2
 SERIAL_BLOCK = 256
+#: the PLC's physical pack counters (optional tags), snapshotted per batch for the report
+PLC_COUNTERS = ("trigger_count", "pass_total", "reject_total", "gate_reject_total")
+
+
+def _int_or_none(v: Any) -> int | None:
+    if v is None or isinstance(v, (list, tuple)):
+        return None
+    try:
+        return int(v)
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclass
@@ -128,6 +140,21 @@ class PrintVerifyRuntime:
         self._deciding = 0  # units taken off _units whose verdict is being recorded
         self._printer_unknown = True  # the printer may hold jobs we did not send (daemon restart): clear first
         self._feed_lock = asyncio.Lock()  # a group of jobs being handed to the printer (see _feeder, drain)
+        # PLC epochs (a PLC restart starts a new sequence space; see _check_reject_ring)
+        self.plc_epoch = 0  # linectl's count of epochs seen on this PLC, persisted in the store
+        self._epoch_tag: int | None = None  # the PLC's own boot counter (tag plc_epoch), when mapped
+        self._trigger_seen: int | None = None
+        self._gated_seen: int | None = None  # units the gate had decided in this epoch, last poll
+        self._plc_counts: dict[str, int | None] = {}  # pack counters of the last poll
+        self._plc_state_saved: tuple[Any, ...] | None = None
+        self._plc_state_saved_at = 0.0
+        self._counted_mode = "idle"  # mode at the last PLC counter snapshot of the batch
+        self._plc_was_down = False
+        #: unit numbers of an earlier epoch still on the belt -> True when the new epoch will number units so too
+        self._stale: dict[int, bool] = {}
+        self._epoch_changes = 0  # new epochs seen since this daemon started
+        self._carried = 0  # units of the previous epoch the gate still had to decide when the counters were reset
+        self.fate_unknown = 0  # units marked fate_unknown by this station since start
 
     # ------------------------------------------------------------------ setup
 
@@ -334,6 +361,9 @@ class PrintVerifyRuntime:
         seq = r.seq
         if seq is None:
             seq = next(iter(self._units), self._last_read_seq + 1)
+        if self._stale_read(seq):
+            self.log.warning("read_of_earlier_epoch", seq=seq, epoch=self.plc_epoch)
+            return
         if seq in self._decided:
             self.log.warning("second_read_for_unit", seq=seq)
             return
@@ -417,7 +447,13 @@ class PrintVerifyRuntime:
         batch = self.batch
         assert batch is not None
         ev = UnitCommissioned(gtin=batch.gtin, serial=job.serial, lot=batch.lot, expiry=batch.expiry, seq=seq, grade=v.grade, station=self.name)
+        epoch = self._epoch_changes
         await self.line.store.append(ev)  # durable before the PLC hears "good"
+        if epoch != self._epoch_changes:
+            # the PLC restarted while the commissioning was being stored: this unit belongs to the closed epoch,
+            # no verdict goes out for it (the gate rejects it fail-safe) and nothing in the new ring can prove it
+            await self._epoch_closed_late(seq, job)
+            return
         # Booked as good before the write: if the write fails (or is late) the gate rejects the unit fail-safe,
         # and the reject ring check finds it in _recent_good and decommissions its serial.
         self._remember(seq, True)
@@ -455,6 +491,8 @@ class PrintVerifyRuntime:
         self.counters.rejected[v.reason.value] = self.counters.rejected.get(v.reason.value, 0) + 1
         if job is not None:
             await self._decommission(job, v.reason, v.detail, seq=seq)
+        elif self.batch is not None:
+            await self.line.store.count_packs(self.batch.lot, "blank")  # a pack with none of the batch's serials on it
         self.line.unit_decided(self, False, v.reason.value)
         if write_error is not None:
             raise write_error
@@ -533,25 +571,40 @@ class PrintVerifyRuntime:
         interval = max(0.005, float(getattr(self.plc.config, "poll_interval_s", 0.02)))
         while True:
             await asyncio.sleep(interval)
+            if self.plc.health.state == HealthState.DISCONNECTED:
+                self._plc_was_down = True
             await self._check_reject_ring()
             await self._check_timeouts()
+            if self._ring_seen is not None:
+                await self._save_plc_state()
+                if self.mode != self._counted_mode:
+                    if self._counted_mode == "idle":
+                        await self._snapshot_counters("start")
+                    self._counted_mode = self.mode if self.mode != "idle" else self._counted_mode
 
     async def _check_reject_ring(self) -> None:
-        ring = self.plc.latest().get("reject_ring")
+        latest = self.plc.latest()
+        ring = latest.get("reject_ring")
         if not ring:
             return
         ring = list(ring)
         if self._ring_seen is None:
-            self._ring_seen = ring
-            # values already there at start belong to earlier runs; but a unit commissioned just before a crash
-            # whose good verdict never reached the PLC went to the reject bin meanwhile: find those
-            self._restart_commissioned = self._commissioned_before_start()
-            for seq in sorted({v for v in ring if v}):
-                await self._rejected_while_down(seq)
+            await self._first_ring(ring, latest)
             return
+        why = self._epoch_change(ring, latest)
+        if why is not None:
+            await self._new_epoch(why, ring, latest)
+            return
+        self._note_counters(latest)
         changed = [v for i, v in enumerate(ring) if v != self._ring_seen[i] and v]
         self._ring_seen = ring
+        tc = self._trigger_seen
         for seq in sorted(changed):
+            if tc is not None and seq > tc:
+                # a unit number this epoch has not reached: a unit of an earlier epoch gated after a restart
+                # (its fate is already on record as unknown or decided); never matched to a unit of this epoch
+                self.log.warning("reject_of_earlier_epoch", seq=seq, trigger_count=tc, epoch=self.plc_epoch)
+                continue
             pending = self._pending_rejects.pop(seq, None)
             if pending is not None:
                 self.counters.reject_confirmed += 1
@@ -577,6 +630,237 @@ class PrintVerifyRuntime:
                     self._early_confirms[seq] = None
                     while len(self._early_confirms) > 4 * self.ring_slots:
                         self._early_confirms.popitem(last=False)
+
+    # ------------------------------------------------------------------ PLC epochs
+
+    def _epoch_change(self, ring: list[int], latest: dict[str, Any]) -> str | None:
+        """Why the PLC is not in the epoch of the last poll any more (it restarted), or None.
+
+        Evidence, strongest first: its boot counter (tag plc_epoch) changed; its
+        trigger counter went backwards; a reject-ring slot went back (a ring
+        only ever takes higher unit numbers, so lower or zero means reset).
+        """
+        tag = _int_or_none(latest.get("plc_epoch"))
+        if tag is not None and self._epoch_tag is not None and tag != self._epoch_tag:
+            return f"PLC boot counter plc_epoch changed from {self._epoch_tag} to {tag}"
+        tc = _int_or_none(latest.get("trigger_count"))
+        if tc is not None and self._trigger_seen is not None and tc < self._trigger_seen:
+            return f"trigger count went back from {self._trigger_seen} to {tc}"
+        assert self._ring_seen is not None
+        if self._plc_was_down and self.plc.health.state != HealthState.DISCONNECTED:
+            # first poll after a reconnect: without an epoch tag or trigger counter, a ring that went back is the
+            # sign (live, a slot can go back legitimately: units of the old epoch gated after a restart)
+            self._plc_was_down = False
+            if tag is None and tc is None:
+                for old, new in zip(self._ring_seen, ring):
+                    if old and new < old:
+                        return f"reject ring reset across a reconnect (a slot held unit {old}, now {new})"
+        return None
+
+    def _counters_of(self, latest: dict[str, Any]) -> dict[str, int | None]:
+        return {k: _int_or_none(latest.get(k)) for k in PLC_COUNTERS}
+
+    @staticmethod
+    def _gated(counts: dict[str, int | None]) -> int | None:
+        """Units the gate has decided in this epoch: passed + pushed out (confirmed or not)."""
+        rej = counts.get("gate_reject_total")
+        if rej is None:
+            rej = counts.get("reject_total")
+        if counts.get("pass_total") is None or rej is None:
+            return None
+        return int(counts["pass_total"] or 0) + int(rej)
+
+    def _note_counters(self, latest: dict[str, Any]) -> None:
+        counts = self._counters_of(latest)
+        self._plc_counts = counts
+        tag = _int_or_none(latest.get("plc_epoch"))
+        if tag is not None:
+            self._epoch_tag = tag
+        if counts["trigger_count"] is not None:
+            self._trigger_seen = counts["trigger_count"]
+        gated = self._gated(counts)
+        if gated is not None:
+            self._gated_seen = gated
+
+    async def _save_plc_state(self, force: bool = False) -> None:
+        """Persist the epoch and counters seen (at most twice a second): a restarted daemon compares against them."""
+        state = (self.plc_epoch, self._epoch_tag, self._trigger_seen, self._gated_seen)
+        now = time.monotonic()
+        if state == self._plc_state_saved or (not force and now - self._plc_state_saved_at < 0.5):
+            return
+        self._plc_state_saved_at = now
+        try:
+            await self.line.store.save_plc_state(self.plc.name, *state)
+        except StoreError as exc:
+            # the watch loop confirms rejects: a failing store must not stop it (the line's stop path reports the store)
+            self.log.warning("plc_state_not_saved", reason=str(exc))
+            return
+        self._plc_state_saved = state
+
+    async def _snapshot_counters(self, point: str) -> None:
+        """The PLC's pack counters for the batch report (start / stop of a run, the ends of a PLC epoch)."""
+        b = self.batch or self.line.batch
+        if b is None or all(v is None for v in self._plc_counts.values()):
+            return
+        try:
+            await self.line.store.save_plc_counters(b.lot, self.plc.name, self.plc_epoch, point, self._plc_counts)
+        except StoreError as exc:
+            self.log.warning("plc_counters_not_saved", point=point, reason=str(exc))
+
+    def _stale_read(self, seq: int) -> bool:
+        """A read of a unit of an earlier PLC epoch (on the belt when the PLC restarted), not of this epoch's unit seq."""
+        renumbered = self._stale.get(seq)
+        if renumbered is None:
+            return False
+        if renumbered and (seq in self._units or (self._trigger_seen is not None and self._trigger_seen >= seq)):
+            # this epoch has reached that number (a code of this epoch was printed on it, or the PLC counted it):
+            # from now on it is this epoch's unit
+            del self._stale[seq]
+            return False
+        return True
+
+    async def _gate_caught_up(self, deadline: float) -> None:
+        """Units with a good verdict may still be between reader and gate: let the PLC count them before the snapshot."""
+        while time.monotonic() < deadline and self.plc.health.state != HealthState.DISCONNECTED:
+            gated, tc = self._gated(self._plc_counts), self._plc_counts.get("trigger_count")
+            if gated is None or tc is None or gated >= tc + self._carried:
+                return
+            await asyncio.sleep(0.02)
+
+    async def _first_ring(self, ring: list[int], latest: dict[str, Any]) -> None:
+        """First poll after the daemon started: trust the reject ring only if the PLC is still in the epoch we knew."""
+        self._ring_seen = ring
+        self._restart_commissioned = self._commissioned_before_start()
+        st = self.line.store.plc_state(self.plc.name)
+        tag = _int_or_none(latest.get("plc_epoch"))
+        tc = _int_or_none(latest.get("trigger_count"))
+        why: str | None = None
+        if st is not None:
+            self.plc_epoch = st.epoch
+            if tag is not None and st.epoch_tag is not None and tag != st.epoch_tag:
+                why = f"PLC boot counter plc_epoch changed from {st.epoch_tag} to {tag} while linectl was down"
+            elif tc is not None and st.trigger_count is not None and tc < st.trigger_count:
+                why = f"trigger count went back from {st.trigger_count} to {tc} while linectl was down"
+        else:
+            self.plc_epoch = 1
+        self._note_counters(latest)
+        if why is None:
+            # values already there at start belong to this epoch: a unit commissioned just before a crash whose
+            # good verdict never reached the PLC went to the reject bin meanwhile: find those
+            for seq in sorted({v for v in ring if v}):
+                await self._rejected_while_down(seq)
+            await self._save_plc_state(force=True)
+            return
+        # the ring and counters belong to a new epoch: nothing in them says anything about the old units
+        self.plc_epoch += 1
+        self._epoch_changes += 1
+        gated = st.gated if st is not None else None
+        doubt = [(seq, g, s, lot) for seq, (g, s, lot) in sorted(self._restart_commissioned.items()) if gated is None or seq > gated]
+        self._restart_commissioned = {}
+        await self._save_plc_state(force=True)
+        await self._epoch_closed(why, doubt, [], self.plc_epoch - 1)
+
+    async def _new_epoch(self, why: str, ring: list[int], latest: dict[str, Any]) -> None:
+        """The PLC restarted under us: close the old sequence space, put units in doubt on record, stop the line."""
+        old_epoch = self.plc_epoch
+        gated = self._gated_seen
+        old_counts = dict(self._plc_counts)
+        self._epoch_changes += 1  # first: a commissioning being stored right now must not send its verdict
+        await self._snapshot_counters("epoch_end")  # the last counters of the old epoch
+        self.plc_epoch += 1
+        self._epoch_tag = None
+        self._trigger_seen = None
+        self._gated_seen = None
+        self._ring_seen = ring  # the new epoch's baseline: never matched to units of the old one
+        self._note_counters(latest)
+        await self._save_plc_state(force=True)
+        # where the new epoch's counters started: 0 for a counter the restart reset, else where it was (retentive);
+        # units of the old epoch still on the belt are counted at the gate of the new one (carried over)
+        new_counts = dict(self._plc_counts)
+        self._plc_counts = {k: (0 if (v is not None and old_counts.get(k) is not None and v < int(old_counts[k] or 0)) else old_counts.get(k, v))
+                            for k, v in new_counts.items()}
+        old_tc = old_counts.get("trigger_count")
+        reset = old_tc is not None and self._plc_counts.get("trigger_count") == 0 and old_tc > 0
+        self._carried = max(0, int(old_tc or 0) - int(gated or 0)) if reset and gated is not None else 0
+        await self._snapshot_counters("epoch_start")
+        self._plc_counts = new_counts
+        b = self.batch or self.line.batch
+        # commissioned, good verdict given, and not known to have reached the gate: fate unknown
+        doubt: list[tuple[int, str, str, str | None]] = []
+        for seq, job in sorted(self._recent_good.items()):
+            if gated is None or seq > gated:
+                doubt.append((seq, job.expected.gtin, job.serial, b.lot if b else None))
+        for seq, (g, s, lot) in sorted(self._restart_commissioned.items()):
+            if gated is None or seq > gated:
+                doubt.append((seq, g, s, lot))
+        self._recent_good.clear()
+        self._restart_commissioned = {}
+        self._decided.clear()
+        self._early_confirms.clear()
+        tc = self._trigger_seen
+        old_top = max([self._max_printed_seq, self._last_read_seq, *self._units, *(s for s, *_ in doubt)], default=0)
+        renumbered = tc is not None and tc < old_top  # the new epoch counts units from (near) zero again
+        self._last_read_seq = 0
+        if renumbered:
+            self._max_printed_seq = tc or 0
+        # units of the old epoch still between printer and gate: their reads are not units of the new epoch
+        self._stale = {s: renumbered for s in self._units}
+        if gated is not None:
+            self._stale.update({s: renumbered for s in range(gated + 1, old_top + 1)[-4 * self.ring_slots :]})
+        # printed, never decided: no good verdict was ever given, so the gate rejects them (fail-safe); they are
+        # decommissioned as the line stop would, and reads of them that still come are ignored (_stale)
+        unread = list(self._units.items())
+        self._units.clear()
+        for seq, unit in unread:
+            await self._decommission(unit.job, RejectReason.MISSING_UNIT, "printed, not decided when the PLC restarted (no good verdict: rejected fail-safe)", seq=seq)
+        # rejects ordered in the old epoch cannot be confirmed from the new epoch's ring
+        unconfirmed = sorted(self._pending_rejects)
+        pending = dict(self._pending_rejects)
+        self._pending_rejects.clear()
+        for seq in unconfirmed:
+            tag = pending[seq][1]
+            if tag.startswith("challenge:"):
+                kind, v = pending[seq][2]
+                await self._challenge_confirmed(seq, kind, v, False)
+        await self._epoch_closed(why, doubt, unconfirmed, old_epoch)
+
+    async def _epoch_closed(self, why: str, doubt: list[tuple[int, str, str, str | None]], unconfirmed: list[int], old_epoch: int) -> None:
+        cause = f"PLC {self.plc.name} restarted ({why}) before the unit's passage of the reject gate was proven"
+        n = 0
+        if doubt:
+            n = await self.line.store.mark_fate_unknown(
+                [(g, s, lot, self.name, self.plc.name, old_epoch, seq, cause) for seq, g, s, lot in doubt]
+            )
+            self.fate_unknown += n
+        self.log.warning("plc_epoch_changed", plc=self.plc.name, why=why, epoch=self.plc_epoch, fate_unknown=n, rejects_unconfirmed=len(unconfirmed))
+        if n:
+            serials = [s for _, _, s, _ in doubt]
+            await self.line.alarm(
+                "units_fate_unknown",
+                f"{n} unit(s) of unknown fate after the PLC restart (in the reject bin or passed?): {', '.join(serials[:10])}"
+                + (" …" if len(serials) > 10 else "") + "; check the reject bin and reconcile them (reconcile_units)",
+                Severity.CRITICAL, self.name,
+            )
+        detail = f"PLC {self.plc.name} restarted: {why}; new epoch {self.plc_epoch}, {n} unit(s) of unknown fate"
+        if unconfirmed:
+            detail += f", rejects of units {unconfirmed[:10]} not confirmable"
+        await self.line.fault_stop("plc_restarted", detail, self.name)
+        if self.line.fault != "plc_restarted":
+            # the line was already stopping for the PLC's outage: the restart is the cause an operator must see and reset
+            await self.line.alarm("plc_restarted", detail, Severity.CRITICAL, self.name)
+            self.line.fault = "plc_restarted"
+
+    async def _epoch_closed_late(self, seq: int, job: Job) -> None:
+        b = self.batch
+        n = await self.line.store.mark_fate_unknown(
+            [(job.expected.gtin, job.serial, b.lot if b else None, self.name, self.plc.name, self.plc_epoch - 1, seq,
+              f"PLC {self.plc.name} restarted while unit {seq} was being commissioned")]
+        )
+        self.fate_unknown += n
+        self.counters.good += 1
+        if b is not None:
+            b.good += 1
+        await self.line.alarm("units_fate_unknown", f"unit {seq} (serial {job.serial}) of unknown fate: the PLC restarted while it was being commissioned", Severity.CRITICAL, self.name)
 
     def _commissioned_before_start(self) -> dict[int, tuple[str, str, str | None]]:
         """seq -> (gtin, serial, lot) of the last units this station commissioned in the open batch before this start."""
@@ -668,6 +952,10 @@ class PrintVerifyRuntime:
             missing = sorted(self._pending_rejects)
             self._pending_rejects.clear()
             await self.line.alarm("reject_not_confirmed", f"rejects of units {missing[:10]} not confirmed at stop", Severity.CRITICAL, self.name)
+        if self._counted_mode != "idle":
+            await self._gate_caught_up(deadline)
+            await self._snapshot_counters("stop")  # counters of the last poll (the watch checks them for a restart first)
+            self._counted_mode = "idle"
 
     def unused_serials(self) -> list[str]:
         out = list(self._serials)
@@ -681,4 +969,6 @@ class PrintVerifyRuntime:
             "decision_latency_ms": self.latency.summary(),
             "in_flight": {"on_printer": len(self._on_printer), "printed_unread": len(self._units), "rejects_unconfirmed": len(self._pending_rejects)},
             "challenge": list(self._challenge_results),
+            "plc_epoch": self.plc_epoch,
+            "fate_unknown": self.fate_unknown,
         }

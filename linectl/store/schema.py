@@ -40,7 +40,7 @@ from linectl.store.model import StoreError
 log = structlog.get_logger("linectl.store")
 
 APP_ID = "linectl"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 metadata = MetaData()
@@ -221,6 +221,62 @@ command_ids = Table(
     Column("ts", Text, nullable=False),
     Index("ix_command_ids_ts", "ts"),
 )
+
+# --- PLC epochs, units of unknown fate, batch PLC counters (migration _migrate_plc_epochs) ---
+# The last state seen of each PLC: which boot epoch it is in and how far its counters went, so a
+# daemon restart can tell a PLC that restarted meanwhile (ring evidence of another epoch) from one that did not.
+plc_epochs = Table(
+    "plc_epochs",
+    metadata,
+    Column("plc", Text, primary_key=True),
+    Column("epoch", Integer, nullable=False),  # linectl's count of epochs seen on this PLC (1 = first)
+    Column("epoch_tag", Integer),  # the PLC's own boot counter (tag plc_epoch) when it offers one
+    Column("trigger_count", Integer),  # last trigger_count seen in this epoch
+    Column("gated", Integer),  # units the gate had decided in this epoch (pass + reject counters)
+    Column("updated_at", Text, nullable=False),
+)
+
+# A unit whose fate at the reject gate is not proven (a PLC restart or power cut lost the evidence):
+# open until an operator reconciles it (found in the bin -> decommissioned, passed -> stays commissioned).
+unit_fates = Table(
+    "unit_fates",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("gtin", Text, nullable=False),
+    Column("serial", Text, nullable=False),
+    Column("lot", Text),
+    Column("station", Text),
+    Column("plc", Text),
+    Column("epoch", Integer),  # the PLC epoch the unit belonged to
+    Column("seq", Integer),
+    Column("state", Text, nullable=False),  # 'fate_unknown' | 'resolved'
+    Column("cause", Text, nullable=False),
+    Column("outcome", Text),  # 'in_bin' | 'passed' once resolved
+    Column("resolved_by", Text),
+    Column("created_at", Text, nullable=False),
+    Column("resolved_at", Text),
+    UniqueConstraint("gtin", "serial", name="uq_unit_fates_gtin_serial"),
+    CheckConstraint("state IN ('fate_unknown','resolved')", name="ck_unit_fates_state"),
+)
+Index("ix_unit_fates_lot", unit_fates.c.lot, unit_fates.c.state)
+
+# Snapshots of the PLC's physical counters per batch (start, stop, and the end of an epoch that a
+# restart cut short), so packs can be reconciled against serials even across a cold restart.
+plc_counters = Table(
+    "plc_counters",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("lot", Text, nullable=False),
+    Column("plc", Text, nullable=False),
+    Column("epoch", Integer, nullable=False),
+    Column("point", Text, nullable=False),  # 'start' | 'stop' | 'epoch_end' | 'epoch_start'
+    Column("trigger_count", Integer),
+    Column("pass_total", Integer),
+    Column("reject_total", Integer),  # confirmed in the bin
+    Column("gate_reject_total", Integer),  # pushed out by the gate, confirmed or not
+    Column("ts", Text, nullable=False),
+)
+Index("ix_plc_counters_lot", plc_counters.c.lot, plc_counters.c.id)
 
 # Guards against a code path that deletes by mistake; not against a person with the file (the hash chain is for that).
 TRIGGERS = (
@@ -532,7 +588,7 @@ def _migrate_command_ids(conn: Connection) -> None:
 
 
 def _migrate_epcis_context(conn: Connection) -> None:
-    """v2 -> v3: outbox.epcis, each event's EPCIS rendering fixed when it is stored.
+    """v3 -> v4: outbox.epcis, each event's EPCIS rendering fixed when it is stored.
 
     Rows stored before keep NULL: their context (station readPoint, time zone offset then in force,
     company prefix lengths) was never recorded, and a migration has no config to invent it from.
@@ -541,7 +597,24 @@ def _migrate_epcis_context(conn: Connection) -> None:
     _add_column(conn, "outbox", "epcis TEXT")
 
 
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {1: _migrate_1_to_2, 2: _migrate_command_ids, 3: _migrate_epcis_context}
+def _migrate_plc_epochs(conn: Connection) -> None:
+    """v4 -> v5: PLC epochs, units of unknown fate and batch PLC counters (three new tables, nothing else changed).
+
+    plc_epochs remembers per PLC the boot epoch and counters last seen, so crash
+    recovery only trusts reject-ring evidence of the same PLC epoch; unit_fates
+    holds units whose fate at the gate a PLC restart made unknown, until an
+    operator reconciles them; plc_counters holds the PLC's pack counters per batch.
+    """
+    for t in (plc_epochs, unit_fates, plc_counters):
+        t.create(conn, checkfirst=True)  # with its indexes
+
+
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {
+    1: _migrate_1_to_2,
+    2: _migrate_command_ids,
+    3: _migrate_epcis_context,
+    4: _migrate_plc_epochs,
+}
 
 
 def remove_files(path: str) -> None:

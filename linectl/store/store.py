@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from linectl.store import ops, schema
+from linectl.store import ops, plc_records, schema
 from linectl.store.model import (
     AuditCheck,
     AuditRecord,
@@ -298,6 +298,43 @@ class Store:
             return await self._submit(ops.op_set_max_pages, None)  # type: ignore[no-any-return]
         page = await self._submit(ops.op_page_size)
         return await self._submit(ops.op_set_max_pages, max(1, int(max_bytes) // page))  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------ PLC epochs, unit fates, PLC counters
+
+    async def save_plc_state(self, plc: str, epoch: int, epoch_tag: int | None, trigger_count: int | None, gated: int | None) -> None:
+        """The PLC epoch and counters last seen, so a restarted daemon can tell whether the PLC restarted meanwhile."""
+        await self._submit(plc_records.op_plc_state, plc, int(epoch), epoch_tag, trigger_count, gated)
+
+    async def mark_fate_unknown(self, rows: list[tuple[str, str, str | None, str, str, int, int | None, str]]) -> int:
+        """Open fate_unknown records for commissioned units whose fate at the gate is not proven; returns how many."""
+        if not rows:
+            return 0
+        return await self._submit(plc_records.op_fate_unknown, [(_gtin(r[0]), *r[1:]) for r in rows])  # type: ignore[no-any-return]
+
+    async def resolve_fates(self, gtin: str, serials: Sequence[str], outcome: str, actor: str, origin: str) -> list[str]:
+        return await self._submit(plc_records.op_resolve_fates, _gtin(gtin), list(serials), outcome, actor, origin)  # type: ignore[no-any-return]
+
+    async def save_plc_counters(self, lot: str, plc: str, epoch: int, point: str, values: dict[str, int | None]) -> None:
+        await self._submit(plc_records.op_plc_counters, lot, plc, int(epoch), point, dict(values))
+
+    async def count_packs(self, lot: str, kind: str, n: int = 1) -> None:
+        """Count packs of the batch that carry none of its serials (kind 'blank': no code printed / not ours)."""
+        await self._submit(plc_records.op_count_packs, lot, kind, int(n))
+
+    def pack_counts(self, lot: str) -> dict[str, int]:
+        return plc_records.read_pack_counts(self._reader, lot)
+
+    def plc_state(self, plc: str) -> plc_records.PlcEpochState | None:
+        return plc_records.read_plc_state(self._reader, plc)
+
+    def unit_fates(self, lot: str | None = None, *, open_only: bool = False) -> list[plc_records.UnitFate]:
+        return plc_records.read_fates(self._reader, lot, open_only=open_only)
+
+    def unit_fate(self, gtin: str, serial: str) -> plc_records.UnitFate | None:
+        return plc_records.read_fate(self._reader, _gtin(gtin), serial)
+
+    def plc_counters(self, lot: str) -> list[dict[str, Any]]:
+        return plc_records.read_plc_counters(self._reader, lot)
 
     # ------------------------------------------------------------------ reads (sync)
 
