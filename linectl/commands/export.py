@@ -3,7 +3,8 @@
 Writes one EPCIS 2.0 EPCISDocument with the EPCIS events of the store's
 outbox (forwarded or not), in store order: for a partner, an auditor, or an
 upstream that lost data. Streams the document, so a year of events does not
-have to fit in memory. Exit 0 done, 2 bad input, 3 the store refused the file.
+have to fit in memory. Exit 0 done, 2 bad input, 3 the store refused the file
+(missing, not a linectl store, another line's store).
 
 The line identity (readPoint/bizLocation, time zone) and the company prefix
 length of each GTIN come from the config, which is why -c is required.
@@ -66,21 +67,17 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"linectl export epcis: {exc}", file=sys.stderr)
             return 2
-    if not Path(args.db).is_file():
-        print(f"linectl export epcis: no store at {args.db}", file=sys.stderr)
-        return 2
-    return asyncio.run(_export(args, cfg, since))
+    from linectl.store.cliutil import run_async
+
+    return run_async(lambda: _export(args, cfg, since))
 
 
 async def _export(args: argparse.Namespace, cfg: Any, since: datetime | None) -> int:
     from linectl import epcis
-    from linectl.store import Store, StoreError
+    from linectl.store.cliutil import open_store
 
-    try:
-        store = await Store.open(args.db, create=False, readonly=True)
-    except StoreError as exc:
-        print(f"linectl export epcis: {args.db}: {exc}", file=sys.stderr)
-        return 3
+    # read-only (never creates, migrates or locks); refuses another line's store: its events would carry our GLN
+    store = await open_store(args.db, cfg, readonly=True, command="linectl export epcis")
     try:
         mapper = epcis.EpcisMapper.from_config(cfg)
         validator = None if args.validate == "none" else epcis.default_validator()
