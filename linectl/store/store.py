@@ -109,8 +109,8 @@ class Store:
         if lock is not None:
             if readonly:
                 raise StoreError("a read-only open takes no owner lock")
-            if not create:  # a missing file is refused before the lock file is made beside it
-                await asyncio.to_thread(schema.check_file, p, create=False)
+            # a missing file (or directory) is refused before the lock file is made beside it
+            await asyncio.to_thread(schema.check_file, p, create=create)
             held = await asyncio.to_thread(StoreLock.acquire, p, lock)
         try:
             store = await cls._open(p, group_commit_max, queue_max, create, readonly, integrity, busy_timeout_s)
