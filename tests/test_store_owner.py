@@ -394,3 +394,38 @@ def test_kill9_of_the_demo_then_offline_stop_and_close(tmp_path: Path):
     decommissioned = {e.serial for e in lot_events_from_db(db, lot) if isinstance(e, UnitDecommissioned) and e.reason.value == "line_stopped"}
     assert sent <= decommissioned and reply["result"]["decommissioned_in_flight"] == len(sent)
     assert [a for a in audit_actions(db) if a[2] == "stop_batch"] == [("qa1", "cli:offline", "stop_batch")]
+
+
+# --------------------------------------------------------------------------- the store operations themselves (in-process)
+
+
+async def test_owner_lock_and_close_batch_operation(tmp_path: Path):
+    from linectl.config import RandomSerials
+    from linectl.events import BatchState, BatchStateChanged
+    from linectl.store import StoreError
+    from linectl.store.lock import StoreLocked
+
+    db = tmp_path / "s.db"
+    s = await Store.open(db, lock="linectl run")
+    try:
+        with pytest.raises(StoreLocked, match=f"PID {os.getpid()} \\(linectl run"):
+            await Store.open(db, create=False, lock="linectl serials import")
+        await s.create_batch("L1", GTIN, "291231", 100, actor="t")
+        await s.append(BatchStateChanged(lot="L1", gtin=GTIN, state=BatchState.RUNNING, previous=BatchState.CREATED, actor="t"))
+        serials = await s.allocate(GTIN, "L1", 10, RandomSerials(scheme="random"))
+        await s.mark_sent(GTIN, "L1", serials[:3])
+        seq = s.last_seq()
+        with pytest.raises(StoreError, match="running; stop it before closing"):
+            await s.close_batch("L1", "void", "t@daemon")
+        assert s.last_seq() == seq and s.batch("L1").state == "running"  # refused as a whole, nothing written
+        res = await s.close_batch("L1", "return", "qa@cli:offline", stop_reason="crashed")
+        assert res == {"lot": "L1", "gtin": GTIN, "previous": "running", "policy": "return", "unused": 7, "decommissioned": 3}
+        assert {k: v for k, v in s.lot_counts("L1").items() if v} == {"decommissioned": 3}  # returned ones left the lot
+        assert [r.kind for r in s.outbox(seq, only_unforwarded=False)] == ["batch_state", "serials_returned"] + ["unit_decommissioned"] * 3 + ["batch_state"]
+        with pytest.raises(StoreError, match="already closed"):
+            await s.close_batch("L1", "void", "t")
+        assert s.verify_audit().ok
+    finally:
+        await s.close()
+    s2 = await Store.open(db, create=False, lock="linectl run")  # released by close()
+    await s2.close()
