@@ -1,7 +1,8 @@
 """The `linectl` command. Each subcommand lives in its own module under linectl/commands/.
 
 Exit codes: 0 success, 1 a check failed (e.g. audit chain broken), 2 bad
-input (invalid config, bad arguments), 3 the store refused (corrupt/foreign).
+input (invalid config, bad arguments), 3 the store refused (missing, corrupt,
+foreign, another line's, or held by another process).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from linectl import __version__
 
 COMMAND_MODULES = (
     "linectl.commands.check_config",
+    "linectl.commands.init",
     "linectl.commands.serials",
     "linectl.commands.trace",
     "linectl.commands.audit",

@@ -54,6 +54,8 @@ def build_drivers(cfg: LineConfig) -> dict[str, Driver]:
 class Daemon:
     cfg: LineConfig
     db_path: str | None = None
+    #: only the demo and tests create their own store; `linectl run` refuses a missing one (`linectl init` creates it)
+    create: bool = False
     store: Any = None
     line: Line | None = None
     drivers: dict[str, Driver] = field(default_factory=dict)
@@ -65,9 +67,15 @@ class Daemon:
     async def start(self) -> None:
         from linectl.epcis import EpcisMapper
         from linectl.store import Store
+        from linectl.store.store import line_identity
 
         path = self.db_path or self.cfg.store.path
-        self.store = await Store.open(path, group_commit_max=self.cfg.store.group_commit_max, queue_max=self.cfg.store.queue_max)
+        # the owner lock first (held until store.close()), before crash recovery or any migration touches the file;
+        # then the line identity: another line's store is refused, a store from before identities adopts this one
+        self.store = await Store.open(
+            path, group_commit_max=self.cfg.store.group_commit_max, queue_max=self.cfg.store.queue_max, create=self.create,
+            lock="linectl run", identity=line_identity(self.cfg), actor="system", origin="daemon",
+        )
         # every EPCIS event is rendered once, when stored, with the context in force then (linectl/epcis.py)
         self.store.set_epcis_mapper(EpcisMapper.from_config(self.cfg))
         await self.store.upsert_products(self.cfg.products)
@@ -177,7 +185,11 @@ async def run_daemon(cfg: LineConfig, db_path: str | None = None, on_started: Ca
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, d.stop_event.set)
-    await d.start()
+    try:
+        await d.start()
+    except BaseException:
+        await d.shutdown("start failed")  # releases the store (and its lock) and any driver already started
+        raise
     if on_started is not None:
         await on_started(d)
     await d.stop_event.wait()

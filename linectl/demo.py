@@ -145,7 +145,7 @@ class SimulatedLine:
         from linectl.daemon import Daemon
 
         assert self.cfg is not None
-        self.daemon = Daemon(self.cfg, str(self.db))
+        self.daemon = Daemon(self.cfg, str(self.db), create=True)  # the demo (and tests) make their own store
         await self.daemon.start()
         for d in self.daemon.drivers.values():
             if not await d.wait_connected(15):

@@ -32,6 +32,11 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
     return rc, out, err
 
 
+def new_store(db: Path) -> None:
+    """Only `linectl init` (or library code) creates a store; the CLI commands under test refuse a missing one."""
+    asyncio.run(_make_and_close(db))
+
+
 def sscc(ref: int, ext: int = 0) -> str:
     return gs1.make_sscc(ext, CP, ref)
 
@@ -61,6 +66,7 @@ store:
 def test_import_csv_with_serial_column(tmp_path, capsys):
     db = tmp_path / "line.db"
     f = tmp_path / "pool.csv"
+    new_store(db)
     f.write_text("batch;serial;note\nX;AAA001;ok\nX;AAA002;\nX;AAA001;again\nX;BAD SERIAL;\nX;ÄÖ;\nX;AAA003;\n")
     rc, out, _ = run(capsys, "serials", "import", str(f), "--gtin", GTIN, "--db", str(db), "--source", "L3-order-17")
     assert rc == 1  # invalid rows present
@@ -76,6 +82,7 @@ def test_import_csv_with_serial_column(tmp_path, capsys):
 
 def test_import_plain_list_then_again(tmp_path, capsys):
     db = tmp_path / "line.db"
+    new_store(db)
     f = tmp_path / "pool.txt"
     f.write_text("\n".join(f"SN{i:06d}" for i in range(25_000)) + "\n\n")  # more than one chunk
     rc, out, _ = run(capsys, "serials", "import", str(f), "--gtin", GTIN[1:], "--db", str(db))  # GTIN-13 accepted
@@ -117,6 +124,8 @@ def test_import_bad_input_exits_2(tmp_path, capsys):
     assert rc == 2 and "check digit" in err
     rc, _, err = run(capsys, "serials", "import", str(f), "--gtin", GTIN)
     assert rc == 2 and "--db" in err
+    rc, _, err = run(capsys, "serials", "import", str(f), "--gtin", GTIN, "--db", str(db))
+    assert rc == 3 and "linectl init" in err  # a mistyped --db never starts a new, empty registry
     assert not db.exists()
 
 
@@ -126,8 +135,12 @@ def test_config_gives_the_db_path(tmp_path, capsys):
     cfg.write_text(CONFIG.format(gtin=GTIN, db=db))
     f = tmp_path / "s.txt"
     f.write_text("C1\nC2\n")
+    rc, out, err = run(capsys, "serials", "import", str(f), "--gtin", GTIN, "-c", str(cfg))
+    assert rc == 3 and not db.exists(), err
+    rc, out, err = run(capsys, "init", "-c", str(cfg))
+    assert rc == 0 and db.exists(), err
     rc, out, _ = run(capsys, "serials", "import", str(f), "--gtin", GTIN, "-c", str(cfg))
-    assert rc == 0 and db.exists()
+    assert rc == 0
     rc, _, err = run(capsys, "serials", "import", str(f), "--gtin", "04012345000016", "-c", str(cfg))
     assert rc == 2 and "not configured" in err
     rc, out, _ = run(capsys, "serials", "status", "-c", str(cfg), "--json")
@@ -165,8 +178,7 @@ def test_every_store_command_exits_3_on_store_error(tmp_path, capsys, kind):
         ["trace", f"(01){GTIN}(21)A", "--db", str(db)],
         ["audit", "verify", "--db", str(db)],
     ]
-    if kind != "missing":  # import creates a missing file on purpose
-        commands.append(["serials", "import", str(f), "--gtin", GTIN, "--db", str(db)])
+    commands.append(["serials", "import", str(f), "--gtin", GTIN, "--db", str(db)])
     for cmd in commands:
         rc, out, err = run(capsys, *cmd)
         assert rc == 3, (cmd, out, err)
@@ -248,6 +260,7 @@ def test_entry_point_subprocess(tmp_path):
     db = tmp_path / "e.db"
     f = tmp_path / "s.txt"
     f.write_text("Z1\nZ2\n")
+    new_store(db)
     env = {**os.environ}
     r = subprocess.run([sys.executable, "-m", "linectl", "serials", "import", str(f), "--gtin", GTIN, "--db", str(db)],
                        capture_output=True, text=True, cwd=ROOT, env=env, timeout=60)

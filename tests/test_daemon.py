@@ -86,6 +86,8 @@ class LineProcesses:
             time.sleep(0.05)
 
     def start_daemon(self) -> None:
+        if not self.db.exists():  # `linectl run` never creates a store: the line is commissioned with `linectl init`
+            subprocess.run([*LINECTL, "init", "-c", str(self.cfg)], check=True, capture_output=True, cwd=REPO, timeout=60)
         self.daemon_runs += 1
         self.daemon = spawn([*LINECTL, "--log-level", "info", "run", "-c", str(self.cfg)], self.logs / f"daemon{self.daemon_runs}.log")
         self.wait_ready()

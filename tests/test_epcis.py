@@ -305,9 +305,11 @@ def test_export_writes_valid_filtered_documents(tmp_path, validator, capsys):
 def test_export_refuses_bad_input(tmp_path, capsys):
     cfg_path = line_yaml(tmp_path / "line.yaml")
     rc, _o, err = _export(capsys, "--db", str(tmp_path / "missing.db"), "-c", str(cfg_path))
-    assert rc == 2 and "missing.db" in err
+    assert rc == 3 and "missing.db" in err and "linectl init" in err  # a missing store is refused like any store error
+    assert not (tmp_path / "missing.db").exists()
     rc, _o, err = _export(capsys, "--db", str(tmp_path / "missing.db"))  # no config needed any more
-    assert rc == 2 and "missing.db" in err
+    assert rc == 3 and "missing.db" in err and "linectl init" in err
+    assert not (tmp_path / "missing.db").exists()
     rc, _o, err = _export(capsys, "--db", str(tmp_path / "missing.db"), "-c", str(cfg_path), "--since", "last tuesday")
     assert rc == 2 and "--since" in err
     (tmp_path / "garbage.db").write_bytes(b"not a database" * 100)

@@ -3,6 +3,13 @@
 The CLI holds no special door into the daemon: it publishes the same
 validated command on `<root>/cmd/<name>` and waits for the reply, so the
 command is audited with its origin like one from the MES or the HMI.
+
+`close` and `stop` need no line, so they also work offline: when the store
+(`store.path` of the config, or `--db`) is on this machine and no daemon holds
+it, the command takes the store's owner lock and runs there, through the same
+store operation and audit record as the daemon's (origin `cli:offline`). A
+batch a crash left running/challenge/paused is recorded stopped first. When a
+daemon holds the store, the command goes to it over MQTT as usual.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ import argparse
 import asyncio
 import getpass
 import json
+import os
 import sys
 import uuid
 from typing import Any
@@ -47,7 +55,60 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--outcome", choices=["in_bin", "passed"], help="reconcile: found in the reject bin, or passed")
     p.add_argument("--actor", default=None, help="who is commanding (default: the login name)")
     p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--db", metavar="PATH", help="store for an offline close/stop (default: store.path of the config)")
     p.set_defaults(func=run)
+
+
+OFFLINE = {"close", "stop"}
+OFFLINE_ORIGIN = "cli:offline"
+
+
+async def run_offline(cfg: Any, body: dict[str, Any], path: str) -> dict[str, Any] | None:
+    """Close/stop on the store itself when no daemon holds it; None when one does (then: MQTT)."""
+    from linectl.control import COMMAND_ADAPTER
+    from linectl.store.cliutil import open_store
+    from linectl.store.lock import StoreLocked
+    from linectl.store.model import StoreError
+
+    cmd = COMMAND_ADAPTER.validate_python(body)
+    try:
+        store = await open_store(path, cfg, readonly=False, command=f"linectl batch {cmd.name}", actor=cmd.actor, origin=OFFLINE_ORIGIN)
+    except StoreLocked:
+        return None
+    try:
+        who = f"{cmd.actor}@{OFFLINE_ORIGIN}"
+        open_batches = [b for b in store.batches() if b.state != "closed"]
+        lot = body.get("lot")
+        if lot is None:
+            if len(open_batches) != 1:
+                listed = ", ".join(f"{b.lot} ({b.state})" for b in open_batches) or "none"
+                return _refused(cmd, f"name the batch with --lot; open batches: {listed}", "no_batch" if not open_batches else "ambiguous_lot")
+            lot = open_batches[0].lot
+        try:
+            if cmd.name == "close_batch":
+                policy = cmd.unused_serials or cfg.batch.unused_serials
+                res = await store.close_batch(lot, policy, who, stop_reason="no daemon running (crash or interrupt); stopped offline to close")
+                from linectl.report import batch_report
+
+                result: dict[str, Any] = {"lot": lot, "state": "closed", "previous": res["previous"],
+                                          "unused_serials": {"policy": policy, "count": res["unused"]},
+                                          "decommissioned_in_flight": res["decommissioned"], "offline": True,
+                                          "report": batch_report(store, lot)}
+            else:
+                res = await store.stop_batch(lot, who, cmd.reason or "stopped offline: no daemon running")
+                result = {"lot": lot, "state": "stopped", "previous": res["previous"], "offline": True}
+        except StoreError as exc:
+            return _refused(cmd, str(exc), "refused")
+        # the same audit record the daemon's Line.execute writes for a command
+        short = {k: v for k, v in result.items() if k != "report"}
+        await store.audit(cmd.actor, OFFLINE_ORIGIN, cmd.name, {**cmd.model_dump(mode="json", exclude={"serials"}), "lot": lot, "result": short})
+        return {"ok": True, "command_id": cmd.command_id, "command": cmd.name, "result": result}
+    finally:
+        await store.close()
+
+
+def _refused(cmd: Any, reason: str, code: str) -> dict[str, Any]:
+    return {"ok": False, "command_id": cmd.command_id, "command": cmd.name, "error": {"code": code, "message": reason}, "offline": True}
 
 
 def build_command(args: argparse.Namespace) -> dict[str, Any]:
@@ -115,6 +176,24 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"linectl batch: invalid command: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"linectl batch: {exc.filename or args.file}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    if args.action in OFFLINE:
+        from linectl.store.model import StoreError
+
+        path = str(args.db or cfg.store.path)
+        if args.db or os.path.exists(path):  # a store on this machine: offline unless a daemon holds it
+            try:
+                reply = asyncio.run(run_offline(cfg, body, path))
+            except StoreError as exc:
+                print(f"linectl batch: store error: {exc}", file=sys.stderr)
+                return 3
+            if reply is not None:
+                print(json.dumps(reply, indent=2))
+                if not reply.get("ok"):
+                    print(f"linectl batch {args.action}: refused: {reply['error']['message']}", file=sys.stderr)
+                return 0 if reply.get("ok") else 1
     try:
         reply = asyncio.run(send_command(cfg, body, args.timeout))
     except TimeoutError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 
 
@@ -23,13 +24,34 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from linectl.demo import run_demo
+    from linectl.demo import DEFAULT_CONFIG, run_demo
+    from linectl.store.model import StoreError
 
+    if args.db and os.path.exists(args.db):
+        problem = _open_batches(args.db)
+        if problem:
+            print(f"linectl demo: {problem}", file=sys.stderr)
+            return 3
     try:
         summary = asyncio.run(run_demo(args))
     except RuntimeError as exc:
         print(f"linectl demo: {exc}", file=sys.stderr)
         return 1
+    except StoreError as exc:
+        print(f"linectl demo: store error: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        if args.db:
+            cfg = args.config or DEFAULT_CONFIG
+            print(
+                f"linectl demo: interrupted; the store {args.db} keeps the batch as it was left. "
+                f"Close it offline with `linectl batch close -c {cfg} --db {args.db} --unused void` "
+                f"and see it with `linectl report --db {args.db} --batch LOT`",
+                file=sys.stderr,
+            )
+        else:
+            print("linectl demo: interrupted", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(summary))
     else:
@@ -38,6 +60,29 @@ def run(args: argparse.Namespace) -> int:
     if "aggregation" in summary:
         ok = ok and not summary["aggregation"]["hierarchy_violations"]
     return 0 if ok else 1
+
+
+def _open_batches(db: str) -> str | None:
+    """A demo on a store that still has an open batch (e.g. an interrupted demo) would be refused mid-way: say so first."""
+    from linectl.store.cliutil import open_store, run_async
+
+    found: list[str] = []
+
+    async def look() -> int:
+        store = await open_store(db, None, readonly=True, command="linectl demo")
+        try:
+            found.extend(f"{b.lot} ({b.state})" for b in store.batches() if b.state != "closed")
+        finally:
+            await store.close()
+        return 0
+
+    rc = run_async(look)
+    if rc != 0:
+        return f"cannot use the store {db} (see above)"
+    if found:
+        return (f"the store {db} has an open batch {', '.join(found)}; close it first with "
+                f"`linectl batch close -c CONFIG --db {db} --unused void`, or give the demo another --db")
+    return None
 
 
 def _print_human(s: dict) -> None:

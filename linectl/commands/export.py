@@ -3,7 +3,8 @@
 Writes one EPCIS 2.0 EPCISDocument with the EPCIS events of the store's
 outbox (forwarded or not), in store order: for a partner, an auditor, or an
 upstream that lost data. Streams the document, so a year of events does not
-have to fit in memory. Exit 0 done, 2 bad input, 3 the store refused the file.
+have to fit in memory. Exit 0 done, 2 bad input, 3 the store refused the file
+(missing, not a linectl store, another line's store).
 
 Each event is written exactly as it was rendered when it was stored (the
 outbox.epcis column), which is byte for byte what the forwarder published:
@@ -33,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     kinds = p.add_subparsers(dest="export_kind", metavar="FORMAT")
     e = kinds.add_parser("epcis", help="one EPCIS 2.0 EPCISDocument with the EPCIS events of the store")
     e.add_argument("--db", required=True, help="the line's SQLite store")
-    e.add_argument("-c", "--config", help="only for events stored without their EPCIS rendering (a store from before schema 3): "
+    e.add_argument("-c", "--config", help="only for events stored without their EPCIS rendering (a store from before schema 4): "
                    "reconstruct them with this line YAML's identity, time zone and company prefix lengths")
     e.add_argument("--batch", metavar="LOT", help="only events of this lot")
     e.add_argument("--since", metavar="TIME", help="only events with eventTime at or after TIME (ISO 8601 date or date-time; no offset = UTC)")
@@ -71,22 +72,18 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as exc:
             print(f"linectl export epcis: {exc}", file=sys.stderr)
             return 2
-    if not Path(args.db).is_file():
-        print(f"linectl export epcis: no store at {args.db}", file=sys.stderr)
-        return 2
+    from linectl.store.cliutil import run_async
+
     args.since_dt = since
-    return asyncio.run(_export(args, cfg, since))
+    return run_async(lambda: _export(args, cfg, since))
 
 
 async def _export(args: argparse.Namespace, cfg: Any, since: datetime | None) -> int:
     from linectl import epcis
-    from linectl.store import Store, StoreError
+    from linectl.store.cliutil import open_store
 
-    try:
-        store = await Store.open(args.db, create=False, readonly=True)
-    except StoreError as exc:
-        print(f"linectl export epcis: {args.db}: {exc}", file=sys.stderr)
-        return 3
+    # read-only (never creates, migrates or locks); refuses another line's store: its events would carry our GLN
+    store = await open_store(args.db, cfg, readonly=True, command="linectl export epcis")
     try:
         mapper = epcis.EpcisMapper.from_config(cfg) if cfg is not None else None
         unrendered = await asyncio.to_thread(_unrendered, store, args)

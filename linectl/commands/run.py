@@ -1,4 +1,10 @@
-"""`linectl run -c CONFIG [--db PATH]`: the daemon."""
+"""`linectl run -c CONFIG [--db PATH]`: the daemon.
+
+It owns its store for its whole lifetime (exclusive lock on `<db>.lock`): a
+second `linectl run` on the same store exits 3 naming the holder's PID and
+touches nothing. A missing store is refused (exit 3): `linectl init` creates
+one, so a mistyped --db never starts a new, empty serial registry.
+"""
 
 from __future__ import annotations
 

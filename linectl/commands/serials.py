@@ -160,7 +160,7 @@ def run_import(args: argparse.Namespace) -> int:
             print(f"  … and {more} more")
         return 0 if accepted > 0 and invalid == 0 else 1
 
-    return run_with_store(args, body, readonly=False, create=True)
+    return run_with_store(args, body, readonly=False, actor=actor)
 
 
 def run_status(args: argparse.Namespace) -> int:

@@ -27,8 +27,6 @@ from linectl.events import (
     BatchState,
     BatchStateChanged,
     RejectReason,
-    SerialsReturned,
-    SerialsVoided,
     Severity,
     UnitDecommissioned,
 )
@@ -412,24 +410,18 @@ class Line:
         if c.lot is not None and c.lot != b.lot:
             raise C.CommandRejected(f"open batch is {b.lot}, not {c.lot}", "wrong_lot")
         policy = c.unused_serials or self.cfg.batch.unused_serials
-        unused = set()
+        unused: set[str] = set()
         for s in self.stations:
             unused.update(s.unused_serials())
-        unused.update(s for _, s in self.store.allocated(b.lot))
-        serials = sorted(unused)
-        for i in range(0, len(serials), 1000):
-            chunk = serials[i : i + 1000]
-            ev = SerialsVoided(gtin=b.gtin, lot=b.lot, serials=chunk) if policy == "void" else SerialsReturned(gtin=b.gtin, lot=b.lot, serials=chunk)
-            await self.store.append(ev)
-        # anything still 'sent' for this lot cannot be accounted for as printed-and-decided: decommission it
-        stray = [s for (g, s, lot) in self.store.in_flight(b.lot)]
-        if stray:
-            await self.store.append(*[UnitDecommissioned(gtin=b.gtin, serial=s, lot=b.lot, reason=RejectReason.LINE_STOPPED, detail="still in flight at batch close") for s in stray])
-        await self._set_state(BatchState.CLOSED, actor=f"{c.actor}@{origin}", reason=f"close; unused serials: {policy} {len(serials)}")
+        # one store operation, shared with the offline `linectl batch close`: returned/voided, stray sent decommissioned
+        res = await self.store.close_batch(b.lot, policy, f"{c.actor}@{origin}", extra_unused=unused)
+        prev, b.state = b.state, BatchState.CLOSED
+        log.info("batch_state", lot=b.lot, state=b.state.value, previous=prev.value, actor=f"{c.actor}@{origin}", reason="close")
+        self._notify()
         from linectl.report import batch_report
 
         report = batch_report(self.store, b.lot)
-        return {"lot": b.lot, "state": "closed", "unused_serials": {"policy": policy, "count": len(serials)}, "report": report}
+        return {"lot": b.lot, "state": "closed", "unused_serials": {"policy": policy, "count": res["unused"]}, "report": report}
 
     async def _cmd_provision_pool(self, c: C.ProvisionPool, origin: str) -> dict[str, Any]:
         try:

@@ -1,8 +1,15 @@
-"""Shared plumbing for the CLI subcommands that open the store (serials, trace, audit).
+"""Shared plumbing for the CLI subcommands that open the store (serials, trace, audit, report, recall, …).
 
 One rule for all of them: `--db PATH` or `-c CONFIG` (whose store.path is
-used); a StoreError (corrupt, foreign, newer, missing file) is one line on
-stderr and exit code 3, never a traceback.
+used); a StoreError (corrupt, foreign, newer, missing file, held by another
+process, another line's store) is one line on stderr and exit code 3, never a
+traceback. None of them creates a store: only `linectl init` does.
+
+Read-only commands open the file in SQLite's read-only mode (no writer, no
+migration, no file created) and work beside a running daemon. Writing commands
+take the store's owner lock, so they refuse while the daemon (or another
+writing command) holds the store; with `-c CONFIG` they also check (or, for a
+store from before identities, record) the line identity.
 """
 
 from __future__ import annotations
@@ -52,16 +59,39 @@ def db_path(args: argparse.Namespace, cfg: Any | None = None) -> str:
     return str(cfg.store.path)
 
 
+def command_name(args: argparse.Namespace) -> str:
+    """`linectl serials import` etc., for the lock file and the audit trail."""
+    parts = ["linectl", str(getattr(args, "command", "") or "")]
+    for key in ("serials_command", "audit_command", "rework_command", "export_kind", "action"):
+        v = getattr(args, key, None)
+        if isinstance(v, str):
+            parts.append(v)
+    return " ".join(p for p in parts if p)
+
+
+async def open_store(
+    path: str, cfg: Any | None, *, readonly: bool, command: str, create: bool = False, actor: str = "system", origin: str = "cli"
+) -> Any:
+    """The one way the CLI opens a store: read-only (checked, never changed) or owned (locked) for writing."""
+    from linectl.store.store import Store, line_identity
+
+    ident = line_identity(cfg) if cfg is not None else None
+    if readonly:
+        return await Store.open(path, readonly=True, create=False, identity=ident)
+    kwargs: dict[str, Any] = {}
+    if cfg is not None:
+        kwargs.update(group_commit_max=cfg.store.group_commit_max, queue_max=cfg.store.queue_max)
+    return await Store.open(path, create=create, lock=command, identity=ident, actor=actor, origin=origin, **kwargs)
+
+
 def run_with_store(
     args: argparse.Namespace,
     body: Callable[[Any, Any | None], Awaitable[int]],
     *,
     readonly: bool,
-    create: bool = False,
+    actor: str = "system",
 ) -> int:
-    """Open the store, run `body(store, cfg)`, close; map errors to exit codes."""
-    from linectl.store.store import Store
-
+    """Open the store (never creating it), run `body(store, cfg)`, close; map errors to exit codes."""
     try:
         cfg = load_line_config(args)
         path = db_path(args, cfg)
@@ -70,20 +100,26 @@ def run_with_store(
         return EXIT_BAD_INPUT
 
     async def main() -> int:
-        kwargs: dict[str, Any] = {"readonly": readonly, "create": create}
-        if cfg is not None and not readonly:
-            kwargs.update(group_commit_max=cfg.store.group_commit_max, queue_max=cfg.store.queue_max)
-        store = await Store.open(path, **kwargs)
+        store = await open_store(path, cfg, readonly=readonly, command=command_name(args), actor=actor)
         try:
             return await body(store, cfg)
         finally:
             await store.close()
 
+    return run_async(main)
+
+
+def run_async(main: Callable[[], Awaitable[int]]) -> int:
+    """asyncio.run with the CLI's error mapping: StoreError exit 3, BadInput exit 2, OSError exit 2."""
     try:
-        return asyncio.run(main())
+        return asyncio.run(main())  # type: ignore[arg-type]
     except StoreError as exc:
         print(f"linectl: store error: {exc}", file=sys.stderr)
         return EXIT_STORE
     except BadInput as exc:
         print(f"linectl: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except OSError as exc:  # an output file that cannot be written, and the like
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"linectl: {where}{exc.strerror or exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

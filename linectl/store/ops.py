@@ -680,3 +680,92 @@ def op_set_max_pages(tx: Tx, pages: int | None) -> int:
 
 def op_page_size(tx: Tx) -> int:
     return int(tx.cur.execute("PRAGMA page_size").fetchone()[0])
+
+
+def op_claim_identity(tx: Tx, identity: dict[str, str], actor: str, origin: str) -> dict[str, Any]:
+    """Record the line's identity in a store that has none (new, or from before identities); refuse another line's.
+
+    Decided under the write lock, so two first openers cannot both adopt.
+    """
+    r = tx.cur.execute("SELECT value FROM meta WHERE key='line_identity'").fetchone()
+    if r is not None:
+        recorded = json.loads(r[0])
+        if recorded != identity:
+            raise IdentityMismatch(recorded, identity)
+        return {"adopted": False, "identity": recorded}
+    tx.cur.execute("INSERT INTO meta(key, value) VALUES ('line_identity', ?)", (json.dumps(identity, sort_keys=True),))
+    tx.audit(actor, origin, "line_identity_recorded", {"identity": identity})
+    return {"adopted": True, "identity": identity}
+
+
+def describe_identity(identity: dict[str, str]) -> str:
+    path = "/".join(str(identity.get(k, "?")) for k in ("enterprise", "site", "area", "line"))
+    return f"line {path} (GLN {identity.get('gln', '?')})"
+
+
+class IdentityMismatch(StoreError):
+    def __init__(self, recorded: dict[str, str], wanted: dict[str, str]) -> None:
+        super().__init__(
+            f"this store belongs to {describe_identity(recorded)}, not to {describe_identity(wanted)} of the config; "
+            "refusing to mix the records of two lines"
+        )
+        self.recorded = recorded
+        self.wanted = wanted
+
+
+def op_close_batch(tx: Tx, lot: str, policy: str, extra_unused: list[str], actor: str, stop_reason: str | None) -> dict[str, Any]:
+    """Close a batch in one transaction: unused serials returned or voided, serials still `sent` decommissioned.
+
+    The daemon's `close_batch` and the offline `linectl batch close` both run
+    this, so a batch closed without the line is recorded exactly like one
+    closed by it. `stop_reason` (offline only) first records a batch left
+    running/challenge/paused by a crash as stopped; without it such a batch is
+    refused (the daemon stops the line before closing).
+    """
+    from linectl.events import BatchState, BatchStateChanged, RejectReason, SerialsReturned, SerialsVoided, UnitDecommissioned
+
+    r = tx.cur.execute("SELECT gtin, state FROM batches WHERE lot=?", (lot,)).fetchone()
+    if r is None:
+        raise StoreError(f"no batch {lot} in this store")
+    gtin, state = r
+    if state == "closed":
+        raise StoreError(f"batch {lot} is already closed")
+    events: list[Any] = []
+    previous = state
+    if state in ("running", "challenge", "paused"):
+        if stop_reason is None:
+            raise StoreError(f"batch {lot} is {state}; stop it before closing")
+        events.append(BatchStateChanged(lot=lot, gtin=gtin, state=BatchState.STOPPED, previous=BatchState(state), actor=actor, reason=stop_reason))
+        state = "stopped"
+    allocated = [row[0] for row in tx.cur.execute(
+        "SELECT serial FROM serials INDEXED BY ix_serials_allocated WHERE lot=? AND state='allocated' ORDER BY id", (lot,)
+    )]
+    unused = sorted(set(allocated) | set(extra_unused))
+    for i in range(0, len(unused), 1000):
+        chunk = unused[i : i + 1000]
+        events.append(SerialsVoided(gtin=gtin, lot=lot, serials=chunk) if policy == "void" else SerialsReturned(gtin=gtin, lot=lot, serials=chunk))
+    # anything still 'sent' for this lot cannot be accounted for as printed-and-decided: decommission it
+    stray = [row[0] for row in tx.cur.execute("SELECT serial FROM serials WHERE state='sent' AND +lot=? AND gtin=? ORDER BY id", (lot, gtin))]
+    events.extend(
+        UnitDecommissioned(gtin=gtin, serial=s, lot=lot, reason=RejectReason.LINE_STOPPED, detail="still in flight at batch close") for s in stray
+    )
+    events.append(BatchStateChanged(lot=lot, gtin=gtin, state=BatchState.CLOSED, previous=BatchState(state), actor=actor,
+                                    reason=f"close; unused serials: {policy} {len(unused)}"))
+    for ev in events:
+        apply_event(tx, ev, ev.model_dump_json())
+    return {"lot": lot, "gtin": gtin, "previous": previous, "policy": policy, "unused": len(unused), "decommissioned": len(stray)}
+
+
+def op_stop_batch(tx: Tx, lot: str, actor: str, reason: str) -> dict[str, Any]:
+    """Record a batch left running/challenge/paused (by a crash) as stopped, without a line to drain."""
+    from linectl.events import BatchState, BatchStateChanged
+
+    r = tx.cur.execute("SELECT gtin, state FROM batches WHERE lot=?", (lot,)).fetchone()
+    if r is None:
+        raise StoreError(f"no batch {lot} in this store")
+    gtin, state = r
+    if state not in ("running", "challenge", "paused"):
+        raise StoreError(f"batch {lot} is {state}; only a running, challenge or paused batch can be stopped")
+    ev = BatchStateChanged(lot=lot, gtin=gtin, state=BatchState.STOPPED, previous=BatchState(state), actor=actor, reason=reason)
+    apply_event(tx, ev, ev.model_dump_json())
+    return {"lot": lot, "previous": state, "state": "stopped"}

@@ -308,6 +308,7 @@ def make_engine(
     cache_kib: int | None = None,
     pool_size: int = 4,
     wal_autocheckpoint: int | None = None,
+    readonly: bool = False,
 ) -> Engine:
     """An engine whose connections leave transaction control to us (pysqlite's implicit BEGIN is off).
 
@@ -315,14 +316,27 @@ def make_engine(
     connection (take the write lock up front: a deferred BEGIN that later writes
     fails with "database is locked" and busy_timeout cannot help), "BEGIN" for
     readers (one snapshot per `with engine.connect()` block).
+
+    `readonly`: SQLite's own read-only mode (a URI), so this process can never
+    write the file, and its last connection closing never checkpoints it.
     """
-    eng = create_engine(
-        URL.create("sqlite", database=str(path)),
-        poolclass=QueuePool,
-        pool_size=pool_size,
-        max_overflow=8,
-        connect_args={"timeout": busy_timeout_s, "check_same_thread": False},
-    )
+    if readonly:
+        uri = readonly_uri(path)
+        eng = create_engine(
+            "sqlite://",
+            creator=lambda: sqlite3.connect(uri, uri=True, timeout=busy_timeout_s, check_same_thread=False),
+            poolclass=QueuePool,
+            pool_size=pool_size,
+            max_overflow=8,
+        )
+    else:
+        eng = create_engine(
+            URL.create("sqlite", database=str(path)),
+            poolclass=QueuePool,
+            pool_size=pool_size,
+            max_overflow=8,
+            connect_args={"timeout": busy_timeout_s, "check_same_thread": False},
+        )
 
     @event.listens_for(eng, "connect")
     def _on_connect(dbapi_conn: sqlite3.Connection, _rec: object) -> None:
@@ -348,6 +362,23 @@ def make_engine(
     return eng
 
 
+def readonly_uri(path: str) -> str:
+    """`mode=ro`; plus `immutable=1` when there is no WAL file, because only then is the main file the whole store.
+
+    A WAL file exists while any process has the store open (and after a crash,
+    holding committed transactions): then the reader must read it, and SQLite
+    needs the -shm index beside it, which the writer created. With no WAL file,
+    `mode=ro` alone would create empty -wal/-shm files, i.e. a read-only command
+    would leave files behind; `immutable=1` reads the main file and creates
+    nothing. A daemon starting meanwhile writes to a new WAL, not to the main
+    file (until a checkpoint), so the reader keeps a consistent older snapshot.
+    """
+    from urllib.parse import quote
+
+    q = "mode=ro" if os.path.exists(path + "-wal") else "mode=ro&immutable=1"
+    return f"file:{quote(os.path.abspath(path))}?{q}"
+
+
 def orig(exc: BaseException) -> BaseException:
     return getattr(exc, "orig", None) or exc
 
@@ -363,18 +394,23 @@ def _refuse(path: str, what: str) -> StoreError:
 def check_file(path: str, *, create: bool) -> bool:
     """Cheap checks before SQLite touches the file. Returns True when the file is new or empty."""
     p = Path(path)
-    if not p.exists():
-        if not create:
-            raise _refuse(path, "no such database file")
-        if not p.parent.is_dir():
-            raise _refuse(path, f"directory {p.parent} does not exist")
-        return True
-    if p.is_dir():
-        raise _refuse(path, "is a directory, not a database file")
-    if p.stat().st_size == 0:
-        return True
-    with open(p, "rb") as f:
-        header = f.read(len(SQLITE_HEADER))
+    try:
+        if not p.exists():
+            if not create:
+                raise _refuse(path, "no such database file; create the store once with `linectl init -c CONFIG`")
+            if not p.parent.is_dir():
+                raise _refuse(path, f"directory {p.parent} does not exist")
+            return True
+        if p.is_dir():
+            raise _refuse(path, "is a directory, not a database file")
+        if not p.is_file():
+            raise _refuse(path, "is not a regular file")
+        if p.stat().st_size == 0:
+            return True
+        with open(p, "rb") as f:
+            header = f.read(len(SQLITE_HEADER))
+    except OSError as exc:
+        raise _refuse(path, f"cannot read: {exc.strerror or exc}") from None
     if header != SQLITE_HEADER:
         raise _refuse(path, "file is not a database (no SQLite header); refusing to touch it")
     return False
@@ -452,7 +488,12 @@ def open_database(path: str, *, create: bool = True, readonly: bool = False, int
     is_new = check_file(path, create=create and not readonly)
     if readonly and is_new:
         raise _refuse(path, "empty file, not a linectl database")
-    eng = make_engine(path, begin="BEGIN IMMEDIATE", busy_timeout_s=busy_timeout_s, pool_size=1)
+    if is_new and not create:
+        raise _refuse(path, "empty file, not a linectl database; create the store once with `linectl init -c CONFIG`")
+    if readonly:
+        eng = make_engine(path, begin="BEGIN", busy_timeout_s=busy_timeout_s, pool_size=1, readonly=True)
+    else:
+        eng = make_engine(path, begin="BEGIN IMMEDIATE", busy_timeout_s=busy_timeout_s, pool_size=1)
     try:
         try:
             return _open(eng, path, readonly=readonly, integrity=integrity)
@@ -466,6 +507,8 @@ def open_database(path: str, *, create: bool = True, readonly: bool = False, int
             if "malformed" in msg or isinstance(e, sqlite3.DatabaseError) and not isinstance(e, sqlite3.OperationalError):
                 raise _refuse(path, f"integrity_check failed: {msg}") from None
             raise _refuse(path, f"cannot open: {msg}") from None
+        except OSError as exc:
+            raise _refuse(path, f"cannot open: {exc.strerror or exc}") from None
     finally:
         eng.dispose()
 

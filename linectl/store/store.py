@@ -30,6 +30,7 @@ from linectl.store.model import (
     SerialRecord,
     StoreError,
 )
+from linectl.store.lock import StoreLock
 from linectl.store.reads import Reader
 from linectl.store.serials import serial_problem
 from linectl.store.writer import Op, Writer, _stop
@@ -90,6 +91,8 @@ class Store:
         self._closed = False
         self.opened_from_version = 0
         self._epcis: Any = None  # linectl.epcis.EpcisMapper: renders each EPCIS event once, when it is stored
+        #: the exclusive owner lock (`<db>.lock`) when this Store was opened with `lock=`; released by close()
+        self.lock: StoreLock | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -104,17 +107,68 @@ class Store:
         readonly: bool = False,
         integrity: str = "quick",
         busy_timeout_s: float = 10.0,
+        lock: str | None = None,
+        identity: dict[str, str] | None = None,
+        actor: str = "system",
+        origin: str = "store",
     ) -> "Store":
         """Open (create or migrate) the database and start the writer.
 
         integrity: "quick" (default, PRAGMA quick_check), "full" (integrity_check, slower on big files) or "none".
-        readonly: no writer thread, no migration, the file must exist.
+        readonly: no writer thread, no migration, no file created (SQLite read-only mode); the file must exist.
+        lock: take the store's exclusive owner lock for this command (e.g. "linectl run") before anything
+        touches the file, and hold it until close(); refused with StoreLocked naming the holder.
+        identity: the line's identity (see line_identity()); a store recorded for another line is refused with
+        IdentityMismatch; a writable store without one records it (audited), a read-only one is only checked.
         """
         p = os.fspath(path)
+        held: StoreLock | None = None
+        if lock is not None:
+            if readonly:
+                raise StoreError("a read-only open takes no owner lock")
+            # a missing file (or directory) is refused before the lock file is made beside it
+            await asyncio.to_thread(schema.check_file, p, create=create)
+            held = await asyncio.to_thread(StoreLock.acquire, p, lock)
+        try:
+            store = await cls._open(p, group_commit_max, queue_max, create, readonly, integrity, busy_timeout_s)
+        except BaseException:
+            if held is not None:
+                held.release()
+            raise
+        store.lock = held
+        if identity is not None:
+            try:
+                await store._check_identity(identity, actor, origin)
+            except BaseException:
+                await store.close()
+                raise
+        return store
+
+    async def _check_identity(self, identity: dict[str, str], actor: str, origin: str) -> None:
+        if self._writer is None:
+            raw = self._reader.meta().get("line_identity")
+            if raw is not None:
+                recorded = json.loads(raw)
+                if recorded != identity:
+                    raise ops.IdentityMismatch(recorded, identity)
+            return
+        res = await self._submit(ops.op_claim_identity, identity, actor, origin)
+        if res["adopted"]:
+            log.info("line_identity_recorded", path=self.path, **identity)
+
+    def identity(self) -> dict[str, str] | None:
+        """The line this store belongs to, as recorded at init (None: a store from before identities, not yet adopted)."""
+        raw = self._reader.meta().get("line_identity")
+        return None if raw is None else json.loads(raw)  # type: ignore[no-any-return]
+
+    @classmethod
+    async def _open(
+        cls, p: str, group_commit_max: int, queue_max: int, create: bool, readonly: bool, integrity: str, busy_timeout_s: float
+    ) -> "Store":
         found = await asyncio.to_thread(
             schema.open_database, p, create=create, readonly=readonly, integrity=integrity, busy_timeout_s=busy_timeout_s
         )
-        reader = Reader(schema.make_engine(p, begin="BEGIN", query_only=True, busy_timeout_s=busy_timeout_s), p)
+        reader = Reader(schema.make_engine(p, begin="BEGIN", query_only=True, busy_timeout_s=busy_timeout_s, readonly=readonly), p)
         writer = None
         if not readonly:
             eng = schema.make_engine(
@@ -145,6 +199,8 @@ class Store:
             await asyncio.to_thread(w.join)
             w.engine.dispose()
         self._reader.engine.dispose()
+        if self.lock is not None:
+            self.lock.release()
         log.debug("store_closed", path=self.path)
 
     async def __aenter__(self) -> "Store":
@@ -236,6 +292,18 @@ class Store:
     async def mark_sent(self, gtin: str, lot: str, serials: Sequence[str]) -> None:
         """Record serials as sent, durably, before the printer gets them: a crash can then never lose track of one."""
         await self._submit(ops.op_mark_sent, _gtin(gtin), lot, list(serials))
+
+    async def close_batch(
+        self, lot: str, policy: str, actor: str, *, extra_unused: Iterable[str] = (), stop_reason: str | None = None
+    ) -> dict[str, Any]:
+        """Close a batch atomically (unused serials returned/voided, stray `sent` ones decommissioned); see ops.op_close_batch."""
+        if policy not in ("return", "void"):
+            raise StoreError(f"unused serials policy must be return or void, not {policy!r}")
+        return await self._submit(ops.op_close_batch, lot, policy, sorted(set(extra_unused)), actor, stop_reason)  # type: ignore[no-any-return]
+
+    async def stop_batch(self, lot: str, actor: str, reason: str) -> dict[str, Any]:
+        """Record as stopped a batch a crash left running/challenge/paused (no line to drain: offline only)."""
+        return await self._submit(ops.op_stop_batch, lot, actor, reason)  # type: ignore[no-any-return]
 
     async def next_sscc_refs(self, company_prefix: str, extension: int, n: int) -> list[int]:
         cp = str(company_prefix)
@@ -444,6 +512,12 @@ class Store:
                 "commit_ms_max": lat[-1] if lat else None,
             }
         return out
+
+
+def line_identity(cfg: Any) -> dict[str, str]:
+    """What a store records of its line (ISA-95 names and GLN): a store opened with another line's config is refused."""
+    ln = cfg.line
+    return {"enterprise": ln.enterprise, "site": ln.site, "area": ln.area, "line": ln.name, "gln": ln.gln}
 
 
 def _size(p: str) -> int:
