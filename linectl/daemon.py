@@ -22,7 +22,7 @@ import structlog
 from drivers.base import Driver
 from drivers.registry import driver_class
 from linectl.config import LineConfig
-from linectl.engine.line import Line
+from linectl.engine.line import Line, store_refuses_writes
 from linectl.engine.plc_surface import PlcSurface
 from linectl.engine.supervisor import Supervisor
 
@@ -77,7 +77,7 @@ class Daemon:
         await self.line.load_open_batch()
         for d in self.drivers.values():
             await d.start()
-        self.supervisor = Supervisor(on_give_up=self._task_gave_up)
+        self.supervisor = Supervisor(on_give_up=self._task_gave_up, on_crash=self.line.task_crashed, uncounted=store_refuses_writes)
         for st in self.line.stations:
             for name, factory in st.tasks().items():
                 self.supervisor.start(name, factory)

@@ -112,7 +112,7 @@ async def test_newer_schema_refused(tmp_path):
     await s.close()
     with sqlite3.connect(p) as c:
         c.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
-    with pytest.raises(StoreError, match=r"schema version 99 is newer than this linectl supports \(2\)"):
+    with pytest.raises(StoreError, match=rf"schema version 99 is newer than this linectl supports \({SCHEMA_VERSION}\)"):
         await Store.open(p)
     with pytest.raises(StoreError, match="newer"):
         await Store.open(p, readonly=True)
@@ -197,7 +197,7 @@ async def test_migrates_v1_database_and_keeps_data(tmp_path):
     s = await Store.open(p)
     try:
         assert s.opened_from_version == 1
-        assert s.stats()["schema_version"] == 2
+        assert s.stats()["schema_version"] == SCHEMA_VERSION
         assert os.path.exists(f"{p}.v1.bak"), "a backup is taken before migrating"
         with sqlite3.connect(f"{p}.v1.bak") as c:
             assert c.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0] == "1"
@@ -217,8 +217,9 @@ async def test_migrates_v1_database_and_keeps_data(tmp_path):
         assert s.parent_of(GTIN, "A1") == built["case"]
         # the audit chain continues across the migration, and records it
         chk = s.verify_audit()
-        assert chk.ok and chk.checked == 3
-        assert s.audit_log()[-1].action == "schema_migrated" and s.audit_log()[-1].detail == {"from": 1, "to": 2}
+        steps = SCHEMA_VERSION - 1  # one audited record per migration step
+        assert chk.ok and chk.checked == 2 + steps
+        assert [(a.action, a.detail) for a in s.audit_log()[-steps:]] == [("schema_migrated", {"from": v, "to": v + 1}) for v in range(1, SCHEMA_VERSION)]
         # the store works on the migrated file: v2 semantics apply to old rows
         seqs = await s.append(ev.UnitCommissioned(gtin=GTIN, serial="A2", lot="LOTV1"))
         assert seqs == [5]
@@ -237,8 +238,31 @@ async def test_migrates_v1_database_and_keeps_data(tmp_path):
         assert "audit_never_deleted" in trg
         assert c.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     s = await Store.open(p)  # a second open does not migrate again
-    assert s.opened_from_version == 2 and s.verify_audit().checked == 3 and s.verify_audit().ok
+    assert s.opened_from_version == SCHEMA_VERSION and s.verify_audit().checked == 2 + SCHEMA_VERSION - 1 and s.verify_audit().ok
     await s.close()
+
+
+async def test_migrates_v2_database_challenge_state(tmp_path):
+    """v2 -> v3 (_migrate_challenge_state): batches.challenge_required is added; old batches read None (= the line's
+    configured challenge), new batches record what they must pass ([] = waived at create)."""
+    p = tmp_path / "v2.db"
+    s = await Store.open(p)
+    await s.create_batch("LOTV2", GTIN, "291231", 10, actor="t")
+    await s.close()
+    with sqlite3.connect(p) as c:  # the file as linectl with schema v2 left it
+        c.execute("ALTER TABLE batches DROP COLUMN challenge_required")
+        c.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+    s = await Store.open(p)
+    try:
+        assert s.opened_from_version == 2 and s.stats()["schema_version"] == SCHEMA_VERSION
+        assert s.batch("LOTV2").challenge_required is None
+        b = await s.create_batch("LOTV3", GTIN, "291231", 10, actor="t", challenge_required=[])
+        assert b.challenge_required == [] and s.batch("LOTV3").challenge_required == []
+        await s.create_batch("LOTV4", GTIN, "291231", 10, actor="t", challenge_required=["no_code", "duplicate"])
+        assert s.batch("LOTV4").challenge_required == ["no_code", "duplicate"]
+        assert s.verify_audit().ok
+    finally:
+        await s.close()
 
 
 async def test_readonly_open_does_not_migrate(tmp_path):
@@ -261,4 +285,4 @@ async def test_schema_is_declared_with_sqlalchemy_core(tmp_path):
         got = {r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type='table' AND name NOT LIKE 'sqlite_%'")}
         assert got == set(schema.metadata.tables)
         m = dict(c.execute("SELECT key, value FROM meta"))
-        assert m["app_id"] == "linectl" and m["schema_version"] == "2" and "created_at" in m
+        assert m["app_id"] == "linectl" and m["schema_version"] == str(schema.SCHEMA_VERSION) and "created_at" in m

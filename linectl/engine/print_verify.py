@@ -466,7 +466,8 @@ class PrintVerifyRuntime:
     async def _decommission(self, job: Job, reason: RejectReason, detail: str, *, seq: int | None) -> None:
         batch = self.batch
         assert batch is not None
-        await self.line.store.append(
+        # may wait in memory while the store refuses writes (Line.record): a stop must finish without the store
+        await self.line.record(
             UnitDecommissioned(gtin=batch.gtin, serial=job.serial, lot=batch.lot, reason=reason, detail=detail[:500], seq=seq, station=self.name)
         )
         batch.decommissioned += 1
@@ -514,7 +515,7 @@ class PrintVerifyRuntime:
         ok = confirmed and expected is not None and v.reason == expected
         res = {"seq": seq, "challenge": kind, "rejected": confirmed, "reason_seen": v.reason.value if v.reason else None, "passed": ok}
         self._challenge_results.append(res)
-        await self.line.store.append(
+        await self.line.record(
             ChallengeResult(lot=self.batch.lot if self.batch else None, station=self.name, challenge=kind, rejected=confirmed, reason_seen=res["reason_seen"], seq=seq)
         )
         if len(self._challenge_results) >= len(self._challenge_kinds):
@@ -597,7 +598,7 @@ class PrintVerifyRuntime:
         rec = self.line.store.serial(gtin, serial)
         if rec is None or rec.state != "commissioned":
             return
-        await self.line.store.append(
+        await self.line.record(
             UnitDecommissioned(gtin=gtin, serial=serial, lot=lot, reason=RejectReason.PLC_FAILSAFE, seq=seq, station=self.name,
                                detail="rejected at the gate while linectl was down: its good verdict never reached the PLC")
         )
@@ -664,6 +665,10 @@ class PrintVerifyRuntime:
             missing = sorted(self._pending_rejects)
             self._pending_rejects.clear()
             await self.line.alarm("reject_not_confirmed", f"rejects of units {missing[:10]} not confirmed at stop", Severity.CRITICAL, self.name)
+
+    def jobs_in_memory(self) -> list[Job]:
+        """Jobs this station still tracks (on the printer, printed and not yet decided)."""
+        return [*self._on_printer.values(), *(u.job for u in self._units.values())]
 
     def unused_serials(self) -> list[str]:
         out = list(self._serials)
