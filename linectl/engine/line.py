@@ -21,7 +21,7 @@ from drivers.base import CodeReader, Driver, Plc, Printer
 from linectl import control as C
 from linectl.config import LineConfig, PrintVerifyStation, Product
 from linectl.engine.print_verify import PrintVerifyRuntime
-from linectl.engine.verify import CHALLENGE_EXPECTED_REASON
+from linectl.engine.verify import challenge_status
 from linectl.events import (
     AlarmAcknowledged,
     AlarmRaised,
@@ -498,17 +498,8 @@ class Line:
         if not required:
             return []
         rec = self.store.batch(b.lot)
-        last: dict[tuple[str | None, str], dict[str, Any]] = {}
-        for r in rec.challenge if rec is not None else []:
-            last[(r.get("station"), str(r.get("challenge")))] = r
-        missing: list[str] = []
-        for s in self.stations:
-            for kind in required:
-                r = last.get((s.name, kind)) or last.get((None, kind))
-                expected = CHALLENGE_EXPECTED_REASON.get(kind)
-                if r is None or not r.get("rejected") or expected is None or r.get("reason_seen") != expected.value:
-                    missing.append(f"{s.name}:{kind}")
-        return missing
+        st = challenge_status(required, rec.challenge if rec is not None else [], [s.name for s in self.stations])
+        return [*st["failed"], *st["never_ran"]]
 
     async def _begin_production(self, b: BatchContext, *, command: bool = False) -> None:
         """Stations into production, then the infeed opens, only once every printer holds its queue of codes."""
