@@ -49,6 +49,7 @@ class Job:
     code: gs1.ParsedCode
     expected: Expected
     sent_at: float
+    acked: bool = False  # the printer acknowledged it: it holds the code (see primed)
 
 
 @dataclass
@@ -168,14 +169,22 @@ class PrintVerifyRuntime:
         self._space.set()
 
     async def primed(self, timeout_s: float = 3.0) -> bool:
-        """Wait until the printer holds its queue of codes, so the first trigger does not find it empty."""
+        """Wait until the printer holds its queue of codes, so the first trigger does not find it empty.
+
+        Counts jobs the printer acknowledged, not jobs handed to the driver: a printer that takes its codes too
+        slowly is not primed, and the line must not feed product it cannot print on."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            want = min(self.cfg.printer_queue_depth, max(0, self.remaining_to_issue() + len(self._on_printer)))
-            if len(self._on_printer) >= want:
+            held = sum(1 for j in self._on_printer.values() if j.acked)
+            want = min(self.queue_target(), max(0, self.remaining_to_issue() + len(self._on_printer)))
+            if held >= want:
                 return True
             await asyncio.sleep(0.005)
         return False
+
+    def queue_target(self) -> int:
+        """Codes to keep on the printer ahead of the trigger."""
+        return self.cfg.printer_queue_depth
 
     def pause(self) -> None:
         self.mode = "idle"
@@ -245,6 +254,7 @@ class PrintVerifyRuntime:
                 for idx, j in enumerate(jobs):
                     try:
                         await self.printer.send(PrintJob(seq=j.job_seq, element_string=j.code.element_string, hri=j.code.hri, fields={"lot": batch.lot, "expiry": batch.expiry, "gtin": batch.gtin, "serial": j.serial}))
+                        j.acked = True
                         self._jobs_issued += 1
                     except DeviceError as exc:
                         # NAK or no answer: the printer may or may not hold it; never reuse the serial

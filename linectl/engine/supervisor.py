@@ -62,12 +62,13 @@ class Supervisor:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the point is to catch everything
-                log.exception("task_crashed", task=name, error=str(exc))
                 if self.on_crash is not None:
+                    # first, before the traceback is rendered (that alone can take a second on a loaded PC)
                     try:
                         await self.on_crash(name, exc)
                     except Exception:  # noqa: BLE001 - the restart must still happen
                         log.exception("on_crash_failed", task=name)
+                log.exception("task_crashed", task=name, error=str(exc))
                 now = time.monotonic()
                 if self.uncounted is not None and self.uncounted(exc):
                     self.restarts[name] = self.restarts.get(name, 0) + 1
