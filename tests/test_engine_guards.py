@@ -140,7 +140,7 @@ async def test_full_store_stops_the_line_and_the_batch_resumes_when_space_return
             await store.set_max_db_bytes(None)
             await wait_for(lambda: sl.line.store_down is None, 20, "the store to take writes again")
             assert store.batch(lot).state == "stopped"
-            assert any(r.event.code == "store_error" for r in store.outbox(0, 100000, only_unforwarded=False) if r.kind == "alarm_raised")
+            assert any(r.event.code == "store_error" for r in store.outbox(0, 100000, only_unforwarded=False) if r.kind == "alarm")
             assert store.lot_counts(lot).get("sent", 0) == 0
             await sl.line.execute(C.ResetLine(actor="test"), origin="test")
             await sl.line.execute(C.StartBatch(actor="test"), origin="test")

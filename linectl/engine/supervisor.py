@@ -68,12 +68,13 @@ class Supervisor:
                         await self.on_crash(name, exc)
                     except Exception:  # noqa: BLE001 - the restart must still happen
                         log.exception("on_crash_failed", task=name)
-                log.exception("task_crashed", task=name, error=str(exc))
                 now = time.monotonic()
                 if self.uncounted is not None and self.uncounted(exc):
+                    log.error("task_crashed", task=name, error=str(exc))  # the cause is outside the task: no traceback
                     self.restarts[name] = self.restarts.get(name, 0) + 1
                     await asyncio.sleep(max(self.restart_delay_s, 1.0))
                     continue
+                log.exception("task_crashed", task=name, error=str(exc))
                 history.append(now)
                 while history and now - history[0] > self.window_s:
                     history.popleft()
