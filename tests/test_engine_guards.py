@@ -158,3 +158,35 @@ async def test_full_store_stops_the_line_and_the_batch_resumes_when_space_return
 
 def truth_missed(units: list[dict[str, Any]]) -> list[int]:
     return [u["seq"] for u in units if u["outcome"] == "passed" and (u["defect"] or u["challenge"])]
+
+
+async def test_start_puts_a_feeding_plc_to_idle(tmp_path):
+    """A PLC still in production when linectl starts (a crash, a long heartbeat timeout) is put to idle at once."""
+    from engine_helpers import SHARED_BROKER, port_open, unique_root, variant_config
+    from linectl.demo import SimulatedLine
+
+    cfg = variant_config(tmp_path, simulation={"variation_rate": 0.0})
+    broker = "%s:%d" % SHARED_BROKER if port_open(*SHARED_BROKER) else None
+    sl = SimulatedLine(cfg, rate=600, defect_rate=0.0, seed=14, broker=broker, db=tmp_path / "line.db",
+                       overrides={"mqtt": {"topic_root": unique_root()}})
+    try:
+        sl.write_config()
+        sl.start_simulator()
+        # the PLC as the previous controller left it: producing
+        await sim(sl, cmd="set", device="plc1", tags={"line_mode": 2, "line_running": True})
+        await sl.start_daemon()
+        plc = sl.line.drivers["plc1"]
+        await wait_for(lambda: sl.line._mode_unsynced == set(), 10, "line_mode idle written to the PLC")
+        vals = await plc.read_tags(["line_mode", "line_running"])
+        assert int(vals["line_mode"]) == 0 and not vals["line_running"], vals
+        fed = (await sim(sl, cmd="status"))["conveyors"]["pv1"]["fed"]  # (the simulated PLC fed alone until then)
+        await asyncio.sleep(1.0)
+        st = await sim(sl, cmd="status")
+        assert st["conveyors"]["pv1"]["feed_mode"] == 0 and st["conveyors"]["pv1"]["fed"] == fed, st["conveyors"]
+    finally:
+        try:
+            await sl.stop()
+        finally:
+            if sl.sim is not None and sl.sim.poll() is None:
+                sl.sim.kill()
+                sl.sim.wait(5)

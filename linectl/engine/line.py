@@ -140,6 +140,13 @@ class Line:
                 plc = drivers[st.plc]
                 assert isinstance(printer, Printer) and isinstance(reader, CodeReader) and isinstance(plc, Plc)
                 self.stations.append(PrintVerifyRuntime(st, self, printer, reader, plc))
+        # whatever a PLC holds when linectl starts (a crash left it "production", a PLC with a long heartbeat
+        # timeout kept feeding), the line is stopped until an operator starts it: line_mode idle goes to every PLC
+        # as soon as it answers (resync_line_mode, called by the PLC surface on its first cycle)
+        self._mode_unsynced = {plc.name for plc in self.plcs}
+        self._resyncs: set[asyncio.Task[None]] = set()
+        for plc in self.plcs:
+            plc.on_health(self._plc_health)
         # --- aggregation block (case/pallet/rework stations; linectl/engine/aggregation.py, rework.py) ---
         from linectl.engine.aggregation import build_aggregation_stations
         from linectl.engine.rework import build_rework_stations
@@ -731,6 +738,13 @@ class Line:
                 log.error("plc_write_failed", plc=plc.name, error=str(exc))
                 if running:
                     raise C.CommandRejected(f"PLC {plc.name} did not accept line_mode: {exc}", "plc_error") from exc
+
+    def _plc_health(self, plc: Plc, health: Any) -> None:
+        """A PLC (re)connected: repeat idle at once if it may still hold a running line's mode (see resync_line_mode)."""
+        if health.state.value == "connected" and plc.name in self._mode_unsynced and self._mode_wanted == "idle":
+            t = asyncio.get_running_loop().create_task(self.resync_line_mode(plc))
+            self._resyncs.add(t)
+            t.add_done_callback(self._resyncs.discard)
 
     async def resync_line_mode(self, plc: Plc) -> None:
         """A PLC that was away when the line stopped still holds line_mode/line_running of a running line: a short
