@@ -65,9 +65,16 @@ class Daemon:
     async def start(self) -> None:
         from linectl.store import Store
 
+        t0 = time.monotonic()
+        phases: dict[str, float] = {}
+
+        def phase(name: str) -> None:
+            phases[name] = round((time.monotonic() - t0) * 1000.0 - sum(phases.values()), 1)
+
         path = self.db_path or self.cfg.store.path
         self.store = await Store.open(path, group_commit_max=self.cfg.store.group_commit_max, queue_max=self.cfg.store.queue_max)
         await self.store.upsert_products(self.cfg.products)
+        phase("store_open")
         self.drivers = build_drivers(self.cfg)
         self.line = Line(self.cfg, self.store, self.drivers)
         await self.line.recover_in_flight()
@@ -75,8 +82,10 @@ class Daemon:
 
         await recover_containers(self.store)
         await self.line.load_open_batch()
+        phase("recovery")
         for d in self.drivers.values():
             await d.start()
+        phase("drivers")
         self.supervisor = Supervisor(on_give_up=self._task_gave_up, on_crash=self.line.task_crashed, uncounted=store_refuses_writes)
         for st in self.line.stations:
             for name, factory in st.tasks().items():
@@ -90,11 +99,12 @@ class Daemon:
         if self.cfg.mqtt.enabled:
             await self._start_upstream()
         self.supervisor.start("retention", self._retention)
+        phase("tasks")
         # what exists now (config, drivers, pydantic models) lives for the whole run: keep it out of GC scans,
         # so a full collection costs less mid-production
         gc.freeze()
         sd_notify("READY=1\nSTATUS=line controller running")
-        log.info("daemon_started", line=self.cfg.topic_root, db=path, devices=list(self.drivers))
+        log.info("daemon_started", line=self.cfg.topic_root, db=path, devices=list(self.drivers), startup_ms=phases)
 
     async def _start_upstream(self) -> None:
         from linectl.forwarder import Forwarder

@@ -185,3 +185,23 @@ async def test_supervisor_does_not_count_uncounted_crashes():
         await asyncio.sleep(0.01)
     await sup.stop()
     assert runs == 5 and not gave_up
+
+
+def _station(**kw):
+    from linectl.config import PrintVerifyStation
+
+    return PrintVerifyStation(type="print_verify", name="pv", printer="p", reader="r", plc="x", **kw)
+
+
+def test_printer_queue_s_sizes_the_queue_and_inconsistent_bounds_are_refused():
+    from linectl.config import IMPLICIT_QUEUE_BOUND, queue_depth_for
+
+    assert queue_depth_for(1.5, 600) == 15 and queue_depth_for(1.5, 6000) == 150 and queue_depth_for(0.01, 60) == 2
+    st = _station(printer_queue_s=1.5, rate_upm=600)
+    assert st.queue_bound == IMPLICIT_QUEUE_BOUND
+    assert _station(printer_queue_s=1.5, rate_upm=600, printer_queue_depth=64).queue_bound == 64
+    with pytest.raises(ValidationError, match="needs 15 codes on the printer, but printer_queue_depth bounds it to 4"):
+        _station(printer_queue_s=1.5, rate_upm=600, printer_queue_depth=4)
+    with pytest.raises(ValidationError, match="printer_queue_s needs rate_upm"):
+        _station(printer_queue_s=1.5)
+    assert _station().queue_bound == 4  # no printer_queue_s: the fixed depth, as before

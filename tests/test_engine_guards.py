@@ -190,3 +190,18 @@ async def test_start_puts_a_feeding_plc_to_idle(tmp_path):
             if sl.sim is not None and sl.sim.poll() is None:
                 sl.sim.kill()
                 sl.sim.wait(5)
+
+
+async def test_demo_line_passes_its_challenge_at_300_upm(tmp_path):
+    """At 300 units/min a unit takes 2 s from the reader to the gate (10 pitches): the confirm wait follows the pace."""
+    async with simulated_line(tmp_path, rate=300, defect_rate=0.0, seed=15, simulation={"variation_rate": 0.0}) as sl:
+        lot = await sl.create_batch(20, challenge=True)
+        await sl.start_batch()  # feeds the 5 challenge units and waits for the verdict; raises when it failed
+        assert sl.line.challenge_passed is True
+        assert sl.line.fault is None, [a.message for a in sl.line.alarms.values()]
+        assert station(sl).confirm_timeout_s() >= 1.5 * 10 * 0.2 * 0.9
+        await wait_for(lambda: sl.line.completed.is_set(), 60, "the batch to complete")
+        await settle(sl, 30)
+        report = await close_batch(sl)
+        check_report(report, planned=20)
+        assert report["challenge_status"]["complete"] and lot == report["lot"]

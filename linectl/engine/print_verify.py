@@ -28,6 +28,7 @@ import structlog
 from drivers.base import CodeReader, DeviceError, HealthState, Plc, PrintJob, Printer, Read
 from linectl import gs1
 from linectl.config import PrintVerifyStation as PrintVerifyConfig
+from linectl.config import queue_depth_for
 from linectl.engine.stats import LatencyHistogram
 from linectl.engine.verify import CHALLENGE_EXPECTED_REASON, Expected, Verdict, classify_unknown, verify_unit
 from linectl.events import ChallengeResult, RejectReason, Severity, UnitCommissioned, UnitDecommissioned
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("linectl.station")
 
+#: a reject confirm may take this many times the read-to-gate travel time before the line stops
+CONFIRM_MARGIN = 1.5
 VERDICT_GOOD = 1
 VERDICT_REJECT = 2
 SERIAL_BLOCK = 256
@@ -129,6 +132,8 @@ class PrintVerifyRuntime:
         self._deciding = 0  # units taken off _units whose verdict is being recorded
         self._printer_unknown = True  # the printer may hold jobs we did not send (daemon restart): clear first
         self._feed_lock = asyncio.Lock()  # a group of jobs being handed to the printer (see _feeder, drain)
+        self._pitch_s: float | None = None  # measured seconds per unit (see _measure_pace)
+        self._pace_last: tuple[int, float] | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -183,8 +188,40 @@ class PrintVerifyRuntime:
         return False
 
     def queue_target(self) -> int:
-        """Codes to keep on the printer ahead of the trigger."""
-        return self.cfg.printer_queue_depth
+        """Codes to keep on the printer ahead of the trigger.
+
+        With printer_queue_s: that much line time at the faster of the nominal and the measured pace, bounded
+        by printer_queue_depth; so one config rides through the same stall at 300 or 6,000 units/min."""
+        if self.cfg.printer_queue_s is None:
+            return self.cfg.printer_queue_depth
+        rate = self.cfg.rate_upm or 0.0
+        if self._pitch_s:
+            rate = max(rate, 60.0 / self._pitch_s)
+        return min(self.cfg.queue_bound, queue_depth_for(self.cfg.printer_queue_s, rate))
+
+    def confirm_timeout_s(self) -> float:
+        """How long a reject order waits for the gate's confirm: the configured floor, or 1.5x the time
+        read_to_gate_units take at the slower of the nominal and the measured pace (the line may run slower
+        than nominal: 300 units/min take twice as long to the gate as 600)."""
+        floor = self.rules.reject_confirm_timeout_s
+        n = self.rules.read_to_gate_units
+        if n is None:
+            return floor
+        pitch = max(self._pitch_s or 0.0, 60.0 / self.cfg.rate_upm if self.cfg.rate_upm else 0.0)
+        return max(floor, CONFIRM_MARGIN * n * pitch)
+
+    def _measure_pace(self, seq: int | None, at: float) -> None:
+        """Seconds per unit from consecutive reads (EWMA); gaps (a stopped infeed) are not pace."""
+        last = self._pace_last
+        if seq is None:
+            return
+        self._pace_last = (seq, at)
+        if last is None or seq <= last[0] or seq - last[0] > 4:
+            return
+        sample = (at - last[1]) / (seq - last[0])
+        if sample <= 0 or sample > 10.0:
+            return
+        self._pitch_s = sample if self._pitch_s is None else 0.8 * self._pitch_s + 0.2 * sample
 
     def pause(self) -> None:
         self.mode = "idle"
@@ -204,7 +241,7 @@ class PrintVerifyRuntime:
     async def _feeder(self) -> None:
         """Keep the printer's queue filled ahead of the trigger (coders need the data before the product)."""
         while True:
-            if self.mode != "production" or self.batch is None or len(self._on_printer) >= self.cfg.printer_queue_depth:
+            if self.mode != "production" or self.batch is None or len(self._on_printer) >= self.queue_target():
                 self._space.clear()
                 try:
                     await asyncio.wait_for(self._space.wait(), 0.05)
@@ -241,7 +278,7 @@ class PrintVerifyRuntime:
                 batch = self.batch
                 if self.mode != "production" or batch is None:
                     continue
-                n = min(self.cfg.printer_queue_depth - len(self._on_printer), self.remaining_to_issue(), len(self._serials))
+                n = min(self.queue_target() - len(self._on_printer), self.remaining_to_issue(), len(self._serials))
                 if n <= 0:
                     continue
                 if len(self._serials) - n < SERIAL_BLOCK // 2:
@@ -291,7 +328,7 @@ class PrintVerifyRuntime:
             batch = self.batch
             if self.mode != "production" or batch is None:
                 continue
-            want = min(SERIAL_BLOCK, self.remaining_to_issue() + self.cfg.printer_queue_depth) - len(self._serials)
+            want = min(SERIAL_BLOCK, self.remaining_to_issue() + self.queue_target()) - len(self._serials)
             if len(self._serials) >= SERIAL_BLOCK // 2 or want <= 0:
                 continue
             serials = await self.line.store.allocate(batch.gtin, batch.lot, want, batch.product.serials)
@@ -333,6 +370,7 @@ class PrintVerifyRuntime:
     async def _reads(self) -> None:
         async for r in self.reader.reads():
             self._last_read_at = time.monotonic()
+            self._measure_pace(r.seq, r.received_at)
             self._unread_since = None
             try:
                 await self._handle_read(r)
@@ -515,7 +553,8 @@ class PrintVerifyRuntime:
                 kind, v = extra
                 await self._challenge_confirmed(seq, kind, v, True)
             return
-        self._pending_rejects[seq] = (time.monotonic() + self.rules.reject_confirm_timeout_s, tag, extra)
+        # (the order time: the wait is judged at the pace measured meanwhile, see _check_timeouts)
+        self._pending_rejects[seq] = (time.monotonic(), tag, extra)
 
     def _challenge_known(self, gtin: str, serial: str) -> bool:
         return (gtin, serial) in self._challenge_seen or self._is_known(gtin, serial)
@@ -629,13 +668,14 @@ class PrintVerifyRuntime:
 
     async def _check_timeouts(self) -> None:
         now = time.monotonic()
-        late = [s for s, (deadline, _, _) in self._pending_rejects.items() if deadline < now]
+        wait = self.confirm_timeout_s()
+        late = [s for s, (ordered_at, _, _) in self._pending_rejects.items() if now - ordered_at > wait]
         for s in late:
             _, tag, extra = self._pending_rejects.pop(s)
             if tag.startswith("challenge:"):
                 kind, v = extra
                 await self._challenge_confirmed(s, kind, v, False)
-            await self.line.fault_stop("reject_not_confirmed", f"reject of unit {s} ({tag}) not confirmed within {self.rules.reject_confirm_timeout_s}s", self.name)
+            await self.line.fault_stop("reject_not_confirmed", f"reject of unit {s} ({tag}) not confirmed within {self.confirm_timeout_s():.2f}s", self.name)
         if self.mode == "production" and self.printer.health.state == HealthState.DISCONNECTED:
             # a printer in a stop fault (or gone) prints nothing: packs would go by unprinted
             await self.line.fault_stop("printer_fault", f"printer {self.printer.name}: {self.printer.health.reason or 'not ready'}", self.name)
