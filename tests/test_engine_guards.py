@@ -205,3 +205,24 @@ async def test_demo_line_passes_its_challenge_at_300_upm(tmp_path):
         report = await close_batch(sl)
         check_report(report, planned=20)
         assert report["challenge_status"]["complete"] and lot == report["lot"]
+
+
+async def test_printer_link_reset_rides_through_within_the_grace(tmp_path):
+    """A printer link reset (the driver reconnects at once) with link_grace_s: the line keeps running on the codes
+    the printer holds; no bad unit passes, every unit is accounted for. Without a grace it stops (test_engine_faults)."""
+    rules = {"link_grace_s": 1.0, "drain_timeout_s": 3.0}
+    async with simulated_line(tmp_path, rate=600, defect_rate=0.0, seed=16, rules=rules, simulation={"variation_rate": 0.0}) as sl:
+        done0 = await done_count(sl)
+        lot = await sl.create_batch(200, challenge=False)
+        await sl.start_batch()
+        await wait_good(sl, 30)
+        await sim(sl, cmd="inject", device="coder1", fault="reset")
+        await wait_for(lambda: sl.line.completed.is_set() or sl.line.fault is not None, 90, "the batch to finish")
+        assert sl.line.fault is None, [a.message for a in sl.line.alarms.values()]
+        await settle(sl, 30)
+        report = await close_batch(sl)
+        check_report(report, planned=200)
+        units = await units_since(sl, done0)
+        assert truth_missed(units) == []
+        unit_ledger(units, lot_events(sl.daemon.store, lot), serial_states(sl.db, lot)).assert_ok()
+        assert sl.line.drivers["coder1"].health.state.value in ("connected", "degraded")

@@ -133,6 +133,7 @@ class PrintVerifyRuntime:
         self._printer_unknown = True  # the printer may hold jobs we did not send (daemon restart): clear first
         self._feed_lock = asyncio.Lock()  # a group of jobs being handed to the printer (see _feeder, drain)
         self._pitch_s: float | None = None  # measured seconds per unit (see _measure_pace)
+        self._printer_down_since: float | None = None  # printer health DISCONNECTED since (link grace)
         self._pace_last: tuple[int, float] | None = None
 
     # ------------------------------------------------------------------ setup
@@ -209,6 +210,20 @@ class PrintVerifyRuntime:
             return floor
         pitch = max(self._pitch_s or 0.0, 60.0 / self.cfg.rate_upm if self.cfg.rate_upm else 0.0)
         return max(floor, CONFIRM_MARGIN * n * pitch)
+
+    def _link_drop(self, exc: DeviceError) -> bool:
+        """A send failed because the link dropped (no NAK, no printer fault, no timeout), and a grace is configured."""
+        return self.rules.link_grace_s > 0 and exc.code is None and _link_reason(self.printer.health.reason or exc.reason)
+
+    def _within_link_grace(self, now: float) -> bool:
+        """The printer is away for a link reason, for less than link_grace_s and less than its queued codes last."""
+        if self.rules.link_grace_s <= 0 or self._printer_down_since is None:
+            return False
+        if not _link_reason(self.printer.health.reason):
+            return False  # a stop fault of the printer itself (head, ink, paper): it prints nothing, stop now
+        pitch = self._pitch_s or (60.0 / self.cfg.rate_upm if self.cfg.rate_upm else 0.0)
+        covered = sum(1 for j in self._on_printer.values() if j.acked) * pitch
+        return now - self._printer_down_since < min(self.rules.link_grace_s, covered)
 
     def _measure_pace(self, seq: int | None, at: float) -> None:
         """Seconds per unit from consecutive reads (EWMA); gaps (a stopped infeed) are not pace."""
@@ -300,7 +315,14 @@ class PrintVerifyRuntime:
                             self._on_printer.pop(x.job_seq, None)
                             self.counters.print_failures += 1
                             await self._decommission(x, RejectReason.PRINT_FAILED, f"printer {self.printer.name}: {exc.reason}", seq=None)
-                        await self.line.fault_stop("printer_error", f"printer {self.printer.name}: {exc.reason}", self.name)
+                        if self._link_drop(exc):
+                            # the link dropped (the driver reconnects): ride through on the codes the printer holds;
+                            # _check_timeouts stops the line if it stays away longer than the grace
+                            self._printer_unknown = True  # jobs it may hold from this group are cleared before reuse
+                            self.log.warning("printer_link_drop", reason=exc.reason, queued=len(self._on_printer))
+                            await asyncio.sleep(0.05)
+                        else:
+                            await self.line.fault_stop("printer_error", f"printer {self.printer.name}: {exc.reason}", self.name)
                         break
 
     def _make_job(self, serial: str, batch: "BatchContext") -> Job:
@@ -677,8 +699,14 @@ class PrintVerifyRuntime:
                 await self._challenge_confirmed(s, kind, v, False)
             await self.line.fault_stop("reject_not_confirmed", f"reject of unit {s} ({tag}) not confirmed within {self.confirm_timeout_s():.2f}s", self.name)
         if self.mode == "production" and self.printer.health.state == HealthState.DISCONNECTED:
-            # a printer in a stop fault (or gone) prints nothing: packs would go by unprinted
-            await self.line.fault_stop("printer_fault", f"printer {self.printer.name}: {self.printer.health.reason or 'not ready'}", self.name)
+            # a printer in a stop fault (or gone) prints nothing: packs would go by unprinted. A link that drops
+            # and reconnects within the grace (and within the time the codes on the printer cover) rides through.
+            if self._printer_down_since is None:
+                self._printer_down_since = now
+            if not self._within_link_grace(now):
+                await self.line.fault_stop("printer_fault", f"printer {self.printer.name}: {self.printer.health.reason or 'not ready'}", self.name)
+        else:
+            self._printer_down_since = None
         silent_since = self._unread_since if self.mode == "production" else None
         if self._units:
             # (units leave _units at the gate too: the PLC rejects unread units fail-safe, so a silent reader
@@ -733,3 +761,8 @@ class PrintVerifyRuntime:
             "in_flight": {"on_printer": len(self._on_printer), "printed_unread": len(self._units), "rejects_unconfirmed": len(self._pending_rejects)},
             "challenge": list(self._challenge_results),
         }
+
+
+def _link_reason(reason: str) -> bool:
+    """The transport's words for a lost link (drivers/transport.py), as opposed to a fault the printer reports."""
+    return reason.startswith(("connection lost", "cannot connect", "not connected")) or " connection lost" in reason
