@@ -132,6 +132,9 @@ async def test_full_store_stops_the_line_and_the_batch_resumes_when_space_return
             with pytest.raises(C.CommandRejected) as ei:
                 await sl.line.execute(C.StartBatch(actor="test"), origin="test")
             assert ei.value.code in ("store_unavailable", "fault_active"), ei.value.code
+            with pytest.raises(C.CommandRejected) as ei:
+                await sl.line.execute(C.ResetLine(actor="test"), origin="test")
+            assert ei.value.code == "store_unavailable" and sl.line.fault == "store_error"
             await settle(sl, 30)
             during = await units_since(sl, done0)
             assert blank_packs(during) == [], f"unprinted packs fed after the store failed: {blank_packs(during)}"

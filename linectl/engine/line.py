@@ -641,6 +641,7 @@ class Line:
         return {"acknowledged": ids}
 
     async def _cmd_reset(self, c: C.ResetLine, origin: str) -> dict[str, Any]:
+        self._store_ok()  # a store_error clears once the store writes again, not before (and the reset is audited)
         was = self.fault
         self.fault = None
         self._fault_codes.clear()
