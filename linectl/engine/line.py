@@ -582,7 +582,8 @@ class Line:
         if b is None or b.state not in ALLOWED["stop"]:
             return
         await self._write_line_mode("idle")
-        drain = max((s.rules.drain_timeout_s for s in self.stations), default=1.0)
+        # units on the belt need at least the confirm wait (which follows the pace) to reach the gate
+        drain = max((max(s.rules.drain_timeout_s, s.confirm_timeout_s()) for s in self.stations), default=1.0)
         await asyncio.gather(*(s.drain(drain) for s in self.stations))
         await self._set_state(BatchState.STOPPED, actor=f"{actor}@{origin}", reason=reason)
         await self._write_status(force=True)
