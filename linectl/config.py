@@ -265,7 +265,17 @@ class VerifyRules(Model):
 
     consecutive_reject_limit: int = Field(5, ge=1)
     no_read_limit: int = Field(3, ge=1, description="consecutive no-reads that stop the line")
-    reject_confirm_timeout_s: float = Field(2.0, gt=0)
+    reject_confirm_timeout_s: float = Field(
+        2.0, gt=0, description="floor of the wait for the gate's reject confirm; with read_to_gate_units the wait grows with the line's pace"
+    )
+    read_to_gate_units: int | None = Field(
+        None, ge=1, le=10_000,
+        description="product pitches from the read point to the reject gate; the confirm wait is at least 1.5x the time that many units take at the line's pace",
+    )
+    link_grace_s: float = Field(
+        0.0, ge=0, le=30,
+        description="a printer link down for less than this (reconnecting) does not stop the line while the printer still holds codes; 0 = stop at once",
+    )
     read_timeout_s: float = Field(3.0, gt=0, description="printed units but no read for this long: reader is silent, stop")
     drain_timeout_s: float = Field(5.0, gt=0, description="at stop, how long units on the belt may take to reach reader and gate")
     require_gs1: bool = True
@@ -281,8 +291,51 @@ class PrintVerifyStation(Model):
     printer: str
     reader: str
     plc: str
-    printer_queue_depth: int = Field(4, ge=1, le=64, description="codes kept on the printer ahead of the trigger")
+    printer_queue_depth: int = Field(
+        4, ge=1, le=1024,
+        description="codes kept on the printer ahead of the trigger; with printer_queue_s: the most codes it may hold",
+    )
+    printer_queue_s: float | None = Field(
+        None, gt=0, le=60,
+        description="seconds of line time to keep queued on the printer (depth = this x the line's pace, at most printer_queue_depth)",
+    )
+    rate_upm: float | None = Field(
+        None, gt=0, le=100_000,
+        description="the line's nominal rate (units/min): sizes printer_queue_s and the confirm wait until the achieved pace is measured",
+    )
     rules: VerifyRules = Field(default_factory=VerifyRules)
+
+    @model_validator(mode="after")
+    def _queue(self) -> "PrintVerifyStation":
+        if self.printer_queue_s is None:
+            return self
+        if self.rate_upm is None:
+            raise ValueError("printer_queue_s needs rate_upm (the nominal rate that sizes the queue before the pace is measured)")
+        need = queue_depth_for(self.printer_queue_s, self.rate_upm)
+        if "printer_queue_depth" in self.model_fields_set and need > self.printer_queue_depth:
+            raise ValueError(
+                f"printer_queue_s {self.printer_queue_s:g} at rate_upm {self.rate_upm:g} needs {need} codes on the printer, "
+                f"but printer_queue_depth bounds it to {self.printer_queue_depth}: raise the bound or lower printer_queue_s"
+            )
+        return self
+
+    @property
+    def queue_bound(self) -> int:
+        """Most codes on the printer: printer_queue_depth as set, or, with printer_queue_s alone, IMPLICIT_QUEUE_BOUND."""
+        if self.printer_queue_s is not None and "printer_queue_depth" not in self.model_fields_set:
+            return IMPLICIT_QUEUE_BOUND
+        return self.printer_queue_depth
+
+
+#: the most codes printer_queue_s may keep on a printer when printer_queue_depth does not bound it
+IMPLICIT_QUEUE_BOUND = 256
+
+
+def queue_depth_for(queue_s: float, rate_upm: float) -> int:
+    """Codes that cover queue_s of line time at rate_upm (at least 2: one printing, one next)."""
+    import math
+
+    return max(2, math.ceil(queue_s * rate_upm / 60.0))
 
 
 class VerifyStation(Model):

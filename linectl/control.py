@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from datetime import date
 from typing import Annotated, Any, Literal, Protocol, Union
 
 import structlog
@@ -18,6 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 
 log = structlog.get_logger("linectl.control")
 
+from linectl import gs1
+
+#: the most units one batch may plan (a bound against typos such as an extra zero or a serial number pasted in)
+MAX_PLANNED_QTY = 10_000_000
 _SET82 = re.compile(r"^[!\"%&'()*+,\-./0-9:;<=>?A-Z_a-z]{1,20}$")
 
 
@@ -32,16 +37,45 @@ class CreateBatch(Command):
     name: Literal["create_batch"] = "create_batch"
     lot: str
     gtin: str
-    expiry: str = Field(pattern=r"^\d{6}$", description="YYMMDD, DD=00 allowed")
-    planned_qty: int = Field(gt=0, le=100_000_000)
+    expiry: str = Field(description="YYMMDD, DD=00 allowed (end of that month, GS1)")
+    planned_qty: int = Field(gt=0, le=MAX_PLANNED_QTY)
     challenge: bool = True
 
     @field_validator("lot")
     @classmethod
     def _lot(cls, v: str) -> str:
         if not _SET82.match(v):
-            raise ValueError("lot must be 1-20 characters of GS1 character set 82")
+            raise ValueError("lot must be 1-20 characters of GS1 character set 82 (AI 10)")
         return v
+
+    @field_validator("gtin")
+    @classmethod
+    def _gtin(cls, v: str) -> str:
+        try:
+            return gs1.normalize_gtin(v)
+        except gs1.GS1Error as exc:
+            raise ValueError(f"gtin {v!r}: {exc.reason}") from None
+
+    @field_validator("expiry")
+    @classmethod
+    def _expiry(cls, v: str) -> str:
+        # the calendar rules only; "not in the past" and the product's shelf life need today and the product
+        # (Line._cmd_create_batch), so a command replayed later is judged on the day it runs
+        expiry_date(v)
+        return v
+
+
+def expiry_date(value: str) -> date:
+    """A batch expiry YYMMDD as the last day the product may be used (GS1: DD=00 is the end of the month).
+
+    Raises ValueError naming what is wrong, for the reply to the operator."""
+    if not isinstance(value, str) or not re.fullmatch(r"\d{6}", value):
+        raise ValueError(f"expiry {value!r} must be 6 digits YYMMDD")
+    try:
+        gs1._check_date("17", value, allow_day_zero=True)
+    except gs1.GS1Error as exc:
+        raise ValueError(exc.reason.replace("AI (17): invalid date", "expiry")) from None
+    return gs1._resolve_date(value, last_day=True)
 
 
 class StartBatch(Command):

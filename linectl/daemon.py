@@ -22,7 +22,7 @@ import structlog
 from drivers.base import Driver
 from drivers.registry import driver_class
 from linectl.config import LineConfig
-from linectl.engine.line import Line
+from linectl.engine.line import Line, store_refuses_writes
 from linectl.engine.plc_surface import PlcSurface
 from linectl.engine.supervisor import Supervisor
 
@@ -69,6 +69,12 @@ class Daemon:
         from linectl.store import Store
         from linectl.store.store import line_identity
 
+        t0 = time.monotonic()
+        phases: dict[str, float] = {}
+
+        def phase(name: str) -> None:
+            phases[name] = round((time.monotonic() - t0) * 1000.0 - sum(phases.values()), 1)
+
         path = self.db_path or self.cfg.store.path
         # the owner lock first (held until store.close()), before crash recovery or any migration touches the file;
         # then the line identity: another line's store is refused, a store from before identities adopts this one
@@ -79,6 +85,7 @@ class Daemon:
         # every EPCIS event is rendered once, when stored, with the context in force then (linectl/epcis.py)
         self.store.set_epcis_mapper(EpcisMapper.from_config(self.cfg))
         await self.store.upsert_products(self.cfg.products)
+        phase("store_open")
         self.drivers = build_drivers(self.cfg)
         self.line = Line(self.cfg, self.store, self.drivers)
         await self.line.recover_in_flight()
@@ -86,9 +93,11 @@ class Daemon:
 
         await recover_containers(self.store)
         await self.line.load_open_batch()
+        phase("recovery")
         for d in self.drivers.values():
             await d.start()
-        self.supervisor = Supervisor(on_give_up=self._task_gave_up)
+        phase("drivers")
+        self.supervisor = Supervisor(on_give_up=self._task_gave_up, on_crash=self.line.task_crashed, uncounted=store_refuses_writes)
         for st in self.line.stations:
             for name, factory in st.tasks().items():
                 self.supervisor.start(name, factory)
@@ -101,11 +110,12 @@ class Daemon:
         if self.cfg.mqtt.enabled:
             await self._start_upstream()
         self.supervisor.start("retention", self._retention)
+        phase("tasks")
         # what exists now (config, drivers, pydantic models) lives for the whole run: keep it out of GC scans,
         # so a full collection costs less mid-production
         gc.freeze()
         sd_notify("READY=1\nSTATUS=line controller running")
-        log.info("daemon_started", line=self.cfg.topic_root, db=path, devices=list(self.drivers))
+        log.info("daemon_started", line=self.cfg.topic_root, db=path, devices=list(self.drivers), startup_ms=phases)
 
     async def _start_upstream(self) -> None:
         from linectl.forwarder import Forwarder

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from linectl.engine.verify import challenge_status
 from linectl.events import BatchStateChanged, ChallengeResult, SerialsReturned, UnitDecommissioned
 
 
@@ -37,7 +38,7 @@ def batch_report(store: Any, lot: str) -> dict[str, Any]:
         elif isinstance(ev, BatchStateChanged):
             history.append({"time": ev.event_time.isoformat(), "state": ev.state.value, "previous": ev.previous.value if ev.previous else None, "by": ev.actor, "reason": ev.reason})
         elif isinstance(ev, ChallengeResult):
-            challenge.append({"time": ev.event_time.isoformat(), "challenge": ev.challenge, "rejected": ev.rejected, "reason_seen": ev.reason_seen, "seq": ev.seq})
+            challenge.append({"time": ev.event_time.isoformat(), "challenge": ev.challenge, "station": ev.station, "rejected": ev.rejected, "reason_seen": ev.reason_seen, "seq": ev.seq})
     commissioned = counts.get("commissioned", 0)
     decommissioned = counts.get("decommissioned", 0)
     voided = counts.get("voided", 0)
@@ -85,6 +86,8 @@ def batch_report(store: Any, lot: str) -> dict[str, Any]:
         "packs": packs,
         "balanced_packs": packs["balanced"],
         "challenge": challenge,
+        # required kinds that passed / failed / never ran (a crash mid-challenge, a batch stopped before it)
+        "challenge_status": challenge_status(b.challenge_required, challenge),
         "started": starts[0] if starts else None,
         "stopped": stops[-1] if stops else None,
         "history": history,
@@ -240,6 +243,9 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"  packs           no PLC pack counters recorded; blank packs {p.get('blank_packs', 0)}, challenge units {p.get('challenge_units', 0)}")
     if r["challenge"]:
         lines.append("  challenge: " + ", ".join(f"{c['challenge']}→{'rejected' if c['rejected'] else 'NOT rejected'} ({c['reason_seen']})" for c in r["challenge"]))
+    cs = r.get("challenge_status")
+    if cs and (cs["failed"] or cs["never_ran"]):
+        lines.append(f"  challenge INCOMPLETE: failed {cs['failed'] or 'none'}, never ran {cs['never_ran'] or 'none'}")
     for h in r["history"]:
         lines.append(f"  {h['time']}  {h['previous'] or '-'} -> {h['state']}  by {h['by']}  {h['reason']}")
     return "\n".join(lines)

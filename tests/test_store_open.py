@@ -243,6 +243,29 @@ async def test_migrates_v1_database_and_keeps_data(tmp_path):
     await s.close()
 
 
+async def test_migrates_v2_database_challenge_state(tmp_path):
+    """v2 -> v3 (_migrate_challenge_state): batches.challenge_required is added; old batches read None (= the line's
+    configured challenge), new batches record what they must pass ([] = waived at create)."""
+    p = tmp_path / "v2.db"
+    s = await Store.open(p)
+    await s.create_batch("LOTV2", GTIN, "291231", 10, actor="t")
+    await s.close()
+    with sqlite3.connect(p) as c:  # the file as linectl with schema v2 left it
+        c.execute("ALTER TABLE batches DROP COLUMN challenge_required")
+        c.execute("UPDATE meta SET value='2' WHERE key='schema_version'")
+    s = await Store.open(p)
+    try:
+        assert s.opened_from_version == 2 and s.stats()["schema_version"] == SCHEMA_VERSION
+        assert s.batch("LOTV2").challenge_required is None
+        b = await s.create_batch("LOTV3", GTIN, "291231", 10, actor="t", challenge_required=[])
+        assert b.challenge_required == [] and s.batch("LOTV3").challenge_required == []
+        await s.create_batch("LOTV4", GTIN, "291231", 10, actor="t", challenge_required=["no_code", "duplicate"])
+        assert s.batch("LOTV4").challenge_required == ["no_code", "duplicate"]
+        assert s.verify_audit().ok
+    finally:
+        await s.close()
+
+
 async def test_readonly_open_does_not_migrate(tmp_path):
     p = tmp_path / "v1ro.db"
     build_v1(p)

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 import structlog
@@ -21,6 +21,7 @@ from drivers.base import CodeReader, Driver, Plc, Printer
 from linectl import control as C
 from linectl.config import LineConfig, PrintVerifyStation, Product
 from linectl.engine.print_verify import PrintVerifyRuntime
+from linectl.engine.verify import challenge_status
 from linectl.events import (
     AlarmAcknowledged,
     AlarmRaised,
@@ -30,6 +31,7 @@ from linectl.events import (
     Severity,
     UnitDecommissioned,
 )
+from linectl.store.model import StoreError
 
 log = structlog.get_logger("linectl.line")
 
@@ -48,9 +50,14 @@ ALARM_CODES = {
     "no_serials": 50,
     "pool_low": 51,
     "failsafe_reject": 60,
+    "printer_not_primed": 22,
     "task_failed": 90,
     "store_error": 91,
 }
+#: how long a start waits for the printer to hold its queue of codes before it refuses to feed product
+PRIME_TIMEOUT_S = 3.0
+#: most events kept in memory while the store refuses writes (alarms, state changes, decommissionings)
+DEFERRED_MAX = 100_000
 
 ALLOWED = {
     "start": {BatchState.CREATED, BatchState.STOPPED, BatchState.PAUSED},
@@ -71,6 +78,8 @@ class BatchContext:
     product: Product
     state: BatchState
     challenge: bool = True
+    #: kinds this batch must pass before production, fixed at create ([] = waived); see Line.challenge_missing
+    challenge_required: list[str] | None = None
     good: int = 0
     good_before: int = 0  # commissioned in earlier runs of the daemon (restart mid-batch)
     decommissioned: int = 0
@@ -119,6 +128,10 @@ class Line:
         self.completed = asyncio.Event()
         self.challenge_done = asyncio.Event()
         self.challenge_passed: bool | None = None
+        #: why the store refuses writes (disk full, I/O error), None while it works; see store_failed
+        self.store_down: str | None = None
+        self._deferred: deque[Any] = deque()  # events to store, in order, once the store takes writes again
+        self._store_retry: asyncio.Task[None] | None = None
         for st in cfg.stations:
             if isinstance(st, PrintVerifyStation):
                 printer = drivers[st.printer]
@@ -126,6 +139,13 @@ class Line:
                 plc = drivers[st.plc]
                 assert isinstance(printer, Printer) and isinstance(reader, CodeReader) and isinstance(plc, Plc)
                 self.stations.append(PrintVerifyRuntime(st, self, printer, reader, plc))
+        # whatever a PLC holds when linectl starts (a crash left it "production", a PLC with a long heartbeat
+        # timeout kept feeding), the line is stopped until an operator starts it: line_mode idle goes to every PLC
+        # as soon as it answers (resync_line_mode, called by the PLC surface on its first cycle)
+        self._mode_unsynced = {plc.name for plc in self.plcs}
+        self._resyncs: set[asyncio.Task[None]] = set()
+        for plc in self.plcs:
+            plc.on_health(self._plc_health)
         # --- aggregation block (case/pallet/rework stations; linectl/engine/aggregation.py, rework.py) ---
         from linectl.engine.aggregation import build_aggregation_stations
         from linectl.engine.rework import build_rework_stations
@@ -153,9 +173,111 @@ class Line:
             except Exception:  # noqa: BLE001 - a listener must not break the line
                 log.exception("state_listener_failed")
 
+    async def record(self, *events: Any) -> bool:
+        """Store events that may wait (alarms, state changes, decommissionings); True when stored now.
+
+        While the store refuses writes they are kept in memory, in order, and stored by the retry task once it
+        takes writes again: the line must be able to stop, and say why, without a single store write. Events
+        that must be durable before the line acts on them (a commissioning before "good") never come here."""
+        if self.store_down is None:
+            try:
+                await self.store.append(*events)
+                return True
+            except StoreError as exc:
+                if not _is_store_full(exc):
+                    raise
+                await self.store_failed(exc)
+        self._deferred.extend(events)
+        while len(self._deferred) > DEFERRED_MAX:
+            dropped = self._deferred.popleft()
+            log.error("deferred_event_dropped", kind=type(dropped).__name__)
+        return False
+
+    async def store_failed(self, exc: BaseException) -> None:
+        """The store refuses writes: stop the line by a path that needs none, tell everyone, retry until it works.
+
+        Order matters: the infeed goes to idle on the PLC first (no store involved), then the fault is visible in
+        memory (MQTT state, PLC status tags, log), then the batch stops; the alarm and the state change are kept
+        in memory and stored by `_retry_store` as soon as the store takes writes again."""
+        if self.store_down is not None:
+            return
+        self.store_down = str(exc) or type(exc).__name__
+        log.critical("store_refuses_writes", error=self.store_down)
+        await self.infeed_idle_now()
+        self.fault = "store_error"  # the cause operators must see, whatever fault came first
+        self._fault_codes.add("store_error")
+        if self._store_retry is None or self._store_retry.done():
+            self._store_retry = asyncio.create_task(self._retry_store(), name="store_retry")
+        await self.alarm("store_error", f"the store refuses writes; line stopped: {self.store_down}", Severity.CRITICAL)
+        await self._write_status(force=True)
+        if self.batch is not None and self.batch.state in ALLOWED["stop"] and (self._stop_task is None or self._stop_task.done()):
+            self._stop_task = asyncio.create_task(self._stop_batch(actor="system", origin="rule:store_error", reason="the store refuses writes"))
+
+    async def _retry_store(self, interval_s: float = 1.0) -> None:
+        """Store what waited in memory, once the store takes writes again; then account for serials left 'sent'."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if self._stop_task is not None and not self._stop_task.done():
+                continue  # the stop (drain) is still deciding units on the belt
+            try:
+                while self._deferred:
+                    chunk = [self._deferred[i] for i in range(min(500, len(self._deferred)))]
+                    await self.store.append(*chunk)
+                    for _ in chunk:
+                        self._deferred.popleft()
+                if self.batch is not None and self.batch.state not in (BatchState.RUNNING, BatchState.CHALLENGE, BatchState.CLOSED):
+                    await self._sweep_sent(self.batch.lot)
+            except StoreError as exc:
+                log.debug("store_still_refuses_writes", error=str(exc), waiting=len(self._deferred))
+                continue
+            log.warning("store_writes_again", was=self.store_down)
+            self.store_down = None
+            self._notify()
+            return
+
+    async def _sweep_sent(self, lot: str) -> None:
+        """Serials left 'sent' by writes the store refused (a commissioning refused: the unit got no good verdict
+        and the gate rejected it fail-safe). Only while the line is stopped, so none is on the printer or belt."""
+        held = {j.serial for s in self.stations for j in s.jobs_in_memory()}
+        stray = [(g, s) for (g, s, _lot) in self.store.in_flight(lot) if s not in held]
+        for i in range(0, len(stray), 500):
+            await self.store.append(
+                *[UnitDecommissioned(gtin=g, serial=s, lot=lot, reason=RejectReason.LINE_STOPPED,
+                                     detail="sent while the store refused writes; no good verdict reached the gate") for g, s in stray[i : i + 500]]
+            )
+        if stray:
+            log.warning("store_recovery_decommissioned", lot=lot, count=len(stray))
+
+    async def infeed_idle_now(self) -> None:
+        """line_mode idle on every PLC, stations out of production: nothing here touches the store."""
+        self._mode_wanted = "idle"
+        for s in self.stations:
+            if s.mode == "production":
+                s.mode = "idle"
+        for plc in self.plcs:
+            try:
+                await plc.write_tag("line_mode", LINE_MODE["idle"])
+                await plc.write_tag("line_running", False)
+                self._mode_unsynced.discard(plc.name)
+            except Exception as exc:  # noqa: BLE001 - resync_line_mode repeats it once the PLC answers
+                self._mode_unsynced.add(plc.name)
+                log.error("plc_idle_write_failed", plc=plc.name, error=str(exc))
+
+    async def task_crashed(self, name: str, exc: BaseException) -> None:
+        """A supervised task crashed: the infeed closes before anything else; a running batch stops.
+
+        A crashed feeder, allocator or read task leaves packs going by that nobody prints or verifies; the
+        supervisor restarts the task, but production only resumes when an operator resets and starts again."""
+        if isinstance(exc, StoreError) and _is_store_full(exc):
+            await self.store_failed(exc)
+            return
+        if self.batch is not None and self.batch.state in (BatchState.RUNNING, BatchState.CHALLENGE):
+            await self.infeed_idle_now()
+            await self.fault_stop("task_failed", f"task {name} crashed: {exc}; line stopped")
+
     async def alarm(self, code: str, message: str, severity: Severity, station: str | None = None) -> AlarmRaised:
         ev = AlarmRaised(code=code, severity=severity, message=message, station=station, lot=self.batch.lot if self.batch else None)
-        await self.store.append(ev)
+        await self.record(ev)
         self.alarms[ev.alarm_id] = ActiveAlarm(ev.alarm_id, code, severity.value, message, station, ev.event_time.isoformat())
         while len(self.alarms) > 100:
             self.alarms.popitem(last=False)
@@ -221,13 +343,14 @@ class Line:
         if self.batch is None:
             return
         if all(s.mode != "challenge" for s in self.stations):
+            missing = self.challenge_missing(self.batch) if passed else []
+            if missing:
+                passed = False
+                results = [*results, *({"challenge": m, "rejected": False, "reason_seen": "not recorded"} for m in missing)]
             self.challenge_passed = passed
             if passed:
                 await self._set_state(BatchState.RUNNING, actor="system", reason="challenge passed")
-                for s in self.stations:
-                    s.begin_production(self.batch)
-                await self._prime()
-                await self._write_line_mode("production")
+                await self._begin_production(self.batch)
             else:
                 detail = "; ".join(f"{r['challenge']}: {'rejected as ' + str(r['reason_seen']) if r['rejected'] else 'NOT rejected'}" for r in results)
                 await self.fault_stop("challenge_failed", f"challenge test failed: {detail}")
@@ -242,7 +365,10 @@ class Line:
                 product = self.cfg.product(b.gtin)
                 counts = self.store.lot_counts(b.lot)
                 state = BatchState(b.state)
-                self.batch = BatchContext(b.lot, b.gtin, b.expiry, b.planned_qty, product, state, good_before=counts.get("commissioned", 0))
+                self.batch = BatchContext(
+                    b.lot, b.gtin, b.expiry, b.planned_qty, product, state, good_before=counts.get("commissioned", 0),
+                    challenge=b.challenge_required != [], challenge_required=b.challenge_required,
+                )
                 if state in (BatchState.RUNNING, BatchState.CHALLENGE, BatchState.PAUSED):
                     await self._set_state(BatchState.STOPPED, actor="system", reason="daemon restarted; batch stopped until an operator starts it")
                 log.info("batch_resumed", lot=b.lot, state=self.batch.state.value, good_before=self.batch.good_before)
@@ -278,12 +404,18 @@ class Line:
             return self._replies[command.command_id]
         async with self._lock:
             handler = getattr(self, f"_cmd_{command.name}")
-            result = await handler(command, origin)
-            if not isinstance(command, (C.RequestState, C.VerifyCode)):
-                await self.store.audit(
-                    command.actor, origin, command.name, {**command.model_dump(mode="json", exclude={"serials"}), "result": _short(result)},
-                    command_id=command.command_id, reply=result,  # durable idempotency: a retry after a restart gets this reply
-                )
+            try:
+                result = await handler(command, origin)
+                if not isinstance(command, (C.RequestState, C.VerifyCode)):
+                    await self.store.audit(
+                        command.actor, origin, command.name, {**command.model_dump(mode="json", exclude={"serials"}), "result": _short(result)},
+                        command_id=command.command_id, reply=result,  # durable idempotency: a retry after a restart gets this reply
+                    )
+            except StoreError as exc:
+                if not _is_store_full(exc):
+                    raise
+                await self.store_failed(exc)
+                raise C.CommandRejected(f"the store refuses writes ({exc}); nothing more was done", "store_unavailable") from None
         if command.command_id:
             self._replies[command.command_id] = result
             while len(self._replies) > 10_000:
@@ -300,11 +432,32 @@ class Line:
             raise C.CommandRejected(f"unknown GTIN {c.gtin}: not configured on this line", "unknown_gtin") from exc
         if self.store.batch(c.lot) is not None:
             raise C.CommandRejected(f"lot {c.lot} already exists", "lot_exists")
-        await self.store.create_batch(c.lot, product.gtin, c.expiry, c.planned_qty, actor=c.actor)
-        self.batch = BatchContext(c.lot, product.gtin, c.expiry, c.planned_qty, product, BatchState.CREATED, challenge=c.challenge)
+        self._check_expiry(c.expiry, product)
+        required = list(self.cfg.batch.challenge) if c.challenge else []
+        await self.store.create_batch(c.lot, product.gtin, c.expiry, c.planned_qty, actor=c.actor, challenge_required=required)
+        self.batch = BatchContext(c.lot, product.gtin, c.expiry, c.planned_qty, product, BatchState.CREATED, challenge=c.challenge, challenge_required=required)
         await self.store.append(BatchStateChanged(lot=c.lot, gtin=product.gtin, state=BatchState.CREATED, actor=f"{c.actor}@{origin}", reason="created"))
         self.completed.clear()
         return {"lot": c.lot, "state": "created"}
+
+    @staticmethod
+    def _check_expiry(expiry: str, product: Product, today: date | None = None) -> None:
+        """Expiry against the calendar of the day the batch is created: not past, not beyond the shelf life.
+
+        A pack printed with an expiry in the past, or later than the product's registered shelf life allows,
+        is a pack that cannot be released: refuse it before a single code is printed."""
+        today = today or date.today()
+        last_day = C.expiry_date(expiry)
+        if last_day < today:
+            raise C.CommandRejected(f"expiry {expiry}: {last_day.isoformat()} is in the past (today is {today.isoformat()})", "invalid_expiry")
+        if product.shelf_life_days is not None:
+            latest = today + timedelta(days=product.shelf_life_days)
+            if last_day > latest:
+                raise C.CommandRejected(
+                    f"expiry {expiry}: {last_day.isoformat()} is beyond the shelf life of {product.gtin} "
+                    f"({product.shelf_life_days} days from today: {latest.isoformat()} at the latest)",
+                    "invalid_expiry",
+                )
 
     def _require_batch(self, action: str) -> BatchContext:
         if self.batch is None or self.batch.state == BatchState.CLOSED:
@@ -325,35 +478,71 @@ class Line:
         if self.fault is not None:
             raise C.CommandRejected(f"line fault {self.fault} active; reset first", "fault_active")
         self._require_reconciled(b)
+        self._store_ok()
         self._devices_ready()
-        if b.state == BatchState.CREATED and b.challenge and self.cfg.batch.challenge:
+        if self.challenge_missing(b):
+            # never started, or its challenge was cut short (crash, stop) or failed: the whole challenge runs
+            # again, the way QA feeds the set of challenge packs, before a single production unit
             return await self._begin_challenge(c.actor, origin)
         await self._set_state(BatchState.RUNNING, actor=f"{c.actor}@{origin}", reason="start")
         b.started_at = b.started_at or time.time()
-        for s in self.stations:
-            s.begin_production(b)
-        await self._prime()
-        await self._write_line_mode("production")
+        await self._begin_production(b, command=True)
         return {"lot": b.lot, "state": b.state.value}
 
-    async def _prime(self) -> None:
+    def _store_ok(self) -> None:
+        if self.store_down is not None:
+            raise C.CommandRejected(f"the store refuses writes ({self.store_down}); free space first", "store_unavailable")
+
+    def challenge_required(self, b: BatchContext) -> list[str]:
+        if b.challenge_required is not None:
+            return list(b.challenge_required)
+        return list(self.cfg.batch.challenge) if b.challenge else []
+
+    def challenge_missing(self, b: BatchContext) -> list[str]:
+        """'station:kind' of every challenge unit this batch still needs: per station and required kind, the last
+        stored result must be a unit rejected for that kind's own reason and confirmed by the gate.
+
+        Read from the store (batches.challenge), not from memory: a restart must not forget a challenge that
+        never finished, and a result the store did not take does not count."""
+        required = self.challenge_required(b)
+        if not required or not self.stations:
+            return []  # (the challenge is a print_verify station's test: a line without one has none to run)
+        rec = self.store.batch(b.lot)
+        st = challenge_status(required, rec.challenge if rec is not None else [], [s.name for s in self.stations])
+        return [*st["failed"], *st["never_ran"]]
+
+    async def _begin_production(self, b: BatchContext, *, command: bool = False) -> None:
+        """Stations into production, then the infeed opens, only once every printer holds its queue of codes."""
         for s in self.stations:
-            if not await s.primed():
-                log.warning("printer_not_primed", station=s.name)
+            s.begin_production(b)
+        slow = [s.name for s in await asyncio.gather(*(self._primed_or_none(s) for s in self.stations)) if s is not None]
+        if slow:
+            msg = f"printer of station(s) {', '.join(slow)} did not hold its queue of codes within {PRIME_TIMEOUT_S}s: production not started"
+            await self.fault_stop("printer_not_primed", msg)
+            if command:
+                raise C.CommandRejected(msg + "; batch stopped", "printer_not_primed")
+            return
+        await self._write_line_mode("production")
+
+    @staticmethod
+    async def _primed_or_none(s: PrintVerifyRuntime) -> PrintVerifyRuntime | None:
+        return None if await s.primed(PRIME_TIMEOUT_S) else s
 
     async def _begin_challenge(self, actor: str, origin: str) -> dict[str, Any]:
         b = self.batch
         assert b is not None
+        kinds = self.challenge_required(b) or list(self.cfg.batch.challenge)
         self.challenge_done.clear()
         self.challenge_passed = None
         await self._set_state(BatchState.CHALLENGE, actor=f"{actor}@{origin}", reason="challenge test")
         for s in self.stations:
-            s.begin_challenge(b, list(self.cfg.batch.challenge))
+            s.begin_challenge(b, kinds)
         await self._write_line_mode("challenge")
-        return {"lot": b.lot, "state": b.state.value, "challenge": list(self.cfg.batch.challenge)}
+        return {"lot": b.lot, "state": b.state.value, "challenge": kinds}
 
     async def _cmd_challenge(self, c: C.Challenge, origin: str) -> dict[str, Any]:
         self._require_batch("challenge")
+        self._store_ok()
         if self.fault is not None:
             raise C.CommandRejected(f"line fault {self.fault} active; reset first", "fault_active")
         self._devices_ready()
@@ -372,11 +561,11 @@ class Line:
         if self.fault is not None:
             raise C.CommandRejected(f"line fault {self.fault} active; reset first", "fault_active")
         self._require_reconciled(b)
+        self._store_ok()
+        if self.challenge_missing(b):
+            return await self._begin_challenge(c.actor, origin)
         await self._set_state(BatchState.RUNNING, actor=f"{c.actor}@{origin}", reason="resume")
-        for s in self.stations:
-            s.begin_production(b)
-        await self._prime()
-        await self._write_line_mode("production")
+        await self._begin_production(b, command=True)
         return {"lot": b.lot, "state": b.state.value}
 
     async def _cmd_stop_batch(self, c: C.StopBatch, origin: str) -> dict[str, Any]:
@@ -397,7 +586,8 @@ class Line:
         if b is None or b.state not in ALLOWED["stop"]:
             return
         await self._write_line_mode("idle")
-        drain = max((s.rules.drain_timeout_s for s in self.stations), default=1.0)
+        # units on the belt need at least the confirm wait (which follows the pace) to reach the gate
+        drain = max((max(s.rules.drain_timeout_s, s.confirm_timeout_s()) for s in self.stations), default=1.0)
         await asyncio.gather(*(s.drain(drain) for s in self.stations))
         await self._set_state(BatchState.STOPPED, actor=f"{actor}@{origin}", reason=reason)
         await self._write_status(force=True)
@@ -450,6 +640,7 @@ class Line:
         return {"acknowledged": ids}
 
     async def _cmd_reset(self, c: C.ResetLine, origin: str) -> dict[str, Any]:
+        self._store_ok()  # a store_error clears once the store writes again, not before (and the reset is audited)
         was = self.fault
         self.fault = None
         self._fault_codes.clear()
@@ -583,7 +774,7 @@ class Line:
         assert b is not None
         prev = b.state
         b.state = state
-        await self.store.append(BatchStateChanged(lot=b.lot, gtin=b.gtin, state=state, previous=prev, actor=actor, reason=reason))
+        await self.record(BatchStateChanged(lot=b.lot, gtin=b.gtin, state=state, previous=prev, actor=actor, reason=reason))
         log.info("batch_state", lot=b.lot, state=state.value, previous=prev.value, actor=actor, reason=reason)
         self._notify()
 
@@ -601,6 +792,13 @@ class Line:
                 log.error("plc_write_failed", plc=plc.name, error=str(exc))
                 if running:
                     raise C.CommandRejected(f"PLC {plc.name} did not accept line_mode: {exc}", "plc_error") from exc
+
+    def _plc_health(self, plc: Plc, health: Any) -> None:
+        """A PLC (re)connected: repeat idle at once if it may still hold a running line's mode (see resync_line_mode)."""
+        if health.state.value == "connected" and plc.name in self._mode_unsynced and self._mode_wanted == "idle":
+            t = asyncio.get_running_loop().create_task(self.resync_line_mode(plc))
+            self._resyncs.add(t)
+            t.add_done_callback(self._resyncs.discard)
 
     async def resync_line_mode(self, plc: Plc) -> None:
         """A PLC that was away when the line stopped still holds line_mode/line_running of a running line: a short
@@ -640,6 +838,7 @@ class Line:
             "line": self.cfg.topic_root,
             "state": b.state.value if b else "idle",
             "fault": self.fault,
+            "store_error": self.store_down,
             "batch": (
                 {"lot": b.lot, "gtin": b.gtin, "expiry": b.expiry, "planned_qty": b.planned_qty, "good": b.good_total(), "state": b.state.value}
                 if b
@@ -661,6 +860,19 @@ def _jsonable(x: Any) -> Any:
     if isinstance(x, (str, int, float, bool)) or x is None:
         return x
     return str(x)
+
+
+def _is_store_full(exc: BaseException) -> bool:
+    """A write the database itself refused (full disk, page cap, I/O, read-only), not one refused on its merits."""
+    import sqlite3
+
+    cause = exc.__cause__
+    return isinstance(cause, sqlite3.Error) and not isinstance(cause, sqlite3.IntegrityError)
+
+
+def store_refuses_writes(exc: BaseException) -> bool:
+    """For the supervisor: a task crashed because the store refuses writes (its restarts are not counted)."""
+    return isinstance(exc, StoreError) and _is_store_full(exc)
 
 
 def _short(result: dict[str, Any]) -> dict[str, Any]:

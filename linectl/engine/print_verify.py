@@ -28,6 +28,7 @@ import structlog
 from drivers.base import CodeReader, DeviceError, HealthState, Plc, PrintJob, Printer, Read
 from linectl import gs1
 from linectl.config import PrintVerifyStation as PrintVerifyConfig
+from linectl.config import queue_depth_for
 from linectl.engine.stats import LatencyHistogram
 from linectl.engine.verify import CHALLENGE_EXPECTED_REASON, Expected, Verdict, classify_unknown, verify_unit
 from linectl.events import ChallengeResult, RejectReason, Severity, UnitCommissioned, UnitDecommissioned
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("linectl.station")
 
+#: a reject confirm may take this many times the read-to-gate travel time before the line stops
+CONFIRM_MARGIN = 1.5
 VERDICT_GOOD = 1
 VERDICT_REJECT = 2
 SERIAL_BLOCK = 256
@@ -61,6 +64,7 @@ class Job:
     code: gs1.ParsedCode
     expected: Expected
     sent_at: float
+    acked: bool = False  # the printer acknowledged it: it holds the code (see primed)
 
 
 @dataclass
@@ -155,6 +159,9 @@ class PrintVerifyRuntime:
         self._epoch_changes = 0  # new epochs seen since this daemon started
         self._carried = 0  # units of the previous epoch the gate still had to decide when the counters were reset
         self.fate_unknown = 0  # units marked fate_unknown by this station since start
+        self._pitch_s: float | None = None  # measured seconds per unit (see _measure_pace)
+        self._printer_down_since: float | None = None  # printer health DISCONNECTED since (link grace)
+        self._pace_last: tuple[int, float] | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -195,14 +202,68 @@ class PrintVerifyRuntime:
         self._space.set()
 
     async def primed(self, timeout_s: float = 3.0) -> bool:
-        """Wait until the printer holds its queue of codes, so the first trigger does not find it empty."""
+        """Wait until the printer holds its queue of codes, so the first trigger does not find it empty.
+
+        Counts jobs the printer acknowledged, not jobs handed to the driver: a printer that takes its codes too
+        slowly is not primed, and the line must not feed product it cannot print on."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            want = min(self.cfg.printer_queue_depth, max(0, self.remaining_to_issue() + len(self._on_printer)))
-            if len(self._on_printer) >= want:
+            held = sum(1 for j in self._on_printer.values() if j.acked)
+            want = min(self.queue_target(), max(0, self.remaining_to_issue() + len(self._on_printer)))
+            if held >= want:
                 return True
             await asyncio.sleep(0.005)
         return False
+
+    def queue_target(self) -> int:
+        """Codes to keep on the printer ahead of the trigger.
+
+        With printer_queue_s: that much line time at the faster of the nominal and the measured pace, bounded
+        by printer_queue_depth; so one config rides through the same stall at 300 or 6,000 units/min."""
+        if self.cfg.printer_queue_s is None:
+            return self.cfg.printer_queue_depth
+        rate = self.cfg.rate_upm or 0.0
+        if self._pitch_s:
+            rate = max(rate, 60.0 / self._pitch_s)
+        return min(self.cfg.queue_bound, queue_depth_for(self.cfg.printer_queue_s, rate))
+
+    def confirm_timeout_s(self) -> float:
+        """How long a reject order waits for the gate's confirm: the configured floor, or 1.5x the time
+        read_to_gate_units take at the slower of the nominal and the measured pace (the line may run slower
+        than nominal: 300 units/min take twice as long to the gate as 600)."""
+        floor = self.rules.reject_confirm_timeout_s
+        n = self.rules.read_to_gate_units
+        if n is None:
+            return floor
+        pitch = max(self._pitch_s or 0.0, 60.0 / self.cfg.rate_upm if self.cfg.rate_upm else 0.0)
+        return max(floor, CONFIRM_MARGIN * n * pitch)
+
+    def _link_drop(self, exc: DeviceError) -> bool:
+        """A send failed because the link dropped (no NAK, no printer fault, no timeout), and a grace is configured."""
+        return self.rules.link_grace_s > 0 and exc.code is None and _link_reason(self.printer.health.reason or exc.reason)
+
+    def _within_link_grace(self, now: float) -> bool:
+        """The printer is away for a link reason, for less than link_grace_s and less than its queued codes last."""
+        if self.rules.link_grace_s <= 0 or self._printer_down_since is None:
+            return False
+        if not _link_reason(self.printer.health.reason):
+            return False  # a stop fault of the printer itself (head, ink, paper): it prints nothing, stop now
+        pitch = self._pitch_s or (60.0 / self.cfg.rate_upm if self.cfg.rate_upm else 0.0)
+        covered = sum(1 for j in self._on_printer.values() if j.acked) * pitch
+        return now - self._printer_down_since < min(self.rules.link_grace_s, covered)
+
+    def _measure_pace(self, seq: int | None, at: float) -> None:
+        """Seconds per unit from consecutive reads (EWMA); gaps (a stopped infeed) are not pace."""
+        last = self._pace_last
+        if seq is None:
+            return
+        self._pace_last = (seq, at)
+        if last is None or seq <= last[0] or seq - last[0] > 4:
+            return
+        sample = (at - last[1]) / (seq - last[0])
+        if sample <= 0 or sample > 10.0:
+            return
+        self._pitch_s = sample if self._pitch_s is None else 0.8 * self._pitch_s + 0.2 * sample
 
     def pause(self) -> None:
         self.mode = "idle"
@@ -222,7 +283,7 @@ class PrintVerifyRuntime:
     async def _feeder(self) -> None:
         """Keep the printer's queue filled ahead of the trigger (coders need the data before the product)."""
         while True:
-            if self.mode != "production" or self.batch is None or len(self._on_printer) >= self.cfg.printer_queue_depth:
+            if self.mode != "production" or self.batch is None or len(self._on_printer) >= self.queue_target():
                 self._space.clear()
                 try:
                     await asyncio.wait_for(self._space.wait(), 0.05)
@@ -259,7 +320,7 @@ class PrintVerifyRuntime:
                 batch = self.batch
                 if self.mode != "production" or batch is None:
                     continue
-                n = min(self.cfg.printer_queue_depth - len(self._on_printer), self.remaining_to_issue(), len(self._serials))
+                n = min(self.queue_target() - len(self._on_printer), self.remaining_to_issue(), len(self._serials))
                 if n <= 0:
                     continue
                 if len(self._serials) - n < SERIAL_BLOCK // 2:
@@ -272,6 +333,7 @@ class PrintVerifyRuntime:
                 for idx, j in enumerate(jobs):
                     try:
                         await self.printer.send(PrintJob(seq=j.job_seq, element_string=j.code.element_string, hri=j.code.hri, fields={"lot": batch.lot, "expiry": batch.expiry, "gtin": batch.gtin, "serial": j.serial}))
+                        j.acked = True
                         self._jobs_issued += 1
                     except DeviceError as exc:
                         # NAK or no answer: the printer may or may not hold it; never reuse the serial
@@ -280,7 +342,14 @@ class PrintVerifyRuntime:
                             self._on_printer.pop(x.job_seq, None)
                             self.counters.print_failures += 1
                             await self._decommission(x, RejectReason.PRINT_FAILED, f"printer {self.printer.name}: {exc.reason}", seq=None)
-                        await self.line.fault_stop("printer_error", f"printer {self.printer.name}: {exc.reason}", self.name)
+                        if self._link_drop(exc):
+                            # the link dropped (the driver reconnects): ride through on the codes the printer holds;
+                            # _check_timeouts stops the line if it stays away longer than the grace
+                            self._printer_unknown = True  # jobs it may hold from this group are cleared before reuse
+                            self.log.warning("printer_link_drop", reason=exc.reason, queued=len(self._on_printer))
+                            await asyncio.sleep(0.05)
+                        else:
+                            await self.line.fault_stop("printer_error", f"printer {self.printer.name}: {exc.reason}", self.name)
                         break
 
     def _make_job(self, serial: str, batch: "BatchContext") -> Job:
@@ -308,7 +377,7 @@ class PrintVerifyRuntime:
             batch = self.batch
             if self.mode != "production" or batch is None:
                 continue
-            want = min(SERIAL_BLOCK, self.remaining_to_issue() + self.cfg.printer_queue_depth) - len(self._serials)
+            want = min(SERIAL_BLOCK, self.remaining_to_issue() + self.queue_target()) - len(self._serials)
             if len(self._serials) >= SERIAL_BLOCK // 2 or want <= 0:
                 continue
             serials = await self.line.store.allocate(batch.gtin, batch.lot, want, batch.product.serials)
@@ -350,6 +419,7 @@ class PrintVerifyRuntime:
     async def _reads(self) -> None:
         async for r in self.reader.reads():
             self._last_read_at = time.monotonic()
+            self._measure_pace(r.seq, r.received_at)
             self._unread_since = None
             try:
                 await self._handle_read(r)
@@ -508,7 +578,8 @@ class PrintVerifyRuntime:
     async def _decommission(self, job: Job, reason: RejectReason, detail: str, *, seq: int | None) -> None:
         batch = self.batch
         assert batch is not None
-        await self.line.store.append(
+        # may wait in memory while the store refuses writes (Line.record): a stop must finish without the store
+        await self.line.record(
             UnitDecommissioned(gtin=batch.gtin, serial=job.serial, lot=batch.lot, reason=reason, detail=detail[:500], seq=seq, station=self.name)
         )
         batch.decommissioned += 1
@@ -546,7 +617,8 @@ class PrintVerifyRuntime:
                 kind, v = extra
                 await self._challenge_confirmed(seq, kind, v, True)
             return
-        self._pending_rejects[seq] = (time.monotonic() + self.rules.reject_confirm_timeout_s, tag, extra)
+        # (the order time: the wait is judged at the pace measured meanwhile, see _check_timeouts)
+        self._pending_rejects[seq] = (time.monotonic(), tag, extra)
 
     def _challenge_known(self, gtin: str, serial: str) -> bool:
         return (gtin, serial) in self._challenge_seen or self._is_known(gtin, serial)
@@ -556,7 +628,7 @@ class PrintVerifyRuntime:
         ok = confirmed and expected is not None and v.reason == expected
         res = {"seq": seq, "challenge": kind, "rejected": confirmed, "reason_seen": v.reason.value if v.reason else None, "passed": ok}
         self._challenge_results.append(res)
-        await self.line.store.append(
+        await self.line.record(
             ChallengeResult(lot=self.batch.lot if self.batch else None, station=self.name, challenge=kind, rejected=confirmed, reason_seen=res["reason_seen"], seq=seq)
         )
         if len(self._challenge_results) >= len(self._challenge_kinds):
@@ -885,7 +957,7 @@ class PrintVerifyRuntime:
         rec = self.line.store.serial(gtin, serial)
         if rec is None or rec.state != "commissioned":
             return
-        await self.line.store.append(
+        await self.line.record(
             UnitDecommissioned(gtin=gtin, serial=serial, lot=lot, reason=RejectReason.PLC_FAILSAFE, seq=seq, station=self.name,
                                detail="rejected at the gate while linectl was down: its good verdict never reached the PLC")
         )
@@ -906,16 +978,23 @@ class PrintVerifyRuntime:
 
     async def _check_timeouts(self) -> None:
         now = time.monotonic()
-        late = [s for s, (deadline, _, _) in self._pending_rejects.items() if deadline < now]
+        wait = self.confirm_timeout_s()
+        late = [s for s, (ordered_at, _, _) in self._pending_rejects.items() if now - ordered_at > wait]
         for s in late:
             _, tag, extra = self._pending_rejects.pop(s)
             if tag.startswith("challenge:"):
                 kind, v = extra
                 await self._challenge_confirmed(s, kind, v, False)
-            await self.line.fault_stop("reject_not_confirmed", f"reject of unit {s} ({tag}) not confirmed within {self.rules.reject_confirm_timeout_s}s", self.name)
+            await self.line.fault_stop("reject_not_confirmed", f"reject of unit {s} ({tag}) not confirmed within {self.confirm_timeout_s():.2f}s", self.name)
         if self.mode == "production" and self.printer.health.state == HealthState.DISCONNECTED:
-            # a printer in a stop fault (or gone) prints nothing: packs would go by unprinted
-            await self.line.fault_stop("printer_fault", f"printer {self.printer.name}: {self.printer.health.reason or 'not ready'}", self.name)
+            # a printer in a stop fault (or gone) prints nothing: packs would go by unprinted. A link that drops
+            # and reconnects within the grace (and within the time the codes on the printer cover) rides through.
+            if self._printer_down_since is None:
+                self._printer_down_since = now
+            if not self._within_link_grace(now):
+                await self.line.fault_stop("printer_fault", f"printer {self.printer.name}: {self.printer.health.reason or 'not ready'}", self.name)
+        else:
+            self._printer_down_since = None
         silent_since = self._unread_since if self.mode == "production" else None
         if self._units:
             # (units leave _units at the gate too: the PLC rejects unread units fail-safe, so a silent reader
@@ -957,6 +1036,10 @@ class PrintVerifyRuntime:
             await self._snapshot_counters("stop")  # counters of the last poll (the watch checks them for a restart first)
             self._counted_mode = "idle"
 
+    def jobs_in_memory(self) -> list[Job]:
+        """Jobs this station still tracks (on the printer, printed and not yet decided)."""
+        return [*self._on_printer.values(), *(u.job for u in self._units.values())]
+
     def unused_serials(self) -> list[str]:
         out = list(self._serials)
         self._serials.clear()
@@ -972,3 +1055,8 @@ class PrintVerifyRuntime:
             "plc_epoch": self.plc_epoch,
             "fate_unknown": self.fate_unknown,
         }
+
+
+def _link_reason(reason: str) -> bool:
+    """The transport's words for a lost link (drivers/transport.py), as opposed to a fault the printer reports."""
+    return reason.startswith(("connection lost", "cannot connect", "not connected")) or " connection lost" in reason

@@ -4,6 +4,13 @@ A line controller that quietly loses its reader task keeps "running" while
 nothing is verified. Every crash is logged with its traceback; a task that
 keeps crashing past the limit escalates to `on_give_up` (the line stops with
 an alarm) instead of looping forever.
+
+`on_crash` runs after every crash and before the restart: the line uses it
+to put the PLC's infeed to idle at once, because a crashed feeder or reader
+task with the infeed open lets packs through that nobody prints or verifies.
+Crashes `uncounted` says yes to (the store refusing writes: a full disk)
+do not count toward the limit: the cause is outside the task, and the task
+must be there when the cause goes away.
 """
 
 from __future__ import annotations
@@ -26,11 +33,15 @@ class Supervisor:
         window_s: float = 60.0,
         restart_delay_s: float = 0.5,
         on_give_up: Callable[[str, BaseException], Awaitable[None]] | None = None,
+        on_crash: Callable[[str, BaseException], Awaitable[None]] | None = None,
+        uncounted: Callable[[BaseException], bool] | None = None,
     ) -> None:
         self.max_restarts = max_restarts
         self.window_s = window_s
         self.restart_delay_s = restart_delay_s
         self.on_give_up = on_give_up
+        self.on_crash = on_crash
+        self.uncounted = uncounted
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._stopping = False
         self.restarts: dict[str, int] = {}
@@ -51,8 +62,19 @@ class Supervisor:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the point is to catch everything
-                log.exception("task_crashed", task=name, error=str(exc))
+                if self.on_crash is not None:
+                    # first, before the traceback is rendered (that alone can take a second on a loaded PC)
+                    try:
+                        await self.on_crash(name, exc)
+                    except Exception:  # noqa: BLE001 - the restart must still happen
+                        log.exception("on_crash_failed", task=name)
                 now = time.monotonic()
+                if self.uncounted is not None and self.uncounted(exc):
+                    log.error("task_crashed", task=name, error=str(exc))  # the cause is outside the task: no traceback
+                    self.restarts[name] = self.restarts.get(name, 0) + 1
+                    await asyncio.sleep(max(self.restart_delay_s, 1.0))
+                    continue
+                log.exception("task_crashed", task=name, error=str(exc))
                 history.append(now)
                 while history and now - history[0] > self.window_s:
                     history.popleft()

@@ -139,3 +139,34 @@ CHALLENGE_EXPECTED_REASON = {
     "not_gs1": RejectReason.NOT_GS1,
     "low_grade": RejectReason.LOW_GRADE,
 }
+
+
+def challenge_status(required: list[str] | None, results: list[dict], stations: list[str] | None = None) -> dict:
+    """Where a batch's challenge stands, from its stored results (batches.challenge).
+
+    A kind passed at a station when the last result for (station, kind) is a unit rejected for that kind's own
+    reason and confirmed by the gate; a later run of the challenge replaces an earlier one, the earlier stays
+    in the record. `stations` are those that must pass (default: the stations seen in the results).
+    `required` None means unknown (a batch created before schema v3): the caller's configured list applies.
+    """
+    kinds = list(required or [])
+    last: dict[tuple[str | None, str], dict] = {}
+    for r in results:
+        last[(r.get("station"), str(r.get("challenge")))] = r
+    names: list[str | None] = list(stations) if stations else sorted({st for st, _ in last if st is not None}) or [None]
+    passed: list[str] = []
+    failed: list[str] = []
+    never_ran: list[str] = []
+    for st in names:
+        for kind in kinds:
+            r = last.get((st, kind)) or last.get((None, kind))
+            label = kind if st is None else f"{st}:{kind}"
+            expected = CHALLENGE_EXPECTED_REASON.get(kind)
+            if r is None:
+                never_ran.append(label)
+            elif r.get("rejected") and expected is not None and r.get("reason_seen") == expected.value:
+                passed.append(label)
+            else:
+                failed.append(label)
+    return {"required": required, "passed": passed, "failed": failed, "never_ran": never_ran,
+            "complete": not failed and not never_ran}

@@ -72,6 +72,8 @@ class Batch:
     stopped_at: str | None = None
     closed_at: str | None = None
     challenge: list[dict[str, Any]] = field(default_factory=list)
+    #: kinds this batch must pass before production ([] = waived at create; None = created before schema v3)
+    challenge_required: list[str] | None = None
 
 
 @dataclass(frozen=True, slots=True)

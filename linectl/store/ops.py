@@ -307,7 +307,7 @@ def _challenge(tx: Tx, ev: Any, seq: int) -> int | None:
     if ev.lot is None:
         return None
     result = {
-        "challenge": ev.challenge, "rejected": ev.rejected, "reason_seen": ev.reason_seen,
+        "challenge": ev.challenge, "station": ev.station, "rejected": ev.rejected, "reason_seen": ev.reason_seen,
         "seq": ev.seq, "event_id": ev.event_id, "at": ev.event_time.isoformat(),
     }
     cur = tx.cur.execute(
@@ -609,17 +609,23 @@ def op_next_sscc_refs(tx: Tx, company_prefix: str, extension: int, n: int) -> li
 # --------------------------------------------------------------------------- batches, products, audit, outbox
 
 
-def op_create_batch(tx: Tx, lot: str, gtin: str, expiry: str, planned_qty: int, actor: str, origin: str | None) -> Batch:
+def op_create_batch(tx: Tx, lot: str, gtin: str, expiry: str, planned_qty: int, actor: str, origin: str | None,
+                    challenge_required: list[str] | None = None) -> Batch:
     r = tx.cur.execute("SELECT gtin, state FROM batches WHERE lot=?", (lot,)).fetchone()
     if r is not None:
         raise StoreError(f"batch {lot} already exists (GTIN {r[0]}, {r[1]}); a lot number is used once")
+    required = None if challenge_required is None else json.dumps(list(challenge_required))
     tx.cur.execute(
-        "INSERT INTO batches(lot, gtin, expiry, planned_qty, state, created_by, created_at, updated_at, challenge) "
-        "VALUES (?,?,?,?,'created',?,?,?,'[]')",
-        (lot, gtin, expiry, planned_qty, actor, tx.ts, tx.ts),
+        "INSERT INTO batches(lot, gtin, expiry, planned_qty, state, created_by, created_at, updated_at, challenge, challenge_required) "
+        "VALUES (?,?,?,?,'created',?,?,?,'[]',?)",
+        (lot, gtin, expiry, planned_qty, actor, tx.ts, tx.ts, required),
     )
-    tx.audit(actor, origin, "batch_created", {"lot": lot, "gtin": gtin, "expiry": expiry, "planned_qty": planned_qty})
-    return Batch(lot=lot, gtin=gtin, expiry=expiry, planned_qty=planned_qty, state="created", created_at=tx.ts, created_by=actor)
+    detail: dict[str, Any] = {"lot": lot, "gtin": gtin, "expiry": expiry, "planned_qty": planned_qty}
+    if challenge_required is not None:
+        detail["challenge_required"] = list(challenge_required)
+    tx.audit(actor, origin, "batch_created", detail)
+    return Batch(lot=lot, gtin=gtin, expiry=expiry, planned_qty=planned_qty, state="created", created_at=tx.ts, created_by=actor,
+                 challenge_required=None if challenge_required is None else list(challenge_required))
 
 
 def op_upsert_products(tx: Tx, rows: list[tuple[str, str, str, str]], actor: str) -> int:

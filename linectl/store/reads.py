@@ -40,6 +40,7 @@ def _batch(r: Any) -> Batch:
         lot=r.lot, gtin=r.gtin, expiry=r.expiry, planned_qty=r.planned_qty, state=r.state, created_at=r.created_at,
         created_by=r.created_by, started_at=r.started_at, stopped_at=r.stopped_at, closed_at=r.closed_at,
         challenge=json.loads(r.challenge or "[]"),
+        challenge_required=None if r.challenge_required is None else json.loads(r.challenge_required),
     )
 
 

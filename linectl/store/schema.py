@@ -40,7 +40,7 @@ from linectl.store.model import StoreError
 log = structlog.get_logger("linectl.store")
 
 APP_ID = "linectl"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 metadata = MetaData()
@@ -77,6 +77,9 @@ batches = Table(
     Column("closed_at", Text),
     Column("updated_at", Text, nullable=False),
     Column("challenge", Text, nullable=False, server_default="[]"),  # JSON list of challenge results
+    # JSON list of the challenge kinds this batch must pass before production, fixed at create ([] = waived by
+    # the operator at create); NULL for batches created before schema v3: the line's configured list applies
+    Column("challenge_required", Text),
 )
 
 # id is an explicit INTEGER PRIMARY KEY (a stable rowid alias, unlike an implicit rowid VACUUM may renumber)
@@ -652,11 +655,24 @@ def _migrate_plc_epochs(conn: Connection) -> None:
         t.create(conn, checkfirst=True)  # with its indexes
 
 
+def _migrate_challenge_state(conn: Connection) -> None:
+    """v5 -> v6: the challenge a batch must pass is durable with the batch.
+
+    v2 kept the challenge results (batches.challenge) but not what the batch
+    required: a batch whose challenge was waived at create and one whose
+    challenge was cut short by a crash looked the same after a restart. Adds
+    batches.challenge_required (JSON list of kinds, [] = waived); existing
+    batches keep NULL, read as "the line's configured challenge".
+    """
+    _add_column(conn, "batches", "challenge_required TEXT")
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _migrate_1_to_2,
     2: _migrate_command_ids,
     3: _migrate_epcis_context,
     4: _migrate_plc_epochs,
+    5: _migrate_challenge_state,
 }
 
 
