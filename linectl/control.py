@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator,
 log = structlog.get_logger("linectl.control")
 
 from linectl import gs1
+from linectl.gs1_dictionary import LintError, lint_yymmd0
 
 #: the most units one batch may plan (a bound against typos such as an extra zero or a serial number pasted in)
 MAX_PLANNED_QTY = 10_000_000
@@ -72,9 +73,9 @@ def expiry_date(value: str) -> date:
     if not isinstance(value, str) or not re.fullmatch(r"\d{6}", value):
         raise ValueError(f"expiry {value!r} must be 6 digits YYMMDD")
     try:
-        gs1._check_date("17", value, allow_day_zero=True)
-    except gs1.GS1Error as exc:
-        raise ValueError(exc.reason.replace("AI (17): invalid date", "expiry")) from None
+        lint_yymmd0(value)  # the rule GS1's Syntax Dictionary gives AI (17)
+    except LintError as exc:
+        raise ValueError(exc.message.replace("invalid date", "expiry")) from None
     return gs1._resolve_date(value, last_day=True)
 
 
