@@ -803,9 +803,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update=upd)})
 
     async def go() -> None:
-        from linectl.store import Store
+        from linectl.store import Store, StoreError
 
-        store = await Store.open(args.db or cfg.store.path)
+        # one store, one owner: the side-car takes the owner lock like the daemon, so it never runs beside one
+        try:
+            store = await Store.open(args.db or cfg.store.path, create=False, lock="python -m linectl.forwarder")
+        except StoreError as exc:
+            print(f"linectl forwarder: {exc}", file=sys.stderr)
+            raise SystemExit(3) from None
         fwd = Forwarder(cfg, store, max_inflight=args.max_inflight, catchup_threshold=args.catchup_threshold)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

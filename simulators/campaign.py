@@ -712,6 +712,7 @@ class Campaign:
                     continue
                 if state == "stopped":
                     if batch.get("good", 0) >= batch.get("planned_qty", 1 << 30):
+                        await self._reconcile_fates()
                         await self._close_batch()
                     else:
                         await self.command("ack_alarm")
@@ -732,7 +733,42 @@ class Campaign:
             self.res.batches.append(lot)
             await self._start_batch()
 
+    async def _reconcile_fates(self) -> int:
+        """Units whose passage of the gate a PLC restart left unproven: the operator looks, as on a real line.
+
+        What a person finds is what physically happened (the journal): the pack in the reject bin, the pack
+        downstream (passed), or the pack still on the belt of a crashed line, which they take off by hand into
+        the reject bin. They say so with reconcile_units; nothing here asks linectl what it thinks.
+        """
+        try:
+            open_serials = [r[0] for r in ro_query(self.db, "SELECT serial FROM unit_fates WHERE state='fate_unknown'")]
+        except sqlite3.Error:
+            return 0  # no such table (an older store) or the file is busy: look again next round
+        if not open_serials:
+            return 0
+        outcome_of: dict[str, str | None] = {}
+        for u in load_journal(self.journal)["units"]:
+            serial = parse_element_string(u.get("content")).get("21")
+            if serial and not u.get("challenge"):
+                outcome_of[serial] = u.get("outcome")
+        found: dict[str, list[str]] = {"passed": [], "in_bin": []}
+        for serial in open_serials:
+            found["passed" if outcome_of.get(serial) == "passed" else "in_bin"].append(serial)
+        done = 0
+        for outcome, serials in found.items():
+            if serials:
+                r = await self.command("reconcile_units", serials=serials, outcome=outcome)
+                self.echo(f"operator: reconcile_units {outcome} {len(serials)} -> {'ok' if r and r.get('ok') else (r or {}).get('error', 'no reply')}")
+                done += len(serials) if r and r.get("ok") else 0
+        return done
+
     async def _start_batch(self) -> None:
+        await self._reconcile_fates()
+        st = await self.state()
+        if st is not None and st.get("fault"):
+            await self.command("ack_alarm")
+            await self.command("reset")
+            self.echo(f"operator: reset fault {st.get('fault')} before start")
         sim = await self.sim_cmd(cmd="status")
         conv = next(iter((sim.get("conveyors") or {}).values()), {}) if sim.get("ok") else {}
         if self.kinds and conv.get("challenge_queued", 0) == 0:
@@ -1010,6 +1046,13 @@ class Campaign:
             if any(u["uid"] not in seen and not u.get("challenge") and u.get("content") for u in units):
                 return
 
+    async def _belt_empty(self, timeout_s: float = 20.0) -> None:
+        for _ in range(int(timeout_s / 0.2)):
+            s = await self.sim_cmd(cmd="status")
+            if s.get("ok") and all(int(c.get("in_flight", 0)) == 0 for c in s["conveyors"].values()):
+                return
+            await asyncio.sleep(0.2)
+
     async def finish(self) -> None:
         """Stop and close the open batch, wait for the belt to empty and the outbox to drain."""
         deadline = time.monotonic() + 90
@@ -1026,18 +1069,15 @@ class Campaign:
                 last = await self.command("stop_batch", reason="campaign end")
                 await asyncio.sleep(0.5)
                 continue
+            await self._belt_empty()
+            await self._reconcile_fates()
             last = await self.command("close_batch", unused_serials="return")
             if last is not None and last.get("ok"):
                 break
             await asyncio.sleep(1.0)
         else:
             self.res.violations.append(Violation("close", f"the open batch could not be stopped and closed within 90 s: last reply {json.dumps(last)[:400]}"))
-        # ground truth final: nothing on the belt
-        for _ in range(100):
-            s = await self.sim_cmd(cmd="status")
-            if s.get("ok") and all(int(c.get("in_flight", 0)) == 0 for c in s["conveyors"].values()):
-                break
-            await asyncio.sleep(0.2)
+        await self._belt_empty()  # ground truth final: nothing on the belt
         # everything stored has left the outbox and reached the consumer: wait until it has, or until the
         # outbox has been empty for 3 s (what the broker lost by then it has lost), at most 120 s
         assert self.sub is not None
