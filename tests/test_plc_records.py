@@ -136,3 +136,34 @@ async def test_fate_unknown_visible_in_serials_status_trace_and_report_cli(tmp_p
     assert t["status"] == "commissioned (fate_unknown)" and t["fate"]["cause"] == "PLC plc1 restarted"
     rep = cli("report", "--db", str(db), "--batch", "LOTC")
     assert rep.returncode == 1 and "fate unknown    1" in rep.stdout and serials[1] in rep.stdout, rep.stdout
+
+
+async def test_units_of_an_earlier_epoch_are_never_matched_to_todays_reject_ring(tmp_path):
+    """Found by the fault campaign (seed 41): after a PLC restart, production of the new epoch, then a kill -9,
+    the restarted daemon matched reject-ring seqs of the new epoch to units of the old epoch with the same seq
+    and decommissioned 5 packs that had passed the gate. A seq names a unit only within one epoch."""
+    from types import SimpleNamespace
+
+    from linectl.config import PoolSerials
+    from linectl.engine.print_verify import PrintVerifyRuntime
+
+    s = await Store.open(tmp_path / "line.db")
+    try:
+        await s.create_batch("LOTE", GTIN, "291231", 100, actor="t")
+        serials = ["OLD83", "OLD84", "OLD85", "NEW1", "NEW2", "NEW84"]
+        await s.provision(GTIN, serials, "test")
+        await s.allocate(GTIN, "LOTE", len(serials), PoolSerials(scheme="pool"))
+        await s.mark_sent(GTIN, "LOTE", serials)
+        await s.append(
+            *[ev.UnitCommissioned(gtin=GTIN, serial=f"OLD{n}", lot="LOTE", seq=n, station="pv1") for n in (83, 84, 85)],
+            ev.AlarmRaised(code="plc_restarted", severity=ev.Severity.CRITICAL, message="PLC plc1 restarted", station="pv1", lot="LOTE"),
+            *[ev.UnitCommissioned(gtin=GTIN, serial=f"NEW{n}", lot="LOTE", seq=n, station="pv1") for n in (1, 2, 84)],
+            ev.AlarmRaised(code="plc_restarted", severity=ev.Severity.CRITICAL, message="PLC plc9 restarted", station="other", lot="LOTE"),
+        )
+        rt = object.__new__(PrintVerifyRuntime)  # only what the look-back reads: the station, its ring and the line
+        rt.name, rt.ring_slots = "pv1", 64
+        rt.line = SimpleNamespace(batch=SimpleNamespace(lot="LOTE"), store=s)  # type: ignore[assignment]
+        got = rt._commissioned_before_start()
+        assert got == {1: (GTIN, "NEW1", "LOTE"), 2: (GTIN, "NEW2", "LOTE"), 84: (GTIN, "NEW84", "LOTE")}
+    finally:
+        await s.close()

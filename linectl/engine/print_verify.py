@@ -31,7 +31,7 @@ from linectl.config import PrintVerifyStation as PrintVerifyConfig
 from linectl.config import queue_depth_for
 from linectl.engine.stats import LatencyHistogram
 from linectl.engine.verify import CHALLENGE_EXPECTED_REASON, Expected, Verdict, classify_unknown, verify_unit
-from linectl.events import ChallengeResult, RejectReason, Severity, UnitCommissioned, UnitDecommissioned
+from linectl.events import AlarmRaised, ChallengeResult, RejectReason, Severity, UnitCommissioned, UnitDecommissioned
 from linectl.store.model import StoreError
 
 if TYPE_CHECKING:
@@ -935,7 +935,12 @@ class PrintVerifyRuntime:
         await self.line.alarm("units_fate_unknown", f"unit {seq} (serial {job.serial}) of unknown fate: the PLC restarted while it was being commissioned", Severity.CRITICAL, self.name)
 
     def _commissioned_before_start(self) -> dict[int, tuple[str, str, str | None]]:
-        """seq -> (gtin, serial, lot) of the last units this station commissioned in the open batch before this start."""
+        """seq -> (gtin, serial, lot) of the last units this station commissioned in the open batch before this start.
+
+        Only units of the PLC's last epoch: a seq names a unit only within one epoch. Units commissioned before
+        the last `plc_restarted` of this station were settled when that epoch closed (decided, or fate_unknown
+        for the operator), and the same seq in today's reject ring is another unit.
+        """
         b = self.line.batch
         if b is None:
             return {}
@@ -946,6 +951,8 @@ class PrintVerifyRuntime:
             ev = r.event
             if isinstance(ev, UnitCommissioned) and ev.lot == b.lot and ev.station == self.name and ev.seq is not None:
                 out[ev.seq] = (ev.gtin, ev.serial, ev.lot)
+            elif isinstance(ev, AlarmRaised) and ev.code == "plc_restarted" and ev.station == self.name:
+                out.clear()  # a new sequence space began here
         return out
 
     async def _rejected_while_down(self, seq: int) -> None:
