@@ -208,6 +208,9 @@ ALLOCATOR = textwrap.dedent(
                 seq += await store.allocate("09501101530003", "LOTS", 25, SequentialSerials(scheme="sequential", width=10))
             print("SEQDONE", flush=True)
             sys.stdin.readline()  # second barrier: neither can drain the pool before the other starts
+            pool += await store.allocate("09501101530003", "LOTP", 5, PoolSerials(scheme="pool", low_water=0))
+            print("ONE", flush=True)
+            sys.stdin.readline()  # third barrier: each holds a block, then both drain the rest at once
             while True:
                 try:
                     pool += await store.allocate("09501101530003", "LOTP", 5, PoolSerials(scheme="pool", low_water=0))
@@ -248,6 +251,11 @@ async def test_two_processes_never_share_a_serial(tmp_path):
         await p.stdin.drain()
     for p in procs:
         assert (await asyncio.wait_for(p.stdout.readline(), 60)).strip() == b"SEQDONE"
+    for p in procs:
+        p.stdin.write(b"go\n")
+        await p.stdin.drain()
+    for p in procs:  # a loaded scheduler can no longer let one process drain the pool before the other woke
+        assert (await asyncio.wait_for(p.stdout.readline(), 60)).strip() == b"ONE"
     outs = await asyncio.wait_for(asyncio.gather(*(p.communicate(b"go\n") for p in procs)), 60)
     got = []
     for p, (out, err) in zip(procs, outs):
