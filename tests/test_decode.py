@@ -29,7 +29,7 @@ from linectl.events import RejectReason
 from simulators.camera import PAPER, corpus_images, paint, render_code_grid, render_mask, tilt_view
 from simulators.model import SimUnit
 
-CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "corpus" / "datamatrix"
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "datamatrix"  # shared/ beside the clone
 if not CORPUS.is_dir():
     CORPUS = Path("/work/shared/corpus/datamatrix")
 needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason="zxing-cpp DataMatrix sample corpus not present")
