@@ -47,7 +47,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import enum
 import itertools
 import json
 import time
@@ -65,6 +64,7 @@ from pydantic import ValidationError
 from drivers.base import Backoff
 from linectl.control import COMMAND_ADAPTER, COMMAND_NAMES, CommandRejected, RefusalTally
 from linectl.forwarder import client_options, default_client_id, track_link
+from linectl.jsonable import json_default
 
 if TYPE_CHECKING:  # pragma: no cover
     from linectl.config import LineConfig
@@ -125,22 +125,8 @@ class CommandError(Exception):
         self.command_id = command_id
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, datetime):
-        return o.isoformat()
-    if isinstance(o, enum.Enum):
-        return o.value
-    if isinstance(o, (set, frozenset, tuple)):
-        return list(o)
-    if hasattr(o, "model_dump"):
-        return o.model_dump(mode="json")
-    if hasattr(o, "__dict__"):
-        return {k: v for k, v in vars(o).items() if not k.startswith("_")}
-    return str(o)
-
-
 def dumps(obj: Any) -> bytes:
-    return json.dumps(obj, separators=(",", ":"), default=_json_default).encode()
+    return json.dumps(obj, separators=(",", ":"), default=json_default).encode()
 
 
 class MqttBridge:

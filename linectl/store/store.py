@@ -9,7 +9,6 @@ returning means the event survives a power cut.
 from __future__ import annotations
 
 import asyncio
-import enum
 import json
 import os
 import re
@@ -34,6 +33,7 @@ from linectl.store.lock import StoreLock
 from linectl.store.reads import Reader
 from linectl.store.serials import serial_problem
 from linectl.store.writer import Op, Writer, _stop
+from linectl.jsonable import json_default
 
 log = structlog.get_logger("linectl.store")
 
@@ -64,21 +64,6 @@ def _gtin(gtin: str) -> str:
         return normalize_gtin(str(gtin))
     except GS1Error as exc:
         raise StoreError(f"GTIN {gtin!r}: {exc.reason}") from None
-
-
-def _json_default(o: Any) -> Any:
-    """A command's reply as the MQTT bridge encodes it, so a stored reply reads back as the one first sent."""
-    if isinstance(o, datetime):
-        return o.isoformat()
-    if isinstance(o, enum.Enum):
-        return o.value
-    if isinstance(o, (set, frozenset, tuple)):
-        return list(o)
-    if hasattr(o, "model_dump"):
-        return o.model_dump(mode="json")
-    if hasattr(o, "__dict__"):
-        return {k: v for k, v in vars(o).items() if not k.startswith("_")}
-    return str(o)
 
 
 class Store:
@@ -326,7 +311,7 @@ class Store:
         """
         command = None
         if command_id:
-            command = (command_id, action, json.dumps(reply, separators=(",", ":"), default=_json_default))
+            command = (command_id, action, json.dumps(reply, separators=(",", ":"), default=json_default))
         return await self._submit(ops.op_audit, actor, origin, action, detail or {}, command)  # type: ignore[no-any-return]
 
     async def mark_forwarded(self, seqs: Sequence[int]) -> int:
