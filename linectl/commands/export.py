@@ -24,6 +24,7 @@ import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any, TextIO
 
 PAGE = 5000
@@ -137,18 +138,25 @@ def _unrendered(store: Any, args: argparse.Namespace) -> tuple[int, int, int] | 
         return None
     first = last = None
     count = 0
+    for row in _epcis_rows(store, args):
+        if row.epcis is None:
+            first = row.seq if first is None else first
+            last = row.seq
+            count += 1
+    return (first, last, count) if first is not None and last is not None else None
+
+
+def _epcis_rows(store: Any, args: argparse.Namespace) -> Iterator[Any]:
+    """The outbox rows this export covers (EPCIS-relevant kinds, --batch/--since), page by page in store order."""
     after = 0
     while True:
         rows = store.outbox(after, PAGE, only_unforwarded=False)
         if not rows:
-            break
+            return
         after = rows[-1].seq
         for row in rows:
-            if row.epcis is None and row.event.epcis and _selected(row, args):
-                first = row.seq if first is None else first
-                last = row.seq
-                count += 1
-    return (first, last, count) if first is not None and last is not None else None
+            if row.event.epcis and _selected(row, args):
+                yield row
 
 
 def _selected(row: Any, args: argparse.Namespace) -> bool:
@@ -179,33 +187,25 @@ def _write(fh: TextIO, store: Any, mapper: Any, validator: Any, args: argparse.N
     failed: list[int] = []
     fh.write(epcis.document_head())
     n = 0
-    after = 0
-    while True:
-        rows = store.outbox(after, PAGE, only_unforwarded=False)
-        if not rows:
-            break
-        after = rows[-1].seq
-        for row in rows:
-            e = row.event
-            if not e.epcis or not _selected(row, args):
-                continue
-            stored = row.epcis
-            if stored is None:  # an older store's row: reconstructed (run() refused without a config)
-                commissioned = not isinstance(e, UnitDecommissioned) or store.was_commissioned(e.gtin, e.serial, row.seq)
-                stored = mapper.render(e, commissioned=commissioned)
-            if stored.startswith(epcis.RENDER_FAILED):
-                print(f"linectl export epcis: seq {row.seq} ({row.kind}, {row.event_id}) left out: {stored[1:]}", file=sys.stderr)
-                failed.append(row.seq)
-                continue
-            for enc in epcis.stored_events(stored):
-                if validator is not None:
-                    ev = json.loads(enc)
-                    shape = (ev["type"], ev["action"], ev.get("bizStep"), ev.get("disposition"), tuple(sorted(ev)))
-                    if args.validate == "all" or shape not in seen_shapes:
-                        seen_shapes.add(shape)
-                        validator.validate(epcis.build_document([ev]))
-                fh.write(("," if n else "") + enc)
-                n += 1
+    for row in _epcis_rows(store, args):
+        e = row.event
+        stored = row.epcis
+        if stored is None:  # an older store's row: reconstructed (run() refused without a config)
+            commissioned = not isinstance(e, UnitDecommissioned) or store.was_commissioned(e.gtin, e.serial, row.seq)
+            stored = mapper.render(e, commissioned=commissioned)
+        if stored.startswith(epcis.RENDER_FAILED):
+            print(f"linectl export epcis: seq {row.seq} ({row.kind}, {row.event_id}) left out: {stored[1:]}", file=sys.stderr)
+            failed.append(row.seq)
+            continue
+        for enc in epcis.stored_events(stored):
+            if validator is not None:
+                ev = json.loads(enc)
+                shape = (ev["type"], ev["action"], ev.get("bizStep"), ev.get("disposition"), tuple(sorted(ev)))
+                if args.validate == "all" or shape not in seen_shapes:
+                    seen_shapes.add(shape)
+                    validator.validate(epcis.build_document([ev]))
+            fh.write(("," if n else "") + enc)
+            n += 1
     fh.write(epcis.DOCUMENT_TAIL)
     fh.write("\n")
     return n, failed
