@@ -266,6 +266,31 @@ async def test_migrates_v2_database_challenge_state(tmp_path):
         await s.close()
 
 
+async def test_migrates_v6_database_plc_carry(tmp_path):
+    """v6 -> v7 (_migrate_plc_carried): plc_epochs.carried and .foreign_ring are added; a row a v6 daemon saved reads
+    as nothing carried (what it assumed), and the next save keeps both."""
+    p = tmp_path / "v6.db"
+    s = await Store.open(p)
+    await s.save_plc_state("plc1", 2, 2, 40, 35)
+    await s.close()
+    with sqlite3.connect(p) as c:  # the file as linectl with schema v6 left it
+        c.execute("ALTER TABLE plc_epochs DROP COLUMN carried")
+        c.execute("ALTER TABLE plc_epochs DROP COLUMN foreign_ring")
+        c.execute("UPDATE meta SET value='6' WHERE key='schema_version'")
+    s = await Store.open(p)
+    try:
+        assert s.opened_from_version == 6 and s.stats()["schema_version"] == SCHEMA_VERSION
+        st = s.plc_state("plc1")
+        assert st is not None and (st.epoch, st.trigger_count, st.gated) == (2, 40, 35)
+        assert st.carried is None and st.foreign() == {}
+        await s.save_plc_state("plc1", 3, 3, 5, 14, 12, {4: 92, 5: 93})
+        st = s.plc_state("plc1")
+        assert st is not None and st.carried == 12 and st.foreign() == {4: 92, 5: 93}
+        assert s.verify_audit().ok
+    finally:
+        await s.close()
+
+
 async def test_readonly_open_does_not_migrate(tmp_path):
     p = tmp_path / "v1ro.db"
     build_v1(p)

@@ -157,7 +157,13 @@ class PrintVerifyRuntime:
         #: unit numbers of an earlier epoch still on the belt -> True when the new epoch will number units so too
         self._stale: dict[int, bool] = {}
         self._epoch_changes = 0  # new epochs seen since this daemon started
-        self._carried = 0  # units of the previous epoch the gate still had to decide when the counters were reset
+        #: units of an earlier epoch the gate decided after the counters were reset (cold restart with units on the
+        #: belt): the gate counters of this epoch include them, so this epoch's own units gated = gated - carried.
+        #: Kept across warm restarts (counters continue) and daemon restarts (plc_epochs.carried).
+        self._carried = 0
+        #: reject-ring slot -> unit number of an earlier epoch it holds (the ring at an epoch change, old units gated
+        #: after it): such a value is never this epoch's unit of that number, also for a daemon restarted later
+        self._foreign: dict[int, int] = {}
         self.fate_unknown = 0  # units marked fate_unknown by this station since start
         self._pitch_s: float | None = None  # measured seconds per unit (see _measure_pace)
         self._printer_down_since: float | None = None  # printer health DISCONNECTED since (link grace)
@@ -668,9 +674,11 @@ class PrintVerifyRuntime:
             await self._new_epoch(why, ring, latest)
             return
         self._note_counters(latest)
-        changed = [v for i, v in enumerate(ring) if v != self._ring_seen[i] and v]
-        self._ring_seen = ring
         tc = self._trigger_seen
+        changed = [v for i, v in enumerate(ring) if v != self._ring_seen[i] and v]
+        if self._note_foreign(ring, tc):
+            await self._save_plc_state(force=True)  # before a crash can make a restarted daemon match it to a unit
+        self._ring_seen = ring
         for seq in sorted(changed):
             if tc is not None and seq > tc:
                 # a unit number this epoch has not reached: a unit of an earlier epoch gated after a restart
@@ -729,6 +737,19 @@ class PrintVerifyRuntime:
                         return f"reject ring reset across a reconnect (a slot held unit {old}, now {new})"
         return None
 
+    def _note_foreign(self, ring: list[int], tc: int | None) -> bool:
+        """Track ring slots that took a unit number this epoch has not reached (an earlier epoch's unit). True if changed."""
+        assert self._ring_seen is not None
+        before = dict(self._foreign)
+        for i, v in enumerate(ring):
+            if v == self._ring_seen[i]:
+                continue
+            if v and tc is not None and v > tc:
+                self._foreign[i] = v
+            else:
+                self._foreign.pop(i, None)
+        return self._foreign != before
+
     def _counters_of(self, latest: dict[str, Any]) -> dict[str, int | None]:
         return {k: _int_or_none(latest.get(k)) for k in PLC_COUNTERS}
 
@@ -756,13 +777,13 @@ class PrintVerifyRuntime:
 
     async def _save_plc_state(self, force: bool = False) -> None:
         """Persist the epoch and counters seen (at most twice a second): a restarted daemon compares against them."""
-        state = (self.plc_epoch, self._epoch_tag, self._trigger_seen, self._gated_seen)
+        state = (self.plc_epoch, self._epoch_tag, self._trigger_seen, self._gated_seen, self._carried, tuple(sorted(self._foreign.items())))
         now = time.monotonic()
         if state == self._plc_state_saved or (not force and now - self._plc_state_saved_at < 0.5):
             return
         self._plc_state_saved_at = now
         try:
-            await self.line.store.save_plc_state(self.plc.name, *state)
+            await self.line.store.save_plc_state(self.plc.name, *state[:5], dict(self._foreign))
         except StoreError as exc:
             # the watch loop confirms rejects: a failing store must not stop it (the line's stop path reports the store)
             self.log.warning("plc_state_not_saved", reason=str(exc))
@@ -791,6 +812,26 @@ class PrintVerifyRuntime:
             return False
         return True
 
+    def _own_gated(self, gated: int | None, carried: int) -> int | None:
+        """How far this epoch's own unit numbers are proven through the gate (the counters also count carried units)."""
+        return None if gated is None else max(0, gated - carried)
+
+    @staticmethod
+    def _carried_after(reset: bool, old_tc: int | None, own_gated: int | None, carried: int) -> int:
+        """Units of the closing epoch the next epoch's counters will also count.
+
+        A reset (cold restart) starts the counters at 0 while units triggered in
+        the old epoch and not yet gated are still on the belt: the gate counts them
+        in the new epoch. When the old counters are unknown the carry is unknown:
+        0, the figure that leaves units in doubt rather than presumed gated.
+        Without a reset the counters continue and so does the carry.
+        """
+        if not reset:
+            return carried
+        if old_tc is None or own_gated is None:
+            return 0
+        return max(0, int(old_tc) - own_gated)
+
     async def _gate_caught_up(self, deadline: float) -> None:
         """Units with a good verdict may still be between reader and gate: let the PLC count them before the snapshot."""
         while time.monotonic() < deadline and self.plc.health.state != HealthState.DISCONNECTED:
@@ -807,8 +848,11 @@ class PrintVerifyRuntime:
         tag = _int_or_none(latest.get("plc_epoch"))
         tc = _int_or_none(latest.get("trigger_count"))
         why: str | None = None
+        foreign: dict[int, int] = {}
         if st is not None:
             self.plc_epoch = st.epoch
+            self._carried = int(st.carried or 0)
+            foreign = st.foreign()
             if tag is not None and st.epoch_tag is not None and tag != st.epoch_tag:
                 why = f"PLC boot counter plc_epoch changed from {st.epoch_tag} to {tag} while linectl was down"
             elif tc is not None and st.trigger_count is not None and tc < st.trigger_count:
@@ -817,18 +861,23 @@ class PrintVerifyRuntime:
             self.plc_epoch = 1
         self._note_counters(latest)
         if why is None:
-            # values already there at start belong to this epoch: a unit commissioned just before a crash whose
-            # good verdict never reached the PLC went to the reject bin meanwhile: find those
-            for seq in sorted({v for v in ring if v}):
+            # values already there at start belong to this epoch (but for the slots still holding an earlier
+            # epoch's unit): a unit commissioned just before a crash whose good verdict never reached the PLC went
+            # to the reject bin meanwhile: find those
+            self._foreign = {i: v for i, v in foreign.items() if i < len(ring) and ring[i] == v}
+            for seq in sorted({v for i, v in enumerate(ring) if v and self._foreign.get(i) != v}):
                 await self._rejected_while_down(seq)
             await self._save_plc_state(force=True)
             return
         # the ring and counters belong to a new epoch: nothing in them says anything about the old units
         self.plc_epoch += 1
         self._epoch_changes += 1
-        gated = st.gated if st is not None else None
-        doubt = [(seq, g, s, lot) for seq, (g, s, lot) in sorted(self._restart_commissioned.items()) if gated is None or seq > gated]
+        own = self._own_gated(st.gated, self._carried) if st is not None else None
+        reset = st is not None and tc is not None and st.trigger_count is not None and tc < st.trigger_count
+        self._carried = self._carried_after(reset, st.trigger_count if st is not None else None, own, self._carried)
+        doubt = [(seq, g, s, lot) for seq, (g, s, lot) in sorted(self._restart_commissioned.items()) if own is None or seq > own]
         self._restart_commissioned = {}
+        self._foreign = {i: v for i, v in enumerate(ring) if v}  # rejects the new epoch decided before we saw it
         await self._save_plc_state(force=True)
         await self._epoch_closed(why, doubt, [], self.plc_epoch - 1)
 
@@ -844,8 +893,8 @@ class PrintVerifyRuntime:
         self._trigger_seen = None
         self._gated_seen = None
         self._ring_seen = ring  # the new epoch's baseline: never matched to units of the old one
+        self._foreign = {i: v for i, v in enumerate(ring) if v}
         self._note_counters(latest)
-        await self._save_plc_state(force=True)
         # where the new epoch's counters started: 0 for a counter the restart reset, else where it was (retentive);
         # units of the old epoch still on the belt are counted at the gate of the new one (carried over)
         new_counts = dict(self._plc_counts)
@@ -853,17 +902,19 @@ class PrintVerifyRuntime:
                             for k, v in new_counts.items()}
         old_tc = old_counts.get("trigger_count")
         reset = old_tc is not None and self._plc_counts.get("trigger_count") == 0 and old_tc > 0
-        self._carried = max(0, int(old_tc or 0) - int(gated or 0)) if reset and gated is not None else 0
+        own = self._own_gated(gated, self._carried)  # this epoch's own units proven through the gate
+        self._carried = self._carried_after(reset, old_tc, own, self._carried)
+        await self._save_plc_state(force=True)
         await self._snapshot_counters("epoch_start")
         self._plc_counts = new_counts
         b = self.batch or self.line.batch
         # commissioned, good verdict given, and not known to have reached the gate: fate unknown
         doubt: list[tuple[int, str, str, str | None]] = []
         for seq, job in sorted(self._recent_good.items()):
-            if gated is None or seq > gated:
+            if own is None or seq > own:
                 doubt.append((seq, job.expected.gtin, job.serial, b.lot if b else None))
         for seq, (g, s, lot) in sorted(self._restart_commissioned.items()):
-            if gated is None or seq > gated:
+            if own is None or seq > own:
                 doubt.append((seq, g, s, lot))
         self._recent_good.clear()
         self._restart_commissioned = {}
@@ -877,8 +928,8 @@ class PrintVerifyRuntime:
             self._max_printed_seq = tc or 0
         # units of the old epoch still between printer and gate: their reads are not units of the new epoch
         self._stale = {s: renumbered for s in self._units}
-        if gated is not None:
-            self._stale.update({s: renumbered for s in range(gated + 1, old_top + 1)[-4 * self.ring_slots :]})
+        if own is not None:
+            self._stale.update({s: renumbered for s in range(own + 1, old_top + 1)[-4 * self.ring_slots :]})
         # printed, never decided: no good verdict was ever given, so the gate rejects them (fail-safe); they are
         # decommissioned as the line stop would, and reads of them that still come are ignored (_stale)
         unread = list(self._units.items())

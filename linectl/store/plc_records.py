@@ -10,6 +10,7 @@ what keeps the batch report from balancing until an operator decides.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,14 @@ class PlcEpochState:
     trigger_count: int | None
     gated: int | None
     updated_at: str
+    carried: int | None = None  # of gated, units of the previous epoch counted after a counter reset
+    foreign_ring: str | None = None  # JSON {"slot": seq}: reject-ring values that are units of an earlier epoch
+
+    def foreign(self) -> dict[int, int]:
+        """Reject-ring slot -> unit number of an earlier epoch it still holds."""
+        if not self.foreign_ring:
+            return {}
+        return {int(k): int(v) for k, v in json.loads(self.foreign_ring).items()}
 
 
 @dataclass(frozen=True)
@@ -54,12 +63,24 @@ class UnitFate:
 # --------------------------------------------------------------------------- writer ops
 
 
-def op_plc_state(tx: Tx, plc: str, epoch: int, epoch_tag: int | None, trigger_count: int | None, gated: int | None) -> None:
+def op_plc_state(
+    tx: Tx,
+    plc: str,
+    epoch: int,
+    epoch_tag: int | None,
+    trigger_count: int | None,
+    gated: int | None,
+    carried: int = 0,
+    foreign: dict[int, int] | None = None,
+) -> None:
+    ring = json.dumps({str(k): v for k, v in sorted((foreign or {}).items())})
     tx.cur.execute(
-        "INSERT INTO plc_epochs(plc, epoch, epoch_tag, trigger_count, gated, updated_at) VALUES (?,?,?,?,?,?) "
+        "INSERT INTO plc_epochs(plc, epoch, epoch_tag, trigger_count, gated, updated_at, carried, foreign_ring) "
+        "VALUES (?,?,?,?,?,?,?,?) "
         "ON CONFLICT(plc) DO UPDATE SET epoch=excluded.epoch, epoch_tag=excluded.epoch_tag, "
-        "trigger_count=excluded.trigger_count, gated=excluded.gated, updated_at=excluded.updated_at",
-        (plc, epoch, epoch_tag, trigger_count, gated, tx.ts),
+        "trigger_count=excluded.trigger_count, gated=excluded.gated, updated_at=excluded.updated_at, "
+        "carried=excluded.carried, foreign_ring=excluded.foreign_ring",
+        (plc, epoch, epoch_tag, trigger_count, gated, tx.ts, carried, ring),
     )
 
 
@@ -138,7 +159,7 @@ _FATE_COLS = "gtin, serial, lot, station, plc, epoch, seq, state, cause, outcome
 
 
 def read_plc_state(reader: Any, plc: str) -> PlcEpochState | None:
-    rows = reader.q("SELECT plc, epoch, epoch_tag, trigger_count, gated, updated_at FROM plc_epochs WHERE plc=?", (plc,))
+    rows = reader.q("SELECT plc, epoch, epoch_tag, trigger_count, gated, updated_at, carried, foreign_ring FROM plc_epochs WHERE plc=?", (plc,))
     return PlcEpochState(*rows[0]) if rows else None
 
 

@@ -40,7 +40,7 @@ from linectl.store.model import StoreError
 log = structlog.get_logger("linectl.store")
 
 APP_ID = "linectl"
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 metadata = MetaData()
@@ -236,6 +236,10 @@ plc_epochs = Table(
     Column("epoch_tag", Integer),  # the PLC's own boot counter (tag plc_epoch) when it offers one
     Column("trigger_count", Integer),  # last trigger_count seen in this epoch
     Column("gated", Integer),  # units the gate had decided in this epoch (pass + reject counters)
+    # of those, units of the previous epoch that were still on the belt at a counter reset (v7, _migrate_plc_carried)
+    Column("carried", Integer),
+    # reject-ring slots whose value is a unit of an earlier epoch (JSON {"slot": seq}; v7): never this epoch's unit
+    Column("foreign_ring", Text),
     Column("updated_at", Text, nullable=False),
 )
 
@@ -667,12 +671,27 @@ def _migrate_challenge_state(conn: Connection) -> None:
     _add_column(conn, "batches", "challenge_required TEXT")
 
 
+def _migrate_plc_carried(conn: Connection) -> None:
+    """v6 -> v7: what of an earlier PLC epoch the current one still shows (plc_epochs.carried, .foreign_ring).
+
+    After a cold restart the units still on the belt are gated (rejected fail-safe) after the
+    counters went to 0: "gated" overstates how far this epoch's own unit numbers got by that
+    many (carried), and their old unit numbers sit in this epoch's reject ring until overwritten
+    (foreign_ring). A daemon restarted later must know both, or units it cannot prove gated look
+    gated and an old unit's reject is matched to this epoch's unit of the same number.
+    Existing rows keep NULL, read as 0 and {} (what a v6 daemon assumed).
+    """
+    _add_column(conn, "plc_epochs", "carried INTEGER")
+    _add_column(conn, "plc_epochs", "foreign_ring TEXT")
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _migrate_1_to_2,
     2: _migrate_command_ids,
     3: _migrate_epcis_context,
     4: _migrate_plc_epochs,
     5: _migrate_challenge_state,
+    6: _migrate_plc_carried,
 }
 
 

@@ -355,9 +355,21 @@ class Store:
 
     # ------------------------------------------------------------------ PLC epochs, unit fates, PLC counters
 
-    async def save_plc_state(self, plc: str, epoch: int, epoch_tag: int | None, trigger_count: int | None, gated: int | None) -> None:
-        """The PLC epoch and counters last seen, so a restarted daemon can tell whether the PLC restarted meanwhile."""
-        await self._submit(plc_records.op_plc_state, plc, int(epoch), epoch_tag, trigger_count, gated)
+    async def save_plc_state(
+        self,
+        plc: str,
+        epoch: int,
+        epoch_tag: int | None,
+        trigger_count: int | None,
+        gated: int | None,
+        carried: int = 0,
+        foreign: dict[int, int] | None = None,
+    ) -> None:
+        """The PLC epoch and counters last seen, so a restarted daemon can tell whether the PLC restarted meanwhile.
+
+        carried and foreign: what of an earlier epoch the counters and the reject ring of this one still hold.
+        """
+        await self._submit(plc_records.op_plc_state, plc, int(epoch), epoch_tag, trigger_count, gated, int(carried), dict(foreign or {}))
 
     async def mark_fate_unknown(self, rows: list[tuple[str, str, str | None, str, str, int, int | None, str]]) -> int:
         """Open fate_unknown records for commissioned units whose fate at the gate is not proven; returns how many."""
