@@ -53,10 +53,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from linectl.events import UnitCommissioned
     from linectl.logging import setup_logging
     from linectl.store import Store
-    from simulators.camera import CameraSim
-    from simulators.model import SimUnit
-    from simulators.printer import ZplPrinterSim
-    from simulators.scanner import ScannerSim
+    from linectl.simulators.camera import CameraSim
+    from linectl.simulators.model import SimUnit
+    from linectl.simulators.printer import ZplPrinterSim
+    from linectl.simulators.scanner import ScannerSim
 
     setup_logging("warning")
     tmp = Path(tempfile.mkdtemp(prefix="bench-case-"))

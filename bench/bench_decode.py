@@ -38,12 +38,12 @@ import cv2  # noqa: E402
 import structlog  # noqa: E402
 import zxingcpp  # noqa: E402
 
-from drivers.camera import Camera, CameraConfig, FrameDecoder, load_image  # noqa: E402
-from drivers.decoders import ZxingDecoder, _dmtx_decode_in_child, dmtx_available, zxing_version  # noqa: E402
+from linectl.drivers.camera import Camera, CameraConfig, FrameDecoder, load_image  # noqa: E402
+from linectl.drivers.decoders import ZxingDecoder, _dmtx_decode_in_child, dmtx_available, zxing_version  # noqa: E402
 from linectl import gs1  # noqa: E402
 from linectl.logging import setup_logging  # noqa: E402
-from simulators.camera import CameraSim, corpus_images, render_mask, tilt_view  # noqa: E402
-from simulators.model import SimUnit  # noqa: E402
+from linectl.simulators.camera import CameraSim, corpus_images, render_mask, tilt_view  # noqa: E402
+from linectl.simulators.model import SimUnit  # noqa: E402
 
 ROI = (440, 312, 400, 400)  # the simulator jitters the label ±30 px around the centre
 

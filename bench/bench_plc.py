@@ -1,6 +1,6 @@
 """Round trip of a reject verdict: write the verdict slot [seq, REJECT] + read it back (the driver's confirm).
 
-The PLC simulator runs in its own process (`python -m simulators.plc`) on
+The PLC simulator runs in its own process (`python -m linectl.simulators.plc`) on
 pymodbus' server (Modbus TCP) and on snap7's server (S7), with the driver's
 background poll loop running as in production, so the figure includes
 waiting behind a poll request. This is the latency budget linectl spends
@@ -23,16 +23,16 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from drivers.plc_tags import VERDICT_REJECT  # noqa: E402
-from simulators.plc import default_config, free_tcp_port  # noqa: E402
+from linectl.drivers.plc_tags import VERDICT_REJECT  # noqa: E402
+from linectl.simulators.plc import default_config, free_tcp_port  # noqa: E402
 
 
 async def bench(driver: str, n: int) -> dict[str, float]:
-    from drivers.registry import driver_class
+    from linectl.drivers.registry import driver_class
 
     port = free_tcp_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "simulators.plc", "--driver", driver, "--port", str(port)],
+        [sys.executable, "-m", "linectl.simulators.plc", "--driver", driver, "--port", str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
     )

@@ -32,9 +32,9 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from drivers import quality
-from drivers.base import Backoff, CodeReader, Decoded, DeviceError, DriverConfig, HealthState, Read, register_driver
-from drivers.decoders import DmtxDecoder, Symbol, ZxingDecoder, dmtx_available, zxing_version
+from linectl.drivers import quality
+from linectl.drivers.base import Backoff, CodeReader, Decoded, DeviceError, DriverConfig, HealthState, Read, register_driver
+from linectl.drivers.decoders import DmtxDecoder, Symbol, ZxingDecoder, dmtx_available, zxing_version
 
 FRAME_NAME = re.compile(r"^frame_(\d+)\.")
 IMAGE_EXTENSIONS = (".pgm", ".bmp", ".png", ".jpg", ".jpeg", ".tif", ".tiff")

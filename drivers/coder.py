@@ -29,7 +29,7 @@ from typing import Any, AsyncIterator, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
-from drivers.base import (
+from linectl.drivers.base import (
     DeviceError,
     DriverConfig,
     HealthState,
@@ -38,7 +38,7 @@ from drivers.base import (
     PrintJob,
     register_driver,
 )
-from drivers.transport import ConnectionSupervisor, TransportConfig
+from linectl.drivers.transport import ConnectionSupervisor, TransportConfig
 
 STX, ETX, FS, GS = 0x02, 0x03, 0x1C, 0x1D
 MAX_FRAME = 8192

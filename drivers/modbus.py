@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from drivers.base import DeviceError, register_driver
-from drivers.plc_tags import ConnectionLost, ModbusTagSpec, PlcConfigBase, PolledPlc, plan_reads
+from linectl.drivers.base import DeviceError, register_driver
+from linectl.drivers.plc_tags import ConnectionLost, ModbusTagSpec, PlcConfigBase, PolledPlc, plan_reads
 
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # it logs every retry; we log state changes once
 

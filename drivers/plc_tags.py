@@ -22,7 +22,7 @@ from typing import Any, Iterable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from drivers.base import Backoff, DeviceError, DriverConfig, HealthState, Plc, TagError
+from linectl.drivers.base import Backoff, DeviceError, DriverConfig, HealthState, Plc, TagError
 
 # --------------------------------------------------------------------------- logical tags
 

@@ -23,8 +23,8 @@ from typing import Any, AsyncIterator, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from drivers.base import CodeReader, Decoded, DeviceError, DriverConfig, HealthState, Read, register_driver
-from drivers.transport import ConnectionSupervisor, LineSplitter, TransportConfig
+from linectl.drivers.base import CodeReader, Decoded, DeviceError, DriverConfig, HealthState, Read, register_driver
+from linectl.drivers.transport import ConnectionSupervisor, LineSplitter, TransportConfig
 
 #: control bytes a code may legitimately carry: GS (GS1 separator), RS and EOT (ISO/IEC 15434 envelopes)
 ALLOWED_CONTROLS = frozenset("\x1d\x1e\x04")

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import importlib
 
-from drivers.base import DRIVERS, Driver, DriverConfig
+from linectl.drivers.base import DRIVERS, Driver, DriverConfig
 
 DRIVER_MODULES = (
-    "drivers.zpl",
-    "drivers.coder",
-    "drivers.reader",
-    "drivers.scanner",
-    "drivers.camera",
-    "drivers.modbus",
-    "drivers.s7",
+    "linectl.drivers.zpl",
+    "linectl.drivers.coder",
+    "linectl.drivers.reader",
+    "linectl.drivers.scanner",
+    "linectl.drivers.camera",
+    "linectl.drivers.modbus",
+    "linectl.drivers.s7",
 )
 
 for _mod in DRIVER_MODULES:

@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from drivers.base import DeviceError, register_driver
-from drivers.plc_tags import ConnectionLost, PlcConfigBase, PolledPlc, S7TagSpec, plan_reads
+from linectl.drivers.base import DeviceError, register_driver
+from linectl.drivers.plc_tags import ConnectionLost, PlcConfigBase, PolledPlc, S7TagSpec, plan_reads
 
 logging.getLogger("snap7").setLevel(logging.CRITICAL)  # it logs per request/reconnect; we log state changes once
 

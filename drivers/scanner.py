@@ -15,8 +15,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from drivers.base import Decoded, Read, register_driver
-from drivers.reader import AIM_RE, Garbage, LineCodeReader, LineReaderConfig
+from linectl.drivers.base import Decoded, Read, register_driver
+from linectl.drivers.reader import AIM_RE, Garbage, LineCodeReader, LineReaderConfig
 
 
 class ScannerConfig(LineReaderConfig):

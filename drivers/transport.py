@@ -26,7 +26,7 @@ from typing import Any, Literal, Protocol
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from drivers.base import Backoff, Driver, HealthState
+from linectl.drivers.base import Backoff, Driver, HealthState
 
 log = structlog.get_logger("linectl.drivers.transport")
 

@@ -37,7 +37,7 @@ from typing import Any, AsyncIterator, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from drivers.base import (
+from linectl.drivers.base import (
     DeviceError,
     DriverConfig,
     HealthState,
@@ -46,7 +46,7 @@ from drivers.base import (
     PrintJob,
     register_driver,
 )
-from drivers.transport import ConnectionSupervisor, TransportConfig
+from linectl.drivers.transport import ConnectionSupervisor, TransportConfig
 
 GS = "\x1d"
 STX, ETX = 0x02, 0x03

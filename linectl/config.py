@@ -15,10 +15,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from drivers.base import DriverConfig
-from drivers.registry import device_config_classes
+from linectl.drivers.base import DriverConfig
+from linectl.drivers.registry import device_config_classes
 from linectl import gs1
-from simulators.config import SimulationConfig
+from linectl.simulators.config import SimulationConfig
 from linectl.yamlsource import ConfigFileError, Problem, dotted, line_of, load_yaml, substitute_env, to_plain
 
 #: a fixed UTC offset as EPCIS writes eventTimeZoneOffset
@@ -446,7 +446,7 @@ class LineConfig(Model):
 
 def _reference_problems(cfg: LineConfig) -> list[tuple[tuple[Any, ...], str]]:
     """Cross-references pydantic cannot see: station -> device names and roles, unique names and GTINs."""
-    from drivers.registry import role_of
+    from linectl.drivers.registry import role_of
 
     out: list[tuple[tuple[Any, ...], str]] = []
     seen_gtin: dict[str, int] = {}
@@ -483,7 +483,7 @@ def _reference_problems(cfg: LineConfig) -> list[tuple[tuple[Any, ...], str]]:
 
 def _case_plc_problems(i: int, st: CaseStation, dev: Any) -> list[tuple[tuple[Any, ...], str]]:
     """A case PLC that lacks the divert tags would let every rejected case ride on: refuse it at load."""
-    from drivers.plc_tags import CASE_TAGS
+    from linectl.drivers.plc_tags import CASE_TAGS
 
     tags = getattr(dev, "tags", None)
     if tags is None:

@@ -19,8 +19,8 @@ from typing import Any, Awaitable, Callable
 
 import structlog
 
-from drivers.base import Driver
-from drivers.registry import driver_class
+from linectl.drivers.base import Driver
+from linectl.drivers.registry import driver_class
 from linectl.config import LineConfig
 from linectl.engine.line import Line, store_refuses_writes
 from linectl.engine.plc_surface import PlcSurface

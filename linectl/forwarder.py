@@ -75,7 +75,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from drivers.base import Backoff
+from linectl.drivers.base import Backoff
 from linectl import epcis
 from linectl.events import AlarmAcknowledged, AlarmRaised, UnitDecommissioned
 

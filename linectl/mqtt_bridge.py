@@ -61,7 +61,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import ValidationError
 
-from drivers.base import Backoff
+from linectl.drivers.base import Backoff
 from linectl.control import COMMAND_ADAPTER, COMMAND_NAMES, CommandRejected, RefusalTally
 from linectl.forwarder import client_options, default_client_id, track_link
 from linectl.jsonable import json_default

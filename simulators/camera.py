@@ -17,7 +17,7 @@ by one background thread, in presentation order, atomically (temp file +
 rename) as `frame_<seq:010d>.pgm` — PGM because it is a header plus raw
 bytes, ~1 ms for 1.3 MB, where PNG takes tens of ms.
 
-    python -m simulators.camera --folder /tmp/frames --rate 1500 --count 3000
+    python -m linectl.simulators.camera --folder /tmp/frames --rate 1500 --count 3000
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ import cv2
 import numpy as np
 import structlog
 
-from simulators.model import SimUnit
+from linectl.simulators.model import SimUnit
 
-log = structlog.get_logger("simulators.camera")
+log = structlog.get_logger("linectl.simulators.camera")
 
 FRAME_W, FRAME_H = 1280, 1024
 PAPER = 226.0  # label white, grey level
@@ -389,8 +389,8 @@ def corpus_images(folder: str | os.PathLike[str]) -> list[Path]:
 def demo_units(count: int, seed: int, defect_rate: float, gtin: str) -> Iterable[SimUnit]:
     """Units as the printer simulator would print them, with its defect plan and quality spread."""
     from linectl import gs1
-    from simulators.defects import DefectPlan
-    from simulators.printer import apply_print
+    from linectl.simulators.defects import DefectPlan
+    from linectl.simulators.printer import apply_print
 
     plan = DefectPlan(
         rate=defect_rate,
@@ -410,7 +410,7 @@ def demo_units(count: int, seed: int, defect_rate: float, gtin: str) -> Iterable
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m simulators.camera", description="Camera simulator: frames of generated codes into a folder.")
+    p = argparse.ArgumentParser(prog="python -m linectl.simulators.camera", description="Camera simulator: frames of generated codes into a folder.")
     p.add_argument("--folder", required=True, help="where frame_<seq>.pgm files appear (the camera driver's source)")
     p.add_argument("--rate", type=float, default=600.0, help="units per minute (0 = as fast as possible)")
     p.add_argument("--count", type=int, default=0, help="frames to produce (0 = until interrupted)")

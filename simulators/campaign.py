@@ -57,12 +57,12 @@ from typing import Any, Callable
 
 import structlog
 
-from simulators.chaos import ChaosProxy
-from simulators.control import request as sim_request
+from linectl.simulators.chaos import ChaosProxy
+from linectl.simulators.control import request as sim_request
 
-log = structlog.get_logger("simulators.campaign")
+log = structlog.get_logger("linectl.simulators.campaign")
 #: paho's logger for the campaign's own clients: a broker killed under them is this harness's doing, not news
-QUIET_MQTT = logging.getLogger("simulators.campaign.mqtt")
+QUIET_MQTT = logging.getLogger("linectl.simulators.campaign.mqtt")
 QUIET_MQTT.setLevel(logging.CRITICAL)
 
 REPO = Path(__file__).resolve().parent.parent

@@ -23,7 +23,7 @@ Everything is seeded (`seed`), bounded (chunks of at most 64 KiB, at most
 API (`set`, `reset_now`, `clear`, `status`) or, standalone, the same
 JSON-lines control server as the line simulator:
 
-  python -m simulators.chaos --target 127.0.0.1:9302 --listen 0 --control-port 0 --seed 3
+  python -m linectl.simulators.chaos --target 127.0.0.1:9302 --listen 0 --control-port 0 --seed 3
   {"cmd":"set","garbage":0.2,"split":0.5,"delay_s":0.01,"reset":0.0}
   {"cmd":"reset"}   {"cmd":"clear"}   {"cmd":"status"}
 """
@@ -38,7 +38,7 @@ from typing import Any
 
 import structlog
 
-log = structlog.get_logger("simulators.chaos")
+log = structlog.get_logger("linectl.simulators.chaos")
 
 CHUNK = 65536
 NOISE = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789;:#*!?~ \r\n\x00\x1d\xff"
@@ -200,12 +200,12 @@ class ChaosProxy:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m simulators.chaos --target HOST:PORT [--listen P] [--control-port C] [--seed S]`."""
+    """`python -m linectl.simulators.chaos --target HOST:PORT [--listen P] [--control-port C] [--seed S]`."""
     import argparse
 
-    from simulators.control import ControlServer
+    from linectl.simulators.control import ControlServer
 
-    p = argparse.ArgumentParser(prog="python -m simulators.chaos", description="Seeded chaos TCP proxy (loopback only).")
+    p = argparse.ArgumentParser(prog="python -m linectl.simulators.chaos", description="Seeded chaos TCP proxy (loopback only).")
     p.add_argument("--target", required=True, help="HOST:PORT of the device (loopback)")
     p.add_argument("--listen", type=int, default=0, help="port the driver connects to (0 = any free port)")
     p.add_argument("--control-port", type=int, default=0)

@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from simulators.model import UNIT_DEFECTS
+from linectl.simulators.model import UNIT_DEFECTS
 
 
 class _Model(BaseModel):

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import structlog
 
-log = structlog.get_logger("simulators.control")
+log = structlog.get_logger("linectl.simulators.control")
 
 MAX_LINE = 1 << 20
 
@@ -110,11 +110,11 @@ async def request(host: str, port: int, msg: dict[str, Any], timeout: float = 5.
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m simulators.control [--port P] CMD [JSON-ARGS]`: send one command to a running line simulator."""
+    """`python -m linectl.simulators.control [--port P] CMD [JSON-ARGS]`: send one command to a running line simulator."""
     import argparse
     import sys
 
-    p = argparse.ArgumentParser(prog="python -m simulators.control", description="Send one command to the line simulator.")
+    p = argparse.ArgumentParser(prog="python -m linectl.simulators.control", description="Send one command to the line simulator.")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7700)
     p.add_argument("cmd", help="truth | status | units | challenge | inject | set")

@@ -22,10 +22,10 @@ from typing import Any, Callable
 
 import structlog
 
-from drivers.plc_tags import MODE_CHALLENGE, MODE_PRODUCTION
-from simulators.model import CHALLENGE_KINDS, PrintHead, ReadPoint, SimUnit, Truth, UnitJournal
+from linectl.drivers.plc_tags import MODE_CHALLENGE, MODE_PRODUCTION
+from linectl.simulators.model import CHALLENGE_KINDS, PrintHead, ReadPoint, SimUnit, Truth, UnitJournal
 
-log = structlog.get_logger("simulators.conveyor")
+log = structlog.get_logger("linectl.simulators.conveyor")
 
 TRIGGER, READ, GATE = 0, 1, 2
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from simulators.model import UNIT_DEFECTS, VARIATIONS
+from linectl.simulators.model import UNIT_DEFECTS, VARIATIONS
 
 _M64 = (1 << 64) - 1
 

@@ -23,22 +23,22 @@ from typing import Any, Callable
 
 import structlog
 
-from simulators.config import SimulationConfig
-from simulators.control import ControlServer
-from simulators.conveyor import ChallengeFactory, Conveyor
-from simulators.defects import DefectPlan
-from simulators.model import SimUnit, Truth, UnitJournal
-from simulators.packer import Packer
-from simulators.plc import PlcSim
+from linectl.simulators.config import SimulationConfig
+from linectl.simulators.control import ControlServer
+from linectl.simulators.conveyor import ChallengeFactory, Conveyor
+from linectl.simulators.defects import DefectPlan
+from linectl.simulators.model import SimUnit, Truth, UnitJournal
+from linectl.simulators.packer import Packer
+from linectl.simulators.plc import PlcSim
 
-log = structlog.get_logger("simulators.line")
+log = structlog.get_logger("linectl.simulators.line")
 
 PLC_DRIVERS = ("modbus_tcp", "modbus_rtu", "s7")
-PRINTER_CLASSES = {"coder": ("simulators.printer", "CoderPrinterSim"), "zpl": ("simulators.printer", "ZplPrinterSim")}
+PRINTER_CLASSES = {"coder": ("linectl.simulators.printer", "CoderPrinterSim"), "zpl": ("linectl.simulators.printer", "ZplPrinterSim")}
 READER_CLASSES = {
-    "reader": ("simulators.reader", "ReaderSim"),
-    "scanner": ("simulators.scanner", "ScannerSim"),
-    "camera": ("simulators.camera", "CameraSim"),
+    "reader": ("linectl.simulators.reader", "ReaderSim"),
+    "scanner": ("linectl.simulators.scanner", "ScannerSim"),
+    "camera": ("linectl.simulators.camera", "CameraSim"),
 }
 
 
@@ -427,7 +427,7 @@ def _where(dev: Any, started: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m simulators.line -c CONFIG [...]` = `linectl simulate -c CONFIG [...]`."""
+    """`python -m linectl.simulators.line -c CONFIG [...]` = `linectl simulate -c CONFIG [...]`."""
     import sys
 
     from linectl.cli import main as cli_main

@@ -31,9 +31,9 @@ from typing import Any
 
 import structlog
 
-from simulators.model import SimUnit
+from linectl.simulators.model import SimUnit
 
-log = structlog.get_logger("simulators.packer")
+log = structlog.get_logger("linectl.simulators.packer")
 
 
 @dataclass

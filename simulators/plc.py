@@ -9,8 +9,8 @@ reject. Faults (disconnect, slow replies, heartbeat stop, gate jam, lost
 reject confirm, e-stop) are injectable, so linectl's reaction can be tested
 without a real line.
 
-Run alone: `python -m simulators.plc --config line.yaml --device plc1`, or
-`python -m simulators.plc --driver modbus_tcp --port 1502` with the built-in
+Run alone: `python -m linectl.simulators.plc --config line.yaml --device plc1`, or
+`python -m linectl.simulators.plc --driver modbus_tcp --port 1502` with the built-in
 default tag map (see DEFAULT_MODBUS_TAGS / DEFAULT_S7_TAGS).
 """
 
@@ -33,7 +33,7 @@ from typing import Any, Callable
 
 import structlog
 
-from drivers.plc_tags import (
+from linectl.drivers.plc_tags import (
     MODE_CHALLENGE,
     MODE_IDLE,
     MODE_PRODUCTION,
@@ -42,9 +42,9 @@ from drivers.plc_tags import (
     ModbusTagSpec,
     S7TagSpec,
 )
-from simulators.model import SimUnit
+from linectl.simulators.model import SimUnit
 
-log = structlog.get_logger("simulators.plc")
+log = structlog.get_logger("linectl.simulators.plc")
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
 logging.getLogger("snap7").setLevel(logging.CRITICAL)
 
@@ -863,14 +863,14 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
 def default_config(driver: str, host: str = "127.0.0.1", port: int | None = None, **extra: Any) -> Any:
     """A driver config with the default tag map, for standalone runs and tests."""
     if driver == "s7":
-        from drivers.s7 import S7Config
+        from linectl.drivers.s7 import S7Config
 
         return S7Config(driver="s7", host=host, port=port if port is not None else 1102, tags=DEFAULT_S7_TAGS, **extra)
     if driver == "modbus_rtu":
-        from drivers.modbus import ModbusRtuConfig
+        from linectl.drivers.modbus import ModbusRtuConfig
 
         return ModbusRtuConfig(driver="modbus_rtu", serial_port=extra.pop("serial", "/tmp/linectl-plc-rtu"), tags=DEFAULT_MODBUS_TAGS, **extra)
-    from drivers.modbus import ModbusTcpConfig
+    from linectl.drivers.modbus import ModbusTcpConfig
 
     return ModbusTcpConfig(driver="modbus_tcp", host=host, port=port if port is not None else 1502, tags=DEFAULT_MODBUS_TAGS, **extra)
 
@@ -907,7 +907,7 @@ async def _amain(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m simulators.plc", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m linectl.simulators.plc", description=__doc__.split("\n")[0])
     p.add_argument("--config", "-c", help="line YAML; serve the device named by --device")
     p.add_argument("--device", help="PLC device name in the config")
     p.add_argument("--driver", choices=["modbus_tcp", "modbus_rtu", "s7"], default="modbus_tcp", help="standalone: protocol")

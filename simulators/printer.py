@@ -10,9 +10,9 @@ are counted independently of linectl.
 Images are rendered only with `render_images=True` (a camera needs pixels;
 a smart reader needs only the content), which keeps 6,000 units/min cheap.
 
-    python -m simulators.printer --protocol coder --port 7100
-    python -m simulators.printer --protocol zpl --port 9100 --print-time 0.2
-    python -m simulators.printer --protocol coder --serial /tmp/linectl-coder0
+    python -m linectl.simulators.printer --protocol coder --port 7100
+    python -m linectl.simulators.printer --protocol zpl --port 9100 --print-time 0.2
+    python -m linectl.simulators.printer --protocol coder --serial /tmp/linectl-coder0
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from drivers.coder import FAULT_CODES, NAK_CODES, Frame, FrameDecoder, encode_frame, fault_severity
-from simulators.model import UNIT_DEFECTS, VARIATIONS, SimUnit
-from simulators.serialpty import SimServer, add_endpoint_args, log, run_forever
+from linectl.drivers.coder import FAULT_CODES, NAK_CODES, Frame, FrameDecoder, encode_frame, fault_severity
+from linectl.simulators.model import UNIT_DEFECTS, VARIATIONS, SimUnit
+from linectl.simulators.serialpty import SimServer, add_endpoint_args, log, run_forever
 
 GS = "\x1d"
 DefectFor = Callable[[int], "str | None"]
@@ -764,7 +764,7 @@ class ZplPrinterSim(SimServer):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m simulators.printer", description="Printer simulator: LCP/1 coding printer or ZPL label printer.")
+    p = argparse.ArgumentParser(prog="python -m linectl.simulators.printer", description="Printer simulator: LCP/1 coding printer or ZPL label printer.")
     p.add_argument("--protocol", choices=("coder", "zpl"), required=True)
     add_endpoint_args(p, default_port=None)
     p.add_argument("--rate", type=float, default=60.0, help="coder: product triggers per minute while jobs are queued (default 60)")

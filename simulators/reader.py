@@ -9,7 +9,7 @@ answers with the trigger's sequence number (NOREAD if nothing is there).
 Faults (seeded rates and on-demand `inject`): silence (lines dropped),
 garbage bytes, TCP reset, forced no-reads.
 
-    python -m simulators.reader --port 7200 --rate 60
+    python -m linectl.simulators.reader --port 7200 --rate 60
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ import time
 from collections import deque
 from typing import Any
 
-from simulators.model import SimUnit
-from simulators.serialpty import SimServer, add_endpoint_args, run_forever
+from linectl.simulators.model import SimUnit
+from linectl.simulators.serialpty import SimServer, add_endpoint_args, run_forever
 
 GRADE_LETTERS = ((3.5, "A"), (2.5, "B"), (1.5, "C"), (0.5, "D"))
 
@@ -185,7 +185,7 @@ def demo_unit(seq: int, rng: random.Random) -> SimUnit:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m simulators.reader", description="Smart reader simulator (result lines over TCP or a pty).")
+    p = argparse.ArgumentParser(prog="python -m linectl.simulators.reader", description="Smart reader simulator (result lines over TCP or a pty).")
     add_endpoint_args(p, default_port=7200)
     p.add_argument("--format", default="{seq};{sym}{data};{grade}", help="line format (default {seq};{sym}{data};{grade})")
     p.add_argument("--no-read", default="NOREAD")

@@ -1,6 +1,6 @@
 """Scanner simulator: sends the codes it is given as lines (with AIM prefix), over TCP or a pty.
 
-    python -m simulators.scanner --port 7300          # then type codes; "\\G" or "<GS>" stands for GS
+    python -m linectl.simulators.scanner --port 7300          # then type codes; "\\G" or "<GS>" stands for GS
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import random
 import sys
 from typing import Any
 
-from simulators.model import SimUnit
-from simulators.serialpty import SimServer, add_endpoint_args, run_forever
+from linectl.simulators.model import SimUnit
+from linectl.simulators.serialpty import SimServer, add_endpoint_args, run_forever
 
 
 class ScannerSim(SimServer):
@@ -80,7 +80,7 @@ class ScannerSim(SimServer):
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m simulators.scanner", description="Scanner simulator: each stdin line is sent as one scan.")
+    p = argparse.ArgumentParser(prog="python -m linectl.simulators.scanner", description="Scanner simulator: each stdin line is sent as one scan.")
     add_endpoint_args(p, default_port=7300)
     p.add_argument("--symbology", default="]d2", help="AIM identifier sent before each code ('' for none)")
     args = p.parse_args(argv)

@@ -23,7 +23,7 @@ from typing import Any
 
 import structlog
 
-from drivers.transport import FdStream
+from linectl.drivers.transport import FdStream
 
 log = structlog.get_logger("linectl.sim")
 
@@ -251,7 +251,7 @@ async def run_forever(sim: SimServer) -> None:
 def main() -> None:
     """Manual helper: create a pty, link it, and relay it to a TCP device (debugging serial drivers)."""
     p = argparse.ArgumentParser(
-        prog="python -m simulators.serialpty",
+        prog="python -m linectl.simulators.serialpty",
         description="Create a pty pair, symlink its slave at PATH and relay the master to a TCP device.",
     )
     p.add_argument("link", help="path for the slave symlink, e.g. /tmp/linectl-tty0")

@@ -18,7 +18,7 @@ from typing import Any, Callable
 from linectl import gs1
 from linectl.config import parse_config
 from linectl.events import UnitCommissioned
-from simulators.model import SimUnit
+from linectl.simulators.model import SimUnit
 
 GTIN = "04012345000016"
 GTIN2 = "04012345000023"
@@ -109,9 +109,9 @@ class Rig:
     async def start(self) -> "Rig":
         from linectl.daemon import build_drivers
         from linectl.engine.line import Line
-        from simulators.camera import CameraSim
-        from simulators.printer import ZplPrinterSim
-        from simulators.scanner import ScannerSim
+        from linectl.simulators.camera import CameraSim
+        from linectl.simulators.printer import ZplPrinterSim
+        from linectl.simulators.scanner import ScannerSim
 
         self.frames = self.tmp / "frames"
         self.frames.mkdir(parents=True, exist_ok=True)
@@ -158,7 +158,7 @@ class Rig:
         return self
 
     async def _start_plc_sim(self) -> dict[str, Any]:
-        from simulators.plc import DEFAULT_MODBUS_TAGS, DEFAULT_S7_TAGS, PlcSim, free_tcp_port
+        from linectl.simulators.plc import DEFAULT_MODBUS_TAGS, DEFAULT_S7_TAGS, PlcSim, free_tcp_port
 
         assert self.plc_driver in ("modbus_tcp", "s7"), self.plc_driver
         tags = self.plc_tags or (DEFAULT_S7_TAGS if self.plc_driver == "s7" else DEFAULT_MODBUS_TAGS)

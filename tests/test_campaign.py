@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from simulators.campaign import (
+from linectl.simulators.campaign import (
     FAULT_KINDS,
     CampaignOptions,
     check_records,
@@ -29,8 +29,8 @@ from simulators.campaign import (
     parse_faults,
     run_campaign,
 )
-from simulators.chaos import ChaosProxy
-from simulators.model import SimUnit, UnitJournal
+from linectl.simulators.chaos import ChaosProxy
+from linectl.simulators.model import SimUnit, UnitJournal
 from mqtt_fixtures import MOSQUITTO
 
 SEEDS = (11, 12, 13)
@@ -120,7 +120,7 @@ def test_checks_flag_production_before_a_complete_challenge() -> None:
 
 
 def test_checks_flag_a_line_that_keeps_feeding_uncoded_packs() -> None:
-    from simulators.campaign import UNCODED_RUN_LIMIT
+    from linectl.simulators.campaign import UNCODED_RUN_LIMIT
 
     units = [_unit(f"u{i}", i, None, "rejected", defect="no_print") for i in range(UNCODED_RUN_LIMIT + 1)]
     viol = check_records(units, _ev(), kinds=[], lots=[], received=set(), foreign=[])
@@ -207,10 +207,10 @@ async def test_line_sim_writes_every_unit_to_the_units_log(tmp_path: Path) -> No
     """simulation.units_log end to end: a LineSim in free run writes one fed and one gate line per unit."""
     from types import SimpleNamespace
 
-    from drivers.modbus import ModbusTcpConfig
-    from simulators.config import SimulationConfig
-    from simulators.line import LineSim
-    from simulators.plc import DEFAULT_MODBUS_TAGS, free_tcp_port
+    from linectl.drivers.modbus import ModbusTcpConfig
+    from linectl.simulators.config import SimulationConfig
+    from linectl.simulators.line import LineSim
+    from linectl.simulators.plc import DEFAULT_MODBUS_TAGS, free_tcp_port
 
     port = free_tcp_port()
     plc_cfg = ModbusTcpConfig(driver="modbus_tcp", host="127.0.0.1", port=port, tags=DEFAULT_MODBUS_TAGS, heartbeat_interval_s=0.2, heartbeat_timeout_s=2.0)

@@ -40,7 +40,7 @@ from linectl.demo import _rewrite_ports
 from linectl.events import UnitCommissioned, UnitDecommissioned
 from linectl.yamlsource import load_yaml, to_plain
 from ruamel.yaml import YAML
-from simulators.control import request
+from linectl.simulators.control import request
 
 pytestmark = pytest.mark.slow
 

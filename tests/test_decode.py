@@ -18,16 +18,16 @@ import structlog
 import zxingcpp
 from pydantic import ValidationError
 
-from drivers.base import Decoded
-from drivers.camera import Camera, CameraConfig, FrameDecoder, load_image
-from drivers.quality import LETTERS
+from linectl.drivers.base import Decoded
+from linectl.drivers.camera import Camera, CameraConfig, FrameDecoder, load_image
+from linectl.drivers.quality import LETTERS
 from linectl import gs1
 from linectl.cli import main
 from linectl.config import Product
 from linectl.engine.verify import Expected, verify_unit
 from linectl.events import RejectReason
-from simulators.camera import PAPER, corpus_images, paint, render_code_grid, render_mask, tilt_view
-from simulators.model import SimUnit
+from linectl.simulators.camera import PAPER, corpus_images, paint, render_code_grid, render_mask, tilt_view
+from linectl.simulators.model import SimUnit
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "corpus" / "datamatrix"  # shared/ beside the clone
 if not CORPUS.is_dir():

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from drivers.base import DRIVERS, DeviceError, HealthState, Read
-from drivers.camera import Camera, CameraConfig
-from drivers.decoders import DmtxDecoder, dmtx_available
+from linectl.drivers.base import DRIVERS, DeviceError, HealthState, Read
+from linectl.drivers.camera import Camera, CameraConfig
+from linectl.drivers.decoders import DmtxDecoder, dmtx_available
 from linectl import gs1
-from simulators.camera import CameraSim
-from simulators.model import SimUnit
+from linectl.simulators.camera import CameraSim
+from linectl.simulators.model import SimUnit
 
 GTIN = "09501101530003"
 needs_dmtx = pytest.mark.skipif(not dmtx_available(), reason="pylibdmtx / libdmtx0b not installed")

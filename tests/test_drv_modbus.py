@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from drivers.base import DeviceError, HealthState, TagError
-from drivers.modbus import ModbusRtuConfig, ModbusRtuPlc, ModbusTcpConfig, ModbusTcpPlc
-from simulators.plc import DEFAULT_MODBUS_TAGS, PlcSim, free_tcp_port
+from linectl.drivers.base import DeviceError, HealthState, TagError
+from linectl.drivers.modbus import ModbusRtuConfig, ModbusRtuPlc, ModbusTcpConfig, ModbusTcpPlc
+from linectl.simulators.plc import DEFAULT_MODBUS_TAGS, PlcSim, free_tcp_port
 
 EXTRA_TAGS = {
     "t_i32_bb": {"table": "holding", "address": 20, "type": "int32"},

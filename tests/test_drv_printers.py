@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import zxingcpp
 
-from drivers.base import DeviceError, HealthState, PrintConfirm, PrintJob
-from drivers.coder import (
+from linectl.drivers.base import DeviceError, HealthState, PrintConfirm, PrintJob
+from linectl.drivers.coder import (
     CoderConfig,
     CoderPrinter,
     FrameDecoder,
@@ -21,8 +21,8 @@ from drivers.coder import (
     escape_field,
     unescape_field,
 )
-from drivers.transport import TransportConfig
-from drivers.zpl import (
+from linectl.drivers.transport import TransportConfig
+from linectl.drivers.zpl import (
     HostStatus,
     ZplConfig,
     ZplPrinter,
@@ -31,8 +31,8 @@ from drivers.zpl import (
     text_field_data,
 )
 from linectl import gs1
-from simulators.model import SimUnit
-from simulators.printer import (
+from linectl.simulators.model import SimUnit
+from linectl.simulators.printer import (
     CoderPrinterSim,
     ZplPrinterSim,
     apply_print,
@@ -655,7 +655,7 @@ def test_zpl_accounting_never_confirms_an_unprinted_label(seed: int) -> None:
     """Model printer: formats parse up to 0.5 s late (~HS overtakes them), foreign formats, random printing."""
     import random
 
-    from drivers.zpl import _Job
+    from linectl.drivers.zpl import _Job
 
     rng = random.Random(seed)
     drv = ZplPrinter("m", ZplConfig(driver="zpl", host="h", settle_s=1.0))

@@ -10,12 +10,12 @@ from typing import Any
 
 import pytest
 
-from drivers.base import HealthState, Read
-from drivers.reader import LineReader, ReaderConfig, compile_line_format
-from drivers.transport import LineSplitter
+from linectl.drivers.base import HealthState, Read
+from linectl.drivers.reader import LineReader, ReaderConfig, compile_line_format
+from linectl.drivers.transport import LineSplitter
 from linectl import gs1
-from simulators.model import SimUnit
-from simulators.reader import ReaderSim
+from linectl.simulators.model import SimUnit
+from linectl.simulators.reader import ReaderSim
 
 GTIN = "09501101530003"
 FAST = {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "reply_timeout_s": 0.5, "connect_timeout_s": 1.0}
@@ -94,7 +94,7 @@ def test_default_format_exact_fields() -> None:
     ],
 )
 def test_malformed_lines_are_garbage(line: str, why: str) -> None:
-    from drivers.reader import Garbage
+    from linectl.drivers.reader import Garbage
 
     with pytest.raises(Garbage, match=why):
         parse(reader(), line)

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from drivers.base import DeviceError, HealthState, TagError
-from drivers.s7 import S7Config, S7Plc
-from simulators.plc import DEFAULT_S7_TAGS, PlcSim, free_tcp_port
+from linectl.drivers.base import DeviceError, HealthState, TagError
+from linectl.drivers.s7 import S7Config, S7Plc
+from linectl.simulators.plc import DEFAULT_S7_TAGS, PlcSim, free_tcp_port
 
 EXTRA_TAGS = {
     "b_neighbour": {"db": 1, "offset": "1.1", "type": "BOOL"},

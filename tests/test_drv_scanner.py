@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from drivers.base import HealthState, Read
-from drivers.scanner import Scanner, ScannerConfig
+from linectl.drivers.base import HealthState, Read
+from linectl.drivers.scanner import Scanner, ScannerConfig
 from linectl import gs1
-from simulators.scanner import ScannerSim
+from linectl.simulators.scanner import ScannerSim
 
 FAST = {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "reply_timeout_s": 0.5, "connect_timeout_s": 1.0}
 CODE = gs1.compose_unit("09501101530003", "SC;1", lot="L,1", expiry="301231").element_string
@@ -96,7 +96,7 @@ async def test_scanner_reconnects_after_reset() -> None:
 
 
 async def test_open_stream_pyserial_urls() -> None:
-    from drivers.transport import TransportConfig, open_stream
+    from linectl.drivers.transport import TransportConfig, open_stream
 
     class C(TransportConfig):
         pass

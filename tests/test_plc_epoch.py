@@ -237,9 +237,9 @@ async def test_cold_restart_while_linectl_is_down(tmp_path):
 async def test_sim_plc_restart_over_the_wire(driver):
     """The simulator's plc_restart: cold clears memory and counters, warm keeps retentive memory; both bump plc_epoch,
     drop the connection and stop the line; a driver reconnects and reads the new epoch."""
-    from drivers.modbus import ModbusTcpPlc
-    from drivers.s7 import S7Plc
-    from simulators.plc import PlcSim, default_config, free_tcp_port
+    from linectl.drivers.modbus import ModbusTcpPlc
+    from linectl.drivers.s7 import S7Plc
+    from linectl.simulators.plc import PlcSim, default_config, free_tcp_port
 
     fast = {"heartbeat": False, "poll_interval_s": 0.02, "backoff_initial_s": 0.05, "backoff_max_s": 0.2}
     cfg = default_config(driver, port=free_tcp_port(), **fast)
@@ -272,8 +272,8 @@ async def test_sim_plc_restart_over_the_wire(driver):
 
 async def test_s7_sim_gate_decides_without_deadlock():
     """The S7 simulator's gate takes the program lock and then reads/writes tags: it must not wait on itself."""
-    from simulators.model import SimUnit
-    from simulators.plc import PlcSim, default_config, free_tcp_port
+    from linectl.simulators.model import SimUnit
+    from linectl.simulators.plc import PlcSim, default_config, free_tcp_port
 
     sim = PlcSim("plc1", default_config("s7", port=free_tcp_port()))
     await sim.start()

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import zxingcpp
 
-from drivers import quality as q
-from drivers.decoders import ZxingDecoder
+from linectl.drivers import quality as q
+from linectl.drivers.decoders import ZxingDecoder
 
 DM = zxingcpp.BarcodeFormat.DataMatrix
 

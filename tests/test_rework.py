@@ -184,8 +184,8 @@ async def test_random_rework_sequences_keep_the_invariants(tmp_path: Path, seed:
 async def test_rework_station_driven_by_scanner(tmp_path: Path) -> None:
     from linectl.daemon import build_drivers
     from linectl.engine.line import Line
-    from simulators.printer import ZplPrinterSim
-    from simulators.scanner import ScannerSim
+    from linectl.simulators.printer import ZplPrinterSim
+    from linectl.simulators.scanner import ScannerSim
 
     zpl = ZplPrinterSim(port=0, print_time_s=0.01)
     scan = ScannerSim(port=0)

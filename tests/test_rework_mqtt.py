@@ -55,8 +55,8 @@ class Operator:
 async def rig(tmp_path: Path):
     from linectl.daemon import build_drivers
     from linectl.engine.line import Line
-    from simulators.printer import ZplPrinterSim
-    from simulators.scanner import ScannerSim
+    from linectl.simulators.printer import ZplPrinterSim
+    from linectl.simulators.scanner import ScannerSim
 
     zpl, scan = ZplPrinterSim(port=0, print_time_s=0.01), ScannerSim(port=0)
     await zpl.start()

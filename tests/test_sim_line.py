@@ -17,15 +17,15 @@ from types import SimpleNamespace
 
 import pytest
 
-from drivers.modbus import ModbusTcpConfig, ModbusTcpPlc
-from drivers.plc_tags import VERDICT_GOOD, VERDICT_REJECT
-from simulators.config import SimulationConfig
-from simulators.control import request
-from simulators.conveyor import Conveyor
-from simulators.defects import DefectPlan
-from simulators.line import LineSim
-from simulators.model import CHALLENGE_KINDS, UNIT_DEFECTS, Truth
-from simulators.plc import DEFAULT_MODBUS_TAGS, PlcSim, free_tcp_port
+from linectl.drivers.modbus import ModbusTcpConfig, ModbusTcpPlc
+from linectl.drivers.plc_tags import VERDICT_GOOD, VERDICT_REJECT
+from linectl.simulators.config import SimulationConfig
+from linectl.simulators.control import request
+from linectl.simulators.conveyor import Conveyor
+from linectl.simulators.defects import DefectPlan
+from linectl.simulators.line import LineSim
+from linectl.simulators.model import CHALLENGE_KINDS, UNIT_DEFECTS, Truth
+from linectl.simulators.plc import DEFAULT_MODBUS_TAGS, PlcSim, free_tcp_port
 
 R = 64
 FAST = {
@@ -125,7 +125,7 @@ async def test_no_verdict_means_reject(rig):
     assert (rig.truth.passed, rig.truth.rejected) == (0, 12)
     # a stale slot (an older seq's GOOD in the same slot) does not let a unit through either
     rig.plc.set("verdict_ring", [13, VERDICT_GOOD], index=2 * (13 % R))
-    from simulators.model import SimUnit
+    from linectl.simulators.model import SimUnit
 
     assert rig.plc.gate(SimUnit(seq=13 + R)) == "rejected"
     assert rig.plc.gate(SimUnit(seq=13)) == "passed"
@@ -167,7 +167,7 @@ async def test_challenge_units_all_rejected_without_verdict(rig):
 
 
 def test_challenge_contents():
-    from simulators.conveyor import ChallengeFactory
+    from linectl.simulators.conveyor import ChallengeFactory
 
     f = ChallengeFactory("09506000134352", seed=3)
     wrong = f.make("wrong_code", 1)

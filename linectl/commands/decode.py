@@ -54,7 +54,7 @@ def parse_roi(text: str) -> tuple[int, int, int, int]:
 
 def camera_config(args: argparse.Namespace) -> Any:
     """The CameraConfig to decode with: the named camera's, or the driver defaults; then the command-line overrides."""
-    from drivers.camera import CameraConfig
+    from linectl.drivers.camera import CameraConfig
 
     base: dict[str, Any] = {"driver": "camera", "source": "."}
     if args.camera or args.config:
@@ -128,7 +128,7 @@ def print_human(image: str, records: list[dict[str, Any]]) -> None:
 def run(args: argparse.Namespace) -> int:
     import structlog
 
-    from drivers.camera import FrameDecoder, load_image, roi_outside
+    from linectl.drivers.camera import FrameDecoder, load_image, roi_outside
 
     log = structlog.get_logger("linectl.decode")
     try:

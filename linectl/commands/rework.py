@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 async def _reprint(store: Any, cfg: Any, args: argparse.Namespace, actor: str) -> dict[str, Any]:
-    from drivers.registry import driver_class
+    from linectl.drivers.registry import driver_class
     from linectl.engine.rework import reprint_label
 
     if not args.printer:

@@ -39,8 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from linectl.yamlsource import ConfigFileError
     from pydantic import ValidationError
 
-    from simulators.config import SimulationConfig
-    from simulators.line import SimulatorError
+    from linectl.simulators.config import SimulationConfig
+    from linectl.simulators.line import SimulatorError
 
     try:
         cfg = load_config(args.config)
@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _main(cfg, sim, args: argparse.Namespace) -> int:  # type: ignore[no-untyped-def]
-    from simulators.line import LineSim
+    from linectl.simulators.line import LineSim
 
     line = LineSim(cfg, sim, camera=args.camera)
     await line.start()

@@ -36,8 +36,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
-from drivers.base import CodeReader, DeviceError, Plc, PrintConfirm, Printer, PrintJob, Read
-from drivers.plc_tags import CASE_ACCEPT, CASE_REJECT, next_counter
+from linectl.drivers.base import CodeReader, DeviceError, Plc, PrintConfirm, Printer, PrintJob, Read
+from linectl.drivers.plc_tags import CASE_ACCEPT, CASE_REJECT, next_counter
 from linectl import gs1
 from linectl.config import CaseStation, LineConfig, PalletStation
 from linectl.events import ChildRef, ContainerCommissioned, ContainerDecommissioned, Packed, Severity

@@ -17,7 +17,7 @@ from typing import Any
 
 import structlog
 
-from drivers.base import CodeReader, Driver, Plc, Printer
+from linectl.drivers.base import CodeReader, Driver, Plc, Printer
 from linectl import control as C
 from linectl.config import LineConfig, PrintVerifyStation, Product
 from linectl.engine.print_verify import PrintVerifyRuntime

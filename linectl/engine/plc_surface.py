@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-from drivers.base import HealthState, Plc
+from linectl.drivers.base import HealthState, Plc
 from linectl import control as C
 from linectl.engine.line import Line
 

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from drivers.base import CodeReader, DeviceError, HealthState, Plc, PrintJob, Printer, Read
+from linectl.drivers.base import CodeReader, DeviceError, HealthState, Plc, PrintJob, Printer, Read
 from linectl import gs1
 from linectl.config import PrintVerifyStation as PrintVerifyConfig
 from linectl.config import queue_depth_for

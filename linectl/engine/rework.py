@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import structlog
 
-from drivers.base import CodeReader, DeviceError, Printer, PrintJob
+from linectl.drivers.base import CodeReader, DeviceError, Printer, PrintJob
 from linectl import gs1
 from linectl.config import LineConfig, ReworkStation
 from linectl.events import (

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from drivers.base import Decoded
+from linectl.drivers.base import Decoded
 from linectl import gs1
 from linectl.events import RejectReason
 
