@@ -211,6 +211,11 @@ class ReconcileUnits(Command):
     serials: list[str] = Field(min_length=1, max_length=10_000)
     outcome: Literal["in_bin", "passed"]
     gtin: str | None = Field(None, description="default: the GTIN recorded with each unit of unknown fate")
+    copies: int | None = Field(
+        None, ge=1, le=1000,
+        description="in_bin: packs carrying each listed code found in the bin; needed when copies of a code were "
+        "rejected as duplicates (the bin holds those too)",
+    )
 
     @model_validator(mode="after")
     def _who(self) -> "ReconcileUnits":

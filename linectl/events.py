@@ -86,6 +86,11 @@ class UnitDecommissioned(Event):
     destroyed: bool = False
     seq: int | None = None
     actor: str | None = None
+    #: the code read on the unit when it carried another serial than its own (a printed copy of that serial, e.g.
+    #: a printer duplicate): the bin then holds a pack with that serial's code although that serial's own unit may
+    #: have passed (store table unit_copies; reconcile_units counts them)
+    read_gtin: str | None = None
+    read_serial: str | None = None
 
 
 class SerialsVoided(Event):

@@ -746,21 +746,38 @@ class Campaign:
             return 0  # no such table (an older store) or the file is busy: look again next round
         if not open_serials:
             return 0
-        outcome_of: dict[str, str | None] = {}
+        # a code can be on more than one pack (a printer duplicate): the person counts the packs carrying it that are
+        # not downstream (in the bin, or on the belt of a crashed line and taken off by hand)
+        in_bin: dict[str, int] = {}
         for u in load_journal(self.journal)["units"]:
             serial = parse_element_string(u.get("content")).get("21")
             if serial and not u.get("challenge"):
-                outcome_of[serial] = u.get("outcome")
-        found: dict[str, list[str]] = {"passed": [], "in_bin": []}
+                in_bin[serial] = in_bin.get(serial, 0) + (u.get("outcome") != "passed")
+        groups: dict[tuple[str, int | None], list[str]] = {}
         for serial in open_serials:
-            found["passed" if outcome_of.get(serial) == "passed" else "in_bin"].append(serial)
+            n = in_bin.get(serial, 0)
+            groups.setdefault(("in_bin", n) if n else ("passed", None), []).append(serial)
         done = 0
-        for outcome, serials in found.items():
-            if serials:
-                r = await self.command("reconcile_units", serials=serials, outcome=outcome)
-                self.echo(f"operator: reconcile_units {outcome} {len(serials)} -> {'ok' if r and r.get('ok') else (r or {}).get('error', 'no reply')}")
-                done += len(serials) if r and r.get("ok") else 0
+        for (outcome, copies), serials in groups.items():
+            done += await self._reconcile(serials, outcome, copies)
         return done
+
+    async def _reconcile(self, serials: list[str], outcome: str, copies: int | None) -> int:
+        args: dict[str, Any] = {"serials": serials, "outcome": outcome}
+        if copies is not None and copies > 1:
+            args["copies"] = copies
+        r = await self.command("reconcile_units", **args)
+        self.echo(f"operator: reconcile_units {outcome} {len(serials)}{f' copies {copies}' if copies and copies > 1 else ''} -> "
+                  f"{'ok' if r and r.get('ok') else (r or {}).get('error', 'no reply')}")
+        if r and r.get("ok"):
+            return len(serials)
+        if r is not None and (r.get("error") or {}).get("code") == "ambiguous_copies":
+            # linectl knows copies of some of these codes were rejected as duplicates, and the bin holds no more packs
+            # with the code than those copies: the unit itself is not in the bin, it went downstream
+            if len(serials) > 1:
+                return sum([await self._reconcile([s], outcome, copies) for s in serials])
+            return await self._reconcile(serials, "passed", None)
+        return 0
 
     async def _start_batch(self) -> None:
         await self._reconcile_fates()

@@ -17,7 +17,7 @@ import pytest
 
 from linectl import control as C
 from linectl import gs1
-from linectl.events import UnitDecommissioned
+from linectl.events import RejectReason, UnitDecommissioned
 from linectl.report import batch_report
 from linectl.yamlsource import load_yaml, to_plain
 from tests.engine_helpers import (
@@ -343,3 +343,67 @@ async def test_restart_after_a_cold_restart_counts_the_carried_units(tmp_path, s
         assert open_fates, "units were on the belt at the second restart: some must be of unknown fate"
         if second == "warm":
             assert sl.line.stations[0]._carried == carried, "counters continue through a warm restart, so does the carry"
+
+
+async def test_duplicate_copies_are_recorded_against_the_simulators_truth(tmp_path):
+    """A unit that carried a copy of another serial's code (printer duplicate) is rejected, and the store records
+    which code the bin now holds a copy of (unit_copies): exactly the duplicates the simulator printed."""
+    async with simulated_line(tmp_path, rate=600) as sl:
+        lot = await sl.create_batch(PLANNED, challenge=False)
+        await sim(sl, cmd="set", defect_rate=0.25, defect_mix={"duplicate": 1.0})
+        await sl.start_batch()
+        await wait_good(sl, 30)
+        await sl.line.execute(C.StopBatch(actor="test"), origin="test")
+        await wait_stopped(sl, 30)
+        await settle(sl, 40)
+        gtin = sl.line.batch.gtin
+        copies_printed: dict[str, int] = {}
+        for u in await gate_units(sl):
+            s = _serial_of(u["content"])
+            if u.get("defect") == "duplicate" and s is not None:
+                assert u["outcome"] == "rejected", u
+                copies_printed[s] = copies_printed.get(s, 0) + 1
+        assert copies_printed, "the simulator printed no duplicate"
+        recorded = {s: len(sl.line.store.rejected_copies(gtin, s)) for s in copies_printed}
+        assert recorded == copies_printed
+        rows = db_query(sl.db, "SELECT serial, carrier_serial, reason FROM unit_copies")
+        assert len(rows) == sum(copies_printed.values()) and all(r[2] == "duplicate" and r[0] != r[1] for r in rows), rows
+        for _, carrier, _ in rows:
+            assert _states(sl.db, lot)[carrier] == "decommissioned"
+
+
+async def test_reconcile_in_bin_counts_the_rejected_copies_of_a_code(tmp_path):
+    """Found by the fault campaign (seed 44): a unit of unknown fate whose code was also printed on a duplicate that
+    the gate rejected. A pack with that code in the bin may be the copy: "found in the bin" proves the unit is there
+    only when the bin holds more packs with the code than copies were rejected. The operator says how many."""
+    async with simulated_line(tmp_path, rate=600) as sl:
+        line = sl.line
+        lot = await sl.create_batch(PLANNED, challenge=False)
+        await sl.start_batch()
+        await wait_good(sl, 12)
+        await line.execute(C.StopBatch(actor="test"), origin="test")
+        await wait_stopped(sl, 30)
+        await settle(sl, 40)
+        gtin = line.batch.gtin
+        good = sorted(s for s, st in _states(sl.db, lot).items() if st == "commissioned")
+        x, z, carrier_x, carrier_z = good[:4]
+        # what the station records when a duplicate of x (then of z) is read on the units printed for carrier_x/_z
+        await line.store.append(
+            UnitDecommissioned(gtin=gtin, serial=carrier_x, lot=lot, reason=RejectReason.DUPLICATE, seq=90, station="pv1",
+                               detail=f"serial {x} was already printed on another unit", read_serial=x),
+            UnitDecommissioned(gtin=gtin, serial=carrier_z, lot=lot, reason=RejectReason.DUPLICATE, seq=91, station="pv1",
+                               detail=f"serial {z} was already printed on another unit", read_gtin=gtin, read_serial=z),
+        )
+        assert [c.carrier_serial for c in line.store.rejected_copies(gtin, x)] == [carrier_x]
+        await line.store.mark_fate_unknown([(gtin, s, lot, "pv1", "plc1", 1, n, "test: PLC restarted") for n, s in ((5, x), (6, z))])
+        for copies in (None, 1):
+            with pytest.raises(C.CommandRejected) as exc:
+                await line.execute(C.ReconcileUnits(serials=[x], outcome="in_bin", copies=copies, actor="qa.jones"), origin="test")
+            assert exc.value.code == "ambiguous_copies" and x in exc.value.reason and "copies" in exc.value.reason
+        assert _states(sl.db, lot)[x] == "commissioned" and await _fates(sl, lot) == {x, z}
+        # two packs with x's code in the bin: one is the copy, the other the unit
+        await line.execute(C.ReconcileUnits(serials=[x], outcome="in_bin", copies=2, actor="qa.jones"), origin="test")
+        assert _states(sl.db, lot)[x] == "decommissioned"
+        # one pack with z's code in the bin: the copy; the unit went downstream
+        await line.execute(C.ReconcileUnits(serials=[z], outcome="passed", actor="qa.jones"), origin="test")
+        assert _states(sl.db, lot)[z] == "commissioned" and await _fates(sl, lot) == set()

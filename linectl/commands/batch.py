@@ -53,6 +53,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--alarm-id")
     p.add_argument("--serials", help="reconcile: comma-separated serials of units of unknown fate")
     p.add_argument("--outcome", choices=["in_bin", "passed"], help="reconcile: found in the reject bin, or passed")
+    p.add_argument("--copies", type=int, help="reconcile in_bin: packs carrying each code found in the bin (when copies were rejected as duplicates)")
     p.add_argument("--actor", default=None, help="who is commanding (default: the login name)")
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--db", metavar="PATH", help="store for an offline close/stop (default: store.path of the config)")
@@ -132,6 +133,8 @@ def build_command(args: argparse.Namespace) -> dict[str, Any]:
         body["serials"] = [s.strip() for s in (args.serials or "").split(",") if s.strip()]
         if args.outcome:
             body["outcome"] = args.outcome
+        if args.copies is not None:
+            body["copies"] = args.copies
     if name == "ack_alarm" and args.alarm_id:
         body["alarm_id"] = args.alarm_id
     from linectl.control import COMMAND_ADAPTER

@@ -740,6 +740,20 @@ class Line:
                 picked.append(hits[0])
         if unknown:
             raise C.CommandRejected(f"no open fate_unknown record for serial(s) {', '.join(unknown[:10])}", "not_fate_unknown")
+        if c.outcome == "in_bin":
+            # a code found in the bin proves the unit is there only if the bin holds more packs with that code than
+            # the copies of it already rejected (printer duplicates): otherwise the pack found may be such a copy
+            doubtful = []
+            for f in picked:
+                copies = self.store.rejected_copies(f.gtin, f.serial)
+                if copies and (c.copies is None or c.copies <= len(copies)):
+                    seqs = ", ".join(str(x.unit_seq) for x in copies[:5])
+                    doubtful.append(f"{f.serial} ({len(copies)} cop{'y' if len(copies) == 1 else 'ies'} rejected: unit {seqs})")
+            if doubtful:
+                raise C.CommandRejected(
+                    "the bin already holds rejected copies of " + "; ".join(doubtful[:10])
+                    + ": a pack with such a code in the bin may be a copy, not the unit. Count the packs carrying the code: "
+                    "in_bin with copies = that count only if it is more than the copies rejected, else passed", "ambiguous_copies")
         actor = f"{c.actor}@{origin}"
         if c.outcome == "in_bin":
             evs = [UnitDecommissioned(gtin=f.gtin, serial=f.serial, lot=f.lot, reason=RejectReason.PLC_FAILSAFE, seq=f.seq, station=f.station,

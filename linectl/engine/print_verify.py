@@ -566,7 +566,7 @@ class PrintVerifyRuntime:
         await self._await_confirm(seq, v.reason.value, None)
         self.counters.rejected[v.reason.value] = self.counters.rejected.get(v.reason.value, 0) + 1
         if job is not None:
-            await self._decommission(job, v.reason, v.detail, seq=seq)
+            await self._decommission(job, v.reason, v.detail, seq=seq, read=(v.seen_gtin, v.seen_serial))
         elif self.batch is not None:
             await self.line.store.count_packs(self.batch.lot, "blank")  # a pack with none of the batch's serials on it
         self.line.unit_decided(self, False, v.reason.value)
@@ -581,12 +581,18 @@ class PrintVerifyRuntime:
         elif self._consecutive_rejects >= self.rules.consecutive_reject_limit:
             await self.line.fault_stop("consecutive_rejects", f"{self._consecutive_rejects} consecutive rejects (limit {self.rules.consecutive_reject_limit}), last: {v.reason.value}", self.name)
 
-    async def _decommission(self, job: Job, reason: RejectReason, detail: str, *, seq: int | None) -> None:
+    async def _decommission(
+        self, job: Job, reason: RejectReason, detail: str, *, seq: int | None, read: tuple[str | None, str | None] = (None, None)
+    ) -> None:
         batch = self.batch
         assert batch is not None
+        read_gtin, read_serial = read
+        if read_serial is None or (read_gtin or batch.gtin, read_serial) == (batch.gtin, job.serial):
+            read_gtin = read_serial = None  # the unit carried its own code (or none): no copy of another serial
         # may wait in memory while the store refuses writes (Line.record): a stop must finish without the store
         await self.line.record(
-            UnitDecommissioned(gtin=batch.gtin, serial=job.serial, lot=batch.lot, reason=reason, detail=detail[:500], seq=seq, station=self.name)
+            UnitDecommissioned(gtin=batch.gtin, serial=job.serial, lot=batch.lot, reason=reason, detail=detail[:500], seq=seq, station=self.name,
+                               read_gtin=read_gtin, read_serial=read_serial)
         )
         batch.decommissioned += 1
         self._space.set()

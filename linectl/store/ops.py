@@ -99,6 +99,13 @@ def _decommissioned(tx: Tx, ev: Any, seq: int) -> int | None:
         )
     tx.cur.execute("UPDATE serials SET state='decommissioned', updated_at=? WHERE id=?", (tx.ts, r[0]))
     tx.move(ev.gtin, r[3], r[2], r[3], "decommissioned")
+    if ev.read_serial is not None and (ev.read_gtin or ev.gtin, ev.read_serial) != (ev.gtin, ev.serial):
+        # the unit carried another serial's code: the reject bin now holds a pack with that code
+        tx.cur.execute(
+            "INSERT INTO unit_copies(gtin, serial, carrier_gtin, carrier_serial, lot, station, unit_seq, reason, event_seq, created_at) "
+            "VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (ev.read_gtin or ev.gtin, ev.read_serial, ev.gtin, ev.serial, ev.lot, ev.station, ev.seq, ev.reason.value, seq, tx.ts),
+        )
     return r[0]  # type: ignore[no-any-return]
 
 

@@ -183,6 +183,30 @@ def read_fate(reader: Any, gtin: str, serial: str) -> UnitFate | None:
     return UnitFate(*rows[0]) if rows else None
 
 
+@dataclass(frozen=True)
+class UnitCopy:
+    """A rejected unit that carried a copy of serial (gtin, serial) instead of its own (carrier) serial."""
+
+    gtin: str
+    serial: str
+    carrier_gtin: str
+    carrier_serial: str
+    lot: str | None
+    station: str | None
+    unit_seq: int | None
+    reason: str
+    created_at: str
+
+
+def read_copies(reader: Any, gtin: str, serial: str) -> list[UnitCopy]:
+    rows = reader.q(
+        "SELECT gtin, serial, carrier_gtin, carrier_serial, lot, station, unit_seq, reason, created_at FROM unit_copies "
+        "WHERE gtin=? AND serial=? ORDER BY id",
+        (gtin, serial),
+    )
+    return [UnitCopy(*r) for r in rows]
+
+
 def read_plc_counters(reader: Any, lot: str) -> list[dict[str, Any]]:
     rows = reader.q(
         "SELECT plc, epoch, point, trigger_count, pass_total, reject_total, gate_reject_total, ts FROM plc_counters WHERE lot=? ORDER BY id",

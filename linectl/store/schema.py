@@ -243,6 +243,26 @@ plc_epochs = Table(
     Column("updated_at", Text, nullable=False),
 )
 
+# A rejected unit that carried a copy of another serial's code (a printer duplicate): the reject bin holds a pack
+# with that code although that serial's own unit may have passed. Kept apart from the outbox (retention purges it)
+# because reconciling a unit of unknown fate by its code depends on it for as long as the batch lives (v7).
+unit_copies = Table(
+    "unit_copies",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("gtin", Text, nullable=False),  # the serial whose code was on the rejected unit
+    Column("serial", Text, nullable=False),
+    Column("carrier_gtin", Text, nullable=False),  # the unit's own serial (decommissioned)
+    Column("carrier_serial", Text, nullable=False),
+    Column("lot", Text),
+    Column("station", Text),
+    Column("unit_seq", Integer),
+    Column("reason", Text, nullable=False),
+    Column("event_seq", Integer, nullable=False),
+    Column("created_at", Text, nullable=False),
+)
+Index("ix_unit_copies_serial", unit_copies.c.gtin, unit_copies.c.serial)
+
 # A unit whose fate at the reject gate is not proven (a PLC restart or power cut lost the evidence):
 # open until an operator reconciles it (found in the bin -> decommissioned, passed -> stays commissioned).
 unit_fates = Table(
@@ -672,7 +692,8 @@ def _migrate_challenge_state(conn: Connection) -> None:
 
 
 def _migrate_plc_carried(conn: Connection) -> None:
-    """v6 -> v7: what of an earlier PLC epoch the current one still shows (plc_epochs.carried, .foreign_ring).
+    """v6 -> v7: what of an earlier PLC epoch the current one still shows (plc_epochs.carried, .foreign_ring),
+    and the table unit_copies.
 
     After a cold restart the units still on the belt are gated (rejected fail-safe) after the
     counters went to 0: "gated" overstates how far this epoch's own unit numbers got by that
@@ -683,6 +704,8 @@ def _migrate_plc_carried(conn: Connection) -> None:
     """
     _add_column(conn, "plc_epochs", "carried INTEGER")
     _add_column(conn, "plc_epochs", "foreign_ring TEXT")
+    # and unit_copies: rejected units that carried a copy of another serial's code (reconcile_units counts them)
+    unit_copies.create(conn, checkfirst=True)
 
 
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {

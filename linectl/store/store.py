@@ -396,6 +396,10 @@ class Store:
     def unit_fates(self, lot: str | None = None, *, open_only: bool = False) -> list[plc_records.UnitFate]:
         return plc_records.read_fates(self._reader, lot, open_only=open_only)
 
+    def rejected_copies(self, gtin: str, serial: str) -> list[plc_records.UnitCopy]:
+        """Rejected units that carried a copy of this serial's code (printer duplicates): packs with its code in the bin."""
+        return plc_records.read_copies(self._reader, _gtin(gtin), serial)
+
     def unit_fate(self, gtin: str, serial: str) -> plc_records.UnitFate | None:
         return plc_records.read_fate(self._reader, _gtin(gtin), serial)
 
