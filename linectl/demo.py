@@ -26,11 +26,13 @@ from ruamel.yaml import YAML
 from linectl import control as C
 from linectl.broker import free_port, start_embedded, wait_listening
 from linectl.config import LineConfig, load_config
+from linectl.packaged import DEFAULT_EXAMPLE, example_config
 from linectl.yamlsource import load_yaml, to_plain
 
 log = structlog.get_logger("linectl.demo")
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo-line.yaml"
+#: the shipped example the demo runs by default (package data: the same file from a clone, an editable install or a wheel)
+DEFAULT_CONFIG = example_config(DEFAULT_EXAMPLE)
 
 
 class SimControl:
