@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--config",
         help="line YAML, or the name of a shipped example (default: demo-line; demo-aggregation adds case and pallet "
-        "stations; `linectl init --list-examples` lists them)",
+        "stations; `linectl example` lists them)",
     )
     p.add_argument("--units", type=int, default=500, help="production units to commission (planned quantity)")
     p.add_argument("--rate", type=float, default=600.0, help="line speed, units per minute")
