@@ -33,7 +33,7 @@ def example_names() -> list[str]:
 
 def example_config(name: str) -> Path:
     """The shipped example `name` (`demo-line` or `demo-line.yaml`); ExampleNotFound lists the known ones."""
-    stem = name[:-5] if name.endswith(".yaml") else name
+    stem = name.removesuffix(".yaml")
     path = examples_dir() / f"{stem}.yaml"
     if "/" in stem or not path.is_file():
         raise ExampleNotFound(f"no example config {name!r}; shipped examples: {', '.join(example_names())}")

@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from engine_helpers import simulated_line, wait_for
 
 from linectl.store import SCHEMA_VERSION, Store
-from engine_helpers import simulated_line, wait_for
 
 LINECTL = [sys.executable, "-m", "linectl", "--log-level", "warning"]
 #: outbox columns fixed when an event is stored (forwarded_at changes when the forwarder publishes it)
@@ -29,7 +29,7 @@ OUTBOX_COLS = "seq, event_id, kind, lot, gtin, serial, serial_id, created_at, bo
 
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*LINECTL, *args], capture_output=True, text=True, timeout=120)
+    return subprocess.run([*LINECTL, *args], check=False, capture_output=True, text=True, timeout=120)
 
 
 async def acli(*args: str) -> tuple[int, str, str]:
@@ -216,5 +216,5 @@ def test_restore_refuses_a_wal_left_without_its_store(tmp_path: Path):
 
 @pytest.mark.parametrize("cmd", [["backup", "--out", "x.bak"], ["restore", "--from", "x.bak"]])
 def test_backup_and_restore_need_a_store_path(cmd: list[str], tmp_path: Path):
-    r = subprocess.run([*LINECTL, *cmd], capture_output=True, text=True, cwd=tmp_path, timeout=60)
+    r = subprocess.run([*LINECTL, *cmd], check=False, capture_output=True, text=True, cwd=tmp_path, timeout=60)
     assert r.returncode == 2 and "--db PATH" in r.stderr and "Traceback" not in r.stderr

@@ -43,7 +43,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheelhouse")
     res = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(src)],
-        capture_output=True, text=True, timeout=600,
+        check=False, capture_output=True, text=True, timeout=600,
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     (whl,) = out.glob("linectl-*.whl")
@@ -57,7 +57,7 @@ def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     py = venv / "bin" / "python"
     res = subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(py), "install", "-q", "--no-deps", "--no-index", str(wheel)],
-        capture_output=True, text=True, timeout=300,
+        check=False, capture_output=True, text=True, timeout=300,
     )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-4000:]
     purelib = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -87,20 +87,20 @@ def test_wheel_in_a_fresh_venv_runs_the_demo_from_an_unrelated_directory(venv: P
     cwd.mkdir()
     py, exe = venv / "bin" / "python", venv / "bin" / "linectl"
     where = subprocess.run(
-        [str(py), "-c", "import json, linectl, linectl.drivers, linectl.simulators, linectl.examples as e; "
-         "print(json.dumps([linectl.__file__, linectl.drivers.__file__, linectl.simulators.__file__, e.__file__]))"],
-        capture_output=True, text=True, cwd=cwd, env=_env(), timeout=60,
+        [str(py), "-c", ("import json, linectl, linectl.drivers, linectl.simulators, linectl.examples as e; "
+         "print(json.dumps([linectl.__file__, linectl.drivers.__file__, linectl.simulators.__file__, e.__file__]))")],
+        check=False, capture_output=True, text=True, cwd=cwd, env=_env(), timeout=60,
     )
     assert where.returncode == 0, where.stderr
     for f in json.loads(where.stdout):
         assert Path(f).resolve().is_relative_to(venv.resolve()), f"{f} is not from the wheel installed in {venv}"
     for top in ("drivers", "simulators"):  # the generic top-level names are gone
-        r = subprocess.run([str(py), "-c", f"import {top}"], capture_output=True, text=True, cwd=cwd, env=_env(), timeout=60)
+        r = subprocess.run([str(py), "-c", f"import {top}"], check=False, capture_output=True, text=True, cwd=cwd, env=_env(), timeout=60)
         assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr, (top, r.stdout, r.stderr)
 
     res = subprocess.run(
         [str(exe), "--log-level", "warning", "demo", "--units", "50", "--json"],
-        capture_output=True, text=True, cwd=cwd, env=_env(), timeout=300,
+        check=False, capture_output=True, text=True, cwd=cwd, env=_env(), timeout=300,
     )
     assert res.returncode == 0, res.stderr[-4000:] + res.stdout[-2000:]
     assert "Traceback" not in res.stderr
@@ -114,23 +114,23 @@ def test_wheel_in_a_fresh_venv_runs_the_demo_from_an_unrelated_directory(venv: P
     assert list(cwd.iterdir()) == [], "the demo must not leave files in the directory it was started from"
 
     # the store it left answers the installed CLI's record commands
-    audit = subprocess.run([str(exe), "audit", "verify", "--db", str(db)], capture_output=True, text=True, cwd=cwd, env=_env(), timeout=60)
+    audit = subprocess.run([str(exe), "audit", "verify", "--db", str(db)], check=False, capture_output=True, text=True, cwd=cwd, env=_env(), timeout=60)
     assert audit.returncode == 0 and audit.stdout.startswith("audit trail OK"), audit.stdout + audit.stderr
     shutil.rmtree(db.parent, ignore_errors=True)
 
 
 def test_wheel_ships_the_examples_as_configs_that_check(venv: Path, tmp_path: Path):
     exe = venv / "bin" / "linectl"
-    listed = subprocess.run([str(exe), "example"], capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=60)
+    listed = subprocess.run([str(exe), "example"], check=False, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=60)
     assert listed.returncode == 0, listed.stderr
     assert sorted(line.split()[0] for line in listed.stdout.splitlines()) == sorted(n.removesuffix(".yaml") for n in EXAMPLES)
     for name in EXAMPLES:
         out = tmp_path / name
-        w = subprocess.run([str(exe), "example", name, "--out", str(out)], capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=60)
+        w = subprocess.run([str(exe), "example", name, "--out", str(out)], check=False, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=60)
         assert w.returncode == 0, w.stderr
         assert out.read_text(encoding="utf-8") == (ROOT / "config" / name).read_text(encoding="utf-8")
         env = {**_env(), "LINECTL_MQTT_PASSWORD": "x"}  # two-station-line takes its broker password from the environment
-        chk = subprocess.run([str(exe), "check-config", str(out)], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
+        chk = subprocess.run([str(exe), "check-config", str(out)], check=False, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=60)
         assert chk.returncode == 0 and ": OK: " in chk.stdout, chk.stdout + chk.stderr
-    missing = subprocess.run([str(exe), "demo", "--config", "no-such-line"], capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=60)
+    missing = subprocess.run([str(exe), "demo", "--config", "no-such-line"], check=False, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=60)
     assert missing.returncode == 2 and "not a shipped example" in missing.stderr and "Traceback" not in missing.stderr

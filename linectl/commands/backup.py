@@ -32,15 +32,23 @@ import os
 import sqlite3
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
-from linectl.store.cliutil import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, EXIT_STORE, BadInput, add_db_options, db_path
+from linectl.store.cliutil import (
+    EXIT_BAD_INPUT,
+    EXIT_CHECK_FAILED,
+    EXIT_OK,
+    EXIT_STORE,
+    BadInput,
+    add_db_options,
+    db_path,
+)
 
 _SIDE_FILES = ("-wal", "-shm")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     b = sub.add_parser("backup", help="consistent, verified copy of a store (also while the daemon runs)")
     add_db_options(b)
     b.add_argument("--out", required=True, metavar="FILE", help="backup file to write (refused if it exists, unless --force)")
@@ -417,7 +425,7 @@ def _restore_locked(args: argparse.Namespace, source: str, backup: StoreSummary,
         if restored.audit_head != backup.audit_head or restored.last_seq != backup.last_seq:
             raise CheckFailed(f"{tmp}: the copy does not match the backup it was made from")
         if exists:
-            stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
             aside = f"{target}.replaced-{stamp}"
             n = 1
             while any(os.path.lexists(aside + s) for s in ("", *_SIDE_FILES)):

@@ -9,11 +9,10 @@ folder to copy from.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("example", help="list the shipped example line configs, or print / write one")
     p.add_argument("name", nargs="?", help="example name (e.g. two-station-line); omit to list them")
     p.add_argument("--out", metavar="FILE", help="write the example here instead of stdout (refused if FILE exists)")
