@@ -23,6 +23,7 @@ from engine_helpers import simulated_line, wait_for
 
 from linectl.store import SCHEMA_VERSION, Store
 
+ROOT = Path(__file__).resolve().parent.parent
 LINECTL = [sys.executable, "-m", "linectl", "--log-level", "warning"]
 #: outbox columns fixed when an event is stored (forwarded_at changes when the forwarder publishes it)
 OUTBOX_COLS = "seq, event_id, kind, lot, gtin, serial, serial_id, created_at, body, epcis"
@@ -121,8 +122,12 @@ async def test_backup_of_the_live_store_while_producing_then_restore(tmp_path: P
 # --------------------------------------------------------------------------- refusals
 
 
-async def _store(path: Path, actions: int = 3) -> Path:
-    s = await Store.open(path)
+LINE_A = {"enterprise": "acme", "site": "lyon", "area": "packaging", "line": "l1", "gln": "5412345000013"}
+LINE_B = {**LINE_A, "line": "l2"}
+
+
+async def _store(path: Path, actions: int = 3, identity: dict[str, str] | None = None) -> Path:
+    s = await Store.open(path, identity=identity)
     try:
         for i in range(actions):
             await s.audit("cli:test", "cli", "test_action", {"i": i})
@@ -204,6 +209,22 @@ def test_restore_refuses_to_replace_a_store_with_another_history(tmp_path: Path)
     assert r.returncode == 0, r.stderr
     (aside,) = tmp_path.glob("a.db.replaced-*")
     assert aside.read_bytes() == a_bytes
+
+
+def test_restore_refuses_another_lines_store(tmp_path: Path):
+    a = asyncio.run(_store(tmp_path / "a.db", identity=LINE_A))
+    b = asyncio.run(_store(tmp_path / "b.db", identity=LINE_B))
+    a_bytes = a.read_bytes()
+    r = cli("restore", "--from", str(b), "--db", str(a))
+    assert r.returncode == 1 and "belongs to another line" in r.stderr and "'line': 'l2'" in r.stderr, r.stderr
+    assert a.read_bytes() == a_bytes
+    # with the line's config: a backup of another line is refused even into an empty place
+    cfg = tmp_path / "line.yaml"
+    src = (ROOT / "config" / "demo-line.yaml").read_text(encoding="utf-8")
+    assert "path: linectl-demo.db" in src
+    cfg.write_text(src.replace("path: linectl-demo.db", f"path: {tmp_path / 'new.db'}"))
+    r = cli("restore", "--from", str(b), "-c", str(cfg))
+    assert r.returncode == 1 and "another line's store" in r.stderr and not (tmp_path / "new.db").exists(), r.stderr
 
 
 def test_restore_refuses_a_wal_left_without_its_store(tmp_path: Path):

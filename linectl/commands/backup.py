@@ -43,6 +43,7 @@ from linectl.store.cliutil import (
     BadInput,
     add_db_options,
     db_path,
+    load_line_config,
 )
 
 _SIDE_FILES = ("-wal", "-shm")
@@ -362,9 +363,11 @@ def _compare(backup: StoreSummary, bpath: str, target: StoreSummary, tpath: str)
 def run_restore(args: argparse.Namespace) -> int:
     from linectl.store.lock import StoreLock
     from linectl.store.model import StoreError
+    from linectl.store.store import line_identity
 
     try:
-        target = db_path(args)
+        cfg = load_line_config(args)
+        target = db_path(args, cfg)
     except BadInput as exc:
         print(f"linectl restore: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -389,15 +392,18 @@ def run_restore(args: argparse.Namespace) -> int:
         print(f"linectl restore: store refused: {exc}", file=sys.stderr)
         return EXIT_STORE
     try:
-        return _restore_locked(args, source, backup, target)
+        return _restore_locked(args, source, backup, target, line_identity(cfg) if cfg is not None else None)
     finally:
         lock.release()
 
 
-def _restore_locked(args: argparse.Namespace, source: str, backup: StoreSummary, target: str) -> int:
+def _restore_locked(args: argparse.Namespace, source: str, backup: StoreSummary, target: str, line: dict[str, str] | None) -> int:
     """Under the target's owner lock: compare, copy, verify, swap (old store kept aside)."""
     exists = os.path.lexists(target)
     problems: list[str] = []
+    if line is not None and backup.identity is not None and backup.identity != line:
+        # the daemon would refuse the restored store at its next start (another line's store)
+        problems.append(f"the backup is another line's store ({backup.identity}) than the config's ({line})")
     replaced: StoreSummary | None = None
     if exists:
         try:
