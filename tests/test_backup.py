@@ -205,10 +205,19 @@ def test_restore_refuses_to_replace_a_store_with_another_history(tmp_path: Path)
     # a backup of the same store at the same point replaces it without complaint (nothing lost), old one kept
     bak = tmp_path / "a.bak"
     assert cli("backup", "--db", str(a), "--out", str(bak)).returncode == 0
+    a.chmod(0o640)
+    as_root = os.geteuid() == 0
+    if as_root:  # a restore run as root must leave the store to its owner (the service user), or the daemon cannot open it
+        os.chown(a, 4242, 4242)
     r = cli("restore", "--from", str(bak), "--db", str(a))
     assert r.returncode == 0, r.stderr
     (aside,) = tmp_path.glob("a.db.replaced-*")
     assert aside.read_bytes() == a_bytes
+    st = a.stat()
+    assert st.st_mode & 0o777 == 0o640
+    if as_root:
+        assert (st.st_uid, st.st_gid) == (4242, 4242)
+        assert (Path(f"{a}.lock").stat().st_uid, Path(f"{a}.lock").stat().st_gid) == (4242, 4242)
 
 
 def test_restore_refuses_another_lines_store(tmp_path: Path):

@@ -267,6 +267,22 @@ def _remove(path: str) -> None:
             pass
 
 
+def _take_owner(path: str, target: str) -> None:
+    """Give the restored file the replaced store's owner and mode (or, for a new store, its directory's owner).
+
+    Run as root, a restore would otherwise leave a root-owned store (and lock
+    file) that the service user cannot open: the daemon would refuse to start.
+    """
+    ref = target if os.path.exists(target) else os.path.dirname(os.path.abspath(target))
+    st = os.stat(ref)
+    if os.path.isfile(ref):
+        os.chmod(path, st.st_mode & 0o7777)
+    if os.geteuid() == 0:
+        for p in (path, target + ".lock"):
+            if os.path.exists(p):
+                os.chown(p, st.st_uid, st.st_gid)
+
+
 def _print(summary: dict[str, Any], as_json: bool, lines: list[str]) -> None:
     if as_json:
         print(json.dumps(summary))
@@ -428,6 +444,7 @@ def _restore_locked(args: argparse.Namespace, source: str, backup: StoreSummary,
         _remove(tmp)
         _copy(source, tmp, live=True)
         restored = inspect_file(tmp, live=False, integrity=True)
+        _take_owner(tmp, target)
         if restored.audit_head != backup.audit_head or restored.last_seq != backup.last_seq:
             raise CheckFailed(f"{tmp}: the copy does not match the backup it was made from")
         if exists:
