@@ -134,3 +134,28 @@ def test_wheel_ships_the_examples_as_configs_that_check(venv: Path, tmp_path: Pa
         assert chk.returncode == 0 and ": OK: " in chk.stdout, chk.stdout + chk.stderr
     missing = subprocess.run([str(exe), "demo", "--config", "no-such-line"], check=False, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=60)
     assert missing.returncode == 2 and "not a shipped example" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_the_controller_does_not_import_the_simulators():
+    """`linectl run` needs none of the simulators: config, daemon and CLI load without linectl.simulators."""
+    code = (
+        "import sys, linectl.cli, linectl.config, linectl.daemon\n"
+        "linectl.cli.build_parser()\n"
+        f"cfg = linectl.config.load_config({str(ROOT / 'config' / 'demo-line.yaml')!r})\n"
+        "assert isinstance(cfg.simulation, dict) and cfg.simulation['rate_upm'] == 600, cfg.simulation\n"
+        "print(sorted(m for m in sys.modules if m.startswith('linectl.simulators')))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
+def test_every_command_module_is_registered():
+    """Registration is explicit: each module in linectl/commands/ is a subcommand (a missing import fails the CLI)."""
+    from linectl.cli import COMMANDS, build_parser
+
+    modules = {p.stem for p in (ROOT / "linectl" / "commands").glob("*.py") if p.stem != "__init__"}
+    assert {m.__name__.rsplit(".", 1)[1] for m in COMMANDS} == modules
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    names = set(sub.choices)  # type: ignore[arg-type]
+    assert {"backup", "restore", "example", "demo", "run", "check-config", "audit"} <= names
