@@ -190,6 +190,11 @@ def test_restore_refuses_what_is_not_a_sound_linectl_store(tmp_path: Path):
         r = cli("restore", "--from", str(src), "--db", str(target))
         assert r.returncode == rc and msg in r.stderr and "Traceback" not in r.stderr, (src.name, r.returncode, r.stderr)
         assert not target.exists()
+    # a store whose audit chain is broken gives no backup file (the copy fails its checks), and says so
+    out = tmp_path / "tampered.bak"
+    r = cli("backup", "--db", str(tampered), "--out", str(out))
+    assert r.returncode == 1 and "audit trail BROKEN at record 2" in r.stderr and not out.exists(), r.stderr
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
     # a sound backup goes in
     r = cli("restore", "--from", str(good), "--db", str(target))
     assert r.returncode == 0, r.stderr

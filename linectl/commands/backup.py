@@ -141,7 +141,7 @@ def _check_header(path: str) -> None:
         raise Refused(f"{path}: not a linectl store (no SQLite header)")
 
 
-def inspect(conn: sqlite3.Connection, path: str, *, integrity: bool) -> StoreSummary:
+def inspect(conn: sqlite3.Connection, path: str, *, integrity: bool, audit: bool = True) -> StoreSummary:
     """Read and check one snapshot of a store: linectl's meta, schema not newer than ours, audit chain, counts.
 
     Refused for files that are not linectl stores or are too new; CheckFailed for a
@@ -172,10 +172,12 @@ def inspect(conn: sqlite3.Connection, path: str, *, integrity: bool) -> StoreSum
                 rows = [r[0] for r in conn.execute("PRAGMA integrity_check(20)")]
                 if rows != ["ok"]:
                     raise CheckFailed(f"{path}: integrity_check failed: {'; '.join(rows[:5])}")
-            audit_rows = conn.execute("SELECT seq, ts, actor, origin, action, detail, prev_hash, hash FROM audit ORDER BY seq")
-            check = verify_rows((tuple(r) for r in audit_rows), int(meta.get(META_COUNT, 0)), meta.get(META_HEAD, GENESIS))
-            if not check.ok:
-                raise CheckFailed(f"{path}: audit trail BROKEN at record {check.first_bad_seq}: {check.reason}")
+            audit_count = int(meta.get(META_COUNT, 0))
+            if audit:
+                audit_rows = conn.execute("SELECT seq, ts, actor, origin, action, detail, prev_hash, hash FROM audit ORDER BY seq")
+                check = verify_rows((tuple(r) for r in audit_rows), audit_count, meta.get(META_HEAD, GENESIS))
+                if not check.ok:
+                    raise CheckFailed(f"{path}: audit trail BROKEN at record {check.first_bad_seq}: {check.reason}")
             seq_row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name='outbox'").fetchone() if "sqlite_sequence" in tables else None
             events = int(conn.execute("SELECT count(*) FROM outbox").fetchone()[0])
             states = conn.execute("SELECT lot, state FROM batches ORDER BY lot").fetchall()
@@ -192,7 +194,7 @@ def inspect(conn: sqlite3.Connection, path: str, *, integrity: bool) -> StoreSum
         schema_version=version,
         last_seq=int(seq_row[0]) if seq_row else 0,
         events=events,
-        audit_records=check.checked,
+        audit_records=audit_count,
         audit_head=meta.get(META_HEAD, GENESIS),
         batches=len(states),
         open_batches=[f"{lot} ({state})" for lot, state in states if state != "closed"],
@@ -201,14 +203,14 @@ def inspect(conn: sqlite3.Connection, path: str, *, integrity: bool) -> StoreSum
     )
 
 
-def inspect_file(path: str, *, live: bool, integrity: bool = True) -> StoreSummary:
+def inspect_file(path: str, *, live: bool, integrity: bool = True, audit: bool = True) -> StoreSummary:
     _check_header(path)
     try:
         conn = _connect(path, live=live)
     except sqlite3.Error as exc:
         raise Refused(f"{path}: cannot open: {exc}") from None
     try:
-        return inspect(conn, path, integrity=integrity)
+        return inspect(conn, path, integrity=integrity, audit=audit)
     finally:
         conn.close()
 
@@ -326,7 +328,7 @@ def run_backup(args: argparse.Namespace) -> int:
     tmp = f"{out}.tmp-{os.getpid()}"
     try:
         # the source must be a linectl store of a schema we understand before anything is copied
-        inspect_file(src, live=True, integrity=False)
+        inspect_file(src, live=True, integrity=False, audit=False)
         _remove(tmp)
         _copy(src, tmp, live=True)
         summary = inspect_file(tmp, live=False, integrity=True)
@@ -338,7 +340,11 @@ def run_backup(args: argparse.Namespace) -> int:
         return EXIT_STORE
     except CheckFailed as exc:
         _remove(tmp)
-        print(f"linectl backup: the copy failed its checks, nothing written to {out}: {exc}", file=sys.stderr)
+        print(
+            f"linectl backup: the copy failed its checks, nothing written to {out}: {exc} (the copy is the store as of one "
+            f"commit: check the store itself with `linectl audit verify --db {src}`)",
+            file=sys.stderr,
+        )
         return EXIT_CHECK_FAILED
     except (OSError, sqlite3.Error) as exc:
         _remove(tmp)
