@@ -8,27 +8,51 @@ foreign, another line's, or held by another process).
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 
 from linectl import __version__
+from linectl.commands import (
+    audit,
+    backup,
+    batch,
+    check_config,
+    decode,
+    demo,
+    example,
+    export,
+    init,
+    recall,
+    report,
+    rework,
+    run,
+    serials,
+    simulate,
+    trace,
+    verify,
+)
 
-COMMAND_MODULES = (
-    "linectl.commands.check_config",
-    "linectl.commands.init",
-    "linectl.commands.serials",
-    "linectl.commands.trace",
-    "linectl.commands.audit",
-    "linectl.commands.batch",
-    "linectl.commands.report",
-    "linectl.commands.run",
-    "linectl.commands.simulate",
-    "linectl.commands.demo",
-    "linectl.commands.export",
-    "linectl.commands.recall",
-    "linectl.commands.verify",
-    "linectl.commands.rework",
-    "linectl.commands.decode",
+#: every subcommand, in `linectl --help` order. Imported explicitly: a command module that is missing or does not
+#: import is a packaging bug, and must fail every invocation (and the tests) rather than silently drop the command.
+#: The modules import little at the top; what a command needs is imported when it runs, so `linectl --help`
+#: and the daemon do not load the simulators, the camera stack or the exporters.
+COMMANDS = (
+    check_config,
+    init,
+    serials,
+    trace,
+    audit,
+    batch,
+    report,
+    run,
+    simulate,
+    demo,
+    example,
+    export,
+    recall,
+    verify,
+    rework,
+    decode,
+    backup,
 )
 
 
@@ -38,13 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", default="console", choices=["console", "json"])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as exc:  # TODO(bootstrap): strict once all command modules exist
-            if exc.name != name:
-                raise
-            continue
+    for mod in COMMANDS:
         mod.register(sub)
     return parser
 

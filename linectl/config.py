@@ -18,7 +18,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from linectl.drivers.base import DriverConfig
 from linectl.drivers.registry import device_config_classes
 from linectl import gs1
-from linectl.simulators.config import SimulationConfig
 from linectl.yamlsource import ConfigFileError, Problem, dotted, line_of, load_yaml, substitute_env, to_plain
 
 #: a fixed UTC offset as EPCIS writes eventTimeZoneOffset
@@ -426,7 +425,10 @@ class LineConfig(Model):
     epcis: EpcisConfig = Field(default_factory=EpcisConfig)
     devices: dict[str, DeviceConfig] = Field(default_factory=dict)  # type: ignore[valid-type]
     stations: list[StationConfig] = Field(default_factory=list)
-    simulation: SimulationConfig | None = Field(None, description="line simulator settings; ignored by `linectl run`")
+    # The simulator's own section, kept as a mapping: the controller must not import (or need) the simulators, so the
+    # section is validated by what uses it (`linectl simulate`, `demo`, and `check-config` when it is present) against
+    # linectl.simulators.config.SimulationConfig.
+    simulation: dict[str, Any] | None = Field(None, description="line simulator settings; ignored by `linectl run`")
 
     def product(self, gtin: str) -> Product:
         g = gs1.normalize_gtin(gtin)

@@ -26,11 +26,13 @@ from ruamel.yaml import YAML
 from linectl import control as C
 from linectl.broker import free_port, start_embedded, wait_listening
 from linectl.config import LineConfig, load_config
-from linectl.yamlsource import load_yaml, to_plain
+from linectl.packaged import DEFAULT_EXAMPLE, example_config
+from linectl.yamlsource import ConfigFileError, load_yaml, to_plain
 
 log = structlog.get_logger("linectl.demo")
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo-line.yaml"
+#: the shipped example the demo runs by default (package data: the same file from a clone, an editable install or a wheel)
+DEFAULT_CONFIG = example_config(DEFAULT_EXAMPLE)
 
 
 class SimControl:
@@ -124,6 +126,13 @@ class SimulatedLine:
         with open(self.run_cfg_path, "w", encoding="utf-8") as fh:
             YAML(typ="safe").dump(raw, fh)
         self.cfg = load_config(self.run_cfg_path)
+        # the simulator owns the `simulation:` section (LineConfig keeps it as a mapping): check it here, located in
+        # the user's file, rather than as a simulator that does not start
+        from linectl.commands.check_config import simulation_problems
+
+        problems = simulation_problems(str(self.cfg_path), raw["simulation"])
+        if problems:
+            raise ConfigFileError(self.cfg_path, problems)
         self.control = SimControl(int(raw["simulation"]["control_port"]))
         return self.run_cfg_path
 

@@ -11,7 +11,11 @@ import sys
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="run a simulated line for one batch and summarise it")
-    p.add_argument("--config", help="line YAML (default: config/demo-line.yaml; config/demo-aggregation.yaml adds case and pallet stations)")
+    p.add_argument(
+        "--config",
+        help="line YAML, or the name of a shipped example (default: demo-line; demo-aggregation adds case and pallet "
+        "stations; `linectl example` lists them)",
+    )
     p.add_argument("--units", type=int, default=500, help="production units to commission (planned quantity)")
     p.add_argument("--rate", type=float, default=600.0, help="line speed, units per minute")
     p.add_argument("--defect-rate", type=float, default=0.03, help="fraction of units the simulator damages")
@@ -25,8 +29,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from linectl.demo import DEFAULT_CONFIG, run_demo
+    from linectl.packaged import ExampleNotFound, resolve_config
     from linectl.store.model import StoreError
+    from linectl.yamlsource import ConfigFileError
 
+    if args.config:
+        try:
+            args.config = str(resolve_config(args.config))
+        except ExampleNotFound as exc:
+            print(f"linectl demo: {exc}", file=sys.stderr)
+            return 2
     if args.db and os.path.exists(args.db):
         problem = _open_batches(args.db)
         if problem:
@@ -40,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"linectl demo: store error: {exc}", file=sys.stderr)
         return 3
+    except ConfigFileError as exc:
+        for prob in exc.problems:
+            print(prob.format(exc.file), file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         if args.db:
             cfg = args.config or DEFAULT_CONFIG
