@@ -109,7 +109,7 @@ def check_batch_code(c: "CreateBatch", template: gs1.CodeTemplate, gtin: str, sh
     unused = [k for k in c.dates if k not in used]
     if unused:
         ais = {v: k for k, v in gs1.BATCH_SOURCES.items()}
-        listed = ", ".join(f"{k} (AI {ais[k]})" for k in unused)
+        listed = ", ".join(f"{k} ({gs1.ai_name(ais[k])})" for k in unused)
         raise CommandRejected(
             f"{listed} given, but the code_template of GTIN {gtin} ({', '.join(template.ais)}) does not print it; "
             "a date that is neither printed nor checked is not taken", "invalid_dates")

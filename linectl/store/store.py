@@ -454,6 +454,10 @@ class Store:
     def batches(self, state: str | None = None) -> list[Batch]:
         return self._reader.batches(state)
 
+    def batch_dates(self, lot: str) -> dict[str, str]:
+        """The batch's dates besides expiry as created (production_date, packaging_date, best_before, sell_by)."""
+        return self._reader.batch_dates(lot)
+
     def in_flight(self, lot: str | None = None) -> list[tuple[str, str, str]]:
         return self._reader.in_flight(lot)
 
