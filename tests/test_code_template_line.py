@@ -80,6 +80,7 @@ async def test_production_date_printed_verified_and_reported(tmp_path):
         rendered = [r.epcis for r in sl.daemon.store.events_of_lot(lot, 0, 10000) if r.kind == "unit_commissioned"]
 
     check_report(report)
+    assert report["dates"] == {"production_date": prod}, report  # the batch record names the date it printed
     unit_ledger(units, events, states).assert_ok()
     printed = [u for u in units if u["content"] and not u.get("challenge")]
     assert len(printed) >= 100, len(printed)
