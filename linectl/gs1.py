@@ -976,6 +976,8 @@ class Identity:
     sscc: str | None
     lot: str | None = None
     expiry: str | None = None
+    #: the other batch dates the code carries, by batch attribute name (BATCH_SOURCES): (production_date, YYMMDD) ...
+    dates: tuple[tuple[str, str], ...] = ()
 
 
 def _company_prefix_len(n: int) -> int:
@@ -1167,8 +1169,9 @@ def _identity_from_pairs(pairs: Iterable[tuple[str, str]]) -> Identity:
     if "01" in d:
         if "21" not in d:
             raise GS1Error("AI (01) without AI (21): a GTIN alone names a product, not a unit", "21")
+        dates = tuple((BATCH_SOURCES[ai], d[ai]) for ai in DATE_AIS if ai != "17" and ai in d)
         return Identity(kind="sgtin", gtin=d["01"], serial=d["21"], sscc=None,
-                        lot=d.get("10"), expiry=d.get("17"))
+                        lot=d.get("10"), expiry=d.get("17"), dates=dates)
     raise GS1Error("no identity: neither SSCC AI (00) nor GTIN AI (01) with serial AI (21) present")
 
 

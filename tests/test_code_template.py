@@ -244,3 +244,24 @@ def test_cli_date_options(tmp_path):
     args = parser.parse_args(["batch", "start", "-c", "x.yaml", "--sell-by", "280101"])
     with pytest.raises(ValueError, match="--sell-by"):
         batch.build_command(args)
+
+
+async def test_field_verify_compares_the_dates_on_the_pack_with_the_record(tmp_path):
+    """`linectl verify` of a pack: a production date differing from the batch record is suspicious, like a lot."""
+    from linectl.config import PoolSerials
+    from linectl.trace import verify_code
+
+    store = await Store.open(tmp_path / "t.db")
+    try:
+        await store.create_batch("LT1", GTIN, "281231", 10, actor="t", dates={"production_date": "260115"})
+        await store.provision(GTIN, ["S1"], source="test")
+        await store.allocate(GTIN, "LT1", 1, PoolSerials(scheme="pool", low_water=0))
+        await store.mark_sent(GTIN, "LT1", ["S1"])
+        await store.append(ev.UnitCommissioned(gtin=GTIN, serial="S1", lot="LT1", expiry="281231", dates={"production_date": "260115"}))
+        tpl = gs1.CodeTemplate.build(["01", "11", "17", "10", "21"])
+        batch = {"lot": "LT1", "expiry": "281231", "production_date": "260115"}
+        assert verify_code(store, tpl.compose(GTIN, "S1", batch).scan_string)["verdict"] == "genuine"
+        r = verify_code(store, tpl.compose(GTIN, "S1", {**batch, "production_date": "260116"}).scan_string)
+        assert r["verdict"] == "suspicious" and "production_date on the pack 260116 differs from the record 260115" in r["reason"], r
+    finally:
+        await store.close()
