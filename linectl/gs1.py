@@ -44,14 +44,14 @@ __all__ = [
     "AI_NAMES",
     "BATCH_SOURCES",
     "CSET82",
-    "CodeTemplate",
     "DATE_AIS",
     "GS",
-    "ILMD_KEYS",
     "GS1_SYMBOLOGIES",
+    "ILMD_KEYS",
     "SYMBOLOGY_DM",
     "SYMBOLOGY_GS1_DM",
     "SYMBOLOGY_GS1_DMRE",
+    "CodeTemplate",
     "GS1Error",
     "Identity",
     "ParsedCode",
@@ -759,7 +759,7 @@ class CodeTemplate:
     constants: tuple[tuple[str, str], ...] = ()
 
     @classmethod
-    def build(cls, code_template: Iterable[str], extra_ais: Mapping[str, str] | None = None) -> "CodeTemplate":
+    def build(cls, code_template: Iterable[str], extra_ais: Mapping[str, str] | None = None) -> CodeTemplate:
         """Validate a product's `code_template` and `extra_ais`; GS1Error names the first problem."""
         ais = [str(a).strip("()") for a in code_template]
         extra = {str(k).strip("()"): v for k, v in (extra_ais or {}).items()}

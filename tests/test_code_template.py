@@ -8,25 +8,24 @@ batch's dates survive a daemon restart; the ILMD validates against the official 
 from __future__ import annotations
 
 import json
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 
 import numpy as np
 import pytest
 import zxingcpp
+from linectl.drivers.base import Decoded
+from linectl.simulators.model import SimUnit
+from linectl.simulators.printer import apply_print
 
 from linectl import control as C
-from linectl import epcis, gs1
+from linectl import epcis, gs1, gs1_dictionary
 from linectl import events as ev
 from linectl.config import parse_config
 from linectl.demo import DEFAULT_CONFIG
-from linectl.drivers.base import Decoded
 from linectl.engine.line import Line
 from linectl.engine.verify import Expected, verify_unit
 from linectl.events import RejectReason
-from linectl import gs1_dictionary
 from linectl.gs1_dictionary import lint_yymmd0
-from linectl.simulators.model import SimUnit
-from linectl.simulators.printer import apply_print
 from linectl.store import Store
 from linectl.yamlsource import ConfigFileError, load_yaml, to_plain
 
@@ -211,7 +210,7 @@ def test_shelf_life_without_production_date_is_counted_from_today():
 
 
 def test_ilmd_of_every_date_validates_against_the_official_schema():
-    t0 = datetime(2026, 3, 1, 8, 30, tzinfo=timezone.utc)
+    t0 = datetime(2026, 3, 1, 8, 30, tzinfo=UTC)
     dates = {k: v for k, v in ALL_DATES.items() if k in C.BATCH_DATES}
     e = ev.UnitCommissioned(gtin=GTIN, serial="S1", lot="L0T;1", expiry="281231", dates=dates, event_time=t0)
     m = epcis.EpcisMapper(read_point="urn:epc:id:sgln:9501101.00000.0", biz_location="urn:epc:id:sgln:9501101.00000.0",

@@ -13,8 +13,6 @@ from datetime import date, timedelta
 from pathlib import Path
 
 import pytest
-from ruamel.yaml import YAML
-
 from engine_helpers import (
     check_report,
     close_batch,
@@ -29,10 +27,11 @@ from engine_helpers import (
     wait_for,
     wait_stopped,
 )
+from ruamel.yaml import YAML
+
 from linectl import control as C
-from linectl import gs1
+from linectl import epcis, gs1
 from linectl.demo import DEFAULT_CONFIG
-from linectl import epcis
 from linectl.events import UnitCommissioned, UnitDecommissioned
 from linectl.yamlsource import load_yaml, to_plain
 
