@@ -225,12 +225,21 @@ def stop_child(p: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None
 
 
 def parse_element_string(content: str | None) -> dict[str, str]:
-    """AIs of a printed element string (01/17 fixed length, 10/21 up to GS or end); {} when it is not one."""
+    """AIs of a printed element string; {} when it is not one.
+
+    A valid code is read by linectl.gs1 (any AI a code template may print: dates, constants such as 714);
+    a damaged one as far as its 01/date/10/21 prefix goes."""
     out: dict[str, str] = {}
     if not content:
         return out
+    from linectl import gs1
+
+    try:
+        return dict(gs1.parse(content).ais)
+    except gs1.GS1Error:
+        pass
     s = content
-    fixed = {"01": 14, "17": 6, "11": 6, "15": 6}
+    fixed = {"01": 14, "11": 6, "13": 6, "15": 6, "16": 6, "17": 6}
     i = 0
     while i < len(s):
         ai = s[i : i + 2]
