@@ -57,6 +57,9 @@ from typing import Any, Callable
 
 import structlog
 
+from linectl.config import Product
+from linectl.demo import demo_batch_dates
+from linectl.gs1 import CodeTemplate
 from linectl.simulators.chaos import ChaosProxy
 from linectl.simulators.control import request as sim_request
 
@@ -482,6 +485,7 @@ class Campaign:
         self.plc = ""
         self.kinds: list[str] = []
         self.gtin = ""
+        self.template: CodeTemplate | None = None
         self.lots: list[dict[str, Any]] = []  # {"lot", "created_t"}
         self.batch_n = 0
         self.hold_until = 0.0  # operator leaves a pause / stop alone until then
@@ -533,6 +537,7 @@ class Campaign:
         self.plc = next(st["plc"] for st in raw["stations"] if st.get("type") in ("print_verify", "verify"))
         self.kinds = list((raw.get("batch") or {}).get("challenge") or [])
         self.gtin = raw["products"][0]["gtin"]
+        self.template = Product.model_validate(raw["products"][0]).template  # which dates its batches must give
         sim_path, run_path = self.dir / "sim.yaml", self.dir / "run.yaml"
         for path, doc in ((sim_path, sim_raw), (run_path, run_raw)):
             with open(path, "w", encoding="utf-8") as fh:
@@ -735,7 +740,8 @@ class Campaign:
         lot = f"C{self.o.seed % 10000}N{self.batch_n}{uuid.uuid4().hex[:4].upper()}"
         expiry = (date.today() + timedelta(days=700)).strftime("%y%m%d")
         created_t = time.time()  # before the command: nothing of this batch can have been fed earlier
-        r = await self.command("create_batch", lot=lot, gtin=self.gtin, expiry=expiry, planned_qty=self.o.batch_units)
+        r = await self.command("create_batch", lot=lot, gtin=self.gtin, expiry=expiry, planned_qty=self.o.batch_units,
+                               **(demo_batch_dates(self.template, expiry) if self.template is not None else {}))
         self.echo(f"operator: create_batch {lot} -> {'ok' if r and r.get('ok') else (r or {}).get('error', 'no reply')}")
         if r is not None and r.get("ok"):
             self.lots.append({"lot": lot, "created_t": created_t})

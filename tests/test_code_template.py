@@ -264,3 +264,13 @@ async def test_field_verify_compares_the_dates_on_the_pack_with_the_record(tmp_p
         assert r["verdict"] == "suspicious" and "production_date on the pack 260116 differs from the record 260115" in r["reason"], r
     finally:
         await store.close()
+
+
+def test_demo_and_campaign_batches_give_the_dates_their_template_prints():
+    from linectl.demo import demo_batch_dates
+
+    tpl = gs1.CodeTemplate.build(FULL)
+    dates = demo_batch_dates(tpl, "281231", today=date(2026, 1, 15))
+    assert dates == {"production_date": "260115", "packaging_date": "260115", "best_before": "281231", "sell_by": "281231"}
+    tpl.check_batch(GTIN, {"lot": "L1", "expiry": "281231", **dates})
+    assert demo_batch_dates(gs1.CodeTemplate.build(["01", "17", "10", "21"]), "281231") == {}
