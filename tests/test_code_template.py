@@ -196,6 +196,15 @@ async def test_batch_dates_refused_checked_and_kept_across_restart(tmp_path):
         assert again.batch is not None and again.batch.dates == {"production_date": prod}
         code = cfg.products[0].template.compose(GTIN, "S1", again.batch.code_values())
         assert code.get("11") == prod and code.get("17") == exp
+        await again.execute(C.CloseBatch(actor="t"), "test")
+        # a batch created before its product's template gained (13) has no packaging date: it is never started
+        await again.execute(C.CreateBatch(lot="B2", gtin=GTIN, expiry=exp, production_date=prod, planned_qty=10, challenge=False), "test")
+        changed = _line_cfg(code_template=["01", "11", "13", "17", "10", "21"], shelf_life_days=730)
+        later = Line(changed, store, {})
+        await later.load_open_batch()
+        with pytest.raises(C.CommandRejected) as ei:
+            await later.execute(C.StartBatch(actor="t"), "test")
+        assert ei.value.code == "missing_dates" and "packaging_date" in ei.value.reason, ei.value.reason
     finally:
         await store.close()
 

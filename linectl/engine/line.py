@@ -20,6 +20,7 @@ import structlog
 from linectl.drivers.base import CodeReader, Driver, Plc, Printer
 from linectl import control as C
 from linectl.config import LineConfig, PrintVerifyStation, Product
+from linectl.gs1 import GS1Error
 from linectl.engine.print_verify import PrintVerifyRuntime
 from linectl.engine.verify import challenge_status
 from linectl.events import (
@@ -489,6 +490,10 @@ class Line:
         if self.fault is not None:
             raise C.CommandRejected(f"line fault {self.fault} active; reset first", "fault_active")
         self._require_reconciled(b)
+        try:  # a batch from before its product's code_template gained a date AI cannot fill it: never print it empty
+            b.product.template.batch_values(b.code_values())
+        except GS1Error as exc:
+            raise C.CommandRejected(f"batch {b.lot}: {exc.reason}; close it and create a new batch", "missing_dates") from None
         self._store_ok()
         self._devices_ready()
         if self.challenge_missing(b):
