@@ -13,7 +13,7 @@ import re
 from typing import Annotated, Any, Literal, Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from linectl.drivers.base import DriverConfig
 from linectl.drivers.registry import device_config_classes
@@ -104,6 +104,13 @@ class LineIdentity(Model):
 # --------------------------------------------------------------------------- serials
 
 
+def _refuse_low_water(data: Any, why: str) -> Any:
+    """`low_water` once was accepted for every scheme and did nothing but for pool: refuse it by name."""
+    if isinstance(data, dict) and "low_water" in data:
+        raise ValueError(f"low_water applies to scheme pool only ({why}); remove it")
+    return data
+
+
 class RandomSerials(Model):
     """Non-deterministic randomisation (EU FMD art. 4): guess probability must stay below 1 in 10,000."""
 
@@ -111,7 +118,11 @@ class RandomSerials(Model):
     alphabet: str = "0123456789ABCDEFGHJKLMNPQRSTUVWXYZ"
     length: int = Field(12, ge=1, le=20)
     planned_volume: int = Field(1_000_000, gt=0, description="serials expected for this GTIN over its lifetime")
-    low_water: int = Field(0, ge=0, description="not used for random (serials are generated locally)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_low_water(cls, data: Any) -> Any:
+        return _refuse_low_water(data, "random serials are drawn on the line and never run low")
 
     @field_validator("alphabet")
     @classmethod
@@ -147,7 +158,11 @@ class SequentialSerials(Model):
     start: int = Field(1, ge=0)
     step: int = Field(1, ge=1)
     width: int = Field(0, ge=0, le=20, description="zero-pad to this width; 0 = no padding")
-    low_water: int = Field(0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_low_water(cls, data: Any) -> Any:
+        return _refuse_low_water(data, "sequential serials are counted on the line and never run low")
 
 
 class PoolSerials(Model):
@@ -168,13 +183,21 @@ class Product(Model):
     market: str = Field("EU-FMD", description="free text for reports; EU-FMD forbids sequential serials")
     code_template: list[str] = Field(
         default_factory=lambda: ["01", "17", "10", "21"],
-        description="AIs printed in the DataMatrix; fixed-length ones are moved first automatically",
+        description="AIs printed in the DataMatrix: 01, 21, 10 and the dates 11/13/15/16/17 come from the product and "
+        "batch, any other AI from extra_ais; fixed-length ones are moved first automatically",
     )
-    extra_ais: dict[str, str] = Field(default_factory=dict, description="constant AIs, e.g. NHRN {'714': '1234567'}")
+    extra_ais: dict[str, str] = Field(
+        default_factory=dict, description="constant AIs printed on every unit, e.g. NHRN {'714': '1234567'}"
+    )
     serials: SerialScheme
     min_grade: float = Field(1.5, ge=0.0, le=4.0, description="ISO 15415 overall grade below which a unit is rejected")
     allow_dmre: bool = Field(False, description="accept GS1 in a rectangular extension DataMatrix (DMRE, ISO 21471, reported as ]d8)")
-    shelf_life_days: int | None = Field(None, gt=0)
+    shelf_life_days: int | None = Field(
+        None, gt=0, le=36_500,
+        description="a batch's expiry may be at most this many days after its production_date (or, without one, "
+        "after the day the batch is created)",
+    )
+    _code_template: gs1.CodeTemplate = PrivateAttr()
 
     @field_validator("gtin")
     @classmethod
@@ -184,18 +207,18 @@ class Product(Model):
         except gs1.GS1Error as exc:
             raise ValueError(exc.reason) from exc
 
-    @field_validator("code_template")
-    @classmethod
-    def _template(cls, v: list[str]) -> list[str]:
-        if "01" not in v or "21" not in v:
-            raise ValueError("code_template must contain AI 01 (GTIN) and AI 21 (serial)")
-        allowed = {"01", "10", "11", "17", "21", "15", "16", "13"}
-        bad = [a for a in v if a not in allowed]
-        if bad:
-            raise ValueError(f"code_template: AI(s) {bad} are not per-unit fields; put constants in extra_ais")
-        if len(set(v)) != len(v):
-            raise ValueError("code_template lists an AI twice")
-        return v
+    @model_validator(mode="after")
+    def _template(self) -> "Product":
+        try:
+            self._code_template = gs1.CodeTemplate.build(self.code_template, self.extra_ais)
+        except gs1.GS1Error as exc:
+            raise ValueError(exc.reason) from None
+        return self
+
+    @property
+    def template(self) -> gs1.CodeTemplate:
+        """The validated unit code template (code_template + extra_ais): printing, verification and EPCIS use it."""
+        return self._code_template
 
     @model_validator(mode="after")
     def _market_rules(self) -> "Product":

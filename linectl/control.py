@@ -41,6 +41,23 @@ class CreateBatch(Command):
     expiry: str = Field(description="YYMMDD, DD=00 allowed (end of that month, GS1)")
     planned_qty: int = Field(gt=0, le=MAX_PLANNED_QTY)
     challenge: bool = True
+    # the other dates a product's code_template may print (AI 11, 13, 15, 16); required when the template has the AI
+    production_date: str | None = Field(None, description="AI (11) YYMMDD; with shelf_life_days it bounds the expiry")
+    packaging_date: str | None = Field(None, description="AI (13) YYMMDD")
+    best_before: str | None = Field(None, description="AI (15) YYMMDD")
+    sell_by: str | None = Field(None, description="AI (16) YYMMDD")
+
+    @field_validator("production_date", "packaging_date", "best_before", "sell_by")
+    @classmethod
+    def _date(cls, v: str | None, info: Any) -> str | None:
+        if v is not None:
+            batch_date(v, info.field_name)
+        return v
+
+    @property
+    def dates(self) -> dict[str, str]:
+        """The batch's dates besides expiry that were given: batch attribute name -> YYMMDD."""
+        return {k: v for k in BATCH_DATES if (v := getattr(self, k)) is not None}
 
     @field_validator("lot")
     @classmethod
@@ -64,6 +81,48 @@ class CreateBatch(Command):
         # (Line._cmd_create_batch), so a command replayed later is judged on the day it runs
         expiry_date(v)
         return v
+
+
+#: batch dates besides `expiry`, by their CLI/MQTT name (gs1.BATCH_SOURCES gives the AI of each)
+BATCH_DATES = ("production_date", "packaging_date", "best_before", "sell_by")
+
+
+def batch_date(value: str, name: str) -> date:
+    """A batch date YYMMDD by the GS1 calendar rules (DD=00: that month); ValueError names the field."""
+    if not isinstance(value, str) or not re.fullmatch(r"\d{6}", value):
+        raise ValueError(f"{name} {value!r} must be 6 digits YYMMDD")
+    try:
+        lint_yymmd0(value)
+    except LintError as exc:
+        raise ValueError(exc.message.replace("invalid date", name)) from None
+    return gs1._resolve_date(value, last_day=False)
+
+
+def check_batch_code(c: "CreateBatch", template: gs1.CodeTemplate, gtin: str, shelf_life: bool) -> None:
+    """Refuse a batch whose dates the product's code cannot carry honestly, before a single code is printed.
+
+    A date AI of the template with no date given, a date the code would not print (nothing would read it:
+    production_date is read by shelf_life_days too), or dates that make no valid code (expiry before the
+    production date) are refused with CommandRejected naming the field."""
+    values: dict[str, str | None] = {"lot": c.lot, "expiry": c.expiry, **c.dates}
+    used = set(template.batch_fields) | ({"production_date"} if shelf_life else set())
+    unused = [k for k in c.dates if k not in used]
+    if unused:
+        ais = {v: k for k, v in gs1.BATCH_SOURCES.items()}
+        listed = ", ".join(f"{k} ({gs1.ai_name(ais[k])})" for k in unused)
+        raise CommandRejected(
+            f"{listed} given, but the code_template of GTIN {gtin} ({', '.join(template.ais)}) does not print it; "
+            "a date that is neither printed nor checked is not taken", "invalid_dates")
+    missing = template.missing(values)
+    if missing:
+        ais = {v: k for k, v in gs1.BATCH_SOURCES.items()}
+        raise CommandRejected(
+            f"the code_template of GTIN {gtin} prints {', '.join(gs1.ai_name(ais[m]) for m in missing)}: "
+            f"give {', '.join(missing)} (YYMMDD) with the batch", "missing_dates")
+    try:
+        template.check_batch(gtin, values)
+    except gs1.GS1Error as exc:
+        raise CommandRejected(f"batch {c.lot}: {exc.reason}", "invalid_dates") from None
 
 
 def expiry_date(value: str) -> date:

@@ -24,6 +24,7 @@ import structlog
 from ruamel.yaml import YAML
 
 from linectl import control as C
+from linectl import gs1
 from linectl.broker import free_port, start_embedded, wait_listening
 from linectl.config import LineConfig, load_config
 from linectl.packaged import DEFAULT_EXAMPLE, example_config
@@ -70,6 +71,14 @@ def _rewrite_ports(raw: dict[str, Any], workdir: Path) -> dict[str, Any]:
     raw["simulation"] = sim
     sim["control_port"] = free_port()
     return raw
+
+
+def demo_batch_dates(template: gs1.CodeTemplate, expiry: str, today: date | None = None) -> dict[str, str]:
+    """The dates a demo or campaign batch gives for its product's code template: produced and packed today,
+    best before and sell by on the expiry (a real batch takes them from the MES or the operator)."""
+    day = (today or date.today()).strftime("%y%m%d")
+    by_name = {"production_date": day, "packaging_date": day, "best_before": expiry, "sell_by": expiry}
+    return {f: by_name[f] for f in template.batch_fields if f in by_name}
 
 
 class SimulatedLine:
@@ -179,7 +188,11 @@ class SimulatedLine:
             await self.line.execute(C.ProvisionPool(gtin=product.gtin, range_start=10**9, range_count=need, actor="demo"), origin="demo")
         lot = lot or f"DEMO{int(time.time() * 1000) % 10**9}"
         expiry = (date.today() + timedelta(days=730)).strftime("%y%m%d")
-        await self.line.execute(C.CreateBatch(lot=lot, gtin=product.gtin, expiry=expiry, planned_qty=units, challenge=challenge, actor="demo"), origin="demo")
+        dates = demo_batch_dates(product.template, expiry)
+        await self.line.execute(
+            C.CreateBatch(lot=lot, gtin=product.gtin, expiry=expiry, planned_qty=units, challenge=challenge, actor="demo", **dates),
+            origin="demo",
+        )
         return lot
 
     async def start_batch(self) -> None:

@@ -13,7 +13,10 @@ Choices that matter upstream:
 - bizStep/disposition use the bare CBV 2.0 short names ("commissioning"), which
   the official JSON schema enumerates and the JSON-LD context expands; the
   schema refuses `urn:epcglobal:cbv:` URIs there.
-- ILMD uses the `cbvmda:` CURIEs the context defines (lotNumber, itemExpirationDate).
+- ILMD uses the CBV 2.0 master data attributes under the context's `cbvmda:` prefix (lotNumber,
+  itemExpirationDate, bestBeforeDate, sellByDate); CBV has none for a production or packaging date, so AI (11)
+  and (13) use the GS1 Web Vocabulary terms GS1 Digital Link maps them to, under the context's `gs1:` prefix
+  (gs1:productionDate, gs1:packagingDate). The names live in gs1.ILMD_KEYS, next to the CodeTemplate.
 - An event is rendered once, when it is stored (Store.append -> outbox.epcis), with the context in force
   then: the station's readPoint, the time zone offset at that instant, the EPC form and prefix lengths. The
   forwarder publishes those bytes and `linectl export epcis` writes them, so an event means the same
@@ -44,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence
 import structlog
 
 from linectl import events as ev
+from linectl import gs1
 
 if TYPE_CHECKING:  # pragma: no cover
     from linectl.config import LineConfig
@@ -73,8 +77,35 @@ def epcis_time(t: datetime) -> str:
     return t.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+#: ILMD key of each batch date besides expiry, in the order they are written (gs1.ILMD_KEYS by gs1.BATCH_SOURCES)
+_DATE_KEYS: tuple[tuple[str, str], ...] = tuple(
+    (name, gs1.ILMD_KEYS[ai]) for name in ("production_date", "packaging_date", "best_before", "sell_by")
+    for ai, src in gs1.BATCH_SOURCES.items() if src == name
+)
+#: dates whose DD=00 means the month's first day in ILMD (a production or packaging month began then);
+#: best before and sell by, like expiry, mean its last day
+_FIRST_DAY = ("production_date", "packaging_date")
+
+
+def ilmd_dates(dates: dict[str, str] | None, reference: date) -> list[tuple[str, str]]:
+    """(ILMD key, ISO date) of a unit's batch dates besides expiry; an unknown name is a mapping error."""
+    if not dates:
+        return []
+    unknown = sorted(set(dates) - {n for n, _ in _DATE_KEYS})
+    if unknown:
+        raise EpcisMappingError(f"batch date(s) {unknown} have no EPCIS ILMD attribute")
+    out = []
+    for name, key in _DATE_KEYS:
+        if name in dates:
+            iso = expiry_to_date(dates[name], reference, what=name)
+            if name in _FIRST_DAY and dates[name][4:6] == "00":
+                iso = iso[:8] + "01"
+            out.append((key, iso))
+    return out
+
+
 @lru_cache(maxsize=4096)
-def expiry_to_date(yymmdd: str, reference: date | None = None) -> str:
+def expiry_to_date(yymmdd: str, reference: date | None = None, what: str = "expiry") -> str:
     """GS1 AI (17) YYMMDD -> ISO YYYY-MM-DD.
 
     The century follows the GS1 General Specifications (7.12) sliding window
@@ -82,7 +113,7 @@ def expiry_to_date(yymmdd: str, reference: date | None = None) -> str:
     of the month.
     """
     if not re.fullmatch(r"\d{6}", yymmdd or ""):
-        raise EpcisMappingError(f"expiry {yymmdd!r} is not YYMMDD")
+        raise EpcisMappingError(f"{what} {yymmdd!r} is not YYMMDD")
     yy, mm, dd = int(yymmdd[:2]), int(yymmdd[2:4]), int(yymmdd[4:6])
     ref = (reference or datetime.now(timezone.utc).date()).year
     century = ref - ref % 100
@@ -93,7 +124,7 @@ def expiry_to_date(yymmdd: str, reference: date | None = None) -> str:
         century += 100
     year = century + yy
     if not 1 <= mm <= 12:
-        raise EpcisMappingError(f"expiry {yymmdd!r}: month {mm:02d} is invalid")
+        raise EpcisMappingError(f"{what} {yymmdd!r}: month {mm:02d} is invalid")
     last = calendar.monthrange(year, mm)[1]
     if dd == 0:
         dd = last
@@ -325,6 +356,7 @@ class EpcisMapper:
                 ilmd["cbvmda:lotNumber"] = e.lot
             if e.expiry:
                 ilmd["cbvmda:itemExpirationDate"] = expiry_to_date(e.expiry, e.event_time.date())
+            ilmd.update(ilmd_dates(e.dates, e.event_time.date()))
             return self._object(e, [self.sgtin(e.gtin, e.serial)], "ADD", "commissioning", "active", ilmd or None)
         if isinstance(e, ev.UnitDecommissioned):
             step, disp = ("destroying", "destroyed") if e.destroyed else ("decommissioning", "inactive")
@@ -389,6 +421,7 @@ class EpcisMapper:
             q = _json_str
             t = e.event_time
             expiry = expiry_to_date(e.expiry, t.date()) if e.expiry else None  # first, as map() does: same error first
+            dates = ilmd_dates(e.dates, t.date())
             out = [
                 '{"type":"ObjectEvent","eventID":', q(e.event_id), ',"eventTime":', q(epcis_time(t)),
                 ',"eventTimeZoneOffset":', q(self.offset_at(t)), ',"epcList":[', q(self.sgtin(e.gtin, e.serial)),
@@ -396,12 +429,13 @@ class EpcisMapper:
                 q(self.read_points.get(e.station, self.read_point) if e.station else self.read_point),
                 '},"bizLocation":{"id":', q(self.biz_location), "}",
             ]
-            if e.lot or e.expiry:
+            if e.lot or e.expiry or dates:
                 ilmd = []
                 if e.lot:
                     ilmd.append('"cbvmda:lotNumber":' + q(e.lot))
                 if expiry:
                     ilmd.append('"cbvmda:itemExpirationDate":' + q(expiry))
+                ilmd += [q(k) + ":" + q(v) for k, v in dates]
                 out += [',"ilmd":{', ",".join(ilmd), "}"]
             out.append("}")
             return "".join(out)

@@ -70,6 +70,8 @@ class UnitCommissioned(Event):
     gtin: str
     serial: str
     expiry: str | None = None  # YYMMDD as printed
+    #: the batch's other dates by name (production_date, packaging_date, best_before, sell_by): YYMMDD; EPCIS ILMD
+    dates: dict[str, str] | None = None
     seq: int | None = None  # unit sequence (trigger count) on the line
     grade: float | None = None
 

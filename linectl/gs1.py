@@ -41,12 +41,17 @@ if TYPE_CHECKING:
     import numpy
 
 __all__ = [
+    "AI_NAMES",
+    "BATCH_SOURCES",
     "CSET82",
+    "DATE_AIS",
     "GS",
     "GS1_SYMBOLOGIES",
+    "ILMD_KEYS",
     "SYMBOLOGY_DM",
     "SYMBOLOGY_GS1_DM",
     "SYMBOLOGY_GS1_DMRE",
+    "CodeTemplate",
     "GS1Error",
     "Identity",
     "ParsedCode",
@@ -58,6 +63,7 @@ __all__ = [
     "is_valid_gtin",
     "is_valid_sscc",
     "make_sscc",
+    "mismatches",
     "normalize_gtin",
     "parse",
     "parse_uri",
@@ -66,6 +72,7 @@ __all__ = [
     "sgtin_urn",
     "sscc_digital_link",
     "sscc_urn",
+    "wrong_value",
 ]
 
 SYMBOLOGY_GS1_DM = "]d2"
@@ -678,6 +685,206 @@ def compose_unit(
 
 
 # --------------------------------------------------------------------------
+# CodeTemplate: what a product's unit code carries, and where each value comes from
+# --------------------------------------------------------------------------
+
+#: the batch attribute that gives each per-batch AI its value (CLI --production-date, MQTT "production_date" ...)
+BATCH_SOURCES: dict[str, str] = {
+    "10": "lot",
+    "17": "expiry",
+    "11": "production_date",
+    "13": "packaging_date",
+    "15": "best_before",
+    "16": "sell_by",
+}
+#: the date AIs among them (YYMMDD, DD=00 allowed by the dictionary's yymmd0 linter)
+DATE_AIS: tuple[str, ...] = ("11", "13", "15", "16", "17")
+#: words for an operator's screen and a reject reason
+AI_NAMES: dict[str, str] = {
+    "01": "GTIN",
+    "21": "serial",
+    "10": "lot",
+    "17": "expiry",
+    "11": "production date",
+    "13": "packaging date",
+    "15": "best before date",
+    "16": "sell by date",
+}
+#: EPCIS 2.0 ILMD key of each per-batch AI. lotNumber, itemExpirationDate, bestBeforeDate and sellByDate are
+#: CBV 2.0 master data attributes (prefix cbvmda: of the official EPCIS 2.0 context); CBV has no production or
+#: packaging date, so those use the GS1 Web Vocabulary terms GS1 Digital Link gives AI (11) and (13)
+#: (prefix gs1: of the same official context).
+ILMD_KEYS: dict[str, str] = {
+    "10": "cbvmda:lotNumber",
+    "17": "cbvmda:itemExpirationDate",
+    "15": "cbvmda:bestBeforeDate",
+    "16": "cbvmda:sellByDate",
+    "11": "gs1:productionDate",
+    "13": "gs1:packagingDate",
+}
+#: AIs that identify one unit or container: never a per-product constant
+_NOT_CONSTANT = frozenset({"00", "01", "21", "235", "250", "251", "253", "254", "255", "8003", "8004", "8006", "8010", "8011", "8017", "8018"})
+
+
+def ai_name(ai: str) -> str:
+    """'production date (11)', or the dictionary's title for an AI linectl has no word for."""
+    if ai in AI_NAMES:
+        return f"{AI_NAMES[ai]} ({ai})"
+    entry = _entry(ai)
+    return f"{entry.title if entry is not None and entry.title else 'AI'} ({ai})"
+
+
+def date_of(value: str, *, last_day: bool = True) -> dt.date:
+    """A YYMMDD value of a date AI as a calendar day (DD=00: the month's last day, or first with last_day=False)."""
+    return _resolve_date(value, last_day=last_day)
+
+
+def _sample(ai: str) -> str:
+    """A valid stand-in value, to check the message rules (req=, ex=) of a template before any batch exists."""
+    return {"10": "LOT1", "21": "1"}.get(ai, "250101" if ai in DATE_AIS else "")
+
+
+@dataclass(frozen=True)
+class CodeTemplate:
+    """The unit code of one product: which AIs, in which order, and where each value comes from.
+
+    Printing (`compose`), verification (`expected`, `mismatches`), the EPCIS ILMD (`ilmd`) and the simulators'
+    data defects (`data_ais`) all read the one template, so an AI the template allows is printed, checked and
+    reported everywhere or nowhere. Sources: (01) the product, (21) the serial, (10) the lot, the date AIs the
+    batch (`BATCH_SOURCES`), every other AI a constant of the product (`extra_ais`), validated against the GS1
+    Barcode Syntax Dictionary with the whole-message rules (req=, ex=) when the template is built.
+    """
+
+    ais: tuple[str, ...]
+    constants: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def build(cls, code_template: Iterable[str], extra_ais: Mapping[str, str] | None = None) -> CodeTemplate:
+        """Validate a product's `code_template` and `extra_ais`; GS1Error names the first problem."""
+        ais = [str(a).strip("()") for a in code_template]
+        extra = {str(k).strip("()"): v for k, v in (extra_ais or {}).items()}
+        if len(set(ais)) != len(ais):
+            twice = sorted({a for a in ais if ais.count(a) > 1})
+            raise GS1Error(f"code_template lists AI(s) {twice} twice")
+        for ai in ais:
+            if _entry(ai) is None:
+                raise GS1Error(f"code_template: ({ai}) is not an AI of the GS1 Barcode Syntax Dictionary", ai)
+        if "01" not in ais or "21" not in ais:
+            raise GS1Error("code_template must contain AI 01 (GTIN) and AI 21 (serial)")
+        for ai in ais:
+            if ai not in ("01", "21") and ai not in BATCH_SOURCES and ai not in extra:
+                raise GS1Error(
+                    f"code_template: AI ({ai}) has no source: linectl fills (01), (21), (10) and the dates "
+                    f"{', '.join(f'({d})' for d in DATE_AIS)} from the product and batch; give any other AI a value in extra_ais",
+                    ai,
+                )
+        for ai, value in extra.items():
+            if _entry(ai) is None:
+                raise GS1Error(f"extra_ais: ({ai}) is not an AI of the GS1 Barcode Syntax Dictionary", ai)
+            if ai in _NOT_CONSTANT or ai in BATCH_SOURCES:
+                src = f"the batch's {BATCH_SOURCES[ai]}" if ai in BATCH_SOURCES else "each unit or container"
+                raise GS1Error(f"extra_ais: AI ({ai}) cannot be a constant of the product: its value comes from {src}", ai)
+            if not isinstance(value, str):
+                raise GS1Error(f"extra_ais: AI ({ai}) value must be a string, got {value!r}", ai)
+            _check_value(ai, value)
+        constants = tuple((ai, extra[ai]) for ai in ais if ai in extra) + tuple(
+            (ai, v) for ai, v in extra.items() if ai not in ais
+        )
+        tpl = cls(tuple(ais), constants)
+        const = dict(constants)
+        _check_message([(ai, const.get(ai) or _sample(ai)) for ai in tpl.all_ais])
+        return tpl
+
+    @property
+    def all_ais(self) -> tuple[str, ...]:
+        """Every AI on the code: the template's, then constants not listed in it."""
+        return self.ais + tuple(ai for ai, _ in self.constants if ai not in self.ais)
+
+    @property
+    def batch_fields(self) -> tuple[str, ...]:
+        """Batch attributes this template needs (lot, expiry, production_date ...), in template order."""
+        return tuple(BATCH_SOURCES[ai] for ai in self.ais if ai in BATCH_SOURCES)
+
+    @property
+    def data_ais(self) -> tuple[str, ...]:
+        """The per-batch AIs on the code (lot first, then the dates in template order): what a data mismatch alters."""
+        rest = tuple(ai for ai in self.ais if ai in BATCH_SOURCES and ai != "10")
+        return (("10",) if "10" in self.ais else ()) + rest
+
+    def missing(self, batch: Mapping[str, str | None]) -> list[str]:
+        """The batch attributes the template needs but `batch` does not give (field names)."""
+        return [f for f in self.batch_fields if not batch.get(f)]
+
+    def batch_values(self, batch: Mapping[str, str | None]) -> tuple[tuple[str, str], ...]:
+        """(AI, value) of every per-batch AI; GS1Error if one has no value (never printed empty) or a bad one."""
+        missing = self.missing(batch)
+        if missing:
+            need = ", ".join(f"{f} for {ai_name(ai)}" for ai, f in BATCH_SOURCES.items() if f in missing)
+            raise GS1Error(f"the code template needs {need}: the batch does not give it", None)
+        out = []
+        for ai in self.ais:
+            if ai in BATCH_SOURCES:
+                value = batch[BATCH_SOURCES[ai]]
+                assert value is not None
+                try:
+                    _check_value(ai, value)
+                except GS1Error as exc:
+                    raise GS1Error(f"{BATCH_SOURCES[ai]} {value!r}: {exc.reason}", ai) from None
+                out.append((ai, value))
+        return tuple(out)
+
+    def check_batch(self, gtin: str, batch: Mapping[str, str | None]) -> ParsedCode:
+        """Refuse a batch whose values cannot make a valid code (missing or bad date, expiry before production):
+        composes the code of a stand-in serial, so the batch fails at creation, never at the first print."""
+        return self.compose(gtin, "1", batch)
+
+    def pairs(self, gtin: str, serial: str, batch: Mapping[str, str | None]) -> list[tuple[str, str]]:
+        """Every (AI, value) of one unit's code, in template order (constants not listed: at the end)."""
+        values = dict(self.batch_values(batch))
+        values["01"] = normalize_gtin(gtin)
+        values["21"] = serial
+        values.update(self.constants)
+        return [(ai, values[ai]) for ai in self.all_ais]
+
+    def compose(self, gtin: str, serial: str, batch: Mapping[str, str | None]) -> ParsedCode:
+        """The code to print: validated, predefined-length AIs first (its element_string has FNC1/GS as printers need)."""
+        return compose(self.pairs(gtin, serial, batch))
+
+    def expected(self, code: ParsedCode) -> tuple[tuple[str, str], ...]:
+        """What verification checks besides GTIN and serial: every other AI of a composed code, in template order."""
+        return tuple((ai, v) for ai, v in ((a, code.get(a)) for a in self.all_ais if a not in ("01", "21")) if v is not None)
+
+    def ilmd(self, batch: Mapping[str, str | None], *, today: dt.date | None = None) -> dict[str, str]:
+        """EPCIS 2.0 ILMD of a unit: lot and dates as ISO dates (DD=00: the month's last day), keyed by ILMD_KEYS."""
+        out: dict[str, str] = {}
+        for ai in self.ais:
+            if ai in ILMD_KEYS and batch.get(BATCH_SOURCES[ai]):
+                value = str(batch[BATCH_SOURCES[ai]])
+                out[ILMD_KEYS[ai]] = value if ai == "10" else _resolve_date(value, last_day=ai != "11" and ai != "13").isoformat()
+        return out
+
+
+def mismatches(expected: Iterable[tuple[str, str]], read: ParsedCode) -> list[str]:
+    """Each AI of `expected` the read code carries with another value (or not at all), worded for an operator."""
+    out = []
+    for ai, want in expected:
+        got = read.get(ai)
+        if got != want:
+            out.append(f"{ai_name(ai)} {got!r}, expected {want!r}" if got is not None else f"{ai_name(ai)} missing, expected {want!r}")
+    return out
+
+
+def wrong_value(ai: str, value: str) -> str:
+    """A different value, still valid for `ai` (a date moves one day): the simulators' data defect."""
+    if ai in DATE_AIS:
+        day = _resolve_date(value, last_day=False) + dt.timedelta(days=1)
+        return day.strftime("%y%m%d")
+    ch = value[-1]
+    bumped = str((int(ch) + 1) % 10) if ch.isdigit() else ("B" if ch == "A" else "A")
+    return value[:-1] + bumped
+
+
+# --------------------------------------------------------------------------
 # keys: GTIN, SSCC
 # --------------------------------------------------------------------------
 
@@ -769,6 +976,8 @@ class Identity:
     sscc: str | None
     lot: str | None = None
     expiry: str | None = None
+    #: the other batch dates the code carries, by batch attribute name (BATCH_SOURCES): (production_date, YYMMDD) ...
+    dates: tuple[tuple[str, str], ...] = ()
 
 
 def _company_prefix_len(n: int) -> int:
@@ -960,8 +1169,9 @@ def _identity_from_pairs(pairs: Iterable[tuple[str, str]]) -> Identity:
     if "01" in d:
         if "21" not in d:
             raise GS1Error("AI (01) without AI (21): a GTIN alone names a product, not a unit", "21")
+        dates = tuple((BATCH_SOURCES[ai], d[ai]) for ai in DATE_AIS if ai != "17" and ai in d)
         return Identity(kind="sgtin", gtin=d["01"], serial=d["21"], sscc=None,
-                        lot=d.get("10"), expiry=d.get("17"))
+                        lot=d.get("10"), expiry=d.get("17"), dates=dates)
     raise GS1Error("no identity: neither SSCC AI (00) nor GTIN AI (01) with serial AI (21) present")
 
 

@@ -68,6 +68,7 @@ def batch_report(store: Any, lot: str) -> dict[str, Any]:
         "lot": lot,
         "gtin": b.gtin,
         "expiry": b.expiry,
+        "dates": store.batch_dates(lot),  # production_date, packaging_date, best_before, sell_by as printed
         "planned_qty": b.planned_qty,
         "state": b.state,
         "provisioned": provisioned,
@@ -215,7 +216,9 @@ def _lot_events(store: Any, lot: str) -> list[Any]:
 
 def format_report(r: dict[str, Any]) -> str:
     lines = [
-        f"Batch {r['lot']}  GTIN {r['gtin']}  expiry {r['expiry']}  planned {r['planned_qty']}  state {r['state']}",
+        f"Batch {r['lot']}  GTIN {r['gtin']}  expiry {r['expiry']}"
+        + "".join(f"  {k} {v}" for k, v in sorted(r.get("dates", {}).items()))
+        + f"  planned {r['planned_qty']}  state {r['state']}",
         f"  provisioned     {r['provisioned']}",
         f"  commissioned    {r['commissioned']}",
         f"  decommissioned  {r['decommissioned']}",

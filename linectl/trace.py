@@ -37,6 +37,7 @@ from typing import IO, Any
 import structlog
 
 from linectl import gs1
+from linectl.store.model import BATCH_DATES_KEY
 
 log = structlog.get_logger("linectl.trace")
 
@@ -100,7 +101,10 @@ def identify_code(code: str) -> dict[str, Any]:
         raise TraceError(f"cannot identify {code[:80]!r}: {exc.reason}") from None
     if ident.kind == "sscc":
         return {"kind": "sscc", "sscc": ident.sscc, "gtin": None, "serial": None, "lot": None, "expiry": None, "symbology": sym}
-    return {"kind": "sgtin", "sscc": None, "gtin": ident.gtin, "serial": ident.serial, "lot": ident.lot, "expiry": ident.expiry, "symbology": sym}
+    out = {"kind": "sgtin", "sscc": None, "gtin": ident.gtin, "serial": ident.serial, "lot": ident.lot, "expiry": ident.expiry, "symbology": sym}
+    if ident.dates:
+        out["dates"] = dict(ident.dates)
+    return out
 
 
 def _products(store: Any, conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
@@ -719,6 +723,12 @@ def _verify_unit(store: Any, conn: sqlite3.Connection, ident: dict[str, Any], ou
         return _verdict(out, "suspicious", f"lot on the pack {ident['lot']} differs from the record {lot}: possible counterfeit")
     if ident.get("expiry") and b and ident["expiry"] != b[0]:
         return _verdict(out, "suspicious", f"expiry on the pack {ident['expiry']} differs from the record {b[0]}: possible counterfeit")
+    if ident.get("dates") and lot:
+        m = conn.execute("SELECT value FROM meta WHERE key=?", (BATCH_DATES_KEY + lot,)).fetchone()
+        recorded = json.loads(m[0]) if m else {}
+        for name, value in ident["dates"].items():
+            if recorded.get(name) != value:
+                return _verdict(out, "suspicious", f"{name} on the pack {value} differs from the record {recorded.get(name) or '(none)'}: possible counterfeit")
     if state == "sent":
         return _verdict(out, "suspicious", "code was sent to the printer but never verified and commissioned")
     if state == "decommissioned":

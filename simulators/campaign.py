@@ -57,6 +57,9 @@ from typing import Any, Callable
 
 import structlog
 
+from linectl.config import Product
+from linectl.demo import demo_batch_dates
+from linectl.gs1 import CodeTemplate
 from linectl.simulators.chaos import ChaosProxy
 from linectl.simulators.control import request as sim_request
 
@@ -225,12 +228,21 @@ def stop_child(p: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> None
 
 
 def parse_element_string(content: str | None) -> dict[str, str]:
-    """AIs of a printed element string (01/17 fixed length, 10/21 up to GS or end); {} when it is not one."""
+    """AIs of a printed element string; {} when it is not one.
+
+    A valid code is read by linectl.gs1 (any AI a code template may print: dates, constants such as 714);
+    a damaged one as far as its 01/date/10/21 prefix goes."""
     out: dict[str, str] = {}
     if not content:
         return out
+    from linectl import gs1
+
+    try:
+        return dict(gs1.parse(content).ais)
+    except gs1.GS1Error:
+        pass
     s = content
-    fixed = {"01": 14, "17": 6, "11": 6, "15": 6}
+    fixed = {"01": 14, "11": 6, "13": 6, "15": 6, "16": 6, "17": 6}
     i = 0
     while i < len(s):
         ai = s[i : i + 2]
@@ -473,6 +485,7 @@ class Campaign:
         self.plc = ""
         self.kinds: list[str] = []
         self.gtin = ""
+        self.template: CodeTemplate | None = None
         self.lots: list[dict[str, Any]] = []  # {"lot", "created_t"}
         self.batch_n = 0
         self.hold_until = 0.0  # operator leaves a pause / stop alone until then
@@ -524,6 +537,7 @@ class Campaign:
         self.plc = next(st["plc"] for st in raw["stations"] if st.get("type") in ("print_verify", "verify"))
         self.kinds = list((raw.get("batch") or {}).get("challenge") or [])
         self.gtin = raw["products"][0]["gtin"]
+        self.template = Product.model_validate(raw["products"][0]).template  # which dates its batches must give
         sim_path, run_path = self.dir / "sim.yaml", self.dir / "run.yaml"
         for path, doc in ((sim_path, sim_raw), (run_path, run_raw)):
             with open(path, "w", encoding="utf-8") as fh:
@@ -726,7 +740,8 @@ class Campaign:
         lot = f"C{self.o.seed % 10000}N{self.batch_n}{uuid.uuid4().hex[:4].upper()}"
         expiry = (date.today() + timedelta(days=700)).strftime("%y%m%d")
         created_t = time.time()  # before the command: nothing of this batch can have been fed earlier
-        r = await self.command("create_batch", lot=lot, gtin=self.gtin, expiry=expiry, planned_qty=self.o.batch_units)
+        r = await self.command("create_batch", lot=lot, gtin=self.gtin, expiry=expiry, planned_qty=self.o.batch_units,
+                               **(demo_batch_dates(self.template, expiry) if self.template is not None else {}))
         self.echo(f"operator: create_batch {lot} -> {'ok' if r and r.get('ok') else (r or {}).get('error', 'no reply')}")
         if r is not None and r.get("ok"):
             self.lots.append({"lot": lot, "created_t": created_t})

@@ -331,6 +331,7 @@ class Conveyor:
                 "challenge": unit.challenge,
                 "job_seq": unit.job_seq,
                 "content": unit.content,
+                "wrong_ai": unit.extras.get("wrong_ai"),  # data_mismatch: the AI printed wrong
                 "verdict": unit.extras.get("verdict"),
                 "gate": unit.extras.get("gate"),
                 "plc_epoch": unit.extras.get("plc_epoch"),

@@ -23,7 +23,7 @@ UNIT_DEFECTS = (
     "wrong_code",  # a valid GS1 code, but not the one sent
     "duplicate",  # the previous unit's code printed again
     "not_gs1",  # same content, plain DataMatrix (]d1): printer sent GS instead of FNC1
-    "data_mismatch",  # right GTIN+serial, wrong lot
+    "data_mismatch",  # right GTIN+serial, a wrong lot or date (the AI in SimUnit.extras["wrong_ai"])
 )
 #: harmless variations: must NOT be rejected (counted apart)
 VARIATIONS = ("smudge_mild",)

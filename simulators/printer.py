@@ -60,6 +60,28 @@ def _alter_ai(content: str, ai: str) -> str | None:
     return None
 
 
+def _wrong_data(content: str, seq: int) -> tuple[str, str] | None:
+    """The code with one of its per-batch AIs wrong (lot, or a date moved one day), still a valid GS1 code.
+
+    Which AI follows the unit seq through gs1.CodeTemplate.data_ais of the printed code (lot first, then its
+    dates), so over a run every AI the line's template prints is damaged, with no draw from the shared rng.
+    Returns (new content, the AI altered), or None for a code without per-batch AIs."""
+    from linectl import gs1
+
+    try:
+        parsed = gs1.parse(content)
+        data = gs1.CodeTemplate(tuple(a for a, _ in parsed.ais)).data_ais
+        if not data:
+            return None
+        ai = data[(seq - 1) % len(data)]
+        value = parsed.get(ai)
+        assert value is not None
+        pairs = [(a, gs1.wrong_value(a, v) if a == ai else v) for a, v in parsed.ais]
+        return gs1.compose(pairs).element_string, ai
+    except gs1.GS1Error:
+        return None
+
+
 def render_unit(unit: SimUnit) -> None:
     """Pixels of what is on the pack (GS1 or plain DataMatrix), for camera simulators."""
     from linectl import gs1
@@ -119,11 +141,11 @@ def apply_print(
     elif defect == "not_gs1":
         unit.symbology = "]d1"
     elif defect == "data_mismatch":
-        alt = _alter_ai(content, "10")
-        if alt is None:
+        wrong = _wrong_data(content, unit.seq)
+        if wrong is None:
             applied = None
         else:
-            unit.content = alt
+            unit.content, unit.extras["wrong_ai"] = wrong
     elif defect == "smudge_mild":
         unit.quality = round(rng.uniform(2.0, 3.0), 1)
         unit.extras["damage"] = "smudge_mild"

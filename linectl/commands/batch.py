@@ -42,10 +42,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("batch", help="send a batch/line command to the running daemon (over MQTT)")
     p.add_argument("action", choices=sorted(ACTIONS))
     p.add_argument("-c", "--config", required=True, help="line YAML (gives the broker and topic root)")
-    p.add_argument("--file", help="batch YAML/JSON file with lot, gtin, expiry, planned_qty (for create)")
+    p.add_argument("--file", help="batch YAML/JSON file with lot, gtin, expiry, planned_qty and any of production_date, "
+                   "packaging_date, best_before, sell_by (for create)")
     p.add_argument("--lot")
     p.add_argument("--gtin")
     p.add_argument("--expiry", help="YYMMDD")
+    # the other dates a product's code_template may print; a template AI without its date is refused at create
+    p.add_argument("--production-date", dest="production_date", help="YYMMDD: AI (11); bounds the expiry by shelf_life_days")
+    p.add_argument("--packaging-date", dest="packaging_date", help="YYMMDD: AI (13)")
+    p.add_argument("--best-before", dest="best_before", help="YYMMDD: AI (15)")
+    p.add_argument("--sell-by", dest="sell_by", help="YYMMDD: AI (16)")
     p.add_argument("--qty", type=int, dest="planned_qty")
     p.add_argument("--no-challenge", action="store_true")
     p.add_argument("--reason", default="")
@@ -122,6 +128,12 @@ def build_command(args: argparse.Namespace) -> dict[str, Any]:
     for key in ("lot", "gtin", "expiry", "planned_qty"):
         v = getattr(args, key)
         if v is not None:
+            body[key] = v
+    for key in ("production_date", "packaging_date", "best_before", "sell_by"):
+        v = getattr(args, key)
+        if v is not None:
+            if name != "create_batch":
+                raise ValueError(f"--{key.replace('_', '-')} belongs to a batch's creation (batch create), not to batch {args.action}")
             body[key] = v
     if name == "create_batch" and args.no_challenge:
         body["challenge"] = False

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
@@ -20,6 +20,7 @@ import structlog
 from linectl.drivers.base import CodeReader, Driver, Plc, Printer
 from linectl import control as C
 from linectl.config import LineConfig, PrintVerifyStation, Product
+from linectl.gs1 import GS1Error
 from linectl.engine.print_verify import PrintVerifyRuntime
 from linectl.engine.verify import challenge_status
 from linectl.events import (
@@ -80,6 +81,8 @@ class BatchContext:
     challenge: bool = True
     #: kinds this batch must pass before production, fixed at create ([] = waived); see Line.challenge_missing
     challenge_required: list[str] | None = None
+    #: dates besides expiry the code template prints (production_date, packaging_date, best_before, sell_by)
+    dates: dict[str, str] = field(default_factory=dict)
     good: int = 0
     good_before: int = 0  # commissioned in earlier runs of the daemon (restart mid-batch)
     decommissioned: int = 0
@@ -87,6 +90,10 @@ class BatchContext:
 
     def good_total(self) -> int:
         return self.good + self.good_before
+
+    def code_values(self) -> dict[str, str | None]:
+        """The batch attributes a CodeTemplate takes its per-batch AIs from (gs1.BATCH_SOURCES)."""
+        return {"lot": self.lot, "expiry": self.expiry, **self.dates}
 
 
 @dataclass
@@ -368,6 +375,7 @@ class Line:
                 self.batch = BatchContext(
                     b.lot, b.gtin, b.expiry, b.planned_qty, product, state, good_before=counts.get("commissioned", 0),
                     challenge=b.challenge_required != [], challenge_required=b.challenge_required,
+                    dates=self.store.batch_dates(b.lot),
                 )
                 if state in (BatchState.RUNNING, BatchState.CHALLENGE, BatchState.PAUSED):
                     await self._set_state(BatchState.STOPPED, actor="system", reason="daemon restarted; batch stopped until an operator starts it")
@@ -432,30 +440,34 @@ class Line:
             raise C.CommandRejected(f"unknown GTIN {c.gtin}: not configured on this line", "unknown_gtin") from exc
         if self.store.batch(c.lot) is not None:
             raise C.CommandRejected(f"lot {c.lot} already exists", "lot_exists")
-        self._check_expiry(c.expiry, product)
+        self._check_expiry(c.expiry, product, production=c.production_date)
+        C.check_batch_code(c, product.template, product.gtin, product.shelf_life_days is not None)
         required = list(self.cfg.batch.challenge) if c.challenge else []
-        await self.store.create_batch(c.lot, product.gtin, c.expiry, c.planned_qty, actor=c.actor, challenge_required=required)
-        self.batch = BatchContext(c.lot, product.gtin, c.expiry, c.planned_qty, product, BatchState.CREATED, challenge=c.challenge, challenge_required=required)
+        await self.store.create_batch(c.lot, product.gtin, c.expiry, c.planned_qty, actor=c.actor, challenge_required=required, dates=c.dates)
+        self.batch = BatchContext(c.lot, product.gtin, c.expiry, c.planned_qty, product, BatchState.CREATED, challenge=c.challenge,
+                                  challenge_required=required, dates=c.dates)
         await self.store.append(BatchStateChanged(lot=c.lot, gtin=product.gtin, state=BatchState.CREATED, actor=f"{c.actor}@{origin}", reason="created"))
         self.completed.clear()
         return {"lot": c.lot, "state": "created"}
 
     @staticmethod
-    def _check_expiry(expiry: str, product: Product, today: date | None = None) -> None:
+    def _check_expiry(expiry: str, product: Product, today: date | None = None, production: str | None = None) -> None:
         """Expiry against the calendar of the day the batch is created: not past, not beyond the shelf life.
 
         A pack printed with an expiry in the past, or later than the product's registered shelf life allows,
-        is a pack that cannot be released: refuse it before a single code is printed."""
+        is a pack that cannot be released: refuse it before a single code is printed. The shelf life runs from
+        the batch's production_date when it gives one (its first day for DD=00), else from today."""
         today = today or date.today()
         last_day = C.expiry_date(expiry)
         if last_day < today:
             raise C.CommandRejected(f"expiry {expiry}: {last_day.isoformat()} is in the past (today is {today.isoformat()})", "invalid_expiry")
         if product.shelf_life_days is not None:
-            latest = today + timedelta(days=product.shelf_life_days)
+            start, since = (today, "today") if production is None else (C.batch_date(production, "production_date"), f"production_date {production}")
+            latest = start + timedelta(days=product.shelf_life_days)
             if last_day > latest:
                 raise C.CommandRejected(
                     f"expiry {expiry}: {last_day.isoformat()} is beyond the shelf life of {product.gtin} "
-                    f"({product.shelf_life_days} days from today: {latest.isoformat()} at the latest)",
+                    f"({product.shelf_life_days} days from {since}: {latest.isoformat()} at the latest)",
                     "invalid_expiry",
                 )
 
@@ -478,6 +490,10 @@ class Line:
         if self.fault is not None:
             raise C.CommandRejected(f"line fault {self.fault} active; reset first", "fault_active")
         self._require_reconciled(b)
+        try:  # a batch from before its product's code_template gained a date AI cannot fill it: never print it empty
+            b.product.template.batch_values(b.code_values())
+        except GS1Error as exc:
+            raise C.CommandRejected(f"batch {b.lot}: {exc.reason}; close it and create a new batch", "missing_dates") from None
         self._store_ok()
         self._devices_ready()
         if self.challenge_missing(b):

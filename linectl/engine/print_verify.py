@@ -338,7 +338,7 @@ class PrintVerifyRuntime:
                     self._on_printer[j.job_seq] = j
                 for idx, j in enumerate(jobs):
                     try:
-                        await self.printer.send(PrintJob(seq=j.job_seq, element_string=j.code.element_string, hri=j.code.hri, fields={"lot": batch.lot, "expiry": batch.expiry, "gtin": batch.gtin, "serial": j.serial}))
+                        await self.printer.send(PrintJob(seq=j.job_seq, element_string=j.code.element_string, hri=j.code.hri, fields={"lot": batch.lot, "expiry": batch.expiry, "gtin": batch.gtin, "serial": j.serial, **batch.dates}))
                         j.acked = True
                         self._jobs_issued += 1
                     except DeviceError as exc:
@@ -361,15 +361,9 @@ class PrintVerifyRuntime:
     def _make_job(self, serial: str, batch: "BatchContext") -> Job:
         self._job_counter += 1
         p = batch.product
-        tpl = p.code_template
-        code = gs1.compose_unit(
-            batch.gtin,
-            serial,
-            lot=batch.lot if "10" in tpl else None,
-            expiry=batch.expiry if "17" in tpl else None,
-            extra=p.extra_ais or None,
-        )
-        exp = Expected(batch.gtin, serial, batch.lot if "10" in tpl else None, batch.expiry if "17" in tpl else None, code.element_string)
+        tpl = p.template
+        code = tpl.compose(batch.gtin, serial, batch.code_values())
+        exp = Expected(batch.gtin, serial, code.lot, code.expiry_raw, code.element_string, tpl.expected(code))
         return Job(self._job_counter, serial, code, exp, time.monotonic())
 
     async def _allocator(self) -> None:
@@ -522,7 +516,8 @@ class PrintVerifyRuntime:
     async def _accept(self, seq: int, job: Job, v: Verdict, received_at: float) -> None:
         batch = self.batch
         assert batch is not None
-        ev = UnitCommissioned(gtin=batch.gtin, serial=job.serial, lot=batch.lot, expiry=batch.expiry, seq=seq, grade=v.grade, station=self.name)
+        ev = UnitCommissioned(gtin=batch.gtin, serial=job.serial, lot=batch.lot, expiry=batch.expiry, dates=batch.dates or None,
+                              seq=seq, grade=v.grade, station=self.name)
         epoch = self._epoch_changes
         await self.line.store.append(ev)  # durable before the PLC hears "good"
         if epoch != self._epoch_changes:

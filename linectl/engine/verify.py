@@ -24,6 +24,15 @@ class Expected:
     lot: str | None
     expiry: str | None  # YYMMDD
     element_string: str
+    #: every AI besides (01)/(21) the code must carry, from the product's CodeTemplate (dates, constants);
+    #: empty: the lot and expiry above
+    data: tuple[tuple[str, str], ...] = ()
+
+    def checked(self) -> tuple[tuple[str, str], ...]:
+        """The (AI, value) pairs a read must carry besides GTIN and serial."""
+        if self.data:
+            return self.data
+        return tuple((ai, v) for ai, v in (("10", self.lot), ("17", self.expiry)) if v is not None)
 
 
 @dataclass(frozen=True)
@@ -89,10 +98,9 @@ def verify_unit(
             seen_gtin=seen_g,
             seen_serial=seen_s,
         )
-    if expected.lot is not None and parsed.lot != expected.lot:
-        return Verdict(False, RejectReason.DATA_MISMATCH, f"lot {parsed.lot!r}, expected {expected.lot!r}", seen_gtin=seen_g, seen_serial=seen_s)
-    if expected.expiry is not None and parsed.expiry_raw != expected.expiry:
-        return Verdict(False, RejectReason.DATA_MISMATCH, f"expiry {parsed.expiry_raw!r}, expected {expected.expiry!r}", seen_gtin=seen_g, seen_serial=seen_s)
+    wrong = gs1.mismatches(expected.checked(), parsed)
+    if wrong:
+        return Verdict(False, RejectReason.DATA_MISMATCH, "; ".join(wrong), seen_gtin=seen_g, seen_serial=seen_s)
     if parsed.element_string != expected.element_string:
         return Verdict(False, RejectReason.WRONG_CONTENT, "element string differs from the one sent (extra or missing AIs)", seen_gtin=seen_g, seen_serial=seen_s)
     if check_grade:

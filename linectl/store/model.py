@@ -76,6 +76,10 @@ class Batch:
     challenge_required: list[str] | None = None
 
 
+#: meta key prefix of a batch's dates besides expiry (JSON {name: YYMMDD}); see Reads.batch_dates
+BATCH_DATES_KEY = "batch_dates:"
+
+
 @dataclass(frozen=True, slots=True)
 class Container:
     sscc: str

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from linectl.events import AlarmRaised, Severity
-from linectl.store.model import Batch, PoolExhausted, StoreError
+from linectl.store.model import BATCH_DATES_KEY, Batch, PoolExhausted, StoreError
 from linectl.store.serials import random_serials, sequential_serial
 from linectl.store.writer import Tx
 
@@ -617,7 +617,7 @@ def op_next_sscc_refs(tx: Tx, company_prefix: str, extension: int, n: int) -> li
 
 
 def op_create_batch(tx: Tx, lot: str, gtin: str, expiry: str, planned_qty: int, actor: str, origin: str | None,
-                    challenge_required: list[str] | None = None) -> Batch:
+                    challenge_required: list[str] | None = None, dates: dict[str, str] | None = None) -> Batch:
     r = tx.cur.execute("SELECT gtin, state FROM batches WHERE lot=?", (lot,)).fetchone()
     if r is not None:
         raise StoreError(f"batch {lot} already exists (GTIN {r[0]}, {r[1]}); a lot number is used once")
@@ -628,6 +628,9 @@ def op_create_batch(tx: Tx, lot: str, gtin: str, expiry: str, planned_qty: int, 
         (lot, gtin, expiry, planned_qty, actor, tx.ts, tx.ts, required),
     )
     detail: dict[str, Any] = {"lot": lot, "gtin": gtin, "expiry": expiry, "planned_qty": planned_qty}
+    if dates:
+        tx.cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (BATCH_DATES_KEY + lot, json.dumps(dict(dates), sort_keys=True)))
+        detail.update(dates)
     if challenge_required is not None:
         detail["challenge_required"] = list(challenge_required)
     tx.audit(actor, origin, "batch_created", detail)

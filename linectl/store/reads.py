@@ -18,6 +18,7 @@ from linectl.events import event_from_json
 from linectl.store import schema
 from linectl.store.audit import META_COUNT, META_HEAD, GENESIS, verify_rows
 from linectl.store.model import (
+    BATCH_DATES_KEY,
     SERIAL_STATES,
     AuditCheck,
     AuditRecord,
@@ -184,6 +185,14 @@ class Reader:
         with self.snapshot() as c:
             r = c.execute(select(schema.batches).where(schema.batches.c.lot == lot)).first()
         return _batch(r) if r else None
+
+    def batch_dates(self, lot: str) -> dict[str, str]:
+        """The batch's dates besides expiry (production_date, packaging_date, best_before, sell_by), as created.
+
+        Kept in `meta` under batch_dates:<lot> (written with the batch, in its transaction) until a schema
+        version gives batches a column for them."""
+        r = self.q("SELECT value FROM meta WHERE key=?", (BATCH_DATES_KEY + lot,))
+        return dict(json.loads(r[0][0])) if r else {}
 
     def batches(self, state: str | None = None) -> list[Batch]:
         stmt = select(schema.batches).order_by(schema.batches.c.created_at)

@@ -262,14 +262,17 @@ class Store:
         return ProvisionResult(accepted=len(inserted), duplicates=dups, invalid=invalid, problems=problems, rejected=rejected)
 
     async def create_batch(self, lot: str, gtin: str, expiry: str, planned_qty: int, actor: str, origin: str | None = None,
-                           challenge_required: list[str] | None = None) -> Batch:
+                           challenge_required: list[str] | None = None, dates: dict[str, str] | None = None) -> Batch:
         if not isinstance(lot, str) or not _LOT_RE.fullmatch(lot):
             raise StoreError(f"lot {lot!r} must be 1-20 characters of GS1 character set 82")
         if not re.fullmatch(r"\d{6}", str(expiry)):
             raise StoreError(f"expiry {expiry!r} must be YYMMDD")
         if int(planned_qty) <= 0:
             raise StoreError(f"planned quantity must be positive, got {planned_qty}")
-        return await self._submit(ops.op_create_batch, lot, _gtin(gtin), str(expiry), int(planned_qty), actor, origin, challenge_required)  # type: ignore[no-any-return]
+        for name, value in (dates or {}).items():
+            if not re.fullmatch(r"\d{6}", str(value)):
+                raise StoreError(f"{name} {value!r} must be YYMMDD")
+        return await self._submit(ops.op_create_batch, lot, _gtin(gtin), str(expiry), int(planned_qty), actor, origin, challenge_required, dates)  # type: ignore[no-any-return]
 
     async def allocate(self, gtin: str, lot: str, n: int, scheme: Any) -> list[str]:
         """Take n never-used serials for the lot: pool (provisioned ones), random or sequential per the product's scheme."""
@@ -454,6 +457,10 @@ class Store:
 
     def batches(self, state: str | None = None) -> list[Batch]:
         return self._reader.batches(state)
+
+    def batch_dates(self, lot: str) -> dict[str, str]:
+        """The batch's dates besides expiry as created (production_date, packaging_date, best_before, sell_by)."""
+        return self._reader.batch_dates(lot)
 
     def in_flight(self, lot: str | None = None) -> list[tuple[str, str, str]]:
         return self._reader.in_flight(lot)
