@@ -25,22 +25,22 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import benchinfo  # noqa: E402 - bench/ is the script's own directory
-
 import cv2  # noqa: E402
 import structlog  # noqa: E402
 import zxingcpp  # noqa: E402
 
+from linectl import gs1  # noqa: E402
 from linectl.drivers.camera import Camera, CameraConfig, FrameDecoder, load_image  # noqa: E402
 from linectl.drivers.decoders import ZxingDecoder, _dmtx_decode_in_child, dmtx_available, zxing_version  # noqa: E402
-from linectl import gs1  # noqa: E402
 from linectl.logging import setup_logging  # noqa: E402
 from linectl.simulators.camera import CameraSim, corpus_images, render_mask, tilt_view  # noqa: E402
 from linectl.simulators.model import SimUnit  # noqa: E402

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchinfo import machine  # noqa: E402 - bench/ is the script's own directory
+
 from linectl.logging import setup_logging  # noqa: E402
 from linectl.simulators.campaign import FAULT_KINDS, CampaignOptions, parse_faults, run_campaign  # noqa: E402
 

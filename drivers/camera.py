@@ -24,9 +24,10 @@ import os
 import re
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -101,7 +102,7 @@ class CameraConfig(DriverConfig):
         return tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in v)
 
     @model_validator(mode="after")
-    def _folder_only(self) -> "CameraConfig":
+    def _folder_only(self) -> CameraConfig:
         if source_kind(self.source) != "folder" and (self.watch or self.delete_after or self.skip_existing):
             raise ValueError("watch, delete_after and skip_existing apply to a folder source only")
         if self.skip_existing and not self.watch:

@@ -37,9 +37,10 @@ Overall = the lowest of the parameter grades (single image, so an integer
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -288,7 +289,7 @@ class _Sampler:
         y1 = min(int(np.ceil(corners[:, 1].max() + margin)) + 1, h)
         self.crop = gray[self.y0 : max(y1, self.y0 + 1), self.x0 : max(x1, self.x0 + 1)].astype(np.float32) * np.float32(100.0 / 255.0)
 
-    def smoothed(self, sigma: float) -> "_Sampler":
+    def smoothed(self, sigma: float) -> _Sampler:
         """The same crop, Gaussian-smoothed: gives the grid fit a peak at module centres even on a sharp print."""
         out = _Sampler.__new__(_Sampler)
         out.x0, out.y0 = self.x0, self.y0

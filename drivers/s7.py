@@ -83,7 +83,7 @@ class S7Plc(PolledPlc):
                 return await asyncio.wait_for(coro_fn(client, *args), self.config.reply_timeout_s)
             except asyncio.CancelledError:
                 raise
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.log.debug("plc_request_failed", request=what, error="timeout")
                 raise ConnectionLost(f"no reply within {self.config.reply_timeout_s:g} s") from None
             except (S7StalePacketError, S7PacketLostError) as exc:

@@ -58,7 +58,7 @@ class TransportConfig(BaseModel):
     stopbits: Literal[1, 1.5, 2] = 1
 
     @model_validator(mode="after")
-    def _exactly_one_transport(self) -> "TransportConfig":
+    def _exactly_one_transport(self) -> TransportConfig:
         tcp = self.host is not None
         ser = self.serial_port is not None
         if tcp == ser:
@@ -372,7 +372,7 @@ async def close_writer(writer: StreamWriterLike | None) -> None:
     try:
         writer.close()
         await asyncio.wait_for(writer.wait_closed(), 1.0)
-    except (Exception, asyncio.TimeoutError):
+    except (TimeoutError, Exception):
         pass
 
 
@@ -450,7 +450,7 @@ class ConnectionSupervisor:
         try:
             await asyncio.wait_for(self._connected_evt.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def _run(self) -> None:
@@ -463,7 +463,7 @@ class ConnectionSupervisor:
                 reader, writer = await asyncio.wait_for(self._opener(), cfg.connect_timeout_s)
             except asyncio.CancelledError:
                 raise
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.driver.set_health(HealthState.DISCONNECTED, f"cannot connect to {where}: timeout after {cfg.connect_timeout_s}s")
                 await backoff.sleep()
                 continue

@@ -14,14 +14,15 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import structlog
 
+from linectl.config import LineConfig
 from linectl.drivers.base import Driver
 from linectl.drivers.registry import driver_class
-from linectl.config import LineConfig
 from linectl.engine.line import Line, store_refuses_writes
 from linectl.engine.plc_surface import PlcSurface
 from linectl.engine.supervisor import Supervisor

@@ -31,7 +31,7 @@ import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import IO, Any
 
 import structlog
@@ -441,7 +441,7 @@ def _recall_parts(conn: sqlite3.Connection, lot: str, fmt: str) -> Iterator[tupl
     for level, sscc, gtin, state, parent in containers:
         yield level, (level, sscc, gtin or "", "", state, parent or "", "" if level == "pallet" else pallet_of(parent)), 1
     groups: dict[str, list[str]] = {}
-    for level, sscc, _g, state, _p in containers:
+    for level, sscc, _g, _state, _p in containers:
         if level != "pallet":
             groups.setdefault(pallet_of(sscc), []).append(sscc)
     for level, sscc, _g, _s, _p in containers:
@@ -519,7 +519,7 @@ def _recall_header(store: Any, lot: str, conn: sqlite3.Connection) -> dict[str, 
         "expiry": b[2] if b else None,
         "batch_state": b[3] if b else None,
         "recalled": is_recalled(store, lot, conn),
-        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -590,7 +590,7 @@ class _RecallCache:
     lots: dict[str, dict[str, Any]] | None = None
 
 
-_RECALLS: "weakref.WeakKeyDictionary[Any, _RecallCache]" = weakref.WeakKeyDictionary()
+_RECALLS: weakref.WeakKeyDictionary[Any, _RecallCache] = weakref.WeakKeyDictionary()
 
 
 def recalled_lots(store: Any, conn: sqlite3.Connection | None = None) -> dict[str, dict[str, Any]]:

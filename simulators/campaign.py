@@ -50,10 +50,11 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 
@@ -494,8 +495,9 @@ class Campaign:
     # ------------------------------------------------------------------ setup
 
     def _write_configs(self) -> tuple[Path, Path]:
-        from linectl.yamlsource import load_yaml, to_plain
         from ruamel.yaml import YAML
+
+        from linectl.yamlsource import load_yaml, to_plain
 
         raw = to_plain(load_yaml(self.o.config))
         sim_raw = json.loads(json.dumps(raw))
@@ -533,9 +535,10 @@ class Campaign:
     def _confirm_key(self, run_path: Path) -> None:
         """Ask for confirmed delivery (mqtt.delivery_confirm, with a short mqtt.confirm_timeout_s so a lost
         message is resent within the run) as far as this build knows the keys."""
+        from ruamel.yaml import YAML
+
         from linectl.config import load_config
         from linectl.yamlsource import ConfigFileError, load_yaml, to_plain
-        from ruamel.yaml import YAML
 
         if self.o.confirm == "puback":
             return
@@ -563,8 +566,9 @@ class Campaign:
         sim_path, run_path = self._write_configs()
         self._confirm_key(run_path)
         # the daemon's devices are the proxies; the simulator listens behind them
-        from linectl.yamlsource import load_yaml, to_plain
         from ruamel.yaml import YAML
+
+        from linectl.yamlsource import load_yaml, to_plain
 
         for proxy in self.proxies.values():
             await proxy.start()
@@ -625,7 +629,7 @@ class Campaign:
     async def sim_cmd(self, **msg: Any) -> dict[str, Any]:
         try:
             return await sim_request("127.0.0.1", self.ctl_port, msg, 5.0)
-        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, OSError, ValueError) as exc:
             return {"ok": False, "error": f"simulator unreachable: {exc}"}
 
     async def command(self, name: str, timeout: float = 10.0, **body: Any) -> dict[str, Any] | None:
@@ -645,7 +649,7 @@ class Campaign:
                             reply = json.loads(bytes(m.payload))
                             if reply.get("command_id") == cid:
                                 return reply
-        except (aiomqtt.MqttError, TimeoutError, asyncio.TimeoutError, OSError):
+        except (aiomqtt.MqttError, TimeoutError, OSError):
             return None
         return None
 
@@ -657,7 +661,7 @@ class Campaign:
         )
         try:
             return await asyncio.wait_for(p.wait(), 30)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 p.kill()
             await p.wait()

@@ -147,7 +147,7 @@ class ChaosProxy:
             return
         try:
             ur, uw = await asyncio.wait_for(asyncio.open_connection(*self.target), 3.0)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             writer.transport.abort()  # device down: the driver sees a reset, as through a real converter
             return
         pair = (writer, uw)

@@ -55,7 +55,7 @@ class ControlServer:
                 w.close()
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
-            except (asyncio.TimeoutError, Exception):
+            except (TimeoutError, Exception):
                 pass
             self._server = None
 

@@ -18,7 +18,8 @@ import random
 import string
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 

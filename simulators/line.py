@@ -19,7 +19,8 @@ import importlib
 import ipaddress
 import random
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -59,11 +60,11 @@ def _transport_kwargs(name: str, cfg: Any) -> dict[str, Any]:
     return {"host": cfg.host, "port": cfg.port, "name": name}
 
 
-def _make_plc(name: str, cfg: Any, line: "LineSim") -> Any:
+def _make_plc(name: str, cfg: Any, line: LineSim) -> Any:
     return PlcSim(name, cfg)
 
 
-def _make_printer(name: str, cfg: Any, line: "LineSim") -> Any:
+def _make_printer(name: str, cfg: Any, line: LineSim) -> Any:
     mod, cls = PRINTER_CLASSES[cfg.driver]
     klass = getattr(importlib.import_module(mod), cls)
     kw: dict[str, Any] = {"render_images": name in line.rendering, "seed": line.sim.seed}
@@ -74,7 +75,7 @@ def _make_printer(name: str, cfg: Any, line: "LineSim") -> Any:
     return klass(config=cfg, defect_for=defects, **kw, **_transport_kwargs(name, cfg))
 
 
-def _make_reader(name: str, cfg: Any, line: "LineSim") -> Any:
+def _make_reader(name: str, cfg: Any, line: LineSim) -> Any:
     mod, cls = READER_CLASSES[cfg.driver]
     klass = getattr(importlib.import_module(mod), cls)
     if cfg.driver == "camera":
@@ -82,7 +83,7 @@ def _make_reader(name: str, cfg: Any, line: "LineSim") -> Any:
     return klass(config=cfg, seed=line.sim.seed, **_transport_kwargs(name, cfg))
 
 
-FACTORIES: dict[str, Callable[[str, Any, "LineSim"], Any]] = {
+FACTORIES: dict[str, Callable[[str, Any, LineSim], Any]] = {
     **{k: _make_plc for k in PLC_DRIVERS},
     **{k: _make_printer for k in PRINTER_CLASSES},
     **{k: _make_reader for k in READER_CLASSES},

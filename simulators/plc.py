@@ -29,15 +29,16 @@ import sys
 import threading
 import time
 import tty
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 
 from linectl.drivers.plc_tags import (
+    CASE_ACCEPT,
     MODE_CHALLENGE,
     MODE_IDLE,
     MODE_PRODUCTION,
-    CASE_ACCEPT,
     VERDICT_GOOD,
     ModbusTagSpec,
     S7TagSpec,
@@ -287,7 +288,7 @@ def _simdevice(tags: dict[str, ModbusTagSpec], device_id: int, action: Callable[
 class ModbusServerHost:
     """pymodbus' own server over TCP, RTU over TCP (`socket://` port) or RTU over a pty, restartable on one memory."""
 
-    def __init__(self, cfg: Any, faults: "FaultState") -> None:
+    def __init__(self, cfg: Any, faults: FaultState) -> None:
         from pymodbus.simulator.simcore import SimCore
 
         self.cfg = cfg
@@ -362,7 +363,7 @@ class ModbusServerHost:
 class S7ServerHost:
     """python-snap7's own (threaded) server on a configurable port, with fault hooks and correct bit writes."""
 
-    def __init__(self, cfg: Any, faults: "FaultState") -> None:
+    def __init__(self, cfg: Any, faults: FaultState) -> None:
         self.cfg = cfg
         self.faults = faults
         sizes: dict[int, int] = {}
@@ -406,7 +407,7 @@ class S7ServerHost:
         return S7Memory(self.cfg.tags, self.dbs, locks)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _s7_server_class() -> type:
     """Built on first use so importing this module does not import snap7."""
     import snap7
@@ -420,7 +421,7 @@ def _s7_server_class() -> type:
         writes only the addressed bit, and linectl relies on that.
         """
 
-        def __init__(self, faults: "FaultState") -> None:
+        def __init__(self, faults: FaultState) -> None:
             super().__init__(log=False)
             self.faults = faults
             self._socks: set[socket.socket] = set()

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from linectl import gs1
 from linectl.config import parse_config
@@ -106,7 +107,7 @@ class Rig:
         #: what the label reader reports for the next label: None = the label's DataMatrix; a str = that data
         self.label_override: Callable[[Any], str | None] | None = None
 
-    async def start(self) -> "Rig":
+    async def start(self) -> Rig:
         from linectl.daemon import build_drivers
         from linectl.engine.line import Line
         from linectl.simulators.camera import CameraSim

@@ -81,8 +81,8 @@ def test_every_problem_listed_with_its_line(tmp_path: Path) -> None:
     assert r.returncode == 2
     lines = r.stdout.strip().splitlines()
     assert f"{p}:6: line.gln: GLN check digit is 4, expected 3" in lines
-    assert any(l.startswith(f"{p}:11: products.0.colour: ") and "Extra inputs" in l for l in lines), lines
-    assert any(l.startswith(f"{p}:13: products.0.serials") and "1 in 10,000" in l for l in lines), lines
+    assert any(ln.startswith(f"{p}:11: products.0.colour: ") and "Extra inputs" in ln for ln in lines), lines
+    assert any(ln.startswith(f"{p}:13: products.0.serials") and "1 in 10,000" in ln for ln in lines), lines
     assert len(lines) == 3
 
 

@@ -14,11 +14,11 @@ after a fault; each scenario's units are judged on their own.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import pytest
-
 from engine_helpers import (
     alarm_codes,
     check_report,
@@ -34,6 +34,7 @@ from engine_helpers import (
     wait_good,
     wait_stopped,
 )
+
 from linectl import control as C
 from linectl.demo import SimulatedLine
 from linectl.events import UnitDecommissioned

@@ -7,18 +7,18 @@ import asyncio
 import json
 import subprocess
 import sys
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from mqtt_fixtures import GTIN, GTIN2, REPO, line_yaml, load_line
 
 from linectl import epcis, gs1
 from linectl import events as ev
-from mqtt_fixtures import GTIN, GTIN2, REPO, line_yaml, load_line
 
 SSCC_CASE = gs1.make_sscc(0, "4012345", 1)
 SSCC_PALLET = gs1.make_sscc(1, "4012345", 2)
-T0 = datetime(2026, 3, 1, 8, 30, 0, 123000, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 8, 30, 0, 123000, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")

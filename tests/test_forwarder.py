@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mqtt_fixtures import GTIN, SHARED_PORT, Collector, broker_factory, line_yaml, load_line, proxy_factory, spawn, unique_root, wait_line  # noqa: F401 (fixtures)
 
 from linectl import events as ev
 from linectl.epcis import EpcisMapper
 from linectl.forwarder import Forwarder
-from mqtt_fixtures import GTIN, SHARED_PORT, Collector, broker_factory, line_yaml, load_line, proxy_factory, spawn, unique_root, wait_line  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -14,23 +14,23 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
-from linectl.mqtt_bridge import MqttBridge
 from mqtt_fixtures import (  # noqa: F401 (fixtures)
     GTIN,
     SHARED_PORT,
     StoreTarget,
     broker_factory,
     clear_retained,
-    proxy_factory,
     line_yaml,
     load_line,
+    proxy_factory,
     spawn,
     unique_root,
     wait_line,
 )
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from linectl.mqtt_bridge import MqttBridge
 
 pytestmark = pytest.mark.timeout(60)
 V5 = aiomqtt.ProtocolVersion.V5
@@ -58,7 +58,7 @@ class Bridge:
         self.bridge = MqttBridge(cfg, self.target, store=store, backoff_initial_s=0.05, backoff_max_s=0.3, **kw)
         self.task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> "Bridge":
+    async def __aenter__(self) -> Bridge:
         self.task = asyncio.create_task(self.bridge.run())
         deadline = time.monotonic() + 10
         while not self.bridge.status()["connected"]:
@@ -91,7 +91,7 @@ async def retained(port: int, topic: str, timeout: float = 3.0) -> bytes | None:
         await c.subscribe(topic, qos=1)
         try:
             m = await first_message(c, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         return bytes(m.payload)
 
@@ -106,7 +106,7 @@ class Commander:
         self.reply_topic = f"replies/{uuid.uuid4().hex[:8]}/{root}"  # outside the line's own namespace, as required
         self.client: aiomqtt.Client | None = None
 
-    async def __aenter__(self) -> "Commander":
+    async def __aenter__(self) -> Commander:
         self.client = aiomqtt.Client("127.0.0.1", self.port, protocol=self.protocol, identifier=f"op-{uuid.uuid4().hex[:8]}")
         await self.client.__aenter__()
         await self.client.subscribe(self.reply_topic if self.protocol == V5 else f"{self.root}/cmd/+/reply", qos=1)

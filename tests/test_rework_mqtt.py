@@ -12,6 +12,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
+from mqtt_fixtures import SHARED_PORT, clear_retained
 from test_aggregation_support import FAST, GTIN, commission, new_batch, open_store, product, unit_code
 from test_rework import hri, make_case, make_pallet
 
@@ -19,7 +20,6 @@ from linectl.config import parse_config
 from linectl.engine import rework as R
 from linectl.mqtt_bridge import MqttBridge
 from linectl.trace import unit_facts
-from mqtt_fixtures import SHARED_PORT, clear_retained
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,7 +30,7 @@ class Operator:
     def __init__(self, root: str) -> None:
         self.root = root
 
-    async def __aenter__(self) -> "Operator":
+    async def __aenter__(self) -> Operator:
         self.client = aiomqtt.Client("127.0.0.1", SHARED_PORT, identifier=f"hmi-{uuid.uuid4().hex[:8]}")
         await self.client.__aenter__()
         await self.client.subscribe(f"{self.root}/cmd/+/reply", qos=1)

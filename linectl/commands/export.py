@@ -22,9 +22,9 @@ import json
 import os
 import sys
 import tempfile
-from datetime import datetime, timezone
-from pathlib import Path
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TextIO
 
 PAGE = 5000
@@ -51,7 +51,7 @@ def parse_since(text: str) -> datetime:
         d = datetime.fromisoformat(t.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         raise ValueError(f"--since {text!r} is not an ISO 8601 date or date-time (e.g. 2026-03-01 or 2026-03-01T08:00:00+01:00)") from None
-    return d if d.tzinfo else d.replace(tzinfo=timezone.utc)
+    return d if d.tzinfo else d.replace(tzinfo=UTC)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -165,7 +165,7 @@ def _selected(row: Any, args: argparse.Namespace) -> bool:
         return False
     since = args.since_dt
     if since is not None:
-        t = e.event_time if e.event_time.tzinfo else e.event_time.replace(tzinfo=timezone.utc)
+        t = e.event_time if e.event_time.tzinfo else e.event_time.replace(tzinfo=UTC)
         if t < since:
             return False
     return True

@@ -35,12 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from linectl.config import load_config
-    from linectl.yamlsource import ConfigFileError
     from pydantic import ValidationError
 
+    from linectl.config import load_config
     from linectl.simulators.config import SimulationConfig
     from linectl.simulators.line import SimulatorError
+    from linectl.yamlsource import ConfigFileError
 
     try:
         cfg = load_config(args.config)

@@ -16,7 +16,7 @@ from sqlalchemy import exc as sa_exc
 
 from linectl.events import event_from_json
 from linectl.store import schema
-from linectl.store.audit import META_COUNT, META_HEAD, GENESIS, verify_rows
+from linectl.store.audit import GENESIS, META_COUNT, META_HEAD, verify_rows
 from linectl.store.model import (
     SERIAL_STATES,
     AuditCheck,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
@@ -29,6 +29,8 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+)
+from sqlalchemy import (
     exc as sa_exc,
 )
 from sqlalchemy.engine import URL
@@ -300,7 +302,7 @@ TRIGGERS = (
 
 def now_iso() -> str:
     """Fixed-width UTC timestamps, so text comparison is time comparison (retention, reports)."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 # --------------------------------------------------------------------------- engines

@@ -13,12 +13,14 @@ import json
 import os
 import re
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
 
+from linectl.jsonable import json_default
 from linectl.store import ops, plc_records, schema
+from linectl.store.lock import StoreLock
 from linectl.store.model import (
     AuditCheck,
     AuditRecord,
@@ -29,11 +31,9 @@ from linectl.store.model import (
     SerialRecord,
     StoreError,
 )
-from linectl.store.lock import StoreLock
 from linectl.store.reads import Reader
 from linectl.store.serials import serial_problem
 from linectl.store.writer import Op, Writer, _stop
-from linectl.jsonable import json_default
 
 log = structlog.get_logger("linectl.store")
 
@@ -96,7 +96,7 @@ class Store:
         identity: dict[str, str] | None = None,
         actor: str = "system",
         origin: str = "store",
-    ) -> "Store":
+    ) -> Store:
         """Open (create or migrate) the database and start the writer.
 
         integrity: "quick" (default, PRAGMA quick_check), "full" (integrity_check, slower on big files) or "none".
@@ -149,7 +149,7 @@ class Store:
     @classmethod
     async def _open(
         cls, p: str, group_commit_max: int, queue_max: int, create: bool, readonly: bool, integrity: str, busy_timeout_s: float
-    ) -> "Store":
+    ) -> Store:
         found = await asyncio.to_thread(
             schema.open_database, p, create=create, readonly=readonly, integrity=integrity, busy_timeout_s=busy_timeout_s
         )
@@ -188,7 +188,7 @@ class Store:
             self.lock.release()
         log.debug("store_closed", path=self.path)
 
-    async def __aenter__(self) -> "Store":
+    async def __aenter__(self) -> Store:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -326,7 +326,7 @@ class Store:
         """
         if older_than_days < 0:
             raise StoreError("retention must not be negative")
-        cutoff = (datetime.now(timezone.utc) - timedelta(days=older_than_days)).isoformat(timespec="microseconds")
+        cutoff = (datetime.now(UTC) - timedelta(days=older_than_days)).isoformat(timespec="microseconds")
         total = 0
         after = 0
         while True:

@@ -54,7 +54,7 @@ class Op:
         self.error: BaseException | None = None
 
 
-def _stop(tx: "Tx") -> None:  # sentinel operation
+def _stop(tx: Tx) -> None:  # sentinel operation
     return None
 
 
