@@ -457,7 +457,7 @@ class Camera(CodeReader):
             await asyncio.to_thread(self._dmtx.close)
         self.set_health(HealthState.DISCONNECTED, "stopped")
 
-    async def reads(self) -> AsyncIterator[Read]:  # type: ignore[override]
+    async def reads(self) -> AsyncIterator[Read]:
         while True:
             yield await self._out.get()
 

@@ -649,7 +649,7 @@ class CoderPrinter(Printer):
                 code=rep.code,
             )
 
-    async def confirmations(self) -> AsyncIterator[PrintConfirm]:  # type: ignore[override]
+    async def confirmations(self) -> AsyncIterator[PrintConfirm]:
         while True:
             yield await self._confirms.get()
 

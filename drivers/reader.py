@@ -89,7 +89,7 @@ class LineCodeReader(CodeReader):
         """The link is up (health may still be DEGRADED or show a device fault)."""
         return self._sup.connected
 
-    async def reads(self) -> AsyncIterator[Read]:  # type: ignore[override]
+    async def reads(self) -> AsyncIterator[Read]:
         while True:
             yield await self._reads.get()
 

@@ -569,7 +569,7 @@ class ZplPrinter(Printer):
         if st.print_faults:
             raise DeviceError(f"printer fault after job {job.seq} was sent: {', '.join(st.print_faults)}")
 
-    async def confirmations(self) -> AsyncIterator[PrintConfirm]:  # type: ignore[override]
+    async def confirmations(self) -> AsyncIterator[PrintConfirm]:
         while True:
             yield await self._confirms.get()
 

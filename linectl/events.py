@@ -241,5 +241,5 @@ EVENT_KINDS_EPCIS: frozenset[str] = frozenset(
 EVENT_ADAPTER: TypeAdapter[DomainEvent] = TypeAdapter(DomainEvent)
 
 
-def event_from_json(data: str | bytes) -> DomainEvent:  # type: ignore[valid-type]
+def event_from_json(data: str | bytes) -> DomainEvent:
     return EVENT_ADAPTER.validate_json(data)

@@ -368,7 +368,7 @@ def render_code_grid(contents: Sequence[str], module_px: int = 4, gap_modules: i
     masks = [render_mask(c, "]d1", module_px) for c in contents]
     if any(m is None for m in masks):
         raise ValueError("a content could not be rendered")
-    cell = max(max(m.shape) for m in masks if m is not None) + gap_modules * module_px  # type: ignore[union-attr]
+    cell = max(max(m.shape) for m in masks if m is not None) + gap_modules * module_px
     rows = math.ceil(len(masks) / columns)
     frame = np.full((rows * cell + cell // 2, min(columns, len(masks)) * cell + cell // 2), PAPER, np.uint8)
     for i, m in enumerate(masks):

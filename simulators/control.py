@@ -104,7 +104,10 @@ async def request(host: str, port: int, msg: dict[str, Any], timeout: float = 5.
         writer.write(json.dumps(msg).encode() + b"\n")
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), timeout)
-        return json.loads(line)
+        reply = json.loads(line)
+        if not isinstance(reply, dict):
+            raise ValueError(f"control reply is not a JSON object: {line[:80]!r}")
+        return reply
     finally:
         writer.close()
 

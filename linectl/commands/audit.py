@@ -12,7 +12,7 @@ from typing import Any
 from linectl.store.cliutil import add_db_options, run_with_store
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("audit", help="audit trail tools")
     asub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
     v = asub.add_parser("verify", help="verify the audit trail's hash chain and its head kept in meta")

@@ -30,7 +30,7 @@ from typing import Any, TextIO
 PAGE = 5000
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("export", help="export stored events (EPCIS 2.0 JSON-LD)")
     kinds = p.add_subparsers(dest="export_kind", metavar="FORMAT")
     e = kinds.add_parser("epcis", help="one EPCIS 2.0 EPCISDocument with the EPCIS events of the store")

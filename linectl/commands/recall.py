@@ -16,7 +16,7 @@ from typing import Any
 from linectl.store.cliutil import EXIT_BAD_INPUT, add_db_options, run_with_store
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("recall", help="list every pallet, case and unit of a batch (CSV or JSON)")
     p.add_argument("--batch", "--lot", dest="lot", required=True, metavar="LOT", help="batch / lot number")
     p.add_argument("--format", choices=("json", "csv"), default="json")

@@ -15,7 +15,7 @@ from typing import Any
 from linectl.store.cliutil import EXIT_BAD_INPUT, add_db_options, run_with_store
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("report", help="batch reconciliation report")
     add_db_options(p)
     p.add_argument("--batch", required=True, metavar="LOT")

@@ -23,7 +23,7 @@ SHOW_PROBLEMS = 20
 STATUS_COLUMNS = ("provisioned", "available", "allocated", "sent", "commissioned", "decommissioned", "voided")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serials", help="serial pool: import provisioned serials, show status")
     ssub = p.add_subparsers(dest="serials_command", metavar="ACTION", required=True)
 

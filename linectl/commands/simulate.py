@@ -15,7 +15,7 @@ import signal
 import sys
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("simulate", help="run the line simulator (every device of a config, one process)")
     p.add_argument("-c", "--config", required=True, help="line YAML")
     p.add_argument("--rate", type=float, help="line speed, units/min (overrides simulation.rate_upm)")

@@ -14,7 +14,7 @@ from typing import Any
 from linectl.store.cliutil import EXIT_BAD_INPUT, add_db_options, run_with_store
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("trace", help="trace a unit or SSCC: identity, state, lot, parents, every event")
     p.add_argument("code", help="raw scan, HRI, EPC URN or Digital Link")
     add_db_options(p)

@@ -15,7 +15,7 @@ from typing import Any
 from linectl.store.cliutil import EXIT_BAD_INPUT, add_db_options, run_with_store
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("verify", help="verify a scanned code: genuine / decommissioned / recalled / unknown / suspicious")
     p.add_argument("code", help="raw scan (]d2…), HRI, EPC URN or Digital Link of a unit or SSCC")
     p.add_argument("--where", metavar="SSCC", help="the case/pallet the code was found in (detects diversion)")

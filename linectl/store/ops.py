@@ -135,7 +135,7 @@ def _inspected(tx: Tx, ev: Any, seq: int) -> int | None:
     r = tx.cur.execute("SELECT id FROM serials WHERE gtin=? AND serial=?", (ev.gtin, ev.serial)).fetchone()
     if r is None:
         raise StoreError(f"cannot record inspection: serial {ev.serial} of GTIN {ev.gtin} is unknown")
-    return r[0]
+    return int(r[0])
 
 
 def _container(tx: Tx, sscc: str) -> tuple[str, str] | None:
@@ -423,10 +423,10 @@ def _commission_run(tx: Tx, run: list[tuple[Any, str, Any]]) -> list[int]:
         r = found.get((g, s))
         if r is None or r[2] != "sent" or (lot is not None and r[3] != lot):
             _check(g, [s], {s: r} if r else {}, "commission", ("sent",), lot=lot)
-        upd.append((ts, r[0]))  # type: ignore[index]
-        tx.move(g, r[3], "sent", r[3], "commissioned")  # type: ignore[index]
+        upd.append((ts, r[0]))
+        tx.move(g, r[3], "sent", r[3], "commissioned")
         seq = tx.next_seq()
-        rows.append((seq, d["event_id"], "unit_commissioned", lot, g, s, r[0], ts, body, rendering))  # type: ignore[index]
+        rows.append((seq, d["event_id"], "unit_commissioned", lot, g, s, r[0], ts, body, rendering))
         out.append(seq)
     tx.cur.executemany("UPDATE serials SET state='commissioned', updated_at=? WHERE id=?", upd)
     return out

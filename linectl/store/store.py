@@ -144,7 +144,7 @@ class Store:
     def identity(self) -> dict[str, str] | None:
         """The line this store belongs to, as recorded at init (None: a store from before identities, not yet adopted)."""
         raw = self._reader.meta().get("line_identity")
-        return None if raw is None else json.loads(raw)  # type: ignore[no-any-return]
+        return None if raw is None else json.loads(raw)
 
     @classmethod
     async def _open(
@@ -198,15 +198,20 @@ class Store:
     def readonly(self) -> bool:
         return self._writer is None
 
-    async def _submit(self, fn: Any, *args: Any) -> Any:
+    def _check_open(self) -> None:
         if self._closed:
             raise StoreError(f"{self.path}: store is closed")
+
+    async def _submit(self, fn: Any, *args: Any) -> Any:
+        self._check_open()
         if self._writer is None:
             raise StoreError(f"{self.path}: store was opened read-only")
         await self._slots.acquire()  # bounded queue: producers wait here when the writer is behind
-        if self._closed:
+        try:
+            self._check_open()  # close() may have run while this waited for a slot
+        except StoreError:
             self._slots.release()
-            raise StoreError(f"{self.path}: store is closed")
+            raise
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._writer.submit(Op(fn, args, fut, loop, self._slots.release))
