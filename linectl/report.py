@@ -10,6 +10,10 @@ serials commissioned; rejected against the serials decommissioned on a pack,
 the challenge units, the blank packs (no serial of the batch on them) and the
 units whose fate a PLC restart made unknown. Units of unknown fate keep the
 report open until an operator reconciles them.
+
+Built from what the store never purges (serial states, the batch row with its
+challenge results, the audit trail, the per-batch tallies): retention deletes
+forwarded outbox rows, and a report must read the same after it as before.
 """
 
 from __future__ import annotations
@@ -17,28 +21,25 @@ from __future__ import annotations
 from typing import Any
 
 from linectl.engine.verify import challenge_status
-from linectl.events import BatchStateChanged, ChallengeResult, SerialsReturned, UnitDecommissioned
+from linectl.events import SerialsReturned, UnitDecommissioned
+from linectl.store import Batch, Store
+from linectl.store.plc_records import UnitFate
 
 
-def batch_report(store: Any, lot: str) -> dict[str, Any]:
+def batch_report(store: Store, lot: str) -> dict[str, Any]:
     b = store.batch(lot)
     if b is None:
         raise KeyError(f"no batch {lot}")
     counts: dict[str, int] = store.lot_counts(lot)
-    events = _lot_events(store, lot)
-    reasons: dict[str, int] = {}
-    returned = 0
-    history: list[dict[str, Any]] = []
-    challenge: list[dict[str, Any]] = []
-    for ev in events:
-        if isinstance(ev, UnitDecommissioned):
-            reasons[ev.reason.value] = reasons.get(ev.reason.value, 0) + 1
-        elif isinstance(ev, SerialsReturned):
-            returned += len(ev.serials)
-        elif isinstance(ev, BatchStateChanged):
-            history.append({"time": ev.event_time.isoformat(), "state": ev.state.value, "previous": ev.previous.value if ev.previous else None, "by": ev.actor, "reason": ev.reason})
-        elif isinstance(ev, ChallengeResult):
-            challenge.append({"time": ev.event_time.isoformat(), "challenge": ev.challenge, "station": ev.station, "rejected": ev.rejected, "reason_seen": ev.reason_seen, "seq": ev.seq})
+    tallies = store.lot_tallies(lot)
+    if tallies is not None:
+        reasons, returned = dict(tallies.rejects), tallies.returned
+    else:  # a batch created before the store kept its tallies: only the outbox (while retention keeps it) has them
+        reasons, returned = _outbox_tallies(store, lot)
+    history: list[dict[str, Any]] = [
+        {"time": h.time, "state": h.state, "previous": h.previous, "by": h.by, "reason": h.reason} for h in store.batch_history(lot)
+    ]
+    challenge = _challenge(b)
     commissioned = counts.get("commissioned", 0)
     decommissioned = counts.get("decommissioned", 0)
     voided = counts.get("voided", 0)
@@ -139,8 +140,8 @@ def _add(total: dict[str, int], a: dict[str, Any], b: dict[str, Any], keys: tupl
             total[k] += int(b[k]) - int(a[k])
 
 
-def pack_reconciliation(store: Any, lot: str, reasons: dict[str, int], challenge: list[dict[str, Any]], commissioned: int,
-                        open_fates: list[Any], state: str) -> dict[str, Any]:
+def pack_reconciliation(store: Store, lot: str, reasons: dict[str, int], challenge: list[dict[str, Any]], commissioned: int,
+                        open_fates: list[UnitFate], state: str) -> dict[str, Any]:
     """Physical packs (PLC counters) against serial states; names every count that disagrees."""
     snaps = store.plc_counters(lot)
     blank = store.pack_counts(lot).get("blank", 0)
@@ -202,15 +203,28 @@ def pack_reconciliation(store: Any, lot: str, reasons: dict[str, int], challenge
     return out
 
 
-def _lot_events(store: Any, lot: str) -> list[Any]:
-    out: list[Any] = []
+def _challenge(b: Batch) -> list[dict[str, Any]]:
+    """The batch's challenge results, kept on its row in the transaction of each ChallengeResult."""
+    return [
+        {"time": c.get("at"), "challenge": c["challenge"], "station": c["station"], "rejected": c["rejected"],
+         "reason_seen": c.get("reason_seen"), "seq": c.get("seq")}
+        for c in b.challenge
+    ]
+
+
+def _outbox_tallies(store: Store, lot: str) -> tuple[dict[str, int], int]:
+    reasons: dict[str, int] = {}
+    returned = 0
     after = 0
-    while True:
-        rows = store.events_of_lot(lot, after, 10000)
-        if not rows:
-            return out
-        out.extend(r.event for r in rows if r.kind in ("unit_decommissioned", "serials_returned", "batch_state", "challenge_result"))
+    while rows := store.events_of_lot(lot, after, 10000):
+        for r in rows:
+            ev = r.event
+            if isinstance(ev, UnitDecommissioned):
+                reasons[ev.reason.value] = reasons.get(ev.reason.value, 0) + 1
+            elif isinstance(ev, SerialsReturned):
+                returned += len(ev.serials)
         after = rows[-1].seq
+    return dict(sorted(reasons.items())), returned
 
 
 def format_report(r: dict[str, Any]) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from linectl.events import AlarmRaised, Severity
-from linectl.store.model import Batch, PoolExhausted, StoreError
+from linectl.store.model import Batch, PoolExhausted, StoreError, tally_name
 from linectl.store.serials import random_serials, sequential_serial
 from linectl.store.writer import Tx
 
@@ -99,7 +99,17 @@ def _decommissioned(tx: Tx, ev: Any, seq: int) -> int | None:
         )
     tx.cur.execute("UPDATE serials SET state='decommissioned', updated_at=? WHERE id=?", (tx.ts, r[0]))
     tx.move(ev.gtin, r[3], r[2], r[3], "decommissioned")
+    if ev.lot is not None:  # the reject reason outlives the outbox row (batch report after retention)
+        _tally(tx, tally_name("rejects", ev.lot, ev.reason.value), 1)
     return r[0]  # type: ignore[no-any-return]
+
+
+def _tally(tx: Tx, name: str, n: int) -> None:
+    tx.cur.execute(
+        "INSERT INTO counters(name, value, updated_at) VALUES (?,?,?) "
+        "ON CONFLICT(name) DO UPDATE SET value=value+excluded.value, updated_at=excluded.updated_at",
+        (name, n, tx.ts),
+    )
 
 
 def _bulk(tx: Tx, ev: Any, seq: int, new_state: str, action: str, allowed: tuple[str, ...], never_sent: bool = False) -> None:
@@ -128,6 +138,8 @@ def _voided(tx: Tx, ev: Any, seq: int) -> int | None:
 
 def _returned(tx: Tx, ev: Any, seq: int) -> int | None:
     _bulk(tx, ev, seq, "provisioned", "return", ("allocated",), never_sent=True)
+    if ev.lot is not None and ev.serials:  # a returned serial leaves the batch: only this count remembers it was given
+        _tally(tx, tally_name("returned", ev.lot), len(ev.serials))
     return None
 
 
@@ -623,6 +635,7 @@ def op_create_batch(tx: Tx, lot: str, gtin: str, expiry: str, planned_qty: int, 
     detail: dict[str, Any] = {"lot": lot, "gtin": gtin, "expiry": expiry, "planned_qty": planned_qty}
     if challenge_required is not None:
         detail["challenge_required"] = list(challenge_required)
+    _tally(tx, tally_name("lot_tallies", lot), 1)  # this batch's reject and return counts are kept from its first event
     tx.audit(actor, origin, "batch_created", detail)
     return Batch(lot=lot, gtin=gtin, expiry=expiry, planned_qty=planned_qty, state="created", created_at=tx.ts, created_by=actor,
                  challenge_required=None if challenge_required is None else list(challenge_required))

@@ -25,7 +25,9 @@ from linectl.store.model import (
     AuditCheck,
     AuditRecord,
     Batch,
+    BatchTransition,
     Container,
+    LotTallies,
     OutboxRow,
     ProvisionResult,
     SerialRecord,
@@ -403,6 +405,12 @@ class Store:
 
     def unit_fate(self, gtin: str, serial: str) -> plc_records.UnitFate | None:
         return plc_records.read_fate(self._reader, _gtin(gtin), serial)
+
+    def lot_tallies(self, lot: str) -> LotTallies | None:
+        return self._reader.lot_tallies(lot)
+
+    def batch_history(self, lot: str) -> list[BatchTransition]:
+        return self._reader.batch_history(lot)
 
     def plc_counters(self, lot: str) -> list[dict[str, Any]]:
         return plc_records.read_plc_counters(self._reader, lot)
