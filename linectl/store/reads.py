@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, select
 from sqlalchemy import exc as sa_exc
-
-from datetime import datetime
 
 from linectl.events import RejectReason, event_from_json
 from linectl.store import schema
