@@ -16,7 +16,7 @@ from linectl import events as ev
 from linectl import gs1
 from linectl.cli import build_parser
 from linectl.config import RandomSerials
-from linectl.store import Store
+from linectl.store import SCHEMA_VERSION, Store
 
 GTIN = "09501101530003"
 CP = "9501101"
@@ -167,7 +167,7 @@ def test_every_store_command_exits_3_on_store_error(tmp_path, capsys, kind):
     elif kind == "newer":
         asyncio.run(_make_and_close(db))
         with sqlite3.connect(db) as c:
-            c.execute("UPDATE meta SET value='7' WHERE key='schema_version'")
+            c.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(SCHEMA_VERSION + 1),))
         expect = "newer"
     else:
         expect = "no such database file"

@@ -12,11 +12,13 @@ import asyncio
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
+from sqlalchemy import Connection
 
 from linectl.jsonable import json_default
 from linectl.store import ops, plc_records, schema
@@ -199,6 +201,16 @@ class Store:
     @property
     def readonly(self) -> bool:
         return self._writer is None
+
+    @contextmanager
+    def read_snapshot(self) -> Iterator[Connection]:
+        """One read transaction on the read pool (one WAL snapshot), for readers that query in SQL (linectl.trace)."""
+        with self._reader.snapshot() as c:
+            yield c
+
+    def writer_alive(self) -> bool:
+        """The writer thread runs (False once closed, read-only, or if the thread died): the daemon's watchdog feeds on it."""
+        return self._writer is not None and self._writer.is_alive()
 
     def _check_open(self) -> None:
         if self._closed:
