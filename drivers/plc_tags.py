@@ -467,11 +467,15 @@ class PlcConfigBase(DriverConfig):
     heartbeat_timeout_s: float = Field(2.0, gt=0, description="no heartbeat_plc toggle for this long = PLC lost")
     reply_timeout_s: float = Field(0.5, gt=0, le=30, description="bound of one request; a stalled PLC costs no more")
 
+    def tag_specs(self) -> dict[str, ModbusTagSpec | S7TagSpec]:
+        """The tag map; each protocol's config declares `tags` with its own spec type."""
+        raise NotImplementedError
+
     @model_validator(mode="after")
     def _hb(self) -> PlcConfigBase:
         if self.heartbeat and self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_timeout_s must be longer than heartbeat_interval_s")
-        check_tag_map(getattr(self, "tags", {}), self.heartbeat)
+        check_tag_map(self.tag_specs(), self.heartbeat)
         return self
 
 
@@ -497,11 +501,11 @@ class PolledPlc(Plc):
 
     def __init__(self, name: str, config: PlcConfigBase) -> None:
         super().__init__(name, config)
-        self._tags: dict[str, Any] = dict(config.tags)
+        self._tags: dict[str, Any] = config.tag_specs()
         self._poll_names = [n for n, s in self._tags.items() if polled(n, s)]
         self._latest: dict[str, Any] = {}
         self._latest_at = 0.0
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._io = asyncio.Lock()
         self._session_ok = False
         self._broken: asyncio.Event | None = None

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal, Protocol
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from linectl.drivers.base import Backoff, Driver, HealthState
 
@@ -55,7 +55,14 @@ class TransportConfig(BaseModel):
     baudrate: int = Field(9600, gt=0)
     bytesize: Literal[5, 6, 7, 8] = 8
     parity: Literal["N", "E", "O", "M", "S"] = "N"
-    stopbits: Literal[1, 1.5, 2] = 1
+    stopbits: float = Field(1, description="1, 1.5 or 2")
+
+    @field_validator("stopbits")
+    @classmethod
+    def _stopbits(cls, v: float) -> float:
+        if v not in (1, 1.5, 2):
+            raise ValueError(f"stopbits must be 1, 1.5 or 2, not {v}")
+        return v
 
     @model_validator(mode="after")
     def _exactly_one_transport(self) -> TransportConfig:
@@ -420,6 +427,10 @@ class ConnectionSupervisor:
     def connected(self) -> bool:
         return self.writer is not None and not self.writer.is_closing()
 
+    def _stop_requested(self) -> bool:
+        """stop() sets the flag from another task while _run awaits: read it fresh each time (a call, not a narrowed attribute)."""
+        return self._stopping
+
     def start(self) -> None:
         if self._task is None or self._task.done():
             self._stopping = False
@@ -457,7 +468,7 @@ class ConnectionSupervisor:
         cfg = self.cfg
         backoff = Backoff(cfg.backoff_initial_s, cfg.backoff_max_s)
         where = getattr(cfg, "endpoint", "device")
-        while not self._stopping:
+        while not self._stop_requested():
             self._drop_reason = ""
             try:
                 reader, writer = await asyncio.wait_for(self._opener(), cfg.connect_timeout_s)
@@ -497,7 +508,7 @@ class ConnectionSupervisor:
             if self._drop_reason:
                 reason = self._drop_reason
             self.disconnects += 1
-            if self._stopping:
+            if self._stop_requested():
                 return
             self.driver.set_health(HealthState.DISCONNECTED, reason)
             if self._on_lost is not None:
