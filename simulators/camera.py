@@ -172,7 +172,7 @@ class CameraSim:
         self._noise = [
             _rng(seed, -1 - k).normal(0, NOISE_SIGMA, (FRAME_H, FRAME_W)).astype(np.float32) for k in range(NOISE_VARIANTS)
         ]
-        self._bg = [np.clip(BACKGROUND + n, 0, 255).astype(np.uint8) for n in self._noise]
+        self._bg: list[np.ndarray] = [np.clip(BACKGROUND + n, 0, 255).astype(np.uint8) for n in self._noise]
         self._case_seq = 0
         self._faults: dict[str, int] = {"garbage": 0, "drop": 0}
         self.frames_written = 0
@@ -354,7 +354,7 @@ def tilt_view(img: np.ndarray, degrees: float, axis: str = "y", focal: float = 3
         R = np.eye(3) + math.sin(t) * K + (1 - math.cos(t)) * K @ K
     else:
         raise ValueError("axis is x, y or xy")
-    src = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
+    src = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float32)
     pts = np.array([[x - w / 2, y - h / 2, 0.0] for x, y in src]) @ R.T + [0, 0, f]
     proj = pts[:, :2] / pts[:, 2:3] * f
     dst = (proj - proj.min(axis=0) + 0.1 * max(w, h)).astype(np.float32)

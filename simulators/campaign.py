@@ -286,6 +286,8 @@ class Broker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        if MOSQUITTO is None:
+            raise RuntimeError("the campaign needs mosquitto (apt-get install mosquitto)")
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -398,7 +400,7 @@ class Subscriber:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
-        props = Properties(PacketTypes.CONNECT)
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves __init__ unannotated
         props.SessionExpiryInterval = 3600
         quiet = QUIET_MQTT
         while True:
@@ -647,7 +649,7 @@ class Campaign:
                     async for m in c.messages:
                         with contextlib.suppress(ValueError, TypeError):
                             reply = json.loads(bytes(m.payload))
-                            if reply.get("command_id") == cid:
+                            if isinstance(reply, dict) and reply.get("command_id") == cid:
                                 return reply
         except (aiomqtt.MqttError, TimeoutError, OSError):
             return None
@@ -700,7 +702,7 @@ class Campaign:
                     continue
                 if state == "challenge":
                     sim = await self.sim_cmd(cmd="status")
-                    conv = next(iter((sim.get("conveyors") or {}).values()), {}) if sim.get("ok") else {}
+                    conv: dict[str, Any] = next(iter((sim.get("conveyors") or {}).values()), {}) if sim.get("ok") else {}
                     if conv and conv.get("challenge_queued", 1) == 0 and conv.get("in_flight", 1) == 0 and time.monotonic() - self.challenge_t > 8.0:
                         # the line has asked for challenge units for a while and none is left to feed: feed a set
                         # the kinds the line has not yet seen rejected for their own reason (all, for a new challenge)
@@ -774,7 +776,7 @@ class Campaign:
             await self.command("reset")
             self.echo(f"operator: reset fault {st.get('fault')} before start")
         sim = await self.sim_cmd(cmd="status")
-        conv = next(iter((sim.get("conveyors") or {}).values()), {}) if sim.get("ok") else {}
+        conv: dict[str, Any] = next(iter((sim.get("conveyors") or {}).values()), {}) if sim.get("ok") else {}
         if self.kinds and conv.get("challenge_queued", 0) == 0:
             await self.sim_cmd(cmd="challenge", kinds=self.kinds)
             self.challenge_t = time.monotonic()
@@ -961,7 +963,7 @@ class Campaign:
             extra = ["--unused", "return"] if action == "close" else []
             await self.cli_command(action, *extra)
         else:
-            body = {"unused_serials": "return"} if action == "close" else {}
+            body: dict[str, Any] = {"unused_serials": "return"} if action == "close" else {}
             await self.command(names[action], **body)
 
     async def _hostile(self) -> None:
@@ -980,7 +982,7 @@ class Campaign:
         self.echo(f"  hostile: {kind}")
 
         def props(topic: str) -> Properties:
-            p = Properties(PacketTypes.PUBLISH)
+            p = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho leaves __init__ unannotated
             p.ResponseTopic = topic
             p.CorrelationData = b"x"
             return p
@@ -1113,7 +1115,10 @@ class Campaign:
             # aiomqtt leaves a future with "Unexpected disconnection" behind when the broker is killed: expected here
             if "disconnect" in repr(ctx.get("exception", "")).lower():
                 return
-            (default_handler or lp.default_exception_handler)(ctx) if default_handler else lp.default_exception_handler(ctx)
+            if default_handler is not None:
+                default_handler(lp, ctx)  # (was called with ctx alone: a TypeError instead of the report)
+            else:
+                lp.default_exception_handler(ctx)
 
         loop.set_exception_handler(quiet)
         tasks: list[asyncio.Task[None]] = []
@@ -1368,7 +1373,7 @@ def check_challenges(fed: list[dict[str, Any]], results: list[dict[str, Any]], k
         for r in results:
             if r.get("lot") != lot or not r.get("rejected") or r.get("t", 0) > first["fed_t"]:
                 continue
-            k = r.get("challenge")
+            k = str(r.get("challenge"))
             if r.get("reason_seen") != CHALLENGE_REASON.get(k):
                 continue
             unit_seq = r.get("unit_seq", r.get("seq"))  # the unit's PLC seq (a fix may rename the field unit_seq)
@@ -1460,7 +1465,7 @@ async def run_campaign(opts: CampaignOptions) -> RunResult:
     """One run. SIGTERM / SIGINT cancel it, and cancelling still kills every process it started."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
-    installed: list[int] = []
+    installed: list[signal.Signals] = []
     if task is not None and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):

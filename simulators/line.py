@@ -126,7 +126,7 @@ class LineSim:
         self.packer: Packer | None = None
         self.control: ControlServer | None = None
         self.control_address: tuple[str, int] | None = None
-        self._fault_tasks: list[asyncio.Task] = []
+        self._fault_tasks: list[asyncio.Task[Any]] = []
         self.done = asyncio.Event()
 
     # -- build / lifecycle ----------------------------------------------------------
@@ -342,7 +342,7 @@ class LineSim:
     def _set(self, msg: dict[str, Any]) -> dict[str, Any]:
         changed: dict[str, Any] = {}
         if "device" in msg or "tags" in msg:
-            dev = self.devices.get(msg.get("device"))
+            dev = self.devices.get(str(msg.get("device")))
             if not isinstance(dev, PlcSim):
                 raise ValueError(f"device {msg.get('device')!r} is not a simulated PLC")
             tags = msg.get("tags") or {}

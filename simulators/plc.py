@@ -313,6 +313,7 @@ class ModbusServerHost:
         from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
         cfg = self.cfg
+        srv: ModbusTcpServer | ModbusSerialServer
         if cfg.driver == "modbus_tcp":
             srv = ModbusTcpServer(context=self._simdev, address=(cfg.host, cfg.port))
         else:
@@ -335,7 +336,8 @@ class ModbusServerHost:
         await srv.serve_forever(background=True)
         self.server = srv
         if cfg.driver == "modbus_tcp":
-            sock = srv.transport.sockets[0].getsockname()
+            # pymodbus types its listener as a BaseTransport; for TCP it is the asyncio.Server, which has sockets
+            sock = srv.transport.sockets[0].getsockname()  # type: ignore[attr-defined]
             self.bound = f"modbus_tcp {sock[0]}:{sock[1]}"
             self.port = sock[1]
         elif self.pty is not None:
@@ -562,8 +564,8 @@ class PlcSim:
         self._ctl_changed_at = 0.0
         self._hb = False
         self._next_hb = 0.0
-        self._task: asyncio.Task | None = None
-        self._fault_tasks: set[asyncio.Task] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._fault_tasks: set[asyncio.Task[Any]] = set()
         self._listeners: list[Callable[[], None]] = []
         self.trigger_count = 0
         self.pass_total = 0
@@ -858,7 +860,8 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
     """A port nobody listens on right now (tests, benches: never needs root, never port 102)."""
     with socket.socket() as so:
         so.bind((host, 0))
-        return so.getsockname()[1]
+        port: int = so.getsockname()[1]
+        return port
 
 
 def default_config(driver: str, host: str = "127.0.0.1", port: int | None = None, **extra: Any) -> Any:
