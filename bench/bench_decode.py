@@ -142,7 +142,8 @@ def grading_acceptance(corpus: Path) -> dict[str, Any]:
             letters = []
             for k in range(4):
                 img = np.ascontiguousarray(np.rot90(gray, k))
-                ref = sorted(b.text for b in zxingcpp.read_barcodes(img, formats=zxingcpp.BarcodeFormat.DataMatrix, text_mode=zxingcpp.TextMode.Plain) if b.valid)
+                found = zxingcpp.read_barcodes(img, formats=zxingcpp.BarcodeFormat.DataMatrix, text_mode=zxingcpp.TextMode.Plain)
+                ref = sorted(b.text for b in found if b.valid)
                 t0 = time.perf_counter()
                 codes = dec.decode(img)
                 if path.parent.name == "datamatrix-2":

@@ -117,7 +117,8 @@ async def bench_throughput(d: Path, n: int) -> None:
         groups = st["groups"] - g0
         assert store.backlog() == n
         await store.close()
-        print(f"throughput [{mode}, {producers} producers{', EPCIS rendered at append' if RENDER_EPCIS else ''}]: {n} UnitCommissioned in {dt:.2f} s = {n / dt:,.0f} events/s durable "
+        rendered = ", EPCIS rendered at append" if RENDER_EPCIS else ""
+        print(f"throughput [{mode}, {producers} producers{rendered}]: {n} UnitCommissioned in {dt:.2f} s = {n / dt:,.0f} events/s durable "
               f"({groups} commits, {n / max(groups, 1):.0f} events/commit)")
 
 

@@ -235,7 +235,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"  decommissioned  {r['decommissioned']}",
         f"  returned        {r['returned']}",
         f"  voided          {r['voided']}",
-        f"  => {'BALANCED' if r['balanced'] else 'NOT BALANCED'}: {r['provisioned']} = {r['commissioned']} + {r['decommissioned']} + {r['returned']} + {r['voided']}",
+        f"  => {'BALANCED' if r['balanced'] else 'NOT BALANCED'}: {r['provisioned']} = "
+        f"{r['commissioned']} + {r['decommissioned']} + {r['returned']} + {r['voided']}",
     ]
     for p in r["problems"]:
         lines.append(f"  problem: {p}")
@@ -246,8 +247,10 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"  reconciled      {f['serial']}: {f['outcome']} by {f['by']} at {f['at']}")
     p = r.get("packs") or {}
     if p.get("plc_counters"):
-        lines.append(f"  packs (PLC)     triggered {p['triggered']} = passed {p['passed']} + rejected {p['rejected']} (confirmed in bin {p['reject_confirmed']})")
-        lines.append(f"  packs expected  passed {p['passed_expected']}, rejected {p['rejected_expected']} = decommissioned on a pack {p['decommissioned_on_pack']}"
+        lines.append(f"  packs (PLC)     triggered {p['triggered']} = passed {p['passed']} + rejected {p['rejected']}"
+                     f" (confirmed in bin {p['reject_confirmed']})")
+        lines.append(f"  packs expected  passed {p['passed_expected']}, rejected {p['rejected_expected']}"
+                     f" = decommissioned on a pack {p['decommissioned_on_pack']}"
                      f" + challenge units {p['challenge_units']} + blank packs {p['blank_packs']}"
                      + (f"; unknown fate {p['fate_unknown']}" if p["fate_unknown"] else ""))
         lines.append(f"  => packs {'BALANCED' if p['balanced'] else 'NOT BALANCED'}")
@@ -256,7 +259,8 @@ def format_report(r: dict[str, Any]) -> str:
     else:
         lines.append(f"  packs           no PLC pack counters recorded; blank packs {p.get('blank_packs', 0)}, challenge units {p.get('challenge_units', 0)}")
     if r["challenge"]:
-        lines.append("  challenge: " + ", ".join(f"{c['challenge']}→{'rejected' if c['rejected'] else 'NOT rejected'} ({c['reason_seen']})" for c in r["challenge"]))
+        lines.append("  challenge: " + ", ".join(
+            f"{c['challenge']}→{'rejected' if c['rejected'] else 'NOT rejected'} ({c['reason_seen']})" for c in r["challenge"]))
     cs = r.get("challenge_status")
     if cs and (cs["failed"] or cs["never_ran"]):
         lines.append(f"  challenge INCOMPLETE: failed {cs['failed'] or 'none'}, never ran {cs['never_ran'] or 'none'}")

@@ -522,7 +522,8 @@ class Campaign:
         )
         run_raw.pop("simulation", None)
         assert self.broker is not None
-        mqtt: dict[str, Any] = {"host": "127.0.0.1", "port": self.broker.port, "protocol": "5", "topic_root": self.root, "enabled": True, "state_interval_s": 1.0}
+        mqtt: dict[str, Any] = {"host": "127.0.0.1", "port": self.broker.port, "protocol": "5", "topic_root": self.root, "enabled": True,
+            "state_interval_s": 1.0}
         run_raw["mqtt"] = {**(run_raw.get("mqtt") or {}), **mqtt}
         run_raw.setdefault("store", {})["path"] = str(self.db)
         self.plc = next(st["plc"] for st in raw["stations"] if st.get("type") in ("print_verify", "verify"))
@@ -593,7 +594,8 @@ class Campaign:
     async def _init_store(self, run_path: Path) -> None:
         """`linectl init -c CONFIG` where this build has it (only init creates a store); else `run` creates it."""
         py = sys.executable
-        p = await asyncio.create_subprocess_exec(py, "-m", "linectl", "init", "-c", str(run_path), cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        p = await asyncio.create_subprocess_exec(py, "-m", "linectl", "init", "-c", str(run_path), cwd=str(REPO), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT)
         out, _ = await asyncio.wait_for(p.communicate(), 60)
         if p.returncode != 0 and b"invalid choice" not in out:
             raise RuntimeError(f"linectl init failed: {out.decode(errors='replace')[-500:]}")
@@ -643,7 +645,8 @@ class Campaign:
         msg = {"name": name, "command_id": cid, "actor": "campaign-operator", **body}
         try:
             async with asyncio.timeout(timeout):
-                async with aiomqtt.Client("127.0.0.1", self.broker.port, identifier=f"campaign-op-{cid[:8]}", protocol=aiomqtt.ProtocolVersion.V5, logger=QUIET_MQTT) as c:
+                async with aiomqtt.Client("127.0.0.1", self.broker.port, identifier=f"campaign-op-{cid[:8]}", protocol=aiomqtt.ProtocolVersion.V5,
+                    logger=QUIET_MQTT) as c:
                     await c.subscribe(f"{self.root}/cmd/{name}/reply", qos=1)
                     await c.publish(f"{self.root}/cmd/{name}", json.dumps(msg), qos=1)
                     async for m in c.messages:
@@ -987,14 +990,16 @@ class Campaign:
             p.CorrelationData = b"x"
             return p
 
-        async with aiomqtt.Client("127.0.0.1", self.broker.port, identifier=f"campaign-hostile-{uuid.uuid4().hex[:8]}", protocol=aiomqtt.ProtocolVersion.V5, logger=QUIET_MQTT) as c:
+        async with aiomqtt.Client("127.0.0.1", self.broker.port, identifier=f"campaign-hostile-{uuid.uuid4().hex[:8]}", protocol=aiomqtt.ProtocolVersion.V5,
+            logger=QUIET_MQTT) as c:
             if kind == "malformed":
                 await c.publish(cmd + "start_batch", b'{"name": "start_batch", "command_id": ', qos=1)
             elif kind == "empty":
                 await c.publish(cmd + "start_batch", b"", qos=1)
             elif kind == "retained_start":
                 self.retained_starts += 1
-                await c.publish(cmd + "start_batch", json.dumps({"name": "start_batch", "command_id": uuid.uuid4().hex, "actor": "stale-hmi"}), qos=1, retain=True)
+                await c.publish(cmd + "start_batch", json.dumps({"name": "start_batch", "command_id": uuid.uuid4().hex, "actor": "stale-hmi"}), qos=1,
+                    retain=True)
             elif kind == "retained_clear":
                 await c.publish(cmd + "start_batch", b"", qos=1, retain=True)
             elif kind == "oversize":
@@ -1005,7 +1010,8 @@ class Campaign:
             elif kind == "sys_reply":
                 await c.publish(cmd + "request_state", json.dumps({"name": "request_state", "command_id": uuid.uuid4().hex}), qos=1, properties=props("$SYS/x"))
             elif kind == "events_reply":
-                await c.publish(cmd + "request_state", json.dumps({"name": "request_state", "command_id": uuid.uuid4().hex}), qos=1, properties=props(f"{self.root}/events"))
+                await c.publish(cmd + "request_state", json.dumps({"name": "request_state", "command_id": uuid.uuid4().hex}), qos=1,
+                    properties=props(f"{self.root}/events"))
             elif kind == "garbage_verify":
                 for _ in range(20):
                     junk = "".join(rng.choice("0123456789ABCDEF]d\x1d") for _ in range(rng.randint(1, 60)))
@@ -1188,7 +1194,9 @@ class Campaign:
         viol = check_records(fed, ev, kinds=self.kinds, lots=self.lots, received=self.sub.event_ids, foreign=self.sub.foreign, root=self.root)
         if ev["stale_starts"] > self.retained_starts:
             viol.append(
-                Violation("retained_command_replayed", f"{self.retained_starts} retained start_batch published, the line started {ev['stale_starts']} times on it (replayed after a reconnect or restart)")
+                Violation("retained_command_replayed",
+                    f"{self.retained_starts} retained start_batch published, the line started {ev['stale_starts']} times on it "
+                    "(replayed after a reconnect or restart)")
             )
         reports = {x["lot"]: await self._report(x["lot"]) for x in self.lots}
         named = {v.serial for v in viol if v.check == "passed_commissioned" and v.serial and any(v.serial in txt for txt, _ in reports.values())}
@@ -1203,7 +1211,8 @@ class Campaign:
         for lot, (_, rep) in reports.items():
             if rep is not None and rep.get("state") == "closed" and int(rep.get("commissioned") or 0) != passed_by_lot[lot]:
                 self.res.violations.append(
-                    Violation("report_packs", f"batch {lot}: report says {rep.get('commissioned')} commissioned, {passed_by_lot[lot]} coded packs of the lot passed the gate")
+                    Violation("report_packs",
+                        f"batch {lot}: report says {rep.get('commissioned')} commissioned, {passed_by_lot[lot]} coded packs of the lot passed the gate")
                 )
         rc, out = await self._linectl("audit", "verify", "--db", str(self.db))
         if rc != 0:
@@ -1230,7 +1239,8 @@ class Campaign:
         if not rep.get("balanced"):
             self.res.violations.append(Violation("report", f"batch {lot}: closed but not balanced: {problems[:3]}"))
         if rep.get("provisioned") != sum(int(rep.get(k) or 0) for k in ("commissioned", "decommissioned", "returned", "voided")):
-            self.res.violations.append(Violation("report", f"batch {lot}: serials do not add up: {({k: rep.get(k) for k in ('provisioned', 'commissioned', 'decommissioned', 'returned', 'voided')})}"))
+            self.res.violations.append(Violation("report",
+                f"batch {lot}: serials do not add up: {({k: rep.get(k) for k in ('provisioned', 'commissioned', 'decommissioned', 'returned', 'voided')})}"))
         return out, rep
 
 
@@ -1298,9 +1308,11 @@ def check_records(
     # 2. every unit that passed is commissioned exactly once and never decommissioned
     for s, u in passed_good.items():
         if s in decomm:
-            viol.append(Violation("passed_decommissioned", f"serial {s} passed the gate (unit {u['uid']}, seq {u['seq']}) and was decommissioned ({', '.join(decomm[s])})"))
+            viol.append(Violation("passed_decommissioned",
+                f"serial {s} passed the gate (unit {u['uid']}, seq {u['seq']}) and was decommissioned ({', '.join(decomm[s])})"))
         elif comm[s] != 1:
-            viol.append(Violation("passed_commissioned", f"serial {s} (unit {u['uid']}, seq {u['seq']}) passed the gate but was commissioned {comm[s]} time(s)"))
+            viol.append(Violation("passed_commissioned",
+                f"serial {s} (unit {u['uid']}, seq {u['seq']}) passed the gate but was commissioned {comm[s]} time(s)"))
         elif states.get(s) != "commissioned":
             viol.append(Violation("passed_commissioned", f"serial {s} passed the gate but its registry state is {states.get(s)!r}", serial=s))
     #    and a unit that went to the bin (or never reached the gate) is not on the market
@@ -1324,7 +1336,8 @@ def check_records(
             continue
         unproven = [x for x in us if x.get("outcome") not in ("rejected", None)]
         if unproven:
-            viol.append(Violation("decommissioned_unproven", f"serial {s} decommissioned ({', '.join(reasons)}) but its unit's fate is {[x.get('outcome') for x in unproven]}"))
+            viol.append(Violation("decommissioned_unproven",
+                f"serial {s} decommissioned ({', '.join(reasons)}) but its unit's fate is {[x.get('outcome') for x in unproven]}"))
     # 5. no production unit of a batch precedes its complete challenge
     viol += check_challenges(fed, ev["challenge_results"], kinds, lots)
     # the line stops when it cannot code: no long run of uncoded production packs (printer starved, store full...)
@@ -1334,10 +1347,12 @@ def check_records(
             run.append(u)
             continue
         if len(run) > UNCODED_RUN_LIMIT:
-            viol.append(Violation("line_not_stopped", f"{len(run)} uncoded packs fed in a row (units {run[0]['uid']} .. {run[-1]['uid']}): the line kept feeding what it could not code"))
+            viol.append(Violation("line_not_stopped",
+                f"{len(run)} uncoded packs fed in a row (units {run[0]['uid']} .. {run[-1]['uid']}): the line kept feeding what it could not code"))
         run = []
     if len(run) > UNCODED_RUN_LIMIT:
-        viol.append(Violation("line_not_stopped", f"{len(run)} uncoded packs fed in a row (units {run[0]['uid']} .. {run[-1]['uid']}): the line kept feeding what it could not code"))
+        viol.append(Violation("line_not_stopped",
+            f"{len(run)} uncoded packs fed in a row (units {run[0]['uid']} .. {run[-1]['uid']}): the line kept feeding what it could not code"))
     # 7. every stored event reached the subscriber
     ids = ev["event_ids"]
     missing = [i for i in ids if i not in received]
@@ -1445,7 +1460,8 @@ def store_events(db: Path) -> dict[str, Any]:
             challenges.append(b)
     states = {s: st for s, st in ro_query(db, "SELECT serial, state FROM serials WHERE lot IS NOT NULL")}
     unforwarded = ro_query(db, "SELECT count(*) FROM outbox WHERE forwarded_at IS NULL")[0][0]
-    return {"commissioned": commissioned, "decommissioned": decommissioned, "states": states, "challenge_results": challenges, "stale_starts": stale_starts, "event_ids": ids, "unforwarded": unforwarded}
+    return {"commissioned": commissioned, "decommissioned": decommissioned, "states": states, "challenge_results": challenges, "stale_starts": stale_starts,
+        "event_ids": ids, "unforwarded": unforwarded}
 
 
 # --------------------------------------------------------------------------- entry points

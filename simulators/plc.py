@@ -104,7 +104,8 @@ DEFAULT_S7_TAGS: dict[str, dict[str, Any]] = {
 
 FAULTS = ("disconnect", "slow", "heartbeat_stop", "gate_jam", "confirm_lost", "estop", "plc_restart")
 #: tags a warm restart keeps (retentive memory); a cold restart clears everything but plc_epoch
-RETENTIVE = frozenset({"trigger_count", "pass_total", "reject_total", "gate_reject_total", "verdict_ring", "reject_ring", "plc_epoch", "case_seq", "case_result"})
+RETENTIVE = frozenset({"trigger_count", "pass_total", "reject_total", "gate_reject_total", "verdict_ring", "reject_ring", "plc_epoch", "case_seq",
+    "case_result"})
 
 
 # --------------------------------------------------------------------------- memory

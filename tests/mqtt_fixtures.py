@@ -309,7 +309,8 @@ def line_yaml(path: Path, *, port: int = SHARED_PORT, root: str | None = None, p
         mqtt["topic_root"] = root
     mqtt.update(extra_mqtt or {})
     doc = {
-        "line": {"enterprise": "acme", "site": "plant1", "area": "pack", "name": "line1", "gln": "4012345000009", "company_prefix_length": 7, "timezone_offset": "+01:00"},
+        "line": {"enterprise": "acme", "site": "plant1", "area": "pack", "name": "line1", "gln": "4012345000009", "company_prefix_length": 7,
+            "timezone_offset": "+01:00"},
         "products": [
             {"gtin": GTIN, "name": "Aspirin 100", "company_prefix_length": 7, "serials": {"scheme": "pool", "low_water": 10, "request_count": 100}},
             {"gtin": GTIN2, "name": "Aspirin 500", "company_prefix_length": 7, "serials": {"scheme": "pool"}},

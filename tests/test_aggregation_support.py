@@ -125,7 +125,8 @@ class Rig:
         if self.reader_kind == "camera":
             self.cam_sim = CameraSim(folder=self.frames)
             await self.cam_sim.start()
-            devices["casecam"] = {"driver": "camera", "source": str(self.frames), "watch": True, "poll_interval_s": 0.002, "max_codes": max(2, self.per_case + 4)}
+            devices["casecam"] = {"driver": "camera", "source": str(self.frames), "watch": True, "poll_interval_s": 0.002,
+                "max_codes": max(2, self.per_case + 4)}
         else:
             self.child_scan_sim = ScannerSim(port=0, no_read="NOREAD")
             await self.child_scan_sim.start()

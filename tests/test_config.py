@@ -53,7 +53,8 @@ def test_every_example_config_is_valid(path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("LINECTL_MQTT_PASSWORD", "x")
     cfg = load_config(path)
     assert cfg.products and cfg.line.name
-    r = subprocess.run([sys.executable, "-m", "linectl", "check-config", str(path)], capture_output=True, text=True, cwd=ROOT, env={**__import__("os").environ, "LINECTL_MQTT_PASSWORD": "x"})
+    r = subprocess.run([sys.executable, "-m", "linectl", "check-config", str(path)], capture_output=True, text=True, cwd=ROOT,
+        env={**__import__("os").environ, "LINECTL_MQTT_PASSWORD": "x"})
     assert r.returncode == 0, r.stdout + r.stderr
 
 

@@ -263,7 +263,8 @@ async def test_plc_command_tags_are_executed_cleared_and_audited(tmp_path):
     assert truth["missed_rejects"] == 0, truth["missed"]
     check_report(report, planned=planned)
     unit_ledger(units, events, states).assert_ok()
-    assert [a.action for a in audit] == ["start_batch", "pause_batch", "start_batch", "stop_batch", "reset", "start_batch"], [(a.action, a.detail) for a in audit]
+    expected = ["start_batch", "pause_batch", "start_batch", "stop_batch", "reset", "start_batch"]
+    assert [a.action for a in audit] == expected, [(a.action, a.detail) for a in audit]
     assert all(a.actor == "hmi" for a in audit)
     history = [(h["state"], h["by"]) for h in report["history"]]
     assert ("running", "hmi@plc:plc1") in history and ("paused", "hmi@plc:plc1") in history and ("stopped", "hmi@plc:plc1") in history, history

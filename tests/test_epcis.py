@@ -287,7 +287,9 @@ def test_export_writes_valid_filtered_documents(tmp_path, validator, capsys):
     assert _export(capsys, "--db", str(db), "-c", str(cfg_path), "--batch", "LOTB", "--out", str(out_b))[0] == 0
     doc_b = json.loads(out_b.read_text())
     assert validator.problems(doc_b) == []
-    assert [e["eventID"] for e in doc_b["epcisBody"]["eventList"]] == [e.event_id for e in evs if e.epcis and e.lot == "LOTB" and getattr(e, "serial", None) != "B9"]
+    assert [e["eventID"] for e in doc_b["epcisBody"]["eventList"]] == [
+        e.event_id for e in evs if e.epcis and e.lot == "LOTB" and getattr(e, "serial", None) != "B9"
+    ]
 
     since = (T0 - timedelta(hours=1)).isoformat()
     rc, out, err = _export(capsys, "--db", str(db), "-c", str(cfg_path), "--since", since, "--validate", "all")  # to stdout

@@ -235,7 +235,8 @@ async def test_fallback_reply_topic_for_mqtt311_clients(tmp_path):
     cfg = make_cfg(tmp_path, protocol="3.1.1")
     store = await open_store(tmp_path)
     async with Bridge(cfg, store), Commander(SHARED_PORT, cfg.topic_root, protocol=V311) as op:
-        reply, m = await op.send("provision_pool", {"name": "provision_pool", "command_id": "p-311", "gtin": GTIN, "range_start": 1, "range_count": 5, "range_width": 6})
+        reply, m = await op.send("provision_pool",
+            {"name": "provision_pool", "command_id": "p-311", "gtin": GTIN, "range_start": 1, "range_count": 5, "range_width": 6})
         assert str(m.topic) == f"{cfg.topic_root}/cmd/provision_pool/reply"
         assert reply["ok"] is True and reply["command_id"] == "p-311" and reply["result"]["accepted"] == 5
         assert store.serial(GTIN, "000003") is not None
@@ -261,7 +262,8 @@ async def test_fallback_reply_topic_for_mqtt311_clients(tmp_path):
         ("provision_pool", json.dumps({"name": "create_batch", "gtin": GTIN, "serials": ["A1"]}).encode(), "name_mismatch", "create_batch"),
         ("provision_pool", json.dumps({"gtin": GTIN, "serials": ["S" * 20] * 1} | {"pad": "x" * 3000}).encode(), "too_large", "max_command_bytes"),
     ],
-    ids=["bad-json", "not-object", "unknown-command", "wrong-type", "bad-pattern", "wrong-type-int", "extra-field", "unknown-gtin", "unknown-gtin-batch", "pool-duplicates", "name-mismatch", "oversize"],
+    ids=["bad-json", "not-object", "unknown-command", "wrong-type", "bad-pattern", "wrong-type-int", "extra-field", "unknown-gtin", "unknown-gtin-batch",
+        "pool-duplicates", "name-mismatch", "oversize"],
 )
 async def test_malformed_commands_get_an_error_reply_and_change_nothing(tmp_path, name, payload, code, words):
     cfg = make_cfg(tmp_path, max_command_bytes=2048)

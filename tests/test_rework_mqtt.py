@@ -150,7 +150,8 @@ async def test_rework_operations_over_mqtt_are_applied_once_with_the_operator_re
     assert unit_facts(store, [(GTIN, u[1])])[(GTIN, u[1])].state == "decommissioned"
     assert R.check_hierarchy(store) == []
     rows = [r for r in store.outbox(0, 10000, only_unforwarded=False) if r.kind in ("unpacked", "packed", "unit_decommissioned")][-7:]
-    assert [r.event.actor for r in rows] == ["alice@mqtt:anonymous", "bob@mqtt:anonymous", "bob@mqtt:anonymous", "bob@mqtt:anonymous", "bob@mqtt:anonymous", "carol@mqtt:anonymous", "carol@mqtt:anonymous"]
+    assert [r.event.actor for r in rows] == ["alice@mqtt:anonymous", "bob@mqtt:anonymous", "bob@mqtt:anonymous", "bob@mqtt:anonymous", "bob@mqtt:anonymous",
+        "carol@mqtt:anonymous", "carol@mqtt:anonymous"]
     reprint = [a for a in store.audit_log(0, 10000) if a.action == R.REPRINT_ACTION][-1]
     assert reprint.actor == "dan@mqtt:anonymous" and reprint.detail["confirmed"] is True
 
@@ -168,4 +169,5 @@ async def test_rework_mode_sets_the_bench_operation_and_operator(rig):
     assert bench.mode == "dissolve"
     audit = [a for a in store.audit_log(0, 10000) if a.action == "rework_mode"]
     assert len(audit) == 1  # refused commands change nothing, the accepted one is on record with who asked
-    assert (audit[0].actor, audit[0].origin) == ("supervisor", "mqtt:anonymous") and (audit[0].detail["mode"], audit[0].detail["operator"]) == ("dissolve", "jdoe")
+    assert (audit[0].actor, audit[0].origin) == ("supervisor", "mqtt:anonymous") and (audit[0].detail["mode"], audit[0].detail["operator"]) == ("dissolve",
+        "jdoe")

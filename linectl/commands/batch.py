@@ -199,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         reply = asyncio.run(send_command(cfg, body, args.timeout))
     except TimeoutError:
-        print(f"linectl batch: no reply from the daemon within {args.timeout}s (is it running and connected to {cfg.mqtt.host}:{cfg.mqtt.port}?)", file=sys.stderr)
+        print(f"linectl batch: no reply from the daemon within {args.timeout}s (is it running and connected to {cfg.mqtt.host}:{cfg.mqtt.port}?)",
+            file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - broker unreachable etc.
         print(f"linectl batch: {exc}", file=sys.stderr)
