@@ -484,7 +484,7 @@ class Camera(CodeReader):
                     self.source_description = source.describe()
                 await loop.run_in_executor(self._acq, source.open)
             except Exception as exc:  # DeviceError or anything OpenCV throws: never out of the task
-                self.set_health(HealthState.DISCONNECTED, getattr(exc, "reason", None) or repr(exc))
+                self.set_health(HealthState.DISCONNECTED, exc.reason if isinstance(exc, DeviceError) else repr(exc))
                 await backoff.sleep()
                 continue
             backoff.reset()

@@ -388,6 +388,19 @@ async def close_writer(writer: StreamWriterLike | None) -> None:
 Session = Callable[[asyncio.StreamReader, StreamWriterLike], Awaitable[None]]
 
 
+class LinkConfig(Protocol):
+    """A device config the supervisor can keep connected: a TransportConfig that is also a DriverConfig."""
+
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def connect_timeout_s(self) -> float: ...
+    @property
+    def backoff_initial_s(self) -> float: ...
+    @property
+    def backoff_max_s(self) -> float: ...
+
+
 class ConnectionSupervisor:
     """Connect, run the driver's session, and on any loss reconnect with Backoff. Never raises.
 
@@ -402,7 +415,7 @@ class ConnectionSupervisor:
     def __init__(
         self,
         driver: Driver,
-        cfg: Any,
+        cfg: LinkConfig,
         session: Session,
         *,
         on_lost: Callable[[str], None] | None = None,
@@ -413,7 +426,12 @@ class ConnectionSupervisor:
         self.cfg = cfg
         self._session = session
         self._on_lost = on_lost
-        self._opener = opener or (lambda: open_stream(cfg))
+        if opener is None:
+            if not isinstance(cfg, TransportConfig):
+                raise TypeError(f"{type(cfg).__name__} has no transport (host or serial_port): pass an opener")
+            transport = cfg
+            opener = lambda: open_stream(transport)  # noqa: E731
+        self._opener = opener
         self._stable_s = stable_s if stable_s is not None else max(1.0, 5 * cfg.backoff_initial_s)
         self.writer: StreamWriterLike | None = None
         self._task: asyncio.Task[None] | None = None
@@ -467,7 +485,7 @@ class ConnectionSupervisor:
     async def _run(self) -> None:
         cfg = self.cfg
         backoff = Backoff(cfg.backoff_initial_s, cfg.backoff_max_s)
-        where = getattr(cfg, "endpoint", "device")
+        where = cfg.endpoint
         while not self._stop_requested():
             self._drop_reason = ""
             try:

@@ -19,7 +19,7 @@ import structlog
 from linectl.events import AlarmRaised, Severity
 from linectl.store.model import Batch, PoolExhausted, StoreError, tally_name
 from linectl.store.serials import random_serials, sequential_serial
-from linectl.store.writer import Tx
+from linectl.store.writer import BATCH_FORMS, Tx
 
 log = structlog.get_logger("linectl.store")
 
@@ -409,7 +409,7 @@ def _op_append_batch(tx: Tx, arglist: list[tuple[Any, ...]]) -> list[list[int]]:
     return out
 
 
-op_append.batch = _op_append_batch  # type: ignore[attr-defined]
+BATCH_FORMS[op_append] = _op_append_batch
 
 
 def _commission_run(tx: Tx, run: list[tuple[Any, str, Any]]) -> list[int]:
