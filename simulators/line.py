@@ -20,7 +20,7 @@ import ipaddress
 import random
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -388,9 +388,8 @@ class LineSim:
     def status(self) -> dict[str, Any]:
         devices: dict[str, Any] = {}
         for name, dev in self.devices.items():
-            st = getattr(dev, "status", None)
             try:
-                devices[name] = st() if callable(st) else {"listening": self.listening.get(name)}
+                devices[name] = dev.status() if isinstance(dev, Reporting) else {"listening": self.listening.get(name)}
             except Exception as exc:  # noqa: BLE001
                 devices[name] = {"error": repr(exc)}
         return {
@@ -404,11 +403,24 @@ class LineSim:
         }
 
 
+@runtime_checkable
+class Injectable(Protocol):
+    """A device simulator that takes faults (printers, readers, scanners, cameras, PLCs)."""
+
+    def inject(self, kind: str, /, **params: Any) -> Any: ...
+
+
+@runtime_checkable
+class Reporting(Protocol):
+    """A device simulator with a status of its own (the others are reported by where they listen)."""
+
+    def status(self) -> dict[str, Any]: ...
+
+
 def _inject(dev: Any, fault: str, params: dict[str, Any]) -> Any:
-    fn = getattr(dev, "inject", None)
-    if fn is None:
+    if not isinstance(dev, Injectable):
         raise ValueError(f"{type(dev).__name__} takes no fault injection")
-    return fn(fault, **params)
+    return dev.inject(fault, **params)
 
 
 def _where(dev: Any, started: Any) -> str:
