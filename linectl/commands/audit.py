@@ -7,9 +7,13 @@ Exit 0 "audit trail OK: N records"; exit 1 naming the first bad record
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING
 
 from linectl.store.cliutil import add_db_options, run_with_store
+
+if TYPE_CHECKING:
+    from linectl.config import LineConfig
+    from linectl.store import Store
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -21,7 +25,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    async def body(store: Any, cfg: Any | None) -> int:
+    async def body(store: Store, cfg: LineConfig | None) -> int:
         check = store.verify_audit()
         if check.ok:
             print(f"audit trail OK: {check.checked} records")

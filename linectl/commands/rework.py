@@ -19,9 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from linectl.store.cliutil import EXIT_BAD_INPUT, BadInput, add_db_options, run_with_store
+
+if TYPE_CHECKING:
+    from linectl.config import LineConfig
+    from linectl.store import Store
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -93,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_BAD_INPUT
         actor = actor if ":" in actor else f"cli:{actor}"
 
-    async def body(store: Any, cfg: Any | None) -> int:
+    async def body(store: Store, cfg: LineConfig | None) -> int:
         if cfg is not None:
             await store.upsert_products(cfg.products)
         try:
