@@ -25,7 +25,10 @@ import tempfile
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from linectl.store import Store
 
 PAGE = 5000
 
@@ -132,7 +135,7 @@ async def _export(args: argparse.Namespace, cfg: Any, since: datetime | None) ->
     return 0
 
 
-def _unrendered(store: Any, args: argparse.Namespace) -> tuple[int, int, int] | None:
+def _unrendered(store: Store, args: argparse.Namespace) -> tuple[int, int, int] | None:
     """(first seq, last seq, count) of the EPCIS rows this export would need to reconstruct, or None."""
     if not store.unrendered_epcis_rows():  # the usual case: one indexed-free count, no second pass
         return None
@@ -146,7 +149,7 @@ def _unrendered(store: Any, args: argparse.Namespace) -> tuple[int, int, int] | 
     return (first, last, count) if first is not None and last is not None else None
 
 
-def _epcis_rows(store: Any, args: argparse.Namespace) -> Iterator[Any]:
+def _epcis_rows(store: Store, args: argparse.Namespace) -> Iterator[Any]:
     """The outbox rows this export covers (EPCIS-relevant kinds, --batch/--since), page by page in store order."""
     after = 0
     while True:
@@ -178,7 +181,7 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def _write(fh: TextIO, store: Any, mapper: Any, validator: Any, args: argparse.Namespace, since: datetime | None) -> tuple[int, list[int]]:
+def _write(fh: TextIO, store: Store, mapper: Any, validator: Any, args: argparse.Namespace, since: datetime | None) -> tuple[int, list[int]]:
     """(worker thread) stream the document: head, events page by page, tail."""
     from linectl import epcis
     from linectl.events import UnitDecommissioned

@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     op("check", "check the aggregation invariants", actor=False)
 
 
-async def _reprint(store: Any, cfg: Any, args: argparse.Namespace, actor: str) -> dict[str, Any]:
+async def _reprint(store: Store, cfg: LineConfig | None, args: argparse.Namespace, actor: str) -> dict[str, Any]:
     from linectl.drivers.base import Printer
     from linectl.drivers.registry import driver_class
     from linectl.engine.rework import reprint_label
