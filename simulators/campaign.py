@@ -400,7 +400,7 @@ class Subscriber:
         from paho.mqtt.packettypes import PacketTypes
         from paho.mqtt.properties import Properties
 
-        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]  # paho leaves __init__ unannotated
+        props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 3600
         quiet = QUIET_MQTT
         while True:
@@ -985,7 +985,7 @@ class Campaign:
         self.echo(f"  hostile: {kind}")
 
         def props(topic: str) -> Properties:
-            p = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]  # paho leaves __init__ unannotated
+            p = Properties(PacketTypes.PUBLISH)
             p.ResponseTopic = topic
             p.CorrelationData = b"x"
             return p
