@@ -24,13 +24,14 @@ import os
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchinfo import machine  # noqa: E402 - bench/ is the script's own directory
+
 GTIN = "04012345000016"
 LOT = "CASEBENCH"
 EXPIRY = "281231"
@@ -52,11 +53,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     from linectl.engine.line import Line
     from linectl.events import UnitCommissioned
     from linectl.logging import setup_logging
-    from linectl.store import Store
     from linectl.simulators.camera import CameraSim
     from linectl.simulators.model import SimUnit
     from linectl.simulators.printer import ZplPrinterSim
     from linectl.simulators.scanner import ScannerSim
+    from linectl.store import Store
 
     setup_logging("warning")
     tmp = Path(tempfile.mkdtemp(prefix="bench-case-"))
@@ -154,7 +155,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     to_decided = [decided[i] - published[i] for i in range(len(published))]
     return {
         "bench": "case aggregation from one camera frame",
-        "date": datetime.now(timezone.utc).date().isoformat(),
+        "date": datetime.now(UTC).date().isoformat(),
         "machine": machine(),
         "cases": args.cases,
         "units_per_case": args.per_case,

@@ -25,22 +25,22 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import benchinfo  # noqa: E402 - bench/ is the script's own directory
-
 import cv2  # noqa: E402
 import structlog  # noqa: E402
 import zxingcpp  # noqa: E402
 
+from linectl import gs1  # noqa: E402
 from linectl.drivers.camera import Camera, CameraConfig, FrameDecoder, load_image  # noqa: E402
 from linectl.drivers.decoders import ZxingDecoder, _dmtx_decode_in_child, dmtx_available, zxing_version  # noqa: E402
-from linectl import gs1  # noqa: E402
 from linectl.logging import setup_logging  # noqa: E402
 from linectl.simulators.camera import CameraSim, corpus_images, render_mask, tilt_view  # noqa: E402
 from linectl.simulators.model import SimUnit  # noqa: E402
@@ -142,7 +142,8 @@ def grading_acceptance(corpus: Path) -> dict[str, Any]:
             letters = []
             for k in range(4):
                 img = np.ascontiguousarray(np.rot90(gray, k))
-                ref = sorted(b.text for b in zxingcpp.read_barcodes(img, formats=zxingcpp.BarcodeFormat.DataMatrix, text_mode=zxingcpp.TextMode.Plain) if b.valid)
+                found = zxingcpp.read_barcodes(img, formats=zxingcpp.BarcodeFormat.DataMatrix, text_mode=zxingcpp.TextMode.Plain)
+                ref = sorted(b.text for b in found if b.valid)
                 t0 = time.perf_counter()
                 codes = dec.decode(img)
                 if path.parent.name == "datamatrix-2":

@@ -26,6 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import benchinfo  # noqa: E402 - bench/ is the script's own directory
+
 OUT = REPO / "bench" / "out"
 GTIN = "04012345000016"
 

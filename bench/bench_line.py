@@ -41,9 +41,10 @@ async def main(args: argparse.Namespace) -> dict:
     over = {"simulation": {"gate_distance": args.gate_distance}} if args.gate_distance else None
     config = None
     if args.queue_depth:  # jobs kept on the coder ahead of the trigger = how long a daemon stall the print buffer hides
+        from ruamel.yaml import YAML
+
         from linectl.demo import DEFAULT_CONFIG
         from linectl.yamlsource import load_yaml, to_plain
-        from ruamel.yaml import YAML
 
         raw = to_plain(load_yaml(DEFAULT_CONFIG))
         for st in raw["stations"]:

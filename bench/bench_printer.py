@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from linectl import gs1  # noqa: E402
 from linectl.drivers.base import PrintJob  # noqa: E402
 from linectl.drivers.coder import CoderConfig, CoderPrinter  # noqa: E402
 from linectl.drivers.reader import LineReader, ReaderConfig  # noqa: E402
-from linectl import gs1  # noqa: E402
 from linectl.simulators.model import SimUnit  # noqa: E402
 from linectl.simulators.printer import CoderPrinterSim  # noqa: E402
 from linectl.simulators.reader import ReaderSim  # noqa: E402

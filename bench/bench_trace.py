@@ -20,12 +20,13 @@ import os
 import random
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchinfo import machine  # noqa: E402 - bench/ is the script's own directory
+
 OUT = REPO / "bench" / "out"
 GTIN = "04012345000016"
 CP = "4012345"  # company prefix of GTIN (length 7)
@@ -109,7 +110,7 @@ async def run(args: argparse.Namespace) -> dict:
         print(f"seeding {args.units} units into {seed_path} (once; takes a few minutes)", file=sys.stderr)
         await seed(seed_path, args.units, args.per_case, args.per_pallet)
     store = await Store.open(seed_path, readonly=True, integrity="none")
-    result: dict = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": machine(), "load_avg_1m": os.getloadavg()[0], "units": args.units,
+    result: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(), "load_avg_1m": os.getloadavg()[0], "units": args.units,
                     "units_per_case": args.per_case, "cases_per_pallet": args.per_pallet}
     try:
         for fmt, writer in (("csv", write_recall_csv), ("json", write_recall_json)):

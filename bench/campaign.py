@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchinfo import machine  # noqa: E402 - bench/ is the script's own directory
+
 from linectl.logging import setup_logging  # noqa: E402
 from linectl.simulators.campaign import FAULT_KINDS, CampaignOptions, parse_faults, run_campaign  # noqa: E402
 
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         seed = a.seed + i
         opts = CampaignOptions(
             seconds=a.minutes * 60, seed=seed, faults=faults, rate_upm=a.rate, batch_units=a.batch_units,
-            mean_gap_s=a.mean_gap, confirm=a.confirm, **({"config": a.config} if a.config else {}), keep=a.keep, echo=None if a.json else (lambda m: print(m, flush=True)),
+            mean_gap_s=a.mean_gap, confirm=a.confirm, **({"config": a.config} if a.config else {}), keep=a.keep,
+                echo=None if a.json else (lambda m: print(m, flush=True)),
         )
         res = asyncio.run(run_campaign(opts))
         bad += 0 if res.ok else 1

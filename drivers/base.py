@@ -13,8 +13,9 @@ import asyncio
 import enum
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field
@@ -45,10 +46,10 @@ class DriverConfig(BaseModel):
 # --------------------------------------------------------------------------- registry
 
 #: driver key -> driver class. Filled by @register_driver at import of each driver module.
-DRIVERS: dict[str, type["Driver"]] = {}
+DRIVERS: dict[str, type[Driver]] = {}
 
 
-def register_driver(cls: type["Driver"]) -> type["Driver"]:
+def register_driver(cls: type[Driver]) -> type[Driver]:
     """Class decorator: makes a driver selectable by its config's `driver:` literal."""
     key_field = cls.config_class.model_fields["driver"]
     args = getattr(key_field.annotation, "__args__", ())

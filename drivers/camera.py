@@ -24,9 +24,10 @@ import os
 import re
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -101,7 +102,7 @@ class CameraConfig(DriverConfig):
         return tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in v)
 
     @model_validator(mode="after")
-    def _folder_only(self) -> "CameraConfig":
+    def _folder_only(self) -> CameraConfig:
         if source_kind(self.source) != "folder" and (self.watch or self.delete_after or self.skip_existing):
             raise ValueError("watch, delete_after and skip_existing apply to a folder source only")
         if self.skip_existing and not self.watch:
@@ -144,7 +145,8 @@ def to_gray(img: np.ndarray) -> np.ndarray:
         bits = max(8, int(img.max()).bit_length())
         img = (img >> (bits - 8)).astype(np.uint8)
     elif img.dtype != np.uint8:
-        img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)
+        # dst=None (allocate the output) is OpenCV's documented form; its stubs require an array there
+        img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)  # type: ignore[call-overload]
     if img.ndim == 3:
         if img.shape[2] == 4:
             return cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY)
@@ -367,7 +369,8 @@ class CaptureSource(FrameSource):
             if self._frames:
                 f = self._frames.popleft()
                 self._cond.notify_all()
-                f.image = to_gray(f.image)
+                if f.image is not None:
+                    f.image = to_gray(f.image)
                 return f
             if self.finished:
                 return None
@@ -456,7 +459,7 @@ class Camera(CodeReader):
             await asyncio.to_thread(self._dmtx.close)
         self.set_health(HealthState.DISCONNECTED, "stopped")
 
-    async def reads(self) -> AsyncIterator[Read]:  # type: ignore[override]
+    async def reads(self) -> AsyncIterator[Read]:
         while True:
             yield await self._out.get()
 
@@ -481,7 +484,7 @@ class Camera(CodeReader):
                     self.source_description = source.describe()
                 await loop.run_in_executor(self._acq, source.open)
             except Exception as exc:  # DeviceError or anything OpenCV throws: never out of the task
-                self.set_health(HealthState.DISCONNECTED, getattr(exc, "reason", None) or repr(exc))
+                self.set_health(HealthState.DISCONNECTED, exc.reason if isinstance(exc, DeviceError) else repr(exc))
                 await backoff.sleep()
                 continue
             backoff.reset()
@@ -536,7 +539,7 @@ class Camera(CodeReader):
                     self.log.warning("camera_frames_dropped", total=source.dropped)
                     self.stats["dropped"] = source.dropped
                 assert frame.image is not None or frame.error is not None
-                if frame.error is None and self._roi_outside(frame.image):
+                if frame.error is None and frame.image is not None and self._roi_outside(frame.image):
                     frame.error = f"roi {list(self.config.roi or ())} lies outside the {frame.image.shape[1]}x{frame.image.shape[0]} frame"
                 if frame.error is not None:
                     self.stats["bad_frames"] += 1
@@ -545,6 +548,7 @@ class Camera(CodeReader):
                     continue
                 if self.health.state == HealthState.DEGRADED:
                     self.set_health(HealthState.CONNECTED, "")
+                assert frame.image is not None  # a frame without an error has its image (asserted above)
                 seq = trig_seq if trig_seq is not None else frame.seq if frame.seq is not None else self._frames
                 fut = loop.run_in_executor(self._pool, self.decode_frame, frame.image)
                 await inflight.put((frame, seq, fut))

@@ -24,8 +24,9 @@ import abc
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
@@ -380,9 +381,9 @@ class CoderPrinter(Printer):
         self.proto: CoderProtocol = PROTOCOLS[config.protocol]()
         self._sup = ConnectionSupervisor(self, config, self._session, on_lost=self._on_lost)
         self._rid = 0
-        self._waiters: "OrderedDict[int, asyncio.Future[Reply]]" = OrderedDict()
+        self._waiters: OrderedDict[int, asyncio.Future[Reply]] = OrderedDict()
         #: jobs DAT-sent (ACKed or not yet answered) and not yet reported printed, in send order
-        self._inflight: "OrderedDict[int, float]" = OrderedDict()
+        self._inflight: OrderedDict[int, float] = OrderedDict()
         self._confirms: asyncio.Queue[PrintConfirm] = asyncio.Queue()
         self._faults: dict[str, str] = {}
         self._last_count: int | None = None
@@ -600,7 +601,7 @@ class CoderPrinter(Printer):
                 w.write(frame)
                 await w.drain()
             return await asyncio.wait_for(asyncio.shield(fut), self.config.reply_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise DeviceError(f"{self.name}: no answer to {what} within {self.config.reply_timeout_s}s", code="timeout") from None
         except (ConnectionError, OSError) as exc:
             raise DeviceError(f"{self.name}: connection lost during {what}: {exc}") from None
@@ -648,7 +649,7 @@ class CoderPrinter(Printer):
                 code=rep.code,
             )
 
-    async def confirmations(self) -> AsyncIterator[PrintConfirm]:  # type: ignore[override]
+    async def confirmations(self) -> AsyncIterator[PrintConfirm]:
         while True:
             yield await self._confirms.get()
 

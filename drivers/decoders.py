@@ -76,7 +76,7 @@ class ZxingDecoder:
                 continue
             p = b.position
             corners = tuple((pt.x + ox, pt.y + oy) for pt in (p.top_left, p.top_right, p.bottom_right, p.bottom_left))
-            extra = b.extra or {}
+            extra = b.extra if isinstance(b.extra, dict) else {}  # zxing-cpp's stub types it `object`; a dict at run time
             uec = extra.get("UEC")
             out.append(
                 Symbol(

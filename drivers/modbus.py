@@ -20,7 +20,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from linectl.drivers.base import DeviceError, register_driver
-from linectl.drivers.plc_tags import ConnectionLost, ModbusTagSpec, PlcConfigBase, PolledPlc, plan_reads
+from linectl.drivers.plc_tags import ConnectionLost, ModbusTagSpec, PlcConfigBase, PolledPlc, S7TagSpec, plan_reads
 
 logging.getLogger("pymodbus").setLevel(logging.CRITICAL)  # it logs every retry; we log state changes once
 
@@ -33,6 +33,9 @@ MAX_WRITE_BITS = 1968
 
 class ModbusConfigBase(PlcConfigBase):
     tags: dict[str, ModbusTagSpec] = Field(default_factory=dict)
+
+    def tag_specs(self) -> dict[str, ModbusTagSpec | S7TagSpec]:
+        return dict(self.tags)
     device_id: int = Field(1, ge=0, le=255, description="unit id / slave address, sent with every request")
     retries: int = Field(0, ge=0, le=1, description="pymodbus retries per request (0 or 1: a stall costs one timeout)")
     confirm: Literal["ack", "readback"] = Field(

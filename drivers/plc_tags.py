@@ -17,8 +17,9 @@ import math
 import re
 import struct
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -84,7 +85,7 @@ class ModbusTagSpec(_Model):
     poll: bool | None = Field(None, description="poll every cycle; default: yes, except tags only linectl writes")
 
     @model_validator(mode="after")
-    def _check(self) -> "ModbusTagSpec":
+    def _check(self) -> ModbusTagSpec:
         bit_table = self.table in ("coil", "discrete")
         if bit_table and self.type != "bool":
             raise ValueError(f"a {self.table} tag holds single bits: its type must be bool, not {self.type}")
@@ -199,7 +200,7 @@ class S7TagSpec(_Model):
         return v
 
     @model_validator(mode="after")
-    def _check(self) -> "S7TagSpec":
+    def _check(self) -> S7TagSpec:
         m = _S7_OFFSET.match(self.offset)
         if not m:
             raise ValueError(f'offset {self.offset!r} is not "BYTE" or "BYTE.BIT" (e.g. "12" or "12.3")')
@@ -406,7 +407,7 @@ def check_tag_map(tags: dict[str, Any], heartbeat: bool) -> None:
         spans.setdefault(key, []).append((span[0], span[1], name))
     for key, items in spans.items():
         items.sort()
-        for (a0, a1, an), (b0, b1, bn) in zip(items, items[1:]):
+        for (_a0, a1, an), (b0, _b1, bn) in zip(items, items[1:]):
             if b0 < a1:
                 where = key if isinstance(key, str) else f"DB{key[1]}"
                 raise ValueError(f"tags {an} and {bn} overlap in {where}")
@@ -466,11 +467,15 @@ class PlcConfigBase(DriverConfig):
     heartbeat_timeout_s: float = Field(2.0, gt=0, description="no heartbeat_plc toggle for this long = PLC lost")
     reply_timeout_s: float = Field(0.5, gt=0, le=30, description="bound of one request; a stalled PLC costs no more")
 
+    def tag_specs(self) -> dict[str, ModbusTagSpec | S7TagSpec]:
+        """The tag map; each protocol's config declares `tags` with its own spec type."""
+        raise NotImplementedError
+
     @model_validator(mode="after")
-    def _hb(self) -> "PlcConfigBase":
+    def _hb(self) -> PlcConfigBase:
         if self.heartbeat and self.heartbeat_timeout_s <= self.heartbeat_interval_s:
             raise ValueError("heartbeat_timeout_s must be longer than heartbeat_interval_s")
-        check_tag_map(getattr(self, "tags", {}), self.heartbeat)
+        check_tag_map(self.tag_specs(), self.heartbeat)
         return self
 
 
@@ -496,11 +501,11 @@ class PolledPlc(Plc):
 
     def __init__(self, name: str, config: PlcConfigBase) -> None:
         super().__init__(name, config)
-        self._tags: dict[str, Any] = dict(getattr(config, "tags"))
+        self._tags: dict[str, Any] = config.tag_specs()
         self._poll_names = [n for n, s in self._tags.items() if polled(n, s)]
         self._latest: dict[str, Any] = {}
         self._latest_at = 0.0
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self._io = asyncio.Lock()
         self._session_ok = False
         self._broken: asyncio.Event | None = None
@@ -717,7 +722,7 @@ class PolledPlc(Plc):
         try:
             await asyncio.wait_for(self._broken.wait(), delay)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     def _watch_heartbeat(self, first: bool) -> None:

@@ -37,9 +37,10 @@ Overall = the lowest of the parameter grades (single image, so an integer
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -286,9 +287,9 @@ class _Sampler:
         self.y0 = max(int(np.floor(corners[:, 1].min() - margin)), 0)
         x1 = min(int(np.ceil(corners[:, 0].max() + margin)) + 1, w)
         y1 = min(int(np.ceil(corners[:, 1].max() + margin)) + 1, h)
-        self.crop = gray[self.y0 : max(y1, self.y0 + 1), self.x0 : max(x1, self.x0 + 1)].astype(np.float32) * np.float32(100.0 / 255.0)
+        self.crop: np.ndarray = gray[self.y0 : max(y1, self.y0 + 1), self.x0 : max(x1, self.x0 + 1)].astype(np.float32) * np.float32(100.0 / 255.0)
 
-    def smoothed(self, sigma: float) -> "_Sampler":
+    def smoothed(self, sigma: float) -> _Sampler:
         """The same crop, Gaussian-smoothed: gives the grid fit a peak at module centres even on a sharp print."""
         out = _Sampler.__new__(_Sampler)
         out.x0, out.y0 = self.x0, self.y0
@@ -312,8 +313,9 @@ class _Sampler:
         else:
             width = 256
             m = np.concatenate([m, np.full((-n % width, 2), -1e6, dtype=np.float32)]).reshape(-1, width, 2)
-        out = cv2.remap(self.crop, m, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=float("nan"))
-        return out.reshape(-1)[:n]
+        # map2=None is OpenCV's documented form for a two-channel map1; its stubs require an array there
+        out = cv2.remap(self.crop, m, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=float("nan"))  # type: ignore[call-overload]
+        return np.asarray(out).reshape(-1)[:n]
 
 
 def _var(v: np.ndarray) -> float:
@@ -413,7 +415,8 @@ def _project_many(Hs: np.ndarray, pts: np.ndarray) -> np.ndarray:
     """Points (N, 2) through K homographies (K, 3, 3) -> (K, N, 2)."""
     P = np.vstack([pts.T, np.ones((1, len(pts)))])
     Q = np.matmul(Hs, P)  # (K, 3, N)
-    return (Q[:, :2, :] / Q[:, 2:3, :]).transpose(0, 2, 1)
+    out: np.ndarray = (Q[:, :2, :] / Q[:, 2:3, :]).transpose(0, 2, 1)
+    return out
 
 
 def _module_corners(rows: int, cols: int) -> np.ndarray:
@@ -473,7 +476,7 @@ def _refine_corners(sampler: _Sampler, corners: np.ndarray, rows: int, cols: int
         img_corners = _project_many(H0[None], (base + cands.reshape(-1, 4, 2)).reshape(-1, 2)).reshape(-1, 4, 2)
         Hs = _homographies(base, img_corners)
         v = sampler.at(_project_many(Hs, pts).reshape(-1, 2)).reshape(len(cands), len(pts)).astype(np.float64)
-        var = v.var(axis=1)
+        var: np.ndarray = v.var(axis=1)
         var[np.isnan(var)] = -1.0
         return var
 

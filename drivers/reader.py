@@ -19,7 +19,8 @@ import asyncio
 import re
 import string
 import time
-from typing import Any, AsyncIterator, Literal
+from collections.abc import AsyncIterator
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -88,7 +89,7 @@ class LineCodeReader(CodeReader):
         """The link is up (health may still be DEGRADED or show a device fault)."""
         return self._sup.connected
 
-    async def reads(self) -> AsyncIterator[Read]:  # type: ignore[override]
+    async def reads(self) -> AsyncIterator[Read]:
         while True:
             yield await self._reads.get()
 
@@ -146,7 +147,7 @@ class LineCodeReader(CodeReader):
         try:
             w.write(data)
             await asyncio.wait_for(w.drain(), self.config.reply_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise DeviceError(f"{self.name}: write not accepted within {self.config.reply_timeout_s}s") from None
         except (ConnectionError, OSError) as exc:
             raise DeviceError(f"{self.name}: connection lost: {exc}") from None
@@ -235,7 +236,7 @@ class ReaderConfig(LineReaderConfig):
         return v
 
     @model_validator(mode="after")
-    def _noread_vs_format(self) -> "ReaderConfig":
+    def _noread_vs_format(self) -> ReaderConfig:
         if self.terminator in self.no_read:
             raise ValueError("no_read contains the terminator")
         return self

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from linectl.drivers.base import DeviceError, register_driver
-from linectl.drivers.plc_tags import ConnectionLost, PlcConfigBase, PolledPlc, S7TagSpec, plan_reads
+from linectl.drivers.plc_tags import ConnectionLost, ModbusTagSpec, PlcConfigBase, PolledPlc, S7TagSpec, plan_reads
 
 logging.getLogger("snap7").setLevel(logging.CRITICAL)  # it logs per request/reconnect; we log state changes once
 
@@ -35,6 +35,9 @@ class S7Config(PlcConfigBase):
     rack: int = Field(0, ge=0, le=7)
     slot: int = Field(1, ge=0, le=31, description="S7-1200/1500: 1 (or 0); S7-300: 2")
     tags: dict[str, S7TagSpec] = Field(default_factory=dict)
+
+    def tag_specs(self) -> dict[str, ModbusTagSpec | S7TagSpec]:
+        return dict(self.tags)
     confirm: Literal["readback", "ack"] = Field("readback", description="readback: compare what the CPU holds after a write")
     max_gap: int = Field(16, ge=0, le=512, description="read across unused bytes up to this gap to save requests")
 
@@ -83,7 +86,7 @@ class S7Plc(PolledPlc):
                 return await asyncio.wait_for(coro_fn(client, *args), self.config.reply_timeout_s)
             except asyncio.CancelledError:
                 raise
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.log.debug("plc_request_failed", request=what, error="timeout")
                 raise ConnectionLost(f"no reply within {self.config.reply_timeout_s:g} s") from None
             except (S7StalePacketError, S7PacketLostError) as exc:
@@ -144,7 +147,8 @@ def _same(typ: str, got: list[Any], want: list[Any]) -> bool:
 
 
 async def _db_read(client: Any, db: int, start: int, size: int) -> bytearray:
-    return await client.db_read(db, start, size)
+    data: bytearray = await client.db_read(db, start, size)  # snap7's async client is untyped
+    return data
 
 
 async def _db_write(client: Any, db: int, start: int, data: bytes) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Literal, Protocol
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from linectl.drivers.base import Backoff, Driver, HealthState
 
@@ -55,10 +55,17 @@ class TransportConfig(BaseModel):
     baudrate: int = Field(9600, gt=0)
     bytesize: Literal[5, 6, 7, 8] = 8
     parity: Literal["N", "E", "O", "M", "S"] = "N"
-    stopbits: Literal[1, 1.5, 2] = 1
+    stopbits: float = Field(1, description="1, 1.5 or 2")
+
+    @field_validator("stopbits")
+    @classmethod
+    def _stopbits(cls, v: float) -> float:
+        if v not in (1, 1.5, 2):
+            raise ValueError(f"stopbits must be 1, 1.5 or 2, not {v}")
+        return v
 
     @model_validator(mode="after")
-    def _exactly_one_transport(self) -> "TransportConfig":
+    def _exactly_one_transport(self) -> TransportConfig:
         tcp = self.host is not None
         ser = self.serial_port is not None
         if tcp == ser:
@@ -372,13 +379,26 @@ async def close_writer(writer: StreamWriterLike | None) -> None:
     try:
         writer.close()
         await asyncio.wait_for(writer.wait_closed(), 1.0)
-    except (Exception, asyncio.TimeoutError):
+    except (TimeoutError, Exception):
         pass
 
 
 # --------------------------------------------------------------------------- supervisor
 
 Session = Callable[[asyncio.StreamReader, StreamWriterLike], Awaitable[None]]
+
+
+class LinkConfig(Protocol):
+    """A device config the supervisor can keep connected: a TransportConfig that is also a DriverConfig."""
+
+    @property
+    def endpoint(self) -> str: ...
+    @property
+    def connect_timeout_s(self) -> float: ...
+    @property
+    def backoff_initial_s(self) -> float: ...
+    @property
+    def backoff_max_s(self) -> float: ...
 
 
 class ConnectionSupervisor:
@@ -395,7 +415,7 @@ class ConnectionSupervisor:
     def __init__(
         self,
         driver: Driver,
-        cfg: Any,
+        cfg: LinkConfig,
         session: Session,
         *,
         on_lost: Callable[[str], None] | None = None,
@@ -406,7 +426,12 @@ class ConnectionSupervisor:
         self.cfg = cfg
         self._session = session
         self._on_lost = on_lost
-        self._opener = opener or (lambda: open_stream(cfg))
+        if opener is None:
+            if not isinstance(cfg, TransportConfig):
+                raise TypeError(f"{type(cfg).__name__} has no transport (host or serial_port): pass an opener")
+            transport = cfg
+            opener = lambda: open_stream(transport)  # noqa: E731
+        self._opener = opener
         self._stable_s = stable_s if stable_s is not None else max(1.0, 5 * cfg.backoff_initial_s)
         self.writer: StreamWriterLike | None = None
         self._task: asyncio.Task[None] | None = None
@@ -419,6 +444,10 @@ class ConnectionSupervisor:
     @property
     def connected(self) -> bool:
         return self.writer is not None and not self.writer.is_closing()
+
+    def _stop_requested(self) -> bool:
+        """stop() sets the flag from another task while _run awaits: read it fresh each time (a call, not a narrowed attribute)."""
+        return self._stopping
 
     def start(self) -> None:
         if self._task is None or self._task.done():
@@ -450,20 +479,20 @@ class ConnectionSupervisor:
         try:
             await asyncio.wait_for(self._connected_evt.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def _run(self) -> None:
         cfg = self.cfg
         backoff = Backoff(cfg.backoff_initial_s, cfg.backoff_max_s)
-        where = getattr(cfg, "endpoint", "device")
-        while not self._stopping:
+        where = cfg.endpoint
+        while not self._stop_requested():
             self._drop_reason = ""
             try:
                 reader, writer = await asyncio.wait_for(self._opener(), cfg.connect_timeout_s)
             except asyncio.CancelledError:
                 raise
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 self.driver.set_health(HealthState.DISCONNECTED, f"cannot connect to {where}: timeout after {cfg.connect_timeout_s}s")
                 await backoff.sleep()
                 continue
@@ -497,7 +526,7 @@ class ConnectionSupervisor:
             if self._drop_reason:
                 reason = self._drop_reason
             self.disconnects += 1
-            if self._stopping:
+            if self._stop_requested():
                 return
             self.driver.set_health(HealthState.DISCONNECTED, reason)
             if self._on_lost is not None:

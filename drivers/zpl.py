@@ -32,8 +32,9 @@ import asyncio
 import re
 import time
 from collections import deque
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Literal
+from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -126,7 +127,7 @@ def text_field_data(text: str) -> str:
     out = []
     for b in text.encode("utf-8"):
         if b in (0x5C, 0x5E, 0x7E) or not 0x20 <= b <= 0x7E:
-            out.append("\\%02X" % b)
+            out.append(f"\\{b:02X}")
         else:
             out.append(chr(b))
     return "".join(out)
@@ -154,7 +155,7 @@ class HostStatus:
     raw: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, strings: list[bytes]) -> "HostStatus":
+    def parse(cls, strings: list[bytes]) -> HostStatus:
         if len(strings) != 3:
             raise ValueError(f"~HS answer has {len(strings)} strings, expected 3")
         s1 = strings[0].decode("ascii").split(",")
@@ -475,7 +476,7 @@ class ZplPrinter(Printer):
             w.write(b"~HS")
             await w.drain()
             strings = await asyncio.wait_for(fut, self.config.reply_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             # a late answer would be taken for the next request's: do not count with it
             self._skip_next = True
             self._window_fault = True
@@ -568,7 +569,7 @@ class ZplPrinter(Printer):
         if st.print_faults:
             raise DeviceError(f"printer fault after job {job.seq} was sent: {', '.join(st.print_faults)}")
 
-    async def confirmations(self) -> AsyncIterator[PrintConfirm]:  # type: ignore[override]
+    async def confirmations(self) -> AsyncIterator[PrintConfirm]:
         while True:
             yield await self._confirms.get()
 

@@ -12,15 +12,15 @@ import asyncio
 import re
 import time
 from datetime import date
-from typing import Annotated, Any, Literal, Protocol, Union
+from typing import Annotated, Any, Literal, Protocol
 
 import structlog
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-log = structlog.get_logger("linectl.control")
-
 from linectl import gs1
 from linectl.gs1_dictionary import LintError, lint_yymmd0
+
+log = structlog.get_logger("linectl.control")
 
 #: the most units one batch may plan (a bound against typos such as an extra zero or a serial number pasted in)
 MAX_PLANNED_QTY = 10_000_000
@@ -172,7 +172,7 @@ class ProvisionPool(Command):
     request_id: str | None = None  # answer to linectl's own serial request (pages)
 
     @model_validator(mode="after")
-    def _one_source(self) -> "ProvisionPool":
+    def _one_source(self) -> ProvisionPool:
         has_list = self.serials is not None
         has_range = self.range_start is not None or self.range_count is not None
         if has_list == has_range:
@@ -239,7 +239,7 @@ class Rework(Command):
     station: str | None = Field(None, description="reprint: the rework station whose printer prints (default: the first with one)")
 
     @model_validator(mode="after")
-    def _shape(self) -> "Rework":
+    def _shape(self) -> Rework:
         if self.operation in ("add", "replace") and not self.child:
             raise ValueError(f"rework {self.operation} needs child: the unit put in")
         if self.operation not in ("add", "replace") and self.child:
@@ -277,7 +277,7 @@ class ReconcileUnits(Command):
     )
 
     @model_validator(mode="after")
-    def _who(self) -> "ReconcileUnits":
+    def _who(self) -> ReconcileUnits:
         if not self.actor.strip() or self.actor == "operator":
             raise ValueError("reconcile_units needs actor: the id of the operator who checked the bin (audit trail)")
         if len(set(self.serials)) != len(self.serials):
@@ -292,25 +292,25 @@ class RecallBatch(Command):
 
 
 AnyCommand = Annotated[
-    Union[
-        CreateBatch,
-        StartBatch,
-        PauseBatch,
-        ResumeBatch,
-        StopBatch,
-        CloseBatch,
-        ProvisionPool,
-        Challenge,
-        RequestState,
-        AckAlarm,
-        ResetLine,
-        VerifyCode,
-        CloseCase,
-        RecallBatch,
-        Rework,
-        ReworkMode,
-        ReconcileUnits,
-    ],
+    (
+        CreateBatch
+        | StartBatch
+        | PauseBatch
+        | ResumeBatch
+        | StopBatch
+        | CloseBatch
+        | ProvisionPool
+        | Challenge
+        | RequestState
+        | AckAlarm
+        | ResetLine
+        | VerifyCode
+        | CloseCase
+        | RecallBatch
+        | Rework
+        | ReworkMode
+        | ReconcileUnits
+    ),
     Field(discriminator="name"),
 ]
 COMMAND_ADAPTER: TypeAdapter[AnyCommand] = TypeAdapter(AnyCommand)

@@ -14,14 +14,15 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any, Protocol
 
 import structlog
 
+from linectl.config import LineConfig
 from linectl.drivers.base import Driver
 from linectl.drivers.registry import driver_class
-from linectl.config import LineConfig
 from linectl.engine.line import Line, store_refuses_writes
 from linectl.engine.plc_surface import PlcSurface
 from linectl.engine.supervisor import Supervisor
@@ -50,6 +51,12 @@ def build_drivers(cfg: LineConfig) -> dict[str, Driver]:
     return {name: driver_class(dev.driver)(name, dev) for name, dev in cfg.devices.items()}
 
 
+class Upstream(Protocol):
+    """The forwarder and the MQTT bridge, as the daemon stops them."""
+
+    async def stop(self, timeout: float = 3.0) -> None: ...
+
+
 @dataclass
 class Daemon:
     cfg: LineConfig
@@ -60,7 +67,7 @@ class Daemon:
     line: Line | None = None
     drivers: dict[str, Driver] = field(default_factory=dict)
     supervisor: Supervisor | None = None
-    upstream: list[Any] = field(default_factory=list)
+    upstream: list[Upstream] = field(default_factory=list)
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     loop_lag_ms: float = 0.0
 
@@ -144,7 +151,7 @@ class Daemon:
             t0 = time.monotonic()
             await asyncio.sleep(interval)
             self.loop_lag_ms = (time.monotonic() - t0 - interval) * 1000.0
-            healthy = self.loop_lag_ms < 1000.0 and getattr(self.store, "writer_alive", lambda: True)()
+            healthy = self.loop_lag_ms < 1000.0 and self.store is not None and self.store.writer_alive()
             if wd_every is not None and healthy and time.monotonic() - last_feed >= wd_every:
                 sd_notify("WATCHDOG=1")
                 last_feed = time.monotonic()
@@ -172,12 +179,10 @@ class Daemon:
         if self.supervisor is not None:
             self.supervisor.stopping()
         for u in self.upstream:
-            stop = getattr(u, "stop", None)
-            if stop is not None:
-                try:
-                    await asyncio.wait_for(stop(), 5)
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("upstream_stop_failed", error=str(exc))
+            try:
+                await asyncio.wait_for(u.stop(), 5)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("upstream_stop_failed", error=str(exc))
         if self.supervisor is not None:
             await self.supervisor.stop()
         for d in self.drivers.values():

@@ -12,8 +12,8 @@ import enum
 import secrets
 import time
 import uuid
-from datetime import datetime, timezone
-from typing import Annotated, ClassVar, Literal, Union
+from datetime import UTC, datetime
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
@@ -28,7 +28,7 @@ def new_event_id() -> str:
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class RejectReason(str, enum.Enum):
@@ -219,21 +219,21 @@ class AlarmAcknowledged(Event):
 
 
 DomainEvent = Annotated[
-    Union[
-        UnitCommissioned,
-        UnitDecommissioned,
-        SerialsVoided,
-        SerialsReturned,
-        UnitInspected,
-        ContainerCommissioned,
-        ContainerDecommissioned,
-        Packed,
-        Unpacked,
-        BatchStateChanged,
-        ChallengeResult,
-        AlarmRaised,
-        AlarmAcknowledged,
-    ],
+    (
+        UnitCommissioned
+        | UnitDecommissioned
+        | SerialsVoided
+        | SerialsReturned
+        | UnitInspected
+        | ContainerCommissioned
+        | ContainerDecommissioned
+        | Packed
+        | Unpacked
+        | BatchStateChanged
+        | ChallengeResult
+        | AlarmRaised
+        | AlarmAcknowledged
+    ),
     Field(discriminator="kind"),
 ]
 
@@ -248,5 +248,5 @@ EVENT_KINDS_EPCIS: frozenset[str] = frozenset(
 EVENT_ADAPTER: TypeAdapter[DomainEvent] = TypeAdapter(DomainEvent)
 
 
-def event_from_json(data: str | bytes) -> DomainEvent:  # type: ignore[valid-type]
+def event_from_json(data: str | bytes) -> DomainEvent:
     return EVENT_ADAPTER.validate_json(data)

@@ -612,9 +612,9 @@ def lint_couponcode(data: str) -> None:
         cur.p += 1
         if cur.left <= 0:
             raise cur.fail("COUPON_MISSING_SERIAL_NUMBER_VLI", "serial number length is missing")
-        n = int(data[cur.p]) + 6
+        serial_len = int(data[cur.p]) + 6
         cur.p += 1
-        cur.take(n, "COUPON_TRUNCATED_SERIAL_NUMBER", "serial number")
+        cur.take(serial_len, "COUPON_TRUNCATED_SERIAL_NUMBER", "serial number")
     if cur.left > 0 and data[cur.p] == "6":
         cur.p += 1
         g = cur.vli("COUPON_MISSING_RETAILER_GCP_OR_GLN_VLI", "COUPON_INVALID_RETAILER_GCP_OR_GLN_LENGTH",

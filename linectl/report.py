@@ -10,6 +10,10 @@ serials commissioned; rejected against the serials decommissioned on a pack,
 the challenge units, the blank packs (no serial of the batch on them) and the
 units whose fate a PLC restart made unknown. Units of unknown fate keep the
 report open until an operator reconciles them.
+
+Built from what the store never purges (serial states, the batch row with its
+challenge results, the audit trail, the per-batch tallies): retention deletes
+forwarded outbox rows, and a report must read the same after it as before.
 """
 
 from __future__ import annotations
@@ -17,28 +21,25 @@ from __future__ import annotations
 from typing import Any
 
 from linectl.engine.verify import challenge_status
-from linectl.events import BatchStateChanged, ChallengeResult, SerialsReturned, UnitDecommissioned
+from linectl.events import SerialsReturned, UnitDecommissioned
+from linectl.store import Batch, Store
+from linectl.store.plc_records import UnitFate
 
 
-def batch_report(store: Any, lot: str) -> dict[str, Any]:
+def batch_report(store: Store, lot: str) -> dict[str, Any]:
     b = store.batch(lot)
     if b is None:
         raise KeyError(f"no batch {lot}")
     counts: dict[str, int] = store.lot_counts(lot)
-    events = _lot_events(store, lot)
-    reasons: dict[str, int] = {}
-    returned = 0
-    history: list[dict[str, Any]] = []
-    challenge: list[dict[str, Any]] = []
-    for ev in events:
-        if isinstance(ev, UnitDecommissioned):
-            reasons[ev.reason.value] = reasons.get(ev.reason.value, 0) + 1
-        elif isinstance(ev, SerialsReturned):
-            returned += len(ev.serials)
-        elif isinstance(ev, BatchStateChanged):
-            history.append({"time": ev.event_time.isoformat(), "state": ev.state.value, "previous": ev.previous.value if ev.previous else None, "by": ev.actor, "reason": ev.reason})
-        elif isinstance(ev, ChallengeResult):
-            challenge.append({"time": ev.event_time.isoformat(), "challenge": ev.challenge, "station": ev.station, "rejected": ev.rejected, "reason_seen": ev.reason_seen, "seq": ev.seq})
+    tallies = store.lot_tallies(lot)
+    if tallies is not None:
+        reasons, returned = dict(tallies.rejects), tallies.returned
+    else:  # a batch created before the store kept its tallies: only the outbox (while retention keeps it) has them
+        reasons, returned = _outbox_tallies(store, lot)
+    history: list[dict[str, Any]] = [
+        {"time": h.time, "state": h.state, "previous": h.previous, "by": h.by, "reason": h.reason} for h in store.batch_history(lot)
+    ]
+    challenge = _challenge(b)
     commissioned = counts.get("commissioned", 0)
     decommissioned = counts.get("decommissioned", 0)
     voided = counts.get("voided", 0)
@@ -140,8 +141,8 @@ def _add(total: dict[str, int], a: dict[str, Any], b: dict[str, Any], keys: tupl
             total[k] += int(b[k]) - int(a[k])
 
 
-def pack_reconciliation(store: Any, lot: str, reasons: dict[str, int], challenge: list[dict[str, Any]], commissioned: int,
-                        open_fates: list[Any], state: str) -> dict[str, Any]:
+def pack_reconciliation(store: Store, lot: str, reasons: dict[str, int], challenge: list[dict[str, Any]], commissioned: int,
+                        open_fates: list[UnitFate], state: str) -> dict[str, Any]:
     """Physical packs (PLC counters) against serial states; names every count that disagrees."""
     snaps = store.plc_counters(lot)
     blank = store.pack_counts(lot).get("blank", 0)
@@ -203,15 +204,28 @@ def pack_reconciliation(store: Any, lot: str, reasons: dict[str, int], challenge
     return out
 
 
-def _lot_events(store: Any, lot: str) -> list[Any]:
-    out: list[Any] = []
+def _challenge(b: Batch) -> list[dict[str, Any]]:
+    """The batch's challenge results, kept on its row in the transaction of each ChallengeResult."""
+    return [
+        {"time": c.get("at"), "challenge": c["challenge"], "station": c["station"], "rejected": c["rejected"],
+         "reason_seen": c.get("reason_seen"), "seq": c.get("seq")}
+        for c in b.challenge
+    ]
+
+
+def _outbox_tallies(store: Store, lot: str) -> tuple[dict[str, int], int]:
+    reasons: dict[str, int] = {}
+    returned = 0
     after = 0
-    while True:
-        rows = store.events_of_lot(lot, after, 10000)
-        if not rows:
-            return out
-        out.extend(r.event for r in rows if r.kind in ("unit_decommissioned", "serials_returned", "batch_state", "challenge_result"))
+    while rows := store.events_of_lot(lot, after, 10000):
+        for r in rows:
+            ev = r.event
+            if isinstance(ev, UnitDecommissioned):
+                reasons[ev.reason.value] = reasons.get(ev.reason.value, 0) + 1
+            elif isinstance(ev, SerialsReturned):
+                returned += len(ev.serials)
         after = rows[-1].seq
+    return dict(sorted(reasons.items())), returned
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -224,7 +238,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"  decommissioned  {r['decommissioned']}",
         f"  returned        {r['returned']}",
         f"  voided          {r['voided']}",
-        f"  => {'BALANCED' if r['balanced'] else 'NOT BALANCED'}: {r['provisioned']} = {r['commissioned']} + {r['decommissioned']} + {r['returned']} + {r['voided']}",
+        f"  => {'BALANCED' if r['balanced'] else 'NOT BALANCED'}: {r['provisioned']} = "
+        f"{r['commissioned']} + {r['decommissioned']} + {r['returned']} + {r['voided']}",
     ]
     for p in r["problems"]:
         lines.append(f"  problem: {p}")
@@ -235,8 +250,10 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"  reconciled      {f['serial']}: {f['outcome']} by {f['by']} at {f['at']}")
     p = r.get("packs") or {}
     if p.get("plc_counters"):
-        lines.append(f"  packs (PLC)     triggered {p['triggered']} = passed {p['passed']} + rejected {p['rejected']} (confirmed in bin {p['reject_confirmed']})")
-        lines.append(f"  packs expected  passed {p['passed_expected']}, rejected {p['rejected_expected']} = decommissioned on a pack {p['decommissioned_on_pack']}"
+        lines.append(f"  packs (PLC)     triggered {p['triggered']} = passed {p['passed']} + rejected {p['rejected']}"
+                     f" (confirmed in bin {p['reject_confirmed']})")
+        lines.append(f"  packs expected  passed {p['passed_expected']}, rejected {p['rejected_expected']}"
+                     f" = decommissioned on a pack {p['decommissioned_on_pack']}"
                      f" + challenge units {p['challenge_units']} + blank packs {p['blank_packs']}"
                      + (f"; unknown fate {p['fate_unknown']}" if p["fate_unknown"] else ""))
         lines.append(f"  => packs {'BALANCED' if p['balanced'] else 'NOT BALANCED'}")
@@ -245,7 +262,8 @@ def format_report(r: dict[str, Any]) -> str:
     else:
         lines.append(f"  packs           no PLC pack counters recorded; blank packs {p.get('blank_packs', 0)}, challenge units {p.get('challenge_units', 0)}")
     if r["challenge"]:
-        lines.append("  challenge: " + ", ".join(f"{c['challenge']}→{'rejected' if c['rejected'] else 'NOT rejected'} ({c['reason_seen']})" for c in r["challenge"]))
+        lines.append("  challenge: " + ", ".join(
+            f"{c['challenge']}→{'rejected' if c['rejected'] else 'NOT rejected'} ({c['reason_seen']})" for c in r["challenge"]))
     cs = r.get("challenge_status")
     if cs and (cs["failed"] or cs["never_ran"]):
         lines.append(f"  challenge INCOMPLETE: failed {cs['failed'] or 'none'}, never ran {cs['never_ran'] or 'none'}")

@@ -31,8 +31,9 @@ import random
 import sys
 import threading
 import time
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
@@ -171,7 +172,7 @@ class CameraSim:
         self._noise = [
             _rng(seed, -1 - k).normal(0, NOISE_SIGMA, (FRAME_H, FRAME_W)).astype(np.float32) for k in range(NOISE_VARIANTS)
         ]
-        self._bg = [np.clip(BACKGROUND + n, 0, 255).astype(np.uint8) for n in self._noise]
+        self._bg: list[np.ndarray] = [np.clip(BACKGROUND + n, 0, 255).astype(np.uint8) for n in self._noise]
         self._case_seq = 0
         self._faults: dict[str, int] = {"garbage": 0, "drop": 0}
         self.frames_written = 0
@@ -353,7 +354,7 @@ def tilt_view(img: np.ndarray, degrees: float, axis: str = "y", focal: float = 3
         R = np.eye(3) + math.sin(t) * K + (1 - math.cos(t)) * K @ K
     else:
         raise ValueError("axis is x, y or xy")
-    src = np.float32([[0, 0], [w, 0], [w, h], [0, h]])
+    src = np.array([[0, 0], [w, 0], [w, h], [0, h]], dtype=np.float32)
     pts = np.array([[x - w / 2, y - h / 2, 0.0] for x, y in src]) @ R.T + [0, 0, f]
     proj = pts[:, :2] / pts[:, 2:3] * f
     dst = (proj - proj.min(axis=0) + 0.1 * max(w, h)).astype(np.float32)
@@ -367,7 +368,7 @@ def render_code_grid(contents: Sequence[str], module_px: int = 4, gap_modules: i
     masks = [render_mask(c, "]d1", module_px) for c in contents]
     if any(m is None for m in masks):
         raise ValueError("a content could not be rendered")
-    cell = max(max(m.shape) for m in masks if m is not None) + gap_modules * module_px  # type: ignore[union-attr]
+    cell = max(max(m.shape) for m in masks if m is not None) + gap_modules * module_px
     rows = math.ceil(len(masks) / columns)
     frame = np.full((rows * cell + cell // 2, min(columns, len(masks)) * cell + cell // 2), PAPER, np.uint8)
     for i, m in enumerate(masks):

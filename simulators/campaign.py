@@ -50,10 +50,11 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 
@@ -297,6 +298,8 @@ class Broker:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
+        if MOSQUITTO is None:
+            raise RuntimeError("the campaign needs mosquitto (apt-get install mosquitto)")
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -507,8 +510,9 @@ class Campaign:
     # ------------------------------------------------------------------ setup
 
     def _write_configs(self) -> tuple[Path, Path]:
-        from linectl.yamlsource import load_yaml, to_plain
         from ruamel.yaml import YAML
+
+        from linectl.yamlsource import load_yaml, to_plain
 
         raw = to_plain(load_yaml(self.o.config))
         sim_raw = json.loads(json.dumps(raw))
@@ -531,7 +535,8 @@ class Campaign:
         )
         run_raw.pop("simulation", None)
         assert self.broker is not None
-        mqtt: dict[str, Any] = {"host": "127.0.0.1", "port": self.broker.port, "protocol": "5", "topic_root": self.root, "enabled": True, "state_interval_s": 1.0}
+        mqtt: dict[str, Any] = {"host": "127.0.0.1", "port": self.broker.port, "protocol": "5", "topic_root": self.root, "enabled": True,
+            "state_interval_s": 1.0}
         run_raw["mqtt"] = {**(run_raw.get("mqtt") or {}), **mqtt}
         run_raw.setdefault("store", {})["path"] = str(self.db)
         self.plc = next(st["plc"] for st in raw["stations"] if st.get("type") in ("print_verify", "verify"))
@@ -547,9 +552,10 @@ class Campaign:
     def _confirm_key(self, run_path: Path) -> None:
         """Ask for confirmed delivery (mqtt.delivery_confirm, with a short mqtt.confirm_timeout_s so a lost
         message is resent within the run) as far as this build knows the keys."""
+        from ruamel.yaml import YAML
+
         from linectl.config import load_config
         from linectl.yamlsource import ConfigFileError, load_yaml, to_plain
-        from ruamel.yaml import YAML
 
         if self.o.confirm == "puback":
             return
@@ -577,8 +583,9 @@ class Campaign:
         sim_path, run_path = self._write_configs()
         self._confirm_key(run_path)
         # the daemon's devices are the proxies; the simulator listens behind them
-        from linectl.yamlsource import load_yaml, to_plain
         from ruamel.yaml import YAML
+
+        from linectl.yamlsource import load_yaml, to_plain
 
         for proxy in self.proxies.values():
             await proxy.start()
@@ -601,7 +608,8 @@ class Campaign:
     async def _init_store(self, run_path: Path) -> None:
         """`linectl init -c CONFIG` where this build has it (only init creates a store); else `run` creates it."""
         py = sys.executable
-        p = await asyncio.create_subprocess_exec(py, "-m", "linectl", "init", "-c", str(run_path), cwd=str(REPO), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        p = await asyncio.create_subprocess_exec(py, "-m", "linectl", "init", "-c", str(run_path), cwd=str(REPO), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT)
         out, _ = await asyncio.wait_for(p.communicate(), 60)
         if p.returncode != 0 and b"invalid choice" not in out:
             raise RuntimeError(f"linectl init failed: {out.decode(errors='replace')[-500:]}")
@@ -639,7 +647,7 @@ class Campaign:
     async def sim_cmd(self, **msg: Any) -> dict[str, Any]:
         try:
             return await sim_request("127.0.0.1", self.ctl_port, msg, 5.0)
-        except (OSError, asyncio.TimeoutError, ValueError) as exc:
+        except (TimeoutError, OSError, ValueError) as exc:
             return {"ok": False, "error": f"simulator unreachable: {exc}"}
 
     async def command(self, name: str, timeout: float = 10.0, **body: Any) -> dict[str, Any] | None:
@@ -651,15 +659,16 @@ class Campaign:
         msg = {"name": name, "command_id": cid, "actor": "campaign-operator", **body}
         try:
             async with asyncio.timeout(timeout):
-                async with aiomqtt.Client("127.0.0.1", self.broker.port, identifier=f"campaign-op-{cid[:8]}", protocol=aiomqtt.ProtocolVersion.V5, logger=QUIET_MQTT) as c:
+                async with aiomqtt.Client("127.0.0.1", self.broker.port, identifier=f"campaign-op-{cid[:8]}", protocol=aiomqtt.ProtocolVersion.V5,
+                    logger=QUIET_MQTT) as c:
                     await c.subscribe(f"{self.root}/cmd/{name}/reply", qos=1)
                     await c.publish(f"{self.root}/cmd/{name}", json.dumps(msg), qos=1)
                     async for m in c.messages:
                         with contextlib.suppress(ValueError, TypeError):
                             reply = json.loads(bytes(m.payload))
-                            if reply.get("command_id") == cid:
+                            if isinstance(reply, dict) and reply.get("command_id") == cid:
                                 return reply
-        except (aiomqtt.MqttError, TimeoutError, asyncio.TimeoutError, OSError):
+        except (aiomqtt.MqttError, TimeoutError, OSError):
             return None
         return None
 
@@ -671,7 +680,7 @@ class Campaign:
         )
         try:
             return await asyncio.wait_for(p.wait(), 30)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 p.kill()
             await p.wait()
@@ -710,7 +719,7 @@ class Campaign:
                     continue
                 if state == "challenge":
                     sim = await self.sim_cmd(cmd="status")
-                    conv = next(iter((sim.get("conveyors") or {}).values()), {}) if sim.get("ok") else {}
+                    conv: dict[str, Any] = next(iter((sim.get("conveyors") or {}).values()), {}) if sim.get("ok") else {}
                     if conv and conv.get("challenge_queued", 1) == 0 and conv.get("in_flight", 1) == 0 and time.monotonic() - self.challenge_t > 8.0:
                         # the line has asked for challenge units for a while and none is left to feed: feed a set
                         # the kinds the line has not yet seen rejected for their own reason (all, for a new challenge)
@@ -802,7 +811,7 @@ class Campaign:
             await self.command("reset")
             self.echo(f"operator: reset fault {st.get('fault')} before start")
         sim = await self.sim_cmd(cmd="status")
-        conv = next(iter((sim.get("conveyors") or {}).values()), {}) if sim.get("ok") else {}
+        conv: dict[str, Any] = next(iter((sim.get("conveyors") or {}).values()), {}) if sim.get("ok") else {}
         if self.kinds and conv.get("challenge_queued", 0) == 0:
             await self.sim_cmd(cmd="challenge", kinds=self.kinds)
             self.challenge_t = time.monotonic()
@@ -989,7 +998,7 @@ class Campaign:
             extra = ["--unused", "return"] if action == "close" else []
             await self.cli_command(action, *extra)
         else:
-            body = {"unused_serials": "return"} if action == "close" else {}
+            body: dict[str, Any] = {"unused_serials": "return"} if action == "close" else {}
             await self.command(names[action], **body)
 
     async def _hostile(self) -> None:
@@ -1013,14 +1022,16 @@ class Campaign:
             p.CorrelationData = b"x"
             return p
 
-        async with aiomqtt.Client("127.0.0.1", self.broker.port, identifier=f"campaign-hostile-{uuid.uuid4().hex[:8]}", protocol=aiomqtt.ProtocolVersion.V5, logger=QUIET_MQTT) as c:
+        async with aiomqtt.Client("127.0.0.1", self.broker.port, identifier=f"campaign-hostile-{uuid.uuid4().hex[:8]}", protocol=aiomqtt.ProtocolVersion.V5,
+            logger=QUIET_MQTT) as c:
             if kind == "malformed":
                 await c.publish(cmd + "start_batch", b'{"name": "start_batch", "command_id": ', qos=1)
             elif kind == "empty":
                 await c.publish(cmd + "start_batch", b"", qos=1)
             elif kind == "retained_start":
                 self.retained_starts += 1
-                await c.publish(cmd + "start_batch", json.dumps({"name": "start_batch", "command_id": uuid.uuid4().hex, "actor": "stale-hmi"}), qos=1, retain=True)
+                await c.publish(cmd + "start_batch", json.dumps({"name": "start_batch", "command_id": uuid.uuid4().hex, "actor": "stale-hmi"}), qos=1,
+                    retain=True)
             elif kind == "retained_clear":
                 await c.publish(cmd + "start_batch", b"", qos=1, retain=True)
             elif kind == "oversize":
@@ -1031,7 +1042,8 @@ class Campaign:
             elif kind == "sys_reply":
                 await c.publish(cmd + "request_state", json.dumps({"name": "request_state", "command_id": uuid.uuid4().hex}), qos=1, properties=props("$SYS/x"))
             elif kind == "events_reply":
-                await c.publish(cmd + "request_state", json.dumps({"name": "request_state", "command_id": uuid.uuid4().hex}), qos=1, properties=props(f"{self.root}/events"))
+                await c.publish(cmd + "request_state", json.dumps({"name": "request_state", "command_id": uuid.uuid4().hex}), qos=1,
+                    properties=props(f"{self.root}/events"))
             elif kind == "garbage_verify":
                 for _ in range(20):
                     junk = "".join(rng.choice("0123456789ABCDEF]d\x1d") for _ in range(rng.randint(1, 60)))
@@ -1141,7 +1153,10 @@ class Campaign:
             # aiomqtt leaves a future with "Unexpected disconnection" behind when the broker is killed: expected here
             if "disconnect" in repr(ctx.get("exception", "")).lower():
                 return
-            (default_handler or lp.default_exception_handler)(ctx) if default_handler else lp.default_exception_handler(ctx)
+            if default_handler is not None:
+                default_handler(lp, ctx)  # (was called with ctx alone: a TypeError instead of the report)
+            else:
+                lp.default_exception_handler(ctx)
 
         loop.set_exception_handler(quiet)
         tasks: list[asyncio.Task[None]] = []
@@ -1211,7 +1226,9 @@ class Campaign:
         viol = check_records(fed, ev, kinds=self.kinds, lots=self.lots, received=self.sub.event_ids, foreign=self.sub.foreign, root=self.root)
         if ev["stale_starts"] > self.retained_starts:
             viol.append(
-                Violation("retained_command_replayed", f"{self.retained_starts} retained start_batch published, the line started {ev['stale_starts']} times on it (replayed after a reconnect or restart)")
+                Violation("retained_command_replayed",
+                    f"{self.retained_starts} retained start_batch published, the line started {ev['stale_starts']} times on it "
+                    "(replayed after a reconnect or restart)")
             )
         reports = {x["lot"]: await self._report(x["lot"]) for x in self.lots}
         named = {v.serial for v in viol if v.check == "passed_commissioned" and v.serial and any(v.serial in txt for txt, _ in reports.values())}
@@ -1226,7 +1243,8 @@ class Campaign:
         for lot, (_, rep) in reports.items():
             if rep is not None and rep.get("state") == "closed" and int(rep.get("commissioned") or 0) != passed_by_lot[lot]:
                 self.res.violations.append(
-                    Violation("report_packs", f"batch {lot}: report says {rep.get('commissioned')} commissioned, {passed_by_lot[lot]} coded packs of the lot passed the gate")
+                    Violation("report_packs",
+                        f"batch {lot}: report says {rep.get('commissioned')} commissioned, {passed_by_lot[lot]} coded packs of the lot passed the gate")
                 )
         rc, out = await self._linectl("audit", "verify", "--db", str(self.db))
         if rc != 0:
@@ -1253,7 +1271,8 @@ class Campaign:
         if not rep.get("balanced"):
             self.res.violations.append(Violation("report", f"batch {lot}: closed but not balanced: {problems[:3]}"))
         if rep.get("provisioned") != sum(int(rep.get(k) or 0) for k in ("commissioned", "decommissioned", "returned", "voided")):
-            self.res.violations.append(Violation("report", f"batch {lot}: serials do not add up: {({k: rep.get(k) for k in ('provisioned', 'commissioned', 'decommissioned', 'returned', 'voided')})}"))
+            self.res.violations.append(Violation("report",
+                f"batch {lot}: serials do not add up: {({k: rep.get(k) for k in ('provisioned', 'commissioned', 'decommissioned', 'returned', 'voided')})}"))
         return out, rep
 
 
@@ -1321,9 +1340,11 @@ def check_records(
     # 2. every unit that passed is commissioned exactly once and never decommissioned
     for s, u in passed_good.items():
         if s in decomm:
-            viol.append(Violation("passed_decommissioned", f"serial {s} passed the gate (unit {u['uid']}, seq {u['seq']}) and was decommissioned ({', '.join(decomm[s])})"))
+            viol.append(Violation("passed_decommissioned",
+                f"serial {s} passed the gate (unit {u['uid']}, seq {u['seq']}) and was decommissioned ({', '.join(decomm[s])})"))
         elif comm[s] != 1:
-            viol.append(Violation("passed_commissioned", f"serial {s} (unit {u['uid']}, seq {u['seq']}) passed the gate but was commissioned {comm[s]} time(s)"))
+            viol.append(Violation("passed_commissioned",
+                f"serial {s} (unit {u['uid']}, seq {u['seq']}) passed the gate but was commissioned {comm[s]} time(s)"))
         elif states.get(s) != "commissioned":
             viol.append(Violation("passed_commissioned", f"serial {s} passed the gate but its registry state is {states.get(s)!r}", serial=s))
     #    and a unit that went to the bin (or never reached the gate) is not on the market
@@ -1347,7 +1368,8 @@ def check_records(
             continue
         unproven = [x for x in us if x.get("outcome") not in ("rejected", None)]
         if unproven:
-            viol.append(Violation("decommissioned_unproven", f"serial {s} decommissioned ({', '.join(reasons)}) but its unit's fate is {[x.get('outcome') for x in unproven]}"))
+            viol.append(Violation("decommissioned_unproven",
+                f"serial {s} decommissioned ({', '.join(reasons)}) but its unit's fate is {[x.get('outcome') for x in unproven]}"))
     # 5. no production unit of a batch precedes its complete challenge
     viol += check_challenges(fed, ev["challenge_results"], kinds, lots)
     # the line stops when it cannot code: no long run of uncoded production packs (printer starved, store full...)
@@ -1357,10 +1379,12 @@ def check_records(
             run.append(u)
             continue
         if len(run) > UNCODED_RUN_LIMIT:
-            viol.append(Violation("line_not_stopped", f"{len(run)} uncoded packs fed in a row (units {run[0]['uid']} .. {run[-1]['uid']}): the line kept feeding what it could not code"))
+            viol.append(Violation("line_not_stopped",
+                f"{len(run)} uncoded packs fed in a row (units {run[0]['uid']} .. {run[-1]['uid']}): the line kept feeding what it could not code"))
         run = []
     if len(run) > UNCODED_RUN_LIMIT:
-        viol.append(Violation("line_not_stopped", f"{len(run)} uncoded packs fed in a row (units {run[0]['uid']} .. {run[-1]['uid']}): the line kept feeding what it could not code"))
+        viol.append(Violation("line_not_stopped",
+            f"{len(run)} uncoded packs fed in a row (units {run[0]['uid']} .. {run[-1]['uid']}): the line kept feeding what it could not code"))
     # 7. every stored event reached the subscriber
     ids = ev["event_ids"]
     missing = [i for i in ids if i not in received]
@@ -1396,7 +1420,7 @@ def check_challenges(fed: list[dict[str, Any]], results: list[dict[str, Any]], k
         for r in results:
             if r.get("lot") != lot or not r.get("rejected") or r.get("t", 0) > first["fed_t"]:
                 continue
-            k = r.get("challenge")
+            k = str(r.get("challenge"))
             if r.get("reason_seen") != CHALLENGE_REASON.get(k):
                 continue
             unit_seq = r.get("unit_seq", r.get("seq"))  # the unit's PLC seq (a fix may rename the field unit_seq)
@@ -1468,7 +1492,8 @@ def store_events(db: Path) -> dict[str, Any]:
             challenges.append(b)
     states = {s: st for s, st in ro_query(db, "SELECT serial, state FROM serials WHERE lot IS NOT NULL")}
     unforwarded = ro_query(db, "SELECT count(*) FROM outbox WHERE forwarded_at IS NULL")[0][0]
-    return {"commissioned": commissioned, "decommissioned": decommissioned, "states": states, "challenge_results": challenges, "stale_starts": stale_starts, "event_ids": ids, "unforwarded": unforwarded}
+    return {"commissioned": commissioned, "decommissioned": decommissioned, "states": states, "challenge_results": challenges, "stale_starts": stale_starts,
+        "event_ids": ids, "unforwarded": unforwarded}
 
 
 # --------------------------------------------------------------------------- entry points
@@ -1488,7 +1513,7 @@ async def run_campaign(opts: CampaignOptions) -> RunResult:
     """One run. SIGTERM / SIGINT cancel it, and cancelling still kills every process it started."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
-    installed: list[int] = []
+    installed: list[signal.Signals] = []
     if task is not None and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):

@@ -122,7 +122,8 @@ class ChaosProxy:
         return n
 
     def status(self) -> dict[str, Any]:
-        return {"name": self.name, "listen": self.listen_port, "target": list(self.target), "open": len(self._pairs), "settings": asdict(self.settings), **self.stats}
+        return {"name": self.name, "listen": self.listen_port, "target": list(self.target), "open": len(self._pairs), "settings": asdict(self.settings),
+            **self.stats}
 
     def command(self, msg: dict[str, Any]) -> dict[str, Any]:
         """JSON-lines control (simulators.control.ControlServer): set, reset, clear, status."""
@@ -147,7 +148,7 @@ class ChaosProxy:
             return
         try:
             ur, uw = await asyncio.wait_for(asyncio.open_connection(*self.target), 3.0)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             writer.transport.abort()  # device down: the driver sees a reset, as through a real converter
             return
         pair = (writer, uw)

@@ -64,7 +64,7 @@ class SimulationConfig(_Model):
         return v
 
     @model_validator(mode="after")
-    def _distances(self) -> "SimulationConfig":
+    def _distances(self) -> SimulationConfig:
         if self.gate_distance <= self.camera_distance:
             raise ValueError(
                 f"gate_distance ({self.gate_distance}) must be greater than camera_distance ({self.camera_distance}): "
@@ -73,7 +73,7 @@ class SimulationConfig(_Model):
         return self
 
     @classmethod
-    def from_line(cls, line_cfg: Any) -> "SimulationConfig":
+    def from_line(cls, line_cfg: Any) -> SimulationConfig:
         """From a LineConfig whose `simulation` is still a plain dict (or already typed, or absent)."""
         sim = getattr(line_cfg, "simulation", None)
         if sim is None:

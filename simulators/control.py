@@ -55,7 +55,7 @@ class ControlServer:
                 w.close()
             try:
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
-            except (asyncio.TimeoutError, Exception):
+            except (TimeoutError, Exception):
                 pass
             self._server = None
 
@@ -104,7 +104,10 @@ async def request(host: str, port: int, msg: dict[str, Any], timeout: float = 5.
         writer.write(json.dumps(msg).encode() + b"\n")
         await writer.drain()
         line = await asyncio.wait_for(reader.readline(), timeout)
-        return json.loads(line)
+        reply = json.loads(line)
+        if not isinstance(reply, dict):
+            raise ValueError(f"control reply is not a JSON object: {line[:80]!r}")
+        return reply
     finally:
         writer.close()
 

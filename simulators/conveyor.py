@@ -18,7 +18,8 @@ import random
 import string
 import time
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 
@@ -145,8 +146,8 @@ class Conveyor:
         self._pos0 = 0.0
         self._t0 = 0.0
         self._running = False
-        self._wake_fut: asyncio.Future | None = None
-        self._task: asyncio.Task | None = None
+        self._wake_fut: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
         self.log = log.bind(conveyor=name)
         plc.on_change(self.wake)
 
@@ -217,7 +218,7 @@ class Conveyor:
         if self.free_run:
             mode = self.plc.line_mode
             return mode if mode in (MODE_CHALLENGE, MODE_PRODUCTION) else MODE_PRODUCTION
-        return self.plc.feed_mode()
+        return int(self.plc.feed_mode())
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -341,6 +342,6 @@ class Conveyor:
             self.on_unit(unit)
 
 
-def _resolve(fut: asyncio.Future) -> None:
+def _resolve(fut: asyncio.Future[None]) -> None:
     if not fut.done():
         fut.set_result(None)

@@ -7,7 +7,7 @@ different order, and a failing run can be replayed exactly.
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from linectl.simulators.model import UNIT_DEFECTS, VARIATIONS
 

@@ -19,7 +19,8 @@ import importlib
 import ipaddress
 import random
 import socket
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -59,11 +60,11 @@ def _transport_kwargs(name: str, cfg: Any) -> dict[str, Any]:
     return {"host": cfg.host, "port": cfg.port, "name": name}
 
 
-def _make_plc(name: str, cfg: Any, line: "LineSim") -> Any:
+def _make_plc(name: str, cfg: Any, line: LineSim) -> Any:
     return PlcSim(name, cfg)
 
 
-def _make_printer(name: str, cfg: Any, line: "LineSim") -> Any:
+def _make_printer(name: str, cfg: Any, line: LineSim) -> Any:
     mod, cls = PRINTER_CLASSES[cfg.driver]
     klass = getattr(importlib.import_module(mod), cls)
     kw: dict[str, Any] = {"render_images": name in line.rendering, "seed": line.sim.seed}
@@ -74,7 +75,7 @@ def _make_printer(name: str, cfg: Any, line: "LineSim") -> Any:
     return klass(config=cfg, defect_for=defects, **kw, **_transport_kwargs(name, cfg))
 
 
-def _make_reader(name: str, cfg: Any, line: "LineSim") -> Any:
+def _make_reader(name: str, cfg: Any, line: LineSim) -> Any:
     mod, cls = READER_CLASSES[cfg.driver]
     klass = getattr(importlib.import_module(mod), cls)
     if cfg.driver == "camera":
@@ -82,7 +83,7 @@ def _make_reader(name: str, cfg: Any, line: "LineSim") -> Any:
     return klass(config=cfg, seed=line.sim.seed, **_transport_kwargs(name, cfg))
 
 
-FACTORIES: dict[str, Callable[[str, Any, "LineSim"], Any]] = {
+FACTORIES: dict[str, Callable[[str, Any, LineSim], Any]] = {
     **{k: _make_plc for k in PLC_DRIVERS},
     **{k: _make_printer for k in PRINTER_CLASSES},
     **{k: _make_reader for k in READER_CLASSES},
@@ -125,7 +126,7 @@ class LineSim:
         self.packer: Packer | None = None
         self.control: ControlServer | None = None
         self.control_address: tuple[str, int] | None = None
-        self._fault_tasks: list[asyncio.Task] = []
+        self._fault_tasks: list[asyncio.Task[Any]] = []
         self.done = asyncio.Event()
 
     # -- build / lifecycle ----------------------------------------------------------
@@ -341,7 +342,7 @@ class LineSim:
     def _set(self, msg: dict[str, Any]) -> dict[str, Any]:
         changed: dict[str, Any] = {}
         if "device" in msg or "tags" in msg:
-            dev = self.devices.get(msg.get("device"))
+            dev = self.devices.get(str(msg.get("device")))
             if not isinstance(dev, PlcSim):
                 raise ValueError(f"device {msg.get('device')!r} is not a simulated PLC")
             tags = msg.get("tags") or {}
@@ -387,9 +388,8 @@ class LineSim:
     def status(self) -> dict[str, Any]:
         devices: dict[str, Any] = {}
         for name, dev in self.devices.items():
-            st = getattr(dev, "status", None)
             try:
-                devices[name] = st() if callable(st) else {"listening": self.listening.get(name)}
+                devices[name] = dev.status() if isinstance(dev, Reporting) else {"listening": self.listening.get(name)}
             except Exception as exc:  # noqa: BLE001
                 devices[name] = {"error": repr(exc)}
         return {
@@ -403,11 +403,24 @@ class LineSim:
         }
 
 
+@runtime_checkable
+class Injectable(Protocol):
+    """A device simulator that takes faults (printers, readers, scanners, cameras, PLCs)."""
+
+    def inject(self, kind: str, /, **params: Any) -> Any: ...
+
+
+@runtime_checkable
+class Reporting(Protocol):
+    """A device simulator with a status of its own (the others are reported by where they listen)."""
+
+    def status(self) -> dict[str, Any]: ...
+
+
 def _inject(dev: Any, fault: str, params: dict[str, Any]) -> Any:
-    fn = getattr(dev, "inject", None)
-    if fn is None:
+    if not isinstance(dev, Injectable):
         raise ValueError(f"{type(dev).__name__} takes no fault injection")
-    return fn(fault, **params)
+    return dev.inject(fault, **params)
 
 
 def _where(dev: Any, started: Any) -> str:

@@ -153,7 +153,8 @@ class Packer:
         self._label_seq += 1
         shown = SimUnit(seq=self._label_seq, content=case_label.content, symbology="]C1", quality=case_label.quality)
         shown.extras.update(case_label.extras)
-        self.pallet_reader.present(shown)
+        if self.pallet_reader is not None:  # checked by the caller: without a pallet reader no case comes here
+            self.pallet_reader.present(shown)
         self.counts.cases_to_pallet += 1
 
     def _pallet_label(self, label: Any, unit: SimUnit) -> None:

@@ -29,15 +29,16 @@ import sys
 import threading
 import time
 import tty
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 
 from linectl.drivers.plc_tags import (
+    CASE_ACCEPT,
     MODE_CHALLENGE,
     MODE_IDLE,
     MODE_PRODUCTION,
-    CASE_ACCEPT,
     VERDICT_GOOD,
     ModbusTagSpec,
     S7TagSpec,
@@ -103,7 +104,8 @@ DEFAULT_S7_TAGS: dict[str, dict[str, Any]] = {
 
 FAULTS = ("disconnect", "slow", "heartbeat_stop", "gate_jam", "confirm_lost", "estop", "plc_restart")
 #: tags a warm restart keeps (retentive memory); a cold restart clears everything but plc_epoch
-RETENTIVE = frozenset({"trigger_count", "pass_total", "reject_total", "gate_reject_total", "verdict_ring", "reject_ring", "plc_epoch", "case_seq", "case_result"})
+RETENTIVE = frozenset({"trigger_count", "pass_total", "reject_total", "gate_reject_total", "verdict_ring", "reject_ring", "plc_epoch", "case_seq",
+    "case_result"})
 
 
 # --------------------------------------------------------------------------- memory
@@ -287,7 +289,7 @@ def _simdevice(tags: dict[str, ModbusTagSpec], device_id: int, action: Callable[
 class ModbusServerHost:
     """pymodbus' own server over TCP, RTU over TCP (`socket://` port) or RTU over a pty, restartable on one memory."""
 
-    def __init__(self, cfg: Any, faults: "FaultState") -> None:
+    def __init__(self, cfg: Any, faults: FaultState) -> None:
         from pymodbus.simulator.simcore import SimCore
 
         self.cfg = cfg
@@ -312,6 +314,7 @@ class ModbusServerHost:
         from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 
         cfg = self.cfg
+        srv: ModbusTcpServer | ModbusSerialServer
         if cfg.driver == "modbus_tcp":
             srv = ModbusTcpServer(context=self._simdev, address=(cfg.host, cfg.port))
         else:
@@ -334,7 +337,8 @@ class ModbusServerHost:
         await srv.serve_forever(background=True)
         self.server = srv
         if cfg.driver == "modbus_tcp":
-            sock = srv.transport.sockets[0].getsockname()
+            # pymodbus types its listener as a BaseTransport; for TCP it is the asyncio.Server, which has sockets
+            sock = srv.transport.sockets[0].getsockname()  # type: ignore[attr-defined]
             self.bound = f"modbus_tcp {sock[0]}:{sock[1]}"
             self.port = sock[1]
         elif self.pty is not None:
@@ -362,7 +366,7 @@ class ModbusServerHost:
 class S7ServerHost:
     """python-snap7's own (threaded) server on a configurable port, with fault hooks and correct bit writes."""
 
-    def __init__(self, cfg: Any, faults: "FaultState") -> None:
+    def __init__(self, cfg: Any, faults: FaultState) -> None:
         self.cfg = cfg
         self.faults = faults
         sizes: dict[int, int] = {}
@@ -406,7 +410,7 @@ class S7ServerHost:
         return S7Memory(self.cfg.tags, self.dbs, locks)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _s7_server_class() -> type:
     """Built on first use so importing this module does not import snap7."""
     import snap7
@@ -420,7 +424,7 @@ def _s7_server_class() -> type:
         writes only the addressed bit, and linectl relies on that.
         """
 
-        def __init__(self, faults: "FaultState") -> None:
+        def __init__(self, faults: FaultState) -> None:
             super().__init__(log=False)
             self.faults = faults
             self._socks: set[socket.socket] = set()
@@ -561,8 +565,8 @@ class PlcSim:
         self._ctl_changed_at = 0.0
         self._hb = False
         self._next_hb = 0.0
-        self._task: asyncio.Task | None = None
-        self._fault_tasks: set[asyncio.Task] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._fault_tasks: set[asyncio.Task[Any]] = set()
         self._listeners: list[Callable[[], None]] = []
         self.trigger_count = 0
         self.pass_total = 0
@@ -857,7 +861,8 @@ def free_tcp_port(host: str = "127.0.0.1") -> int:
     """A port nobody listens on right now (tests, benches: never needs root, never port 102)."""
     with socket.socket() as so:
         so.bind((host, 0))
-        return so.getsockname()[1]
+        port: int = so.getsockname()[1]
+        return port
 
 
 def default_config(driver: str, host: str = "127.0.0.1", port: int | None = None, **extra: Any) -> Any:

@@ -26,9 +26,10 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from ruamel.yaml import YAML
 
@@ -108,7 +109,7 @@ async def simulated_line(
     the daemon's shutdown fails.
     """
     cfg = variant_config(tmp_path, rules=rules, simulation=simulation, base=base)
-    broker = "%s:%d" % SHARED_BROKER if port_open(*SHARED_BROKER) else None
+    broker = "{}:{}".format(*SHARED_BROKER) if port_open(*SHARED_BROKER) else None
     ov: dict[str, Any] = {"mqtt": {"topic_root": unique_root()}}
     for k, v in (overrides or {}).items():
         ov[k] = v

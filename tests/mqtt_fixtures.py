@@ -20,8 +20,9 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import aiomqtt
 import pytest
@@ -92,7 +93,7 @@ class Broker:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def start(self, timeout: float = 5.0) -> "Broker":
+    def start(self, timeout: float = 5.0) -> Broker:
         assert not self.running
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + timeout
@@ -126,7 +127,7 @@ class Broker:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGCONT)
 
-    def restart(self) -> "Broker":
+    def restart(self) -> Broker:
         self.stop()
         return self.start()
 
@@ -165,7 +166,7 @@ class GatedProxy:
         self._server: asyncio.base_events.Server | None = None
         self._conns: set[asyncio.StreamWriter] = set()
 
-    async def start(self) -> "GatedProxy":
+    async def start(self) -> GatedProxy:
         self._server = await asyncio.start_server(self._handle, self.host, self.port, reuse_address=True)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -244,7 +245,7 @@ class Collector:
         self._task: asyncio.Task[None] | None = None
         self._changed = asyncio.Event()
 
-    async def start(self) -> "Collector":
+    async def start(self) -> Collector:
         self._task = asyncio.create_task(self._run())
         await asyncio.wait_for(self.subscribed.wait(), 5)
         return self
@@ -308,7 +309,8 @@ def line_yaml(path: Path, *, port: int = SHARED_PORT, root: str | None = None, p
         mqtt["topic_root"] = root
     mqtt.update(extra_mqtt or {})
     doc = {
-        "line": {"enterprise": "acme", "site": "plant1", "area": "pack", "name": "line1", "gln": "4012345000009", "company_prefix_length": 7, "timezone_offset": "+01:00"},
+        "line": {"enterprise": "acme", "site": "plant1", "area": "pack", "name": "line1", "gln": "4012345000009", "company_prefix_length": 7,
+            "timezone_offset": "+01:00"},
         "products": [
             {"gtin": GTIN, "name": "Aspirin 100", "company_prefix_length": 7, "serials": {"scheme": "pool", "low_water": 10, "request_count": 100}},
             {"gtin": GTIN2, "name": "Aspirin 500", "company_prefix_length": 7, "serials": {"scheme": "pool"}},

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from linectl import gs1
 from linectl.config import parse_config
@@ -106,7 +107,7 @@ class Rig:
         #: what the label reader reports for the next label: None = the label's DataMatrix; a str = that data
         self.label_override: Callable[[Any], str | None] | None = None
 
-    async def start(self) -> "Rig":
+    async def start(self) -> Rig:
         from linectl.daemon import build_drivers
         from linectl.engine.line import Line
         from linectl.simulators.camera import CameraSim
@@ -124,7 +125,8 @@ class Rig:
         if self.reader_kind == "camera":
             self.cam_sim = CameraSim(folder=self.frames)
             await self.cam_sim.start()
-            devices["casecam"] = {"driver": "camera", "source": str(self.frames), "watch": True, "poll_interval_s": 0.002, "max_codes": max(2, self.per_case + 4)}
+            devices["casecam"] = {"driver": "camera", "source": str(self.frames), "watch": True, "poll_interval_s": 0.002,
+                "max_codes": max(2, self.per_case + 4)}
         else:
             self.child_scan_sim = ScannerSim(port=0, no_read="NOREAD")
             await self.child_scan_sim.start()

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 import pytest
+from mqtt_fixtures import MOSQUITTO
 
 from linectl.simulators.campaign import (
     FAULT_KINDS,
@@ -31,7 +32,6 @@ from linectl.simulators.campaign import (
 )
 from linectl.simulators.chaos import ChaosProxy
 from linectl.simulators.model import SimUnit, UnitJournal
-from mqtt_fixtures import MOSQUITTO
 
 SEEDS = (11, 12, 13)
 FAULT_SECONDS = 25.0

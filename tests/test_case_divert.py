@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from test_aggregation_support import FAST, Rig, commission, config, new_batch, sim_unit, until
 
-from linectl.drivers.plc_tags import CASE_ACCEPT, CASE_REJECT
 from linectl import gs1
-from linectl.yamlsource import ConfigFileError
+from linectl.drivers.plc_tags import CASE_ACCEPT, CASE_REJECT
 from linectl.simulators.plc import DEFAULT_MODBUS_TAGS, DEFAULT_S7_TAGS
+from linectl.yamlsource import ConfigFileError
 
 MB_RESULT = DEFAULT_MODBUS_TAGS["case_result"]["address"]  # uint16
 MB_SEQ = DEFAULT_MODBUS_TAGS["case_seq"]["address"]  # uint32, two registers, big word order

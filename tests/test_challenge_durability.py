@@ -12,7 +12,6 @@ import signal
 import time
 
 import pytest
-
 from test_daemon import GTIN, LineProcesses, _expiry
 
 pytestmark = pytest.mark.slow

@@ -16,18 +16,19 @@ import json
 import sqlite3
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import date, timedelta
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any
 
 import aiomqtt
 import pytest
+from engine_helpers import alarm_codes, db_query, simulated_line, state_of, unique_root, wait_for, wait_good
+from mqtt_fixtures import GTIN, SHARED_PORT, StoreTarget, broker_factory, line_yaml, load_line, proxy_factory  # noqa: F401 (fixtures)
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from engine_helpers import alarm_codes, db_query, simulated_line, state_of, unique_root, wait_for, wait_good
 from linectl.mqtt_bridge import REFUSAL_INTERVAL_S, MqttBridge, json_shape_problem
-from mqtt_fixtures import GTIN, SHARED_PORT, StoreTarget, broker_factory, line_yaml, load_line, proxy_factory  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(180)
 V5 = aiomqtt.ProtocolVersion.V5
@@ -67,7 +68,7 @@ class Operator:
         self._task: asyncio.Task[None] | None = None
         self._new = asyncio.Event()
 
-    async def __aenter__(self) -> "Operator":
+    async def __aenter__(self) -> Operator:
         await self.client.__aenter__()
         await self.client.subscribe(self.reply_topic, qos=1)
         await self.client.subscribe(f"{self.root}/cmd/+/reply", qos=1)
@@ -228,7 +229,7 @@ async def test_deeply_nested_json_refused_without_traceback_while_the_line_runs(
         await wait_good(sl, 10)
         async with Operator(SHARED_PORT, sl.cfg.topic_root) as op:
             deep = b'{"code":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
-            for i in range(5):
+            for _ in range(5):
                 _t, reply = await op.send("verify_code", deep)
                 assert reply["ok"] is False and reply["error"]["code"] == "too_complex", reply
                 assert "deeper than 32 levels" in reply["error"]["message"]
@@ -273,7 +274,7 @@ async def test_garbage_verify_code_flood_keeps_alarm_and_audit_tables_bounded(tm
                 body = b"{not json" if i % 21 == 20 else json.dumps({"code": f"garbage-{i}"}).encode()
                 await flood.publish(topic, body, qos=1)
                 if i % 200 == 199:  # stay below the bridge's bounded incoming queue
-                    await wait_for(lambda: b.commands_accepted + b.commands_refused >= i - 400, 60, "the bridge to keep up")
+                    await wait_for(lambda: b.commands_accepted + b.commands_refused >= i - 400, 60, "the bridge to keep up")  # noqa: B023 (awaited here)
         sent = n_garbage + n_bad
         await wait_for(lambda: b.commands_accepted + b.commands_refused >= sent, 300, "every command handled")
         intervals = int((time.monotonic() - t0) // REFUSAL_INTERVAL_S) + 1

@@ -53,7 +53,8 @@ def test_every_example_config_is_valid(path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("LINECTL_MQTT_PASSWORD", "x")
     cfg = load_config(path)
     assert cfg.products and cfg.line.name
-    r = subprocess.run([sys.executable, "-m", "linectl", "check-config", str(path)], capture_output=True, text=True, cwd=ROOT, env={**__import__("os").environ, "LINECTL_MQTT_PASSWORD": "x"})
+    r = subprocess.run([sys.executable, "-m", "linectl", "check-config", str(path)], capture_output=True, text=True, cwd=ROOT,
+        env={**__import__("os").environ, "LINECTL_MQTT_PASSWORD": "x"})
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -81,8 +82,8 @@ def test_every_problem_listed_with_its_line(tmp_path: Path) -> None:
     assert r.returncode == 2
     lines = r.stdout.strip().splitlines()
     assert f"{p}:6: line.gln: GLN check digit is 4, expected 3" in lines
-    assert any(l.startswith(f"{p}:11: products.0.colour: ") and "Extra inputs" in l for l in lines), lines
-    assert any(l.startswith(f"{p}:13: products.0.serials") and "1 in 10,000" in l for l in lines), lines
+    assert any(ln.startswith(f"{p}:11: products.0.colour: ") and "Extra inputs" in ln for ln in lines), lines
+    assert any(ln.startswith(f"{p}:13: products.0.serials") and "1 in 10,000" in ln for ln in lines), lines
     assert len(lines) == 3
 
 

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from engine_helpers import (
     LINECTL,
     REPO,
@@ -36,11 +35,12 @@ from engine_helpers import (
     unit_ledger,
     variant_config,
 )
+from ruamel.yaml import YAML
+
 from linectl.demo import _rewrite_ports
 from linectl.events import UnitCommissioned, UnitDecommissioned
-from linectl.yamlsource import load_yaml, to_plain
-from ruamel.yaml import YAML
 from linectl.simulators.control import request
+from linectl.yamlsource import load_yaml, to_plain
 
 pytestmark = pytest.mark.slow
 

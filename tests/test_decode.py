@@ -18,12 +18,12 @@ import structlog
 import zxingcpp
 from pydantic import ValidationError
 
-from linectl.drivers.base import Decoded
-from linectl.drivers.camera import Camera, CameraConfig, FrameDecoder, load_image
-from linectl.drivers.quality import LETTERS
 from linectl import gs1
 from linectl.cli import main
 from linectl.config import Product
+from linectl.drivers.base import Decoded
+from linectl.drivers.camera import Camera, CameraConfig, FrameDecoder, load_image
+from linectl.drivers.quality import LETTERS
 from linectl.engine.verify import Expected, verify_unit
 from linectl.events import RejectReason
 from linectl.simulators.camera import PAPER, corpus_images, paint, render_code_grid, render_mask, tilt_view

@@ -19,12 +19,12 @@ from typing import Any
 
 import aiomqtt
 import pytest
+from mqtt_fixtures import GTIN, SHARED_PORT, Collector, broker_factory, line_yaml, load_line, unique_root  # noqa: F401 (fixtures)
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from linectl import events as ev
 from linectl.forwarder import Forwarder
-from mqtt_fixtures import GTIN, SHARED_PORT, Collector, broker_factory, line_yaml, load_line, unique_root  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -96,7 +96,7 @@ class Consumer:
         self._task: asyncio.Task[None] | None = None
         self.subscribed = asyncio.Event()
 
-    async def back(self) -> "Consumer":
+    async def back(self) -> Consumer:
         self.subscribed.clear()
         self._task = asyncio.create_task(self._run())
         await asyncio.wait_for(self.subscribed.wait(), 10)

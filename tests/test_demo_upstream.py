@@ -188,9 +188,10 @@ def test_cli_demo_with_commission_then_decommission_never_decommissions_the_unco
     import subprocess
     import sys
 
+    from mqtt_fixtures import REPO
+
     from linectl.epcis import NOT_PRINTED
     from linectl.events import event_from_json
-    from mqtt_fixtures import REPO
 
     raw = to_plain(load_yaml(REPO / "config" / "demo-line.yaml"))
     raw["epcis"] = {"rejected_serials": "commission_then_decommission"}

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
+from linectl import gs1
 from linectl.drivers.base import DRIVERS, DeviceError, HealthState, Read
 from linectl.drivers.camera import Camera, CameraConfig
 from linectl.drivers.decoders import DmtxDecoder, dmtx_available
-from linectl import gs1
 from linectl.simulators.camera import CameraSim
 from linectl.simulators.model import SimUnit
 

@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 import zxingcpp
 
+from linectl import gs1
 from linectl.drivers.base import DeviceError, HealthState, PrintConfirm, PrintJob
 from linectl.drivers.coder import (
     CoderConfig,
     CoderPrinter,
-    FrameDecoder,
     Frame,
+    FrameDecoder,
     encode_frame,
     escape_field,
     unescape_field,
@@ -30,7 +31,6 @@ from linectl.drivers.zpl import (
     gs1_128_field_data,
     text_field_data,
 )
-from linectl import gs1
 from linectl.simulators.model import SimUnit
 from linectl.simulators.printer import (
     CoderPrinterSim,
@@ -70,7 +70,7 @@ async def collect(drv: Any, n: int, timeout: float = 5.0) -> list[PrintConfirm]:
 
     try:
         await asyncio.wait_for(run(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     return out
 

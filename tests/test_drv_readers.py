@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from linectl import gs1
 from linectl.drivers.base import HealthState, Read
 from linectl.drivers.reader import LineReader, ReaderConfig, compile_line_format
 from linectl.drivers.transport import LineSplitter
-from linectl import gs1
 from linectl.simulators.model import SimUnit
 from linectl.simulators.reader import ReaderSim
 
@@ -55,7 +55,7 @@ async def take(drv: Any, n: int, timeout: float = 3.0) -> list[Read]:
 
     try:
         await asyncio.wait_for(run(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     return out
 

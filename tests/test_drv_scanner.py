@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
+from linectl import gs1
 from linectl.drivers.base import HealthState, Read
 from linectl.drivers.scanner import Scanner, ScannerConfig
-from linectl import gs1
 from linectl.simulators.scanner import ScannerSim
 
 FAST = {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "reply_timeout_s": 0.5, "connect_timeout_s": 1.0}
@@ -30,7 +30,7 @@ async def take(drv: Any, n: int, timeout: float = 2.0) -> list[Read]:
 
     try:
         await asyncio.wait_for(run(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     return out
 

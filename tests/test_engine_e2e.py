@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from engine_helpers import (
     DEFECT_REASONS,
     alarm_codes,
@@ -33,9 +32,10 @@ from engine_helpers import (
     wait_good,
     wait_stopped,
 )
+
 from linectl import control as C
-from linectl.engine.verify import CHALLENGE_EXPECTED_REASON
 from linectl import gs1
+from linectl.engine.verify import CHALLENGE_EXPECTED_REASON
 from linectl.events import ChallengeResult, UnitCommissioned, UnitDecommissioned
 
 pytestmark = pytest.mark.slow
@@ -147,7 +147,8 @@ async def test_each_defect_class_rejected_for_its_reason(tmp_path):
             if i:
                 await sim(sl, cmd="set", defect_mix={cls: 1})
             start = station(sl).counters.production_units
-            await wait_for(lambda: station(sl).counters.production_units - start >= per_class, 60, f"{per_class} units of phase {cls}")
+            await wait_for(lambda: station(sl).counters.production_units - start >= per_class, 60,  # noqa: B023 (awaited here)
+                            f"{per_class} units of phase {cls}")
         # last phase: mild smudges only, which must pass
         await sim(sl, cmd="set", defect_rate=0.0, variation_rate=0.5)
         start = station(sl).counters.production_units
@@ -262,7 +263,8 @@ async def test_plc_command_tags_are_executed_cleared_and_audited(tmp_path):
     assert truth["missed_rejects"] == 0, truth["missed"]
     check_report(report, planned=planned)
     unit_ledger(units, events, states).assert_ok()
-    assert [a.action for a in audit] == ["start_batch", "pause_batch", "start_batch", "stop_batch", "reset", "start_batch"], [(a.action, a.detail) for a in audit]
+    expected = ["start_batch", "pause_batch", "start_batch", "stop_batch", "reset", "start_batch"]
+    assert [a.action for a in audit] == expected, [(a.action, a.detail) for a in audit]
     assert all(a.actor == "hmi" for a in audit)
     history = [(h["state"], h["by"]) for h in report["history"]]
     assert ("running", "hmi@plc:plc1") in history and ("paused", "hmi@plc:plc1") in history and ("stopped", "hmi@plc:plc1") in history, history

@@ -14,11 +14,11 @@ after a fault; each scenario's units are judged on their own.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import pytest
-
 from engine_helpers import (
     alarm_codes,
     check_report,
@@ -34,6 +34,7 @@ from engine_helpers import (
     wait_good,
     wait_stopped,
 )
+
 from linectl import control as C
 from linectl.demo import SimulatedLine
 from linectl.events import UnitDecommissioned
@@ -183,7 +184,8 @@ def wait_plc(state: str, timeout: float = 20.0) -> Step:
     return step
 
 
-clear_defects = set_defects(0.0, {d: 1.0 for d in ("no_print", "smudge_heavy", "low_contrast", "partial", "wrong_code", "duplicate", "not_gs1", "data_mismatch")})
+clear_defects = set_defects(0.0,
+    {d: 1.0 for d in ("no_print", "smudge_heavy", "low_contrast", "partial", "wrong_code", "duplicate", "not_gs1", "data_mismatch")})
 
 
 # --------------------------------------------------------------------------- tests
@@ -290,7 +292,8 @@ async def test_gate_reader_and_device_faults(tmp_path):
         o = await run_scenario(sl, "printer_reset", inject("coder1", "reset"), expect_alarm=("printer_error", "printer_fault"))
 
         # a PLC too slow for the verdicts: good packs rejected fail-safe, each commissioning undone, line stops
-        o = await run_scenario(sl, "plc_slow", inject("plc1", "slow", delay_s=0.3, duration_s=1.5), expect_alarm=("plc_write_failed", "reject_not_confirmed", "plc_lost"))
+        o = await run_scenario(sl, "plc_slow", inject("plc1", "slow", delay_s=0.3, duration_s=1.5),
+            expect_alarm=("plc_write_failed", "reject_not_confirmed", "plc_lost"))
         assert set(o.false_reject_reasons()) <= {"plc_failsafe", "missing_unit", "unexpected_unit", "line_stopped"}, o.false_reject_reasons()
 
         # the PLC's own e-stop (belt frozen, estop tag not set): linectl sees no read and stops

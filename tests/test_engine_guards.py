@@ -14,7 +14,6 @@ import os
 from typing import Any
 
 import pytest
-
 from engine_helpers import (
     check_report,
     close_batch,
@@ -30,8 +29,9 @@ from engine_helpers import (
     wait_good,
     wait_stopped,
 )
-from linectl import control as C
 from mqtt_fixtures import Collector
+
+from linectl import control as C
 
 pytestmark = pytest.mark.slow
 
@@ -166,10 +166,11 @@ def truth_missed(units: list[dict[str, Any]]) -> list[int]:
 async def test_start_puts_a_feeding_plc_to_idle(tmp_path):
     """A PLC still in production when linectl starts (a crash, a long heartbeat timeout) is put to idle at once."""
     from engine_helpers import SHARED_BROKER, port_open, unique_root, variant_config
+
     from linectl.demo import SimulatedLine
 
     cfg = variant_config(tmp_path, simulation={"variation_rate": 0.0})
-    broker = "%s:%d" % SHARED_BROKER if port_open(*SHARED_BROKER) else None
+    broker = "{}:{}".format(*SHARED_BROKER) if port_open(*SHARED_BROKER) else None
     sl = SimulatedLine(cfg, rate=600, defect_rate=0.0, seed=14, broker=broker, db=tmp_path / "line.db",
                        overrides={"mqtt": {"topic_root": unique_root()}})
     try:

@@ -7,18 +7,18 @@ import asyncio
 import json
 import subprocess
 import sys
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from mqtt_fixtures import GTIN, GTIN2, REPO, line_yaml, load_line
 
 from linectl import epcis, gs1
 from linectl import events as ev
-from mqtt_fixtures import GTIN, GTIN2, REPO, line_yaml, load_line
 
 SSCC_CASE = gs1.make_sscc(0, "4012345", 1)
 SSCC_PALLET = gs1.make_sscc(1, "4012345", 2)
-T0 = datetime(2026, 3, 1, 8, 30, 0, 123000, tzinfo=timezone.utc)
+T0 = datetime(2026, 3, 1, 8, 30, 0, 123000, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
@@ -287,7 +287,9 @@ def test_export_writes_valid_filtered_documents(tmp_path, validator, capsys):
     assert _export(capsys, "--db", str(db), "-c", str(cfg_path), "--batch", "LOTB", "--out", str(out_b))[0] == 0
     doc_b = json.loads(out_b.read_text())
     assert validator.problems(doc_b) == []
-    assert [e["eventID"] for e in doc_b["epcisBody"]["eventList"]] == [e.event_id for e in evs if e.epcis and e.lot == "LOTB" and getattr(e, "serial", None) != "B9"]
+    assert [e["eventID"] for e in doc_b["epcisBody"]["eventList"]] == [
+        e.event_id for e in evs if e.epcis and e.lot == "LOTB" and getattr(e, "serial", None) != "B9"
+    ]
 
     since = (T0 - timedelta(hours=1)).isoformat()
     rc, out, err = _export(capsys, "--db", str(db), "-c", str(cfg_path), "--since", since, "--validate", "all")  # to stdout

@@ -8,24 +8,24 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from mqtt_fixtures import GTIN, line_yaml
 
 from linectl import epcis
 from linectl import events as ev
 from linectl.config import parse_config
-from linectl.yamlsource import ConfigFileError
 from linectl.store import SCHEMA_VERSION
-from mqtt_fixtures import GTIN, line_yaml, load_line
+from linectl.yamlsource import ConfigFileError
 
-WINTER = datetime(2026, 1, 15, 10, 0, 0, tzinfo=timezone.utc)
-SUMMER = datetime(2026, 7, 15, 10, 0, 0, tzinfo=timezone.utc)
+WINTER = datetime(2026, 1, 15, 10, 0, 0, tzinfo=UTC)
+SUMMER = datetime(2026, 7, 15, 10, 0, 0, tzinfo=UTC)
 # the night summer time starts in Berlin: 01:00 UTC = 03:00 CEST
-JUST_BEFORE = datetime(2026, 3, 29, 0, 59, 59, 999000, tzinfo=timezone.utc)
-JUST_AFTER = datetime(2026, 3, 29, 1, 0, 0, tzinfo=timezone.utc)
+JUST_BEFORE = datetime(2026, 3, 29, 0, 59, 59, 999000, tzinfo=UTC)
+JUST_AFTER = datetime(2026, 3, 29, 1, 0, 0, tzinfo=UTC)
 
 
 def raw_config(tmp_path: Path, **line: Any) -> dict[str, Any]:
@@ -313,9 +313,10 @@ def test_v2_store_migrates_and_its_export_refuses_or_says_it_reconstructs(tmp_pa
 async def test_published_events_are_the_stored_bytes_and_export_reproduces_them(tmp_path, capsys):
     """A real forwarder publishes to the real Mosquitto; a subscriber keeps the raw payloads. `export epcis --db`
     (no config) then gives exactly the published events, byte for byte, and after the config changed too."""
+    from mqtt_fixtures import SHARED_PORT, Collector, unique_root
+
     from linectl.forwarder import Forwarder
     from linectl.store import Store
-    from mqtt_fixtures import Collector, SHARED_PORT, unique_root
 
     root = unique_root()
     doc = raw_config(tmp_path, timezone="Europe/Berlin")
@@ -400,7 +401,7 @@ def test_fast_commissioning_rendering_is_byte_identical_to_the_generic_one(tmp_p
             expiry=rnd.choice([None, "271200", "280229", "271301"]),  # 271301 is no date
             station=rnd.choice([None, "pv1", "checker", "elsewhere"]),
             event_time=datetime(2026, rnd.randint(1, 12), rnd.randint(1, 28), rnd.randint(0, 23), rnd.randint(0, 59),
-                                rnd.randint(0, 59), rnd.randint(0, 999) * 1000, tzinfo=timezone.utc),
+                                rnd.randint(0, 59), rnd.randint(0, 999) * 1000, tzinfo=UTC),
         )
         for m in mappers:
             fast, generic = m.render_commissioned(e), m.render(e)

@@ -14,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mqtt_fixtures import GTIN, SHARED_PORT, Collector, broker_factory, line_yaml, load_line, proxy_factory, spawn, unique_root, wait_line  # noqa: F401 (fixtures)
 
 from linectl import events as ev
 from linectl.epcis import EpcisMapper
 from linectl.forwarder import Forwarder
-from mqtt_fixtures import GTIN, SHARED_PORT, Collector, broker_factory, line_yaml, load_line, proxy_factory, spawn, unique_root, wait_line  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -295,7 +295,9 @@ async def test_broker_killed_mid_stream_resends_all_unacknowledged(tmp_path, bro
         # PUBACKs already in the socket buffer still count: take the snapshot once the forwarder saw the end
         await wait_until(lambda: not fwd.status()["connected"], what="forwarder noticed")
         unforwarded = {r.seq for r in store.outbox(0, 1_000_000)}
-        acked_at_kill = {r.event_id for r in store.outbox(0, 1_000_000, only_unforwarded=False) if r.seq not in unforwarded or r.seq in fwd.acknowledged_unmarked()}
+        acked_at_kill = {
+            r.event_id for r in store.outbox(0, 1_000_000, only_unforwarded=False) if r.seq not in unforwarded or r.seq in fwd.acknowledged_unmarked()
+        }
         assert len(acked_at_kill) < len(events)
         broker.start()
         await wait_until(lambda: col.connections >= 2 and col.subscribed.is_set(), what="collector resubscribed")
@@ -432,7 +434,8 @@ async def test_tls_client_certificate_and_password_from_env(tmp_path, broker_fac
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=test-ca", cwd=d)
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=d)
     (d / "ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile", "ext", cwd=d)
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.crt", "-days", "2", "-extfile",
+        "ext", cwd=d)
     _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=line1", cwd=d)
     _openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "client.crt", "-days", "2", cwd=d)
     subprocess.run(["mosquitto_passwd", "-b", "-c", str(d / "passwd"), "line1", "s3cret"], check=True, capture_output=True)

@@ -20,7 +20,7 @@ from biip.gs1_digital_link_uris import GS1DigitalLinkURI
 from biip.gs1_messages import GS1Message
 from epcpy.epc_schemes.sgtin import SGTIN
 from epcpy.epc_schemes.sscc import SSCC
-from epcpy.utils.common import revert_uri_escapes
+from epcpy.utils.common import ConvertException, revert_uri_escapes
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -466,7 +466,7 @@ def test_urn_errors():
 def test_epcpy_rejects_leading_escaped_slash_we_do_not():
     urn = sgtin_urn(GTIN, "/1", 7)
     assert urn == "urn:epc:id:sgtin:9501101.053000.%2F1" and parse_uri(urn).serial == "/1"
-    with pytest.raises(Exception):  # documents the epcpy 0.1.8 bug recorded in docs_gs1.md
+    with pytest.raises(ConvertException):  # documents the epcpy 0.1.8 bug recorded in docs_gs1.md
         SGTIN(urn)
 
 

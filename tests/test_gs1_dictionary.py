@@ -252,7 +252,7 @@ def test_engine_digital_link_vectors(ok, uri, expect, options):
 def test_engine_digital_link_vectors_are_mostly_in_agreement():
     vectors = VECTORS["engine_parse_dl_uri"]
     differ = 0
-    for ok, uri, _, options in vectors:
+    for ok, uri, _, _options in vectors:
         try:
             gs1._parse_digital_link(uri)
             agree = ok

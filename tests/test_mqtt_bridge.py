@@ -14,23 +14,23 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
-
-from linectl.mqtt_bridge import MqttBridge
 from mqtt_fixtures import (  # noqa: F401 (fixtures)
     GTIN,
     SHARED_PORT,
     StoreTarget,
     broker_factory,
     clear_retained,
-    proxy_factory,
     line_yaml,
     load_line,
+    proxy_factory,
     spawn,
     unique_root,
     wait_line,
 )
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from linectl.mqtt_bridge import MqttBridge
 
 pytestmark = pytest.mark.timeout(60)
 V5 = aiomqtt.ProtocolVersion.V5
@@ -58,7 +58,7 @@ class Bridge:
         self.bridge = MqttBridge(cfg, self.target, store=store, backoff_initial_s=0.05, backoff_max_s=0.3, **kw)
         self.task: asyncio.Task[None] | None = None
 
-    async def __aenter__(self) -> "Bridge":
+    async def __aenter__(self) -> Bridge:
         self.task = asyncio.create_task(self.bridge.run())
         deadline = time.monotonic() + 10
         while not self.bridge.status()["connected"]:
@@ -91,7 +91,7 @@ async def retained(port: int, topic: str, timeout: float = 3.0) -> bytes | None:
         await c.subscribe(topic, qos=1)
         try:
             m = await first_message(c, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
         return bytes(m.payload)
 
@@ -106,7 +106,7 @@ class Commander:
         self.reply_topic = f"replies/{uuid.uuid4().hex[:8]}/{root}"  # outside the line's own namespace, as required
         self.client: aiomqtt.Client | None = None
 
-    async def __aenter__(self) -> "Commander":
+    async def __aenter__(self) -> Commander:
         self.client = aiomqtt.Client("127.0.0.1", self.port, protocol=self.protocol, identifier=f"op-{uuid.uuid4().hex[:8]}")
         await self.client.__aenter__()
         await self.client.subscribe(self.reply_topic if self.protocol == V5 else f"{self.root}/cmd/+/reply", qos=1)
@@ -235,7 +235,8 @@ async def test_fallback_reply_topic_for_mqtt311_clients(tmp_path):
     cfg = make_cfg(tmp_path, protocol="3.1.1")
     store = await open_store(tmp_path)
     async with Bridge(cfg, store), Commander(SHARED_PORT, cfg.topic_root, protocol=V311) as op:
-        reply, m = await op.send("provision_pool", {"name": "provision_pool", "command_id": "p-311", "gtin": GTIN, "range_start": 1, "range_count": 5, "range_width": 6})
+        reply, m = await op.send("provision_pool",
+            {"name": "provision_pool", "command_id": "p-311", "gtin": GTIN, "range_start": 1, "range_count": 5, "range_width": 6})
         assert str(m.topic) == f"{cfg.topic_root}/cmd/provision_pool/reply"
         assert reply["ok"] is True and reply["command_id"] == "p-311" and reply["result"]["accepted"] == 5
         assert store.serial(GTIN, "000003") is not None
@@ -261,7 +262,8 @@ async def test_fallback_reply_topic_for_mqtt311_clients(tmp_path):
         ("provision_pool", json.dumps({"name": "create_batch", "gtin": GTIN, "serials": ["A1"]}).encode(), "name_mismatch", "create_batch"),
         ("provision_pool", json.dumps({"gtin": GTIN, "serials": ["S" * 20] * 1} | {"pad": "x" * 3000}).encode(), "too_large", "max_command_bytes"),
     ],
-    ids=["bad-json", "not-object", "unknown-command", "wrong-type", "bad-pattern", "wrong-type-int", "extra-field", "unknown-gtin", "unknown-gtin-batch", "pool-duplicates", "name-mismatch", "oversize"],
+    ids=["bad-json", "not-object", "unknown-command", "wrong-type", "bad-pattern", "wrong-type-int", "extra-field", "unknown-gtin", "unknown-gtin-batch",
+        "pool-duplicates", "name-mismatch", "oversize"],
 )
 async def test_malformed_commands_get_an_error_reply_and_change_nothing(tmp_path, name, payload, code, words):
     cfg = make_cfg(tmp_path, max_command_bytes=2048)

@@ -132,7 +132,8 @@ async def _restart_and_judge(sl: Any, *, cold: bool, expect_epoch: bool, resume:
     if resume:
         # the new epoch's units 1, 2, 3... are new units, not second reads of old ones
         await line.execute(C.StartBatch(actor="test"), origin="test")
-        await wait_for(lambda: line.completed.is_set() or state_of(sl) == "stopped" and line._stop_task is not None and line._stop_task.done(), 120, "the batch to finish")
+        await wait_for(lambda: line.completed.is_set() or state_of(sl) == "stopped" and line._stop_task is not None and line._stop_task.done(), 120,
+            "the batch to finish")
         if line.fault is not None:
             await settle(sl, 40)
             dbg = [u for u in await gate_units(sl) if u.get("plc_epoch") == 1][:12]

@@ -184,4 +184,5 @@ def test_one_pixel_corner_error_does_not_change_the_grade() -> None:
             corners[i][0] += dx
             corners[i][1] += dy
             rep = q.measure(img, corners, sym.version, sym.uec)
-            assert (rep.letter, rep.grades["sc"], rep.grades["mod"], rep.grades["fpd"]) == (ref.letter, ref.grades["sc"], ref.grades["mod"], ref.grades["fpd"]), (i, dx, dy)
+            got = (rep.letter, rep.grades["sc"], rep.grades["mod"], rep.grades["fpd"])
+            assert got == (ref.letter, ref.grades["sc"], ref.grades["mod"], ref.grades["fpd"]), (i, dx, dy)

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
+from mqtt_fixtures import SHARED_PORT, clear_retained
 from test_aggregation_support import FAST, GTIN, commission, new_batch, open_store, product, unit_code
 from test_rework import hri, make_case, make_pallet
 
@@ -19,7 +20,6 @@ from linectl.config import parse_config
 from linectl.engine import rework as R
 from linectl.mqtt_bridge import MqttBridge
 from linectl.trace import unit_facts
-from mqtt_fixtures import SHARED_PORT, clear_retained
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,7 +30,7 @@ class Operator:
     def __init__(self, root: str) -> None:
         self.root = root
 
-    async def __aenter__(self) -> "Operator":
+    async def __aenter__(self) -> Operator:
         self.client = aiomqtt.Client("127.0.0.1", SHARED_PORT, identifier=f"hmi-{uuid.uuid4().hex[:8]}")
         await self.client.__aenter__()
         await self.client.subscribe(f"{self.root}/cmd/+/reply", qos=1)
@@ -150,7 +150,8 @@ async def test_rework_operations_over_mqtt_are_applied_once_with_the_operator_re
     assert unit_facts(store, [(GTIN, u[1])])[(GTIN, u[1])].state == "decommissioned"
     assert R.check_hierarchy(store) == []
     rows = [r for r in store.outbox(0, 10000, only_unforwarded=False) if r.kind in ("unpacked", "packed", "unit_decommissioned")][-7:]
-    assert [r.event.actor for r in rows] == ["alice@mqtt:anonymous", "bob@mqtt:anonymous", "bob@mqtt:anonymous", "bob@mqtt:anonymous", "bob@mqtt:anonymous", "carol@mqtt:anonymous", "carol@mqtt:anonymous"]
+    assert [r.event.actor for r in rows] == ["alice@mqtt:anonymous", "bob@mqtt:anonymous", "bob@mqtt:anonymous", "bob@mqtt:anonymous", "bob@mqtt:anonymous",
+        "carol@mqtt:anonymous", "carol@mqtt:anonymous"]
     reprint = [a for a in store.audit_log(0, 10000) if a.action == R.REPRINT_ACTION][-1]
     assert reprint.actor == "dan@mqtt:anonymous" and reprint.detail["confirmed"] is True
 
@@ -168,4 +169,5 @@ async def test_rework_mode_sets_the_bench_operation_and_operator(rig):
     assert bench.mode == "dissolve"
     audit = [a for a in store.audit_log(0, 10000) if a.action == "rework_mode"]
     assert len(audit) == 1  # refused commands change nothing, the accepted one is on record with who asked
-    assert (audit[0].actor, audit[0].origin) == ("supervisor", "mqtt:anonymous") and (audit[0].detail["mode"], audit[0].detail["operator"]) == ("dissolve", "jdoe")
+    assert (audit[0].actor, audit[0].origin) == ("supervisor", "mqtt:anonymous") and (audit[0].detail["mode"], audit[0].detail["operator"]) == ("dissolve",
+        "jdoe")

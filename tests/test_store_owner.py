@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from engine_helpers import LINECTL, REPO, db_query, lot_events_from_db, spawn, stop_proc
+
 from linectl.events import UnitDecommissioned
 from linectl.store import Store
 

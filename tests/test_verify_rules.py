@@ -1,7 +1,7 @@
 """The verdict rules, one per reject reason, through real GS1 composition and parsing."""
 
-from linectl.drivers.base import Decoded
 from linectl import gs1
+from linectl.drivers.base import Decoded
 from linectl.engine.verify import CHALLENGE_EXPECTED_REASON, Expected, classify_unknown, verify_unit
 from linectl.events import RejectReason
 

@@ -7,12 +7,16 @@ Exit 0 "audit trail OK: N records"; exit 1 naming the first bad record
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import TYPE_CHECKING
 
 from linectl.store.cliutil import add_db_options, run_with_store
 
+if TYPE_CHECKING:
+    from linectl.config import LineConfig
+    from linectl.store import Store
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("audit", help="audit trail tools")
     asub = p.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
     v = asub.add_parser("verify", help="verify the audit trail's hash chain and its head kept in meta")
@@ -21,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    async def body(store: Any, cfg: Any | None) -> int:
+    async def body(store: Store, cfg: LineConfig | None) -> int:
         check = store.verify_audit()
         if check.ok:
             print(f"audit trail OK: {check.checked} records")

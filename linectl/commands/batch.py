@@ -38,7 +38,7 @@ ACTIONS = {
 }
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("batch", help="send a batch/line command to the running daemon (over MQTT)")
     p.add_argument("action", choices=sorted(ACTIONS))
     p.add_argument("-c", "--config", required=True, help="line YAML (gives the broker and topic root)")
@@ -72,7 +72,7 @@ OFFLINE_ORIGIN = "cli:offline"
 
 async def run_offline(cfg: Any, body: dict[str, Any], path: str) -> dict[str, Any] | None:
     """Close/stop on the store itself when no daemon holds it; None when one does (then: MQTT)."""
-    from linectl.control import COMMAND_ADAPTER
+    from linectl.control import COMMAND_ADAPTER, CloseBatch, StopBatch
     from linectl.store.cliutil import open_store
     from linectl.store.lock import StoreLocked
     from linectl.store.model import StoreError
@@ -92,7 +92,7 @@ async def run_offline(cfg: Any, body: dict[str, Any], path: str) -> dict[str, An
                 return _refused(cmd, f"name the batch with --lot; open batches: {listed}", "no_batch" if not open_batches else "ambiguous_lot")
             lot = open_batches[0].lot
         try:
-            if cmd.name == "close_batch":
+            if isinstance(cmd, CloseBatch):
                 policy = cmd.unused_serials or cfg.batch.unused_serials
                 res = await store.close_batch(lot, policy, who, stop_reason="no daemon running (crash or interrupt); stopped offline to close")
                 from linectl.report import batch_report
@@ -101,9 +101,11 @@ async def run_offline(cfg: Any, body: dict[str, Any], path: str) -> dict[str, An
                                           "unused_serials": {"policy": policy, "count": res["unused"]},
                                           "decommissioned_in_flight": res["decommissioned"], "offline": True,
                                           "report": batch_report(store, lot)}
-            else:
+            elif isinstance(cmd, StopBatch):
                 res = await store.stop_batch(lot, who, cmd.reason or "stopped offline: no daemon running")
                 result = {"lot": lot, "state": "stopped", "previous": res["previous"], "offline": True}
+            else:  # OFFLINE names only close and stop
+                raise AssertionError(f"{cmd.name} has no offline form")
         except StoreError as exc:
             return _refused(cmd, str(exc), "refused")
         # the same audit record the daemon's Line.execute writes for a command
@@ -172,7 +174,7 @@ async def send_command(cfg: Any, body: dict[str, Any], timeout: float) -> dict[s
                     reply = json.loads(msg.payload)
                 except ValueError:
                     continue
-                if reply.get("command_id") == body["command_id"]:
+                if isinstance(reply, dict) and reply.get("command_id") == body["command_id"]:
                     return reply
     raise TimeoutError
 
@@ -212,7 +214,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         reply = asyncio.run(send_command(cfg, body, args.timeout))
     except TimeoutError:
-        print(f"linectl batch: no reply from the daemon within {args.timeout}s (is it running and connected to {cfg.mqtt.host}:{cfg.mqtt.port}?)", file=sys.stderr)
+        print(f"linectl batch: no reply from the daemon within {args.timeout}s (is it running and connected to {cfg.mqtt.host}:{cfg.mqtt.port}?)",
+            file=sys.stderr)
         return 1
     except Exception as exc:  # noqa: BLE001 - broker unreachable etc.
         print(f"linectl batch: {exc}", file=sys.stderr)

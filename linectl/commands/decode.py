@@ -31,7 +31,7 @@ class BadInput(Exception):
     pass
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("decode", help="decode and grade image files through the camera driver's path")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (png, jpg, bmp, pgm, tif, webp)")
     p.add_argument("--json", action="store_true", help="one JSON object per code (JSON Lines) on stdout")

@@ -7,9 +7,10 @@ import asyncio
 import json
 import os
 import sys
+from typing import Any
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("demo", help="run a simulated line for one batch and summarise it")
     p.add_argument(
         "--config",
@@ -101,7 +102,7 @@ def _open_batches(db: str) -> str | None:
     return None
 
 
-def _print_human(s: dict) -> None:
+def _print_human(s: dict[str, Any]) -> None:
     print(f"batch {s['batch']}: {s['units']} units at {s['achieved_rate_upm']} upm")
     print(f"  commissioned     {s['commissioned']}")
     print(f"  rejected         {sum(s['rejected'].values())}  {s['rejected']}")

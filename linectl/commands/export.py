@@ -22,15 +22,18 @@ import json
 import os
 import sys
 import tempfile
-from datetime import datetime, timezone
-from pathlib import Path
 from collections.abc import Iterator
-from typing import Any, TextIO
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from linectl.store import Store
 
 PAGE = 5000
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("export", help="export stored events (EPCIS 2.0 JSON-LD)")
     kinds = p.add_subparsers(dest="export_kind", metavar="FORMAT")
     e = kinds.add_parser("epcis", help="one EPCIS 2.0 EPCISDocument with the EPCIS events of the store")
@@ -51,7 +54,7 @@ def parse_since(text: str) -> datetime:
         d = datetime.fromisoformat(t.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
         raise ValueError(f"--since {text!r} is not an ISO 8601 date or date-time (e.g. 2026-03-01 or 2026-03-01T08:00:00+01:00)") from None
-    return d if d.tzinfo else d.replace(tzinfo=timezone.utc)
+    return d if d.tzinfo else d.replace(tzinfo=UTC)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -132,7 +135,7 @@ async def _export(args: argparse.Namespace, cfg: Any, since: datetime | None) ->
     return 0
 
 
-def _unrendered(store: Any, args: argparse.Namespace) -> tuple[int, int, int] | None:
+def _unrendered(store: Store, args: argparse.Namespace) -> tuple[int, int, int] | None:
     """(first seq, last seq, count) of the EPCIS rows this export would need to reconstruct, or None."""
     if not store.unrendered_epcis_rows():  # the usual case: one indexed-free count, no second pass
         return None
@@ -146,7 +149,7 @@ def _unrendered(store: Any, args: argparse.Namespace) -> tuple[int, int, int] | 
     return (first, last, count) if first is not None and last is not None else None
 
 
-def _epcis_rows(store: Any, args: argparse.Namespace) -> Iterator[Any]:
+def _epcis_rows(store: Store, args: argparse.Namespace) -> Iterator[Any]:
     """The outbox rows this export covers (EPCIS-relevant kinds, --batch/--since), page by page in store order."""
     after = 0
     while True:
@@ -165,7 +168,7 @@ def _selected(row: Any, args: argparse.Namespace) -> bool:
         return False
     since = args.since_dt
     if since is not None:
-        t = e.event_time if e.event_time.tzinfo else e.event_time.replace(tzinfo=timezone.utc)
+        t = e.event_time if e.event_time.tzinfo else e.event_time.replace(tzinfo=UTC)
         if t < since:
             return False
     return True
@@ -178,7 +181,7 @@ def _unlink_quietly(path: str) -> None:
         pass
 
 
-def _write(fh: TextIO, store: Any, mapper: Any, validator: Any, args: argparse.Namespace, since: datetime | None) -> tuple[int, list[int]]:
+def _write(fh: TextIO, store: Store, mapper: Any, validator: Any, args: argparse.Namespace, since: datetime | None) -> tuple[int, list[int]]:
     """(worker thread) stream the document: head, events page by page, tail."""
     from linectl import epcis
     from linectl.events import UnitDecommissioned

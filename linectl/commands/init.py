@@ -21,7 +21,7 @@ from typing import Any
 from linectl.store.cliutil import EXIT_BAD_INPUT, EXIT_STORE, BadInput, load_line_config, open_store, run_async
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("init", help="create the line's store (the only command that creates one)")
     p.add_argument("-c", "--config", required=True, metavar="CONFIG", help="line YAML: identity, products and store.path")
     p.add_argument("--db", metavar="PATH", help="store path (default: store.path of the config)")

@@ -11,12 +11,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from linectl.store.cliutil import EXIT_BAD_INPUT, add_db_options, run_with_store
 
+if TYPE_CHECKING:
+    from linectl.config import LineConfig
+    from linectl.store import Store
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("recall", help="list every pallet, case and unit of a batch (CSV or JSON)")
     p.add_argument("--batch", "--lot", dest="lot", required=True, metavar="LOT", help="batch / lot number")
     p.add_argument("--format", choices=("json", "csv"), default="json")
@@ -35,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         print("linectl: --mark needs --actor NAME", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    async def body(store: Any, cfg: Any | None) -> int:
+    async def body(store: Store, cfg: LineConfig | None) -> int:
         if store.batch(args.lot) is None:
             print(f"linectl: no batch {args.lot} in {store.path}", file=sys.stderr)
             return 1

@@ -10,12 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from linectl.store.cliutil import EXIT_BAD_INPUT, add_db_options, run_with_store
 
+if TYPE_CHECKING:
+    from linectl.config import LineConfig
+    from linectl.store import Store
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("report", help="batch reconciliation report")
     add_db_options(p)
     p.add_argument("--batch", required=True, metavar="LOT")
@@ -26,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from linectl.report import batch_report, format_report
 
-    async def body(store: Any, cfg: Any | None) -> int:
+    async def body(store: Store, cfg: LineConfig | None) -> int:
         try:
             r = batch_report(store, args.batch)
         except KeyError as exc:

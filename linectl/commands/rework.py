@@ -19,12 +19,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from linectl.store.cliutil import EXIT_BAD_INPUT, BadInput, add_db_options, run_with_store
 
+if TYPE_CHECKING:
+    from linectl.config import LineConfig
+    from linectl.store import Store
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("rework", help="rework: remove/add/replace units, dissolve containers, decommission, reprint labels")
     rsub = p.add_subparsers(dest="rework_command", metavar="OPERATION", required=True)
 
@@ -58,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     op("check", "check the aggregation invariants", actor=False)
 
 
-async def _reprint(store: Any, cfg: Any, args: argparse.Namespace, actor: str) -> dict[str, Any]:
+async def _reprint(store: Store, cfg: LineConfig | None, args: argparse.Namespace, actor: str) -> dict[str, Any]:
+    from linectl.drivers.base import Printer
     from linectl.drivers.registry import driver_class
     from linectl.engine.rework import reprint_label
 
@@ -68,6 +73,8 @@ async def _reprint(store: Any, cfg: Any, args: argparse.Namespace, actor: str) -
         raise BadInput(f"--printer {args.printer}: give the line config with -c and a printer device of it")
     dev = cfg.devices[args.printer]
     printer = driver_class(dev.driver)(args.printer, dev)
+    if not isinstance(printer, Printer):
+        raise BadInput(f"--printer {args.printer}: device {args.printer} is a {dev.driver}, not a printer")
     await printer.start()
     try:
         if not await printer.wait_connected(args.timeout):
@@ -81,15 +88,16 @@ def run(args: argparse.Namespace) -> int:
     from linectl.engine import rework as R
 
     cmd = args.rework_command
-    actor = getattr(args, "actor", None)
-    if actor is not None:
-        actor = actor.strip()
+    given: str | None = getattr(args, "actor", None)  # argparse: only the operations that record an actor have --actor
+    actor = ""
+    if given is not None:
+        actor = given.strip()
         if not actor:
             print("linectl: --actor must name the operator", file=sys.stderr)
             return EXIT_BAD_INPUT
         actor = actor if ":" in actor else f"cli:{actor}"
 
-    async def body(store: Any, cfg: Any | None) -> int:
+    async def body(store: Store, cfg: LineConfig | None) -> int:
         if cfg is not None:
             await store.upsert_products(cfg.products)
         try:

@@ -13,7 +13,7 @@ import asyncio
 import sys
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("run", help="run the line controller daemon")
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--db", help="store path (default: store.path of the config)")

@@ -14,16 +14,20 @@ import io
 import json
 import os
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from linectl.store.cliutil import EXIT_BAD_INPUT, BadInput, add_db_options, run_with_store
+
+if TYPE_CHECKING:
+    from linectl.config import LineConfig
+    from linectl.store import Store
 
 CHUNK = 20_000  # serials per transaction, so an import never holds the writer long while a line runs
 SHOW_PROBLEMS = 20
 STATUS_COLUMNS = ("provisioned", "available", "allocated", "sent", "commissioned", "decommissioned", "voided")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("serials", help="serial pool: import provisioned serials, show status")
     ssub = p.add_subparsers(dest="serials_command", metavar="ACTION", required=True)
 
@@ -118,7 +122,7 @@ def run_import(args: argparse.Namespace) -> int:
     source = args.source or f"import:{os.path.basename(args.file)}"
     actor = args.actor or f"cli:{_user()}"
 
-    async def body(store: Any, cfg: Any | None) -> int:
+    async def body(store: Store, cfg: LineConfig | None) -> int:
         if cfg is not None:
             try:
                 cfg.product(gtin)
@@ -164,7 +168,7 @@ def run_import(args: argparse.Namespace) -> int:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    async def body(store: Any, cfg: Any | None) -> int:
+    async def body(store: Store, cfg: LineConfig | None) -> int:
         counts = store.serial_counts(args.gtin)
         if cfg is not None and not args.gtin:
             for p in cfg.products:

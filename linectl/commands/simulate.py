@@ -15,7 +15,7 @@ import signal
 import sys
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("simulate", help="run the line simulator (every device of a config, one process)")
     p.add_argument("-c", "--config", required=True, help="line YAML")
     p.add_argument("--rate", type=float, help="line speed, units/min (overrides simulation.rate_upm)")
@@ -35,12 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from linectl.config import load_config
-    from linectl.yamlsource import ConfigFileError
     from pydantic import ValidationError
 
+    from linectl.config import load_config
     from linectl.simulators.config import SimulationConfig
     from linectl.simulators.line import SimulatorError
+    from linectl.yamlsource import ConfigFileError
 
     try:
         cfg = load_config(args.config)

@@ -10,12 +10,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 from linectl.store.cliutil import EXIT_BAD_INPUT, add_db_options, run_with_store
 
+if TYPE_CHECKING:
+    from linectl.config import LineConfig
+    from linectl.store import Store
 
-def register(sub: argparse._SubParsersAction) -> None:
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("verify", help="verify a scanned code: genuine / decommissioned / recalled / unknown / suspicious")
     p.add_argument("code", help="raw scan (]d2…), HRI, EPC URN or Digital Link of a unit or SSCC")
     p.add_argument("--where", metavar="SSCC", help="the case/pallet the code was found in (detects diversion)")
@@ -26,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from linectl.trace import TraceError, verify_code
 
-    async def body(store: Any, cfg: Any | None) -> int:
+    async def body(store: Store, cfg: LineConfig | None) -> int:
         try:
             result = verify_code(store, args.code, where=args.where)
         except TraceError as exc:

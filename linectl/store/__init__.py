@@ -18,7 +18,6 @@ from linectl.store.model import (
 )
 from linectl.store.schema import SCHEMA_VERSION
 from linectl.store.store import Store
-from linectl.store.trace import trace_code
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -33,12 +32,11 @@ __all__ = [
     "SerialRecord",
     "Store",
     "StoreError",
-    "trace_code",
 ]
 
 
 def __getattr__(name: str) -> object:
-    # engine/line.py imports verify_code from here; it lives in linectl.trace (kept lazy: no import cycle)
+    # verify_code lives in linectl.trace (the one trace module); kept importable from here, lazily: no import cycle
     if name == "verify_code":
         from linectl.trace import verify_code
 

@@ -50,7 +50,7 @@ class AuditHead:
         self.hash = hash_
 
     @classmethod
-    def load(cls, cur: sqlite3.Cursor) -> "AuditHead":
+    def load(cls, cur: sqlite3.Cursor) -> AuditHead:
         rows = dict(cur.execute("SELECT key, value FROM meta WHERE key IN (?, ?)", (META_COUNT, META_HEAD)).fetchall())
         return cls(int(rows.get(META_COUNT, 0)), rows.get(META_HEAD, GENESIS))
 

@@ -18,9 +18,13 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from linectl.store.model import StoreError
+
+if TYPE_CHECKING:
+    from linectl.config import LineConfig
+    from linectl.store import Store
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_STORE = 0, 1, 2, 3
 
@@ -35,7 +39,7 @@ def add_db_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("-c", "--config", metavar="CONFIG", help="line YAML; its store.path is used")
 
 
-def load_line_config(args: argparse.Namespace) -> Any | None:
+def load_line_config(args: argparse.Namespace) -> LineConfig | None:
     if not getattr(args, "config", None):
         return None
     from linectl.config import load_config
@@ -50,7 +54,7 @@ def load_line_config(args: argparse.Namespace) -> Any | None:
         raise BadInput(f"{args.config}: {exc.strerror or exc}") from None
 
 
-def db_path(args: argparse.Namespace, cfg: Any | None = None) -> str:
+def db_path(args: argparse.Namespace, cfg: LineConfig | None = None) -> str:
     if getattr(args, "db", None):
         return str(args.db)
     cfg = cfg if cfg is not None else load_line_config(args)
@@ -70,8 +74,8 @@ def command_name(args: argparse.Namespace) -> str:
 
 
 async def open_store(
-    path: str, cfg: Any | None, *, readonly: bool, command: str, create: bool = False, actor: str = "system", origin: str = "cli"
-) -> Any:
+    path: str, cfg: LineConfig | None, *, readonly: bool, command: str, create: bool = False, actor: str = "system", origin: str = "cli"
+) -> Store:
     """The one way the CLI opens a store: read-only (checked, never changed) or owned (locked) for writing."""
     from linectl.store.store import Store, line_identity
 
@@ -86,7 +90,7 @@ async def open_store(
 
 def run_with_store(
     args: argparse.Namespace,
-    body: Callable[[Any, Any | None], Awaitable[int]],
+    body: Callable[[Store, LineConfig | None], Awaitable[int]],
     *,
     readonly: bool,
     actor: str = "system",

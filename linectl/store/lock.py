@@ -13,7 +13,7 @@ import fcntl
 import json
 import os
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from linectl.store.model import StoreError
@@ -56,7 +56,7 @@ class StoreLock:
         self.info = info
 
     @classmethod
-    def acquire(cls, db_path: str, command: str) -> "StoreLock":
+    def acquire(cls, db_path: str, command: str) -> StoreLock:
         """Take the lock without waiting; refuse naming the holder's PID when someone has it."""
         path = lock_path(db_path)
         try:
@@ -79,7 +79,7 @@ class StoreLock:
             "pid": os.getpid(),
             "command": command,
             "argv": " ".join(sys.argv[:8])[:300],
-            "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         try:
             os.ftruncate(fd, 0)

@@ -98,6 +98,34 @@ class AuditCheck:
     reason: str = ""
 
 
+def tally_name(kind: str, lot: str, reason: str | None = None) -> str:
+    """Name of a per-batch count in table counters (written by the store ops, read by Reader.lot_tallies)."""
+    return f"{kind}:{lot}" if reason is None else f"{kind}:{reason}:{lot}"
+
+
+@dataclass(frozen=True, slots=True)
+class LotTallies:
+    """Counts the writer keeps per batch in the transaction of each event (table counters).
+
+    A batch report needs them long after retention has purged the forwarded
+    outbox rows the events came in, so they are kept where nothing is purged.
+    """
+
+    rejects: dict[str, int]  # serials decommissioned with the batch, by reject reason
+    returned: int  # serials returned to the pool (at close, policy "return")
+
+
+@dataclass(frozen=True, slots=True)
+class BatchTransition:
+    """One state change of a batch, as the audit trail keeps it (never purged)."""
+
+    time: str
+    state: str
+    previous: str | None
+    by: str
+    reason: str
+
+
 @dataclass(frozen=True, slots=True)
 class AuditRecord:
     seq: int

@@ -17,9 +17,9 @@ from typing import Any
 import structlog
 
 from linectl.events import AlarmRaised, Severity
-from linectl.store.model import BATCH_DATES_KEY, Batch, PoolExhausted, StoreError
+from linectl.store.model import BATCH_DATES_KEY, Batch, PoolExhausted, StoreError, tally_name
 from linectl.store.serials import random_serials, sequential_serial
-from linectl.store.writer import Tx
+from linectl.store.writer import BATCH_FORMS, Tx
 
 log = structlog.get_logger("linectl.store")
 
@@ -106,7 +106,17 @@ def _decommissioned(tx: Tx, ev: Any, seq: int) -> int | None:
             "VALUES (?,?,?,?,?,?,?,?,?,?)",
             (ev.read_gtin or ev.gtin, ev.read_serial, ev.gtin, ev.serial, ev.lot, ev.station, ev.seq, ev.reason.value, seq, tx.ts),
         )
+    if ev.lot is not None:  # the reject reason outlives the outbox row (batch report after retention)
+        _tally(tx, tally_name("rejects", ev.lot, ev.reason.value), 1)
     return r[0]  # type: ignore[no-any-return]
+
+
+def _tally(tx: Tx, name: str, n: int) -> None:
+    tx.cur.execute(
+        "INSERT INTO counters(name, value, updated_at) VALUES (?,?,?) "
+        "ON CONFLICT(name) DO UPDATE SET value=value+excluded.value, updated_at=excluded.updated_at",
+        (name, n, tx.ts),
+    )
 
 
 def _bulk(tx: Tx, ev: Any, seq: int, new_state: str, action: str, allowed: tuple[str, ...], never_sent: bool = False) -> None:
@@ -135,6 +145,8 @@ def _voided(tx: Tx, ev: Any, seq: int) -> int | None:
 
 def _returned(tx: Tx, ev: Any, seq: int) -> int | None:
     _bulk(tx, ev, seq, "provisioned", "return", ("allocated",), never_sent=True)
+    if ev.lot is not None and ev.serials:  # a returned serial leaves the batch: only this count remembers it was given
+        _tally(tx, tally_name("returned", ev.lot), len(ev.serials))
     return None
 
 
@@ -142,7 +154,7 @@ def _inspected(tx: Tx, ev: Any, seq: int) -> int | None:
     r = tx.cur.execute("SELECT id FROM serials WHERE gtin=? AND serial=?", (ev.gtin, ev.serial)).fetchone()
     if r is None:
         raise StoreError(f"cannot record inspection: serial {ev.serial} of GTIN {ev.gtin} is unknown")
-    return r[0]
+    return int(r[0])
 
 
 def _container(tx: Tx, sscc: str) -> tuple[str, str] | None:
@@ -404,7 +416,7 @@ def _op_append_batch(tx: Tx, arglist: list[tuple[Any, ...]]) -> list[list[int]]:
     return out
 
 
-op_append.batch = _op_append_batch  # type: ignore[attr-defined]
+BATCH_FORMS[op_append] = _op_append_batch
 
 
 def _commission_run(tx: Tx, run: list[tuple[Any, str, Any]]) -> list[int]:
@@ -430,10 +442,10 @@ def _commission_run(tx: Tx, run: list[tuple[Any, str, Any]]) -> list[int]:
         r = found.get((g, s))
         if r is None or r[2] != "sent" or (lot is not None and r[3] != lot):
             _check(g, [s], {s: r} if r else {}, "commission", ("sent",), lot=lot)
-        upd.append((ts, r[0]))  # type: ignore[index]
-        tx.move(g, r[3], "sent", r[3], "commissioned")  # type: ignore[index]
+        upd.append((ts, r[0]))
+        tx.move(g, r[3], "sent", r[3], "commissioned")
         seq = tx.next_seq()
-        rows.append((seq, d["event_id"], "unit_commissioned", lot, g, s, r[0], ts, body, rendering))  # type: ignore[index]
+        rows.append((seq, d["event_id"], "unit_commissioned", lot, g, s, r[0], ts, body, rendering))
         out.append(seq)
     tx.cur.executemany("UPDATE serials SET state='commissioned', updated_at=? WHERE id=?", upd)
     return out
@@ -633,6 +645,7 @@ def op_create_batch(tx: Tx, lot: str, gtin: str, expiry: str, planned_qty: int, 
         detail.update(dates)
     if challenge_required is not None:
         detail["challenge_required"] = list(challenge_required)
+    _tally(tx, tally_name("lot_tallies", lot), 1)  # this batch's reject and return counts are kept from its first event
     tx.audit(actor, origin, "batch_created", detail)
     return Batch(lot=lot, gtin=gtin, expiry=expiry, planned_qty=planned_qty, state="created", created_at=tx.ts, created_by=actor,
                  challenge_required=None if challenge_required is None else list(challenge_required))

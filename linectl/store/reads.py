@@ -9,24 +9,28 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, select
 from sqlalchemy import exc as sa_exc
 
-from linectl.events import event_from_json
+from linectl.events import RejectReason, event_from_json
 from linectl.store import schema
-from linectl.store.audit import META_COUNT, META_HEAD, GENESIS, verify_rows
+from linectl.store.audit import GENESIS, META_COUNT, META_HEAD, verify_rows
 from linectl.store.model import (
     BATCH_DATES_KEY,
     SERIAL_STATES,
     AuditCheck,
     AuditRecord,
     Batch,
+    BatchTransition,
     Container,
+    LotTallies,
     OutboxRow,
     SerialRecord,
     StoreError,
+    tally_name,
 )
 
 _OUTBOX_COLS = "o.seq, o.event_id, o.kind, o.lot, o.created_at, o.body, o.forwarded_at, o.epcis"
@@ -201,6 +205,30 @@ class Reader:
         with self.snapshot() as c:
             return [_batch(r) for r in c.execute(stmt)]
 
+    def lot_tallies(self, lot: str) -> LotTallies | None:
+        """Reject reasons and returned serials of a batch; None for a batch created before they were kept."""
+        marker = tally_name("lot_tallies", lot)
+        returned = tally_name("returned", lot)
+        rejects = {tally_name("rejects", lot, r.value): r.value for r in RejectReason}
+        names = [marker, returned, *rejects]
+        got = dict(self.q(f"SELECT name, value FROM counters WHERE name IN ({','.join('?' * len(names))})", tuple(names)))
+        if marker not in got:
+            return None
+        by_reason = {rejects[n]: int(v) for n, v in got.items() if n in rejects and v}
+        return LotTallies(rejects=dict(sorted(by_reason.items())), returned=int(got.get(returned, 0)))
+
+    def batch_history(self, lot: str) -> list[BatchTransition]:
+        """Every state change of a batch, from the audit trail (every BatchStateChanged is audited)."""
+        rows = self.q("SELECT detail FROM audit WHERE action='batch_state' AND json_extract(detail, '$.lot')=? ORDER BY seq", (lot,))
+        out: list[BatchTransition] = []
+        for (detail,) in rows:
+            d = json.loads(detail)
+            out.append(BatchTransition(
+                time=datetime.fromisoformat(d["event_time"]).isoformat(),  # the form the event's own datetime prints in
+                state=d["state"], previous=d.get("previous"), by=d["actor"], reason=d.get("reason", ""),
+            ))
+        return out
+
     def container(self, sscc: str) -> Container | None:
         r = self.q("SELECT sscc, level, state, lot, gtin, updated_at FROM containers WHERE sscc=?", (sscc,))
         return Container(*r[0]) if r else None
@@ -232,7 +260,7 @@ class Reader:
 
     def verify_audit(self) -> AuditCheck:
         with self.snapshot() as c:  # meta and rows from one snapshot, or a concurrent append looks like tampering
-            m = dict(c.exec_driver_sql("SELECT key, value FROM meta WHERE key IN (?, ?)", (META_COUNT, META_HEAD)).fetchall())
+            m: dict[str, str] = dict(c.exec_driver_sql("SELECT key, value FROM meta WHERE key IN (?, ?)", (META_COUNT, META_HEAD)).tuples().all())
             rows = c.exec_driver_sql("SELECT seq, ts, actor, origin, action, detail, prev_hash, hash FROM audit ORDER BY seq")
             return verify_rows((tuple(r) for r in rows), int(m.get(META_COUNT, 0)), m.get(META_HEAD, GENESIS))
 

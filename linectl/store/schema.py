@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
@@ -29,6 +29,8 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+)
+from sqlalchemy import (
     exc as sa_exc,
 )
 from sqlalchemy.engine import URL
@@ -320,7 +322,7 @@ TRIGGERS = (
 
 def now_iso() -> str:
     """Fixed-width UTC timestamps, so text comparison is time comparison (retention, reports)."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 # --------------------------------------------------------------------------- engines
@@ -460,7 +462,7 @@ def _read_meta(conn: Connection, path: str, tables: list[str]) -> int:
     if "meta" not in tables:
         shown = ", ".join(sorted(tables)[:8])
         raise _refuse(path, f"not a linectl database: no meta table (it has: {shown})")
-    m = dict(conn.exec_driver_sql("SELECT key, value FROM meta").fetchall())
+    m: dict[str, str] = dict(conn.exec_driver_sql("SELECT key, value FROM meta").tuples().all())
     if m.get("app_id") != APP_ID:
         raise _refuse(path, f"not a linectl database: meta app_id is {m.get('app_id')!r}")
     try:

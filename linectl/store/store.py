@@ -12,28 +12,32 @@ import asyncio
 import json
 import os
 import re
-from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta, timezone
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
+from sqlalchemy import Connection
 
+from linectl.jsonable import json_default
 from linectl.store import ops, plc_records, schema
+from linectl.store.lock import StoreLock
 from linectl.store.model import (
     AuditCheck,
     AuditRecord,
     Batch,
+    BatchTransition,
     Container,
+    LotTallies,
     OutboxRow,
     ProvisionResult,
     SerialRecord,
     StoreError,
 )
-from linectl.store.lock import StoreLock
 from linectl.store.reads import Reader
 from linectl.store.serials import serial_problem
 from linectl.store.writer import Op, Writer, _stop
-from linectl.jsonable import json_default
 
 log = structlog.get_logger("linectl.store")
 
@@ -96,7 +100,7 @@ class Store:
         identity: dict[str, str] | None = None,
         actor: str = "system",
         origin: str = "store",
-    ) -> "Store":
+    ) -> Store:
         """Open (create or migrate) the database and start the writer.
 
         integrity: "quick" (default, PRAGMA quick_check), "full" (integrity_check, slower on big files) or "none".
@@ -144,12 +148,12 @@ class Store:
     def identity(self) -> dict[str, str] | None:
         """The line this store belongs to, as recorded at init (None: a store from before identities, not yet adopted)."""
         raw = self._reader.meta().get("line_identity")
-        return None if raw is None else json.loads(raw)  # type: ignore[no-any-return]
+        return None if raw is None else json.loads(raw)
 
     @classmethod
     async def _open(
         cls, p: str, group_commit_max: int, queue_max: int, create: bool, readonly: bool, integrity: str, busy_timeout_s: float
-    ) -> "Store":
+    ) -> Store:
         found = await asyncio.to_thread(
             schema.open_database, p, create=create, readonly=readonly, integrity=integrity, busy_timeout_s=busy_timeout_s
         )
@@ -188,7 +192,7 @@ class Store:
             self.lock.release()
         log.debug("store_closed", path=self.path)
 
-    async def __aenter__(self) -> "Store":
+    async def __aenter__(self) -> Store:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -198,15 +202,30 @@ class Store:
     def readonly(self) -> bool:
         return self._writer is None
 
-    async def _submit(self, fn: Any, *args: Any) -> Any:
+    @contextmanager
+    def read_snapshot(self) -> Iterator[Connection]:
+        """One read transaction on the read pool (one WAL snapshot), for readers that query in SQL (linectl.trace)."""
+        with self._reader.snapshot() as c:
+            yield c
+
+    def writer_alive(self) -> bool:
+        """The writer thread runs (False once closed, read-only, or if the thread died): the daemon's watchdog feeds on it."""
+        return self._writer is not None and self._writer.is_alive()
+
+    def _check_open(self) -> None:
         if self._closed:
             raise StoreError(f"{self.path}: store is closed")
+
+    async def _submit(self, fn: Any, *args: Any) -> Any:
+        self._check_open()
         if self._writer is None:
             raise StoreError(f"{self.path}: store was opened read-only")
         await self._slots.acquire()  # bounded queue: producers wait here when the writer is behind
-        if self._closed:
+        try:
+            self._check_open()  # close() may have run while this waited for a slot
+        except StoreError:
             self._slots.release()
-            raise StoreError(f"{self.path}: store is closed")
+            raise
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._writer.submit(Op(fn, args, fut, loop, self._slots.release))
@@ -329,7 +348,7 @@ class Store:
         """
         if older_than_days < 0:
             raise StoreError("retention must not be negative")
-        cutoff = (datetime.now(timezone.utc) - timedelta(days=older_than_days)).isoformat(timespec="microseconds")
+        cutoff = (datetime.now(UTC) - timedelta(days=older_than_days)).isoformat(timespec="microseconds")
         total = 0
         after = 0
         while True:
@@ -405,6 +424,12 @@ class Store:
 
     def unit_fate(self, gtin: str, serial: str) -> plc_records.UnitFate | None:
         return plc_records.read_fate(self._reader, _gtin(gtin), serial)
+
+    def lot_tallies(self, lot: str) -> LotTallies | None:
+        return self._reader.lot_tallies(lot)
+
+    def batch_history(self, lot: str) -> list[BatchTransition]:
+        return self._reader.batch_history(lot)
 
     def plc_counters(self, lot: str) -> list[dict[str, Any]]:
         return plc_records.read_plc_counters(self._reader, lot)

@@ -40,6 +40,11 @@ _OUTBOX_INSERT = (
 )
 
 
+#: operation -> its form over a list of argument tuples, run once for consecutive ops of one group
+#: (registered by the module that defines the operation)
+BATCH_FORMS: dict[Callable[..., Any], Callable[[Tx, list[tuple[Any, ...]]], list[Any]]] = {}
+
+
 class Op:
     __slots__ = ("fn", "args", "fut", "loop", "release", "result", "error")
 
@@ -54,7 +59,7 @@ class Op:
         self.error: BaseException | None = None
 
 
-def _stop(tx: "Tx") -> None:  # sentinel operation
+def _stop(tx: Tx) -> None:  # sentinel operation
     return None
 
 
@@ -304,11 +309,11 @@ class Writer(threading.Thread):
 
     @staticmethod
     def _run_fast(tx: Tx, ops: list[Op]) -> None:
-        """Run the ops in order; consecutive ops of a function with a `.batch` form run as one call."""
+        """Run the ops in order; consecutive ops of a function with a batch form (BATCH_FORMS) run as one call."""
         i, n = 0, len(ops)
         while i < n:
             o = ops[i]
-            batch = getattr(o.fn, "batch", None)
+            batch = BATCH_FORMS.get(o.fn)
             if batch is not None:
                 j = i + 1
                 while j < n and ops[j].fn is o.fn:

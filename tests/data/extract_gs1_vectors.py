@@ -4,7 +4,11 @@ tests and the GS1 Syntax Engine unit tests into gs1_syntax_vectors.json.
 Usage: GS1_SYNTAX_DICTIONARY_GIT=<git dir> GS1_SYNTAX_ENGINE_GIT=<git dir> python tests/data/extract_gs1_vectors.py
 Only string literals of the C test calls are kept; none of GS1's code is shipped.
 """
-import json, os, re, subprocess
+import json
+import os
+import re
+import subprocess
+
 
 def c_unescape(s):
     out, i = [], 0
