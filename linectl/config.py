@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from linectl import gs1
 from linectl.drivers.base import DriverConfig
 from linectl.drivers.registry import device_config_classes
-from linectl import gs1
 from linectl.yamlsource import ConfigFileError, Problem, dotted, line_of, load_yaml, substitute_env, to_plain
 
 #: a fixed UTC offset as EPCIS writes eventTimeZoneOffset
@@ -66,7 +66,7 @@ class LineIdentity(Model):
         return v
 
     @model_validator(mode="after")
-    def _one_timezone(self) -> "LineIdentity":
+    def _one_timezone(self) -> LineIdentity:
         if self.timezone is not None and self.timezone_offset is not None:
             raise ValueError("give line.timezone or line.timezone_offset, not both (timezone_offset is the older spelling of a fixed timezone)")
         return self
@@ -136,7 +136,7 @@ class RandomSerials(Model):
         return v
 
     @model_validator(mode="after")
-    def _guess_probability(self) -> "RandomSerials":
+    def _guess_probability(self) -> RandomSerials:
         p = self.guess_probability
         if p >= FMD_MAX_GUESS_PROBABILITY:
             raise ValueError(
@@ -148,7 +148,7 @@ class RandomSerials(Model):
 
     @property
     def guess_probability(self) -> float:
-        return self.planned_volume / (len(self.alphabet) ** self.length)
+        return float(self.planned_volume / (len(self.alphabet) ** self.length))
 
 
 class SequentialSerials(Model):
@@ -173,7 +173,7 @@ class PoolSerials(Model):
     request_count: int = Field(10000, gt=0, description="how many to ask upstream for when low")
 
 
-SerialScheme = Annotated[Union[RandomSerials, SequentialSerials, PoolSerials], Field(discriminator="scheme")]
+SerialScheme = Annotated[RandomSerials | SequentialSerials | PoolSerials, Field(discriminator="scheme")]
 
 
 class Product(Model):
@@ -208,7 +208,7 @@ class Product(Model):
             raise ValueError(exc.reason) from exc
 
     @model_validator(mode="after")
-    def _template(self) -> "Product":
+    def _template(self) -> Product:
         try:
             self._code_template = gs1.CodeTemplate.build(self.code_template, self.extra_ais)
         except gs1.GS1Error as exc:
@@ -221,7 +221,7 @@ class Product(Model):
         return self._code_template
 
     @model_validator(mode="after")
-    def _market_rules(self) -> "Product":
+    def _market_rules(self) -> Product:
         if self.market.upper().startswith("EU") and self.serials.scheme == "sequential":
             raise ValueError("market EU-FMD requires randomised serials; sequential is refused")
         if self.gtin[1 : 1 + self.company_prefix_length] == "" or self.company_prefix_length > 12:
@@ -292,7 +292,8 @@ class VerifyRules(Model):
     )
     read_to_gate_units: int | None = Field(
         None, ge=1, le=10_000,
-        description="product pitches from the read point to the reject gate; the confirm wait is at least 1.5x the time that many units take at the line's pace",
+        description="product pitches from the read point to the reject gate; the confirm wait is at least 1.5x the time "
+        "that many units take at the line's pace",
     )
     link_grace_s: float = Field(
         0.0, ge=0, le=30,
@@ -328,7 +329,7 @@ class PrintVerifyStation(Model):
     rules: VerifyRules = Field(default_factory=VerifyRules)
 
     @model_validator(mode="after")
-    def _queue(self) -> "PrintVerifyStation":
+    def _queue(self) -> PrintVerifyStation:
         if self.printer_queue_s is None:
             return self
         if self.rate_upm is None:
@@ -411,15 +412,19 @@ class ReworkStation(Model):
 
 
 StationConfig = Annotated[
-    Union[PrintVerifyStation, VerifyStation, CaseStation, PalletStation, ReworkStation],
+    PrintVerifyStation | VerifyStation | CaseStation | PalletStation | ReworkStation,
     Field(discriminator="type"),
 ]
 
-_DEVICE_CLASSES = device_config_classes()
-if len(_DEVICE_CLASSES) == 1:
-    DeviceConfig = _DEVICE_CLASSES[0]  # type: ignore[misc]
+if TYPE_CHECKING:
+    # the union is built at run time from the driver registry; to the type checker a device is a DriverConfig
+    DeviceConfig = DriverConfig
 else:
-    DeviceConfig = Annotated[Union[tuple(_DEVICE_CLASSES)], Field(discriminator="driver")]  # type: ignore[misc,valid-type]
+    _DEVICE_CLASSES = device_config_classes()
+    if len(_DEVICE_CLASSES) == 1:
+        DeviceConfig = _DEVICE_CLASSES[0]
+    else:
+        DeviceConfig = Annotated[tuple(_DEVICE_CLASSES), Field(discriminator="driver")]
 
 
 class EpcisConfig(Model):
@@ -432,11 +437,13 @@ class EpcisConfig(Model):
     )
 
 
+ChallengeKind = Literal["no_code", "wrong_code", "duplicate", "not_gs1", "low_grade"]
+DEFAULT_CHALLENGE: tuple[ChallengeKind, ...] = ("no_code", "wrong_code", "duplicate")
+
+
 class BatchDefaults(Model):
     unused_serials: Literal["return", "void"] = "return"
-    challenge: list[Literal["no_code", "wrong_code", "duplicate", "not_gs1", "low_grade"]] = Field(
-        default_factory=lambda: ["no_code", "wrong_code", "duplicate"]
-    )
+    challenge: list[ChallengeKind] = Field(default_factory=lambda: list(DEFAULT_CHALLENGE))
 
 
 class LineConfig(Model):
@@ -446,7 +453,7 @@ class LineConfig(Model):
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     batch: BatchDefaults = Field(default_factory=BatchDefaults)
     epcis: EpcisConfig = Field(default_factory=EpcisConfig)
-    devices: dict[str, DeviceConfig] = Field(default_factory=dict)  # type: ignore[valid-type]
+    devices: dict[str, DeviceConfig] = Field(default_factory=dict)
     stations: list[StationConfig] = Field(default_factory=list)
     # The simulator's own section, kept as a mapping: the controller must not import (or need) the simulators, so the
     # section is validated by what uses it (`linectl simulate`, `demo`, and `check-config` when it is present) against

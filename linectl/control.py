@@ -98,7 +98,7 @@ def batch_date(value: str, name: str) -> date:
     return gs1._resolve_date(value, last_day=False)
 
 
-def check_batch_code(c: "CreateBatch", template: gs1.CodeTemplate, gtin: str, shelf_life: bool) -> None:
+def check_batch_code(c: CreateBatch, template: gs1.CodeTemplate, gtin: str, shelf_life: bool) -> None:
     """Refuse a batch whose dates the product's code cannot carry honestly, before a single code is printed.
 
     A date AI of the template with no date given, a date the code would not print (nothing would read it:

@@ -170,7 +170,7 @@ class SimulatedLine:
                 raise RuntimeError(f"device {d.name} did not connect: {d.health.reason}")
         return self.daemon
 
-    async def start(self) -> "SimulatedLine":
+    async def start(self) -> SimulatedLine:
         self.write_config()
         self.start_simulator()
         await self.start_daemon()
@@ -224,7 +224,7 @@ class SimulatedLine:
         st = await _poll(ctl, lambda p: p["units_presented"] + p["open_units"] >= p["units_in"], timeout, "units into the case packer")
 
         def case_reads(p: dict[str, Any]) -> int:
-            return p["cases_presented"] if p["frame"] else p["units_presented"]
+            return int(p["cases_presented"] if p["frame"] else p["units_presented"])
 
         await _until(lambda: case.counters.reads >= case_reads(st), timeout, "case station reads")
         if st["frame"] and st["open_units"]:
@@ -262,7 +262,7 @@ class SimulatedLine:
             self.broker_proc.wait(5)
             self.broker_proc = None
 
-    async def __aenter__(self) -> "SimulatedLine":
+    async def __aenter__(self) -> SimulatedLine:
         try:
             return await self.start()
         except BaseException:

@@ -37,12 +37,13 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from functools import lru_cache
-from zoneinfo import ZoneInfo
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
+from zoneinfo import ZoneInfo
 
 import structlog
 
@@ -73,8 +74,8 @@ class EpcisMappingError(ValueError):
 def epcis_time(t: datetime) -> str:
     """UTC with a Z suffix and millisecond precision; naive datetimes are taken as UTC."""
     if t.tzinfo is None:
-        t = t.replace(tzinfo=timezone.utc)
-    return t.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        t = t.replace(tzinfo=UTC)
+    return t.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 #: ILMD key of each batch date besides expiry, in the order they are written (gs1.ILMD_KEYS by gs1.BATCH_SOURCES)
@@ -115,7 +116,7 @@ def expiry_to_date(yymmdd: str, reference: date | None = None, what: str = "expi
     if not re.fullmatch(r"\d{6}", yymmdd or ""):
         raise EpcisMappingError(f"{what} {yymmdd!r} is not YYMMDD")
     yy, mm, dd = int(yymmdd[:2]), int(yymmdd[2:4]), int(yymmdd[4:6])
-    ref = (reference or datetime.now(timezone.utc).date()).year
+    ref = (reference or datetime.now(UTC).date()).year
     century = ref - ref % 100
     diff = yy - ref % 100
     if 51 <= diff <= 99:
@@ -185,7 +186,7 @@ class EpcisMapper:
             self._zone = ZoneInfo(self.timezone)
 
     @classmethod
-    def from_config(cls, cfg: "LineConfig") -> "EpcisMapper":
+    def from_config(cls, cfg: LineConfig) -> EpcisMapper:
         cp_lengths = {p.gtin: p.company_prefix_length for p in cfg.products}
         prefixes = {p.gtin[1 : 1 + p.company_prefix_length] for p in cfg.products}
         prefixes.add(cfg.line.gln[: cfg.line.company_prefix_length])
@@ -206,7 +207,7 @@ class EpcisMapper:
         if self._zone is None:
             return self.timezone
         if t.tzinfo is None:
-            t = t.replace(tzinfo=timezone.utc)
+            t = t.replace(tzinfo=UTC)
         # Offsets change only on quarter hours (tzdata): one look-up per 15 minutes of event time.
         bucket = int(t.timestamp()) // 900
         cached = self._offsets.get(bucket)
@@ -466,7 +467,8 @@ def stored_events(rendering: str) -> list[str]:
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"))
-_json_str = json.encoder.encode_basestring_ascii  # how _ENCODER writes a string (ensure_ascii)  # one encoder: json.dumps builds a new one per call with these args
+# how _ENCODER writes a string (ensure_ascii); one encoder: json.dumps builds a new one per call with these args
+_json_str = json.encoder.encode_basestring_ascii
 
 
 def _dumps(obj: Any) -> str:
@@ -484,7 +486,7 @@ def document_head(creation_date: datetime | None = None) -> str:
         "@context": [EPCIS_CONTEXT_URL],
         "type": "EPCISDocument",
         "schemaVersion": "2.0",
-        "creationDate": epcis_time(creation_date or datetime.now(timezone.utc)),
+        "creationDate": epcis_time(creation_date or datetime.now(UTC)),
     }
     return _dumps(head)[:-1] + ',"epcisBody":{"eventList":['
 
@@ -503,7 +505,7 @@ def build_document(events: Iterable[dict[str, Any]], creation_date: datetime | N
         "@context": [EPCIS_CONTEXT_URL],
         "type": "EPCISDocument",
         "schemaVersion": "2.0",
-        "creationDate": epcis_time(creation_date or datetime.now(timezone.utc)),
+        "creationDate": epcis_time(creation_date or datetime.now(UTC)),
         "epcisBody": {"eventList": list(events)},
     }
 
@@ -590,9 +592,9 @@ class EpcisValidator:
                 resources += [(u, res) for u in urls]
 
         def offline(uri: str) -> Any:
-            raise NoSuchResource(ref=uri)  # no network: anything not registered is unresolvable
+            raise NoSuchResource(ref=uri)  # type: ignore[call-arg]  # attrs-made __init__ mypy does not see; no network: anything not registered is unresolvable
 
-        self.registry = Registry(retrieve=offline).with_resources(resources)
+        self.registry = Registry(retrieve=offline).with_resources(resources)  # type: ignore[call-arg]  # attrs-made __init__
         self._validator = Draft7Validator(schema, registry=self.registry, format_checker=_format_checker())
 
     def problems(self, document: Any) -> list[str]:

@@ -97,7 +97,9 @@ def identify_code(code: str) -> dict[str, Any]:
         raise TraceError(f"cannot identify {code[:80]!r}: {exc.reason}") from None
     if ident.kind == "sscc":
         return {"kind": "sscc", "sscc": ident.sscc, "gtin": None, "serial": None, "lot": None, "expiry": None, "symbology": sym}
-    out = {"kind": "sgtin", "sscc": None, "gtin": ident.gtin, "serial": ident.serial, "lot": ident.lot, "expiry": ident.expiry, "symbology": sym}
+    out: dict[str, Any] = {
+        "kind": "sgtin", "sscc": None, "gtin": ident.gtin, "serial": ident.serial, "lot": ident.lot, "expiry": ident.expiry, "symbology": sym,
+    }
     if ident.dates:
         out["dates"] = dict(ident.dates)
     return out

@@ -749,8 +749,8 @@ class Campaign:
         lot = f"C{self.o.seed % 10000}N{self.batch_n}{uuid.uuid4().hex[:4].upper()}"
         expiry = (date.today() + timedelta(days=700)).strftime("%y%m%d")
         created_t = time.time()  # before the command: nothing of this batch can have been fed earlier
-        r = await self.command("create_batch", lot=lot, gtin=self.gtin, expiry=expiry, planned_qty=self.o.batch_units,
-                               **(demo_batch_dates(self.template, expiry) if self.template is not None else {}))
+        dates: dict[str, Any] = demo_batch_dates(self.template, expiry) if self.template is not None else {}
+        r = await self.command("create_batch", lot=lot, gtin=self.gtin, expiry=expiry, planned_qty=self.o.batch_units, **dates)
         self.echo(f"operator: create_batch {lot} -> {'ok' if r and r.get('ok') else (r or {}).get('error', 'no reply')}")
         if r is not None and r.get("ok"):
             self.lots.append({"lot": lot, "created_t": created_t})

@@ -13,19 +13,19 @@ from datetime import UTC, date, datetime, timedelta
 import numpy as np
 import pytest
 import zxingcpp
-from linectl.drivers.base import Decoded
-from linectl.simulators.model import SimUnit
-from linectl.simulators.printer import apply_print
 
 from linectl import control as C
 from linectl import epcis, gs1, gs1_dictionary
 from linectl import events as ev
 from linectl.config import parse_config
 from linectl.demo import DEFAULT_CONFIG
+from linectl.drivers.base import Decoded
 from linectl.engine.line import Line
 from linectl.engine.verify import Expected, verify_unit
 from linectl.events import RejectReason
 from linectl.gs1_dictionary import lint_yymmd0
+from linectl.simulators.model import SimUnit
+from linectl.simulators.printer import apply_print
 from linectl.store import Store
 from linectl.yamlsource import ConfigFileError, load_yaml, to_plain
 
