@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -424,7 +424,7 @@ else:
     if len(_DEVICE_CLASSES) == 1:
         DeviceConfig = _DEVICE_CLASSES[0]
     else:
-        DeviceConfig = Annotated[tuple(_DEVICE_CLASSES), Field(discriminator="driver")]
+        DeviceConfig = Annotated[Union[tuple(_DEVICE_CLASSES)], Field(discriminator="driver")]  # noqa: UP007 - a run-time union
 
 
 class EpcisConfig(Model):
