@@ -530,6 +530,18 @@ def test_biip_and_the_dictionary_know_the_same_ais():
     assert len(BOTH) == len(DICT.entries) == len(BIIP_AIS)
 
 
+#: where biip is stricter than GS1's dictionary, and exactly how. (8010) CPID is Y..30,gcppos1 in the dictionary: a
+#: bare 4-digit GS1 Company Prefix is valid; biip's pattern wants 5..30 characters. Found by this property test.
+BIIP_STRICTER = {"8010": lambda v: len(v) == 4 and v.isdigit()}
+
+
+def test_biip_stricter_rules_still_hold():
+    """The known divergences are real (else the allowance hides nothing and must go)."""
+    gs1._check_value("8010", "0000")
+    with pytest.raises(BiipParseError):
+        GS1ElementString.parse("80100000")
+
+
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ai_values())
 def test_prop_dictionary_agrees_with_biip_on_syntax(ai_value):
@@ -548,6 +560,9 @@ def test_prop_dictionary_agrees_with_biip_on_syntax(ai_value):
     except BiipParseError:
         biip_ok = False
     if ours is None:
+        if not biip_ok and ai in BIIP_STRICTER:
+            assert BIIP_STRICTER[ai](value), f"({ai}){value!r}: biip refuses beyond its known stricter rule"
+            return
         assert biip_ok, f"({ai}){value!r} valid by the dictionary, refused by biip"
     elif biip_ok:
         assert not _STRUCTURAL.search(ours), f"({ai}){value!r}: biip accepts, we refuse on syntax: {ours}"
