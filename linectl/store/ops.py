@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
@@ -20,6 +20,9 @@ from linectl.events import AlarmRaised, Severity
 from linectl.store.model import BATCH_DATES_KEY, Batch, PoolExhausted, StoreError, tally_name
 from linectl.store.serials import random_serials, sequential_serial
 from linectl.store.writer import BATCH_FORMS, Tx
+
+if TYPE_CHECKING:  # the store takes the config's serial schemes, never the config module at run time
+    from linectl.config import PoolSerials, RandomSerials, SequentialSerials
 
 log = structlog.get_logger("linectl.store")
 
@@ -470,18 +473,17 @@ _INSERT_NEW = (
 )
 
 
-def op_allocate(tx: Tx, gtin: str, lot: str, n: int, scheme: Any) -> list[str]:
+def op_allocate(tx: Tx, gtin: str, lot: str, n: int, scheme: RandomSerials | SequentialSerials | PoolSerials) -> list[str]:
     _batch_for_allocation(tx, gtin, lot)
     if n <= 0:
         return []
-    kind = getattr(scheme, "scheme", None)
-    if kind == "pool":
-        return _allocate_pool(tx, gtin, lot, n, int(getattr(scheme, "low_water", 0)))
-    if kind == "random":
+    if scheme.scheme == "pool":
+        return _allocate_pool(tx, gtin, lot, n, int(scheme.low_water))
+    if scheme.scheme == "random":
         return _allocate_random(tx, gtin, lot, n, scheme.alphabet, int(scheme.length))
-    if kind == "sequential":
+    if scheme.scheme == "sequential":
         return _allocate_sequential(tx, gtin, lot, n, int(scheme.start), int(scheme.step), int(scheme.width))
-    raise StoreError(f"unknown serial scheme {kind!r}")
+    raise StoreError(f"unknown serial scheme {scheme.scheme!r}")
 
 
 def _allocate_pool(tx: Tx, gtin: str, lot: str, n: int, low_water: int) -> list[str]:
