@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from linectl.engine.verify import challenge_status
+from linectl.engine.verdict import challenge_status
 from linectl.events import BatchStateChanged, ChallengeResult, SerialsReturned, UnitDecommissioned
 
 

@@ -34,7 +34,7 @@ from engine_helpers import (
     wait_stopped,
 )
 from linectl import control as C
-from linectl.engine.verify import CHALLENGE_EXPECTED_REASON
+from linectl.engine.verdict import CHALLENGE_EXPECTED_REASON
 from linectl import gs1
 from linectl.events import ChallengeResult, UnitCommissioned, UnitDecommissioned
 

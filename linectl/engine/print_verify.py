@@ -29,13 +29,17 @@ from linectl.drivers.base import CodeReader, DeviceError, HealthState, Plc, Prin
 from linectl import gs1
 from linectl.config import PrintVerifyStation as PrintVerifyConfig
 from linectl.config import queue_depth_for
+from linectl.engine.station import LinePort, Station, TaskFactory
 from linectl.engine.stats import LatencyHistogram
-from linectl.engine.verify import CHALLENGE_EXPECTED_REASON, Expected, Verdict, classify_unknown, verify_unit
+from linectl.engine.verdict import CHALLENGE_EXPECTED_REASON, Expected, Verdict, classify_unknown, verify_unit
 from linectl.events import AlarmRaised, ChallengeResult, RejectReason, Severity, UnitCommissioned, UnitDecommissioned
 from linectl.store.model import StoreError
 
 if TYPE_CHECKING:
-    from linectl.engine.line import BatchContext, Line
+    from collections.abc import Mapping
+
+    from linectl.drivers.base import Driver
+    from linectl.engine.line import BatchContext
 
 log = structlog.get_logger("linectl.station")
 
@@ -101,8 +105,8 @@ class StationCounters:
         }
 
 
-class PrintVerifyRuntime:
-    def __init__(self, cfg: PrintVerifyConfig, line: "Line", printer: Printer, reader: CodeReader, plc: Plc) -> None:
+class PrintVerifyRuntime(Station):
+    def __init__(self, cfg: PrintVerifyConfig, line: LinePort, printer: Printer, reader: CodeReader, plc: Plc) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.line = line
@@ -179,7 +183,7 @@ class PrintVerifyRuntime:
             raise ValueError(f"PLC {self.plc.name}: tag verdict_ring must be an array of 2*R elements")
         return int(count) // 2
 
-    def tasks(self) -> dict[str, Any]:
+    def tasks(self) -> dict[str, TaskFactory]:
         return {
             f"{self.name}.feeder": self._feeder,
             f"{self.name}.allocator": self._allocator,
@@ -187,6 +191,31 @@ class PrintVerifyRuntime:
             f"{self.name}.reads": self._reads,
             f"{self.name}.watch": self._watch,
         }
+
+    def line_plcs(self) -> list[Plc]:
+        return [self.plc]
+
+    @property
+    def runs_challenge(self) -> bool:
+        return True
+
+    @property
+    def in_challenge(self) -> bool:
+        return self.mode == "challenge"
+
+    def halt(self) -> None:
+        if self.mode == "production":
+            self.mode = "idle"
+
+    def drain_timeout_s(self) -> float:
+        """Units on the belt need at least the confirm wait (which follows the pace) to reach the gate."""
+        return max(self.rules.drain_timeout_s, self.confirm_timeout_s())
+
+    def serials_held(self) -> set[str]:
+        return {j.serial for j in self.jobs_in_memory()}
+
+    def unit_tally(self) -> tuple[int, int]:
+        return (self.counters.good, sum(self.counters.rejected.values()))
 
     # ------------------------------------------------------------------ modes
 
@@ -297,7 +326,7 @@ class PrintVerifyRuntime:
                     pass
                 continue
             if self.remaining_to_issue() > 0 and self.line.infeed_stopped:
-                await self.line.set_infeed(self, True)  # a unit was rejected after the count was reached: replace it
+                await self.line.set_infeed(self.name, True)  # a unit was rejected after the count was reached: replace it
             if self.remaining_to_issue() <= 0:
                 self._space.clear()
                 try:
@@ -418,7 +447,7 @@ class PrintVerifyRuntime:
             self._space.set()
             if self.mode == "production" and not self._on_printer and self.remaining_to_issue() == 0:
                 # the last code the batch needs is on a unit: stop the infeed so no unprinted pack follows it
-                await self.line.set_infeed(self, False)
+                await self.line.set_infeed(self.name, False)
 
     # ------------------------------------------------------------------ reads
 
@@ -537,10 +566,10 @@ class PrintVerifyRuntime:
         while len(self._recent_good) > 4 * self.ring_slots:
             self._recent_good.popitem(last=False)
         self.counters.good += 1
-        batch.good += 1
+        self.line.count_units(batch.lot, good=1)
         self._consecutive_rejects = 0
         self._consecutive_noreads = 0
-        self.line.unit_decided(self, True)
+        self.line.unit_decided(self.name, True)
         if seq in self._early_confirms:
             # the gate rejected it (fail-safe) while its commissioning was being stored
             del self._early_confirms[seq]
@@ -550,7 +579,7 @@ class PrintVerifyRuntime:
         await self.plc.write_tag("verdict_ring", [seq, VERDICT_GOOD], index=2 * (seq % self.ring_slots))
         self.latency.add((time.monotonic() - received_at) * 1000.0)
         if batch.good_total() >= batch.planned_qty and not self._on_printer and not self._units:
-            await self.line.planned_quantity_reached(self)
+            await self.line.planned_quantity_reached(self.name)
 
     async def _reject(self, seq: int, job: Job | None, v: Verdict, received_at: float, *, count_latency: bool = True) -> None:
         assert v.reason is not None
@@ -569,7 +598,7 @@ class PrintVerifyRuntime:
             await self._decommission(job, v.reason, v.detail, seq=seq)
         elif self.batch is not None:
             await self.line.store.count_packs(self.batch.lot, "blank")  # a pack with none of the batch's serials on it
-        self.line.unit_decided(self, False, v.reason.value)
+        self.line.unit_decided(self.name, False, v.reason.value)
         if write_error is not None:
             raise write_error
         self._consecutive_rejects += 1
@@ -588,7 +617,7 @@ class PrintVerifyRuntime:
         await self.line.record(
             UnitDecommissioned(gtin=batch.gtin, serial=job.serial, lot=batch.lot, reason=reason, detail=detail[:500], seq=seq, station=self.name)
         )
-        batch.decommissioned += 1
+        self.line.count_units(batch.lot, decommissioned=1)
         self._space.set()
 
     def _remember(self, seq: int, good: bool) -> None:
@@ -641,7 +670,7 @@ class PrintVerifyRuntime:
             passed = all(x["passed"] for x in self._challenge_results)
             self.mode = "idle"
             self._challenge_seen = set()
-            await self.line.challenge_finished(self, passed, list(self._challenge_results))
+            await self.line.challenge_finished(self.name, passed, list(self._challenge_results))
 
     # ------------------------------------------------------------------ watch: reject confirmations, silence
 
@@ -967,11 +996,8 @@ class PrintVerifyRuntime:
         detail = f"PLC {self.plc.name} restarted: {why}; new epoch {self.plc_epoch}, {n} unit(s) of unknown fate"
         if unconfirmed:
             detail += f", rejects of units {unconfirmed[:10]} not confirmable"
-        await self.line.fault_stop("plc_restarted", detail, self.name)
-        if self.line.fault != "plc_restarted":
-            # the line was already stopping for the PLC's outage: the restart is the cause an operator must see and reset
-            await self.line.alarm("plc_restarted", detail, Severity.CRITICAL, self.name)
-            self.line.fault = "plc_restarted"
+        # (the line may already be stopping for the PLC's outage: the restart is the cause an operator must see and reset)
+        await self.line.fault_overrides("plc_restarted", detail, self.name)
 
     async def _epoch_closed_late(self, seq: int, job: Job) -> None:
         b = self.batch
@@ -982,7 +1008,7 @@ class PrintVerifyRuntime:
         self.fate_unknown += n
         self.counters.good += 1
         if b is not None:
-            b.good += 1
+            self.line.count_units(b.lot, good=1)
         await self.line.alarm("units_fate_unknown", f"unit {seq} (serial {job.serial}) of unknown fate: the PLC restarted while it was being commissioned", Severity.CRITICAL, self.name)
 
     def _commissioned_before_start(self) -> dict[int, tuple[str, str, str | None]]:
@@ -1019,9 +1045,7 @@ class PrintVerifyRuntime:
             UnitDecommissioned(gtin=gtin, serial=serial, lot=lot, reason=RejectReason.PLC_FAILSAFE, seq=seq, station=self.name,
                                detail="rejected at the gate while linectl was down: its good verdict never reached the PLC")
         )
-        b = self.line.batch
-        if b is not None and b.lot == lot:
-            b.good_before -= 1
+        self.line.count_units(lot, good_before=-1)
         await self.line.alarm("failsafe_reject", f"unit {seq} was rejected by the PLC while linectl was down; serial {serial} decommissioned", Severity.WARNING, self.name)
 
     async def _rejected_after_good(self, seq: int, job: Job) -> None:
@@ -1030,7 +1054,7 @@ class PrintVerifyRuntime:
         self.counters.good -= 1
         self.counters.rejected[RejectReason.PLC_FAILSAFE.value] = self.counters.rejected.get(RejectReason.PLC_FAILSAFE.value, 0) + 1
         if self.batch:
-            self.batch.good -= 1
+            self.line.count_units(self.batch.lot, good=-1)
         await self.line.alarm("failsafe_reject", f"unit {seq} rejected by PLC fail-safe after commissioning; serial {job.serial} decommissioned", Severity.WARNING, self.name)
         self._space.set()
 
@@ -1118,3 +1142,10 @@ class PrintVerifyRuntime:
 def _link_reason(reason: str) -> bool:
     """The transport's words for a lost link (drivers/transport.py), as opposed to a fault the printer reports."""
     return reason.startswith(("connection lost", "cannot connect", "not connected")) or " connection lost" in reason
+
+
+def build(cfg: PrintVerifyConfig, line: LinePort, drivers: "Mapping[str, Driver]") -> PrintVerifyRuntime:
+    """The registry's builder (linectl/engine/station.py) for `type: print_verify`."""
+    printer, reader, plc = drivers[cfg.printer], drivers[cfg.reader], drivers[cfg.plc]
+    assert isinstance(printer, Printer) and isinstance(reader, CodeReader) and isinstance(plc, Plc)  # roles checked at config load
+    return PrintVerifyRuntime(cfg, line, printer, reader, plc)
