@@ -33,7 +33,7 @@ def serial_of(content: str | None) -> str | None:
 async def test_verify_station_rejects_exactly_the_units_damaged_after_the_first_gate(tmp_path: Path) -> None:
     planned = 150
     async with simulated_line(tmp_path, rate=600, defect_rate=0.03, seed=5, base=ROOT / "config" / "verify-line.yaml",
-                              simulation={"downstream_defect_rate": 0.08, "gate_distance": 20}) as sl:
+                              simulation={"downstream_defect_rate": 0.08}) as sl:
         check = next(s for s in sl.line.stations if isinstance(s, VerifyRuntime))
         lot = await sl.create_batch(planned, challenge=True)
         await sl.start_batch()
@@ -42,6 +42,7 @@ async def test_verify_station_rejects_exactly_the_units_damaged_after_the_first_
         await settle(sl)
         await close_batch(sl)
         status = await sim(sl, cmd="status")
+        first_truth = await sim(sl, cmd="truth")  # pv1's gate
         units = (await sim(sl, cmd="units", conveyor="check1", last=1000))["units"]
         rows = sl.daemon.store.outbox(0, 100_000, only_unforwarded=False)
         counters = check.counters.as_dict()
@@ -50,7 +51,7 @@ async def test_verify_station_rejects_exactly_the_units_damaged_after_the_first_
     assert fault is None, f"the line stopped on {fault}"
     conv = status["conveyors"]["check1"]
     truth = conv["truth"]
-    assert conv["fed_by"] == "pv1" and conv["done"] == len(units) == status["conveyors"]["pv1"]["truth"]["passed"]
+    assert conv["fed_by"] == "pv1" and conv["done"] == len(units) == first_truth["passed"]
     # every unit pv1 passed reached check1: one per commissioned serial
     assert len(units) == planned == sum(1 for r in rows if isinstance(r.event, UnitCommissioned) and r.event.lot == lot)
     damaged = [u for u in units if u["defect"]]
