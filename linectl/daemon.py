@@ -15,7 +15,7 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import structlog
 
@@ -25,6 +25,10 @@ from linectl.config import LineConfig
 from linectl.engine.line import Line, store_refuses_writes
 from linectl.engine.plc_surface import PlcSurface
 from linectl.engine.supervisor import Supervisor
+
+if TYPE_CHECKING:
+    from linectl.forwarder import Forwarder
+    from linectl.mqtt_bridge import MqttBridge
 
 log = structlog.get_logger("linectl.daemon")
 
@@ -60,7 +64,7 @@ class Daemon:
     line: Line | None = None
     drivers: dict[str, Driver] = field(default_factory=dict)
     supervisor: Supervisor | None = None
-    upstream: list[Any] = field(default_factory=list)
+    upstream: list["MqttBridge | Forwarder"] = field(default_factory=list)
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     loop_lag_ms: float = 0.0
 
@@ -174,12 +178,10 @@ class Daemon:
         if self.supervisor is not None:
             self.supervisor.stopping()
         for u in self.upstream:
-            stop = getattr(u, "stop", None)
-            if stop is not None:
-                try:
-                    await asyncio.wait_for(stop(), 5)
-                except Exception as exc:  # noqa: BLE001
-                    log.warning("upstream_stop_failed", error=str(exc))
+            try:
+                await asyncio.wait_for(u.stop(), 5)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("upstream_stop_failed", error=str(exc))
         if self.supervisor is not None:
             await self.supervisor.stop()
         for d in self.drivers.values():

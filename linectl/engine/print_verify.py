@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from linectl.drivers.base import CodeReader, DeviceError, HealthState, Plc, PrintJob, Printer, Read
+from linectl.drivers.plc_tags import PlcConfigBase
 from linectl import gs1
 from linectl.config import PrintVerifyStation as PrintVerifyConfig
 from linectl.config import queue_depth_for
@@ -78,6 +79,29 @@ class Unit:
     printed_at: float
 
 
+@dataclass(frozen=True)
+class ChallengeUnit:
+    """A challenge pack QA fed on purpose (its own kind of unit, not a production unit): which challenge, and the
+    verdict the station gave it. The challenge passes for it when the gate confirms the reject and the verdict's
+    reason is the one the kind must produce (CHALLENGE_EXPECTED_REASON)."""
+
+    kind: str
+    verdict: Verdict
+
+
+@dataclass
+class PendingReject:
+    """A reject ordered at the gate, awaiting its confirmation in the reject ring."""
+
+    ordered_at: float  # time.monotonic(): the wait is judged at the pace measured meanwhile (_check_timeouts)
+    reason: str  # the reject reason (RejectReason value), "challenge" for a challenge unit
+    challenge: ChallengeUnit | None = None
+
+    @property
+    def label(self) -> str:
+        return f"challenge:{self.challenge.kind}" if self.challenge is not None else self.reason
+
+
 @dataclass
 class StationCounters:
     printed: int = 0
@@ -126,7 +150,7 @@ class PrintVerifyRuntime(Station):
         self._units: OrderedDict[int, Unit] = OrderedDict()
         self._max_printed_seq = 0
         self._last_read_seq = 0
-        self._pending_rejects: dict[int, tuple[float, str, Any]] = {}
+        self._pending_rejects: dict[int, PendingReject] = {}
         self._recent_good: OrderedDict[int, Job] = OrderedDict()
         self._decided: OrderedDict[int, bool] = OrderedDict()
         self._ring_seen: list[int] | None = None
@@ -435,7 +459,7 @@ class PrintVerifyRuntime(Station):
             for older in [k for k in self._on_printer if k < c.seq]:
                 skipped = self._on_printer.pop(older)
                 await self._decommission(skipped, RejectReason.PRINT_FAILED, "printer skipped the job", seq=None)
-            unit_seq = getattr(c, "product_count", None)
+            unit_seq = c.product_count
             if unit_seq is None:
                 unit_seq = self._max_printed_seq + 1
             self._units[unit_seq] = Unit(unit_seq, job, time.monotonic())
@@ -592,7 +616,7 @@ class PrintVerifyRuntime(Station):
         if count_latency:
             self.latency.add((time.monotonic() - received_at) * 1000.0)
         self._remember(seq, False)
-        await self._await_confirm(seq, v.reason.value, None)
+        await self._await_confirm(seq, v.reason.value)
         self.counters.rejected[v.reason.value] = self.counters.rejected.get(v.reason.value, 0) + 1
         if job is not None:
             await self._decommission(job, v.reason, v.detail, seq=seq)
@@ -641,24 +665,23 @@ class PrintVerifyRuntime(Station):
         self._remember(seq, False)
         kind = self._challenge_kinds[self._challenge_index] if self._challenge_index < len(self._challenge_kinds) else "extra"
         self._challenge_index += 1
-        await self._await_confirm(seq, f"challenge:{kind}", (kind, v))
+        await self._await_confirm(seq, "challenge", ChallengeUnit(kind, v))
 
-    async def _await_confirm(self, seq: int, tag: str, extra: Any) -> None:
+    async def _await_confirm(self, seq: int, reason: str, challenge: ChallengeUnit | None = None) -> None:
         """A reject was ordered: expect the gate's confirm, unless the gate already rejected the unit (verdict late)."""
         if seq in self._early_confirms:
             del self._early_confirms[seq]
             self.counters.reject_confirmed += 1
-            if tag.startswith("challenge:"):
-                kind, v = extra
-                await self._challenge_confirmed(seq, kind, v, True)
+            if challenge is not None:
+                await self._challenge_confirmed(seq, challenge, True)
             return
-        # (the order time: the wait is judged at the pace measured meanwhile, see _check_timeouts)
-        self._pending_rejects[seq] = (time.monotonic(), tag, extra)
+        self._pending_rejects[seq] = PendingReject(time.monotonic(), reason, challenge)
 
     def _challenge_known(self, gtin: str, serial: str) -> bool:
         return (gtin, serial) in self._challenge_seen or self._is_known(gtin, serial)
 
-    async def _challenge_confirmed(self, seq: int, kind: str, v: Verdict, confirmed: bool) -> None:
+    async def _challenge_confirmed(self, seq: int, unit: ChallengeUnit, confirmed: bool) -> None:
+        kind, v = unit.kind, unit.verdict
         expected = CHALLENGE_EXPECTED_REASON.get(kind)
         ok = confirmed and expected is not None and v.reason == expected
         res = {"seq": seq, "challenge": kind, "rejected": confirmed, "reason_seen": v.reason.value if v.reason else None, "passed": ok}
@@ -675,7 +698,8 @@ class PrintVerifyRuntime(Station):
     # ------------------------------------------------------------------ watch: reject confirmations, silence
 
     async def _watch(self) -> None:
-        interval = max(0.005, float(getattr(self.plc.config, "poll_interval_s", 0.02)))
+        cfg = self.plc.config
+        interval = max(0.005, cfg.poll_interval_s if isinstance(cfg, PlcConfigBase) else 0.02)
         while True:
             await asyncio.sleep(interval)
             if self.plc.health.state == HealthState.DISCONNECTED:
@@ -717,10 +741,8 @@ class PrintVerifyRuntime(Station):
             pending = self._pending_rejects.pop(seq, None)
             if pending is not None:
                 self.counters.reject_confirmed += 1
-                tag = pending[1]
-                if tag.startswith("challenge:"):
-                    kind, v = pending[2]
-                    await self._challenge_confirmed(seq, kind, v, True)
+                if pending.challenge is not None:
+                    await self._challenge_confirmed(seq, pending.challenge, True)
                 continue
             self.counters.failsafe_rejects += 1
             job = self._recent_good.pop(seq, None)
@@ -970,10 +992,9 @@ class PrintVerifyRuntime(Station):
         pending = dict(self._pending_rejects)
         self._pending_rejects.clear()
         for seq in unconfirmed:
-            tag = pending[seq][1]
-            if tag.startswith("challenge:"):
-                kind, v = pending[seq][2]
-                await self._challenge_confirmed(seq, kind, v, False)
+            challenge = pending[seq].challenge
+            if challenge is not None:
+                await self._challenge_confirmed(seq, challenge, False)
         await self._epoch_closed(why, doubt, unconfirmed, old_epoch)
 
     async def _epoch_closed(self, why: str, doubt: list[tuple[int, str, str, str | None]], unconfirmed: list[int], old_epoch: int) -> None:
@@ -1061,13 +1082,12 @@ class PrintVerifyRuntime(Station):
     async def _check_timeouts(self) -> None:
         now = time.monotonic()
         wait = self.confirm_timeout_s()
-        late = [s for s, (ordered_at, _, _) in self._pending_rejects.items() if now - ordered_at > wait]
+        late = [s for s, p in self._pending_rejects.items() if now - p.ordered_at > wait]
         for s in late:
-            _, tag, extra = self._pending_rejects.pop(s)
-            if tag.startswith("challenge:"):
-                kind, v = extra
-                await self._challenge_confirmed(s, kind, v, False)
-            await self.line.fault_stop("reject_not_confirmed", f"reject of unit {s} ({tag}) not confirmed within {self.confirm_timeout_s():.2f}s", self.name)
+            p = self._pending_rejects.pop(s)
+            if p.challenge is not None:
+                await self._challenge_confirmed(s, p.challenge, False)
+            await self.line.fault_stop("reject_not_confirmed", f"reject of unit {s} ({p.label}) not confirmed within {self.confirm_timeout_s():.2f}s", self.name)
         if self.mode == "production" and self.printer.health.state == HealthState.DISCONNECTED:
             # a printer in a stop fault (or gone) prints nothing: packs would go by unprinted. A link that drops
             # and reconnects within the grace (and within the time the codes on the printer cover) rides through.

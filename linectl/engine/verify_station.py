@@ -46,7 +46,7 @@ from linectl.drivers.base import (
     Plc,
     Read,
 )
-from linectl.drivers.plc_tags import VERDICT_GOOD, VERDICT_REJECT
+from linectl.drivers.plc_tags import VERDICT_GOOD, VERDICT_REJECT, PlcConfigBase
 from linectl.engine.station import LinePort, Station, TaskFactory
 from linectl.engine.stats import LatencyHistogram
 from linectl.engine.verdict import Expected, Verdict, symbol_problem, verify_unit
@@ -347,7 +347,8 @@ class VerifyRuntime(Station):
 
     async def _watch(self) -> None:
         assert self.plc is not None
-        interval = max(0.005, float(self.plc.config.model_dump().get("poll_interval_s") or 0.02))
+        cfg = self.plc.config
+        interval = max(0.005, cfg.poll_interval_s if isinstance(cfg, PlcConfigBase) else 0.02)
         while True:
             await asyncio.sleep(interval)
             await self.check_gate()
