@@ -501,7 +501,19 @@ def _reference_problems(cfg: LineConfig) -> list[tuple[tuple[Any, ...], str]]:
                 out.extend(_case_plc_problems(i, st, cfg.devices[ref]))
             elif isinstance(st, VerifyStation) and fld == "plc":
                 out.extend(_gate_plc_problems(i, st.name, ref, cfg.devices[ref]))
+                out.extend(_gate_reader_problems(i, st, cfg.devices.get(st.reader)))
     return out
+
+
+def _gate_reader_problems(i: int, st: VerifyStation, dev: Any) -> list[tuple[tuple[Any, ...], str]]:
+    """A gate's verdicts are per unit sequence: a reader that reports none would get every unit rejected fail-safe."""
+    if dev is None:
+        return []
+    if dev.driver == "scanner" or (dev.driver == "reader" and "{seq}" not in getattr(dev, "line_format", "")):
+        return [(("stations", i, "reader"), f"station {st.name!r}: reader {st.reader!r} reports no unit sequence ({{seq}}), "
+                 "but the reject gate of plc " + repr(st.plc) + " takes its verdicts per unit sequence; use a reader whose "
+                 "line_format has {seq}, or no plc")]
+    return []
 
 
 def _gate_plc_problems(i: int, station: str, plc: str, dev: Any) -> list[tuple[tuple[Any, ...], str]]:

@@ -106,6 +106,18 @@ def test_verify_gate_plc_needs_its_rings() -> None:
     assert any("no verdict_ring / reject_ring tag" in p.message for p in ei.value.problems), ei.value.problems
 
 
+def test_verify_gate_needs_a_reader_that_reports_the_unit_sequence() -> None:
+    doc = verify_doc(plc="plc1")
+    doc["devices"]["plc1"] = {"driver": "modbus_tcp", "host": "127.0.0.1", "port": 5020, "heartbeat": False, "tags": {
+        "verdict_ring": {"table": "holding", "address": 100, "type": "uint32", "count": 8},
+        "reject_ring": {"table": "holding", "address": 200, "type": "uint32", "count": 4}}}
+    with pytest.raises(ConfigFileError) as ei:
+        parse_config(doc)  # scan1 is a scanner: no seq
+    assert any("reports no unit sequence" in p.message for p in ei.value.problems), ei.value.problems
+    doc["devices"]["scan1"] = {"driver": "reader", "host": "127.0.0.1", "port": 9999, "line_format": "{seq};{sym}{data};{grade}"}
+    parse_config(doc)
+
+
 def test_example_verify_line_builds_one_list_of_stations(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LINECTL_MQTT_PASSWORD", "x")
     cfg = load_config(ROOT / "config" / "verify-line.yaml")
