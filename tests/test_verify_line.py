@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from engine_helpers import close_batch, settle, sim, simulated_line
+from engine_helpers import close_batch, settle, sim, simulated_line, wait_for, wait_stopped
 
 from linectl import gs1
 from linectl.engine.verify_station import VerifyRuntime
@@ -74,3 +74,24 @@ async def test_verify_station_rejects_exactly_the_units_damaged_after_the_first_
     assert all(r.event.lot == lot and r.epcis and '"OBSERVE"' in r.epcis for r in inspected)
     assert counters["good"] == len(inspected) and counters["rejected_total"] == len(damaged)
     assert counters["reject_confirmed"] == len(damaged) and counters["failsafe_rejects"] == 0
+
+
+async def test_a_verify_reject_the_gate_does_not_confirm_stops_the_line(tmp_path: Path) -> None:
+    """The verify gate pushed nothing out (confirm lost): the unit may have passed, so the line stops naming it."""
+    async with simulated_line(tmp_path, rate=600, defect_rate=0.0, seed=9, base=ROOT / "config" / "verify-line.yaml",
+                              simulation={"downstream_defect_rate": 0.25}) as sl:
+        check = next(s for s in sl.line.stations if isinstance(s, VerifyRuntime))
+        await sim(sl, cmd="inject", device="plc2", fault="confirm_lost", units=1)
+        await sl.create_batch(500, challenge=False)
+        await sl.start_batch()
+        await wait_for(lambda: sl.line.fault is not None, 30, "the line to stop")
+        await wait_stopped(sl)
+        alarms = [a for a in sl.line.alarms.values() if a.code == "reject_not_confirmed"]
+        counters = check.counters.as_dict()
+        fault = sl.line.fault
+        rows = sl.daemon.store.outbox(0, 100_000, only_unforwarded=False)
+    first = next(r.event.seq for r in rows if isinstance(r.event, ReadRejected) and r.event.station == "check1")
+    assert fault == "reject_not_confirmed"
+    # the first reject the gate took (the one whose confirm was lost) is the one named
+    assert alarms and alarms[0].station == "check1" and alarms[0].message.startswith(f"reject of unit {first} not confirmed")
+    assert 1 <= counters["rejected_total"] and counters["reject_confirmed"] <= counters["rejected_total"] - 1
