@@ -12,7 +12,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from engine_helpers import close_batch, settle, sim, simulated_line, wait_for, wait_stopped
+from engine_helpers import (
+    close_batch,
+    settle,
+    sim,
+    simulated_line,
+    wait_for,
+    wait_stopped,
+)
 
 from linectl import gs1
 from linectl.engine.verify_station import VerifyRuntime
