@@ -88,7 +88,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     await store.upsert_products(cfg.products)
     drivers = build_drivers(cfg)
     line = Line(cfg, store, drivers)
-    (rt,) = line.aggregation_stations
+    (rt,) = line.stations
     for d in drivers.values():
         await d.start()
     for d in drivers.values():

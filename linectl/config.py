@@ -362,14 +362,30 @@ def queue_depth_for(queue_s: float, rate_upm: float) -> int:
 
 
 class VerifyStation(Model):
+    """Reads codes printed elsewhere and checks each against the store (linectl/engine/verify_station.py)."""
+
     type: Literal["verify"]
     name: str = Field(pattern=r"^[A-Za-z0-9_-]+$")
     gln_extension: str | None = Field(
         None, pattern=_SGLN_EXTENSION, description="SGLN extension of this station's EPCIS readPoint; default: the station name"
     )
-    reader: str
-    plc: str | None = None
+    reader: str = Field(description="reader, scanner or camera that reads each unit")
+    plc: str | None = Field(
+        None, description="PLC of a reject gate: a verdict per unit in its verdict_ring, rejects confirmed from reject_ring"
+    )
     rules: VerifyRules = Field(default_factory=VerifyRules)
+
+    @model_validator(mode="after")
+    def _rules_that_apply(self) -> "VerifyStation":
+        """A rule this station cannot apply is refused, not silently ignored."""
+        if "link_grace_s" in self.rules.model_fields_set:
+            raise ValueError("rules.link_grace_s is about a printer link; a verify station prints nothing")
+        if self.plc is None:
+            gated = [k for k in ("reject_confirm_timeout_s", "read_to_gate_units", "read_timeout_s", "drain_timeout_s")
+                     if k in self.rules.model_fields_set]
+            if gated:
+                raise ValueError(f"rules.{', rules.'.join(gated)} need a reject gate: set plc (the PLC of the gate)")
+        return self
 
 
 class CaseStation(Model):
@@ -479,6 +495,7 @@ class LineConfig(Model):
 def _reference_problems(cfg: LineConfig) -> list[tuple[tuple[Any, ...], str]]:
     """Cross-references pydantic cannot see: station -> device names and roles, unique names and GTINs."""
     from linectl.drivers.registry import role_of
+    from linectl.engine.station import UnknownStationType, builder
 
     out: list[tuple[tuple[Any, ...], str]] = []
     seen_gtin: dict[str, int] = {}
@@ -492,6 +509,10 @@ def _reference_problems(cfg: LineConfig) -> list[tuple[tuple[Any, ...], str]]:
         if st.name in names:
             out.append((("stations", i, "name"), f"station name {st.name!r} is used twice"))
         names.add(st.name)
+        try:
+            builder(st.type)  # a type the config accepts but this linectl cannot run is refused here, not at start
+        except UnknownStationType as exc:
+            out.append((("stations", i, "type"), str(exc)))
         ext = st.gln_extension or st.name
         if st.gln_extension is None and len(st.name) > 20:
             out.append((("stations", i, "name"), f"station name {st.name!r} is longer than 20 characters: set gln_extension "
@@ -510,7 +531,34 @@ def _reference_problems(cfg: LineConfig) -> list[tuple[tuple[Any, ...], str]]:
                 out.append((("stations", i, fld), f"device {ref!r} is a {role_of(cfg.devices[ref].driver)}, not a {role}"))
             elif isinstance(st, CaseStation) and fld == "plc":
                 out.extend(_case_plc_problems(i, st, cfg.devices[ref]))
+            elif isinstance(st, VerifyStation) and fld == "plc":
+                out.extend(_gate_plc_problems(i, st.name, ref, cfg.devices[ref]))
+                out.extend(_gate_reader_problems(i, st, cfg.devices.get(st.reader)))
     return out
+
+
+def _gate_reader_problems(i: int, st: VerifyStation, dev: Any) -> list[tuple[tuple[Any, ...], str]]:
+    """A gate's verdicts are per unit sequence: a reader that reports none would get every unit rejected fail-safe."""
+    if dev is None:
+        return []
+    if dev.driver == "scanner" or (dev.driver == "reader" and "{seq}" not in getattr(dev, "line_format", "")):
+        return [(("stations", i, "reader"), f"station {st.name!r}: reader {st.reader!r} reports no unit sequence ({{seq}}), "
+                 "but the reject gate of plc " + repr(st.plc) + " takes its verdicts per unit sequence; use a reader whose "
+                 "line_format has {seq}, or no plc")]
+    return []
+
+
+def _gate_plc_problems(i: int, station: str, plc: str, dev: Any) -> list[tuple[tuple[Any, ...], str]]:
+    """A reject gate needs its verdict ring (linectl writes) and reject ring (the PLC confirms): refuse it at load."""
+    tags = getattr(dev, "tags", None) or {}
+    missing = [t for t in ("verdict_ring", "reject_ring") if t not in tags]
+    if missing:
+        return [(("stations", i, "plc"), f"station {station!r}: PLC {plc!r} has no {' / '.join(missing)} tag in its tag map "
+                 "(a reject gate takes a verdict per unit from verdict_ring and confirms each reject in reject_ring)")]
+    count = tags["verdict_ring"].count
+    if count < 4 or count % 2:
+        return [(("stations", i, "plc"), f"station {station!r}: PLC {plc!r} tag verdict_ring must be an array of 2*R elements (R >= 2)")]
+    return []
 
 
 def _case_plc_problems(i: int, st: CaseStation, dev: Any) -> list[tuple[tuple[Any, ...], str]]:

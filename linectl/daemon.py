@@ -108,9 +108,6 @@ class Daemon:
         for st in self.line.stations:
             for name, factory in st.tasks().items():
                 self.supervisor.start(name, factory)
-        for st in self.line.aggregation_stations:  # case, pallet and rework stations
-            for name, factory in st.tasks().items():
-                self.supervisor.start(name, factory)
         for plc in self.line.plcs:
             self.supervisor.start(f"plc_surface.{plc.name}", PlcSurface(self.line, plc).run)
         self.supervisor.start("loop_health", self._loop_health)
@@ -141,9 +138,11 @@ class Daemon:
         if self.line is not None:
             await self.line.fault_stop("task_failed", f"task {name} keeps failing: {exc}")
 
-    async def _loop_health(self) -> None:
-        """Feed the systemd watchdog only while the event loop answers on time and the store writer lives."""
-        interval = 0.5
+    async def _loop_health(self, interval: float = 0.5) -> None:
+        """Feed the systemd watchdog only while the event loop answers on time and the store writer lives.
+
+        A dead writer also stops the line at once (Line.store_failed: infeed idle, fault, alarm kept in memory):
+        nothing it decides could be recorded. systemd, no longer fed, restarts the daemon."""
         usec = os.environ.get("WATCHDOG_USEC")
         wd_every = (int(usec) / 1e6 / 2) if usec else None
         last_feed = 0.0
@@ -151,12 +150,15 @@ class Daemon:
             t0 = time.monotonic()
             await asyncio.sleep(interval)
             self.loop_lag_ms = (time.monotonic() - t0 - interval) * 1000.0
-            healthy = self.loop_lag_ms < 1000.0 and self.store is not None and self.store.writer_alive()
+            writer_ok = self.store.writer_alive()
+            healthy = self.loop_lag_ms < 1000.0 and writer_ok
             if wd_every is not None and healthy and time.monotonic() - last_feed >= wd_every:
                 sd_notify("WATCHDOG=1")
                 last_feed = time.monotonic()
             elif not healthy:
-                log.error("loop_unhealthy", lag_ms=round(self.loop_lag_ms, 1))
+                log.error("loop_unhealthy", lag_ms=round(self.loop_lag_ms, 1), store_writer_alive=writer_ok)
+            if not writer_ok and self.line is not None and self.line.store_down is None:
+                await self.line.store_failed(self.store.writer_gone())
 
     async def _retention(self) -> None:
         while True:

@@ -323,7 +323,9 @@ async def _progress(line: Any, units: int, quiet: bool) -> None:
 
 def _packing_station(line: Any, level: str) -> Any:
     """The line's first case (or pallet) station; rework benches share the list but have no level."""
-    return next((s for s in line.aggregation_stations if getattr(s, "level", None) == level), None)
+    from linectl.engine.aggregation import AggregationRuntime
+
+    return next((s for s in line.stations if isinstance(s, AggregationRuntime) and s.level == level), None)
 
 
 async def _until(cond: Any, timeout: float, what: str) -> None:
@@ -402,7 +404,11 @@ def _summary(line: Any, daemon: Any, report: dict[str, Any], truth: dict[str, An
     rejected: dict[str, int] = {}
     units = commissioned = confirmed = challenge_units = 0
     lat = None
+    from linectl.engine.print_verify import PrintVerifyRuntime
+
     for s in line.stations:
+        if not isinstance(s, PrintVerifyRuntime):
+            continue  # (the summary is the print-and-verify figures; case stations report in the batch report)
         for k, v in s.counters.rejected.items():
             rejected[k] = rejected.get(k, 0) + v
         units += s.counters.production_units

@@ -48,6 +48,8 @@ class RejectReason(str, enum.Enum):
     CHALLENGE = "challenge"  # deliberately bad challenge unit
     DAMAGED = "damaged"  # rework: destroyed by an operator
     LINE_STOPPED = "line_stopped"  # sent to printer but the line stopped before it was printed
+    NOT_COMMISSIONED = "not_commissioned"  # verify station: a serial of this line that is not commissioned
+    DECOMMISSIONED = "decommissioned"  # verify station: a serial decommissioned since it was commissioned
 
 
 class Event(BaseModel):
@@ -121,6 +123,20 @@ class UnitInspected(Event):
     serial: str
     biz_step: Literal["sampling", "inspecting"] = "inspecting"
     actor: str | None = None
+
+
+class ReadRejected(Event):
+    """A verify station read a unit and rejected it: what was read (if anything) and why.
+
+    A record, never an EPCIS event: the code may name a serial that was never commissioned (or none at all),
+    and an EPCIS OBSERVE of it would tell upstream of a unit that does not exist."""
+
+    kind: Literal["read_rejected"] = "read_rejected"
+    reason: RejectReason
+    detail: str = ""
+    seq: int | None = None  # unit sequence (trigger count) at the station's PLC, or the read's own count
+    gtin: str | None = None  # as read, when the code was a GS1 unit identity
+    serial: str | None = None
 
 
 class ContainerCommissioned(Event):
@@ -225,6 +241,7 @@ DomainEvent = Annotated[
         | SerialsVoided
         | SerialsReturned
         | UnitInspected
+        | ReadRejected
         | ContainerCommissioned
         | ContainerDecommissioned
         | Packed

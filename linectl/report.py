@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from linectl.engine.verify import challenge_status
+from linectl.engine.verdict import challenge_status
 from linectl.events import SerialsReturned, UnitDecommissioned
 from linectl.store import Batch, Store
 from linectl.store.plc_records import UnitFate

@@ -73,7 +73,7 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG = REPO / "config" / "demo-line.yaml"
 MOSQUITTO = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if os.path.exists("/usr/sbin/mosquitto") else None)
 GS = "\x1d"
-#: the reject reason that proves a challenge unit of each kind was recognised (linectl.engine.verify.CHALLENGE_EXPECTED_REASON)
+#: the reject reason that proves a challenge unit of each kind was recognised (linectl.engine.verdict.CHALLENGE_EXPECTED_REASON)
 CHALLENGE_REASON = {"no_code": "no_read", "wrong_code": "wrong_content", "duplicate": "duplicate", "not_gs1": "not_gs1", "low_grade": "low_grade"}
 
 #: what the `hostile` fault publishes on the command topics, dealt from a shuffled deck

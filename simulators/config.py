@@ -39,6 +39,11 @@ class SimulationConfig(_Model):
     control_host: str = "127.0.0.1"
     control_port: int = Field(7700, ge=0, le=65535, description="JSON-lines control/truth server; 0 = any free port")
     units: int = Field(0, ge=0, description="stop feeding after this many units; 0 = endless")
+    downstream_defect_rate: float = Field(
+        0.0, ge=0, le=1,
+        description="fraction of the units a print_verify gate passed that get damaged on the way to a verify station "
+        "downstream (smudged, copied code, foreign label): ground truth says the verify gate must reject them",
+    )
     free_run: bool = Field(
         False, description="feed product without a controller (ignore the PLC interlock); the gate stays fail-safe"
     )

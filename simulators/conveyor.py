@@ -55,6 +55,10 @@ class ChallengeFactory:
     def _serial(self) -> str:
         return "CH" + "".join(self.rng.choice(string.ascii_uppercase + string.digits) for _ in range(10))
 
+    def foreign_code(self) -> str:
+        """A valid GS1 code of the product this line never issued (a label from elsewhere)."""
+        return self._code()
+
     def _code(self) -> str:
         serial = self._serial()
         try:
@@ -99,8 +103,16 @@ def _render(unit: SimUnit) -> Any:
         return None
 
 
+#: damage a downstream conveyor may do to a unit (simulation.downstream_defect_rate), in turn
+DOWNSTREAM_DEFECTS = ("smudged", "copied", "foreign")
+
+
 class Conveyor:
-    """One conveyor: printer (optional) -> read point (optional) -> reject gate of `plc`."""
+    """One conveyor: printer (optional) -> read point (optional) -> reject gate of `plc`.
+
+    A conveyor `fed_by` another takes no product of its own: every unit the upstream gate passed enters it (a
+    verify station downstream of a print_verify station), as a new unit of its PLC's trigger count carrying the
+    same print; with `downstream_defect_rate` some are damaged on the way (DOWNSTREAM_DEFECTS)."""
 
     def __init__(
         self,
@@ -118,8 +130,16 @@ class Conveyor:
         units: int = 0,
         on_unit: Callable[[SimUnit], None] | None = None,
         journal: UnitJournal | None = None,
+        fed_by: "Conveyor | None" = None,
+        downstream_defect_rate: float = 0.0,
+        seed: int = 1,
     ) -> None:
         self.name = name
+        self.fed_by = fed_by
+        self.downstream_defect_rate = downstream_defect_rate
+        self._damage_rng = random.Random(f"{seed}:{name}:downstream")
+        self._damaged = 0
+        self._last_content: str | None = None
         self.plc = plc
         self.truth = truth
         self.printer = printer
@@ -156,7 +176,8 @@ class Conveyor:
     def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._t0 = loop.time()
-        self._push(0.0, TRIGGER, None)
+        if self.fed_by is None:
+            self._push(0.0, TRIGGER, None)
         self._task = asyncio.create_task(self._run(), name=f"conveyor:{self.name}")
 
     async def stop(self) -> None:
@@ -204,6 +225,7 @@ class Conveyor:
             "errors": self.errors,
             "stalls": self.stalls,
             "stall_s": round(self.stall_s, 3),
+            **({"fed_by": self.fed_by.name, "truth": self.truth.as_dict()} if self.fed_by is not None else {}),
         }
 
     # -- the scheduler --------------------------------------------------------------
@@ -246,6 +268,8 @@ class Conveyor:
                     self.errors += 1
                     self.log.error("conveyor_event_failed", kind=kind, error=repr(exc))
             if self.units_limit and self.fed >= self.units_limit and self.in_flight == 0:
+                self.done.set()
+            elif self.fed_by is not None and self.fed_by.done.is_set() and self.in_flight == 0:
                 self.done.set()
             if self._running and heap:
                 delay = (heap[0][0] - pos) * 60.0 / self.rate_upm
@@ -312,6 +336,37 @@ class Conveyor:
             self._push(pos + self.camera_distance, READ, unit)
         self._push(pos + self.gate_distance, GATE, unit)
 
+    def feed(self, src: SimUnit) -> SimUnit:
+        """A unit the upstream gate passed enters this conveyor now (its print as it is, or damaged on the way)."""
+        unit = SimUnit(seq=self.plc.count_trigger(), content=src.content, symbology=src.symbology, quality=src.quality,
+                       defect=src.defect, variation=src.variation, job_seq=src.job_seq, image=src.image)
+        unit.extras["upstream_seq"] = src.seq
+        if src.defect is None and self.downstream_defect_rate and self._damage_rng.random() < self.downstream_defect_rate:
+            kind = DOWNSTREAM_DEFECTS[self._damaged % len(DOWNSTREAM_DEFECTS)]
+            if kind == "copied" and self._last_content is None:
+                kind = "foreign"
+            self._damaged += 1
+            unit.defect = kind
+            unit.image = None  # (a camera renders from content)
+            if kind == "smudged":
+                unit.quality = 0.5
+            elif kind == "copied":
+                unit.content = self._last_content
+            else:
+                unit.content = self.challenge.foreign_code()
+        if src.content is not None and src.defect is None:
+            self._last_content = src.content
+        unit.extras["plc_epoch"] = self.plc.epoch
+        self.fed += 1
+        self.in_flight += 1
+        unit.extras["fed_at"] = time.time()
+        pos = self.position(asyncio.get_running_loop().time())
+        if self.reader is not None:
+            self._push(pos + self.camera_distance, READ, unit)
+        self._push(pos + self.gate_distance, GATE, unit)
+        self.wake()
+        return unit
+
     def _read(self, unit: SimUnit) -> None:
         if self.reader is not None:
             self.reader.present(unit)
@@ -336,6 +391,7 @@ class Conveyor:
                 "verdict": unit.extras.get("verdict"),
                 "gate": unit.extras.get("gate"),
                 "plc_epoch": unit.extras.get("plc_epoch"),
+                "upstream_seq": unit.extras.get("upstream_seq"),
             }
         )
         if self.on_unit is not None:

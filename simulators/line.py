@@ -123,6 +123,7 @@ class LineSim:
         self.wired: set[str] = set()
         self.rendering: set[str] = set()
         self.labellers: set[str] = set()  # printers of case/pallet stations
+        self.downstream: dict[str, Conveyor] = {}  # conveyor -> the verify station's conveyor its gate feeds
         self.packer: Packer | None = None
         self.control: ControlServer | None = None
         self.control_address: tuple[str, int] | None = None
@@ -164,6 +165,7 @@ class LineSim:
                 log.warning("sim_device_skipped", device=name, driver=dcfg.driver, reason=str(exc))
         gtin = self.cfg.products[0].gtin if getattr(self.cfg, "products", None) else None
         used_plcs: dict[str, str] = {}
+        upstream: Conveyor | None = None  # the last print_verify conveyor: a verify station after it takes what it passes
         for st in self._conveyor_stations():
             plc = self.devices.get(st.plc)
             if not isinstance(plc, PlcSim):
@@ -179,10 +181,11 @@ class LineSim:
             printer = self.devices.get(getattr(st, "printer", None) or "") if st.type == "print_verify" else None
             reader = self.devices.get(st.reader)
             camera = self.cfg.devices[st.reader].driver == "camera" if st.reader in self.cfg.devices else False
-            self.conveyors[st.name] = Conveyor(
+            fed_by = upstream if st.type == "verify" else None
+            self.conveyors[st.name] = conv = Conveyor(
                 st.name,
                 plc,
-                self.truth,
+                self.truth if fed_by is None else Truth(),  # a downstream gate's truth is its own (units counted once each)
                 rate_upm=self.sim.rate_upm,
                 camera_distance=self.sim.camera_distance,
                 gate_distance=self.sim.gate_distance,
@@ -190,10 +193,17 @@ class LineSim:
                 reader=reader,
                 challenge=ChallengeFactory(gtin, self.sim.seed, render=camera),
                 free_run=self.sim.free_run,
-                units=self.sim.units,
-                on_unit=self._on_unit,
-                journal=self.journal,
+                units=self.sim.units if fed_by is None else 0,
+                on_unit=lambda unit, name=st.name: self._on_unit(name, unit),
+                journal=self.journal if fed_by is None else None,
+                fed_by=fed_by,
+                downstream_defect_rate=self.sim.downstream_defect_rate,
+                seed=self.sim.seed,
             )
+            if fed_by is not None:
+                self.downstream[fed_by.name] = conv
+            elif st.type == "print_verify":
+                upstream = conv
         self.packer = self._build_packer()
 
     def _build_packer(self) -> Packer | None:
@@ -276,8 +286,13 @@ class LineSim:
             await asyncio.Event().wait()
         await asyncio.gather(*(c.done.wait() for c in self.conveyors.values()))
 
-    def _on_unit(self, unit: SimUnit) -> None:
-        if self.packer is not None:
+    def _on_unit(self, conveyor: str, unit: SimUnit) -> None:
+        """A unit left a conveyor's gate: on to the verify conveyor after it when there is one, else to the packer."""
+        nxt = self.downstream.get(conveyor)
+        if nxt is not None:
+            if unit.outcome == "passed":
+                nxt.feed(unit)
+        elif self.packer is not None:
             self.packer.on_unit(unit)
 
     # -- random faults --------------------------------------------------------------

@@ -35,6 +35,7 @@ from ruamel.yaml import YAML
 
 from linectl import control as C
 from linectl.demo import DEFAULT_CONFIG, SimulatedLine
+from linectl.engine.print_verify import PrintVerifyRuntime
 from linectl.events import UnitCommissioned, UnitDecommissioned
 from linectl.yamlsource import load_yaml, to_plain
 
@@ -182,18 +183,23 @@ async def settle(sl: SimulatedLine, timeout: float = 30.0) -> None:
         return "; ".join(
             f"{s.name}: mode {s.mode}, on printer {list(s._on_printer)}, printed unread {list(s._units)}, "
             f"rejects unconfirmed {sorted(s._pending_rejects)}, batch {state_of(sl)}, fault {sl.line.fault}"
-            for s in sl.line.stations
+            for s in print_verify_stations(sl)
         )
 
     try:
-        await wait_for(lambda: all(s.in_flight == 0 for s in sl.line.stations), timeout, "linectl to hold no unit in flight")
+        await wait_for(lambda: all(s.in_flight == 0 for s in print_verify_stations(sl)), timeout, "linectl to hold no unit in flight")
     except AssertionError as exc:
         raise AssertionError(f"{exc}: {detail()}") from None
     await asyncio.sleep(0.3)  # a reject confirm written at the gate a moment ago reaches the reject-ring poll
 
 
+def print_verify_stations(sl: SimulatedLine) -> list[PrintVerifyRuntime]:
+    return [s for s in sl.line.stations if isinstance(s, PrintVerifyRuntime)]
+
+
 def station(sl: SimulatedLine) -> Any:
-    return sl.line.stations[0]
+    """The line's first print_verify station."""
+    return print_verify_stations(sl)[0]
 
 
 def state_of(sl: SimulatedLine) -> str | None:

@@ -147,7 +147,7 @@ class Rig:
         self.store = await open_store(self.tmp / "line.db", self.cfg)
         self.drivers = build_drivers(self.cfg)
         self.line = Line(self.cfg, self.store, self.drivers)
-        (self.rt,) = self.line.aggregation_stations
+        (self.rt,) = self.line.stations
         self.rt.label_timeout_s = self.label_timeout_s
         for d in self.drivers.values():
             await d.start()

@@ -24,7 +24,7 @@ from linectl.config import Product
 from linectl.drivers.base import Decoded
 from linectl.drivers.camera import Camera, CameraConfig, FrameDecoder, load_image
 from linectl.drivers.quality import LETTERS
-from linectl.engine.verify import Expected, verify_unit
+from linectl.engine.verdict import Expected, verify_unit
 from linectl.events import RejectReason
 from linectl.simulators.camera import PAPER, corpus_images, paint, render_code_grid, render_mask, tilt_view
 from linectl.simulators.model import SimUnit

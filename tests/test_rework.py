@@ -200,7 +200,7 @@ async def test_rework_station_driven_by_scanner(tmp_path: Path) -> None:
     store = await open_store(tmp_path / "r.db", cfg)
     drivers = build_drivers(cfg)
     line = Line(cfg, store, drivers)
-    (rt,) = line.aggregation_stations
+    (rt,) = line.stations
     tasks = []
     try:
         await new_batch(store)

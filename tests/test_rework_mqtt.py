@@ -76,7 +76,7 @@ async def rig(tmp_path: Path):
     store = await open_store(tmp_path / "r.db", cfg)
     drivers = build_drivers(cfg)
     line = Line(cfg, store, drivers)
-    (bench,) = line.aggregation_stations
+    (bench,) = line.stations
     tasks: list[asyncio.Task[Any]] = []
     bridge = MqttBridge(cfg, line, store=store, backoff_initial_s=0.05, backoff_max_s=0.3)
     try:

@@ -2,7 +2,7 @@
 
 from linectl import gs1
 from linectl.drivers.base import Decoded
-from linectl.engine.verify import CHALLENGE_EXPECTED_REASON, Expected, classify_unknown, verify_unit
+from linectl.engine.verdict import CHALLENGE_EXPECTED_REASON, Expected, classify_unknown, verify_unit
 from linectl.events import RejectReason
 
 GTIN = "09501101530003"

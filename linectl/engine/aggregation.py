@@ -27,7 +27,6 @@ does not arrive in time.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
@@ -39,12 +38,16 @@ import structlog
 from linectl.drivers.base import CodeReader, DeviceError, Plc, PrintConfirm, Printer, PrintJob, Read
 from linectl.drivers.plc_tags import CASE_ACCEPT, CASE_REJECT, next_counter
 from linectl import gs1
-from linectl.config import CaseStation, LineConfig, PalletStation
+from linectl.config import CaseStation, PalletStation
+from linectl.engine.station import LinePort, Station, TaskFactory
 from linectl.events import ChildRef, ContainerCommissioned, ContainerDecommissioned, Packed, Severity
-from linectl.trace import container_facts, snapshot, unit_facts
+from linectl.trace import container_facts, unit_facts
 
 if TYPE_CHECKING:
-    from linectl.engine.line import BatchContext, Line
+    from collections.abc import Mapping
+
+    from linectl.drivers.base import Driver
+    from linectl.engine.line import BatchContext
 
 log = structlog.get_logger("linectl.aggregation")
 
@@ -121,7 +124,7 @@ class AggCounters:
         }
 
 
-class AggregationRuntime:
+class AggregationRuntime(Station):
     """Shared by the case and pallet stations; subclasses say what a child is and how it is checked."""
 
     level: Literal["case", "pallet"] = "case"
@@ -130,7 +133,7 @@ class AggregationRuntime:
     def __init__(
         self,
         cfg: CaseStation | PalletStation,
-        line: "Line",
+        line: LinePort,
         reader: CodeReader,
         printer: Printer,
         label_reader: CodeReader | None = None,
@@ -150,7 +153,6 @@ class AggregationRuntime:
         # A camera reports the whole open case in one frame; a scanner one child per trigger pull.
         self.mode = mode or ("frame" if getattr(reader.config, "max_codes", 1) > 1 else "scan")
         self.log = log.bind(station=cfg.name, level=self.level)
-        self.batch: BatchContext | None = None
         self.counters = AggCounters()
         self.recent: deque[AggResult] = deque(maxlen=50)
         self._open: list[Any] = []  # scan mode: children read so far for the open parent
@@ -168,27 +170,15 @@ class AggregationRuntime:
 
     # ------------------------------------------------------------------ line interface
 
-    def tasks(self) -> dict[str, Any]:
-        t = {f"{self.name}.reads": self._reads, f"{self.name}.label_confirms": self._confirms}
+    def tasks(self) -> dict[str, TaskFactory]:
+        t: dict[str, TaskFactory] = {f"{self.name}.reads": self._reads, f"{self.name}.label_confirms": self._confirms}
         if self.label_reader is not None:
             t[f"{self.name}.label_reads"] = self._label_reader_task
         return t
 
-    def begin_production(self, batch: "BatchContext") -> None:
-        self.batch = batch
-
-    def pause(self) -> None:
-        """Nothing to hold: a case in progress is finished, and reads keep being packed while paused."""
-
-    async def drain(self, timeout_s: float) -> None:
-        """Let the case in progress finish; an open scan-mode case stays open for close_partial()."""
-        try:
-            await asyncio.wait_for(self._busy.acquire(), timeout_s)
-            self._busy.release()
-        except asyncio.TimeoutError:
-            self.log.warning("drain_timeout", timeout_s=timeout_s)
-        if self._open:
-            self.log.info("open_parent_at_stop", children=len(self._open))
+    # The line's run state does not hold a case station: it packs for the line's open batch (current_batch)
+    # whether that batch runs, is paused or stopped, and a case in progress finishes on its own. So the line's
+    # begin_production / pause / drain hooks are the Station defaults (nothing to do).
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -203,7 +193,7 @@ class AggregationRuntime:
         }
 
     def current_batch(self) -> "BatchContext | None":
-        b = self.batch if self.batch is not None else getattr(self.line, "batch", None)
+        b = self.line.batch
         if b is None or b.state.value not in OPEN_STATES:
             return None
         return b
@@ -585,19 +575,17 @@ class PalletRuntime(AggregationRuntime):
 # --------------------------------------------------------------------------- construction and recovery
 
 
-def build_aggregation_stations(cfg: LineConfig, line: "Line", drivers: dict[str, Any]) -> list[AggregationRuntime]:
-    """Runtimes for the case and pallet stations of a line config (Line.__init__ calls this)."""
-    out: list[AggregationRuntime] = []
-    for st in cfg.stations:
-        if isinstance(st, (CaseStation, PalletStation)):
-            reader, printer = drivers[st.reader], drivers[st.printer]
-            label_reader = drivers[st.label_reader] if st.label_reader else None
-            assert isinstance(reader, CodeReader) and isinstance(printer, Printer)
-            cls = CaseRuntime if isinstance(st, CaseStation) else PalletRuntime
-            plc = drivers[st.plc] if isinstance(st, CaseStation) and st.plc else None
-            assert plc is None or isinstance(plc, Plc)
-            out.append(cls(st, line, reader, printer, label_reader, plc=plc))  # type: ignore[arg-type]
-    return out
+def build(st: CaseStation | PalletStation, line: LinePort, drivers: "Mapping[str, Driver]") -> AggregationRuntime:
+    """The registry's builder (linectl/engine/station.py) for `type: case` and `type: pallet`."""
+    reader, printer = drivers[st.reader], drivers[st.printer]
+    label_reader = drivers[st.label_reader] if st.label_reader else None
+    assert isinstance(reader, CodeReader) and isinstance(printer, Printer)
+    assert label_reader is None or isinstance(label_reader, CodeReader)
+    if isinstance(st, CaseStation):
+        plc = drivers[st.plc] if st.plc else None
+        assert plc is None or isinstance(plc, Plc)
+        return CaseRuntime(st, line, reader, printer, label_reader, plc=plc)
+    return PalletRuntime(st, line, reader, printer, label_reader)
 
 
 async def recover_containers(store: Any, *, older_than_s: float = 0.0, actor: str = "system") -> list[str]:
@@ -612,19 +600,8 @@ async def recover_containers(store: Any, *, older_than_s: float = 0.0, actor: st
     """
     from linectl.events import ContainerDecommissioned
 
-    def scan() -> tuple[int, list[tuple[int, str, dict[str, Any]]], int]:
-        with snapshot(store) as conn:
-            r = conn.execute("SELECT detail FROM audit WHERE action = ? ORDER BY seq DESC LIMIT 1", (RECOVERY_ACTION,)).fetchone()
-            upto = int(json.loads(r[0]).get("checked_through_seq", 0)) if r else 0
-            rows = conn.execute(
-                "SELECT a.seq, a.ts, a.detail FROM audit a WHERE a.seq > ? AND a.action = ? "
-                "AND NOT EXISTS (SELECT 1 FROM containers c WHERE c.sscc = json_extract(a.detail, '$.sscc')) ORDER BY a.seq",
-                (upto, LABEL_INTENT_ACTION),
-            ).fetchall()
-            top = conn.execute("SELECT coalesce(max(seq), 0) FROM audit WHERE seq > ? AND action = ?", (upto, LABEL_INTENT_ACTION)).fetchone()[0]
-        return upto, [(s, ts, json.loads(d)) for s, ts, d in rows], int(top)
-
-    upto, orphans, top = await asyncio.to_thread(scan)
+    intents = await asyncio.to_thread(store.label_intents, LABEL_INTENT_ACTION, RECOVERY_ACTION)
+    upto, orphans, top = intents.checked_through, intents.orphans, intents.top
     now = datetime.now(timezone.utc)
     voided: list[str] = []
     through = top

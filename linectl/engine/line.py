@@ -17,12 +17,12 @@ from typing import Any
 
 import structlog
 
-from linectl.drivers.base import CodeReader, Driver, Plc, Printer
+from linectl.drivers.base import Driver, Plc
 from linectl import control as C
 from linectl.config import LineConfig, PrintVerifyStation, Product
+from linectl.engine.station import PartialCloser, ReworkBench, Station, build_stations
+from linectl.engine.verdict import challenge_status
 from linectl.gs1 import GS1Error
-from linectl.engine.print_verify import PrintVerifyRuntime
-from linectl.engine.verify import challenge_status
 from linectl.events import (
     AlarmAcknowledged,
     AlarmRaised,
@@ -115,8 +115,8 @@ class Line:
         self.batch: BatchContext | None = None
         self.fault: str | None = None
         self.alarms: OrderedDict[str, ActiveAlarm] = OrderedDict()
-        self.stations: list[PrintVerifyRuntime] = []
-        self._replies: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        #: command_id -> (command name, reply) of commands executed by this process (the store keeps them across restarts)
+        self._replies: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
         self.verify_tally = C.RefusalTally("verify_alarms_suppressed", store=store)
         self._lock = asyncio.Lock()
         self._stop_task: asyncio.Task[None] | None = None
@@ -139,13 +139,9 @@ class Line:
         self.store_down: str | None = None
         self._deferred: deque[Any] = deque()  # events to store, in order, once the store takes writes again
         self._store_retry: asyncio.Task[None] | None = None
-        for st in cfg.stations:
-            if isinstance(st, PrintVerifyStation):
-                printer = drivers[st.printer]
-                reader = drivers[st.reader]
-                plc = drivers[st.plc]
-                assert isinstance(printer, Printer) and isinstance(reader, CodeReader) and isinstance(plc, Plc)
-                self.stations.append(PrintVerifyRuntime(st, self, printer, reader, plc))
+        #: every station of the config, in config order, built by the registry (linectl/engine/station.py); the
+        #: line drives them through the Station hooks only, and they talk back through the LinePort methods
+        self.stations: list[Station] = build_stations(cfg.stations, self, drivers)
         # whatever a PLC holds when linectl starts (a crash left it "production", a PLC with a long heartbeat
         # timeout kept feeding), the line is stopped until an operator starts it: line_mode idle goes to every PLC
         # as soon as it answers (resync_line_mode, called by the PLC surface on its first cycle)
@@ -153,21 +149,17 @@ class Line:
         self._resyncs: set[asyncio.Task[None]] = set()
         for plc in self.plcs:
             plc.on_health(self._plc_health)
-        # --- aggregation block (case/pallet/rework stations; linectl/engine/aggregation.py, rework.py) ---
-        from linectl.engine.aggregation import build_aggregation_stations
-        from linectl.engine.rework import build_rework_stations
-
-        self.aggregation_stations: list[Any] = build_aggregation_stations(cfg, self, drivers) + build_rework_stations(cfg, self, drivers)
-        # --- end aggregation block ---
 
     # ------------------------------------------------------------------ helpers for stations
 
     @property
     def plcs(self) -> list[Plc]:
+        """PLCs whose line_mode, status tags and HMI commands this line drives (the stations say which)."""
         seen: list[Plc] = []
         for s in self.stations:
-            if s.plc not in seen:
-                seen.append(s.plc)
+            for plc in s.line_plcs():
+                if plc not in seen:
+                    seen.append(plc)
         return seen
 
     def on_state_change(self, cb: Any) -> None:
@@ -245,7 +237,7 @@ class Line:
     async def _sweep_sent(self, lot: str) -> None:
         """Serials left 'sent' by writes the store refused (a commissioning refused: the unit got no good verdict
         and the gate rejected it fail-safe). Only while the line is stopped, so none is on the printer or belt."""
-        held = {j.serial for s in self.stations for j in s.jobs_in_memory()}
+        held = {serial for s in self.stations for serial in s.serials_held()}
         stray = [(g, s) for (g, s, _lot) in self.store.in_flight(lot) if s not in held]
         for i in range(0, len(stray), 500):
             await self.store.append(
@@ -259,8 +251,7 @@ class Line:
         """line_mode idle on every PLC, stations out of production: nothing here touches the store."""
         self._mode_wanted = "idle"
         for s in self.stations:
-            if s.mode == "production":
-                s.mode = "idle"
+            s.halt()
         for plc in self.plcs:
             try:
                 await plc.write_tag("line_mode", LINE_MODE["idle"])
@@ -311,7 +302,25 @@ class Line:
         if self.batch is not None and self.batch.state in ALLOWED["stop"]:
             self._stop_task = asyncio.create_task(self._stop_batch(actor="system", origin=f"rule:{code}", reason=message))
 
-    def unit_decided(self, station: PrintVerifyRuntime, good: bool, reason: str | None = None) -> None:
+    async def fault_overrides(self, code: str, message: str, station: str | None = None) -> None:
+        """Stop with `code` as the fault to reset, also when the line is already stopping for another cause
+        (a PLC restart seen while the line stops for the PLC's outage: the restart is what an operator must see)."""
+        await self.fault_stop(code, message, station)
+        if self.fault != code:
+            await self.alarm(code, message, Severity.CRITICAL, station)
+            self.fault = code
+
+    def count_units(self, lot: str | None, *, good: int = 0, good_before: int = 0, decommissioned: int = 0) -> None:
+        """A station changed the unit counts of the open batch (a unit commissioned, decommissioned, or one of an
+        earlier run decommissioned); counts of another lot than the open batch's are the store's alone."""
+        b = self.batch
+        if b is None or b.lot != lot:
+            return
+        b.good += good
+        b.good_before += good_before
+        b.decommissioned += decommissioned
+
+    def unit_decided(self, station: str, good: bool, reason: str | None = None) -> None:
         now = time.monotonic()
         self.rate_window.append((now, 1))
         if len(self.rate_window) > 2000:
@@ -332,7 +341,7 @@ class Line:
         rid = self.on_pool_low(product.gtin, product.serials.request_count)
         log.warning("serials_requested", gtin=product.gtin, available=available, count=product.serials.request_count, request_id=rid)
 
-    async def set_infeed(self, station: PrintVerifyRuntime, on: bool) -> None:
+    async def set_infeed(self, station: str, on: bool) -> None:
         """Count reached: stop feeding product (the belt keeps running so units in flight reach the gate)."""
         if self.batch is None or self.batch.state != BatchState.RUNNING or on != self.infeed_stopped:
             return
@@ -341,15 +350,15 @@ class Line:
             await plc.write_tag("line_mode", LINE_MODE["production" if on else "idle"])
         log.info("infeed", on=on, lot=self.batch.lot, good=self.batch.good_total())
 
-    async def planned_quantity_reached(self, station: PrintVerifyRuntime) -> None:
+    async def planned_quantity_reached(self, station: str) -> None:
         if self.batch is not None and self.batch.state == BatchState.RUNNING:
             log.info("planned_quantity_reached", lot=self.batch.lot, good=self.batch.good_total())
             self._stop_task = asyncio.create_task(self._stop_batch(actor="system", origin="engine", reason="planned quantity reached"))
 
-    async def challenge_finished(self, station: PrintVerifyRuntime, passed: bool, results: list[dict[str, Any]]) -> None:
+    async def challenge_finished(self, station: str, passed: bool, results: list[dict[str, Any]]) -> None:
         if self.batch is None:
             return
-        if all(s.mode != "challenge" for s in self.stations):
+        if not any(s.in_challenge for s in self.stations):
             missing = self.challenge_missing(self.batch) if passed else []
             if missing:
                 passed = False
@@ -408,8 +417,20 @@ class Line:
     async def execute(self, command: Any, origin: str) -> dict[str, Any]:
         if isinstance(command, dict):
             command = C.COMMAND_ADAPTER.validate_python(command)
-        if command.command_id and command.command_id in self._replies:
-            return self._replies[command.command_id]
+        if command.command_id:
+            # a retry gets the reply the command got the first time, also after a restart (stored with its audit record)
+            seen = self._replies.get(command.command_id)
+            if seen is None:
+                try:
+                    done = await asyncio.to_thread(self.store.command_reply, command.command_id)
+                except Exception as exc:  # noqa: BLE001 - cannot tell: refuse rather than risk running it twice
+                    raise C.CommandRejected(f"cannot check command_id {command.command_id!r}: {exc}", "store_unavailable") from None
+                if done is not None:
+                    seen = self._replies[command.command_id] = (done["command"], done["result"])
+            if seen is not None:
+                if seen[0] != command.name:
+                    raise C.CommandRejected(f"command_id {command.command_id!r} was already used for {seen[0]}", "command_id_reused")
+                return seen[1]
         async with self._lock:
             handler = getattr(self, f"_cmd_{command.name}")
             try:
@@ -425,7 +446,7 @@ class Line:
                 await self.store_failed(exc)
                 raise C.CommandRejected(f"the store refuses writes ({exc}); nothing more was done", "store_unavailable") from None
         if command.command_id:
-            self._replies[command.command_id] = result
+            self._replies[command.command_id] = (command.name, result)
             while len(self._replies) > 10_000:
                 self._replies.popitem(last=False)
         self._notify()
@@ -521,10 +542,11 @@ class Line:
         Read from the store (batches.challenge), not from memory: a restart must not forget a challenge that
         never finished, and a result the store did not take does not count."""
         required = self.challenge_required(b)
-        if not required or not self.stations:
+        testers = [s.name for s in self.stations if s.runs_challenge]
+        if not required or not testers:
             return []  # (the challenge is a print_verify station's test: a line without one has none to run)
         rec = self.store.batch(b.lot)
-        st = challenge_status(required, rec.challenge if rec is not None else [], [s.name for s in self.stations])
+        st = challenge_status(required, rec.challenge if rec is not None else [], testers)
         return [*st["failed"], *st["never_ran"]]
 
     async def _begin_production(self, b: BatchContext, *, command: bool = False) -> None:
@@ -541,7 +563,7 @@ class Line:
         await self._write_line_mode("production")
 
     @staticmethod
-    async def _primed_or_none(s: PrintVerifyRuntime) -> PrintVerifyRuntime | None:
+    async def _primed_or_none(s: Station) -> Station | None:
         return None if await s.primed(PRIME_TIMEOUT_S) else s
 
     async def _begin_challenge(self, actor: str, origin: str) -> dict[str, Any]:
@@ -602,8 +624,8 @@ class Line:
         if b is None or b.state not in ALLOWED["stop"]:
             return
         await self._write_line_mode("idle")
-        # units on the belt need at least the confirm wait (which follows the pace) to reach the gate
-        drain = max((max(s.rules.drain_timeout_s, s.confirm_timeout_s()) for s in self.stations), default=1.0)
+        # each station says how long units on the belt may need (a print_verify station: at least the confirm wait)
+        drain = max((s.drain_timeout_s() for s in self.stations), default=1.0)
         await asyncio.gather(*(s.drain(drain) for s in self.stations))
         await self._set_state(BatchState.STOPPED, actor=f"{actor}@{origin}", reason=reason)
         await self._write_status(force=True)
@@ -680,7 +702,7 @@ class Line:
         return result
 
     async def _cmd_close_case(self, c: C.CloseCase, origin: str) -> dict[str, Any]:
-        stations = [s for s in getattr(self, "aggregation_stations", []) if hasattr(s, "close_partial") and (c.station is None or s.name == c.station)]
+        stations = [s for s in self.stations if isinstance(s, PartialCloser) and (c.station is None or s.name == c.station)]
         if not stations:
             raise C.CommandRejected(f"no case or pallet station{' named ' + c.station if c.station else ''}", "no_station")
         results = {}
@@ -688,10 +710,8 @@ class Line:
             results[s.name] = await s.close_partial()
         return {"closed": _jsonable(results)}
 
-    def _rework_benches(self, station: str | None) -> list[Any]:
-        from linectl.engine.rework import ReworkRuntime
-
-        return [s for s in getattr(self, "aggregation_stations", []) if isinstance(s, ReworkRuntime) and (station is None or s.name == station)]
+    def _rework_benches(self, station: str | None) -> list[ReworkBench]:
+        return [s for s in self.stations if isinstance(s, ReworkBench) and (station is None or s.name == station)]
 
     async def _cmd_rework(self, c: C.Rework, origin: str) -> dict[str, Any]:
         from linectl.engine import rework as R
@@ -845,8 +865,9 @@ class Line:
         log.warning("plc_line_mode_resynced", plc=plc.name, mode="idle")
 
     async def _write_status(self, force: bool = False) -> None:
-        good = sum(s.counters.good for s in self.stations)
-        rej = sum(sum(s.counters.rejected.values()) for s in self.stations)
+        tallies = [s.unit_tally() for s in self.stations]
+        good = sum(g for g, _ in tallies)
+        rej = sum(r for _, r in tallies)
         code = ALARM_CODES.get(self.fault or "", 99 if self.fault else 0)
         for plc in self.plcs:
             try:
@@ -875,7 +896,7 @@ class Line:
                 else None
             ),
             "rate_upm": self.achieved_rate_upm(),
-            "stations": {s.name: s.snapshot() for s in [*self.stations, *getattr(self, "aggregation_stations", [])]},
+            "stations": {s.name: s.snapshot() for s in self.stations},
             "devices": {n: d.health.as_dict() for n, d in self.drivers.items()},
             "alarms": [a.__dict__ for a in self.alarms.values() if not a.acknowledged][-20:],
             "units": {"rate": "units/min", "latency": "ms"},

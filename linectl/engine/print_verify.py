@@ -26,16 +26,21 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from linectl.drivers.base import CodeReader, DeviceError, HealthState, Plc, PrintJob, Printer, Read
+from linectl.drivers.plc_tags import PlcConfigBase
 from linectl import gs1
 from linectl.config import PrintVerifyStation as PrintVerifyConfig
 from linectl.config import queue_depth_for
+from linectl.engine.station import LinePort, Station, TaskFactory
 from linectl.engine.stats import LatencyHistogram
-from linectl.engine.verify import CHALLENGE_EXPECTED_REASON, Expected, Verdict, classify_unknown, verify_unit
+from linectl.engine.verdict import CHALLENGE_EXPECTED_REASON, Expected, Verdict, classify_unknown, verify_unit
 from linectl.events import AlarmRaised, ChallengeResult, RejectReason, Severity, UnitCommissioned, UnitDecommissioned
 from linectl.store.model import StoreError
 
 if TYPE_CHECKING:
-    from linectl.engine.line import BatchContext, Line
+    from collections.abc import Mapping
+
+    from linectl.drivers.base import Driver
+    from linectl.engine.line import BatchContext
 
 log = structlog.get_logger("linectl.station")
 
@@ -74,6 +79,29 @@ class Unit:
     printed_at: float
 
 
+@dataclass(frozen=True)
+class ChallengeUnit:
+    """A challenge pack QA fed on purpose (its own kind of unit, not a production unit): which challenge, and the
+    verdict the station gave it. The challenge passes for it when the gate confirms the reject and the verdict's
+    reason is the one the kind must produce (CHALLENGE_EXPECTED_REASON)."""
+
+    kind: str
+    verdict: Verdict
+
+
+@dataclass
+class PendingReject:
+    """A reject ordered at the gate, awaiting its confirmation in the reject ring."""
+
+    ordered_at: float  # time.monotonic(): the wait is judged at the pace measured meanwhile (_check_timeouts)
+    reason: str  # the reject reason (RejectReason value), "challenge" for a challenge unit
+    challenge: ChallengeUnit | None = None
+
+    @property
+    def label(self) -> str:
+        return f"challenge:{self.challenge.kind}" if self.challenge is not None else self.reason
+
+
 @dataclass
 class StationCounters:
     printed: int = 0
@@ -101,8 +129,8 @@ class StationCounters:
         }
 
 
-class PrintVerifyRuntime:
-    def __init__(self, cfg: PrintVerifyConfig, line: "Line", printer: Printer, reader: CodeReader, plc: Plc) -> None:
+class PrintVerifyRuntime(Station):
+    def __init__(self, cfg: PrintVerifyConfig, line: LinePort, printer: Printer, reader: CodeReader, plc: Plc) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.line = line
@@ -122,7 +150,7 @@ class PrintVerifyRuntime:
         self._units: OrderedDict[int, Unit] = OrderedDict()
         self._max_printed_seq = 0
         self._last_read_seq = 0
-        self._pending_rejects: dict[int, tuple[float, str, Any]] = {}
+        self._pending_rejects: dict[int, PendingReject] = {}
         self._recent_good: OrderedDict[int, Job] = OrderedDict()
         self._decided: OrderedDict[int, bool] = OrderedDict()
         self._ring_seen: list[int] | None = None
@@ -179,7 +207,7 @@ class PrintVerifyRuntime:
             raise ValueError(f"PLC {self.plc.name}: tag verdict_ring must be an array of 2*R elements")
         return int(count) // 2
 
-    def tasks(self) -> dict[str, Any]:
+    def tasks(self) -> dict[str, TaskFactory]:
         return {
             f"{self.name}.feeder": self._feeder,
             f"{self.name}.allocator": self._allocator,
@@ -187,6 +215,31 @@ class PrintVerifyRuntime:
             f"{self.name}.reads": self._reads,
             f"{self.name}.watch": self._watch,
         }
+
+    def line_plcs(self) -> list[Plc]:
+        return [self.plc]
+
+    @property
+    def runs_challenge(self) -> bool:
+        return True
+
+    @property
+    def in_challenge(self) -> bool:
+        return self.mode == "challenge"
+
+    def halt(self) -> None:
+        if self.mode == "production":
+            self.mode = "idle"
+
+    def drain_timeout_s(self) -> float:
+        """Units on the belt need at least the confirm wait (which follows the pace) to reach the gate."""
+        return max(self.rules.drain_timeout_s, self.confirm_timeout_s())
+
+    def serials_held(self) -> set[str]:
+        return {j.serial for j in self.jobs_in_memory()}
+
+    def unit_tally(self) -> tuple[int, int]:
+        return (self.counters.good, sum(self.counters.rejected.values()))
 
     # ------------------------------------------------------------------ modes
 
@@ -297,7 +350,7 @@ class PrintVerifyRuntime:
                     pass
                 continue
             if self.remaining_to_issue() > 0 and self.line.infeed_stopped:
-                await self.line.set_infeed(self, True)  # a unit was rejected after the count was reached: replace it
+                await self.line.set_infeed(self.name, True)  # a unit was rejected after the count was reached: replace it
             if self.remaining_to_issue() <= 0:
                 self._space.clear()
                 try:
@@ -400,7 +453,7 @@ class PrintVerifyRuntime:
             for older in [k for k in self._on_printer if k < c.seq]:
                 skipped = self._on_printer.pop(older)
                 await self._decommission(skipped, RejectReason.PRINT_FAILED, "printer skipped the job", seq=None)
-            unit_seq = getattr(c, "product_count", None)
+            unit_seq = c.product_count
             if unit_seq is None:
                 unit_seq = self._max_printed_seq + 1
             self._units[unit_seq] = Unit(unit_seq, job, time.monotonic())
@@ -412,7 +465,7 @@ class PrintVerifyRuntime:
             self._space.set()
             if self.mode == "production" and not self._on_printer and self.remaining_to_issue() == 0:
                 # the last code the batch needs is on a unit: stop the infeed so no unprinted pack follows it
-                await self.line.set_infeed(self, False)
+                await self.line.set_infeed(self.name, False)
 
     # ------------------------------------------------------------------ reads
 
@@ -532,10 +585,10 @@ class PrintVerifyRuntime:
         while len(self._recent_good) > 4 * self.ring_slots:
             self._recent_good.popitem(last=False)
         self.counters.good += 1
-        batch.good += 1
+        self.line.count_units(batch.lot, good=1)
         self._consecutive_rejects = 0
         self._consecutive_noreads = 0
-        self.line.unit_decided(self, True)
+        self.line.unit_decided(self.name, True)
         if seq in self._early_confirms:
             # the gate rejected it (fail-safe) while its commissioning was being stored
             del self._early_confirms[seq]
@@ -545,7 +598,7 @@ class PrintVerifyRuntime:
         await self.plc.write_tag("verdict_ring", [seq, VERDICT_GOOD], index=2 * (seq % self.ring_slots))
         self.latency.add((time.monotonic() - received_at) * 1000.0)
         if batch.good_total() >= batch.planned_qty and not self._on_printer and not self._units:
-            await self.line.planned_quantity_reached(self)
+            await self.line.planned_quantity_reached(self.name)
 
     async def _reject(self, seq: int, job: Job | None, v: Verdict, received_at: float, *, count_latency: bool = True) -> None:
         assert v.reason is not None
@@ -558,13 +611,13 @@ class PrintVerifyRuntime:
         if count_latency:
             self.latency.add((time.monotonic() - received_at) * 1000.0)
         self._remember(seq, False)
-        await self._await_confirm(seq, v.reason.value, None)
+        await self._await_confirm(seq, v.reason.value)
         self.counters.rejected[v.reason.value] = self.counters.rejected.get(v.reason.value, 0) + 1
         if job is not None:
             await self._decommission(job, v.reason, v.detail, seq=seq, read=(v.seen_gtin, v.seen_serial))
         elif self.batch is not None:
             await self.line.store.count_packs(self.batch.lot, "blank")  # a pack with none of the batch's serials on it
-        self.line.unit_decided(self, False, v.reason.value)
+        self.line.unit_decided(self.name, False, v.reason.value)
         if write_error is not None:
             raise write_error
         self._consecutive_rejects += 1
@@ -589,7 +642,7 @@ class PrintVerifyRuntime:
             UnitDecommissioned(gtin=batch.gtin, serial=job.serial, lot=batch.lot, reason=reason, detail=detail[:500], seq=seq, station=self.name,
                                read_gtin=read_gtin, read_serial=read_serial)
         )
-        batch.decommissioned += 1
+        self.line.count_units(batch.lot, decommissioned=1)
         self._space.set()
 
     def _remember(self, seq: int, good: bool) -> None:
@@ -613,24 +666,23 @@ class PrintVerifyRuntime:
         self._remember(seq, False)
         kind = self._challenge_kinds[self._challenge_index] if self._challenge_index < len(self._challenge_kinds) else "extra"
         self._challenge_index += 1
-        await self._await_confirm(seq, f"challenge:{kind}", (kind, v))
+        await self._await_confirm(seq, "challenge", ChallengeUnit(kind, v))
 
-    async def _await_confirm(self, seq: int, tag: str, extra: Any) -> None:
+    async def _await_confirm(self, seq: int, reason: str, challenge: ChallengeUnit | None = None) -> None:
         """A reject was ordered: expect the gate's confirm, unless the gate already rejected the unit (verdict late)."""
         if seq in self._early_confirms:
             del self._early_confirms[seq]
             self.counters.reject_confirmed += 1
-            if tag.startswith("challenge:"):
-                kind, v = extra
-                await self._challenge_confirmed(seq, kind, v, True)
+            if challenge is not None:
+                await self._challenge_confirmed(seq, challenge, True)
             return
-        # (the order time: the wait is judged at the pace measured meanwhile, see _check_timeouts)
-        self._pending_rejects[seq] = (time.monotonic(), tag, extra)
+        self._pending_rejects[seq] = PendingReject(time.monotonic(), reason, challenge)
 
     def _challenge_known(self, gtin: str, serial: str) -> bool:
         return (gtin, serial) in self._challenge_seen or self._is_known(gtin, serial)
 
-    async def _challenge_confirmed(self, seq: int, kind: str, v: Verdict, confirmed: bool) -> None:
+    async def _challenge_confirmed(self, seq: int, unit: ChallengeUnit, confirmed: bool) -> None:
+        kind, v = unit.kind, unit.verdict
         expected = CHALLENGE_EXPECTED_REASON.get(kind)
         ok = confirmed and expected is not None and v.reason == expected
         res = {"seq": seq, "challenge": kind, "rejected": confirmed, "reason_seen": v.reason.value if v.reason else None, "passed": ok}
@@ -642,12 +694,13 @@ class PrintVerifyRuntime:
             passed = all(x["passed"] for x in self._challenge_results)
             self.mode = "idle"
             self._challenge_seen = set()
-            await self.line.challenge_finished(self, passed, list(self._challenge_results))
+            await self.line.challenge_finished(self.name, passed, list(self._challenge_results))
 
     # ------------------------------------------------------------------ watch: reject confirmations, silence
 
     async def _watch(self) -> None:
-        interval = max(0.005, float(getattr(self.plc.config, "poll_interval_s", 0.02)))
+        cfg = self.plc.config
+        interval = max(0.005, cfg.poll_interval_s if isinstance(cfg, PlcConfigBase) else 0.02)
         while True:
             await asyncio.sleep(interval)
             if self.plc.health.state == HealthState.DISCONNECTED:
@@ -689,10 +742,8 @@ class PrintVerifyRuntime:
             pending = self._pending_rejects.pop(seq, None)
             if pending is not None:
                 self.counters.reject_confirmed += 1
-                tag = pending[1]
-                if tag.startswith("challenge:"):
-                    kind, v = pending[2]
-                    await self._challenge_confirmed(seq, kind, v, True)
+                if pending.challenge is not None:
+                    await self._challenge_confirmed(seq, pending.challenge, True)
                 continue
             self.counters.failsafe_rejects += 1
             job = self._recent_good.pop(seq, None)
@@ -942,10 +993,9 @@ class PrintVerifyRuntime:
         pending = dict(self._pending_rejects)
         self._pending_rejects.clear()
         for seq in unconfirmed:
-            tag = pending[seq][1]
-            if tag.startswith("challenge:"):
-                kind, v = pending[seq][2]
-                await self._challenge_confirmed(seq, kind, v, False)
+            challenge = pending[seq].challenge
+            if challenge is not None:
+                await self._challenge_confirmed(seq, challenge, False)
         await self._epoch_closed(why, doubt, unconfirmed, old_epoch)
 
     async def _epoch_closed(self, why: str, doubt: list[tuple[int, str, str, str | None]], unconfirmed: list[int], old_epoch: int) -> None:
@@ -968,11 +1018,8 @@ class PrintVerifyRuntime:
         detail = f"PLC {self.plc.name} restarted: {why}; new epoch {self.plc_epoch}, {n} unit(s) of unknown fate"
         if unconfirmed:
             detail += f", rejects of units {unconfirmed[:10]} not confirmable"
-        await self.line.fault_stop("plc_restarted", detail, self.name)
-        if self.line.fault != "plc_restarted":
-            # the line was already stopping for the PLC's outage: the restart is the cause an operator must see and reset
-            await self.line.alarm("plc_restarted", detail, Severity.CRITICAL, self.name)
-            self.line.fault = "plc_restarted"
+        # (the line may already be stopping for the PLC's outage: the restart is the cause an operator must see and reset)
+        await self.line.fault_overrides("plc_restarted", detail, self.name)
 
     async def _epoch_closed_late(self, seq: int, job: Job) -> None:
         b = self.batch
@@ -983,7 +1030,7 @@ class PrintVerifyRuntime:
         self.fate_unknown += n
         self.counters.good += 1
         if b is not None:
-            b.good += 1
+            self.line.count_units(b.lot, good=1)
         await self.line.alarm("units_fate_unknown", f"unit {seq} (serial {job.serial}) of unknown fate: the PLC restarted while it was being commissioned", Severity.CRITICAL, self.name)
 
     def _commissioned_before_start(self) -> dict[int, tuple[str, str, str | None]]:
@@ -1020,9 +1067,7 @@ class PrintVerifyRuntime:
             UnitDecommissioned(gtin=gtin, serial=serial, lot=lot, reason=RejectReason.PLC_FAILSAFE, seq=seq, station=self.name,
                                detail="rejected at the gate while linectl was down: its good verdict never reached the PLC")
         )
-        b = self.line.batch
-        if b is not None and b.lot == lot:
-            b.good_before -= 1
+        self.line.count_units(lot, good_before=-1)
         await self.line.alarm("failsafe_reject", f"unit {seq} was rejected by the PLC while linectl was down; serial {serial} decommissioned", Severity.WARNING, self.name)
 
     async def _rejected_after_good(self, seq: int, job: Job) -> None:
@@ -1031,20 +1076,19 @@ class PrintVerifyRuntime:
         self.counters.good -= 1
         self.counters.rejected[RejectReason.PLC_FAILSAFE.value] = self.counters.rejected.get(RejectReason.PLC_FAILSAFE.value, 0) + 1
         if self.batch:
-            self.batch.good -= 1
+            self.line.count_units(self.batch.lot, good=-1)
         await self.line.alarm("failsafe_reject", f"unit {seq} rejected by PLC fail-safe after commissioning; serial {job.serial} decommissioned", Severity.WARNING, self.name)
         self._space.set()
 
     async def _check_timeouts(self) -> None:
         now = time.monotonic()
         wait = self.confirm_timeout_s()
-        late = [s for s, (ordered_at, _, _) in self._pending_rejects.items() if now - ordered_at > wait]
+        late = [s for s, p in self._pending_rejects.items() if now - p.ordered_at > wait]
         for s in late:
-            _, tag, extra = self._pending_rejects.pop(s)
-            if tag.startswith("challenge:"):
-                kind, v = extra
-                await self._challenge_confirmed(s, kind, v, False)
-            await self.line.fault_stop("reject_not_confirmed", f"reject of unit {s} ({tag}) not confirmed within {self.confirm_timeout_s():.2f}s", self.name)
+            p = self._pending_rejects.pop(s)
+            if p.challenge is not None:
+                await self._challenge_confirmed(s, p.challenge, False)
+            await self.line.fault_stop("reject_not_confirmed", f"reject of unit {s} ({p.label}) not confirmed within {self.confirm_timeout_s():.2f}s", self.name)
         if self.mode == "production" and self.printer.health.state == HealthState.DISCONNECTED:
             # a printer in a stop fault (or gone) prints nothing: packs would go by unprinted. A link that drops
             # and reconnects within the grace (and within the time the codes on the printer cover) rides through.
@@ -1119,3 +1163,10 @@ class PrintVerifyRuntime:
 def _link_reason(reason: str) -> bool:
     """The transport's words for a lost link (drivers/transport.py), as opposed to a fault the printer reports."""
     return reason.startswith(("connection lost", "cannot connect", "not connected")) or " connection lost" in reason
+
+
+def build(cfg: PrintVerifyConfig, line: LinePort, drivers: "Mapping[str, Driver]") -> PrintVerifyRuntime:
+    """The registry's builder (linectl/engine/station.py) for `type: print_verify`."""
+    printer, reader, plc = drivers[cfg.printer], drivers[cfg.reader], drivers[cfg.plc]
+    assert isinstance(printer, Printer) and isinstance(reader, CodeReader) and isinstance(plc, Plc)  # roles checked at config load
+    return PrintVerifyRuntime(cfg, line, printer, reader, plc)

@@ -26,7 +26,8 @@ import structlog
 
 from linectl.drivers.base import CodeReader, DeviceError, Printer, PrintJob
 from linectl import gs1
-from linectl.config import LineConfig, ReworkStation
+from linectl.config import ReworkStation
+from linectl.engine.station import LinePort, Station, TaskFactory
 from linectl.events import (
     ChildRef,
     ContainerDecommissioned,
@@ -39,7 +40,9 @@ from linectl.events import (
 from linectl.trace import TraceError, active_children, container_facts, identify_code, snapshot, unit_facts, verify_code_async
 
 if TYPE_CHECKING:
-    from linectl.engine.line import Line
+    from collections.abc import Mapping
+
+    from linectl.drivers.base import Driver
 
 log = structlog.get_logger("linectl.rework")
 
@@ -225,17 +228,9 @@ async def decommission_unit(
 
 def label_job(store: Any, sscc: str, seq: int) -> PrintJob:
     """The same label the case/pallet station printed, rebuilt from the record (product, lot, expiry, count)."""
-    with snapshot(store) as conn:
-        c = conn.execute("SELECT level, lot, gtin FROM containers WHERE sscc=?", (sscc,)).fetchone()
-        b = conn.execute("SELECT expiry, gtin FROM batches WHERE lot=?", (c[1],)).fetchone() if c and c[1] else None
-        gtin = (c[2] if c else None) or (b[1] if b else "")
-        p = conn.execute("SELECT name FROM products WHERE gtin=?", (gtin,)).fetchone()
-        n = conn.execute("SELECT count(*) FROM aggregation WHERE parent=? AND removed_seq IS NULL", (sscc,)).fetchone()[0]
+    f = store.label_facts(sscc)
     code = gs1.compose({"00": sscc})
-    fields = {
-        "sscc": sscc, "product": p[0] if p else "", "gtin": gtin, "lot": (c[1] if c else "") or "",
-        "expiry": b[0] if b else "", "count": str(n), "level": (c[0] if c else "") or "",
-    }
+    fields = {"sscc": sscc, "product": f.product, "gtin": f.gtin, "lot": f.lot, "expiry": f.expiry, "count": str(f.children), "level": f.level}
     return PrintJob(seq=seq, element_string=code.element_string, hri=code.hri, fields=fields)
 
 
@@ -293,37 +288,7 @@ async def _await_confirm(printer: Printer, seq: int, timeout_s: float) -> bool:
 
 def check_hierarchy(store: Any) -> list[str]:
     """Every violation of the aggregation invariants, in words; [] when consistent. Full scans: a check, not a hot path."""
-    problems: list[str] = []
-    with snapshot(store) as conn:
-        for kind, key, n in conn.execute(
-            "SELECT child_kind, child_key, count(*) FROM aggregation WHERE removed_seq IS NULL GROUP BY child_kind, child_key HAVING count(*) > 1"
-        ):
-            problems.append(f"{kind} {key} has {n} parents")
-        for parent, g, s, state in conn.execute(
-            "SELECT a.parent, a.child_gtin, a.child_serial, s.state FROM aggregation a "
-            "LEFT JOIN serials s ON s.gtin = a.child_gtin AND s.serial = a.child_serial "
-            "WHERE a.removed_seq IS NULL AND a.child_kind = 'unit' AND coalesce(s.state, '') != 'commissioned'"
-        ):
-            problems.append(f"{parent} holds unit {g}/{s} which is {state or 'unknown'}")
-        for parent, key, state, level, plevel in conn.execute(
-            "SELECT a.parent, a.child_key, c.state, c.level, p.level FROM aggregation a "
-            "LEFT JOIN containers c ON c.sscc = a.child_key LEFT JOIN containers p ON p.sscc = a.parent "
-            "WHERE a.removed_seq IS NULL AND a.child_kind = 'container' "
-            "AND (coalesce(c.state, '') != 'commissioned' OR NOT (c.level = 'case' AND p.level = 'pallet'))"
-        ):
-            problems.append(f"{parent} ({plevel}) holds {level} {key} which is {state or 'unknown'}")
-        for parent, state, n in conn.execute(
-            "SELECT a.parent, c.state, count(*) FROM aggregation a LEFT JOIN containers c ON c.sscc = a.parent "
-            "WHERE a.removed_seq IS NULL GROUP BY a.parent HAVING coalesce(c.state, '') != 'commissioned'"
-        ):
-            problems.append(f"{parent} is {state or 'unknown'} but holds {n} children")
-        for parent, plot, g, s, ulot in conn.execute(
-            "SELECT a.parent, p.lot, a.child_gtin, a.child_serial, s.lot FROM aggregation a "
-            "JOIN containers p ON p.sscc = a.parent JOIN serials s ON s.gtin = a.child_gtin AND s.serial = a.child_serial "
-            "WHERE a.removed_seq IS NULL AND a.child_kind = 'unit' AND coalesce(p.lot, '') != coalesce(s.lot, '')"
-        ):
-            problems.append(f"{parent} (lot {plot}) holds unit {g}/{s} of lot {ulot}")
-    return problems
+    return store.hierarchy_problems()  # type: ignore[no-any-return]
 
 
 # --------------------------------------------------------------------------- rework station runtime
@@ -332,7 +297,7 @@ def check_hierarchy(store: Any) -> list[str]:
 MODE_PREFIX = "LINECTL:"
 
 
-class ReworkRuntime:
+class ReworkRuntime(Station):
     """A rework bench: the operator picks an operation (HMI, MQTT or a command barcode) and scans.
 
     Command barcodes (plain DataMatrix/QR/128): `LINECTL:MODE=remove` (any of
@@ -343,7 +308,7 @@ class ReworkRuntime:
     UnitInspected event for a known unit.
     """
 
-    def __init__(self, cfg: ReworkStation, line: "Line", scanner: CodeReader, printer: Printer | None = None, *, label_timeout_s: float = 10.0) -> None:
+    def __init__(self, cfg: ReworkStation, line: LinePort, scanner: CodeReader, printer: Printer | None = None, *, label_timeout_s: float = 10.0) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.line = line
@@ -358,20 +323,14 @@ class ReworkRuntime:
         self._waiting: dict[int, asyncio.Future[bool]] = {}
         self.log = log.bind(station=cfg.name)
 
-    def tasks(self) -> dict[str, Any]:
-        t = {f"{self.name}.scans": self._scans}
+    def tasks(self) -> dict[str, TaskFactory]:
+        t: dict[str, TaskFactory] = {f"{self.name}.scans": self._scans}
         if self.printer is not None:
             t[f"{self.name}.label_confirms"] = self._confirms
         return t
 
-    def begin_production(self, batch: Any) -> None:
-        """Rework does not follow the batch state: units of any lot can be reworked."""
-
-    def pause(self) -> None:
-        pass
-
-    async def drain(self, timeout_s: float) -> None:
-        pass
+    # Rework does not follow the batch state (units of any lot can be reworked): the line's lifecycle hooks
+    # are the Station defaults (nothing to do).
 
     def set_mode(self, mode: str, operator: str | None = None) -> None:
         if mode not in OPERATIONS:
@@ -493,12 +452,10 @@ class ReworkRuntime:
         return {"op": "inspect", **v}
 
 
-def build_rework_stations(cfg: LineConfig, line: "Line", drivers: dict[str, Any]) -> list[ReworkRuntime]:
-    out = []
-    for st in cfg.stations:
-        if isinstance(st, ReworkStation):
-            scanner = drivers[st.scanner]
-            printer = drivers[st.printer] if st.printer else None
-            assert isinstance(scanner, CodeReader)
-            out.append(ReworkRuntime(st, line, scanner, printer))
-    return out
+def build(st: ReworkStation, line: LinePort, drivers: "Mapping[str, Driver]") -> ReworkRuntime:
+    """The registry's builder (linectl/engine/station.py) for `type: rework`."""
+    scanner = drivers[st.scanner]
+    printer = drivers[st.printer] if st.printer else None
+    assert isinstance(scanner, CodeReader)
+    assert printer is None or isinstance(printer, Printer)
+    return ReworkRuntime(st, line, scanner, printer)

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import re
+import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
@@ -21,7 +22,7 @@ import structlog
 from sqlalchemy import Connection
 
 from linectl.jsonable import json_default
-from linectl.store import ops, plc_records, schema
+from linectl.store import containers, ops, plc_records, schema
 from linectl.store.lock import StoreLock
 from linectl.store.model import (
     AuditCheck,
@@ -209,8 +210,16 @@ class Store:
             yield c
 
     def writer_alive(self) -> bool:
-        """The writer thread runs (False once closed, read-only, or if the thread died): the daemon's watchdog feeds on it."""
-        return self._writer is not None and self._writer.is_alive()
+        """The writer thread runs and takes operations: the daemon feeds the systemd watchdog only while it does."""
+        w = self._writer
+        return w is not None and not self._closed and w.is_alive()
+
+    def writer_gone(self) -> StoreError:
+        """A write to a store whose writer thread ended: refused like a write the database refuses (the line stops
+        without the store, see Line.store_failed), never queued where nobody will ever answer it."""
+        exc = StoreError(f"{self.path}: the store writer is not running; nothing can be recorded")
+        exc.__cause__ = sqlite3.OperationalError("store writer thread ended")
+        return exc
 
     def _check_open(self) -> None:
         if self._closed:
@@ -220,6 +229,8 @@ class Store:
         self._check_open()
         if self._writer is None:
             raise StoreError(f"{self.path}: store was opened read-only")
+        if not self._writer.is_alive():
+            raise self.writer_gone()
         await self._slots.acquire()  # bounded queue: producers wait here when the writer is behind
         try:
             self._check_open()  # close() may have run while this waited for a slot
@@ -411,6 +422,18 @@ class Store:
 
     def pack_counts(self, lot: str) -> dict[str, int]:
         return plc_records.read_pack_counts(self._reader, lot)
+
+    def label_facts(self, sscc: str) -> containers.LabelFacts:
+        """What a case/pallet label shows as the record says now (a reprint rebuilds the label from this)."""
+        return containers.read_label_facts(self._reader, sscc)
+
+    def label_intents(self, intent_action: str, recovery_action: str) -> containers.LabelIntents:
+        """Label intents with no container row since the last recovery watermark (see engine recover_containers)."""
+        return containers.read_label_intents(self._reader, intent_action, recovery_action)
+
+    def hierarchy_problems(self) -> list[str]:
+        """Every violation of the aggregation invariants, in words; [] when consistent."""
+        return containers.read_hierarchy_problems(self._reader)
 
     def plc_state(self, plc: str) -> plc_records.PlcEpochState | None:
         return plc_records.read_plc_state(self._reader, plc)

@@ -60,6 +60,19 @@ def _first_code(codes: tuple[Decoded, ...]) -> Decoded | None:
     return codes[0] if codes else None
 
 
+def symbol_problem(codes: tuple[Decoded, ...], *, require_gs1: bool = True, allow_dmre: bool = False) -> Verdict | None:
+    """What is wrong with a unit's symbols before their content matters (no read, several codes, not GS1), or None."""
+    code = _first_code(codes)
+    if code is None or not code.data:
+        return Verdict(False, RejectReason.NO_READ, "nothing decoded")
+    if len(codes) > 1:
+        return Verdict(False, RejectReason.WRONG_CONTENT, f"{len(codes)} codes seen on one unit")
+    if require_gs1 and not _is_gs1(code.symbology, allow_dmre):
+        expected = "]d2 or ]d8 (DMRE)" if allow_dmre else "]d2"
+        return Verdict(False, RejectReason.NOT_GS1, f"symbology {code.symbology or 'unknown'}, expected {expected} (FNC1 missing or DMRE not allowed)")
+    return None
+
+
 def verify_unit(
     expected: Expected,
     codes: tuple[Decoded, ...],
@@ -75,14 +88,10 @@ def verify_unit(
     `is_known_serial(gtin, serial)` says whether that serial was already
     printed/verified on a unit before (then the read is a duplicate).
     """
-    code = _first_code(codes)
-    if code is None or not code.data:
-        return Verdict(False, RejectReason.NO_READ, "nothing decoded")
-    if len(codes) > 1:
-        return Verdict(False, RejectReason.WRONG_CONTENT, f"{len(codes)} codes seen on one unit")
-    if require_gs1 and not _is_gs1(code.symbology, allow_dmre):
-        expected = "]d2 or ]d8 (DMRE)" if allow_dmre else "]d2"
-        return Verdict(False, RejectReason.NOT_GS1, f"symbology {code.symbology or 'unknown'}, expected {expected} (FNC1 missing or DMRE not allowed)")
+    bad = symbol_problem(codes, require_gs1=require_gs1, allow_dmre=allow_dmre)
+    if bad is not None:
+        return bad
+    code = codes[0]
     try:
         parsed = gs1.parse(code.data)
     except gs1.GS1Error as exc:
