@@ -376,7 +376,7 @@ class VerifyStation(Model):
     rules: VerifyRules = Field(default_factory=VerifyRules)
 
     @model_validator(mode="after")
-    def _rules_that_apply(self) -> "VerifyStation":
+    def _rules_that_apply(self) -> VerifyStation:
         """A rule this station cannot apply is refused, not silently ignored."""
         if "link_grace_s" in self.rules.model_fields_set:
             raise ValueError("rules.link_grace_s is about a printer link; a verify station prints nothing")

@@ -130,7 +130,7 @@ class Conveyor:
         units: int = 0,
         on_unit: Callable[[SimUnit], None] | None = None,
         journal: UnitJournal | None = None,
-        fed_by: "Conveyor | None" = None,
+        fed_by: Conveyor | None = None,
         downstream_defect_rate: float = 0.0,
         seed: int = 1,
     ) -> None:

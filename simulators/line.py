@@ -15,6 +15,7 @@ their constructors is a one-place fix.
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import ipaddress
 import random
@@ -194,7 +195,7 @@ class LineSim:
                 challenge=ChallengeFactory(gtin, self.sim.seed, render=camera),
                 free_run=self.sim.free_run,
                 units=self.sim.units if fed_by is None else 0,
-                on_unit=lambda unit, name=st.name: self._on_unit(name, unit),
+                on_unit=functools.partial(self._on_unit, st.name),
                 journal=self.journal if fed_by is None else None,
                 fed_by=fed_by,
                 downstream_defect_rate=self.sim.downstream_defect_rate,

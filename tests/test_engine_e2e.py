@@ -34,8 +34,8 @@ from engine_helpers import (
 )
 
 from linectl import control as C
-from linectl.engine.verdict import CHALLENGE_EXPECTED_REASON
 from linectl import gs1
+from linectl.engine.verdict import CHALLENGE_EXPECTED_REASON
 from linectl.engine.verify import CHALLENGE_EXPECTED_REASON
 from linectl.events import ChallengeResult, UnitCommissioned, UnitDecommissioned
 

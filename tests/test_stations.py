@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from linectl.simulators.scanner import ScannerSim
 from test_aggregation_support import (
     FAST,
     GTIN,
@@ -31,6 +30,7 @@ from linectl.engine.line import Line
 from linectl.engine.verify_station import VerifyRuntime
 from linectl.epcis import EpcisMapper
 from linectl.events import ReadRejected, UnitDecommissioned, UnitInspected
+from linectl.simulators.scanner import ScannerSim
 from linectl.yamlsource import ConfigFileError
 
 ROOT = Path(__file__).resolve().parent.parent

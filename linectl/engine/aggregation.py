@@ -30,15 +30,15 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 
-from linectl.drivers.base import CodeReader, DeviceError, Plc, PrintConfirm, Printer, PrintJob, Read
-from linectl.drivers.plc_tags import CASE_ACCEPT, CASE_REJECT, next_counter
 from linectl import gs1
 from linectl.config import CaseStation, PalletStation
+from linectl.drivers.base import CodeReader, DeviceError, Plc, PrintConfirm, Printer, PrintJob, Read
+from linectl.drivers.plc_tags import CASE_ACCEPT, CASE_REJECT, next_counter
 from linectl.engine.station import LinePort, Station, TaskFactory
 from linectl.events import ChildRef, ContainerCommissioned, ContainerDecommissioned, Packed, Severity
 from linectl.trace import container_facts, unit_facts
@@ -93,7 +93,7 @@ class AggResult:
     reason: str | None = None
     detail: str = ""
     partial: bool = False
-    at: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="milliseconds"))
+    at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="milliseconds"))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -192,7 +192,7 @@ class AggregationRuntime(Station):
             "last": [r.as_dict() for r in list(self.recent)[-5:]],
         }
 
-    def current_batch(self) -> "BatchContext | None":
+    def current_batch(self) -> BatchContext | None:
         b = self.line.batch
         if b is None or b.state.value not in OPEN_STATES:
             return None
@@ -275,7 +275,9 @@ class AggregationRuntime(Station):
             return await self._reject_early(len(codes), rj.reason, rj.detail, partial)
         sscc = await self._allocate_sscc(batch)
         await self.line.store.audit(
-            "system", f"station:{self.name}", LABEL_INTENT_ACTION,
+            "system",
+            f"station:{self.name}",
+            LABEL_INTENT_ACTION,
             {"sscc": sscc, "level": self.level, "lot": batch.lot, "gtin": batch.gtin, "station": self.name, "count": len(refs), "read_seq": read_seq},
         )
         try:
@@ -303,13 +305,13 @@ class AggregationRuntime(Station):
         if n < self.target and not (partial and n > 0):
             raise Rejected("count_short", f"{n} read, {self.level} holds {self.target}")
 
-    async def _allocate_sscc(self, batch: "BatchContext") -> str:
+    async def _allocate_sscc(self, batch: BatchContext) -> str:
         cp = batch.gtin[1 : 1 + batch.product.company_prefix_length]
         ext = self.cfg.sscc_extension
         (ref,) = await self.line.store.next_sscc_refs(cp, ext, 1)
         return gs1.make_sscc(ext, cp, ref)
 
-    def _label_job(self, sscc: str, batch: "BatchContext", count: int) -> PrintJob:
+    def _label_job(self, sscc: str, batch: BatchContext, count: int) -> PrintJob:
         self._job_seq += 1
         code = gs1.compose({"00": sscc})
         fields = {
@@ -323,7 +325,7 @@ class AggregationRuntime(Station):
         }
         return PrintJob(seq=self._job_seq, element_string=code.element_string, hri=code.hri, fields=fields)
 
-    async def _label(self, sscc: str, batch: "BatchContext", count: int) -> None:
+    async def _label(self, sscc: str, batch: BatchContext, count: int) -> None:
         """Print the SSCC label and prove it: read back by the label reader, else the printer's confirmation."""
         job = self._label_job(sscc, batch, count)
         fut: asyncio.Future[PrintConfirm] = asyncio.get_running_loop().create_future()
@@ -341,7 +343,7 @@ class AggregationRuntime(Station):
             else:
                 try:
                     await asyncio.wait_for(asyncio.shield(fut), self.label_timeout_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     raise Rejected("label_unconfirmed", f"printer {self.printer.name} did not confirm the label within {self.label_timeout_s}s") from None
         finally:
             self._waiting.pop(job.seq, None)
@@ -354,7 +356,7 @@ class AggregationRuntime(Station):
                 raise Rejected("label_unreadable", f"no read of the label within {self.label_timeout_s}s")
             try:
                 r = await asyncio.wait_for(self._label_reads.get(), left)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 continue
             if not r.codes:
                 raise Rejected("label_unreadable", "label reader reported a no-read")
@@ -379,10 +381,12 @@ class AggregationRuntime(Station):
         """Rejected before an SSCC was allocated: nothing to void, the children were never touched."""
         return await self._rejected(AggResult(False, self.level, n, None, reason, detail, partial))
 
-    async def _reject_labelled(self, sscc: str, n: int, reason: str, detail: str, partial: bool, batch: "BatchContext") -> AggResult:
+    async def _reject_labelled(self, sscc: str, n: int, reason: str, detail: str, partial: bool, batch: BatchContext) -> AggResult:
         try:
             await self.line.store.append(
-                ContainerDecommissioned(sscc=sscc, reason=f"{self.level} rejected: {reason}: {detail}"[:500], commissioned=False, lot=batch.lot, station=self.name)
+                ContainerDecommissioned(
+                    sscc=sscc, reason=f"{self.level} rejected: {reason}: {detail}"[:500], commissioned=False, lot=batch.lot, station=self.name
+                )
             )
             self.counters.sscc_voided += 1
         except Exception as exc:  # noqa: BLE001 - the intent record makes recover_containers void it at the next start
@@ -439,9 +443,13 @@ class AggregationRuntime(Station):
                 return
         self.log.error("plc_signal_failed", plc=self.plc.name, case_result=result, sscc=res.sscc, ok=res.ok, error=reason)
         what = f"{self.level} {'recorded' if res.ok else 'rejected'}" + (f" (SSCC {res.sscc})" if res.sscc else "")
-        todo = f"a fail-safe PLC diverts it: put the recorded {self.level} back on the line" if res.ok else "it may not be diverted: take it off the line by hand"
+        todo = (
+            f"a fail-safe PLC diverts it: put the recorded {self.level} back on the line" if res.ok else "it may not be diverted: take it off the line by hand"
+        )
         try:
-            await self.line.alarm(f"{self.level}_signal_failed", f"{what}, but PLC {self.plc.name} was not told: {reason}; {todo}"[:500], Severity.WARNING, self.name)
+            await self.line.alarm(
+                f"{self.level}_signal_failed", f"{what}, but PLC {self.plc.name} was not told: {reason}; {todo}"[:500], Severity.WARNING, self.name
+            )
         except Exception as exc:  # noqa: BLE001
             self.log.error("alarm_failed", error=str(exc))
 
@@ -451,10 +459,10 @@ class AggregationRuntime(Station):
 
     # ------------------------------------------------------------------ children (per level)
 
-    def _parse_children(self, codes: list[Any], batch: "BatchContext") -> list[Any]:
+    def _parse_children(self, codes: list[Any], batch: BatchContext) -> list[Any]:
         raise NotImplementedError
 
-    def _check_children(self, children: list[Any], batch: "BatchContext") -> list[ChildRef]:
+    def _check_children(self, children: list[Any], batch: BatchContext) -> list[ChildRef]:
         raise NotImplementedError
 
 
@@ -479,7 +487,7 @@ class CaseRuntime(AggregationRuntime):
     def target(self) -> int:
         return self.cfg.units_per_case
 
-    def _parse_children(self, codes: list[Any], batch: "BatchContext") -> list[tuple[str, str]]:
+    def _parse_children(self, codes: list[Any], batch: BatchContext) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
         bad: list[str] = []
         for c in codes:
@@ -500,7 +508,7 @@ class CaseRuntime(AggregationRuntime):
             raise Rejected("duplicate", f"serial(s) {_short(dups)} read twice in this case")
         return out
 
-    def _check_children(self, children: list[tuple[str, str]], batch: "BatchContext") -> list[ChildRef]:
+    def _check_children(self, children: list[tuple[str, str]], batch: BatchContext) -> list[ChildRef]:
         facts = unit_facts(self.line.store, children)
         problems: dict[str, list[str]] = {}
         for g, s in children:
@@ -530,7 +538,7 @@ class PalletRuntime(AggregationRuntime):
     def target(self) -> int:
         return self.cfg.cases_per_pallet
 
-    def _parse_children(self, codes: list[Any], batch: "BatchContext") -> list[str]:
+    def _parse_children(self, codes: list[Any], batch: BatchContext) -> list[str]:
         out: list[str] = []
         bad: list[str] = []
         for c in codes:
@@ -549,7 +557,7 @@ class PalletRuntime(AggregationRuntime):
             raise Rejected("duplicate", f"SSCC(s) {_short(dups)} read twice on this pallet")
         return out
 
-    def _check_children(self, children: list[str], batch: "BatchContext") -> list[ChildRef]:
+    def _check_children(self, children: list[str], batch: BatchContext) -> list[ChildRef]:
         facts = container_facts(self.line.store, children)
         problems: dict[str, list[str]] = {}
         for s in children:
@@ -575,7 +583,7 @@ class PalletRuntime(AggregationRuntime):
 # --------------------------------------------------------------------------- construction and recovery
 
 
-def build(st: CaseStation | PalletStation, line: LinePort, drivers: "Mapping[str, Driver]") -> AggregationRuntime:
+def build(st: CaseStation | PalletStation, line: LinePort, drivers: Mapping[str, Driver]) -> AggregationRuntime:
     """The registry's builder (linectl/engine/station.py) for `type: case` and `type: pallet`."""
     reader, printer = drivers[st.reader], drivers[st.printer]
     label_reader = drivers[st.label_reader] if st.label_reader else None
@@ -602,7 +610,7 @@ async def recover_containers(store: Any, *, older_than_s: float = 0.0, actor: st
 
     intents = await asyncio.to_thread(store.label_intents, LABEL_INTENT_ACTION, RECOVERY_ACTION)
     upto, orphans, top = intents.checked_through, intents.orphans, intents.top
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     voided: list[str] = []
     through = top
     for seq, ts, d in orphans:

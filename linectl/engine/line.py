@@ -12,17 +12,16 @@ import asyncio
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import structlog
 
-from linectl.drivers.base import Driver, Plc
 from linectl import control as C
-from linectl.config import LineConfig, PrintVerifyStation, Product
+from linectl.config import LineConfig, Product
+from linectl.drivers.base import Driver, Plc
 from linectl.engine.station import PartialCloser, ReworkBench, Station, build_stations
 from linectl.engine.verdict import challenge_status
-from linectl.gs1 import GS1Error
 from linectl.events import (
     AlarmAcknowledged,
     AlarmRaised,
@@ -32,6 +31,7 @@ from linectl.events import (
     Severity,
     UnitDecommissioned,
 )
+from linectl.gs1 import GS1Error
 from linectl.store.model import StoreError
 
 log = structlog.get_logger("linectl.line")
@@ -241,8 +241,16 @@ class Line:
         stray = [(g, s) for (g, s, _lot) in self.store.in_flight(lot) if s not in held]
         for i in range(0, len(stray), 500):
             await self.store.append(
-                *[UnitDecommissioned(gtin=g, serial=s, lot=lot, reason=RejectReason.LINE_STOPPED,
-                                     detail="sent while the store refused writes; no good verdict reached the gate") for g, s in stray[i : i + 500]]
+                *[
+                    UnitDecommissioned(
+                        gtin=g,
+                        serial=s,
+                        lot=lot,
+                        reason=RejectReason.LINE_STOPPED,
+                        detail="sent while the store refused writes; no good verdict reached the gate",
+                    )
+                    for g, s in stray[i : i + 500]
+                ]
             )
         if stray:
             log.warning("store_recovery_decommissioned", lot=lot, count=len(stray))
@@ -382,8 +390,15 @@ class Line:
                 counts = self.store.lot_counts(b.lot)
                 state = BatchState(b.state)
                 self.batch = BatchContext(
-                    b.lot, b.gtin, b.expiry, b.planned_qty, product, state, good_before=counts.get("commissioned", 0),
-                    challenge=b.challenge_required != [], challenge_required=b.challenge_required,
+                    b.lot,
+                    b.gtin,
+                    b.expiry,
+                    b.planned_qty,
+                    product,
+                    state,
+                    good_before=counts.get("commissioned", 0),
+                    challenge=b.challenge_required != [],
+                    challenge_required=b.challenge_required,
                     dates=self.store.batch_dates(b.lot),
                 )
                 if state in (BatchState.RUNNING, BatchState.CHALLENGE, BatchState.PAUSED):
@@ -402,7 +417,13 @@ class Line:
             for i in range(0, len(serials), 500):
                 await self.store.append(
                     *[
-                        UnitDecommissioned(gtin=gtin, serial=s, lot=lot, reason=RejectReason.CRASH_RECOVERY, detail="in flight when the daemon stopped; not commissioned blindly")
+                        UnitDecommissioned(
+                            gtin=gtin,
+                            serial=s,
+                            lot=lot,
+                            reason=RejectReason.CRASH_RECOVERY,
+                            detail="in flight when the daemon stopped; not commissioned blindly",
+                        )
                         for s in serials[i : i + 500]
                     ]
                 )
@@ -426,7 +447,7 @@ class Line:
                 except Exception as exc:  # noqa: BLE001 - cannot tell: refuse rather than risk running it twice
                     raise C.CommandRejected(f"cannot check command_id {command.command_id!r}: {exc}", "store_unavailable") from None
                 if done is not None:
-                    seen = self._replies[command.command_id] = (done["command"], done["result"])
+                    seen = self._replies[command.command_id] = (str(done["command"]), dict(done["result"]))
             if seen is not None:
                 if seen[0] != command.name:
                     raise C.CommandRejected(f"command_id {command.command_id!r} was already used for {seen[0]}", "command_id_reused")
@@ -434,11 +455,15 @@ class Line:
         async with self._lock:
             handler = getattr(self, f"_cmd_{command.name}")
             try:
-                result = await handler(command, origin)
+                result: dict[str, Any] = await handler(command, origin)
                 if not isinstance(command, (C.RequestState, C.VerifyCode)):
                     await self.store.audit(
-                        command.actor, origin, command.name, {**command.model_dump(mode="json", exclude={"serials"}), "result": _short(result)},
-                        command_id=command.command_id, reply=result,  # durable idempotency: a retry after a restart gets this reply
+                        command.actor,
+                        origin,
+                        command.name,
+                        {**command.model_dump(mode="json", exclude={"serials"}), "result": _short(result)},
+                        command_id=command.command_id,
+                        reply=result,  # durable idempotency: a retry after a restart gets this reply
                     )
             except StoreError as exc:
                 if not _is_store_full(exc):
@@ -463,10 +488,11 @@ class Line:
             raise C.CommandRejected(f"lot {c.lot} already exists", "lot_exists")
         self._check_expiry(c.expiry, product, production=c.production_date)
         C.check_batch_code(c, product.template, product.gtin, product.shelf_life_days is not None)
-        required = list(self.cfg.batch.challenge) if c.challenge else []
+        required: list[str] = list(self.cfg.batch.challenge) if c.challenge else []
         await self.store.create_batch(c.lot, product.gtin, c.expiry, c.planned_qty, actor=c.actor, challenge_required=required, dates=c.dates)
-        self.batch = BatchContext(c.lot, product.gtin, c.expiry, c.planned_qty, product, BatchState.CREATED, challenge=c.challenge,
-                                  challenge_required=required, dates=c.dates)
+        self.batch = BatchContext(
+            c.lot, product.gtin, c.expiry, c.planned_qty, product, BatchState.CREATED, challenge=c.challenge, challenge_required=required, dates=c.dates
+        )
         await self.store.append(BatchStateChanged(lot=c.lot, gtin=product.gtin, state=BatchState.CREATED, actor=f"{c.actor}@{origin}", reason="created"))
         self.completed.clear()
         return {"lot": c.lot, "state": "created"}
@@ -661,8 +687,17 @@ class Line:
         res = await self.store.provision(product.gtin, c.serial_list(), source=origin)
         if res.invalid or res.duplicates:
             if res.accepted == 0:
-                raise C.CommandRejected(f"no serial accepted: {res.duplicates} duplicates, {res.invalid} invalid; {'; '.join(res.problems[:5])}", "pool_rejected")
-        return {"gtin": product.gtin, "accepted": res.accepted, "duplicates": res.duplicates, "invalid": res.invalid, "problems": res.problems[:20], "request_id": c.request_id}
+                raise C.CommandRejected(
+                    f"no serial accepted: {res.duplicates} duplicates, {res.invalid} invalid; {'; '.join(res.problems[:5])}", "pool_rejected"
+                )
+        return {
+            "gtin": product.gtin,
+            "accepted": res.accepted,
+            "duplicates": res.duplicates,
+            "invalid": res.invalid,
+            "problems": res.problems[:20],
+            "request_id": c.request_id,
+        }
 
     async def _cmd_request_state(self, c: C.RequestState, origin: str) -> dict[str, Any]:
         return self.snapshot()
@@ -733,9 +768,7 @@ class Line:
             else:  # reprint: on a rework bench's printer, whose confirmation stream the bench owns
                 benches = [b for b in self._rework_benches(c.station) if b.printer is not None]
                 if not benches:
-                    raise C.CommandRejected(
-                        f"no rework station{' ' + c.station if c.station else ''} with a printer to reprint on", "no_printer"
-                    )
+                    raise C.CommandRejected(f"no rework station{' ' + c.station if c.station else ''} with a printer to reprint on", "no_printer")
                 b = benches[0]
                 res = await R.reprint_label(store, c.code, actor, printer=b.printer, confirm=b.confirm_print, origin=origin)
         except R.ReworkError as exc:
@@ -761,7 +794,9 @@ class Line:
             shown = ", ".join(f.serial for f in fates[:10]) + (" …" if len(fates) > 10 else "")
             raise C.CommandRejected(
                 f"{len(fates)} unit(s) of batch {b.lot} have an unknown fate after a PLC restart ({shown}): "
-                "check the reject bin and reconcile them (reconcile_units) first", "units_fate_unknown")
+                "check the reject bin and reconcile them (reconcile_units) first",
+                "units_fate_unknown",
+            )
 
     async def _cmd_reconcile_units(self, c: C.ReconcileUnits, origin: str) -> dict[str, Any]:
         """The operator's finding for units of unknown fate: in the reject bin (decommission) or passed (keep)."""
@@ -787,14 +822,27 @@ class Line:
                     doubtful.append(f"{f.serial} ({len(copies)} cop{'y' if len(copies) == 1 else 'ies'} rejected: unit {seqs})")
             if doubtful:
                 raise C.CommandRejected(
-                    "the bin already holds rejected copies of " + "; ".join(doubtful[:10])
+                    "the bin already holds rejected copies of "
+                    + "; ".join(doubtful[:10])
                     + ": a pack with such a code in the bin may be a copy, not the unit. Count the packs carrying the code: "
-                    "in_bin with copies = that count only if it is more than the copies rejected, else passed", "ambiguous_copies")
+                    "in_bin with copies = that count only if it is more than the copies rejected, else passed",
+                    "ambiguous_copies",
+                )
         actor = f"{c.actor}@{origin}"
         if c.outcome == "in_bin":
-            evs = [UnitDecommissioned(gtin=f.gtin, serial=f.serial, lot=f.lot, reason=RejectReason.PLC_FAILSAFE, seq=f.seq, station=f.station,
-                                      detail=f"found in the reject bin when reconciled by {actor} (unit of unknown fate after a PLC restart)")
-                   for f in picked if (rec := self.store.serial(f.gtin, f.serial)) is not None and rec.state == "commissioned"]
+            evs = [
+                UnitDecommissioned(
+                    gtin=f.gtin,
+                    serial=f.serial,
+                    lot=f.lot,
+                    reason=RejectReason.PLC_FAILSAFE,
+                    seq=f.seq,
+                    station=f.station,
+                    detail=f"found in the reject bin when reconciled by {actor} (unit of unknown fate after a PLC restart)",
+                )
+                for f in picked
+                if (rec := self.store.serial(f.gtin, f.serial)) is not None and rec.state == "commissioned"
+            ]
             if evs:
                 await self.store.append(*evs)
             if self.batch is not None:
@@ -885,15 +933,13 @@ class Line:
     def snapshot(self) -> dict[str, Any]:
         b = self.batch
         return {
-            "ts": datetime.now(timezone.utc).isoformat(),
+            "ts": datetime.now(UTC).isoformat(),
             "line": self.cfg.topic_root,
             "state": b.state.value if b else "idle",
             "fault": self.fault,
             "store_error": self.store_down,
             "batch": (
-                {"lot": b.lot, "gtin": b.gtin, "expiry": b.expiry, "planned_qty": b.planned_qty, "good": b.good_total(), "state": b.state.value}
-                if b
-                else None
+                {"lot": b.lot, "gtin": b.gtin, "expiry": b.expiry, "planned_qty": b.planned_qty, "good": b.good_total(), "state": b.state.value} if b else None
             ),
             "rate_upm": self.achieved_rate_upm(),
             "stations": {s.name: s.snapshot() for s in self.stations},

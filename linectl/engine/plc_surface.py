@@ -9,17 +9,18 @@ when it was taken.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 
-from linectl.drivers.base import HealthState, Plc
 from linectl import control as C
+from linectl.drivers.base import HealthState, Plc
 from linectl.engine.line import Line
 
 log = structlog.get_logger("linectl.plc_surface")
 
-COMMAND_TAGS = {
+COMMAND_TAGS: dict[str, Callable[[], C.Command]] = {
     "cmd_start": lambda: C.StartBatch(actor="hmi"),
     "cmd_stop": lambda: C.StopBatch(actor="hmi", reason="stop from PLC/HMI"),
     "cmd_pause": lambda: C.PauseBatch(actor="hmi"),

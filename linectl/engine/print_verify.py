@@ -25,11 +25,11 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from linectl.drivers.base import CodeReader, DeviceError, HealthState, Plc, PrintJob, Printer, Read
-from linectl.drivers.plc_tags import PlcConfigBase
 from linectl import gs1
 from linectl.config import PrintVerifyStation as PrintVerifyConfig
 from linectl.config import queue_depth_for
+from linectl.drivers.base import CodeReader, DeviceError, HealthState, Plc, Printer, PrintJob, Read
+from linectl.drivers.plc_tags import PlcConfigBase
 from linectl.engine.station import LinePort, Station, TaskFactory
 from linectl.engine.stats import LatencyHistogram
 from linectl.engine.verdict import CHALLENGE_EXPECTED_REASON, Expected, Verdict, classify_unknown, verify_unit
@@ -243,7 +243,7 @@ class PrintVerifyRuntime(Station):
 
     # ------------------------------------------------------------------ modes
 
-    def begin_challenge(self, batch: "BatchContext", kinds: list[str]) -> None:
+    def begin_challenge(self, batch: BatchContext, kinds: list[str]) -> None:
         self.batch = batch
         self._challenge_kinds = list(kinds)
         self._challenge_index = 0
@@ -251,7 +251,7 @@ class PrintVerifyRuntime(Station):
         self.mode = "challenge"
         self.log.info("challenge_started", kinds=kinds)
 
-    def begin_production(self, batch: "BatchContext") -> None:
+    def begin_production(self, batch: BatchContext) -> None:
         self.batch = batch
         self.mode = "production"
         self._stopping_feed = False
@@ -346,7 +346,7 @@ class PrintVerifyRuntime(Station):
                 self._space.clear()
                 try:
                     await asyncio.wait_for(self._space.wait(), 0.05)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 continue
             if self.remaining_to_issue() > 0 and self.line.infeed_stopped:
@@ -355,7 +355,7 @@ class PrintVerifyRuntime(Station):
                 self._space.clear()
                 try:
                     await asyncio.wait_for(self._space.wait(), 0.05)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
                 continue
             if self._printer_unknown and not self._on_printer:
@@ -391,7 +391,14 @@ class PrintVerifyRuntime(Station):
                     self._on_printer[j.job_seq] = j
                 for idx, j in enumerate(jobs):
                     try:
-                        await self.printer.send(PrintJob(seq=j.job_seq, element_string=j.code.element_string, hri=j.code.hri, fields={"lot": batch.lot, "expiry": batch.expiry, "gtin": batch.gtin, "serial": j.serial, **batch.dates}))
+                        await self.printer.send(
+                            PrintJob(
+                                seq=j.job_seq,
+                                element_string=j.code.element_string,
+                                hri=j.code.hri,
+                                fields={"lot": batch.lot, "expiry": batch.expiry, "gtin": batch.gtin, "serial": j.serial, **batch.dates},
+                            )
+                        )
                         j.acked = True
                         self._jobs_issued += 1
                     except DeviceError as exc:
@@ -411,7 +418,7 @@ class PrintVerifyRuntime(Station):
                             await self.line.fault_stop("printer_error", f"printer {self.printer.name}: {exc.reason}", self.name)
                         break
 
-    def _make_job(self, serial: str, batch: "BatchContext") -> Job:
+    def _make_job(self, serial: str, batch: BatchContext) -> Job:
         self._job_counter += 1
         p = batch.product
         tpl = p.template
@@ -424,7 +431,7 @@ class PrintVerifyRuntime(Station):
         while True:
             try:
                 await asyncio.wait_for(self._refill.wait(), 0.1)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._refill.clear()
             batch = self.batch
@@ -504,7 +511,7 @@ class PrintVerifyRuntime(Station):
                 self._confirm_arrived.clear()
                 try:
                     await asyncio.wait_for(self._confirm_arrived.wait(), max(0.0, deadline - time.monotonic()))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     break
         # units printed before this one that were never read: the reader missed them
         for older in [k for k in self._units if k < seq]:
@@ -517,9 +524,16 @@ class PrintVerifyRuntime(Station):
             if job is not None:
                 # printed, but its print confirmation was lost (printer link reset): the read names the job.
                 # Tracking was not confirmed, so reject it, and record that this serial is on this unit.
-                await self._reject(seq, job, Verdict(False, RejectReason.UNEXPECTED_UNIT, f"job {job.job_seq} printed on unit {seq} without a print confirmation"), r.received_at)
+                await self._reject(
+                    seq,
+                    job,
+                    Verdict(False, RejectReason.UNEXPECTED_UNIT, f"job {job.job_seq} printed on unit {seq} without a print confirmation"),
+                    r.received_at,
+                )
                 return
-            v = classify_unknown(r.codes, min_grade=self._min_grade(), is_known_serial=self._is_known, require_gs1=self.rules.require_gs1, allow_dmre=self._allow_dmre())
+            v = classify_unknown(
+                r.codes, min_grade=self._min_grade(), is_known_serial=self._is_known, require_gs1=self.rules.require_gs1, allow_dmre=self._allow_dmre()
+            )
             await self._reject(seq, None, Verdict(False, RejectReason.UNEXPECTED_UNIT, f"no code was printed for unit {seq}; read: {v.detail}"), r.received_at)
             return
         v = verify_unit(
@@ -569,8 +583,9 @@ class PrintVerifyRuntime(Station):
     async def _accept(self, seq: int, job: Job, v: Verdict, received_at: float) -> None:
         batch = self.batch
         assert batch is not None
-        ev = UnitCommissioned(gtin=batch.gtin, serial=job.serial, lot=batch.lot, expiry=batch.expiry, dates=batch.dates or None,
-                              seq=seq, grade=v.grade, station=self.name)
+        ev = UnitCommissioned(
+            gtin=batch.gtin, serial=job.serial, lot=batch.lot, expiry=batch.expiry, dates=batch.dates or None, seq=seq, grade=v.grade, station=self.name
+        )
         epoch = self._epoch_changes
         await self.line.store.append(ev)  # durable before the PLC hears "good"
         if epoch != self._epoch_changes:
@@ -627,11 +642,13 @@ class PrintVerifyRuntime(Station):
         if self._consecutive_noreads >= self.rules.no_read_limit:
             await self.line.fault_stop("no_read_limit", f"{self._consecutive_noreads} consecutive no-reads (limit {self.rules.no_read_limit})", self.name)
         elif self._consecutive_rejects >= self.rules.consecutive_reject_limit:
-            await self.line.fault_stop("consecutive_rejects", f"{self._consecutive_rejects} consecutive rejects (limit {self.rules.consecutive_reject_limit}), last: {v.reason.value}", self.name)
+            await self.line.fault_stop(
+                "consecutive_rejects",
+                f"{self._consecutive_rejects} consecutive rejects (limit {self.rules.consecutive_reject_limit}), last: {v.reason.value}",
+                self.name,
+            )
 
-    async def _decommission(
-        self, job: Job, reason: RejectReason, detail: str, *, seq: int | None, read: tuple[str | None, str | None] = (None, None)
-    ) -> None:
+    async def _decommission(self, job: Job, reason: RejectReason, detail: str, *, seq: int | None, read: tuple[str | None, str | None] = (None, None)) -> None:
         batch = self.batch
         assert batch is not None
         read_gtin, read_serial = read
@@ -639,8 +656,17 @@ class PrintVerifyRuntime(Station):
             read_gtin = read_serial = None  # the unit carried its own code (or none): no copy of another serial
         # may wait in memory while the store refuses writes (Line.record): a stop must finish without the store
         await self.line.record(
-            UnitDecommissioned(gtin=batch.gtin, serial=job.serial, lot=batch.lot, reason=reason, detail=detail[:500], seq=seq, station=self.name,
-                               read_gtin=read_gtin, read_serial=read_serial)
+            UnitDecommissioned(
+                gtin=batch.gtin,
+                serial=job.serial,
+                lot=batch.lot,
+                reason=reason,
+                detail=detail[:500],
+                seq=seq,
+                station=self.name,
+                read_gtin=read_gtin,
+                read_serial=read_serial,
+            )
         )
         self.line.count_units(batch.lot, decommissioned=1)
         self._space.set()
@@ -654,7 +680,9 @@ class PrintVerifyRuntime(Station):
 
     async def _handle_challenge(self, seq: int, r: Read) -> None:
         self.counters.challenge_units += 1
-        v = classify_unknown(r.codes, min_grade=self._min_grade(), is_known_serial=self._challenge_known, require_gs1=self.rules.require_gs1, allow_dmre=self._allow_dmre())
+        v = classify_unknown(
+            r.codes, min_grade=self._min_grade(), is_known_serial=self._challenge_known, require_gs1=self.rules.require_gs1, allow_dmre=self._allow_dmre()
+        )
         if r.codes and r.codes[0].data:
             try:
                 p = gs1.parse(r.codes[0].data)
@@ -688,7 +716,9 @@ class PrintVerifyRuntime(Station):
         res = {"seq": seq, "challenge": kind, "rejected": confirmed, "reason_seen": v.reason.value if v.reason else None, "passed": ok}
         self._challenge_results.append(res)
         await self.line.record(
-            ChallengeResult(lot=self.batch.lot if self.batch else None, station=self.name, challenge=kind, rejected=confirmed, reason_seen=res["reason_seen"], seq=seq)
+            ChallengeResult(
+                lot=self.batch.lot if self.batch else None, station=self.name, challenge=kind, rejected=confirmed, reason_seen=res["reason_seen"], seq=seq
+            )
         )
         if len(self._challenge_results) >= len(self._challenge_kinds):
             passed = all(x["passed"] for x in self._challenge_results)
@@ -950,8 +980,9 @@ class PrintVerifyRuntime(Station):
         # where the new epoch's counters started: 0 for a counter the restart reset, else where it was (retentive);
         # units of the old epoch still on the belt are counted at the gate of the new one (carried over)
         new_counts = dict(self._plc_counts)
-        self._plc_counts = {k: (0 if (v is not None and old_counts.get(k) is not None and v < int(old_counts[k] or 0)) else old_counts.get(k, v))
-                            for k, v in new_counts.items()}
+        self._plc_counts = {
+            k: (0 if (v is not None and old_counts.get(k) is not None and v < int(old_counts[k] or 0)) else old_counts.get(k, v)) for k, v in new_counts.items()
+        }
         old_tc = old_counts.get("trigger_count")
         reset = old_tc is not None and self._plc_counts.get("trigger_count") == 0 and old_tc > 0
         own = self._own_gated(gated, self._carried)  # this epoch's own units proven through the gate
@@ -972,7 +1003,7 @@ class PrintVerifyRuntime(Station):
         self._restart_commissioned = {}
         self._decided.clear()
         self._early_confirms.clear()
-        tc = self._trigger_seen
+        tc = self._new_epoch_trigger()
         old_top = max([self._max_printed_seq, self._last_read_seq, *self._units, *(s for s, *_ in doubt)], default=0)
         renumbered = tc is not None and tc < old_top  # the new epoch counts units from (near) zero again
         self._last_read_seq = 0
@@ -987,7 +1018,9 @@ class PrintVerifyRuntime(Station):
         unread = list(self._units.items())
         self._units.clear()
         for seq, unit in unread:
-            await self._decommission(unit.job, RejectReason.MISSING_UNIT, "printed, not decided when the PLC restarted (no good verdict: rejected fail-safe)", seq=seq)
+            await self._decommission(
+                unit.job, RejectReason.MISSING_UNIT, "printed, not decided when the PLC restarted (no good verdict: rejected fail-safe)", seq=seq
+            )
         # rejects ordered in the old epoch cannot be confirmed from the new epoch's ring
         unconfirmed = sorted(self._pending_rejects)
         pending = dict(self._pending_rejects)
@@ -998,13 +1031,15 @@ class PrintVerifyRuntime(Station):
                 await self._challenge_confirmed(seq, challenge, False)
         await self._epoch_closed(why, doubt, unconfirmed, old_epoch)
 
+    def _new_epoch_trigger(self) -> int | None:
+        """The new epoch's trigger count as _note_counters took it (a method, so a reader sees where it comes from)."""
+        return self._trigger_seen
+
     async def _epoch_closed(self, why: str, doubt: list[tuple[int, str, str, str | None]], unconfirmed: list[int], old_epoch: int) -> None:
         cause = f"PLC {self.plc.name} restarted ({why}) before the unit's passage of the reject gate was proven"
         n = 0
         if doubt:
-            n = await self.line.store.mark_fate_unknown(
-                [(g, s, lot, self.name, self.plc.name, old_epoch, seq, cause) for seq, g, s, lot in doubt]
-            )
+            n = await self.line.store.mark_fate_unknown([(g, s, lot, self.name, self.plc.name, old_epoch, seq, cause) for seq, g, s, lot in doubt])
             self.fate_unknown += n
         self.log.warning("plc_epoch_changed", plc=self.plc.name, why=why, epoch=self.plc_epoch, fate_unknown=n, rejects_unconfirmed=len(unconfirmed))
         if n:
@@ -1012,8 +1047,10 @@ class PrintVerifyRuntime(Station):
             await self.line.alarm(
                 "units_fate_unknown",
                 f"{n} unit(s) of unknown fate after the PLC restart (in the reject bin or passed?): {', '.join(serials[:10])}"
-                + (" …" if len(serials) > 10 else "") + "; check the reject bin and reconcile them (reconcile_units)",
-                Severity.CRITICAL, self.name,
+                + (" …" if len(serials) > 10 else "")
+                + "; check the reject bin and reconcile them (reconcile_units)",
+                Severity.CRITICAL,
+                self.name,
             )
         detail = f"PLC {self.plc.name} restarted: {why}; new epoch {self.plc_epoch}, {n} unit(s) of unknown fate"
         if unconfirmed:
@@ -1024,14 +1061,29 @@ class PrintVerifyRuntime(Station):
     async def _epoch_closed_late(self, seq: int, job: Job) -> None:
         b = self.batch
         n = await self.line.store.mark_fate_unknown(
-            [(job.expected.gtin, job.serial, b.lot if b else None, self.name, self.plc.name, self.plc_epoch - 1, seq,
-              f"PLC {self.plc.name} restarted while unit {seq} was being commissioned")]
+            [
+                (
+                    job.expected.gtin,
+                    job.serial,
+                    b.lot if b else None,
+                    self.name,
+                    self.plc.name,
+                    self.plc_epoch - 1,
+                    seq,
+                    f"PLC {self.plc.name} restarted while unit {seq} was being commissioned",
+                )
+            ]
         )
         self.fate_unknown += n
         self.counters.good += 1
         if b is not None:
             self.line.count_units(b.lot, good=1)
-        await self.line.alarm("units_fate_unknown", f"unit {seq} (serial {job.serial}) of unknown fate: the PLC restarted while it was being commissioned", Severity.CRITICAL, self.name)
+        await self.line.alarm(
+            "units_fate_unknown",
+            f"unit {seq} (serial {job.serial}) of unknown fate: the PLC restarted while it was being commissioned",
+            Severity.CRITICAL,
+            self.name,
+        )
 
     def _commissioned_before_start(self) -> dict[int, tuple[str, str, str | None]]:
         """seq -> (gtin, serial, lot) of the last units this station commissioned in the open batch before this start.
@@ -1064,11 +1116,20 @@ class PrintVerifyRuntime(Station):
         if rec is None or rec.state != "commissioned":
             return
         await self.line.record(
-            UnitDecommissioned(gtin=gtin, serial=serial, lot=lot, reason=RejectReason.PLC_FAILSAFE, seq=seq, station=self.name,
-                               detail="rejected at the gate while linectl was down: its good verdict never reached the PLC")
+            UnitDecommissioned(
+                gtin=gtin,
+                serial=serial,
+                lot=lot,
+                reason=RejectReason.PLC_FAILSAFE,
+                seq=seq,
+                station=self.name,
+                detail="rejected at the gate while linectl was down: its good verdict never reached the PLC",
+            )
         )
         self.line.count_units(lot, good_before=-1)
-        await self.line.alarm("failsafe_reject", f"unit {seq} was rejected by the PLC while linectl was down; serial {serial} decommissioned", Severity.WARNING, self.name)
+        await self.line.alarm(
+            "failsafe_reject", f"unit {seq} was rejected by the PLC while linectl was down; serial {serial} decommissioned", Severity.WARNING, self.name
+        )
 
     async def _rejected_after_good(self, seq: int, job: Job) -> None:
         """A unit we commissioned went to the reject bin (verdict came too late): it is not on the market."""
@@ -1077,7 +1138,9 @@ class PrintVerifyRuntime(Station):
         self.counters.rejected[RejectReason.PLC_FAILSAFE.value] = self.counters.rejected.get(RejectReason.PLC_FAILSAFE.value, 0) + 1
         if self.batch:
             self.line.count_units(self.batch.lot, good=-1)
-        await self.line.alarm("failsafe_reject", f"unit {seq} rejected by PLC fail-safe after commissioning; serial {job.serial} decommissioned", Severity.WARNING, self.name)
+        await self.line.alarm(
+            "failsafe_reject", f"unit {seq} rejected by PLC fail-safe after commissioning; serial {job.serial} decommissioned", Severity.WARNING, self.name
+        )
         self._space.set()
 
     async def _check_timeouts(self) -> None:
@@ -1088,7 +1151,9 @@ class PrintVerifyRuntime(Station):
             p = self._pending_rejects.pop(s)
             if p.challenge is not None:
                 await self._challenge_confirmed(s, p.challenge, False)
-            await self.line.fault_stop("reject_not_confirmed", f"reject of unit {s} ({p.label}) not confirmed within {self.confirm_timeout_s():.2f}s", self.name)
+            await self.line.fault_stop(
+                "reject_not_confirmed", f"reject of unit {s} ({p.label}) not confirmed within {self.confirm_timeout_s():.2f}s", self.name
+            )
         if self.mode == "production" and self.printer.health.state == HealthState.DISCONNECTED:
             # a printer in a stop fault (or gone) prints nothing: packs would go by unprinted. A link that drops
             # and reconnects within the grace (and within the time the codes on the printer cover) rides through.
@@ -1106,7 +1171,9 @@ class PrintVerifyRuntime(Station):
             silent_since = oldest if silent_since is None else min(silent_since, oldest)
         if silent_since is not None:
             if now - silent_since > self.rules.read_timeout_s and now - self._last_read_at > self.rules.read_timeout_s:
-                await self.line.fault_stop("reader_silent", f"reader {self.reader.name}: no read for {self.rules.read_timeout_s}s while units were printed", self.name)
+                await self.line.fault_stop(
+                    "reader_silent", f"reader {self.reader.name}: no read for {self.rules.read_timeout_s}s while units were printed", self.name
+                )
                 self._last_read_at = now
 
     # ------------------------------------------------------------------ stop / drain
@@ -1165,7 +1232,7 @@ def _link_reason(reason: str) -> bool:
     return reason.startswith(("connection lost", "cannot connect", "not connected")) or " connection lost" in reason
 
 
-def build(cfg: PrintVerifyConfig, line: LinePort, drivers: "Mapping[str, Driver]") -> PrintVerifyRuntime:
+def build(cfg: PrintVerifyConfig, line: LinePort, drivers: Mapping[str, Driver]) -> PrintVerifyRuntime:
     """The registry's builder (linectl/engine/station.py) for `type: print_verify`."""
     printer, reader, plc = drivers[cfg.printer], drivers[cfg.reader], drivers[cfg.plc]
     assert isinstance(printer, Printer) and isinstance(reader, CodeReader) and isinstance(plc, Plc)  # roles checked at config load

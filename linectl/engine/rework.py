@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from linectl.drivers.base import CodeReader, DeviceError, Printer, PrintJob
 from linectl import gs1
 from linectl.config import ReworkStation
+from linectl.drivers.base import CodeReader, DeviceError, Printer, PrintJob
 from linectl.engine.station import LinePort, Station, TaskFactory
 from linectl.events import (
     ChildRef,
@@ -81,7 +82,7 @@ def _sscc(code: str) -> str:
         raise ReworkError("bad_code", str(exc)) from None
     if ident["kind"] != "sscc":
         raise ReworkError("not_a_container", f"{code!r} is a unit code, not an SSCC")
-    return ident["sscc"]
+    return str(ident["sscc"])
 
 
 async def _append(store: Any, *events: Any) -> None:
@@ -173,7 +174,16 @@ async def replace_unit(
     ]
     if decommission_old:
         events.append(
-            UnitDecommissioned(gtin=og, serial=os_, lot=old.lot, reason=RejectReason.DAMAGED, destroyed=True, detail=detail or "replaced in rework", actor=actor, station=station)
+            UnitDecommissioned(
+                gtin=og,
+                serial=os_,
+                lot=old.lot,
+                reason=RejectReason.DAMAGED,
+                destroyed=True,
+                detail=detail or "replaced in rework",
+                actor=actor,
+                station=station,
+            )
         )
     await _append(store, *events)
     log.info("rework_replaced", old=os_, new=ns, parent=old.parent, actor=actor, decommissioned=decommission_old)
@@ -206,7 +216,15 @@ async def dissolve(store: Any, code: str, actor: str, *, void_sscc: bool = True,
         raise ReworkError("nothing_to_do", f"SSCC {sscc} is empty and keeps its SSCC")
     await _append(store, *events)
     log.info("rework_dissolved", sscc=sscc, level=c.level, children=len(refs), voided=void_sscc, actor=actor)
-    return {"op": "dissolve", "sscc": sscc, "level": c.level, "children": len(refs), "from_parent": c.parent, "sscc_voided": void_sscc, "events": [e.kind for e in events]}
+    return {
+        "op": "dissolve",
+        "sscc": sscc,
+        "level": c.level,
+        "children": len(refs),
+        "from_parent": c.parent,
+        "sscc_voided": void_sscc,
+        "events": [e.kind for e in events],
+    }
 
 
 async def decommission_unit(
@@ -256,7 +274,7 @@ async def reprint_label(
         raise ReworkError("not_commissioned", f"SSCC {sscc} is {c.state}; a voided SSCC is never relabelled")
     confirmed: bool | None = None
     if printer is not None:
-        job = label_job(store, sscc, int(datetime.now(timezone.utc).timestamp() * 1000) % 1_000_000_000)
+        job = label_job(store, sscc, int(datetime.now(UTC).timestamp() * 1000) % 1_000_000_000)
         try:
             await printer.send(job)
         except DeviceError as exc:
@@ -279,7 +297,7 @@ async def _await_confirm(printer: Printer, seq: int, timeout_s: float) -> bool:
 
     try:
         return await asyncio.wait_for(wait(), timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return False
 
 
@@ -342,7 +360,14 @@ class ReworkRuntime(Station):
         self.log.info("rework_mode", mode=mode, operator=self.operator)
 
     def snapshot(self) -> dict[str, Any]:
-        return {"type": "rework", "mode": self.mode, "operator": self.operator, "pending": self._pending, "counts": dict(self.counts), "last": list(self.results)[-5:]}
+        return {
+            "type": "rework",
+            "mode": self.mode,
+            "operator": self.operator,
+            "pending": self._pending,
+            "counts": dict(self.counts),
+            "last": list(self.results)[-5:],
+        }
 
     @property
     def actor(self) -> str:
@@ -370,7 +395,7 @@ class ReworkRuntime(Station):
         self._waiting[seq] = fut
         try:
             return await asyncio.wait_for(fut, self.label_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
         finally:
             self._waiting.pop(seq, None)
@@ -389,7 +414,7 @@ class ReworkRuntime(Station):
             res = {"op": self.mode, "ok": False, "code": exc.code, "reason": exc.message, "scanned": code[:80]}
             self.log.warning("rework_refused", op=self.mode, code=exc.code, reason=exc.message)
         res["actor"] = self.actor
-        res["at"] = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        res["at"] = datetime.now(UTC).isoformat(timespec="milliseconds")
         self.counts[f"{res['op']}_{'ok' if res['ok'] else 'refused'}"] = self.counts.get(f"{res['op']}_{'ok' if res['ok'] else 'refused'}", 0) + 1
         self.results.append(res)
         return res
@@ -452,7 +477,7 @@ class ReworkRuntime(Station):
         return {"op": "inspect", **v}
 
 
-def build(st: ReworkStation, line: LinePort, drivers: "Mapping[str, Driver]") -> ReworkRuntime:
+def build(st: ReworkStation, line: LinePort, drivers: Mapping[str, Driver]) -> ReworkRuntime:
     """The registry's builder (linectl/engine/station.py) for `type: rework`."""
     scanner = drivers[st.scanner]
     printer = drivers[st.printer] if st.printer else None

@@ -7,11 +7,12 @@ are true, and "no read" before anything else.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any
 
-from linectl.drivers.base import Decoded
 from linectl import gs1
+from linectl.drivers.base import Decoded
 from linectl.events import RejectReason
 
 
@@ -45,7 +46,7 @@ class Verdict:
     seen_serial: str | None = None
 
     @staticmethod
-    def ok(grade: float | None) -> "Verdict":
+    def ok(grade: float | None) -> Verdict:
         return Verdict(True, None, "", grade)
 
 
@@ -111,12 +112,16 @@ def verify_unit(
     if wrong:
         return Verdict(False, RejectReason.DATA_MISMATCH, "; ".join(wrong), seen_gtin=seen_g, seen_serial=seen_s)
     if parsed.element_string != expected.element_string:
-        return Verdict(False, RejectReason.WRONG_CONTENT, "element string differs from the one sent (extra or missing AIs)", seen_gtin=seen_g, seen_serial=seen_s)
+        return Verdict(
+            False, RejectReason.WRONG_CONTENT, "element string differs from the one sent (extra or missing AIs)", seen_gtin=seen_g, seen_serial=seen_s
+        )
     if check_grade:
         if code.grade is None:
             return Verdict(False, RejectReason.LOW_GRADE, "no grade reported (ungraded)", seen_gtin=seen_g, seen_serial=seen_s)
         if code.grade < min_grade:
-            return Verdict(False, RejectReason.LOW_GRADE, f"grade {code.grade:.1f} below minimum {min_grade:.1f}", grade=code.grade, seen_gtin=seen_g, seen_serial=seen_s)
+            return Verdict(
+                False, RejectReason.LOW_GRADE, f"grade {code.grade:.1f} below minimum {min_grade:.1f}", grade=code.grade, seen_gtin=seen_g, seen_serial=seen_s
+            )
     return Verdict.ok(code.grade)
 
 
@@ -158,7 +163,7 @@ CHALLENGE_EXPECTED_REASON = {
 }
 
 
-def challenge_status(required: list[str] | None, results: list[dict], stations: list[str] | None = None) -> dict:
+def challenge_status(required: Sequence[str] | None, results: list[dict[str, Any]], stations: list[str] | None = None) -> dict[str, Any]:
     """Where a batch's challenge stands, from its stored results (batches.challenge).
 
     A kind passed at a station when the last result for (station, kind) is a unit rejected for that kind's own
@@ -167,10 +172,11 @@ def challenge_status(required: list[str] | None, results: list[dict], stations: 
     `required` None means unknown (a batch created before schema v3): the caller's configured list applies.
     """
     kinds = list(required or [])
-    last: dict[tuple[str | None, str], dict] = {}
-    for r in results:
-        last[(r.get("station"), str(r.get("challenge")))] = r
-    names: list[str | None] = list(stations) if stations else sorted({st for st, _ in last if st is not None}) or [None]
+    last: dict[tuple[str | None, str], dict[str, Any]] = {}
+    for res in results:
+        last[(res.get("station"), str(res.get("challenge")))] = res
+    seen: list[str | None] = [st for st in sorted({st for st, _ in last if st is not None})]
+    names: list[str | None] = list(stations) if stations else seen or [None]
     passed: list[str] = []
     failed: list[str] = []
     never_ran: list[str] = []
@@ -185,5 +191,4 @@ def challenge_status(required: list[str] | None, results: list[dict], stations: 
                 passed.append(label)
             else:
                 failed.append(label)
-    return {"required": required, "passed": passed, "failed": failed, "never_ran": never_ran,
-            "complete": not failed and not never_ran}
+    return {"required": required, "passed": passed, "failed": failed, "never_ran": never_ran, "complete": not failed and not never_ran}

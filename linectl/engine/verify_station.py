@@ -257,12 +257,18 @@ class VerifyRuntime(Station):
         if batch is None:
             return Verdict(False, RejectReason.DATA_MISMATCH, f"serial {s} of lot {rec.lot}: no open batch on the line", seen_gtin=g, seen_serial=s)
         if g != batch.gtin or rec.lot != batch.lot:
-            return Verdict(False, RejectReason.DATA_MISMATCH, f"serial {s} is of GTIN {g} lot {rec.lot}, the open batch is {batch.gtin} lot {batch.lot}",
-                           seen_gtin=g, seen_serial=s)
+            return Verdict(
+                False,
+                RejectReason.DATA_MISMATCH,
+                f"serial {s} is of GTIN {g} lot {rec.lot}, the open batch is {batch.gtin} lot {batch.lot}",
+                seen_gtin=g,
+                seen_serial=s,
+            )
         if first_on is not None and first_on != seq:
             return Verdict(False, RejectReason.DUPLICATE, f"serial {s} was already read on unit {first_on}", seen_gtin=g, seen_serial=s)
-        v = verify_unit(expected_for(batch, s), codes, min_grade=min_grade, require_gs1=self.rules.require_gs1,
-                        check_grade=self.rules.check_grade, allow_dmre=allow_dmre)
+        v = verify_unit(
+            expected_for(batch, s), codes, min_grade=min_grade, require_gs1=self.rules.require_gs1, check_grade=self.rules.check_grade, allow_dmre=allow_dmre
+        )
         if v.good:
             return Verdict(True, None, "", v.grade, seen_gtin=g, seen_serial=s)
         return Verdict(False, v.reason, v.detail, v.grade, seen_gtin=g, seen_serial=s)
@@ -301,8 +307,17 @@ class VerifyRuntime(Station):
         self._remember(seq, False, None)
         self.counters.rejected[v.reason.value] = self.counters.rejected.get(v.reason.value, 0) + 1
         self._note(seq, v)
-        await self.line.record(ReadRejected(reason=v.reason, detail=v.detail[:500], seq=seq, gtin=v.seen_gtin, serial=v.seen_serial,
-                                            lot=batch.lot if batch is not None else None, station=self.name))
+        await self.line.record(
+            ReadRejected(
+                reason=v.reason,
+                detail=v.detail[:500],
+                seq=seq,
+                gtin=v.seen_gtin,
+                serial=v.seen_serial,
+                lot=batch.lot if batch is not None else None,
+                station=self.name,
+            )
+        )
         where = "rejected at the gate" if self.plc is not None else "take it off the line"
         what = f" (serial {v.seen_serial})" if v.seen_serial else ""
         await self.line.alarm("verify_rejected", f"unit {seq}{what}: {v.reason.value}: {v.detail}; {where}"[:500], Severity.WARNING, self.name)
@@ -316,7 +331,9 @@ class VerifyRuntime(Station):
             await self.line.fault_stop("no_read_limit", f"{self._consecutive_noreads} consecutive no-reads (limit {self.rules.no_read_limit})", self.name)
         elif self._consecutive_rejects >= self.rules.consecutive_reject_limit:
             await self.line.fault_stop(
-                "consecutive_rejects", f"{self._consecutive_rejects} consecutive rejects (limit {self.rules.consecutive_reject_limit}), last: {v.reason.value}", self.name
+                "consecutive_rejects",
+                f"{self._consecutive_rejects} consecutive rejects (limit {self.rules.consecutive_reject_limit}), last: {v.reason.value}",
+                self.name,
             )
 
     def _remember(self, seq: int, good: bool, serial: str | None) -> None:
@@ -378,9 +395,15 @@ class VerifyRuntime(Station):
                 if self._trigger_seen is not None and tc > self._last_seq and self._unread_since is None:
                     self._unread_since = now
                 self._trigger_seen = tc
-            if (self.mode == "production" and self._unread_since is not None and now - self._unread_since > self.rules.read_timeout_s
-                    and now - self._last_read_at > self.rules.read_timeout_s):
-                await self.line.fault_stop("reader_silent", f"reader {self.reader.name}: no read for {self.rules.read_timeout_s}s while units went by", self.name)
+            if (
+                self.mode == "production"
+                and self._unread_since is not None
+                and now - self._unread_since > self.rules.read_timeout_s
+                and now - self._last_read_at > self.rules.read_timeout_s
+            ):
+                await self.line.fault_stop(
+                    "reader_silent", f"reader {self.reader.name}: no read for {self.rules.read_timeout_s}s while units went by", self.name
+                )
                 self._unread_since = None
 
     async def _gate_rejected(self, seq: int) -> None:
@@ -406,7 +429,8 @@ class VerifyRuntime(Station):
             "failsafe_reject",
             f"unit {seq}{f' (serial {serial}, inspected good)' if serial else ''} was rejected by PLC {self.plc.name if self.plc else '?'} "
             "fail-safe: a commissioned pack is in the reject bin; rework or decommission it",
-            Severity.WARNING, self.name,
+            Severity.WARNING,
+            self.name,
         )
 
 

@@ -40,7 +40,7 @@ def read_label_facts(reader: Reader, sscc: str) -> LabelFacts:
         b = conn.exec_driver_sql("SELECT expiry, gtin FROM batches WHERE lot=?", (c[1],)).fetchone() if c and c[1] else None
         gtin = (c[2] if c else None) or (b[1] if b else "")
         p = conn.exec_driver_sql("SELECT name FROM products WHERE gtin=?", (gtin,)).fetchone()
-        n = conn.exec_driver_sql("SELECT count(*) FROM aggregation WHERE parent=? AND removed_seq IS NULL", (sscc,)).fetchone()[0]
+        n = conn.exec_driver_sql("SELECT count(*) FROM aggregation WHERE parent=? AND removed_seq IS NULL", (sscc,)).scalar_one()
     return LabelFacts(level=(c[0] if c else "") or "", lot=(c[1] if c else "") or "", gtin=gtin or "",
                       expiry=b[0] if b else "", product=p[0] if p else "", children=int(n))
 
@@ -54,7 +54,7 @@ def read_label_intents(reader: Reader, intent_action: str, recovery_action: str)
             "AND NOT EXISTS (SELECT 1 FROM containers c WHERE c.sscc = json_extract(a.detail, '$.sscc')) ORDER BY a.seq",
             (upto, intent_action),
         ).fetchall()
-        top = conn.exec_driver_sql("SELECT coalesce(max(seq), 0) FROM audit WHERE seq > ? AND action = ?", (upto, intent_action)).fetchone()[0]
+        top = conn.exec_driver_sql("SELECT coalesce(max(seq), 0) FROM audit WHERE seq > ? AND action = ?", (upto, intent_action)).scalar_one()
     return LabelIntents(upto, [(int(s), str(ts), json.loads(d)) for s, ts, d in rows], int(top))
 
 
