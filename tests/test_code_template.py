@@ -21,7 +21,7 @@ from linectl.config import parse_config
 from linectl.demo import DEFAULT_CONFIG
 from linectl.drivers.base import Decoded
 from linectl.engine.line import Line
-from linectl.engine.verify import Expected, verify_unit
+from linectl.engine.verdict import Expected, verify_unit
 from linectl.events import RejectReason
 from linectl.gs1_dictionary import lint_yymmd0
 from linectl.simulators.model import SimUnit

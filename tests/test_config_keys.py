@@ -37,12 +37,7 @@ SOURCES = ("linectl", "drivers", "simulators")
 #: keys found hollow in areas another engineer is restructuring (linectl/engine/ stations, the MQTT bridge /
 #: upstream): reported to the coordinator, not fixed here. Each entry: "Model.field". Remove an entry when fixed
 #: (the test fails on a stale one).
-KNOWN_HOLLOW: frozenset[str] = frozenset({
-    # `type: verify` stations pass check-config but Line builds no runtime for them (engine/line.py builds
-    # print_verify only; aggregation/rework build case, pallet, rework): the whole station does nothing. Its
-    # other keys look read only because the reference check in config.py reads every station's devices.
-    "VerifyStation.rules",
-})
+KNOWN_HOLLOW: frozenset[str] = frozenset()
 #: keys that document the config for people and by design change nothing on the line
 DOCUMENTATION_KEYS: frozenset[str] = frozenset({
     "DriverConfig.description",  # free text naming the device for whoever reads the YAML

@@ -36,7 +36,6 @@ from engine_helpers import (
 from linectl import control as C
 from linectl import gs1
 from linectl.engine.verdict import CHALLENGE_EXPECTED_REASON
-from linectl.engine.verify import CHALLENGE_EXPECTED_REASON
 from linectl.events import ChallengeResult, UnitCommissioned, UnitDecommissioned
 
 pytestmark = pytest.mark.slow
