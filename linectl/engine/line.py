@@ -18,10 +18,11 @@ from typing import Any
 import structlog
 
 from linectl import control as C
+from linectl import gs1
 from linectl.config import LineConfig, Product
 from linectl.drivers.base import Driver, Plc
 from linectl.engine.station import PartialCloser, ReworkBench, Station, build_stations
-from linectl.engine.verdict import challenge_status
+from linectl.engine.verdict import Expected, challenge_status
 from linectl.events import (
     AlarmAcknowledged,
     AlarmRaised,
@@ -94,6 +95,13 @@ class BatchContext:
     def code_values(self) -> dict[str, str | None]:
         """The batch attributes a CodeTemplate takes its per-batch AIs from (gs1.BATCH_SOURCES)."""
         return {"lot": self.lot, "expiry": self.expiry, **self.dates}
+
+    def unit_code(self, serial: str) -> tuple[gs1.ParsedCode, Expected]:
+        """The code the line prints for `serial` in this batch and what a read of it must show: one composition
+        (the product's CodeTemplate) for the printer, print-and-verify and a downstream verify station."""
+        tpl = self.product.template
+        code = tpl.compose(self.gtin, serial, self.code_values())
+        return code, Expected(self.gtin, serial, code.lot, code.expiry_raw, code.element_string, tpl.expected(code))
 
 
 @dataclass

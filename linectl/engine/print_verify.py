@@ -420,10 +420,7 @@ class PrintVerifyRuntime(Station):
 
     def _make_job(self, serial: str, batch: BatchContext) -> Job:
         self._job_counter += 1
-        p = batch.product
-        tpl = p.template
-        code = tpl.compose(batch.gtin, serial, batch.code_values())
-        exp = Expected(batch.gtin, serial, code.lot, code.expiry_raw, code.element_string, tpl.expected(code))
+        code, exp = batch.unit_code(serial)
         return Job(self._job_counter, serial, code, exp, time.monotonic())
 
     async def _allocator(self) -> None:

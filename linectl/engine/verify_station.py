@@ -96,13 +96,8 @@ def ring_slots(plc: Plc) -> int:
 
 
 def expected_for(batch: BatchContext, serial: str) -> Expected:
-    """The code the line prints for `serial` in `batch` (the same composition as PrintVerifyRuntime._make_job)."""
-    p = batch.product
-    tpl = p.code_template
-    lot = batch.lot if "10" in tpl else None
-    expiry = batch.expiry if "17" in tpl else None
-    code = gs1.compose_unit(batch.gtin, serial, lot=lot, expiry=expiry, extra=p.extra_ais or None)
-    return Expected(batch.gtin, serial, lot, expiry, code.element_string)
+    """What a read of `serial` must show: the code the line printed for it (BatchContext.unit_code)."""
+    return batch.unit_code(serial)[1]
 
 
 class VerifyRuntime(Station):
