@@ -28,6 +28,7 @@ from linectl.events import UnitDecommissioned
 log = structlog.get_logger("linectl.upstream")
 
 WALK_PAGE = 5000  # seqs looked at per read when the cursor moves past rows confirmed out of order
+NEXT_KNOWN_MAX = 200_000  # successor links kept from pages read (a cache: dropped whole when it grows past this)
 
 
 class OutboxReader:
@@ -41,6 +42,10 @@ class OutboxReader:
         #: rows confirmed but above the cursor (an earlier row is still on its way)
         self.held: set[int] = set()
         self.delivered_rows = 0
+        # seq -> the next row's seq, learnt from the pages this sink read: no row can appear between them later
+        # (one writer, seqs in commit order; purge stays behind every cursor), so the cursor usually moves
+        # without reading the store again
+        self._next: dict[int, int] = {}
 
     async def open(self) -> tuple[int, int | None]:
         """Load (creating if new) this sink's cursor; returns (cursor, pending delivery or None)."""
@@ -50,7 +55,15 @@ class OutboxReader:
 
     def page(self, after_seq: int, limit: int) -> list[Any]:
         """(worker thread) Up to `limit` outbox rows after `after_seq`, in seq order, whatever other sinks did."""
-        return list(self.store.outbox(after_seq, limit, only_unforwarded=False))
+        rows = list(self.store.outbox(after_seq, limit, only_unforwarded=False))
+        if len(self._next) > NEXT_KNOWN_MAX:
+            self._next = {}
+        known = self._next
+        prev = after_seq
+        for r in rows:
+            known[prev] = r.seq
+            prev = r.seq
+        return rows
 
     def backlog(self) -> int:
         """(worker thread) Rows stored after this sink's durable cursor."""
@@ -89,16 +102,28 @@ class OutboxReader:
         self.held.update(new)
         self.delivered_rows += len(new)
         target = self.cursor
-        while self.held:
-            following = await asyncio.to_thread(self.store.seqs_after, target, WALK_PAGE)
-            gap = False
-            for s in following:
-                if s not in self.held:
-                    gap = True
-                    break
-                target = s
-            if gap or len(following) < WALK_PAGE:
-                break  # the first unconfirmed row, or the end of the outbox
+        walked = 0  # held rows the cursor can pass: every row in (cursor, target] is one of them
+        known = self._next
+        while True:  # along the successor links learnt from pages read: no store read
+            nxt = known.get(target)
+            if nxt is None or nxt not in self.held:
+                break
+            known.pop(target, None)
+            target = nxt
+            walked += 1
+        if len(self.held) > walked and target not in known:  # held rows beyond, next row unknown: ask the store
+            while True:
+                want = min(WALK_PAGE, len(self.held) - walked + 1)  # +1: to see the gap
+                following = await asyncio.to_thread(self.store.seqs_after, target, want)
+                gap = False
+                for s in following:
+                    if s not in self.held:
+                        gap = True
+                        break
+                    target = s
+                    walked += 1
+                if gap or len(following) < want or len(self.held) <= walked:
+                    break  # the first unconfirmed row, the end of the outbox, or nothing more held
         if target > self.cursor:
             await self.advance(target)
         return len(new)
