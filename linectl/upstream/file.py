@@ -202,7 +202,7 @@ class FileSink:
         events: list[str] = []
         created = oldest = None
         while True:
-            rows = self.reader.page(after, self.page_size)
+            rows = self.reader.page(after, self.page_size, learn=False)
             for row in rows:
                 if until is not None and row.seq > until:
                     return self._doc(first, last, events, created, oldest)

@@ -85,7 +85,7 @@ from linectl.upstream.mqtt_client import (
 from linectl.upstream.outbox import OutboxReader, encoded_events, epoch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from linectl.config import LineConfig, MqttConfig
+    from linectl.config import LineConfig
 
 log = structlog.get_logger("linectl.forwarder")
 

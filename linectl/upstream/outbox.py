@@ -53,9 +53,13 @@ class OutboxReader:
         self.cursor = cursor
         return cursor, pending
 
-    def page(self, after_seq: int, limit: int) -> list[Any]:
-        """(worker thread) Up to `limit` outbox rows after `after_seq`, in seq order, whatever other sinks did."""
+    def page(self, after_seq: int, limit: int, *, learn: bool = True) -> list[Any]:
+        """(worker thread) Up to `limit` outbox rows after `after_seq`, in seq order, whatever other sinks did.
+
+        learn: remember which row follows which, for delivered(); a sink that only calls advance() passes False."""
         rows = list(self.store.outbox(after_seq, limit, only_unforwarded=False))
+        if not learn:
+            return rows
         if len(self._next) > NEXT_KNOWN_MAX:
             self._next = {}
         known = self._next
@@ -73,7 +77,7 @@ class OutboxReader:
         """(worker thread) The first row after the cursor not already confirmed, or None."""
         after = self.cursor
         while True:
-            rows = self.page(after, 64)
+            rows = self.page(after, 64, learn=False)
             for r in rows:
                 if r.seq not in self.held:
                     return r
