@@ -19,7 +19,7 @@ from linectl import events as ev
 from linectl.epcis import validate_document
 from linectl.upstream.file import FileSink
 from linectl.upstream.sink import SINKS, build_sinks, enabled_names, sink_class
-from mqtt_fixtures import line_yaml, load_line, unique_root
+from mqtt_fixtures import free_port, line_yaml, load_line, unique_root
 from test_forwarder import Producer, open_store
 
 pytestmark = pytest.mark.timeout(120)
@@ -132,6 +132,29 @@ async def test_documents_are_valid_ordered_complete_and_a_restart_resumes(tmp_pa
         assert sink3.files_written == 0  # younger than max_age_s
         await until(lambda: sink3.files_written == 1, what="the aged partial document")
     assert check_documents(out, sink3)[-1] == e.event_id
+    await store.close()
+
+
+async def test_file_sink_goes_on_while_the_mqtt_sink_is_down(tmp_path):
+    """Two sinks, two cursors: with no broker listening the MQTT sink delivers nothing and retries; the file sink
+    writes every event meanwhile; no row is forwarded (MQTT has none) and retention purges nothing."""
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = file_cfg(tmp_path, out, mqtt=True, max_events=50, max_age_s=0.1)
+    cfg = cfg.model_copy(update={"mqtt": cfg.mqtt.model_copy(update={"port": free_port()})})  # nothing listens there
+    store = await open_store(tmp_path)
+    store.set_sinks(enabled_names(cfg))
+    events = await Producer(store).fill(["LOTA"], 100)
+    fwd, fsink = build_sinks(cfg, store)
+    assert (fwd.name, fsink.name) == ("mqtt", "file")
+    async with running(fwd), running(fsink):
+        await until(lambda: store.sink_backlog("file") == 0, what="the file sink wrote everything")
+        await until(lambda: fwd.status()["last_error"] is not None, what="the MQTT sink reports its broker down")
+        assert store.sink_backlog("mqtt") == 100 and store.backlog() == 100
+        with_cursor = store.cursors()
+        assert with_cursor["mqtt"]["seq"] == 0 and with_cursor["file"]["seq"] == store.last_seq()
+        assert await store.purge_forwarded(0.0) == 0
+    assert check_documents(out, fsink) == [e.event_id for e in events]
     await store.close()
 
 

@@ -635,7 +635,8 @@ class Forwarder:
 def main(argv: list[str] | None = None) -> int:
     """`python -m linectl.forwarder -c CONFIG --db PATH`: the MQTT sink alone (tests, benches, a side-car).
 
-    Only this sink is enabled in the side-car's store: rows count as forwarded once MQTT has them."""
+    The store's enabled sinks are the config's (enabled_names), so rows count as forwarded only once every sink the
+    config enables has them, even though the side-car runs only this one."""
     p = argparse.ArgumentParser(prog="python -m linectl.forwarder")
     p.add_argument("-c", "--config", required=True)
     p.add_argument("--db", help="store path (default: store.path of the config)")
