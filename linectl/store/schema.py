@@ -709,11 +709,11 @@ def _migrate_sink_cursors(conn: Connection) -> None:
     """
     sink_cursors.create(conn, checkfirst=True)
     x = conn.exec_driver_sql
-    first = x("SELECT min(seq) FROM outbox WHERE forwarded_at IS NULL").fetchone()[0]
+    first = x("SELECT min(seq) FROM outbox WHERE forwarded_at IS NULL").scalar()
     if first is not None:
         cursor = int(first) - 1
     else:
-        cursor = int(x("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name='outbox'), 0)").fetchone()[0])
+        cursor = int(x("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name='outbox'), 0)").scalar() or 0)
     x("INSERT OR IGNORE INTO sink_cursors(sink, seq, pending, updated_at) VALUES ('mqtt', ?, NULL, ?)", (cursor, now_iso()))
 
 
