@@ -285,6 +285,21 @@ async def test_file_sink_beside_mqtt_in_the_daemon_has_its_own_cursor(tmp_path) 
             assert store.cursor("file") == store.cursor("mqtt") == store.last_seq()
             bridge = sl.daemon.upstream[0]
             assert set(bridge.state_payload()["upstream_sinks"]) == {"mqtt", "file"}
+            # a daemon restart: both sinks resume from their durable cursors; no file is rewritten
+            before = {p.name: (p.stat().st_ino, p.read_bytes()) for p in out.iterdir()}
+            cursor_before = store.cursor("file")
+            await sl.daemon.shutdown("test: daemon restart")
+            sl.daemon = None
+            await sl.start_daemon()
+            store = sl.daemon.store
+            assert store.cursor("file") == cursor_before
+            await sl.create_batch(20)
+            await sl.start_batch()
+            await asyncio.wait_for(sl.line.completed.wait(), 120)
+            await sl.line.execute(C.CloseBatch(actor="test"), origin="test")
+            await _wait(lambda: store.backlog() == 0 and store.cursor("file") == store.last_seq(), 30, "second batch in both sinks")
+            after = {p.name: (p.stat().st_ino, p.read_bytes()) for p in out.iterdir()}
+            assert {k: after[k] for k in before} == before and len(after) > len(before)
             stored = [x for r in store.outbox(0, 100_000, only_unforwarded=False) if r.epcis for x in r.epcis.split("\n")]
     finally:
         sub.cancel()
