@@ -118,13 +118,15 @@ class Daemon:
 
     async def _start_upstream(self) -> None:
         """Every enabled sink (linectl/upstream/sink.py) with its own cursor; the MQTT bridge when MQTT is on."""
+        from linectl.events import Severity
         from linectl.upstream.bridge import MqttBridge
         from linectl.upstream.sink import build_sinks, enabled_names
 
         assert self.line is not None and self.supervisor is not None
         # forwarded_at and retention follow exactly these sinks (a sink removed from the config no longer holds rows)
         self.store.set_sinks(enabled_names(self.cfg))
-        sinks = build_sinks(self.cfg, self.store)
+        line = self.line
+        sinks = build_sinks(self.cfg, self.store, on_alarm=lambda code, message: line.alarm(code, message, Severity.WARNING))
         for sink in sinks:
             self.supervisor.start("forwarder" if sink.name == "mqtt" else f"upstream.{sink.name}", sink.run)
         self.upstream = list(sinks)

@@ -280,6 +280,8 @@ async def test_file_sink_beside_mqtt_in_the_daemon_has_its_own_cursor(tmp_path) 
             assert store.outbox(0, 1, only_unforwarded=False)[0].seq == store.cursor("file") + 1
             file_status = next(s for s in sl.daemon.upstream if getattr(s, "name", None) == "file").status()
             assert "No such file or directory" in file_status["last_error"]
+            # one operator alarm for the outage, not one per retry
+            assert [a.code for a in sl.line.alarms.values()].count("upstream_file_failed") == 1
             out.mkdir()
             await _wait(lambda: store.backlog() == 0, 30, "the file sink caught up: every row forwarded")
             assert store.cursor("file") == store.cursor("mqtt") == store.last_seq()

@@ -211,6 +211,12 @@ async def test_missing_directory_then_full_disk_are_waited_out_without_loss(tmp_
     prod = Producer(store)
     events = await prod.fill(["LOTA"], 60)
     sink = FileSink(cfg, store, backoff_initial_s=0.05, backoff_max_s=0.2)
+    alarms: list[tuple[str, str]] = []
+
+    async def on_alarm(code: str, message: str) -> None:
+        alarms.append((code, message))
+
+    sink.on_alarm = on_alarm
     async with running(sink):
         await until(lambda: sink.status()["last_error"] is not None, what="the error reported")
         await asyncio.sleep(1.0)  # several retries
@@ -218,6 +224,7 @@ async def test_missing_directory_then_full_disk_are_waited_out_without_loss(tmp_
         assert "No such file or directory" in sink.status()["last_error"]
         logged = capsys.readouterr().err
         assert logged.count("file_sink_write_failed") == 1, logged  # once, not per retry
+        assert [c for c, _m in alarms] == ["upstream_file_failed"] and str(out) in alarms[0][1]  # one alarm per outage
         # the directory appears: a tiny filesystem (a real full disk next)
         out.mkdir()
         if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(out)], check=False, capture_output=True).returncode != 0:
@@ -233,6 +240,7 @@ async def test_missing_directory_then_full_disk_are_waited_out_without_loss(tmp_
             more = await _more(prod, store, 200)
             await until(lambda: sink.status()["last_error"] is not None, what="disk full reported")
             assert "No space left" in sink.status()["last_error"]
+            assert len(alarms) == 2 and "No space left" in alarms[1][1]  # a new outage: a new alarm
             await asyncio.sleep(0.5)
             cursor_full = store.cursor("file")
             assert store.sink_backlog("file") > 0

@@ -99,6 +99,8 @@ class FileSink:
         self.last_error: str | None = None
         self.error_since: float | None = None
         self.backlog: int | None = None
+        #: an operator alarm once per outage (the daemon passes the line's); None: log only
+        self.on_alarm: Any = None
 
     @classmethod
     def from_config(cls, cfg: "LineConfig", store: Any, **kw: Any) -> "FileSink":
@@ -151,7 +153,10 @@ class FileSink:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # noqa: BLE001 - ENOSPC, EACCES, a missing dir, a store error: wait, retry
+                    first = self.last_error is None
                     self._failed(exc)
+                    if first:
+                        await self._alarm()
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._stop.wait(), self._backoff.next_delay())
                     continue
@@ -284,6 +289,18 @@ class FileSink:
         if self.error_since is None:
             self.error_since = time.time()
         self.last_error = reason
+
+    async def _alarm(self) -> None:
+        """One alarm per outage: an operator must know that documents stopped reaching the transfer directory."""
+        if self.on_alarm is None:
+            return
+        try:
+            await self.on_alarm(
+                "upstream_file_failed",
+                f"file sink cannot write to {self.dir}: {self.last_error}; retrying, nothing is lost (rows wait in the store)",
+            )
+        except Exception as exc:  # noqa: BLE001 - the alarm is a courtesy; the log line is already written
+            log.warning("file_sink_alarm_failed", error=str(exc))
 
     def _recovered(self) -> None:
         if self.last_error is not None:

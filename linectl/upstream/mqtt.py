@@ -161,6 +161,8 @@ class Forwarder:
         self.store = store
         self.reader = OutboxReader(store, self.name)
         self._opened = False
+        # not called: a broker outage is shown on the state topic (connected, last_error, backlog), as it always was
+        self.on_alarm: Any = None
         self.root = cfg.topic_root
         self.client_id = client_id or f"{cfg.mqtt.client_id or default_client_id(cfg)}-fwd"
         self.mapper = mapper or epcis.EpcisMapper.from_config(cfg)

@@ -9,6 +9,7 @@ changes: the store keeps one cursor per sink name, forwarded_at and retention fo
 from __future__ import annotations
 
 import importlib
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -21,11 +22,17 @@ SINKS: dict[str, str] = {
 }
 
 
+#: raise an operator alarm (code, message); the daemon passes the line's, so it reaches the HMI, the audit and MQTT
+AlarmHook = Callable[[str, str], Awaitable[Any]]
+
+
 @runtime_checkable
 class Sink(Protocol):
     """What the daemon needs of a sink: its lifetime, a nudge when rows arrive, and a status for the state topic."""
 
     name: str
+    #: called once when deliveries start failing (not per retry); None: log only
+    on_alarm: AlarmHook | None
 
     @staticmethod
     def enabled(cfg: "LineConfig") -> bool:
@@ -64,6 +71,9 @@ def enabled_names(cfg: "LineConfig") -> list[str]:
     return [key for key in SINKS if sink_class(key).enabled(cfg)]
 
 
-def build_sinks(cfg: "LineConfig", store: Any) -> list[Any]:
+def build_sinks(cfg: "LineConfig", store: Any, on_alarm: AlarmHook | None = None) -> list[Any]:
     """One instance of every enabled sink, each with its own cursor in `store`."""
-    return [sink_class(key).from_config(cfg, store) for key in enabled_names(cfg)]
+    sinks = [sink_class(key).from_config(cfg, store) for key in enabled_names(cfg)]
+    for sink in sinks:
+        sink.on_alarm = on_alarm
+    return sinks
