@@ -99,6 +99,7 @@ class FileSink:
         self.last_error: str | None = None
         self.error_since: float | None = None
         self.backlog: int | None = None
+        self._backlog_at = 0.0
         #: an operator alarm once per outage (the daemon passes the line's); None: log only
         self.on_alarm: Any = None
 
@@ -181,7 +182,9 @@ class FileSink:
             self._pending = None
             return None
         doc = await asyncio.to_thread(self._collect, None)
-        self.backlog = await asyncio.to_thread(self.reader.backlog)
+        if time.monotonic() - self._backlog_at >= 1.0:  # a count over the rows behind: not once per document
+            self._backlog_at = time.monotonic()
+            self.backlog = await asyncio.to_thread(self.reader.backlog)
         if doc is None:
             return self.poll_interval_s
         if not doc.events:  # only rows without EPCIS events: nothing to write, the cursor moves past them
