@@ -279,6 +279,25 @@ class MqttConfig(Model):
     )
 
 
+class FileSinkConfig(Model):
+    """`upstream.file`: EPCIS 2.0 documents written atomically into a directory that a transfer gateway empties."""
+
+    dir: str = Field(min_length=1, description="directory the documents are written into (must exist; it is not created)")
+    max_events: int = Field(500, gt=0, le=100_000, description="most EPCIS events per document (a row's events are never split over two)")
+    max_age_s: float = Field(
+        5.0, gt=0, le=86_400, description="a document with fewer events is written once its first event was stored this long ago"
+    )
+    prefix: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$", description="file name prefix: <prefix>-<first_seq>-<last_seq>.json; default: line.name"
+    )
+
+
+class UpstreamConfig(Model):
+    """Upstream sinks besides MQTT (which `mqtt:` configures); each keeps its own cursor in the store."""
+
+    file: FileSinkConfig | None = None
+
+
 # --------------------------------------------------------------------------- stations
 
 
@@ -467,6 +486,7 @@ class LineConfig(Model):
     products: list[Product] = Field(min_length=1)
     store: StoreConfig = Field(default_factory=StoreConfig)
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    upstream: UpstreamConfig = Field(default_factory=UpstreamConfig)
     batch: BatchDefaults = Field(default_factory=BatchDefaults)
     epcis: EpcisConfig = Field(default_factory=EpcisConfig)
     devices: dict[str, DeviceConfig] = Field(default_factory=dict)

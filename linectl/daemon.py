@@ -111,8 +111,7 @@ class Daemon:
         for plc in self.line.plcs:
             self.supervisor.start(f"plc_surface.{plc.name}", PlcSurface(self.line, plc).run)
         self.supervisor.start("loop_health", self._loop_health)
-        if self.cfg.mqtt.enabled:
-            await self._start_upstream()
+        await self._start_upstream()
         self.supervisor.start("retention", self._retention)
         phase("tasks")
         # what exists now (config, drivers, pydantic models) lives for the whole run: keep it out of GC scans,
@@ -122,17 +121,26 @@ class Daemon:
         log.info("daemon_started", line=self.cfg.topic_root, db=path, devices=list(self.drivers), startup_ms=phases)
 
     async def _start_upstream(self) -> None:
-        from linectl.forwarder import Forwarder
-        from linectl.mqtt_bridge import MqttBridge
+        """Every enabled sink (linectl/upstream/sink.py) with its own cursor; the MQTT bridge when MQTT is on."""
+        from linectl.events import Severity
+        from linectl.upstream.bridge import MqttBridge
+        from linectl.upstream.sink import build_sinks, enabled_names
 
         assert self.line is not None and self.supervisor is not None
-        fwd = Forwarder(self.cfg, self.store)
-        bridge = MqttBridge(self.cfg, self.line, store=self.store, forwarder=fwd)
-        self.upstream = [bridge, fwd]
-        self.supervisor.start("forwarder", fwd.run)
-        self.supervisor.start("mqtt_bridge", bridge.run)
-        self.line.on_state_change(bridge.state_changed)
-        self.line.on_pool_low = lambda gtin, count: bridge.request_serials(gtin, count, "pool")
+        # forwarded_at and retention follow exactly these sinks (a sink removed from the config no longer holds rows)
+        self.store.set_sinks(enabled_names(self.cfg))
+        line = self.line
+        sinks = build_sinks(self.cfg, self.store, on_alarm=lambda code, message: line.alarm(code, message, Severity.WARNING))
+        for sink in sinks:
+            self.supervisor.start("forwarder" if sink.name == "mqtt" else f"upstream.{sink.name}", sink.run)
+        self.upstream = list(sinks)
+        if self.cfg.mqtt.enabled:
+            fwd = next(s for s in sinks if s.name == "mqtt")
+            bridge = MqttBridge(self.cfg, self.line, store=self.store, forwarder=fwd, sinks=sinks)
+            self.upstream.insert(0, bridge)
+            self.supervisor.start("mqtt_bridge", bridge.run)
+            self.line.on_state_change(bridge.state_changed)
+            self.line.on_pool_low = lambda gtin, count: bridge.request_serials(gtin, count, "pool")
 
     async def _task_gave_up(self, name: str, exc: BaseException) -> None:
         if self.line is not None:

@@ -234,3 +234,92 @@ def test_cli_demo_with_commission_then_decommission_never_decommissions_the_unco
         assert (events[i - 1]["bizStep"], events[i]["bizStep"]) == ("commissioning", "decommissioning")
         assert events[i - 1]["epcList"] == events[i]["epcList"]
     assert want_plain <= set(by_id) and not (want_none & set(by_id))
+
+
+async def test_file_sink_beside_mqtt_in_the_daemon_has_its_own_cursor(tmp_path) -> None:
+    """`upstream.file` in a real line: the daemon runs the file sink beside the MQTT forwarder, each with its own
+    cursor. While the transfer directory is missing, MQTT delivers everything and the file sink waits (rows are
+    not forwarded, retention purges nothing); once the directory is there, the files carry the same stored event
+    bytes as MQTT did, in schema-valid documents, and only then is every row forwarded."""
+    root = f"test/{uuid.uuid4().hex[:10]}/pkg/demo"
+    enterprise, site, area, name = root.split("/")
+    out = tmp_path / "transfer"  # missing at start
+    overrides = {
+        "line": {"enterprise": enterprise, "site": site, "area": area, "name": name},
+        "mqtt": {"protocol": "5"},
+        "upstream": {"file": {"dir": str(out), "max_events": 50, "max_age_s": 0.5}},
+    }
+    payloads: list[str] = []
+    ready = asyncio.Event()
+
+    async def subscriber() -> None:
+        async with aiomqtt.Client("127.0.0.1", 1883, identifier=f"sub-{uuid.uuid4().hex[:8]}") as client:
+            await client.subscribe(f"{root}/events", qos=1)
+            ready.set()
+            async for msg in client.messages:
+                payloads.append(msg.payload.decode())
+
+    sub = asyncio.create_task(subscriber())
+    await asyncio.wait_for(ready.wait(), 10)
+    sl = SimulatedLine(rate=1200, defect_rate=0.05, seed=7, broker="127.0.0.1:1883", overrides=overrides, db=tmp_path / "demo.db")
+    try:
+        async with sl:
+            store = sl.daemon.store
+            assert store.enabled_sinks() == frozenset({"mqtt", "file"})
+            await sl.create_batch(60)
+            await sl.start_batch()
+            await asyncio.wait_for(sl.line.completed.wait(), 120)
+            await sl.line.execute(C.CloseBatch(actor="test"), origin="test")
+            last = store.last_seq()
+            await _wait(lambda: store.cursor("mqtt") == store.last_seq(), 30, "MQTT delivered every row")
+            first_epcis = min(r.seq for r in store.outbox(0, 100_000, only_unforwarded=False) if r.epcis)
+            # the file sink passed only the rows before the first EPCIS event (nothing to write for them)
+            assert store.cursor("file") < first_epcis and store.last_seq() >= last
+            assert store.backlog() == store.last_seq() - store.cursor("file")  # the slowest sink decides
+            behind = [r.seq for r in store.outbox(0, 100_000, only_unforwarded=False) if r.seq <= store.cursor("file")]
+            assert await store.purge_forwarded(0.0) == len(behind)  # retention: only what both sinks have delivered
+            assert store.outbox(0, 1, only_unforwarded=False)[0].seq == store.cursor("file") + 1
+            file_status = next(s for s in sl.daemon.upstream if getattr(s, "name", None) == "file").status()
+            assert "No such file or directory" in file_status["last_error"]
+            # one operator alarm for the outage, not one per retry
+            assert [a.code for a in sl.line.alarms.values()].count("upstream_file_failed") == 1
+            out.mkdir()
+            await _wait(lambda: store.backlog() == 0, 30, "the file sink caught up: every row forwarded")
+            assert store.cursor("file") == store.cursor("mqtt") == store.last_seq()
+            bridge = sl.daemon.upstream[0]
+            assert set(bridge.state_payload()["upstream_sinks"]) == {"mqtt", "file"}
+            # a daemon restart: both sinks resume from their durable cursors; no file is rewritten
+            before = {p.name: (p.stat().st_ino, p.read_bytes()) for p in out.iterdir()}
+            cursor_before = store.cursor("file")
+            await sl.daemon.shutdown("test: daemon restart")
+            sl.daemon = None
+            await sl.start_daemon()
+            store = sl.daemon.store
+            assert store.cursor("file") == cursor_before
+            await sl.create_batch(20)
+            await sl.start_batch()
+            await asyncio.wait_for(sl.line.completed.wait(), 120)
+            await sl.line.execute(C.CloseBatch(actor="test"), origin="test")
+            await _wait(lambda: store.backlog() == 0 and store.cursor("file") == store.last_seq(), 30, "second batch in both sinks")
+            after = {p.name: (p.stat().st_ino, p.read_bytes()) for p in out.iterdir()}
+            assert {k: after[k] for k in before} == before and len(after) > len(before)
+            stored = [x for r in store.outbox(0, 100_000, only_unforwarded=False) if r.epcis for x in r.epcis.split("\n")]
+    finally:
+        sub.cancel()
+    files = sorted(p for p in out.iterdir())
+    assert files and all(p.suffix == ".json" and not p.name.startswith(".") for p in files)
+    file_text = []
+    for p in files:
+        text = p.read_text()
+        validate_document(json.loads(text))  # the official EPCIS 2.0 JSON Schema, offline
+        file_text.append(event_list_text(text))
+    assert ",".join(file_text) == ",".join(stored)  # the stored renderings, byte for byte, in seq order
+    assert ",".join(event_list_text(p) for p in payloads) == ",".join(stored)  # MQTT carried the same bytes
+
+
+async def _wait(pred, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
+    for _ in range(int(timeout / 0.1)):
+        if pred():
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"timed out: {what}")

@@ -273,8 +273,10 @@ async def test_sscc_refs_are_unique_and_bounded(store):
 async def test_forwarding_and_purge_keep_registry_and_audit(store):
     s = await sent_serials(store, 10)
     seqs = await store.append(*(ev.UnitCommissioned(gtin=GTIN, serial=x) for x in s))
-    assert await store.mark_forwarded(seqs[:6]) == 6
-    assert await store.mark_forwarded(seqs[:6]) == 0  # idempotent
+    assert store.outbox(0, 100, only_unforwarded=False)[0].seq == seqs[0]  # nothing stored before these rows
+    assert await store.advance_cursor("mqtt", seqs[5]) == 6  # the only sink has delivered 6 rows: forwarded
+    assert await store.advance_cursor("mqtt", seqs[5]) == 0  # idempotent
+    assert await store.advance_cursor("mqtt", seqs[2]) == 0 and store.cursor("mqtt") == seqs[5]  # never moves back
     assert store.backlog() == 4
     assert [r.seq for r in store.outbox(0, 100)] == seqs[6:]
     assert len(store.outbox(0, 100, only_unforwarded=False)) == 10
@@ -413,7 +415,7 @@ async def test_purge_runs_in_small_transactions_and_keeps_unforwarded(store, mon
 
     monkeypatch.setattr(store_mod, "PURGE_CHUNK", 7)  # many chunks from a few rows
     seqs = await store.append(*(ev.AlarmRaised(code="x", severity=ev.Severity.INFO, message=str(i)) for i in range(40)))
-    await store.mark_forwarded(seqs[:33])
+    await store.advance_cursor("mqtt", seqs[32])
     with raw(store) as c:
         c.execute("UPDATE outbox SET forwarded_at='2000-01-01T00:00:00.000000+00:00' WHERE forwarded_at IS NOT NULL")
     groups = store.stats()["writer"]["groups"]
@@ -421,3 +423,33 @@ async def test_purge_runs_in_small_transactions_and_keeps_unforwarded(store, mon
     assert store.stats()["writer"]["groups"] - groups >= 5
     assert [r.seq for r in store.outbox(0, 100, only_unforwarded=False)] == seqs[33:]
     assert store.verify_audit().ok
+
+
+async def test_two_sinks_have_independent_cursors_and_purge_waits_for_the_slowest(store):
+    """One cursor per upstream sink: a row is forwarded (forwarded_at, backlog) and purgeable only once every
+    enabled sink has it; a sink missing from the enabled set no longer holds rows back."""
+    store.set_sinks(["mqtt", "file"])
+    seqs = await store.append(*(ev.AlarmRaised(code="x", severity=ev.Severity.INFO, message=str(i)) for i in range(10)))
+    assert await store.open_cursor("file") == (0, None)
+    assert await store.advance_cursor("mqtt", seqs[9]) == 0  # file has nothing yet: nothing is forwarded
+    assert store.backlog() == 10 and store.sink_backlog("mqtt") == 0 and store.sink_backlog("file") == 10
+    assert await store.advance_cursor("file", seqs[3]) == 4  # the slowest sink decides
+    assert store.backlog() == 6 and store.sink_backlog("file") == 6
+    with raw(store) as c:
+        c.execute("UPDATE outbox SET forwarded_at='2000-01-01T00:00:00.000000+00:00' WHERE forwarded_at IS NOT NULL")
+    assert await store.purge_forwarded(1.0) == 4
+    assert [r.seq for r in store.outbox(0, 100, only_unforwarded=False)] == seqs[4:]
+    # a row stamped forwarded is still never purged past a sink's cursor (a sink enabled after it was stamped)
+    with raw(store) as c:
+        c.execute("UPDATE outbox SET forwarded_at='2000-01-01T00:00:00.000000+00:00'")
+    assert await store.purge_forwarded(1.0) == 0
+    with raw(store) as c:
+        c.execute("UPDATE outbox SET forwarded_at=NULL WHERE seq > ?", (seqs[3],))
+    # pending delivery: recorded before, cleared by the advance that covers it
+    await store.set_cursor_pending("file", seqs[6])
+    assert store.cursors()["file"]["pending"] == seqs[6]
+    assert await store.advance_cursor("file", seqs[6]) == 3
+    assert store.cursors()["file"] == {**store.cursors()["file"], "seq": seqs[6], "pending": None}
+    # the file sink is switched off in the config: only mqtt counts from now on
+    store.set_sinks(["mqtt"])
+    assert await store.advance_cursor("mqtt", seqs[9]) == 3 and store.backlog() == 0

@@ -312,3 +312,40 @@ async def test_schema_is_declared_with_sqlalchemy_core(tmp_path):
         assert got == set(schema.metadata.tables)
         m = dict(c.execute("SELECT key, value FROM meta"))
         assert m["app_id"] == "linectl" and m["schema_version"] == str(SCHEMA_VERSION) and "created_at" in m
+
+
+async def test_migrates_v7_database_forwarded_state_into_the_mqtt_cursor(tmp_path):
+    """v7 -> v8 (_migrate_sink_cursors): sink_cursors is added and the MQTT forwarder's position moves into its
+    cursor: the last row of the unbroken run of forwarded rows, so nothing is sent again and nothing skipped."""
+    from linectl.events import AlarmRaised, Severity
+
+    p = tmp_path / "v7.db"
+    s = await Store.open(p)
+    seqs = await s.append(*(AlarmRaised(code="x", severity=Severity.INFO, message=str(i)) for i in range(6)))
+    await s.close()
+    with sqlite3.connect(p) as c:  # the file as linectl with schema v7 left it: rows 1-4 forwarded, 5-6 not
+        c.execute("DROP TABLE sink_cursors")
+        c.execute("UPDATE outbox SET forwarded_at='2026-11-30T10:00:00.000000+00:00' WHERE seq <= ?", (seqs[3],))
+        c.execute("UPDATE meta SET value='7' WHERE key='schema_version'")
+    s = await Store.open(p)
+    try:
+        assert s.opened_from_version == 7 and s.stats()["schema_version"] == SCHEMA_VERSION
+        assert s.cursors()["mqtt"]["seq"] == seqs[3] and s.cursors()["mqtt"]["pending"] is None
+        assert s.sink_backlog("mqtt") == 2 and s.backlog() == 2
+        # forwarded_at of the rows forwarded before is kept (retention counts from then)
+        assert [r.forwarded_at for r in s.outbox(0, 10, only_unforwarded=False)][:4] == ["2026-11-30T10:00:00.000000+00:00"] * 4
+        assert await s.advance_cursor("mqtt", seqs[5]) == 2 and s.backlog() == 0
+        assert any(a.action == "schema_migrated" and a.detail == {"from": 7, "to": 8} for a in s.audit_log())
+        assert s.verify_audit().ok
+    finally:
+        await s.close()
+    # every row forwarded, or an outbox emptied by retention: the cursor is the last seq ever stored
+    with sqlite3.connect(p) as c:
+        c.execute("DROP TABLE sink_cursors")
+        c.execute("DELETE FROM outbox")
+        c.execute("UPDATE meta SET value='7' WHERE key='schema_version'")
+    s = await Store.open(p)
+    try:
+        assert s.cursor("mqtt") == seqs[5] and s.sink_backlog("mqtt") == 0
+    finally:
+        await s.close()

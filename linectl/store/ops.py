@@ -687,17 +687,69 @@ def op_purge_command_ids(tx: Tx, cutoff: str) -> int:
     return tx.cur.execute("DELETE FROM command_ids WHERE ts < ?", (cutoff,)).rowcount
 
 
-def op_mark_forwarded(tx: Tx, seqs: list[int]) -> int:
-    cur = tx.cur.executemany("UPDATE outbox SET forwarded_at=? WHERE seq=? AND forwarded_at IS NULL", [(tx.ts, s) for s in seqs])
-    return cur.rowcount
+def delivered_bound(cur: Any, enabled: frozenset[str] | None) -> int:
+    """The highest seq every enabled sink has delivered: the smallest of their cursors (0 when one has none yet).
+
+    enabled None: every sink that has a cursor. No sink at all: 0, nothing counts as delivered.
+    """
+    return bound_of(dict(cur.execute("SELECT sink, seq FROM sink_cursors").fetchall()), enabled)
 
 
-def op_purge(tx: Tx, seqs: list[int], cutoff: str) -> int:
+def bound_of(rows: dict[str, int], enabled: frozenset[str] | None) -> int:
+    names = set(rows) if enabled is None else set(enabled)
+    if not names:
+        return 0
+    return min(int(rows.get(n, 0)) for n in names)
+
+
+def op_open_cursor(tx: Tx, sink: str) -> tuple[int, int | None]:
+    """The sink's (cursor, pending); a sink seen for the first time starts before the oldest row kept (0)."""
+    tx.cur.execute("INSERT OR IGNORE INTO sink_cursors(sink, seq, pending, updated_at) VALUES (?, 0, NULL, ?)", (sink, tx.ts))
+    r = tx.cur.execute("SELECT seq, pending FROM sink_cursors WHERE sink=?", (sink,)).fetchone()
+    return int(r[0]), (None if r[1] is None else int(r[1]))
+
+
+def op_cursor_pending(tx: Tx, sink: str, last_seq: int | None) -> None:
+    """Record the delivery the sink is about to make (its last seq), before it makes it."""
+    cur = tx.cur.execute("UPDATE sink_cursors SET pending=?, updated_at=? WHERE sink=?", (last_seq, tx.ts, sink))
+    if cur.rowcount != 1:
+        raise StoreError(f"sink {sink!r} has no cursor")
+
+
+def op_advance_cursor(tx: Tx, sink: str, seq: int, enabled: frozenset[str] | None, chunk: int) -> int:
+    """Move the sink's cursor forward to `seq` (never back), clear a pending delivery it covers, then stamp
+    forwarded_at on up to `chunk` rows every enabled sink has now delivered; returns how many were stamped."""
+    tx.cur.execute(
+        "INSERT INTO sink_cursors(sink, seq, pending, updated_at) VALUES (?, ?, NULL, ?) "
+        "ON CONFLICT(sink) DO UPDATE SET seq=max(seq, excluded.seq), updated_at=excluded.updated_at, "
+        "pending=CASE WHEN pending <= excluded.seq THEN NULL ELSE pending END",
+        (sink, int(seq), tx.ts),
+    )
+    return op_stamp_forwarded(tx, enabled, chunk)
+
+
+def op_stamp_forwarded(tx: Tx, enabled: frozenset[str] | None, chunk: int) -> int:
+    """forwarded_at = now on up to `chunk` rows at or below the delivered bound that do not have it yet."""
+    bound = delivered_bound(tx.cur, enabled)
+    if bound <= 0:
+        return 0
+    cur = tx.cur.execute(
+        "UPDATE outbox SET forwarded_at=? WHERE seq IN "
+        "(SELECT seq FROM outbox WHERE forwarded_at IS NULL AND seq <= ? ORDER BY seq LIMIT ?)",
+        (tx.ts, bound, int(chunk)),
+    )
+    return int(cur.rowcount)
+
+
+def op_purge(tx: Tx, seqs: list[int], cutoff: str, enabled: frozenset[str] | None) -> int:
     js = json.dumps(seqs)
-    # re-checked here: the candidate list was read outside this transaction
+    # re-checked here: the candidate list was read outside this transaction; and never past a row some enabled
+    # sink has not delivered (a sink enabled later starts behind rows forwarded before it existed)
+    bound = delivered_bound(tx.cur, enabled)
     gone = [r[0] for r in tx.cur.execute(
-        "DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?)) AND forwarded_at IS NOT NULL AND forwarded_at < ? RETURNING seq",
-        (js, cutoff),
+        "DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?)) AND forwarded_at IS NOT NULL AND forwarded_at < ? "
+        "AND seq <= ? RETURNING seq",
+        (js, cutoff, bound),
     )]
     if gone:
         tx.cur.execute("DELETE FROM event_refs WHERE seq IN (SELECT value FROM json_each(?))", (json.dumps(gone),))

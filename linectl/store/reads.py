@@ -176,12 +176,31 @@ class Reader:
             "SELECT gtin, serial FROM serials INDEXED BY ix_serials_allocated WHERE lot=? AND state='allocated' ORDER BY id", (lot,)
         )]
 
-    def purgeable(self, cutoff: str, after_seq: int, limit: int) -> list[int]:
-        """Forwarded before `cutoff`; scanned here, on a reader, so a long scan never holds the writer."""
+    def purgeable(self, cutoff: str, after_seq: int, limit: int, bound: int) -> list[int]:
+        """Forwarded before `cutoff`, at or below `bound`; scanned here, on a reader, so a long scan never holds the writer."""
         return [r[0] for r in self.q(
-            "SELECT seq FROM outbox WHERE seq > ? AND forwarded_at IS NOT NULL AND forwarded_at < ? ORDER BY seq LIMIT ?",
-            (after_seq, cutoff, limit),
+            "SELECT seq FROM outbox WHERE seq > ? AND seq <= ? AND forwarded_at IS NOT NULL AND forwarded_at < ? ORDER BY seq LIMIT ?",
+            (after_seq, bound, cutoff, limit),
         )]
+
+    # ------------------------------------------------------------------ sink cursors
+
+    def cursors(self) -> dict[str, dict[str, Any]]:
+        return {r[0]: {"seq": int(r[1]), "pending": r[2], "updated_at": r[3]}
+                for r in self.q("SELECT sink, seq, pending, updated_at FROM sink_cursors ORDER BY sink")}
+
+    def delivered_bound(self, enabled: frozenset[str] | None) -> int:
+        from linectl.store.ops import bound_of
+
+        return bound_of({r[0]: int(r[1]) for r in self.q("SELECT sink, seq FROM sink_cursors")}, enabled)
+
+    def rows_after(self, after_seq: int) -> int:
+        """Rows stored after `after_seq` (a sink's backlog)."""
+        return int(self.q("SELECT count(*) FROM outbox WHERE seq > ?", (after_seq,))[0][0])
+
+    def seqs_after(self, after_seq: int, limit: int) -> list[int]:
+        """The seqs of the next `limit` rows after `after_seq` (primary key only: cheap)."""
+        return [int(r[0]) for r in self.q("SELECT seq FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit))]
 
     # ------------------------------------------------------------------ batches, containers
 

@@ -42,7 +42,7 @@ from linectl.store.model import StoreError
 log = structlog.get_logger("linectl.store")
 
 APP_ID = "linectl"
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 metadata = MetaData()
@@ -151,6 +151,19 @@ outbox = Table(
 Index("ix_outbox_unforwarded", outbox.c.seq, sqlite_where=outbox.c.forwarded_at.is_(None))
 Index("ix_outbox_serial_id", outbox.c.serial_id, sqlite_where=outbox.c.serial_id.is_not(None))
 Index("ix_outbox_lot", outbox.c.lot, outbox.c.seq)
+
+# One delivery cursor per upstream sink (linectl/upstream/): every outbox row with seq <= `seq` has reached that
+# sink. `pending` is the last seq of a delivery the sink has started but not confirmed (the file sink writes it
+# before the file, so a restart rewrites the same file, never one with other bounds). outbox.forwarded_at is
+# derived from these: it is set on a row once every enabled sink's cursor has passed it (v8, _migrate_sink_cursors).
+sink_cursors = Table(
+    "sink_cursors",
+    metadata,
+    Column("sink", Text, primary_key=True),
+    Column("seq", Integer, nullable=False),
+    Column("pending", Integer),
+    Column("updated_at", Text, nullable=False),
+)
 
 # Which units/containers a multi-object event (void, return, pack, unpack, container events) touches.
 event_refs = Table(
@@ -710,6 +723,25 @@ def _migrate_plc_carried(conn: Connection) -> None:
     unit_copies.create(conn, checkfirst=True)
 
 
+def _migrate_sink_cursors(conn: Connection) -> None:
+    """v7 -> v8: one cursor per upstream sink (sink_cursors) instead of the single outbox.forwarded_at state.
+
+    A second upstream (the file sink) cannot share one "forwarded" column with MQTT. The MQTT forwarder's
+    position carries over: its cursor is the last seq of the unbroken run of forwarded rows from the start
+    (the first unforwarded row minus one, or the last seq ever stored when every row was forwarded), so an
+    existing store resumes exactly where it was. forwarded_at stays on the rows already forwarded and from
+    now on means "delivered by every enabled sink".
+    """
+    sink_cursors.create(conn, checkfirst=True)
+    x = conn.exec_driver_sql
+    first = x("SELECT min(seq) FROM outbox WHERE forwarded_at IS NULL").scalar()
+    if first is not None:
+        cursor = int(first) - 1
+    else:
+        cursor = int(x("SELECT coalesce((SELECT seq FROM sqlite_sequence WHERE name='outbox'), 0)").scalar() or 0)
+    x("INSERT OR IGNORE INTO sink_cursors(sink, seq, pending, updated_at) VALUES ('mqtt', ?, NULL, ?)", (cursor, now_iso()))
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _migrate_1_to_2,
     2: _migrate_command_ids,
@@ -717,6 +749,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     4: _migrate_plc_epochs,
     5: _migrate_challenge_state,
     6: _migrate_plc_carried,
+    7: _migrate_sink_cursors,
 }
 
 

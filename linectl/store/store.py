@@ -50,6 +50,7 @@ WRITER_CACHE_KIB = 32 * 1024
 # back once, which is most of the difference under random-key (event_id) inserts. Costs WAL disk space.
 WAL_AUTOCHECKPOINT_PAGES = 10_000
 PURGE_CHUNK = 5000
+STAMP_CHUNK = 5000  # rows stamped forwarded per writer operation
 
 
 def _gtin(gtin: str) -> str:
@@ -80,6 +81,7 @@ class Store:
         self._queue_max = queue_max
         self._closed = False
         self.opened_from_version = 0
+        self._sinks: frozenset[str] | None = None  # enabled upstream sinks (set_sinks); None: every sink with a cursor
         self._epcis: Any = None  # linectl.epcis.EpcisMapper: renders each EPCIS event once, when it is stored
         #: the exclusive owner lock (`<db>.lock`) when this Store was opened with `lock=`; released by close()
         self.lock: StoreLock | None = None
@@ -347,30 +349,73 @@ class Store:
             command = (command_id, action, json.dumps(reply, separators=(",", ":"), default=json_default))
         return await self._submit(ops.op_audit, actor, origin, action, detail or {}, command)  # type: ignore[no-any-return]
 
-    async def mark_forwarded(self, seqs: Sequence[int]) -> int:
-        if not seqs:
-            return 0
-        return await self._submit(ops.op_mark_forwarded, [int(s) for s in seqs])  # type: ignore[no-any-return]
+    # ------------------------------------------------------------------ upstream sinks: one cursor each
+
+    def set_sinks(self, names: Iterable[str]) -> None:
+        """The upstream sinks this process runs (linectl/upstream/): a row counts as forwarded (forwarded_at) and may
+        be purged only once every one of them has delivered it. Not set: every sink that has a cursor counts."""
+        self._sinks = frozenset(names)
+
+    def enabled_sinks(self) -> frozenset[str]:
+        return self._sinks if self._sinks is not None else frozenset(self._reader.cursors())
+
+    async def open_cursor(self, sink: str) -> tuple[int, int | None]:
+        """The sink's durable (cursor, pending delivery); a new sink starts before the oldest row kept."""
+        return await self._submit(ops.op_open_cursor, str(sink))  # type: ignore[no-any-return]
+
+    async def set_cursor_pending(self, sink: str, last_seq: int | None) -> None:
+        """Durably record the delivery (up to last_seq) a sink is about to make, so a restart repeats it exactly."""
+        await self._submit(ops.op_cursor_pending, str(sink), None if last_seq is None else int(last_seq))
+
+    async def advance_cursor(self, sink: str, seq: int) -> int:
+        """The sink has delivered every row up to `seq`: move its cursor (never back), durably.
+
+        Returns the rows that became forwarded (delivered by every enabled sink) and had forwarded_at set, in
+        chunks of STAMP_CHUNK so the line's own appends never wait behind a long catch-up of the slowest sink.
+        """
+        n = await self._submit(ops.op_advance_cursor, str(sink), int(seq), self._sinks, STAMP_CHUNK)
+        total = int(n)
+        while n == STAMP_CHUNK:
+            n = await self._submit(ops.op_stamp_forwarded, self._sinks, STAMP_CHUNK)
+            total += int(n)
+        return total
+
+    def cursors(self) -> dict[str, dict[str, Any]]:
+        """{sink: {seq, pending, updated_at}} for every sink that ever had a cursor."""
+        return self._reader.cursors()
+
+    def cursor(self, sink: str) -> int | None:
+        c = self._reader.cursors().get(sink)
+        return None if c is None else int(c["seq"])
+
+    def sink_backlog(self, sink: str) -> int:
+        """Rows the sink has not delivered yet (all rows after its cursor)."""
+        return self._reader.rows_after(self.cursor(sink) or 0)
+
+    def seqs_after(self, after_seq: int, limit: int) -> list[int]:
+        return self._reader.seqs_after(after_seq, limit)
 
     async def purge_forwarded(self, older_than_days: float, *, actor: str = "system") -> int:
         """Delete outbox rows forwarded more than `older_than_days` ago, in small transactions so the line never waits.
 
-        Unforwarded rows, the serial registry and the audit trail are never purged.
+        Forwarded = delivered by every enabled sink: a row past the slowest sink's cursor is never purged, nor an
+        unforwarded one. The serial registry and the audit trail are never purged.
         """
         if older_than_days < 0:
             raise StoreError("retention must not be negative")
         cutoff = (datetime.now(UTC) - timedelta(days=older_than_days)).isoformat(timespec="microseconds")
         total = 0
         after = 0
+        bound = await asyncio.to_thread(self._reader.delivered_bound, self._sinks)
         while True:
-            seqs = await asyncio.to_thread(self._reader.purgeable, cutoff, after, PURGE_CHUNK)
+            seqs = await asyncio.to_thread(self._reader.purgeable, cutoff, after, PURGE_CHUNK, bound)
             if not seqs:
                 break
-            total += await self._submit(ops.op_purge, seqs, cutoff)
+            total += await self._submit(ops.op_purge, seqs, cutoff, self._sinks)
             after = seqs[-1]
         if total:
-            await self.audit(actor, "store", "outbox_purged", {"rows": total, "forwarded_before": cutoff})
-            log.info("outbox_purged", rows=total, forwarded_before=cutoff)
+            await self.audit(actor, "store", "outbox_purged", {"rows": total, "forwarded_before": cutoff, "delivered_up_to": bound})
+            log.info("outbox_purged", rows=total, forwarded_before=cutoff, delivered_up_to=bound)
         commands = await self._submit(ops.op_purge_command_ids, cutoff)  # executed command ids: same retention
         if commands:
             log.info("command_ids_purged", rows=commands, before=cutoff)

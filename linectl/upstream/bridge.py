@@ -1,0 +1,559 @@
+"""The line's MQTT face for operators and L3: availability, retained state, commands, serial requests.
+
+Topics under <root> (mqtt.topic_root or <enterprise>/<site>/<area>/<line>):
+  status                  retained "online" after every connect; Last Will (retained) "offline";
+                          "offline" again on a clean stop
+  state                   retained JSON: target.snapshot() + upstream (forwarder) status,
+                          on change (rate-limited) and every state_interval_s, and after every connect
+  cmd/<name>              commands in (QoS 1); subscription renewed on every connect
+  cmd/<name>/reply        reply for MQTT 3.1.1 clients (MQTT 5 clients name a ResponseTopic and
+                          get their CorrelationData back)
+  serials/request         linectl asks L3 for serials; answers arrive as provision_pool commands
+                          carrying the request_id, possibly in several pages
+Events and alarms are published by the forwarder (linectl.upstream.mqtt), from the outbox; the connection
+plumbing (options, link tracking, reconnect with capped jittered backoff) is linectl.upstream.mqtt_client.
+
+Every command is validated here before the target sees it, so anything malformed
+is refused with a reply naming the problem and nothing changes. Accepted
+commands go to target.execute(cmd, origin="mqtt:<origin>"), which applies and
+audits them. A repeated command_id gets the first successful reply again
+(bounded in-memory LRU, then the store's command_ids table, which survives a
+restart), so an at-least-once client cannot apply a command twice.
+
+The command topic is hostile ground (a misconfigured HMI, a script in a loop):
+- a retained command is never executed (it would run again after every broker or
+  daemon restart, with nobody commanding it), nor an empty payload (that is how a
+  retained message is cleared); both are ignored without a reply;
+- a response topic that could reach linectl's own namespace or a $-topic is
+  refused (the broker drops a client publishing to $SYS, and a reply in
+  <root>/events would enter the EPCIS stream);
+- the JSON is bounded in size, nesting depth and item count by a scan without
+  recursion *before* json.loads, so no payload can raise RecursionError or hold
+  the event loop (big payloads are parsed in a worker thread);
+- refusals cost a counter: one log line per reason and interval, one aggregated
+  audit record per interval (control.RefusalTally), never one per message.
+MQTT 5: the session is persistent for mqtt.command_session_expiry_s, so commands
+sent while the bridge reconnects are queued by the broker, not lost; the
+subscription asks the broker not to send retained messages at all.
+
+`origin` comes from the MQTT 5 user property "origin" (or "client_id"): MQTT
+does not tell a subscriber who published, so it is the sender's claim. When
+mqtt.authorized_origins is set, a command without a listed origin is refused,
+which keeps honest clients apart; real access control belongs in the broker's
+ACL on <root>/cmd/#.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import json
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import aiomqtt
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+from pydantic import ValidationError
+
+from linectl.drivers.base import Backoff
+from linectl.control import COMMAND_ADAPTER, COMMAND_NAMES, CommandRejected, RefusalTally
+from linectl.upstream.mqtt_client import client_options, default_client_id, reconnect_loop, track_link
+from linectl.jsonable import json_default
+
+if TYPE_CHECKING:  # pragma: no cover
+    from linectl.config import LineConfig
+
+log = structlog.get_logger("linectl.mqtt")
+
+REPLY_CACHE_SIZE = 10_000
+MAX_PENDING_REQUESTS = 100
+STATE_MIN_INTERVAL_S = 0.2
+MAX_JSON_DEPTH = 32  # commands nest 2-3 levels; json.loads recurses per level
+MAX_JSON_ITEMS = 250_000  # keys + array items; a 1 MB provision_pool page holds < 100,000 serials
+MAX_RESPONSE_TOPIC_BYTES = 256
+PARSE_IN_THREAD_BYTES = 64 * 1024  # bigger payloads are decoded and validated off the event loop
+REFUSAL_INTERVAL_S = 60.0
+READ_ONLY_COMMANDS = frozenset({"verify_code", "request_state"})
+
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b"[]{},")
+_DEPTH_STEP = [0] * 256
+_DEPTH_STEP[ord("[")] = _DEPTH_STEP[ord("{")] = 1
+_DEPTH_STEP[ord("]")] = _DEPTH_STEP[ord("}")] = -1
+_DEPTH_CHUNK = 8192
+
+
+def json_shape_problem(data: bytes, max_depth: int = MAX_JSON_DEPTH, max_items: int = MAX_JSON_ITEMS) -> str | None:
+    """Why `data` is too deep or too big to hand to json.loads, or None. No recursion, no Python loop per byte.
+
+    Only C-speed bytes operations in short steps, so even a worst-case payload in a
+    worker thread never holds the GIL long enough for the line to notice: escaped
+    backslashes and quotes are dropped, so every remaining quote delimits a string
+    and the text outside strings is every other piece of a split on quotes; of it
+    only brackets and commas are kept. The depth is the running sum of +1/-1 over
+    the brackets, taken chunk by chunk (stopping at the first chunk that goes too deep).
+    """
+    opens = data.count(b"[") + data.count(b"{")
+    if opens <= max_depth and data.count(b",") + opens <= max_items:
+        return None  # fast path (every normal command): brackets and commas inside strings only add to these counts
+    outside = b"".join(data.replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')[::2])
+    structure = outside.translate(None, _NOT_STRUCTURE)
+    nest = structure.replace(b",", b"")
+    if len(structure) - len(nest) + nest.count(b"[") + nest.count(b"{") > max_items:
+        return f"more than {max_items} JSON keys/items"
+    depth = 0
+    for i in range(0, len(nest), _DEPTH_CHUNK):
+        steps = list(itertools.accumulate(map(_DEPTH_STEP.__getitem__, nest[i : i + _DEPTH_CHUNK]), initial=depth))
+        if max(steps) > max_depth:
+            return f"JSON nested deeper than {max_depth} levels"
+        depth = steps[-1]
+    return None
+
+
+class CommandError(Exception):
+    """A command refused before it reached the target."""
+
+    def __init__(self, code: str, message: str, command_id: str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.command_id = command_id
+
+
+def dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), default=json_default).encode()
+
+
+class MqttBridge:
+    """One MQTT connection for status, state, commands and serial requests. `run()` until `stop()`."""
+
+    def __init__(
+        self,
+        cfg: "LineConfig",
+        target: Any,
+        *,
+        store: Any = None,
+        forwarder: Any = None,
+        sinks: list[Any] | None = None,
+        client_id: str | None = None,
+        backoff_initial_s: float = 0.2,
+        backoff_max_s: float = 10.0,
+    ) -> None:
+        self.cfg = cfg
+        self.mqtt = cfg.mqtt
+        self.target = target
+        self.store = store
+        self.forwarder = forwarder
+        self.sinks = list(sinks or [])
+        self.root = cfg.topic_root
+        self.client_id = client_id or cfg.mqtt.client_id or default_client_id(cfg)
+        self.topic_status = f"{self.root}/status"
+        self.topic_state = f"{self.root}/state"
+        self.topic_cmd = f"{self.root}/cmd/"
+        self.topic_serial_request = f"{self.root}/serials/request"
+        self._backoff = Backoff(backoff_initial_s, backoff_max_s)
+        self._stop = asyncio.Event()
+        self._state_dirty = asyncio.Event()
+        self._outgoing_wake = asyncio.Event()
+        self._replies: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self._requests: collections.OrderedDict[str, dict[str, Any]] = collections.OrderedDict()
+        self._connected = False
+        self._connected_since: float | None = None
+        self._last_error: str | None = None
+        self._running = False
+        self.commands_accepted = 0
+        self.commands_refused = 0
+        self.commands_ignored = 0
+        self.state_published = 0
+        # namespaces a reply must never reach: the effective root and the line's default one
+        self._own_roots = {self.root, cfg.line.topic_root}
+        self.refusals = RefusalTally("commands_refused", store=store, interval_s=REFUSAL_INTERVAL_S)
+        self._ignored = RefusalTally("commands_ignored", interval_s=REFUSAL_INTERVAL_S)  # not operator actions: log only
+
+    # ---------------------------------------------------------------- public
+
+    def state_changed(self, *_: Any, **__: Any) -> None:
+        """The line's state changed: republish soon (coalesced, at most every STATE_MIN_INTERVAL_S)."""
+        self._state_dirty.set()
+
+    def request_serials(self, gtin: str, count: int, format: str | None = None) -> str:
+        """Ask L3 for `count` serials; returns the request_id at once (the line keeps running).
+
+        Published on <root>/serials/request now if connected, else after the next
+        connect; an unanswered request is published again after every reconnect
+        (same request_id: L3 must treat it as one request). Answers are
+        provision_pool commands with this request_id, in one or several pages.
+        """
+        rid = uuid.uuid4().hex
+        self._requests[rid] = {
+            "request_id": rid,
+            "gtin": gtin,
+            "count": int(count),
+            "format": format,
+            "requested_at": datetime.now(timezone.utc).isoformat(),
+            "received": 0,
+            "pages": 0,
+            "sent": False,
+        }
+        while len(self._requests) > MAX_PENDING_REQUESTS:
+            old_id, old = self._requests.popitem(last=False)
+            log.warning("serial_request_dropped", request_id=old_id, gtin=old["gtin"], why="too many pending requests")
+        self._outgoing_wake.set()
+        log.info("serials_requested", request_id=rid, gtin=gtin, count=count)
+        return rid
+
+    def pending_serial_requests(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self._requests.values()]
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "connected": self._connected,
+            "connected_since": self._connected_since,
+            "last_error": self._last_error,
+            "commands_accepted": self.commands_accepted,
+            "commands_refused": self.commands_refused,
+            "commands_ignored": self.commands_ignored,
+        }
+
+    async def stop(self, timeout: float = 3.0) -> None:
+        """Publish retained "offline" and disconnect cleanly (bounded wait)."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        while self._running and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    async def run(self) -> None:
+        self._running = True
+        try:
+            await reconnect_loop(
+                stop=self._stop,
+                backoff=self._backoff,
+                connect=self._connect_once,
+                down=lambda reason: self._set_connected(False, reason),
+                expected=(aiomqtt.MqttError,),
+                error_event="mqtt_bridge_error",  # keep the line's MQTT face alive; log and reconnect
+                logger=log,
+            )
+        finally:
+            self._set_connected(False, "stopped")
+            self._running = False
+            with contextlib.suppress(Exception):
+                await self.refusals.flush()
+                await self._ignored.flush()
+
+    async def _connect_once(self) -> None:
+        will = aiomqtt.Will(self.topic_status, b"offline", qos=1, retain=True)
+        client = aiomqtt.Client(**self._client_options(), will=will, timeout=10.0, max_queued_incoming_messages=1000)
+        async with client:
+            self._set_connected(True)
+            await self._session(client)
+
+    # ---------------------------------------------------------------- session
+
+    @property
+    def persistent_session(self) -> bool:
+        """MQTT 5 with a session expiry: the broker queues commands while the bridge is away (bounded in time).
+
+        Not with MQTT 3.1.1: its sessions never expire, so a command sent while the
+        daemon was down for a day would run at the next start; there the session is clean.
+        """
+        return self.mqtt.protocol == "5" and self.mqtt.command_session_expiry_s > 0
+
+    def _client_options(self) -> dict[str, Any]:
+        opts = client_options(self.mqtt, self.client_id)
+        if self.persistent_session:
+            opts["clean_start"] = False
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.mqtt.command_session_expiry_s
+            opts["properties"] = props
+        return opts
+
+    def _set_connected(self, up: bool, reason: str = "") -> None:
+        track_link(self, up, reason, "mqtt", connect_ctx={"client_id": self.client_id, "root": self.root})
+
+    async def _session(self, client: aiomqtt.Client) -> None:
+        await client.publish(self.topic_status, b"online", qos=1, retain=True)
+        if self.mqtt.protocol == "5":
+            # no retained commands at subscribe; and the retain flag as published, so a command published retained
+            # while we are connected is recognised (and ignored) too. MQTT 3.1.1 clears that flag on live delivery.
+            opts = SubscribeOptions(qos=1, retainAsPublished=True, retainHandling=SubscribeOptions.RETAIN_DO_NOT_SEND)
+            await client.subscribe(f"{self.topic_cmd}+", options=opts)
+        else:
+            await client.subscribe(f"{self.topic_cmd}+", qos=1)
+        await self._publish_state(client)
+        for r in self._requests.values():
+            if r["received"] == 0:
+                r["sent"] = False
+        self._outgoing_wake.set()
+        self._backoff.reset()
+        tasks = [
+            asyncio.create_task(self._commands(client), name="mqtt.commands"),
+            asyncio.create_task(self._state_loop(client), name="mqtt.state"),
+            asyncio.create_task(self._outgoing(client), name="mqtt.outgoing"),
+            asyncio.create_task(self._stop.wait(), name="mqtt.stop"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for t in done:
+                if t is not tasks[-1] and t.exception() is not None:
+                    raise t.exception()  # type: ignore[misc]
+            if self._stop.is_set():
+                with contextlib.suppress(Exception):
+                    await client.publish(self.topic_status, b"offline", qos=1, retain=True, timeout=2.0)
+                log.info("mqtt_offline_published", root=self.root)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---------------------------------------------------------------- state
+
+    def state_payload(self) -> dict[str, Any]:
+        snap = dict(self.target.snapshot())
+        snap.setdefault("ts", datetime.now(timezone.utc).isoformat())
+        snap.setdefault("line", self.root)
+        if self.forwarder is not None:
+            up = self.forwarder.status()
+            snap["upstream"] = {**up, "units": {"backlog_rows": "rows", "oldest_unforwarded_age_s": "s", "times": "epoch s"}}
+        if self.sinks:  # every enabled upstream sink (mqtt, file, ...), each with its own cursor and backlog
+            snap["upstream_sinks"] = {sink.name: sink.status() for sink in self.sinks}
+        snap["mqtt"] = self.status()
+        if self._requests:
+            snap["serial_requests"] = self.pending_serial_requests()
+        return snap
+
+    async def _publish_state(self, client: aiomqtt.Client) -> None:
+        try:
+            payload = dumps(self.state_payload())
+        except Exception as exc:  # noqa: BLE001 - a bad snapshot must not take the connection down
+            log.error("state_snapshot_failed", error=str(exc))
+            return
+        await client.publish(self.topic_state, payload, qos=1, retain=True)
+        self.state_published += 1
+
+    async def _state_loop(self, client: aiomqtt.Client) -> None:
+        interval = self.mqtt.state_interval_s
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._state_dirty.wait(), interval)
+            self._state_dirty.clear()
+            await self._publish_state(client)
+            await asyncio.sleep(STATE_MIN_INTERVAL_S)
+
+    # ---------------------------------------------------------------- serial requests
+
+    async def _outgoing(self, client: aiomqtt.Client) -> None:
+        while True:
+            await self._outgoing_wake.wait()
+            self._outgoing_wake.clear()
+            for r in list(self._requests.values()):
+                if r["sent"]:
+                    continue
+                body = {k: r[k] for k in ("request_id", "gtin", "count", "format", "requested_at")}
+                body["line"] = self.root
+                body["reply_to"] = f"{self.topic_cmd}provision_pool"
+                await client.publish(self.topic_serial_request, dumps(body), qos=1)
+                r["sent"] = True
+
+    def _note_provision(self, result: Any) -> None:
+        if not isinstance(result, dict):
+            return
+        rid = result.get("request_id")
+        r = self._requests.get(rid) if rid else None
+        if r is None:
+            return
+        r["received"] += int(result.get("accepted") or 0)
+        r["pages"] += 1
+        if r["received"] >= r["count"]:
+            del self._requests[rid]
+            log.info("serial_request_complete", request_id=rid, received=r["received"], pages=r["pages"])
+        self._state_dirty.set()
+
+    # ---------------------------------------------------------------- commands
+
+    async def _commands(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            topic = str(message.topic)
+            if not topic.startswith(self.topic_cmd):
+                continue
+            name = topic[len(self.topic_cmd) :]
+            if message.retain:
+                self._ignore("retained", name)
+                continue
+            if message.payload is None or message.payload in (b"", ""):
+                self._ignore("empty_payload", name)
+                continue
+            reply, reply_topic, props = await self.handle_command(name, message.payload, message.properties)
+            try:
+                await client.publish(reply_topic, dumps(reply), qos=1, properties=props)
+            except aiomqtt.MqttError as exc:
+                # the client retries with the same command_id and gets the cached reply
+                log.warning("command_reply_failed", command=name, command_id=reply.get("command_id"), error=str(exc))
+                raise
+
+    async def handle_command(self, name: str, payload: Any, properties: Any = None) -> tuple[dict[str, Any], str, Properties | None]:
+        """Validate, de-duplicate and execute one command; returns (reply, reply topic, reply properties)."""
+        response_topic = getattr(properties, "ResponseTopic", None) if properties is not None else None
+        correlation = getattr(properties, "CorrelationData", None) if properties is not None else None
+        user_props = dict(getattr(properties, "UserProperty", None) or []) if properties is not None else {}
+        origin = str(user_props.get("origin") or user_props.get("client_id") or "anonymous")[:128]
+        default_topic = f"{self.topic_cmd}{name}/reply"
+        topic_problem = None if response_topic is None else self.response_topic_problem(response_topic, name)
+        reply_topic = default_topic if response_topic is None or topic_problem else response_topic
+        props: Properties | None = None
+        if self.mqtt.protocol == "5":
+            props = Properties(PacketTypes.PUBLISH)
+            props.ContentType = "application/json"
+            if correlation is not None:
+                props.CorrelationData = correlation
+        command_id = None
+        try:
+            raw = _as_bytes(payload)
+            offload = len(raw) > PARSE_IN_THREAD_BYTES
+            obj = await asyncio.to_thread(self._decode, name, raw) if offload else self._decode(name, raw)
+            command_id = obj.get("command_id") if isinstance(obj.get("command_id"), str) else None
+            if topic_problem:
+                raise CommandError("bad_response_topic", topic_problem)
+            if self.mqtt.authorized_origins and origin not in self.mqtt.authorized_origins:
+                raise CommandError("unauthorized", f"origin {origin!r} is not in mqtt.authorized_origins")
+            cmd = await asyncio.to_thread(_validate, obj) if offload else _validate(obj)
+            cached = await self._cached_reply(cmd.command_id, name)
+            if cached is not None:
+                log.info("command_repeated", command=name, command_id=cmd.command_id, origin=origin)
+                return cached, reply_topic, props
+            self._check_references(cmd)
+            result = await self.target.execute(cmd, origin=f"mqtt:{origin}")
+        except CommandError as exc:
+            return self._refused(name, command_id or exc.command_id, origin, exc.code, exc.message), reply_topic, props
+        except CommandRejected as exc:
+            return self._refused(name, command_id, origin, exc.code, exc.reason), reply_topic, props
+        except Exception as exc:  # noqa: BLE001 - the caller gets an answer, the log gets the traceback (once per interval)
+            if "internal" not in self.refusals.pending():
+                log.exception("command_failed", command=name, command_id=command_id, origin=origin)
+            return self._refused(name, command_id, origin, "internal", f"{type(exc).__name__}: {exc}"[:500]), reply_topic, props
+        reply = {"ok": True, "command_id": cmd.command_id, "command": name, "result": result}
+        if cmd.command_id:
+            self._replies[cmd.command_id] = reply
+            self._replies.move_to_end(cmd.command_id)
+            while len(self._replies) > REPLY_CACHE_SIZE:
+                self._replies.popitem(last=False)
+        if name == "provision_pool":
+            self._note_provision(result)
+        self.commands_accepted += 1
+        # reads (verify_code, request_state) may come by the thousand: they change nothing, so debug only
+        (log.debug if name in READ_ONLY_COMMANDS else log.info)("command_accepted", command=name, command_id=cmd.command_id, origin=origin)
+        self._state_dirty.set()
+        return reply, reply_topic, props
+
+    def response_topic_problem(self, topic: Any, name: str) -> str | None:
+        """Why a reply must not go to `topic` (None: it may). The command's own fallback reply topic is always fine."""
+        if not isinstance(topic, str) or not topic:
+            return "response topic must be a non-empty string"
+        if len(topic.encode()) > MAX_RESPONSE_TOPIC_BYTES:
+            return f"response topic is longer than {MAX_RESPONSE_TOPIC_BYTES} bytes"
+        if "+" in topic or "#" in topic or "\0" in topic:
+            return "response topic must not contain wildcards (+, #) or NUL"
+        if topic.startswith("$"):
+            return "response topic must not be a $-topic (reserved by the broker, e.g. $SYS)"
+        if topic == f"{self.topic_cmd}{name}/reply":
+            return None
+        for root in self._own_roots:
+            if topic == root or topic.startswith(root + "/"):
+                return f"response topic must not be under linectl's own topic root {root}/"
+        return None
+
+    def _decode(self, name: str, payload: bytes) -> dict[str, Any]:
+        """Size, then shape (depth, items) without recursion, then json.loads: nothing unbounded runs first."""
+        if len(payload) > self.mqtt.max_command_bytes:
+            raise CommandError("too_large", f"payload is {len(payload)} bytes; the limit is mqtt.max_command_bytes = {self.mqtt.max_command_bytes}")
+        if name not in COMMAND_NAMES:
+            raise CommandError("unknown_command", f"unknown command {name[:100]!r}; known: {', '.join(COMMAND_NAMES)}")
+        text = payload.strip()
+        if not text:
+            raise CommandError("empty_payload", "payload is empty (an empty message clears a retained one; it is never a command)")
+        problem = json_shape_problem(text)
+        if problem is not None:
+            raise CommandError("too_complex", problem)
+        try:
+            obj = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+            raise CommandError("bad_json", f"payload is not JSON: {str(exc)[:200]}") from None
+        if not isinstance(obj, dict):
+            raise CommandError("bad_request", "payload must be a JSON object")
+        given = obj.get("name")
+        if given is None:
+            obj["name"] = name
+        elif given != name:
+            raise CommandError("name_mismatch", f"payload names command {given!r} but was sent to cmd/{name}")
+        return obj
+
+    def _check_references(self, cmd: Any) -> None:
+        gtin = getattr(cmd, "gtin", None)
+        if gtin is not None:
+            try:
+                self.cfg.product(gtin)
+            except Exception:  # noqa: BLE001 - KeyError, or a malformed GTIN
+                raise CommandError("unknown_gtin", f"GTIN {gtin} is not configured on this line") from None
+
+    async def _cached_reply(self, command_id: str | None, name: str) -> dict[str, Any] | None:
+        if not command_id:
+            return None
+        reply = self._replies.get(command_id)
+        if reply is None and self.store is not None:
+            try:
+                reply = await asyncio.to_thread(self.store.command_reply, command_id)
+            except Exception as exc:  # noqa: BLE001 - cannot tell: refuse rather than risk running it twice
+                raise CommandError("store_unavailable", f"cannot check command_id {command_id!r}: {exc}") from None
+            if reply is not None:
+                self._replies[command_id] = reply
+        if reply is None:
+            return None
+        if reply.get("command") not in (None, name):
+            raise CommandError("command_id_reused", f"command_id {command_id!r} was already used for {reply.get('command')}")
+        return reply
+
+    def _refused(self, name: str, command_id: str | None, origin: str, code: str, message: str) -> dict[str, Any]:
+        self.commands_refused += 1
+        if self.refusals.note(code, origin, f"{name[:64]}: {message[:120]}"):  # the first of its reason this interval
+            log.warning("command_refused", command=name[:100], command_id=command_id, origin=origin, code=code, reason=message[:300])
+        return {"ok": False, "command_id": command_id, "command": name, "error": {"code": code, "message": message}}
+
+    def _ignore(self, reason: str, name: str) -> None:
+        self.commands_ignored += 1
+        if self._ignored.note(reason, "", name[:64]):
+            log.warning("command_ignored", command=name[:100], reason=reason, why="never executed, not replied to")
+
+
+def _as_bytes(payload: Any) -> bytes:
+    if payload is None:
+        return b""
+    if isinstance(payload, str):
+        return payload.encode()
+    if isinstance(payload, (bytes, bytearray)):
+        return bytes(payload)
+    return str(payload).encode()  # aiomqtt hands int/float payloads over already decoded
+
+
+def _validate(obj: dict[str, Any]) -> Any:
+    try:
+        return COMMAND_ADAPTER.validate_python(obj)
+    except ValidationError as exc:
+        cid = obj.get("command_id") if isinstance(obj.get("command_id"), str) else None
+        raise CommandError("invalid", _validation_message(exc), cid) from None
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors(include_url=False)[:10]:
+        loc = ".".join(str(p) for p in err["loc"] if not (isinstance(p, str) and p in COMMAND_NAMES))
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)

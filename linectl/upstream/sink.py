@@ -1,0 +1,79 @@
+"""The Sink protocol and the registry of upstream sinks, keyed by their config key.
+
+A sink takes outbox rows after its own cursor (linectl.upstream.outbox.OutboxReader) to one upstream and
+moves the cursor once that upstream has them. Adding a sink = one module with a class following `Sink`, plus
+its line in SINKS below (config key -> "module:Class") and its config model in linectl.config. Nothing else
+changes: the store keeps one cursor per sink name, forwarded_at and retention follow the slowest enabled sink.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:  # pragma: no cover
+    from linectl.config import LineConfig
+
+#: config key -> "module:Class". The key is also the sink's name in the store's sink_cursors table.
+SINKS: dict[str, str] = {
+    "mqtt": "linectl.upstream.mqtt:MqttSink",  # configured by `mqtt:` (enabled: mqtt.enabled)
+    "file": "linectl.upstream.file:FileSink",  # configured by `upstream: {file: {...}}`
+}
+
+
+#: raise an operator alarm (code, message); the daemon passes the line's, so it reaches the HMI, the audit and MQTT
+AlarmHook = Callable[[str, str], Awaitable[Any]]
+
+
+@runtime_checkable
+class Sink(Protocol):
+    """What the daemon needs of a sink: its lifetime, a nudge when rows arrive, and a status for the state topic."""
+
+    name: str
+    #: called once when deliveries start failing (not per retry); None: log only
+    on_alarm: AlarmHook | None
+
+    @staticmethod
+    def enabled(cfg: "LineConfig") -> bool:
+        """Whether the config turns this sink on."""
+        ...
+
+    async def run(self) -> None:
+        """Deliver until stop(); never raises for trouble on the far side (it retries with backoff)."""
+        ...
+
+    async def stop(self, timeout: float = 3.0) -> None:
+        """Stop delivering; whatever is already confirmed is recorded in the cursor first (bounded wait)."""
+        ...
+
+    def notify(self, *_: Any) -> None:
+        """Rows were appended: look now rather than at the next poll."""
+        ...
+
+    def status(self) -> dict[str, Any]:
+        """Cursor, backlog, connection/error state: JSON for `<root>/state`."""
+        ...
+
+
+def sink_class(key: str) -> Any:
+    """The class registered under `key` (imported on first use, so an unused sink costs no import)."""
+    try:
+        target = SINKS[key]
+    except KeyError:
+        raise KeyError(f"unknown upstream sink {key!r}; known: {', '.join(SINKS)}") from None
+    module, _, cls = target.partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def enabled_names(cfg: "LineConfig") -> list[str]:
+    """The config keys of the sinks this config enables, in registry order."""
+    return [key for key in SINKS if sink_class(key).enabled(cfg)]
+
+
+def build_sinks(cfg: "LineConfig", store: Any, on_alarm: AlarmHook | None = None) -> list[Any]:
+    """One instance of every enabled sink, each with its own cursor in `store`."""
+    sinks = [sink_class(key).from_config(cfg, store) for key in enabled_names(cfg)]
+    for sink in sinks:
+        sink.on_alarm = on_alarm
+    return sinks
