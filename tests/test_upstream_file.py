@@ -14,13 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from mqtt_fixtures import free_port, line_yaml, load_line, unique_root
+from test_forwarder import Producer, open_store
 
 from linectl import events as ev
 from linectl.epcis import validate_document
 from linectl.upstream.file import FileSink
 from linectl.upstream.sink import SINKS, build_sinks, enabled_names, sink_class
-from mqtt_fixtures import free_port, line_yaml, load_line, unique_root
-from test_forwarder import Producer, open_store
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -52,7 +52,7 @@ import itertools
 import json
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
@@ -62,10 +62,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import ValidationError
 
-from linectl.drivers.base import Backoff
 from linectl.control import COMMAND_ADAPTER, COMMAND_NAMES, CommandRejected, RefusalTally
-from linectl.upstream.mqtt_client import client_options, default_client_id, reconnect_loop, track_link
+from linectl.drivers.base import Backoff
 from linectl.jsonable import json_default
+from linectl.upstream.mqtt_client import client_options, default_client_id, reconnect_loop, track_link
 
 if TYPE_CHECKING:  # pragma: no cover
     from linectl.config import LineConfig
@@ -135,7 +135,7 @@ class MqttBridge:
 
     def __init__(
         self,
-        cfg: "LineConfig",
+        cfg: LineConfig,
         target: Any,
         *,
         store: Any = None,
@@ -196,7 +196,7 @@ class MqttBridge:
             "gtin": gtin,
             "count": int(count),
             "format": format,
-            "requested_at": datetime.now(timezone.utc).isoformat(),
+            "requested_at": datetime.now(UTC).isoformat(),
             "received": 0,
             "pages": 0,
             "sent": False,
@@ -316,7 +316,7 @@ class MqttBridge:
 
     def state_payload(self) -> dict[str, Any]:
         snap = dict(self.target.snapshot())
-        snap.setdefault("ts", datetime.now(timezone.utc).isoformat())
+        snap.setdefault("ts", datetime.now(UTC).isoformat())
         snap.setdefault("line", self.root)
         if self.forwarder is not None:
             up = self.forwarder.status()
@@ -365,8 +365,8 @@ class MqttBridge:
         if not isinstance(result, dict):
             return
         rid = result.get("request_id")
-        r = self._requests.get(rid) if rid else None
-        if r is None:
+        r = self._requests.get(rid) if isinstance(rid, str) else None
+        if r is None or not isinstance(rid, str):
             return
         r["received"] += int(result.get("accepted") or 0)
         r["pages"] += 1

@@ -31,7 +31,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -65,7 +65,7 @@ class FileSink:
 
     def __init__(
         self,
-        cfg: "LineConfig",
+        cfg: LineConfig,
         store: Any,
         *,
         page_size: int = 1000,
@@ -104,11 +104,11 @@ class FileSink:
         self.on_alarm: Any = None
 
     @classmethod
-    def from_config(cls, cfg: "LineConfig", store: Any, **kw: Any) -> "FileSink":
+    def from_config(cls, cfg: LineConfig, store: Any, **kw: Any) -> FileSink:
         return cls(cfg, store, **kw)
 
     @staticmethod
-    def enabled(cfg: "LineConfig") -> bool:
+    def enabled(cfg: LineConfig) -> bool:
         return cfg.upstream.file is not None
 
     # ---------------------------------------------------------------- public
@@ -250,7 +250,7 @@ class FileSink:
 
     def _document(self, doc: _Document) -> bytes:
         """The EPCISDocument: its bytes depend only on the rows, so a rewrite after a restart is identical."""
-        when = datetime.fromtimestamp(doc.created, timezone.utc) if doc.created is not None else None
+        when = datetime.fromtimestamp(doc.created, UTC) if doc.created is not None else None
         full_head = epcis.document_head(when)
         cut = full_head.index('"epcisBody"')
         head = full_head[:cut] + f'"instanceIdentifier":"{doc.first_seq}-{doc.last_seq}",' + full_head[cut:]
@@ -265,7 +265,7 @@ class FileSink:
             try:
                 view = memoryview(payload)
                 while view:
-                    view = view[os.write(fd, view):]
+                    view = view[os.write(fd, view) :]
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -307,6 +307,8 @@ class FileSink:
 
     def _recovered(self) -> None:
         if self.last_error is not None:
-            log.info("file_sink_recovered", dir=str(self.dir), cursor=self.reader.cursor, failed_for_s=round(time.time() - (self.error_since or time.time()), 1))
+            log.info(
+                "file_sink_recovered", dir=str(self.dir), cursor=self.reader.cursor, failed_for_s=round(time.time() - (self.error_since or time.time()), 1)
+            )
             self.last_error = None
             self.error_since = None

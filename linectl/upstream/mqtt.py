@@ -62,7 +62,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
@@ -131,7 +131,7 @@ class Forwarder:
 
     def __init__(
         self,
-        cfg: "LineConfig",
+        cfg: LineConfig,
         store: Any,
         *,
         client_id: str | None = None,
@@ -223,11 +223,11 @@ class Forwarder:
         self._running = False
 
     @classmethod
-    def from_config(cls, cfg: "LineConfig", store: Any, **kw: Any) -> "Forwarder":
+    def from_config(cls, cfg: LineConfig, store: Any, **kw: Any) -> Forwarder:
         return cls(cfg, store, **kw)
 
     @staticmethod
-    def enabled(cfg: "LineConfig") -> bool:
+    def enabled(cfg: LineConfig) -> bool:
         return cfg.mqtt.enabled
 
     # ---------------------------------------------------------------- public
@@ -579,7 +579,7 @@ class Forwarder:
             event["unit_seq"] = event.pop("seq")
         body: dict[str, Any] = {"seq": row.seq, "first_seq": row.seq, "last_seq": row.seq, "line": self.root}
         if created is not None:
-            body["stored_at"] = datetime.fromtimestamp(created, timezone.utc).isoformat()
+            body["stored_at"] = datetime.fromtimestamp(created, UTC).isoformat()
         body.update({k: v for k, v in event.items() if k not in body})
         if error:
             body["epcis_error"] = error

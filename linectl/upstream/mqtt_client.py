@@ -86,7 +86,7 @@ class AckingClient(aiomqtt.Client):
         self._acks.clear()
 
 
-def client_options(mqtt: "MqttConfig", client_id: str, *, max_inflight: int | None = None) -> dict[str, Any]:
+def client_options(mqtt: MqttConfig, client_id: str, *, max_inflight: int | None = None) -> dict[str, Any]:
     """aiomqtt.Client keyword arguments from the config: protocol, clean session, TLS, credentials.
 
     Sessions are always clean: a persistent session lives in paho's memory and
@@ -116,7 +116,7 @@ def client_options(mqtt: "MqttConfig", client_id: str, *, max_inflight: int | No
     return opts
 
 
-def default_client_id(cfg: "LineConfig") -> str:
+def default_client_id(cfg: LineConfig) -> str:
     """linectl-<topic root with dashes>: unique per line on a shared broker (a duplicate client id makes
     the broker drop the other connection, and the two would take turns for ever)."""
     return "linectl-" + cfg.topic_root.replace("/", "-")

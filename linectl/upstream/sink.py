@@ -35,7 +35,7 @@ class Sink(Protocol):
     on_alarm: AlarmHook | None
 
     @staticmethod
-    def enabled(cfg: "LineConfig") -> bool:
+    def enabled(cfg: LineConfig) -> bool:
         """Whether the config turns this sink on."""
         ...
 
@@ -66,12 +66,12 @@ def sink_class(key: str) -> Any:
     return getattr(importlib.import_module(module), cls)
 
 
-def enabled_names(cfg: "LineConfig") -> list[str]:
+def enabled_names(cfg: LineConfig) -> list[str]:
     """The config keys of the sinks this config enables, in registry order."""
     return [key for key in SINKS if sink_class(key).enabled(cfg)]
 
 
-def build_sinks(cfg: "LineConfig", store: Any, on_alarm: AlarmHook | None = None) -> list[Any]:
+def build_sinks(cfg: LineConfig, store: Any, on_alarm: AlarmHook | None = None) -> list[Any]:
     """One instance of every enabled sink, each with its own cursor in `store`."""
     sinks = [sink_class(key).from_config(cfg, store) for key in enabled_names(cfg)]
     for sink in sinks:
