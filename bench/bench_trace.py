@@ -102,7 +102,7 @@ def lat(values: list[float]) -> dict[str, float]:
 async def run(args: argparse.Namespace) -> dict:
     from linectl import gs1
     from linectl.store import Store
-    from linectl.trace import trace, verify_code, write_recall_csv, write_recall_json
+    from linectl.store.trace import trace, verify_code, write_recall_csv, write_recall_json
 
     OUT.mkdir(parents=True, exist_ok=True)
     seed_path = OUT / f"trace_seed_{args.units}.db"

@@ -351,7 +351,7 @@ async def _poll(control: SimControl, cond: Any, timeout: float, what: str) -> di
 async def _aggregation_summary(sl: SimulatedLine, lot: str | None) -> dict[str, Any]:
     """Cases and pallets as the store recorded them, the stations' rejects, and the packer's ground truth."""
     from linectl.engine.rework import check_hierarchy
-    from linectl.trace import snapshot
+    from linectl.store.trace import snapshot
 
     assert sl.control is not None
     store = sl.daemon.store

@@ -19,7 +19,7 @@ from test_aggregation_support import CP, EXPIRY, GTIN, LOT, Rig, commission, new
 from linectl import gs1
 from linectl.engine.rework import check_hierarchy, decommission_unit
 from linectl.events import ChildRef, ContainerCommissioned, Packed
-from linectl.trace import unit_facts
+from linectl.store.trace import unit_facts
 
 
 def outbox(store: Any, kind: str | None = None) -> list[Any]:

@@ -20,7 +20,7 @@ from test_aggregation_support import CP, GTIN, open_store
 from linectl import gs1
 from linectl.engine.aggregation import LABEL_INTENT_ACTION, RECOVERY_ACTION, recover_containers
 from linectl.engine.rework import check_hierarchy
-from linectl.trace import trace, unit_facts
+from linectl.store.trace import trace, unit_facts
 
 REPO = Path(__file__).resolve().parent.parent
 

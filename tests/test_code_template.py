@@ -257,7 +257,7 @@ def test_cli_date_options(tmp_path):
 async def test_field_verify_compares_the_dates_on_the_pack_with_the_record(tmp_path):
     """`linectl verify` of a pack: a production date differing from the batch record is suspicious, like a lot."""
     from linectl.config import PoolSerials
-    from linectl.trace import verify_code
+    from linectl.store.trace import verify_code
 
     store = await Store.open(tmp_path / "t.db")
     try:

@@ -14,7 +14,7 @@ from test_aggregation_support import CP, FAST, GTIN, LOT, commission, config, ne
 from linectl import cli, gs1
 from linectl.engine import rework as R
 from linectl.events import ChildRef, ContainerCommissioned, Packed
-from linectl.trace import trace, unit_facts
+from linectl.store.trace import trace, unit_facts
 
 
 async def make_case(store: Any, serials: list[str], lot: str = LOT, gtin: str = GTIN, ext: int = 0) -> str:

@@ -19,7 +19,7 @@ from test_rework import hri, make_case, make_pallet
 from linectl.config import parse_config
 from linectl.engine import rework as R
 from linectl.mqtt_bridge import MqttBridge
-from linectl.trace import unit_facts
+from linectl.store.trace import unit_facts
 
 pytestmark = pytest.mark.timeout(60)
 

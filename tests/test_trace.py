@@ -24,7 +24,7 @@ from linectl import cli, gs1
 from linectl.config import PoolSerials
 from linectl.engine.rework import remove_unit
 from linectl.events import ChildRef, ContainerCommissioned, ContainerDecommissioned, Packed, RejectReason, UnitCommissioned, UnitDecommissioned
-from linectl.trace import (
+from linectl.store.trace import (
     TraceError,
     mark_recalled,
     recall,

@@ -33,7 +33,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from linectl.trace import mark_recalled, write_recall_csv, write_recall_json
+    from linectl.store.trace import mark_recalled, write_recall_csv, write_recall_json
 
     if args.mark and not args.actor:
         print("linectl: --mark needs --actor NAME", file=sys.stderr)

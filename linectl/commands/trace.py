@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from linectl.trace import TraceError, identify_code, trace
+    from linectl.store.trace import TraceError, identify_code, trace
 
     try:
         identify_code(args.code)  # a code that is no GS1 identity is refused before the store is opened

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from linectl.trace import TraceError, verify_code
+    from linectl.store.trace import TraceError, verify_code
 
     async def body(store: Store, cfg: LineConfig | None) -> int:
         try:

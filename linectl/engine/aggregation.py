@@ -41,7 +41,7 @@ from linectl.drivers.base import CodeReader, DeviceError, Plc, PrintConfirm, Pri
 from linectl.drivers.plc_tags import CASE_ACCEPT, CASE_REJECT, next_counter
 from linectl.engine.station import LinePort, Station, TaskFactory
 from linectl.events import ChildRef, ContainerCommissioned, ContainerDecommissioned, Packed, Severity
-from linectl.trace import container_facts, unit_facts
+from linectl.store.trace import container_facts, unit_facts
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

@@ -729,7 +729,7 @@ class Line:
         return {"fault_cleared": was}
 
     async def _cmd_verify_code(self, c: C.VerifyCode, origin: str) -> dict[str, Any]:
-        from linectl.trace import alarm_event, verify_code_async
+        from linectl.store.trace import alarm_event, verify_code_async
 
         result = await verify_code_async(self.store, c.code, where=c.where, raise_alarm=False)
         if result["verdict"] in ("suspicious", "unknown"):
@@ -866,7 +866,7 @@ class Line:
         return {"reconciled": len(picked), "outcome": c.outcome, "serials": [f.serial for f in picked], "still_unknown": left}
 
     async def _cmd_recall_batch(self, c: C.RecallBatch, origin: str) -> dict[str, Any]:
-        from linectl.trace import mark_recalled
+        from linectl.store.trace import mark_recalled
 
         if self.store.batch(c.lot) is None:
             raise C.CommandRejected(f"no batch {c.lot}", "unknown_lot")

@@ -38,7 +38,7 @@ from linectl.events import (
     UnitInspected,
     Unpacked,
 )
-from linectl.trace import TraceError, active_children, container_facts, identify_code, snapshot, unit_facts, verify_code_async
+from linectl.store.trace import TraceError, active_children, container_facts, identify_code, snapshot, unit_facts, verify_code_async
 
 if TYPE_CHECKING:
     from collections.abc import Mapping

@@ -36,9 +36,9 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    # verify_code lives in linectl.trace (the one trace module); kept importable from here, lazily: no import cycle
+    # verify_code lives in linectl.store.trace (the one trace module); kept importable from here, lazily: no import cycle
     if name == "verify_code":
-        from linectl.trace import verify_code
+        from linectl.store.trace import verify_code
 
         return verify_code
     raise AttributeError(f"module 'linectl.store' has no attribute {name!r}")

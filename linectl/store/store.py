@@ -207,7 +207,7 @@ class Store:
 
     @contextmanager
     def read_snapshot(self) -> Iterator[Connection]:
-        """One read transaction on the read pool (one WAL snapshot), for readers that query in SQL (linectl.trace)."""
+        """One read transaction on the read pool (one WAL snapshot), for readers that query in SQL (linectl.store.trace)."""
         with self._reader.snapshot() as c:
             yield c
 

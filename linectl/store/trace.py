@@ -42,7 +42,7 @@ from linectl.store.model import BATCH_DATES_KEY
 if TYPE_CHECKING:
     from linectl.store import Store
 
-log = structlog.get_logger("linectl.trace")
+log = structlog.get_logger("linectl.store.trace")
 
 MAX_DEPTH = 8  # unit -> case -> pallet needs 2; anything deeper is a data fault, not a reason to loop
 EVENT_CHILDREN_SHOWN = 12  # a Packed of 120 units in a unit's history says "120 children", not all of them
