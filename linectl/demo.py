@@ -351,21 +351,10 @@ async def _poll(control: SimControl, cond: Any, timeout: float, what: str) -> di
 async def _aggregation_summary(sl: SimulatedLine, lot: str | None) -> dict[str, Any]:
     """Cases and pallets as the store recorded them, the stations' rejects, and the packer's ground truth."""
     from linectl.engine.rework import check_hierarchy
-    from linectl.store.trace import snapshot
 
     assert sl.control is not None
     store = sl.daemon.store
-
-    def counts() -> dict[str, int]:
-        with snapshot(store) as conn:
-            lv = dict(conn.execute("SELECT level, count(*) FROM containers WHERE lot = ? AND state = 'commissioned' GROUP BY level", (lot,)).fetchall())
-            packed = conn.execute(
-                "SELECT count(*) FROM aggregation a JOIN serials s ON s.gtin = a.child_gtin AND s.serial = a.child_serial "
-                "WHERE a.removed_seq IS NULL AND a.child_kind = 'unit' AND s.lot = ?", (lot,)
-            ).fetchone()[0]
-        return {"cases": int(lv.get("case", 0)), "pallets": int(lv.get("pallet", 0)), "units_aggregated": int(packed)}
-
-    out: dict[str, Any] = await asyncio.to_thread(counts)
+    out: dict[str, Any] = await asyncio.to_thread(store.packing_counts, lot or "")
     case, pallet = _packing_station(sl.line, "case"), _packing_station(sl.line, "pallet")
     for s in (case, pallet):
         if s is not None:

@@ -92,3 +92,19 @@ def read_hierarchy_problems(reader: Reader) -> list[str]:
         ):
             problems.append(f"{parent} (lot {plot}) holds unit {g}/{s} of lot {ulot}")
     return problems
+
+
+def read_packing_counts(reader: Reader, lot: str) -> dict[str, int]:
+    """Commissioned cases and pallets of a lot and its units packed in a container (one snapshot)."""
+    with reader.snapshot() as conn:
+        lv: dict[str, int] = dict(
+            conn.exec_driver_sql(
+                "SELECT level, count(*) FROM containers WHERE lot = ? AND state = 'commissioned' GROUP BY level", (lot,)
+            ).fetchall()
+        )
+        packed = conn.exec_driver_sql(
+            "SELECT count(*) FROM aggregation a JOIN serials s ON s.gtin = a.child_gtin AND s.serial = a.child_serial "
+            "WHERE a.removed_seq IS NULL AND a.child_kind = 'unit' AND s.lot = ?",
+            (lot,),
+        ).scalar_one()
+    return {"cases": int(lv.get("case", 0)), "pallets": int(lv.get("pallet", 0)), "units_aggregated": int(packed)}

@@ -476,6 +476,9 @@ class Store:
         """Label intents with no container row since the last recovery watermark (see engine recover_containers)."""
         return containers.read_label_intents(self._reader, intent_action, recovery_action)
 
+    def packing_counts(self, lot: str) -> dict[str, int]:
+        return containers.read_packing_counts(self._reader, lot)
+
     def hierarchy_problems(self) -> list[str]:
         """Every violation of the aggregation invariants, in words; [] when consistent."""
         return containers.read_hierarchy_problems(self._reader)
