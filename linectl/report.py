@@ -22,11 +22,12 @@ from typing import Any
 
 from linectl.engine.verdict import challenge_status
 from linectl.events import SerialsReturned, UnitDecommissioned
-from linectl.store import Batch, Store
+from linectl.store import Batch
 from linectl.store.plc_records import UnitFate
+from linectl.store.ports import StoreReads
 
 
-def batch_report(store: Store, lot: str) -> dict[str, Any]:
+def batch_report(store: StoreReads, lot: str) -> dict[str, Any]:
     b = store.batch(lot)
     if b is None:
         raise KeyError(f"no batch {lot}")
@@ -141,7 +142,7 @@ def _add(total: dict[str, int], a: dict[str, Any], b: dict[str, Any], keys: tupl
             total[k] += int(b[k]) - int(a[k])
 
 
-def pack_reconciliation(store: Store, lot: str, reasons: dict[str, int], challenge: list[dict[str, Any]], commissioned: int,
+def pack_reconciliation(store: StoreReads, lot: str, reasons: dict[str, int], challenge: list[dict[str, Any]], commissioned: int,
                         open_fates: list[UnitFate], state: str) -> dict[str, Any]:
     """Physical packs (PLC counters) against serial states; names every count that disagrees."""
     snaps = store.plc_counters(lot)
@@ -213,7 +214,7 @@ def _challenge(b: Batch) -> list[dict[str, Any]]:
     ]
 
 
-def _outbox_tallies(store: Store, lot: str) -> tuple[dict[str, int], int]:
+def _outbox_tallies(store: StoreReads, lot: str) -> tuple[dict[str, int], int]:
     reasons: dict[str, int] = {}
     returned = 0
     after = 0

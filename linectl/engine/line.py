@@ -34,6 +34,7 @@ from linectl.events import (
 )
 from linectl.gs1 import GS1Error
 from linectl.store.model import StoreError
+from linectl.store.ports import EngineStore
 
 log = structlog.get_logger("linectl.line")
 
@@ -116,7 +117,7 @@ class ActiveAlarm:
 
 
 class Line:
-    def __init__(self, cfg: LineConfig, store: Any, drivers: dict[str, Driver]) -> None:
+    def __init__(self, cfg: LineConfig, store: EngineStore, drivers: dict[str, Driver]) -> None:
         self.cfg = cfg
         self.store = store
         self.drivers = drivers
@@ -421,14 +422,14 @@ class Line:
         for gtin, serial, lot in rows:
             by_key.setdefault((gtin, lot), []).append(serial)
         n = 0
-        for (gtin, lot), serials in by_key.items():
+        for (gtin, in_lot), serials in by_key.items():
             for i in range(0, len(serials), 500):
                 await self.store.append(
                     *[
                         UnitDecommissioned(
                             gtin=gtin,
                             serial=s,
-                            lot=lot,
+                            lot=in_lot,
                             reason=RejectReason.CRASH_RECOVERY,
                             detail="in flight when the daemon stopped; not commissioned blindly",
                         )

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from linectl.drivers.base import Driver, Plc, Printer
     from linectl.engine.line import BatchContext
     from linectl.events import AlarmRaised, Severity
+    from linectl.store.ports import EngineStore
 
 #: a supervised task of a station: the supervisor calls it (again after a crash)
 TaskFactory = Callable[[], Awaitable[None]]
@@ -38,8 +39,8 @@ class LinePort(Protocol):
     """What a station may ask of the line. `linectl.engine.line.Line` is the one implementation."""
 
     @property
-    def store(self) -> Any:
-        """The store (linectl.store.Store): durable writes and typed reads."""
+    def store(self) -> EngineStore:
+        """The store: durable writes and typed reads (linectl/store/ports.py)."""
 
     @property
     def batch(self) -> BatchContext | None:

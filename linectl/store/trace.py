@@ -40,7 +40,7 @@ from linectl import gs1
 from linectl.store.model import BATCH_DATES_KEY
 
 if TYPE_CHECKING:
-    from linectl.store import Store
+    from linectl.store.ports import EngineStore
 
 log = structlog.get_logger("linectl.store.trace")
 
@@ -61,7 +61,7 @@ class TraceError(ValueError):
 
 
 @contextmanager
-def snapshot(store: Store) -> Iterator[sqlite3.Connection]:
+def snapshot(store: EngineStore) -> Iterator[sqlite3.Connection]:
     """A raw sqlite3 connection inside one read transaction: every query sees the same committed state.
 
     Raw cursors instead of SQLAlchemy rows: a recall fetches a million rows and
@@ -105,7 +105,7 @@ def identify_code(code: str) -> dict[str, Any]:
     return out
 
 
-def _products(store: Store, conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
+def _products(store: EngineStore, conn: sqlite3.Connection) -> dict[str, dict[str, Any]]:
     """GTIN -> {name, company_prefix_length}: master data for EPC URNs and names (a handful of rows, read each time)."""
     out: dict[str, dict[str, Any]] = {}
     for gtin, name, config in conn.execute("SELECT gtin, name, config FROM products"):
@@ -171,7 +171,7 @@ _UNIT_FACTS_SQL = (
 )
 
 
-def unit_facts(store: Store, units: list[tuple[str, str]], conn: sqlite3.Connection | None = None) -> dict[tuple[str, str], UnitFacts]:
+def unit_facts(store: EngineStore, units: list[tuple[str, str]], conn: sqlite3.Connection | None = None) -> dict[tuple[str, str], UnitFacts]:
     """State, lot and current parent of many units in one query (a case of 120 is checked in one round trip)."""
     if not units:
         return {}
@@ -191,7 +191,7 @@ _CONTAINER_FACTS_SQL = (
 )
 
 
-def container_facts(store: Store, ssccs: list[str], conn: sqlite3.Connection | None = None) -> dict[str, ContainerFacts]:
+def container_facts(store: EngineStore, ssccs: list[str], conn: sqlite3.Connection | None = None) -> dict[str, ContainerFacts]:
     if not ssccs:
         return {}
     if conn is None:
@@ -201,7 +201,7 @@ def container_facts(store: Store, ssccs: list[str], conn: sqlite3.Connection | N
     return {r[0]: ContainerFacts(r[0], r[1], r[2], r[3], r[4], r[5], int(r[6])) for r in rows}
 
 
-def active_children(store: Store, sscc: str, conn: sqlite3.Connection | None = None) -> list[dict[str, Any]]:
+def active_children(store: EngineStore, sscc: str, conn: sqlite3.Connection | None = None) -> list[dict[str, Any]]:
     """Current children of one container: [{kind: unit, gtin, serial} | {kind: container, sscc}] in packing order."""
     if conn is None:
         with snapshot(store) as c:
@@ -298,7 +298,7 @@ def _tree(conn: sqlite3.Connection, root: str) -> tuple[list[dict[str, Any]], di
     return nodes[root], counts
 
 
-def trace(store: Store, code: str) -> dict[str, Any]:
+def trace(store: EngineStore, code: str) -> dict[str, Any]:
     """Everything known about one code; `found` False (status "unknown") when this store never issued it.
 
     Raises TraceError when the code is not a GS1 unit or SSCC identity.
@@ -311,7 +311,7 @@ def trace(store: Store, code: str) -> dict[str, Any]:
         return _trace_unit(store, conn, products, code, ident)
 
 
-def _batch_info(store: Store, conn: sqlite3.Connection, lot: str | None) -> dict[str, Any] | None:
+def _batch_info(store: EngineStore, conn: sqlite3.Connection, lot: str | None) -> dict[str, Any] | None:
     if not lot:
         return None
     b = conn.execute("SELECT lot, gtin, expiry, state FROM batches WHERE lot=?", (lot,)).fetchone()
@@ -320,7 +320,7 @@ def _batch_info(store: Store, conn: sqlite3.Connection, lot: str | None) -> dict
     return {"lot": b[0], "gtin": b[1], "expiry": b[2], "state": b[3], "recalled": is_recalled(store, lot, conn)}
 
 
-def _trace_unit(store: Store, conn: sqlite3.Connection, products: dict[str, Any], code: str, ident: dict[str, Any]) -> dict[str, Any]:
+def _trace_unit(store: EngineStore, conn: sqlite3.Connection, products: dict[str, Any], code: str, ident: dict[str, Any]) -> dict[str, Any]:
     gtin, serial = ident["gtin"], ident["serial"]
     identity = {"gtin": gtin, "serial": serial, "epc": _epc_unit(products, gtin, serial)}
     r = conn.execute("SELECT id, state, lot, updated_at, sent_at FROM serials WHERE gtin=? AND serial=?", (gtin, serial)).fetchone()
@@ -350,7 +350,7 @@ def _trace_unit(store: Store, conn: sqlite3.Connection, products: dict[str, Any]
     return out
 
 
-def _trace_container(store: Store, conn: sqlite3.Connection, products: dict[str, Any], code: str, sscc: str) -> dict[str, Any]:
+def _trace_container(store: EngineStore, conn: sqlite3.Connection, products: dict[str, Any], code: str, sscc: str) -> dict[str, Any]:
     c = conn.execute("SELECT level, state, lot, gtin, updated_at FROM containers WHERE sscc=?", (sscc,)).fetchone()
     identity = {"sscc": sscc, "epc": _epc_sscc(products, sscc, c[3] if c else None)}
     out: dict[str, Any] = {"code": code, "kind": "container", "found": c is not None, "identity": identity}
@@ -476,7 +476,7 @@ def _recall_parts(conn: sqlite3.Connection, lot: str, fmt: str) -> Iterator[tupl
             yield "unit", ("unit", "", g, s, st, "", ""), 1
 
 
-def recall_rows(store: Store, lot: str, conn: sqlite3.Connection | None = None) -> Iterator[tuple[str, ...]]:
+def recall_rows(store: EngineStore, lot: str, conn: sqlite3.Connection | None = None) -> Iterator[tuple[str, ...]]:
     """(level, sscc, gtin, serial, status, parent, pallet) for every pallet, case and unit of the lot.
 
     Units listed are those ever sent to a printer (in flight, commissioned or
@@ -495,7 +495,7 @@ def _count(counts: dict[str, dict[str, int]], level: str, status: str, n: int = 
     lv[status] = lv.get(status, 0) + n
 
 
-def write_recall_csv(store: Store, lot: str, out: IO[str]) -> dict[str, dict[str, int]]:
+def write_recall_csv(store: EngineStore, lot: str, out: IO[str]) -> dict[str, dict[str, int]]:
     """Stream the recall list as CSV (header + one row per object); returns counts by level and status."""
     counts: dict[str, dict[str, int]] = {}
     w = csv.writer(out, lineterminator="\n")
@@ -512,7 +512,7 @@ def write_recall_csv(store: Store, lot: str, out: IO[str]) -> dict[str, dict[str
     return counts
 
 
-def _recall_header(store: Store, lot: str, conn: sqlite3.Connection) -> dict[str, Any]:
+def _recall_header(store: EngineStore, lot: str, conn: sqlite3.Connection) -> dict[str, Any]:
     b = conn.execute("SELECT lot, gtin, expiry, state FROM batches WHERE lot=?", (lot,)).fetchone()
     return {
         "lot": lot,
@@ -541,7 +541,7 @@ def _section(level: str) -> int:
     return 2 if level == "unit" else (0 if level == "pallet" else 1)
 
 
-def write_recall_json(store: Store, lot: str, out: IO[str]) -> dict[str, dict[str, int]]:
+def write_recall_json(store: EngineStore, lot: str, out: IO[str]) -> dict[str, dict[str, int]]:
     """Stream the recall as one JSON document: header, pallets, cases, units, then counts (built on the way)."""
     counts: dict[str, dict[str, int]] = {}
     dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -569,7 +569,7 @@ def write_recall_json(store: Store, lot: str, out: IO[str]) -> dict[str, dict[st
     return counts
 
 
-def recall(store: Store, lot: str) -> dict[str, Any]:
+def recall(store: EngineStore, lot: str) -> dict[str, Any]:
     """The recall list in memory (tests, MQTT replies for small lots); use the writers for big batches."""
     with snapshot(store) as conn:
         out = _recall_header(store, lot, conn)
@@ -595,7 +595,7 @@ class _RecallCache:
 _RECALLS: weakref.WeakKeyDictionary[Any, _RecallCache] = weakref.WeakKeyDictionary()
 
 
-def recalled_lots(store: Store, conn: sqlite3.Connection | None = None) -> dict[str, dict[str, Any]]:
+def recalled_lots(store: EngineStore, conn: sqlite3.Connection | None = None) -> dict[str, dict[str, Any]]:
     """lot -> the audit detail of its recall. Reads only audit rows newer than the last call (seq range)."""
     if conn is None:
         with snapshot(store) as c:
@@ -616,11 +616,11 @@ def recalled_lots(store: Store, conn: sqlite3.Connection | None = None) -> dict[
     return dict(cache.lots)
 
 
-def is_recalled(store: Store, lot: str | None, conn: sqlite3.Connection | None = None) -> bool:
+def is_recalled(store: EngineStore, lot: str | None, conn: sqlite3.Connection | None = None) -> bool:
     return bool(lot) and lot in recalled_lots(store, conn)
 
 
-async def mark_recalled(store: Store, lot: str, actor: str, reason: str = "", origin: str = "cli") -> dict[str, Any]:
+async def mark_recalled(store: EngineStore, lot: str, actor: str, reason: str = "", origin: str = "cli") -> dict[str, Any]:
     """Flag a batch as recalled; from then on verify_code answers "recalled" for its units and containers."""
     if store.batch(lot) is None:
         raise TraceError(f"no batch {lot} in this store")
@@ -634,7 +634,7 @@ async def mark_recalled(store: Store, lot: str, actor: str, reason: str = "", or
 # --------------------------------------------------------------------------- verification
 
 
-def verify_code(store: Store, code: str, *, where: str | None = None, raise_alarm: bool = False) -> dict[str, Any]:
+def verify_code(store: EngineStore, code: str, *, where: str | None = None, raise_alarm: bool = False) -> dict[str, Any]:
     """Verdict for one scan: genuine | decommissioned | recalled | unknown | suspicious.
 
     `where`: the SSCC (any code form) of the case or pallet the code was
@@ -656,7 +656,7 @@ def verify_code(store: Store, code: str, *, where: str | None = None, raise_alar
     return result
 
 
-async def verify_code_async(store: Store, code: str, *, where: str | None = None, raise_alarm: bool = True, station: str | None = None) -> dict[str, Any]:
+async def verify_code_async(store: EngineStore, code: str, *, where: str | None = None, raise_alarm: bool = True, station: str | None = None) -> dict[str, Any]:
     """verify_code for the daemon: the alarm for a suspicious scan is durable before the answer goes out."""
     result = _verify(store, code, where)
     if raise_alarm and result["verdict"] in ("suspicious", "unknown"):
@@ -675,7 +675,7 @@ def alarm_event(result: dict[str, Any], station: str | None = None) -> Any:
     return AlarmRaised(code=code, severity=Severity.WARNING, message=f"{name}: {result['reason']}"[:500], lot=result.get("lot"), station=station)
 
 
-def _verify(store: Store, code: str, where: str | None) -> dict[str, Any]:
+def _verify(store: EngineStore, code: str, where: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {"code": code, "verdict": "unknown", "reason": "", "identity": None, "status": "unknown", "lot": None, "parent": None}
     where_sscc = None
     if where:  # a caller error, unlike a bad code (which is what a counterfeit may look like)
@@ -703,7 +703,7 @@ def _verdict(out: dict[str, Any], verdict: str, reason: str) -> dict[str, Any]:
     return out
 
 
-def _verify_unit(store: Store, conn: sqlite3.Connection, ident: dict[str, Any], out: dict[str, Any], where: str | None) -> dict[str, Any]:
+def _verify_unit(store: EngineStore, conn: sqlite3.Connection, ident: dict[str, Any], out: dict[str, Any], where: str | None) -> dict[str, Any]:
     gtin, serial = ident["gtin"], ident["serial"]
     out["identity"] = {"gtin": gtin, "serial": serial}
     r = conn.execute("SELECT id, state, lot FROM serials WHERE gtin=? AND serial=?", (gtin, serial)).fetchone()
@@ -752,7 +752,7 @@ def _last_decommission(conn: sqlite3.Connection, serial_id: int) -> dict[str, An
     return json.loads(r[0]) if r else {}
 
 
-def _verify_container(store: Store, conn: sqlite3.Connection, ident: dict[str, Any], out: dict[str, Any], where: str | None) -> dict[str, Any]:
+def _verify_container(store: EngineStore, conn: sqlite3.Connection, ident: dict[str, Any], out: dict[str, Any], where: str | None) -> dict[str, Any]:
     sscc = ident["sscc"]
     out["identity"] = {"sscc": sscc}
     c = conn.execute("SELECT level, state, lot FROM containers WHERE sscc=?", (sscc,)).fetchone()
