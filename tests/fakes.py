@@ -1,0 +1,438 @@
+"""In-process fake devices behind the real role interfaces, and a clock a test advances.
+
+The engine's rules (consecutive rejects, no-reads, reject confirm timeout,
+challenge, ...) need a line, not processes: a `Line` with a real `Store` on a
+temp file and these fakes runs them in milliseconds, inside the test's event
+loop. The end-to-end tests (tests/engine_helpers.py `simulated_line`) keep
+what needs real processes and wire protocols.
+
+The fakes are thin on purpose and reuse the simulators' I/O-free parts, so a
+fake never has its own opinion of what a device does:
+- what lands on a pack: `simulators.printer.apply_print` (the defects),
+  `simulators.conveyor.ChallengeFactory` (challenge packs);
+- what a reader sends for a pack: `simulators.reader.ReaderSim.line_for`,
+  parsed by the real driver's `LineReader.parse_line`;
+- the PLC: a `simulators.plc.PlcSim` that is never started (no server, no scan
+  loop): its tag memory and its reject-gate program (`gate`), faults included.
+
+Each fake records what it was told (jobs printed, verdicts written, gate
+outcomes) so a test asserts behaviour against the devices, not the engine's
+internals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Generic, TypeVar
+
+from datetime import date, timedelta
+
+from linectl import control as C
+from linectl.config import LineConfig
+from linectl.config import PrintVerifyStation as PrintVerifyConfig
+from linectl.drivers.base import (
+    CodeReader,
+    Decoded,
+    DeviceError,
+    Driver,
+    DriverConfig,
+    HealthState,
+    Plc,
+    PrintConfirm,
+    Printer,
+    PrintJob,
+    Read,
+)
+from linectl.drivers.plc_tags import VERDICT_GOOD, PlcConfigBase
+from linectl.drivers.reader import LineReader, ReaderConfig
+from linectl.engine.line import LINE_MODE, Line
+from linectl.engine.print_verify import PrintVerifyRuntime
+from linectl.engine.supervisor import Supervisor
+from linectl.events import UnitCommissioned, UnitDecommissioned
+from linectl.simulators.conveyor import ChallengeFactory
+from linectl.simulators.model import SimUnit
+from linectl.simulators.plc import PlcSim
+from linectl.simulators.printer import apply_print
+from linectl.simulators.reader import ReaderSim
+from linectl.store import Store
+
+T = TypeVar("T")
+
+#: how long a fake waits for the engine to take what it was fed before the test fails
+SETTLE_S = 5.0
+
+
+class FakeClock:
+    """The line's rule clock (linectl.engine.clock.Clock), moved only by `advance`."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        if seconds < 0:
+            raise ValueError("a monotonic clock never goes back")
+        self.now += seconds
+
+
+class Stream(Generic[T]):
+    """What a device emits (confirmations, reads), and a way to know the engine has handled all of it.
+
+    `handled()` returns once the consumer took every item and came back for the
+    next one on an empty queue: the body of its `async for` (the engine's
+    handling of the item) is then complete, which is the test's sync point.
+    """
+
+    def __init__(self) -> None:
+        self._q: asyncio.Queue[T] = asyncio.Queue()
+        self._idle = asyncio.Event()
+
+    def put(self, item: T) -> None:
+        self._idle.clear()
+        self._q.put_nowait(item)
+
+    async def items(self) -> AsyncIterator[T]:
+        while True:
+            if self._q.empty():
+                self._idle.set()
+            item = await self._q.get()
+            yield item
+
+    async def handled(self, timeout: float = SETTLE_S) -> None:
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            raise AssertionError(f"the engine did not take what the device emitted within {timeout}s ({self._q.qsize()} waiting)") from None
+
+
+async def until(pred: Callable[[], Any], what: str, timeout: float = SETTLE_S) -> Any:
+    """Wait (real time, short steps) until pred() is true; the test fails with `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.002)
+
+
+class FakePrinter(Printer):
+    """Holds the jobs it was sent; `on_trigger` prints the head job on a pack and confirms it (product count = unit seq)."""
+
+    config_class = DriverConfig
+
+    def __init__(self, name: str, config: DriverConfig, *, seed: int = 1) -> None:
+        super().__init__(name, config)
+        self.queued: deque[PrintJob] = deque()  # on the printer, not printed yet
+        self.sent: list[PrintJob] = []  # every job it accepted
+        self.printed: list[tuple[int, PrintJob]] = []  # (unit seq, job) in print order
+        self.clears = 0
+        #: the next send is refused with this reason (a NAK), once
+        self.nak: str | None = None
+        self.confirms: Stream[PrintConfirm] = Stream()
+        self._rng = random.Random(seed)
+        self._previous: str | None = None
+
+    async def start(self) -> None:
+        self.set_health(HealthState.CONNECTED)
+
+    async def stop(self) -> None:
+        self.set_health(HealthState.DISCONNECTED, "stopped")
+
+    async def send(self, job: PrintJob) -> None:
+        if self.nak is not None:
+            reason, self.nak = self.nak, None
+            raise DeviceError(reason, code="NAK")
+        self.queued.append(job)
+        self.sent.append(job)
+
+    def confirmations(self) -> AsyncIterator[PrintConfirm]:
+        return self.confirms.items()
+
+    async def status(self) -> dict[str, Any]:
+        return {"queued": len(self.queued), "printed": len(self.printed)}
+
+    async def clear(self) -> None:
+        self.queued.clear()
+        self.clears += 1
+
+    def on_trigger(self, unit: SimUnit, defect: str | None = None) -> PrintJob | None:
+        """Print the head job on `unit` (damaged as `defect` says, like the printer simulator) and confirm it."""
+        if not self.queued:
+            unit.content, unit.quality, unit.defect = None, 0.0, "no_print"
+            unit.extras["cause"] = "buffer underrun"
+            return None
+        job = self.queued.popleft()
+        apply_print(unit, job.element_string, "]d2", defect, self._rng, self._previous)
+        unit.job_seq = job.seq
+        self._previous = job.element_string
+        self.printed.append((unit.seq, job))
+        self.confirms.put(PrintConfirm(job.seq, time.time(), product_count=unit.seq))
+        return job
+
+
+class FakeReader(CodeReader):
+    """Emits the reads a test feeds: `present(unit)` speaks for a pack the way the reader simulator would,
+    `read(...)` / `no_read(...)` give the read directly."""
+
+    config_class = ReaderConfig
+
+    def __init__(self, name: str, config: ReaderConfig) -> None:
+        super().__init__(name, config)
+        self._says = ReaderSim(config=config, name=name)  # the simulator's line for a pack (never started)
+        self._parses = LineReader(name, config)  # the real driver's parser of that line (never started)
+        self.fed: list[Read] = []
+        self.stream: Stream[Read] = Stream()
+
+    async def start(self) -> None:
+        self.set_health(HealthState.CONNECTED)
+
+    async def stop(self) -> None:
+        self.set_health(HealthState.DISCONNECTED, "stopped")
+
+    def reads(self) -> AsyncIterator[Read]:
+        return self.stream.items()
+
+    def feed(self, read: Read) -> Read:
+        self.fed.append(read)
+        self.stream.put(read)
+        return read
+
+    def present(self, unit: SimUnit) -> Read:
+        raw = self._says.line_for(unit.seq, unit)
+        text = raw.decode("latin-1").removesuffix(self.config.terminator)
+        return self.feed(self._parses.parse_line(text, raw, time.monotonic()))
+
+    def read(self, seq: int, data: str, grade: float | None = 4.0, symbology: str | None = "]d2") -> Read:
+        return self.feed(Read(seq, (Decoded(data, symbology, grade),), time.monotonic()))
+
+    def no_read(self, seq: int) -> Read:
+        return self.feed(Read(seq, (), time.monotonic()))
+
+
+class FakePlc(Plc):
+    """The PLC's tag map in memory and its reject-gate program, from an unstarted `PlcSim`.
+
+    Writes go into the simulator's memory through its own value checks; `latest()`
+    is the memory as it is now (every call is one poll of the engine's watch).
+    `trigger()` counts a product at the trigger sensor; `gate(seq)` runs the
+    simulator's gate program on that unit: it passes only with (seq, GOOD) in
+    its verdict slot, else it is pushed out and confirmed in the reject ring
+    (unless a gate fault injected with `sim.faults.set` says otherwise).
+    """
+
+    config_class = PlcConfigBase
+
+    def __init__(self, name: str, config: PlcConfigBase) -> None:
+        super().__init__(name, config)
+        self.sim = PlcSim(name, config)
+        self.writes: list[tuple[str, Any, int | None]] = []
+        self.verdicts: dict[int, int] = {}  # unit seq -> last verdict written for it (1 good, 2 reject)
+        self.outcomes: dict[int, str] = {}  # unit seq -> what the gate did ("passed" / "rejected")
+        self.polls = 0
+        #: writes fail with this reason (the PLC does not answer) while set
+        self.refuse_writes: str | None = None
+
+    async def start(self) -> None:
+        self.set_health(HealthState.CONNECTED)
+
+    async def stop(self) -> None:
+        self.set_health(HealthState.DISCONNECTED, "stopped")
+
+    @property
+    def tag_names(self) -> list[str]:
+        return list(self.sim.tags)
+
+    async def read_tags(self, names: list[str] | None = None) -> dict[str, Any]:
+        return {n: self.sim.get(n) for n in (names or self.tag_names)}
+
+    async def write_tag(self, name: str, value: Any, index: int | None = None) -> None:
+        if self.refuse_writes is not None:
+            raise DeviceError(self.refuse_writes)
+        try:
+            self.sim.set(name, value, index)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise DeviceError(f"{self.name}: write {name} refused: {exc}") from None
+        self.writes.append((name, value, index))
+        if name == "verdict_ring" and isinstance(value, list):
+            for k in range(0, len(value) - 1, 2):
+                self.verdicts[int(value[k])] = int(value[k + 1])
+
+    def latest(self) -> dict[str, Any]:
+        self.polls += 1
+        return {n: self.sim.get(n) for n in self.tag_names}
+
+    def tag(self, name: str) -> Any:
+        return self.sim.get(name)
+
+    def trigger(self) -> int:
+        """A product at the trigger sensor: the PLC counts it; the count is the unit's seq."""
+        return self.sim.count_trigger()
+
+    def gate(self, unit: SimUnit) -> str:
+        outcome = self.sim.gate(unit)
+        unit.outcome = outcome
+        self.outcomes[unit.seq] = outcome
+        return outcome
+
+    def good_verdicts(self) -> list[int]:
+        return sorted(s for s, v in self.verdicts.items() if v == VERDICT_GOOD)
+
+    def reject_verdicts(self) -> list[int]:
+        return sorted(s for s, v in self.verdicts.items() if v != VERDICT_GOOD)
+
+    async def polled(self, times: int = 2) -> None:
+        """The engine's watch polled `times` more times (twice: one whole check cycle ran after a change)."""
+        target = self.polls + times
+        await until(lambda: self.polls >= target, f"{times} polls of PLC {self.name}")
+
+
+# --------------------------------------------------------------------------- a line on fake devices
+
+
+class FakeLine:
+    """A `Line` of one print_verify station on fake devices, its tasks supervised as the daemon does.
+
+    The helpers move packs the way the belt does, each one waiting until the
+    engine has handled what it caused: `unit()` is trigger -> print -> read ->
+    verdict (-> gate), so the test asserts right after it returns.
+    """
+
+    def __init__(self, line: Line, clock: FakeClock, printer: FakePrinter, reader: FakeReader, plc: FakePlc) -> None:
+        self.line = line
+        self.store: Store = line.store
+        self.clock = clock
+        self.printer = printer
+        self.reader = reader
+        self.plc = plc
+        pv = [s for s in line.stations if isinstance(s, PrintVerifyRuntime)]
+        assert len(pv) == 1, "FakeLine runs a line of one print_verify station"
+        self.station: PrintVerifyRuntime = pv[0]
+        self.supervisor = Supervisor(on_crash=line.task_crashed)
+        self.lot: str | None = None
+        self._challenge = ChallengeFactory(line.cfg.products[0].gtin, seed=7)
+
+    @classmethod
+    async def build(cls, cfg: LineConfig, store: Store, clock: FakeClock | None = None) -> FakeLine:
+        st = cfg.stations[0]
+        assert isinstance(st, PrintVerifyConfig), "the config's first station must be a print_verify station"
+        printer = FakePrinter(st.printer, cfg.devices[st.printer])
+        reader_cfg, plc_cfg = cfg.devices[st.reader], cfg.devices[st.plc]
+        assert isinstance(reader_cfg, ReaderConfig) and isinstance(plc_cfg, PlcConfigBase)
+        reader, plc = FakeReader(st.reader, reader_cfg), FakePlc(st.plc, plc_cfg)
+        clock = clock or FakeClock()
+        drivers: dict[str, Driver] = {printer.name: printer, reader.name: reader, plc.name: plc}
+        return cls(Line(cfg, store, drivers, clock=clock), clock, printer, reader, plc)
+
+    async def start(self) -> None:
+        for d in (self.printer, self.reader, self.plc):
+            await d.start()
+        for name, factory in self.station.tasks().items():
+            self.supervisor.start(name, factory)
+        await self.plc.polled()  # the watch has taken the PLC's ring as it is (the first poll after a start)
+
+    async def stop(self) -> None:
+        await self.supervisor.stop()
+        for d in (self.printer, self.reader, self.plc):
+            await d.stop()
+
+    # ------------------------------------------------------------------ batches
+
+    async def execute(self, command: Any) -> dict[str, Any]:
+        return await self.line.execute(command, origin="test")
+
+    async def start_batch(self, units: int = 100, *, challenge: bool = False, lot: str = "L1") -> str:
+        """Create and start a batch of the config's first product; with `challenge` the line enters its challenge."""
+        product = self.line.cfg.products[0]
+        expiry = (date.today() + timedelta(days=400)).strftime("%y%m%d")
+        await self.execute(C.CreateBatch(lot=lot, gtin=product.gtin, expiry=expiry, planned_qty=units, challenge=challenge))
+        await self.execute(C.StartBatch(actor="test"))
+        self.lot = lot
+        if not challenge:
+            await until(lambda: self.plc.tag("line_mode") == LINE_MODE["production"], "line_mode production on the PLC")
+        return lot
+
+    @property
+    def state(self) -> str | None:
+        b = self.line.batch
+        return b.state.value if b is not None else None
+
+    async def stopped(self) -> None:
+        """The batch was stopped and its stop (drain) has finished."""
+
+        def done() -> bool:
+            t = self.line._stop_task
+            return self.state == "stopped" and (t is None or t.done())
+
+        await until(done, "the batch to be stopped")
+
+    def alarm_codes(self) -> list[str]:
+        return [a.code for a in self.line.alarms.values()]
+
+    # ------------------------------------------------------------------ packs on the belt
+
+    async def unit(self, defect: str | None = None, *, gate: bool = True) -> SimUnit:
+        """One pack: triggered, printed (damaged as `defect` says: simulators.model.UNIT_DEFECTS), read and decided;
+        then, with `gate`, through the reject gate (the engine has seen what the gate did)."""
+        await until(lambda: self.printer.queued, "a code queued on the printer")
+        unit = SimUnit(self.plc.trigger())
+        self.printer.on_trigger(unit, defect)
+        await self.printer.confirms.handled()
+        return await self.read(unit, gate=gate)
+
+    async def printed(self) -> SimUnit:
+        """One pack triggered and printed, not (yet) at the reader."""
+        await until(lambda: self.printer.queued, "a code queued on the printer")
+        unit = SimUnit(self.plc.trigger())
+        self.printer.on_trigger(unit)
+        await self.printer.confirms.handled()
+        return unit
+
+    async def read(self, unit: SimUnit, *, gate: bool = True) -> SimUnit:
+        """The pack at the reader (what the reader simulator would send for it), then at the gate."""
+        self.reader.present(unit)
+        await self.reader.stream.handled()
+        if gate:
+            await self.gate(unit)
+        return unit
+
+    async def challenge_unit(self, kind: str, *, gate: bool = True) -> SimUnit:
+        """A challenge pack QA feeds (simulators.conveyor.ChallengeFactory): triggered, nothing printed by the line."""
+        unit = self._challenge.make(kind, self.plc.trigger())
+        if self.printer.printed:
+            self._challenge.last_printed = self.printer.printed[-1][1].element_string
+        return await self.read(unit, gate=gate)
+
+    async def gate(self, unit: SimUnit) -> str:
+        """The pack reaches the reject gate: the PLC program decides by its verdict slot; the engine's watch sees it."""
+        outcome = self.plc.gate(unit)
+        await self.plc.polled()
+        return outcome
+
+    async def advance(self, seconds: float) -> None:
+        """Move the rule clock, and let the watch run one check cycle at the new time."""
+        self.clock.advance(seconds)
+        await self.plc.polled()
+
+    def serial_on(self, unit: SimUnit) -> str:
+        """The serial of the job printed on `unit`."""
+        job = next(j for seq, j in self.printer.printed if seq == unit.seq)
+        return job.fields["serial"]
+
+    def record_of(self, unit: SimUnit) -> list[Any]:
+        """The unit events the store holds for `unit` (by the serial printed on it), in order."""
+        serial = self.serial_on(unit)
+        assert self.lot is not None
+        out: list[Any] = []
+        after = 0
+        while rows := self.store.events_of_lot(self.lot, after, 10000):
+            out.extend(r.event for r in rows if isinstance(r.event, (UnitCommissioned, UnitDecommissioned)) and r.event.serial == serial)
+            after = rows[-1].seq
+        return out
