@@ -57,8 +57,9 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 @pytest.fixture
 async def make_fake_line(store: Store) -> AsyncIterator[MakeFakeLine]:
     """make_fake_line(rules=..., station=...) -> a started FakeLine (tests/fakes.py) on the demo config, one per test."""
-    from linectl.epcis import EpcisMapper
     from fakes import FakeLine
+
+    from linectl.epcis import EpcisMapper
 
     made: list[FakeLine] = []
 

@@ -26,10 +26,11 @@ import asyncio
 import random
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
+from datetime import date, timedelta
 from typing import Any, Generic, TypeVar
 
-from datetime import date, timedelta
+from engine_helpers import wait_for
 
 from linectl import control as C
 from linectl.config import LineConfig
@@ -109,18 +110,6 @@ class Stream(Generic[T]):
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
             raise AssertionError(f"the engine did not take what the device emitted within {timeout}s ({self._q.qsize()} waiting)") from None
-
-
-async def until(pred: Callable[[], Any], what: str, timeout: float = SETTLE_S) -> Any:
-    """Wait (real time, short steps) until pred() is true; the test fails with `what` otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
 class FakePrinter(Printer):
@@ -291,7 +280,7 @@ class FakePlc(Plc):
     async def polled(self, times: int = 2) -> None:
         """The engine's watch polled `times` more times (twice: one whole check cycle ran after a change)."""
         target = self.polls + times
-        await until(lambda: self.polls >= target, f"{times} polls of PLC {self.name}")
+        await wait_for(lambda: self.polls >= target, SETTLE_S, f"{times} polls of PLC {self.name}", interval=0.002)
 
 
 # --------------------------------------------------------------------------- a line on fake devices
@@ -356,7 +345,7 @@ class FakeLine:
         await self.execute(C.StartBatch(actor="test"))
         self.lot = lot
         if not challenge:
-            await until(lambda: self.plc.tag("line_mode") == LINE_MODE["production"], "line_mode production on the PLC")
+            await wait_for(lambda: self.plc.tag("line_mode") == LINE_MODE["production"], SETTLE_S, "line_mode production on the PLC", interval=0.002)
         return lot
 
     @property
@@ -371,7 +360,7 @@ class FakeLine:
             t = self.line._stop_task
             return self.state == "stopped" and (t is None or t.done())
 
-        await until(done, "the batch to be stopped")
+        await wait_for(done, SETTLE_S, "the batch to be stopped", interval=0.002)
 
     def alarm_codes(self) -> list[str]:
         return [a.code for a in self.line.alarms.values()]
@@ -381,7 +370,7 @@ class FakeLine:
     async def unit(self, defect: str | None = None, *, gate: bool = True) -> SimUnit:
         """One pack: triggered, printed (damaged as `defect` says: simulators.model.UNIT_DEFECTS), read and decided;
         then, with `gate`, through the reject gate (the engine has seen what the gate did)."""
-        await until(lambda: self.printer.queued, "a code queued on the printer")
+        await wait_for(lambda: self.printer.queued, SETTLE_S, "a code queued on the printer", interval=0.002)
         unit = SimUnit(self.plc.trigger())
         self.printer.on_trigger(unit, defect)
         await self.printer.confirms.handled()
@@ -389,7 +378,7 @@ class FakeLine:
 
     async def printed(self) -> SimUnit:
         """One pack triggered and printed, not (yet) at the reader."""
-        await until(lambda: self.printer.queued, "a code queued on the printer")
+        await wait_for(lambda: self.printer.queued, SETTLE_S, "a code queued on the printer", interval=0.002)
         unit = SimUnit(self.plc.trigger())
         self.printer.on_trigger(unit)
         await self.printer.confirms.handled()

@@ -15,7 +15,7 @@ import pytest
 
 from linectl.engine.line import LINE_MODE
 from linectl.engine.verdict import CHALLENGE_EXPECTED_REASON
-from linectl.events import UnitCommissioned, UnitDecommissioned
+from linectl.events import UnitCommissioned
 
 GOOD, REJECT = 1, 2
 
