@@ -2,11 +2,10 @@
 
 Structured logs go to stderr at warning level, so test output stays readable.
 
-Fixtures: `store` (a fresh Store on a temp file), `demo_config` (the demo line's
-config, parsed, MQTT off), `fake_line` / `make_fake_line` (that line on in-process
-fake devices, tests/fakes.py: the engine's rules in milliseconds). The
-end-to-end harness with real processes is tests/engine_helpers.py
-`simulated_line`.
+Fixtures: `store` (a fresh Store on a temp file), `fake_line` / `make_fake_line`
+(the demo line on in-process fake devices, tests/fakes.py: the engine's rules in
+milliseconds). The end-to-end harness with real processes is
+tests/engine_helpers.py `simulated_line`.
 """
 
 from __future__ import annotations
@@ -17,31 +16,12 @@ from typing import Any
 
 import pytest
 
-from linectl.config import LineConfig, parse_config
-from linectl.demo import DEFAULT_CONFIG
 from linectl.logging import setup_logging
 from linectl.store import Store
-from linectl.yamlsource import load_yaml, to_plain
 
 setup_logging("warning")
 
 MakeFakeLine = Callable[..., Awaitable[Any]]
-
-
-def demo_line_config(*, rules: dict[str, Any] | None = None, station: dict[str, Any] | None = None, base: Path = DEFAULT_CONFIG) -> LineConfig:
-    """The demo line's config (print_verify rules / fields changed), MQTT off: nothing leaves the process."""
-    raw = to_plain(load_yaml(base))
-    raw.setdefault("mqtt", {})["enabled"] = False
-    for st in raw.get("stations", []):
-        if st.get("type") == "print_verify":
-            st.setdefault("rules", {}).update(rules or {})
-            st.update(station or {})
-    return parse_config(raw)
-
-
-@pytest.fixture
-def demo_config() -> LineConfig:
-    return demo_line_config()
 
 
 @pytest.fixture
@@ -57,6 +37,7 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 @pytest.fixture
 async def make_fake_line(store: Store) -> AsyncIterator[MakeFakeLine]:
     """make_fake_line(rules=..., station=...) -> a started FakeLine (tests/fakes.py) on the demo config, one per test."""
+    from engine_helpers import demo_line_config
     from fakes import FakeLine
 
     from linectl.epcis import EpcisMapper
@@ -64,6 +45,7 @@ async def make_fake_line(store: Store) -> AsyncIterator[MakeFakeLine]:
     made: list[FakeLine] = []
 
     async def make(*, rules: dict[str, Any] | None = None, station: dict[str, Any] | None = None) -> FakeLine:
+        """The demo config with these print_verify rules / station fields (tests/engine_helpers.py demo_line_config)."""
         assert not made, "one fake line per test (they would share the store)"
         cfg = demo_line_config(rules=rules, station=station)
         store.set_epcis_mapper(EpcisMapper.from_config(cfg))  # as the daemon does: the record renders as in production

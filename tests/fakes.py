@@ -196,7 +196,7 @@ class FakeReader(CodeReader):
 
     def present(self, unit: SimUnit) -> Read:
         raw = self._says.line_for(unit.seq, unit)
-        text = raw.decode("latin-1").removesuffix(self.config.terminator)
+        text = raw.decode("latin-1").removesuffix(self._parses.config.terminator)
         return self.feed(self._parses.parse_line(text, raw, time.monotonic()))
 
     def read(self, seq: int, data: str, grade: float | None = 4.0, symbology: str | None = "]d2") -> Read:
