@@ -328,6 +328,10 @@ class FakeLine:
         await self.plc.polled()  # the watch has taken the PLC's ring as it is (the first poll after a start)
 
     async def stop(self) -> None:
+        t = self.line._stop_task
+        if t is not None and not t.done():
+            t.cancel()  # a test that ended mid-stop: nothing may write to the store after it is closed
+            await asyncio.gather(t, return_exceptions=True)
         await self.supervisor.stop()
         for d in (self.printer, self.reader, self.plc):
             await d.stop()
@@ -384,9 +388,24 @@ class FakeLine:
         await self.printer.confirms.handled()
         return unit
 
+    async def no_read(self, *, gate: bool = True) -> SimUnit:
+        """One pack printed well, and the reader sends its no-read for it (dirty lens, pack skewed)."""
+        unit = await self.printed()
+        self.reader.no_read(unit.seq)
+        return await self._decided(unit, gate)
+
+    async def bad_read(self, data: str, *, grade: float | None = 4.0, symbology: str | None = "]d2", gate: bool = True) -> SimUnit:
+        """One pack printed, and the reader reports `data` at `grade` for it (what the pack shows is the test's word)."""
+        unit = await self.printed()
+        self.reader.read(unit.seq, data, grade, symbology)
+        return await self._decided(unit, gate)
+
     async def read(self, unit: SimUnit, *, gate: bool = True) -> SimUnit:
         """The pack at the reader (what the reader simulator would send for it), then at the gate."""
         self.reader.present(unit)
+        return await self._decided(unit, gate)
+
+    async def _decided(self, unit: SimUnit, gate: bool) -> SimUnit:
         await self.reader.stream.handled()
         if gate:
             await self.gate(unit)

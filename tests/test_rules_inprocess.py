@@ -60,6 +60,25 @@ async def test_bad_print_rejected_and_decommissioned_for_its_reason(fake_line, d
     assert fake_line.line.fault is None
 
 
+async def test_unit_never_read_is_rejected_fail_safe_at_the_gate(fake_line):
+    await fake_line.start_batch(10)
+    unit = await fake_line.printed()  # the read never comes: no verdict is written for it
+    assert await fake_line.gate(unit) == "rejected"  # the PLC program rejects a unit without a good verdict
+    assert unit.seq not in fake_line.plc.verdicts
+    assert decided(fake_line.record_of(unit)) == [("decommissioned", "plc_failsafe")]
+    assert fake_line.station.counters.failsafe_rejects == 1
+
+
+async def test_read_of_a_serial_printed_on_another_unit_is_a_duplicate(fake_line):
+    await fake_line.start_batch(10)
+    first = await fake_line.unit()
+    copy = next(j for seq, j in fake_line.printer.printed if seq == first.seq).element_string
+    second = await fake_line.bad_read(copy)  # the reader sees the first unit's code on the second
+    assert fake_line.plc.outcomes == {first.seq: "passed", second.seq: "rejected"}
+    assert decided(fake_line.record_of(second)) == [("decommissioned", "duplicate")]
+    assert decided(fake_line.record_of(first)) == [("commissioned", None)]
+
+
 async def test_consecutive_rejects_stop_the_line_at_the_limit(fake_line):
     limit = fake_line.station.rules.consecutive_reject_limit
     await fake_line.start_batch(50)
@@ -82,10 +101,11 @@ async def test_consecutive_no_reads_stop_the_line(make_fake_line):
     limit = fake_line.station.rules.no_read_limit
     await fake_line.start_batch(50)
     for _ in range(limit - 1):
-        await fake_line.unit("partial")
+        await fake_line.no_read()
     await fake_line.unit("wrong_code")  # a reject that is not a no-read: the no-read count starts again
     assert fake_line.line.fault is None
-    units = [await fake_line.unit("partial") for _ in range(limit)]
+    units = [await fake_line.unit("partial") for _ in range(limit - 1)]  # unreadable print
+    units.append(await fake_line.no_read())  # a good print the reader did not decode
     await fake_line.stopped()
     assert fake_line.line.fault == "no_read_limit"
     assert fake_line.plc.tag("line_mode") == LINE_MODE["idle"]
