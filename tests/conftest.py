@@ -36,7 +36,7 @@ async def store(tmp_path: Path) -> AsyncIterator[Store]:
 
 @pytest.fixture
 async def make_fake_line(store: Store) -> AsyncIterator[MakeFakeLine]:
-    """make_fake_line(rules=..., station=...) -> a started FakeLine (tests/fakes.py) on the demo config, one per test."""
+    """make_fake_line(rules=..., station=..., base=...) -> a started FakeLine (tests/fakes.py), one per test."""
     from engine_helpers import demo_line_config
     from fakes import FakeLine
 
@@ -44,10 +44,10 @@ async def make_fake_line(store: Store) -> AsyncIterator[MakeFakeLine]:
 
     made: list[FakeLine] = []
 
-    async def make(*, rules: dict[str, Any] | None = None, station: dict[str, Any] | None = None) -> FakeLine:
-        """The demo config with these print_verify rules / station fields (tests/engine_helpers.py demo_line_config)."""
+    async def make(*, rules: dict[str, Any] | None = None, station: dict[str, Any] | None = None, base: Path | None = None) -> FakeLine:
+        """The demo config (or `base`) with these print_verify rules / station fields (engine_helpers.demo_line_config)."""
         assert not made, "one fake line per test (they would share the store)"
-        cfg = demo_line_config(rules=rules, station=station)
+        cfg = demo_line_config(rules=rules, station=station) if base is None else demo_line_config(rules=rules, station=station, base=base)
         store.set_epcis_mapper(EpcisMapper.from_config(cfg))  # as the daemon does: the record renders as in production
         await store.upsert_products(cfg.products)
         fl = await FakeLine.build(cfg, store)

@@ -35,6 +35,7 @@ from engine_helpers import wait_for
 from linectl import control as C
 from linectl.config import LineConfig
 from linectl.config import PrintVerifyStation as PrintVerifyConfig
+from linectl.config import VerifyStation as VerifyConfig
 from linectl.drivers.base import (
     CodeReader,
     Decoded,
@@ -53,6 +54,7 @@ from linectl.drivers.reader import LineReader, ReaderConfig
 from linectl.engine.line import LINE_MODE, Line
 from linectl.engine.print_verify import PrintVerifyRuntime
 from linectl.engine.supervisor import Supervisor
+from linectl.engine.verify_station import VerifyRuntime
 from linectl.events import UnitCommissioned, UnitDecommissioned
 from linectl.simulators.conveyor import ChallengeFactory
 from linectl.simulators.model import SimUnit
@@ -62,6 +64,7 @@ from linectl.simulators.reader import ReaderSim
 from linectl.store import Store
 
 T = TypeVar("T")
+D = TypeVar("D", bound=Driver)
 
 #: how long a fake waits for the engine to take what it was fed before the test fails
 SETTLE_S = 5.0
@@ -294,38 +297,63 @@ class FakeLine:
     verdict (-> gate), so the test asserts right after it returns.
     """
 
-    def __init__(self, line: Line, clock: FakeClock, printer: FakePrinter, reader: FakeReader, plc: FakePlc) -> None:
+    def __init__(self, line: Line, clock: FakeClock, devices: dict[str, FakePrinter | FakeReader | FakePlc]) -> None:
         self.line = line
         self.store: Store = line.store
         self.clock = clock
-        self.printer = printer
-        self.reader = reader
-        self.plc = plc
+        self.devices = devices
         pv = [s for s in line.stations if isinstance(s, PrintVerifyRuntime)]
-        assert len(pv) == 1, "FakeLine runs a line of one print_verify station"
+        assert len(pv) == 1, "FakeLine runs a line with one print_verify station"
         self.station: PrintVerifyRuntime = pv[0]
+        #: the print_verify station's devices
+        self.printer = self._device(self.station.cfg.printer, FakePrinter)
+        self.reader = self._device(self.station.cfg.reader, FakeReader)
+        self.plc = self._device(self.station.cfg.plc, FakePlc)
+        #: a downstream verify station, when the config has one
+        self.verify: VerifyRuntime | None = next((s for s in line.stations if isinstance(s, VerifyRuntime)), None)
         self.supervisor = Supervisor(on_crash=line.task_crashed)
         self.lot: str | None = None
         self._challenge = ChallengeFactory(line.cfg.products[0].gtin, seed=7)
 
+    def _device(self, name: str, kind: type[D]) -> D:
+        d = self.devices[name]
+        assert isinstance(d, kind), f"device {name} is a {type(d).__name__}, not a {kind.__name__}"
+        return d
+
     @classmethod
     async def build(cls, cfg: LineConfig, store: Store, clock: FakeClock | None = None) -> FakeLine:
-        st = cfg.stations[0]
-        assert isinstance(st, PrintVerifyConfig), "the config's first station must be a print_verify station"
-        printer = FakePrinter(st.printer, cfg.devices[st.printer])
-        reader_cfg, plc_cfg = cfg.devices[st.reader], cfg.devices[st.plc]
-        assert isinstance(reader_cfg, ReaderConfig) and isinstance(plc_cfg, PlcConfigBase)
-        reader, plc = FakeReader(st.reader, reader_cfg), FakePlc(st.plc, plc_cfg)
+        """Fakes for the devices of the config's print_verify and verify stations, by the role each station gives them."""
+        devices: dict[str, FakePrinter | FakeReader | FakePlc] = {}
+        for st in cfg.stations:
+            readers, plcs = [], []
+            if isinstance(st, PrintVerifyConfig):
+                devices[st.printer] = FakePrinter(st.printer, cfg.devices[st.printer])
+                readers, plcs = [st.reader], [st.plc]
+            elif isinstance(st, VerifyConfig):
+                readers, plcs = [st.reader], [st.plc] if st.plc is not None else []
+            else:
+                raise AssertionError(f"FakeLine has no fakes for a {st.type} station")
+            for name in readers:
+                rc = cfg.devices[name]
+                assert isinstance(rc, ReaderConfig), f"{name}: FakeReader speaks for a line reader (driver: reader)"
+                devices[name] = FakeReader(name, rc)
+            for name in plcs:
+                pc = cfg.devices[name]
+                assert isinstance(pc, PlcConfigBase)
+                devices[name] = FakePlc(name, pc)
         clock = clock or FakeClock()
-        drivers: dict[str, Driver] = {printer.name: printer, reader.name: reader, plc.name: plc}
-        return cls(Line(cfg, store, drivers, clock=clock), clock, printer, reader, plc)
+        drivers: dict[str, Driver] = dict(devices)
+        return cls(Line(cfg, store, drivers, clock=clock), clock, devices)
 
     async def start(self) -> None:
-        for d in (self.printer, self.reader, self.plc):
+        for d in self.devices.values():
             await d.start()
-        for name, factory in self.station.tasks().items():
-            self.supervisor.start(name, factory)
-        await self.plc.polled()  # the watch has taken the PLC's ring as it is (the first poll after a start)
+        for st in self.line.stations:
+            for name, factory in st.tasks().items():
+                self.supervisor.start(name, factory)
+        for d in self.devices.values():
+            if isinstance(d, FakePlc):
+                await d.polled()  # the watch has taken the PLC's ring as it is (the first poll after a start)
 
     async def stop(self) -> None:
         t = self.line._stop_task
@@ -333,7 +361,7 @@ class FakeLine:
             t.cancel()  # a test that ended mid-stop: nothing may write to the store after it is closed
             await asyncio.gather(t, return_exceptions=True)
         await self.supervisor.stop()
-        for d in (self.printer, self.reader, self.plc):
+        for d in self.devices.values():
             await d.stop()
 
     # ------------------------------------------------------------------ batches
@@ -424,10 +452,28 @@ class FakeLine:
         await self.plc.polled()
         return outcome
 
+    async def downstream(self, unit: SimUnit, *, content: str | None = None, gate: bool = True) -> SimUnit:
+        """A pack that passed the print_verify gate reaches the verify station (its own trigger, reader and gate);
+        `content` is what the pack shows there when it differs (damaged, swapped, a copy)."""
+        v = self.verify
+        assert v is not None, "the config has no verify station"
+        reader = self._device(v.cfg.reader, FakeReader)
+        plc = self._device(v.cfg.plc, FakePlc) if v.cfg.plc is not None else None
+        there = SimUnit(plc.trigger() if plc is not None else unit.seq, content=unit.content if content is None else content, quality=unit.quality)
+        there.symbology = unit.symbology
+        reader.present(there)
+        await reader.stream.handled()
+        if gate and plc is not None:
+            plc.gate(there)
+            await plc.polled()
+        return there
+
     async def advance(self, seconds: float) -> None:
         """Move the rule clock, and let the watch run one check cycle at the new time."""
         self.clock.advance(seconds)
-        await self.plc.polled()
+        for d in self.devices.values():
+            if isinstance(d, FakePlc):
+                await d.polled()
 
     def serial_on(self, unit: SimUnit) -> str:
         """The serial of the job printed on `unit`."""

@@ -175,3 +175,48 @@ async def test_challenge_fails_when_a_pack_is_rejected_for_another_kinds_reason(
     assert fake_line.line.fault == "challenge_failed"
     assert all(not r["passed"] and r["rejected"] for r in fake_line.station.snapshot()["challenge"])
     assert fake_line.plc.tag("line_mode") == LINE_MODE["idle"]
+
+
+# --------------------------------------------------------------------------- the verify station downstream
+
+
+@pytest.fixture
+async def verify_line(make_fake_line):
+    """config/verify-line.yaml: print_verify pv1, then verify station check1 with its own reader and gate (plc2)."""
+    from linectl.demo import DEFAULT_CONFIG
+
+    fl = await make_fake_line(base=DEFAULT_CONFIG.parent / "verify-line.yaml")
+    assert fl.verify is not None and fl.verify.cfg.plc is not None
+    return fl
+
+
+async def test_verify_station_passes_a_commissioned_unit_and_rejects_a_copy(verify_line):
+    fl = verify_line
+    plc2 = fl.devices[fl.verify.cfg.plc]
+    await fl.start_batch(10)
+    unit = await fl.unit()
+    assert fl.plc.outcomes == {unit.seq: "passed"}
+    there = await fl.downstream(unit)
+    copy = await fl.downstream(unit)  # the same code again on another pack
+    assert plc2.verdicts == {there.seq: GOOD, copy.seq: REJECT}
+    assert plc2.outcomes == {there.seq: "passed", copy.seq: "rejected"}
+    assert fl.verify.counters.rejected == {"duplicate": 1}
+    assert decided(fl.record_of(unit)) == [("commissioned", None)]  # the copy is not the unit: it stays commissioned
+    assert fl.line.fault is None
+
+
+async def test_verify_reject_not_confirmed_within_the_timeout_stops_the_line(verify_line):
+    fl = verify_line
+    plc2 = fl.devices[fl.verify.cfg.plc]
+    await fl.start_batch(10)
+    unit = await fl.unit()
+    plc2.sim.faults.set("confirm_lost", None, units=1)
+    foreign = await fl.downstream(unit, content=unit.content.replace(fl.serial_on(unit), "X" * len(fl.serial_on(unit))))
+    assert plc2.outcomes[foreign.seq] == "rejected" and plc2.verdicts[foreign.seq] == REJECT
+    wait = fl.verify.confirm_timeout_s()
+    await fl.advance(wait * 0.9)
+    assert fl.line.fault is None, "stopped before the confirm timeout"
+    await fl.advance(wait * 0.2)
+    await fl.stopped()
+    assert fl.line.fault == "reject_not_confirmed"
+    assert plc2.tag("line_mode") == LINE_MODE["idle"] and fl.plc.tag("line_mode") == LINE_MODE["idle"]
