@@ -385,8 +385,8 @@ class FakeLine:
         b = self.line.batch
         return b.state.value if b is not None else None
 
-    async def stopped(self) -> None:
-        """The batch was stopped and its stop (drain) has finished."""
+    async def wait_stopped(self) -> None:
+        """The batch is stopped and its stop (drain) has finished (engine_helpers.wait_stopped, for a FakeLine)."""
 
         def done() -> bool:
             t = self.line._stop_task

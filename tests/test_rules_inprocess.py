@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from engine_helpers import DEFECT_REASONS
 
 from linectl.engine.line import LINE_MODE
 from linectl.engine.verdict import CHALLENGE_EXPECTED_REASON
@@ -36,27 +37,18 @@ async def test_good_unit_commissioned_and_passes_the_gate(fake_line):
     assert fake_line.line.fault is None and fake_line.state == "running"
 
 
-@pytest.mark.parametrize(
-    ("defect", "reason"),
-    [
-        ("wrong_code", "wrong_content"),
-        ("duplicate", "duplicate"),
-        ("low_contrast", "low_grade"),
-        ("not_gs1", "not_gs1"),
-        ("data_mismatch", "data_mismatch"),
-        ("no_print", "no_read"),
-    ],
-)
-async def test_bad_print_rejected_and_decommissioned_for_its_reason(fake_line, defect, reason):
+@pytest.mark.parametrize("defect", sorted(DEFECT_REASONS))
+async def test_bad_print_rejected_and_decommissioned_for_its_reason(fake_line, defect):
     await fake_line.start_batch(10)
     good = await fake_line.unit()  # a code printed before: what a duplicate copies
     bad = await fake_line.unit(defect)
     assert bad.defect == defect, "the printer simulator could not apply the defect"
     assert fake_line.plc.verdicts == {good.seq: GOOD, bad.seq: REJECT}
     assert fake_line.plc.outcomes == {good.seq: "passed", bad.seq: "rejected"}
-    assert decided(fake_line.record_of(bad)) == [("decommissioned", reason)]
+    [(event, reason)] = decided(fake_line.record_of(bad))
+    assert event == "decommissioned" and reason in DEFECT_REASONS[defect], (event, reason)
     assert decided(fake_line.record_of(good)) == [("commissioned", None)]  # a copy of it rejected: it stays on the market
-    assert fake_line.station.counters.reject_confirmed == 1 and not fake_line.station._pending_rejects
+    assert fake_line.station.counters.reject_confirmed == 1 and fake_line.station.snapshot()["in_flight"]["rejects_unconfirmed"] == 0
     assert fake_line.line.fault is None
 
 
@@ -88,7 +80,7 @@ async def test_consecutive_rejects_stop_the_line_at_the_limit(fake_line):
     bad = [await fake_line.unit("wrong_code") for _ in range(limit - 1)]
     assert fake_line.line.fault is None and fake_line.state == "running", "stopped before the limit"
     bad.append(await fake_line.unit("wrong_code"))
-    await fake_line.stopped()
+    await fake_line.wait_stopped()
     assert fake_line.line.fault == "consecutive_rejects"
     assert "consecutive_rejects" in fake_line.alarm_codes()
     assert fake_line.plc.tag("line_mode") == LINE_MODE["idle"]  # the infeed is closed
@@ -106,7 +98,7 @@ async def test_consecutive_no_reads_stop_the_line(make_fake_line):
     assert fake_line.line.fault is None
     units = [await fake_line.unit("partial") for _ in range(limit - 1)]  # unreadable print
     units.append(await fake_line.no_read())  # a good print the reader did not decode
-    await fake_line.stopped()
+    await fake_line.wait_stopped()
     assert fake_line.line.fault == "no_read_limit"
     assert fake_line.plc.tag("line_mode") == LINE_MODE["idle"]
     assert [fake_line.plc.outcomes[u.seq] for u in units] == ["rejected"] * limit
@@ -122,7 +114,7 @@ async def test_reject_not_confirmed_within_the_timeout_stops_the_line(fake_line)
     await fake_line.advance(wait * 0.9)
     assert fake_line.line.fault is None, "stopped before the confirm timeout"
     await fake_line.advance(wait * 0.2)
-    await fake_line.stopped()
+    await fake_line.wait_stopped()
     assert fake_line.line.fault == "reject_not_confirmed"
     assert fake_line.plc.tag("line_mode") == LINE_MODE["idle"]
     assert decided(fake_line.record_of(unit)) == [("decommissioned", "wrong_content")]
@@ -144,7 +136,7 @@ async def test_silent_reader_stops_the_line(make_fake_line):
     await fl.advance(fl.station.rules.read_timeout_s * 0.9)
     assert fl.line.fault is None, "stopped before read_timeout_s"
     await fl.advance(fl.station.rules.read_timeout_s * 0.2)
-    await fl.stopped()
+    await fl.wait_stopped()
     assert fl.line.fault == "reader_silent"
     assert decided(fl.record_of(unread)) == [("decommissioned", "missing_unit")]
 
@@ -170,7 +162,7 @@ async def test_challenge_fails_when_a_pack_is_rejected_for_another_kinds_reason(
     for k in [*kinds[1:], kinds[0]]:
         await fake_line.challenge_unit(k)
     await fake_line.line.challenge_done.wait()
-    await fake_line.stopped()
+    await fake_line.wait_stopped()
     assert fake_line.line.challenge_passed is False
     assert fake_line.line.fault == "challenge_failed"
     assert all(not r["passed"] and r["rejected"] for r in fake_line.station.snapshot()["challenge"])
@@ -217,6 +209,6 @@ async def test_verify_reject_not_confirmed_within_the_timeout_stops_the_line(ver
     await fl.advance(wait * 0.9)
     assert fl.line.fault is None, "stopped before the confirm timeout"
     await fl.advance(wait * 0.2)
-    await fl.stopped()
+    await fl.wait_stopped()
     assert fl.line.fault == "reject_not_confirmed"
     assert plc2.tag("line_mode") == LINE_MODE["idle"] and fl.plc.tag("line_mode") == LINE_MODE["idle"]
