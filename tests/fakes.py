@@ -290,7 +290,9 @@ class FakePlc(Plc):
 
 
 class FakeLine:
-    """A `Line` of one print_verify station on fake devices, its tasks supervised as the daemon does.
+    """A `Line` of one print_verify station (and a verify station downstream, when configured) on fake devices,
+    the stations' tasks supervised as the daemon does. No PLC surface (heartbeats, HMI commands) and no MQTT:
+    the end-to-end tests have those.
 
     The helpers move packs the way the belt does, each one waiting until the
     engine has handled what it caused: `unit()` is trigger -> print -> read ->
@@ -402,17 +404,13 @@ class FakeLine:
     async def unit(self, defect: str | None = None, *, gate: bool = True) -> SimUnit:
         """One pack: triggered, printed (damaged as `defect` says: simulators.model.UNIT_DEFECTS), read and decided;
         then, with `gate`, through the reject gate (the engine has seen what the gate did)."""
+        return await self.read(await self.printed(defect), gate=gate)
+
+    async def printed(self, defect: str | None = None) -> SimUnit:
+        """One pack triggered and printed (its print confirmation handled), not (yet) at the reader."""
         await wait_for(lambda: self.printer.queued, SETTLE_S, "a code queued on the printer", interval=0.002)
         unit = SimUnit(self.plc.trigger())
         self.printer.on_trigger(unit, defect)
-        await self.printer.confirms.handled()
-        return await self.read(unit, gate=gate)
-
-    async def printed(self) -> SimUnit:
-        """One pack triggered and printed, not (yet) at the reader."""
-        await wait_for(lambda: self.printer.queued, SETTLE_S, "a code queued on the printer", interval=0.002)
-        unit = SimUnit(self.plc.trigger())
-        self.printer.on_trigger(unit)
         await self.printer.confirms.handled()
         return unit
 
