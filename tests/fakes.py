@@ -217,7 +217,8 @@ class FakePlc(Plc):
     `trigger()` counts a product at the trigger sensor; `gate(seq)` runs the
     simulator's gate program on that unit: it passes only with (seq, GOOD) in
     its verdict slot, else it is pushed out and confirmed in the reject ring
-    (unless a gate fault injected with `sim.faults.set` says otherwise).
+    (unless a gate fault injected with `sim.faults.set`, e.g. confirm_lost or
+    gate_jam, says otherwise).
     """
 
     config_class = PlcConfigBase
@@ -228,6 +229,7 @@ class FakePlc(Plc):
         self.writes: list[tuple[str, Any, int | None]] = []
         self.verdicts: dict[int, int] = {}  # unit seq -> last verdict written for it (1 good, 2 reject)
         self.outcomes: dict[int, str] = {}  # unit seq -> what the gate did ("passed" / "rejected")
+        self.gated: dict[int, SimUnit] = {}
         self.polls = 0
         #: writes fail with this reason (the PLC does not answer) while set
         self.refuse_writes: str | None = None
@@ -268,10 +270,12 @@ class FakePlc(Plc):
         """A product at the trigger sensor: the PLC counts it; the count is the unit's seq."""
         return self.sim.count_trigger()
 
-    def gate(self, unit: SimUnit) -> str:
+    def gate(self, seq: int) -> str:
+        """Unit `seq` at the reject gate: the simulator's gate program decides ("passed" / "rejected") and acts."""
+        unit = SimUnit(seq)
         outcome = self.sim.gate(unit)
-        unit.outcome = outcome
-        self.outcomes[unit.seq] = outcome
+        self.outcomes[seq] = outcome
+        self.gated[seq] = unit  # what the program noted (verdict seen, a jammed gate, a lost confirm)
         return outcome
 
     def good_verdicts(self) -> list[int]:
@@ -446,9 +450,9 @@ class FakeLine:
 
     async def gate(self, unit: SimUnit) -> str:
         """The pack reaches the reject gate: the PLC program decides by its verdict slot; the engine's watch sees it."""
-        outcome = self.plc.gate(unit)
+        unit.outcome = self.plc.gate(unit.seq)
         await self.plc.polled()
-        return outcome
+        return unit.outcome
 
     async def downstream(self, unit: SimUnit, *, content: str | None = None, gate: bool = True) -> SimUnit:
         """A pack that passed the print_verify gate reaches the verify station (its own trigger, reader and gate);
@@ -462,7 +466,7 @@ class FakeLine:
         reader.present(there)
         await reader.stream.handled()
         if gate and plc is not None:
-            plc.gate(there)
+            there.outcome = plc.gate(there.seq)
             await plc.polled()
         return there
 

@@ -105,11 +105,18 @@ async def test_consecutive_no_reads_stop_the_line(make_fake_line):
     assert all(decided(fake_line.record_of(u)) == [("decommissioned", "no_read")] for u in units)
 
 
-async def test_reject_not_confirmed_within_the_timeout_stops_the_line(fake_line):
+@pytest.mark.parametrize(
+    ("fault", "outcome"),
+    [
+        ("confirm_lost", "rejected"),  # the pack goes to the bin, its confirm never comes
+        ("gate_jam", "passed"),  # the pusher does not move: the pack escapes (the line must stop)
+    ],
+)
+async def test_reject_not_confirmed_within_the_timeout_stops_the_line(fake_line, fault, outcome):
     await fake_line.start_batch(10)
-    fake_line.plc.sim.faults.set("confirm_lost", None, units=1)  # the pack goes to the bin, the confirm never comes
+    fake_line.plc.sim.faults.set(fault, None, units=1)
     unit = await fake_line.unit("wrong_code")
-    assert fake_line.plc.outcomes[unit.seq] == "rejected"
+    assert fake_line.plc.outcomes[unit.seq] == outcome
     wait = fake_line.station.confirm_timeout_s()
     await fake_line.advance(wait * 0.9)
     assert fake_line.line.fault is None, "stopped before the confirm timeout"
