@@ -34,6 +34,7 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from linectl import control as C
+from linectl.config import LineConfig, parse_config
 from linectl.demo import DEFAULT_CONFIG, SimulatedLine
 from linectl.engine.print_verify import PrintVerifyRuntime
 from linectl.events import UnitCommissioned, UnitDecommissioned
@@ -69,6 +70,30 @@ def unique_root() -> str:
     return f"test/{uuid.uuid4().hex[:12]}/pack/line1"
 
 
+def variant_raw(
+    *,
+    rules: dict[str, Any] | None = None,
+    station: dict[str, Any] | None = None,
+    simulation: dict[str, Any] | None = None,
+    base: Path = DEFAULT_CONFIG,
+) -> dict[str, Any]:
+    """The demo line's config as plain data, its print_verify stations' rules / fields and the simulation changed."""
+    raw: dict[str, Any] = to_plain(load_yaml(base))
+    for st in raw.get("stations", []):
+        if st.get("type") == "print_verify":
+            st.setdefault("rules", {}).update(rules or {})
+            st.update(station or {})
+    raw.setdefault("simulation", {}).update(simulation or {})
+    return raw
+
+
+def demo_line_config(*, rules: dict[str, Any] | None = None, station: dict[str, Any] | None = None, base: Path = DEFAULT_CONFIG) -> LineConfig:
+    """`variant_raw` parsed, MQTT off: the config of an in-process line (tests/fakes.py), nothing leaves the process."""
+    raw = variant_raw(rules=rules, station=station, base=base)
+    raw.setdefault("mqtt", {})["enabled"] = False
+    return parse_config(raw)
+
+
 def variant_config(
     directory: Path,
     *,
@@ -79,12 +104,7 @@ def variant_config(
     name: str = "variant.yaml",
 ) -> Path:
     """The demo line YAML with station rules / station fields / simulation settings changed."""
-    raw = to_plain(load_yaml(base))
-    for st in raw.get("stations", []):
-        if st.get("type") == "print_verify":
-            st.setdefault("rules", {}).update(rules or {})
-            st.update(station or {})
-    raw.setdefault("simulation", {}).update(simulation or {})
+    raw = variant_raw(rules=rules, station=station, simulation=simulation, base=base)
     path = Path(directory) / name
     with open(path, "w", encoding="utf-8") as fh:
         YAML(typ="safe").dump(raw, fh)

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_aggregation_support import CP, EXPIRY, GTIN, LOT, Rig, commission, new_batch, sim_unit, unit_code, until
+from engine_helpers import wait_for
+from test_aggregation_support import CP, EXPIRY, GTIN, LOT, Rig, commission, new_batch, sim_unit, unit_code
 
 from linectl import gs1
 from linectl.engine.rework import check_hierarchy, decommission_unit
@@ -147,15 +148,15 @@ async def test_printer_fault_mid_label_rejects_and_voids(tmp_path: Path) -> None
         s = await commission(rig.store, 4)
         # the head opens while the label is being printed
         rig.cam_sim.present_many([sim_unit(1, s[0]), sim_unit(2, s[1])])
-        await until(lambda: rig.zpl_sim.current is not None, 10, "label printing")
+        await wait_for(lambda: rig.zpl_sim.current is not None, 10, "label printing")
         rig.zpl_sim.inject("head_open")
-        await until(lambda: rig.rt.recent, 10, "decision")
+        await wait_for(lambda: rig.rt.recent, 10, "decision")
         res = rig.rt.recent[-1]
         assert not res.ok and res.reason in ("label_print_failed", "label_unconfirmed"), res
         assert rig.store.container(res.sscc).state == "decommissioned"
         assert free(rig.store, s[0:2])
         rig.zpl_sim.inject("clear_fault")
-        await until(lambda: rig.drivers["labeler"].health.state.value == "connected", 5, "printer back")
+        await wait_for(lambda: rig.drivers["labeler"].health.state.value == "connected", 5, "printer back")
         good = await rig.frame([sim_unit(3, s[2]), sim_unit(4, s[3])])
         assert good.ok and good.sscc != res.sscc
     finally:

@@ -11,10 +11,11 @@ the station runtime is constructed by Line.__init__ like in the daemon.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from engine_helpers import wait_for
 
 from linectl import gs1
 from linectl.config import parse_config
@@ -74,16 +75,6 @@ def unit_code(serial: str, lot: str = LOT, gtin: str = GTIN, expiry: str = EXPIR
 
 def sim_unit(seq: int, serial: str, lot: str = LOT, gtin: str = GTIN, **kw: Any) -> SimUnit:
     return SimUnit(seq=seq, content=unit_code(serial, lot, gtin).element_string, quality=3.6, **kw)
-
-
-async def until(cond: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Rig:
@@ -196,7 +187,7 @@ class Rig:
         """Present one case-camera frame and wait for the station's decision on it."""
         n = len(self.rt.recent)
         self.cam_sim.present_many(units)
-        await until(lambda: len(self.rt.recent) > n, timeout, "case decision")
+        await wait_for(lambda: len(self.rt.recent) > n, timeout, "case decision")
         return self.rt.recent[-1]
 
     async def scan(self, codes: list[str], expect_decision: bool = True, timeout: float = 10.0) -> Any:
@@ -207,9 +198,9 @@ class Rig:
             else:
                 self.child_scan_sim.scan(c, "]d2")
         if not expect_decision:
-            await until(lambda: len(self.rt._open) == len(codes) or len(self.rt.recent) > n, timeout, "scans taken")
+            await wait_for(lambda: len(self.rt._open) == len(codes) or len(self.rt.recent) > n, timeout, "scans taken")
             return None
-        await until(lambda: len(self.rt.recent) > n, timeout, "decision")
+        await wait_for(lambda: len(self.rt.recent) > n, timeout, "decision")
         return self.rt.recent[-1]
 
     async def stop(self) -> None:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_aggregation_support import FAST, Rig, commission, config, new_batch, sim_unit, until
+from engine_helpers import wait_for
+from test_aggregation_support import FAST, Rig, commission, config, new_batch, sim_unit
 
 from linectl import gs1
 from linectl.drivers.plc_tags import CASE_ACCEPT, CASE_REJECT
@@ -67,7 +68,7 @@ def plc_port(rig: Rig) -> int:
 
 async def pusher_saw(rig: Rig, n: int) -> list[tuple[int, int]]:
     """The simulated pusher program's decisions, once it has acted on n of them (it scans every few ms)."""
-    await until(lambda: len(rig.plc_sim.case_decisions) >= n, 5.0, f"{n} pusher decisions")
+    await wait_for(lambda: len(rig.plc_sim.case_decisions) >= n, 5.0, f"{n} pusher decisions")
     return list(rig.plc_sim.case_decisions)
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_aggregation_support import GTIN, config, open_store, until
+from engine_helpers import wait_for
+from test_aggregation_support import GTIN, config, open_store
 
 from linectl import control as C
 from linectl.daemon import Daemon
@@ -44,8 +45,8 @@ async def test_watchdog_is_fed_only_while_the_store_writer_lives(tmp_path: Path,
 
         # the writer thread ends (as if it had died): the store refuses writes instead of queueing them for ever
         d.store._writer.submit(Op(_stop, (), None, None, None))
-        await until(lambda: not d.store.writer_alive(), 5, "the writer thread to end")
-        await until(lambda: d.line.fault == "store_error", 5, "the line to stop for the store")
+        await wait_for(lambda: not d.store.writer_alive(), 5, "the writer thread to end")
+        await wait_for(lambda: d.line.fault == "store_error", 5, "the line to stop for the store")
         assert d.line.store_down is not None and "writer is not running" in d.line.store_down
         received(sock)
         await asyncio.sleep(1.3)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import zxingcpp
+from engine_helpers import wait_for
 
 from linectl import gs1
 from linectl.drivers.base import DeviceError, HealthState, PrintConfirm, PrintJob
@@ -48,15 +49,6 @@ FAST = {"backoff_initial_s": 0.05, "backoff_max_s": 0.2, "reply_timeout_s": 0.5,
 def job(i: int, serial: str | None = None, lot: str = "L0T;1") -> PrintJob:
     code = gs1.compose_unit(GTIN, serial or f"S{i:06d}", lot=lot, expiry="301231")
     return PrintJob(i, code.element_string, code.hri, {"lot": lot})
-
-
-async def until(pred: Any, timeout: float = 3.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def collect(drv: Any, n: int, timeout: float = 5.0) -> list[PrintConfirm]:
@@ -247,7 +239,7 @@ async def test_coder_fault_changes_health_and_recovers() -> None:
     seen = health_log(drv)
     try:
         sim.inject("fault", code="202")
-        await until(lambda: drv.health.state == HealthState.DISCONNECTED, what="head fault")
+        await wait_for(lambda: drv.health.state == HealthState.DISCONNECTED, timeout=3.0, what="head fault", interval=0.01)
         assert "202" in drv.health.reason and "head" in drv.health.reason
         with pytest.raises(DeviceError) as ei:
             await drv.send(job(1))
@@ -256,9 +248,9 @@ async def test_coder_fault_changes_health_and_recovers() -> None:
         sim.on_trigger(u)
         assert u.content is None and u.defect == "no_print"
         sim.inject("clear_fault")
-        await until(lambda: drv.health.state == HealthState.CONNECTED, what="recovery")
+        await wait_for(lambda: drv.health.state == HealthState.CONNECTED, timeout=3.0, what="recovery", interval=0.01)
         sim.inject("fault", code="101")
-        await until(lambda: drv.health.state == HealthState.DEGRADED, what="ink low")
+        await wait_for(lambda: drv.health.state == HealthState.DEGRADED, timeout=3.0, what="ink low", interval=0.01)
         assert "ink low" in drv.health.reason
         await drv.send(job(2))  # a warning does not stop printing
         sim.on_trigger(SimUnit(seq=2))
@@ -289,14 +281,14 @@ async def test_coder_buffer_underrun_prints_nothing_and_degrades() -> None:
         u = SimUnit(seq=5)
         sim.on_trigger(u)
         assert u.content is None and u.defect == "no_print" and u.extras["cause"] == "buffer underrun"
-        await until(lambda: "103" in drv.health.reason, what="underrun fault")
+        await wait_for(lambda: "103" in drv.health.reason, timeout=3.0, what="underrun fault", interval=0.01)
         assert drv.health.state == HealthState.DEGRADED
         assert await collect(drv, 1, timeout=0.2) == []
         await drv.send(job(1))
         sim.on_trigger(SimUnit(seq=6))
         c = await collect(drv, 1)
         assert [(x.seq, x.product_count) for x in c] == [(1, 6)]
-        await until(lambda: drv.health.state == HealthState.CONNECTED, what="underrun cleared")
+        await wait_for(lambda: drv.health.state == HealthState.CONNECTED, timeout=3.0, what="underrun cleared", interval=0.01)
     finally:
         await close(sim, drv)
 
@@ -312,12 +304,12 @@ async def test_coder_tcp_reset_reconnects_and_never_reports_unprinted_jobs() -> 
         first = await collect(drv, 3)
         assert [c.seq for c in first] == [1, 2, 3]
         assert sim.reset_connection()
-        await until(lambda: drv.health.state == HealthState.DISCONNECTED, what="disconnect")
+        await wait_for(lambda: drv.health.state == HealthState.DISCONNECTED, timeout=3.0, what="disconnect", interval=0.01)
         # prints while nobody listens: real, but their PRN is lost
         sim.on_trigger(SimUnit(seq=4))
         with pytest.raises(DeviceError):
             await drv.send(job(11))
-        await until(lambda: drv.health.state == HealthState.CONNECTED, what="reconnect")
+        await wait_for(lambda: drv.health.state == HealthState.CONNECTED, timeout=3.0, what="reconnect", interval=0.01)
         for i in range(5, 11):
             sim.on_trigger(SimUnit(seq=i))
         rest = await collect(drv, 6)
@@ -336,13 +328,13 @@ async def test_coder_garbage_from_printer_degrades_but_keeps_working() -> None:
     sim, drv = await coder_pair()
     try:
         sim.inject("garbage", nbytes=40)
-        await until(lambda: drv.health.state == HealthState.DEGRADED, what="garbage")
+        await wait_for(lambda: drv.health.state == HealthState.DEGRADED, timeout=3.0, what="garbage", interval=0.01)
         assert drv.health.reason.startswith("garbage from printer")
         await drv.send(job(1))
         sim.on_trigger(SimUnit(seq=1))
         assert [c.seq for c in await collect(drv, 1)] == [1]
         await asyncio.sleep(0.5)
-        await until(lambda: drv.health.state == HealthState.CONNECTED, what="garbage hold over")
+        await wait_for(lambda: drv.health.state == HealthState.CONNECTED, timeout=3.0, what="garbage hold over", interval=0.01)
     finally:
         await close(sim, drv)
 
@@ -357,7 +349,7 @@ async def test_coder_random_faults_never_confirm_unprinted() -> None:
                 await drv.send(job(n))
             except DeviceError:
                 errors += 1
-                await until(lambda: drv.connected, what="link back")
+                await wait_for(lambda: drv.connected, timeout=3.0, what="link back", interval=0.01)
             if sim.queue:
                 sim.on_trigger(SimUnit(seq=n))
         await asyncio.sleep(0.3)
@@ -497,7 +489,7 @@ async def zpl_pair(**sim_kw: Any) -> tuple[ZplPrinterSim, ZplPrinter]:
     drv = ZplPrinter("zpl1", cfg)
     await drv.start()
     assert await drv.wait_connected(3)
-    await until(lambda: drv.last_status is not None, what="first ~HS")
+    await wait_for(lambda: drv.last_status is not None, timeout=3.0, what="first ~HS", interval=0.01)
     return sim, drv
 
 
@@ -526,21 +518,21 @@ async def test_zpl_paper_out_surfaced_and_no_false_confirmation() -> None:
     seen = health_log(drv)
     try:
         sim.inject("paper_out")
-        await until(lambda: drv.health.state == HealthState.DISCONNECTED, what="paper out")
+        await wait_for(lambda: drv.health.state == HealthState.DISCONNECTED, timeout=3.0, what="paper out", interval=0.01)
         assert "paper out" in drv.health.reason
         with pytest.raises(DeviceError, match="paper out"):
             await drv.send(job(1))
         assert drv.pending() == [] and sim.formats_received == 0  # nothing was sent
         sim.inject("clear_fault")
-        await until(lambda: drv.health.state == HealthState.CONNECTED, what="paper back")
+        await wait_for(lambda: drv.health.state == HealthState.CONNECTED, timeout=3.0, what="paper back", interval=0.01)
         for i in range(2, 6):
             await drv.send(job(i))
         await asyncio.sleep(0.02)
         sim.inject("head_open")  # mid-batch: whatever leaves around it cannot be confirmed
-        await until(lambda: drv.health.state == HealthState.DISCONNECTED, what="head open")
+        await wait_for(lambda: drv.health.state == HealthState.DISCONNECTED, timeout=3.0, what="head open", interval=0.01)
         await asyncio.sleep(0.2)
         sim.inject("clear_fault")
-        await until(lambda: not drv.pending(), timeout=3, what="all jobs accounted")
+        await wait_for(lambda: not drv.pending(), timeout=3, what="all jobs accounted", interval=0.01)
         confirmed = [c.seq for c in await collect(drv, 10, timeout=0.3)]
         printed_count = len(sim.printed)
         assert printed_count == 4
@@ -555,7 +547,7 @@ async def test_zpl_paused_printer_confirms_nothing_until_it_prints() -> None:
     sim, drv = await zpl_pair(print_time_s=0.01)
     try:
         sim.inject("pause")
-        await until(lambda: drv.health.state == HealthState.DEGRADED, what="paused")
+        await wait_for(lambda: drv.health.state == HealthState.DEGRADED, timeout=3.0, what="paused", interval=0.01)
         for i in range(1, 4):
             await drv.send(job(i))
         assert await collect(drv, 1, timeout=0.5) == []  # many polls, nothing printed, nothing confirmed
@@ -572,13 +564,14 @@ async def test_zpl_no_hs_answer_and_reset_reconnect() -> None:
     seen = health_log(drv)
     try:
         sim.inject("paper_out")  # newer firmware: no ~HS answer at all in media out
-        await until(lambda: "no answer to ~HS" in drv.health.reason or drv.health.state == HealthState.DISCONNECTED,
-                    what="silence noticed")
+        await wait_for(
+            lambda: "no answer to ~HS" in drv.health.reason or drv.health.state == HealthState.DISCONNECTED, timeout=3.0, what="silence noticed", interval=0.01
+        )
         sim.inject("clear_fault")
-        await until(lambda: drv.health.state == HealthState.CONNECTED, what="back")
+        await wait_for(lambda: drv.health.state == HealthState.CONNECTED, timeout=3.0, what="back", interval=0.01)
         sim.reset_connection()
-        await until(lambda: any(s == HealthState.DISCONNECTED for s, _ in seen), what="reset seen")
-        await until(lambda: drv.health.state == HealthState.CONNECTED, what="reconnected")
+        await wait_for(lambda: any(s == HealthState.DISCONNECTED for s, _ in seen), timeout=3.0, what="reset seen", interval=0.01)
+        await wait_for(lambda: drv.health.state == HealthState.CONNECTED, timeout=3.0, what="reconnected", interval=0.01)
         await drv.send(job(1))
         assert [c.seq for c in await collect(drv, 1)] == [1]
     finally:
@@ -605,7 +598,7 @@ async def test_coder_unknown_message_keeps_reconnecting_with_reason() -> None:
     drv = CoderPrinter("c", CoderConfig(driver="coder", host="127.0.0.1", port=sim.port, message="UNIT", **FAST))
     try:
         await drv.start()
-        await until(lambda: "refused message 'UNIT'" in drv.health.reason, what="refusal reason")
+        await wait_for(lambda: "refused message 'UNIT'" in drv.health.reason, timeout=3.0, what="refusal reason", interval=0.01)
         assert drv.health.state == HealthState.DISCONNECTED and "NAK 04" in drv.health.reason
         with pytest.raises(DeviceError):
             await drv.send(job(1))
@@ -638,14 +631,14 @@ async def test_zpl_slow_status_and_garbage() -> None:
             await drv.send(job(1))
         assert drv.pending() == [1]  # written: it may print, so it is tracked, not forgotten
         sim.slow_s = 0.0
-        await until(lambda: not drv.pending(), what="job 1 accounted")
+        await wait_for(lambda: not drv.pending(), timeout=3.0, what="job 1 accounted", interval=0.01)
         confirmed = [c.seq for c in await collect(drv, 1, timeout=0.3)]
         assert confirmed + [s for s, _ in drv.unconfirmed] == [1] and len(sim.printed) == 1
         sim.inject("garbage", nbytes=20)
-        await until(lambda: drv.health.reason.startswith("garbage from printer"), what="garbage noticed")
+        await wait_for(lambda: drv.health.reason.startswith("garbage from printer"), timeout=3.0, what="garbage noticed", interval=0.01)
         await drv.send(job(2))
         assert [c.seq for c in await collect(drv, 1)] == [2]
-        await until(lambda: drv.health.state == HealthState.CONNECTED, what="garbage hold over")
+        await wait_for(lambda: drv.health.state == HealthState.CONNECTED, timeout=3.0, what="garbage hold over", interval=0.01)
     finally:
         await close(sim, drv)
 

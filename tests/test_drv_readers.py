@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+from engine_helpers import wait_for
 
 from linectl import gs1
 from linectl.drivers.base import HealthState, Read
@@ -33,15 +34,6 @@ def reader(**kw: Any) -> LineReader:
 
 def parse(drv: LineReader, line: str) -> Read:
     return drv.parse_line(line, line.encode("latin-1"), 1.0)
-
-
-async def until(pred: Any, timeout: float = 3.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def take(drv: Any, n: int, timeout: float = 3.0) -> list[Read]:
@@ -179,7 +171,7 @@ async def test_garbage_on_pty_degrades_without_false_reads() -> None:
         sim.send(b"7;]d2" + b"9" * 5000)  # babble without terminator
         sim.send(b"\r\n")
         sim.send(b"nonsense line\r\n")
-        await until(lambda: drv.garbage_count >= 4, what="garbage counted")
+        await wait_for(lambda: drv.garbage_count >= 4, timeout=3.0, what="garbage counted", interval=0.01)
         assert drv.health.state == HealthState.DEGRADED
         assert drv.health.reason.startswith("garbage from reader")
         assert await take(drv, 1, timeout=0.2) == []  # nothing of it became a read
@@ -249,8 +241,8 @@ async def test_reader_reconnects_after_reset() -> None:
     drv.on_health(lambda d, h: states.append(h.state))
     try:
         sim.reset_connection()
-        await until(lambda: HealthState.DISCONNECTED in states, what="disconnect")
-        await until(lambda: drv.health.state == HealthState.CONNECTED and sim.connected, what="reconnect")
+        await wait_for(lambda: HealthState.DISCONNECTED in states, timeout=3.0, what="disconnect", interval=0.01)
+        await wait_for(lambda: drv.health.state == HealthState.CONNECTED and sim.connected, timeout=3.0, what="reconnect", interval=0.01)
         sim.present(printed(9, "R9"))
         assert [r.seq for r in await take(drv, 1)] == [9]
     finally:

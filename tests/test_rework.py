@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_aggregation_support import CP, FAST, GTIN, LOT, commission, config, new_batch, open_store, unit_code, until
+from engine_helpers import wait_for
+from test_aggregation_support import CP, FAST, GTIN, LOT, commission, config, new_batch, open_store, unit_code
 
 from linectl import cli, gs1
 from linectl.engine import rework as R
@@ -214,7 +215,7 @@ async def test_rework_station_driven_by_scanner(tmp_path: Path) -> None:
         async def do(data: str, sym: str = "]d2") -> dict[str, Any]:
             n = len(rt.results)
             scan.scan(data, sym)
-            await until(lambda: len(rt.results) > n, 10, f"result of {data}")
+            await wait_for(lambda: len(rt.results) > n, 10, f"result of {data}")
             return rt.results[-1]
 
         assert (await do("LINECTL:OPERATOR=jdoe", "]Q1"))["operator"] == "jdoe"

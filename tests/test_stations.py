@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from engine_helpers import wait_for
 from test_aggregation_support import (
     FAST,
     GTIN,
@@ -19,7 +20,6 @@ from test_aggregation_support import (
     new_batch,
     open_store,
     unit_code,
-    until,
 )
 
 from linectl import control as C
@@ -164,7 +164,7 @@ async def test_verify_station_checks_reads_against_the_store(tmp_path: Path) -> 
         async def read(data: str, sym: str | None = "]d2") -> Any:
             n = sum(st.unit_tally())
             scan.scan(data, sym)
-            await until(lambda: sum(st.unit_tally()) > n, 10, f"verdict on {data!r}")
+            await wait_for(lambda: sum(st.unit_tally()) > n, 10, f"verdict on {data!r}")
             return st.recent[-1]
 
         assert (await read(unit_code(u[0]).element_string)) == {"seq": 1, "good": True, "reason": None, "serial": u[0]}
@@ -182,8 +182,8 @@ async def test_verify_station_checks_reads_against_the_store(tmp_path: Path) -> 
             got = await read(data, sym)
             assert (got["good"], got["reason"], got["serial"]) == (False, reason, serial), data
         scan.scan("NOREAD", None)
-        await until(lambda: st.counters.rejected.get("no_read") == 1, 10, "the no-read")
-        await until(lambda: sum(1 for a in line.alarms.values() if a.code == "verify_rejected") == len(expected) + 1, 10, "its alarm")
+        await wait_for(lambda: st.counters.rejected.get("no_read") == 1, 10, "the no-read")
+        await wait_for(lambda: sum(1 for a in line.alarms.values() if a.code == "verify_rejected") == len(expected) + 1, 10, "its alarm")
 
         rows = store.outbox(after, 1000, only_unforwarded=False)
         inspected = [r for r in rows if isinstance(r.event, UnitInspected)]
@@ -228,11 +228,11 @@ async def test_verify_station_stop_rules_stop_the_running_line(tmp_path: Path) -
         assert st.mode == "production"
         for _ in range(2):
             scan.scan("NOREAD", None)
-        await until(lambda: st.counters.rejected.get("no_read") == 2, 10, "two no-reads")
+        await wait_for(lambda: st.counters.rejected.get("no_read") == 2, 10, "two no-reads")
         assert line.fault is None
         scan.scan("NOREAD", None)
-        await until(lambda: line.fault == "no_read_limit", 10, "the no-read rule")
-        await until(lambda: line.batch is not None and line.batch.state.value == "stopped", 10, "the batch stopped")
+        await wait_for(lambda: line.fault == "no_read_limit", 10, "the no-read rule")
+        await wait_for(lambda: line.batch is not None and line.batch.state.value == "stopped", 10, "the batch stopped")
     finally:
         for t in tasks:
             t.cancel()

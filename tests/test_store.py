@@ -24,13 +24,6 @@ def sscc(ref: int, ext: int = 0, cp: str = CP) -> str:
     return body + str((10 - total % 10) % 10)
 
 
-@pytest.fixture
-async def store(tmp_path):
-    s = await Store.open(tmp_path / "line.db")
-    yield s
-    await s.close()
-
-
 async def sent_serials(store: Store, n: int, lot: str = "LOT1") -> list[str]:
     if store.batch(lot) is None:
         await store.create_batch(lot, GTIN, "271231", 1_000_000, actor="cli:test")

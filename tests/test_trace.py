@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_aggregation_support import CP, EXPIRY, GTIN, LOT, commission, new_batch, open_store, unit_code, until
+from test_aggregation_support import CP, EXPIRY, GTIN, LOT, commission, new_batch, open_store, unit_code, wait_for
 
 from linectl import cli, gs1
 from linectl.config import PoolSerials
@@ -250,7 +250,7 @@ async def test_suspicious_scan_raises_an_alarm_event(tmp_path: Path) -> None:
         def alarm_events() -> list[Any]:
             return [row.event for row in store.outbox(0, 10000, only_unforwarded=False) if row.kind == "alarm"]
 
-        await until(lambda: len(alarm_events()) == 2, 10, "the scheduled alarm append")
+        await wait_for(lambda: len(alarm_events()) == 2, 10, "the scheduled alarm append")
         alarms = alarm_events()
         assert [(a.code, a.alarm_id) for a in alarms] == [("suspicious_code", r["alarm_id"]), ("unknown_code", r2["alarm_id"])]
         assert alarms[0].station == "rework1" and alarms[0].lot == LOT and C2 in alarms[0].message

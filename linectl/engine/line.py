@@ -21,6 +21,7 @@ from linectl import control as C
 from linectl import gs1
 from linectl.config import LineConfig, Product
 from linectl.drivers.base import Driver, Plc
+from linectl.engine.clock import SYSTEM_CLOCK, Clock
 from linectl.engine.station import PartialCloser, ReworkBench, Station, build_stations
 from linectl.engine.verdict import Expected, challenge_status
 from linectl.events import (
@@ -117,10 +118,12 @@ class ActiveAlarm:
 
 
 class Line:
-    def __init__(self, cfg: LineConfig, store: EngineStore, drivers: dict[str, Driver]) -> None:
+    def __init__(self, cfg: LineConfig, store: EngineStore, drivers: dict[str, Driver], clock: Clock = SYSTEM_CLOCK) -> None:
         self.cfg = cfg
         self.store = store
         self.drivers = drivers
+        #: what the stations' rule timers read (linectl/engine/clock.py); set before the stations are built
+        self.clock = clock
         self.batch: BatchContext | None = None
         self.fault: str | None = None
         self.alarms: OrderedDict[str, ActiveAlarm] = OrderedDict()

@@ -93,7 +93,7 @@ class ChallengeUnit:
 class PendingReject:
     """A reject ordered at the gate, awaiting its confirmation in the reject ring."""
 
-    ordered_at: float  # time.monotonic(): the wait is judged at the pace measured meanwhile (_check_timeouts)
+    ordered_at: float  # line.clock.monotonic(): the wait is judged at the pace measured meanwhile (_check_timeouts)
     reason: str  # the reject reason (RejectReason value), "challenge" for a challenge unit
     challenge: ChallengeUnit | None = None
 
@@ -167,7 +167,7 @@ class PrintVerifyRuntime(Station):
         self._challenge_seen: set[tuple[str, str]] = set()
         self._jobs_issued = 0
         self._stopping_feed = False
-        self._last_read_at = time.monotonic()
+        self._last_read_at = line.clock.monotonic()
         self._unread_since: float | None = None  # first print confirmed after the last read (reader silence clock)
         self._deciding = 0  # units taken off _units whose verdict is being recorded
         self._printer_unknown = True  # the printer may hold jobs we did not send (daemon restart): clear first
@@ -460,7 +460,7 @@ class PrintVerifyRuntime(Station):
             unit_seq = c.product_count
             if unit_seq is None:
                 unit_seq = self._max_printed_seq + 1
-            self._units[unit_seq] = Unit(unit_seq, job, time.monotonic())
+            self._units[unit_seq] = Unit(unit_seq, job, self.line.clock.monotonic())
             if self._unread_since is None:
                 self._unread_since = self._units[unit_seq].printed_at
             self._max_printed_seq = max(self._max_printed_seq, unit_seq)
@@ -475,7 +475,7 @@ class PrintVerifyRuntime(Station):
 
     async def _reads(self) -> None:
         async for r in self.reader.reads():
-            self._last_read_at = time.monotonic()
+            self._last_read_at = self.line.clock.monotonic()
             self._measure_pace(r.seq, r.received_at)
             self._unread_since = None
             try:
@@ -701,7 +701,7 @@ class PrintVerifyRuntime(Station):
             if challenge is not None:
                 await self._challenge_confirmed(seq, challenge, True)
             return
-        self._pending_rejects[seq] = PendingReject(time.monotonic(), reason, challenge)
+        self._pending_rejects[seq] = PendingReject(self.line.clock.monotonic(), reason, challenge)
 
     def _challenge_known(self, gtin: str, serial: str) -> bool:
         return (gtin, serial) in self._challenge_seen or self._is_known(gtin, serial)
@@ -1141,7 +1141,7 @@ class PrintVerifyRuntime(Station):
         self._space.set()
 
     async def _check_timeouts(self) -> None:
-        now = time.monotonic()
+        now = self.line.clock.monotonic()
         wait = self.confirm_timeout_s()
         late = [s for s, p in self._pending_rejects.items() if now - p.ordered_at > wait]
         for s in late:

@@ -27,6 +27,7 @@ from typing import (
 if TYPE_CHECKING:
     from linectl.config import Product
     from linectl.drivers.base import Driver, Plc, Printer
+    from linectl.engine.clock import Clock
     from linectl.engine.line import BatchContext
     from linectl.events import AlarmRaised, Severity
     from linectl.store.ports import EngineStore
@@ -45,6 +46,10 @@ class LinePort(Protocol):
     @property
     def batch(self) -> BatchContext | None:
         """The line's open batch (read it; its counters change only through `count_units`)."""
+
+    @property
+    def clock(self) -> Clock:
+        """What the station's rule timers read (time.monotonic on a line; tests advance a fake one)."""
 
     @property
     def infeed_stopped(self) -> bool:

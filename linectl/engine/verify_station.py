@@ -123,7 +123,7 @@ class VerifyRuntime(Station):
         self._last_seq = 0
         self._consecutive_rejects = 0
         self._consecutive_noreads = 0
-        self._last_read_at = time.monotonic()
+        self._last_read_at = line.clock.monotonic()
         self._trigger_seen: int | None = None
         self._unread_since: float | None = None  # the PLC counted a unit not read yet, since
         self._pitch_s: float | None = None
@@ -145,7 +145,7 @@ class VerifyRuntime(Station):
         self._consecutive_rejects = 0
         self._consecutive_noreads = 0
         self._unread_since = None
-        self._last_read_at = time.monotonic()
+        self._last_read_at = self.line.clock.monotonic()
 
     def begin_challenge(self, batch: BatchContext, kinds: list[str]) -> None:
         self.mode = "idle"  # challenge units are print_verify's test; they never pass its gate
@@ -195,7 +195,7 @@ class VerifyRuntime(Station):
 
     async def _reads(self) -> None:
         async for r in self.reader.reads():
-            self._last_read_at = time.monotonic()
+            self._last_read_at = self.line.clock.monotonic()
             self._unread_since = None
             self._measure_pace(r.seq, r.received_at)
             try:
@@ -297,7 +297,7 @@ class VerifyRuntime(Station):
                 del self._early[seq]
                 self.counters.reject_confirmed += 1
             else:
-                self._pending[seq] = time.monotonic()
+                self._pending[seq] = self.line.clock.monotonic()
         self.latency.add((time.monotonic() - received_at) * 1000.0)
         self._remember(seq, False, None)
         self.counters.rejected[v.reason.value] = self.counters.rejected.get(v.reason.value, 0) + 1
@@ -379,7 +379,7 @@ class VerifyRuntime(Station):
                 self._ring_seen = ring
                 for seq in changed:
                     await self._gate_rejected(seq)
-        now = time.monotonic()
+        now = self.line.clock.monotonic()
         wait = self.confirm_timeout_s()
         for seq in [s for s, at in self._pending.items() if now - at > wait]:
             del self._pending[seq]
