@@ -2,7 +2,9 @@
 
 Tracking is by unit sequence (the product-trigger count the printer and the
 PLC share), never by time: a reader may answer in 5 ms or 80 ms. Time is only
-used to detect that something stopped answering.
+used to detect that something stopped answering. Each tracked unit number is one
+record with an explicit state (TrackedUnit in UnitTracker), so what is awaited of
+a unit is read in one place, never pieced together from several containers.
 
 Safety rules carried by this module:
 - a serial is durably `sent` before the printer gets it, so a crash can never
