@@ -2,7 +2,9 @@
 
 Tracking is by unit sequence (the product-trigger count the printer and the
 PLC share), never by time: a reader may answer in 5 ms or 80 ms. Time is only
-used to detect that something stopped answering.
+used to detect that something stopped answering. Each tracked unit number is one
+record with an explicit state (TrackedUnit in UnitTracker), so what is awaited of
+a unit is read in one place, never pieced together from several containers.
 
 Safety rules carried by this module:
 - a serial is durably `sent` before the printer gets it, so a crash can never
@@ -21,6 +23,7 @@ import asyncio
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -72,13 +75,6 @@ class Job:
     acked: bool = False  # the printer acknowledged it: it holds the code (see primed)
 
 
-@dataclass
-class Unit:
-    seq: int
-    job: Job
-    printed_at: float
-
-
 @dataclass(frozen=True)
 class ChallengeUnit:
     """A challenge pack QA fed on purpose (its own kind of unit, not a production unit): which challenge, and the
@@ -89,17 +85,327 @@ class ChallengeUnit:
     verdict: Verdict
 
 
-@dataclass
-class PendingReject:
-    """A reject ordered at the gate, awaiting its confirmation in the reject ring."""
+class UnitKind(Enum):
+    """What a tracked unit is: a production unit, or a challenge pack QA fed on purpose (its own kind, see ChallengeUnit)."""
 
-    ordered_at: float  # line.clock.monotonic(): the wait is judged at the pace measured meanwhile (_check_timeouts)
-    reason: str  # the reject reason (RejectReason value), "challenge" for a challenge unit
+    NORMAL = "normal"
+    CHALLENGE = "challenge"
+
+
+class UnitState(Enum):
+    """Where one unit number is in the print-and-verify cycle.
+
+    PRINTED -> DECIDING -> GOOD_AWAITING_GATE -> GOOD_UNWATCHED | GATE_REJECTED
+                        -> REJECT_AWAITING_CONFIRM -> REJECT_CONFIRMED | CLOSED
+    PRINTED -> GATE_REJECTED (the gate rejected it fail-safe before any read)
+    Any live state -> CLOSED when its PLC epoch closes or the line drains without a gate answer.
+    """
+
+    #: no unit of this run under this number (yet): the record only carries a memory (an early gate reject, a unit
+    #: commissioned before the daemon started)
+    UNSEEN = "unseen"
+    #: its print is confirmed; its read is awaited
+    PRINTED = "printed"
+    #: off the read queue, its verdict being recorded. Deliberately unknown to the reject-ring check: a gate reject
+    #: arriving meanwhile is noted as an early reject, which the verdict then finds (else it would be lost)
+    DECIDING = "deciding"
+    #: commissioned, "good" written: its passage of the gate is not proven, a fail-safe reject in the ring disproves it
+    GOOD_AWAITING_GATE = "good_awaiting_gate"
+    #: reject ordered, the gate's confirm awaited (else the line stops)
+    REJECT_AWAITING_CONFIRM = "reject_awaiting_confirm"
+    #: the gate confirmed the ordered reject
+    REJECT_CONFIRMED = "reject_confirmed"
+    #: the gate rejected it against or without our verdict (fail-safe)
+    GATE_REJECTED = "gate_rejected"
+    #: good, and out of the gate-watch window: a ring value this old is not matched to it any more
+    GOOD_UNWATCHED = "good_unwatched"
+    #: its cycle ended without a gate answer: the PLC epoch closed, the line drained, its confirm timed out
+    CLOSED = "closed"
+
+
+#: states that still expect something (a read, a verdict, the gate)
+LIVE_STATES = frozenset({UnitState.PRINTED, UnitState.DECIDING, UnitState.GOOD_AWAITING_GATE, UnitState.REJECT_AWAITING_CONFIRM})
+
+_AWAITING = {
+    UnitState.PRINTED: "read",
+    UnitState.DECIDING: "verdict",
+    UnitState.GOOD_AWAITING_GATE: "gate passage",
+    UnitState.REJECT_AWAITING_CONFIRM: "reject confirm",
+}
+
+
+@dataclass(eq=False)
+class TrackedUnit:
+    """Everything print-and-verify knows about one unit number: its state, its job, what it awaits, and which
+    memory windows still hold it (each window has its own bound, see TrackingBounds)."""
+
+    seq: int
+    state: UnitState = UnitState.UNSEEN
+    kind: UnitKind = UnitKind.NORMAL
+    job: Job | None = None
+    printed_at: float | None = None  # line.clock.monotonic() of its print confirm (reader silence clock)
     challenge: ChallengeUnit | None = None
+    reject_reason: str | None = None  # RejectReason value, "challenge" for a challenge unit
+    ordered_at: float | None = None  # line.clock.monotonic() of the reject order: the wait is judged at the pace measured meanwhile
+    #: order stamps: the position in a bounded window (None: not in it). Windows are separate because their
+    #: bounds count different things (all decisions, good ones, early gate rejects)
+    decided_no: int | None = None
+    good_no: int | None = None
+    ordered_no: int | None = None
+    early_no: int | None = None
+    #: (gtin, serial, lot) of a unit this station commissioned under this number before the daemon started: a
+    #: memory, not a state, because with inferred unit numbers a unit of this run may carry the same number
+    before_start: tuple[str, str, str | None] | None = None
+    #: the read loop is recording this unit's verdict: the feeder counts it as on its way (it may become good)
+    holds_issue: bool = False
+
+    @property
+    def awaiting(self) -> str | None:
+        """What this unit waits for, None when nothing."""
+        return _AWAITING.get(self.state)
 
     @property
     def label(self) -> str:
-        return f"challenge:{self.challenge.kind}" if self.challenge is not None else self.reason
+        return f"challenge:{self.challenge.kind}" if self.challenge is not None else (self.reject_reason or "")
+
+    @property
+    def remembered(self) -> bool:
+        """Among the last decided units: a second read of it is ignored, a gate reject of it is no early reject."""
+        return self.decided_no is not None
+
+    @property
+    def gate_rejected_early(self) -> bool:
+        return self.early_no is not None
+
+    def idle(self) -> bool:
+        """Nothing awaited and no window holds it: the record can go."""
+        return self.state not in LIVE_STATES and not self.holds_issue and self.decided_no is None and self.early_no is None and self.before_start is None
+
+
+@dataclass(frozen=True)
+class TrackingBounds:
+    """The memory windows' bounds, each with its own meaning (they count different things, so they are not one bound)."""
+
+    #: decided units remembered (the last N decisions, good or not): a second read of one is ignored, and a gate
+    #: reject of one that is no longer watched is not taken for an early reject of an unknown unit
+    decided: int
+    #: good units watched for a fail-safe reject in the reject ring (the last N good ones); an older one is presumed
+    #: through the gate (GOOD_UNWATCHED)
+    good_watch: int
+    #: gate rejects of units not known yet (verdict late), kept for their verdict to find (the last N)
+    early: int
+
+    @classmethod
+    def for_ring(cls, slots: int) -> TrackingBounds:
+        """Four turns of the R-slot verdict ring: farther back, a ring value is another unit's."""
+        return cls(decided=4 * slots, good_watch=4 * slots, early=4 * slots)
+
+
+class UnitTracker:
+    """One ordered map, unit seq -> TrackedUnit, with every transition a named method. No I/O: the runtime does the
+    writes and records, this keeps which unit is where. Map order: the order in which units became PRINTED (a unit
+    becoming PRINTED moves to the end), so the printed units read in print order; other windows keep order stamps."""
+
+    def __init__(self, bounds: TrackingBounds) -> None:
+        self.bounds = bounds
+        self._by_seq: OrderedDict[int, TrackedUnit] = OrderedDict()
+        self._stamp = 0
+
+    # ---------------------------------------------------------------- queries
+
+    def get(self, seq: int) -> TrackedUnit | None:
+        return self._by_seq.get(seq)
+
+    def __len__(self) -> int:
+        return len(self._by_seq)
+
+    def in_state(self, state: UnitState) -> list[TrackedUnit]:
+        return [u for u in self._by_seq.values() if u.state is state]
+
+    def printed(self) -> list[TrackedUnit]:
+        """Printed units awaiting their read, in print order."""
+        return self.in_state(UnitState.PRINTED)
+
+    def is_printed(self, seq: int) -> bool:
+        u = self._by_seq.get(seq)
+        return u is not None and u.state is UnitState.PRINTED
+
+    def first_printed(self) -> TrackedUnit | None:
+        return next((u for u in self._by_seq.values() if u.state is UnitState.PRINTED), None)
+
+    def count(self, state: UnitState) -> int:
+        return sum(1 for u in self._by_seq.values() if u.state is state)
+
+    def awaiting_confirm(self) -> list[TrackedUnit]:
+        """Rejects ordered and not confirmed, oldest order first."""
+        return sorted(self.in_state(UnitState.REJECT_AWAITING_CONFIRM), key=lambda u: u.ordered_no or 0)
+
+    def good_awaiting_gate(self) -> list[TrackedUnit]:
+        return self.in_state(UnitState.GOOD_AWAITING_GATE)
+
+    def before_start(self) -> list[TrackedUnit]:
+        return [u for u in self._by_seq.values() if u.before_start is not None]
+
+    def remembered(self, seq: int) -> bool:
+        u = self._by_seq.get(seq)
+        return u is not None and u.remembered
+
+    def issue_holds(self) -> int:
+        return sum(1 for u in self._by_seq.values() if u.holds_issue)
+
+    # ---------------------------------------------------------------- housekeeping
+
+    def _next(self) -> int:
+        self._stamp += 1
+        return self._stamp
+
+    def _record(self, seq: int) -> TrackedUnit:
+        u = self._by_seq.get(seq)
+        if u is None:
+            u = self._by_seq[seq] = TrackedUnit(seq)
+        return u
+
+    def _settle(self, u: TrackedUnit) -> None:
+        """Drop the record once nothing refers to it."""
+        if u.idle() and self._by_seq.get(u.seq) is u:
+            del self._by_seq[u.seq]
+
+    def _evict(self, field_name: str, bound: int) -> list[TrackedUnit]:
+        """Take the oldest units out of one window until it holds `bound`; the units taken out."""
+        held = [u for u in self._by_seq.values() if getattr(u, field_name) is not None]
+        out: list[TrackedUnit] = []
+        if len(held) <= bound:
+            return out
+        held.sort(key=lambda u: getattr(u, field_name))
+        for u in held[: len(held) - bound]:
+            setattr(u, field_name, None)
+            out.append(u)
+        return out
+
+    # ---------------------------------------------------------------- transitions
+
+    def print_confirmed(self, seq: int, job: Job, at: float) -> TrackedUnit | None:
+        """The printer put `job` on unit `seq`: the unit now awaits its read. None when a unit of that number is
+        already on its way (deciding, or awaiting the gate): this late print is on that unit, for the caller to settle."""
+        u = self._by_seq.get(seq)
+        if u is not None and u.state in LIVE_STATES and u.state is not UnitState.PRINTED:
+            return None
+        if u is not None and u.state is UnitState.PRINTED:
+            u.job, u.printed_at = job, at  # the same number printed again: the newer job (its place kept)
+            return u
+        u = self._record(seq)
+        self._by_seq.move_to_end(seq)
+        u.state, u.kind, u.job, u.printed_at = UnitState.PRINTED, UnitKind.NORMAL, job, at
+        u.challenge = u.reject_reason = u.ordered_at = None
+        u.good_no = u.ordered_no = None
+        return u
+
+    def take_printed(self, seq: int, *, holds_issue: bool) -> TrackedUnit | None:
+        """A read (or a later unit's read) takes printed unit `seq` off the read queue to decide it."""
+        u = self._by_seq.get(seq)
+        if u is None or u.state is not UnitState.PRINTED:
+            return None
+        u.state, u.holds_issue = UnitState.DECIDING, holds_issue
+        return u
+
+    def deciding(self, seq: int, job: Job | None, kind: UnitKind = UnitKind.NORMAL) -> TrackedUnit:
+        """A unit read without a confirmed print (or a challenge unit) is being decided."""
+        u = self._record(seq)
+        u.state, u.kind, u.job = UnitState.DECIDING, kind, job
+        u.good_no = u.ordered_no = None
+        return u
+
+    def remember(self, u: TrackedUnit) -> None:
+        """A verdict for `u` is given: it joins the decided window (the oldest decided unit may leave it)."""
+        if u.decided_no is None:
+            u.decided_no = self._next()
+        for old in self._evict("decided_no", self.bounds.decided):
+            self._settle(old)
+
+    def good(self, u: TrackedUnit) -> None:
+        """Commissioned and "good": watched for a fail-safe reject until it leaves the gate-watch window."""
+        u.state, u.good_no = UnitState.GOOD_AWAITING_GATE, self._next()
+        for old in self._evict("good_no", self.bounds.good_watch):
+            old.state = UnitState.GOOD_UNWATCHED
+            self._settle(old)
+
+    def take_early_reject(self, u: TrackedUnit) -> bool:
+        """Did the gate reject `u` before its verdict? (The note is used up.)"""
+        if u.early_no is None:
+            return False
+        u.early_no = None
+        return True
+
+    def reject_ordered(self, u: TrackedUnit, reason: str, challenge: ChallengeUnit | None, at: float) -> None:
+        u.state, u.reject_reason, u.challenge, u.ordered_at, u.ordered_no = UnitState.REJECT_AWAITING_CONFIRM, reason, challenge, at, self._next()
+        u.good_no = None
+
+    def reject_confirmed(self, u: TrackedUnit) -> None:
+        """The gate confirmed the reject (from the ring, or noted early)."""
+        u.state, u.ordered_no = UnitState.REJECT_CONFIRMED, None
+        self._settle(u)
+
+    def gate_rejected(self, u: TrackedUnit) -> None:
+        """The gate rejected `u` fail-safe (printed and unread, or after its good verdict)."""
+        u.state, u.good_no = UnitState.GATE_REJECTED, None
+        self._settle(u)
+
+    def note_early_reject(self, seq: int) -> None:
+        """The gate rejected a unit number not known here (its read may be being handled): its verdict will find it."""
+        u = self._record(seq)
+        if u.early_no is None:
+            u.early_no = self._next()
+        for old in self._evict("early_no", self.bounds.early):
+            self._settle(old)
+
+    def closed(self, u: TrackedUnit) -> None:
+        """Its cycle ends without a gate answer."""
+        u.state, u.good_no, u.ordered_no = UnitState.CLOSED, None, None
+        self._settle(u)
+
+    def decision_done(self, u: TrackedUnit) -> None:
+        """The read loop is done with `u`: the feeder's hold goes; a unit still DECIDING (recording its verdict
+        failed) is closed, known as little as before its read."""
+        u.holds_issue = False
+        if u.state is UnitState.DECIDING:
+            self.closed(u)
+        else:
+            self._settle(u)
+
+    def commissioned_before_start(self, units: Mapping[int, tuple[str, str, str | None]]) -> None:
+        for seq, what in units.items():
+            self._record(seq).before_start = what
+
+    def take_before_start(self, seq: int) -> tuple[str, str, str | None] | None:
+        u = self._by_seq.get(seq)
+        if u is None or u.before_start is None:
+            return None
+        what, u.before_start = u.before_start, None
+        self._settle(u)
+        return what
+
+    def forget_before_start(self) -> None:
+        for u in list(self._by_seq.values()):
+            u.before_start = None
+            self._settle(u)
+
+    def forget_epoch(self) -> None:
+        """A new PLC epoch: nothing remembered of the old one matches a unit of the new one (decided, early rejects,
+        units commissioned before start), and good units awaiting the gate are closed (the caller put them in doubt).
+        Units deciding, printed or awaiting a confirm stay for the caller to settle."""
+        for u in list(self._by_seq.values()):
+            u.decided_no = u.early_no = None
+            u.before_start = None
+            if u.state is UnitState.GOOD_AWAITING_GATE:
+                u.state, u.good_no = UnitState.CLOSED, None
+            self._settle(u)
+
+    def close_all(self, state: UnitState) -> list[TrackedUnit]:
+        """Close every unit in `state` (map order); the units closed."""
+        out = self.in_state(state)
+        for u in out:
+            self.closed(u)
+        return out
 
 
 @dataclass
@@ -147,15 +453,11 @@ class PrintVerifyRuntime(Station):
         self._job_counter = 0
         self._serials: deque[str] = deque()
         self._on_printer: OrderedDict[int, Job] = OrderedDict()
-        self._units: OrderedDict[int, Unit] = OrderedDict()
+        #: every unit number this station tracks, printed to settled, one record each (UnitTracker)
+        self._tracker = UnitTracker(TrackingBounds.for_ring(self.ring_slots))
         self._max_printed_seq = 0
         self._last_read_seq = 0
-        self._pending_rejects: dict[int, PendingReject] = {}
-        self._recent_good: OrderedDict[int, Job] = OrderedDict()
-        self._decided: OrderedDict[int, bool] = OrderedDict()
         self._ring_seen: list[int] | None = None
-        self._restart_commissioned: dict[int, tuple[str, str, str | None]] = {}
-        self._early_confirms: OrderedDict[int, None] = OrderedDict()  # gate rejected it before we ordered it
         self._consecutive_rejects = 0
         self._consecutive_noreads = 0
         self._space = asyncio.Event()
@@ -169,7 +471,6 @@ class PrintVerifyRuntime(Station):
         self._stopping_feed = False
         self._last_read_at = line.clock.monotonic()
         self._unread_since: float | None = None  # first print confirmed after the last read (reader silence clock)
-        self._deciding = 0  # units taken off _units whose verdict is being recorded
         self._printer_unknown = True  # the printer may hold jobs we did not send (daemon restart): clear first
         self._feed_lock = asyncio.Lock()  # a group of jobs being handed to the printer (see _feeder, drain)
         # PLC epochs (a PLC restart starts a new sequence space; see _check_reject_ring)
@@ -329,12 +630,29 @@ class PrintVerifyRuntime(Station):
 
     @property
     def in_flight(self) -> int:
-        return len(self._on_printer) + len(self._units) + len(self._pending_rejects)
+        t = self._tracker
+        return len(self._on_printer) + t.count(UnitState.PRINTED) + t.count(UnitState.REJECT_AWAITING_CONFIRM)
+
+    @property
+    def printed_unread(self) -> list[int]:
+        """Unit numbers printed and not read yet, in print order."""
+        return [u.seq for u in self._tracker.printed()]
+
+    @property
+    def rejects_unconfirmed(self) -> list[int]:
+        """Unit numbers whose reject was ordered and not confirmed yet."""
+        return [u.seq for u in self._tracker.awaiting_confirm()]
+
+    # (tests/engine_helpers.py and tests/test_engine_e2e.py read the names of the containers these replaced)
+    _units = printed_unread
+    _pending_rejects = rejects_unconfirmed
 
     def remaining_to_issue(self) -> int:
         if self.batch is None:
             return 0
-        need = self.batch.planned_qty - self.batch.good_total() - len(self._on_printer) - len(self._units) - self._deciding
+        t = self._tracker
+        # a unit whose verdict is being recorded may become good: counted as on its way until its verdict is counted
+        need = self.batch.planned_qty - self.batch.good_total() - len(self._on_printer) - t.count(UnitState.PRINTED) - t.issue_holds()
         return max(0, need)
 
     # ------------------------------------------------------------------ feeder
@@ -460,9 +778,16 @@ class PrintVerifyRuntime(Station):
             unit_seq = c.product_count
             if unit_seq is None:
                 unit_seq = self._max_printed_seq + 1
-            self._units[unit_seq] = Unit(unit_seq, job, self.line.clock.monotonic())
-            if self._unread_since is None:
-                self._unread_since = self._units[unit_seq].printed_at
+            now = self.line.clock.monotonic()
+            if self._tracker.print_confirmed(unit_seq, job, now) is None:
+                # a late confirm for a unit already being decided or decided (read before its print confirm came):
+                # the job is on that unit, which never gets a good verdict for it; its serial goes
+                self.log.warning("print_confirm_for_decided_unit", job=c.seq, seq=unit_seq)
+                await self._decommission(
+                    job, RejectReason.MISSING_UNIT, f"printed on unit {unit_seq}, already decided without its print confirmation", seq=unit_seq
+                )
+            elif self._unread_since is None:
+                self._unread_since = now
             self._max_printed_seq = max(self._max_printed_seq, unit_seq)
             self.counters.printed += 1
             self._confirm_arrived.set()
@@ -485,54 +810,69 @@ class PrintVerifyRuntime(Station):
 
     async def _handle_read(self, r: Read) -> None:
         self.counters.read += 1
+        t = self._tracker
         seq = r.seq
         if seq is None:
-            seq = next(iter(self._units), self._last_read_seq + 1)
+            first = t.first_printed()
+            seq = first.seq if first is not None else self._last_read_seq + 1
         if self._stale_read(seq):
             self.log.warning("read_of_earlier_epoch", seq=seq, epoch=self.plc_epoch)
             return
-        if seq in self._decided:
+        if t.remembered(seq):
             self.log.warning("second_read_for_unit", seq=seq)
             return
         self._last_read_seq = max(self._last_read_seq, seq)
-        if self.mode == "challenge" and seq not in self._units:
+        if self.mode == "challenge" and not t.is_printed(seq):
             await self._handle_challenge(seq, r)
             return
-        if seq not in self._units and seq > self._max_printed_seq and self._on_printer:
+        if not t.is_printed(seq) and seq > self._max_printed_seq and self._on_printer:
             # the print confirmation may still be on its way; wait a little, not for ever
             # (with no job on the printer nothing can be printed on this unit: no wait, or a printer that
             # prints nothing would put the read loop 0.25 s behind per unit)
             deadline = time.monotonic() + 0.25
             # (a later unit already printed means this one never will be: the printer reports in order)
-            while seq not in self._units and self._max_printed_seq < seq and time.monotonic() < deadline:
+            while not t.is_printed(seq) and self._max_printed_seq < seq and time.monotonic() < deadline:
                 self._confirm_arrived.clear()
                 try:
                     await asyncio.wait_for(self._confirm_arrived.wait(), max(0.0, deadline - time.monotonic()))
                 except TimeoutError:
                     break
-        # units printed before this one that were never read: the reader missed them
-        for older in [k for k in self._units if k < seq]:
-            u = self._units.pop(older)
-            await self._reject(older, u.job, Verdict(False, RejectReason.MISSING_UNIT, "printed but never read"), r.received_at, count_latency=False)
-        unit = self._units.pop(seq, None)
+        # units printed before this one that were never read: the reader missed them (always rejects: they hold
+        # no issue; one the gate took meanwhile is no longer printed and is skipped)
+        for older in [u.seq for u in t.printed() if u.seq < seq]:
+            missed = t.take_printed(older, holds_issue=False)
+            if missed is not None:
+                try:
+                    await self._reject(missed, Verdict(False, RejectReason.MISSING_UNIT, "printed but never read"), r.received_at, count_latency=False)
+                finally:
+                    t.decision_done(missed)
+        unit = t.take_printed(seq, holds_issue=True)  # until good/decommissioned is counted, so the feeder does not over-issue
         self.counters.production_units += 1
         if unit is None:
             job = self._job_on_printer(r)
             if job is not None:
                 # printed, but its print confirmation was lost (printer link reset): the read names the job.
                 # Tracking was not confirmed, so reject it, and record that this serial is on this unit.
-                await self._reject(
-                    seq,
-                    job,
-                    Verdict(False, RejectReason.UNEXPECTED_UNIT, f"job {job.job_seq} printed on unit {seq} without a print confirmation"),
-                    r.received_at,
+                v = Verdict(False, RejectReason.UNEXPECTED_UNIT, f"job {job.job_seq} printed on unit {seq} without a print confirmation")
+            else:
+                seen = classify_unknown(
+                    r.codes, min_grade=self._min_grade(), is_known_serial=self._is_known, require_gs1=self.rules.require_gs1, allow_dmre=self._allow_dmre()
                 )
-                return
-            v = classify_unknown(
-                r.codes, min_grade=self._min_grade(), is_known_serial=self._is_known, require_gs1=self.rules.require_gs1, allow_dmre=self._allow_dmre()
-            )
-            await self._reject(seq, None, Verdict(False, RejectReason.UNEXPECTED_UNIT, f"no code was printed for unit {seq}; read: {v.detail}"), r.received_at)
+                v = Verdict(False, RejectReason.UNEXPECTED_UNIT, f"no code was printed for unit {seq}; read: {seen.detail}")
+            unexpected = t.deciding(seq, job)
+            try:
+                await self._reject(unexpected, v, r.received_at)
+            finally:
+                t.decision_done(unexpected)
             return
+        try:
+            await self._decide_printed(unit, r)
+        finally:
+            t.decision_done(unit)
+
+    async def _decide_printed(self, unit: TrackedUnit, r: Read) -> None:
+        """Verify a printed unit's read against its job, then commission or reject it."""
+        assert unit.job is not None  # a printed unit carries its job
         v = verify_unit(
             unit.job.expected,
             r.codes,
@@ -545,14 +885,10 @@ class PrintVerifyRuntime(Station):
         if v.good and self.plc.health.state == HealthState.DISCONNECTED:
             # the gate will reject it fail-safe whatever we decide: do not commission a unit that cannot leave
             v = Verdict(False, RejectReason.PLC_FAILSAFE, f"PLC {self.plc.name} unreachable: the good verdict cannot reach the gate", grade=v.grade)
-        self._deciding += 1  # until good/decommissioned is counted, so the feeder does not over-issue
-        try:
-            if v.good:
-                await self._accept(seq, unit.job, v, r.received_at)
-            else:
-                await self._reject(seq, unit.job, v, r.received_at)
-        finally:
-            self._deciding -= 1
+        if v.good:
+            await self._accept(unit, unit.job, v, r.received_at)
+        else:
+            await self._reject(unit, v, r.received_at)
 
     def _job_on_printer(self, r: Read) -> Job | None:
         """The job on the printer whose serial this read shows (its print confirmation never arrived), if any."""
@@ -577,9 +913,10 @@ class PrintVerifyRuntime(Station):
         rec = self.line.store.serial(gtin, serial)
         return rec is not None and rec.state in ("sent", "commissioned", "decommissioned")
 
-    async def _accept(self, seq: int, job: Job, v: Verdict, received_at: float) -> None:
+    async def _accept(self, unit: TrackedUnit, job: Job, v: Verdict, received_at: float) -> None:
         batch = self.batch
         assert batch is not None
+        seq = unit.seq
         ev = UnitCommissioned(
             gtin=batch.gtin, serial=job.serial, lot=batch.lot, expiry=batch.expiry, dates=batch.dates or None, seq=seq, grade=v.grade, station=self.name
         )
@@ -588,32 +925,32 @@ class PrintVerifyRuntime(Station):
         if epoch != self._epoch_changes:
             # the PLC restarted while the commissioning was being stored: this unit belongs to the closed epoch,
             # no verdict goes out for it (the gate rejects it fail-safe) and nothing in the new ring can prove it
+            self._tracker.closed(unit)
             await self._epoch_closed_late(seq, job)
             return
         # Booked as good before the write: if the write fails (or is late) the gate rejects the unit fail-safe,
-        # and the reject ring check finds it in _recent_good and decommissions its serial.
-        self._remember(seq, True)
-        self._recent_good[seq] = job
-        while len(self._recent_good) > 4 * self.ring_slots:
-            self._recent_good.popitem(last=False)
+        # and the reject ring check finds it GOOD_AWAITING_GATE and decommissions its serial.
+        self._tracker.remember(unit)
+        self._tracker.good(unit)
         self.counters.good += 1
         self.line.count_units(batch.lot, good=1)
         self._consecutive_rejects = 0
         self._consecutive_noreads = 0
         self.line.unit_decided(self.name, True)
-        if seq in self._early_confirms:
+        if self._tracker.take_early_reject(unit):
             # the gate rejected it (fail-safe) while its commissioning was being stored
-            del self._early_confirms[seq]
-            self._recent_good.pop(seq, None)
+            self._tracker.gate_rejected(unit)
             await self._rejected_after_good(seq, job)
             return
         await self.plc.write_tag("verdict_ring", [seq, VERDICT_GOOD], index=2 * (seq % self.ring_slots))
         self.latency.add((time.monotonic() - received_at) * 1000.0)
-        if batch.good_total() >= batch.planned_qty and not self._on_printer and not self._units:
+        if batch.good_total() >= batch.planned_qty and not self._on_printer and self._tracker.first_printed() is None:
             await self.line.planned_quantity_reached(self.name)
 
-    async def _reject(self, seq: int, job: Job | None, v: Verdict, received_at: float, *, count_latency: bool = True) -> None:
+    async def _reject(self, unit: TrackedUnit, v: Verdict, received_at: float, *, count_latency: bool = True) -> None:
+        """Reject `unit` (DECIDING): the order, the wait for its confirm, its serial decommissioned, the stop rules."""
         assert v.reason is not None
+        seq, job = unit.seq, unit.job
         # the reject order first: it is the safety-relevant write
         write_error: DeviceError | None = None
         try:
@@ -622,8 +959,8 @@ class PrintVerifyRuntime(Station):
             write_error = exc  # the gate rejects a unit without a good verdict anyway: book the reject, then report
         if count_latency:
             self.latency.add((time.monotonic() - received_at) * 1000.0)
-        self._remember(seq, False)
-        await self._await_confirm(seq, v.reason.value)
+        self._tracker.remember(unit)
+        await self._await_confirm(unit, v.reason.value)
         self.counters.rejected[v.reason.value] = self.counters.rejected.get(v.reason.value, 0) + 1
         if job is not None:
             await self._decommission(job, v.reason, v.detail, seq=seq, read=(v.seen_gtin, v.seen_serial))
@@ -668,14 +1005,17 @@ class PrintVerifyRuntime(Station):
         self.line.count_units(batch.lot, decommissioned=1)
         self._space.set()
 
-    def _remember(self, seq: int, good: bool) -> None:
-        self._decided[seq] = good
-        while len(self._decided) > 4 * self.ring_slots:
-            self._decided.popitem(last=False)
-
     # ------------------------------------------------------------------ challenge
 
     async def _handle_challenge(self, seq: int, r: Read) -> None:
+        unit = self._tracker.deciding(seq, None, UnitKind.CHALLENGE)
+        try:
+            await self._decide_challenge(unit, r)
+        finally:
+            self._tracker.decision_done(unit)
+
+    async def _decide_challenge(self, unit: TrackedUnit, r: Read) -> None:
+        seq = unit.seq
         self.counters.challenge_units += 1
         v = classify_unknown(
             r.codes, min_grade=self._min_grade(), is_known_serial=self._challenge_known, require_gs1=self.rules.require_gs1, allow_dmre=self._allow_dmre()
@@ -688,20 +1028,21 @@ class PrintVerifyRuntime(Station):
             except gs1.GS1Error:
                 pass
         await self.plc.write_tag("verdict_ring", [seq, VERDICT_REJECT], index=2 * (seq % self.ring_slots))
-        self._remember(seq, False)
+        self._tracker.remember(unit)
         kind = self._challenge_kinds[self._challenge_index] if self._challenge_index < len(self._challenge_kinds) else "extra"
         self._challenge_index += 1
-        await self._await_confirm(seq, "challenge", ChallengeUnit(kind, v))
+        await self._await_confirm(unit, "challenge", ChallengeUnit(kind, v))
 
-    async def _await_confirm(self, seq: int, reason: str, challenge: ChallengeUnit | None = None) -> None:
+    async def _await_confirm(self, unit: TrackedUnit, reason: str, challenge: ChallengeUnit | None = None) -> None:
         """A reject was ordered: expect the gate's confirm, unless the gate already rejected the unit (verdict late)."""
-        if seq in self._early_confirms:
-            del self._early_confirms[seq]
+        if self._tracker.take_early_reject(unit):
+            unit.challenge = challenge
+            self._tracker.reject_confirmed(unit)
             self.counters.reject_confirmed += 1
             if challenge is not None:
-                await self._challenge_confirmed(seq, challenge, True)
+                await self._challenge_confirmed(unit.seq, challenge, True)
             return
-        self._pending_rejects[seq] = PendingReject(self.line.clock.monotonic(), reason, challenge)
+        self._tracker.reject_ordered(unit, reason, challenge, self.line.clock.monotonic())
 
     def _challenge_known(self, gtin: str, serial: str) -> bool:
         return (gtin, serial) in self._challenge_seen or self._is_known(gtin, serial)
@@ -766,29 +1107,33 @@ class PrintVerifyRuntime(Station):
                 # (its fate is already on record as unknown or decided); never matched to a unit of this epoch
                 self.log.warning("reject_of_earlier_epoch", seq=seq, trigger_count=tc, epoch=self.plc_epoch)
                 continue
-            pending = self._pending_rejects.pop(seq, None)
-            if pending is not None:
+            t = self._tracker
+            unit = t.get(seq)
+            state = unit.state if unit is not None else UnitState.UNSEEN
+            if unit is not None and state is UnitState.REJECT_AWAITING_CONFIRM:
+                challenge = unit.challenge
+                t.reject_confirmed(unit)
                 self.counters.reject_confirmed += 1
-                if pending.challenge is not None:
-                    await self._challenge_confirmed(seq, pending.challenge, True)
+                if challenge is not None:
+                    await self._challenge_confirmed(seq, challenge, True)
                 continue
             self.counters.failsafe_rejects += 1
-            job = self._recent_good.pop(seq, None)
-            if job is not None:
+            if unit is not None and state is UnitState.GOOD_AWAITING_GATE and unit.job is not None:
+                job = unit.job
+                t.gate_rejected(unit)
                 await self._rejected_after_good(seq, job)
-            else:
-                unit = self._units.pop(seq, None)
-                if unit is not None:
-                    self._remember(seq, False)
-                    self.counters.rejected[RejectReason.PLC_FAILSAFE.value] = self.counters.rejected.get(RejectReason.PLC_FAILSAFE.value, 0) + 1
-                    await self._decommission(unit.job, RejectReason.PLC_FAILSAFE, "PLC rejected the unit before any read arrived", seq=seq)
-                elif seq in self._restart_commissioned:
-                    await self._rejected_while_down(seq)
-                elif seq not in self._decided:
-                    # a unit not (yet) known here, e.g. its read is still being handled: its reject order will find it
-                    self._early_confirms[seq] = None
-                    while len(self._early_confirms) > 4 * self.ring_slots:
-                        self._early_confirms.popitem(last=False)
+            elif unit is not None and state is UnitState.PRINTED and unit.job is not None:
+                job = unit.job
+                t.remember(unit)
+                t.gate_rejected(unit)
+                self.counters.rejected[RejectReason.PLC_FAILSAFE.value] = self.counters.rejected.get(RejectReason.PLC_FAILSAFE.value, 0) + 1
+                await self._decommission(job, RejectReason.PLC_FAILSAFE, "PLC rejected the unit before any read arrived", seq=seq)
+            elif unit is not None and unit.before_start is not None:
+                await self._rejected_while_down(seq)
+            elif unit is None or not unit.remembered:
+                # a unit not (yet) known here (DECIDING counts as not known: its read is being handled): its
+                # reject order will find the note
+                t.note_early_reject(seq)
 
     # ------------------------------------------------------------------ PLC epochs
 
@@ -884,7 +1229,7 @@ class PrintVerifyRuntime(Station):
         renumbered = self._stale.get(seq)
         if renumbered is None:
             return False
-        if renumbered and (seq in self._units or (self._trigger_seen is not None and self._trigger_seen >= seq)):
+        if renumbered and (self._tracker.is_printed(seq) or (self._trigger_seen is not None and self._trigger_seen >= seq)):
             # this epoch has reached that number (a code of this epoch was printed on it, or the PLC counted it):
             # from now on it is this epoch's unit
             del self._stale[seq]
@@ -922,7 +1267,7 @@ class PrintVerifyRuntime(Station):
     async def _first_ring(self, ring: list[int], latest: dict[str, Any]) -> None:
         """First poll after the daemon started: trust the reject ring only if the PLC is still in the epoch we knew."""
         self._ring_seen = ring
-        self._restart_commissioned = self._commissioned_before_start()
+        self._tracker.commissioned_before_start(self._commissioned_before_start())
         st = self.line.store.plc_state(self.plc.name)
         tag = _int_or_none(latest.get("plc_epoch"))
         tc = _int_or_none(latest.get("trigger_count"))
@@ -954,8 +1299,8 @@ class PrintVerifyRuntime(Station):
         own = self._own_gated(st.gated, self._carried) if st is not None else None
         reset = st is not None and tc is not None and st.trigger_count is not None and tc < st.trigger_count
         self._carried = self._carried_after(reset, st.trigger_count if st is not None else None, own, self._carried)
-        doubt = [(seq, g, s, lot) for seq, (g, s, lot) in sorted(self._restart_commissioned.items()) if own is None or seq > own]
-        self._restart_commissioned = {}
+        doubt = [(u.seq, *u.before_start) for u in sorted(self._tracker.before_start(), key=_by_seq) if u.before_start and (own is None or u.seq > own)]
+        self._tracker.forget_before_start()
         self._foreign = {i: v for i, v in enumerate(ring) if v}  # rejects the new epoch decided before we saw it
         await self._save_plc_state(force=True)
         await self._epoch_closed(why, doubt, [], self.plc_epoch - 1)
@@ -990,42 +1335,39 @@ class PrintVerifyRuntime(Station):
         b = self.batch or self.line.batch
         # commissioned, good verdict given, and not known to have reached the gate: fate unknown
         doubt: list[tuple[int, str, str, str | None]] = []
-        for seq, job in sorted(self._recent_good.items()):
-            if own is None or seq > own:
-                doubt.append((seq, job.expected.gtin, job.serial, b.lot if b else None))
-        for seq, (g, s, lot) in sorted(self._restart_commissioned.items()):
-            if own is None or seq > own:
-                doubt.append((seq, g, s, lot))
-        self._recent_good.clear()
-        self._restart_commissioned = {}
-        self._decided.clear()
-        self._early_confirms.clear()
+        t = self._tracker
+        for u in sorted(t.good_awaiting_gate(), key=_by_seq):
+            if u.job is not None and (own is None or u.seq > own):
+                doubt.append((u.seq, u.job.expected.gtin, u.job.serial, b.lot if b else None))
+        for u in sorted(t.before_start(), key=_by_seq):
+            if u.before_start is not None and (own is None or u.seq > own):
+                doubt.append((u.seq, *u.before_start))
+        t.forget_epoch()  # good units closed (in doubt or through), memories of the old epoch dropped
         tc = self._new_epoch_trigger()
-        old_top = max([self._max_printed_seq, self._last_read_seq, *self._units, *(s for s, *_ in doubt)], default=0)
+        printed = t.printed()
+        old_top = max([self._max_printed_seq, self._last_read_seq, *(u.seq for u in printed), *(s for s, *_ in doubt)], default=0)
         renumbered = tc is not None and tc < old_top  # the new epoch counts units from (near) zero again
         self._last_read_seq = 0
         if renumbered:
             self._max_printed_seq = tc or 0
         # units of the old epoch still between printer and gate: their reads are not units of the new epoch
-        self._stale = {s: renumbered for s in self._units}
+        self._stale = {u.seq: renumbered for u in printed}
         if own is not None:
             self._stale.update({s: renumbered for s in range(own + 1, old_top + 1)[-4 * self.ring_slots :]})
         # printed, never decided: no good verdict was ever given, so the gate rejects them (fail-safe); they are
         # decommissioned as the line stop would, and reads of them that still come are ignored (_stale)
-        unread = list(self._units.items())
-        self._units.clear()
-        for seq, unit in unread:
-            await self._decommission(
-                unit.job, RejectReason.MISSING_UNIT, "printed, not decided when the PLC restarted (no good verdict: rejected fail-safe)", seq=seq
-            )
+        unread = t.close_all(UnitState.PRINTED)
+        for unit in unread:
+            if unit.job is not None:
+                await self._decommission(
+                    unit.job, RejectReason.MISSING_UNIT, "printed, not decided when the PLC restarted (no good verdict: rejected fail-safe)", seq=unit.seq
+                )
         # rejects ordered in the old epoch cannot be confirmed from the new epoch's ring
-        unconfirmed = sorted(self._pending_rejects)
-        pending = dict(self._pending_rejects)
-        self._pending_rejects.clear()
-        for seq in unconfirmed:
-            challenge = pending[seq].challenge
-            if challenge is not None:
-                await self._challenge_confirmed(seq, challenge, False)
+        pending = sorted(t.close_all(UnitState.REJECT_AWAITING_CONFIRM), key=_by_seq)
+        unconfirmed = [u.seq for u in pending]
+        for u in pending:
+            if u.challenge is not None:
+                await self._challenge_confirmed(u.seq, u.challenge, False)
         await self._epoch_closed(why, doubt, unconfirmed, old_epoch)
 
     def _new_epoch_trigger(self) -> int | None:
@@ -1105,7 +1447,7 @@ class PrintVerifyRuntime(Station):
 
     async def _rejected_while_down(self, seq: int) -> None:
         """The gate rejected a unit commissioned before a restart (its "good" never reached the PLC): decommission it."""
-        hit = self._restart_commissioned.pop(seq, None)
+        hit = self._tracker.take_before_start(seq)
         if hit is None:
             return
         gtin, serial, lot = hit
@@ -1143,13 +1485,15 @@ class PrintVerifyRuntime(Station):
     async def _check_timeouts(self) -> None:
         now = self.line.clock.monotonic()
         wait = self.confirm_timeout_s()
-        late = [s for s, p in self._pending_rejects.items() if now - p.ordered_at > wait]
-        for s in late:
-            p = self._pending_rejects.pop(s)
+        late = [u for u in self._tracker.awaiting_confirm() if now - (u.ordered_at or now) > wait]
+        for p in late:
+            if p.state is not UnitState.REJECT_AWAITING_CONFIRM:
+                continue  # settled meanwhile (the line drained)
+            self._tracker.closed(p)
             if p.challenge is not None:
-                await self._challenge_confirmed(s, p.challenge, False)
+                await self._challenge_confirmed(p.seq, p.challenge, False)
             await self.line.fault_stop(
-                "reject_not_confirmed", f"reject of unit {s} ({p.label}) not confirmed within {self.confirm_timeout_s():.2f}s", self.name
+                "reject_not_confirmed", f"reject of unit {p.seq} ({p.label}) not confirmed within {self.confirm_timeout_s():.2f}s", self.name
             )
         if self.mode == "production" and self.printer.health.state == HealthState.DISCONNECTED:
             # a printer in a stop fault (or gone) prints nothing: packs would go by unprinted. A link that drops
@@ -1161,10 +1505,11 @@ class PrintVerifyRuntime(Station):
         else:
             self._printer_down_since = None
         silent_since = self._unread_since if self.mode == "production" else None
-        if self._units:
+        first = self._tracker.first_printed()
+        if first is not None and first.printed_at is not None:
             # (units leave _units at the gate too: the PLC rejects unread units fail-safe, so a silent reader
             # would never leave an old unit here; _unread_since keeps the clock running)
-            oldest = next(iter(self._units.values())).printed_at
+            oldest = first.printed_at
             silent_since = oldest if silent_since is None else min(silent_since, oldest)
         if silent_since is not None:
             if now - silent_since > self.rules.read_timeout_s and now - self._last_read_at > self.rules.read_timeout_s:
@@ -1181,7 +1526,8 @@ class PrintVerifyRuntime(Station):
         async with self._feed_lock:
             pass  # a group of jobs being handed to the printer is complete (on the printer or failed) from here
         deadline = time.monotonic() + timeout_s
-        while (self._units or self._pending_rejects) and time.monotonic() < deadline:
+        t = self._tracker
+        while (t.count(UnitState.PRINTED) or t.count(UnitState.REJECT_AWAITING_CONFIRM)) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         try:
             await self.printer.clear()
@@ -1191,12 +1537,13 @@ class PrintVerifyRuntime(Station):
         for job in list(self._on_printer.values()):
             await self._decommission(job, RejectReason.LINE_STOPPED, "sent to the printer, not printed before the line stopped", seq=None)
         self._on_printer.clear()
-        for seq, unit in list(self._units.items()):
-            await self._decommission(unit.job, RejectReason.MISSING_UNIT, "printed but not read before the line stopped", seq=seq)
-        self._units.clear()
-        if self._pending_rejects:
-            missing = sorted(self._pending_rejects)
-            self._pending_rejects.clear()
+        for unit in t.printed():
+            if unit.job is not None:
+                await self._decommission(unit.job, RejectReason.MISSING_UNIT, "printed but not read before the line stopped", seq=unit.seq)
+        t.close_all(UnitState.PRINTED)
+        unconfirmed = t.close_all(UnitState.REJECT_AWAITING_CONFIRM)
+        if unconfirmed:
+            missing = sorted(u.seq for u in unconfirmed)
             await self.line.alarm("reject_not_confirmed", f"rejects of units {missing[:10]} not confirmed at stop", Severity.CRITICAL, self.name)
         if self._counted_mode != "idle":
             await self._gate_caught_up(deadline)
@@ -1205,7 +1552,7 @@ class PrintVerifyRuntime(Station):
 
     def jobs_in_memory(self) -> list[Job]:
         """Jobs this station still tracks (on the printer, printed and not yet decided)."""
-        return [*self._on_printer.values(), *(u.job for u in self._units.values())]
+        return [*self._on_printer.values(), *(u.job for u in self._tracker.printed() if u.job is not None)]
 
     def unused_serials(self) -> list[str]:
         out = list(self._serials)
@@ -1217,11 +1564,19 @@ class PrintVerifyRuntime(Station):
             "mode": self.mode,
             "counters": self.counters.as_dict(),
             "decision_latency_ms": self.latency.summary(),
-            "in_flight": {"on_printer": len(self._on_printer), "printed_unread": len(self._units), "rejects_unconfirmed": len(self._pending_rejects)},
+            "in_flight": {
+                "on_printer": len(self._on_printer),
+                "printed_unread": len(self.printed_unread),
+                "rejects_unconfirmed": len(self.rejects_unconfirmed),
+            },
             "challenge": list(self._challenge_results),
             "plc_epoch": self.plc_epoch,
             "fate_unknown": self.fate_unknown,
         }
+
+
+def _by_seq(u: TrackedUnit) -> int:
+    return u.seq
 
 
 def _link_reason(reason: str) -> bool:
