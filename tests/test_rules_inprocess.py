@@ -61,6 +61,35 @@ async def test_unit_never_read_is_rejected_fail_safe_at_the_gate(fake_line):
     assert fake_line.station.counters.failsafe_rejects == 1
 
 
+async def test_a_reject_polled_ahead_of_a_stale_trigger_count_is_still_judged(fake_line):
+    """Campaign seed 12: the PC froze between reading trigger_count and the reject ring of one poll; the ring then
+    showed this epoch's units above the count, their fail-safe rejects were taken for an earlier PLC epoch's units and
+    packs in the reject bin stayed commissioned. The slot waits for a fresher count instead."""
+    await fake_line.start_batch(10)
+    await fake_line.unit()
+    unit = await fake_line.unit(gate=False)  # commissioned, "good" written, on its way to the gate
+    assert decided(fake_line.record_of(unit)) == [("commissioned", None)]
+    plc = fake_line.plc
+    fresh = plc.latest
+    stale_polls = [3]
+
+    def split_poll() -> dict[str, Any]:  # the count as read before the freeze, the ring as read after it
+        values = fresh()
+        if stale_polls[0] > 0:
+            stale_polls[0] -= 1
+            values["trigger_count"] = unit.seq - 1
+        return values
+
+    plc.latest = split_poll  # type: ignore[method-assign]
+    # the gate rejects the pack fail-safe after all (its good verdict came too late for the PLC program)
+    slots = len(plc.tag("reject_ring"))
+    plc.sim.set("reject_ring", unit.seq, index=unit.seq % slots)
+    await plc.polled(6)
+    assert stale_polls == [0], "the split poll was not seen"
+    assert decided(fake_line.record_of(unit)) == [("commissioned", None), ("decommissioned", "plc_failsafe")]
+    assert fake_line.station.counters.failsafe_rejects == 1
+
+
 async def test_read_of_a_serial_printed_on_another_unit_is_a_duplicate(fake_line):
     await fake_line.start_batch(10)
     first = await fake_line.unit()

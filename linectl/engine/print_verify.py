@@ -50,6 +50,9 @@ log = structlog.get_logger("linectl.station")
 #: a reject confirm may take this many times the read-to-gate travel time before the line stops
 CONFIRM_MARGIN = 1.5
 VERDICT_GOOD = 1
+#: watch polls a reject-ring value above the trigger count waits for a fresher count before it is taken for a unit of
+#: an earlier PLC epoch (poll_interval_s each: 0.2 s at the default 20 ms)
+HOLD_AHEAD_POLLS = 10
 VERDICT_REJECT = 2
 SERIAL_BLOCK = 256
 #: the PLC's physical pack counters (optional tags), snapshotted per batch for the report
@@ -493,6 +496,8 @@ class PrintVerifyRuntime(Station):
         #: reject-ring slot -> unit number of an earlier epoch it holds (the ring at an epoch change, old units gated
         #: after it): such a value is never this epoch's unit of that number, also for a daemon restarted later
         self._foreign: dict[int, int] = {}
+        #: ring slot -> (value, watch polls seen) for a value above the trigger count not yet judged (_hold_ahead_of_count)
+        self._held: dict[int, tuple[int, int]] = {}
         self.fate_unknown = 0  # units marked fate_unknown by this station since start
         self._pitch_s: float | None = None  # measured seconds per unit (see _measure_pace)
         self._printer_down_since: float | None = None  # printer health DISCONNECTED since (link grace)
@@ -1097,6 +1102,7 @@ class PrintVerifyRuntime(Station):
             return
         self._note_counters(latest)
         tc = self._trigger_seen
+        ring = self._hold_ahead_of_count(ring, tc)
         changed = [v for i, v in enumerate(ring) if v != self._ring_seen[i] and v]
         if self._note_foreign(ring, tc):
             await self._save_plc_state(force=True)  # before a crash can make a restarted daemon match it to a unit
@@ -1160,6 +1166,28 @@ class PrintVerifyRuntime(Station):
                     if old and new < old:
                         return f"reject ring reset across a reconnect (a slot held unit {old}, now {new})"
         return None
+
+    def _hold_ahead_of_count(self, ring: list[int], tc: int | None) -> list[int]:
+        """The ring as it may be judged now: a slot showing a unit number above the trigger count is held back.
+
+        Above the count is how a unit of an earlier epoch (gated after a PLC restart) shows; but a poll that read the
+        trigger count, was stalled (the PC froze, the event loop was blocked), then read the ring, shows this epoch's
+        units the same way. Judged at once, their rejects were taken for an earlier epoch's and commissioned units in
+        the reject bin stayed commissioned (campaign seed 12). A held slot is judged once later polls still show it
+        above the count (then it is an earlier epoch's unit) or as soon as the count has reached it.
+        """
+        assert self._ring_seen is not None
+        held: dict[int, tuple[int, int]] = {}
+        out = list(ring)
+        for i, v in enumerate(ring):
+            if v and v != self._ring_seen[i] and tc is not None and v > tc:
+                first = self._held.get(i)
+                polls = first[1] + 1 if first is not None and first[0] == v else 1
+                if polls < HOLD_AHEAD_POLLS:
+                    held[i] = (v, polls)
+                    out[i] = self._ring_seen[i]
+        self._held = held
+        return out
 
     def _note_foreign(self, ring: list[int], tc: int | None) -> bool:
         """Track ring slots that took a unit number this epoch has not reached (an earlier epoch's unit). True if changed."""
@@ -1317,6 +1345,7 @@ class PrintVerifyRuntime(Station):
         self._trigger_seen = None
         self._gated_seen = None
         self._ring_seen = ring  # the new epoch's baseline: never matched to units of the old one
+        self._held = {}
         self._foreign = {i: v for i, v in enumerate(ring) if v}
         self._note_counters(latest)
         # where the new epoch's counters started: 0 for a counter the restart reset, else where it was (retentive);
