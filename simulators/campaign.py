@@ -114,6 +114,9 @@ class CampaignOptions:
     batch_units: int = 150
     defect_rate: float = 0.03
     mean_gap_s: float = 4.0  # mean time between fault episodes
+    #: fault time runs on (up to 3x `seconds`) until this many episodes went in: on a loaded machine a slow
+    #: restart can take most of a short window, and a run with too few faults proves little
+    min_faults: int = 0
     confirm: str = "upstream"  # mqtt.delivery_confirm; dropped (and noted) when this build refuses the key
     config: Path = DEFAULT_CONFIG
     workdir: Path | None = None
@@ -1163,8 +1166,14 @@ class Campaign:
         try:
             await self.setup()
             tasks = [asyncio.create_task(self.operator(), name="operator"), asyncio.create_task(self.scheduler(), name="scheduler")]
-            end = time.monotonic() + self.o.seconds  # fault time, after the line is up
-            while time.monotonic() < end:
+            start = time.monotonic()  # fault time, after the line is up
+            end, longest = start + self.o.seconds, start + 3 * self.o.seconds
+
+            def more() -> bool:
+                now = time.monotonic()
+                return now < end or (sum(self.res.faults.values()) < self.o.min_faults and now < longest)
+
+            while more():
                 await asyncio.sleep(0.5)
                 for t in tasks:
                     if t.done() and t.exception() is not None:

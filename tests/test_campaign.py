@@ -43,7 +43,9 @@ FAULT_SECONDS = 25.0
 @pytest.mark.parametrize("seed", SEEDS)
 async def test_campaign_seed_has_no_violation(seed: int) -> None:
     lines: list[str] = []
-    res = await run_campaign(CampaignOptions(seconds=FAULT_SECONDS, seed=seed, mean_gap_s=3.0, batch_units=60, echo=lines.append))
+    res = await run_campaign(
+        CampaignOptions(seconds=FAULT_SECONDS, seed=seed, mean_gap_s=3.0, batch_units=60, min_faults=3, echo=lines.append)
+    )
     print(res.summary())
     # the run really ran: faults went in and units went through the gate (a campaign that did nothing proves nothing)
     assert sum(res.faults.values()) >= 3, res.summary()
