@@ -204,7 +204,9 @@ async def test_crash_between_rename_and_cursor_rewrites_the_same_file(tmp_path, 
 
 
 async def test_missing_directory_then_full_disk_are_waited_out_without_loss(tmp_path, capsys):
-    out = tmp_path / "out"  # not there yet: the gateway's mount is missing
+    fs = tmp_path / "fs"  # where a tiny filesystem gets mounted (a real full disk next)
+    fs.mkdir()
+    out = fs / "out"  # not there yet: the gateway's mount is missing
     cfg = file_cfg(tmp_path, out, max_events=20, max_age_s=0.1)
     store = await open_store(tmp_path)
     store.set_sinks(["file"])
@@ -225,10 +227,11 @@ async def test_missing_directory_then_full_disk_are_waited_out_without_loss(tmp_
         logged = capsys.readouterr().err
         assert logged.count("file_sink_write_failed") == 1, logged  # once, not per retry
         assert [c for c, _m in alarms] == ["upstream_file_failed"] and str(out) in alarms[0][1]  # one alarm per outage
-        # the directory appears: a tiny filesystem (a real full disk next)
-        out.mkdir()
-        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(out)], check=False, capture_output=True).returncode != 0:
+        # the directory appears, on a tiny filesystem: mounted first, then the directory made inside it (made
+        # before the mount, a document the sink wrote in between would be hidden under the mount)
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(fs)], check=False, capture_output=True).returncode != 0:
             pytest.skip("cannot mount a tmpfs here (needs root): full-disk case not exercised")
+        out.mkdir()
         try:
             await until(lambda: store.sink_backlog("file") == 0, what="written once the directory is there")
             await until(lambda: sink.status()["last_error"] is None, what="recovered")
@@ -255,5 +258,5 @@ async def test_missing_directory_then_full_disk_are_waited_out_without_loss(tmp_
             assert got == [e.event_id for e in events + more]
         finally:
             await sink.stop()
-            subprocess.run(["umount", str(out)], check=False, capture_output=True)
+            subprocess.run(["umount", str(fs)], check=False, capture_output=True)
     await store.close()
