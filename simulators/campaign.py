@@ -497,6 +497,8 @@ class Campaign:
         self.hold_until = 0.0  # operator leaves a pause / stop alone until then
         self.want_kill_challenge = False
         self.want_kill_close = False
+        #: the harness killed the daemon and has not restarted it yet (an episode cut short at the end of fault time)
+        self.killed_by_harness = False
         self._last_state: str | None = None
         self.challenge_t = 0.0  # when challenge units were last put on the infeed
         self._hostile_deck: list[str] = []
@@ -776,10 +778,20 @@ class Campaign:
         # a code can be on more than one pack (a printer duplicate): the person counts the packs carrying it that are
         # not downstream (in the bin, or on the belt of a crashed line and taken off by hand)
         in_bin: dict[str, int] = {}
+        on_belt: list[str] = []
+        wanted = set(open_serials)
         for u in load_journal(self.journal)["units"]:
             serial = parse_element_string(u.get("content")).get("21")
             if serial and not u.get("challenge"):
                 in_bin[serial] = in_bin.get(serial, 0) + (u.get("outcome") != "passed")
+                if serial in wanted and u.get("outcome") is None and u.get("uid"):
+                    on_belt.append(str(u["uid"]))
+        if on_belt:
+            # a pack of unknown fate still on the stopped belt: the person lifts it off into the reject bin (else
+            # it would ride on to the gate at the next start and pass, after being reconciled as in the bin)
+            with contextlib.suppress(Exception):
+                r = await self.sim_cmd(cmd="take_off", uids=on_belt)
+                self.echo(f"operator: took {len((r or {}).get('taken') or [])} pack(s) of unknown fate off the belt")
         groups: dict[tuple[str, int | None], list[str]] = {}
         for serial in open_serials:
             n = in_bin.get(serial, 0)
@@ -847,10 +859,12 @@ class Campaign:
     async def _kill_restart(self, why: str) -> None:
         assert self.daemon is not None
         self.ready.clear()
+        self.killed_by_harness = True
         self.daemon.kill9()
         self.echo(f"  kill -9 daemon ({why})")
         await asyncio.sleep(self.rng.uniform(0.2, 2.0))
         took = await self._start_daemon()
+        self.killed_by_harness = False
         self.res.restart_to_ready_s.append(took)
         self.echo(f"daemon answering again {took:.1f} s after its restart")
 
@@ -1071,8 +1085,13 @@ class Campaign:
         if not self.sim.alive:
             await self._start_sim()
         if not self.daemon.alive:
-            self.res.violations.append(Violation("harness", f"daemon had exited on its own (rc {self.daemon.proc.returncode if self.daemon.proc else '?'})"))
+            if self.killed_by_harness:  # a kill episode the end of fault time cut short before its restart
+                self.echo("daemon restarted after a kill episode cut short by the end of fault time")
+            else:
+                rc = self.daemon.proc.returncode if self.daemon.proc else "?"
+                self.res.violations.append(Violation("harness", f"daemon had exited on its own (rc {rc})"))
             self.res.restart_to_ready_s.append(await self._start_daemon())
+            self.killed_by_harness = False
         self.sub.start()
         await asyncio.wait_for(self.sub.connected.wait(), 20)
         # a retained command a hostile client left must not outlive the run

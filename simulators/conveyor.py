@@ -371,9 +371,25 @@ class Conveyor:
         if self.reader is not None:
             self.reader.present(unit)
 
+    def take_off(self, uids: set[str]) -> list[str]:
+        """Packs an operator lifts off the stopped belt by hand into the reject bin (reconciling units of unknown
+        fate): they never reach the reader or the gate any more; the journal records them rejected, by hand."""
+        taken = {e[3].extras["uid"]: e[3] for e in self._heap if e[3] is not None and e[3].extras.get("uid") in uids and e[2] == GATE}
+        if not taken:
+            return []
+        self._heap[:] = [e for e in self._heap if e[3] is None or e[3].extras.get("uid") not in taken]
+        heapq.heapify(self._heap)
+        for unit in taken.values():
+            unit.extras["gate"] = "taken off by hand"
+            self._settle(unit, "rejected")
+        return sorted(taken)
+
     def _gate(self, unit: SimUnit) -> None:
+        self._settle(unit, self.plc.gate(unit))
+
+    def _settle(self, unit: SimUnit, outcome: str) -> None:
         self.in_flight -= 1
-        unit.outcome = self.plc.gate(unit)
+        unit.outcome = outcome
         self.truth.record(unit)
         if self.journal is not None and "uid" in unit.extras:
             self.journal.gate(unit.extras["uid"], unit)

@@ -348,12 +348,17 @@ class LineSim:
             return {"ok": True, "device": name, "result": res}
         if cmd == "set":
             return self._set(msg)
+        if cmd == "take_off":
+            uids = msg.get("uids")
+            if not isinstance(uids, list) or not all(isinstance(u, str) for u in uids):
+                raise ValueError('"uids" must be a list of unit ids (the journal\'s uid)')
+            return {"ok": True, "taken": self._conveyor(msg.get("conveyor")).take_off(set(uids))}
         if cmd == "pack":
             if self.packer is None:
                 raise ValueError("this line has no case station to pack for")
             flushed = self.packer.flush() if msg.get("flush") else 0
             return {"ok": True, "flushed": flushed, **self.packer.status()}
-        raise ValueError(f"unknown cmd {cmd!r} (truth, status, units, challenge, inject, set, pack)")
+        raise ValueError(f"unknown cmd {cmd!r} (truth, status, units, challenge, inject, set, take_off, pack)")
 
     def _set(self, msg: dict[str, Any]) -> dict[str, Any]:
         changed: dict[str, Any] = {}
