@@ -1,6 +1,7 @@
-"""`linectl export epcis --db PATH [-c CONFIG] [--batch LOT] [--since TIME] [--out FILE]`.
+"""`linectl export epcis --db PATH [-c CONFIG] [--batch LOT] [--since TIME] [--out FILE] [--format jsonld|xml|xml-1.2]`.
 
-Writes one EPCIS 2.0 EPCISDocument with the EPCIS events of the store's
+Writes one EPCISDocument (EPCIS 2.0 JSON-LD by default; EPCIS 2.0 XML with --format xml, EPCIS 1.2 XML
+with --format xml-1.2, translated from the same stored events by linectl.epcis_xml) with the EPCIS events of the store's
 outbox (forwarded or not), in store order: for a partner, an auditor, or an
 upstream that lost data. Streams the document, so a year of events does not
 have to fit in memory. Exit 0 done, 2 bad input, 3 the store refused the file
@@ -31,10 +32,12 @@ if TYPE_CHECKING:
     from linectl.store import Store
 
 PAGE = 5000
+#: --format -> None (JSON-LD) or the EPCIS XML version written
+FORMATS: dict[str, str | None] = {"jsonld": None, "xml": "2.0", "xml-1.2": "1.2"}
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = sub.add_parser("export", help="export stored events (EPCIS 2.0 JSON-LD)")
+    p = sub.add_parser("export", help="export stored events (EPCIS 2.0 JSON-LD, EPCIS 2.0 XML or EPCIS 1.2 XML)")
     kinds = p.add_subparsers(dest="export_kind", metavar="FORMAT")
     e = kinds.add_parser("epcis", help="one EPCIS 2.0 EPCISDocument with the EPCIS events of the store")
     e.add_argument("--db", required=True, help="the line's SQLite store")
@@ -43,8 +46,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     e.add_argument("--batch", metavar="LOT", help="only events of this lot")
     e.add_argument("--since", metavar="TIME", help="only events with eventTime at or after TIME (ISO 8601 date or date-time; no offset = UTC)")
     e.add_argument("--out", metavar="FILE", help="output file (default stdout); written atomically")
+    e.add_argument("--format", choices=list(FORMATS), default="jsonld", dest="format",
+                   help="jsonld: EPCIS 2.0 JSON-LD (default); xml: EPCIS 2.0 XML; xml-1.2: EPCIS 1.2 XML (most L3/L4 systems)")
     e.add_argument("--validate", choices=["sample", "all", "none"], default="sample",
-                   help="check events against the official schema: one of each shape (default), every event (slow), or none")
+                   help="check events against the official schema of the format (JSON schema, or the XSD for XML): "
+                   "one of each shape (default), every event (slow), or none")
     e.set_defaults(func=run)
 
 
@@ -101,7 +107,15 @@ async def _export(args: argparse.Namespace, cfg: Any, since: datetime | None) ->
                 file=sys.stderr,
             )
             return 2
-        validator = None if args.validate == "none" else epcis.default_validator()
+        xml_version = FORMATS[getattr(args, "format", "jsonld")]
+        validator: Any = None
+        if args.validate != "none":
+            if xml_version is None:
+                validator = epcis.default_validator()
+            else:
+                from linectl import epcis_xml
+
+                validator = epcis_xml.default_validator(xml_version)  # type: ignore[arg-type]  # FORMATS holds "1.2"/"2.0"
         if args.out:
             out_path = Path(args.out)
             fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=str(out_path.parent or "."))
@@ -122,6 +136,9 @@ async def _export(args: argparse.Namespace, cfg: Any, since: datetime | None) ->
             sys.stdout.flush()
     except epcis.EpcisValidationError as exc:
         print(f"linectl export epcis: produced an event that fails the EPCIS schema (a bug): {exc}", file=sys.stderr)
+        return 1
+    except ValueError as exc:  # epcis_xml.XmlMappingError: a stored event with no rendering in the asked XML version
+        print(f"linectl export epcis: {exc}", file=sys.stderr)
         return 1
     finally:
         await store.close()
@@ -188,7 +205,10 @@ def _write(fh: TextIO, store: Store, mapper: Any, validator: Any, args: argparse
 
     seen_shapes: set[tuple[Any, ...]] = set()
     failed: list[int] = []
-    fh.write(epcis.document_head())
+    xml_version = FORMATS[getattr(args, "format", "jsonld")]
+    if xml_version is not None:
+        from linectl import epcis_xml
+    fh.write(epcis.document_head() if xml_version is None else epcis_xml.document_head(xml_version))  # type: ignore[arg-type]
     n = 0
     for row in _epcis_rows(store, args):
         e = row.event
@@ -201,14 +221,21 @@ def _write(fh: TextIO, store: Store, mapper: Any, validator: Any, args: argparse
             failed.append(row.seq)
             continue
         for enc in epcis.stored_events(stored):
+            ev = json.loads(enc) if validator is not None or xml_version is not None else None
+            text = enc if xml_version is None else epcis_xml.event_xml(ev, xml_version)  # type: ignore[arg-type]
             if validator is not None:
-                ev = json.loads(enc)
                 shape = (ev["type"], ev["action"], ev.get("bizStep"), ev.get("disposition"), tuple(sorted(ev)))
                 if args.validate == "all" or shape not in seen_shapes:
                     seen_shapes.add(shape)
-                    validator.validate(epcis.build_document([ev]))
-            fh.write(("," if n else "") + enc)
+                    if xml_version is None:
+                        validator.validate(epcis.build_document([ev]))
+                    else:  # the event in a document of its own: the XSD judges the same bytes that are written
+                        validator.validate((epcis_xml.document_head(xml_version) + text + epcis_xml.DOCUMENT_TAIL).encode())  # type: ignore[arg-type]
+            if xml_version is None:
+                fh.write(("," if n else "") + text)
+            else:
+                fh.write(text)
             n += 1
-    fh.write(epcis.DOCUMENT_TAIL)
+    fh.write(epcis.DOCUMENT_TAIL if xml_version is None else epcis_xml.DOCUMENT_TAIL)
     fh.write("\n")
     return n, failed
