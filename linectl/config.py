@@ -292,10 +292,97 @@ class FileSinkConfig(Model):
     )
 
 
+class AlreadyCapturedMatcher(Model):
+    """`upstream.epcis_xml[].already_captured`: the answer of a repository that refuses a document because it already
+    holds one of its events (QU4RTET: HTTP 500 naming the EPC whose commissioning it has). Such an answer to a re-send
+    is not an error: see linectl.upstream.epcis_xml for what the sink concludes from it."""
+
+    status: list[int] = Field(default_factory=lambda: [500], min_length=1, description="HTTP status codes this answer comes with")
+    body_regex: str = Field(min_length=1, description="regex searched in the response body; a named group (?P<epc>...) names the EPC")
+    split: bool = Field(
+        True, description="when the named EPC is not commissioned by this document (or none is named): bisect the document and "
+        "send the halves, so only the events already held are skipped; false: park the document (4xx-like)"
+    )
+
+    @field_validator("body_regex")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"body_regex is not a valid regular expression: {exc}") from None
+        return v
+
+
+class EpcisXmlSinkConfig(Model):
+    """`upstream.epcis_xml[]`: EPCIS 1.2 (or 2.0) XML documents POSTed to a capture endpoint or written into a directory."""
+
+    name: str = Field(pattern=r"^[a-z0-9_-]{1,32}$", description="unique; the sink's cursor is epcis_xml:<name>")
+    version: Literal["1.2", "2.0"] = "1.2"
+    url: str | None = Field(None, pattern=r"^https?://", description="HTTP capture endpoint (POST); exactly one of url and dir")
+    dir: str | None = Field(None, min_length=1, description="directory the documents are written into (must exist); exactly one of url and dir")
+    prefix: str | None = Field(None, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$", description="file name prefix (dir); default: line.name")
+    auth: Literal["none", "basic", "bearer"] = "none"
+    username: str | None = Field(None, min_length=1, description="basic auth user")
+    secret_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="env var holding the basic password or bearer token")
+    secret_file: str | None = Field(None, min_length=1, description="file holding the basic password or bearer token (trailing newline stripped)")
+    token_scheme: str = Field("Bearer", pattern=r"^[A-Za-z][A-Za-z0-9_-]*$", description="bearer auth scheme word (DRF TokenAuthentication: Token)")
+    ca_file: str | None = Field(None, min_length=1, description="CA bundle for the server's certificate (default: system CAs)")
+    client_cert: str | None = Field(None, min_length=1, description="PEM client certificate (TLS client auth)")
+    client_key: str | None = Field(None, min_length=1, description="PEM key of client_cert (when not inside client_cert)")
+    timeout_s: float = Field(30.0, gt=0, le=600)
+    headers: dict[str, str] = Field(default_factory=dict, description="extra request headers (no Authorization: secrets never live in YAML)")
+    success_codes: list[int] = Field(default_factory=lambda: [200, 201, 202, 204], min_length=1)
+    already_captured: AlreadyCapturedMatcher | None = None
+    retry_4xx_s: float = Field(300.0, gt=0, le=86_400, description="a refused (4xx) document is parked and retried after this long")
+    max_events: int = Field(500, gt=0, le=100_000, description="most EPCIS events per document (a row's events are never split over two)")
+    max_age_s: float = Field(5.0, gt=0, le=86_400, description="a document with fewer events goes once its first event was stored this long ago")
+
+    @model_validator(mode="after")
+    def _coherent(self) -> EpcisXmlSinkConfig:
+        if (self.url is None) == (self.dir is None):
+            raise ValueError(f"epcis_xml {self.name}: exactly one of url (HTTP capture) and dir (directory) is required")
+        http_only = {"auth": self.auth != "none", "username": self.username, "secret_env": self.secret_env, "secret_file": self.secret_file,
+                     "ca_file": self.ca_file, "client_cert": self.client_cert, "client_key": self.client_key, "headers": self.headers,
+                     "already_captured": self.already_captured}
+        if self.dir is not None:
+            used = [k for k, v in http_only.items() if v]
+            if used:
+                raise ValueError(f"epcis_xml {self.name}: {', '.join(used)} only apply to url (HTTP), not to dir")
+        elif self.prefix is not None:
+            raise ValueError(f"epcis_xml {self.name}: prefix only applies to dir")
+        if self.secret_env and self.secret_file:
+            raise ValueError(f"epcis_xml {self.name}: secret_env or secret_file, not both")
+        has_secret = bool(self.secret_env or self.secret_file)
+        if self.auth == "basic" and not (self.username and has_secret):
+            raise ValueError(f"epcis_xml {self.name}: auth basic needs username and secret_env or secret_file")
+        if self.auth == "bearer" and not has_secret:
+            raise ValueError(f"epcis_xml {self.name}: auth bearer needs secret_env or secret_file")
+        if self.auth != "basic" and self.username:
+            raise ValueError(f"epcis_xml {self.name}: username is only for auth basic")
+        if self.auth == "none" and has_secret:
+            raise ValueError(f"epcis_xml {self.name}: a secret is given but auth is none")
+        if any(h.lower() in ("authorization", "proxy-authorization") for h in self.headers):
+            raise ValueError(f"epcis_xml {self.name}: credentials never go into headers (the YAML); use auth with secret_env/secret_file")
+        if self.client_key and not self.client_cert:
+            raise ValueError(f"epcis_xml {self.name}: client_key needs client_cert")
+        return self
+
+
 class UpstreamConfig(Model):
     """Upstream sinks besides MQTT (which `mqtt:` configures); each keeps its own cursor in the store."""
 
     file: FileSinkConfig | None = None
+    epcis_xml: list[EpcisXmlSinkConfig] = Field(default_factory=list)
+
+    @field_validator("epcis_xml")
+    @classmethod
+    def _unique_names(cls, v: list[EpcisXmlSinkConfig]) -> list[EpcisXmlSinkConfig]:
+        names = [s.name for s in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"epcis_xml sink names must be unique: {', '.join(dup)} repeated")
+        return v
 
 
 # --------------------------------------------------------------------------- stations

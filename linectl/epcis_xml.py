@@ -311,7 +311,7 @@ class XsdValidator:
             return [f"not well-formed XML: {exc}"]
         if self._schema.validate(doc):
             return []
-        return [f"line {e.line}: {e.message}" for e in self._schema.error_log]  # type: ignore[attr-defined]  # lxml's _LogEntry
+        return [f"line {e.line}: {e.message}" for e in self._schema.error_log]
 
     def validate(self, document: bytes) -> None:
         problems = self.problems(document)

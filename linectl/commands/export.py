@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
+    from linectl.epcis_xml import XmlVersion
     from linectl.store import Store
 
 PAGE = 5000
 #: --format -> None (JSON-LD) or the EPCIS XML version written
-FORMATS: dict[str, str | None] = {"jsonld": None, "xml": "2.0", "xml-1.2": "1.2"}
+FORMATS: dict[str, XmlVersion | None] = {"jsonld": None, "xml": "2.0", "xml-1.2": "1.2"}
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -115,7 +116,7 @@ async def _export(args: argparse.Namespace, cfg: Any, since: datetime | None) ->
             else:
                 from linectl import epcis_xml
 
-                validator = epcis_xml.default_validator(xml_version)  # type: ignore[arg-type]  # FORMATS holds "1.2"/"2.0"
+                validator = epcis_xml.default_validator(xml_version)
         if args.out:
             out_path = Path(args.out)
             fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=str(out_path.parent or "."))
@@ -208,7 +209,7 @@ def _write(fh: TextIO, store: Store, mapper: Any, validator: Any, args: argparse
     xml_version = FORMATS[getattr(args, "format", "jsonld")]
     if xml_version is not None:
         from linectl import epcis_xml
-    fh.write(epcis.document_head() if xml_version is None else epcis_xml.document_head(xml_version))  # type: ignore[arg-type]
+    fh.write(epcis.document_head() if xml_version is None else epcis_xml.document_head(xml_version))
     n = 0
     for row in _epcis_rows(store, args):
         e = row.event
@@ -221,8 +222,8 @@ def _write(fh: TextIO, store: Store, mapper: Any, validator: Any, args: argparse
             failed.append(row.seq)
             continue
         for enc in epcis.stored_events(stored):
-            ev = json.loads(enc) if validator is not None or xml_version is not None else None
-            text = enc if xml_version is None else epcis_xml.event_xml(ev, xml_version)  # type: ignore[arg-type]
+            ev: dict[str, Any] = json.loads(enc) if validator is not None or xml_version is not None else {}
+            text = enc if xml_version is None else epcis_xml.event_xml(ev, xml_version)
             if validator is not None:
                 shape = (ev["type"], ev["action"], ev.get("bizStep"), ev.get("disposition"), tuple(sorted(ev)))
                 if args.validate == "all" or shape not in seen_shapes:
@@ -230,7 +231,7 @@ def _write(fh: TextIO, store: Store, mapper: Any, validator: Any, args: argparse
                     if xml_version is None:
                         validator.validate(epcis.build_document([ev]))
                     else:  # the event in a document of its own: the XSD judges the same bytes that are written
-                        validator.validate((epcis_xml.document_head(xml_version) + text + epcis_xml.DOCUMENT_TAIL).encode())  # type: ignore[arg-type]
+                        validator.validate((epcis_xml.document_head(xml_version) + text + epcis_xml.DOCUMENT_TAIL).encode())
             if xml_version is None:
                 fh.write(("," if n else "") + text)
             else:

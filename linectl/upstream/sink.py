@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 SINKS: dict[str, str] = {
     "mqtt": "linectl.upstream.mqtt:MqttSink",  # configured by `mqtt:` (enabled: mqtt.enabled)
     "file": "linectl.upstream.file:FileSink",  # configured by `upstream: {file: {...}}`
+    "epcis_xml": "linectl.upstream.epcis_xml:EpcisXmlSink",  # `upstream: {epcis_xml: [{name, ...}]}`: one instance (cursor epcis_xml:<name>) each
 }
 
 
@@ -67,13 +68,24 @@ def sink_class(key: str) -> Any:
 
 
 def enabled_names(cfg: LineConfig) -> list[str]:
-    """The config keys of the sinks this config enables, in registry order."""
-    return [key for key in SINKS if sink_class(key).enabled(cfg)]
+    """The cursor names of the sink instances this config enables, in registry order (a sink configured as a list
+    names each instance: `cursor_names(cfg)`; else its config key)."""
+    out: list[str] = []
+    for key in SINKS:
+        cls = sink_class(key)
+        if cls.enabled(cfg):
+            out += cls.cursor_names(cfg) if hasattr(cls, "cursor_names") else [key]
+    return out
 
 
 def build_sinks(cfg: LineConfig, store: Any, on_alarm: AlarmHook | None = None) -> list[Any]:
-    """One instance of every enabled sink, each with its own cursor in `store`."""
-    sinks = [sink_class(key).from_config(cfg, store) for key in enabled_names(cfg)]
+    """Every instance of every enabled sink, each with its own cursor in `store` (from_config: one or a list)."""
+    sinks: list[Any] = []
+    for key in SINKS:
+        cls = sink_class(key)
+        if cls.enabled(cfg):
+            made = cls.from_config(cfg, store)
+            sinks += made if isinstance(made, list) else [made]
     for sink in sinks:
         sink.on_alarm = on_alarm
     return sinks
