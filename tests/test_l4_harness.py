@@ -11,6 +11,7 @@ import time
 import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -115,7 +116,7 @@ EPCIS_DOC = b"""<?xml version="1.0" encoding="UTF-8"?>
 """
 
 
-def test_timings_of_venv_migrate_and_start(qu4rtet: Qu4rtet, record_property: pytest.RecordProperty) -> None:
+def test_timings_of_venv_migrate_and_start(qu4rtet: Qu4rtet, record_property: Callable[[str, object], None]) -> None:
     """The server of the session answers; the build figures of this run are reported (0 = cached)."""
     assert qu4rtet.running
     for key in ("venv_build", "migrate", "seed", "start"):
@@ -192,7 +193,8 @@ def test_soap_sap_guardian_random_and_sequential(qu4rtet: Qu4rtet) -> None:
 def test_soap_unitrace_unqualified(qu4rtet: Qu4rtet) -> None:
     gtin = qu4rtet.new_gtin()
     qu4rtet.create_pool(gtin, kind="random", minimum=1, maximum=10**9, request_threshold=1000, response="unitrace")
-    status, reply = http("POST", qu4rtet.soap_url("unitrace"), sap_request(gtin, 4, namespaced=False), {"Content-Type": "text/xml", **qu4rtet.basic_auth_header})
+    headers = {"Content-Type": "text/xml", **qu4rtet.basic_auth_header}
+    status, reply = http("POST", qu4rtet.soap_url("unitrace"), sap_request(gtin, 4, namespaced=False), headers)
     assert status == 200, reply
     msg = soap_body(reply)
     assert msg.tag == "NumberRangeConfirmationMessage"
