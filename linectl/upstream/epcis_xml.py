@@ -17,7 +17,7 @@ HTTP: a success code moves the cursor. Everything else:
   epc ... has already been commissioned"), which would wedge the sink for ever. The `already_captured` matcher
   (status codes + body regex) recognises that answer, and the sink believes it only for a document whose earlier
   delivery may have reached the repository: the pending document after a restart, or one whose previous attempt
-  ended without a definite refusal (timeout, dropped connection, 5xx). Then:
+  ended without an answer (timeout, dropped connection). Then:
   split false: the repository captures a document atomically (QU4RTET parses a message in one transaction), so
   the document was captured whole: it counts as delivered. split true: the document is bisected and the halves
   sent, so only the events the repository already holds are skipped (for repositories that keep part of a
@@ -226,7 +226,7 @@ class EpcisXmlSink(FileSink):
                           f"(seq {doc.first_seq}-{doc.last_seq}): {excerpt}")
         if 400 <= status < 500:
             raise Refused(f"HTTP {status}: {excerpt}")
-        self._maybe_sent = True
+        # an answer, even a 5xx, says the document was not taken (the repository rolls back): _maybe_sent stays as it was
         raise Transient(f"HTTP {status}: {excerpt}")
 
     async def _post(self, body: bytes) -> tuple[int, str]:
