@@ -204,3 +204,40 @@ def test_text_is_escaped():
     for version in X.VERSIONS:
         root = etree.fromstring(X.document_bytes([e], version))
         assert root.findtext("EPCISBody/EventList/AggregationEvent/readPoint/id") == "urn:x:a&b<c>"
+
+
+def every_kind_linectl_emits() -> list[dict[str, Any]]:
+    """The EPCIS events EpcisMapper makes of every domain event kind it maps (both decommissioning variants, both
+    rejected_serials modes, containers, packing, unpacking with and without children, a split big packing)."""
+    from linectl import events as ev
+    from linectl.epcis import EPCS_PER_EVENT, EpcisMapper
+
+    gtin, sscc = "09501101530003", "095011010000000018"
+    m = EpcisMapper(read_point="urn:epc:id:sgln:9501101.00001.pv1", biz_location="urn:epc:id:sgln:9501101.00001.0", timezone="Europe/Berlin",
+                    cp_lengths={gtin: 7}, company_prefixes=("9501101",), rejected_serials="commission_then_decommission")
+    out: list[dict[str, Any]] = []
+    out += m.map(ev.UnitCommissioned(gtin=gtin, serial="A1", lot="L1", expiry="281200",
+                                     dates={"production_date": "260100", "packaging_date": "260215", "best_before": "280600", "sell_by": "280500"}))
+    out += m.map(ev.UnitDecommissioned(gtin=gtin, serial="A1", reason=list(ev.RejectReason)[0], lot="L1"))
+    out += m.map(ev.UnitDecommissioned(gtin=gtin, serial="A2", reason=list(ev.RejectReason)[0], destroyed=True, lot="L1"), commissioned=False)
+    out += m.map(ev.UnitInspected(gtin=gtin, serial="A1", biz_step="sampling"))
+    out += m.map(ev.ContainerCommissioned(sscc=sscc, level="case"))
+    out += m.map(ev.ContainerDecommissioned(sscc=sscc, reason="x", commissioned=True))
+    out += m.map(ev.Packed(parent=sscc, children=[ev.ChildRef(gtin=gtin, serial=f"S{i}") for i in range(EPCS_PER_EVENT + 3)]))
+    out += m.map(ev.Unpacked(parent=sscc, children=[ev.ChildRef(gtin=gtin, serial="S1")]))
+    out += m.map(ev.Unpacked(parent=sscc, children=[]))
+    return out
+
+
+@pytest.mark.parametrize("version", X.VERSIONS)
+def test_every_event_kind_the_mapper_emits_is_xsd_valid_and_hashes_like_json_ld(version):
+    events = every_kind_linectl_emits()
+    validate_document(build_document(events))
+    assert {(e["type"], e["action"], e.get("bizStep")) for e in events} >= {
+        ("ObjectEvent", "ADD", "commissioning"), ("ObjectEvent", "DELETE", "decommissioning"), ("ObjectEvent", "DELETE", "destroying"),
+        ("ObjectEvent", "OBSERVE", "sampling"), ("AggregationEvent", "ADD", "packing"), ("AggregationEvent", "DELETE", "unpacking")}
+    assert any("gs1:productionDate" in e.get("ilmd", {}) for e in events) and not all("childEPCs" in e for e in events if e["type"] == "AggregationEvent")
+    body = X.document_bytes(events, version)
+    schema = xsd(version)
+    assert schema.validate(etree.fromstring(body)), schema.error_log
+    assert hashes(xml=body) == hashes(events)

@@ -10,6 +10,9 @@ import asyncio
 import base64
 import contextlib
 import json
+import shutil
+import ssl
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +68,8 @@ class Repository:
     or (status, body)); with it empty, the repository captures like QU4RTET: a document whole or not at all, and a
     commissioning (ObjectEvent ADD) of an EPC it already holds fails the whole document with HTTP 500 naming it."""
 
-    def __init__(self) -> None:
+    def __init__(self, ssl: Any = None) -> None:
+        self.ssl = ssl
         self.script: list[Any] = []
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
         self.captured: list[dict[str, Any]] = []  # events held, in capture order
@@ -74,9 +78,9 @@ class Repository:
         self.url = ""
 
     async def __aenter__(self) -> Repository:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.ssl)
         port = self.server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}/capture/"
+        self.url = f"{'https' if self.ssl else 'http'}://127.0.0.1:{port}/capture/"
         return self
 
     async def __aexit__(self, *_: Any) -> None:
@@ -107,7 +111,7 @@ class Repository:
             data = text.encode()
             writer.write(f"HTTP/1.1 {status} X\r\nContent-Type: text/html\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
             await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError, OSError):
             pass
         finally:
             writer.close()
@@ -439,3 +443,39 @@ async def test_split_skips_exactly_the_events_a_partial_repository_holds(tmp_pat
 def _first_unit(store: Any) -> tuple[str, str]:
     row = store.outbox(0, 1, only_unforwarded=False)[0]
     return row.event.gtin, row.event.serial
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+async def test_tls_with_ca_file_and_client_certificate(tmp_path):
+    d = tmp_path / "pki"
+    d.mkdir()
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=test-ca", cwd=d)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost", cwd=d)
+    (d / "ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "server.crt", "-days", "2",
+             "-extfile", "ext", cwd=d)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "client.key", "-out", "client.csr", "-subj", "/CN=line1", cwd=d)
+    _openssl("x509", "-req", "-in", "client.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out", "client.crt", "-days", "2", cwd=d)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(d / "ca.crt"))
+    server_ctx.load_cert_chain(str(d / "server.crt"), str(d / "server.key"))
+    server_ctx.verify_mode = ssl.CERT_REQUIRED  # no client certificate, no capture
+    async with Repository(ssl=server_ctx) as repo:
+        base = {"name": "l4", "url": repo.url, "ca_file": str(d / "ca.crt"), "max_age_s": 0.1, "timeout_s": 5}
+        store = await open_store(tmp_path)
+        events = await Producer(store).fill(["LOTA"], 5)
+        # without the client certificate the handshake fails: a transport error, retried, nothing lost
+        (nocert,) = EpcisXmlSink.from_config(xml_cfg(tmp_path, base), store, backoff_initial_s=0.05, backoff_max_s=0.1)
+        store.set_sinks(["epcis_xml:l4"])
+        async with running(nocert):
+            await until(lambda: nocert.last_error is not None, what="handshake refused")
+        assert nocert.status()["connected"] is False and not repo.captured
+        cfg = xml_cfg(tmp_path, {**base, "client_cert": str(d / "client.crt"), "client_key": str(d / "client.key")})
+        (sink,) = EpcisXmlSink.from_config(cfg, store)
+        async with running(sink):
+            await until(lambda: store.sink_backlog("epcis_xml:l4") == 0, what="captured over TLS")
+        assert [e["eventID"] for e in repo.captured] == [e.event_id for e in events]
+        await store.close()
