@@ -74,7 +74,7 @@ async def until(pred: Any, timeout: float = 30.0, what: str = "") -> None:
 
 
 def test_registry_has_one_entry_per_sink_and_config_enables_them(tmp_path):
-    assert set(SINKS) == {"mqtt", "file"}
+    assert set(SINKS) == {"mqtt", "file", "epcis_xml"}
     assert sink_class("file") is FileSink
     cfg = file_cfg(tmp_path, tmp_path / "out", mqtt=True)
     assert enabled_names(cfg) == ["mqtt", "file"]
