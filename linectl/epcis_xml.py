@@ -161,10 +161,11 @@ def _error_declaration(ed: dict[str, Any]) -> str:
     return "<errorDeclaration>" + body + "</errorDeclaration>"
 
 
-def _persistent_disposition(pd: dict[str, Any]) -> str:
-    body = "".join(_el("unset", vocab("disposition", v)) for v in pd.get("unset", []))
-    body += "".join(_el("set", vocab("disposition", v)) for v in pd.get("set", []))
-    return "<persistentDisposition>" + body + "</persistentDisposition>"
+def _persistent_disposition(pd: dict[str, Any], prefix: str = "") -> str:
+    """prefix "linectl:" in 1.2, which has no such element (the ##other wildcard takes linectl's own)."""
+    body = "".join(_el(prefix + "unset", vocab("disposition", v)) for v in pd.get("unset", []))
+    body += "".join(_el(prefix + "set", vocab("disposition", v)) for v in pd.get("set", []))
+    return f"<{prefix}persistentDisposition>" + body + f"</{prefix}persistentDisposition>"
 
 
 # --------------------------------------------------------------------------- events
@@ -236,7 +237,7 @@ def event_xml(event: dict[str, Any], version: XmlVersion) -> str:
         if lists:
             what.append("<extension>" + "".join(lists) + "</extension>")
         if g("persistentDisposition"):
-            other += _persistent_disposition(event["persistentDisposition"]).replace("<", "<linectl:").replace("<linectl:/", "</linectl:")
+            other += _persistent_disposition(event["persistentDisposition"], "linectl:")
         if g("certificationInfo"):
             other += _el("linectl:certificationInfo", event["certificationInfo"])
     else:
