@@ -134,7 +134,7 @@ class EpcisXmlSink(FileSink):
         return bool(cfg.upstream.epcis_xml)
 
     @staticmethod
-    def cursor_names(cfg: LineConfig) -> list[str]:
+    def names(cfg: LineConfig) -> list[str]:
         return [f"epcis_xml:{sc.name}" for sc in cfg.upstream.epcis_xml]
 
     # ---------------------------------------------------------------- public

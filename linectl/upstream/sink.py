@@ -69,12 +69,12 @@ def sink_class(key: str) -> Any:
 
 def enabled_names(cfg: LineConfig) -> list[str]:
     """The cursor names of the sink instances this config enables, in registry order (a sink configured as a list
-    names each instance: `cursor_names(cfg)`; else its config key)."""
+    names each instance: a static `names(cfg)`, the convention of branch rest; else its config key)."""
     out: list[str] = []
     for key in SINKS:
         cls = sink_class(key)
         if cls.enabled(cfg):
-            out += cls.cursor_names(cfg) if hasattr(cls, "cursor_names") else [key]
+            out += cls.names(cfg) if hasattr(cls, "names") else [key]
     return out
 
 
