@@ -45,7 +45,6 @@ from typing import Any
 
 from asyncua import Server, ua
 from asyncua.crypto.permission_rules import User, UserRole
-from asyncua.server.user_managers import UserManager
 
 from linectl import gs1
 
@@ -134,7 +133,7 @@ class PoolState:
         return st
 
 
-class PasswordUsers(UserManager):
+class PasswordUsers:
     """One user/password; anything else is refused (asyncua's default lets everyone in)."""
 
     def __init__(self, username: str, password: str) -> None:
@@ -372,7 +371,11 @@ class OpenScsL3:
             if bad.kind == "delay":
                 await asyncio.sleep(float(bad.arg or "10"))
             if bad.kind == "status":
-                return [ua.Variant(int(bad.arg or INSUFFICIENT_SNS), ua.VariantType.Int32), ua.Variant(None, ua.VariantType.ExtensionObject), ua.Variant("", ua.VariantType.String)]
+                return [
+                    ua.Variant(int(bad.arg or INSUFFICIENT_SNS), ua.VariantType.Int32),
+                    ua.Variant(None, ua.VariantType.ExtensionObject),
+                    ua.Variant("", ua.VariantType.String),
+                ]
         crit = {kv.Key: kv.Value for kv in (criteria or [])}
         status, coll, next_token = self.request_allocated(collection_id or "", count, sn_format or "", crit, token or "")
         value: Any = None
