@@ -18,9 +18,10 @@ advertises the parent's fields as its DataTypeDefinition (encoding ns;i=15191) u
 
 Faults (queued with the simulator's own InjectFault method, each for the next `times` SNRequestAllocated calls):
 short, duplicate, malformed, foreign, status (a ReturnStatus), bad_status (a Call StatusCode), drop (connection
-closed without an answer), delay (seconds before the answer). Ground truth (what was handed out, to which
-request, what came back, which faults were injected) is read with the GroundTruth method (JSON) and kept in
---state across restarts, so a request repeated after an L3 restart gets the same numbers.
+closed without an answer), delay (seconds before the answer); "clear" drops the faults still queued. Ground
+truth (what was handed out, to which request, what came back, which faults were injected) is read with the
+GroundTruth method (JSON) and kept in --state across restarts, so a request repeated after an L3 restart gets
+the same numbers.
 
 Run: `python -m linectl.simulators.openscs_l3 --port 4841` (no security, anonymous: for a desk), or with
 --security Basic256Sha256 --mode SignAndEncrypt --certificate C --private-key K --user U --password-env VAR.
@@ -44,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from asyncua import Server, ua
+from asyncua.common.structures104 import make_structure
 from asyncua.crypto.permission_rules import User, UserRole
 
 from linectl import gs1
@@ -404,6 +406,9 @@ class OpenScsL3:
 
     async def _inject(self, parent: ua.NodeId, *args: ua.Variant) -> Any:
         kind, times, arg = (a.Value for a in args)
+        if kind == "clear":
+            self.faults.clear()
+            return []
         if kind not in FAULT_KINDS:
             return ua.StatusCode(ua.StatusCodes.BadInvalidArgument)
         self.faults.append(Fault(kind, int(times or 1), arg or ""))
@@ -412,15 +417,19 @@ class OpenScsL3:
     async def _ground_truth(self, parent: ua.NodeId, *args: ua.Variant) -> Any:
         return [ua.Variant(self.ground_truth(), ua.VariantType.String)]
 
-    async def _patch_sn_collection(self, server: Server) -> None:
-        """Give OPENSCSSNCollectionDataType the field definition the official nodeset lacks (its parent's fields)."""
+    async def _sn_collection_definition(self, server: Server) -> Any:
+        """OPENSCSSNCollectionDataType as a subtype adding no field: its parent's fields, its own encoding id."""
         parent = await server.get_node(ua.NodeId(COLLECTION_TYPE, self.ns)).read_data_type_definition()
-        sdef = ua.StructureDefinition(
+        return ua.StructureDefinition(
             DefaultEncodingId=ua.NodeId(SN_COLLECTION_BINARY, self.ns),
             BaseDataType=ua.NodeId(COLLECTION_TYPE, self.ns),
             StructureType=ua.StructureType.Structure,
             Fields=list(parent.Fields),
         )
+
+    async def _patch_sn_collection(self, server: Server) -> None:
+        """Give OPENSCSSNCollectionDataType the field definition the official nodeset lacks."""
+        sdef = await self._sn_collection_definition(server)
         await server.write_attribute_value(
             ua.NodeId(SN_COLLECTION_TYPE, self.ns), ua.DataValue(ua.Variant(sdef)), ua.AttributeIds.DataTypeDefinition
         )
@@ -466,11 +475,10 @@ class OpenScsL3:
         self.key_value = registered_struct(ua.NodeId(KEY_VALUE_TYPE, self.ns))
         if self.sn_collection is None:
             # served bare: the server still needs a class to encode answers (the wire layout of the patch)
-            parent_cls = registered_struct(ua.NodeId(COLLECTION_TYPE, self.ns))
-            assert parent_cls is not None
-            self.sn_collection = type("OPENSCSSNCollectionDataType", (parent_cls,), {"data_type": ua.NodeId(SN_COLLECTION_TYPE, self.ns)})
-            ua.register_extension_object("OPENSCSSNCollectionDataType", ua.NodeId(SN_COLLECTION_BINARY, self.ns),
-                                         self.sn_collection, ua.NodeId(SN_COLLECTION_TYPE, self.ns))
+            sdef = await self._sn_collection_definition(server)
+            datatype = ua.NodeId(SN_COLLECTION_TYPE, self.ns)
+            self.sn_collection = make_structure(datatype, "OPENSCSSNCollectionDataType", sdef)["OPENSCSSNCollectionDataType"]
+            ua.register_extension_object("OPENSCSSNCollectionDataType", sdef.DefaultEncodingId, self.sn_collection, datatype)
         assert self.key_value is not None
         sim_ns = await server.register_namespace(SIM_URI)
         objects = server.nodes.objects

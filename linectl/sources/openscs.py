@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 from asyncua import Client, Node, ua
+from asyncua.common.structures104 import make_structure
 from asyncua.crypto import security_policies
 from cryptography import x509
 
@@ -250,16 +251,7 @@ class OpenScsSource:
         self._key_value = _struct_class(ua.NodeId(KEY_VALUE_TYPE, self._ns))
         self._sn_collection = _struct_class(ua.NodeId(SN_COLLECTION_TYPE, self._ns))
         if self._sn_collection is None:
-            parent = _struct_class(ua.NodeId(COLLECTION_TYPE, self._ns))
-            if parent is None or self._key_value is None:
-                raise SourceRefused("OPEN-SCS: the L3 does not define OPENSCSCollectionDataType/OPENSCSKeyValueDataType")
-            self._sn_collection = type(
-                "OPENSCSSNCollectionDataType", (parent,), {"data_type": ua.NodeId(SN_COLLECTION_TYPE, self._ns)}
-            )
-            ua.register_extension_object(
-                "OPENSCSSNCollectionDataType", ua.NodeId(SN_COLLECTION_BINARY, self._ns), self._sn_collection,
-                ua.NodeId(SN_COLLECTION_TYPE, self._ns),
-            )
+            self._sn_collection = await self._patch_sn_collection(client)
         self._pm = await self._find_pool_manager(client)
         for method in ("SNRequestAllocated", "SNReturnAllocated"):
             try:
@@ -279,6 +271,24 @@ class OpenScsSource:
             else:
                 self.max_returnable = limit
         self._mark(True)
+
+    async def _patch_sn_collection(self, client: Client) -> Any:
+        """The class the official nodeset leaves out: OPENSCSCollectionDataType's fields, encoded as ns;i=15191."""
+        parent = client.get_node(ua.NodeId(COLLECTION_TYPE, self._ns))
+        try:
+            sdef = await parent.read_data_type_definition()
+        except ua.UaStatusCodeError as exc:
+            raise SourceRefused(f"OPEN-SCS: the L3 does not define OPENSCSCollectionDataType ({_status_name(exc.code)})") from None
+        if self._key_value is None or not isinstance(sdef, ua.StructureDefinition):
+            raise SourceRefused("OPEN-SCS: the L3 does not define OPENSCSCollectionDataType/OPENSCSKeyValueDataType")
+        sdef.DefaultEncodingId = ua.NodeId(SN_COLLECTION_BINARY, self._ns)
+        sdef.BaseDataType = ua.NodeId(COLLECTION_TYPE, self._ns)
+        sdef.StructureType = ua.StructureType.Structure
+        datatype = ua.NodeId(SN_COLLECTION_TYPE, self._ns)
+        cls = make_structure(datatype, "OPENSCSSNCollectionDataType", sdef)["OPENSCSSNCollectionDataType"]
+        ua.register_extension_object("OPENSCSSNCollectionDataType", sdef.DefaultEncodingId, cls, datatype)
+        log.info("openscs: OPENSCSSNCollectionDataType has no definition on the L3; the parent's fields are used", endpoint=self.endpoint)
+        return cls
 
     async def _find_pool_manager(self, client: Client) -> Node:
         objects = client.nodes.objects
