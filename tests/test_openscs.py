@@ -383,6 +383,7 @@ def test_bare_official_nodeset_is_decoded_by_the_source_patch(tmp_path: Path) ->
         out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
         serials = json.loads(out.stdout.strip().splitlines()[-1])
+        assert "has no definition on the L3" in out.stdout + out.stderr  # the source's own patch decoded it
         truth = asyncio.run(Control(sim).truth())
         assert serials == truth["allocations"]["bare-1"]["serials"]
     finally:
