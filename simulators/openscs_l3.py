@@ -295,7 +295,8 @@ class OpenScsL3:
         rendered = [self.render(alloc.gtin, s, alloc.sn_format) for s in chunk]
         if self._fault("foreign") is not None and rendered:
             other = self._other_gtin(alloc.gtin)
-            rendered[0] = self.render(other, chunk[0], "EPCURI") if alloc.sn_format == "EPCURI" else chunk[0]
+            # SERIALONLY answers name no GTIN: a serial of the other GTIN's pool, which no client can tell apart
+            rendered[0] = self.render(other, chunk[0], "EPCURI") if alloc.sn_format == "EPCURI" else self._new_serial(other)
             self.state.injected.setdefault("foreign", []).append(rendered[0])
         more = (page + 1) * self.page_size < len(alloc.serials)
         next_token = ""
@@ -517,7 +518,8 @@ async def serve(args: argparse.Namespace) -> None:
             password = Path(args.password_file).read_text().strip()
         if not password:
             raise SystemExit("--user needs a password: --password-env VAR or --password-file FILE")
-    l3 = OpenScsL3(page_size=args.page_size, max_requestable=args.max_requestable, pool_size=args.pool_size,
+    l3 = OpenScsL3(page_size=args.page_size, max_requestable=args.max_requestable, max_returnable=args.max_returnable,
+                   pool_size=args.pool_size,
                    gtins=args.gtin or None, company_prefix_length=args.company_prefix_length, seed=args.seed,
                    state_path=Path(args.state) if args.state else None)
     server = await l3.build(
@@ -551,6 +553,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--password-file", help="file holding --user's password")
     p.add_argument("--page-size", type=int, default=500, help="serials per answer; more come by ReturnedRequestToken")
     p.add_argument("--max-requestable", type=int, default=100_000, help="MaxSNRequestable: largest Count accepted")
+    p.add_argument("--max-returnable", type=int, default=100_000, help="MaxSNReturnable: most serials one return may carry")
     p.add_argument("--pool-size", type=int, default=1_000_000, help="serials a GTIN's pool holds in all")
     p.add_argument("--gtin", action="append", help="a GTIN the L3 has a pool for (repeat); none: any valid GTIN")
     p.add_argument("--company-prefix-length", type=int, default=7, help="for EPCURI answers")

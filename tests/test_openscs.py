@@ -102,7 +102,7 @@ class Control:
 
 @pytest.fixture(scope="module")
 def plain_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sim]:
-    sim = Sim(tmp_path_factory.mktemp("openscs"), "--page-size", "4", "--max-requestable", "1000", "--gtin", GTIN,
+    sim = Sim(tmp_path_factory.mktemp("openscs"), "--page-size", "4", "--max-requestable", "1000", "--max-returnable", "3", "--gtin", GTIN,
               "--gtin", OTHER_GTIN, "--seed", "7").start()
     yield sim
     sim.stop()
@@ -200,6 +200,16 @@ async def test_give_back_returns_unused_serials_to_the_pool(source: OpenScsSourc
     assert source.status()["returned"] >= 2
 
 
+async def test_give_back_is_cut_to_max_sn_returnable(source: OpenScsSource, ctl: Control) -> None:
+    r = req(7)
+    got = await all_pages(source, r)
+    calls = (await ctl.truth())["calls"].get("SNReturnAllocated", 0)
+    assert await source.give_back(GTIN, got, r.key) is True
+    truth = await ctl.truth()
+    assert truth["calls"]["SNReturnAllocated"] == calls + 3  # 3 + 3 + 1: the L3's MaxSNReturnable is 3
+    assert set(got) <= set(truth["returned"][GTIN])
+
+
 async def test_give_back_of_serials_never_handed_out_is_refused(source: OpenScsSource) -> None:
     with pytest.raises(SourceRefused, match="InvalidSerialNumberCollection2"):
         await source.give_back(GTIN, ["NEVERISSUED1"], "k")
@@ -227,7 +237,7 @@ async def test_fault_short_page_is_passed_on_short(source: OpenScsSource, ctl: C
 
 
 async def test_fault_duplicates(source: OpenScsSource, ctl: Control) -> None:
-    earlier = await all_pages(source, req(3))
+    await all_pages(source, req(3))  # something handed out before
     await ctl.inject("duplicate")
     r = req(4)
     page = await source.request(r)
@@ -237,7 +247,7 @@ async def test_fault_duplicates(source: OpenScsSource, ctl: Control) -> None:
     assert len(page.serials) == len(set(page.serials)) == 3
     # a serial of an earlier request is not visible in one answer: it is passed on, the provisioner's store refuses it
     reused = [s for s in page.serials if s in planted and s != repeated[0]]
-    assert reused and (reused[0] in earlier or reused[0] in (await ctl.truth())["handed_out"][GTIN][:-4])
+    assert reused and reused[0] in (await ctl.truth())["handed_out"][GTIN][:-4]  # handed out before this request
 
 
 async def test_fault_malformed_serial_is_surfaced_not_imported(source: OpenScsSource, ctl: Control) -> None:
@@ -261,6 +271,15 @@ async def test_fault_serial_of_another_gtin_is_foreign_with_epc_uris(plain_sim: 
         assert json.loads(page.raw)["answer"]["SNCollection"]["SerialNumbers"][0] == value
     finally:
         await src.aclose()
+
+
+async def test_fault_serial_of_another_gtin_cannot_be_seen_in_serialonly(source: OpenScsSource, ctl: Control) -> None:
+    """SERIALONLY answers carry no GTIN: the planted serial comes through (why EPCURI exists); the L3's truth knows."""
+    await ctl.inject("foreign")
+    page = await source.request(req(4))
+    planted = (await ctl.truth())["injected"]["foreign"][-1]
+    assert page.serials[0] == planted and not page.foreign
+    assert planted in (await ctl.truth())["issued"][OTHER_GTIN]
 
 
 async def test_epcuri_answers_are_decoded_to_serials(plain_sim: Sim, ctl: Control) -> None:

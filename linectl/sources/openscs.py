@@ -329,11 +329,12 @@ class OpenScsSource:
         except SourceRefused as exc:
             await self._drop(exc.reason)
             raise
-        except BaseException as exc:
+        except asyncio.CancelledError:
+            await self._drop("cancelled while connecting")
+            raise
+        except Exception as exc:
             reason = self._reason(exc, "connect")
             await self._drop(reason)
-            if isinstance(exc, asyncio.CancelledError):
-                raise
             if isinstance(exc, ua.UaStatusCodeError) and exc.code not in TRANSIENT_CODES:
                 raise SourceRefused(reason) from None
             raise SourceUnavailable(reason) from None
@@ -379,8 +380,15 @@ class OpenScsSource:
 
     # ------------------------------------------------------------------ SerialSource
 
+    @staticmethod
+    def _gtin(gtin: str) -> str:
+        try:
+            return gs1.normalize_gtin(gtin)
+        except gs1.GS1Error as exc:
+            raise SourceRefused(f"OPEN-SCS: GTIN {gtin!r}: {exc.reason}") from None
+
     async def request(self, req: SerialRequest, continuation: str | None = None) -> SerialPage:
-        gtin = gs1.normalize_gtin(req.gtin)
+        gtin = self._gtin(req.gtin)
         token = continuation or req.key
         async with self._lock:
             await self._ensure()
@@ -482,7 +490,7 @@ class OpenScsSource:
 
     async def give_back(self, gtin: str, serials: list[str], key: str) -> bool:
         """SNReturnAllocated in SERIALONLY (the format every pool manager must take), in MaxSNReturnable chunks."""
-        gtin = gs1.normalize_gtin(gtin)
+        gtin = self._gtin(gtin)
         async with self._lock:
             await self._ensure()
             if "SNReturnAllocated" not in self._methods:
