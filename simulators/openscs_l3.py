@@ -18,7 +18,7 @@ advertises the parent's fields as its DataTypeDefinition (encoding ns;i=15191) u
 
 Faults (queued with the simulator's own InjectFault method, each for the next `times` SNRequestAllocated calls):
 short, duplicate, malformed, foreign, status (a ReturnStatus), bad_status (a Call StatusCode), drop (connection
-closed without an answer), delay (seconds before the answer); "clear" drops the faults still queued. Ground
+closed without an answer), delay (seconds before the answer), stall (the whole server blocked that long); "clear" drops the faults still queued. Ground
 truth (what was handed out, to which request, what came back, which faults were injected) is read with the
 GroundTruth method (JSON) and kept in --state across restarts, so a request repeated after an L3 restart gets
 the same numbers.
@@ -39,6 +39,7 @@ import random
 import secrets
 import string
 import sys
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -59,7 +60,7 @@ COLLECTION_TYPE = 15005
 SN_COLLECTION_BINARY = 15191
 KEY_VALUE_TYPE = 15010
 SN_FORMATS = ("SERIALONLY", "EPCURI")
-FAULT_KINDS = ("short", "duplicate", "malformed", "foreign", "status", "bad_status", "drop", "delay")
+FAULT_KINDS = ("short", "duplicate", "malformed", "foreign", "status", "bad_status", "drop", "delay", "stall")
 
 # OPENSCSReturnEnum values (Types.bsd)
 NO_ERROR = 1
@@ -185,6 +186,7 @@ class OpenScsL3:
         if state_path is not None and state_path.exists():
             self.state = PoolState.from_json(json.loads(state_path.read_text()))
         self.faults: list[Fault] = []
+        self._issued_sets: dict[str, set[str]] = {}
         self.server: Server | None = None
         self.ns = 0
         self.sn_collection: Any = None
@@ -210,12 +212,15 @@ class OpenScsL3:
 
     def _new_serial(self, gtin: str) -> str:
         issued = self.state.issued.setdefault(gtin, [])
-        seen = set(issued)
+        seen = self._issued_sets.get(gtin)
+        if seen is None:
+            seen = self._issued_sets[gtin] = set(issued)
         alphabet = string.digits + string.ascii_uppercase
         while True:
             s = "".join(self.rng.choice(alphabet) for _ in range(self.serial_length))
             if s not in seen:
                 issued.append(s)
+                seen.add(s)
                 return s
 
     def _take(self, gtin: str, count: int) -> list[str] | None:
@@ -362,7 +367,7 @@ class OpenScsL3:
         collection_id, count, sn_format, criteria, token = (a.Value for a in args)
         if not isinstance(count, int) or count <= 0 or count > self.max_requestable:
             return ua.StatusCode(ua.StatusCodes.BadInvalidArgument)
-        bad = self._fault("bad_status", "drop", "delay", "status")
+        bad = self._fault("bad_status", "drop", "delay", "stall", "status")
         if bad is not None:
             if bad.kind == "bad_status":
                 return ua.StatusCode(getattr(ua.StatusCodes, bad.arg or "BadInternalError"))
@@ -373,6 +378,8 @@ class OpenScsL3:
                 await asyncio.sleep(3600)  # the answer never leaves
             if bad.kind == "delay":
                 await asyncio.sleep(float(bad.arg or "10"))
+            if bad.kind == "stall":  # a server busy in one thread (a synchronous database allocation): nothing answers
+                time.sleep(float(bad.arg or "3"))
             if bad.kind == "status":
                 return [
                     ua.Variant(int(bad.arg or INSUFFICIENT_SNS), ua.VariantType.Int32),

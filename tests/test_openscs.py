@@ -344,6 +344,23 @@ async def test_fault_delay_past_the_timeout_is_unavailable_and_the_retry_gets_th
         await src.aclose()
 
 
+async def test_an_l3_slower_than_a_second_keeps_the_session(plain_sim: Sim, ctl: Control) -> None:
+    """asyncua's own watchdog (a ServerState read each second, 1 s to answer) would drop the session of a server
+    that is busy with a call for longer than that."""
+    src = OpenScsSource(plain_sim.endpoint, timeout_s=15)
+    try:
+        await src.request(req(1))
+        await ctl.inject("stall", arg="3")
+        r = req(2)
+        page = await src.request(r)
+        assert page.serials == (await ctl.truth())["allocations"][r.key]["serials"]
+        await asyncio.sleep(1.5)  # a watchdog round after the stall
+        assert len((await src.request(req(2))).serials) == 2  # the same session still serves
+        assert src.status()["connected"] is True and src.status()["last_error"] is None
+    finally:
+        await src.aclose()
+
+
 async def test_no_server_is_unavailable(tmp_path: Path) -> None:
     src = OpenScsSource(f"opc.tcp://127.0.0.1:{free_port()}/openscs", timeout_s=5)
     with pytest.raises(SourceUnavailable, match="OPEN-SCS connect"):

@@ -212,7 +212,10 @@ class OpenScsSource:
                 log.debug("openscs disconnect after failure", error=str(exc))
 
     async def _connect(self) -> None:
-        client = Client(self.endpoint, timeout=self.timeout_s)
+        # asyncua's supervisor reads ServerState every watchdog interval and gives up the session when one read
+        # takes longer than the interval (1 s by default): an L3 busy allocating a large request for a second
+        # would cost the session. The probe gets the same patience as a method call.
+        client = Client(self.endpoint, timeout=self.timeout_s, watchdog_intervall=self.timeout_s)
         if self.policy == "Basic256Sha256":
             assert self.certificate is not None and self.private_key is not None
             try:
