@@ -24,7 +24,8 @@ GroundTruth method (JSON) and kept in --state across restarts, so a request repe
 the same numbers.
 
 Run: `python -m linectl.simulators.openscs_l3 --port 4841` (no security, anonymous: for a desk), or with
---security Basic256Sha256 --mode SignAndEncrypt --certificate C --private-key K --user U --password-env VAR.
+--security Basic256Sha256 --mode SignAndEncrypt --certificate C --private-key K [--trust CLIENT_CERT] --user U
+--password-env VAR.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ from typing import Any
 from asyncua import Server, ua
 from asyncua.common.structures104 import make_structure
 from asyncua.crypto.permission_rules import User, UserRole
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from linectl import gs1
 
@@ -147,6 +150,13 @@ class PasswordUsers:
         if username == self.username and password is not None and secrets.compare_digest(password, self.password):
             return User(role=UserRole.User, name=username)
         return None
+
+
+def load_der(path: Path) -> bytes:
+    """A certificate file (PEM or DER) as DER bytes."""
+    data = path.read_bytes()
+    cert = x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
+    return cert.public_bytes(serialization.Encoding.DER)
 
 
 def registered_struct(datatype: ua.NodeId) -> Any:
@@ -453,6 +463,7 @@ class OpenScsL3:
         username: str | None = None,
         password: str | None = None,
         bare_nodeset: bool = False,
+        trusted: list[Path] | None = None,
     ) -> Server:
         server = Server()
         await server.init()
@@ -467,6 +478,14 @@ class OpenScsL3:
             server.set_security_policy([getattr(ua.SecurityPolicyType, f"Basic256Sha256_{mode}")])
             await server.load_certificate(str(certificate))
             await server.load_private_key(str(private_key))
+            if trusted:
+                pinned = {load_der(p) for p in trusted}
+
+                async def only_trusted(cert: x509.Certificate, app: Any) -> None:
+                    if cert.public_bytes(serialization.Encoding.DER) not in pinned:
+                        raise ua.UaStatusCodeError(ua.StatusCodes.BadCertificateUntrusted)
+
+                server.set_certificate_validator(only_trusted)
         if username is not None:
             server.iserver.user_manager = PasswordUsers(username, password or "")
             server.set_identity_tokens([ua.UserNameIdentityToken])
@@ -534,6 +553,7 @@ async def serve(args: argparse.Namespace) -> None:
         certificate=Path(args.certificate) if args.certificate else None,
         private_key=Path(args.private_key) if args.private_key else None,
         username=args.user, password=password, bare_nodeset=args.bare_nodeset,
+        trusted=[Path(t) for t in args.trust or []],
     )
     async with server:
         print(f"openscs-l3 listening on opc.tcp://{args.host}:{args.port}/openscs", flush=True)
@@ -555,6 +575,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", choices=("Sign", "SignAndEncrypt"), default="SignAndEncrypt")
     p.add_argument("--certificate", help="server certificate (PEM or DER), with --security Basic256Sha256")
     p.add_argument("--private-key", help="server private key (PEM)")
+    p.add_argument("--trust", action="append", help="a client certificate let in (repeat); none given: any client certificate")
     p.add_argument("--user", help="the one user allowed in (anonymous is refused then)")
     p.add_argument("--password-env", help="environment variable holding --user's password")
     p.add_argument("--password-file", help="file holding --user's password")

@@ -457,8 +457,10 @@ def make_cert(dirpath: Path, name: str, uri: str) -> tuple[Path, Path]:
 async def test_secure_channel_with_user_and_password(tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch) -> None:
     server_cert, server_key = make_cert(tmp_path, "l3", "urn:linectl:simulators:openscs-l3")
     client_cert, client_key = make_cert(tmp_path, "linectl", "urn:linectl:test:client")
+    stranger_cert, stranger_key = make_cert(tmp_path, "stranger", "urn:linectl:test:stranger")
     sim = Sim(tmp_path, "--security", "Basic256Sha256", "--mode", mode, "--certificate", str(server_cert),
-              "--private-key", str(server_key), "--user", "line7", "--password-env", "L3_PW", env={"L3_PW": "s3cret"}).start()
+              "--private-key", str(server_key), "--trust", str(client_cert), "--user", "line7", "--password-env", "L3_PW",
+              env={"L3_PW": "s3cret"}).start()
 
     async def as_line7(client: Client) -> None:
         await client.set_security(security_policies.SecurityPolicyBasic256Sha256, str(client_cert), str(client_key),
@@ -475,6 +477,8 @@ async def test_secure_channel_with_user_and_password(tmp_path: Path, mode: str, 
     pw_file.write_text("wrong\n")
     bad = OpenScsSource(sim.endpoint, password_file=str(pw_file), **secure)  # type: ignore[arg-type]
     plain = OpenScsSource(sim.endpoint, timeout_s=20)
+    stranger = OpenScsSource(sim.endpoint, password_env="LINECTL_TEST_OPENSCS_PW",
+                             **{**secure, "certificate": str(stranger_cert), "private_key": str(stranger_key)})  # type: ignore[arg-type]
     try:
         r = req(3)
         page = await good.request(r)
@@ -485,8 +489,10 @@ async def test_secure_channel_with_user_and_password(tmp_path: Path, mode: str, 
             await bad.request(req(3))
         with pytest.raises((SourceRefused, SourceUnavailable)):  # no unsecured endpoint is offered
             await plain.request(req(3))
+        with pytest.raises(SourceRefused, match="BadCertificateUntrusted"):  # right password, certificate not trusted
+            await stranger.request(req(3))
     finally:
-        for s in (good, bad, plain):
+        for s in (good, bad, plain, stranger):
             await s.aclose()
         sim.stop()
 
