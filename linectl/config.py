@@ -176,6 +176,97 @@ class PoolSerials(Model):
 SerialScheme = Annotated[RandomSerials | SequentialSerials | PoolSerials, Field(discriminator="scheme")]
 
 
+# --- serial source: OPEN-SCS (OPC 30260) pool manager over OPC UA (linectl.sources.openscs) ---------------------
+
+_OPENSCS_PLACEHOLDERS = frozenset({"gtin", "lot"})
+
+
+def _openscs_template(v: str) -> str:
+    import string
+
+    try:
+        names = {f for _, f, _, _ in string.Formatter().parse(v) if f is not None}
+    except ValueError as exc:
+        raise ValueError(f"template {v!r}: {exc}") from None
+    unknown = names - _OPENSCS_PLACEHOLDERS
+    if unknown:
+        raise ValueError(f"template {v!r}: unknown placeholder(s) {sorted(unknown)}; known: {{gtin}}, {{lot}}")
+    return v
+
+
+class OpenScsSecurityConfig(Model):
+    """The OPC UA secure channel; the certificate's SubjectAltName URI is sent as the client's application URI."""
+
+    policy: Literal["None", "Basic256Sha256"] = "None"
+    mode: Literal["Sign", "SignAndEncrypt"] = "SignAndEncrypt"
+    certificate: str | None = Field(None, description="client application certificate (PEM or DER)")
+    private_key: str | None = Field(None, description="the certificate's private key (PEM)")
+    server_certificate: str | None = Field(
+        None, description="the L3's certificate, pinned (PEM or DER); without it the one the endpoint announces is taken"
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> OpenScsSecurityConfig:
+        if self.policy == "None":
+            if self.certificate or self.private_key or self.server_certificate:
+                raise ValueError("certificate/private_key/server_certificate need policy: Basic256Sha256")
+        elif not (self.certificate and self.private_key):
+            raise ValueError("policy Basic256Sha256 needs certificate and private_key")
+        return self
+
+
+class OpenScsSourceConfig(Model):
+    """`serials.source` of type openscs: SNRequestAllocated / SNReturnAllocated on an OPEN-SCS pool manager."""
+
+    type: Literal["openscs"]
+    endpoint: str = Field(pattern=r"^opc\.tcp://[^\s/]+(/\S*)?$", description="opc.tcp://host:port[/path] of the L3")
+    security: OpenScsSecurityConfig = Field(default_factory=OpenScsSecurityConfig)
+    username: str | None = Field(None, min_length=1, description="OPC UA user; without it the session is anonymous")
+    password_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="environment variable with the password")
+    password_file: str | None = Field(None, min_length=1, description="file whose first line is the password")
+    timeout_s: float = Field(10.0, gt=0, le=300, description="connect and each method call; past it the L3 counts as unavailable")
+    pool_manager: str | None = Field(
+        None, min_length=1,
+        description="browse path of the pool manager object below Objects ('Plant/PoolManager', browse names); "
+        "default: the one object of OPENSCSPoolManagerObjectType found within three levels",
+    )
+    sn_format: Literal["SERIALONLY", "EPCURI"] = Field(
+        "SERIALONLY", description="SNFormat asked for; EPCURI answers name their GTIN, so serials of another GTIN are caught"
+    )
+    collection_id: str = Field("{gtin}", description="SNCollectionID sent; placeholders {gtin} and {lot}")
+    selection_criteria: dict[str, str] = Field(
+        default_factory=lambda: {"GTIN": "{gtin}"},
+        description="PoolSelectionCriteria key/value pairs sent (keys as the L3's PoolSelectionCriteria property lists "
+        "them); values may use {gtin} and {lot}",
+    )
+
+    @field_validator("collection_id")
+    @classmethod
+    def _collection_template(cls, v: str) -> str:
+        return _openscs_template(v)
+
+    @field_validator("selection_criteria")
+    @classmethod
+    def _criteria_templates(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("at least one pool selection criterion is needed (the L3 picks the pool by it)")
+        for key, value in v.items():
+            if not key:
+                raise ValueError("a selection criterion needs a key")
+            _openscs_template(value)
+        return v
+
+    @model_validator(mode="after")
+    def _credentials(self) -> OpenScsSourceConfig:
+        if self.password_env and self.password_file:
+            raise ValueError("give password_env or password_file, not both")
+        if self.username and not (self.password_env or self.password_file):
+            raise ValueError("username needs password_env or password_file (a password is never written in the YAML)")
+        if not self.username and (self.password_env or self.password_file):
+            raise ValueError("password_env/password_file need username")
+        return self
+
+
 class Product(Model):
     gtin: str
     name: str
