@@ -266,7 +266,7 @@ class L3SerialsSim:
                 if request is None:
                     break
                 method, target, headers, body = request
-                keep = await self._serve(writer, method, target, headers, body)
+                keep = await self._serve(reader, writer, method, target, headers, body)
                 if not keep or headers.get("connection", "").lower() == "close":
                     break
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -298,7 +298,10 @@ class L3SerialsSim:
         body = await reader.readexactly(length) if length else b""
         return parts[0], parts[1], headers, body
 
-    async def _serve(self, writer: asyncio.StreamWriter, method: str, target: str, headers: dict[str, str], body: bytes) -> bool:
+    async def _serve(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, method: str, target: str,
+        headers: dict[str, str], body: bytes,
+    ) -> bool:
         """Answer one request; False: the connection is closed after it."""
         parts = urlsplit(target)
         path = parts.path
@@ -332,7 +335,7 @@ class L3SerialsSim:
             await self._send(writer, self._error(endpoint, exc.status, exc.detail, soap_client=True))
             return True
         fault = self._take_fault(endpoint, pool_name)
-        return await self._allocate(writer, endpoint, pool_name, size, fields, fault)
+        return await self._allocate(reader, writer, endpoint, pool_name, size, fields, fault)
 
     def _authorised(self, headers: dict[str, str]) -> str | None:
         """None when the request may allocate, else DRF's detail."""
@@ -364,7 +367,7 @@ class L3SerialsSim:
         return None
 
     async def _allocate(
-        self, writer: asyncio.StreamWriter, endpoint: str, pool_name: str, size: int, fields: dict[str, str], fault: Fault | None,
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, endpoint: str, pool_name: str, size: int, fields: dict[str, str], fault: Fault | None,
     ) -> bool:
         kind = fault.kind if fault else None
         if kind in ("http_500_html", "html_200"):
@@ -413,9 +416,12 @@ class L3SerialsSim:
         if kind == "hold":
             self._held += 1
             try:
-                await self._wait_release()
+                gone = await self._hold(reader)
             finally:
                 self._held -= 1
+            if gone:  # the client died while the answer was held: the numbers never reached it
+                alloc.delivered = False
+                return False
         if kind in ("drop", "truncated"):
             cut = reply.body[: len(reply.body) // 2]
             if kind == "truncated":
@@ -429,6 +435,17 @@ class L3SerialsSim:
                 return False
         alloc.delivered = await self._send(writer, reply)
         return True
+
+    async def _hold(self, reader: asyncio.StreamReader) -> bool:
+        """Wait for release(); True if the client closed the connection first."""
+        eof = asyncio.ensure_future(reader.read(1))
+        released = asyncio.ensure_future(self._wait_release())
+        try:
+            await asyncio.wait({eof, released}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (eof, released):
+                t.cancel()
+        return eof.done() and not eof.cancelled() and eof.exception() is None and eof.result() == b""
 
     async def _wait_release(self) -> None:
         if not self._stopping.is_set():
