@@ -62,7 +62,7 @@ SOAP11 = "http://schemas.xmlsoap.org/soap/envelope/"
 SAP_NS = "http://sap.com/xi/AIN"
 TRACELINK_NS = "urn:tracelink:soap"
 #: another product's GTIN, for foreign_gtin
-OTHER_GTIN = "09506000000017"
+OTHER_GTIN = "09506000000015"
 MAX_REQUEST_BODY = 1_000_000
 _ALLOCATE = re.compile(r"^/serialbox/allocate/([^/]+)/(\d{1,9})/?$")
 
