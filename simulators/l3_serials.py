@@ -480,10 +480,10 @@ class L3SerialsSim:
             listed = "".join(f"<SerialNo>{escape(shown(i, s))}</SerialNo>" for i, s in enumerate(serials))
             numbers = f"<RandomizedNumberList>{listed}</RandomizedNumberList>"
         key = f"<ObjectKey><Name>{escape(fields.get('object_key_name', ''))}</Name><Value>{escape(key_value)}</Value></ObjectKey>"
-        common = (
-            f"<ActionCode>C</ActionCode><EncodingType>{escape(fields.get('encoding_type', ''))}</EncodingType>"
-            f"<IDType>{escape(fields.get('id_type', ''))}</IDType>"
-        )
+        encoding = f"<EncodingType>{escape(fields.get('encoding_type', ''))}</EncodingType>"
+        id_type = f"<IDType>{escape(fields.get('id_type', ''))}</IDType>"
+        # element order of each shape: TraceLink's XSD has EncodingType before IDType, SAP the other way round
+        common = "<ActionCode>C</ActionCode>" + (encoding + id_type if endpoint == "tracelink" else id_type + encoding)
         if endpoint == "tracelink":
             msg = (
                 f'<ns2:serialNumbersRequestResponse xmlns:ns2="{TRACELINK_NS}"><SNResponse>'
