@@ -49,6 +49,8 @@ SAP_NS = "http://sap.com/xi/AIN"
 TRACELINK_NS = "urn:tracelink:soap"
 FLAVOURS = ("sap", "unitrace", "tracelink")
 _ELEMENT_STRING = re.compile(r"^(\(01\)|01)\d{14}")
+#: 01<gtin>21<letters and digits>: the common element string, split without the full GS1 parser
+_FAST_ELEMENT_STRING = re.compile(r"01(\d{14})21([0-9A-Za-z]{1,20})")
 
 
 def _el(name: str, value: str | None) -> str:
@@ -119,30 +121,37 @@ def soap_fault(text: str) -> str | None:
     return None
 
 
+def _element_string(value: str) -> tuple[str, str, list[str]] | None:
+    """(gtin, serial, other AIs) of an element string with (01) and (21), else None."""
+    fast = _FAST_ELEMENT_STRING.fullmatch(value)
+    if fast is not None and gs1.is_valid_gtin(fast.group(1)):
+        return fast.group(1), fast.group(2), []
+    try:
+        code = gs1.parse(value)
+    except gs1.GS1Error:
+        return None
+    if code.gtin is None or code.serial is None:
+        return None
+    return code.gtin, code.serial, sorted({ai for ai, _ in code.ais} - {"01", "21"})
+
+
 def split_element_strings(gtin: str, values: list[str]) -> tuple[list[str], list[tuple[str, str]]] | None:
     """serial parts of element strings 01<gtin>21<serial> and those of another GTIN; None: not element strings."""
     if not values or not all(_ELEMENT_STRING.match(v) for v in values):
         return None
-    parsed: list[gs1.ParsedCode] = []
-    for v in values:
-        try:
-            code = gs1.parse(v)
-        except gs1.GS1Error:
-            return None
-        if code.gtin is None or code.serial is None:
-            return None
-        parsed.append(code)
+    parsed = [_element_string(v) for v in values]
     serials: list[str] = []
     foreign: list[tuple[str, str]] = []
-    for v, code in zip(values, parsed, strict=True):
-        others = sorted({ai for ai, _ in code.ais} - {"01", "21"})
-        if code.gtin != gtin:
-            foreign.append((v, f"for GTIN {code.gtin}, not {gtin}"))
+    for v, p in zip(values, parsed, strict=True):
+        if p is None:
+            return None
+        code_gtin, serial, others = p
+        if code_gtin != gtin:
+            foreign.append((v, f"for GTIN {code_gtin}, not {gtin}"))
         elif others:
             foreign.append((v, f"element string carries AIs {', '.join(others)} besides (01)(21)"))
         else:
-            assert code.serial is not None
-            serials.append(code.serial)
+            serials.append(serial)
     return serials, foreign
 
 
