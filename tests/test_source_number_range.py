@@ -7,6 +7,7 @@ exception with the L3's words, or in the page with the right serials (the simula
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 
 import pytest
@@ -199,3 +200,66 @@ async def test_held_answer_released(sim: L3SerialsSim, monkeypatch: pytest.Monke
     page = await asyncio.wait_for(task, 10)
     await src.aclose()
     assert page.serials == sim.delivered(GTIN)
+
+
+# --------------------------------------------------------------------------- answers no simulator fault makes
+
+
+def _envelope(inner: str) -> str:
+    return f'<?xml version="1.0"?><S:Envelope xmlns:S="http://schemas.xmlsoap.org/soap/envelope/"><S:Body>{inner}</S:Body></S:Envelope>'
+
+
+@pytest.mark.parametrize(
+    ("inner", "reason"),
+    [
+        ("<m><Interval><NumberFrom>1</NumberFrom><NumberTo>1000000000000</NumberTo></Interval></m>", "holds 1000000000000 serials, more than the 10 asked"),
+        ("<m><Interval><NumberFrom>9</NumberFrom><NumberTo>3</NumberTo></Interval></m>", "runs backwards"),
+        ("<m><Interval><NumberFrom>A1</NumberFrom><NumberTo>A9</NumberTo></Interval></m>", "is not numeric"),
+        ("<m><Interval><NumberFrom>1</NumberFrom></Interval></m>", "without NumberFrom or NumberTo"),
+        ("<m><Interval><NumberFrom>1</NumberFrom><NumberTo>2</NumberTo></Interval><SerialNo>5</SerialNo></m>", "both a SerialNo list and an Interval"),
+        ("<m><ActionCode>C</ActionCode></m>", "neither SerialNo nor Interval"),
+        ("<m>" + "<SerialNo>1</SerialNo>" * 11 + "</m>", "11 serials, more than the 10 asked"),
+        ("<m><RfidException><ErrorCode>E42</ErrorCode><ErrorMessage>GTIN not licensed</ErrorMessage></RfidException></m>", "L3 error E42: GTIN not licensed"),
+        ("", "empty or no Body"),
+    ],
+)
+def test_malformed_content_is_refused(inner: str, reason: str) -> None:
+    from linectl.sources.number_range import soap_numbers
+    from linectl.sources.serialbox import parse_xml
+
+    text = _envelope(inner)
+    with pytest.raises(SourceRefused, match=re.escape(reason)):
+        soap_numbers(parse_xml(text), text, req(10), 10, GTIN, element_strings=True)
+
+
+def test_zero_padded_interval_keeps_its_width_and_element_strings_with_more_ais_are_foreign() -> None:
+    from linectl.sources.number_range import soap_numbers
+    from linectl.sources.serialbox import parse_xml
+
+    text = _envelope("<m><Interval><NumberFrom>000098</NumberFrom><NumberTo>000101</NumberTo></Interval></m>")
+    assert soap_numbers(parse_xml(text), text, req(10), 10, GTIN, element_strings=False)[0] == ["000098", "000099", "000100", "000101"]
+    text = _envelope(f"<m><SerialNo>01{GTIN}21AB1</SerialNo><SerialNo>01{GTIN}1726123121AB2</SerialNo></m>")
+    good, bad, _ = soap_numbers(parse_xml(text), text, req(10), 10, GTIN, element_strings=True)
+    assert good == ["AB1"] and bad == [(f"01{GTIN}1726123121AB2", "element string carries AIs 17 besides (01)(21)")]
+
+
+def test_soap_12_fault_and_a_dtd_are_refused() -> None:
+    from linectl.sources.number_range import soap_fault
+    from linectl.sources.serialbox import parse_xml
+
+    fault12 = (
+        '<env:Envelope xmlns:env="http://www.w3.org/2003/05/soap-envelope"><env:Body><env:Fault><env:Code><env:Value>'
+        "env:Sender</env:Value></env:Code><env:Reason><env:Text>Pool closed</env:Text></env:Reason></env:Fault></env:Body></env:Envelope>"
+    )
+    assert soap_fault(fault12) == "env:Sender: Pool closed"
+    with pytest.raises(SourceRefused, match="carries a DTD"):
+        parse_xml('<?xml version="1.0"?><!DOCTYPE lol [<!ENTITY a "aaaa">]><root>&a;</root>')
+
+
+def test_a_forged_continuation_is_refused() -> None:
+    from linectl.sources.serialbox import page_size_for
+
+    assert page_size_for(req(100), "remaining=40", 25) == 25
+    for bad in ("remaining=101", "remaining=0", "page=2", "remaining=-1"):
+        with pytest.raises(SourceRefused, match="was not made by this source"):
+            page_size_for(req(100), bad, 25)

@@ -270,3 +270,30 @@ async def test_nothing_listening_is_unavailable() -> None:
     with pytest.raises(SourceUnavailable, match="cannot connect"):
         await src.request(req(5))
     await src.aclose()
+
+
+@pytest.mark.parametrize(
+    ("numbers", "kind", "granted", "reason"),
+    [
+        ("not a list", "random", None, "is not a list literal"),
+        ("{'a': 1}", "random", None, "is not a list"),
+        ("[1, 2.5]", "random", None, "neither a number nor a string"),
+        ("[1, -2]", "random", None, "negative number"),
+        ("[1, 2, 3]", "sequential", None, "sequential answer with 3 numbers"),
+        ("[1, 100]", "sequential", None, "holds 100 serials, more than the 10 asked"),
+        ("[1, 2]", "random", 3, "size_granted 3 but the numbers hold 2"),
+        ("[1, 2]", "spiral", None, "answer type 'spiral'"),
+    ],
+)
+def test_serialbox_numbers_that_do_not_add_up_are_refused(numbers: str, kind: str, granted: int | None, reason: str) -> None:
+    from linectl.sources.serialbox import serialbox_numbers
+
+    with pytest.raises(SourceRefused, match=reason):
+        serialbox_numbers(req(10), 10, numbers, kind, granted, True)
+
+
+def test_serialbox_numbers_may_be_strings_and_repeats_are_set_aside() -> None:
+    from linectl.sources.serialbox import serialbox_numbers
+
+    good, bad, exhausted = serialbox_numbers(req(10), 10, "['a1f', 'a1f', 17]", "list", 3, False)
+    assert good == ["a1f", "17"] and bad == [("a1f", "repeated in this answer")] and exhausted
