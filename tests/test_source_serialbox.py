@@ -7,6 +7,7 @@ reason an operator can act on, or in the page that carries the right serials (th
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -297,3 +298,40 @@ def test_serialbox_numbers_may_be_strings_and_repeats_are_set_aside() -> None:
 
     good, bad, exhausted = serialbox_numbers(req(10), 10, "['a1f', 'a1f', 17]", "list", 3, False)
     assert good == ["a1f", "17"] and bad == [("a1f", "repeated in this answer")] and exhausted
+
+
+@pytest.mark.parametrize(
+    ("cfg", "reason"),
+    [
+        ({"auth": {"type": "basic", "username": "u", "password": "in-yaml"}}, "Extra inputs are not permitted"),
+        ({"auth": {"type": "basic", "username": "u"}}, "exactly one of password_env, password_file"),
+        ({"auth": {"type": "token", "token_env": "A", "token_file": "/f"}}, "exactly one of token_env, token_file"),
+        ({"auth": {"type": "token", "token_env": "A", "username": "u"}}, "auth type token takes no username"),
+        ({"auth": {"type": "token", "token_env": "NOT A NAME"}}, "String should match pattern"),
+        ({"tls": {"verify": False}}, "tls is given but the url is not https://"),
+        ({"url": "https://l3", "tls": {"client_key": "/k"}}, "tls.client_key needs tls.client_cert"),
+        ({"url": "https://l3", "tls": {"verify": False, "ca_file": "/ca"}}, "the CA would not be used"),
+        ({"url": "l3.plant:8000"}, "is not an http:// or https:// URL"),
+        ({"url": "http://l3/?x=1"}, "takes no query"),
+        ({"pool": "a/b"}, "String should match pattern"),
+        ({"page_size": 0}, "greater than 0"),
+        ({"format": "csv"}, "'json' or 'xml'"),
+    ],
+)
+def test_config_refuses(cfg: dict[str, object], reason: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=re.escape(reason) if "'" not in reason else reason):
+        SerialboxSourceConfig.model_validate({"type": "serialbox", "url": "http://l3:8000"} | cfg)
+
+
+async def test_tls_files_that_cannot_be_read_are_refused(tmp_path: Path) -> None:
+    from linectl.config import SourceTls
+    from linectl.sources.serialbox import tls_context
+
+    src = SerialboxSource("https://127.0.0.1:1", tls=SourceTls(client_cert=str(tmp_path / "missing.pem")))
+    with pytest.raises(SourceRefused, match="TLS setup: .*No such file"):
+        await src.request(req(5))
+    await src.aclose()
+    ctx = tls_context(SourceTls(verify=False))
+    assert not isinstance(ctx, bool) and ctx.check_hostname is False

@@ -208,8 +208,12 @@ class HttpSource:
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
+            try:
+                verify = tls_context(self._tls)
+            except (OSError, ssl.SSLError) as exc:  # a missing or unreadable CA/certificate/key file
+                raise SourceRefused(f"TLS setup: {exc}") from None
             self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(self._timeout), verify=tls_context(self._tls), transport=self._transport,
+                timeout=httpx.Timeout(self._timeout), verify=verify, transport=self._transport,
                 follow_redirects=False, trust_env=False,
             )
         return self._client
