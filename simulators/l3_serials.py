@@ -36,6 +36,7 @@ import contextlib
 import json
 import random
 import re
+import ssl
 import time
 import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass, field
@@ -173,9 +174,10 @@ class L3SerialsSim:
 
     def __init__(
         self, host: str = "127.0.0.1", port: int = 0, *, users: dict[str, str] | None = None,
-        tokens: set[str] | None = None, seed: int | None = None,
+        tokens: set[str] | None = None, seed: int | None = None, tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
+        self.tls = tls
         self.port = port
         self.users = dict(users or {})
         self.tokens = set(tokens or ())
@@ -194,7 +196,7 @@ class L3SerialsSim:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.tls else 'http'}://{self.host}:{self.port}"
 
     def add_pool(self, machine_name: str, kind: str = "random", **kw: Any) -> Pool:
         pool = Pool(machine_name, kind, **kw)
@@ -243,7 +245,7 @@ class L3SerialsSim:
     # -- server ----------------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._connection, self.host, self.port)
+        self._server = await asyncio.start_server(self._connection, self.host, self.port, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         log.info("l3sim_listening", url=self.url)
 
@@ -633,7 +635,14 @@ def _pool_arg(text: str) -> dict[str, Any]:
 
 async def _run(args: argparse.Namespace) -> None:
     users = dict(u.split(":", 1) for u in args.user)
-    sim = L3SerialsSim(args.host, args.port, users=users, tokens=set(args.token), seed=args.seed)
+    tls = None
+    if args.tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(args.tls_cert, args.tls_key)
+        if args.tls_client_ca:
+            tls.load_verify_locations(args.tls_client_ca)
+            tls.verify_mode = ssl.CERT_REQUIRED
+    sim = L3SerialsSim(args.host, args.port, users=users, tokens=set(args.token), seed=args.seed, tls=tls)
     for spec in args.pool:
         sim.add_pool(**_pool_arg(spec), element_strings=args.element_strings)
     await sim.start()
@@ -653,6 +662,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token", action="append", default=[], help="accepted API token (repeatable); no user and no token: no auth")
     p.add_argument("--element-strings", action="store_true", help="tracelink answers 01<GTIN>21<serial>")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--tls-cert", default=None, help="serve https with this certificate (PEM)")
+    p.add_argument("--tls-key", default=None, help="its key (default: inside --tls-cert)")
+    p.add_argument("--tls-client-ca", default=None, help="require client certificates issued by this CA")
     args = p.parse_args(argv)
     try:
         asyncio.run(_run(args))

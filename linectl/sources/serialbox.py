@@ -268,6 +268,8 @@ class HttpSource:
             raise SourceUnavailable(f"no answer within {self._timeout:g} s from {url}") from None
         except httpx.ConnectError as exc:
             self._connected = False
+            if _cert_rejected(exc):  # the L3's certificate is not the one configured: a retry cannot fix it
+                raise SourceRefused(f"TLS: the L3's certificate at {url} is not trusted: {exc}") from None
             raise SourceUnavailable(f"cannot connect to {url}: {exc}") from None
         except (httpx.RemoteProtocolError, httpx.ReadError) as exc:
             self._connected = False
@@ -297,6 +299,17 @@ class HttpSource:
         if ans.status == 404:
             return SourceRefused(f"HTTP 404 (unknown pool or endpoint){said}")
         return SourceRefused(f"HTTP {ans.status}{said}")
+
+
+def _cert_rejected(exc: BaseException) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return False
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def json_detail(text: str) -> str | None:
