@@ -121,10 +121,10 @@ def soap_fault(text: str) -> str | None:
     return None
 
 
-def _element_string(value: str) -> tuple[str, str, list[str]] | None:
+def _element_string(value: str, known_gtin: str) -> tuple[str, str, list[str]] | None:
     """(gtin, serial, other AIs) of an element string with (01) and (21), else None."""
     fast = _FAST_ELEMENT_STRING.fullmatch(value)
-    if fast is not None and gs1.is_valid_gtin(fast.group(1)):
+    if fast is not None and (fast.group(1) == known_gtin or gs1.is_valid_gtin(fast.group(1))):
         return fast.group(1), fast.group(2), []
     try:
         code = gs1.parse(value)
@@ -139,7 +139,7 @@ def split_element_strings(gtin: str, values: list[str]) -> tuple[list[str], list
     """serial parts of element strings 01<gtin>21<serial> and those of another GTIN; None: not element strings."""
     if not values or not all(_ELEMENT_STRING.match(v) for v in values):
         return None
-    parsed = [_element_string(v) for v in values]
+    parsed = [_element_string(v, gtin) for v in values]
     serials: list[str] = []
     foreign: list[tuple[str, str]] = []
     for v, p in zip(values, parsed, strict=True):
