@@ -11,6 +11,8 @@ import time
 import urllib.error
 import urllib.request
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -115,7 +117,7 @@ EPCIS_DOC = b"""<?xml version="1.0" encoding="UTF-8"?>
 """
 
 
-def test_timings_of_venv_migrate_and_start(qu4rtet: Qu4rtet, record_property: pytest.RecordProperty) -> None:
+def test_timings_of_venv_migrate_and_start(qu4rtet: Qu4rtet, record_property: Callable[[str, object], None]) -> None:
     """The server of the session answers; the build figures of this run are reported (0 = cached)."""
     assert qu4rtet.running
     for key in ("venv_build", "migrate", "seed", "start"):
@@ -152,6 +154,24 @@ def test_rest_allocate_random_and_sequential(qu4rtet: Qu4rtet) -> None:
     assert status == 500 and b"threshold" in body.lower(), body
     status, body = http("GET", qu4rtet.allocate_url(qu4rtet.new_gtin(), 5), headers=qu4rtet.auth_header)
     assert status == 404, body
+
+
+def test_parallel_requests_get_distinct_serials(qu4rtet: Qu4rtet) -> None:
+    """The server runs --nothreading: concurrent clients are served one after the other (threaded, serialbox's
+    allocation has no locking and hands out duplicates)."""
+    gtin = qu4rtet.new_gtin()
+    qu4rtet.create_pool(gtin, kind="random", minimum=1, maximum=10**9, request_threshold=100)
+
+    def allocate(_: int) -> list[int]:
+        status, body = http("GET", qu4rtet.allocate_url(gtin, 25), headers=qu4rtet.auth_header)
+        assert status == 200, body
+        numbers: list[int] = ast.literal_eval(json.loads(body)["numbers"])
+        return numbers
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        batches = list(pool.map(allocate, range(16)))
+    every = [n for batch in batches for n in batch]
+    assert len(every) == 16 * 25 == len(set(every))
 
 
 def test_unauthenticated_requests_are_refused(qu4rtet: Qu4rtet) -> None:
@@ -192,7 +212,8 @@ def test_soap_sap_guardian_random_and_sequential(qu4rtet: Qu4rtet) -> None:
 def test_soap_unitrace_unqualified(qu4rtet: Qu4rtet) -> None:
     gtin = qu4rtet.new_gtin()
     qu4rtet.create_pool(gtin, kind="random", minimum=1, maximum=10**9, request_threshold=1000, response="unitrace")
-    status, reply = http("POST", qu4rtet.soap_url("unitrace"), sap_request(gtin, 4, namespaced=False), {"Content-Type": "text/xml", **qu4rtet.basic_auth_header})
+    headers = {"Content-Type": "text/xml", **qu4rtet.basic_auth_header}
+    status, reply = http("POST", qu4rtet.soap_url("unitrace"), sap_request(gtin, 4, namespaced=False), headers)
     assert status == 200, reply
     msg = soap_body(reply)
     assert msg.tag == "NumberRangeConfirmationMessage"

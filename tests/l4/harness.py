@@ -24,6 +24,7 @@ import argparse
 import ast
 import base64
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import json
@@ -112,7 +113,8 @@ def _run(cmd: list[str], what: str, *, env: dict[str, str] | None = None, stdin:
     try:
         proc = subprocess.run(cmd, input=stdin, capture_output=True, text=True, env=env, timeout=timeout, cwd=SITE_DIR)
     except subprocess.TimeoutExpired as exc:
-        raise Qu4rtetError(f"{what}: timed out after {timeout:.0f} s\n{exc.stdout or ''}\n{exc.stderr or ''}") from exc
+        out = b"".join(x if isinstance(x, bytes) else (x or "").encode() for x in (exc.stdout, exc.stderr))
+        raise Qu4rtetError(f"{what}: timed out after {timeout:.0f} s\n{out.decode(errors='replace')}") from exc
     if proc.returncode != 0:
         raise Qu4rtetError(f"{what} failed (exit {proc.returncode}): {' '.join(cmd)}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}")
     return proc.stdout
@@ -178,6 +180,12 @@ def ensure_template_db() -> Path:
         TIMINGS["seed"] = time.monotonic() - started
         tmp.rename(path)
         return path
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the harness process dies, so a killed pytest leaves no server behind."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def free_port() -> int:
@@ -269,6 +277,7 @@ class Qu4rtet:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         finally:
             log.close()
@@ -474,7 +483,23 @@ def fresh_qu4rtet(tmp_path: Path) -> Iterator[Qu4rtet]:
 def _serve(args: argparse.Namespace) -> int:
     workdir = Path(args.dir) if args.dir else Path(os.environ.get("TMPDIR", "/tmp")) / f"qu4rtet-{os.getpid()}"
     server = Qu4rtet(workdir, port=args.port)
+    if not VENV_DIR.exists():
+        print("building QU4RTET's virtualenv (about a minute, once)...", file=sys.stderr, flush=True)
     server.start()
+    try:
+        return _serve_running(server, args)
+    finally:
+        server.stop()
+
+
+def _serve_running(server: Qu4rtet, args: argparse.Namespace) -> int:
+    specs = []
+    for pool in args.pool:
+        name, kind, response = (pool.split(":") + [""] * 2)[:3]
+        spec = dict(machine_name=name, kind=kind or "random", minimum=1, maximum=999_999_999, request_threshold=args.threshold, response=response or None)
+        specs.append(spec)
+    if specs:
+        server.create_pools(specs)
     print(f"url       {server.base_url}")
     print(f"user      {server.username}")
     print(f"password  {server.password}")
@@ -482,6 +507,8 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"database  {server.db_path}")
     print(f"log       {server.log_path}")
     print(f"capture   {server.capture_url}")
+    for spec in specs:
+        print(f"pool      {spec['machine_name']} ({spec['kind']}, reply {spec['response'] or 'generic'})")
     print("(Ctrl-C stops it)", flush=True)
     stop = False
 
@@ -491,11 +518,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    try:
-        while not stop and server.running:
-            time.sleep(0.5)
-    finally:
-        server.stop()
+    while not stop and server.running:
+        time.sleep(0.5)
     return 0
 
 
@@ -504,6 +528,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="start QU4RTET on 127.0.0.1 and print url, user and token")
     serve.add_argument("--port", type=int, default=None, help="port (default: a free one)")
+    serve.add_argument(
+        "--pool",
+        action="append",
+        default=[],
+        metavar="NAME[:KIND[:RESPONSE]]",
+        help="create a pool (KIND random|sequential, RESPONSE sap|unitrace|tracelink); repeatable",
+    )
+    serve.add_argument("--threshold", type=int, default=50_000, help="request threshold of --pool pools")
     serve.add_argument("--dir", default=None, help="working directory (database copy, log); kept, so a restart keeps pools")
     args = parser.parse_args(argv)
     try:

@@ -64,7 +64,7 @@ KINDS = ("random", "sequential")
 
 
 def rule_name(shape: str, kind: str) -> str:
-    return "linectl %s %s reply" % (shape, kind)
+    return f"linectl {shape} {kind} reply"
 
 
 def init(spec: dict) -> dict:
@@ -80,7 +80,7 @@ def init(spec: dict) -> dict:
         for shape, (filename, params) in SHAPES.items():
             content = (SITE_DIR / "response_templates" / filename).read_text()
             template, _ = Template.objects.get_or_create(
-                name="linectl %s" % filename,
+                name=f"linectl {filename}",
                 defaults={"content": content, "description": "linectl test reply"},
             )
             for kind in KINDS:
@@ -105,36 +105,34 @@ def pools(specs: list) -> dict:
             name = spec["machine_name"]
             kind = spec.get("kind", "random")
             if kind not in KINDS:
-                raise SystemExit("unknown kind %r (random or sequential)" % kind)
+                raise SystemExit(f"unknown kind {kind!r} (random or sequential)")
             pool = Pool.objects.create(
                 readable_name=spec.get("readable_name") or name,
                 machine_name=name,
-                request_threshold=spec["request_threshold"],
+                request_threshold=spec.get("request_threshold", 50_000),
             )
-            region_name = "%s-region" % name
+            region_name = f"{name}-region"
             if kind == "random":
                 RandomizedRegion.objects.create(
                     readable_name=region_name,
                     machine_name=region_name,
-                    min=spec["minimum"],
-                    max=spec["maximum"],
+                    min=spec.get("minimum", 1),
+                    max=spec.get("maximum", 999_999_999),
                     pool=pool,
                 )
             else:
                 SequentialRegion.objects.create(
                     readable_name=region_name,
                     machine_name=region_name,
-                    start=spec["minimum"],
-                    end=spec["maximum"],
+                    start=spec.get("minimum", 1),
+                    end=spec.get("maximum", 999_999_999),
                     pool=pool,
                 )
             response = spec.get("response")
             if response:
                 if response not in SHAPES:
-                    raise SystemExit("unknown response %r (%s)" % (response, ", ".join(SHAPES)))
-                ResponseRule.objects.create(
-                    pool=pool, content_type="xml", rule=Rule.objects.get(name=rule_name(response, kind))
-                )
+                    raise SystemExit(f"unknown response {response!r} ({', '.join(SHAPES)})")
+                ResponseRule.objects.create(pool=pool, content_type="xml", rule=Rule.objects.get(name=rule_name(response, kind)))
             created.append(name)
     return {"pools": created}
 

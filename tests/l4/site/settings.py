@@ -96,6 +96,19 @@ LOGGING = {
 }
 
 REST_FRAMEWORK = {
+    # serialbox answers ?format=json|xml|csv (without the xml/csv renderers DRF answers 404 "Not found.")
+    "DEFAULT_RENDERER_CLASSES": (
+        "rest_framework.renderers.JSONRenderer",
+        "rest_framework.renderers.BrowsableAPIRenderer",
+        "rest_framework_xml.renderers.XMLRenderer",
+        "rest_framework_csv.renderers.CSVRenderer",
+    ),
+    "DEFAULT_PARSER_CLASSES": (
+        "rest_framework.parsers.JSONParser",
+        "rest_framework.parsers.FormParser",
+        "rest_framework.parsers.MultiPartParser",
+        "rest_framework_xml.parsers.XMLParser",
+    ),
     "DEFAULT_AUTHENTICATION_CLASSES": (
         "rest_framework.authentication.BasicAuthentication",
         "rest_framework.authentication.TokenAuthentication",

@@ -4,9 +4,8 @@ quartet_integrations is mounted last and at the root: its patterns are not
 anchored (r"guardian/NumberRangeService/?" would match inside other paths).
 """
 
-from django.urls import include, re_path
-
 import celery_app  # noqa: F401  (binds quartet_capture's shared tasks, eager)
+from django.urls import include, re_path
 
 urlpatterns = [
     re_path(r"^serialbox/", include("serialbox.api.urls")),
