@@ -19,12 +19,13 @@ from tests.l4.harness import Qu4rtet, qu4rtet  # noqa: F401
 
 @pytest.fixture(scope="module")
 def pools(qu4rtet: Qu4rtet) -> Iterator[dict[str, str]]:  # noqa: F811
-    names = {k: qu4rtet.new_gtin() for k in ("random", "sequential", "small")}
+    names = {k: qu4rtet.new_gtin() for k in ("random", "sequential", "small", "templated")}
     qu4rtet.create_pools(
         [
             dict(machine_name=names["random"], kind="random", minimum=100_000, maximum=999_999_999, request_threshold=500),
             dict(machine_name=names["sequential"], kind="sequential", minimum=1000, maximum=1_000_000, request_threshold=500),
             dict(machine_name=names["small"], kind="sequential", minimum=1, maximum=25, request_threshold=500),
+            dict(machine_name=names["templated"], kind="random", minimum=1, maximum=10**9, request_threshold=500, response="sap"),
         ]
     )
     yield names
@@ -55,10 +56,9 @@ async def test_random_pool_in_pages(qu4rtet: Qu4rtet, pools: dict[str, str], mon
     assert '"type":"random"' in page.raw.replace(" ", "") and src.status()["requests"] == 4
 
 
-async def test_sequential_pool_interval(qu4rtet: Qu4rtet, pools: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
-    """(`format: xml` is proven against the simulator only: the harness's QU4RTET site enables no XML renderer
-    for REST, so `?format=xml` answers 404 there.)"""
-    src = source(qu4rtet, monkeypatch)
+@pytest.mark.parametrize("fmt", ["json", "xml"])
+async def test_sequential_pool_interval(qu4rtet: Qu4rtet, pools: dict[str, str], monkeypatch: pytest.MonkeyPatch, fmt: str) -> None:  # noqa: F811
+    src = source(qu4rtet, monkeypatch, format=fmt)
     first = await src.request(req(pools["sequential"], 100))
     second = await src.request(req(pools["sequential"], 50, rid=2))
     await src.aclose()
@@ -66,6 +66,13 @@ async def test_sequential_pool_interval(qu4rtet: Qu4rtet, pools: dict[str, str],
     assert first.serials == [str(n) for n in range(start, start + 100)]
     assert second.serials == [str(n) for n in range(start + 100, start + 150)]
     assert f"[{start}, {start + 99}]" in first.raw
+
+
+async def test_pool_with_a_reply_template_answers_xml_in_its_shape(qu4rtet: Qu4rtet, pools: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    src = source(qu4rtet, monkeypatch, format="xml")
+    page = await src.request(req(pools["templated"], 30))
+    await src.aclose()
+    assert len(page.serials) == 30 == len(set(page.serials)) and "NumberRangeConfirmationMessage" in page.raw
 
 
 async def test_exhausted_pool(qu4rtet: Qu4rtet, pools: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
