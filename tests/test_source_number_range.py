@@ -40,7 +40,7 @@ def source(sim: L3SerialsSim, monkeypatch: pytest.MonkeyPatch, flavour: str, **k
     cfg = {
         "type": "number_range", "url": sim.url + PATH[flavour], "flavour": flavour, "sending_system": "LINE-1",
         "receiving_system": "L3-SIM", "auth": {"type": "basic", "username": "line1", "password_env": "L3_PW"},
-        "timeout_s": 3,
+        "timeout_s": 20,
     } | kw
     return NumberRangeSource.from_config(NumberRangeSourceConfig.model_validate(cfg))
 
@@ -191,7 +191,7 @@ async def test_held_answer_released(sim: L3SerialsSim, monkeypatch: pytest.Monke
     sim.inject("hold")
     src = source(sim, monkeypatch, "unitrace")
     task = asyncio.create_task(src.request(req(4)))
-    for _ in range(500):
+    for _ in range(3000):  # up to 30 s on a loaded machine
         if sim.held:
             break
         await asyncio.sleep(0.01)
