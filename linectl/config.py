@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -171,6 +172,103 @@ class PoolSerials(Model):
     scheme: Literal["pool"]
     low_water: int = Field(1000, ge=0, description="raise an alarm and request more below this many available")
     request_count: int = Field(10000, gt=0, description="how many to ask upstream for when low")
+
+
+# ---- serial sources (serials.source): the L3/L4 a pool product's serials are asked from (linectl.sources)
+
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class SourceAuth(Model):
+    """How a source logs in to the L3. Secrets are never in the YAML: they are read from the environment or a file."""
+
+    type: Literal["none", "basic", "token"] = "none"
+    username: str | None = Field(None, min_length=1, description="basic: the L3 user")
+    password_env: str | None = Field(None, pattern=_ENV_NAME, description="basic: environment variable holding the password")
+    password_file: str | None = Field(None, min_length=1, description="basic: file holding the password (one line)")
+    token_env: str | None = Field(None, pattern=_ENV_NAME, description="token: environment variable holding the API token")
+    token_file: str | None = Field(None, min_length=1, description="token: file holding the API token (one line)")
+
+    @model_validator(mode="after")
+    def _complete(self) -> SourceAuth:
+        given = {k for k in ("username", "password_env", "password_file", "token_env", "token_file") if getattr(self, k) is not None}
+        wanted = {"none": set(), "basic": {"username", "password_env", "password_file"}, "token": {"token_env", "token_file"}}[self.type]
+        if given - wanted:
+            raise ValueError(f"auth type {self.type} takes no {', '.join(sorted(given - wanted))}")
+        if self.type == "basic" and (self.username is None or (self.password_env is None) == (self.password_file is None)):
+            raise ValueError("auth type basic needs username and exactly one of password_env, password_file")
+        if self.type == "token" and (self.token_env is None) == (self.token_file is None):
+            raise ValueError("auth type token needs exactly one of token_env, token_file")
+        return self
+
+
+class SourceTls(Model):
+    """TLS towards the L3 (https URLs only)."""
+
+    ca_file: str | None = Field(None, min_length=1, description="CA bundle the L3's certificate must chain to; default: the system's")
+    client_cert: str | None = Field(None, min_length=1, description="client certificate (PEM) for mutual TLS")
+    client_key: str | None = Field(None, min_length=1, description="its private key (PEM); default: inside client_cert")
+    verify: bool = Field(True, description="false only on a desk: the L3's certificate is not checked")
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> SourceTls:
+        if self.client_key is not None and self.client_cert is None:
+            raise ValueError("tls.client_key needs tls.client_cert")
+        if not self.verify and self.ca_file is not None:
+            raise ValueError("tls.ca_file with verify false: the CA would not be used")
+        return self
+
+
+class _HttpSourceConfig(Model):
+    url: str = Field(description="serialbox: the L3 base URL; number_range: the SOAP endpoint itself (http:// or https://)")
+    auth: SourceAuth = Field(default_factory=SourceAuth)
+    tls: SourceTls | None = None
+    timeout_s: float = Field(30.0, gt=0, le=600, description="one request's connect/read timeout; past it the L3 is unavailable")
+    page_size: int = Field(
+        1000, gt=0, le=100_000, description="most serials asked in one request; keep it <= the L3 pool's request_threshold"
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"{v!r} is not an http:// or https:// URL with a host")
+        if parts.query or parts.fragment:
+            raise ValueError(f"{v!r}: the base URL takes no query or fragment")
+        return v
+
+    @model_validator(mode="after")
+    def _tls_needs_https(self) -> _HttpSourceConfig:
+        if self.tls is not None and not self.url.startswith("https://"):
+            raise ValueError("tls is given but the url is not https://")
+        return self
+
+
+class SerialboxSourceConfig(_HttpSourceConfig):
+    """QU4RTET serialbox REST: GET <url>/serialbox/allocate/<pool>/<size>/?format=<format>."""
+
+    type: Literal["serialbox"]
+    pool: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.:-]{1,100}$", description="the serialbox pool's machine_name; default: the product's GTIN-14"
+    )
+    format: Literal["json", "xml"] = Field("json", description="answer format serialbox is asked for")
+
+
+class NumberRangeSourceConfig(_HttpSourceConfig):
+    """The SOAP number-range request (SAP AII/ATTP and Guardian, UniTrace, TraceLink SNX) POSTed to `url` itself."""
+
+    type: Literal["number_range"]
+    flavour: Literal["sap", "unitrace", "tracelink"]
+    sending_system: str = Field(min_length=1, max_length=100, description="SendingSystem: this line as the L3 knows it")
+    receiving_system: str | None = Field(None, min_length=1, max_length=100, description="ReceivingSystem: the L3 as it names itself")
+    id_type: Literal["GTIN", "SSCC"] = "GTIN"
+    encoding_type: str = Field("SGTIN-198", pattern=r"^[A-Za-z0-9_-]{1,32}$", description="EncodingType, e.g. SGTIN-198, SGTIN-96, SSCC-96")
+    object_key_name: Literal["GTIN", "SSCC", "GCP"] = Field("GTIN", description="ObjectKey/Name: what object_key_value is")
+    object_key_value: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_.:-]{1,100}$", description="ObjectKey/Value (the L3's pool); default: the product's GTIN-14"
+    )
+    randomized: bool = Field(True, description="RequestRandomizedNumbers: ask for a randomised list instead of an interval")
 
 
 SerialScheme = Annotated[RandomSerials | SequentialSerials | PoolSerials, Field(discriminator="scheme")]
