@@ -145,7 +145,7 @@ class Daemon:
 
         async def closed(lot: str, gtin: str) -> dict[str, Any] | None:
             p = provs.get(gtin)
-            return None if p is None else await p.batch_closed(lot)  # type: ignore[no-any-return]
+            return None if p is None else await p.batch_closed(lot)
 
         line.on_serials_retry = retry
         line.on_batch_closed = closed

@@ -77,7 +77,7 @@ def check_ground_truth(store: Store, db: Path, l3: L3) -> None:
     missing = [s for s in set(l3.handed) if s not in imported and s not in refused]
     lost = store.requests_summary().get("testl3", {}).get("serials_lost", 0)
     assert len(missing) <= lost, f"{len(missing)} serials handed out but neither imported, refused nor in a lost request ({lost})"
-    for s, src in imported.items():
+    for src in imported.values():
         assert src.startswith("testl3 request "), src
 
 

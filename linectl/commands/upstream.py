@@ -101,7 +101,7 @@ async def retained_state(cfg: LineConfig, timeout: float = 3.0) -> dict[str, Any
             await client.subscribe(f"{cfg.topic_root}/state", qos=1)
             async with asyncio.timeout(timeout):
                 async for msg in client.messages:
-                    data = json.loads(bytes(msg.payload) if not isinstance(msg.payload, (bytes, bytearray)) else msg.payload)  # type: ignore[arg-type]
+                    data = json.loads(bytes(msg.payload) if not isinstance(msg.payload, (bytes, bytearray)) else msg.payload)
                     return data if isinstance(data, dict) else None
     except (TimeoutError, aiomqtt.MqttError, OSError, ValueError):
         return None

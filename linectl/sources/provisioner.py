@@ -30,6 +30,7 @@ from linectl.config import PoolSerials, Product
 from linectl.drivers.base import Backoff
 from linectl.events import Severity
 from linectl.sources.base import SerialPage, SerialRequest, SerialSource, SourceError, SourceRefused, SourceUnavailable, source_class
+from linectl.store.serial_requests import ImportResult
 
 log = structlog.get_logger("linectl.provisioner")
 
@@ -231,8 +232,8 @@ class Provisioner:
             lot = self.line.batch.lot if self.line is not None and self.line.batch is not None else None
             rid = await self.store.request_new("request", self.name, self.gtin, size, key, page=page, lot=lot, continuation=cont)
             got = await self._send(rid, size, key, page, lot, cont)
-            if got == "lost":
-                key, page, cont = uuid.uuid4().hex, 0, None  # a new request: the lost one may hold numbers at the L3
+            if isinstance(got, str):  # lost: a new request, the lost one may hold numbers at the L3
+                key, page, cont = uuid.uuid4().hex, 0, None
                 continue
             if got is None:
                 break  # parked
@@ -289,7 +290,7 @@ class Provisioner:
             self._in_flight = None
 
     async def _import(self, rid: int, *, recovered: bool = False) -> int:
-        res = await self.store.request_import(rid, self.source_text(rid), actor=self.actor)
+        res: ImportResult = await self.store.request_import(rid, self.source_text(rid), actor=self.actor)
         self.last_import = {"request": rid, "accepted": res.accepted, "duplicates": res.duplicates, "invalid": res.invalid,
                             "foreign": res.foreign, "at": datetime.now(UTC).isoformat(), "from_stored_answer": recovered}
         if res.duplicates or res.invalid or res.foreign:
@@ -297,7 +298,7 @@ class Provisioner:
                         foreign=res.foreign, examples=res.problems[:3])
         if self.store.available(self.gtin) >= self.pool.low_water:
             self._outage_alarmed = False
-        return res.accepted
+        return int(res.accepted)
 
     async def _returns(self) -> None:
         """Give back what batch_closed recorded (pending returns), once per step; a transient failure waits for the next."""
