@@ -280,8 +280,13 @@ class NumberRangeSourceConfig(_HttpSourceConfig):
     sending_system: str = Field(min_length=1, max_length=100, description="SendingSystem: this line as the L3 knows it")
     receiving_system: str | None = Field(None, min_length=1, max_length=100, description="ReceivingSystem: the L3 as it names itself")
     id_type: Literal["GTIN", "SSCC"] = "GTIN"
-    encoding_type: str = Field("SGTIN-198", pattern=r"^[A-Za-z0-9_-]{1,32}$", description="EncodingType, e.g. SGTIN-198, SGTIN-96, SSCC-96")
-    object_key_name: Literal["GTIN", "SSCC", "GCP"] = Field("GTIN", description="ObjectKey/Name: what object_key_value is")
+    encoding_type: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9_-]{1,32}$",
+        description="EncodingType; default sap/unitrace: SGTIN-198 (GTIN) or SSCC-96 (SSCC), tracelink: SGTIN or SSCC",
+    )
+    object_key_name: Literal["GTIN", "SSCC", "GCP", "COMPANY_PREFIX"] | None = Field(
+        None, description="ObjectKey/Name; default GTIN for id_type GTIN, else GCP (tracelink: COMPANY_PREFIX)"
+    )
     object_key_value: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_.:-]{1,100}$", description="ObjectKey/Value (the L3's pool); default: the product's GTIN-14"
     )
