@@ -227,8 +227,10 @@ class Provisioner:
         target = self.pool.request_count
         received = 0
         key, page, cont = uuid.uuid4().hex, 0, None
+        size = 0
         while received < target:
-            size = min(self.page_size, target - received)
+            if page == 0:  # the pages of one request keep its size; the source's continuation says what is left
+                size = min(self.page_size, target - received)
             lot = self.line.batch.lot if self.line is not None and self.line.batch is not None else None
             rid = await self.store.request_new("request", self.name, self.gtin, size, key, page=page, lot=lot, continuation=cont)
             got = await self._send(rid, size, key, page, lot, cont)
