@@ -124,7 +124,11 @@ async def test_l3_refusal_parks_with_alarm_and_the_retry_command_sends_it_again(
                 await sl.line.execute({"name": "serials_retry", "gtin": "09501101530010"}, origin="test")
             res = await sl.line.execute({"name": "serials_retry", "gtin": GTIN, "actor": "qa", "command_id": "r1"}, origin="mqtt:hmi")
             assert len(res["retried"]) == 1
-            await wait_for(lambda: sl.line.store.available(GTIN) >= 300, 30, "serials after the retry")
+            # the parked request itself goes out again (same key; a refused request allocated nothing): 200 serials,
+            # above low water, so nothing more is asked
+            await wait_for(lambda: sl.line.store.available(GTIN) >= 200, 30, "serials after the retry")
+            rows = db_query(sl.db, "SELECT id, state, attempts, size FROM serial_requests ORDER BY id")
+            assert rows == [(res["retried"][0], "imported", 2, 200)]
             audit = [(r.action, r.origin) for r in sl.line.store.audit_log(limit=100_000)]
             assert ("serials_retry", "mqtt:hmi") in audit and ("serial_requests_retried", "mqtt:hmi") in audit
             check_truth(sl.db, sim)
