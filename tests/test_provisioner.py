@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -228,19 +229,21 @@ async def test_refusal_parks_with_alarm_until_retry(tmp_path, l3):
 async def test_l3_down_while_running_requests_wait_nothing_lost(tmp_path, l3):
     """L3 down (connection refused: nothing can be allocated): one alarm below low water, retried with backoff, filled
     once it is back; no request is lost."""
-    store, prov, alarms, src = await make(tmp_path, l3, request_count=200)
+    store, prov, alarms, src = await make(tmp_path, l3, request_count=200, request_alarm_s=0.5)
     port = l3.port
     await l3.stop()
     task = asyncio.create_task(prov.run())
     try:
         await until(lambda: prov.state == "failing", what="failing")
         await until(lambda: store.requests(kind="request") and store.requests(kind="request")[0].attempts >= 3, what="retries")
-        assert alarms.codes() == ["serial_source_down"]
+        await until(lambda: "serial_request_stale" in alarms.codes(), what="the backlog-age alarm")
+        assert alarms.codes() == ["serial_source_down", "serial_request_stale"]
         assert prov.status()["pending"] == 1 and prov.status()["last_error"]
+        assert prov.status()["oldest_open_request_age_s"] >= 0.5
         await l3.start(port)
         await until(lambda: store.available(GTIN) >= 200, what="pool filled after the outage")
         assert [r.state for r in store.requests(kind="request")] == ["imported", "imported"]
-        assert alarms.codes() == ["serial_source_down"]  # once
+        assert alarms.codes() == ["serial_source_down", "serial_request_stale"]  # once each
         check_ground_truth(store, tmp_path / "line.db", l3)
     finally:
         task.cancel()
@@ -316,3 +319,69 @@ async def test_batch_close_reports_or_returns_voided_serials(tmp_path, l3):
     finally:
         await prov.aclose()
         await store.close()
+
+
+# --------------------------------------------------------------------------- the real sources against the L3 simulator
+
+SOAP_PATHS = {"sap": "/guardian/NumberRangeService/", "unitrace": "/unitrace/NumberRangeService/", "tracelink": "/soap/snx/snrequest/"}
+
+
+@pytest.mark.parametrize(("flavour", "fault", "outcome"), [
+    ("serialbox", "short", "imported"),
+    ("serialbox", "duplicates", "imported"),
+    ("serialbox", "bad_format", "imported"),
+    ("serialbox", "http_500_html", "lost"),
+    ("serialbox", "truncated", "parked"),
+    ("serialbox", "drop", "lost"),
+    ("sap", "soap_fault", "parked"),
+    ("unitrace", "short", "imported"),
+    ("tracelink", "foreign_gtin", "imported"),
+    ("tracelink", "bad_format", "imported"),
+])
+async def test_real_sources_against_the_l3_simulator(tmp_path, flavour, fault, outcome):
+    """serialbox REST and the SOAP number-range request (linectl.sources) through the provisioner, one fault each, the
+    simulator's handed_out as ground truth: imported once, refused with a reason, or in a lost / parked request."""
+    from linectl.simulators.l3_serials import L3SerialsSim
+
+    sim = L3SerialsSim(seed=11)
+    sim.add_pool(GTIN, "random", minimum=10**8, maximum=10**9 - 1)
+    sim.inject("short", 1, GTIN)  # a first page to have something to duplicate
+    await sim.start()
+    if flavour == "serialbox":
+        source = {"type": "serialbox", "url": sim.url, "page_size": 100, "timeout_s": 5}
+    else:
+        source = {"type": "number_range", "flavour": flavour, "url": sim.url + SOAP_PATHS[flavour], "sending_system": "LINE1",
+                  "page_size": 100, "timeout_s": 5}
+    prod = product(source=source, request_count=100, retry_max_s=0.2)
+    from linectl.sources.provisioner import build_source
+
+    store = await Store.open(tmp_path / "line.db")
+    alarms = Alarms()
+    prov = Provisioner(prod, build_source(prod), store, alarms)
+    try:
+        assert await prov.replenish() == 100  # 50 (short) + 50 on the continuation page
+        sim.inject(fault, 1, GTIN)
+        await prov.replenish()
+        rows = store.requests(kind="request")
+        states = [r.state for r in rows[2:]]
+        assert states[0] == outcome, [(r.state, r.error) for r in rows]
+        handed = set(sim.handed_out(GTIN))
+        imported = pool_rows(tmp_path / "line.db")
+        # a refused answer names the value as the L3 sent it: the number inside a mangled serial or an element string
+        refused = {re.sub(r"^(BAD SERIAL |01\d{14}21)", "", s): w for s, w in refused_serials(store).items()}
+        assert set(imported) <= handed
+        assert not set(imported) & {s for s, w in refused.items() if not w.startswith("duplicate:")}
+        # lost: maybe allocated, answer never arrived; parked after a malformed answer (truncated): allocated, never read
+        lost = sum(r.size for r in rows if r.state in ("lost", "parked"))
+        missing = [s for s in handed if s not in imported and s not in refused]
+        assert len(missing) <= lost, (len(missing), lost, list(refused.items())[:3])
+        if fault == "duplicates":
+            assert sum(1 for w in refused.values() if w.startswith("duplicate: already known")) >= 1
+        if fault in ("bad_format", "foreign_gtin"):
+            assert any(w.startswith("foreign:") for w in refused.values()), refused
+        if outcome == "parked":
+            assert "serial_request_parked" in alarms.codes() and rows[2].error
+    finally:
+        await prov.aclose()
+        await store.close()
+        await sim.stop()
