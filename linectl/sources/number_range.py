@@ -218,50 +218,58 @@ class NumberRangeSource(HttpSource):
         root = parse_xml(ans.text)
         if local(root.tag) == "root":
             return generic_xml_numbers(req, asked, ans.text)
-        if local(root.tag) != "Envelope":
-            raise SourceRefused(f"answer's root is <{local(root.tag)}>, not a SOAP Envelope: {excerpt(ans.text)}")
-        body = _child(root, "Body")
-        message = next(iter(body), None) if body is not None else None
-        if message is None:
-            raise SourceRefused("SOAP answer has an empty or no Body")
-        for exc_el in _children(message, "RfidException"):
-            code, msg = _text(_child(exc_el, "ErrorCode")), _text(_child(exc_el, "ErrorMessage"))
-            if code or msg:
-                raise SourceRefused(f"L3 error {code or '-'}: {msg or '(no message)'}")
-        expected_key = self.object_key_value or req.gtin
-        for key in _children(message, "ObjectKey"):
-            value = _text(_child(key, "Value"))
-            if value and value != expected_key:
-                raise SourceRefused(f"answer is for ObjectKey {value!r}, asked {expected_key!r}")
-        serial_els = _children(message, "SerialNo")
-        intervals = _children(message, "Interval")
-        if serial_els and intervals:
-            raise SourceRefused("answer holds both a SerialNo list and an Interval")
-        if len(intervals) > 1:
-            raise SourceRefused(f"answer holds {len(intervals)} Intervals, expected one")
-        if intervals:
-            first, last = _text(_child(intervals[0], "NumberFrom")), _text(_child(intervals[0], "NumberTo"))
-            if not first or not last:
-                raise SourceRefused("Interval without NumberFrom or NumberTo")
-            if self.flavour == "tracelink":
-                pair = split_element_strings(req.gtin, [first, last])
-                if pair is not None:
-                    if pair[1]:
-                        raise SourceRefused(f"Interval {first}..{last}: {pair[1][0][1]}")
-                    first, last = pair[0]
-            good, bad = sort_serials(req.gtin, expand_interval(first, last, asked))
-            return good, bad, len(good) + len(bad) < asked
-        if not serial_els:
-            raise SourceRefused(f"answer holds neither SerialNo nor Interval: {excerpt(ans.text)}")
-        if len(serial_els) > asked:
-            raise SourceRefused(f"answer holds {len(serial_els)} serials, more than the {asked} asked")
-        values = [_text(e) for e in serial_els]
-        foreign: list[tuple[str, str]] = []
-        split = split_element_strings(req.gtin, values) if self.flavour == "tracelink" else None
-        if split is not None:
-            values, foreign = split
-        good, bad = sort_serials(req.gtin, values)
-        return good, foreign + bad, False
+        return soap_numbers(
+            root, ans.text, req, asked, self.object_key_value or req.gtin, element_strings=self.flavour == "tracelink"
+        )
 
 
-__all__ = ["NumberRangeSource", "build_request", "soap_fault"]
+def soap_numbers(
+    root: ET.Element, text: str, req: SerialRequest, asked: int, expected_key: str, *, element_strings: bool,
+) -> tuple[list[str], list[tuple[str, str]], bool]:
+    """serials, rejected, exhausted of a number-range answer envelope (any of the three shapes)."""
+    if local(root.tag) != "Envelope":
+        raise SourceRefused(f"answer's root is <{local(root.tag)}>, not a SOAP Envelope: {excerpt(text)}")
+    body = _child(root, "Body")
+    message = next(iter(body), None) if body is not None else None
+    if message is None:
+        raise SourceRefused("SOAP answer has an empty or no Body")
+    for exc_el in _children(message, "RfidException"):
+        code, msg = _text(_child(exc_el, "ErrorCode")), _text(_child(exc_el, "ErrorMessage"))
+        if code or msg:
+            raise SourceRefused(f"L3 error {code or '-'}: {msg or '(no message)'}")
+    for key in _children(message, "ObjectKey"):
+        value = _text(_child(key, "Value"))
+        if value and value != expected_key:
+            raise SourceRefused(f"answer is for ObjectKey {value!r}, asked {expected_key!r}")
+    serial_els = _children(message, "SerialNo")
+    intervals = _children(message, "Interval")
+    if serial_els and intervals:
+        raise SourceRefused("answer holds both a SerialNo list and an Interval")
+    if len(intervals) > 1:
+        raise SourceRefused(f"answer holds {len(intervals)} Intervals, expected one")
+    if intervals:
+        first, last = _text(_child(intervals[0], "NumberFrom")), _text(_child(intervals[0], "NumberTo"))
+        if not first or not last:
+            raise SourceRefused("Interval without NumberFrom or NumberTo")
+        if element_strings:
+            pair = split_element_strings(req.gtin, [first, last])
+            if pair is not None:
+                if pair[1]:
+                    raise SourceRefused(f"Interval {first}..{last}: {pair[1][0][1]}")
+                first, last = pair[0]
+        good, bad = sort_serials(req.gtin, expand_interval(first, last, asked))
+        return good, bad, len(good) + len(bad) < asked
+    if not serial_els:
+        raise SourceRefused(f"answer holds neither SerialNo nor Interval: {excerpt(text)}")
+    if len(serial_els) > asked:
+        raise SourceRefused(f"answer holds {len(serial_els)} serials, more than the {asked} asked")
+    values = [_text(e) for e in serial_els]
+    foreign: list[tuple[str, str]] = []
+    split = split_element_strings(req.gtin, values) if element_strings else None
+    if split is not None:
+        values, foreign = split
+    good, bad = sort_serials(req.gtin, values)
+    return good, foreign + bad, False
+
+
+__all__ = ["NumberRangeSource", "build_request", "soap_fault", "soap_numbers"]

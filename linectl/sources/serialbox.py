@@ -403,6 +403,12 @@ class SerialboxSource(HttpSource):
             if fulfilled is not None and not isinstance(fulfilled, bool):
                 raise SourceRefused(f"fulfilled {fulfilled!r} is not true/false")
             return serialbox_numbers(req, asked, doc["numbers"], str(doc.get("type")), granted, fulfilled)
+        root = parse_xml(ans.text)
+        if local(root.tag) == "Envelope":
+            # a pool with a reply template answers ?format=xml with it (QU4RTET): the number-range shapes
+            from linectl.sources.number_range import soap_numbers
+
+            return soap_numbers(root, ans.text, req, asked, self.pool or req.gtin, element_strings=True)
         return generic_xml_numbers(req, asked, ans.text)
 
 
