@@ -144,10 +144,12 @@ async def test_l3_down_while_the_line_runs(tmp_path):
     await sim.start()
     port = sim.port
     try:
-        over = {"products": pool_products(sim.url, low_water=1000, request_count=200, check_interval_s=0.5, retry_max_s=0.5)}
+        # check_interval_s long: after the first round at start only the line's nudges (allocations) ask again, so
+        # no request is in flight when the L3 goes away (a dropped answer would rightly be recorded lost)
+        over = {"products": pool_products(sim.url, low_water=1000, request_count=200, check_interval_s=600, retry_max_s=0.5)}
         async with simulated_line(tmp_path, overrides=over, rate=1500) as sl:
             prov = sl.daemon.provisioners[GTIN]
-            await wait_for(lambda: sl.line.store.available(GTIN) >= 200, 30, "the first serials")
+            await wait_for(lambda: sl.line.store.available(GTIN) >= 200 and prov.state == "idle", 30, "the first serials")
             await sim.stop()
             lot = await create_and_start(sl, 300)
             await wait_for(lambda: prov.state == "failing", 30, "the source seen failing")

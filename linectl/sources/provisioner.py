@@ -219,6 +219,8 @@ class Provisioner:
             return
         if self.store.available(self.gtin) < self.pool.low_water:
             await self.replenish()
+        if self.state == "requesting":
+            self.state = "idle"
 
     async def replenish(self) -> int:
         """Ask for request_count serials in pages of page_size; stop early when the L3 says there are no more.
