@@ -101,7 +101,12 @@ async def test_pool_refilled_from_l3_while_the_line_runs(tmp_path):
             assert st["pending"] == 0 and st["parked"] == [] and st["available"] == sl.line.store.available(GTIN)
             assert sl.daemon.upstream[0].state_payload()["serial_sources"][GTIN]["source"] == prov.name
             check_truth(db, sim)
-            await sl.line.execute(C.CloseBatch(actor="test"), origin="test")
+            res = await sl.line.execute(C.CloseBatch(actor="test", unused_serials="void"), origin="test")
+            voided = db_query(db, "SELECT count(*) FROM serials WHERE lot=? AND state='voided' AND source LIKE 'serialbox:%'", (lot,))[0][0]
+            reported = res["unused_serials"].get("source")
+            assert (reported or {}).get("count", 0) == voided  # the close reply names what the L3 gave and was never printed
+            if voided:
+                assert reported["state"] == "reported"  # serialbox has no return
     finally:
         await sim.stop()
 
@@ -122,7 +127,13 @@ async def test_l3_refusal_parks_with_alarm_and_the_retry_command_sends_it_again(
             assert sim.requests == n
             with pytest.raises(C.CommandRejected):
                 await sl.line.execute({"name": "serials_retry", "gtin": "09501101530010"}, origin="test")
-            res = await sl.line.execute({"name": "serials_retry", "gtin": GTIN, "actor": "qa", "command_id": "r1"}, origin="mqtt:hmi")
+            # the operator's retry, as the CLI sends it: serials_retry over MQTT to the running daemon
+            proc = await asyncio.create_subprocess_exec(
+                *LINECTL, "upstream", "retry", "-c", str(sl.run_cfg_path), "--gtin", GTIN, "--actor", "qa", cwd=REPO,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, err.decode()
+            res = json.loads(out)["result"]
             assert len(res["retried"]) == 1
             # the parked request itself goes out again (same key; a refused request allocated nothing): 200 serials,
             # above low water, so nothing more is asked
@@ -130,7 +141,9 @@ async def test_l3_refusal_parks_with_alarm_and_the_retry_command_sends_it_again(
             rows = db_query(sl.db, "SELECT id, state, attempts, size FROM serial_requests ORDER BY id")
             assert rows == [(res["retried"][0], "imported", 2, 200)]
             audit = [(r.action, r.origin) for r in sl.line.store.audit_log(limit=100_000)]
-            assert ("serials_retry", "mqtt:hmi") in audit and ("serial_requests_retried", "mqtt:hmi") in audit
+            origins = {o for a, o in audit if a == "serials_retry"}
+            assert len(origins) == 1 and next(iter(origins)).startswith("mqtt:")
+            assert ("serial_requests_retried", next(iter(origins))) in audit
             check_truth(sl.db, sim)
     finally:
         await sim.stop()
