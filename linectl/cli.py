@@ -28,6 +28,7 @@ from linectl.commands import (
     serials,
     simulate,
     trace,
+    upstream,
     verify,
 )
 
@@ -53,6 +54,7 @@ COMMANDS = (
     rework,
     decode,
     backup,
+    upstream,
 )
 
 

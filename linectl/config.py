@@ -172,6 +172,23 @@ class PoolSerials(Model):
     scheme: Literal["pool"]
     low_water: int = Field(1000, ge=0, description="raise an alarm and request more below this many available")
     request_count: int = Field(10000, gt=0, description="how many to ask upstream for when low")
+    # --- with a serial source (linectl/sources/provisioner.py); without one: the MQTT serials/request path
+    source: SerialSourceConfig | None = Field(None, description="the L3/L4 the pool is filled from, asked by linectl itself")
+    return_unused_at_close: bool = Field(
+        False, description="source: at batch close, give the batch's voided (never printed) serials back when the protocol has a return"
+    )
+    check_interval_s: float = Field(30.0, gt=0, le=86_400, description="source: how often the pool is looked at besides the line's nudge")
+    retry_max_s: float = Field(60.0, ge=0.1, le=3600, description="source: cap of the jittered backoff while the source is unavailable")
+    request_alarm_s: float = Field(
+        600.0, gt=0, le=86_400, description="source: alarm once when a request has waited this long for its answer"
+    )
+
+    @model_validator(mode="after")
+    def _keys_need_source(self) -> PoolSerials:
+        given = [k for k in ("return_unused_at_close", "check_interval_s", "retry_max_s", "request_alarm_s") if k in self.model_fields_set]
+        if given and self.source is None:
+            raise ValueError(f"{', '.join(given)} apply to a pool with a serial source only; set source or remove them")
+        return self
 
 
 # ---- serial sources (serials.source): the L3/L4 a pool product's serials are asked from (linectl.sources)
@@ -275,6 +292,9 @@ class NumberRangeSourceConfig(_HttpSourceConfig):
     )
     randomized: bool = Field(True, description="RequestRandomizedNumbers: ask for a randomised list instead of an interval")
 
+
+#: serials.source: discriminated by `type` (the OPC UA source's OpenScsSourceConfig joins when it is merged)
+SerialSourceConfig = Annotated[SerialboxSourceConfig | NumberRangeSourceConfig, Field(discriminator="type")]
 
 SerialScheme = Annotated[RandomSerials | SequentialSerials | PoolSerials, Field(discriminator="scheme")]
 

@@ -190,6 +190,13 @@ class ProvisionPool(Command):
         return [str(n).zfill(self.range_width) for n in range(self.range_start, self.range_start + self.range_count)]
 
 
+class SerialsRetry(Command):
+    """Send a pool product's parked serial requests to its source again (the L3 refused them; an operator fixed it)."""
+
+    name: Literal["serials_retry"] = "serials_retry"
+    gtin: str
+
+
 class Challenge(Command):
     name: Literal["challenge"] = "challenge"
 
@@ -300,6 +307,7 @@ AnyCommand = Annotated[
         | StopBatch
         | CloseBatch
         | ProvisionPool
+        | SerialsRetry
         | Challenge
         | RequestState
         | AckAlarm

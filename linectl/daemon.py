@@ -68,8 +68,11 @@ class Daemon:
     drivers: dict[str, Driver] = field(default_factory=dict)
     supervisor: Supervisor | None = None
     upstream: list[Upstream] = field(default_factory=list)
+    #: one per pool product with a serial source (linectl/sources/provisioner.py), by GTIN
+    provisioners: dict[str, Any] = field(default_factory=dict)
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     loop_lag_ms: float = 0.0
+    _bridge: Any = None
 
     async def start(self) -> None:
         from linectl.epcis import EpcisMapper
@@ -111,6 +114,7 @@ class Daemon:
         for plc in self.line.plcs:
             self.supervisor.start(f"plc_surface.{plc.name}", PlcSurface(self.line, plc).run)
         self.supervisor.start("loop_health", self._loop_health)
+        self._start_provisioners()
         await self._start_upstream()
         self.supervisor.start("retention", self._retention)
         phase("tasks")
@@ -119,6 +123,43 @@ class Daemon:
         gc.freeze()
         sd_notify("READY=1\nSTATUS=line controller running")
         log.info("daemon_started", line=self.cfg.topic_root, db=path, devices=list(self.drivers), startup_ms=phases)
+
+    def _start_provisioners(self) -> None:
+        """A provisioner task per pool product with a serial source; the line nudges it below low water, routes
+        serials_retry to it and tells it of a batch close (its unused serials go back to the source, or are reported)."""
+        from linectl.sources.provisioner import Provisioner, build_source
+
+        assert self.line is not None and self.supervisor is not None
+        for product in self.cfg.products:
+            if product.serials.scheme == "pool" and product.serials.source is not None:
+                prov = Provisioner(product, build_source(product), self.store, self.line)
+                self.provisioners[product.gtin] = prov
+                self.supervisor.start(f"provisioner.{product.gtin}", prov.run)
+        if not self.provisioners:
+            return
+        provs = self.provisioners
+        line = self.line
+
+        async def retry(gtin: str, actor: str, origin: str) -> dict[str, Any]:
+            return await provs[gtin].retry(actor, origin)  # type: ignore[no-any-return]
+
+        async def closed(lot: str, gtin: str) -> dict[str, Any] | None:
+            p = provs.get(gtin)
+            return None if p is None else await p.batch_closed(lot)
+
+        line.on_serials_retry = retry
+        line.on_batch_closed = closed
+        line.on_pool_low = self._pool_low
+
+    def _pool_low(self, gtin: str, count: int) -> str | None:
+        """Below low water: the product's provisioner when it has a source, else the MQTT serials/request path."""
+        prov = self.provisioners.get(gtin)
+        if prov is not None:
+            prov.nudge()
+            return None
+        if self._bridge is not None:
+            return self._bridge.request_serials(gtin, count, "pool")  # type: ignore[no-any-return]
+        return None
 
     async def _start_upstream(self) -> None:
         """Every enabled sink (linectl/upstream/sink.py) with its own cursor; the MQTT bridge when MQTT is on."""
@@ -136,11 +177,12 @@ class Daemon:
         self.upstream = list(sinks)
         if self.cfg.mqtt.enabled:
             fwd = next(s for s in sinks if s.name == "mqtt")
-            bridge = MqttBridge(self.cfg, self.line, store=self.store, forwarder=fwd, sinks=sinks)
+            bridge = MqttBridge(self.cfg, self.line, store=self.store, forwarder=fwd, sinks=sinks, sources=list(self.provisioners.values()))
             self.upstream.insert(0, bridge)
             self.supervisor.start("mqtt_bridge", bridge.run)
             self.line.on_state_change(bridge.state_changed)
-            self.line.on_pool_low = lambda gtin, count: bridge.request_serials(gtin, count, "pool")
+            self._bridge = bridge
+            self.line.on_pool_low = self._pool_low
 
     async def _task_gave_up(self, name: str, exc: BaseException) -> None:
         if self.line is not None:
@@ -200,6 +242,11 @@ class Daemon:
                 await asyncio.wait_for(d.stop(), 5)
             except Exception as exc:  # noqa: BLE001
                 log.warning("driver_stop_failed", device=d.name, error=str(exc))
+        for prov in self.provisioners.values():
+            try:
+                await asyncio.wait_for(prov.aclose(), 5)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("serial_source_close_failed", source=prov.name, error=str(exc))
         if self.store is not None:
             await self.store.close()
         log.info("daemon_stopped", reason=reason)

@@ -140,8 +140,13 @@ class Line:
         self.started_at = time.time()
         self.shutting_down = False
         self.infeed_stopped = False
-        #: called (gtin, count) when a pool product falls below its low-water mark; the daemon wires it to MQTT
+        #: called (gtin, count) when a pool product falls below its low-water mark; the daemon wires it to MQTT, or to the
+        #: product's provisioner (linectl/sources/provisioner.py) when it has a serial source
         self.on_pool_low: Any = None
+        #: serial sources (the daemon wires the provisioners): async (gtin, actor, origin) -> reply of serials_retry;
+        #: async (lot, gtin) -> what became of the batch's unused serials at the source (close_batch's reply), or None
+        self.on_serials_retry: Any = None
+        self.on_batch_closed: Any = None
         self._pool_requested: dict[str, float] = {}
         self.rate_window: list[tuple[float, int]] = []
         self.completed = asyncio.Event()
@@ -353,6 +358,9 @@ class Line:
         available = self.store.available(product.gtin)
         if available >= product.serials.low_water:
             self._pool_requested.pop(product.gtin, None)
+            return
+        if product.serials.source is not None:
+            self.on_pool_low(product.gtin, product.serials.request_count)  # a nudge: the provisioner paces its own requests
             return
         last = self._pool_requested.get(product.gtin)
         if last is not None and time.monotonic() - last < 3600:
@@ -687,7 +695,12 @@ class Line:
         from linectl.report import batch_report
 
         report = batch_report(self.store, b.lot)
-        return {"lot": b.lot, "state": "closed", "unused_serials": {"policy": policy, "count": res["unused"]}, "report": report}
+        unused_serials: dict[str, Any] = {"policy": policy, "count": res["unused"]}
+        if self.on_batch_closed is not None:  # voided serials of a serial source: given back, or reported
+            upstream = await self.on_batch_closed(b.lot, b.gtin)
+            if upstream is not None:
+                unused_serials["source"] = upstream
+        return {"lot": b.lot, "state": "closed", "unused_serials": unused_serials, "report": report}
 
     async def _cmd_provision_pool(self, c: C.ProvisionPool, origin: str) -> dict[str, Any]:
         try:
@@ -710,6 +723,16 @@ class Line:
             "problems": res.problems[:20],
             "request_id": c.request_id,
         }
+
+    async def _cmd_serials_retry(self, c: C.SerialsRetry, origin: str) -> dict[str, Any]:
+        try:
+            product = self.cfg.product(c.gtin)
+        except Exception as exc:  # noqa: BLE001
+            raise C.CommandRejected(f"unknown GTIN {c.gtin}: not configured on this line", "unknown_gtin") from exc
+        if product.serials.scheme != "pool" or product.serials.source is None or self.on_serials_retry is None:
+            raise C.CommandRejected(f"GTIN {product.gtin} has no serial source to retry", "no_source")
+        result: dict[str, Any] = await self.on_serials_retry(product.gtin, c.actor, origin)
+        return result
 
     async def _cmd_request_state(self, c: C.RequestState, origin: str) -> dict[str, Any]:
         return self.snapshot()

@@ -42,7 +42,7 @@ from linectl.store.model import StoreError
 log = structlog.get_logger("linectl.store")
 
 APP_ID = "linectl"
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 metadata = MetaData()
@@ -319,6 +319,44 @@ plc_counters = Table(
     Column("ts", Text, nullable=False),
 )
 Index("ix_plc_counters_lot", plc_counters.c.lot, plc_counters.c.id)
+
+# Serial requests to an L3/L4 source and their answers (linectl/sources/provisioner.py, ops in serial_requests.py), v9.
+# One row per page asked (kind 'request') or per give-back (kind 'return'). A row is written before its request is
+# sent; the answer (raw as received, and what the source parsed of it) before a single serial is imported; the import
+# and state 'imported' in one transaction. States: pending (recorded, maybe sent) -> answered -> imported;
+# pending -> parked (the L3 refused; an operator retries) -> pending; pending -> lost (maybe allocated at the L3,
+# answer never stored, protocol without idempotency key: those numbers are never used); returns: pending ->
+# returned | reported (the protocol has no return).
+serial_requests = Table(
+    "serial_requests",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("kind", Text, nullable=False),  # 'request' | 'return'
+    Column("source", Text, nullable=False),  # SerialSource.name
+    Column("gtin", Text, nullable=False),
+    Column("size", Integer, nullable=False),  # serials asked for (request) / given back (return)
+    Column("key", Text, nullable=False),  # idempotency key / request token, the same for every page of one request
+    Column("page", Integer, nullable=False),  # 0 = first page of the request
+    Column("lot", Text),
+    Column("continuation", Text),  # what this page was asked with (the previous page's continuation)
+    Column("state", Text, nullable=False),
+    Column("created_at", Text, nullable=False),
+    Column("sent_at", Text),
+    Column("answered_at", Text),
+    Column("imported_at", Text),
+    Column("raw", Text),  # the answer as received
+    Column("answer", Text),  # JSON {serials, foreign, more, continuation}: what the source read in raw
+    Column("accepted", Integer),
+    Column("duplicates", Integer),
+    Column("invalid", Integer),
+    Column("foreign_serials", Integer),
+    Column("problems", Text),  # JSON [[serial, reason], ...]: every refused serial (kept up to REFUSED_KEPT)
+    Column("error", Text),  # the last error of an attempt (or why parked / lost)
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("updated_at", Text, nullable=False),
+    UniqueConstraint("kind", "key", "page", name="uq_serial_requests_key_page"),
+)
+Index("ix_serial_requests_open", serial_requests.c.source, serial_requests.c.state)
 
 # Guards against a code path that deletes by mistake; not against a person with the file (the hash chain is for that).
 TRIGGERS = (
@@ -742,6 +780,12 @@ def _migrate_sink_cursors(conn: Connection) -> None:
     x("INSERT OR IGNORE INTO sink_cursors(sink, seq, pending, updated_at) VALUES ('mqtt', ?, NULL, ?)", (cursor, now_iso()))
 
 
+def _migrate_serial_requests(conn: Connection) -> None:
+    """v8 -> v9: the serial_requests table (requests to an L3/L4 serial source and their answers). Nothing else changes:
+    serials imported before keep their source text; a pool without a `source` keeps working as before."""
+    serial_requests.create(conn, checkfirst=True)  # with its index
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _migrate_1_to_2,
     2: _migrate_command_ids,
@@ -750,6 +794,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     5: _migrate_challenge_state,
     6: _migrate_plc_carried,
     7: _migrate_sink_cursors,
+    8: _migrate_serial_requests,
 }
 
 

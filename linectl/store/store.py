@@ -22,7 +22,7 @@ import structlog
 from sqlalchemy import Connection
 
 from linectl.jsonable import json_default
-from linectl.store import containers, ops, plc_records, schema
+from linectl.store import containers, ops, plc_records, schema, serial_requests
 from linectl.store.lock import StoreLock
 from linectl.store.model import (
     AuditCheck,
@@ -292,6 +292,53 @@ class Store:
             problems.append(f"… and {invalid + dups - len(problems)} more problem(s)")
         log.info("serials_provisioned", gtin=g, source=source, accepted=len(inserted), duplicates=dups, invalid=invalid)
         return ProvisionResult(accepted=len(inserted), duplicates=dups, invalid=invalid, problems=problems, rejected=rejected)
+
+    # ------------------------------------------------------------------ serial requests (linectl/sources/provisioner.py)
+
+    async def request_new(self, kind: str, source: str, gtin: str, size: int, key: str, *, page: int = 0, lot: str | None = None,
+                          continuation: str | None = None, serials: list[str] | None = None) -> int:
+        """Record a request to a serial source (or a give-back of `serials`) as pending, durably, before it is sent."""
+        return int(await self._submit(serial_requests.op_request_new, kind, source, _gtin(gtin), size, key, page, lot, continuation, serials))
+
+    async def request_attempt(self, request_id: int) -> int:
+        return int(await self._submit(serial_requests.op_request_attempt, int(request_id)))
+
+    async def request_answered(self, request_id: int, raw: str, answer: dict[str, Any]) -> None:
+        """The answer as received and what the source read in it, durably, before a single serial is imported."""
+        await self._submit(serial_requests.op_request_answered, int(request_id), raw, answer)
+
+    async def request_import(self, request_id: int, source_text: str, *, actor: str = "system") -> serial_requests.ImportResult:
+        """Import an answered page into the pool and mark it imported in one transaction; an imported page is not imported again."""
+        res: serial_requests.ImportResult = await self._submit(serial_requests.op_request_import, int(request_id), source_text, actor)
+        log.info("serial_request_imported", request=request_id, accepted=res.accepted, duplicates=res.duplicates, invalid=res.invalid,
+                 foreign=res.foreign, already=res.already)
+        return res
+
+    async def request_failed(self, request_id: int, error: str, state: str | None = None, *, actor: str = "system") -> None:
+        """Keep an attempt's error; with `state` parked / lost / returned / reported the request ends there (audited)."""
+        await self._submit(serial_requests.op_request_failed, int(request_id), error, state, actor)
+
+    async def requests_unpark(self, source: str, gtin: str, actor: str, origin: str) -> list[int]:
+        """Parked requests of (source, gtin) back to pending (an operator's retry, audited); their ids."""
+        return list(await self._submit(serial_requests.op_request_unpark, source, _gtin(gtin), actor, origin))
+
+    def requests(self, *, source: str | None = None, gtin: str | None = None, states: tuple[str, ...] | None = None,
+                 kind: str | None = None, limit: int = 1000) -> list[serial_requests.RequestRecord]:
+        with self._reader.snapshot() as c:
+            return serial_requests.q_requests(c, source=source, gtin=gtin, states=states, kind=kind, limit=limit)
+
+    def request_answer(self, request_id: int) -> tuple[str | None, dict[str, Any] | None, list[tuple[str, str]]]:
+        """(raw answer, what the source read in it, refused serials with their reasons) of one request."""
+        with self._reader.snapshot() as c:
+            return serial_requests.q_answer(c, int(request_id))
+
+    def requests_summary(self) -> dict[str, dict[str, Any]]:
+        with self._reader.snapshot() as c:
+            return serial_requests.q_summary(c)
+
+    def voided_unreturned(self, gtin: str, lot: str, source_prefix: str) -> list[str]:
+        with self._reader.snapshot() as c:
+            return serial_requests.q_voided_unreturned(c, _gtin(gtin), lot, source_prefix)
 
     async def create_batch(self, lot: str, gtin: str, expiry: str, planned_qty: int, actor: str, origin: str | None = None,
                            challenge_required: list[str] | None = None, dates: dict[str, str] | None = None) -> Batch:

@@ -141,6 +141,7 @@ class MqttBridge:
         store: Any = None,
         forwarder: Any = None,
         sinks: list[Any] | None = None,
+        sources: list[Any] | None = None,
         client_id: str | None = None,
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 10.0,
@@ -151,6 +152,8 @@ class MqttBridge:
         self.store = store
         self.forwarder = forwarder
         self.sinks = list(sinks or [])
+        #: the serial provisioners (linectl/sources/provisioner.py): each one's status in the state, by GTIN
+        self.sources = list(sources or [])
         self.root = cfg.topic_root
         self.client_id = client_id or cfg.mqtt.client_id or default_client_id(cfg)
         self.topic_status = f"{self.root}/status"
@@ -323,6 +326,8 @@ class MqttBridge:
             snap["upstream"] = {**up, "units": {"backlog_rows": "rows", "oldest_unforwarded_age_s": "s", "times": "epoch s"}}
         if self.sinks:  # every enabled upstream sink (mqtt, file, ...), each with its own cursor and backlog
             snap["upstream_sinks"] = {sink.name: sink.status() for sink in self.sinks}
+        if self.sources:
+            snap["serial_sources"] = {p.gtin: p.status() for p in self.sources}
         snap["mqtt"] = self.status()
         if self._requests:
             snap["serial_requests"] = self.pending_serial_requests()
