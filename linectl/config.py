@@ -293,9 +293,6 @@ class NumberRangeSourceConfig(_HttpSourceConfig):
     randomized: bool = Field(True, description="RequestRandomizedNumbers: ask for a randomised list instead of an interval")
 
 
-#: serials.source: discriminated by `type` (the OPC UA source's OpenScsSourceConfig joins when it is merged)
-SerialSourceConfig = Annotated[SerialboxSourceConfig | NumberRangeSourceConfig, Field(discriminator="type")]
-
 SerialScheme = Annotated[RandomSerials | SequentialSerials | PoolSerials, Field(discriminator="scheme")]
 
 
@@ -388,6 +385,10 @@ class OpenScsSourceConfig(Model):
         if not self.username and (self.password_env or self.password_file):
             raise ValueError("password_env/password_file need username")
         return self
+
+
+#: serials.source: discriminated by `type` (linectl.sources.base.SOURCES has one class per member)
+SerialSourceConfig = Annotated[SerialboxSourceConfig | NumberRangeSourceConfig | OpenScsSourceConfig, Field(discriminator="type")]
 
 
 class Product(Model):

@@ -72,6 +72,10 @@ class SerialSource(Protocol):
 
     #: "<type>" or "<type>:<something the operator recognises>", for logs, state and the record
     name: str
+    #: the protocol honours `SerialRequest.key`: the same key asked again answers the same numbers (OPEN-SCS request
+    #: tokens). False: a request repeated after a restart allocates new numbers, so the provisioner records the
+    #: unanswered one as lost instead of sending it again
+    idempotent: bool
 
     async def request(self, req: SerialRequest, continuation: str | None = None) -> SerialPage:
         """Ask for `req.size` serials (or the next page of a paged request). Raises SourceUnavailable/SourceRefused."""

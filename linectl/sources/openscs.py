@@ -106,6 +106,9 @@ def _struct_class(datatype: ua.NodeId) -> Any:
 class OpenScsSource:
     """One OPC UA session to an OPEN-SCS pool manager, opened on demand and dropped on any transport trouble."""
 
+    #: SNRequestAllocated is paged by a request token: the same token answers the same numbers again
+    idempotent = True
+
     def __init__(
         self,
         endpoint: str,

@@ -81,7 +81,7 @@ class Provisioner:
         self.line = line
         self.actor = actor
         #: the protocol answers a repeated key with the numbers it already allocated (OPEN-SCS request tokens)
-        self.idempotent = bool(getattr(source, "idempotent", False))
+        self.idempotent = source.idempotent
         self.page_size = int(getattr(self.pool.source, "page_size", None) or self.pool.request_count)
         self._wake = asyncio.Event()
         self._backoff = Backoff(min(1.0, self.pool.retry_max_s), self.pool.retry_max_s)

@@ -188,6 +188,8 @@ class HttpSource:
     """HTTP plumbing of the sources: client, auth, TLS, bounded body, error classification and status."""
 
     name: str
+    #: neither serialbox nor the SOAP number-range request carries a request key: a repeat allocates new numbers
+    idempotent = False
 
     def __init__(
         self, name: str, *, auth: SourceAuth, tls: SourceTls | None, timeout_s: float,
