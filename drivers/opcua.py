@@ -32,6 +32,7 @@ import os
 import re
 import struct
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -345,8 +346,8 @@ class OpcuaPlc(PolledPlc):
                 except Exception as exc:  # noqa: BLE001 - BadNoMatch and friends
                     raise DeviceError(f"tag {name}: browse path {spec.node} not found ({_ua_why(exc)})") from None
             else:
-                idx = ref.ns_index if ref.ns_uri is None else await index_of(ref.ns_uri)
-                node = client.get_node(f"ns={idx};{ref.ident}")
+                nsi = ref.ns_index if ref.ns_uri is None else await index_of(ref.ns_uri)
+                node = client.get_node(f"ns={nsi};{ref.ident}")
             nodes[name] = node
         # one read proves every node exists and has the configured shape
         names = list(nodes)
@@ -439,13 +440,13 @@ class OpcuaPlc(PolledPlc):
 
     # -- reads ----------------------------------------------------------------------
 
-    async def _call(self, what: str, coro: Any) -> Any:
+    async def _call(self, what: str, request: Callable[[], Awaitable[Any]]) -> Any:
+        """One request, bounded by reply_timeout_s, serialized with this device's other requests."""
         async with self._io:
             if self._client is None:
-                coro.close()
                 raise ConnectionLost("connection lost")
             try:
-                return await asyncio.wait_for(coro, self.config.reply_timeout_s)
+                return await asyncio.wait_for(request(), self.config.reply_timeout_s)
             except asyncio.CancelledError:
                 raise
             except TimeoutError:
@@ -467,7 +468,7 @@ class OpcuaPlc(PolledPlc):
         client = self._client
         if client is None or not self._nodes:
             raise ConnectionLost("connection lost")
-        dvs = await self._call("read", client.read_attributes([self._nodes[n] for n in names], ua.AttributeIds.Value))
+        dvs = await self._call("read", lambda: client.read_attributes([self._nodes[n] for n in names], ua.AttributeIds.Value))
         for n, dv in zip(names, dvs):
             if dv.StatusCode is not None and not dv.StatusCode.is_good():
                 raise DeviceError(f"read {n}: {dv.StatusCode.name}")
@@ -495,7 +496,8 @@ class OpcuaPlc(PolledPlc):
 
         vtype = getattr(ua.VariantType, spec.type)
         node = self._nodes.get(name)
-        if node is None:
+        client = self._client
+        if node is None or client is None:
             raise ConnectionLost("connection lost")
         wv = ua.WriteValue()
         wv.NodeId = node.nodeid
@@ -508,12 +510,12 @@ class OpcuaPlc(PolledPlc):
             wv.Value = ua.DataValue(ua.Variant(values[0], vtype))
         params = ua.WriteParameters()
         params.NodesToWrite = [wv]
-        results = await self._call(f"write {name}", node.write_params(params))
+        results = await self._call(f"write {name}", lambda: node.write_params(params))
         status = results[0]
         if not status.is_good():
             raise DeviceError(f"write {name}: the server refused it: {status.name}")
         if self.config.confirm == "readback":
-            dvs = await self._call(f"read back {name}", self._client.read_attributes([node], ua.AttributeIds.Value))
+            dvs = await self._call(f"read back {name}", lambda: client.read_attributes([node], ua.AttributeIds.Value))
             dv = dvs[0]
             if dv.StatusCode is not None and not dv.StatusCode.is_good():
                 raise DeviceError(f"read back {name}: {dv.StatusCode.name}")
@@ -539,7 +541,7 @@ def _conv(typ: str, v: Any) -> Any:
 
 def _ms(t: dt.datetime) -> int:
     if t.tzinfo is None:
-        t = t.replace(tzinfo=dt.timezone.utc)
+        t = t.replace(tzinfo=dt.UTC)
     return int(t.timestamp() * 1000)
 
 

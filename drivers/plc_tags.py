@@ -360,7 +360,7 @@ def _chunks(b: bytes, n: int) -> list[bytes]:
 
 def polled(name: str, spec: Any) -> bool:
     if spec.poll is not None:
-        return spec.poll
+        return bool(spec.poll)
     return name not in ENGINE_WRITTEN
 
 

@@ -629,6 +629,12 @@ def _opcua_norm(typ: str, v: Any) -> Any:
     return int(v)
 
 
+def _status(code: int) -> Any:
+    from asyncua import ua
+
+    return ua.StatusCode(ua.UInt32(code))
+
+
 def _opcua_attribute_service(mem: OpcuaMemory, faults: FaultState) -> Any:
     """asyncua's AttributeService plus IndexRange writes (OPC UA Part 4 7.22), which PLC servers support and it ignores.
 
@@ -640,7 +646,7 @@ def _opcua_attribute_service(mem: OpcuaMemory, faults: FaultState) -> Any:
 
     by_id = {v: k for k, v in mem.nodeids.items()}
 
-    class IndexRangeAttributeService(AttributeService):  # type: ignore[misc]
+    class IndexRangeAttributeService(AttributeService):
         async def write(self, params: Any, user: Any = None) -> list[Any]:
             delay = faults.slow_delay()
             if delay > 0:
@@ -652,18 +658,18 @@ def _opcua_attribute_service(mem: OpcuaMemory, faults: FaultState) -> Any:
                     out.extend(await self._one(wv, user))
                     continue
                 if name is None or mem.tags[name].count == 1:
-                    out.append(ua.StatusCode(ua.StatusCodes.BadIndexRangeInvalid))
+                    out.append(_status(ua.StatusCodes.BadIndexRangeInvalid))
                     continue
                 try:
                     a, _, b = wv.IndexRange.partition(":")
                     lo, hi = int(a), int(b) if b else int(a)
                 except ValueError:
-                    out.append(ua.StatusCode(ua.StatusCodes.BadIndexRangeInvalid))
+                    out.append(_status(ua.StatusCodes.BadIndexRangeInvalid))
                     continue
                 new = wv.Value.Value.Value if wv.Value.Value is not None else None
                 cur = mem.current(name)
                 if not isinstance(new, list) or lo < 0 or hi < lo or hi >= len(cur) or len(new) != hi - lo + 1:
-                    out.append(ua.StatusCode(ua.StatusCodes.BadIndexRangeNoData))
+                    out.append(_status(ua.StatusCodes.BadIndexRangeNoData))
                     continue
                 cur[lo : hi + 1] = new
                 whole = ua.WriteValue(NodeId=wv.NodeId, AttributeId=wv.AttributeId,
@@ -709,14 +715,15 @@ class OpcuaServerHost:
     def reboot_next(self) -> None:
         self._reboot = True
 
-    async def _build(self) -> None:
+    async def _build(self) -> Any:
         from asyncua import Server, ua
         from asyncua.crypto.permission_rules import User, UserRole
+        from asyncua.server.user_managers import UserManager
 
         sec = self.security
         users = sec.users
 
-        class Users:
+        class Users(UserManager):
             def get_user(self, iserver: Any, username: str | None = None, password: str | None = None, certificate: Any = None) -> Any:
                 if users is None:
                     return User(role=UserRole.User)
@@ -750,6 +757,7 @@ class OpcuaServerHost:
         srv.subscribe_server_callback(CT.PreRead, slow)
         srv.iserver.attribute_service = _opcua_attribute_service(self.mem, self.faults)(srv.iserver.aspace)
         self.server = srv
+        return srv
 
     async def _address_space(self, srv: Any) -> None:
         from asyncua import ua
@@ -780,13 +788,13 @@ class OpcuaServerHost:
                         child = await parent.get_child([qn])
                     except Exception:  # noqa: BLE001 - not there yet: create it
                         if k == len(ref.path) - 1:
-                            child = await parent.add_variable(idx, qn, init)
+                            child = await parent.add_variable(idx, bname, init)
                         else:
-                            child = await parent.add_object(idx, qn)
+                            child = await parent.add_object(idx, bname)
                     parent = child
                 var = parent
             else:
-                idx = ref.ns_index if ref.ns_uri is None else await srv.get_namespace_index(ref.ns_uri)
+                idx = int(ref.ns_index or 0) if ref.ns_uri is None else await srv.get_namespace_index(ref.ns_uri)
                 nid = ua.NodeId.from_string(f"ns={idx};{ref.ident}")
                 if idx == 0:
                     nodeids[name] = nid  # a server node (ServerStatus...): read it, never create it
@@ -799,8 +807,8 @@ class OpcuaServerHost:
 
     async def start(self) -> str:
         if self.server is None:
-            await self._build()
-            await self.server.start()
+            srv = await self._build()
+            await srv.start()
         elif self._reboot:
             self._reboot = False
             await self.server.start()
