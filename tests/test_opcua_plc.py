@@ -168,6 +168,18 @@ async def test_array_elements_written_by_index_range_leave_neighbours(ua):
         await drv.write_tag("verdict_ring", [1, 2], index=127)
 
 
+async def test_a_server_that_ignores_index_range_is_caught_by_the_read_back(ua):
+    """asyncua's own server applies an IndexRange write to the whole value: the ring would become two elements. The
+    read back refuses it on the first verdict (the README's reason to keep confirm: readback on the gate)."""
+    from asyncua.server.address_space import AttributeService
+
+    sim, drv = ua
+    srv = sim.host.server
+    srv.iserver.attribute_service = AttributeService(srv.iserver.aspace)
+    with pytest.raises(DeviceError, match="holds 2 elements"):
+        await drv.write_tag("verdict_ring", [5, VERDICT_GOOD], index=10)
+
+
 async def test_verdicts_through_the_gate_match_the_simulator(ua):
     """The PLC program's gate acts on the verdicts linectl wrote; rejects come back in reject_ring by subscription."""
     sim, drv = ua
