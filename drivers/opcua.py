@@ -6,9 +6,11 @@ Why it looks like this:
   (`nsu=<uri>;s=...`, or an alias from `namespaces` in a browse path), and
   every node is resolved once per session, never cached across sessions.
 - Poll tags come by subscription (publishing interval = poll_interval_s); the
-  poll loop reads the wire only when no notification has come for
-  `stale_after_s` (a subscription the server dropped silently must not freeze
-  the engine's view of the gate). Explicit `read_tags([...])` always reads.
+  poll loop reads the wire only when no notification (of a tag, or of the
+  server's CurrentTime, which ticks while a stopped line's tags stand still)
+  has come for `stale_after_s`: a subscription the server dropped silently
+  must not freeze the engine's view of the gate. Explicit `read_tags([...])`
+  always reads.
 - Array writes carry an IndexRange (OPC UA Part 4, NumericRange), so a verdict
   slot [seq, verdict] is one atomic write and never rewrites its neighbours.
   Every write's StatusCode is checked, and with confirm=readback the value is
@@ -57,8 +59,9 @@ _CHECK_AS = {"Boolean": "bool", "Byte": "Byte", "Int16": "Int16", "UInt16": "UIn
              "Float": "float32"}
 _ID_RE = re.compile(r"^(?:(?:ns=(\d+)|nsu=([^;]+));)?([isgb])=(.+)$", re.S)
 _ALIAS_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]*$")
-#: ServerStatus.StartTime (OPC UA Part 5 / Part 6 NodeIds.csv: Server_ServerStatus_StartTime)
+#: ServerStatus.StartTime and .CurrentTime (OPC UA Part 6 NodeIds.csv: Server_ServerStatus_StartTime / _CurrentTime)
 START_TIME_NODE = "i=2257"
+CURRENT_TIME_NODE = "i=2258"
 
 
 @dataclass(frozen=True)
@@ -152,7 +155,9 @@ class OpcuaConfig(PlcConfigBase):
         default_factory=dict, description="alias -> namespace URI, for browse path segments (plc:Line); resolved per session"
     )
     subscribe: bool = Field(True, description="poll tags by subscription (publishing interval poll_interval_s); false: read each cycle")
-    stale_after_s: float = Field(2.0, gt=0, description="no notification for this long: read the poll tags from the wire")
+    stale_after_s: float = Field(
+        2.0, gt=0, description="no notification (tags or the server's CurrentTime) for this long: read the poll tags from the wire"
+    )
     confirm: Literal["readback", "status"] = Field(
         "readback", description="status: the write's StatusCode confirms; readback: also read the value back and compare"
     )
@@ -266,6 +271,7 @@ class OpcuaPlc(PolledPlc):
         self._sub_broken = ""
         self._start_time: dt.datetime | None = None
         self._start_node: Any = None
+        self._clock_node: Any = None
         #: ServerStatus.StartTime stands in for the boot counter when the map has none (see the module docstring)
         self._virtual_epoch = "plc_epoch" not in self._tags
         self.server_restarts = 0
@@ -374,7 +380,9 @@ class OpcuaPlc(PolledPlc):
         period_ms = self.config.poll_interval_s * 1000
         self._sub = await client.create_subscription(period_ms, _Handler(self))
         nodes = [self._nodes[n] for n in self._poll_names if n in self._nodes]
-        nodes.append(self._start_node)
+        # the server clock ticks while the PLC's tags stand still: its notifications prove the subscription lives
+        self._clock_node = client.get_node(CURRENT_TIME_NODE)
+        nodes += [self._start_node, self._clock_node]
         await self._sub.subscribe_data_change(nodes)
 
     async def _close(self) -> None:
@@ -394,15 +402,17 @@ class OpcuaPlc(PolledPlc):
 
     def _notified(self, node: Any, val: Any) -> None:
         nodeid = getattr(node, "nodeid", None)
+        now = time.monotonic()
+        if self._clock_node is not None and nodeid == self._clock_node.nodeid:
+            self._cache_at = now
         if self._start_node is not None and nodeid == self._start_node.nodeid:
             if isinstance(val, dt.datetime) and self._start_time is not None and val != self._start_time:
                 # the server restarted under a live session (it kept the session): a new epoch all the same
                 self.server_restarts += 1
                 self.log.warning("plc_server_restarted", was=self._start_time.isoformat(), now=val.isoformat())
                 self._start_time = val
-            self._cache_at = time.monotonic()
-            return
-        name = self._by_nodeid.get(nodeid)
+            self._cache_at = now
+        name = self._by_nodeid.get(nodeid)  # (a tag may name a server node too: i=2257 as a DateTime tag)
         if name is None:
             return
         try:
@@ -410,7 +420,7 @@ class OpcuaPlc(PolledPlc):
         except DeviceError as exc:
             self._sub_broken = exc.reason
             return
-        self._cache_at = time.monotonic()
+        self._cache_at = now
 
     def _subscription_status(self, status: Any) -> None:
         code = getattr(status, "Status", status)

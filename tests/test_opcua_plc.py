@@ -210,6 +210,26 @@ async def test_subscription_delivers_without_reads_and_falls_back_when_stale(ua)
     assert drv.stats["reads"] > reads
 
 
+async def test_a_quiet_plc_is_not_polled_over_the_wire():
+    """No heartbeat, nothing changing: the server's CurrentTime keeps the subscription proven, no fallback reads."""
+    cfg = config(heartbeat=False, stale_after_s=2.5)
+    sim = PlcSim("plc_ua", cfg)
+    await sim.start()
+    drv = OpcuaPlc("plc_ua", cfg)
+    await drv.start()
+    try:
+        assert await drv.wait_connected(10.0), drv.health
+        await asyncio.sleep(1.5)
+        reads = drv.stats["reads"]
+        await asyncio.sleep(4.0)  # > stale_after_s: without a liveness tick this would be ~200 fallback reads
+        assert drv.stats["reads"] - reads <= 3, drv.stats
+        sim.set("trigger_count", 5)
+        assert await wait_for(lambda: drv.latest().get("trigger_count") == 5, 3.0)
+    finally:
+        await drv.stop()
+        await sim.stop()
+
+
 async def test_namespace_reindexed_by_the_server_is_resolved_by_uri():
     """The server puts the line's namespace at another index: nsu= tags and aliased browse paths still find it."""
     cfg = config()
