@@ -291,7 +291,9 @@ class OpcuaPlc(PolledPlc):
 
         await self._close()
         cfg = self.config
-        client = Client(cfg.url, timeout=cfg.reply_timeout_s)
+        # asyncua's own bound covers the session set-up (a secured CreateSession is slow on a busy PLC); every
+        # request after it is bounded by reply_timeout_s in _call
+        client = Client(cfg.url, timeout=cfg.connect_timeout_s)
         client.application_uri = cfg.application_uri
         client.name = client.description = f"linectl {self.name}"
         client.session_timeout = max(10_000, int(cfg.heartbeat_timeout_s * 4000))

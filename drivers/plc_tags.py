@@ -375,7 +375,7 @@ def check_tag_map(tags: dict[str, Any], heartbeat: bool) -> None:
             )
     for name in sorted(ENGINE_WRITES & tags.keys()):
         if not tags[name].writable:
-            where = f"table {tags[name].table}" if isinstance(tags[name], ModbusTagSpec) else tags[name].describe()
+            where = f"table {tags[name].table}" if isinstance(tags[name], ModbusTagSpec) else f"{tags[name].describe()} (writable: false)"
             raise ValueError(f"tag {name}: linectl writes it, so it cannot be in read-only {where}")
     for ring, min_count in (("verdict_ring", 2), ("reject_ring", 1)):
         spec = tags.get(ring)
