@@ -1,7 +1,8 @@
 """Round trip of a reject verdict: write the verdict slot [seq, REJECT] + read it back (the driver's confirm).
 
 The PLC simulator runs in its own process (`python -m linectl.simulators.plc`) on
-pymodbus' server (Modbus TCP) and on snap7's server (S7), with the driver's
+pymodbus' server (Modbus TCP), on snap7's server (S7) and on asyncua's server (OPC UA,
+security None; the verdict slot written with an IndexRange), with the driver's
 background poll loop running as in production, so the figure includes
 waiting behind a poll request. This is the latency budget linectl spends
 per unit between "verdict known" and "PLC has it".
@@ -26,8 +27,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from linectl.drivers.plc_tags import VERDICT_REJECT  # noqa: E402
 from linectl.simulators.plc import default_config, free_tcp_port  # noqa: E402
 
+#: (label, driver, confirm): readback everywhere (like for like); OPC UA also with its write StatusCode alone
+CASES = (("modbus_tcp", "modbus_tcp", "readback"), ("s7", "s7", "readback"), ("opcua", "opcua", "readback"),
+         ("opcua_status", "opcua", "status"))
 
-async def bench(driver: str, n: int) -> dict[str, float]:
+
+async def bench(driver: str, n: int, confirm: str = "readback") -> dict[str, float]:
     from linectl.drivers.registry import driver_class
 
     port = free_tcp_port()
@@ -38,7 +43,7 @@ async def bench(driver: str, n: int) -> dict[str, float]:
     )
     try:
         proc.stdout.readline()  # "listening on ..."
-        cfg = default_config(driver, port=port, confirm="readback")
+        cfg = default_config(driver, port=port, confirm=confirm)
         drv = driver_class(driver)("bench", cfg)
         await drv.start()
         if not await drv.wait_connected(5.0):
@@ -58,6 +63,7 @@ async def bench(driver: str, n: int) -> dict[str, float]:
     return {
         "n": len(lat),
         "median_ms": statistics.median(lat) * 1000,
+        "p50_ms": lat[len(lat) // 2] * 1000,
         "p99_ms": lat[int(len(lat) * 0.99) - 1] * 1000,
         "max_ms": lat[-1] * 1000,
     }
@@ -76,15 +82,15 @@ def main() -> None:
         "machine": f"{platform.machine()} {os.cpu_count()} CPU, {platform.processor() or platform.platform()}",
         "python": platform.python_version(),
     }
-    for driver in ("modbus_tcp", "s7"):
-        out[driver] = asyncio.run(bench(driver, args.n))
+    for label, driver, confirm in CASES:
+        out[label] = asyncio.run(bench(driver, args.n, confirm))
     if args.json:
         print(json.dumps(out, indent=2))
         return
     print(f"{out['date']} {out['machine']} Python {out['python']}")
-    for driver in ("modbus_tcp", "s7"):
-        r = out[driver]
-        print(f"{driver:11s} n={r['n']}  median {r['median_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  max {r['max_ms']:.2f} ms")
+    for label, _driver, confirm in CASES:
+        r = out[label]
+        print(f"{label:12s} confirm={confirm:8s} n={r['n']}  p50 {r['p50_ms']:.2f} ms  p99 {r['p99_ms']:.2f} ms  max {r['max_ms']:.2f} ms")
 
 
 if __name__ == "__main__":

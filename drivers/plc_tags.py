@@ -70,6 +70,12 @@ _INT_RANGE = {
     "UDINT": (0, 2**32 - 1),
     "DWORD": (0, 2**32 - 1),
     "BYTE": (0, 255),
+    # OPC UA built-in types (drivers/opcua.py): handshake counters and case tags may be any integer type
+    "Byte": (0, 255),
+    "Int16": (-(2**15), 2**15 - 1),
+    "UInt16": (0, 2**16 - 1),
+    "Int32": (-(2**31), 2**31 - 1),
+    "UInt32": (0, 2**32 - 1),
 }
 
 
@@ -352,9 +358,9 @@ def _chunks(b: bytes, n: int) -> list[bytes]:
 # --------------------------------------------------------------------------- tag map validation
 
 
-def polled(name: str, spec: ModbusTagSpec | S7TagSpec) -> bool:
+def polled(name: str, spec: Any) -> bool:
     if spec.poll is not None:
-        return spec.poll
+        return bool(spec.poll)
     return name not in ENGINE_WRITTEN
 
 
@@ -369,13 +375,14 @@ def check_tag_map(tags: dict[str, Any], heartbeat: bool) -> None:
             )
     for name in sorted(ENGINE_WRITES & tags.keys()):
         if not tags[name].writable:
-            raise ValueError(f"tag {name}: linectl writes it, so it cannot be in read-only table {tags[name].table}")
+            where = f"table {tags[name].table}" if isinstance(tags[name], ModbusTagSpec) else f"{tags[name].describe()} (writable: false)"
+            raise ValueError(f"tag {name}: linectl writes it, so it cannot be in read-only {where}")
     for ring, min_count in (("verdict_ring", 2), ("reject_ring", 1)):
         spec = tags.get(ring)
         if spec is None:
             continue
-        if spec.type not in ("uint32", "int32", "UDINT", "DINT", "DWORD"):
-            raise ValueError(f"tag {ring} must be a 32-bit integer array (uint32 / UDINT), not {spec.type}")
+        if spec.type not in ("uint32", "int32", "UDINT", "DINT", "DWORD", "UInt32", "Int32"):
+            raise ValueError(f"tag {ring} must be a 32-bit integer array (uint32 / UDINT / UInt32), not {spec.type}")
         if spec.count < min_count or (ring == "verdict_ring" and spec.count % 2):
             raise ValueError(
                 f"tag {ring} count {spec.count}: "
@@ -401,9 +408,11 @@ def check_tag_map(tags: dict[str, Any], heartbeat: bool) -> None:
         if isinstance(spec, ModbusTagSpec):
             key: Any = spec.table
             span = (spec.address, spec.address + spec.size)
-        else:
+        elif isinstance(spec, S7TagSpec):
             key = ("DB", spec.db)
             span = spec.bit_span()
+        else:
+            continue  # a node-addressed tag (OPC UA) has no byte layout: its driver checks duplicates
         spans.setdefault(key, []).append((span[0], span[1], name))
     for key, items in spans.items():
         items.sort()
@@ -467,7 +476,7 @@ class PlcConfigBase(DriverConfig):
     heartbeat_timeout_s: float = Field(2.0, gt=0, description="no heartbeat_plc toggle for this long = PLC lost")
     reply_timeout_s: float = Field(0.5, gt=0, le=30, description="bound of one request; a stalled PLC costs no more")
 
-    def tag_specs(self) -> dict[str, ModbusTagSpec | S7TagSpec]:
+    def tag_specs(self) -> dict[str, Any]:
         """The tag map; each protocol's config declares `tags` with its own spec type."""
         raise NotImplementedError
 

@@ -18,6 +18,7 @@ DRIVER_MODULES = (
     "linectl.drivers.camera",
     "linectl.drivers.modbus",
     "linectl.drivers.s7",
+    "linectl.drivers.opcua",
 )
 
 for _mod in DRIVER_MODULES:

@@ -35,7 +35,7 @@ from linectl.simulators.plc import PlcSim
 
 log = structlog.get_logger("linectl.simulators.line")
 
-PLC_DRIVERS = ("modbus_tcp", "modbus_rtu", "s7")
+PLC_DRIVERS = ("modbus_tcp", "modbus_rtu", "s7", "opcua")
 PRINTER_CLASSES = {"coder": ("linectl.simulators.printer", "CoderPrinterSim"), "zpl": ("linectl.simulators.printer", "ZplPrinterSim")}
 READER_CLASSES = {
     "reader": ("linectl.simulators.reader", "ReaderSim"),

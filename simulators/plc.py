@@ -1,5 +1,5 @@
-"""PLC simulator: the line's tag map served by pymodbus' own server (TCP, or RTU over a pty / socket)
-and by python-snap7's own server (S7), plus the PLC program around the reject gate.
+"""PLC simulator: the line's tag map served by pymodbus' own server (TCP, or RTU over a pty / socket),
+by python-snap7's own server (S7) and by asyncua's own server (OPC UA), plus the PLC program around the reject gate.
 
 The memory behind the servers is the same memory the simulated PLC program
 scans, so linectl talks to a real protocol stack end to end. The program is
@@ -11,7 +11,8 @@ without a real line.
 
 Run alone: `python -m linectl.simulators.plc --config line.yaml --device plc1`, or
 `python -m linectl.simulators.plc --driver modbus_tcp --port 1502` with the built-in
-default tag map (see DEFAULT_MODBUS_TAGS / DEFAULT_S7_TAGS).
+default tag map (see DEFAULT_MODBUS_TAGS / DEFAULT_S7_TAGS / DEFAULT_OPCUA_TAGS); `--driver opcua` serves
+it from asyncua's own server (OPC UA binary, the same program and memory).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -100,6 +102,33 @@ DEFAULT_S7_TAGS: dict[str, dict[str, Any]] = {
     "case_seq": {"db": 1, "offset": "796", "type": "UDINT"},
     "gate_reject_total": {"db": 1, "offset": "800", "type": "UDINT"},
     "plc_epoch": {"db": 1, "offset": "804", "type": "UDINT"},
+}
+
+#: default OPC UA tag map: the same logical tags as Variable nodes, namespace by URI (servers re-index namespaces)
+_NSU = "nsu=urn:linectl:plcsim;s=Line."
+DEFAULT_OPCUA_TAGS: dict[str, dict[str, Any]] = {
+    "heartbeat_plc": {"node": _NSU + "HeartbeatPlc", "type": "Boolean"},
+    "heartbeat_ctl": {"node": _NSU + "HeartbeatCtl", "type": "Boolean", "writable": True},
+    "cmd_start": {"node": _NSU + "CmdStart", "type": "Boolean", "writable": True},
+    "cmd_stop": {"node": _NSU + "CmdStop", "type": "Boolean", "writable": True},
+    "cmd_pause": {"node": _NSU + "CmdPause", "type": "Boolean", "writable": True},
+    "cmd_reset": {"node": _NSU + "CmdReset", "type": "Boolean", "writable": True},
+    "estop": {"node": _NSU + "EStop", "type": "Boolean"},
+    "line_mode": {"node": _NSU + "LineMode", "type": "UInt16", "writable": True},
+    "line_running": {"node": _NSU + "LineRunning", "type": "UInt16", "writable": True},
+    "fault": {"node": _NSU + "Fault", "type": "UInt16", "writable": True},
+    "alarm_code": {"node": _NSU + "AlarmCode", "type": "UInt16", "writable": True},
+    "good_count": {"node": _NSU + "GoodCount", "type": "UInt32", "writable": True},
+    "reject_count": {"node": _NSU + "RejectCount", "type": "UInt32", "writable": True},
+    "trigger_count": {"node": _NSU + "TriggerCount", "type": "UInt32"},
+    "reject_total": {"node": _NSU + "RejectTotal", "type": "UInt32"},
+    "pass_total": {"node": _NSU + "PassTotal", "type": "UInt32"},
+    "verdict_ring": {"node": _NSU + "VerdictRing", "type": "UInt32", "count": 2 * RING, "writable": True},
+    "reject_ring": {"node": _NSU + "RejectRing", "type": "UInt32", "count": RING},
+    "case_result": {"node": _NSU + "CaseResult", "type": "UInt16", "writable": True},
+    "case_seq": {"node": _NSU + "CaseSeq", "type": "UInt32", "writable": True},
+    "gate_reject_total": {"node": _NSU + "GateRejectTotal", "type": "UInt32"},
+    "plc_epoch": {"node": _NSU + "Epoch", "type": "UInt32"},
 }
 
 FAULTS = ("disconnect", "slow", "heartbeat_stop", "gate_jam", "confirm_lost", "estop", "plc_restart")
@@ -481,6 +510,336 @@ def _s7_server_class() -> type:
 
 
 
+# --------------------------------------------------------------------------- OPC UA
+
+
+@dataclasses.dataclass
+class OpcuaSimSecurity:
+    """How the simulated OPC UA server is secured (a real PLC's server has this in its hardware config, not in linectl's YAML).
+
+    policies: endpoints offered ("None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt").
+    users: username -> password; when given, anonymous sessions are refused.
+    """
+
+    certificate: str | None = None
+    private_key: str | None = None
+    policies: tuple[str, ...] = ("None",)
+    users: dict[str, str] | None = None
+
+
+class OpcuaMemory:
+    """Tag access into the asyncua server's address space: the nodes clients read and write are the program's memory.
+
+    The address space is written by a coroutine (data change notifications go
+    out from there), but the PLC program steps synchronously: a program write
+    lands in `_pending` at once (the program reads its own writes from there)
+    and a flusher task writes it to the node on the next loop turn, per node
+    latest value only, so the backlog is bounded by the number of tags.
+    Before the server exists (start) the values live in `_init`.
+    """
+
+    def __init__(self, tags: dict[str, Any]) -> None:
+        self.tags = tags
+        self.lock = contextlib.nullcontext()
+        self.server: Any = None
+        self.nodeids: dict[str, Any] = {}
+        self._init: dict[str, list[Any]] = {n: [_opcua_zero(s.type)] * s.count for n, s in tags.items()}
+        self._pending: dict[str, list[Any]] = {}
+        self._wake = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
+
+    def attach(self, server: Any, nodeids: dict[str, Any]) -> None:
+        self.server = server
+        self.nodeids = nodeids
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_loop(), name="plcsim:opcua-flush")
+        if self._pending:
+            self._wake.set()  # program writes made while the server was down
+
+    async def detach(self) -> None:
+        task, self._flusher = self._flusher, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    def _owned(self, name: str) -> bool:
+        return name in self.nodeids and self.nodeids[name].NamespaceIndex != 0
+
+    def current(self, name: str) -> list[Any]:
+        if name in self._pending:
+            return list(self._pending[name])
+        if self.server is None or name not in self.nodeids:
+            return list(self._init[name])
+        dv = self.server.read_attribute_value(self.nodeids[name])
+        val = dv.Value.Value if dv.Value is not None else None
+        if self.tags[name].type == "DateTime":
+            from linectl.drivers.opcua import _ms
+
+            return [_ms(val) if val is not None else 0]
+        return list(val) if isinstance(val, list) else [val]
+
+    def get_elems(self, name: str, index: int = 0, n: int | None = None) -> list[Any]:
+        vals = self.current(name)
+        n = self.tags[name].count - index if n is None else n
+        return vals[index : index + n]
+
+    def set_elems(self, name: str, values: list[Any], index: int = 0) -> None:
+        spec = self.tags[name]
+        if spec.type == "DateTime" or (self.server is not None and not self._owned(name)):
+            return  # a server-owned node (ServerStatus...) is the server's, not the program's
+        cur = self.current(name)
+        cur[index : index + len(values)] = [_opcua_norm(spec.type, v) for v in values]
+        if self.server is None:
+            self._init[name] = cur
+            return
+        self._pending[name] = cur
+        self._wake.set()
+
+    def datavalue(self, name: str, values: list[Any]) -> Any:
+        from asyncua import ua
+
+        spec = self.tags[name]
+        vt = getattr(ua.VariantType, spec.type)
+        return ua.DataValue(ua.Variant(list(values) if spec.count > 1 else values[0], vt))
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            for name, vals in list(self._pending.items()):
+                try:
+                    await self.server.write_attribute_value(self.nodeids[name], self.datavalue(name, vals))
+                finally:
+                    if self._pending.get(name) is vals:
+                        del self._pending[name]
+
+
+def _opcua_zero(typ: str) -> Any:
+    return {"Boolean": False, "String": "", "Float": 0.0, "Double": 0.0}.get(typ, 0)
+
+
+def _opcua_norm(typ: str, v: Any) -> Any:
+    if typ == "Boolean":
+        return bool(v)
+    if typ == "String":
+        return str(v) if v else ""
+    if typ in ("Float", "Double"):
+        return float(v)
+    return int(v)
+
+
+def _status(code: int) -> Any:
+    from asyncua import ua
+
+    return ua.StatusCode(ua.UInt32(code))
+
+
+def _opcua_attribute_service(mem: OpcuaMemory, faults: FaultState) -> Any:
+    """asyncua's AttributeService plus IndexRange writes (OPC UA Part 4 7.22), which PLC servers support and it ignores.
+
+    A verdict slot is written as elements [2k, 2k+1] of the ring: applied to
+    the whole array, the slot write would replace the ring by two elements.
+    """
+    from asyncua import ua
+    from asyncua.server.address_space import AttributeService
+
+    by_id = {v: k for k, v in mem.nodeids.items()}
+
+    class IndexRangeAttributeService(AttributeService):  # type: ignore[misc]  # asyncua is taken as Any (pyproject: follow_imports skip)
+        async def write(self, params: Any, user: Any = None) -> list[Any]:
+            delay = faults.slow_delay()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            out: list[Any] = []
+            for wv in params.NodesToWrite:
+                name = by_id.get(wv.NodeId)
+                if not wv.IndexRange or wv.AttributeId != ua.AttributeIds.Value:
+                    out.extend(await self._one(wv, user))
+                    continue
+                if name is None or mem.tags[name].count == 1:
+                    out.append(_status(ua.StatusCodes.BadIndexRangeInvalid))
+                    continue
+                try:
+                    a, _, b = wv.IndexRange.partition(":")
+                    lo, hi = int(a), int(b) if b else int(a)
+                except ValueError:
+                    out.append(_status(ua.StatusCodes.BadIndexRangeInvalid))
+                    continue
+                new = wv.Value.Value.Value if wv.Value.Value is not None else None
+                cur = mem.current(name)
+                if not isinstance(new, list) or lo < 0 or hi < lo or hi >= len(cur) or len(new) != hi - lo + 1:
+                    out.append(_status(ua.StatusCodes.BadIndexRangeNoData))
+                    continue
+                cur[lo : hi + 1] = new
+                whole = ua.WriteValue(NodeId=wv.NodeId, AttributeId=wv.AttributeId,
+                                      Value=ua.DataValue(ua.Variant(cur, wv.Value.Value.VariantType)))
+                out.extend(await self._one(whole, user))
+            return out
+
+        async def _one(self, wv: Any, user: Any) -> list[Any]:
+            p = ua.WriteParameters()
+            p.NodesToWrite = [wv]
+            res: list[Any] = await (super().write(p, user) if user is not None else super().write(p))
+            return res
+
+    return IndexRangeAttributeService
+
+
+class OpcuaServerHost:
+    """asyncua's own server publishing the tag map as Variable nodes; transport outages and reboots on one address space.
+
+    stop()/start() drop and restore the transport (a cable pulled: the
+    server's StartTime stays); after reboot_next() they stop and start the
+    whole server, so ServerStatus.StartTime changes as on a PLC restart.
+    """
+
+    NS_URI = "urn:linectl:plcsim"
+
+    def __init__(self, cfg: Any, faults: FaultState, security: OpcuaSimSecurity | None = None) -> None:
+        self.cfg = cfg
+        self.faults = faults
+        self.security = security or OpcuaSimSecurity()
+        self.mem = OpcuaMemory(cfg.tags)
+        self.server: Any = None
+        self.bound = ""
+        self._reboot = False
+        self._up = False
+        from urllib.parse import urlparse
+
+        u = urlparse(cfg.url)
+        self.host = u.hostname or "127.0.0.1"
+        self.port = u.port or 4840
+        self.url = cfg.url
+
+    def reboot_next(self) -> None:
+        self._reboot = True
+
+    async def _build(self) -> Any:
+        from asyncua import Server, ua
+        from asyncua.crypto.permission_rules import User, UserRole
+        from asyncua.server.user_managers import UserManager
+
+        sec = self.security
+        users = sec.users
+
+        class Users(UserManager):  # type: ignore[misc]
+            def get_user(self, iserver: Any, username: str | None = None, password: str | None = None, certificate: Any = None) -> Any:
+                if users is None:
+                    return User(role=UserRole.User)
+                if username is not None and users.get(username) == password:
+                    return User(role=UserRole.User, name=username)
+                return None
+
+        srv = Server(user_manager=Users())
+        await srv.init()
+        srv.set_endpoint(self.url)
+        srv.set_server_name("linectl PLC simulator")
+        pol = {"None": ua.SecurityPolicyType.NoSecurity,
+               "Basic256Sha256_Sign": ua.SecurityPolicyType.Basic256Sha256_Sign,
+               "Basic256Sha256_SignAndEncrypt": ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt}
+        srv.set_security_policy([pol[p] for p in sec.policies])
+        if users is not None:
+            srv.set_identity_tokens([ua.UserNameIdentityToken])
+        if sec.certificate:
+            await srv.load_certificate(sec.certificate)
+            assert sec.private_key is not None
+            await srv.load_private_key(sec.private_key)
+        await self._address_space(srv)
+
+        async def slow(*_a: Any) -> None:
+            delay = self.faults.slow_delay()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+        from asyncua.common.callback import CallbackType as CT
+
+        srv.subscribe_server_callback(CT.PreRead, slow)
+        srv.iserver.attribute_service = _opcua_attribute_service(self.mem, self.faults)(srv.iserver.aspace)
+        self.server = srv
+        return srv
+
+    async def _address_space(self, srv: Any) -> None:
+        from asyncua import ua
+
+        from linectl.drivers.opcua import parse_node
+
+        aliases = dict(getattr(self.cfg, "namespaces", {}) or {})
+        uris = [self.NS_URI, *aliases.values()]
+        refs = {n: parse_node(s.node, aliases) for n, s in self.cfg.tags.items()}
+        uris += [r.ns_uri for r in refs.values() if r.ns_uri]
+        for uri in dict.fromkeys(uris):
+            await srv.register_namespace(uri)
+        top = max([r.ns_index or 0 for r in refs.values()] + [int(p) for r in refs.values() for p, _ in r.path if p.isdigit()] + [0])
+        while len(await srv.get_namespace_array()) <= top:
+            await srv.register_namespace(f"{self.NS_URI}:ns{len(await srv.get_namespace_array())}")
+        base = await srv.get_namespace_index(self.NS_URI)
+        plc = await srv.nodes.objects.add_object(base, "PLC")
+        nodeids: dict[str, Any] = {}
+        for name, spec in self.cfg.tags.items():
+            ref = refs[name]
+            init = self.mem.datavalue(name, self.mem.current(name)).Value if spec.type != "DateTime" else None
+            if ref.is_path:
+                parent = srv.nodes.objects
+                for k, (prefix, bname) in enumerate(ref.path):
+                    idx = int(prefix) if prefix.isdigit() else (await srv.get_namespace_index(aliases[prefix]) if prefix else 0)
+                    qn = ua.QualifiedName(bname, idx)
+                    try:
+                        child = await parent.get_child([qn])
+                    except Exception:  # noqa: BLE001 - not there yet: create it
+                        if k == len(ref.path) - 1:
+                            child = await parent.add_variable(idx, bname, init)
+                        else:
+                            child = await parent.add_object(idx, bname)
+                    parent = child
+                var = parent
+            else:
+                idx = int(ref.ns_index or 0) if ref.ns_uri is None else await srv.get_namespace_index(ref.ns_uri)
+                nid = ua.NodeId.from_string(f"ns={idx};{ref.ident}")
+                if idx == 0:
+                    nodeids[name] = nid  # a server node (ServerStatus...): read it, never create it
+                    continue
+                var = await plc.add_variable(nid, ua.QualifiedName(ref.ident[2:].split(".")[-1], idx), init)
+            if spec.writable:
+                await var.set_writable()
+            nodeids[name] = var.nodeid
+        self.mem.attach(srv, nodeids)
+
+    async def start(self) -> str:
+        if self.server is None:
+            srv = await self._build()
+            await srv.start()
+        elif self._reboot:
+            self._reboot = False
+            await self.server.start()
+        else:
+            await self.server.bserver.start()
+        self.mem.attach(self.server, self.mem.nodeids)
+        self._up = True
+        self.bound = f"opcua {self.url}"
+        return self.bound
+
+    async def stop(self) -> None:
+        if self.server is None or not self._up:
+            return
+        self._up = False
+        if self._reboot:
+            await self.mem.detach()
+            with contextlib.suppress(Exception):
+                await self.server.stop()
+        else:
+            with contextlib.suppress(Exception):
+                await self.server.bserver.stop()
+
+    async def close(self) -> None:
+        self._reboot = True
+        await self.stop()
+        await self.mem.detach()
+
+    def memory(self) -> OpcuaMemory:
+        return self.mem
+
+
 # --------------------------------------------------------------------------- faults
 
 
@@ -544,13 +903,19 @@ class PlcSim:
     reaches the reject gate.
     """
 
-    def __init__(self, name: str, cfg: Any, *, scan_s: float = 0.005, heartbeat_period_s: float = 0.5) -> None:
+    def __init__(
+        self, name: str, cfg: Any, *, scan_s: float = 0.005, heartbeat_period_s: float = 0.5, opcua: OpcuaSimSecurity | None = None
+    ) -> None:
         self.name = name
         self.cfg = cfg
         self.faults = FaultState()
-        self.host: ModbusServerHost | S7ServerHost = (
-            S7ServerHost(cfg, self.faults) if cfg.driver == "s7" else ModbusServerHost(cfg, self.faults)
-        )
+        self.host: ModbusServerHost | S7ServerHost | OpcuaServerHost
+        if cfg.driver == "s7":
+            self.host = S7ServerHost(cfg, self.faults)
+        elif cfg.driver == "opcua":
+            self.host = OpcuaServerHost(cfg, self.faults, opcua)
+        else:
+            self.host = ModbusServerHost(cfg, self.faults)
         self.mem: Any = self.host.memory()
         self.tags = cfg.tags
         self.ring = cfg.tags["verdict_ring"].count // 2 if "verdict_ring" in cfg.tags else 0
@@ -791,7 +1156,7 @@ class PlcSim:
         for name, spec in self.tags.items():
             if name == "plc_epoch" or (not cold and name in RETENTIVE):
                 continue
-            zero = [False if spec.type in ("bool", "BOOL") else ("" if spec.type == "STRING" else 0)] * spec.count
+            zero = [False if spec.type in ("bool", "BOOL", "Boolean") else ("" if spec.type in ("STRING", "String") else 0)] * spec.count
             self.mem.set_elems(name, zero, 0)
         if self.has("plc_epoch"):
             self.set("plc_epoch", self.epoch & 0xFFFFFFFF)
@@ -806,6 +1171,8 @@ class PlcSim:
         for cb in list(self._listeners):
             cb()
         self.faults.set("disconnect", outage_s)
+        if isinstance(self.host, OpcuaServerHost):
+            self.host.reboot_next()  # the whole server restarts: its ServerStatus.StartTime changes
         t = asyncio.create_task(self._outage(outage_s))
         self._fault_tasks.add(t)
         t.add_done_callback(self._fault_tasks.discard)
@@ -871,6 +1238,11 @@ def default_config(driver: str, host: str = "127.0.0.1", port: int | None = None
         from linectl.drivers.s7 import S7Config
 
         return S7Config(driver="s7", host=host, port=port if port is not None else 1102, tags=DEFAULT_S7_TAGS, **extra)
+    if driver == "opcua":
+        from linectl.drivers.opcua import OpcuaConfig
+
+        url = f"opc.tcp://{host}:{port if port is not None else 4840}"
+        return OpcuaConfig(driver="opcua", url=url, tags=DEFAULT_OPCUA_TAGS, **extra)
     if driver == "modbus_rtu":
         from linectl.drivers.modbus import ModbusRtuConfig
 
@@ -889,7 +1261,7 @@ async def _amain(args: argparse.Namespace) -> int:
             print(f"no device {args.device!r} in {args.config}", file=sys.stderr)
             return 2
         cfg = line.devices[args.device]
-        if cfg.driver not in ("modbus_tcp", "modbus_rtu", "s7"):
+        if cfg.driver not in ("modbus_tcp", "modbus_rtu", "s7", "opcua"):
             print(f"device {args.device} is a {cfg.driver}, not a PLC", file=sys.stderr)
             return 2
         name = args.device
@@ -915,9 +1287,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m linectl.simulators.plc", description=__doc__.split("\n")[0])
     p.add_argument("--config", "-c", help="line YAML; serve the device named by --device")
     p.add_argument("--device", help="PLC device name in the config")
-    p.add_argument("--driver", choices=["modbus_tcp", "modbus_rtu", "s7"], default="modbus_tcp", help="standalone: protocol")
+    p.add_argument("--driver", choices=["modbus_tcp", "modbus_rtu", "s7", "opcua"], default="modbus_tcp", help="standalone: protocol")
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, help="standalone TCP port (default 1502 Modbus, 1102 S7)")
+    p.add_argument("--port", type=int, help="standalone TCP port (default 1502 Modbus, 1102 S7, 4840 OPC UA)")
     p.add_argument("--serial", default="/tmp/linectl-plc-rtu", help="standalone RTU: symlink to the pty, or socket://host:port")
     args = p.parse_args(argv)
     if args.config and not args.device:

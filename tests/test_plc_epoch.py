@@ -234,19 +234,18 @@ async def test_cold_restart_while_linectl_is_down(tmp_path):
         assert not [e for e in events if isinstance(e, UnitDecommissioned) and "while linectl was down" in e.detail]
 
 
-@pytest.mark.parametrize("driver", ["modbus_tcp", "s7"])
+@pytest.mark.parametrize("driver", ["modbus_tcp", "s7", "opcua"])
 async def test_sim_plc_restart_over_the_wire(driver):
     """The simulator's plc_restart: cold clears memory and counters, warm keeps retentive memory; both bump plc_epoch,
     drop the connection and stop the line; a driver reconnects and reads the new epoch."""
-    from linectl.drivers.modbus import ModbusTcpPlc
-    from linectl.drivers.s7 import S7Plc
+    from linectl.drivers.registry import driver_class
     from linectl.simulators.plc import PlcSim, default_config, free_tcp_port
 
     fast = {"heartbeat": False, "poll_interval_s": 0.02, "backoff_initial_s": 0.05, "backoff_max_s": 0.2}
     cfg = default_config(driver, port=free_tcp_port(), **fast)
     sim = PlcSim("plc1", cfg)
     await sim.start()
-    drv = S7Plc("plc1", cfg) if driver == "s7" else ModbusTcpPlc("plc1", cfg)
+    drv = driver_class(driver)("plc1", cfg)
     await drv.start()
     try:
         assert await drv.wait_connected(5.0)
