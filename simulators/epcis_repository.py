@@ -18,7 +18,8 @@ What it implements of the OpenAPI, as the spec says it:
 - `GET /capture` (jobs, paginated with perPage/nextPageToken and a Link header), `GET /capture/{captureID}`:
   captureID, createdAt, finishedAt, running, success, captureErrorBehaviour, errors.
 - `POST /events` (one event, synchronous: 201 + Location, 409 if its eventID exists), `GET /events` (an
-  EPCISQueryDocument of every event, paginated), `GET /events/{eventID}` (404 when unknown), `GET /`.
+  EPCISQueryDocument of every event, paginated), `GET /events/{eventID}` (404 when unknown). Not `GET /`: the
+  OpenAPI wants it to list at least the nine top-level resources, and this repository serves only capture and events.
 - Authentication none, basic or bearer (401 SecurityException without or with wrong credentials), optional TLS
   with client certificates.
 
@@ -37,7 +38,7 @@ Ground truth for tests and benches: `events` (eventID -> the event's JSON as cap
 
 Faults (`fail_next`): the next N requests answer 500 with an HTML body (`html500`), 503 (`unavailable`), drop the
 connection halfway through the answer after doing the work (`drop`: a capture is stored, the client never hears
-of it), wait `delay_s` first (`delay`), or answer 401 (`unauthorized`); `job_fail`: the next N capture jobs finish
+of it), wait `delay_s` first (`delay`), answer 401 (`unauthorized`) or 400 (`invalid`); `job_fail`: the next N capture jobs finish
 with success=false (ImplementationException) and store nothing.
 """
 
@@ -83,6 +84,7 @@ class Fault(StrEnum):
     DROP = "drop"
     DELAY = "delay"
     UNAUTHORIZED = "unauthorized"
+    INVALID = "invalid"
     JOB_FAIL = "job_fail"
 
 
@@ -97,6 +99,8 @@ class RepositoryConfig:
     token: str | None = None
     job_delay_s: float = 0.0  # a job stays `running` this long before its events are stored
     duplicates: Literal["job", "409"] = "job"  # an existing eventID: a job error (the spec) or 409 at once
+    name_duplicates: bool = True  # the error names the existing eventID (instance/detail); False: it does not
+    announce_limits: bool = True  # OPTIONS /capture announces the capture limits (False: enforced all the same)
 
 
 @dataclass
@@ -198,7 +202,6 @@ class EpcisRepository:
         app = web.Application(client_max_size=self.cfg.file_size_limit + 1, middlewares=[self._middleware])
         r = app.router
         r.add_route("OPTIONS", "/", self._options_default)
-        r.add_get("/", self._top_level)
         r.add_route("OPTIONS", "/capture", self._options_capture)
         r.add_post("/capture", self._post_capture)
         r.add_get("/capture", self._list_jobs)
@@ -251,6 +254,8 @@ class EpcisRepository:
             )
         elif fault is Fault.UNAVAILABLE:
             resp = web.Response(status=503, text="Service Unavailable", headers={"Retry-After": "1"})
+        elif fault is Fault.INVALID:
+            resp = problem(400, "ValidationException", "The document is not valid", "refused on purpose (simulated: a stricter repository)")
         elif fault is Fault.UNAUTHORIZED or not self._authorized(request):
             resp = problem(401, "SecurityException", "Unauthorised request", headers=self._challenge())
         else:
@@ -303,14 +308,15 @@ class EpcisRepository:
 
     async def _options_capture(self, request: web.Request) -> web.Response:
         h = self._discovery_headers("OPTIONS, POST, GET")
-        h["GS1-EPCIS-Capture-Limit"] = str(self.cfg.capture_limit)
-        h["GS1-EPCIS-Capture-File-Size-Limit"] = str(self.cfg.file_size_limit)
+        if self.cfg.announce_limits:
+            h["GS1-EPCIS-Capture-Limit"] = str(self.cfg.capture_limit)
+            h["GS1-EPCIS-Capture-File-Size-Limit"] = str(self.cfg.file_size_limit)
         h["GS1-Capture-Error-Behaviour"] = self.cfg.error_behaviour
         return web.Response(status=204, headers=h)
 
     async def _options_job(self, request: web.Request) -> web.Response:
         if request.match_info["captureID"] not in self.jobs:
-            return problem(404, "NoSuchResourceException", "Resource not found")
+            return problem(404, "NoSuchNameException", "Resource not found")
         return web.Response(status=204, headers=self._discovery_headers("OPTIONS, GET"))
 
     async def _options_events(self, request: web.Request) -> web.Response:
@@ -321,12 +327,8 @@ class EpcisRepository:
 
     async def _options_event(self, request: web.Request) -> web.Response:
         if request.match_info["eventID"] not in self.events:
-            return problem(404, "NoSuchResourceException", "Resource not found")
+            return problem(404, "NoSuchNameException", "Resource not found")
         return web.Response(status=204, headers=self._discovery_headers("OPTIONS, GET"))
-
-    async def _top_level(self, request: web.Request) -> web.Response:
-        body = {"@context": CONTEXT, "type": "Collection", "member": ["capture", "events"]}
-        return web.json_response(body)
 
     # ---------------------------------------------------------------- capture
 
@@ -398,8 +400,8 @@ class EpcisRepository:
             if existing:
                 for eid in existing:
                     self.duplicates[eid] += 1
-                return problem(409, "ResourceAlreadyExistsException", "A resource with the provided identifier already exists.",
-                               "events already captured: " + " ".join(existing))
+                detail = ("events already captured: " + " ".join(existing)) if self.cfg.name_duplicates else f"{len(existing)} events already captured"
+                return problem(409, "ResourceAlreadyExistsException", "A resource with the provided identifier already exists.", detail)
         job = Job(f"id{uuid.uuid4().hex}", behaviour, now_iso(), [e["eventID"] for e in events])
         self.jobs[job.capture_id] = job
         fail = self._job_faults > 0
@@ -424,9 +426,11 @@ class EpcisRepository:
                 eid = e["eventID"]
                 if eid in self.events or eid in seen:
                     self.duplicates[eid] += 1
-                    errors.append({"type": "epcisException:ResourceAlreadyExistsException",
-                                   "title": "A resource with the provided identifier already exists.",
-                                   "status": 409, "detail": f"event {eid} already exists", "instance": eid})
+                    error = {"type": "epcisException:ResourceAlreadyExistsException",
+                             "title": "A resource with the provided identifier already exists.", "status": 409}
+                    if self.cfg.name_duplicates:
+                        error.update(detail=f"event {eid} already exists", instance=eid)
+                    errors.append(error)
                 else:
                     seen.add(eid)
                     keep.append(e)
@@ -494,7 +498,7 @@ class EpcisRepository:
         eid = request.match_info["eventID"]
         encoded = self.events.get(eid)
         if encoded is None:
-            return problem(404, "NoSuchResourceException", "Resource not found", f"no event {eid}")
+            return problem(404, "NoSuchNameException", "Resource not found", f"no event {eid}")
         return web.Response(text=self._query_document([encoded]), content_type="application/json")
 
     async def _list_jobs(self, request: web.Request) -> web.Response:
@@ -508,7 +512,7 @@ class EpcisRepository:
     async def _get_job(self, request: web.Request) -> web.Response:
         job = self.jobs.get(request.match_info["captureID"])
         if job is None:
-            return problem(404, "NoSuchResourceException", "Resource not found")
+            return problem(404, "NoSuchNameException", "Resource not found")
         return web.json_response(job.document())
 
     # ---------------------------------------------------------------- simulator control (not EPCIS)

@@ -4,6 +4,12 @@ A sink takes outbox rows after its own cursor (linectl.upstream.outbox.OutboxRea
 moves the cursor once that upstream has them. Adding a sink = one module with a class following `Sink`, plus
 its line in SINKS below (config key -> "module:Class") and its config model in linectl.config. Nothing else
 changes: the store keeps one cursor per sink name, forwarded_at and retention follow the slowest enabled sink.
+
+One config key may configure several instances (`upstream.epcis_rest` is a list of repositories): a sink class's
+`from_config(cfg, store)` returns a LIST of instances (mqtt and file: one element), and each instance's `name` is
+its cursor's name (`mqtt`, `file`, `epcis_rest:<name>`). A class whose instances are not simply named after its key
+says so with a static `names(cfg)` returning exactly those names, so the store learns them (set_sinks) without
+building the sinks; without `names`, a class's one instance is named by its key when `enabled(cfg)`.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
 SINKS: dict[str, str] = {
     "mqtt": "linectl.upstream.mqtt:MqttSink",  # configured by `mqtt:` (enabled: mqtt.enabled)
     "file": "linectl.upstream.file:FileSink",  # configured by `upstream: {file: {...}}`
+    "epcis_rest": "linectl.upstream.epcis_rest:EpcisRestSink",  # `upstream: {epcis_rest: [{name, url, ...}]}`, one per entry
 }
 
 
@@ -66,14 +73,32 @@ def sink_class(key: str) -> Any:
     return getattr(importlib.import_module(module), cls)
 
 
+def instance_names(key: str, cfg: LineConfig) -> list[str]:
+    """The cursor names of the instances of sink `key` that `cfg` enables (none when it is off)."""
+    cls = sink_class(key)
+    names = getattr(cls, "names", None)
+    if names is not None:
+        return list(names(cfg))
+    return [key] if cls.enabled(cfg) else []
+
+
 def enabled_names(cfg: LineConfig) -> list[str]:
-    """The config keys of the sinks this config enables, in registry order."""
-    return [key for key in SINKS if sink_class(key).enabled(cfg)]
+    """The cursor names of every sink instance this config enables, in registry order (what store.set_sinks takes)."""
+    return [name for key in SINKS for name in instance_names(key, cfg)]
 
 
 def build_sinks(cfg: LineConfig, store: Any, on_alarm: AlarmHook | None = None) -> list[Any]:
-    """One instance of every enabled sink, each with its own cursor in `store`."""
-    sinks = [sink_class(key).from_config(cfg, store) for key in enabled_names(cfg)]
+    """Every instance of every enabled sink, each with its own cursor in `store`, in the order of enabled_names."""
+    sinks: list[Any] = []
+    for key in SINKS:
+        want = instance_names(key, cfg)
+        if not want:
+            continue
+        built = list(sink_class(key).from_config(cfg, store))
+        got = [s.name for s in built]
+        if got != want:  # a cursor the store does not count would let retention purge rows this sink still owes
+            raise RuntimeError(f"sink {key!r} built instances {got} but its config names {want}")
+        sinks += built
     for sink in sinks:
         sink.on_alarm = on_alarm
     return sinks
