@@ -38,8 +38,9 @@ Ground truth for tests and benches: `events` (eventID -> the event's JSON as cap
 
 Faults (`fail_next`): the next N requests answer 500 with an HTML body (`html500`), 503 (`unavailable`), drop the
 connection halfway through the answer after doing the work (`drop`: a capture is stored, the client never hears
-of it), wait `delay_s` first (`delay`), answer 401 (`unauthorized`) or 400 (`invalid`); `job_fail`: the next N capture jobs finish
-with success=false (ImplementationException) and store nothing.
+of it), wait `delay_s` first (`delay`) or answer 401 (`unauthorized`). `invalid`: the next N captures are refused
+with 400 (a repository with stricter rules); `job_fail`: the next N capture jobs finish with success=false
+(ImplementationException) and store nothing.
 """
 
 from __future__ import annotations
@@ -165,6 +166,7 @@ class EpcisRepository:
         self.documents_invalid = 0
         self._faults: deque[tuple[Fault, float]] = deque()
         self._job_faults = 0
+        self._invalid_faults = 0  # the next N captures are refused as invalid (a stricter repository)
         self._runner: web.AppRunner | None = None
         self.port: int | None = None
 
@@ -175,12 +177,15 @@ class EpcisRepository:
         fault = Fault(kind)
         if fault is Fault.JOB_FAIL:
             self._job_faults += count
+        elif fault is Fault.INVALID:
+            self._invalid_faults += count
         else:
             self._faults.extend([(fault, delay_s)] * count)
 
     def clear_faults(self) -> None:
         self._faults.clear()
         self._job_faults = 0
+        self._invalid_faults = 0
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -192,7 +197,7 @@ class EpcisRepository:
             "documents_invalid": self.documents_invalid,
             "duplicates": sum(self.duplicates.values()),
             "requests": dict(self.requests),
-            "faults_pending": len(self._faults) + self._job_faults,
+            "faults_pending": len(self._faults) + self._job_faults + self._invalid_faults,
         }
 
     # ---------------------------------------------------------------- lifetime
@@ -254,8 +259,6 @@ class EpcisRepository:
             )
         elif fault is Fault.UNAVAILABLE:
             resp = web.Response(status=503, text="Service Unavailable", headers={"Retry-After": "1"})
-        elif fault is Fault.INVALID:
-            resp = problem(400, "ValidationException", "The document is not valid", "refused on purpose (simulated: a stricter repository)")
         elif fault is Fault.UNAUTHORIZED or not self._authorized(request):
             resp = problem(401, "SecurityException", "Unauthorised request", headers=self._challenge())
         else:
@@ -384,6 +387,9 @@ class EpcisRepository:
             self.documents_invalid += 1
             return problem(400, "ValidationException", "Not an EPCIS document", "type must be EPCISDocument or EPCISQueryDocument")
         problems = self._schema_problems(doc)
+        if not problems and self._invalid_faults > 0:
+            self._invalid_faults -= 1
+            problems = ["refused on purpose (simulated: a repository with stricter rules)"]
         if problems:
             self.documents_invalid += 1
             return problem(400, "ValidationException", "The document does not follow the EPCIS 2.0 JSON schema", "; ".join(problems))

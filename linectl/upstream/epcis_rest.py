@@ -287,6 +287,7 @@ class EpcisRestSink:
                     self._restart_bound = pending if pending is not None and pending > cursor else None
                     self._pending_recorded = pending
                     self._opened = True
+                await self._watch_backlog()  # also while the repository is away: that is when it matters
                 if not self._discovered and not self._inflight:
                     if not await self._discover():
                         continue
@@ -304,7 +305,6 @@ class EpcisRestSink:
 
     async def _step(self) -> float | None:
         """Start the next capture if one is due and a slot is free; returns how long to wait (None: look again now)."""
-        await self._watch_backlog()
         if self.parked is not None or (self._inflight and not self.connected):
             return self.poll_interval_s  # parked: nothing more goes; an outage: only the documents in flight retry
         if len(self._inflight) >= self.rc.inflight:
@@ -314,6 +314,8 @@ class EpcisRestSink:
             return None
         doc = await asyncio.to_thread(self._collect, self._dispatched, self._restart_bound)
         if doc is None:
+            return self.poll_interval_s
+        if self.parked is not None or self._stop.is_set():  # parked while the rows were read: it waits (read again later)
             return self.poll_interval_s
         if not doc.events:  # only rows without EPCIS events: the cursor passes them once the rows before are confirmed
             self._dispatched = doc.last_seq
@@ -379,6 +381,10 @@ class EpcisRestSink:
             parts: list[list[str]] = [doc.events]
             while parts:
                 part = parts.pop()
+                if len(part) > self.max_events:  # a 413 lowered the size since this part was cut: cut it again
+                    n = self.max_events
+                    parts += [part[i : i + n] for i in range(0, len(part), n)][::-1]
+                    continue
                 answer = await self._capture_until_answered(doc, part)
                 if answer.outcome is Outcome.CAPTURED:
                     self.events_delivered += len(part)
