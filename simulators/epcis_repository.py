@@ -34,7 +34,8 @@ httpx, so the two do not share a misreading of the protocol.
 
 Ground truth for tests and benches: `events` (eventID -> the event's JSON as captured), `capture_order`,
 `duplicates` (eventIDs received again), `jobs`; over HTTP (not EPCIS, for desks and benches)
-`GET /_sim/stats`, `GET /_sim/event-ids`, `POST /_sim/faults` {"kind", "count", "delay_s"}.
+`GET /_sim/stats`, `GET /_sim/event-ids`, `POST /_sim/captured-at` [eventIDs] -> {eventID: epoch s stored},
+`POST /_sim/faults` {"kind", "count", "delay_s"}.
 
 Faults (`fail_next`): the next N requests answer 500 with an HTML body (`html500`), 503 (`unavailable`), drop the
 connection halfway through the answer after doing the work (`drop`: a capture is stored, the client never hears
@@ -141,6 +142,36 @@ def problem(status: int, kind: str, title: str, detail: str | None = None, *, he
     return web.Response(status=status, text=json.dumps(body), content_type=PROBLEM, headers=headers)
 
 
+_DECODER = json.JSONDecoder()
+
+
+def raw_event_texts(raw: bytes, events: list[Any]) -> list[str | None] | None:
+    """Each event's own text in a captured EPCISDocument, as sent (not re-serialised: at 20,000 events/s json.dumps
+    per event would cost the repository more than parsing and validating the document). Found by decoding the
+    eventList's items in place; None when that does not give back exactly the parsed events (then they are dumped)."""
+    try:
+        text = raw.decode("utf-8")
+        at = text.find('"eventList"')
+        at = text.index("[", at) + 1 if at >= 0 else -1
+        if at < 0:
+            return None
+        out: list[str | None] = []
+        n = len(text)
+        while at < n:
+            while text[at] in " \t\r\n,":
+                at += 1
+            if text[at] == "]":
+                break
+            obj, end = _DECODER.raw_decode(text, at)
+            if len(out) >= len(events) or obj != events[len(out)]:
+                return None
+            out.append(text[at:end])
+            at = end
+        return out if len(out) == len(events) else None
+    except (ValueError, IndexError):
+        return None
+
+
 def load_schema_validator() -> Any:
     """The official EPCIS 2.0 JSON schema (the copy linectl ships), compiled by jsonschema-rs with format checks."""
     from linectl.epcis import SCHEMA_FILE, schema_dir
@@ -158,6 +189,8 @@ class EpcisRepository:
         #: eventID -> the event's JSON text as it was captured (in capture order)
         self.events: dict[str, str] = {}
         self.capture_order: list[str] = []
+        #: eventID -> when it was stored (epoch seconds): the end of an event's journey, for delay measurements
+        self.captured_at: dict[str, float] = {}
         #: eventIDs received again after they were stored (re-sends answered with ResourceAlreadyExists)
         self.duplicates: Counter[str] = Counter()
         self.jobs: dict[str, Job] = {}
@@ -220,6 +253,7 @@ class EpcisRepository:
         r.add_get("/_sim/stats", self._sim_stats)
         r.add_get("/_sim/event-ids", self._sim_event_ids)
         r.add_post("/_sim/faults", self._sim_faults)
+        r.add_post("/_sim/captured-at", self._sim_captured_at)
         return app
 
     async def start(self, host: str = "127.0.0.1", port: int = 0, ssl_context: ssl.SSLContext | None = None) -> int:
@@ -336,7 +370,8 @@ class EpcisRepository:
     # ---------------------------------------------------------------- capture
 
     async def _read_document(self, request: web.Request) -> tuple[Any, web.Response | None]:
-        """The parsed body, or the answer refusing it (413 over the size limit, 415, 400 not JSON)."""
+        """The parsed body, or the answer refusing it (413 over the size limit, 415, 400 not JSON). The raw text of
+        a capture is kept on the request (request["raw"]) so each event can be stored as it was sent."""
         if request.content_length is not None and request.content_length > self.cfg.file_size_limit:
             return None, self._too_large(f"{request.content_length} bytes; at most {self.cfg.file_size_limit}")
         ctype = request.content_type
@@ -349,6 +384,7 @@ class EpcisRepository:
         if len(raw) > self.cfg.file_size_limit:
             return None, self._too_large(f"{len(raw)} bytes; at most {self.cfg.file_size_limit}")
         try:
+            request["raw"] = raw
             return json.loads(raw), None
         except ValueError as exc:
             self.documents_invalid += 1
@@ -398,9 +434,12 @@ class EpcisRepository:
         events = events or []
         if len(events) > self.cfg.capture_limit:
             return self._too_large(f"{len(events)} events; at most {self.cfg.capture_limit}")
-        for e in events:
+        texts = raw_event_texts(request["raw"], events) if kind == "EPCISDocument" else None
+        for i, e in enumerate(events):
             if not e.get("eventID"):  # the spec: the server should populate a missing eventID
                 e["eventID"] = f"urn:uuid:{uuid.uuid4()}"
+                if texts is not None:
+                    texts[i] = None
         if self.cfg.duplicates == "409":
             existing = [e["eventID"] for e in events if e["eventID"] in self.events]
             if existing:
@@ -414,21 +453,21 @@ class EpcisRepository:
         if fail:
             self._job_faults -= 1
         if self.cfg.job_delay_s > 0:
-            asyncio.get_running_loop().call_later(self.cfg.job_delay_s, self._run_job, job, events, fail)
+            asyncio.get_running_loop().call_later(self.cfg.job_delay_s, self._run_job, job, events, fail, texts)
         else:
-            self._run_job(job, events, fail)
+            self._run_job(job, events, fail, texts)
         return web.Response(status=202, headers={"Location": f"/capture/{job.capture_id}"})
 
-    def _run_job(self, job: Job, events: list[dict[str, Any]], fail: bool) -> None:
+    def _run_job(self, job: Job, events: list[dict[str, Any]], fail: bool, texts: list[str | None] | None = None) -> None:
         """Store the job's events under its error behaviour; the job then says what happened."""
         errors: list[dict[str, Any]] = []
-        keep: list[dict[str, Any]] = []
+        keep: list[tuple[dict[str, Any], str | None]] = []
         seen: set[str] = set()
         if fail:
             errors.append({"type": "epcisException:ImplementationException", "title": "A server-side error occurred", "status": 500,
                            "detail": "the capture job failed (simulated); no event of it was stored"})
         else:
-            for e in events:
+            for i, e in enumerate(events):
                 eid = e["eventID"]
                 if eid in self.events or eid in seen:
                     self.duplicates[eid] += 1
@@ -439,12 +478,14 @@ class EpcisRepository:
                     errors.append(error)
                 else:
                     seen.add(eid)
-                    keep.append(e)
+                    keep.append((e, texts[i] if texts is not None else None))
         if not fail and (job.behaviour == "proceed" or not errors):
-            for e in keep:
+            now = time.time()
+            for e, text in keep:
                 eid = e["eventID"]
-                self.events[eid] = json.dumps(e, separators=(",", ":"))
+                self.events[eid] = text if text is not None else json.dumps(e, separators=(",", ":"))
                 self.capture_order.append(eid)
+                self.captured_at[eid] = now
         job.errors = errors
         job.success = not errors
         job.running = False
@@ -467,6 +508,7 @@ class EpcisRepository:
         event.pop("@context", None)
         self.events[eid] = json.dumps(event, separators=(",", ":"))
         self.capture_order.append(eid)
+        self.captured_at[eid] = time.time()
         return web.json_response(event, status=201, headers={"Location": f"/events/{quote(eid, safe='')}"})
 
     # ---------------------------------------------------------------- reading back
@@ -529,6 +571,14 @@ class EpcisRepository:
     async def _sim_event_ids(self, request: web.Request) -> web.Response:
         return web.json_response(self.capture_order)
 
+    async def _sim_captured_at(self, request: web.Request) -> web.Response:
+        """{eventID: epoch seconds it was stored, or null} for the eventIDs posted as a JSON list."""
+        try:
+            ids = await request.json()
+            return web.json_response({str(i): self.captured_at.get(str(i)) for i in ids})
+        except (ValueError, TypeError) as exc:
+            return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=400)
+
     async def _sim_faults(self, request: web.Request) -> web.Response:
         try:
             body = await request.json()
@@ -580,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token-file")
     p.add_argument("--job-delay-s", type=float, default=0.0, help="capture jobs stay running this long")
     p.add_argument("--duplicates", choices=["job", "409"], default="job", help="an existing eventID: job error (spec) or 409 at once")
+    p.add_argument("--anonymous-duplicates", action="store_true", help="errors for existing eventIDs do not name them")
+    p.add_argument("--no-announce-limits", action="store_true", help="OPTIONS /capture does not announce the limits (still enforced)")
     p.add_argument("--tls-cert")
     p.add_argument("--tls-key")
     p.add_argument("--tls-client-ca", help="require client certificates signed by this CA")
@@ -591,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = RepositoryConfig(
         capture_limit=a.capture_limit, file_size_limit=a.file_size_limit, error_behaviour=a.error_behaviour, auth=a.auth,
         username=a.username, password=_secret(a.password_env, a.password_file, "password"), token=_secret(a.token_env, a.token_file, "token"),
-        job_delay_s=a.job_delay_s, duplicates=a.duplicates,
+        job_delay_s=a.job_delay_s, duplicates=a.duplicates, name_duplicates=not a.anonymous_duplicates, announce_limits=not a.no_announce_limits,
     )
     if a.auth == "basic" and cfg.password is None or a.auth == "bearer" and cfg.token is None:
         p.error(f"--auth {a.auth} needs its secret (--password-env/--password-file or --token-env/--token-file)")

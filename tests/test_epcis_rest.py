@@ -602,6 +602,7 @@ async def test_sigkill_mid_delivery_then_restart_loses_nothing(tmp_path):
 
             await asyncio.wait_for(started(), 60)
             drain = asyncio.create_task(proc.stdout.read())  # the sink's log must not fill the pipe
+            # killed while the repository is still working on a capture (jobs take 0.3 s): nothing awaits in between
             await until(lambda: len(repo.events) >= 200 and sum(1 for j in repo.jobs.values() if j.running) >= 1, what="captures in flight")
         finally:
             proc.send_signal(signal.SIGKILL)
@@ -610,8 +611,7 @@ async def test_sigkill_mid_delivery_then_restart_loses_nothing(tmp_path):
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(drain, 10)
         stored_at_kill = len(repo.events)
-        running_at_kill = sum(1 for j in repo.jobs.values() if j.running)
-        assert 0 < stored_at_kill < 1200 and running_at_kill >= 1
+        assert 0 < stored_at_kill < 1200
         store = await line_store(tmp_path, cfg)
         cursor, pending = store.cursors()["epcis_rest:l3"]["seq"], store.cursors()["epcis_rest:l3"]["pending"]
         assert pending is not None and pending > cursor  # the range in flight was recorded before it was sent

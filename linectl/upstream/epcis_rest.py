@@ -163,6 +163,9 @@ class EpcisRestSink:
         self._dispatched = 0  # last seq handed to a capture (or passed as event-less)
         self._pending_recorded: int | None = None
         self._restart_bound: int | None = None  # a pending delivery from before a restart: cut documents there
+        # rows read past the last document (the next one starts with them): each row is read and decoded once
+        self._ahead: list[Any] = []
+        self._ahead_after = -1
         self._opened = False
         self._discovered = False
         # limits: the config's, capped by the repository's announcement, lowered by a 413
@@ -346,15 +349,24 @@ class EpcisRestSink:
         size = _HEAD_ROOM
         oldest = created = None
         while True:
-            rows = self.reader.page(after, self.page_size)
-            for row in rows:
-                if until is not None and row.seq > until:
-                    return self._doc(seqs, events, oldest, created)
-                encoded, _error = encoded_events(row, self.store, self.mapper)
-                if encoded and seqs and not events:
-                    return self._doc(seqs, events, oldest, created)  # the event-less run ends here
-                grow = sum(len(e) + 1 for e in encoded)
-                if encoded and events and (len(events) + len(encoded) > self.max_events or size + grow > self.max_bytes):
+            if self._ahead and self._ahead_after == after:
+                rows, self._ahead = self._ahead, []
+                full = True  # rows follow beyond the ones kept: look again once these are used
+            else:
+                rows = self.reader.page(after, self.page_size)
+                full = len(rows) >= self.page_size
+            for i, row in enumerate(rows):
+                stop = until is not None and row.seq > until
+                encoded: list[str] = []
+                if not stop:
+                    encoded, _error = encoded_events(row, self.store, self.mapper)
+                    grow = sum(len(e) + 1 for e in encoded)
+                    stop = bool(encoded) and bool(seqs) and (
+                        not events  # the event-less run ends here
+                        or len(events) + len(encoded) > self.max_events or size + grow > self.max_bytes
+                    )
+                if stop:
+                    self._ahead, self._ahead_after = rows[i:], seqs[-1] if seqs else after
                     return self._doc(seqs, events, oldest, created)
                 seqs.append(row.seq)
                 if encoded and oldest is None:
@@ -362,7 +374,7 @@ class EpcisRestSink:
                 events.extend(encoded)
                 size += grow
                 created = epoch(row.created_at)
-            if len(rows) < self.page_size:
+            if not full:
                 return self._doc(seqs, events, oldest, created)
             after = rows[-1].seq
 
