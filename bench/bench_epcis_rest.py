@@ -91,6 +91,18 @@ def pct(values: list[float], q: float) -> float | None:
     return round(v[min(len(v) - 1, int(q * len(v)))] * 1000, 1)
 
 
+def cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by this process or by `pid` (/proc/<pid>/stat)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+REPO_PID: int | None = None
+
+
 def start_repository() -> tuple[subprocess.Popen[str], str]:
     proc = subprocess.Popen([sys.executable, "-m", "linectl.simulators.epcis_repository", "--port", "0"], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})
@@ -118,10 +130,13 @@ async def run_sustained(args: argparse.Namespace, url: str) -> dict[str, Any]:
     async with httpx.AsyncClient() as c:
         before = (await c.get(f"{url}/_sim/stats")).json()["events"]
     t0 = time.time()
+    c0, r0 = cpu_s(), cpu_s(REPO_PID)
     task = asyncio.create_task(sink.run())
-    while store.sink_backlog(sink.name) > 0:
+    last = store.last_seq()
+    while sink.reader.cursor < last:  # not store.sink_backlog(): a count over the rows left costs the sink's process
         await asyncio.sleep(0.05)
     dt = time.time() - t0
+    c1, r1 = cpu_s(), cpu_s(REPO_PID)
     st = sink.status()
     await sink.stop()
     await asyncio.gather(task, return_exceptions=True)
@@ -132,6 +147,10 @@ async def run_sustained(args: argparse.Namespace, url: str) -> dict[str, Any]:
         "events": args.sustained, "seconds": round(dt, 2), "events_per_s": round(args.sustained / dt),
         "repository_stored": after["events"] - before, "duplicates": after["duplicates"], "documents": st["documents_delivered"],
         "max_events": st["limits"]["events"], "inflight": args.inflight,
+        # CPU per event on each side: what the pipeline could do with a core each to itself
+        "sink_cpu_us_per_event": round((c1 - c0) / args.sustained * 1e6, 1),
+        "repository_cpu_us_per_event": round((r1 - r0) / args.sustained * 1e6, 1),
+        "ceiling_events_per_s_one_core_each": round(1e6 / max((c1 - c0) / args.sustained * 1e6, (r1 - r0) / args.sustained * 1e6)),
     }
 
 
@@ -189,7 +208,8 @@ async def run_catchup(args: argparse.Namespace, url: str) -> dict[str, Any]:
     await asyncio.sleep(args.after_s)
     stop_writing.set()
     await producer
-    while store.sink_backlog(sink.name) > 0:
+    last = store.last_seq()
+    while sink.reader.cursor < last:
         await asyncio.sleep(0.05)
     st = sink.status()
     await sink.stop()
@@ -230,6 +250,8 @@ def main() -> int:
     setup_logging("warning")
     OUT.mkdir(parents=True, exist_ok=True)
     repo, url = start_repository()
+    global REPO_PID
+    REPO_PID = repo.pid
     try:
         result: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": benchinfo.machine(),
                                   "load_before": os.getloadavg()[0]}
