@@ -624,3 +624,51 @@ async def test_sigkill_mid_delivery_then_restart_loses_nothing(tmp_path):
         # the killed sink's captures that completed without their confirmation came back as duplicates, harmlessly
         assert sum(repo.duplicates.values()) > 0 and sink.events_already_there == sum(repo.duplicates.values())
         await store.close()
+
+
+# --------------------------------------------------------------------------- the repository as a desk tool
+
+
+async def test_repository_runs_standalone_and_refuses_bad_arguments(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DESK_TOKEN": "t"}
+    cmd = [sys.executable, "-m", "linectl.simulators.epcis_repository", "--port", "0", "--auth", "bearer", "--token-env", "DESK_TOKEN",
+           "--capture-limit", "7", "--no-announce-limits"]
+    proc = await asyncio.create_subprocess_exec(*cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None
+        line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        assert line.startswith("EPCIS REPOSITORY READY http://127.0.0.1:"), line
+        url = line.split()[3]
+        async with httpx.AsyncClient() as c:
+            assert (await c.options(f"{url}/capture")).status_code == 401
+            r = await c.options(f"{url}/capture", headers={"Authorization": "Bearer t"})
+            assert r.status_code == 204 and "GS1-EPCIS-Capture-Limit" not in r.headers and r.headers["GS1-EPCIS-Version"] == "2.0.0"
+            r = await c.post(f"{url}/_sim/faults", json={"kind": "html500", "count": 1})
+            assert r.json()["faults_pending"] == 1
+            assert (await c.post(f"{url}/_sim/faults", json={"kind": "nonsense"})).status_code == 400
+            r = await c.options(f"{url}/capture", headers={"Authorization": "Bearer t"})
+            assert r.status_code == 500 and r.headers["Content-Type"].startswith("text/html")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 0 and b"EPCIS REPOSITORY STOPPED" in out
+    for bad, message in [(["--auth", "bearer", "--token-env", "NOT_SET_ANYWHERE_X"], "NOT_SET_ANYWHERE_X"),
+                         (["--auth", "basic", "--password-env", "DESK_TOKEN"], "--username"),
+                         (["--capture-limit", "0"], "at least 1"),
+                         (["--tls-cert", str(tmp_path / "missing.pem")], "TLS")]:
+        r = subprocess.run([sys.executable, "-m", "linectl.simulators.epcis_repository", "--port", "0", *bad], env=env, capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, (bad, r.stderr)
+
+
+async def test_a_missing_secret_is_shown_not_raised(tmp_path):
+    async with repository(auth="bearer", token="x") as repo:
+        cfg = rest_cfg(tmp_path, {"name": "l3", "url": f"http://127.0.0.1:{repo.port}", "auth": "bearer", "secret_env": "LINECTL_TEST_UNSET_SECRET"})
+        store = await line_store(tmp_path, cfg)
+        await Producer(store).fill(["LOTA"], 3)
+        sink = one_sink(cfg, store)
+        async with running(sink) as task:
+            await until(lambda: sink.last_error is not None, what="the missing secret reported")
+            assert "LINECTL_TEST_UNSET_SECRET" in (sink.last_error or "") and not task.done()
+        assert len(repo.events) == 0
+        await store.close()
