@@ -616,11 +616,17 @@ async def test_sigkill_mid_delivery_then_restart_loses_nothing(tmp_path):
         cursor, pending = store.cursors()["epcis_rest:l3"]["seq"], store.cursors()["epcis_rest:l3"]["pending"]
         assert pending is not None and pending > cursor  # the range in flight was recorded before it was sent
         await until(lambda: not any(j.running for j in repo.jobs.values()), what="the killed sink's jobs finished")
+        jobs_before = len(repo.jobs)
         sink = one_sink(cfg, store)
         async with running(sink):
             await until(lambda: store.sink_backlog(sink.name) == 0, what="all delivered after the restart")
         check_ground_truth(repo, store, sink, ordered=False)
         assert len(repo.events) == 1200
+        # the restarted sink cut its documents at exactly the pending bound: no capture straddles it
+        seq_of = {json.loads(e)["eventID"]: r.seq for r in store.outbox(0, 10**6, only_unforwarded=False) for e in encoded_events(r, store, sink.mapper)[0]}
+        resent = list(repo.jobs.values())[jobs_before:]
+        assert resent and not any(min(seq_of[i] for i in j.event_ids) <= pending < max(seq_of[i] for i in j.event_ids) for j in resent)
+        assert any(max(seq_of[i] for i in j.event_ids) == pending for j in resent)
         # the killed sink's captures that completed without their confirmation came back as duplicates, harmlessly
         assert sum(repo.duplicates.values()) > 0 and sink.events_already_there == sum(repo.duplicates.values())
         await store.close()
