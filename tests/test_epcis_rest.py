@@ -328,6 +328,35 @@ async def test_happy_path_everything_once_within_limits(tmp_path, inflight):
         await store.close()
 
 
+async def test_catch_up_live_events_overtake_the_backlog(tmp_path):
+    """After an outage the backlog drains in its own lane; events the line makes meanwhile are captured before the
+    backlog is through, and the cursor still ends at the end with every event once."""
+    async with repository(job_delay_s=0.05) as repo:
+        cfg = rest_cfg(tmp_path, {"name": "l3", "url": f"http://127.0.0.1:{repo.port}", "max_events": 25, "max_age_s": 0.1, "inflight": 2})
+        store = await line_store(tmp_path, cfg)
+        prod = Producer(store)
+        await prod.fill(["OLD"], 1500)
+        await prod.prepare("LIVE", 10)
+        (sink,) = EpcisRestSink.from_config(cfg, store, catchup_rows=200)
+        fast(sink)
+        live_ids: list[str] = []
+        async with running(sink):
+            await until(lambda: sink.status()["catching_up"], what="catch-up mode")
+            for e in prod.events("LIVE", 10):
+                await store.append(e)
+                live_ids.append(e.event_id)
+                sink.notify()
+                await asyncio.sleep(0.05)
+            await until(lambda: store.sink_backlog(sink.name) == 0, what="all delivered")
+            assert not sink.status()["catching_up"]
+        check_ground_truth(repo, store, sink, ordered=False)
+        order = {eid: i for i, eid in enumerate(repo.capture_order)}
+        last_old = max(order[eid] for eid in repo.capture_order if eid not in set(live_ids))
+        # the live events went ahead of the rest of the backlog (not after its 1,500 events)
+        assert sum(1 for eid in live_ids if order[eid] < last_old) >= 5
+        await store.close()
+
+
 async def test_transient_faults_are_retried_and_nothing_is_lost(tmp_path):
     """HTML 500s, 503s, dropped answers (the capture WAS stored), a timeout, failed jobs: all retried with backoff."""
     async with repository(capture_limit=25) as repo:

@@ -12,7 +12,9 @@ its own cursor `epcis_rest:<name>`. The interface is GS1's EPCIS 2.0 OpenAPI (sh
   `success: true` delivers the document: the cursor moves (OutboxReader.delivered). Up to `inflight` documents are
   in flight at once, so the repository may capture document n+1 before document n (events carry their own
   eventTime; the EPCIS standard imposes no capture order); `inflight: 1` keeps the outbox order. The cursor itself
-  only moves over an unbroken run of confirmed rows.
+  only moves over an unbroken run of confirmed rows. **Catch-up**: with more than 20,000 rows waiting (an outage),
+  rows stored from then on go in a live lane ahead of the backlog, so the line's new events arrive within about
+  max_age_s while the backlog drains; once the backlog lane reaches where the live lane began they are one again.
 - **At least once, never a gap.** Before a document is sent the last seq dispatched is recorded as the cursor's
   pending delivery; a restart sends (cursor, pending] again first, cut at exactly that bound, then goes on. The
   repository answers the re-sent events with "already exists", which counts as delivered: a restart costs
@@ -72,6 +74,7 @@ _EVENT_ID = re.compile(r'"eventID":"([^"\\]*)"')
 #: what a document costs beyond its events: the head (with instanceIdentifier), the tail, a comma per event
 _HEAD_ROOM = 400
 DELAYS_KEPT = 10_000
+CATCHUP_ROWS = 20_000  # rows waiting beyond which new rows take a live lane of their own (about a second of drain)
 BACKLOG_COUNT_S = 5.0  # how often status()'s backlog_rows is counted
 STOP_GRACE_S = 2.0  # stop(): captures in flight may finish this long  # capture delays kept for status() percentiles
 
@@ -137,6 +140,7 @@ class EpcisRestSink:
         backoff_initial_s: float = 0.5,
         backoff_max_s: float = 30.0,
         auth_retry_s: float = 60.0,
+        catchup_rows: int = CATCHUP_ROWS,
         mapper: epcis.EpcisMapper | None = None,
     ) -> None:
         self.cfg = cfg
@@ -164,9 +168,12 @@ class EpcisRestSink:
         self._dispatched = 0  # last seq handed to a capture (or passed as event-less)
         self._pending_recorded: int | None = None
         self._restart_bound: int | None = None  # a pending delivery from before a restart: cut documents there
-        # rows read past the last document (the next one starts with them): each row is read and decoded once
-        self._ahead: list[Any] = []
-        self._ahead_after = -1
+        # rows read past a document, by the seq they follow (the next document of that lane starts with them):
+        # each row is read and decoded once
+        self._ahead: dict[int, list[Any]] = {}
+        self.catchup_rows = catchup_rows
+        self._live_from: int | None = None  # catch-up: the live lane takes the rows after this seq
+        self._live_dispatched = 0
         self._opened = False
         self._discovered = False
         # limits: the config's, capped by the repository's announcement, lowered by a 413
@@ -241,6 +248,7 @@ class EpcisRestSink:
                 "error_behaviour": self.behaviour,
             },
             "jobs_in_flight": len(self._inflight),
+            "catching_up": self._live_from is not None,
             "documents_sent": self.documents_sent,
             "documents_delivered": self.documents_delivered,
             "events_delivered": self.events_delivered,
@@ -309,7 +317,11 @@ class EpcisRestSink:
                     await asyncio.wait_for(self._wake.wait(), wait)
 
     async def _step(self) -> float | None:
-        """Start the next capture if one is due and a slot is free; returns how long to wait (None: look again now)."""
+        """Start the next capture if one is due and a slot is free; returns how long to wait (None: look again now).
+
+        Catch-up: when more than `catchup_rows` rows wait, the rows stored from then on go in a live lane of their
+        own, ahead of the backlog, so what the line makes now reaches the repository in about max_age_s however long
+        the backlog takes; the backlog lane drains up to where the live lane began, then the two are one again."""
         if self.parked is not None or (self._inflight and not self.connected):
             return self.poll_interval_s  # parked: nothing more goes; an outage: only the documents in flight retry
         if len(self._inflight) >= self.rc.inflight:
@@ -317,31 +329,58 @@ class EpcisRestSink:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._slot_free.wait(), self.poll_interval_s)
             return None
-        doc = await asyncio.to_thread(self._collect, self._dispatched, self._restart_bound)
+        if self._live_from is None and self._restart_bound is None:
+            last = int(await asyncio.to_thread(self.store.last_seq))
+            if last - self._dispatched > self.catchup_rows:
+                self._live_from = self._live_dispatched = last
+                log.info("epcis_rest_catch_up", sink=self.name, backlog_rows=last - self._dispatched, live_from=last)
+        if self._live_from is None:
+            return await self._offer(await asyncio.to_thread(self._collect, self._dispatched, self._restart_bound), "main")
+        wait = await self._offer(await asyncio.to_thread(self._collect, self._live_dispatched, None), "live")
+        if wait is None:
+            return None
+        if self._dispatched >= self._live_from:  # the backlog is all dispatched: one lane again, from the live one's end
+            log.info("epcis_rest_caught_up", sink=self.name, live_from=self._live_from, cursor=self.reader.cursor)
+            self._dispatched, self._live_from = self._live_dispatched, None
+            return None
+        backlog = await self._offer(await asyncio.to_thread(self._collect, self._dispatched, self._live_from), "backlog")
+        return None if backlog is None else min(wait, backlog)
+
+    async def _offer(self, doc: _Document | None, lane: str) -> float | None:
+        """Dispatch `doc` (read for `lane`) if it is due: None when dispatched (or passed), else how long to wait."""
         if doc is None:
             return self.poll_interval_s
         if self.parked is not None or self._stop.is_set():  # parked while the rows were read: it waits (read again later)
             return self.poll_interval_s
+        live = lane == "live"
         if not doc.events:  # only rows without EPCIS events: the cursor passes them once the rows before are confirmed
-            self._dispatched = doc.last_seq
+            self._advance_lane(live, doc.last_seq)
             await self._confirm(doc)
             return None
-        if self._restart_bound is None and len(doc.events) < self.max_events and doc.oldest_event is not None:
+        # rows up to a bound all exist already: such a document never waits for more
+        bounded = lane == "backlog" or (lane == "main" and self._restart_bound is not None)
+        if not bounded and len(doc.events) < self.max_events and doc.oldest_event is not None:
             age = time.time() - doc.oldest_event
             if age < self.rc.max_age_s:
                 return min(self.poll_interval_s, self.rc.max_age_s - age)
-        if self._restart_bound is not None and doc.last_seq >= self._restart_bound:
-            log.info("epcis_rest_resending_pending", sink=self.name, cursor=self.reader.cursor, pending=self._restart_bound)
+        if lane == "main" and self._restart_bound is not None and doc.last_seq >= self._restart_bound:
+            log.info("epcis_rest_resent_pending", sink=self.name, cursor=self.reader.cursor, pending=self._restart_bound)
             self._restart_bound = None
         if self._pending_recorded is None or doc.last_seq > self._pending_recorded:
             await self.reader.pending(doc.last_seq)  # before sending: a restart sends exactly up to here again
             self._pending_recorded = doc.last_seq
-        self._dispatched = doc.last_seq
+        self._advance_lane(live, doc.last_seq)
         self._inflight[doc.first_seq] = doc
         task = asyncio.create_task(self._deliver(doc), name=f"{self.name}:{doc.first_seq}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return None
+
+    def _advance_lane(self, live: bool, seq: int) -> None:
+        if live:
+            self._live_dispatched = seq
+        else:
+            self._dispatched = seq
 
     def _collect(self, after: int, until: int | None) -> _Document | None:
         """(worker thread) The next document's rows after `after`: whole rows up to the event and byte limits (or
@@ -351,8 +390,9 @@ class EpcisRestSink:
         size = _HEAD_ROOM
         oldest = created = None
         while True:
-            if self._ahead and self._ahead_after == after:
-                rows, self._ahead = self._ahead, []
+            kept = self._ahead.pop(after, None)
+            if kept:
+                rows = kept
                 full = True  # rows follow beyond the ones kept: look again once these are used
             else:
                 rows = self.reader.page(after, self.page_size)
@@ -368,7 +408,9 @@ class EpcisRestSink:
                         or len(events) + len(encoded) > self.max_events or size + grow > self.max_bytes
                     )
                 if stop:
-                    self._ahead, self._ahead_after = rows[i:], seqs[-1] if seqs else after
+                    if len(self._ahead) >= 2:  # one per lane
+                        self._ahead.clear()
+                    self._ahead[seqs[-1] if seqs else after] = rows[i:]
                     return self._doc(seqs, events, oldest, created)
                 seqs.append(row.seq)
                 if encoded and oldest is None:
