@@ -35,7 +35,7 @@ httpx, so the two do not share a misreading of the protocol.
 Ground truth for tests and benches: `events` (eventID -> the event's JSON as captured), `capture_order`,
 `duplicates` (eventIDs received again), `jobs`; over HTTP (not EPCIS, for desks and benches)
 `GET /_sim/stats`, `GET /_sim/event-ids`, `POST /_sim/captured-at` [eventIDs] -> {eventID: epoch s stored},
-`POST /_sim/faults` {"kind", "count", "delay_s"}.
+`POST /_sim/faults` {"kind", "count", "delay_s", "only": "POST /capture"}.
 
 Faults (`fail_next`): the next N requests answer 500 with an HTML body (`html500`), 503 (`unavailable`), drop the
 connection halfway through the answer after doing the work (`drop`: a capture is stored, the client never hears
@@ -197,7 +197,7 @@ class EpcisRepository:
         self.requests: Counter[str] = Counter()  # "<METHOD> <route> <status>"
         self.captures_received = 0
         self.documents_invalid = 0
-        self._faults: deque[tuple[Fault, float]] = deque()
+        self._faults: deque[tuple[Fault, float, str | None]] = deque()  # (kind, delay_s, only requests "METHOD /route...")
         self._job_faults = 0
         self._invalid_faults = 0  # the next N captures are refused as invalid (a stricter repository)
         self._runner: web.AppRunner | None = None
@@ -205,15 +205,16 @@ class EpcisRepository:
 
     # ---------------------------------------------------------------- control (tests, /_sim/faults)
 
-    def fail_next(self, kind: Fault | str, count: int = 1, delay_s: float = 0.0) -> None:
-        """The next `count` EPCIS requests (or capture jobs, for job_fail) fail this way."""
+    def fail_next(self, kind: Fault | str, count: int = 1, delay_s: float = 0.0, only: str | None = None) -> None:
+        """The next `count` EPCIS requests (or captures, for invalid and job_fail) fail this way; `only`: just the
+        requests whose "METHOD route" starts with it (e.g. "POST /capture")."""
         fault = Fault(kind)
         if fault is Fault.JOB_FAIL:
             self._job_faults += count
         elif fault is Fault.INVALID:
             self._invalid_faults += count
         else:
-            self._faults.extend([(fault, delay_s)] * count)
+            self._faults.extend([(fault, delay_s, only)] * count)
 
     def clear_faults(self) -> None:
         self._faults.clear()
@@ -281,8 +282,13 @@ class EpcisRepository:
             return await handler(request)  # type: ignore[no-any-return]
         route = request.match_info.route.resource.canonical if request.match_info.route.resource else request.path
         fault: Fault | None = None
-        if self._faults:
-            fault, delay = self._faults.popleft()
+        delay = 0.0
+        for i, (kind, kind_delay, only) in enumerate(self._faults):
+            if only is None or f"{request.method} {route}".startswith(only):
+                del self._faults[i]
+                fault, delay = kind, kind_delay
+                break
+        if fault is not None:
             if fault is Fault.DELAY:
                 await asyncio.sleep(delay)
                 fault = None
@@ -582,7 +588,8 @@ class EpcisRepository:
     async def _sim_faults(self, request: web.Request) -> web.Response:
         try:
             body = await request.json()
-            self.fail_next(body["kind"], int(body.get("count", 1)), float(body.get("delay_s", 0.0)))
+            only = body.get("only")
+            self.fail_next(body["kind"], int(body.get("count", 1)), float(body.get("delay_s", 0.0)), None if only is None else str(only))
         except (ValueError, KeyError, TypeError) as exc:
             return web.json_response({"error": f"{type(exc).__name__}: {exc}", "kinds": [f.value for f in Fault]}, status=400)
         return web.json_response(self.stats())
