@@ -458,7 +458,15 @@ class EpcisRestSink:
                 self.splits += 1
                 log.warning("epcis_rest_document_too_large", sink=self.name, events=len(part), now_max_events=self.max_events, reason=answer.reason)
                 parts += [part[half:], part[:half]]
-            await self._confirm(doc)
+            while True:  # captured: the cursor must learn it, or the rows stay behind it until a restart
+                try:
+                    await self._confirm(doc)
+                    break
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - the store refused the cursor write: retry (a restart re-sends)
+                    self._trouble(f"cursor not recorded: {type(exc).__name__}: {exc}", exc)
+                    await self._sleep(self._backoff.next_delay())
             self.documents_delivered += 1
             if doc.oldest_event is not None:
                 self.delays.append(max(0.0, time.time() - doc.oldest_event))
