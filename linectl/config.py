@@ -584,6 +584,45 @@ class EpcisXmlSinkConfig(Model):
         return self
 
 
+class EpcisRestSinkConfig(Model):
+    """`upstream.epcis_rest[]`: one EPCIS 2.0 repository reached over its REST capture interface (POST /capture).
+
+    Secrets never sit in the YAML: the password (basic) or token (bearer) comes from `secret_env` or `secret_file`."""
+
+    name: str = Field(pattern=r"^[a-z0-9_-]{1,32}$", description="the sink's name: its cursor is `epcis_rest:<name>`")
+    url: str = Field(pattern=r"^https?://[^\s/]+(/\S*)?$", description="base URL of the repository (the capture endpoint is <url>/capture)")
+    auth: Literal["none", "basic", "bearer"] = "none"
+    username: str | None = Field(None, min_length=1, description="auth basic: the user name")
+    secret_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="environment variable holding the password or token")
+    secret_file: str | None = Field(None, min_length=1, description="file holding the password or token (read at each connect)")
+    client_cert: str | None = Field(None, min_length=1, description="PEM client certificate (with its key, or see client_key)")
+    client_key: str | None = Field(None, min_length=1, description="PEM key of client_cert when it is a separate file")
+    ca_file: str | None = Field(None, min_length=1, description="PEM CA bundle the repository's certificate is checked against")
+    timeout_s: float = Field(30.0, gt=0, le=600, description="one HTTP request's timeout")
+    max_events: int = Field(1000, gt=0, le=100_000, description="most events per document (the repository's GS1-EPCIS-Capture-Limit caps it)")
+    max_bytes: int = Field(
+        4 * 1024 * 1024, ge=4096, le=1024**3, description="largest document in bytes (GS1-EPCIS-Capture-File-Size-Limit caps it)"
+    )
+    max_age_s: float = Field(1.0, gt=0, le=3600, description="a document with fewer events goes once its first event was stored this long ago")
+    inflight: int = Field(4, ge=1, le=32, description="documents in flight at once (1: the repository captures in outbox order)")
+    job_timeout_s: float = Field(300.0, gt=0, le=86_400, description="a capture job still running after this long is sent again")
+    backlog_alarm_s: float = Field(600.0, gt=0, le=30 * 86_400, description="alarm when the oldest undelivered event is older than this")
+
+    @model_validator(mode="after")
+    def _auth(self) -> EpcisRestSinkConfig:
+        if self.auth == "none" and (self.username or self.secret_env or self.secret_file):
+            raise ValueError("auth none takes no username, secret_env or secret_file")
+        if self.auth != "none" and (self.secret_env is None) == (self.secret_file is None):
+            raise ValueError(f"auth {self.auth} needs exactly one of secret_env, secret_file")
+        if (self.auth == "basic") != (self.username is not None):
+            raise ValueError("username goes with auth basic, and auth basic needs it")
+        if self.client_key and not self.client_cert:
+            raise ValueError("client_key without client_cert")
+        if (self.client_cert or self.ca_file) and not self.url.startswith("https://"):
+            raise ValueError("client_cert/ca_file need an https:// url")
+        return self
+
+
 class UpstreamConfig(Model):
     """Upstream sinks besides MQTT (which `mqtt:` configures); each keeps its own cursor in the store."""
 
@@ -597,6 +636,17 @@ class UpstreamConfig(Model):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"epcis_xml sink names must be unique: {', '.join(dup)} repeated")
+        return v
+
+    epcis_rest: list[EpcisRestSinkConfig] = Field(default_factory=list, description="EPCIS 2.0 REST repositories, one sink each")
+
+    @field_validator("epcis_rest")
+    @classmethod
+    def _unique_rest_names(cls, v: list[EpcisRestSinkConfig]) -> list[EpcisRestSinkConfig]:
+        names = [s.name for s in v]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"epcis_rest names must be unique: {', '.join(dup)} more than once (each name is a cursor)")
         return v
 
 

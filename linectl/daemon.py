@@ -165,13 +165,14 @@ class Daemon:
         """Every enabled sink (linectl/upstream/sink.py) with its own cursor; the MQTT bridge when MQTT is on."""
         from linectl.events import Severity
         from linectl.upstream.bridge import MqttBridge
-        from linectl.upstream.sink import build_sinks, enabled_names
+        from linectl.upstream.sink import build_sinks
 
         assert self.line is not None and self.supervisor is not None
-        # forwarded_at and retention follow exactly these sinks (a sink removed from the config no longer holds rows)
-        self.store.set_sinks(enabled_names(self.cfg))
         line = self.line
+        # one config key may make several instances (upstream.epcis_rest[]): each instance's name is its cursor
         sinks = build_sinks(self.cfg, self.store, on_alarm=lambda code, message: line.alarm(code, message, Severity.WARNING))
+        # forwarded_at and retention follow exactly these cursors (a sink removed from the config no longer holds rows)
+        self.store.set_sinks([s.name for s in sinks])
         for sink in sinks:
             self.supervisor.start("forwarder" if sink.name == "mqtt" else f"upstream.{sink.name}", sink.run)
         self.upstream = list(sinks)

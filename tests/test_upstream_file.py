@@ -74,7 +74,7 @@ async def until(pred: Any, timeout: float = 30.0, what: str = "") -> None:
 
 
 def test_registry_has_one_entry_per_sink_and_config_enables_them(tmp_path):
-    assert set(SINKS) == {"mqtt", "file", "epcis_xml"}
+    assert set(SINKS) == {"mqtt", "file", "epcis_xml", "epcis_rest"}
     assert sink_class("file") is FileSink
     cfg = file_cfg(tmp_path, tmp_path / "out", mqtt=True)
     assert enabled_names(cfg) == ["mqtt", "file"]
@@ -118,7 +118,7 @@ async def test_documents_are_valid_ordered_complete_and_a_restart_resumes(tmp_pa
     before = {p.name: (p.stat().st_ino, p.read_bytes()) for p in out.iterdir()}
     # restart with new rows: a new sink resumes after its cursor, old files untouched, nothing skipped
     more = await _more(prod, store, 25)
-    sink2 = FileSink.from_config(cfg, store)
+    (sink2,) = FileSink.from_config(cfg, store)
     async with running(sink2):
         await until(lambda: store.sink_backlog("file") == 0, what="rows after the restart written")
     after = {p.name: (p.stat().st_ino, p.read_bytes()) for p in out.iterdir()}
@@ -126,7 +126,7 @@ async def test_documents_are_valid_ordered_complete_and_a_restart_resumes(tmp_pa
     assert check_documents(out, sink2) == ids + [e.event_id for e in more]
     # a partial document waits for max_age_s; then goes out on its own
     (e,) = await _more(prod, store, 1)
-    sink3 = FileSink.from_config(cfg, store)
+    (sink3,) = FileSink.from_config(cfg, store)
     async with running(sink3):
         await asyncio.sleep(0.1)
         assert sink3.files_written == 0  # younger than max_age_s
@@ -172,7 +172,7 @@ async def test_crash_between_rename_and_cursor_rewrites_the_same_file(tmp_path, 
     store = await open_store(tmp_path)
     store.set_sinks(["file"])
     events = await Producer(store).fill(["LOTA"], 120)
-    sink = FileSink.from_config(cfg, store)
+    (sink,) = FileSink.from_config(cfg, store)
     crashed = asyncio.Event()
     real_advance = sink.reader.advance
 
@@ -193,7 +193,7 @@ async def test_crash_between_rename_and_cursor_rewrites_the_same_file(tmp_path, 
     second = (out / names[1]).read_bytes()
     cur = store.cursors()["file"]
     assert cur["pending"] is not None and cur["seq"] < cur["pending"]  # the pending delivery is durable
-    sink2 = FileSink.from_config(cfg, store)
+    (sink2,) = FileSink.from_config(cfg, store)
     async with running(sink2):
         await until(lambda: store.sink_backlog("file") == 0, what="the rest after the crash")
     assert [n for n, _d in documents(out)][:2] == names  # same names: the second one was rewritten, not renamed

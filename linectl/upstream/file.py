@@ -104,12 +104,17 @@ class FileSink:
         self.on_alarm: Any = None
 
     @classmethod
-    def from_config(cls, cfg: LineConfig, store: Any, **kw: Any) -> FileSink:
-        return cls(cfg, store, **kw)
+    def from_config(cls, cfg: LineConfig, store: Any, **kw: Any) -> list[FileSink]:
+        """The registry's convention (linectl/upstream/sink.py): a list of instances; this key makes one."""
+        return [cls(cfg, store, **kw)]
 
     @staticmethod
     def enabled(cfg: LineConfig) -> bool:
         return cfg.upstream.file is not None
+
+    @staticmethod
+    def names(cfg: LineConfig) -> list[str]:
+        return ["file"]
 
     # ---------------------------------------------------------------- public
 

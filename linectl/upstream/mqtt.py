@@ -223,12 +223,17 @@ class Forwarder:
         self._running = False
 
     @classmethod
-    def from_config(cls, cfg: LineConfig, store: Any, **kw: Any) -> Forwarder:
-        return cls(cfg, store, **kw)
+    def from_config(cls, cfg: LineConfig, store: Any, **kw: Any) -> list[Forwarder]:
+        """The registry's convention (linectl/upstream/sink.py): a list of instances; this key makes one."""
+        return [cls(cfg, store, **kw)]
 
     @staticmethod
     def enabled(cfg: LineConfig) -> bool:
         return cfg.mqtt.enabled
+
+    @staticmethod
+    def names(cfg: LineConfig) -> list[str]:
+        return ["mqtt"]
 
     # ---------------------------------------------------------------- public
 

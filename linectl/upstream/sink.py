@@ -4,6 +4,11 @@ A sink takes outbox rows after its own cursor (linectl.upstream.outbox.OutboxRea
 moves the cursor once that upstream has them. Adding a sink = one module with a class following `Sink`, plus
 its line in SINKS below (config key -> "module:Class") and its config model in linectl.config. Nothing else
 changes: the store keeps one cursor per sink name, forwarded_at and retention follow the slowest enabled sink.
+
+One config key may configure several instances (`upstream.epcis_rest` is a list of repositories): a sink class's
+`from_config(cfg, store)` returns a LIST of instances (mqtt and file: one element), and each instance's `name` is
+its cursor's name (`mqtt`, `file`, `epcis_rest:<name>`, `epcis_xml:<name>`). Every class has a static
+`names(cfg)` returning exactly those names, so the store learns them (set_sinks) without building the sinks.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ SINKS: dict[str, str] = {
     "mqtt": "linectl.upstream.mqtt:MqttSink",  # configured by `mqtt:` (enabled: mqtt.enabled)
     "file": "linectl.upstream.file:FileSink",  # configured by `upstream: {file: {...}}`
     "epcis_xml": "linectl.upstream.epcis_xml:EpcisXmlSink",  # `upstream: {epcis_xml: [{name, ...}]}`: one instance (cursor epcis_xml:<name>) each
+    "epcis_rest": "linectl.upstream.epcis_rest:EpcisRestSink",  # `upstream: {epcis_rest: [{name, url, ...}]}`, one per entry
 }
 
 
@@ -38,6 +44,12 @@ class Sink(Protocol):
     @staticmethod
     def enabled(cfg: LineConfig) -> bool:
         """Whether the config turns this sink on."""
+        ...
+
+    @staticmethod
+    def names(cfg: LineConfig) -> list[str]:
+        """The cursor names of the instances `cfg` configures (a one-instance sink: its registry key), each one the
+        `name` of what from_config builds; read without building the sinks (the store's retention follows them)."""
         ...
 
     async def run(self) -> None:
@@ -67,25 +79,29 @@ def sink_class(key: str) -> Any:
     return getattr(importlib.import_module(module), cls)
 
 
+def instance_names(key: str, cfg: LineConfig) -> list[str]:
+    """The cursor names of the instances of sink `key` that `cfg` enables (none when it is off)."""
+    cls = sink_class(key)
+    return list(cls.names(cfg)) if cls.enabled(cfg) else []
+
+
 def enabled_names(cfg: LineConfig) -> list[str]:
-    """The cursor names of the sink instances this config enables, in registry order (a sink configured as a list
-    names each instance: a static `names(cfg)`, the convention of branch rest; else its config key)."""
-    out: list[str] = []
-    for key in SINKS:
-        cls = sink_class(key)
-        if cls.enabled(cfg):
-            out += cls.names(cfg) if hasattr(cls, "names") else [key]
-    return out
+    """The cursor names of every sink instance this config enables, in registry order (what store.set_sinks takes)."""
+    return [name for key in SINKS for name in instance_names(key, cfg)]
 
 
 def build_sinks(cfg: LineConfig, store: Any, on_alarm: AlarmHook | None = None) -> list[Any]:
-    """Every instance of every enabled sink, each with its own cursor in `store` (from_config: one or a list)."""
+    """Every instance of every enabled sink, each with its own cursor in `store`, in the order of enabled_names."""
     sinks: list[Any] = []
     for key in SINKS:
-        cls = sink_class(key)
-        if cls.enabled(cfg):
-            made = cls.from_config(cfg, store)
-            sinks += made if isinstance(made, list) else [made]
+        want = instance_names(key, cfg)
+        if not want:
+            continue
+        built = list(sink_class(key).from_config(cfg, store))
+        got = [s.name for s in built]
+        if got != want:  # a cursor the store does not count would let retention purge rows this sink still owes
+            raise RuntimeError(f"sink {key!r} built instances {got} but its config names {want}")
+        sinks += built
     for sink in sinks:
         sink.on_alarm = on_alarm
     return sinks
