@@ -197,6 +197,13 @@ class SerialsRetry(Command):
     gtin: str
 
 
+class SinkRetry(Command):
+    """An upstream sink parked on a refusal (a 4xx, a document the repository will not take) delivers again now."""
+
+    name: Literal["sink_retry"] = "sink_retry"
+    sink: str = Field(min_length=1, max_length=80, description="the sink's name as in <root>/state: epcis_rest:<name>, epcis_xml:<name>, file")
+
+
 class Challenge(Command):
     name: Literal["challenge"] = "challenge"
 
@@ -308,6 +315,7 @@ AnyCommand = Annotated[
         | CloseBatch
         | ProvisionPool
         | SerialsRetry
+        | SinkRetry
         | Challenge
         | RequestState
         | AckAlarm

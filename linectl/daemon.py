@@ -176,6 +176,19 @@ class Daemon:
         for sink in sinks:
             self.supervisor.start("forwarder" if sink.name == "mqtt" else f"upstream.{sink.name}", sink.run)
         self.upstream = list(sinks)
+        by_name = {s.name: s for s in sinks}
+
+        async def sink_retry(name: str, actor: str, origin: str) -> dict[str, Any]:
+            from linectl import control as C
+
+            sink = by_name.get(name)
+            if sink is None:
+                raise C.CommandRejected(f"no upstream sink {name!r} on this line; sinks: {', '.join(by_name)}", "unknown_sink")
+            unparked = sink.unpark()
+            log.info("sink_retry", sink=name, unparked=unparked, actor=f"{actor}@{origin}")
+            return {"sink": name, "unparked": unparked, "status": sink.status()}
+
+        line.on_sink_retry = sink_retry
         if self.cfg.mqtt.enabled:
             fwd = next(s for s in sinks if s.name == "mqtt")
             bridge = MqttBridge(self.cfg, self.line, store=self.store, forwarder=fwd, sinks=sinks, sources=list(self.provisioners.values()))

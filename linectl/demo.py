@@ -27,6 +27,7 @@ from linectl import control as C
 from linectl import gs1
 from linectl.broker import free_port, start_embedded, wait_listening
 from linectl.config import LineConfig, load_config
+from linectl.demo_upstream import UpstreamSimulators
 from linectl.packaged import DEFAULT_EXAMPLE, example_config
 from linectl.yamlsource import ConfigFileError, load_yaml, to_plain
 
@@ -99,6 +100,7 @@ class SimulatedLine:
         broker: str | None = None,
         db: str | Path | None = None,
         overrides: dict[str, Any] | None = None,
+        l3: str = "sim",
     ) -> None:
         self.cfg_path = Path(config or DEFAULT_CONFIG)
         self.workdir = Path(tempfile.mkdtemp(prefix="linectl-demo-"))
@@ -112,10 +114,15 @@ class SimulatedLine:
         self.cfg: LineConfig | None = None
         self.control: SimControl | None = None
         self.run_cfg_path = self.workdir / "line.yaml"
+        #: "sim": the config's local L3/L4 endpoints are answered by simulators (linectl.demo_upstream); "real": as configured
+        self.l3 = l3
+        self.upstream_sims = UpstreamSimulators(self.workdir)
 
     def write_config(self) -> Path:
         raw = to_plain(load_yaml(self.cfg_path))
         raw = _rewrite_ports(raw, self.workdir)
+        if self.l3 == "sim":
+            self.upstream_sims.rewrite(raw)
         if self.camera:
             packing = {st.get("reader") for st in raw.get("stations", []) if st.get("type") in ("case", "pallet")}
             cams = [n for n, d in raw["devices"].items() if d.get("driver") == "camera" and n not in packing]
@@ -172,6 +179,7 @@ class SimulatedLine:
 
     async def start(self) -> SimulatedLine:
         self.write_config()
+        self.upstream_sims.start()
         self.start_simulator()
         await self.start_daemon()
         return self
@@ -183,7 +191,9 @@ class SimulatedLine:
     async def create_batch(self, units: int, lot: str | None = None, challenge: bool = True) -> str:
         assert self.cfg is not None
         product = self.cfg.products[0]
-        if product.serials.scheme == "pool":
+        if product.serials.scheme == "pool" and product.serials.source is not None:
+            await self._first_fill(product)
+        elif product.serials.scheme == "pool":
             need = int(units * 1.3) + 200
             await self.line.execute(C.ProvisionPool(gtin=product.gtin, range_start=10**9, range_count=need, actor="demo"), origin="demo")
         lot = lot or f"DEMO{int(time.time() * 1000) % 10**9}"
@@ -194,6 +204,20 @@ class SimulatedLine:
             origin="demo",
         )
         return lot
+
+    async def _first_fill(self, product: Any) -> None:
+        """A pool filled by its L3 (serials.source): wait for the provisioner's first answer rather than invent serials;
+        the line refills it while it runs."""
+        assert self.daemon is not None
+        store = self.daemon.store
+        deadline = time.monotonic() + 60
+        while store.available(product.gtin) < max(1, min(product.serials.low_water, product.serials.request_count)):
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the serial source of GTIN {product.gtin} gave no serials within 60 s: { {g: p.status() for g, p in self.daemon.provisioners.items()} }"
+                )
+            self.line.check_pool(product)
+            await asyncio.sleep(0.2)
 
     async def start_batch(self) -> None:
         """Start; when a challenge is configured, feed the challenge units and wait for its verdict."""
@@ -257,6 +281,7 @@ class SimulatedLine:
                 self.sim.kill()
             self._sim_log.close()
             self.sim = None
+        self.upstream_sims.stop()
         if self.broker_proc is not None:
             self.broker_proc.terminate()
             self.broker_proc.wait(5)
@@ -282,7 +307,10 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> None:
 
 
 async def run_demo(args: Any) -> dict[str, Any]:
-    sl = SimulatedLine(args.config, rate=args.rate, defect_rate=args.defect_rate, seed=args.seed, camera=args.camera, broker=args.broker, db=args.db)
+    sl = SimulatedLine(
+        args.config, rate=args.rate, defect_rate=args.defect_rate, seed=args.seed, camera=args.camera, broker=args.broker, db=args.db,
+        l3=args.l3,
+    )
     async with sl:
         line = sl.line
         await sl.create_batch(args.units)
@@ -293,9 +321,12 @@ async def run_demo(args: Any) -> dict[str, Any]:
         t_end = time.monotonic()
         await sl.finish_packing()
         close = await line.execute(C.CloseBatch(actor="demo"), origin="demo")
-        await _wait_forwarded(sl.daemon, 30)
+        await _wait_forwarded(sl.daemon, 60)
         truth = await sl.truth()
         summary = _summary(line, sl.daemon, close["report"], truth, sl.db, t_end - t_prod, t_end - t_start)
+        upstream = _upstream_summary(sl)
+        if upstream:
+            summary["upstream"] = upstream
         if _packing_station(line, "case") is not None:
             summary["aggregation"] = await _aggregation_summary(sl, close["report"].get("lot"))
         return summary
@@ -379,6 +410,38 @@ async def _wait_belt_empty(control: SimControl, timeout: float) -> None:
         if all(int(c.get("in_flight", 0)) == 0 for c in convs.values()):
             return
         await asyncio.sleep(0.1)
+
+
+def _upstream_summary(sl: SimulatedLine) -> dict[str, Any]:
+    """Per sink its cursor and backlog, per serial source its requests, and what the upstream simulators saw (their
+    truth, to compare with the store): empty for a line with only MQTT and no source."""
+    store = sl.daemon.store
+    cursors = store.cursors()
+    out: dict[str, Any] = {}
+    sinks = {name: {"cursor": c["seq"], "backlog": store.sink_backlog(name)} for name, c in cursors.items() if name != "mqtt"}
+    if sinks:
+        out["sinks"] = sinks
+    if sl.daemon.provisioners:
+        out["sources"] = store.requests_summary()
+    if sl.upstream_sims.procs:
+        out["simulators"] = sl.upstream_sims.truth()
+        out["store_epcis_events"] = _epcis_event_count(store)
+    return out
+
+
+def _epcis_event_count(store: Any) -> int:
+    """EPCIS events the store holds (a row may carry several; failed renderings none): what every sink must deliver."""
+    from linectl import epcis
+
+    n = after = 0
+    while True:
+        rows = store.outbox(after, 5000, only_unforwarded=False)
+        for r in rows:
+            if r.epcis and not r.epcis.startswith(epcis.RENDER_FAILED):
+                n += len(epcis.stored_events(r.epcis))
+        if len(rows) < 5000:
+            return n
+        after = rows[-1].seq
 
 
 async def _wait_forwarded(daemon: Any, timeout: float) -> None:

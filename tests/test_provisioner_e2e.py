@@ -89,7 +89,7 @@ async def test_pool_refilled_from_l3_while_the_line_runs(tmp_path):
             await wait_for(lambda: sl.line.store.available(GTIN) >= 400, 30, "the first 400 serials")
             sim.inject("short", 1, GTIN)
             sim.inject("duplicates", 1, GTIN, n=5)
-            lot = await create_and_start(sl, 400)  # create_batch adds 720 of its own (the demo's provision_pool)
+            lot = await create_and_start(sl, 400)  # the pool is the L3's only (create_batch makes none up for a source)
             await wait_good(sl, 400, 120)
             await wait_stopped(sl)
             rows = db_query(db, "SELECT lot, state, size FROM serial_requests WHERE kind='request' ORDER BY id")
@@ -159,10 +159,12 @@ async def test_l3_down_while_the_line_runs(tmp_path):
     try:
         # check_interval_s long: after the first round at start only the line's nudges (allocations) ask again, so
         # no request is in flight when the L3 goes away (a dropped answer would rightly be recorded lost)
-        over = {"products": pool_products(sim.url, low_water=1000, request_count=200, check_interval_s=600, retry_max_s=0.5)}
+        # request_count 500: the first round holds the whole batch (300 units and their rejects), so the line finishes
+        # on its pool while the L3 is away
+        over = {"products": pool_products(sim.url, low_water=1000, request_count=500, check_interval_s=600, retry_max_s=0.5)}
         async with simulated_line(tmp_path, overrides=over, rate=1500) as sl:
             prov = sl.daemon.provisioners[GTIN]
-            await wait_for(lambda: sl.line.store.available(GTIN) >= 200 and prov.state == "idle", 30, "the first serials")
+            await wait_for(lambda: sl.line.store.available(GTIN) >= 500 and prov.state == "idle", 30, "the first serials")
             await sim.stop()
             lot = await create_and_start(sl, 300)
             await wait_for(lambda: prov.state == "failing", 30, "the source seen failing")

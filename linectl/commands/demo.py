@@ -25,6 +25,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--broker", help="HOST:PORT of an MQTT broker (default: an embedded one)")
     p.add_argument("--db", help="store path (default: a temporary file)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
+    p.add_argument(
+        "--l3", choices=["sim", "real"], default="sim",
+        help="sim (default): serial sources and EPCIS REST repositories the config names on 127.0.0.1/localhost are "
+        "answered by simulators, epcis_xml directories go into the demo's folder; real: use them as configured "
+        "(a QU4RTET, a repository of your own)",
+    )
     p.set_defaults(func=run)
 
 
@@ -76,7 +82,19 @@ def run(args: argparse.Namespace) -> int:
     ok = summary.get("missed_rejects") == 0 and summary.get("balanced")
     if "aggregation" in summary:
         ok = ok and not summary["aggregation"]["hierarchy_violations"]
-    return 0 if ok else 1
+    return 0 if ok and not upstream_problems(summary) else 1
+
+
+def upstream_problems(summary: dict[str, Any]) -> list[str]:
+    """What the upstream part of a demo summary shows wrong: a sink that did not deliver everything, a repository
+    simulator that did not receive exactly the store's EPCIS events (its own record, not linectl's)."""
+    up = summary.get("upstream") or {}
+    out = [f"sink {name}: {s['backlog']} rows not delivered" for name, s in (up.get("sinks") or {}).items() if s["backlog"]]
+    want = up.get("store_epcis_events")
+    for name, got in ((up.get("simulators") or {}).get("repository_events") or {}).items():
+        if got["distinct"] != want:
+            out.append(f"repository {name} holds {got['distinct']} distinct events, the store {want}")
+    return out
 
 
 def _open_batches(db: str) -> str | None:
@@ -121,4 +139,16 @@ def _print_human(s: dict[str, Any]) -> None:
                 print(f"    {name:<14} recorded {c['recorded']} (partial {c['partial']})  rejected {c['rejected_total']} {c['rejected']}")
         bad = agg["hierarchy_violations"]
         print(f"  hierarchy        {'consistent' if not bad else f'{len(bad)} violation(s): ' + '; '.join(bad[:3])}")
+    up = s.get("upstream")
+    if up:
+        for name, sink in (up.get("sinks") or {}).items():
+            print(f"  sink {name:<22} cursor {sink['cursor']}  backlog {sink['backlog']}")
+        for name, src in (up.get("sources") or {}).items():
+            print(f"  source {name:<20} requests {src['requests']}  serials lost {src['serials_lost']}")
+        sims = up.get("simulators") or {}
+        if sims:
+            print(f"  simulators       L3 handed out {sims.get('l3_handed_out', {})}  repositories {sims.get('repository_events', {})}  "
+                  f"store EPCIS events {up.get('store_epcis_events')}")
+        for problem in upstream_problems(s):
+            print(f"  UPSTREAM PROBLEM {problem}")
     print(f"  db               {s['db']}")

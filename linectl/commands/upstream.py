@@ -3,7 +3,7 @@
 Read from the store (read-only, beside the running daemon): per sink its cursor and backlog (sink_cursors), per serial
 source its requests by state (pending, parked, lost), serials lost and imported, last error, and the serials available
 per GTIN. `--live` (with -c) adds what the daemon publishes retained on <root>/state (connection state of each sink and
-source) when the broker answers within a few seconds. `linectl upstream retry -c CONFIG --gtin GTIN` sends the
+source) when the broker answers within a few seconds. `linectl upstream retry -c CONFIG --gtin GTIN` (or `--sink NAME`: sink_retry) sends the
 serials_retry command over MQTT like `linectl batch` sends its commands (audited with its origin).
 Exit 0, 2 bad input, 3 the store refused.
 """
@@ -33,9 +33,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.add_argument("--json", action="store_true")
     s.add_argument("--live", action="store_true", help="with -c: add the daemon's retained <root>/state from the broker")
     s.set_defaults(func=run_status)
-    r = usub.add_parser("retry", help="send a GTIN's parked serial requests to its source again (over MQTT, to the daemon)")
+    r = usub.add_parser(
+        "retry", help="send a GTIN's parked serial requests to its source again, or make a parked sink deliver again (over MQTT, to the daemon)"
+    )
     r.add_argument("-c", "--config", required=True)
-    r.add_argument("--gtin", required=True)
+    what = r.add_mutually_exclusive_group(required=True)
+    what.add_argument("--gtin", help="the product whose parked serial requests go to its source again (serials_retry)")
+    what.add_argument("--sink", help="the sink, as named in `upstream status`, that delivers its parked document again (sink_retry)")
     r.add_argument("--actor", default=None)
     r.add_argument("--timeout", type=float, default=30.0)
     r.set_defaults(func=run_retry)
@@ -138,7 +142,8 @@ def run_retry(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"linectl upstream: {args.config}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    body = {"name": "serials_retry", "gtin": args.gtin, "command_id": uuid.uuid4().hex, "actor": args.actor or getpass.getuser()}
+    body: dict[str, Any] = {"command_id": uuid.uuid4().hex, "actor": args.actor or getpass.getuser()}
+    body.update({"name": "serials_retry", "gtin": args.gtin} if args.gtin else {"name": "sink_retry", "sink": args.sink})
     COMMAND_ADAPTER.validate_python(body)
     try:
         reply = asyncio.run(send_command(cfg, body, args.timeout))

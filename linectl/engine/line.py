@@ -146,6 +146,8 @@ class Line:
         #: serial sources (the daemon wires the provisioners): async (gtin, actor, origin) -> reply of serials_retry;
         #: async (lot, gtin) -> what became of the batch's unused serials at the source (close_batch's reply), or None
         self.on_serials_retry: Any = None
+        #: upstream sinks (the daemon wires them): async (sink name, actor, origin) -> reply of sink_retry
+        self.on_sink_retry: Any = None
         self.on_batch_closed: Any = None
         self._pool_requested: dict[str, float] = {}
         self.rate_window: list[tuple[float, int]] = []
@@ -732,6 +734,12 @@ class Line:
         if product.serials.scheme != "pool" or product.serials.source is None or self.on_serials_retry is None:
             raise C.CommandRejected(f"GTIN {product.gtin} has no serial source to retry", "no_source")
         result: dict[str, Any] = await self.on_serials_retry(product.gtin, c.actor, origin)
+        return result
+
+    async def _cmd_sink_retry(self, c: C.SinkRetry, origin: str) -> dict[str, Any]:
+        if self.on_sink_retry is None:
+            raise C.CommandRejected("this line has no upstream sinks running", "unknown_sink")
+        result: dict[str, Any] = await self.on_sink_retry(c.sink, c.actor, origin)
         return result
 
     async def _cmd_request_state(self, c: C.RequestState, origin: str) -> dict[str, Any]:

@@ -101,6 +101,7 @@ class EpcisXmlSink(FileSink):
         self._backoff = Backoff(backoff_initial_s, backoff_max_s)
         self._stop = asyncio.Event()
         self._wake = asyncio.Event()
+        self._retry_now = asyncio.Event()
         self._running = False
         self._opened = False
         self._pending: int | None = None
@@ -157,6 +158,16 @@ class EpcisXmlSink(FileSink):
             "error_since": self.error_since,
             "parked": self._refused,
         }
+
+    def unpark(self) -> bool:
+        """A parked (refused) document is sent again now, at normal backoff pace; False: nothing was failing."""
+        if self.last_error is None:
+            return False
+        if self._refused:
+            log.info("epcis_xml_unparked", sink=self.name, cursor=self.reader.cursor, reason=self.last_error)
+            self._refused = False
+            self._backoff = self._normal_backoff
+        return super().unpark()
 
     def file_name(self, first_seq: int, last_seq: int) -> str:
         return f"{self.prefix}-{first_seq:0{SEQ_DIGITS}d}-{last_seq:0{SEQ_DIGITS}d}.xml"

@@ -89,6 +89,7 @@ class FileSink:
         self.reader = OutboxReader(store, self.name)
         self._backoff = Backoff(backoff_initial_s, backoff_max_s)
         self._stop = asyncio.Event()
+        self._retry_now = asyncio.Event()  # stop() or an operator's unpark() cut a backoff wait short
         self._wake = asyncio.Event()
         self._running = False
         self._opened = False
@@ -134,6 +135,15 @@ class FileSink:
             "error_since": self.error_since,
         }
 
+    def unpark(self) -> bool:
+        """The operator says the cause is fixed (a directory mounted again): try now rather than after the backoff.
+        False: nothing was failing."""
+        if self.last_error is None:
+            return False
+        self._backoff.reset()
+        self._retry_now.set()
+        return True
+
     def file_name(self, first_seq: int, last_seq: int) -> str:
         return f"{self.prefix}-{first_seq:0{SEQ_DIGITS}d}-{last_seq:0{SEQ_DIGITS}d}.json"
 
@@ -141,6 +151,7 @@ class FileSink:
         """Stop after the document being written (if any) is renamed and its cursor recorded (bounded wait)."""
         self._stop.set()
         self._wake.set()
+        self._retry_now.set()
         deadline = time.monotonic() + timeout
         while self._running and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
@@ -164,7 +175,8 @@ class FileSink:
                     if first:
                         await self._alarm()
                     with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(self._stop.wait(), self._backoff.next_delay())
+                        await asyncio.wait_for(self._retry_now.wait(), self._backoff.next_delay())
+                    self._retry_now.clear()
                     continue
                 if wait is not None:
                     self._wake.clear()

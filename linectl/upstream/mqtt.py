@@ -241,6 +241,10 @@ class Forwarder:
         """Rows were appended: look at the outbox now rather than at the next poll."""
         self._wake_live.set()
 
+    def unpark(self) -> bool:
+        """Never parked: the forwarder reconnects to the broker by itself."""
+        return False
+
     def status(self) -> dict[str, Any]:
         """For the retained state topic: backlog in rows, ages in seconds, times in epoch seconds."""
         return {

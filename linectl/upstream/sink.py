@@ -64,6 +64,10 @@ class Sink(Protocol):
         """Rows were appended: look now rather than at the next poll."""
         ...
 
+    def unpark(self) -> bool:
+        """The operator says the far side's refusal is fixed (`sink_retry`): deliver again now. False: nothing waited."""
+        ...
+
     def status(self) -> dict[str, Any]:
         """Cursor, backlog, connection/error state: JSON for `<root>/state`."""
         ...

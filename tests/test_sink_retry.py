@@ -1,0 +1,56 @@
+"""`linectl upstream retry --sink NAME`: a sink parked on a refusal delivers again when the operator says the cause
+is fixed, through the normal command path (sink_retry over MQTT to the running daemon, audited with its origin).
+
+The EPCIS 2.0 repository simulator refuses the first capture with 400 (a repository with stricter rules): the
+epcis_rest sink parks with an alarm and sends nothing more; after the operator's retry the parked document and
+everything after it reach the repository, which ends holding exactly the store's events (its own record)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from engine_helpers import LINECTL, REPO, create_and_start, simulated_line, wait_for, wait_good
+
+from linectl import control as C
+from linectl.simulators.epcis_repository import EpcisRepository, RepositoryConfig
+
+pytestmark = pytest.mark.slow
+
+
+async def test_parked_sink_delivers_again_after_the_operators_retry(tmp_path):
+    repo = EpcisRepository(RepositoryConfig())
+    port = await repo.start()
+    repo.fail_next("invalid", 1)
+    try:
+        over = {"upstream": {"epcis_rest": [{"name": "repo", "url": f"http://127.0.0.1:{port}", "max_age_s": 0.2}]}}
+        async with simulated_line(tmp_path, overrides=over) as sl:
+            sink = next(s for s in sl.daemon.upstream if getattr(s, "name", None) == "epcis_rest:repo")
+            await create_and_start(sl, 40)
+            await wait_good(sl, 40, 60)
+            await wait_for(lambda: sink.status()["parked"] is not None, 30, "the sink parked on the 400")
+            assert "upstream_epcis_rest_parked" in [a.code for a in sl.line.alarms.values()]
+            held = len(repo.capture_order)
+            await asyncio.sleep(1.0)
+            assert len(repo.capture_order) == held and sl.line.store.sink_backlog("epcis_rest:repo") > 0  # parked: nothing goes
+            with pytest.raises(C.CommandRejected) as refused:
+                await sl.line.execute({"name": "sink_retry", "sink": "epcis_rest:nope"}, origin="test")
+            assert refused.value.code == "unknown_sink" and "epcis_rest:repo" in refused.value.reason
+            proc = await asyncio.create_subprocess_exec(
+                *LINECTL, "upstream", "retry", "-c", str(sl.run_cfg_path), "--sink", "epcis_rest:repo", "--actor", "qa", cwd=REPO,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            assert proc.returncode == 0, err.decode()
+            assert json.loads(out)["result"]["unparked"] is True
+            await wait_for(lambda: sl.line.store.sink_backlog("epcis_rest:repo") == 0, 60, "the backlog delivered after the retry")
+            assert sink.status()["parked"] is None
+            store_ids = []
+            for row in sl.line.store.outbox(0, 100_000, only_unforwarded=False):
+                if row.epcis:
+                    store_ids += [json.loads(e)["eventID"] for e in row.epcis.split("\n")]
+            assert sorted(repo.capture_order) == sorted(store_ids) and len(set(repo.capture_order)) == len(store_ids)
+            origins = {r.origin for r in sl.line.store.audit_log(limit=100_000) if r.action == "sink_retry"}
+            assert len(origins) == 1 and next(iter(origins)).startswith("mqtt:")
+    finally:
+        await repo.stop()
