@@ -179,7 +179,9 @@ async def test_l3_down_while_the_line_runs(tmp_path):
             await sim2.start()
             try:
                 await wait_for(lambda: prov.state != "failing", 30, "the source back")
-                await wait_for(lambda: db_query(sl.db, "SELECT count(*) FROM serial_requests WHERE state='pending'")[0][0] == 0, 30, "answered")
+                # an answer is stored ('answered') before its import ('imported'): wait for both steps
+                await wait_for(lambda: db_query(sl.db, "SELECT count(*) FROM serial_requests WHERE state IN ('pending', 'answered')")[0][0] == 0,
+                               30, "answered and imported")
                 states = [r[0] for r in db_query(sl.db, "SELECT state FROM serial_requests WHERE kind='request'")]
                 assert "lost" not in states and set(states) == {"imported"}  # connection refused: nothing allocated
                 check_truth(sl.db, sim2)
