@@ -990,8 +990,11 @@ class Line:
             if b is not None and b.state in ALLOWED["stop"]:
                 await self._packml_acting(S.Stopping, self._stop_batch(actor=c.actor, origin=origin, reason="PackML Stop", locked=True))
         elif cmd in (K.Hold, K.Suspend):
+            if b is None or b.state not in (BatchState.RUNNING, BatchState.PAUSED):
+                what = f"batch {b.lot} is {b.state.value}" if b is not None else "no batch"
+                raise C.CommandRejected(f"PackML {cmd.name}: {what}; only a producing batch can be held (a challenge test is stopped)", "bad_state")
             pm.suspended = cmd is K.Suspend
-            if b is not None and b.state == BatchState.RUNNING:
+            if b.state == BatchState.RUNNING:
                 acting = S.Holding if cmd is K.Hold else S.Suspending
                 await self._packml_acting(acting, self._cmd_pause_batch(C.PauseBatch(actor=c.actor), origin))
         elif cmd is K.Unhold:
