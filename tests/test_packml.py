@@ -211,8 +211,10 @@ def refused(reply: dict[str, Any], code: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def line(tmp_path: Path, **packml: Any) -> AsyncIterator[tuple[Any, Client]]:
+async def line(tmp_path: Path, *, products: list[dict[str, Any]] | None = None, **packml: Any) -> AsyncIterator[tuple[Any, Client]]:
     overrides: dict[str, Any] = {"mqtt": {"topic_root": unique_root(), "protocol": "5"}}
+    if products is not None:
+        overrides["products"] = products
     if packml:
         overrides["packml"] = packml
     async with simulated_line(tmp_path, rate=600.0, overrides=overrides) as sl:
@@ -402,5 +404,34 @@ async def test_planned_quantity_completes_and_starved_suspends(tmp_path: Path) -
         await sim(sl, cmd="set", rate_upm=600.0)
         st = await op.state_is(PackmlState.Execute, timeout=60)
         assert st["EquipmentStarved"] is False
+        ok(await op.packml_cmd("Stop"))
+        await op.state_is(PackmlState.Stopped)
+
+
+async def test_empty_serial_pool_holds_and_unhold_resumes(tmp_path: Path) -> None:
+    from linectl.demo import DEFAULT_CONFIG
+    from linectl.yamlsource import load_yaml, to_plain
+
+    product = to_plain(load_yaml(DEFAULT_CONFIG))["products"][0]
+    product["serials"] = {"scheme": "pool", "low_water": 0}
+    async with line(tmp_path, products=[product]) as (sl, op):
+        gtin = sl.cfg.products[0].gtin
+        assert ok(await op.send("provision_pool", {"gtin": gtin, "range_start": 5_000_000, "range_count": 300}))["accepted"] == 300
+        ok(await op.send("create_batch", create_payload(sl, 100_000)))
+        ok(await op.packml_cmd("Reset"))
+        ok(await op.packml_cmd("Start"))
+        st = await op.state_is(PackmlState.Held, timeout=90)  # the pool ran dry: material missing, not a machine fault
+        assert set(st["Allowed"]) == {"Stop", "Unhold", "Abort"}
+        admin = await wait_for(lambda: (a := op.packml.get("admin")) and a["StopReason"] and a, 10, "a StopReason")
+        assert admin["StopReason"]["Code"] == "no_serials" and admin["StopReason"]["ID"] == 50
+        assert admin["ProdConsumedCount"] <= 300 and admin["GoodCount"] > 0
+        assert sl.line.fault == "no_serials"
+        refused(await op.packml_cmd("Start"), "invalid_state")
+        ok(await op.send("provision_pool", {"gtin": gtin, "range_start": 6_000_000, "range_count": 2000}))
+        ok(await op.packml_cmd("Unhold"))
+        await op.state_is(PackmlState.Execute)
+        assert sl.line.fault is None
+        good = sl.line.batch.good_total()
+        await wait_good(sl, good + 5)
         ok(await op.packml_cmd("Stop"))
         await op.state_is(PackmlState.Stopped)
