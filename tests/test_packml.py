@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sys
 import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterator
 from datetime import date, timedelta
 from pathlib import Path
+from subprocess import PIPE
 from typing import Any
 
 import aiomqtt
@@ -225,6 +227,13 @@ async def line(tmp_path: Path, *, products: list[dict[str, Any]] | None = None, 
             yield sl, client
 
 
+async def cli(*args: str) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "linectl", *args, stdout=PIPE, stderr=PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
 def create_payload(sl: Any, units: int) -> dict[str, Any]:
     product = sl.cfg.products[0]
     expiry = (date.today() + timedelta(days=730)).strftime("%y%m%d")
@@ -364,8 +373,13 @@ async def test_estop_aborts_and_clear_needs_the_fault_gone(tmp_path: Path) -> No
         refused(await op.packml_cmd("Reset"), "invalid_state")
         refused(await op.packml_cmd("Start"), "invalid_state")
         await sim(sl, cmd="set", device="plc1", tags={"estop": False})
-        ok(await op.packml_cmd("Clear"))
+        # the CLI sends the same command (over MQTT, audited with its origin)
+        rc, out, err = await cli("batch", "packml", "-c", str(sl.run_cfg_path), "--packml-command", "clear", "--actor", "shift-lead")
+        assert rc == 0, (out, err)
+        assert json.loads(out)["result"]["state"] == "Stopped"
         await op.state_is(PackmlState.Stopped)
+        rc, out, err = await cli("batch", "packml", "-c", str(sl.run_cfg_path), "--packml-command", "launch")
+        assert rc == 2 and "launch" in err and "Traceback" not in err, (rc, err)
         assert sl.line.fault is None
         ok(await op.packml_cmd("Reset"))
         ok(await op.packml_cmd("Start"))
