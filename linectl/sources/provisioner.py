@@ -188,10 +188,11 @@ class Provisioner:
         """After a start: finish what the last run left half done (see the module docstring)."""
         for r in self.store.requests(source=self.name, gtin=self.gtin, states=("answered",), kind="request"):
             await self._import(r.id, recovered=True)
+            await self._rest_of_stored(r)
         for r in self.store.requests(source=self.name, gtin=self.gtin, states=("pending",), kind="request"):
             if self.idempotent:
                 log.warning("serial_request_resent", source=self.name, request=r.id, key=r.key, why="pending at start")
-                await self._send(r.id, r.size, r.key, r.page, r.lot, r.continuation)
+                await self._rest_of(r, await self._send(r.id, r.size, r.key, r.page, r.lot, r.continuation))
             else:
                 why = (f"linectl stopped between sending this request and storing its answer; {self.name} has no idempotency key, "
                        f"so the {r.size} serials the L3 may have allocated for it are never used")
@@ -210,10 +211,13 @@ class Provisioner:
         await self._returns()
         for r in self.store.requests(source=self.name, gtin=self.gtin, states=("answered",), kind="request"):
             await self._import(r.id, recovered=True)
+            await self._rest_of_stored(r)
         # requests an operator un-parked: the same request again
         for r in self.store.requests(source=self.name, gtin=self.gtin, states=("pending",), kind="request"):
-            if await self._send(r.id, r.size, r.key, r.page, r.lot, r.continuation) is None:
+            got = await self._send(r.id, r.size, r.key, r.page, r.lot, r.continuation)
+            if got is None:
                 return
+            await self._rest_of(r, got)
         if self.store.requests(source=self.name, gtin=self.gtin, states=("parked",), kind="request", limit=1):
             self.state = "parked"
             return
@@ -253,6 +257,33 @@ class Provisioner:
                 break
             key, page, cont = uuid.uuid4().hex, 0, None
         return received
+
+    async def _rest_of_stored(self, r: Any) -> None:
+        """A page answered before a restart (imported now from its stored answer) may say more pages follow."""
+        _raw, answer, _refused = self.store.request_answer(r.id)
+        if answer and answer.get("more") and answer.get("continuation"):
+            await self._pages_after(r, str(answer["continuation"]))
+
+    async def _rest_of(self, r: Any, got: tuple[SerialPage, int] | str | None) -> None:
+        """A page sent again (after a restart or an operator's retry) may say more pages follow: the L3 allocated them
+        for this request, so they are fetched now rather than left allocated at the L3 and never used."""
+        if isinstance(got, tuple) and got[0].more and got[0].continuation:
+            await self._pages_after(r, got[0].continuation)
+
+    async def _pages_after(self, r: Any, cont: str) -> None:
+        """The pages of request `r.key` after page `r.page`, each recorded before it is sent (none already recorded)."""
+        later = [x for x in self.store.requests(source=self.name, gtin=self.gtin, kind="request", limit=100_000)
+                 if x.key == r.key and x.page > r.page]
+        if later:  # the last run had recorded the next page already: it is handled as its own (pending/answered) row
+            return
+        page, next_cont = r.page, cont
+        while next_cont is not None:
+            page += 1
+            rid = await self.store.request_new("request", self.name, self.gtin, r.size, r.key, page=page, lot=r.lot, continuation=next_cont)
+            got = await self._send(rid, r.size, r.key, page, r.lot, next_cont)
+            if not isinstance(got, tuple):
+                return  # parked or lost: recorded as such
+            next_cont = got[0].continuation if got[0].more else None
 
     async def _send(self, rid: int, size: int, key: str, page: int, lot: str | None,
                     cont: str | None) -> tuple[SerialPage, int] | str | None:
