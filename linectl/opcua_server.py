@@ -68,7 +68,13 @@ CALL_TIMEOUT_S = 30.0
 VERIFY_RATE = 5.0
 #: the session user of the request being processed; set by the permission ruleset, which asyncua calls with the
 #: user before it dispatches each request, in the task that then runs the method (one task per connection)
+NULL_TIME = datetime(1601, 1, 1, tzinfo=timezone.utc)
 _CALLER: contextvars.ContextVar[Any] = contextvars.ContextVar("opcua_caller", default=None)
+#: set when the connection's secure channel was opened with one of the configured policies. asyncua answers an
+#: OpenSecureChannel with policy None even when no None endpoint exists (GetEndpoints needs it), and then lets a
+#: session be created and activated on that channel: without this mark, a client that skips the endpoint list would
+#: read the line, password included, over an unsecured channel
+_SECURED: contextvars.ContextVar[bool] = contextvars.ContextVar("opcua_secured_channel", default=False)
 
 
 class OpcuaServerError(Exception):
@@ -231,7 +237,6 @@ class PackmlServer:
         self._last: dict[str, Any] = {}
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._lock = asyncio.Lock()
         self._pending = 0
         self._defect_ids: dict[str, int] = {}
         self.calls = 0
@@ -261,6 +266,9 @@ class PackmlServer:
 
         class Users:
             def get_user(self, iserver: Any, username: str | None = None, password: str | None = None, certificate: Any = None) -> Any:
+                if not _SECURED.get():
+                    log.warning("opcua_login_refused", user=(username or "")[:64], reason="channel not opened with a configured security policy")
+                    return None
                 if username is None and password is None:
                     # asyncua refuses an anonymous token itself unless allow_anonymous put it in the identity tokens
                     return User(role=UserRole.Anonymous, name=None) if cfg.allow_anonymous else None
@@ -288,6 +296,9 @@ class PackmlServer:
         self.server = server
         await self._build()
         await server.start()
+        # mark the channels opened with a configured policy (in place: the listener holds this list; a connection
+        # accepted before the swap is merely refused at activation)
+        server._policies[:] = [_MarkingFactory(f) for f in server._policies]
         self._task = asyncio.create_task(self._publisher(), name="opcua_server.publisher")
         self.line.on_state_change(self._dirty.set)
         log.info(
@@ -480,12 +491,12 @@ class PackmlServer:
         await self._write("Admin/ProdConsumedCount", ua.Variant(consumed, ua.VariantType.ExtensionObject))
         await self._write("Admin/ProdDefectiveCount", ua.Variant(defective, ua.VariantType.ExtensionObject))
         sr = tags.stop_reason
-        alarm = ua.PackMLAlarmDataType(ID=0, Value=0, Message="", Category=0)
+        # OPC UA's null time (1601-01-01) where there is no time: asyncua's default would be "now", a new value each cycle
+        alarm = ua.PackMLAlarmDataType(ID=0, Value=0, Message="", Category=0, DateTime=NULL_TIME, AckDateTime=NULL_TIME)
         if sr is not None:
-            at = datetime.fromtimestamp(sr.at, timezone.utc) if sr.at else None
-            alarm = ua.PackMLAlarmDataType(ID=int(sr.id), Value=int(sr.id), Message=f"{sr.code}: {sr.message}"[:500], Category=0)
-            if at is not None:
-                alarm.DateTime = at
+            at = datetime.fromtimestamp(sr.at, timezone.utc) if sr.at else NULL_TIME
+            alarm = ua.PackMLAlarmDataType(ID=int(sr.id), Value=int(sr.id), Message=f"{sr.code}: {sr.message}"[:500], Category=0,
+                                           DateTime=at, AckDateTime=NULL_TIME)
         await self._write("Admin/StopReason", ua.Variant(alarm, ua.VariantType.ExtensionObject))
 
     # ----------------------------------------------------------------- methods
@@ -518,9 +529,10 @@ class PackmlServer:
             return bad(ua.StatusCodes.BadTooManyOperations, f"{self._pending} method calls already wait for the line", name)
         self._pending += 1
         try:
-            async with self._lock:
-                self.calls += 1
-                await asyncio.wait_for(run(name), CALL_TIMEOUT_S)
+            # no lock of this server's own: the engine orders commands, and refuses at once one that the state
+            # forbids (a Stop during Starting is taken, a second Start is not) instead of queueing it
+            self.calls += 1
+            await asyncio.wait_for(run(name), CALL_TIMEOUT_S)
         except CommandRejected as exc:
             code = ua.StatusCodes.BadInvalidState if exc.code == "invalid_state" else ua.StatusCodes.BadRequestNotAllowed
             return bad(code, exc.reason, name)
@@ -588,6 +600,23 @@ class PackmlServer:
             return ua.StatusCode(ua.StatusCodes.BadNotSupported)
 
         return call
+
+
+class _MarkingFactory:
+    """asyncua's SecurityPolicyFactory, marking the connection's task when a configured policy opens its channel."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def matches(self, uri: str, mode: Any = None) -> bool:
+        return bool(self._inner.matches(uri, mode))
+
+    def create(self, peer_certificate: Any) -> Any:
+        _SECURED.set(True)
+        return self._inner.create(peer_certificate)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
 
 
 class _Ruleset:
