@@ -875,9 +875,11 @@ class OpcuaServerConfig(Model):
     enabled: bool = False
     endpoint: str = Field("opc.tcp://0.0.0.0:4841/linectl", pattern=r"^opc\.tcp://[^/\s:]+:\d{1,5}(/\S*)?$")
     security: list[OpcuaSecurity] = Field(
-        default_factory=lambda: ["Basic256Sha256_SignAndEncrypt"], min_length=1, description="secured endpoints offered"
+        default_factory=lambda: list[OpcuaSecurity](["Basic256Sha256_SignAndEncrypt"]), min_length=1, description="secured endpoints offered"
     )
-    allow_unsecured: bool = Field(False, description="also offer an endpoint with security policy None (a password then crosses in clear unless encrypted by a secured policy)")
+    allow_unsecured: bool = Field(
+        False, description="also offer an endpoint with security policy None (nothing on it is signed or encrypted but the password)"
+    )
     allow_anonymous: bool = Field(False, description="sessions without a user: browse and read only, never a method call")
     users: list[OpcuaUser] = Field(default_factory=list)
     certificate: str = Field("opcua/server_cert.der", description="server certificate (DER); generated with private_key on first start if missing")

@@ -29,7 +29,7 @@ import socket
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,7 @@ CALL_TIMEOUT_S = 30.0
 VERIFY_RATE = 5.0
 #: the session user of the request being processed; set by the permission ruleset, which asyncua calls with the
 #: user before it dispatches each request, in the task that then runs the method (one task per connection)
-NULL_TIME = datetime(1601, 1, 1, tzinfo=timezone.utc)
+NULL_TIME = datetime(1601, 1, 1, tzinfo=UTC)
 _CALLER: contextvars.ContextVar[Any] = contextvars.ContextVar("opcua_caller", default=None)
 #: set when the connection's secure channel was opened with one of the configured policies. asyncua answers an
 #: OpenSecureChannel with policy None even when no None endpoint exists (GetEndpoints needs it), and then lets a
@@ -185,7 +185,7 @@ def ensure_certificate(cert_path: Path, key_path: Path, app_uri: str, hostname: 
     finally:
         os.close(fd)
     os.replace(tmp, key_path)
-    names = {x509.UniformResourceIdentifier(app_uri), x509.DNSName(hostname)} | ({x509.DNSName(socket.gethostname())} if hostname != socket.gethostname() else set())
+    names: set[Any] = {x509.UniformResourceIdentifier(app_uri), x509.DNSName(hostname), x509.DNSName(socket.gethostname())}
     cert = generate_self_signed_app_certificate(
         key, "linectl OPC UA server", {}, sorted(names, key=str), extended=[ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], days=3650,
     )
@@ -457,7 +457,7 @@ class PackmlServer:
         tags = self.line.packtags()
         state = int(tags.state)
         await self._write("StateCurrent", ua.Variant(state, ua.VariantType.Int32))
-        machine_of = {"BaseStateMachine": None, "MachineState": None, "ExecuteState": None}
+        machine_of: dict[str, tuple[str, Any] | None] = {"BaseStateMachine": None, "MachineState": None, "ExecuteState": None}
         if state in self._state_ids:
             m, nid = self._state_ids[state]
             machine_of[m] = (tags.state.name, nid)
@@ -494,7 +494,7 @@ class PackmlServer:
         # OPC UA's null time (1601-01-01) where there is no time: asyncua's default would be "now", a new value each cycle
         alarm = ua.PackMLAlarmDataType(ID=0, Value=0, Message="", Category=0, DateTime=NULL_TIME, AckDateTime=NULL_TIME)
         if sr is not None:
-            at = datetime.fromtimestamp(sr.at, timezone.utc) if sr.at else NULL_TIME
+            at = datetime.fromtimestamp(sr.at, UTC) if sr.at else NULL_TIME
             alarm = ua.PackMLAlarmDataType(ID=int(sr.id), Value=int(sr.id), Message=f"{sr.code}: {sr.message}"[:500], Category=0,
                                            DateTime=at, AckDateTime=NULL_TIME)
         await self._write("Admin/StopReason", ua.Variant(alarm, ua.VariantType.ExtensionObject))
@@ -642,7 +642,7 @@ def _validator(trusted: dict[bytes, str], app_uri: str) -> Callable[[Any, Any], 
         from cryptography.hazmat.primitives.serialization import Encoding
 
         der = cert.public_bytes(Encoding.DER)
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         if der not in trusted:
             log.warning("opcua_certificate_refused", subject=cert.subject.rfc4514_string()[:200], reason="not in trusted_clients_dir")
             raise ua.UaStatusCodeError(ua.StatusCodes.BadCertificateUntrusted)

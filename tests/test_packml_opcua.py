@@ -25,7 +25,6 @@ import pytest
 from asyncua import Client, ua
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 
-from linectl import control as C
 from linectl.config import OpcuaServerConfig
 from linectl.opcua_server import OpcuaServerError, ensure_certificate, hash_password
 from tests.engine_helpers import simulated_line, wait_async
