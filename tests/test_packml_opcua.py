@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import json
 import os
 import shutil
 import socket
@@ -260,11 +261,64 @@ async def test_a_line_driven_through_the_methods(ua_line: tuple[Any, Scada]) -> 
         defective = await (await path(obj, ns, "Admin", "ProdDefectiveCount")).read_value()
         assert {d.Name: d.Count for d in defective} == tags.admin.defective
         assert await (await path(obj, ns, "Status", f"{await c.get_namespace_index('urn:linectl:packml')}:StateCurrent")).read_value() == int(tags.state)
+        # what MES reads on MQTT (packml/status, packml/admin) is what SCADA reads on OPC UA, once both have published
+        async with mqtt_packtags(sl) as mqtt:
+
+            async def opcua_view() -> dict[str, Any]:
+                sid = await (await path(obj, ns, *MACHINE, "0:CurrentState", "0:Id")).read_value()
+                return {
+                    "StateCurrent": await (await c.get_node(sid).get_child("0:StateNumber")).read_value(),
+                    "UnitModeCurrent": await (await path(obj, ns, "Status", "UnitModeCurrent")).read_value(),
+                    "ProdProcessedCount": (await processed.read_value())[0].Count,
+                    "ProdConsumedCount": (await (await path(obj, ns, "Admin", "ProdConsumedCount")).read_value())[0].Count,
+                    "DefectiveByReason": {d.Name: d.Count for d in await (await path(obj, ns, "Admin", "ProdDefectiveCount")).read_value()},
+                }
+
+            def mqtt_view() -> dict[str, Any] | None:
+                if not {"status", "admin"} <= set(mqtt):
+                    return None
+                st, ad = mqtt["status"], mqtt["admin"]
+                return {"StateCurrent": st["StateCurrent"], "UnitModeCurrent": st["UnitModeCurrent"], **{
+                    k: ad[k] for k in ("ProdProcessedCount", "ProdConsumedCount", "DefectiveByReason")}}
+
+            views: list[Any] = []
+
+            async def same() -> bool:
+                views[:] = [await opcua_view(), mqtt_view()]
+                return views[0] == views[1]
+
+            try:
+                await wait_async(same, 30, "MQTT PackTags equal to the OPC UA values")
+            except AssertionError:
+                raise AssertionError(f"OPC UA {views[0]} != MQTT {views[1]}") from None
+            assert views[0]["StateCurrent"] == 2 and views[0]["ProdProcessedCount"] >= 20
     # each method in the audit trail, with the OPC UA user as actor
     audit = [r for r in sl.daemon.store.audit_log(limit=100_000) if r.origin == "opcua"]
     assert [(r.actor, r.action, r.detail["command"]) for r in audit] == [
         ("op", "packml_command", c) for c in ("Reset", "Start", "Hold", "Unhold", "Stop")
     ]
+
+
+@contextlib.asynccontextmanager
+async def mqtt_packtags(sl: Any) -> AsyncIterator[dict[str, dict[str, Any]]]:
+    """The PackTags groups the MQTT bridge publishes (retained, then as they change), as an MES subscriber has them."""
+    import aiomqtt
+
+    latest: dict[str, dict[str, Any]] = {}
+    async with aiomqtt.Client(sl.cfg.mqtt.host, sl.cfg.mqtt.port) as client:
+        await client.subscribe(f"{sl.cfg.topic_root}/packml/+", qos=1)
+
+        async def collect() -> None:
+            async for m in client.messages:
+                latest[str(m.topic).rsplit("/", 1)[1]] = json.loads(m.payload)
+
+        task = asyncio.create_task(collect())
+        try:
+            yield latest
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def test_malformed_calls_are_refused_by_status(ua_line: tuple[Any, Scada]) -> None:
@@ -294,6 +348,11 @@ async def test_malformed_calls_are_refused_by_status(ua_line: tuple[Any, Scada])
         assert await call(obj, ns, (), "SetUnitMode", ua.Variant(3, ua.VariantType.Int32)) == "Good"
         assert await (await path(obj, ns, "Status", "UnitModeCurrent")).read_value() == 3
         assert await call(obj, ns, (), "SetUnitMode", ua.Variant(1, ua.VariantType.Int32)) == "Good"
+        # the values are the line's: a client cannot write them
+        for rel in (("Status", "MachSpeed"), ("Status", f"{await c.get_namespace_index('urn:linectl:packml')}:StateCurrent")):
+            with pytest.raises(ua.UaStatusCodeError) as e4:
+                await (await path(obj, ns, *rel)).write_value(ua.Variant(6, ua.VariantType.Int32 if "StateCurrent" in rel[1] else ua.VariantType.Float))
+            assert ua.StatusCode(e4.value.code).name in ("BadNotWritable", "BadUserAccessDenied"), rel
         # the methods the line has no engine command for say so, rather than succeed doing nothing
         assert await call(obj, ns, (), "SetMachSpeed", ua.Variant(100.0, ua.VariantType.Float)) == "BadNotSupported"
         assert sl.line.packtags().state.name == "Stopped"
