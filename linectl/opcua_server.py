@@ -28,7 +28,7 @@ import secrets
 import socket
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -238,6 +238,7 @@ class PackmlServer:
         self._dirty = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._pending = 0
+        self._inflight: dict[asyncio.Task[Any], tuple[str, str | None, bool]] = {}  # also keeps them referenced
         self._defect_ids: dict[str, int] = {}
         self.calls = 0
 
@@ -508,7 +509,7 @@ class PackmlServer:
         found = self.passwords.users.get(user.name)
         return None if found is None else found.name
 
-    async def _call(self, what: str, parent: Any, expected: Any, args: tuple[Any, ...], run: Callable[[str], Awaitable[Any]]) -> Any:
+    async def _call(self, what: str, parent: Any, expected: Any, args: tuple[Any, ...], run: Callable[[str], Coroutine[Any, Any, None]]) -> Any:
         """The common path of every method: who calls, on which object, how many waiting, then the engine."""
         from asyncua import ua
 
@@ -527,25 +528,41 @@ class PackmlServer:
             return bad(ua.StatusCodes.BadMethodInvalid, f"{what} is not a method of {parent}", name)
         if self._pending >= MAX_PENDING_CALLS:
             return bad(ua.StatusCodes.BadTooManyOperations, f"{self._pending} method calls already wait for the line", name)
+        # no lock of this server's own: the engine orders commands, and refuses at once one that the state forbids
+        # (a Stop during Starting is taken, a second Start is not) instead of queueing it. The command runs as its
+        # own task, shielded: a client that times out or drops its connection must not cancel a stop half-way
         self._pending += 1
+        self.calls += 1
+        task = asyncio.create_task(run(name), name=f"opcua_server.{what}")
+        task.add_done_callback(self._call_done)
+        self._inflight[task] = (what, name, False)
         try:
-            # no lock of this server's own: the engine orders commands, and refuses at once one that the state
-            # forbids (a Stop during Starting is taken, a second Start is not) instead of queueing it
-            self.calls += 1
-            await asyncio.wait_for(run(name), CALL_TIMEOUT_S)
+            await asyncio.wait_for(asyncio.shield(task), CALL_TIMEOUT_S)
         except CommandRejected as exc:
             code = ua.StatusCodes.BadInvalidState if exc.code == "invalid_state" else ua.StatusCodes.BadRequestNotAllowed
             return bad(code, exc.reason, name)
         except ValueError as exc:  # pydantic's ValidationError is one: a malformed argument
             return bad(ua.StatusCodes.BadInvalidArgument, str(exc).splitlines()[0][:300], name)
-        except TimeoutError:
-            return bad(ua.StatusCodes.BadTimeout, f"the line did not answer within {CALL_TIMEOUT_S:.0f} s", name)
-        finally:
-            self._pending -= 1
+        except (TimeoutError, asyncio.CancelledError) as exc:
+            if task in self._inflight:
+                self._inflight[task] = (what, name, True)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return bad(ua.StatusCodes.BadTimeout, f"the line did not answer within {CALL_TIMEOUT_S:.0f} s; the command goes on", name)
+        except Exception as exc:  # noqa: BLE001 - an engine error is the client's BadInternalError, not a dropped reply
+            log.exception("opcua_method_failed", method=what, user=name)
+            return bad(ua.StatusCodes.BadInternalError, str(exc)[:300], name)
         self._dirty.set()
         await self._refresh()
         log.info("opcua_method_called", method=what, user=name)
         return []
+
+    def _call_done(self, task: asyncio.Task[Any]) -> None:
+        self._pending -= 1
+        what, name, late = self._inflight.pop(task, ("?", None, False))
+        if late:  # nobody waits for it any more: say how it ended
+            exc = None if task.cancelled() else task.exception()
+            log.warning("opcua_method_finished_late", method=what, user=name, outcome="done" if exc is None else str(exc)[:300])
 
     def _method(self, command: str, owner: Any, mname: str) -> Callable[..., Awaitable[Any]]:
         from asyncua import ua

@@ -26,6 +26,7 @@ import pytest
 from asyncua import Client, ua
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 
+from linectl import opcua_server
 from linectl.config import OpcuaServerConfig
 from linectl.opcua_server import OpcuaServerError, ensure_certificate, hash_password
 from tests.engine_helpers import simulated_line, wait_async
@@ -217,7 +218,7 @@ async def test_scada_browses_a_packml_unit_typed_by_the_official_nodeset(ua_line
         assert not [d for d in await obj.get_children_descriptions() if d.BrowseName.Name in ("RemoteCommand", "SetInterlock")]
 
 
-async def test_a_line_driven_through_the_methods(ua_line: tuple[Any, Scada]) -> None:
+async def test_a_line_driven_through_the_methods(ua_line: tuple[Any, Scada], monkeypatch: pytest.MonkeyPatch) -> None:
     sl, scada = ua_line
     lot = await sl.create_batch(300, challenge=False)
     async with await scada.client() as c:
@@ -246,7 +247,11 @@ async def test_a_line_driven_through_the_methods(ua_line: tuple[Any, Scada]) -> 
         assert await call(obj, ns, EXECUTE, "Suspend") == "BadInvalidState"
         assert await call(obj, ns, EXECUTE, "Unhold") == "Good"
         await wait_state(obj, ns, "Execute")
-        assert await call(obj, ns, MACHINE, "Stop") == "Good"
+        # a client that stops waiting (here: the server's call timeout cut to 1 ms) gets BadTimeout, and the stop,
+        # shielded from it, still drains the belt to Stopped (a cancelled stop would leave the line half-stopped)
+        monkeypatch.setattr(opcua_server, "CALL_TIMEOUT_S", 0.001)
+        assert await call(obj, ns, MACHINE, "Stop") == "BadTimeout"
+        monkeypatch.setattr(opcua_server, "CALL_TIMEOUT_S", 30.0)
 
         async def stopped() -> bool:
             return (await state_of(obj, ns))[1] == "Stopped"
