@@ -55,7 +55,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def client_cert(directory: Path, name: str) -> tuple[Path, Path]:
+def client_cert(directory: Path, name: str, days: int = 365) -> tuple[Path, Path]:
     """A SCADA client's own application certificate (not made by the server's code)."""
     from asyncua.crypto.cert_gen import dump_private_key_as_pem, generate_private_key, generate_self_signed_app_certificate
     from cryptography import x509
@@ -64,7 +64,8 @@ def client_cert(directory: Path, name: str) -> tuple[Path, Path]:
 
     key = generate_private_key()
     cert = generate_self_signed_app_certificate(
-        key, name, {}, [x509.UniformResourceIdentifier(CLIENT_URI), x509.DNSName("localhost")], extended=[ExtendedKeyUsageOID.CLIENT_AUTH]
+        key, name, {}, [x509.UniformResourceIdentifier(CLIENT_URI), x509.DNSName("localhost")], extended=[ExtendedKeyUsageOID.CLIENT_AUTH],
+        days=days,
     )
     directory.mkdir(parents=True, exist_ok=True)
     cp, kp = directory / f"{name}.der", directory / f"{name}.pem"
@@ -81,12 +82,15 @@ class Scada:
         self.server_cert = server_cert
         self.cert, self.key = client_cert(tmp / "scada", "scada")
         self.untrusted_cert, self.untrusted_key = client_cert(tmp / "rogue", "rogue")
+        self.expired_cert, self.expired_key = client_cert(tmp / "old", "old", days=0)  # not valid after its creation
 
-    async def client(self, user: str | None = "op", password: str = PASSWORD, *, untrusted: bool = False, secure: bool = True) -> Client:
+    async def client(self, user: str | None = "op", password: str = PASSWORD, *, untrusted: bool = False, expired: bool = False,
+                     secure: bool = True) -> Client:
         c = Client(self.url, timeout=20)
         c.application_uri = CLIENT_URI
         if secure:
             cert, key = (self.untrusted_cert, self.untrusted_key) if untrusted else (self.cert, self.key)
+            cert, key = (self.expired_cert, self.expired_key) if expired else (cert, key)
             await c.set_security(SecurityPolicyBasic256Sha256, str(cert), str(key), server_certificate=str(self.server_cert),
                                  mode=ua.MessageSecurityMode.SignAndEncrypt)
         if user is not None:
@@ -116,6 +120,7 @@ async def ua_line(tmp_path: Path) -> AsyncIterator[tuple[Any, Scada]]:
     # the operator trusts the SCADA client by putting its certificate in the trust directory (before start: read once)
     (tmp_path / "pki" / "trusted").mkdir(parents=True)
     shutil.copy(scada.cert, tmp_path / "pki" / "trusted" / "scada.der")
+    shutil.copy(scada.expired_cert, tmp_path / "pki" / "trusted" / "old.der")  # trusted, but out of its validity
     async with simulated_line(tmp_path, rate=1200.0, overrides=ua_overrides(tmp_path, port)) as sl:
         yield sl, scada
 
@@ -425,12 +430,14 @@ async def test_secure_by_default(ua_line: tuple[Any, Scada], tmp_path: Path) -> 
     assert stat.S_IMODE(key.stat().st_mode) == 0o600 and (tmp_path / "pki" / "server.der").stat().st_size > 500
     refusals = {}
     for what, kwargs in {"no security": {"secure": False}, "anonymous": {"user": None}, "wrong password": {"password": "wrong-password"},
-                         "unknown user": {"user": "nobody"}, "untrusted certificate": {"untrusted": True}}.items():
+                         "unknown user": {"user": "nobody"}, "untrusted certificate": {"untrusted": True},
+                         "expired certificate": {"expired": True}}.items():
         refusals[what] = await refused(await scada.client(**kwargs))
     assert refusals["no security"].startswith("UaError: No matching endpoints"), refusals  # the client finds none
     assert refusals["anonymous"].startswith("BadIdentityTokenRejected"), refusals
     assert refusals["wrong password"].startswith("BadUserAccessDenied") and refusals["unknown user"].startswith("BadUserAccessDenied"), refusals
     assert refusals["untrusted certificate"].startswith("BadCertificateUntrusted"), refusals
+    assert refusals["expired certificate"].startswith("BadCertificateTimeInvalid"), refusals
     # and a client that skips the endpoint list and opens an unsecured channel anyway is refused by the server
     raw = Client(scada.url, timeout=20)
     await raw.connect_socket()
@@ -456,12 +463,16 @@ async def test_secure_by_default(ua_line: tuple[Any, Scada], tmp_path: Path) -> 
 async def test_anonymous_and_unsecured_only_when_configured(tmp_path: Path) -> None:
     port = free_port()
     (tmp_path / "pki" / "trusted").mkdir(parents=True)
-    ov = ua_overrides(tmp_path, port, allow_anonymous=True, allow_unsecured=True)
+    ov = ua_overrides(tmp_path, port, allow_anonymous=True, allow_unsecured=True,
+                      security=["Aes256Sha256RsaPss_SignAndEncrypt", "Basic256Sha256_Sign"])
     async with simulated_line(tmp_path, overrides=ov) as sl:
         url = f"opc.tcp://127.0.0.1:{port}/linectl"
         probe = Client(url, timeout=20)
         endpoints = await probe.connect_and_get_server_endpoints()
-        assert {e.SecurityMode for e in endpoints} == {ua.MessageSecurityMode.None_, ua.MessageSecurityMode.SignAndEncrypt}
+        assert {(e.SecurityPolicyUri.rsplit("#", 1)[1], e.SecurityMode) for e in endpoints} == {
+            ("Aes256_Sha256_RsaPss", ua.MessageSecurityMode.SignAndEncrypt), ("Basic256Sha256", ua.MessageSecurityMode.Sign),
+            ("None", ua.MessageSecurityMode.None_)}
+        assert all(any(t.TokenType == ua.UserTokenType.Anonymous for t in e.UserIdentityTokens) for e in endpoints)
         async with Client(url, timeout=20) as c:  # anonymous, no security: reads, never calls
             obj, ns = await line_object(c)
             assert (await state_of(obj, ns))[1] == "Stopped"
