@@ -21,6 +21,7 @@ from linectl.commands import (
     example,
     export,
     init,
+    opcua,
     recall,
     report,
     rework,
@@ -55,6 +56,7 @@ COMMANDS = (
     decode,
     backup,
     upstream,
+    opcua,
 )
 
 

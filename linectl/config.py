@@ -845,6 +845,62 @@ class PackmlConfig(Model):
     )
 
 
+# --------------------------------------------------------------------------- OPC UA server (PackML)
+
+#: OPC UA security policies the server may offer (asyncua's SecurityPolicyType names); "None" only via allow_unsecured
+OpcuaSecurity = Literal[
+    "Basic256Sha256_SignAndEncrypt", "Basic256Sha256_Sign", "Aes128Sha256RsaOaep_SignAndEncrypt", "Aes128Sha256RsaOaep_Sign",
+    "Aes256Sha256RsaPss_SignAndEncrypt", "Aes256Sha256RsaPss_Sign",
+]
+
+
+class OpcuaUser(Model):
+    """One OPC UA user: the password only as an argon2 hash (`linectl opcua hash-password`)."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.@-]+$")
+    password_hash: str = Field(description="argon2 hash, as printed by `linectl opcua hash-password`")
+    role: Literal["operator", "viewer"] = Field("viewer", description="operator: may call the PackML methods; viewer: browse and read only")
+
+    @field_validator("password_hash")
+    @classmethod
+    def _argon2(cls, v: str) -> str:
+        if not re.fullmatch(r"\$argon2(id|i|d)\$v=\d+\$m=\d+,t=\d+,p=\d+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+", v):
+            raise ValueError("password_hash must be an argon2 hash ($argon2id$v=19$m=...): make one with `linectl opcua hash-password`")
+        return v
+
+
+class OpcuaServerConfig(Model):
+    """`opcua_server:` the line as a PackML unit (OPC 30050) for SCADA/MES clients. Secure unless the config says otherwise."""
+
+    enabled: bool = False
+    endpoint: str = Field("opc.tcp://0.0.0.0:4841/linectl", pattern=r"^opc\.tcp://[^/\s:]+:\d{1,5}(/\S*)?$")
+    security: list[OpcuaSecurity] = Field(
+        default_factory=lambda: list[OpcuaSecurity](["Basic256Sha256_SignAndEncrypt"]), min_length=1, description="secured endpoints offered"
+    )
+    allow_unsecured: bool = Field(
+        False, description="also offer an endpoint with security policy None (nothing on it is signed or encrypted but the password)"
+    )
+    allow_anonymous: bool = Field(False, description="sessions without a user: browse and read only, never a method call")
+    users: list[OpcuaUser] = Field(default_factory=list)
+    certificate: str = Field("opcua/server_cert.der", description="server certificate (DER); generated with private_key on first start if missing")
+    private_key: str = Field("opcua/server_key.pem", description="its private key (PEM), written mode 0600")
+    trusted_clients_dir: str = Field("opcua/trusted", description="client certificates (DER/PEM) trusted for secured endpoints; created empty")
+    application_uri: str = Field("urn:linectl:opcua-server", min_length=1)
+    publish_interval_s: float = Field(1.0, ge=0.05, le=60, description="PackTags refreshed at least this often; on a state change at once")
+
+    @model_validator(mode="after")
+    def _users(self) -> OpcuaServerConfig:
+        names = [u.name for u in self.users]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"opcua_server.users: {', '.join(dup)} listed twice")
+        if self.enabled and not self.users and not self.allow_anonymous:
+            raise ValueError("opcua_server is enabled but has no users (and allow_anonymous is false): nobody could connect")
+        if len(set(self.security)) != len(self.security):
+            raise ValueError("opcua_server.security lists a policy twice")
+        return self
+
+
 class LineConfig(Model):
     line: LineIdentity
     products: list[Product] = Field(min_length=1)
@@ -856,6 +912,7 @@ class LineConfig(Model):
     devices: dict[str, DeviceConfig] = Field(default_factory=dict)
     stations: list[StationConfig] = Field(default_factory=list)
     packml: PackmlConfig = Field(default_factory=PackmlConfig)
+    opcua_server: OpcuaServerConfig = Field(default_factory=OpcuaServerConfig)
     # The simulator's own section, kept as a mapping: the controller must not import (or need) the simulators, so the
     # section is validated by what uses it (`linectl simulate`, `demo`, and `check-config` when it is present) against
     # linectl.simulators.config.SimulationConfig.

@@ -116,6 +116,14 @@ class Daemon:
         self.supervisor.start("loop_health", self._loop_health)
         self._start_provisioners()
         await self._start_upstream()
+        if self.cfg.opcua_server.enabled:  # the line as a PackML unit for SCADA/MES (linectl/opcua_server.py)
+            from pathlib import Path
+
+            from linectl.opcua_server import PackmlServer
+
+            ua_server = PackmlServer(self.cfg, self.line, base_dir=Path(path).resolve().parent)
+            self.upstream.append(ua_server)  # stopped with the upstream links, also when its start fails half-way
+            await ua_server.start()
         self.supervisor.start("retention", self._retention)
         phase("tasks")
         # what exists now (config, drivers, pydantic models) lives for the whole run: keep it out of GC scans,
