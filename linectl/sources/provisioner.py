@@ -276,7 +276,8 @@ class Provisioner:
                  if x.key == r.key and x.page > r.page]
         if later:  # the last run had recorded the next page already: it is handled as its own (pending/answered) row
             return
-        page, next_cont = r.page, cont
+        page = r.page
+        next_cont: str | None = cont
         while next_cont is not None:
             page += 1
             rid = await self.store.request_new("request", self.name, self.gtin, r.size, r.key, page=page, lot=r.lot, continuation=next_cont)
