@@ -134,16 +134,16 @@ DEFAULT_OPCUA_TAGS: dict[str, dict[str, Any]] = {
 
 #: PackTags for a PLC programmed to PackML (README "PackTags on the PLC"), one map per protocol, to merge into a tag map
 PACKML_MODBUS_TAGS: dict[str, dict[str, Any]] = {
-    "packml_cmd_change_request": {"table": "coil", "address": 7, "type": "bool"},
-    "packml_blocked": {"table": "coil", "address": 8, "type": "bool"},
-    "packml_starved": {"table": "coil", "address": 9, "type": "bool"},
-    "packml_cntrl_cmd": {"table": "holding", "address": 20, "type": "int32"},
-    "packml_cmd_result": {"table": "holding", "address": 22, "type": "uint16"},
-    "packml_state_current": {"table": "holding", "address": 24, "type": "int32"},
-    "packml_unit_mode_current": {"table": "holding", "address": 26, "type": "int32"},
-    "packml_stop_reason": {"table": "holding", "address": 28, "type": "int32"},
-    "packml_prod_processed_count": {"table": "holding", "address": 30, "type": "int32"},
-    "packml_prod_defective_count": {"table": "holding", "address": 32, "type": "int32"},
+    "packml_cmd_change_request": {"table": "coil", "address": 16, "type": "bool"},
+    "packml_blocked": {"table": "coil", "address": 17, "type": "bool"},
+    "packml_starved": {"table": "coil", "address": 18, "type": "bool"},
+    "packml_cntrl_cmd": {"table": "holding", "address": 40, "type": "int32"},
+    "packml_cmd_result": {"table": "holding", "address": 42, "type": "uint16"},
+    "packml_state_current": {"table": "holding", "address": 44, "type": "int32"},
+    "packml_unit_mode_current": {"table": "holding", "address": 46, "type": "int32"},
+    "packml_stop_reason": {"table": "holding", "address": 48, "type": "int32"},
+    "packml_prod_processed_count": {"table": "holding", "address": 50, "type": "int32"},
+    "packml_prod_defective_count": {"table": "holding", "address": 52, "type": "int32"},
 }
 PACKML_S7_TAGS: dict[str, dict[str, Any]] = {
     "packml_cmd_change_request": {"db": 1, "offset": "1.1", "type": "BOOL"},

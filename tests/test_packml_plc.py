@@ -1,0 +1,219 @@
+"""PackTags on the PLC, end to end: a simulated PLC programmed to PackML drives a batch through CntrlCmd /
+CmdChangeRequest over Modbus TCP, S7 and OPC UA (the protocol servers of pymodbus, python-snap7 and asyncua), and
+reads StateCurrent back; refusals, an unknown command, a command changed mid-handshake and a PLC restart
+mid-handshake, all judged from what the PLC program saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+from ruamel.yaml import YAML
+
+from linectl import control as C
+from linectl.drivers.modbus import ModbusTcpConfig
+from linectl.drivers.plc_tags import (
+    PACKML_RESULT_CHANGED,
+    PACKML_RESULT_DONE,
+    PACKML_RESULT_INVALID_STATE,
+    PACKML_RESULT_UNKNOWN_COMMAND,
+)
+from linectl.engine.packml import PackmlCommand as K
+from linectl.engine.packml import PackmlState as S
+from linectl.engine.packml import UnitMode
+from linectl.simulators.plc import DEFAULT_OPCUA_TAGS, DEFAULT_S7_TAGS, PACKML_TAGS, free_tcp_port
+from linectl.yamlsource import load_yaml, to_plain
+from tests.engine_helpers import DEFAULT_CONFIG, db_query, sim, simulated_line, state_of, wait_async, wait_for, wait_good
+
+pytestmark = pytest.mark.slow
+
+
+def packml_line(tmp_path: Path, driver: str) -> Path:
+    """The demo line with its gate PLC on `driver`, its tag map extended by the simulator's PackTags."""
+    raw = to_plain(load_yaml(DEFAULT_CONFIG))
+    plc = raw["devices"]["plc1"]
+    if driver == "modbus_tcp":
+        plc["port"] = free_tcp_port()
+        plc["tags"] = {**plc["tags"], **PACKML_TAGS[driver]}
+    elif driver == "s7":
+        raw["devices"]["plc1"] = {"driver": "s7", "host": "127.0.0.1", "port": free_tcp_port(), "tags": {**DEFAULT_S7_TAGS, **PACKML_TAGS[driver]}}
+    else:
+        url = f"opc.tcp://127.0.0.1:{free_tcp_port()}"
+        raw["devices"]["plc1"] = {"driver": "opcua", "url": url, "tags": {**DEFAULT_OPCUA_TAGS, **PACKML_TAGS[driver]}}
+    path = tmp_path / f"packml-{driver}.yaml"
+    with open(path, "w", encoding="utf-8") as fh:
+        YAML(typ="safe").dump(raw, fh)
+    return path
+
+
+async def plc_packml(sl: Any) -> dict[str, Any]:
+    st = await sim(sl, cmd="status")
+    out: dict[str, Any] = st["devices"]["plc1"]["packml"]
+    return out
+
+
+async def send(sl: Any, command: str | int, timeout: float = 60.0) -> dict[str, Any]:
+    """The PLC program sends one command and waits for linectl's acknowledge; returns what it saw then."""
+    before = len((await plc_packml(sl))["done"])
+    await sim(sl, cmd="packml", device="plc1", command=command)
+
+    async def finished() -> Any:
+        done = (await plc_packml(sl))["done"]
+        return done[before] if len(done) > before else None
+
+    got: dict[str, Any] = await wait_async(finished, timeout, f"the acknowledge of PackML {command}")
+    return got
+
+
+async def plc_state(sl: Any, want: S, timeout: float = 30.0) -> None:
+    async def there() -> bool:
+        return (await plc_packml(sl)).get("packml_state_current") == int(want)
+
+    await wait_async(there, timeout, f"StateCurrent {want.name} on the PLC")
+
+
+def packml_audit(sl: Any) -> list[tuple[str, str]]:
+    rows = db_query(sl.db, "SELECT origin, detail FROM audit WHERE action = 'packml_command' ORDER BY seq")
+    import json
+
+    return [(origin, json.loads(detail)["command"]) for origin, detail in rows]
+
+
+def gate_plc_commands(line: Any) -> tuple[asyncio.Event, asyncio.Event]:
+    """Hold PackML commands from a PLC just before the engine runs them (the real engine, paused), so the test can
+    act on the PLC while a command is in progress."""
+    entered, release = asyncio.Event(), asyncio.Event()
+    real = line.execute
+
+    async def gated(command: Any, origin: str) -> dict[str, Any]:
+        if isinstance(command, C.PackmlCmd) and origin.startswith("plc:"):
+            entered.set()
+            await release.wait()
+        result: dict[str, Any] = await real(command, origin)
+        return result
+
+    line.execute = gated
+    return entered, release
+
+
+@pytest.mark.parametrize("driver", ["modbus_tcp", "s7", "opcua"])
+async def test_batch_driven_through_packtags(tmp_path: Path, driver: str) -> None:
+    async with simulated_line(tmp_path, base=packml_line(tmp_path, driver), rate=900) as sl:
+        await sl.create_batch(2000, challenge=False)
+        await plc_state(sl, S.Stopped)
+        assert (await plc_packml(sl))["packml_unit_mode_current"] == int(UnitMode.Production)
+        seen: list[tuple[int, int | None, int | None]] = []
+        for cmd, want in ((K.Reset, S.Idle), (K.Start, S.Execute)):
+            d = await send(sl, cmd.name)
+            seen.append((d["cntrl_cmd"], d["result"], d["state_current"]))
+            assert (d["result"], d["state_current"]) == (PACKML_RESULT_DONE, int(want)), (cmd, d)
+        assert state_of(sl) == "running"
+        await wait_good(sl, 30)
+        # the Admin counters reach the PLC while the batch runs
+        async def counted() -> bool:
+            return int((await plc_packml(sl))["packml_prod_processed_count"]) >= 30
+
+        await wait_async(counted, 30, "ProdProcessedCount on the PLC")
+        for cmd, want, engine in ((K.Hold, S.Held, "paused"), (K.Unhold, S.Execute, "running"), (K.Stop, S.Stopped, "stopped")):
+            d = await send(sl, cmd.name)
+            assert (d["result"], d["state_current"]) == (PACKML_RESULT_DONE, int(want)), (cmd, d)
+            assert state_of(sl) == engine
+        # refused: Hold in Stopped (the state model), an unknown number, and 0 (Undefined is no command)
+        for bad, code in (("Hold", PACKML_RESULT_INVALID_STATE), ("Unhold", PACKML_RESULT_INVALID_STATE), (42, PACKML_RESULT_UNKNOWN_COMMAND),
+                          (0, PACKML_RESULT_UNKNOWN_COMMAND), (-1, PACKML_RESULT_UNKNOWN_COMMAND)):
+            d = await send(sl, bad)
+            assert (d["result"], d["state_current"]) == (code, int(S.Stopped)), (bad, d)
+            assert state_of(sl) == "stopped"
+        pm = await plc_packml(sl)
+        assert pm["packml_cmd_change_request"] is False
+        pt = sl.line.packtags()
+        assert pm["packml_state_current"] == int(pt.state) == int(S.Stopped)
+        assert pm["packml_prod_processed_count"] == pt.admin.processed > 0
+        # every command that ran came from the PLC, audited as such, once
+        assert packml_audit(sl) == [("plc:plc1", n) for n in ("Reset", "Start", "Hold", "Unhold", "Stop")]
+
+
+@pytest.mark.parametrize("driver", ["modbus_tcp", "opcua"])
+async def test_cntrl_cmd_changed_during_a_command(tmp_path: Path, driver: str) -> None:
+    async with simulated_line(tmp_path, base=packml_line(tmp_path, driver), rate=900) as sl:
+        await sl.create_batch(2000, challenge=False)
+        await plc_state(sl, S.Stopped)  # linectl has looked at the PLC (a request up before that is refused as stale)
+        assert (await send(sl, "Reset"))["state_current"] == int(S.Idle)
+        entered, release = gate_plc_commands(sl.line)
+        await sim(sl, cmd="packml", device="plc1", command="Start")
+        await asyncio.wait_for(entered.wait(), 30)
+        # a PLC program that overwrites CntrlCmd while its Start is being handled
+        await sim(sl, cmd="set", device="plc1", tags={"packml_cntrl_cmd": int(K.Stop)})
+        release.set()
+
+        async def finished() -> Any:
+            done = (await plc_packml(sl))["done"]
+            return done[-1] if len(done) == 2 else None
+
+        d = await wait_async(finished, 60, "the acknowledge of the Start")
+        # Start ran (what was there at the request), the Stop written over it did not; the PLC is told so
+        assert d["result"] == PACKML_RESULT_CHANGED and d["state_current"] == int(S.Execute), d
+        assert state_of(sl) == "running"
+        assert packml_audit(sl) == [("plc:plc1", "Reset"), ("plc:plc1", "Start")]
+        # the handshake is free again: a proper Stop request works
+        d = await send(sl, "Stop")
+        assert (d["result"], d["state_current"]) == (PACKML_RESULT_DONE, int(S.Stopped)), d
+
+
+@pytest.mark.parametrize("driver", ["modbus_tcp", "opcua"])
+async def test_plc_restart_mid_handshake(tmp_path: Path, driver: str) -> None:
+    async with simulated_line(tmp_path, base=packml_line(tmp_path, driver), rate=900) as sl:
+        await sl.create_batch(2000, challenge=False)
+        await plc_state(sl, S.Stopped)  # linectl has looked at the PLC (a request up before that is refused as stale)
+        assert (await send(sl, "Reset"))["state_current"] == int(S.Idle)
+        entered, release = gate_plc_commands(sl.line)
+        await sim(sl, cmd="packml", device="plc1", command="Start")
+        await asyncio.wait_for(entered.wait(), 30)
+        await sim(sl, cmd="inject", device="plc1", fault="plc_restart", duration_s=3.0)
+        # the restarted program has forgotten its request; linectl's acknowledge cannot reach it while it is down
+        done = (await plc_packml(sl))["done"]
+        assert done[-1].get("lost") == "plc_restart", done
+        await wait_for(lambda: sl.line.plcs[0].health.state.value == "disconnected", 20, "linectl to see the PLC gone")
+        release.set()
+        # back: the request is down (cleared by the restart, never re-run), StateCurrent is the line's again
+        async def agreed() -> bool:
+            pm = await plc_packml(sl)
+            return pm["packml_cmd_change_request"] is False and pm["packml_state_current"] == int(sl.line.packtags().state) != 0
+
+        await wait_async(agreed, 30, "StateCurrent rewritten to the restarted PLC")
+        starts = [c for _, c in packml_audit(sl) if c == "Start"]
+        assert len(starts) <= 1, packml_audit(sl)
+        assert state_of(sl) != "running", "a PLC restart mid-Start must not leave the line producing"
+        await asyncio.sleep(1.0)  # several surface cycles: nothing is replayed to the restarted PLC
+        assert len((await plc_packml(sl))["done"]) == len(done)
+        assert [c for _, c in packml_audit(sl) if c == "Start"] == starts
+        # the PLC drives the line again through the handshake
+        state = S((await plc_packml(sl))["packml_state_current"])
+        if state is S.Aborted:
+            d = await send(sl, "Clear")
+            assert (d["result"], d["state_current"]) == (PACKML_RESULT_DONE, int(S.Stopped)), d
+        d = await send(sl, "Reset")
+        assert (d["result"], d["state_current"]) == (PACKML_RESULT_DONE, int(S.Idle)), d
+
+
+def test_tag_map_refuses_a_half_handshake_and_wrong_types() -> None:
+    base = {"heartbeat_plc": {"table": "coil", "address": 0, "type": "bool"}, "heartbeat_ctl": {"table": "coil", "address": 1, "type": "bool"}}
+
+    def cfg(tags: dict[str, Any]) -> ModbusTcpConfig:
+        return ModbusTcpConfig(driver="modbus_tcp", host="127.0.0.1", port=1502, tags={**base, **tags})
+
+    ok = cfg(PACKML_TAGS["modbus_tcp"])
+    assert "packml_cntrl_cmd" in ok.tags
+    with pytest.raises(ValueError, match="handshake incomplete.*packml_cmd_result missing"):
+        cfg({k: v for k, v in PACKML_TAGS["modbus_tcp"].items() if k != "packml_cmd_result"})
+    with pytest.raises(ValueError, match="packml_state_current must be a single integer"):
+        cfg({"packml_state_current": {"table": "holding", "address": 10, "type": "float32"}})
+    with pytest.raises(ValueError, match="packml_cntrl_cmd must be a single integer"):
+        cfg({**PACKML_TAGS["modbus_tcp"], "packml_cntrl_cmd": {"table": "coil", "address": 30, "type": "bool"}})
+    with pytest.raises(ValueError, match="linectl writes it.*read-only"):
+        cfg({**PACKML_TAGS["modbus_tcp"], "packml_cmd_change_request": {"table": "discrete", "address": 0, "type": "bool"}})
+    with pytest.raises(ValueError, match="cannot be poll: false"):
+        cfg({**PACKML_TAGS["modbus_tcp"], "packml_cntrl_cmd": {"table": "holding", "address": 40, "type": "int32", "poll": False}})
