@@ -833,6 +833,18 @@ class BatchDefaults(Model):
     challenge: list[ChallengeKind] = Field(default_factory=lambda: list(DEFAULT_CHALLENGE))
 
 
+class PackmlConfig(Model):
+    """The line seen as a PackML unit (linectl/engine/packml.py; README "PackML")."""
+
+    mach_speed_upm: float = Field(0.0, ge=0, le=100_000, description="PackTags MachSpeed: the line's speed setpoint, units/min")
+    starved_after_s: float = Field(
+        10.0, ge=0, le=3600, description="a running batch with its infeed open and no unit for this long is Starved (Suspended); 0 = never"
+    )
+    publish_interval_s: float = Field(
+        1.0, gt=0, le=3600, description="how often the MQTT bridge checks PackTags for a change (speed, Starved) between state changes"
+    )
+
+
 class LineConfig(Model):
     line: LineIdentity
     products: list[Product] = Field(min_length=1)
@@ -843,6 +855,7 @@ class LineConfig(Model):
     epcis: EpcisConfig = Field(default_factory=EpcisConfig)
     devices: dict[str, DeviceConfig] = Field(default_factory=dict)
     stations: list[StationConfig] = Field(default_factory=list)
+    packml: PackmlConfig = Field(default_factory=PackmlConfig)
     # The simulator's own section, kept as a mapping: the controller must not import (or need) the simulators, so the
     # section is validated by what uses it (`linectl simulate`, `demo`, and `check-config` when it is present) against
     # linectl.simulators.config.SimulationConfig.

@@ -298,6 +298,45 @@ class RecallBatch(Command):
     reason: str = Field("", max_length=500)
 
 
+class PackmlCmd(Command):
+    """A PackML CntrlCmd (Reset, Start, Stop, Hold, ...), mapped onto the line's own commands (README "PackML")."""
+
+    name: Literal["packml_command"] = "packml_command"
+    command: str = Field(description="PackML command name (case-insensitive, e.g. Start) or its CntrlCmd number")
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _command(cls, v: Any) -> str:
+        from linectl.engine.packml import parse_command
+
+        if not isinstance(v, (str, int)) or isinstance(v, bool):
+            raise ValueError("command must be a PackML command name or CntrlCmd number")
+        return parse_command(v).name
+
+    @property
+    def cmd(self) -> Any:
+        """The PackmlCommand (typed Any here: control.py must not import the engine at module load)."""
+        from linectl.engine.packml import PackmlCommand
+
+        return PackmlCommand[self.command]
+
+
+class SetUnitMode(Command):
+    """Change the PackML unit mode (UnitModeCurrent); only while the line does not produce."""
+
+    name: Literal["set_unit_mode"] = "set_unit_mode"
+    mode: str = Field(description="unit mode name (Production, Maintenance, Manual; case-insensitive) or its number")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _mode(cls, v: Any) -> str:
+        from linectl.engine.packml import parse_unit_mode
+
+        if not isinstance(v, (str, int)) or isinstance(v, bool):
+            raise ValueError("mode must be a unit mode name or number")
+        return parse_unit_mode(v).name
+
+
 AnyCommand = Annotated[
     (
         CreateBatch
@@ -318,6 +357,8 @@ AnyCommand = Annotated[
         | Rework
         | ReworkMode
         | ReconcileUnits
+        | PackmlCmd
+        | SetUnitMode
     ),
     Field(discriminator="name"),
 ]

@@ -21,6 +21,7 @@ from linectl import control as C
 from linectl import gs1
 from linectl.config import LineConfig, Product
 from linectl.drivers.base import Driver, Plc
+from linectl.engine import packml as P
 from linectl.engine.clock import SYSTEM_CLOCK, Clock
 from linectl.engine.station import PartialCloser, ReworkBench, Station, build_stations
 from linectl.engine.verdict import Expected, challenge_status
@@ -159,6 +160,8 @@ class Line:
         #: every station of the config, in config order, built by the registry (linectl/engine/station.py); the
         #: line drives them through the Station hooks only, and they talk back through the LinePort methods
         self.stations: list[Station] = build_stations(cfg.stations, self, drivers)
+        #: the PackML view of the line (README "PackML"): state derived from the batch, overlay, in-memory counters
+        self.packml = P.PackmlUnit(mach_speed=cfg.packml.mach_speed_upm, starved_after_s=cfg.packml.starved_after_s)
         # whatever a PLC holds when linectl starts (a crash left it "production", a PLC with a long heartbeat
         # timeout kept feeding), the line is stopped until an operator starts it: line_mode idle goes to every PLC
         # as soon as it answers (resync_line_mode, called by the PLC surface on its first cycle)
@@ -183,6 +186,7 @@ class Line:
         self._state_listeners.append(cb)
 
     def _notify(self) -> None:
+        self.packml.engine_changed(self.batch.state.value if self.batch is not None else "idle")
         for cb in list(self._state_listeners):
             try:
                 cb()
@@ -221,6 +225,7 @@ class Line:
         log.critical("store_refuses_writes", error=self.store_down)
         await self.infeed_idle_now()
         self.fault = "store_error"  # the cause operators must see, whatever fault came first
+        self.packml.latch_stop(ALARM_CODES["store_error"], "store_error", self.store_down)
         self._fault_codes.add("store_error")
         if self._store_retry is None or self._store_retry.done():
             self._store_retry = asyncio.create_task(self._retry_store(), name="store_retry")
@@ -319,6 +324,7 @@ class Line:
             return
         self.fault = code
         self._fault_codes.add(code)
+        self.packml.latch_stop(ALARM_CODES.get(code, 99), code, message)
         self._faulting = True  # the alarm append awaits: a second fault meanwhile must not start a second stop
         try:
             await self.alarm(code, message, Severity.CRITICAL, station)
@@ -346,6 +352,8 @@ class Line:
         b.decommissioned += decommissioned
 
     def unit_decided(self, station: str, good: bool, reason: str | None = None) -> None:
+        b = self.batch
+        self.packml.unit_decided(b.lot if b else None, good, reason, b is not None and b.state == BatchState.RUNNING)
         now = time.monotonic()
         self.rate_window.append((now, 1))
         if len(self.rate_window) > 2000:
@@ -381,6 +389,7 @@ class Line:
     async def planned_quantity_reached(self, station: str) -> None:
         if self.batch is not None and self.batch.state == BatchState.RUNNING:
             log.info("planned_quantity_reached", lot=self.batch.lot, good=self.batch.good_total())
+            self.packml.completing = True
             self._stop_task = asyncio.create_task(self._stop_batch(actor="system", origin="engine", reason="planned quantity reached"))
 
     async def challenge_finished(self, station: str, passed: bool, results: list[dict[str, Any]]) -> None:
@@ -423,6 +432,7 @@ class Line:
                 )
                 if state in (BatchState.RUNNING, BatchState.CHALLENGE, BatchState.PAUSED):
                     await self._set_state(BatchState.STOPPED, actor="system", reason="daemon restarted; batch stopped until an operator starts it")
+                self.packml.batch_loaded(b.lot, defective_before=counts.get("decommissioned", 0))
                 log.info("batch_resumed", lot=b.lot, state=self.batch.state.value, good_before=self.batch.good_before)
                 return
 
@@ -472,6 +482,8 @@ class Line:
                 if seen[0] != command.name:
                     raise C.CommandRejected(f"command_id {command.command_id!r} was already used for {seen[0]}", "command_id_reused")
                 return seen[1]
+        if isinstance(command, C.PackmlCmd):
+            await self._packml_precheck(command)
         async with self._lock:
             handler = getattr(self, f"_cmd_{command.name}")
             try:
@@ -515,6 +527,7 @@ class Line:
         )
         await self.store.append(BatchStateChanged(lot=c.lot, gtin=product.gtin, state=BatchState.CREATED, actor=f"{c.actor}@{origin}", reason="created"))
         self.completed.clear()
+        self.packml.batch_loaded(c.lot)
         return {"lot": c.lot, "state": "created"}
 
     @staticmethod
@@ -556,6 +569,7 @@ class Line:
             raise C.CommandRejected(f"open batch is {b.lot}, not {c.lot}", "wrong_lot")
         if self.fault is not None:
             raise C.CommandRejected(f"line fault {self.fault} active; reset first", "fault_active")
+        self._production_mode()
         self._require_reconciled(b)
         try:  # a batch from before its product's code_template gained a date AI cannot fill it: never print it empty
             b.product.template.batch_values(b.code_values())
@@ -637,6 +651,7 @@ class Line:
         await self._write_line_mode("idle")
         for s in self.stations:
             s.pause()
+        self.packml.latch_stop(0, "pause", f"paused by {c.actor}@{origin}")
         await self._set_state(BatchState.PAUSED, actor=f"{c.actor}@{origin}", reason="pause")
         return {"lot": b.lot, "state": b.state.value}
 
@@ -644,6 +659,7 @@ class Line:
         b = self._require_batch("resume")
         if self.fault is not None:
             raise C.CommandRejected(f"line fault {self.fault} active; reset first", "fault_active")
+        self._production_mode()
         self._require_reconciled(b)
         self._store_ok()
         if self.challenge_missing(b):
@@ -669,6 +685,7 @@ class Line:
         b = self.batch
         if b is None or b.state not in ALLOWED["stop"]:
             return
+        self.packml.latch_stop(0, "planned_quantity" if reason == "planned quantity reached" else "stop", f"{reason} ({actor}@{origin})")
         await self._write_line_mode("idle")
         # each station says how long units on the belt may need (a print_verify station: at least the confirm wait)
         drain = max((s.drain_timeout_s() for s in self.stations), default=1.0)
@@ -891,6 +908,128 @@ class Line:
             await self.store.resolve_fates(g, serials, c.outcome, c.actor, origin)
         left = len(self.store.unit_fates(self.batch.lot, open_only=True)) if self.batch is not None else 0
         return {"reconciled": len(picked), "outcome": c.outcome, "serials": [f.serial for f in picked], "still_unknown": left}
+
+    # --- PackML (linectl/engine/packml.py; the mapping is the table in README "PackML")
+
+    def packtags(self) -> P.PackTags:
+        """PackTags now: no SQL, no await (the PLC handshake and the OPC UA server read it every cycle)."""
+        b = self.batch
+        open_b = b if b is not None and b.state != BatchState.CLOSED else None
+        engine = open_b.state.value if open_b is not None else "idle"
+        self.packml.engine_changed(b.state.value if b is not None else "idle")
+        stopping = self._stop_task is not None and not self._stop_task.done()
+        state = self.packml.state(engine, self.fault, stopping, self.infeed_stopped)
+        pm = self.packml
+        if b is not None:
+            defective = dict(pm.defective) if pm._lot == b.lot else {}
+            good = b.good_total()
+            admin = P.AdminCounters(
+                b.lot, b.planned_qty, good + sum(defective.values()), good, defective,
+                good + b.decommissioned + (pm.decommissioned_before if pm._lot == b.lot else 0),
+            )
+        else:
+            admin = P.AdminCounters(None, 0, 0, 0, {}, 0)
+        blocked = bool(pm.blocked_input)
+        starved = pm.starved(engine, self.infeed_stopped)
+        return P.PackTags(
+            state, pm.unit_mode, pm.stop_reason, blocked, starved, pm.mach_speed, self.achieved_rate_upm(), admin, time.time(),
+            engine_state=b.state.value if b is not None else "idle",
+            allowed=tuple(c.name for c in sorted(P.ALLOWED[state])),
+        )
+
+    def _production_mode(self) -> None:
+        if self.packml.unit_mode != P.UnitMode.Production:
+            raise C.CommandRejected(
+                f"unit mode is {self.packml.unit_mode.name}: production does not start; set_unit_mode Production first", "unit_mode"
+            )
+
+    def _packml_refuse(self, cmd: P.PackmlCommand, state: P.PackmlState) -> None:
+        if cmd not in P.ALLOWED[state]:
+            allowed = ", ".join(c.name for c in sorted(P.ALLOWED[state])) or "none"
+            raise C.CommandRejected(f"PackML {cmd.name} is not allowed in state {state.name} (allowed: {allowed})", "invalid_state")
+
+    async def _packml_precheck(self, c: C.PackmlCmd) -> None:
+        """Before waiting for the command lock: a command the current state forbids (Hold while Starting, a second
+        Start) is refused at once, not queued behind the action it would contradict; an Abort closes the infeed at
+        once, even while another command (a stop draining the belt) holds the lock."""
+        cmd = c.cmd
+        self._packml_refuse(cmd, self.packtags().state)
+        if cmd is P.PackmlCommand.Abort:
+            self.packml.aborted = True
+            self.packml.latch_stop(0, "abort", f"PackML Abort by {c.actor}")
+            await self.infeed_idle_now()
+            self._notify()
+
+    async def _packml_acting(self, state: P.PackmlState, action: Any) -> Any:
+        self.packml.acting = state
+        self._notify()
+        try:
+            return await action
+        finally:
+            self.packml.acting = None
+
+    async def _cmd_packml_command(self, c: C.PackmlCmd, origin: str) -> dict[str, Any]:
+        cmd: P.PackmlCommand = c.cmd
+        K, S = P.PackmlCommand, P.PackmlState
+        before = self.packtags().state
+        if cmd is not K.Abort:  # (Abort has set its overlay in the precheck: the state now reads Aborting/Aborted)
+            self._packml_refuse(cmd, before)
+        pm, b = self.packml, self.batch
+        is_open = b is not None and b.state != BatchState.CLOSED
+        if cmd is K.Reset:
+            pm.armed, pm.complete = True, False
+            pm.stop_reason = None
+        elif cmd is K.Start:
+            if not is_open:
+                raise C.CommandRejected("no open batch: create_batch first, then Start", "no_batch")
+            await self._packml_acting(S.Starting, self._cmd_start_batch(C.StartBatch(actor=c.actor), origin))
+        elif cmd is K.Stop:
+            if self.fault in P.HOLD_FAULTS:  # Held on a material fault: Stop ends the hold
+                await self._cmd_reset(C.ResetLine(actor=c.actor), origin)
+            pm.armed = pm.complete = pm.suspended = False
+            if b is not None and b.state in ALLOWED["stop"]:
+                await self._packml_acting(S.Stopping, self._stop_batch(actor=c.actor, origin=origin, reason="PackML Stop", locked=True))
+        elif cmd in (K.Hold, K.Suspend):
+            pm.suspended = cmd is K.Suspend
+            if b is not None and b.state == BatchState.RUNNING:
+                acting = S.Holding if cmd is K.Hold else S.Suspending
+                await self._packml_acting(acting, self._cmd_pause_batch(C.PauseBatch(actor=c.actor), origin))
+        elif cmd is K.Unhold:
+            if self.fault in P.HOLD_FAULTS:
+                await self._cmd_reset(C.ResetLine(actor=c.actor), origin)
+                pm.stop_reason = None
+                await self._packml_acting(S.Unholding, self._cmd_start_batch(C.StartBatch(actor=c.actor), origin))
+            else:
+                await self._packml_acting(S.Unholding, self._cmd_resume_batch(C.ResumeBatch(actor=c.actor), origin))
+        elif cmd is K.Unsuspend:
+            if b is None or b.state != BatchState.PAUSED:
+                raise C.CommandRejected("the line is Suspended because it is starved: it resumes by itself when product arrives", "starved")
+            await self._packml_acting(S.Unsuspending, self._cmd_resume_batch(C.ResumeBatch(actor=c.actor), origin))
+        elif cmd is K.Complete:
+            pm.completing = True
+            if b is not None and b.state in ALLOWED["stop"]:
+                await self._packml_acting(S.Completing, self._stop_batch(actor=c.actor, origin=origin, reason="PackML Complete", locked=True))
+        elif cmd is K.Abort:
+            pm.aborted = True
+            if b is not None and b.state in ALLOWED["stop"]:
+                await self._packml_acting(S.Aborting, self._stop_batch(actor=c.actor, origin=origin, reason="PackML Abort", locked=True))
+        elif cmd is K.Clear:
+            if self.fault is not None:
+                await self._packml_acting(S.Clearing, self._cmd_reset(C.ResetLine(actor=c.actor), origin))
+            pm.aborted = pm.armed = False
+            pm.stop_reason = None
+        after = self.packtags().state
+        log.info("packml_command", command=cmd.name, before=before.name, after=after.name, actor=c.actor, origin=origin)
+        return {"command": cmd.name, "from": before.name, "state": after.name, "StateCurrent": int(after)}
+
+    async def _cmd_set_unit_mode(self, c: C.SetUnitMode, origin: str) -> dict[str, Any]:
+        mode = P.UnitMode[c.mode]
+        state = self.packtags().state
+        if state not in (P.PackmlState.Stopped, P.PackmlState.Idle, P.PackmlState.Aborted, P.PackmlState.Complete):
+            raise C.CommandRejected(f"unit mode changes only in Stopped, Idle, Aborted or Complete, not {state.name}", "invalid_state")
+        was, self.packml.unit_mode = self.packml.unit_mode, mode
+        log.info("packml_unit_mode", mode=mode.name, previous=was.name, actor=c.actor, origin=origin)
+        return {"unit_mode": mode.name, "UnitModeCurrent": int(mode), "previous": was.name}
 
     async def _cmd_recall_batch(self, c: C.RecallBatch, origin: str) -> dict[str, Any]:
         from linectl.store.trace import mark_recalled
