@@ -7,6 +7,7 @@ mid-handshake, all judged from what the PLC program saw.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,6 @@ from linectl.engine.packml import UnitMode
 from linectl.simulators.plc import DEFAULT_OPCUA_TAGS, DEFAULT_S7_TAGS, PACKML_TAGS, free_tcp_port
 from linectl.yamlsource import load_yaml, to_plain
 from tests.engine_helpers import DEFAULT_CONFIG, db_query, sim, simulated_line, state_of, wait_async, wait_for, wait_good
-
-pytestmark = pytest.mark.slow
 
 
 def packml_line(tmp_path: Path, driver: str) -> Path:
@@ -82,23 +81,28 @@ def packml_audit(sl: Any) -> list[tuple[str, str]]:
     return [(origin, json.loads(detail)["command"]) for origin, detail in rows]
 
 
-def gate_plc_commands(line: Any) -> tuple[asyncio.Event, asyncio.Event]:
+def gate_plc_commands(line: Any, after: Callable[[], Awaitable[None]] | None = None) -> tuple[asyncio.Event, asyncio.Event]:
     """Hold PackML commands from a PLC just before the engine runs them (the real engine, paused), so the test can
-    act on the PLC while a command is in progress."""
+    act on the PLC while a command is in progress; `after` runs once the engine has run it, before the surface
+    acknowledges it."""
     entered, release = asyncio.Event(), asyncio.Event()
     real = line.execute
 
     async def gated(command: Any, origin: str) -> dict[str, Any]:
-        if isinstance(command, C.PackmlCmd) and origin.startswith("plc:"):
+        plc = isinstance(command, C.PackmlCmd) and origin.startswith("plc:")
+        if plc:
             entered.set()
             await release.wait()
         result: dict[str, Any] = await real(command, origin)
+        if plc and after is not None:
+            await after()
         return result
 
     line.execute = gated
     return entered, release
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("driver", ["modbus_tcp", "s7", "opcua"])
 async def test_batch_driven_through_packtags(tmp_path: Path, driver: str) -> None:
     async with simulated_line(tmp_path, base=packml_line(tmp_path, driver), rate=900) as sl:
@@ -136,6 +140,7 @@ async def test_batch_driven_through_packtags(tmp_path: Path, driver: str) -> Non
         assert packml_audit(sl) == [("plc:plc1", n) for n in ("Reset", "Start", "Hold", "Unhold", "Stop")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("driver", ["modbus_tcp", "opcua"])
 async def test_cntrl_cmd_changed_during_a_command(tmp_path: Path, driver: str) -> None:
     async with simulated_line(tmp_path, base=packml_line(tmp_path, driver), rate=900) as sl:
@@ -163,6 +168,7 @@ async def test_cntrl_cmd_changed_during_a_command(tmp_path: Path, driver: str) -
         assert (d["result"], d["state_current"]) == (PACKML_RESULT_DONE, int(S.Stopped)), d
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("driver", ["modbus_tcp", "opcua"])
 async def test_plc_restart_mid_handshake(tmp_path: Path, driver: str) -> None:
     async with simulated_line(tmp_path, base=packml_line(tmp_path, driver), rate=900) as sl:
@@ -199,6 +205,31 @@ async def test_plc_restart_mid_handshake(tmp_path: Path, driver: str) -> None:
         assert (d["result"], d["state_current"]) == (PACKML_RESULT_DONE, int(S.Idle)), d
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("driver", ["modbus_tcp", "opcua"])
+async def test_link_lost_before_the_acknowledge(tmp_path: Path, driver: str) -> None:
+    """The command ran, the link dropped before the acknowledge; the PLC kept its memory and still waits. linectl
+    acknowledges it when the link is back, with the result it had, and does not run it a second time."""
+    async with simulated_line(tmp_path, base=packml_line(tmp_path, driver), rate=900) as sl:
+        await sl.create_batch(2000, challenge=False)
+        await plc_state(sl, S.Stopped)
+
+        async def cut() -> None:
+            await sim(sl, cmd="inject", device="plc1", fault="disconnect", duration_s=2.0)
+            await wait_for(lambda: sl.line.plcs[0].health.state.value == "disconnected", 20, "linectl to see the link down")
+
+        entered, release = gate_plc_commands(sl.line, after=cut)
+        release.set()
+        d = await send(sl, "Reset")
+        assert entered.is_set()
+        # the acknowledge came after the outage, with Reset's own result; the PLC saw it as an ordinary handshake
+        assert d["result"] == PACKML_RESULT_DONE and "lost" not in d, d
+        assert d["took_s"] >= 1.5, f"acknowledged before the outage ended? {d}"
+        assert packml_audit(sl) == [("plc:plc1", "Reset")]
+        await asyncio.sleep(1.0)
+        assert packml_audit(sl) == [("plc:plc1", "Reset")], "a command whose acknowledge was lost ran twice"
+
+
 def test_tag_map_refuses_a_half_handshake_and_wrong_types() -> None:
     base = {"heartbeat_plc": {"table": "coil", "address": 0, "type": "bool"}, "heartbeat_ctl": {"table": "coil", "address": 1, "type": "bool"}}
 
@@ -217,3 +248,47 @@ def test_tag_map_refuses_a_half_handshake_and_wrong_types() -> None:
         cfg({**PACKML_TAGS["modbus_tcp"], "packml_cmd_change_request": {"table": "discrete", "address": 0, "type": "bool"}})
     with pytest.raises(ValueError, match="cannot be poll: false"):
         cfg({**PACKML_TAGS["modbus_tcp"], "packml_cntrl_cmd": {"table": "holding", "address": 40, "type": "int32", "poll": False}})
+
+
+async def test_request_up_before_linectl_looked_is_not_run(fake_line: Any) -> None:
+    """A request already up when linectl first sees the PLC was raised for a linectl that is gone (maybe long ago):
+    refused as stale and acknowledged, never executed; the next request runs. The real engine (on the fake line's
+    devices) behind the real PLC surface, talking Modbus TCP to the simulated PLC."""
+    from datetime import date, timedelta
+
+    from linectl.drivers.modbus import ModbusTcpPlc
+    from linectl.drivers.plc_tags import PACKML_RESULT_STALE
+    from linectl.engine.plc_surface import PlcSurface
+    from linectl.simulators.plc import DEFAULT_MODBUS_TAGS, PlcSim
+
+    line = fake_line.line
+    product = line.cfg.products[0]
+    expiry = (date.today() + timedelta(days=400)).strftime("%y%m%d")
+    await line.execute(C.CreateBatch(lot="L1", gtin=product.gtin, expiry=expiry, planned_qty=100, actor="test"), origin="test")
+    cfg = ModbusTcpConfig(driver="modbus_tcp", host="127.0.0.1", port=free_tcp_port(), tags={**DEFAULT_MODBUS_TAGS, **PACKML_TAGS["modbus_tcp"]})
+    plc = PlcSim("plc9", cfg)
+    await plc.start()
+    drv = ModbusTcpPlc("plc9", cfg)
+    task: asyncio.Task[None] | None = None
+    try:
+        plc.packml_command("Reset")
+        plc.scan()
+        assert plc.get("packml_cmd_change_request") is True
+        await drv.start()
+        await wait_for(lambda: drv.health.state.value == "connected", 20, "the driver connected, heartbeat seen")
+        task = asyncio.create_task(PlcSurface(line, drv).run())
+        await wait_for(lambda: len(plc.packml_done) == 1, 20, "the stale request acknowledged")
+        d = plc.packml_done[0]
+        assert (d["result"], d["state_current"]) == (PACKML_RESULT_STALE, int(S.Stopped)), d
+        assert line.packtags().state is S.Stopped
+        plc.packml_command("Reset")
+        await wait_for(lambda: len(plc.packml_done) == 2, 20, "the new request acknowledged")
+        d = plc.packml_done[1]
+        assert (d["result"], d["state_current"]) == (PACKML_RESULT_DONE, int(S.Idle)), d
+        assert line.packtags().state is S.Idle
+    finally:
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+        await drv.stop()
+        await plc.stop()
