@@ -25,13 +25,24 @@ from linectl.drivers.plc_tags import (
 from linectl.engine.packml import PackmlCommand as K
 from linectl.engine.packml import PackmlState as S
 from linectl.engine.packml import UnitMode
-from linectl.simulators.plc import DEFAULT_OPCUA_TAGS, DEFAULT_S7_TAGS, PACKML_TAGS, free_tcp_port
+from linectl.simulators.plc import DEFAULT_S7_TAGS, PACKML_TAGS, free_tcp_port
 from linectl.yamlsource import load_yaml, to_plain
 from tests.engine_helpers import DEFAULT_CONFIG, db_query, sim, simulated_line, state_of, wait_async, wait_for, wait_good
 
 
+PACKML_EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "packml-line.yaml"
+
+
 def packml_line(tmp_path: Path, driver: str) -> Path:
-    """The demo line with its gate PLC on `driver`, its tag map extended by the simulator's PackTags."""
+    """The demo line with its gate PLC on `driver`, its tag map extended by the simulator's PackTags; for OPC UA the
+    example config/packml-line.yaml as shipped (only its port made free)."""
+    if driver == "opcua":
+        raw = to_plain(load_yaml(PACKML_EXAMPLE))
+        raw["devices"]["plc1"]["url"] = f"opc.tcp://127.0.0.1:{free_tcp_port()}"
+        path = tmp_path / "packml-opcua.yaml"
+        with open(path, "w", encoding="utf-8") as fh:
+            YAML(typ="safe").dump(raw, fh)
+        return path
     raw = to_plain(load_yaml(DEFAULT_CONFIG))
     plc = raw["devices"]["plc1"]
     if driver == "modbus_tcp":
@@ -40,8 +51,7 @@ def packml_line(tmp_path: Path, driver: str) -> Path:
     elif driver == "s7":
         raw["devices"]["plc1"] = {"driver": "s7", "host": "127.0.0.1", "port": free_tcp_port(), "tags": {**DEFAULT_S7_TAGS, **PACKML_TAGS[driver]}}
     else:
-        url = f"opc.tcp://127.0.0.1:{free_tcp_port()}"
-        raw["devices"]["plc1"] = {"driver": "opcua", "url": url, "tags": {**DEFAULT_OPCUA_TAGS, **PACKML_TAGS[driver]}}
+        raise AssertionError(driver)
     path = tmp_path / f"packml-{driver}.yaml"
     with open(path, "w", encoding="utf-8") as fh:
         YAML(typ="safe").dump(raw, fh)
