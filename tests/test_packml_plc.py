@@ -29,7 +29,6 @@ from linectl.simulators.plc import DEFAULT_S7_TAGS, PACKML_TAGS, free_tcp_port
 from linectl.yamlsource import load_yaml, to_plain
 from tests.engine_helpers import DEFAULT_CONFIG, db_query, sim, simulated_line, state_of, wait_async, wait_for, wait_good
 
-
 PACKML_EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "packml-line.yaml"
 
 
