@@ -35,6 +35,8 @@ ACTIONS = {
     "ack-alarm": "ack_alarm",
     "reset": "reset",
     "reconcile": "reconcile_units",
+    "packml": "packml_command",  # --packml-command Start|Hold|... or its CntrlCmd number (README "PackML")
+    "unit-mode": "set_unit_mode",  # --mode Production|Maintenance|Manual
 }
 
 
@@ -60,6 +62,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--serials", help="reconcile: comma-separated serials of units of unknown fate")
     p.add_argument("--outcome", choices=["in_bin", "passed"], help="reconcile: found in the reject bin, or passed")
     p.add_argument("--copies", type=int, help="reconcile in_bin: packs carrying each code found in the bin (when copies were rejected as duplicates)")
+    p.add_argument("--packml-command", dest="packml_command", help="packml: the PackML command (name or CntrlCmd number)")
+    p.add_argument("--mode", help="unit-mode: Production, Maintenance or Manual (or 1-3)")
     p.add_argument("--actor", default=None, help="who is commanding (default: the login name)")
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--db", metavar="PATH", help="store for an offline close/stop (default: store.path of the config)")
@@ -149,6 +153,10 @@ def build_command(args: argparse.Namespace) -> dict[str, Any]:
             body["outcome"] = args.outcome
         if args.copies is not None:
             body["copies"] = args.copies
+    if name == "packml_command" and args.packml_command is not None:
+        body["command"] = args.packml_command
+    if name == "set_unit_mode" and args.mode is not None:
+        body["mode"] = args.mode
     if name == "ack_alarm" and args.alarm_id:
         body["alarm_id"] = args.alarm_id
     from linectl.control import COMMAND_ADAPTER

@@ -35,7 +35,7 @@ from linectl.events import (
     UnitDecommissioned,
 )
 from linectl.gs1 import GS1Error
-from linectl.store.model import StoreError
+from linectl.store.model import PoolExhausted, StoreError
 from linectl.store.ports import EngineStore
 
 log = structlog.get_logger("linectl.line")
@@ -298,6 +298,11 @@ class Line:
         supervisor restarts the task, but production only resumes when an operator resets and starts again."""
         if isinstance(exc, StoreError) and _is_store_full(exc):
             await self.store_failed(exc)
+            return
+        if isinstance(exc, PoolExhausted) and self.batch is not None and self.batch.state in (BatchState.RUNNING, BatchState.CHALLENGE):
+            # an empty serial pool is missing material, not a broken task: the fault operators (and PackML: Held) see
+            await self.infeed_idle_now()
+            await self.fault_stop("no_serials", f"no serial available: {exc}")
             return
         if self.batch is not None and self.batch.state in (BatchState.RUNNING, BatchState.CHALLENGE):
             await self.infeed_idle_now()
@@ -990,8 +995,11 @@ class Line:
             if b is not None and b.state in ALLOWED["stop"]:
                 await self._packml_acting(S.Stopping, self._stop_batch(actor=c.actor, origin=origin, reason="PackML Stop", locked=True))
         elif cmd in (K.Hold, K.Suspend):
+            if b is None or b.state not in (BatchState.RUNNING, BatchState.PAUSED):
+                what = f"batch {b.lot} is {b.state.value}" if b is not None else "no batch"
+                raise C.CommandRejected(f"PackML {cmd.name}: {what}; only a producing batch can be held (a challenge test is stopped)", "bad_state")
             pm.suspended = cmd is K.Suspend
-            if b is not None and b.state == BatchState.RUNNING:
+            if b.state == BatchState.RUNNING:
                 acting = S.Holding if cmd is K.Hold else S.Suspending
                 await self._packml_acting(acting, self._cmd_pause_batch(C.PauseBatch(actor=c.actor), origin))
         elif cmd is K.Unhold:

@@ -71,13 +71,15 @@ class UnitMode(IntEnum):
 
 _ANY_NOT_ABORT = {PackmlCommand.Stop, PackmlCommand.Abort}
 
-#: which commands each state accepts (TR88.00.02 state model). Stop is accepted in every state of the Clearing ->
-#: ... -> Complete cycle except Stopped/Stopping and the Abort branch; Abort in every state except Aborting/Aborted.
+#: which commands each state accepts: the transitions of the OPC 30050 nodeset with a HasCause method (Hold also in
+#: Starting, Suspending, Suspended, Unsuspending, Unholding; Complete is its ToComplete), Stop in every state of its
+#: Running composite state, Abort in every state of its Cleared composite state (tests/test_packml.py checks this
+#: against the nodeset file).
 ALLOWED: dict[PackmlState, set[PackmlCommand]] = {
     PackmlState.Undefined: set(),
     PackmlState.Clearing: {PackmlCommand.Abort},
     PackmlState.Stopped: {PackmlCommand.Reset, PackmlCommand.Abort},
-    PackmlState.Starting: set(_ANY_NOT_ABORT),
+    PackmlState.Starting: {PackmlCommand.Hold} | _ANY_NOT_ABORT,
     PackmlState.Idle: {PackmlCommand.Start} | _ANY_NOT_ABORT,
     PackmlState.Suspended: {PackmlCommand.Unsuspend, PackmlCommand.Hold} | _ANY_NOT_ABORT,
     PackmlState.Execute: {PackmlCommand.Hold, PackmlCommand.Suspend, PackmlCommand.Complete} | _ANY_NOT_ABORT,
@@ -86,9 +88,9 @@ ALLOWED: dict[PackmlState, set[PackmlCommand]] = {
     PackmlState.Aborted: {PackmlCommand.Clear},
     PackmlState.Holding: set(_ANY_NOT_ABORT),
     PackmlState.Held: {PackmlCommand.Unhold} | _ANY_NOT_ABORT,
-    PackmlState.Unholding: set(_ANY_NOT_ABORT),
-    PackmlState.Suspending: set(_ANY_NOT_ABORT),
-    PackmlState.Unsuspending: set(_ANY_NOT_ABORT),
+    PackmlState.Unholding: {PackmlCommand.Hold} | _ANY_NOT_ABORT,
+    PackmlState.Suspending: {PackmlCommand.Hold} | _ANY_NOT_ABORT,
+    PackmlState.Unsuspending: {PackmlCommand.Hold} | _ANY_NOT_ABORT,
     PackmlState.Resetting: set(_ANY_NOT_ABORT),
     PackmlState.Completing: set(_ANY_NOT_ABORT),
     PackmlState.Complete: {PackmlCommand.Reset} | _ANY_NOT_ABORT,

@@ -5,6 +5,12 @@ Topics under <root> (mqtt.topic_root or <enterprise>/<site>/<area>/<line>):
                           "offline" again on a clean stop
   state                   retained JSON: target.snapshot() + upstream (forwarder) status,
                           on change (rate-limited) and every state_interval_s, and after every connect
+  packml/status           retained JSON, PackTags Status: StateCurrent (+ State name), UnitModeCurrent, MachSpeed,
+                          CurMachSpeed, EquipmentBlocked, EquipmentStarved, Allowed commands
+  packml/admin            retained JSON, PackTags Admin: StopReason (first-out), ProdProcessedCount,
+                          ProdDefectiveCount (+ by reason), ProdConsumedCount, lot and planned count
+                          (both from target.packtags(), published when their content changes: checked on every
+                          state change and every packml.publish_interval_s, and after every connect)
   cmd/<name>              commands in (QoS 1); subscription renewed on every connect
   cmd/<name>/reply        reply for MQTT 3.1.1 clients (MQTT 5 clients name a ResponseTopic and
                           get their CorrelationData back)
@@ -160,6 +166,9 @@ class MqttBridge:
         self.topic_state = f"{self.root}/state"
         self.topic_cmd = f"{self.root}/cmd/"
         self.topic_serial_request = f"{self.root}/serials/request"
+        self.topic_packml = f"{self.root}/packml/"
+        self._packml_dirty = asyncio.Event()
+        self.packml_published = 0
         self._backoff = Backoff(backoff_initial_s, backoff_max_s)
         self._stop = asyncio.Event()
         self._state_dirty = asyncio.Event()
@@ -184,6 +193,7 @@ class MqttBridge:
     def state_changed(self, *_: Any, **__: Any) -> None:
         """The line's state changed: republish soon (coalesced, at most every STATE_MIN_INTERVAL_S)."""
         self._state_dirty.set()
+        self._packml_dirty.set()
 
     def request_serials(self, gtin: str, count: int, format: str | None = None) -> str:
         """Ask L3 for `count` serials; returns the request_id at once (the line keeps running).
@@ -298,6 +308,7 @@ class MqttBridge:
         tasks = [
             asyncio.create_task(self._commands(client), name="mqtt.commands"),
             asyncio.create_task(self._state_loop(client), name="mqtt.state"),
+            asyncio.create_task(self._packml_loop(client), name="mqtt.packml"),
             asyncio.create_task(self._outgoing(client), name="mqtt.outgoing"),
             asyncio.create_task(self._stop.wait(), name="mqtt.stop"),
         ]
@@ -350,6 +361,38 @@ class MqttBridge:
             self._state_dirty.clear()
             await self._publish_state(client)
             await asyncio.sleep(STATE_MIN_INTERVAL_S)
+
+    def packml_payloads(self) -> dict[str, dict[str, Any]]:
+        """PackTags by topic group (README "PackML"): the same numbers the OPC UA server and the PLC handshake show."""
+        packtags = getattr(self.target, "packtags", None)
+        if packtags is None:
+            return {}  # a target that is no PackML unit (a test double, a tool): no packml topics
+        tags = packtags().to_json()
+        admin = tags.pop("Admin")
+        stop = tags.pop("StopReason")
+        ts = tags["ts"]
+        return {"status": tags, "admin": {"StopReason": stop, **admin, "ts": ts}}
+
+    async def _packml_loop(self, client: aiomqtt.Client) -> None:
+        """Publish each PackTags group, retained, when its content (not its timestamp) changed."""
+        last: dict[str, bytes] = {}  # empty after every connect: the first round publishes every group
+        interval = self.cfg.packml.publish_interval_s
+        while True:
+            try:
+                groups = self.packml_payloads()
+            except Exception as exc:  # noqa: BLE001 - a bad reading must not take the connection down
+                log.error("packml_snapshot_failed", error=str(exc))
+                groups = {}
+            for name, body in groups.items():
+                key = dumps({k: v for k, v in body.items() if k != "ts"})
+                if last.get(name) != key:
+                    await client.publish(self.topic_packml + name, dumps(body), qos=1, retain=True)
+                    last[name] = key
+                    self.packml_published += 1
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._packml_dirty.wait(), interval)
+            self._packml_dirty.clear()
+            await asyncio.sleep(STATE_MIN_INTERVAL_S / 4)
 
     # ---------------------------------------------------------------- serial requests
 
