@@ -43,7 +43,10 @@ ENGINE_WRITTEN = frozenset(
 PACKML_CNTRL_CMD = "packml_cntrl_cmd"
 #: Command.CmdChangeRequest (PLC sets it, linectl clears it when the command was handled: the acknowledge)
 PACKML_CMD_CHANGE_REQUEST = "packml_cmd_change_request"
-#: linectl -> PLC, written before the acknowledge: what became of the last command (PACKML_RESULT_*)
+#: Command.UnitMode / Command.UnitModeChangeRequest: the same handshake for a unit mode change (1 Production, ...)
+PACKML_UNIT_MODE = "packml_unit_mode"
+PACKML_UNIT_MODE_CHANGE_REQUEST = "packml_unit_mode_change_request"
+#: linectl -> PLC, written before the acknowledge: what became of the last request, command or mode (PACKML_RESULT_*)
 PACKML_CMD_RESULT = "packml_cmd_result"
 #: Status/Admin PackTags linectl writes: logical tag -> the PackTags name it carries
 PACKML_STATUS_TAGS: dict[str, str] = {
@@ -63,10 +66,10 @@ PACKML_RESULT_UNKNOWN_COMMAND = 3  # CntrlCmd holds no PackML command number: no
 PACKML_RESULT_REFUSED = 4  # allowed by PackML, refused by the line (fault active, no batch, device down...): nothing changed
 PACKML_RESULT_CHANGED = 5  # CntrlCmd changed while the command ran: the first value was executed, the new one was not
 PACKML_RESULT_STALE = 6  # the request was already up when linectl started: not executed (send it again)
-_PACKML_BOOL_OK = ("packml_cmd_change_request", "packml_blocked", "packml_starved")
+_PACKML_BOOL_OK = ("packml_cmd_change_request", "packml_unit_mode_change_request", "packml_blocked", "packml_starved")
 
 #: tags linectl writes (so they must live in a writable area)
-ENGINE_WRITES = ENGINE_WRITTEN | {"cmd_start", "cmd_stop", "cmd_pause", "cmd_reset"} | {PACKML_CMD_CHANGE_REQUEST}
+ENGINE_WRITES = ENGINE_WRITTEN | {"cmd_start", "cmd_stop", "cmd_pause", "cmd_reset"} | {PACKML_CMD_CHANGE_REQUEST, PACKML_UNIT_MODE_CHANGE_REQUEST}
 #: the verdict protocol's values
 VERDICT_GOOD = 1
 VERDICT_REJECT = 2
@@ -467,15 +470,18 @@ def check_packml_tags(tags: dict[str, Any]) -> None:
 
     A command request without its command (or without a result to refuse through) would be a handshake the PLC
     cannot finish; a state number in a bit or a float would be a number the PLC cannot compare."""
-    cmd = [t for t in (PACKML_CNTRL_CMD, PACKML_CMD_CHANGE_REQUEST, PACKML_CMD_RESULT) if t in tags]
-    if cmd and len(cmd) != 3:
-        missing = [t for t in (PACKML_CNTRL_CMD, PACKML_CMD_CHANGE_REQUEST, PACKML_CMD_RESULT) if t not in tags]
-        raise ValueError(
-            f"PackML command handshake incomplete: {', '.join(cmd)} given, {', '.join(missing)} missing "
-            f"(the PLC writes {PACKML_CNTRL_CMD} then sets {PACKML_CMD_CHANGE_REQUEST}; linectl writes "
-            f"{PACKML_CMD_RESULT} and clears the request)"
-        )
-    for name in (PACKML_CNTRL_CMD, PACKML_CMD_CHANGE_REQUEST, PACKML_CMD_RESULT, *PACKML_STATUS_TAGS):
+    for req, value in ((PACKML_CMD_CHANGE_REQUEST, PACKML_CNTRL_CMD), (PACKML_UNIT_MODE_CHANGE_REQUEST, PACKML_UNIT_MODE)):
+        given = [t for t in (value, req) if t in tags]
+        if given and (len(given) != 2 or PACKML_CMD_RESULT not in tags):
+            missing = [t for t in (value, req, PACKML_CMD_RESULT) if t not in tags]
+            raise ValueError(
+                f"PackML handshake incomplete: {', '.join(given)} given, {', '.join(missing)} missing "
+                f"(the PLC writes {value} then sets {req}; linectl writes {PACKML_CMD_RESULT} and clears the request)"
+            )
+    if PACKML_CMD_RESULT in tags and PACKML_CNTRL_CMD not in tags and PACKML_UNIT_MODE not in tags:
+        raise ValueError(f"{PACKML_CMD_RESULT} without {PACKML_CNTRL_CMD} or {PACKML_UNIT_MODE}: no request it could answer")
+    for name in (PACKML_CNTRL_CMD, PACKML_CMD_CHANGE_REQUEST, PACKML_UNIT_MODE, PACKML_UNIT_MODE_CHANGE_REQUEST, PACKML_CMD_RESULT,
+                 *PACKML_STATUS_TAGS):
         spec = tags.get(name)
         if spec is None:
             continue
@@ -483,8 +489,9 @@ def check_packml_tags(tags: dict[str, Any]) -> None:
         if spec.count != 1 or not (spec.type in _INT_RANGE or (is_bool and name in _PACKML_BOOL_OK)):
             kinds = "a bool or a single integer" if name in _PACKML_BOOL_OK else "a single integer (uint16 / INT / UDINT / Int32 ...)"
             raise ValueError(f"PackML tag {name} must be {kinds}, not {spec.type}" + (f"[{spec.count}]" if spec.count != 1 else ""))
-    if any(n in tags and not polled(n, tags[n]) for n in (PACKML_CNTRL_CMD, PACKML_CMD_CHANGE_REQUEST)):
-        raise ValueError(f"{PACKML_CNTRL_CMD} and {PACKML_CMD_CHANGE_REQUEST} are the PLC's commands: they cannot be poll: false")
+    for n in (PACKML_CNTRL_CMD, PACKML_CMD_CHANGE_REQUEST, PACKML_UNIT_MODE, PACKML_UNIT_MODE_CHANGE_REQUEST):
+        if n in tags and not polled(n, tags[n]):
+            raise ValueError(f"{n} is written by the PLC for linectl to act on: it cannot be poll: false")
 
 
 # --------------------------------------------------------------------------- read planning

@@ -352,10 +352,13 @@ class LineSim:
             dev = self.devices.get(str(msg.get("device")))
             if not isinstance(dev, PlcSim):
                 raise ValueError(f"device {msg.get('device')!r} is not a simulated PLC")
-            command = msg.get("command")
-            if not isinstance(command, (str, int)) or isinstance(command, bool):
-                raise ValueError('"command" must be a PackML command name (Start, Hold, ...) or a CntrlCmd number')
-            queued = dev.packml_command(command)
+            kind = [k for k in ("command", "unit_mode") if msg.get(k) is not None]
+            if len(kind) != 1:
+                raise ValueError('packml takes "command" (Start, Hold, ... or a CntrlCmd number) or "unit_mode" (Production, ... or a number)')
+            value = msg[kind[0]]
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise ValueError(f"{value!r}: a PackML command / unit mode is a name or a number")
+            queued = dev.packml_command(value) if kind[0] == "command" else dev.packml_unit_mode(value)
             dev.scan()
             return {"ok": True, "device": dev.name, "queued": queued}
         if cmd == "take_off":

@@ -135,6 +135,8 @@ DEFAULT_OPCUA_TAGS: dict[str, dict[str, Any]] = {
 #: PackTags for a PLC programmed to PackML (README "PackTags on the PLC"), one map per protocol, to merge into a tag map
 PACKML_MODBUS_TAGS: dict[str, dict[str, Any]] = {
     "packml_cmd_change_request": {"table": "coil", "address": 16, "type": "bool"},
+    "packml_unit_mode_change_request": {"table": "coil", "address": 19, "type": "bool"},
+    "packml_unit_mode": {"table": "holding", "address": 54, "type": "int32"},
     "packml_blocked": {"table": "coil", "address": 17, "type": "bool"},
     "packml_starved": {"table": "coil", "address": 18, "type": "bool"},
     "packml_cntrl_cmd": {"table": "holding", "address": 40, "type": "int32"},
@@ -147,6 +149,8 @@ PACKML_MODBUS_TAGS: dict[str, dict[str, Any]] = {
 }
 PACKML_S7_TAGS: dict[str, dict[str, Any]] = {
     "packml_cmd_change_request": {"db": 1, "offset": "1.1", "type": "BOOL"},
+    "packml_unit_mode_change_request": {"db": 1, "offset": "1.4", "type": "BOOL"},
+    "packml_unit_mode": {"db": 1, "offset": "834", "type": "DINT"},
     "packml_blocked": {"db": 1, "offset": "1.2", "type": "BOOL"},
     "packml_starved": {"db": 1, "offset": "1.3", "type": "BOOL"},
     "packml_cntrl_cmd": {"db": 1, "offset": "808", "type": "DINT"},
@@ -161,6 +165,8 @@ _PT = "nsu=urn:linectl:plcsim;s=PackTags."
 PACKML_OPCUA_TAGS: dict[str, dict[str, Any]] = {
     "packml_cntrl_cmd": {"node": _PT + "Command.CntrlCmd", "type": "Int32"},
     "packml_cmd_change_request": {"node": _PT + "Command.CmdChangeRequest", "type": "Boolean", "writable": True},
+    "packml_unit_mode": {"node": _PT + "Command.UnitMode", "type": "Int32"},
+    "packml_unit_mode_change_request": {"node": _PT + "Command.UnitModeChangeRequest", "type": "Boolean", "writable": True},
     "packml_cmd_result": {"node": _PT + "Status.CmdResult", "type": "UInt16", "writable": True},
     "packml_state_current": {"node": _PT + "Status.StateCurrent", "type": "Int32", "writable": True},
     "packml_unit_mode_current": {"node": _PT + "Status.UnitModeCurrent", "type": "Int32", "writable": True},
@@ -170,6 +176,8 @@ PACKML_OPCUA_TAGS: dict[str, dict[str, Any]] = {
     "packml_prod_processed_count": {"node": _PT + "Admin.ProdProcessedCount", "type": "Int32", "writable": True},
     "packml_prod_defective_count": {"node": _PT + "Admin.ProdDefectiveCount", "type": "Int32", "writable": True},
 }
+#: the PLC program's two request kinds: (value tag, its change request)
+_PACKML_REQUESTS = {"cntrl_cmd": ("packml_cntrl_cmd", "packml_cmd_change_request"), "unit_mode": ("packml_unit_mode", "packml_unit_mode_change_request")}
 PACKML_TAGS = {"modbus_tcp": PACKML_MODBUS_TAGS, "modbus_rtu": PACKML_MODBUS_TAGS, "s7": PACKML_S7_TAGS, "opcua": PACKML_OPCUA_TAGS}
 
 FAULTS = ("disconnect", "slow", "heartbeat_stop", "gate_jam", "confirm_lost", "estop", "plc_restart")
@@ -989,7 +997,7 @@ class PlcSim:
         self.cases_passed = 0
         self._case_seq_seen: int | None = None
         #: the PackML part of the program: commands queued by the HMI, the one in the handshake, the finished ones
-        self.packml_queue: collections.deque[int] = collections.deque(maxlen=64)
+        self.packml_queue: collections.deque[tuple[str, int]] = collections.deque(maxlen=64)
         self.packml_inflight: dict[str, Any] | None = None
         self.packml_done: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
         self.packml_timeout_s = 30.0
@@ -1086,7 +1094,7 @@ class PlcSim:
                 cb()
         if self.has("case_seq"):
             self._case_pusher()
-        if self.has("packml_cmd_change_request") and self.has("packml_cntrl_cmd"):
+        if self.packml_queue or self.packml_inflight is not None:
             self._packml_program(now)
 
     # -- PackML command handshake (the PLC's side) ----------------------------------
@@ -1096,46 +1104,53 @@ class PlcSim:
         (also one that is no command: that is how a PLC with a wrong constant looks). Returns the queue length."""
         from linectl.engine.packml import PackmlCommand
 
-        if isinstance(command, bool):
-            raise ValueError("a PackML command is a name or a CntrlCmd number")
-        if isinstance(command, int):
-            value = command
-        else:
-            by_name = {c.name.lower(): int(c) for c in PackmlCommand}
-            if str(command).lower() not in by_name:
-                raise ValueError(f"no PackML command {command!r} (known: {', '.join(c.name for c in PackmlCommand)})")
-            value = by_name[str(command).lower()]
-        if not self.has("packml_cntrl_cmd"):
-            raise ValueError(f"{self.name}: the tag map has no packml_cntrl_cmd / packml_cmd_change_request")
-        self.packml_queue.append(value)
+        return self._packml_queue("cntrl_cmd", command, {c.name.lower(): int(c) for c in PackmlCommand})
+
+    def packml_unit_mode(self, mode: str | int) -> int:
+        """Queue a unit mode change request (Production, Maintenance, Manual, or any number)."""
+        from linectl.engine.packml import UnitMode
+
+        return self._packml_queue("unit_mode", mode, {m.name.lower(): int(m) for m in UnitMode})
+
+    def _packml_queue(self, kind: str, value: str | int, names: dict[str, int]) -> int:
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ValueError(f"a PackML {kind} is a name or a number")
+        if isinstance(value, str):
+            if value.lower() not in names:
+                raise ValueError(f"no PackML {kind} {value!r} (known: {', '.join(names)})")
+            value = names[value.lower()]
+        tags = _PACKML_REQUESTS[kind]
+        if not all(self.has(t) for t in tags):
+            raise ValueError(f"{self.name}: the tag map has no {' / '.join(tags)}")
+        self.packml_queue.append((kind, value))
         return len(self.packml_queue)
 
     def _packml_program(self, now: float) -> None:
-        """One request at a time, as TR88 has it: CntrlCmd, then CmdChangeRequest; done when the controller clears
-        the request (its acknowledge), with packml_cmd_result and StateCurrent read at that moment."""
+        """One request at a time, as TR88 has it: the value (CntrlCmd / UnitMode), then its change request; done when
+        the controller clears the request (its acknowledge), with packml_cmd_result and StateCurrent read then."""
         fl = self.packml_inflight
         if fl is None:
             if self.packml_queue:
-                value = self.packml_queue.popleft()
-                self.set("packml_cntrl_cmd", value)
-                self.set("packml_cmd_change_request", True)
-                self.packml_inflight = {"cntrl_cmd": value, "sent_at": now}
+                kind, value = self.packml_queue.popleft()
+                value_tag, req = _PACKML_REQUESTS[kind]
+                self.set(value_tag, value)
+                self.set(req, True)
+                self.packml_inflight = {kind: value, "req": req, "sent_at": now}
             return
-        if self.get("packml_cmd_change_request"):
+        if self.get(fl["req"]):
             if now - fl["sent_at"] > self.packml_timeout_s:
-                self.set("packml_cmd_change_request", False)  # no acknowledge: the program gives up (alarm on its HMI)
+                self.set(fl["req"], False)  # no acknowledge: the program gives up (an alarm on its HMI)
                 self._packml_finish(fl, now, timed_out=True)
             return
         self._packml_finish(fl, now)
 
     def _packml_finish(self, fl: dict[str, Any], now: float, *, timed_out: bool = False, lost: str | None = None) -> None:
         self.packml_inflight = None
-        done = {
-            "cntrl_cmd": fl["cntrl_cmd"],
-            "result": None if (timed_out or lost) else int(self.get("packml_cmd_result") or 0) if self.has("packml_cmd_result") else None,
-            "state_current": int(self.get("packml_state_current") or 0) if self.has("packml_state_current") else None,
-            "took_s": round(now - fl["sent_at"], 3),
-        }
+        done = {k: v for k, v in fl.items() if k in _PACKML_REQUESTS}
+        done["result"] = None if (timed_out or lost) else int(self.get("packml_cmd_result") or 0) if self.has("packml_cmd_result") else None
+        for tag in ("packml_state_current", "packml_unit_mode_current"):
+            done[tag.removeprefix("packml_")] = int(self.get(tag) or 0) if self.has(tag) else None
+        done["took_s"] = round(now - fl["sent_at"], 3)
         if timed_out:
             done["timed_out"] = True
         if lost:
@@ -1149,7 +1164,8 @@ class PlcSim:
             "inflight": dict(self.packml_inflight) if self.packml_inflight else None,
             "done": list(self.packml_done),
         }
-        for tag in ("packml_cntrl_cmd", "packml_cmd_change_request", "packml_cmd_result", "packml_state_current",
+        for tag in ("packml_cntrl_cmd", "packml_cmd_change_request", "packml_unit_mode", "packml_unit_mode_change_request",
+                    "packml_cmd_result", "packml_state_current",
                     "packml_unit_mode_current", "packml_stop_reason", "packml_blocked", "packml_starved",
                     "packml_prod_processed_count", "packml_prod_defective_count"):
             if self.has(tag):

@@ -7,6 +7,7 @@ mid-handshake, all judged from what the PLC program saw.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from linectl.drivers.plc_tags import (
     PACKML_RESULT_CHANGED,
     PACKML_RESULT_DONE,
     PACKML_RESULT_INVALID_STATE,
+    PACKML_RESULT_REFUSED,
     PACKML_RESULT_UNKNOWN_COMMAND,
 )
 from linectl.engine.packml import PackmlCommand as K
@@ -63,10 +65,10 @@ async def plc_packml(sl: Any) -> dict[str, Any]:
     return out
 
 
-async def send(sl: Any, command: str | int, timeout: float = 60.0) -> dict[str, Any]:
-    """The PLC program sends one command and waits for linectl's acknowledge; returns what it saw then."""
+async def send(sl: Any, command: str | int, timeout: float = 60.0, kind: str = "command") -> dict[str, Any]:
+    """The PLC program sends one command (or unit mode) and waits for linectl's acknowledge; returns what it saw then."""
     before = len((await plc_packml(sl))["done"])
-    await sim(sl, cmd="packml", device="plc1", command=command)
+    await sim(sl, cmd="packml", device="plc1", **{kind: command})
 
     async def finished() -> Any:
         done = (await plc_packml(sl))["done"]
@@ -85,8 +87,6 @@ async def plc_state(sl: Any, want: S, timeout: float = 30.0) -> None:
 
 def packml_audit(sl: Any) -> list[tuple[str, str]]:
     rows = db_query(sl.db, "SELECT origin, detail FROM audit WHERE action = 'packml_command' ORDER BY seq")
-    import json
-
     return [(origin, json.loads(detail)["command"]) for origin, detail in rows]
 
 
@@ -118,12 +118,24 @@ async def test_batch_driven_through_packtags(tmp_path: Path, driver: str) -> Non
         await sl.create_batch(2000, challenge=False)
         await plc_state(sl, S.Stopped)
         assert (await plc_packml(sl))["packml_unit_mode_current"] == int(UnitMode.Production)
-        seen: list[tuple[int, int | None, int | None]] = []
-        for cmd, want in ((K.Reset, S.Idle), (K.Start, S.Execute)):
-            d = await send(sl, cmd.name)
-            seen.append((d["cntrl_cmd"], d["result"], d["state_current"]))
-            assert (d["result"], d["state_current"]) == (PACKML_RESULT_DONE, int(want)), (cmd, d)
+        # the unit mode through its own handshake (UnitMode + UnitModeChangeRequest): in Maintenance the state model
+        # lets Start through but the line refuses to produce (4); an unknown mode (7) changes nothing (3)
+        d = await send(sl, "Maintenance", kind="unit_mode")
+        assert (d["result"], d["unit_mode_current"]) == (PACKML_RESULT_DONE, int(UnitMode.Maintenance)), d
+        d = await send(sl, 7, kind="unit_mode")
+        assert (d["result"], d["unit_mode_current"]) == (PACKML_RESULT_UNKNOWN_COMMAND, int(UnitMode.Maintenance)), d
+        d = await send(sl, "Reset")
+        assert (d["result"], d["state_current"]) == (PACKML_RESULT_DONE, int(S.Idle)), d
+        d = await send(sl, "Start")
+        assert (d["result"], d["state_current"]) == (PACKML_RESULT_REFUSED, int(S.Idle)), d
+        assert state_of(sl) == "created"
+        d = await send(sl, "Production", kind="unit_mode")
+        assert (d["result"], d["unit_mode_current"]) == (PACKML_RESULT_DONE, int(UnitMode.Production)), d
+        d = await send(sl, "Start")
+        assert (d["result"], d["state_current"]) == (PACKML_RESULT_DONE, int(S.Execute)), d
         assert state_of(sl) == "running"
+        d = await send(sl, "Manual", kind="unit_mode")  # not while producing: the state model refuses (2)
+        assert (d["result"], d["unit_mode_current"], d["state_current"]) == (PACKML_RESULT_INVALID_STATE, int(UnitMode.Production), int(S.Execute)), d
         await wait_good(sl, 30)
         # the Admin counters reach the PLC while the batch runs
         async def counted() -> bool:
@@ -147,6 +159,8 @@ async def test_batch_driven_through_packtags(tmp_path: Path, driver: str) -> Non
         assert pm["packml_prod_processed_count"] == pt.admin.processed > 0
         # every command that ran came from the PLC, audited as such, once
         assert packml_audit(sl) == [("plc:plc1", n) for n in ("Reset", "Start", "Hold", "Unhold", "Stop")]
+        modes = db_query(sl.db, "SELECT origin, detail FROM audit WHERE action = 'set_unit_mode' ORDER BY seq")
+        assert [(o, json.loads(dt)["mode"]) for o, dt in modes] == [("plc:plc1", "Maintenance"), ("plc:plc1", "Production")]
 
 
 @pytest.mark.slow
@@ -249,6 +263,12 @@ def test_tag_map_refuses_a_half_handshake_and_wrong_types() -> None:
     assert "packml_cntrl_cmd" in ok.tags
     with pytest.raises(ValueError, match="handshake incomplete.*packml_cmd_result missing"):
         cfg({k: v for k, v in PACKML_TAGS["modbus_tcp"].items() if k != "packml_cmd_result"})
+    mode = {k: v for k, v in PACKML_TAGS["modbus_tcp"].items() if k not in ("packml_cntrl_cmd", "packml_cmd_change_request")}
+    assert "packml_unit_mode" in cfg(mode).tags  # the unit mode handshake alone is complete
+    with pytest.raises(ValueError, match="handshake incomplete.*packml_unit_mode_change_request missing"):
+        cfg({k: v for k, v in mode.items() if k != "packml_unit_mode_change_request"})
+    with pytest.raises(ValueError, match="packml_cmd_result without"):
+        cfg({"packml_cmd_result": mode["packml_cmd_result"]})
     with pytest.raises(ValueError, match="packml_state_current must be a single integer"):
         cfg({"packml_state_current": {"table": "holding", "address": 10, "type": "float32"}})
     with pytest.raises(ValueError, match="packml_cntrl_cmd must be a single integer"):

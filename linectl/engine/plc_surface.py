@@ -9,8 +9,8 @@ A PLC programmed to PackML drives the line through the PackTags command
 handshake instead (README "PackTags on the PLC"): it writes CntrlCmd, then
 raises CmdChangeRequest; linectl reads the command on the rising edge,
 executes it as a PackmlCmd, writes packml_cmd_result and StateCurrent, and
-clears CmdChangeRequest as the acknowledge. Nothing the PLC sends is run
-twice: a command whose acknowledge did not reach the PLC is acknowledged
+clears CmdChangeRequest as the acknowledge (UnitMode / UnitModeChangeRequest
+the same way). Nothing the PLC sends is run twice: a command whose acknowledge did not reach the PLC is acknowledged
 again, not executed again.
 """
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import structlog
@@ -26,15 +27,9 @@ import structlog
 from linectl import control as C
 from linectl.drivers.base import DeviceError, HealthState, Plc
 from linectl.drivers.plc_tags import (
-    PACKML_CMD_CHANGE_REQUEST as REQ,
-)
-from linectl.drivers.plc_tags import (
-    PACKML_CMD_RESULT as RESULT,
-)
-from linectl.drivers.plc_tags import (
-    PACKML_CNTRL_CMD as CNTRL,
-)
-from linectl.drivers.plc_tags import (
+    PACKML_CMD_CHANGE_REQUEST,
+    PACKML_CMD_RESULT,
+    PACKML_CNTRL_CMD,
     PACKML_RESULT_CHANGED,
     PACKML_RESULT_DONE,
     PACKML_RESULT_INVALID_STATE,
@@ -42,13 +37,30 @@ from linectl.drivers.plc_tags import (
     PACKML_RESULT_STALE,
     PACKML_RESULT_UNKNOWN_COMMAND,
     PACKML_STATUS_TAGS,
+    PACKML_UNIT_MODE,
+    PACKML_UNIT_MODE_CHANGE_REQUEST,
     PlcConfigBase,
     fit_counter,
 )
 from linectl.engine.line import Line
-from linectl.engine.packml import PackmlCommand
+from linectl.engine.packml import PackmlCommand, UnitMode
 
 log = structlog.get_logger("linectl.plc_surface")
+
+REQ, CNTRL, RESULT = PACKML_CMD_CHANGE_REQUEST, PACKML_CNTRL_CMD, PACKML_CMD_RESULT
+MODE_REQ, MODE = PACKML_UNIT_MODE_CHANGE_REQUEST, PACKML_UNIT_MODE
+
+@dataclass
+class _Handshake:
+    """One PackML request handshake (CntrlCmd or UnitMode) of one PLC."""
+
+    req: str
+    value_tag: str
+    #: not looked at yet: a request already up at the first look is stale
+    first: bool = True
+    #: (value, result, plc_epoch) of a request run whose acknowledge did not reach the PLC
+    unacked: tuple[Any, int, Any] | None = None
+
 
 COMMAND_TAGS: dict[str, Callable[[], C.Command]] = {
     "cmd_start": lambda: C.StartBatch(actor="hmi"),
@@ -67,17 +79,15 @@ class PlcSurface:
         self._lost = False
         names = set(plc.tag_names)
         self._specs: dict[str, Any] = plc.config.tag_specs() if isinstance(plc.config, PlcConfigBase) else {}
-        self._packml_cmd = REQ in names and CNTRL in names and RESULT in names
+        #: the PackML request handshakes this PLC's tag map names (CntrlCmd, UnitMode), each with its own state
+        self._handshakes = [
+            _Handshake(req, value) for req, value in ((REQ, CNTRL), (MODE_REQ, MODE)) if req in names and value in names and RESULT in names
+        ]
         self._packml_status_tags = [t for t in PACKML_STATUS_TAGS if t in names]
-        #: CmdChangeRequest as last seen; None until the first look (a request already up then is stale)
-        self._req_prev: bool | None = None
-        #: (CntrlCmd, result, plc_epoch) of a command executed whose acknowledge did not reach the PLC
-        self._unacked: tuple[int, int, Any] | None = None
         #: PackTags as last written to the PLC (forgotten when the PLC goes away: it may have restarted)
         self._written: dict[str, Any] = {}
         self._written_at = 0.0
         self.packml_refresh_s = packml_refresh_s
-        self.packml_results: list[dict[str, Any]] = []  # the last handshakes, for status and tests (bounded)
 
     async def run(self) -> None:
         self.plc.on_health(self._on_health)
@@ -91,8 +101,8 @@ class PlcSurface:
             for tag, make in COMMAND_TAGS.items():
                 if tags.get(tag):
                     await self._command(tag, make())
-            if self._packml_cmd:
-                await self._packml_handshake(tags)
+            for hs in self._handshakes:
+                await self._packml_handshake(hs, tags)
             if self._packml_status_tags:
                 await self._packml_status()
             await self.line._write_status()
@@ -116,57 +126,54 @@ class PlcSurface:
 
     # -- PackTags ---------------------------------------------------------------------
 
-    async def _packml_handshake(self, tags: dict[str, Any]) -> None:
-        """CmdChangeRequest up: take CntrlCmd, execute it once, write the result and StateCurrent, then acknowledge.
+    async def _packml_handshake(self, hs: _Handshake, tags: dict[str, Any]) -> None:
+        """The request up: take the value (CntrlCmd / UnitMode), run it once, write the result and StateCurrent, then
+        acknowledge by clearing the request.
 
-        The polled value only says "look": the request and then the command are read from the wire, in the order
-        the PLC writes them backwards (request first, command second), so the command read is the one the request
-        was raised for, and a late notification of an old request (OPC UA) is never taken for a new one."""
-        first = self._req_prev is None
-        if not tags.get(REQ) and not first:
-            self._req_prev = False
-            if self._unacked is not None:
-                log.warning("packml_ack_dropped", plc=self.plc.name, cntrl_cmd=self._unacked[0],
+        The polled value only says "look": the request and then the value are read from the wire, in the order the
+        PLC writes them backwards (request first, value second), so the value read is the one the request was raised
+        for, and a late notification of an old request (OPC UA) is never taken for a new one."""
+        if not tags.get(hs.req) and not hs.first:
+            if hs.unacked is not None:
+                log.warning("packml_ack_dropped", plc=self.plc.name, tag=hs.value_tag, value=hs.unacked[0],
                             why="the PLC withdrew the request (or restarted) before the acknowledge reached it")
-                self._unacked = None
+                hs.unacked = None
             return
         try:
-            req = bool((await self.plc.read_tags([REQ]))[REQ])
+            req = bool((await self.plc.read_tags([hs.req]))[hs.req])
             if not req:
-                self._req_prev = False
+                hs.first = False
                 return
-            fresh = await self.plc.read_tags([CNTRL] + (["plc_epoch"] if "plc_epoch" in self.plc.tag_names else []))
+            fresh = await self.plc.read_tags([hs.value_tag] + (["plc_epoch"] if "plc_epoch" in self.plc.tag_names else []))
         except DeviceError as exc:
             log.debug("packml_request_read_failed", plc=self.plc.name, error=exc.reason)
             return
-        value, epoch = fresh[CNTRL], fresh.get("plc_epoch")
-        if self._unacked is not None:
-            cmd, result, was_epoch = self._unacked
-            if value == cmd and epoch == was_epoch:
-                # executed before the link dropped; the PLC still waits for the acknowledge: give it, do not re-run
-                log.info("packml_ack_repeated", plc=self.plc.name, cntrl_cmd=cmd, result=result)
-                await self._ack(value, result, epoch)
+        value, epoch = fresh[hs.value_tag], fresh.get("plc_epoch")
+        if hs.unacked is not None:
+            was, result, was_epoch = hs.unacked
+            if value == was and epoch == was_epoch:
+                # run before the link dropped; the PLC still waits for the acknowledge: give it, do not run it again
+                log.info("packml_ack_repeated", plc=self.plc.name, tag=hs.value_tag, value=was, result=result)
+                await self._ack(hs, value, result, epoch)
                 return
-            self._unacked = None  # another command, or a restarted PLC: a new request
-        if first:
+            hs.unacked = None  # another value, or a restarted PLC: a new request
+        if hs.first:
             # up before linectl looked: raised for a linectl that is gone, maybe long ago; never run it unasked
-            log.warning("packml_request_stale", plc=self.plc.name, cntrl_cmd=value)
-            await self._ack(value, PACKML_RESULT_STALE, epoch)
+            log.warning("packml_request_stale", plc=self.plc.name, tag=hs.value_tag, value=value)
+            await self._ack(hs, value, PACKML_RESULT_STALE, epoch)
             return
-        result, message = await self._packml_execute(value)
+        result = await (self._packml_command(value) if hs.value_tag == CNTRL else self._packml_unit_mode(value))
         try:
-            after = (await self.plc.read_tags([CNTRL]))[CNTRL]
+            after = (await self.plc.read_tags([hs.value_tag]))[hs.value_tag]
         except DeviceError:
             after = value
         if after != value:
-            log.warning("packml_command_changed", plc=self.plc.name, executed=value, now=after, result=result)
-            message = f"CntrlCmd changed from {value} to {after} while {value} ran ({message}); {after} not executed"
+            log.warning("packml_request_changed", plc=self.plc.name, tag=hs.value_tag, executed=value, now=after, result=result,
+                        why="changed while the request ran: the first value was handled, the new one was not")
             result = PACKML_RESULT_CHANGED
-        self.packml_results.append({"cntrl_cmd": value, "result": result, "message": message, "at": time.time()})
-        del self.packml_results[:-50]
-        await self._ack(value, result, epoch)
+        await self._ack(hs, value, result, epoch)
 
-    async def _packml_execute(self, value: Any) -> tuple[int, str]:
+    async def _packml_command(self, value: Any) -> int:
         try:
             cmd = PackmlCommand(int(value))
             if cmd is PackmlCommand.Undefined:
@@ -174,27 +181,40 @@ class PlcSurface:
         except (TypeError, ValueError):
             known = ", ".join(f"{c.value}={c.name}" for c in PackmlCommand if c is not PackmlCommand.Undefined)
             log.warning("packml_command_unknown", plc=self.plc.name, cntrl_cmd=value, known=known)
-            return PACKML_RESULT_UNKNOWN_COMMAND, f"CntrlCmd {value} is no PackML command ({known})"
-        try:
-            await self.line.execute(C.PackmlCmd(command=cmd.name, actor="plc"), origin=f"plc:{self.plc.name}")
-        except C.CommandRejected as exc:
-            log.warning("packml_command_refused", plc=self.plc.name, command=cmd.name, code=exc.code, reason=exc.reason)
-            code = PACKML_RESULT_INVALID_STATE if exc.code == "invalid_state" else PACKML_RESULT_REFUSED
-            return code, f"{cmd.name} refused ({exc.code}): {exc.reason}"
-        log.info("packml_command", plc=self.plc.name, command=cmd.name)
-        return PACKML_RESULT_DONE, f"{cmd.name} done"
+            return PACKML_RESULT_UNKNOWN_COMMAND
+        return await self._run(C.PackmlCmd(command=cmd.name, actor="plc"), cmd.name)
 
-    async def _ack(self, value: Any, result: int, epoch: Any) -> None:
+    async def _packml_unit_mode(self, value: Any) -> int:
+        try:
+            mode = UnitMode(int(value))
+            if mode is UnitMode.Invalid:
+                raise ValueError(value)
+        except (TypeError, ValueError):
+            known = ", ".join(f"{m.value}={m.name}" for m in UnitMode if m is not UnitMode.Invalid)
+            log.warning("packml_unit_mode_unknown", plc=self.plc.name, unit_mode=value, known=known)
+            return PACKML_RESULT_UNKNOWN_COMMAND
+        return await self._run(C.SetUnitMode(mode=mode.name, actor="plc"), f"UnitMode {mode.name}")
+
+    async def _run(self, command: C.Command, what: str) -> int:
+        try:
+            await self.line.execute(command, origin=f"plc:{self.plc.name}")
+        except C.CommandRejected as exc:
+            log.warning("packml_request_refused", plc=self.plc.name, request=what, code=exc.code, reason=exc.reason)
+            return PACKML_RESULT_INVALID_STATE if exc.code == "invalid_state" else PACKML_RESULT_REFUSED
+        log.info("packml_request_done", plc=self.plc.name, request=what)
+        return PACKML_RESULT_DONE
+
+    async def _ack(self, hs: _Handshake, value: Any, result: int, epoch: Any) -> None:
         """Result, then StateCurrent, then the request cleared: the PLC that sees the request fall reads both valid."""
-        self._req_prev = False
+        hs.first = False
         try:
             await self.plc.write_tag(RESULT, result)
             await self._packml_status(force=True)
-            await self.plc.write_tag(REQ, False)
-            self._unacked = None
+            await self.plc.write_tag(hs.req, False)
+            hs.unacked = None
         except DeviceError as exc:
-            self._unacked = (int(value), result, epoch)
-            log.warning("packml_ack_failed", plc=self.plc.name, cntrl_cmd=value, result=result, error=exc.reason)
+            hs.unacked = (value, result, epoch)
+            log.warning("packml_ack_failed", plc=self.plc.name, tag=hs.value_tag, value=value, result=result, error=exc.reason)
 
     def _packtags_values(self) -> dict[str, Any]:
         pt = self.line.packtags()
