@@ -175,6 +175,8 @@ async def test_cntrl_cmd_changed_during_a_command(tmp_path: Path, driver: str) -
         await asyncio.wait_for(entered.wait(), 30)
         # a PLC program that overwrites CntrlCmd while its Start is being handled
         await sim(sl, cmd="set", device="plc1", tags={"packml_cntrl_cmd": int(K.Stop)})
+        plc = sl.line.plcs[0]
+        await wait_for(lambda: plc.latest().get("packml_cntrl_cmd") == int(K.Stop), 20, "linectl's poll to carry the new CntrlCmd")
         release.set()
 
         async def finished() -> Any:
