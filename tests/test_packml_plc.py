@@ -255,6 +255,31 @@ async def test_link_lost_before_the_acknowledge(tmp_path: Path, driver: str) -> 
         assert packml_audit(sl) == [("plc:plc1", "Reset")], "a command whose acknowledge was lost ran twice"
 
 
+@pytest.mark.slow
+async def test_estop_seen_while_a_packml_command_runs(tmp_path: Path) -> None:
+    """A PackML command in progress (a Stop draining the belt, here a Start held) does not delay the e-stop."""
+    async with simulated_line(tmp_path, base=packml_line(tmp_path, "modbus_tcp"), rate=900) as sl:
+        await sl.create_batch(2000, challenge=False)
+        await plc_state(sl, S.Stopped)
+        assert (await send(sl, "Reset"))["state_current"] == int(S.Idle)
+        entered, release = gate_plc_commands(sl.line)
+        await sim(sl, cmd="packml", device="plc1", command="Start")
+        await asyncio.wait_for(entered.wait(), 30)
+        await sim(sl, cmd="set", device="plc1", tags={"estop": True})
+        await wait_for(lambda: sl.line.fault == "estop", 20, "the e-stop fault while the Start is still in progress")
+        assert not release.is_set()
+        release.set()
+
+        async def finished() -> Any:
+            done = (await plc_packml(sl))["done"]
+            return done[-1] if len(done) == 2 else None
+
+        d = await wait_async(finished, 60, "the acknowledge of the Start")
+        # the Start came after the e-stop: refused by the state model (Aborted takes only Clear), as the PLC reads
+        assert (d["result"], d["state_current"]) == (PACKML_RESULT_INVALID_STATE, int(S.Aborted)), d
+        assert state_of(sl) != "running"
+
+
 def test_tag_map_refuses_a_half_handshake_and_wrong_types() -> None:
     base = {"heartbeat_plc": {"table": "coil", "address": 0, "type": "bool"}, "heartbeat_ctl": {"table": "coil", "address": 1, "type": "bool"}}
 

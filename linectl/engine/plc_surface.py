@@ -91,21 +91,37 @@ class PlcSurface:
 
     async def run(self) -> None:
         self.plc.on_health(self._on_health)
+        # PackML requests in their own loop: a Stop that drains the belt for seconds must not delay the e-stop check
+        packml = asyncio.create_task(self._packml_loop(), name=f"packml:{self.plc.name}") if self._handshakes else None
+        try:
+            while True:
+                await asyncio.sleep(self.interval_s)
+                if packml is not None and packml.done():
+                    packml.result()  # it crashed: raise here, so the supervisor restarts the whole surface
+                tags = self.plc.latest()
+                if not tags or self.plc.health.state != HealthState.CONNECTED:
+                    continue
+                await self.line.resync_line_mode(self.plc)
+                await self._check_estop(tags)
+                for tag, make in COMMAND_TAGS.items():
+                    if tags.get(tag):
+                        await self._command(tag, make())
+                if self._packml_status_tags:
+                    await self._packml_status()
+                await self.line._write_status()
+        finally:
+            if packml is not None:
+                packml.cancel()
+                await asyncio.gather(packml, return_exceptions=True)
+
+    async def _packml_loop(self) -> None:
         while True:
             await asyncio.sleep(self.interval_s)
             tags = self.plc.latest()
             if not tags or self.plc.health.state != HealthState.CONNECTED:
                 continue
-            await self.line.resync_line_mode(self.plc)
-            await self._check_estop(tags)
-            for tag, make in COMMAND_TAGS.items():
-                if tags.get(tag):
-                    await self._command(tag, make())
             for hs in self._handshakes:
                 await self._packml_handshake(hs, tags)
-            if self._packml_status_tags:
-                await self._packml_status()
-            await self.line._write_status()
 
     async def _check_estop(self, tags: dict[str, Any]) -> None:
         estop = bool(tags.get("estop"))
