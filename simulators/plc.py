@@ -1127,9 +1127,12 @@ class PlcSim:
 
     def _packml_program(self, now: float) -> None:
         """One request at a time, as TR88 has it: the value (CntrlCmd / UnitMode), then its change request; done when
-        the controller clears the request (its acknowledge), with packml_cmd_result and StateCurrent read then."""
+        the controller clears the request (its acknowledge), with packml_cmd_result and StateCurrent read then.
+        Requests wait while StateCurrent is 0 (no controller there yet, or the PLC just restarted)."""
         fl = self.packml_inflight
         if fl is None:
+            if self.has("packml_state_current") and not self.get("packml_state_current"):
+                return  # StateCurrent 0: no controller has taken up the handshake yet (README "PackTags on the PLC")
             if self.packml_queue:
                 kind, value = self.packml_queue.popleft()
                 value_tag, req = _PACKML_REQUESTS[kind]

@@ -327,19 +327,19 @@ async def test_request_up_before_linectl_looked_is_not_run(fake_line: Any) -> No
     drv = ModbusTcpPlc("plc9", cfg)
     task: asyncio.Task[None] | None = None
     try:
-        plc.packml_command("Reset")
-        plc.scan()
-        assert plc.get("packml_cmd_change_request") is True
+        # a request left up from before (the simulated program itself waits for StateCurrent != 0: set by hand)
+        plc.set("packml_cntrl_cmd", int(K.Reset))
+        plc.set("packml_cmd_change_request", True)
         await drv.start()
         await wait_for(lambda: drv.health.state.value == "connected", 20, "the driver connected, heartbeat seen")
         task = asyncio.create_task(PlcSurface(line, drv).run())
-        await wait_for(lambda: len(plc.packml_done) == 1, 20, "the stale request acknowledged")
-        d = plc.packml_done[0]
-        assert (d["result"], d["state_current"]) == (PACKML_RESULT_STALE, int(S.Stopped)), d
+        await wait_for(lambda: plc.get("packml_cmd_change_request") is False, 20, "the stale request acknowledged")
+        assert (plc.get("packml_cmd_result"), plc.get("packml_state_current")) == (PACKML_RESULT_STALE, int(S.Stopped))
         assert line.packtags().state is S.Stopped
+        assert len(plc.packml_done) == 0
         plc.packml_command("Reset")
-        await wait_for(lambda: len(plc.packml_done) == 2, 20, "the new request acknowledged")
-        d = plc.packml_done[1]
+        await wait_for(lambda: len(plc.packml_done) == 1, 20, "the new request acknowledged")
+        d = plc.packml_done[0]
         assert (d["result"], d["state_current"]) == (PACKML_RESULT_DONE, int(S.Idle)), d
         assert line.packtags().state is S.Idle
     finally:

@@ -106,7 +106,9 @@ class PlcSurface:
                 for tag, make in COMMAND_TAGS.items():
                     if tags.get(tag):
                         await self._command(tag, make())
-                if self._packml_status_tags:
+                # StateCurrent stays 0 (Undefined) on the PLC until every handshake had its first look: a PLC program
+                # that waits for a non-zero StateCurrent before raising a request never has it refused as stale
+                if self._packml_status_tags and not any(hs.first for hs in self._handshakes):
                     await self._packml_status()
                 await self.line._write_status()
         finally:
