@@ -32,10 +32,44 @@ ENGINE_WRITTEN = frozenset(
     {
         "heartbeat_ctl", "line_mode", "line_running", "fault", "alarm_code", "good_count", "reject_count", "verdict_ring",
         "case_result", "case_seq",
+        # PackTags out (PACKML_* below)
+        "packml_cmd_result", "packml_state_current", "packml_unit_mode_current", "packml_stop_reason", "packml_blocked",
+        "packml_starved", "packml_prod_processed_count", "packml_prod_defective_count",
     }
 )
+# PackTags (ISA-TR88.00.02) on the PLC: the PackML command handshake and the Status/Admin tags a PLC programmed to
+# PackML expects, under logical names like every other tag (README "PackTags on the PLC").
+#: Command.CntrlCmd (PLC -> linectl): the PackML command number, read on a rising edge of the change request
+PACKML_CNTRL_CMD = "packml_cntrl_cmd"
+#: Command.CmdChangeRequest (PLC sets it, linectl clears it when the command was handled: the acknowledge)
+PACKML_CMD_CHANGE_REQUEST = "packml_cmd_change_request"
+#: Command.UnitMode / Command.UnitModeChangeRequest: the same handshake for a unit mode change (1 Production, ...)
+PACKML_UNIT_MODE = "packml_unit_mode"
+PACKML_UNIT_MODE_CHANGE_REQUEST = "packml_unit_mode_change_request"
+#: linectl -> PLC, written before the acknowledge: what became of the last request, command or mode (PACKML_RESULT_*)
+PACKML_CMD_RESULT = "packml_cmd_result"
+#: Status/Admin PackTags linectl writes: logical tag -> the PackTags name it carries
+PACKML_STATUS_TAGS: dict[str, str] = {
+    "packml_state_current": "Status.StateCurrent",
+    "packml_unit_mode_current": "Status.UnitModeCurrent",
+    "packml_stop_reason": "Admin.StopReason.ID",
+    "packml_blocked": "Status.EquipmentBlocked",
+    "packml_starved": "Status.EquipmentStarved",
+    "packml_prod_processed_count": "Admin.ProdProcessedCount",
+    "packml_prod_defective_count": "Admin.ProdDefectiveCount",
+}
+#: packml_cmd_result values (0: no command handled since linectl started)
+PACKML_RESULT_NONE = 0
+PACKML_RESULT_DONE = 1  # executed: StateCurrent shows the new state
+PACKML_RESULT_INVALID_STATE = 2  # the PackML state model does not allow it now: nothing changed
+PACKML_RESULT_UNKNOWN_COMMAND = 3  # CntrlCmd holds no PackML command number: nothing changed
+PACKML_RESULT_REFUSED = 4  # allowed by PackML, refused by the line (fault active, no batch, device down...): nothing changed
+PACKML_RESULT_CHANGED = 5  # CntrlCmd changed while the command ran: the first value was executed, the new one was not
+PACKML_RESULT_STALE = 6  # the request was already up when linectl started: not executed (send it again)
+_PACKML_BOOL_OK = ("packml_cmd_change_request", "packml_unit_mode_change_request", "packml_blocked", "packml_starved")
+
 #: tags linectl writes (so they must live in a writable area)
-ENGINE_WRITES = ENGINE_WRITTEN | {"cmd_start", "cmd_stop", "cmd_pause", "cmd_reset"}
+ENGINE_WRITES = ENGINE_WRITTEN | {"cmd_start", "cmd_stop", "cmd_pause", "cmd_reset"} | {PACKML_CMD_CHANGE_REQUEST, PACKML_UNIT_MODE_CHANGE_REQUEST}
 #: the verdict protocol's values
 VERDICT_GOOD = 1
 VERDICT_REJECT = 2
@@ -351,6 +385,14 @@ def next_counter(typ: str, value: int) -> int:
     return value + 1 if lo <= value < hi else max(lo, 0)
 
 
+def fit_counter(typ: str, value: int) -> int:
+    """A count as a PLC counter of the tag's type holds it: wrapped past its top, never a range error mid-batch."""
+    rng = _INT_RANGE.get(typ)
+    if rng is None or rng[0] <= value <= rng[1]:
+        return value
+    return value % (rng[1] + 1) if value > 0 else rng[0]
+
+
 def _chunks(b: bytes, n: int) -> list[bytes]:
     return [b[i : i + n] for i in range(0, len(b), n)]
 
@@ -398,6 +440,7 @@ def check_tag_map(tags: dict[str, Any], heartbeat: bool) -> None:
                 f"tag {name} must be a single integer (uint16 / uint32 / INT / UDINT ...), "
                 f"not {spec.type}" + (f"[{spec.count}]" if spec.count != 1 else "")
             )
+    check_packml_tags(tags)
     if "verdict_ring" in tags and "reject_ring" in tags:
         r = tags["verdict_ring"].count // 2
         if tags["reject_ring"].count != r:
@@ -420,6 +463,35 @@ def check_tag_map(tags: dict[str, Any], heartbeat: bool) -> None:
             if b0 < a1:
                 where = key if isinstance(key, str) else f"DB{key[1]}"
                 raise ValueError(f"tags {an} and {bn} overlap in {where}")
+
+
+def check_packml_tags(tags: dict[str, Any]) -> None:
+    """The PackTags of a tag map: the handshake complete, each tag a single value of a type that can carry it.
+
+    A command request without its command (or without a result to refuse through) would be a handshake the PLC
+    cannot finish; a state number in a bit or a float would be a number the PLC cannot compare."""
+    for req, value in ((PACKML_CMD_CHANGE_REQUEST, PACKML_CNTRL_CMD), (PACKML_UNIT_MODE_CHANGE_REQUEST, PACKML_UNIT_MODE)):
+        given = [t for t in (value, req) if t in tags]
+        if given and (len(given) != 2 or PACKML_CMD_RESULT not in tags):
+            missing = [t for t in (value, req, PACKML_CMD_RESULT) if t not in tags]
+            raise ValueError(
+                f"PackML handshake incomplete: {', '.join(given)} given, {', '.join(missing)} missing "
+                f"(the PLC writes {value} then sets {req}; linectl writes {PACKML_CMD_RESULT} and clears the request)"
+            )
+    if PACKML_CMD_RESULT in tags and PACKML_CNTRL_CMD not in tags and PACKML_UNIT_MODE not in tags:
+        raise ValueError(f"{PACKML_CMD_RESULT} without {PACKML_CNTRL_CMD} or {PACKML_UNIT_MODE}: no request it could answer")
+    for name in (PACKML_CNTRL_CMD, PACKML_CMD_CHANGE_REQUEST, PACKML_UNIT_MODE, PACKML_UNIT_MODE_CHANGE_REQUEST, PACKML_CMD_RESULT,
+                 *PACKML_STATUS_TAGS):
+        spec = tags.get(name)
+        if spec is None:
+            continue
+        is_bool = spec.type in ("bool", "BOOL", "Boolean")
+        if spec.count != 1 or not (spec.type in _INT_RANGE or (is_bool and name in _PACKML_BOOL_OK)):
+            kinds = "a bool or a single integer" if name in _PACKML_BOOL_OK else "a single integer (uint16 / INT / UDINT / Int32 ...)"
+            raise ValueError(f"PackML tag {name} must be {kinds}, not {spec.type}" + (f"[{spec.count}]" if spec.count != 1 else ""))
+    for n in (PACKML_CNTRL_CMD, PACKML_CMD_CHANGE_REQUEST, PACKML_UNIT_MODE, PACKML_UNIT_MODE_CHANGE_REQUEST):
+        if n in tags and not polled(n, tags[n]):
+            raise ValueError(f"{n} is written by the PLC for linectl to act on: it cannot be poll: false")
 
 
 # --------------------------------------------------------------------------- read planning

@@ -348,6 +348,19 @@ class LineSim:
             return {"ok": True, "device": name, "result": res}
         if cmd == "set":
             return self._set(msg)
+        if cmd == "packml":
+            dev = self.devices.get(str(msg.get("device")))
+            if not isinstance(dev, PlcSim):
+                raise ValueError(f"device {msg.get('device')!r} is not a simulated PLC")
+            kind = [k for k in ("command", "unit_mode") if msg.get(k) is not None]
+            if len(kind) != 1:
+                raise ValueError('packml takes "command" (Start, Hold, ... or a CntrlCmd number) or "unit_mode" (Production, ... or a number)')
+            value = msg[kind[0]]
+            if not isinstance(value, (str, int)) or isinstance(value, bool):
+                raise ValueError(f"{value!r}: a PackML command / unit mode is a name or a number")
+            queued = dev.packml_command(value) if kind[0] == "command" else dev.packml_unit_mode(value)
+            dev.scan()
+            return {"ok": True, "device": dev.name, "queued": queued}
         if cmd == "take_off":
             uids = msg.get("uids")
             if not isinstance(uids, list) or not all(isinstance(u, str) for u in uids):
@@ -358,7 +371,7 @@ class LineSim:
                 raise ValueError("this line has no case station to pack for")
             flushed = self.packer.flush() if msg.get("flush") else 0
             return {"ok": True, "flushed": flushed, **self.packer.status()}
-        raise ValueError(f"unknown cmd {cmd!r} (truth, status, units, challenge, inject, set, take_off, pack)")
+        raise ValueError(f"unknown cmd {cmd!r} (truth, status, units, challenge, inject, set, take_off, pack, packml)")
 
     def _set(self, msg: dict[str, Any]) -> dict[str, Any]:
         changed: dict[str, Any] = {}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import functools
@@ -130,6 +131,54 @@ DEFAULT_OPCUA_TAGS: dict[str, dict[str, Any]] = {
     "gate_reject_total": {"node": _NSU + "GateRejectTotal", "type": "UInt32"},
     "plc_epoch": {"node": _NSU + "Epoch", "type": "UInt32"},
 }
+
+#: PackTags for a PLC programmed to PackML (README "PackTags on the PLC"), one map per protocol, to merge into a tag map
+PACKML_MODBUS_TAGS: dict[str, dict[str, Any]] = {
+    "packml_cmd_change_request": {"table": "coil", "address": 16, "type": "bool"},
+    "packml_unit_mode_change_request": {"table": "coil", "address": 19, "type": "bool"},
+    "packml_unit_mode": {"table": "holding", "address": 54, "type": "int32"},
+    "packml_blocked": {"table": "coil", "address": 17, "type": "bool"},
+    "packml_starved": {"table": "coil", "address": 18, "type": "bool"},
+    "packml_cntrl_cmd": {"table": "holding", "address": 40, "type": "int32"},
+    "packml_cmd_result": {"table": "holding", "address": 42, "type": "uint16"},
+    "packml_state_current": {"table": "holding", "address": 44, "type": "int32"},
+    "packml_unit_mode_current": {"table": "holding", "address": 46, "type": "int32"},
+    "packml_stop_reason": {"table": "holding", "address": 48, "type": "int32"},
+    "packml_prod_processed_count": {"table": "holding", "address": 50, "type": "int32"},
+    "packml_prod_defective_count": {"table": "holding", "address": 52, "type": "int32"},
+}
+PACKML_S7_TAGS: dict[str, dict[str, Any]] = {
+    "packml_cmd_change_request": {"db": 1, "offset": "1.1", "type": "BOOL"},
+    "packml_unit_mode_change_request": {"db": 1, "offset": "1.4", "type": "BOOL"},
+    "packml_unit_mode": {"db": 1, "offset": "834", "type": "DINT"},
+    "packml_blocked": {"db": 1, "offset": "1.2", "type": "BOOL"},
+    "packml_starved": {"db": 1, "offset": "1.3", "type": "BOOL"},
+    "packml_cntrl_cmd": {"db": 1, "offset": "808", "type": "DINT"},
+    "packml_cmd_result": {"db": 1, "offset": "812", "type": "INT"},
+    "packml_state_current": {"db": 1, "offset": "814", "type": "DINT"},
+    "packml_unit_mode_current": {"db": 1, "offset": "818", "type": "DINT"},
+    "packml_stop_reason": {"db": 1, "offset": "822", "type": "DINT"},
+    "packml_prod_processed_count": {"db": 1, "offset": "826", "type": "DINT"},
+    "packml_prod_defective_count": {"db": 1, "offset": "830", "type": "DINT"},
+}
+_PT = "nsu=urn:linectl:plcsim;s=PackTags."
+PACKML_OPCUA_TAGS: dict[str, dict[str, Any]] = {
+    "packml_cntrl_cmd": {"node": _PT + "Command.CntrlCmd", "type": "Int32"},
+    "packml_cmd_change_request": {"node": _PT + "Command.CmdChangeRequest", "type": "Boolean", "writable": True},
+    "packml_unit_mode": {"node": _PT + "Command.UnitMode", "type": "Int32"},
+    "packml_unit_mode_change_request": {"node": _PT + "Command.UnitModeChangeRequest", "type": "Boolean", "writable": True},
+    "packml_cmd_result": {"node": _PT + "Status.CmdResult", "type": "UInt16", "writable": True},
+    "packml_state_current": {"node": _PT + "Status.StateCurrent", "type": "Int32", "writable": True},
+    "packml_unit_mode_current": {"node": _PT + "Status.UnitModeCurrent", "type": "Int32", "writable": True},
+    "packml_blocked": {"node": _PT + "Status.EquipmentBlocked", "type": "Boolean", "writable": True},
+    "packml_starved": {"node": _PT + "Status.EquipmentStarved", "type": "Boolean", "writable": True},
+    "packml_stop_reason": {"node": _PT + "Admin.StopReason.ID", "type": "Int32", "writable": True},
+    "packml_prod_processed_count": {"node": _PT + "Admin.ProdProcessedCount", "type": "Int32", "writable": True},
+    "packml_prod_defective_count": {"node": _PT + "Admin.ProdDefectiveCount", "type": "Int32", "writable": True},
+}
+#: the PLC program's two request kinds: (value tag, its change request)
+_PACKML_REQUESTS = {"cntrl_cmd": ("packml_cntrl_cmd", "packml_cmd_change_request"), "unit_mode": ("packml_unit_mode", "packml_unit_mode_change_request")}
+PACKML_TAGS = {"modbus_tcp": PACKML_MODBUS_TAGS, "modbus_rtu": PACKML_MODBUS_TAGS, "s7": PACKML_S7_TAGS, "opcua": PACKML_OPCUA_TAGS}
 
 FAULTS = ("disconnect", "slow", "heartbeat_stop", "gate_jam", "confirm_lost", "estop", "plc_restart")
 #: tags a warm restart keeps (retentive memory); a cold restart clears everything but plc_epoch
@@ -947,6 +996,11 @@ class PlcSim:
         self.cases_diverted = 0
         self.cases_passed = 0
         self._case_seq_seen: int | None = None
+        #: the PackML part of the program: commands queued by the HMI, the one in the handshake, the finished ones
+        self.packml_queue: collections.deque[tuple[str, int]] = collections.deque(maxlen=64)
+        self.packml_inflight: dict[str, Any] | None = None
+        self.packml_done: collections.deque[dict[str, Any]] = collections.deque(maxlen=200)
+        self.packml_timeout_s = 30.0
         self.log = log.bind(device=name)
 
     # -- lifecycle ------------------------------------------------------------------
@@ -1040,6 +1094,87 @@ class PlcSim:
                 cb()
         if self.has("case_seq"):
             self._case_pusher()
+        if self.packml_queue or self.packml_inflight is not None:
+            self._packml_program(now)
+
+    # -- PackML command handshake (the PLC's side) ----------------------------------
+
+    def packml_command(self, command: str | int) -> int:
+        """Queue a PackML command the program sends (a button on its HMI). Names as in TR88; a number goes as it is
+        (also one that is no command: that is how a PLC with a wrong constant looks). Returns the queue length."""
+        from linectl.engine.packml import PackmlCommand
+
+        return self._packml_queue("cntrl_cmd", command, {c.name.lower(): int(c) for c in PackmlCommand})
+
+    def packml_unit_mode(self, mode: str | int) -> int:
+        """Queue a unit mode change request (Production, Maintenance, Manual, or any number)."""
+        from linectl.engine.packml import UnitMode
+
+        return self._packml_queue("unit_mode", mode, {m.name.lower(): int(m) for m in UnitMode})
+
+    def _packml_queue(self, kind: str, value: str | int, names: dict[str, int]) -> int:
+        if isinstance(value, bool) or not isinstance(value, (str, int)):
+            raise ValueError(f"a PackML {kind} is a name or a number")
+        if isinstance(value, str):
+            if value.lower() not in names:
+                raise ValueError(f"no PackML {kind} {value!r} (known: {', '.join(names)})")
+            value = names[value.lower()]
+        tags = _PACKML_REQUESTS[kind]
+        if not all(self.has(t) for t in tags):
+            raise ValueError(f"{self.name}: the tag map has no {' / '.join(tags)}")
+        self.packml_queue.append((kind, value))
+        return len(self.packml_queue)
+
+    def _packml_program(self, now: float) -> None:
+        """One request at a time, as TR88 has it: the value (CntrlCmd / UnitMode), then its change request; done when
+        the controller clears the request (its acknowledge), with packml_cmd_result and StateCurrent read then.
+        Requests wait while StateCurrent is 0 (no controller there yet, or the PLC just restarted)."""
+        fl = self.packml_inflight
+        if fl is None:
+            if self.has("packml_state_current") and not self.get("packml_state_current"):
+                return  # StateCurrent 0: no controller has taken up the handshake yet (README "PackTags on the PLC")
+            if self.packml_queue:
+                kind, value = self.packml_queue.popleft()
+                value_tag, req = _PACKML_REQUESTS[kind]
+                self.set(value_tag, value)
+                self.set(req, True)
+                self.packml_inflight = {kind: value, "req": req, "sent_at": now}
+            return
+        if self.get(fl["req"]):
+            if now - fl["sent_at"] > self.packml_timeout_s:
+                self.set(fl["req"], False)  # no acknowledge: the program gives up (an alarm on its HMI)
+                self._packml_finish(fl, now, timed_out=True)
+            return
+        self._packml_finish(fl, now)
+
+    def _packml_finish(self, fl: dict[str, Any], now: float, *, timed_out: bool = False, lost: str | None = None) -> None:
+        self.packml_inflight = None
+        done = {k: v for k, v in fl.items() if k in _PACKML_REQUESTS}
+        done["result"] = None if (timed_out or lost) else int(self.get("packml_cmd_result") or 0) if self.has("packml_cmd_result") else None
+        for tag in ("packml_state_current", "packml_unit_mode_current"):
+            done[tag.removeprefix("packml_")] = int(self.get(tag) or 0) if self.has(tag) else None
+        done["took_s"] = round(now - fl["sent_at"], 3)
+        if timed_out:
+            done["timed_out"] = True
+        if lost:
+            done["lost"] = lost
+        self.packml_done.append(done)
+        self.log.info("plc_packml_done", **done)
+
+    def packml_status(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "queued": list(self.packml_queue),
+            "inflight": dict(self.packml_inflight) if self.packml_inflight else None,
+            "done": list(self.packml_done),
+        }
+        for tag in ("packml_cntrl_cmd", "packml_cmd_change_request", "packml_unit_mode", "packml_unit_mode_change_request",
+                    "packml_cmd_result", "packml_state_current",
+                    "packml_unit_mode_current", "packml_stop_reason", "packml_blocked", "packml_starved",
+                    "packml_prod_processed_count", "packml_prod_defective_count"):
+            if self.has(tag):
+                v = self.get(tag)
+                out[tag] = bool(v) if isinstance(v, bool) else int(v)
+        return out
 
     def _case_pusher(self) -> None:
         """A case packer's reject pusher: acts once per change of case_seq, on the case_result written before it.
@@ -1163,6 +1298,9 @@ class PlcSim:
         if cold:
             self.trigger_count = self.pass_total = self.reject_total = self.gate_reject_total = 0
             self._case_seq_seen = None
+        if self.packml_inflight is not None:  # the program starts over: the handshake it was in is gone
+            self._packml_finish(self.packml_inflight, time.monotonic(), lost="plc_restart")
+        self.packml_queue.clear()
         self.controller_alive = False
         self._ctl_value = None
         self.line_running = False
@@ -1218,6 +1356,7 @@ class PlcSim:
             "cases_passed": self.cases_passed,
             "cases_diverted": self.cases_diverted,
             "faults": self.faults.as_dict(),
+            **({"packml": self.packml_status()} if self.has("packml_cntrl_cmd") or self.has("packml_state_current") else {}),
         }
 
 
