@@ -219,17 +219,50 @@ class SimulatedLine:
             self.line.check_pool(product)
             await asyncio.sleep(0.2)
 
-    async def start_batch(self) -> None:
-        """Start; when a challenge is configured, feed the challenge units and wait for its verdict."""
+    async def start_batch(self, drive: str = "engine") -> None:
+        """Start; when a challenge is configured, feed the challenge units and wait for its verdict.
+
+        drive "packml": the simulated PLC starts the batch, as a PLC programmed to PackML does: Reset then Start
+        through the PackTags command handshake (README "PackTags on the PLC"); "engine": start_batch directly."""
         assert self.cfg is not None and self.control is not None
         kinds = list(self.cfg.batch.challenge) if self.line.batch.challenge else []
         if kinds:
             await self.control.call(cmd="challenge", kinds=kinds)
-        await self.line.execute(C.StartBatch(actor="demo"), origin="demo")
+        if drive == "packml":
+            for command in ("Reset", "Start"):
+                await self.packml(command)
+        else:
+            await self.line.execute(C.StartBatch(actor="demo"), origin="demo")
         if kinds:
             await asyncio.wait_for(self.line.challenge_done.wait(), 60)
             if not self.line.challenge_passed:
                 raise RuntimeError(f"challenge test failed: {self.line.snapshot()['stations']}")
+
+    def packml_plc(self) -> str:
+        """The PLC whose tag map carries the PackTags command handshake (packml_cntrl_cmd)."""
+        from linectl.drivers.plc_tags import PlcConfigBase
+
+        assert self.cfg is not None
+        for name, dev in self.cfg.devices.items():
+            if isinstance(dev, PlcConfigBase) and "packml_cntrl_cmd" in dev.tag_specs():
+                return name
+        raise RuntimeError(f"{self.cfg_path}: no PLC with the PackTags handshake (tag packml_cntrl_cmd); see config/packml-line.yaml")
+
+    async def packml(self, command: str, timeout: float = 60.0) -> dict[str, Any]:
+        """One PackML command from the simulated PLC, through the handshake; its acknowledge as the PLC saw it."""
+        assert self.control is not None
+        plc = self.packml_plc()
+
+        def handshakes(status: dict[str, Any]) -> list[dict[str, Any]]:
+            return list(status["devices"][plc]["packml"]["done"])
+
+        before = len(handshakes(await self.control.call(cmd="status")))
+        await self.control.call(cmd="packml", device=plc, command=command)
+        status = await _poll(self.control, lambda s: len(handshakes(s)) > before, timeout, f"the PLC's PackML {command} acknowledged", cmd="status")
+        done = handshakes(status)[before]
+        if done.get("result") != 1:
+            raise RuntimeError(f"PackML {command} from PLC {plc} not done: {done} (packml_cmd_result: README \"PackTags on the PLC\")")
+        return done
 
     async def finish_packing(self, timeout: float = 60.0) -> None:
         """Batch end at the packer: every good unit read into a case, the partial case and pallet closed on command.
@@ -315,10 +348,17 @@ async def run_demo(args: Any) -> dict[str, Any]:
         line = sl.line
         await sl.create_batch(args.units)
         t_start = time.monotonic()
-        await sl.start_batch()
+        await sl.start_batch(drive=args.drive)
         t_prod = time.monotonic()
         await _progress(line, args.units, args.json)
         t_end = time.monotonic()
+        packml: dict[str, Any] | None = None
+        if args.drive == "packml":  # the planned quantity reached: PackML Complete, as the PLC reads it in StateCurrent
+            await _until(lambda: line.packtags().state.name == "Complete", 60, "PackML Complete at the planned quantity")
+            assert sl.control is not None
+            st = (await sl.control.call(cmd="status"))["devices"][sl.packml_plc()]["packml"]
+            packml = {"plc": sl.packml_plc(), "handshakes": st["done"], "state_current": st.get("packml_state_current"),
+                      "packtags": line.packtags().to_json()}
         await sl.finish_packing()
         close = await line.execute(C.CloseBatch(actor="demo"), origin="demo")
         await _wait_forwarded(sl.daemon, 60)
@@ -327,6 +367,8 @@ async def run_demo(args: Any) -> dict[str, Any]:
         upstream = _upstream_summary(sl)
         if upstream:
             summary["upstream"] = upstream
+        if packml is not None:
+            summary["packml"] = packml
         if _packing_station(line, "case") is not None:
             summary["aggregation"] = await _aggregation_summary(sl, close["report"].get("lot"))
         return summary
@@ -367,11 +409,11 @@ async def _until(cond: Any, timeout: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
-async def _poll(control: SimControl, cond: Any, timeout: float, what: str) -> dict[str, Any]:
-    """The simulator's packer status, once `cond(status)` holds."""
+async def _poll(control: SimControl, cond: Any, timeout: float, what: str, cmd: str = "pack") -> dict[str, Any]:
+    """The simulator's answer to `cmd` (default: its packer status), once `cond(answer)` holds."""
     deadline = time.monotonic() + timeout
     while True:
-        st = await control.call(cmd="pack")
+        st = await control.call(cmd=cmd)
         if cond(st):
             return st
         if time.monotonic() > deadline:

@@ -31,6 +31,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "answered by simulators, epcis_xml directories go into the demo's folder; real: use them as configured "
         "(a QU4RTET, a repository of your own)",
     )
+    p.add_argument(
+        "--drive", choices=["engine", "packml"], default="engine",
+        help="packml: the simulated PLC resets and starts the batch through the PackTags command handshake (a config "
+        "whose PLC has the packml_* tags, e.g. packml-line); the batch ends in PackML Complete at the planned quantity",
+    )
     p.set_defaults(func=run)
 
 
@@ -139,6 +144,11 @@ def _print_human(s: dict[str, Any]) -> None:
                 print(f"    {name:<14} recorded {c['recorded']} (partial {c['partial']})  rejected {c['rejected_total']} {c['rejected']}")
         bad = agg["hierarchy_violations"]
         print(f"  hierarchy        {'consistent' if not bad else f'{len(bad)} violation(s): ' + '; '.join(bad[:3])}")
+    pm = s.get("packml")
+    if pm:
+        steps = ", ".join(f"{next(iter(h.values()))}→{h.get('state_current')} (result {h.get('result')})" for h in pm["handshakes"])
+        print(f"  PackML           PLC {pm['plc']}: {steps}; at the planned quantity StateCurrent {pm['state_current']} "
+              f"({pm['packtags']['State']})")
     up = s.get("upstream")
     if up:
         for name, sink in (up.get("sinks") or {}).items():
