@@ -279,6 +279,8 @@ class Line:
         self._resyncs: set[asyncio.Task[None]] = set()
         for plc in self.plcs:
             plc.on_health(self._plc_health)
+        for d in drivers.values():  # device health is in the state message: publish a change now, not at the next interval
+            d.on_health(self._device_health)
 
     # ------------------------------------------------------------------ helpers for stations
 
@@ -1256,6 +1258,13 @@ class Line:
                 if running:
                     raise C.CommandRejected(f"PLC {plc.name} did not accept line_mode: {exc}", "plc_error") from exc
 
+    def _device_health(self, _driver: Driver, _health: Any) -> None:
+        for cb in list(self._state_listeners):
+            try:
+                cb()
+            except Exception:  # noqa: BLE001 - a listener must not break the line
+                log.exception("state_listener_failed")
+
     def _plc_health(self, plc: Plc, health: Any) -> None:
         """A PLC (re)connected: repeat idle at once if it may still hold a running line's mode (see resync_line_mode)."""
         if health.state.value == "connected" and plc.name in self._mode_unsynced and self._mode_wanted == "idle":
@@ -1338,7 +1347,7 @@ class Line:
                 if b
                 else None
             ),
-            "shift": {"name": self._shift[0], "since": self._shift[1].isoformat(), **self.shift_counts.to_json()},
+            "shift": {"name": self._shift[0], "since": self._shift[1].astimezone(UTC).isoformat(), **self.shift_counts.to_json()},
             "rate_upm": self.achieved_rate_upm(),
             "rate_window_s": RATE_WINDOW_S,
             "stations": {s.name: s.snapshot() for s in self.stations},
