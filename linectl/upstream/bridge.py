@@ -3,8 +3,9 @@
 Topics under <root> (mqtt.topic_root or <enterprise>/<site>/<area>/<line>):
   status                  retained "online" after every connect; Last Will (retained) "offline";
                           "offline" again on a clean stop
-  state                   retained JSON: target.snapshot() + upstream (forwarder) status,
-                          on change (rate-limited) and every state_interval_s, and after every connect
+  state                   retained JSON: target.snapshot() + upstream (forwarder) status, stamped ts, interval_s, seq
+                          (README "Operators' view: the state message"), on change (rate-limited), every
+                          state_interval_s, after every connect, and a last one on a clean stop
   packml/status           retained JSON, PackTags Status: StateCurrent (+ State name), UnitModeCurrent, MachSpeed,
                           CurMachSpeed, EquipmentBlocked, EquipmentStarved, Allowed commands
   packml/admin            retained JSON, PackTags Admin: StopReason (first-out), ProdProcessedCount,
