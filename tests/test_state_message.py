@@ -261,6 +261,13 @@ async def test_root_cause_behind_its_consequence_becomes_first_out(tmp_path):
             await sl.line.fault_stop("printer_error", "printer coder1 link lost", "pv1")
             m = await dash.until(lambda m: any(c["code"] == "printer_error" for c in m["stop_reason"]["consequences"]), "a later consequence")
             assert m["fault"] == "estop" and m["stop_reason"]["code"] == "estop"
+            # after a reset the stop reason stays (the line has not run since); a new fault is a new first-out
+            await sl.line.execute({"name": "reset", "actor": "op"}, origin="test")
+            m = await dash.until(lambda m: m["fault"] is None, "the reset")
+            assert m["stop_reason"]["code"] == "estop"
+            await sl.line.fault_stop("printer_fault", "printer coder1 reports fault 202", "pv1")
+            m = await dash.until(lambda m: m["fault"] == "printer_fault", "a new fault after the reset")
+            assert m["stop_reason"]["code"] == "printer_fault" and m["stop_reason"]["consequences"] == [], m["stop_reason"]
 
 
 def test_shift_windows_and_refused_keys():

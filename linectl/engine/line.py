@@ -179,6 +179,8 @@ class FirstOut:
     message: str
     at: str
     consequences: list[dict[str, Any]] = field(default_factory=list)
+    #: an operator reset the fault since: still shown (the line has not run since), but the next cause starts anew
+    reset: bool = False
 
     def add(self, code: str, message: str) -> None:
         if code != self.code and len(self.consequences) < MAX_CONSEQUENCES and all(c["code"] != code for c in self.consequences):
@@ -454,7 +456,11 @@ class Line:
             await self.alarm(code, message, Severity.CRITICAL, station)
             return
         self.fault = code
-        self._latch_first_out(code, message)
+        b = self.batch
+        if b is not None and b.state in (BatchState.RUNNING, BatchState.CHALLENGE) and self.first_out is not None and not self.first_out.reset:
+            self.first_out.add(code, message[:500])  # a fault while a commanded stop drains the belt: its consequence
+        else:  # the line runs, or stands for a command (pause, stop) or a fault already reset: this fault is the cause now
+            self.first_out = FirstOut(code, message[:500], _now_iso())
         self._fault_codes.add(code)
         self.packml.latch_stop(ALARM_CODES.get(code, 99), code, message)
         self._faulting = True  # the alarm append awaits: a second fault meanwhile must not start a second stop
@@ -476,7 +482,7 @@ class Line:
 
     def _latch_first_out(self, code: str, message: str) -> None:
         """The first cause of a stop; later ones are its consequences until the line runs again."""
-        if self.first_out is None:
+        if self.first_out is None or self.first_out.reset:
             self.first_out = FirstOut(code, message[:500], _now_iso())
         else:
             self.first_out.add(code, message[:500])
@@ -952,6 +958,8 @@ class Line:
         self._fault_codes.clear()
         for a in self.alarms.values():  # the operator says the causes are fixed: what is acknowledged goes
             a.cleared = True
+        if self.first_out is not None:
+            self.first_out.reset = True
         self._drop_finished_alarms()
         await self._write_status(force=True)
         return {"fault_cleared": was}
