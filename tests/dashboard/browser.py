@@ -133,12 +133,12 @@ class Browser:
         return r.get("result", {}).get("value")
 
     def wait_for(self, expr: str, timeout: float, what: str) -> Any:
-        """Until the JS expression is truthy in the page (the page re-renders every second)."""
+        """Until the JS expression is truthy in the page (the page re-renders every second); an element counts as true."""
         deadline = time.monotonic() + timeout
         last: Any = None
         while True:
             try:
-                last = self.evaluate(expr)
+                last = self.evaluate(f"!!({expr})")
             except (AssertionError, ConnectionError, OSError) as exc:
                 last = repr(exc)
             if last:
