@@ -845,6 +845,37 @@ class PackmlConfig(Model):
     )
 
 
+class ShiftConfig(Model):
+    """Shift boundaries for the shift counters in `<root>/state` (README "Operators' view: the state message")."""
+
+    starts: list[str] = Field(
+        default_factory=lambda: ["00:00"],
+        min_length=1,
+        max_length=24,
+        description='local start times "HH:MM" (line.timezone) of the shifts; a shift runs until the next start; default one shift a day',
+    )
+    names: list[str] | None = Field(None, description="a name per start, same order and count; default the start time itself")
+
+    @field_validator("starts")
+    @classmethod
+    def _starts(cls, v: list[str]) -> list[str]:
+        for s in v:
+            if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d", s):
+                raise ValueError(f"shift start {s!r} is not a time HH:MM (00:00 to 23:59)")
+        if v != sorted(set(v)):
+            raise ValueError(f"shift starts {v} must be in order of the day, without repeats (shift.names follows that order)")
+        return v
+
+    @model_validator(mode="after")
+    def _names(self) -> ShiftConfig:
+        if self.names is not None:
+            if len(self.names) != len(self.starts):
+                raise ValueError(f"shift.names has {len(self.names)} names for {len(self.starts)} starts: give one per start")
+            if any(not n.strip() for n in self.names):
+                raise ValueError("shift names must not be empty")
+        return self
+
+
 # --------------------------------------------------------------------------- OPC UA server (PackML)
 
 #: OPC UA security policies the server may offer (asyncua's SecurityPolicyType names); "None" only via allow_unsecured
@@ -912,6 +943,7 @@ class LineConfig(Model):
     devices: dict[str, DeviceConfig] = Field(default_factory=dict)
     stations: list[StationConfig] = Field(default_factory=list)
     packml: PackmlConfig = Field(default_factory=PackmlConfig)
+    shift: ShiftConfig = Field(default_factory=ShiftConfig)
     opcua_server: OpcuaServerConfig = Field(default_factory=OpcuaServerConfig)
     # The simulator's own section, kept as a mapping: the controller must not import (or need) the simulators, so the
     # section is validated by what uses it (`linectl simulate`, `demo`, and `check-config` when it is present) against

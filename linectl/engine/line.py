@@ -12,14 +12,15 @@ import asyncio
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta, timezone, tzinfo
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import structlog
 
 from linectl import control as C
 from linectl import gs1
-from linectl.config import LineConfig, Product
+from linectl.config import LineConfig, Product, ShiftConfig
 from linectl.drivers.base import Driver, Plc
 from linectl.engine import packml as P
 from linectl.engine.clock import SYSTEM_CLOCK, Clock
@@ -59,6 +60,15 @@ ALARM_CODES = {
     "task_failed": 90,
     "store_error": 91,
 }
+#: the sliding window of rate_upm in the state message: units decided in the last RATE_WINDOW_S while the line runs
+RATE_WINDOW_S = 60.0
+#: causes that explain everything stopping after them: one arriving while the line already stops for a consequence
+#: (a reject not confirmed because the e-stop stopped the belt) becomes the first-out, the earlier code a consequence
+ROOT_CAUSES = frozenset({"estop", "plc_lost", "plc_restarted", "store_error"})
+#: consequences listed under one first-out (one per code); active alarms kept in memory, and shown in the state
+MAX_CONSEQUENCES = 20
+MAX_ALARMS = 100
+ALARMS_SHOWN = 50
 #: how long a start waits for the printer to hold its queue of codes before it refuses to feed product
 PRIME_TIMEOUT_S = 3.0
 #: most events kept in memory while the store refuses writes (alarms, state changes, decommissionings)
@@ -109,6 +119,9 @@ class BatchContext:
 
 @dataclass
 class ActiveAlarm:
+    """An alarm until it is both acknowledged and cleared (critical ones clear on reset, the others when raised:
+    nothing is tracked that would clear them), so a dashboard that starts late still shows it."""
+
     alarm_id: str
     code: str
     severity: str
@@ -116,6 +129,92 @@ class ActiveAlarm:
     station: str | None
     raised_at: str
     acknowledged: bool = False
+    acknowledged_by: str | None = None
+    acknowledged_at: str | None = None
+    cleared: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.alarm_id,
+            "alarm_id": self.alarm_id,
+            "code": self.code,
+            "severity": self.severity,
+            "message": self.message,
+            "station": self.station,
+            "since": self.raised_at,
+            "raised_at": self.raised_at,
+            "acknowledged": self.acknowledged,
+            "acknowledged_by": self.acknowledged_by,
+            "acknowledged_at": self.acknowledged_at,
+        }
+
+
+@dataclass
+class Counters:
+    """Units decided in production (challenge units apart): good, rejects by reason (RejectReason values)."""
+
+    good: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+
+    def add(self, good: bool, reason: str | None) -> None:
+        if good:
+            self.good += 1
+        else:
+            key = reason or "unknown"
+            self.rejected_by_reason[key] = self.rejected_by_reason.get(key, 0) + 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "good": self.good,
+            "rejected_by_reason": dict(sorted(self.rejected_by_reason.items())),
+            "no_reads": self.rejected_by_reason.get(RejectReason.NO_READ.value, 0),
+        }
+
+
+@dataclass
+class FirstOut:
+    """Why the line stopped: the first cause, and what followed from it (README "Operators' view")."""
+
+    code: str
+    message: str
+    at: str
+    consequences: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, code: str, message: str) -> None:
+        if code != self.code and len(self.consequences) < MAX_CONSEQUENCES and all(c["code"] != code for c in self.consequences):
+            self.consequences.append({"code": code, "message": message, "at": _now_iso()})
+
+    def to_json(self) -> dict[str, Any]:
+        return {"code": self.code, "message": self.message, "at": self.at, "consequences": [dict(c) for c in self.consequences]}
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat()
+
+
+def zone_info(zone: str) -> tzinfo:
+    """line.zone (an IANA name or a fixed "+HH:MM") as a tzinfo."""
+    if zone[:1] in "+-" and len(zone) == 6:
+        sign = -1 if zone[0] == "-" else 1
+        return timezone(sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6])))
+    return ZoneInfo(zone)
+
+
+def current_shift(cfg: ShiftConfig, tz: tzinfo, now: datetime) -> tuple[str, datetime]:
+    """(name, local start) of the shift `now` falls in: the last start at or before now, else yesterday's last one."""
+    local = now.astimezone(tz)
+    names = cfg.names or cfg.starts
+    best: tuple[str, datetime] | None = None
+    for day in (local.date() - timedelta(days=1), local.date()):
+        for name, start in zip(names, cfg.starts, strict=True):
+            hh, mm = int(start[:2]), int(start[3:])
+            at = datetime(day.year, day.month, day.day, hh, mm, tzinfo=tz)
+            if at <= local and (best is None or at > best[1]):
+                best = (name, at)
+    assert best is not None  # yesterday's starts are all before now
+    return best
+
+
 
 
 class Line:
@@ -151,7 +250,16 @@ class Line:
         self.on_sink_retry: Any = None
         self.on_batch_closed: Any = None
         self._pool_requested: dict[str, float] = {}
-        self.rate_window: list[tuple[float, int]] = []
+        #: monotonic times of the units decided in the last RATE_WINDOW_S (bounded by the window, and by maxlen)
+        self.rate_window: deque[float] = deque(maxlen=200_000)
+        self._running_since: float | None = None  # monotonic; None while the line does not run
+        #: first-out: the first cause of the current (or last) stop and its consequences; None while running
+        self.first_out: FirstOut | None = None
+        self.batch_counts = Counters()
+        self.challenge_units = 0
+        self._tz = zone_info(cfg.line.zone)
+        self._shift: tuple[str, datetime] = current_shift(cfg.shift, self._tz, datetime.now(UTC))
+        self.shift_counts = Counters()
         self.completed = asyncio.Event()
         self.challenge_done = asyncio.Event()
         self.challenge_passed: bool | None = None
@@ -171,6 +279,8 @@ class Line:
         self._resyncs: set[asyncio.Task[None]] = set()
         for plc in self.plcs:
             plc.on_health(self._plc_health)
+        for d in drivers.values():  # device health is in the state message: publish a change now, not at the next interval
+            d.on_health(self._device_health)
 
     # ------------------------------------------------------------------ helpers for stations
 
@@ -226,7 +336,7 @@ class Line:
         self.store_down = str(exc) or type(exc).__name__
         log.critical("store_refuses_writes", error=self.store_down)
         await self.infeed_idle_now()
-        self.fault = "store_error"  # the cause operators must see, whatever fault came first
+        self._promote_first_out("store_error", f"the store refuses writes: {self.store_down}")  # the cause operators must see
         self.packml.latch_stop(ALARM_CODES["store_error"], "store_error", self.store_down)
         self._fault_codes.add("store_error")
         if self._store_retry is None or self._store_retry.done():
@@ -313,23 +423,38 @@ class Line:
     async def alarm(self, code: str, message: str, severity: Severity, station: str | None = None) -> AlarmRaised:
         ev = AlarmRaised(code=code, severity=severity, message=message, station=station, lot=self.batch.lot if self.batch else None)
         await self.record(ev)
-        self.alarms[ev.alarm_id] = ActiveAlarm(ev.alarm_id, code, severity.value, message, station, ev.event_time.isoformat())
-        while len(self.alarms) > 100:
-            self.alarms.popitem(last=False)
+        # an alarm that does not stop the line has no condition tracked that would clear it: it goes on acknowledgement
+        cleared = severity != Severity.CRITICAL
+        self.alarms[ev.alarm_id] = ActiveAlarm(ev.alarm_id, code, severity.value, message, station, ev.event_time.isoformat(), cleared=cleared)
+        if self.first_out is not None:
+            self.first_out.add(code, message)
+        while len(self.alarms) > MAX_ALARMS:
+            done = next((k for k, a in self.alarms.items() if a.acknowledged), None)
+            if done is not None:
+                del self.alarms[done]
+            else:
+                self.alarms.popitem(last=False)
         log.warning("alarm", code=code, severity=severity.value, message=message, station=station)
         self._notify()
         return ev
 
     async def fault_stop(self, code: str, message: str, station: str | None = None) -> None:
         """Stop the line because a rule or a device says so. Safe to call from inside station tasks."""
-        if self.fault is not None and (self._faulting or (self._stop_task is not None and not self._stop_task.done())):
-            return
-        if self.fault is not None and code in self._fault_codes and (self.batch is None or self.batch.state not in ALLOWED["stop"]):
-            # already stopped, and this alarm was raised since the last reset (e.g. every read while the PLC is
-            # away): one alarm per cause, not one per unit
-            log.warning("fault_repeated", code=code, message=message, station=station)
+        if self.fault is not None and (self.batch is None or self.batch.state not in ALLOWED["stop"] or self._faulting or (
+            self._stop_task is not None and not self._stop_task.done()
+        )):
+            # the line already stops (or stopped) for a fault: this one is a consequence, listed under the first-out,
+            # unless it is a root cause arriving behind one of its own consequences (README "Operators' view")
+            if code in self._fault_codes:
+                log.warning("fault_repeated", code=code, message=message, station=station)  # one alarm per cause, not per unit
+                return
+            self._fault_codes.add(code)
+            if code in ROOT_CAUSES and self.fault not in ROOT_CAUSES:
+                self._promote_first_out(code, message)
+            await self.alarm(code, message, Severity.CRITICAL, station)
             return
         self.fault = code
+        self._latch_first_out(code, message)
         self._fault_codes.add(code)
         self.packml.latch_stop(ALARM_CODES.get(code, 99), code, message)
         self._faulting = True  # the alarm append awaits: a second fault meanwhile must not start a second stop
@@ -345,8 +470,26 @@ class Line:
         (a PLC restart seen while the line stops for the PLC's outage: the restart is what an operator must see)."""
         await self.fault_stop(code, message, station)
         if self.fault != code:
-            await self.alarm(code, message, Severity.CRITICAL, station)
-            self.fault = code
+            self._promote_first_out(code, message)
+            if not any(a.code == code and not a.acknowledged for a in self.alarms.values()):
+                await self.alarm(code, message, Severity.CRITICAL, station)
+
+    def _latch_first_out(self, code: str, message: str) -> None:
+        """The first cause of a stop; later ones are its consequences until the line runs again."""
+        if self.first_out is None:
+            self.first_out = FirstOut(code, message[:500], _now_iso())
+        else:
+            self.first_out.add(code, message[:500])
+
+    def _promote_first_out(self, code: str, message: str) -> None:
+        """`code` is the cause the operator must see: the first-out so far becomes its first consequence."""
+        self.fault = code
+        old = self.first_out
+        self.first_out = FirstOut(code, message[:500], _now_iso())
+        if old is not None:
+            self.first_out.consequences.append({"code": old.code, "message": old.message, "at": old.at})
+            for c in old.consequences:
+                self.first_out.add(c["code"], c["message"])
 
     def count_units(self, lot: str | None, *, good: int = 0, good_before: int = 0, decommissioned: int = 0) -> None:
         """A station changed the unit counts of the open batch (a unit commissioned, decommissioned, or one of an
@@ -362,9 +505,22 @@ class Line:
         b = self.batch
         self.packml.unit_decided(b.lot if b else None, good, reason, b is not None and b.state == BatchState.RUNNING)
         now = time.monotonic()
-        self.rate_window.append((now, 1))
-        if len(self.rate_window) > 2000:
-            del self.rate_window[:1000]
+        self.rate_window.append(now)
+        while self.rate_window and self.rate_window[0] < now - RATE_WINDOW_S:
+            self.rate_window.popleft()
+        if b is not None and b.state == BatchState.CHALLENGE:
+            self.challenge_units += 1
+            return
+        self.batch_counts.add(good, reason)
+        self._roll_shift()
+        self.shift_counts.add(good, reason)
+
+    def _roll_shift(self) -> None:
+        shift = current_shift(self.cfg.shift, self._tz, datetime.now(UTC))
+        if shift != self._shift:
+            log.info("shift_changed", shift=shift[0], since=shift[1].isoformat(), previous=self._shift[0], **self.shift_counts.to_json())
+            self._shift = shift
+            self.shift_counts = Counters()
 
     def check_pool(self, product: Product) -> None:
         """After an allocation: below low water, ask upstream for more (once per hour per GTIN), keep running."""
@@ -440,6 +596,7 @@ class Line:
                 if state in (BatchState.RUNNING, BatchState.CHALLENGE, BatchState.PAUSED):
                     await self._set_state(BatchState.STOPPED, actor="system", reason="daemon restarted; batch stopped until an operator starts it")
                 self.packml.batch_loaded(b.lot, defective_before=counts.get("decommissioned", 0))
+                self.batch_counts, self.challenge_units = Counters(), 0  # this run's units (good_before: the store's)
                 log.info("batch_resumed", lot=b.lot, state=self.batch.state.value, good_before=self.batch.good_before)
                 return
 
@@ -535,6 +692,7 @@ class Line:
         await self.store.append(BatchStateChanged(lot=c.lot, gtin=product.gtin, state=BatchState.CREATED, actor=f"{c.actor}@{origin}", reason="created"))
         self.completed.clear()
         self.packml.batch_loaded(c.lot)
+        self.batch_counts, self.challenge_units = Counters(), 0
         return {"lot": c.lot, "state": "created"}
 
     @staticmethod
@@ -659,6 +817,7 @@ class Line:
         for s in self.stations:
             s.pause()
         self.packml.latch_stop(0, "pause", f"paused by {c.actor}@{origin}")
+        self._latch_first_out("pause", f"paused by {c.actor}@{origin}")
         await self._set_state(BatchState.PAUSED, actor=f"{c.actor}@{origin}", reason="pause")
         return {"lot": b.lot, "state": b.state.value}
 
@@ -692,7 +851,9 @@ class Line:
         b = self.batch
         if b is None or b.state not in ALLOWED["stop"]:
             return
-        self.packml.latch_stop(0, "planned_quantity" if reason == "planned quantity reached" else "stop", f"{reason} ({actor}@{origin})")
+        why = "planned_quantity" if reason == "planned quantity reached" else "stop"
+        self.packml.latch_stop(0, why, f"{reason} ({actor}@{origin})")
+        self._latch_first_out(why, f"{reason} ({actor}@{origin})")
         await self._write_line_mode("idle")
         # each station says how long units on the belt may need (a print_verify station: at least the confirm wait)
         drain = max((s.drain_timeout_s() for s in self.stations), default=1.0)
@@ -773,15 +934,25 @@ class Line:
             if aid not in self.alarms:
                 raise C.CommandRejected(f"no alarm {aid}", "unknown_alarm")
         for aid in ids:
-            self.alarms[aid].acknowledged = True
-            await self.store.append(AlarmAcknowledged(alarm_id=aid, actor=f"{c.actor}@{origin}"))
+            ev = AlarmAcknowledged(alarm_id=aid, actor=f"{c.actor}@{origin}")
+            await self.store.append(ev)
+            a = self.alarms[aid]
+            a.acknowledged, a.acknowledged_by, a.acknowledged_at = True, ev.actor, ev.event_time.isoformat()
+        self._drop_finished_alarms()
         return {"acknowledged": ids}
+
+    def _drop_finished_alarms(self) -> None:
+        for aid in [k for k, a in self.alarms.items() if a.acknowledged and a.cleared]:
+            del self.alarms[aid]
 
     async def _cmd_reset(self, c: C.ResetLine, origin: str) -> dict[str, Any]:
         self._store_ok()  # a store_error clears once the store writes again, not before (and the reset is audited)
         was = self.fault
         self.fault = None
         self._fault_codes.clear()
+        for a in self.alarms.values():  # the operator says the causes are fixed: what is acknowledged goes
+            a.cleared = True
+        self._drop_finished_alarms()
         await self._write_status(force=True)
         return {"fault_cleared": was}
 
@@ -1062,6 +1233,12 @@ class Line:
         assert b is not None
         prev = b.state
         b.state = state
+        if state in (BatchState.RUNNING, BatchState.CHALLENGE):
+            if prev not in (BatchState.RUNNING, BatchState.CHALLENGE):
+                self._running_since = time.monotonic()
+            self.first_out = None  # the line runs again: the last stop's reason is history (the store keeps it)
+        else:
+            self._running_since = None
         await self.record(BatchStateChanged(lot=b.lot, gtin=b.gtin, state=state, previous=prev, actor=actor, reason=reason))
         log.info("batch_state", lot=b.lot, state=state.value, previous=prev.value, actor=actor, reason=reason)
         self._notify()
@@ -1080,6 +1257,13 @@ class Line:
                 log.error("plc_write_failed", plc=plc.name, error=str(exc))
                 if running:
                     raise C.CommandRejected(f"PLC {plc.name} did not accept line_mode: {exc}", "plc_error") from exc
+
+    def _device_health(self, _driver: Driver, _health: Any) -> None:
+        for cb in list(self._state_listeners):
+            try:
+                cb()
+            except Exception:  # noqa: BLE001 - a listener must not break the line
+                log.exception("state_listener_failed")
 
     def _plc_health(self, plc: Plc, health: Any) -> None:
         """A PLC (re)connected: repeat idle at once if it may still hold a running line's mode (see resync_line_mode)."""
@@ -1114,29 +1298,75 @@ class Line:
                 log.debug("plc_status_write_failed", plc=plc.name, error=str(exc))
 
     def achieved_rate_upm(self) -> float:
-        w = self.rate_window
-        if len(w) < 2:
+        """Units/min decided over the last RATE_WINDOW_S of running (a shorter run: over the time it ran); 0 when the
+        line does not run (paused, stopped, closed, no batch), so a rate never outlives the production it measured."""
+        since = self._running_since
+        if since is None or self.batch is None or self.batch.state not in (BatchState.RUNNING, BatchState.CHALLENGE):
             return 0.0
-        span = w[-1][0] - w[0][0]
-        return round(60.0 * (len(w) - 1) / span, 1) if span > 0 else 0.0
+        now = time.monotonic()
+        start = max(since, now - RATE_WINDOW_S)
+        n = sum(1 for t in self.rate_window if t >= start)
+        return round(60.0 * n / max(now - start, 1.0), 1)
+
+    def _challenge_json(self, b: BatchContext) -> dict[str, Any] | None:
+        if not b.challenge or b.challenge_required == []:
+            return None
+        return {"units": self.challenge_units, "passed": self.challenge_passed}
+
+    def _stop_reason_json(self) -> dict[str, Any] | None:
+        b = self.batch
+        if self.first_out is None or (b is not None and b.state in (BatchState.RUNNING, BatchState.CHALLENGE) and self.fault is None):
+            return None
+        return self.first_out.to_json()
 
     def snapshot(self) -> dict[str, Any]:
+        """The operators' view (README "Operators' view: the state message"); the MQTT bridge adds the stamps."""
         b = self.batch
+        self._roll_shift()
+        tags = self.packtags()
+        stop = tags.stop_reason
         return {
-            "ts": datetime.now(UTC).isoformat(),
+            "ts": _now_iso(),
             "line": self.cfg.topic_root,
             "state": b.state.value if b else "idle",
             "fault": self.fault,
+            "stop_reason": self._stop_reason_json(),
             "store_error": self.store_down,
             "batch": (
-                {"lot": b.lot, "gtin": b.gtin, "expiry": b.expiry, "planned_qty": b.planned_qty, "good": b.good_total(), "state": b.state.value} if b else None
+                {
+                    "lot": b.lot,
+                    "gtin": b.gtin,
+                    "expiry": b.expiry,
+                    "planned_qty": b.planned_qty,
+                    "good": b.good_total(),
+                    "state": b.state.value,
+                    "rejected_by_reason": self.batch_counts.to_json()["rejected_by_reason"],
+                    "no_reads": self.batch_counts.to_json()["no_reads"],
+                    "challenge": self._challenge_json(b),
+                }
+                if b
+                else None
             ),
+            "shift": {"name": self._shift[0], "since": self._shift[1].astimezone(UTC).isoformat(), **self.shift_counts.to_json()},
             "rate_upm": self.achieved_rate_upm(),
+            "rate_window_s": RATE_WINDOW_S,
             "stations": {s.name: s.snapshot() for s in self.stations},
-            "devices": {n: d.health.as_dict() for n, d in self.drivers.items()},
-            "alarms": [a.__dict__ for a in self.alarms.values() if not a.acknowledged][-20:],
-            "units": {"rate": "units/min", "latency": "ms"},
+            "devices": {n: _device_json(d) for n, d in self.drivers.items()},
+            "alarms": [a.to_json() for a in self.alarms.values() if not (a.acknowledged and a.cleared)][-ALARMS_SHOWN:],
+            "packml": {
+                "State": tags.state.name,
+                "StateCurrent": int(tags.state),
+                "UnitMode": tags.unit_mode.name,
+                "StopReason": stop.to_json() if stop is not None else None,
+            },
+            "units": {"rate": "units/min", "rate_window": "s", "latency": "ms", "times": "ISO 8601 UTC unless named *_epoch"},
         }
+
+
+def _device_json(d: Driver) -> dict[str, Any]:
+    h = d.health
+    since = datetime.fromtimestamp(h.since, UTC).isoformat()
+    return {"driver": d.config.driver, "role": d.role, "state": h.state.value, "reason": h.reason, "since": since, "since_epoch": h.since}
 
 
 def _jsonable(x: Any) -> Any:

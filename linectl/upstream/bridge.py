@@ -59,7 +59,7 @@ import json
 import time
 import uuid
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import aiomqtt
 import structlog
@@ -75,6 +75,14 @@ from linectl.upstream.mqtt_client import client_options, default_client_id, reco
 
 if TYPE_CHECKING:  # pragma: no cover
     from linectl.config import LineConfig
+    from linectl.engine.packml import PackTags
+
+
+@runtime_checkable
+class PackmlTarget(Protocol):
+    """A target that is a PackML unit (the Line): it has PackTags to publish under <root>/packml/."""
+
+    def packtags(self) -> PackTags: ...
 
 log = structlog.get_logger("linectl.mqtt")
 
@@ -329,8 +337,12 @@ class MqttBridge:
     # ---------------------------------------------------------------- state
 
     def state_payload(self) -> dict[str, Any]:
+        """target.snapshot() (README "Operators' view: the state message") stamped for a consumer that must tell
+        stale data: ts (now), interval_s (the longest gap between two messages while connected), seq (per message)."""
         snap = dict(self.target.snapshot())
-        snap.setdefault("ts", datetime.now(UTC).isoformat())
+        snap["ts"] = datetime.now(UTC).isoformat()
+        snap["interval_s"] = self.mqtt.state_interval_s
+        snap["seq"] = self.state_published + 1
         snap.setdefault("line", self.root)
         if self.forwarder is not None:
             up = self.forwarder.status()
@@ -364,10 +376,9 @@ class MqttBridge:
 
     def packml_payloads(self) -> dict[str, dict[str, Any]]:
         """PackTags by topic group (README "PackML"): the same numbers the OPC UA server and the PLC handshake show."""
-        packtags = getattr(self.target, "packtags", None)
-        if packtags is None:
+        if not isinstance(self.target, PackmlTarget):
             return {}  # a target that is no PackML unit (a test double, a tool): no packml topics
-        tags = packtags().to_json()
+        tags = self.target.packtags().to_json()
         admin = tags.pop("Admin")
         stop = tags.pop("StopReason")
         ts = tags["ts"]
