@@ -68,6 +68,8 @@ def color(br: Browser, expr: str, prop: str) -> str:
 
 def test_dashboard_scenarios(tmp_path: Path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    for old in [*ARTIFACTS.glob("*.png"), *ARTIFACTS.glob("*.log")]:  # a screenshot is of this run or of none
+        old.unlink()
     broker = Broker(tmp_path / "broker").start()
     nr: NodeRed | None = None
     br: Browser | None = None
