@@ -22,7 +22,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from engine_helpers import belt_empty, create_and_start, lot_events_from_db, sim, simulated_line, unique_root, wait_for, wait_good
+from engine_helpers import belt_empty, create_and_start, db_query, lot_events_from_db, sim, simulated_line, unique_root, wait_for, wait_good
 from pydantic import ValidationError
 
 from linectl.config import ShiftConfig, parse_config
@@ -164,12 +164,13 @@ async def test_rate_counters_backlog_devices_and_stamps(tmp_path):
             assert msg["shift"]["good"] == b["good"] and msg["shift"]["rejected_by_reason"] == by_reason
             assert msg["shift"]["no_reads"] == b["no_reads"]
 
-            # the printer drops its link: the state shows it, then the reconnect
+            # the printer reports a stop fault (print head): the state shows it, then its clearing
             seen = len(dash.messages)
-            await sim(sl, cmd="inject", device="coder1", fault="reset")
-            await wait_for(lambda: any(m["devices"]["coder1"]["state"] != "connected" for m in dash.messages[seen:]), 20, "printer down in the state")
+            await sim(sl, cmd="inject", device="coder1", fault="fault", code="202")
+            await wait_for(lambda: any(m["devices"]["coder1"]["state"] != "connected" for m in dash.messages[seen:]), 20, "printer fault in the state")
             down = next(m for m in dash.messages[seen:] if m["devices"]["coder1"]["state"] != "connected")
-            assert down["devices"]["coder1"]["reason"]
+            assert down["devices"]["coder1"]["reason"], down["devices"]["coder1"]
+            await sim(sl, cmd="inject", device="coder1", fault="clear_fault")
             await dash.until(lambda m: m["devices"]["coder1"]["state"] == "connected", "printer back in the state")
 
             # stamps: seq counts messages, the interval is kept while nothing happens
@@ -179,6 +180,22 @@ async def test_rate_counters_backlog_devices_and_stamps(tmp_path):
             await wait_for(lambda: len(dash.messages) >= n0 + 3, 20, "periodic state messages")
             assert (time.monotonic() - t0) < 3 * 20 * INTERVAL_S  # generous: only proves they keep coming, unprompted
             stamp_ok(dash.messages[-1])
+
+            # a clean stop of the daemon right after production: the last retained state shows what is really left
+            await sl.line.execute({"name": "start_batch", "actor": "op"}, origin="test")
+            await wait_good(sl, sl.line.batch.good_total() + 20)
+            await sl.daemon.shutdown("test: clean stop")
+        async with StateWatcher(root) as late:
+            last = await late.until(lambda m: True, "the retained state after the clean stop", timeout=10)
+            assert last["state"] == "stopped" and last["rate_upm"] == 0.0, last["state"]
+            # the figure is the real one: the rows after each sink's durable cursor (a clean stop sends nothing new,
+            # it only waits for the acknowledgements of what was in flight; the rest goes after the restart)
+            real = {
+                sink: int(db_query(sl.db, "SELECT count(*) FROM outbox WHERE seq > ?", (seq,))[0][0])
+                for sink, seq in db_query(sl.db, "SELECT sink, seq FROM sink_cursors")
+            }
+            assert {n: s["backlog_rows"] for n, s in last["upstream_sinks"].items()} == {n: real[n] for n in last["upstream_sinks"]}, real
+            assert last["upstream"]["backlog_rows"] == real["mqtt"]
 
 
 async def test_estop_first_out_alarms_acknowledged_and_late_dashboard(tmp_path):

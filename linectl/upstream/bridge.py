@@ -79,6 +79,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 @runtime_checkable
+class StoppableSink(Protocol):
+    """An upstream sink that can be stopped (every sink of linectl.upstream.sink)."""
+
+    async def stop(self, timeout: float = 3.0) -> None: ...
+
+
+@runtime_checkable
 class PackmlTarget(Protocol):
     """A target that is a PackML unit (the Line): it has PackTags to publish under <root>/packml/."""
 
@@ -242,8 +249,17 @@ class MqttBridge:
             "commands_ignored": self.commands_ignored,
         }
 
-    async def stop(self, timeout: float = 3.0) -> None:
-        """Publish retained "offline" and disconnect cleanly (bounded wait)."""
+    async def stop(self, timeout: float = 1.5, sinks_timeout: float = 3.0) -> None:
+        """Publish the last state and retained "offline", and disconnect cleanly (bounded wait).
+
+        The sinks stop first (their stop is idempotent; the daemon stops them again after the bridge): they record the
+        acknowledgements still on the way, so the last retained state shows the backlog that is really left, not the
+        rows that were in flight when it was last counted."""
+        stoppable = [s for s in self.sinks if isinstance(s, StoppableSink)]
+        if stoppable and self._connected:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.gather(*(s.stop() for s in stoppable), return_exceptions=True), sinks_timeout)
+            log.info("upstream_sinks_stopped_before_last_state", backlog={s.name: s.status().get("backlog_rows") for s in self.sinks})
         self._stop.set()
         deadline = time.monotonic() + timeout
         while self._running and time.monotonic() < deadline:
@@ -327,6 +343,7 @@ class MqttBridge:
                     raise t.exception()  # type: ignore[misc]
             if self._stop.is_set():
                 with contextlib.suppress(Exception):
+                    await self._publish_state(client)
                     await client.publish(self.topic_status, b"offline", qos=1, retain=True, timeout=2.0)
                 log.info("mqtt_offline_published", root=self.root)
         finally:

@@ -203,6 +203,8 @@ class FileSink:
             self._backlog_at = time.monotonic()
             self.backlog = await asyncio.to_thread(self.reader.backlog)
         if doc is None:
+            if self.backlog:  # nothing left to collect: count now, so a delivered backlog shows 0 at once
+                self.backlog = await asyncio.to_thread(self.reader.backlog)
             return self.poll_interval_s
         if not doc.events:  # only rows without EPCIS events: nothing to write, the cursor moves past them
             await self.reader.advance(doc.last_seq)

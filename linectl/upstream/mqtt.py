@@ -294,10 +294,13 @@ class Forwarder:
             )
         finally:
             self._set_connected(False, "stopped")
-            await self._flush_marks()
+            # the marker first (a batch it was writing goes back to _mark_pending; moving a cursor again to the same
+            # seq is a no-op), then every mark, then the count: the last state shows what is really left
             for t in (marker, stats):
                 t.cancel()
             await asyncio.gather(marker, stats, return_exceptions=True)
+            await self._flush_marks()
+            await self._recount()
             self._running = False
 
     async def _connect_once(self) -> None:
@@ -603,6 +606,13 @@ class Forwarder:
             await self._mark_event.wait()
             self._mark_event.clear()
             await self._flush_marks(retry=True)
+            if self._inflight == 0 and not self._mark_pending:
+                await self._recount()  # all delivered: the state shows 0 now, not a count taken while rows were in flight
+
+    async def _recount(self) -> None:
+        """Count the backlog now (a count over the rows after the cursor: cheap when little is left)."""
+        with contextlib.suppress(Exception):
+            self.backlog, self.oldest_age_s = await asyncio.to_thread(self._backlog_now)
 
     async def _flush_marks(self, retry: bool = False) -> None:
         while self._mark_pending:
