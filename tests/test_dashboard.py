@@ -109,10 +109,10 @@ def test_dashboard_scenarios(tmp_path: Path):
 
         # 3. a fault: the printer refuses a job; the alarm in red, the line in the fault colour
         a.sim_cmd(cmd="inject", device="coder1", fault="nak", code="07", count=1)
-        br.wait_for(f"{panel(a)}.querySelector('tr[data-code=printer_error]')", 60, "printer_error alarm listed")
-        sev = br.evaluate(f"{panel(a)}.querySelector('tr[data-code=printer_error] td').textContent")
-        if sev == "critical":
-            assert color(br, f"{panel(a)}.querySelector('tr[data-code=printer_error] td')", "backgroundColor") == RED
+        br.wait_for(f"{panel(a)}.querySelector('tr[data-code=printer_error]') && {panel(a)}.dataset.severity === 'fault'", 60, "printer_error, fault")
+        assert br.evaluate(f"{panel(a)}.querySelector('tr[data-code=printer_error] td').textContent") == "critical"
+        assert color(br, f"{panel(a)}.querySelector('tr[data-code=printer_error] td')", "backgroundColor") == RED
+        assert color(br, f"{panel(a)}.querySelector('.badge.fault')", "backgroundColor") == RED
         shot(br, "3-fault", ((1280, 800), (1024, 768)))
         # acknowledged from its own button: the row loses its Ack button
         br.evaluate(f"{panel(a)}.querySelector('tr[data-code=printer_error] button.ack').click()")
