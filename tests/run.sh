@@ -2,7 +2,7 @@
 # The test command of the README: sets itself up on a fresh Debian/Ubuntu machine, runs the static checks (ruff,
 # mypy --strict; a finding fails fast, before the 10-minute suite), then runs the whole suite.
 #   - a virtualenv in .venv (created if missing) with linectl and its test extras installed
-#   - mosquitto (the tests talk to a real broker) and libdmtx installed with apt-get when missing
+#   - mosquitto (the tests talk to a real broker), libdmtx and chromium installed with apt-get when missing
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -15,6 +15,8 @@ fi
 missing=()
 command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || missing+=(mosquitto)
 ldconfig -p 2>/dev/null | grep -q libdmtx || missing+=(libdmtx0b)
+# Chromium: the dashboard test renders the shipped Node-RED page headless (Node-RED itself comes from npm, into build/)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if (( ${#missing[@]} )); then
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
