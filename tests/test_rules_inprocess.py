@@ -248,3 +248,30 @@ async def test_verify_reject_not_confirmed_within_the_timeout_stops_the_line(ver
     await fl.wait_stopped()
     assert fl.line.fault == "reject_not_confirmed"
     assert plc2.tag("line_mode") == LINE_MODE["idle"] and fl.plc.tag("line_mode") == LINE_MODE["idle"]
+
+
+async def test_first_out_a_root_cause_explains_a_stop_under_way_not_one_long_over(fake_line):
+    """An e-stop seen while the line stops for one of its consequences is the first-out; an e-stop pressed on a line
+    that already stood still for another fault is listed after it (README "Operators' view: the state message")."""
+    from linectl.engine import line as line_module
+
+    await fake_line.start_batch(50)
+    limit = fake_line.station.rules.consecutive_reject_limit
+    for _ in range(limit):
+        await fake_line.unit("wrong_code")
+    await fake_line.wait_stopped()
+    line = fake_line.line
+    assert line.fault == "consecutive_rejects" and line.first_out is not None
+    line.first_out.latched -= line_module.ROOT_CAUSE_WINDOW_S + 1  # the stop is long over when the e-stop comes
+    await line.fault_stop("estop", "emergency stop pressed")
+    sr = line.first_out.to_json()
+    assert line.fault == "consecutive_rejects" and sr["code"] == "consecutive_rejects", sr
+    assert [c["code"] for c in sr["consequences"]].count("estop") == 1, sr
+    assert all(c["code"] != "stop" for c in sr["consequences"]), sr  # the fault's own stop is no second cause
+    # within the window the e-stop explains the stop: it becomes the first-out, the earlier fault its consequence
+    line.first_out = line_module.FirstOut("reject_not_confirmed", "reject not confirmed", "t")
+    line.fault = "reject_not_confirmed"
+    line._fault_codes.discard("plc_lost")  # noqa: SLF001
+    await line.fault_stop("plc_lost", "PLC lost")
+    sr = line.first_out.to_json()
+    assert line.fault == "plc_lost" and sr["code"] == "plc_lost" and sr["consequences"][0]["code"] == "reject_not_confirmed", sr

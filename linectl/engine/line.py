@@ -65,6 +65,9 @@ RATE_WINDOW_S = 60.0
 #: causes that explain everything stopping after them: one arriving while the line already stops for a consequence
 #: (a reject not confirmed because the e-stop stopped the belt) becomes the first-out, the earlier code a consequence
 ROOT_CAUSES = frozenset({"estop", "plc_lost", "plc_restarted", "store_error"})
+#: ... but only while the stop is still under way or this soon after the first-out: an e-stop pressed on a line that
+#: already stood still for a printer fault does not explain that stop
+ROOT_CAUSE_WINDOW_S = 5.0
 #: consequences listed under one first-out (one per code); active alarms kept in memory, and shown in the state
 MAX_CONSEQUENCES = 20
 MAX_ALARMS = 100
@@ -181,6 +184,8 @@ class FirstOut:
     consequences: list[dict[str, Any]] = field(default_factory=list)
     #: an operator reset the fault since: still shown (the line has not run since), but the next cause starts anew
     reset: bool = False
+    #: time.monotonic() when this cause was latched: a root cause seen later than ROOT_CAUSE_WINDOW_S is a new event
+    latched: float = field(default_factory=time.monotonic)
 
     def add(self, code: str, message: str) -> None:
         if code != self.code and len(self.consequences) < MAX_CONSEQUENCES and all(c["code"] != code for c in self.consequences):
@@ -451,9 +456,11 @@ class Line:
                 log.warning("fault_repeated", code=code, message=message, station=station)  # one alarm per cause, not per unit
                 return
             self._fault_codes.add(code)
-            if code in ROOT_CAUSES and self.fault not in ROOT_CAUSES:
+            stopping = self._stop_task is not None and not self._stop_task.done()
+            recent = self.first_out is not None and time.monotonic() - self.first_out.latched < ROOT_CAUSE_WINDOW_S
+            if code in ROOT_CAUSES and self.fault not in ROOT_CAUSES and (stopping or recent):
                 self._promote_first_out(code, message)
-            await self.alarm(code, message, Severity.CRITICAL, station)
+            await self.alarm(code, message, Severity.CRITICAL, station)  # (alarm() lists it as a consequence)
             return
         self.fault = code
         b = self.batch
@@ -858,8 +865,9 @@ class Line:
         if b is None or b.state not in ALLOWED["stop"]:
             return
         why = "planned_quantity" if reason == "planned quantity reached" else "stop"
-        self.packml.latch_stop(0, why, f"{reason} ({actor}@{origin})")
-        self._latch_first_out(why, f"{reason} ({actor}@{origin})")
+        if not origin.startswith("rule:"):  # a fault's own stop is how the fault acts, not another cause
+            self.packml.latch_stop(0, why, f"{reason} ({actor}@{origin})")
+            self._latch_first_out(why, f"{reason} ({actor}@{origin})")
         await self._write_line_mode("idle")
         # each station says how long units on the belt may need (a print_verify station: at least the confirm wait)
         drain = max((s.drain_timeout_s() for s in self.stations), default=1.0)
