@@ -82,6 +82,10 @@ def demo_batch_dates(template: gs1.CodeTemplate, expiry: str, today: date | None
     return {f: by_name[f] for f in template.batch_fields if f in by_name}
 
 
+class PortTaken(RuntimeError):
+    """A free port picked for a simulated device was bound by another process before the simulator could."""
+
+
 class SimulatedLine:
     """A line config brought up on the simulators: simulator process, broker, and an in-process daemon.
 
@@ -164,6 +168,9 @@ class SimulatedLine:
         self._sim_log = open(self.workdir / "simulator.log", "wb")
         self.sim = subprocess.Popen(cmd, stdout=self._sim_log, stderr=subprocess.STDOUT)
         if not wait_listening(self.control.port, 20):
+            self._sim_log.flush()
+            if self.sim.poll() is not None and b"address already in use" in (self.workdir / "simulator.log").read_bytes():
+                raise PortTaken(f"a port picked for the simulator was taken meanwhile; see {self.workdir / 'simulator.log'}")
             raise RuntimeError(f"simulator did not start; see {self.workdir / 'simulator.log'}")
 
     async def start_daemon(self) -> Any:
@@ -178,11 +185,36 @@ class SimulatedLine:
         return self.daemon
 
     async def start(self) -> SimulatedLine:
-        self.write_config()
-        self.upstream_sims.start()
-        self.start_simulator()
+        for attempt in range(3):
+            self.write_config()
+            self.upstream_sims.start()
+            try:
+                self.start_simulator()
+                break
+            except PortTaken:
+                # free ports are picked before the simulator binds them: another process (a parallel test) can take one
+                # between the two; pick again rather than fail the demo
+                if attempt == 2:
+                    raise
+                log.warning("demo_ports_taken", attempt=attempt + 1)
+                self._release_processes()
         await self.start_daemon()
         return self
+
+    def _release_processes(self) -> None:
+        """The simulator, the upstream simulators and the embedded broker of a start that did not get its ports."""
+        if self.sim is not None:
+            if self.sim.poll() is None:
+                self.sim.kill()
+            self.sim.wait(10)
+            self._sim_log.close()
+            self.sim = None
+        self.upstream_sims.stop()
+        self.upstream_sims = UpstreamSimulators(self.workdir)
+        if self.broker_proc is not None:
+            self.broker_proc.terminate()
+            self.broker_proc.wait(5)
+            self.broker_proc = None
 
     @property
     def line(self) -> Any:
@@ -356,7 +388,11 @@ async def run_demo(args: Any) -> dict[str, Any]:
         if args.drive == "packml":  # the planned quantity reached: PackML Complete, as the PLC reads it in StateCurrent
             await _until(lambda: line.packtags().state.name == "Complete", 60, "PackML Complete at the planned quantity")
             assert sl.control is not None
-            st = (await sl.control.call(cmd="status"))["devices"][sl.packml_plc()]["packml"]
+            plc = sl.packml_plc()
+            # the PLC reads StateCurrent from its own tag, written by linectl at the change (and every second)
+            status = await _poll(sl.control, lambda s: s["devices"][plc]["packml"].get("packml_state_current") == 17, 15,
+                                 "StateCurrent 17 (Complete) in the PLC", cmd="status")
+            st = status["devices"][plc]["packml"]
             packml = {"plc": sl.packml_plc(), "handshakes": st["done"], "state_current": st.get("packml_state_current"),
                       "packtags": line.packtags().to_json()}
         await sl.finish_packing()

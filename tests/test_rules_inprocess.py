@@ -251,7 +251,7 @@ async def test_verify_reject_not_confirmed_within_the_timeout_stops_the_line(ver
 
 
 async def test_first_out_a_root_cause_explains_a_stop_under_way_not_one_long_over(fake_line):
-    """An e-stop seen while the line stops for one of its consequences is the first-out; an e-stop pressed on a line
+    """An e-stop (a root cause) seen while the line stops for one of its consequences is the first-out; one pressed on a line
     that already stood still for another fault is listed after it (README "Operators' view: the state message")."""
     from linectl.engine import line as line_module
 
@@ -275,3 +275,10 @@ async def test_first_out_a_root_cause_explains_a_stop_under_way_not_one_long_ove
     await line.fault_stop("plc_lost", "PLC lost")
     sr = line.first_out.to_json()
     assert line.fault == "plc_lost" and sr["code"] == "plc_lost" and sr["consequences"][0]["code"] == "reject_not_confirmed", sr
+    # a printer that refused a job is a cause of its own: an e-stop right after it does not replace it
+    line.first_out = line_module.FirstOut("printer_error", "printer refused job", "t")
+    line.fault = "printer_error"
+    line._fault_codes.discard("estop")  # noqa: SLF001
+    await line.fault_stop("estop", "emergency stop pressed")
+    sr = line.first_out.to_json()
+    assert line.fault == "printer_error" and sr["code"] == "printer_error" and [c["code"] for c in sr["consequences"]] == ["estop"], sr

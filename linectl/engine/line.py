@@ -65,8 +65,12 @@ RATE_WINDOW_S = 60.0
 #: causes that explain everything stopping after them: one arriving while the line already stops for a consequence
 #: (a reject not confirmed because the e-stop stopped the belt) becomes the first-out, the earlier code a consequence
 ROOT_CAUSES = frozenset({"estop", "plc_lost", "plc_restarted", "store_error"})
-#: ... but only while the stop is still under way or this soon after the first-out: an e-stop pressed on a line that
-#: already stood still for a printer fault does not explain that stop
+#: ... but only over a fault a root cause can produce (a stopped belt leaves rejects unconfirmed and units unread, a
+#: lost PLC fails writes; a printer refusing a job or an empty serial pool are causes of their own), and only while the
+#: stop is still under way or this soon after the first-out: an e-stop pressed later does not explain that stop
+FOLLOWS_A_ROOT_CAUSE = frozenset(
+    {"reject_not_confirmed", "no_read_limit", "reader_silent", "consecutive_rejects", "failsafe_reject", "plc_write_failed", "task_failed"}
+)
 ROOT_CAUSE_WINDOW_S = 5.0
 #: consequences listed under one first-out (one per code); active alarms kept in memory, and shown in the state
 MAX_CONSEQUENCES = 20
@@ -458,7 +462,7 @@ class Line:
             self._fault_codes.add(code)
             stopping = self._stop_task is not None and not self._stop_task.done()
             recent = self.first_out is not None and time.monotonic() - self.first_out.latched < ROOT_CAUSE_WINDOW_S
-            if code in ROOT_CAUSES and self.fault not in ROOT_CAUSES and (stopping or recent):
+            if code in ROOT_CAUSES and self.fault in FOLLOWS_A_ROOT_CAUSE and (stopping or recent):
                 self._promote_first_out(code, message)
             await self.alarm(code, message, Severity.CRITICAL, station)  # (alarm() lists it as a consequence)
             return
