@@ -43,7 +43,6 @@ import structlog
 from linectl import epcis, epcis_xml
 from linectl.drivers.base import Backoff
 from linectl.upstream.file import SEQ_DIGITS, FileSink, _Document
-from linectl.upstream.outbox import OutboxReader
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
@@ -83,36 +82,13 @@ class EpcisXmlSink(FileSink):
 
     def __init__(self, cfg: LineConfig, store: Any, sc: EpcisXmlSinkConfig, *, page_size: int = 1000, poll_interval_s: float = 0.2,
                  backoff_initial_s: float = 0.5, backoff_max_s: float = 30.0, mapper: epcis.EpcisMapper | None = None) -> None:
-        # FileSink.__init__ reads upstream.file: this sink sets the same attributes from its own entry
-        self.cfg = cfg
+        # FileSink.__init__ reads upstream.file: this sink gives the shared state its own entry's values
         self.sc = sc
-        self.store = store
-        self.name = f"epcis_xml:{sc.name}"
+        self.name = f"epcis_xml:{sc.name}"  # the cursor's name: set before _setup opens the OutboxReader
         self.version: epcis_xml.XmlVersion = sc.version
-        self.dir = Path(sc.dir) if sc.dir else Path()
         self.url = sc.url
-        self.max_events = sc.max_events
-        self.max_age_s = sc.max_age_s
-        self.prefix = sc.prefix or cfg.line.name
-        self.page_size = page_size
-        self.poll_interval_s = poll_interval_s
-        self.mapper = mapper or epcis.EpcisMapper.from_config(cfg)
-        self.reader = OutboxReader(store, self.name)
-        self._backoff = Backoff(backoff_initial_s, backoff_max_s)
-        self._stop = asyncio.Event()
-        self._wake = asyncio.Event()
-        self._retry_now = asyncio.Event()
-        self._running = False
-        self._opened = False
-        self._pending: int | None = None
-        self.files_written = 0
-        self.events_written = 0
-        self.last_file: str | None = None
-        self.last_error: str | None = None
-        self.error_since: float | None = None
-        self.backlog: int | None = None
-        self._backlog_at = 0.0
-        self.on_alarm: Any = None
+        self._setup(cfg, store, Path(sc.dir) if sc.dir else Path(), sc.max_events, sc.max_age_s, sc.prefix, page_size=page_size,
+                    poll_interval_s=poll_interval_s, backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s, mapper=mapper)
         self._pattern = re.compile(sc.already_captured.body_regex) if sc.already_captured else None
         self._client: httpx.AsyncClient | None = None
         #: the current document may already be in the repository (pending at start, or an attempt without a definite answer)

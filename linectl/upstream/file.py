@@ -77,12 +77,21 @@ class FileSink:
         fc = cfg.upstream.file
         if fc is None:
             raise ValueError("upstream.file is not configured")
+        self._setup(cfg, store, Path(fc.dir), fc.max_events, fc.max_age_s, fc.prefix, page_size=page_size, poll_interval_s=poll_interval_s,
+                    backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s, mapper=mapper)
+
+    def _setup(
+        self, cfg: LineConfig, store: Any, directory: Path, max_events: int, max_age_s: float, prefix: str | None, *, page_size: int,
+        poll_interval_s: float, backoff_initial_s: float, backoff_max_s: float, mapper: epcis.EpcisMapper | None,
+    ) -> None:
+        """The state of a sink that cuts the outbox into documents (this one, and linectl.upstream.epcis_xml's), its
+        cursor named by `self.name`."""
         self.cfg = cfg
         self.store = store
-        self.dir = Path(fc.dir)
-        self.max_events = fc.max_events
-        self.max_age_s = fc.max_age_s
-        self.prefix = fc.prefix or cfg.line.name
+        self.dir = directory
+        self.max_events = max_events
+        self.max_age_s = max_age_s
+        self.prefix = prefix or cfg.line.name
         self.page_size = page_size
         self.poll_interval_s = poll_interval_s
         self.mapper = mapper or epcis.EpcisMapper.from_config(cfg)
