@@ -72,7 +72,11 @@ async def test_kill9_during_challenge_then_start_runs_the_challenge_again(line_p
     await lp.sim_cmd(cmd="challenge", kinds=KINDS)
     again = lp.batch_ok("start")
     assert again["result"]["state"] == "challenge", f"production started without the challenge (stored before the kill: {stored})"
-    await lp.wait(lambda: lp.batch_state(lot) == "running", 30, "challenge passed, batch running")
+    try:  # (a bound for a loaded runner: the restarted daemon reconnects its devices, then runs the five challenge units)
+        await lp.wait(lambda: lp.batch_state(lot) == "running", 60, "challenge passed, batch running")
+    except AssertionError as exc:  # say where it stood: still in the challenge, or stopped by a failed one
+        challenge = lp.q("SELECT challenge FROM batches WHERE lot=?", lot)[0][0]
+        raise AssertionError(f"{exc}; batch state {lp.batch_state(lot)!r}, challenge results {challenge}") from None
     await lp.wait(lambda: lp.counts(lot).get("commissioned", 0) >= planned, 60, "the batch to complete")
     await lp.belt_empty()
 
