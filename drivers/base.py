@@ -259,6 +259,21 @@ class Plc(Driver):
 
     role = "plc"
 
+    def __init__(self, name: str, config: DriverConfig) -> None:
+        super().__init__(name, config)
+        self.preamble: dict[str, Any] = {}
+
+    def set_preamble(self, values: dict[str, Any]) -> None:
+        """Tag values written at the start of every session, before the first heartbeat_ctl toggle.
+
+        A controller restarted within the PLC's heartbeat timeout would otherwise keep the dead one's
+        line_mode/line_running alive with its first toggle: the PLC would go on feeding product (or challenge
+        packs) that nobody commanded. With a preamble the PLC sees this controller alive only once it holds
+        what this controller wants; a preamble that cannot be written breaks the session (no heartbeat, so the
+        PLC's own watchdog stops the line).
+        """
+        self.preamble = dict(values)
+
     @abc.abstractmethod
     async def read_tags(self, names: list[str] | None = None) -> dict[str, Any]:
         """Read the named tags (all poll tags when None) in as few requests as possible."""

@@ -762,6 +762,13 @@ class PolledPlc(Plc):
         self._hb_lost = False
         next_hb = now
         first = True
+        if self.preamble:
+            try:
+                await self.write_tags(self.preamble)
+            except ConnectionLost:
+                return self._broken_reason
+            except DeviceError as exc:
+                return f"could not write {', '.join(self.preamble)} before the first heartbeat: {exc.reason}"
         while not self._stopping:
             t0 = time.monotonic()
             if cfg.heartbeat and t0 >= next_hb:

@@ -68,6 +68,18 @@ async def test_kill9_during_challenge_then_start_runs_the_challenge_again(line_p
     finally:
         await ro.close()
     assert not status["complete"] and status["never_ran"], status
+    # QA puts the challenge packs on the infeed once the restarted linectl holds the line: the PLC (its own
+    # memory, the truth) no longer runs the dead controller's challenge mode. (Packs put on a belt still running
+    # under the dead controller are fed as nobody's units and shift the order the re-run expects: the re-run then
+    # fails, safely, but that is another test's story.)
+    async def plc_idle() -> bool:
+        plc = (await lp.sim_cmd(cmd="status"))["devices"]["plc1"]
+        return not plc["line_running"] or not plc["controller_alive"]
+
+    deadline = time.monotonic() + 30
+    while not await plc_idle():
+        assert time.monotonic() < deadline, "the restarted linectl never put the PLC out of the dead controller's mode"
+        await asyncio.sleep(0.05)
     # a plain start runs the challenge again before production
     await lp.sim_cmd(cmd="challenge", kinds=KINDS)
     again = lp.batch_ok("start")

@@ -50,7 +50,7 @@ GTIN = "09501101530003"
 class LineProcesses:
     """A config on disk, the simulator process, the daemon process (restartable), a broker, and the CLI."""
 
-    def __init__(self, tmp: Path, *, rate: float = 1200, defect_rate: float = 0.03, seed: int = 5) -> None:
+    def __init__(self, tmp: Path, *, rate: float = 1200, defect_rate: float = 0.03, seed: int = 5, plc: dict[str, Any] | None = None) -> None:
         self.tmp = tmp
         self.db = tmp / "line.db"
         self.logs = tmp / "logs"
@@ -67,6 +67,7 @@ class LineProcesses:
         raw = _rewrite_ports(to_plain(load_yaml(base)), tmp)
         raw["mqtt"].update({"host": host, "port": port, "enabled": True, "topic_root": unique_root()})
         raw["store"]["path"] = str(self.db)
+        raw["devices"]["plc1"].update(plc or {})
         self.cfg = tmp / "line.yaml"
         with open(self.cfg, "w", encoding="utf-8") as fh:
             YAML(typ="safe").dump(raw, fh)

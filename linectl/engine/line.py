@@ -287,6 +287,7 @@ class Line:
         # timeout kept feeding), the line is stopped until an operator starts it: line_mode idle goes to every PLC
         # as soon as it answers (resync_line_mode, called by the PLC surface on its first cycle)
         self._mode_unsynced = {plc.name for plc in self.plcs}
+        self._idle_preamble(True)
         self._resyncs: set[asyncio.Task[None]] = set()
         for plc in self.plcs:
             plc.on_health(self._plc_health)
@@ -403,6 +404,7 @@ class Line:
     async def infeed_idle_now(self) -> None:
         """line_mode idle on every PLC, stations out of production: nothing here touches the store."""
         self._mode_wanted = "idle"
+        self._idle_preamble(True)
         for s in self.stations:
             s.halt()
         for plc in self.plcs:
@@ -1267,6 +1269,7 @@ class Line:
         running = mode != "idle"
         self.infeed_stopped = False
         self._mode_wanted = mode
+        self._idle_preamble(mode == "idle")
         for plc in self.plcs:
             try:
                 await plc.write_tag("line_mode", LINE_MODE[mode])
@@ -1284,6 +1287,15 @@ class Line:
                 cb()
             except Exception:  # noqa: BLE001 - a listener must not break the line
                 log.exception("state_listener_failed")
+
+    def _idle_preamble(self, idle: bool) -> None:
+        """While the line is wanted idle, a PLC session starts with idle before this controller's first heartbeat
+        (Plc.set_preamble): a linectl restarted within the PLC's heartbeat timeout must not keep the dead one's
+        running mode alive, even for the moment until resync_line_mode."""
+        for plc in self.plcs:
+            names = set(plc.tag_names)
+            values: dict[str, Any] = {"line_mode": LINE_MODE["idle"], "line_running": False} if idle else {}
+            plc.set_preamble({k: v for k, v in values.items() if k in names})
 
     def _plc_health(self, plc: Plc, health: Any) -> None:
         """A PLC (re)connected: repeat idle at once if it may still hold a running line's mode (see resync_line_mode)."""

@@ -279,7 +279,7 @@ class Reader:
 
     def verify_audit(self) -> AuditCheck:
         with self.snapshot() as c:  # meta and rows from one snapshot, or a concurrent append looks like tampering
-            m: dict[str, str] = dict(c.exec_driver_sql("SELECT key, value FROM meta WHERE key IN (?, ?)", (META_COUNT, META_HEAD)).tuples().all())
+            m: dict[str, str] = dict(c.exec_driver_sql("SELECT key, value FROM meta WHERE key IN (?, ?)", (META_COUNT, META_HEAD)).all())
             rows = c.exec_driver_sql("SELECT seq, ts, actor, origin, action, detail, prev_hash, hash FROM audit ORDER BY seq")
             return verify_rows((tuple(r) for r in rows), int(m.get(META_COUNT, 0)), m.get(META_HEAD, GENESIS))
 

@@ -513,7 +513,7 @@ def _read_meta(conn: Connection, path: str, tables: list[str]) -> int:
     if "meta" not in tables:
         shown = ", ".join(sorted(tables)[:8])
         raise _refuse(path, f"not a linectl database: no meta table (it has: {shown})")
-    m: dict[str, str] = dict(conn.exec_driver_sql("SELECT key, value FROM meta").tuples().all())
+    m: dict[str, str] = dict(conn.exec_driver_sql("SELECT key, value FROM meta").all())
     if m.get("app_id") != APP_ID:
         raise _refuse(path, f"not a linectl database: meta app_id is {m.get('app_id')!r}")
     try:
