@@ -176,6 +176,9 @@ class PrintJob:
     element_string: str  # GS1 element string, GS (0x1d) separated, no leading FNC1
     hri: str  # "(01)...(21)..."
     fields: dict[str, str] = field(default_factory=dict)  # extra variable fields (lot, expiry text, product name...)
+    #: EPC to encode into the label's RFID tag (EPC bank, hex, whole 16-bit words), for RFID label printers;
+    #: None = no tag to encode. Opaque to the driver: the encoding (SGTIN-96/198, SSCC-96) is decided upstream.
+    epc_hex: str | None = None
 
 
 @dataclass(frozen=True)
@@ -187,6 +190,17 @@ class PrintConfirm:
     #: the printer's product (trigger) counter when it printed this job; equals the PLC's trigger count
     #: for that unit, which is how a printed code is tracked to the read and the gate
     product_count: int | None = None
+    #: RFID label printers only (job with `epc_hex`): the EPC the printer read back from the label's tag
+    #: after writing it, None when nothing readable came back
+    epc_read: str | None = None
+    #: RFID outcome, None for a job without a tag: "ok" (read back equals the EPC sent) is the only good one;
+    #: "void" (encoding failed, the label came out VOID), "mismatch" (the tag holds another EPC or length) and
+    #: "no_answer" (the printer sent no verification for the label in time) are rejects, reason in `rfid_reason`
+    rfid_status: Literal["ok", "void", "mismatch", "no_answer"] | None = None
+    rfid_reason: str = ""
+    #: VOID labels the printer produced for this job (a failed tag prints VOID; with ^RS retries an "ok" job
+    #: may follow some): physical labels that carry no valid code and must not pass
+    rfid_void_labels: int = 0
 
 
 class Printer(Driver):

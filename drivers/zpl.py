@@ -24,6 +24,15 @@ answer in between was missed or lost with the link; otherwise it is reported
 unconfirmed, never as printed. A confirmation says the printer finished the
 format without a reported fault, not that the label is legible: that is the
 label reader's job.
+
+RFID label printers (`rfid:` in the config, details in drivers/zpl_rfid.py):
+a job with `epc_hex` gets its tag written and read back in the same format,
+and the printer sends the read-back to the host for every label. Such a job
+is confirmed "ok" only when both hold: its read-back equals the EPC sent, and
+the ~HS accounting above saw its format leave the printer without a fault.
+A VOID or another EPC is reported at once as a reject with its reason
+(`PrintConfirm.rfid_status`); no read-back within `verify_timeout_s` after
+the format left is reported "no_answer" and listed unconfirmed.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ from linectl.drivers.base import (
     register_driver,
 )
 from linectl.drivers.transport import ConnectionSupervisor, TransportConfig
+from linectl.drivers.zpl_rfid import HV_LINE, ZplRfidConfig, check_epc_hex, judge, rfid_commands
 
 GS = "\x1d"
 STX, ETX = 0x02, 0x03
@@ -256,6 +266,7 @@ class ZplConfig(TransportConfig, DriverConfig):
     status_interval_s: float = Field(0.5, gt=0, description="~HS poll period; bounds how fast prints are confirmed")
     settle_s: float = Field(1.0, ge=0, description="a format sent this long before an empty-printer ~HS has been parsed")
     missed_status_limit: int = Field(3, ge=1, description="unanswered ~HS in a row before reconnecting")
+    rfid: ZplRfidConfig | None = Field(None, description="RFID label printer: encode and verify each job's EPC")
 
     @model_validator(mode="before")
     @classmethod
@@ -330,6 +341,15 @@ class _Fields(dict):  # type: ignore[type-arg]
 class _Job:
     seq: int
     written_at: float
+    epc: str | None = None  # RFID: the EPC sent, None for a label without a tag
+    voids: int = 0  # VOID labels reported for this job so far
+    verdict: str | None = None  # "ok" | "void" | "mismatch" once the printer's read-back decided it
+    epc_read: str | None = None
+    reason: str = ""
+    left: bool = False  # the ~HS accounting saw its format leave the printer
+    uncertain: bool = False  # ... during a fault or an unobserved interval
+    left_at: float = 0.0
+    reported: bool = False
 
 
 @register_driver
@@ -358,6 +378,14 @@ class ZplPrinter(Printer):
         self.garbage_hold_s = 5.0
         self.confirmed = 0
         self.garbage_count = 0
+        rf = config.rfid
+        self.rfid: ZplRfidConfig | None = rf if rf is not None and rf.enabled else None
+        #: RFID jobs whose outcome has not been reported yet, in send order
+        self._rfid_open: dict[int, _Job] = {}
+        self._rfid_halt: str | None = None  # ^RS e=E: the printer stopped after VOID labels
+        self._void_run = 0
+        self.rfid_rejects = 0
+        self.rfid_strays = 0  # verification lines naming no open job
 
     # -- Driver
 
@@ -383,7 +411,16 @@ class ZplPrinter(Printer):
             "seq": str(job.seq),
             "f": _Fields({k: text_field_data(v) for k, v in job.fields.items()}),
         }
-        return self.template.format_map(values).encode("utf-8")
+        text = self.template.format_map(values)
+        if job.epc_hex is not None:
+            if self.rfid is None:
+                raise DeviceError(f"job {job.seq} carries an EPC but printer {self.name} has no `rfid:` enabled")
+            block = rfid_commands(self.rfid, job.seq, check_epc_hex(job.epc_hex))
+            i = text.index("^XA") + 3
+            text = text[:i] + "\n" + block + text[i:]
+        elif self.rfid is not None and self.rfid.require_epc:
+            raise DeviceError(f"job {job.seq} has no EPC for the RFID tag (rfid.require_epc)")
+        return text.encode("utf-8")
 
     def pending(self) -> list[int]:
         return [j.seq for j in self._jobs]
@@ -415,11 +452,10 @@ class ZplPrinter(Printer):
             while True:
                 s = buf.find(bytes([STX]))
                 if s < 0:
-                    self._junk(bytes(buf).strip(b"\r\n"))
-                    buf.clear()
+                    buf[:] = self._outside(bytes(buf), framed=False)
                     break
                 if s > 0:
-                    self._junk(bytes(buf[:s]).strip(b"\r\n"))
+                    self._outside(bytes(buf[:s]), framed=True)
                     del buf[:s]
                 e = buf.find(bytes([ETX]))
                 if e < 0:
@@ -435,6 +471,27 @@ class ZplPrinter(Printer):
                         self._answer.set_result(ans)
                     else:
                         self.log.warning("zpl_unsolicited_status", strings=len(ans))
+
+    def _outside(self, data: bytes, framed: bool) -> bytes:
+        """Bytes outside ~HS strings: RFID verification lines, or garbage. Returns an unfinished line to keep.
+
+        `framed`: an STX follows, so whatever is here is complete.
+        """
+        if self.rfid is None:
+            self._junk(data.strip(b"\r\n"))
+            return b""
+        *lines, tail = data.split(b"\n")
+        for line in lines:
+            line = line.strip(b"\r")
+            m = HV_LINE.fullmatch(line)
+            if m is not None:
+                self._on_verification(int(m.group(1)), m.group(2))
+            else:
+                self._junk(line)
+        if framed or len(tail) > 4096:
+            self._junk(tail.strip(b"\r"))
+            return b""
+        return tail
 
     def _junk(self, data: bytes) -> None:
         if data:
@@ -456,6 +513,7 @@ class ZplPrinter(Printer):
                     self._sup.drop(f"no answer to {missed} ~HS requests in a row")
                     return
                 self.set_health(HealthState.DEGRADED, exc.reason)
+            self._rfid_expire()
             await asyncio.sleep(self.config.status_interval_s)
 
     def _on_lost(self, reason: str) -> None:
@@ -504,6 +562,10 @@ class ZplPrinter(Printer):
     def _health_from(self, st: HostStatus) -> None:
         if st.print_faults:
             self.set_health(HealthState.DISCONNECTED, "printer fault: " + ", ".join(st.print_faults))
+        elif self._rfid_halt is not None:
+            self.set_health(HealthState.DISCONNECTED, "printer fault: " + self._rfid_halt)
+        elif self.rfid is not None and self._void_run >= self.rfid.void_run_limit:
+            self.set_health(HealthState.DEGRADED, f"RFID: {self._void_run} labels VOID in a row (tags or encoder failing)")
         elif st.warnings:
             self.set_health(HealthState.DEGRADED, "printer " + ", ".join(st.warnings))
         elif time.monotonic() - self._garbage_at < self.garbage_hold_s:
@@ -537,6 +599,12 @@ class ZplPrinter(Printer):
         done = [self._jobs.popleft() for _ in range(k)]
         now = time.time()
         for j in done:
+            if j.epc is not None:
+                j.left, j.uncertain, j.left_at = True, uncertain, time.monotonic()
+                if j.seq == self._halted_seq():
+                    self._rfid_halt = None  # its format left the printer (cancelled at the panel)
+                self._rfid_settle(j)
+                continue
             if uncertain:
                 why = "left the printer during a fault or an unobserved interval"
                 self.unconfirmed.append((j.seq, why))
@@ -558,13 +626,18 @@ class ZplPrinter(Printer):
             st = self.last_status
             if st is not None and (st.print_faults or st.buffer_full):
                 raise DeviceError(f"printer not ready: {', '.join(st.print_faults + st.warnings)}; label not sent")
+            if self._rfid_halt is not None:
+                raise DeviceError(f"printer not ready: {self._rfid_halt}; label not sent")
             try:
                 w.write(label)
                 await w.drain()
             except (ConnectionError, OSError) as exc:
                 raise DeviceError(f"connection lost while sending job {job.seq}: {exc}") from None
             # From here the label may print: track it so that a real print is still confirmed.
-            self._jobs.append(_Job(job.seq, time.monotonic()))
+            j = _Job(job.seq, time.monotonic(), epc=None if job.epc_hex is None else check_epc_hex(job.epc_hex))
+            self._jobs.append(j)
+            if j.epc is not None:
+                self._rfid_open[j.seq] = j
             st = await self._poll()
         if st.print_faults:
             raise DeviceError(f"printer fault after job {job.seq} was sent: {', '.join(st.print_faults)}")
@@ -576,13 +649,22 @@ class ZplPrinter(Printer):
     async def status(self) -> dict[str, Any]:
         async with self._lock:
             st = await self._poll()
-        return {
+        out: dict[str, Any] = {
             **st.as_dict(),
             "pending": len(self._jobs),
             "confirmed": self.confirmed,
             "unconfirmed": len(self.unconfirmed),
             "garbage": self.garbage_count,
         }
+        if self.rfid is not None:
+            out["rfid"] = {
+                "open": len(self._rfid_open),
+                "rejects": self.rfid_rejects,
+                "void_run": self._void_run,
+                "halted": self._rfid_halt,
+                "strays": self.rfid_strays,
+            }
+        return out
 
     async def clear(self) -> None:
         """~JA cancels every format in the buffer; their jobs are never confirmed."""
@@ -595,5 +677,85 @@ class ZplPrinter(Printer):
             self._window_fault = True
             while self._jobs:
                 j = self._jobs.popleft()
-                self.unconfirmed.append((j.seq, "cancelled by ~JA"))
+                if not j.reported:
+                    self.unconfirmed.append((j.seq, "cancelled by ~JA"))
+                j.reported = True
+                self._rfid_open.pop(j.seq, None)
+            self._rfid_halt = None
             await self._poll()
+
+    # -- RFID verification
+
+    def _halted_seq(self) -> int | None:
+        for j in self._rfid_open.values():
+            if self._rfid_halt is not None and j.verdict is None and j.voids:
+                return j.seq
+        return None
+
+    def _on_verification(self, seq: int, data: bytes) -> None:
+        """One `EPC#<seq>[...]` line: the read-back of one label the printer finished."""
+        rf = self.rfid
+        assert rf is not None
+        j = self._rfid_open.get(seq)
+        if j is None or j.verdict is not None or j.epc is None:
+            self.rfid_strays += 1
+            self.log.warning("zpl_rfid_stray_verification", job_seq=seq, data=data[:64].decode("ascii", "replace"))
+            return
+        verdict, epc_read, reason = judge(j.epc, data)
+        if verdict == "void":
+            j.voids += 1
+            self.log.warning("zpl_rfid_void", job_seq=seq, voids=j.voids, reason=reason)
+            if j.voids % rf.labels_per_format:
+                return  # the printer tries the next label with the same format
+            if rf.error_handling == "E":
+                self._rfid_halt = f"RFID: job {seq} VOID on {j.voids} label(s), printer in error mode until cleared (^RS e=E)"
+                self.set_health(HealthState.DISCONNECTED, "printer fault: " + self._rfid_halt)
+                return  # the format stays on the printer: the job stays open
+            reason = f"{reason}; {j.voids} VOID label(s), the printer dropped the format (^RS e=N)"
+        if j.seq == self._halted_seq():
+            self._rfid_halt = None
+        j.verdict, j.epc_read, j.reason = verdict, epc_read, reason
+        self._rfid_settle(j)
+
+    def _rfid_settle(self, j: _Job) -> None:
+        """Report an RFID job once its outcome is known: a reject at once, an ok once its format left clean."""
+        if j.reported:
+            return
+        if j.verdict in ("void", "mismatch"):
+            self._rfid_report(j, "void" if j.verdict == "void" else "mismatch", j.reason)
+        elif j.verdict == "ok" and j.left:
+            if j.uncertain:
+                j.reported = True
+                self._rfid_open.pop(j.seq, None)
+                why = "left the printer during a fault or an unobserved interval"
+                self.unconfirmed.append((j.seq, why))
+                self.log.warning("zpl_print_unconfirmed", job_seq=j.seq, reason=why, epc_read=j.epc_read)
+            else:
+                self.confirmed += 1
+                self._rfid_report(j, "ok", "")
+
+    def _rfid_expire(self) -> None:
+        """Jobs whose format left the printer `verify_timeout_s` ago without a verdict: no answer."""
+        if self.rfid is None:
+            return
+        now = time.monotonic()
+        for j in [j for j in self._rfid_open.values() if j.left and j.verdict is None]:
+            if now - j.left_at >= self.rfid.verify_timeout_s:
+                why = f"no RFID verification from the printer within {self.rfid.verify_timeout_s}s after the label left it"
+                if j.voids:
+                    why += f" ({j.voids} VOID label(s) seen)"
+                self.unconfirmed.append((j.seq, why))
+                self._rfid_report(j, "no_answer", why)
+
+    def _rfid_report(self, j: _Job, status: Literal["ok", "void", "mismatch", "no_answer"], reason: str) -> None:
+        j.reported = True
+        self._rfid_open.pop(j.seq, None)
+        if status == "ok":
+            self._void_run = 0
+        else:
+            self.rfid_rejects += 1
+            self._void_run = self._void_run + 1 if status == "void" else 0
+            self.log.warning("zpl_rfid_reject", job_seq=j.seq, status=status, reason=reason)
+        self._confirms.put_nowait(
+            PrintConfirm(j.seq, time.time(), epc_read=j.epc_read, rfid_status=status, rfid_reason=reason, rfid_void_labels=j.voids)
+        )

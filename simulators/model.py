@@ -44,6 +44,11 @@ class SimUnit:
     image: Any = None  # numpy uint8 rendering of what is on the pack, when a camera needs it
     outcome: str | None = None  # "passed" | "rejected", set by the reject gate
     extras: dict[str, Any] = field(default_factory=dict)
+    #: RFID label on the unit (ground truth for reader simulators): the EPC (hex) its tag answers an
+    #: inventory with, as its PC word's length says; None = no tag, or a tag that does not answer
+    rfid_epc: str | None = None
+    rfid_pc: str | None = None  # the tag's PC word (hex), None = no tag / no answer
+    rfid_void: bool = False  # the printer voided this label: its tag failed, VOID printed instead of the code
 
     @property
     def bad(self) -> bool:

@@ -405,6 +405,55 @@ class CoderPrinterSim(SimServer):
 # --------------------------------------------------------------------------- ZPL
 
 
+def pc_bytes(epc_hex: str) -> bytes:
+    """PC word of a GS1 EPC of this many hex digits (length in words in bits 15-11)."""
+    return ((len(epc_hex) // 4) << 11).to_bytes(2, "big")
+
+
+@dataclass(frozen=True)
+class RfidSetup:
+    """^RSt,p,v,n,e: tag type, programming position, VOID length, labels tried, error handling."""
+
+    tag_type: str = "8"
+    position: str = ""
+    void_length: int | None = None
+    labels: int = 3  # manual default
+    error_handling: str = "N"  # manual default
+
+
+@dataclass(frozen=True)
+class RfidWrite:
+    """^RFW,f,b,n,m with its ^FD: format, start block (16-bit word), bytes, memory bank, data."""
+
+    fmt: str
+    block: int | None
+    nbytes: int | None
+    bank: str
+    data: str
+
+
+@dataclass(frozen=True)
+class RfidRead:
+    """^RFR,f,b,n,m into field ^FN<field>."""
+
+    fmt: str
+    block: int | None
+    nbytes: int | None
+    bank: str
+    field: int | None
+
+
+@dataclass(frozen=True)
+class HostVerification:
+    """^HV#,n,h,t,a: field, characters returned, header, termination (after ^FH), F = per format / L = per label."""
+
+    field: int
+    nbytes: int
+    header: str
+    termination: str
+    applies: str
+
+
 @dataclass
 class ZplLabel:
     raw: bytes
@@ -413,6 +462,19 @@ class ZplLabel:
     texts: list[str] = field(default_factory=list)
     quantity: int = 1
     errors: list[str] = field(default_factory=list)
+    rfid_setup: RfidSetup | None = None
+    rfid_writes: list[RfidWrite] = field(default_factory=list)
+    rfid_reads: list[RfidRead] = field(default_factory=list)
+    host_verifications: list[HostVerification] = field(default_factory=list)
+    voids: int = 0  # VOID labels this format has produced so far (printer state, not format content)
+
+    @property
+    def epc_sent(self) -> str | None:
+        """The EPC this format writes (EPC bank from word 2, or bank E/A), None without one."""
+        for w in self.rfid_writes:
+            if (w.bank == "1" and w.block == 2) or w.bank in ("E", "A"):
+                return w.data.upper()
+        return None
 
 
 def decode_bx_data(data: str, esc: str) -> tuple[str, str]:
@@ -512,19 +574,93 @@ def _unhex(data: str, ind: str) -> str:
     return raw.decode("utf-8", errors="replace")
 
 
+def _opt_int(v: str, what: str, lo: int, hi: int) -> int | None:
+    if v.strip() == "":
+        return None
+    n = int(v)
+    if not lo <= n <= hi:
+        raise ValueError(f"{what} {n} outside {lo}..{hi}")
+    return n
+
+
+def _parse_rs(arg: str) -> RfidSetup:
+    p = (arg.split(",") + [""] * 5)[:5]
+    if p[0] not in ("", "8"):
+        raise ValueError(f"^RS tag type {p[0]!r}: only 8 (EPC Gen 2) is simulated")
+    e = p[4].strip().upper() or "N"
+    if e not in ("N", "P", "E"):
+        raise ValueError(f"^RS error handling {e!r} is not N, P or E")
+    labels = _opt_int(p[3], "^RS number of labels", 1, 10)
+    return RfidSetup("8", p[1], _opt_int(p[2], "^RS void length", 0, 32000), 3 if labels is None else labels, e)
+
+
+def _finish_rfid_field(label: ZplLabel, kind: str, params: list[str], data: str | None, fn: int | None, fh: str | None) -> None:
+    p = (params + [""] * 5)[:5]
+    if kind in ("rfw", "rfr"):
+        fmt = p[1].strip().upper() or "H"
+        if fmt not in ("H", "A", "E"):
+            raise ValueError(f"^RF format {fmt!r} is not H, A or E")
+        block = _opt_int(p[2], "^RF start block", 0, 65535)
+        nbytes = _opt_int(p[3], "^RF byte count", 1, 512)
+        bank = p[4].strip().upper() or "E"
+        if bank not in ("0", "1", "2", "3", "E", "A"):
+            raise ValueError(f"^RF memory bank {bank!r} is not 0-3, E or A")
+        if kind == "rfr":
+            label.rfid_reads.append(RfidRead(fmt, block, nbytes, bank, fn))
+            return
+        if data is None:
+            raise ValueError("^RFW without ^FD data")
+        if fh is not None:
+            data = _unhex(data, fh)
+        if fmt == "H":
+            if not re.fullmatch(r"[0-9A-Fa-f]*", data) or len(data) % 2:
+                raise ValueError(f"^RFW,H data {data[:24]!r} is not whole hex bytes")
+            if nbytes is not None and len(data) != 2 * nbytes:
+                raise ValueError(f"^RFW,H data has {len(data) // 2} bytes, the command says {nbytes}")
+        label.rfid_writes.append(RfidWrite(fmt, block, nbytes, bank, data))
+    else:  # hv
+        hv = [x for x in params] + [""] * 5
+        header, term = hv[2], hv[3]
+        if fh is not None:
+            header, term = _unhex(header, fh), _unhex(term, fh)
+        applies = hv[4].strip().upper() or "F"
+        if applies not in ("F", "L"):
+            raise ValueError(f"^HV applies-to {applies!r} is not F or L")
+        n = _opt_int(hv[1], "^HV byte count", 1, 256)
+        label.host_verifications.append(HostVerification(int(hv[0] or "0"), 64 if n is None else n, header, term, applies))
+
+
 def parse_zpl_format(raw: bytes) -> ZplLabel:
-    """The parts of one ^XA...^XZ format this simulator understands (^BX, ^BC, text, ^FH, ^PQ)."""
+    """The parts of one ^XA...^XZ format this simulator understands (^BX, ^BC, text, ^FH, ^PQ, ^RS, ^RF, ^FN, ^HV)."""
     label = ZplLabel(raw=raw)
     text = raw.decode("latin-1")
     kind: str | None = None
     params: list[str] = []
     fh: str | None = None
     data: str | None = None
+    fn: int | None = None
     for tok in text.split("^")[1:]:
         cmd, arg = tok[:2].upper(), tok[2:]
         if cmd != "FD":
             arg = arg.strip("\r\n ")
-        if cmd == "BX":
+        if cmd == "RS":
+            try:
+                label.rfid_setup = _parse_rs(arg)
+            except ValueError as exc:
+                label.errors.append(f"^RS{arg}: {exc}")
+        elif cmd == "RF":
+            op = arg[:1].upper()
+            if op not in ("W", "R"):
+                label.errors.append(f"^RF{arg}: operation {op!r} not simulated (W, R)")
+            kind, params = ("rfw" if op == "W" else "rfr"), arg.split(",")
+        elif cmd == "HV":
+            kind, params = "hv", arg.split(",")
+        elif cmd == "FN":
+            try:
+                fn = int(arg or "0")
+            except ValueError:
+                label.errors.append(f"bad ^FN {arg!r}")
+        elif cmd == "BX":
             kind, params = "bx", arg.split(",")
         elif cmd == "BC":
             kind, params = "bc", arg.split(",")
@@ -539,7 +675,14 @@ def parse_zpl_format(raw: bytes) -> ZplLabel:
                 label.quantity = int(arg.split(",")[0] or "1")
             except ValueError:
                 label.errors.append(f"bad ^PQ {arg!r}")
+        elif cmd == "FS" and kind in ("rfw", "rfr", "hv"):
+            try:
+                _finish_rfid_field(label, kind, params, data, fn, fh)
+            except (ValueError, IndexError) as exc:
+                label.errors.append(f"^{kind.upper()} field: {exc}")
+            kind, params, fh, data, fn = None, [], None, None, None
         elif cmd == "FS":
+            fn = None
             if data is not None:
                 try:
                     if fh is not None:
@@ -560,6 +703,71 @@ def parse_zpl_format(raw: bytes) -> ZplLabel:
     return label
 
 
+#: on-demand RFID faults of the ZPL printer simulator (ZplPrinterSim.inject)
+RFID_FAULTS = ("void", "void_run", "wrong_epc", "no_answer")
+
+
+@dataclass
+class RfidLabelTruth:
+    """What one physical label of an RFID format really carries (the simulator's ground truth)."""
+
+    unit_seq: int
+    epc_sent: str | None  # the EPC the format asked to write
+    tag_pc: str | None  # PC word the tag holds afterwards; None = the tag does not answer
+    tag_epc: str | None  # EPC the tag answers an inventory with (per its PC length); None = no answer
+    void: bool  # the printer printed VOID on this label
+    fault: str | None  # injected fault that shaped this label, None for a clean encode
+    verification: bytes | None  # what the printer sent the host for this label (^HV), None = nothing
+
+
+class _Tag:
+    """The EPC memory bank (bank 1) of one Gen 2 inlay: CRC word, PC word, EPC words."""
+
+    def __init__(self, rng: random.Random, epc_bits: int) -> None:
+        self.mem = bytearray(4 + (epc_bits + 15) // 16 * 2)
+        self.mem[2:4] = bytes.fromhex("3000")  # pre-encoded at the converter: 96-bit EPC
+        self.mem[4:16] = bytes(rng.randrange(256) for _ in range(12))[: len(self.mem) - 4]
+        self.dead = False
+
+    @property
+    def pc(self) -> str:
+        return self.mem[2:4].hex().upper()
+
+    @property
+    def epc(self) -> str:
+        words = int.from_bytes(self.mem[2:4], "big") >> 11
+        return self.mem[4 : 4 + 2 * words].hex().upper()
+
+    def write(self, w: RfidWrite) -> bool:
+        data = bytes.fromhex(w.data) if w.fmt == "H" else w.data.encode("latin-1")
+        if w.bank == "1":
+            at = 2 * (w.block or 0)
+            if at < 2:  # word 0 is the CRC the tag computes itself
+                return False
+        elif w.bank in ("E", "A"):
+            at = 4
+            if w.bank == "E" and len(data) != 12:
+                return False
+        else:
+            return False  # reserved/TID/user memory are not simulated
+        if at + len(data) > len(self.mem):
+            return False  # beyond this inlay's EPC memory
+        self.mem[at : at + len(data)] = data
+        if w.bank == "A":
+            pc = (int.from_bytes(self.mem[2:4], "big") & 0x07FF) | ((len(data) + 1) // 2 << 11)
+            self.mem[2:4] = pc.to_bytes(2, "big")
+        return True
+
+    def read(self, r: RfidRead) -> str:
+        if r.bank == "1":
+            at = 2 * (r.block or 0)
+            n = r.nbytes if r.nbytes is not None else len(self.mem) - at
+            return self.mem[at : at + n].hex().upper()
+        if r.bank == "E":
+            return self.mem[4:16].hex().upper()
+        return ""
+
+
 class ZplPrinterSim(SimServer):
     """A ZPL printer on port 9100: receive buffer, print engine, ~HS, and paper/head/pause faults.
 
@@ -568,6 +776,17 @@ class ZplPrinterSim(SimServer):
     `on_trigger(unit)` and the head label goes on that unit.
     A format interrupted by paper out / head open is reprinted after recovery
     (Zebra's reprint-after-error default).
+
+    RFID: a format with ^RFW encodes the tag of the label it prints on (each
+    label a fresh inlay pre-encoded with a random 96-bit EPC, `tag_epc_bits`
+    of EPC memory), ^RFR reads it back into its ^FN field and ^HV sends that
+    field to the host. A tag that fails is printed VOID and the format is
+    tried on the next label, up to ^RS n labels; then ^RS e = N drops the
+    format, E stops the printer (`rfid_error`) until `clear_fault`. Faults
+    (`inject`): void, void_run (count), wrong_epc (the encoder wrote the
+    neighbouring inlay: this tag keeps its EPC), no_answer (no ^HV line).
+    `rfid_labels` records what every RFID label really carries; the unit gets
+    `rfid_epc` / `rfid_pc` / `rfid_void`.
     """
 
     def __init__(
@@ -587,8 +806,18 @@ class ZplPrinterSim(SimServer):
         reset_rate: float = 0.0,
         garbage_rate: float = 0.0,
         slow_s: float = 0.0,
+        tag_epc_bits: int = 496,
+        rfid_void_rate: float = 0.0,
+        rfid_wrong_epc_rate: float = 0.0,
+        rfid_no_answer_rate: float = 0.0,
     ) -> None:
         super().__init__(host=host, port=port, serial_link=serial_link, name=name)
+        self.tag_epc_bits = tag_epc_bits
+        self.rfid_rates = {"void": rfid_void_rate, "wrong_epc": rfid_wrong_epc_rate, "no_answer": rfid_no_answer_rate}
+        self._rfid_next: deque[tuple[str, str | None]] = deque()
+        #: ^RS e=E/P stopped the printer after VOID labels (reason), until clear_fault
+        self.rfid_error: str | None = None
+        self.rfid_labels: deque[RfidLabelTruth] = deque(maxlen=100_000)
         self.auto_print = auto_print
         self.print_time_s = print_time_s
         self.defects = defect_for
@@ -627,7 +856,7 @@ class ZplPrinterSim(SimServer):
 
     @property
     def ready(self) -> bool:
-        return not (self.paper_out or self.head_open or self.ribbon_out or self.paused)
+        return not (self.paper_out or self.head_open or self.ribbon_out or self.paused or self.rfid_error)
 
     # -- host side
 
@@ -682,6 +911,7 @@ class ZplPrinterSim(SimServer):
         elif cmd == b"JA":
             self.cancelled += len(self.buffer)
             self.buffer.clear()
+            self.rfid_error = None  # the format that stopped the printer is gone
         elif cmd == b"PS":
             self.paused = False
             self._wake.set()
@@ -723,9 +953,16 @@ class ZplPrinterSim(SimServer):
                 self.buffer.appendleft(label)  # reprint after error
                 continue
             self._unit_seq += 1
-            self._print_on(label, SimUnit(seq=self._unit_seq))
+            if not self._print_on(label, SimUnit(seq=self._unit_seq)):
+                self.buffer.appendleft(label)  # RFID VOID: the format goes on the next label
 
-    def _print_on(self, label: ZplLabel, unit: SimUnit) -> None:
+    def _print_on(self, label: ZplLabel, unit: SimUnit) -> bool:
+        """Print the head format on the unit's label; False when it stays on the printer (RFID VOID, retry or error)."""
+        fields: dict[int, str] = {}
+        if label.rfid_writes or label.rfid_reads:
+            done = self._encode(label, unit, fields)
+            if done is not None:
+                return done
         self.printed.append(label)
         if label.dm is None:
             _nothing_printed(unit, "label has no DataMatrix")
@@ -734,12 +971,94 @@ class ZplPrinterSim(SimServer):
             defect = self.defects(unit.seq) if self.defects is not None else None
             apply_print(unit, content, sym, defect, self.rng, self._previous, self.render_images)
             self._previous = content
+        self._label_out(label, unit)
+        return True
+
+    def _label_out(self, label: ZplLabel, unit: SimUnit) -> None:
         self.units.append(unit)
         if self.on_label is not None:
             try:
                 self.on_label(label, unit)
             except Exception as exc:  # noqa: BLE001 - the print engine must outlive a broken observer
                 log.warning("zpl_sim_on_label_failed", error=repr(exc))
+
+    def _next_rfid_fault(self) -> tuple[str | None, str | None]:
+        if self._rfid_next:
+            kind, epc = self._rfid_next.popleft()
+            return kind, epc
+        for kind, rate in self.rfid_rates.items():
+            if rate and self.rng.random() < rate:
+                return kind, None
+        return None, None
+
+    def _encode(self, label: ZplLabel, unit: SimUnit, fields: dict[int, str]) -> bool | None:
+        """Encode this label's tag. None: encoded, print the label as usual (fields hold the read-back);
+        True/False: the label came out VOID and the format is done / stays on the printer."""
+        tag = _Tag(self.rng, self.tag_epc_bits)
+        fault, other = self._next_rfid_fault()
+        ok = True
+        if fault == "void":
+            tag.dead = True
+            ok = False
+        elif fault == "wrong_epc":  # the neighbouring inlay got the write; this one keeps what it holds
+            if other is not None:
+                tag.mem[2:4] = pc_bytes(other)
+                tag.mem[4 : 4 + len(other) // 2] = bytes.fromhex(other)
+        else:
+            for w in label.rfid_writes:
+                if not tag.write(w):
+                    ok = False
+                    break
+        if ok:
+            for r in label.rfid_reads:
+                if r.field is not None:
+                    fields[r.field] = tag.read(r)
+        sent = self._verify_to_host(label, fields, last=ok or self._format_done_after_void(label))
+        truth = RfidLabelTruth(
+            unit.seq,
+            label.epc_sent,
+            None if tag.dead else tag.pc,
+            None if tag.dead else tag.epc,
+            not ok,
+            fault,
+            None if fault == "no_answer" else sent,
+        )
+        if fault == "no_answer":
+            pass  # the line never reached the host
+        elif sent is not None:
+            self.send(sent)
+        self.rfid_labels.append(truth)
+        unit.rfid_pc, unit.rfid_epc, unit.rfid_void = truth.tag_pc, truth.tag_epc, truth.void
+        if ok:
+            if fault == "wrong_epc":
+                unit.defect = unit.defect or "rfid_wrong_epc"
+            return None
+        # VOID: the tag failed; the printer prints VOID across the label instead of the format
+        label.voids += 1
+        unit.defect = "rfid_void"
+        unit.extras["void"] = True
+        _nothing_printed(unit, "RFID tag failed: label printed VOID")
+        self._label_out(label, unit)
+        setup = label.rfid_setup or RfidSetup()
+        if label.voids % setup.labels:
+            return False  # tried again on the next label
+        if setup.error_handling == "N":
+            log.warning("zpl_sim_rfid_format_dropped", sim=self.name, voids=label.voids)
+            return True
+        self.rfid_error = f"RFID: {label.voids} VOID label(s), error handling {setup.error_handling}"
+        return False
+
+    def _format_done_after_void(self, label: ZplLabel) -> bool:
+        setup = label.rfid_setup or RfidSetup()
+        return (label.voids + 1) % setup.labels == 0 and setup.error_handling == "N"
+
+    def _verify_to_host(self, label: ZplLabel, fields: dict[int, str], last: bool) -> bytes | None:
+        """The ^HV responses of this label: each per label (L), or per format (F) on its last label."""
+        out = b""
+        for hv in label.host_verifications:
+            if hv.applies == "L" or last:
+                out += (hv.header + fields.get(hv.field, "")[: hv.nbytes] + hv.termination).encode("latin-1")
+        return out or None
 
     def on_trigger(self, unit: SimUnit) -> None:
         """Print-and-apply at the product trigger; a conveyor driving the printer replaces free-running printing."""
@@ -757,7 +1076,9 @@ class ZplPrinterSim(SimServer):
         if not self.buffer:
             _nothing_printed(unit, "no label in buffer")
             return
-        self._print_on(self.buffer.popleft(), unit)
+        label = self.buffer.popleft()
+        if not self._print_on(label, unit):
+            self.buffer.appendleft(label)  # RFID VOID: the format goes on the next unit's label
 
     def inject(self, kind: str, **kw: Any) -> None:
         on = bool(kw.get("on", True))
@@ -771,6 +1092,13 @@ class ZplPrinterSim(SimServer):
             self.paused = on
         elif kind == "clear_fault":
             self.paper_out = self.head_open = self.ribbon_out = self.paused = False
+            self.rfid_error = None
+        elif kind in ("void", "void_run", "no_answer"):
+            n = int(kw.get("count", 3 if kind == "void_run" else 1))
+            self._rfid_next.extend([("no_answer" if kind == "no_answer" else "void", None)] * n)
+        elif kind == "wrong_epc":
+            other = kw.get("epc")
+            self._rfid_next.extend([("wrong_epc", None if other is None else str(other).upper())] * int(kw.get("count", 1)))
         elif kind == "reset":
             self.reset_connection()
         elif kind == "garbage":
@@ -778,7 +1106,10 @@ class ZplPrinterSim(SimServer):
         elif kind == "slow":
             self.slow_s = float(kw.get("seconds", 0.5))
         else:
-            raise ValueError(f"unknown fault kind {kind!r} for a ZPL printer (paper_out, head_open, ribbon_out, pause, clear_fault, reset, garbage, slow)")
+            raise ValueError(
+                f"unknown fault kind {kind!r} for a ZPL printer (paper_out, head_open, ribbon_out, pause, clear_fault, "
+                f"reset, garbage, slow, {', '.join(RFID_FAULTS)})"
+            )
         self._wake.set()
 
 
