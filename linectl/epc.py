@@ -7,8 +7,9 @@ SSCC the rest of linectl speaks.  Pure functions, no I/O.
 Why our own code and not epcpy (which the tests use as the independent oracle):
 epcpy 0.1.8 encodes an SGTIN-96 serial with a leading zero (``0123`` comes back
 as ``123``) and one above 2^38-1 (the EPC grows past 96 bits) without a word,
-recomputes a wrong GTIN check digit instead of refusing it, crashes (an empty
-exception) on a serial that starts with ``/ < > ?``, and decodes bits that
+recomputes a wrong GTIN check digit instead of refusing it, refuses valid
+serials where ``/ < > ?`` comes first or right after an escaped ``" % &``
+(an empty exception), and decodes bits that
 TDS says are invalid (characters after the 7-bit terminator, non-zero
 reserved bits of an SSCC-96, trailing words).  A label printer must refuse all
 of these with a reason, so the encoder is ours; README "RFID: EPC encodings".

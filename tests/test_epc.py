@@ -50,13 +50,13 @@ def _bits_to_hex(bits: str) -> str:
 # --------------------------------------------------------------------------
 
 TDS113_E3 = "GS1 EPC Tag Data Standard 1.13 (Nov 2019), Appendix E.3 'Summary Examples of All EPC schemes'"
-# TDS 2.3 Appendix E.3 moved the examples to GS1 Company Prefixes 9506000134 3 / 952012; transcribed (with the
+# TDS 2.3 Appendix E.3 moved the examples to GS1 Company Prefixes 95060001343 / 952012; transcribed (with the
 # GS1 element strings) in dannyhaak/TagDataTranslation, TagDataTranslationUnitTest/TDS23Tests.cs (*_E3_Bidirectional)
 TDS23_E3 = "GS1 EPC Tag Data Standard 2.3, Appendix E.3 (via dannyhaak/TagDataTranslation TDS23Tests.cs)"
 # GS1 EPC Tag Data Translation 1.6 standard, worked example on page 13 (gtin=00037000302414;serial=1041970,
 # filter=3;gs1companyprefixlength=7;tagLength=96); also dannyhaak/TagDataTranslation TDTStandard.cs
 TDT16_P13_BITS = "001100000111010000000010010000100010000000011101100010000100000000000000000011111110011000110010"
-# Fosstrak TDT (the EPCglobal-era open-source TDT engine), TestConversion.testAlphanumeric: a 12-digit company
+# Fosstrak TDT (the EPCglobal-era open-source TDT engine), its unit test testAlphanumeric: a 12-digit company
 # prefix, indicator-only item reference, and every punctuation character of set 82 that a URI may carry
 FOSSTRAK_BITS = (
     "0011011001000000001111000011110000111100001111000011111001010000101001110101000010100101010100101011"
@@ -81,16 +81,18 @@ VECTORS: list[tuple[str, str, str, str | None, int, int, str, str, str]] = [
      "urn:epc:id:sscc:952012.03456789123", "urn:epc:tag:sscc-96:0.952012.03456789123", "311BA1B300CE0A6A83000000"),
     ("GS1 EPC Tag Data Translation 1.6, page 13", "sgtin-96", "00037000302414", "1041970", 7, 3,
      "urn:epc:id:sgtin:0037000.030241.1041970", "urn:epc:tag:sgtin-96:3.0037000.030241.1041970", _bits_to_hex(TDT16_P13_BITS)),
-    ("Fosstrak TDT TestConversion.testAlphanumeric", "sgtin-198", "90646771545758", "!'()*+-,./:;=_", 12, 2,
+    ("Fosstrak TDT unit tests, testAlphanumeric", "sgtin-198", "90646771545758", "!'()*+-,./:;=_", 12, 2,
      "urn:epc:id:sgtin:064677154575.9.!'()*+-,.%2F:;=_", "urn:epc:tag:sgtin-198:2.064677154575.9.!'()*+-,.%2F:;=_",
      _bits_to_hex(FOSSTRAK_BITS)),
     # jlcout/epctagcoder README: the same SSCC built from its parts, from this tag URI and from this RFID hex
     ("jlcout/epctagcoder README (ParseSSCC example)", "sscc-96", "302335678902000022", None, 9, 5,
      "urn:epc:id:sscc:023356789.30200002", "urn:epc:tag:sscc-96:5.023356789.30200002", "31AC16465751CCD0C2000000"),
-    # fulfilio/pyepc tests/test_sgtin.py test_sgtin_to_tag: TDS 7.3.2's GTIN-8 example 95010939 (company prefix 00000950)
-    ("fulfilio/pyepc tests (TDS 7.3.2 GTIN-8 example)", "sgtin-198", "00000095010939", "Serial", 8, 1,
-     "urn:epc:id:sgtin:00000950.01093.Serial", "urn:epc:tag:sgtin-198:1.00000950.01093.Serial",
-     "36300001DB011169E5E5A70EC000000000000000000000000000"),
+    # fulfilio/pyepc tests/test_sgtin.py (test_sgtin_96, test_sgtin_198_alpha_num_serial); it prints SGTIN-198 as 50 digits
+    ("fulfilio/pyepc tests/test_sgtin.py", "sgtin-96", "80614141123458", "6789", 7, 1,
+     "urn:epc:id:sgtin:0614141.812345.6789", "urn:epc:tag:sgtin-96:1.0614141.812345.6789", "3034257BF7194E4000001A85"),
+    ("fulfilio/pyepc tests/test_sgtin.py", "sgtin-198", "80614141123458", "6789AB", 7, 1,
+     "urn:epc:id:sgtin:0614141.812345.6789AB", "urn:epc:tag:sgtin-198:1.0614141.812345.6789AB",
+     "3634257BF7194E5B3770E60C20000000000000000000000000"),
 ]
 
 
@@ -100,10 +102,11 @@ def test_vectors_cover_every_scheme_from_independent_sources() -> None:
     assert len({v[0] for v in VECTORS}) >= 5
 
 
-@pytest.mark.parametrize(("source", "scheme", "key", "serial", "cpl", "filt", "pure", "tag", "hexa"), VECTORS,
+@pytest.mark.parametrize(("source", "scheme", "key", "serial", "cpl", "filt", "pure", "tag", "published"), VECTORS,
                          ids=[f"{v[1]}:{v[8][:12]}" for v in VECTORS])
 def test_published_vector(source: str, scheme: str, key: str, serial: str | None, cpl: int, filt: int,
-                          pure: str, tag: str, hexa: str) -> None:
+                          pure: str, tag: str, published: str) -> None:
+    hexa = published + "0" * (-len(published) % 4)  # some print SGTIN-198 as 50 digits; the EPC bank holds 52
     if scheme == "sscc-96":
         assert encode_sscc96(key, company_prefix_length=cpl, filter_value=filt) == hexa
         expected = EpcValue(scheme="sscc-96", filter_value=filt, company_prefix_length=cpl, gtin=None, sscc=key,
@@ -117,11 +120,18 @@ def test_published_vector(source: str, scheme: str, key: str, serial: str | None
                             serial=serial, pure_uri=pure, tag_uri=tag, epc_hex=hexa)
         assert pure_identity_uri(gtin=key, serial=serial, company_prefix_length=cpl) == pure
     assert decode_epc(hexa) == expected
+    assert decode_epc(published) == expected
     assert decode_epc(hexa.lower()) == expected
     assert decode_epc(bytes.fromhex(hexa)) == expected
     assert parse_tag_uri(tag) == expected
     assert make_epc(scheme, gtin=expected.gtin, serial=serial, sscc=expected.sscc,  # type: ignore[arg-type]
                     company_prefix_length=cpl, filter_value=filt) == expected
+
+
+def test_a_real_product_decodes() -> None:
+    """fulfilio/pyepc test_gtin_from_epc: a tag read in the field, GTIN 08719139005740."""
+    value = decode_epc("3036142C8C008F8000053244")
+    assert (value.scheme, value.gtin, value.filter_value) == ("sgtin-96", "08719139005740", 1)
 
 
 def test_sgtin198_as_earlier_tds_prints_it() -> None:
@@ -412,3 +422,58 @@ def test_escaped_set82_characters_parse_from_any_escape() -> None:
     """TDS 5 allows any %HH escape of a set-82 character in a URI; the canonical form escapes only Table A-1's seven."""
     value = parse_tag_uri("urn:epc:tag:sgtin-198:3.0614141.712345.%33%32a%2fb")
     assert value.serial == "32a/b" and value.tag_uri == "urn:epc:tag:sgtin-198:3.0614141.712345.32a%2Fb"
+
+
+# --------------------------------------------------------------------------
+# `linectl epc`
+# --------------------------------------------------------------------------
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, dict[str, object] | None, str]:
+    import json
+
+    from linectl.cli import main
+
+    rc = main(["--log-level", "warning", "epc", *argv])
+    out, err = capsys.readouterr()
+    return rc, (json.loads(out) if out.strip() else None), err
+
+
+def test_cli_encode_auto_picks_the_scheme(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = _cli(capsys, "encode", "--gtin", "80614141123458", "--serial", "6789", "--filter", "3", "--cp-length", "7")
+    assert rc == 0 and out is not None
+    assert (out["scheme"], out["epc_hex"], out["pc_word"]) == ("sgtin-96", "3074257BF7194E4000001A85", "3000")
+    rc, out, _ = _cli(capsys, "encode", "--gtin", "70614141123451", "--serial", "32a/b", "--filter", "3", "--cp-length", "7")
+    assert rc == 0 and out is not None
+    assert (out["scheme"], out["epc_hex"], out["pc_word"]) == ("sgtin-198", "3674257BF6B7A659B2C2BF100000000000000000000000000000", "6800")
+    assert out["tag_uri"] == "urn:epc:tag:sgtin-198:3.0614141.712345.32a%2Fb" and out["serial"] == "32a/b"
+
+
+def test_cli_encode_sscc_and_explicit_scheme(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = _cli(capsys, "encode", "--sscc", "106141412345678908", "--filter", "3", "--cp-length", "7")
+    assert rc == 0 and out is not None and out["epc_hex"] == "3174257BF4499602D2000000" and out["gtin"] is None
+    rc, out, _ = _cli(capsys, "encode", "--scheme", "sgtin-198", "--gtin", "80614141123458", "--serial", "6789",
+                      "--filter", "3", "--cp-length", "7")
+    assert rc == 0 and out is not None and out["scheme"] == "sgtin-198" and decode_epc(str(out["epc_hex"])).serial == "6789"
+
+
+def test_cli_decode_hex_and_tag_uri(capsys: pytest.CaptureFixture[str]) -> None:
+    rc, out, _ = _cli(capsys, "decode", "3066c4409047e140075bcd15")
+    assert rc == 0 and out is not None
+    assert (out["gtin"], out["serial"], out["company_prefix_length"], out["filter_value"]) == ("09506000134352", "123456789", 11, 3)
+    rc, out, _ = _cli(capsys, "decode", "urn:epc:tag:sscc-96:0.952012.03456789123")
+    assert rc == 0 and out is not None and (out["sscc"], out["epc_hex"]) == ("095201234567891235", "311BA1B300CE0A6A83000000")
+
+
+@pytest.mark.parametrize(("argv", "reason"), [
+    (["encode", "--scheme", "sgtin-96", "--gtin", G, "--serial", "A12", "--filter", "1", "--cp-length", "7"], "use sgtin-198"),
+    (["encode", "--gtin", G, "--filter", "1", "--cp-length", "7"], "needs --gtin and --serial"),
+    (["encode", "--scheme", "sgtin-96", "--sscc", S, "--filter", "1", "--cp-length", "7"], "--sscc goes with --scheme sscc-96"),
+    (["encode", "--sscc", S, "--filter", "1", "--cp-length", "4"], "company prefix length must be 6 to 12"),
+    (["decode", "3274257BF46072000000162E"], "header 32 (sgln-96)"),
+    (["decode", "urn:epc:tag:sgtin-96:3.0614141.812345.0123"], "leading zero"),
+])
+def test_cli_bad_input_exits_2_with_the_reason(capsys: pytest.CaptureFixture[str], argv: list[str], reason: str) -> None:
+    rc, out, err = _cli(capsys, *argv)
+    assert rc == 2 and out is None
+    assert reason in err and "Traceback" not in err
