@@ -352,8 +352,8 @@ class LlrpReader(RfidReader):
         )
         await self._call(link, messages.ADD_ROSPEC(ro_spec=spec))
         await self._call(link, messages.ENABLE_ROSPEC(ro_spec_id=cfg.rospec_id))
-        if cfg.trigger == "continuous":
-            await self._call(link, messages.START_ROSPEC(ro_spec_id=cfg.rospec_id))
+        if cfg.trigger == "continuous":  # reports can beat the START response: they are the stream's first tags
+            await self._call(link, messages.START_ROSPEC(ro_spec_id=cfg.rospec_id), keep_reports=True)
 
     async def _delete_all(self, link: _Link) -> None:
         """Every ROSpec goes: ID 0 means all; a reader that refuses that gets its ROSpecs listed and deleted one by one."""
@@ -377,7 +377,7 @@ class LlrpReader(RfidReader):
         except _Closed:
             raise DeviceError("the reader closed the connection during set-up") from None
 
-    async def _call(self, link: _Link, msg: LLRPMessage) -> LLRPMessage:
+    async def _call(self, link: _Link, msg: LLRPMessage, *, keep_reports: bool = False) -> LLRPMessage:
         """Request/response before the session runs: other traffic is answered (KEEPALIVE) or is stale and skipped."""
         name = type(msg).__name__
         mid = link.next_id()
@@ -391,6 +391,9 @@ class LlrpReader(RfidReader):
                 raise DeviceError(f"no answer to {name} within {self.config.reply_timeout_s:g}s") from None
             if isinstance(reply, messages.KEEPALIVE):
                 link.writer.write(messages.KEEPALIVE_ACK().to_bytes(message_id=reply.message_id))
+                continue
+            if keep_reports and isinstance(reply, messages.RO_ACCESS_REPORT):
+                self._on_report(reply)
                 continue
             if isinstance(reply, (messages.RO_ACCESS_REPORT, messages.READER_EVENT_NOTIFICATION)) or reply.message_id != mid:
                 continue

@@ -403,6 +403,7 @@ async def test_malformed_message_drops_with_a_clear_reason_and_reconnects(sim: L
         await until(lambda: bool(rec.reasons(HealthState.DISCONNECTED)), timeout=3)
         got = rec.reasons(HealthState.DISCONNECTED)[0]
         assert got.startswith("malformed LLRP from the reader: ") and reason in got, got
+        assert not any(r.startswith("driver error") for r in rec.reasons(HealthState.DISCONNECTED))  # no exception escaped
         sim.inject("keepalive_loss", on=False)
         await until(lambda: sim.connections >= 2 and drv.health.state == HealthState.CONNECTED, timeout=5)
         sim.field_enter(demo_epcs(1, seed=51)[0])
