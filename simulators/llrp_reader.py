@@ -131,6 +131,7 @@ class _Run:
     task: asyncio.Task[None] | None = None
     rr: int = 0
     budget: float = 0.0
+    last: float = 0.0  # monotonic time of the last cycle
 
 
 STATE_CODES = {"Disabled": 0, "Inactive": 1, "Active": 2}
@@ -480,8 +481,10 @@ class LlrpReaderSim(SimServer):
                 return
 
     def _singulate(self, run: _Run) -> None:
-        """One inventory cycle: the reader's read-rate budget spent on the answering tags of its antennas."""
-        run.budget = min(run.budget + self.reads_per_s * self.cycle_s, self.reads_per_s)
+        """One inventory cycle: the read-rate budget of the time elapsed, spent on the answering tags of its antennas."""
+        now_m = time.monotonic()
+        run.budget = min(run.budget + self.reads_per_s * (now_m - (run.last or run.started)), self.reads_per_s)
+        run.last = now_m
         live = [t for t in self.field.values() if not t.dead and t.antenna in run.antennas]
         if run.session:  # sessions 1-3: a tag once inventoried stays silent for the rest of the run (flag B)
             live = [t for t in live if t.epc_hex not in run.read_once]
