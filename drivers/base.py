@@ -2,7 +2,7 @@
 
 A driver knows nothing of MQTT, the store or the engine. The engine talks to a
 device only through one of the role interfaces below (Printer, CodeReader,
-Plc), so a new vendor protocol is a new module that registers itself, not a
+Plc, RfidReader), so a new vendor protocol is a new module that registers itself, not a
 change to the engine.
 """
 
@@ -122,7 +122,7 @@ class Driver(abc.ABC):
     """
 
     config_class: ClassVar[type[DriverConfig]]
-    role: ClassVar[Literal["printer", "reader", "plc"]]
+    role: ClassVar[Literal["printer", "reader", "plc", "rfid_reader"]]
 
     def __init__(self, name: str, config: DriverConfig) -> None:
         self.name = name
@@ -312,3 +312,69 @@ class Plc(Driver):
     def latest(self) -> dict[str, Any]:
         """The last polled values (empty before the first poll)."""
         return {}
+
+
+# --------------------------------------------------------------------------- role: RFID reader
+
+
+@dataclass(frozen=True)
+class TagRead:
+    """One RAIN RFID tag as the reader reported it, or merged over a window (counts summed, strongest read kept).
+
+    `epc_hex` is the EPC bank content as sent (lower-case hex, whole bytes; `epc_bits` says how many bits count:
+    96 for SGTIN-96 / SSCC-96, the PC word's length for longer EPCs such as SGTIN-198 in 208 bits). Decoding it
+    into a GS1 key is not the driver's business. Timestamps are the reader's UTC clock in microseconds.
+    """
+
+    epc_hex: str
+    epc_bits: int
+    antenna: int | None  # antenna of the strongest read
+    peak_rssi: int | None  # dBm
+    first_seen_us: int | None
+    last_seen_us: int | None
+    seen_count: int
+
+
+@dataclass(frozen=True)
+class RfidWindow:
+    """The tags of one inventory window (e.g. a case passing a tunnel), de-duplicated by EPC.
+
+    `complete` is True when the reader confirmed the end of the inventory (End_Of_ROSpec), so every report of
+    the window arrived before it was closed; False when the driver closed it on a timeout instead.
+    """
+
+    started_at: float  # time.time() when the inventory was started
+    ended_at: float  # time.time() when the window was decided
+    tags: tuple[TagRead, ...]  # in order of first report
+    reports: int  # TagReportData received in the window (one tag can be reported several times)
+    complete: bool
+
+    @property
+    def epcs(self) -> frozenset[str]:
+        return frozenset(t.epc_hex for t in self.tags)
+
+
+class RfidReader(Driver):
+    """A RAIN RFID reader: inventory windows started and stopped by the line, or a continuous stream of tags."""
+
+    role = "rfid_reader"
+
+    @abc.abstractmethod
+    async def start_window(self) -> None:
+        """Start an inventory now. Raises DeviceError when not connected or a window is already open."""
+
+    @abc.abstractmethod
+    async def end_window(self) -> RfidWindow:
+        """Stop the inventory and return the window's tags once the reader has reported all of them.
+
+        Raises DeviceError when no window is open or the connection was lost during it (a window with a gap
+        is never returned as if it were whole).
+        """
+
+    @abc.abstractmethod
+    async def read_window(self, duration_s: float | None = None) -> RfidWindow:
+        """start_window(), wait `duration_s` (default: the configured window), end_window()."""
+
+    @abc.abstractmethod
+    def tags(self) -> AsyncIterator[TagRead]:
+        """Continuous mode: every tag report as it arrives (bounded; the oldest are dropped and counted when not consumed)."""

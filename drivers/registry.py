@@ -19,6 +19,7 @@ DRIVER_MODULES = (
     "linectl.drivers.modbus",
     "linectl.drivers.s7",
     "linectl.drivers.opcua",
+    "linectl.drivers.llrp",
 )
 
 for _mod in DRIVER_MODULES:
