@@ -217,6 +217,18 @@ class Reader:
         r = self.q("SELECT value FROM meta WHERE key=?", (BATCH_DATES_KEY + lot,))
         return dict(json.loads(r[0][0])) if r else {}
 
+    def batch_config(self, lot: str) -> dict[str, Any] | None:
+        """The config hashes recorded with the batch at its creation (linectl.config_hash); None for a batch from before."""
+        r = self.q("SELECT detail FROM audit WHERE action='batch_created' AND CASE WHEN json_valid(detail) THEN json_extract(detail, '$.lot')=? END "
+                   "ORDER BY seq LIMIT 1", (lot,))
+        if not r:
+            return None
+        try:
+            cfg = json.loads(r[0][0]).get("config")
+        except ValueError:
+            return None
+        return dict(cfg) if isinstance(cfg, dict) else None
+
     def batches(self, state: str | None = None) -> list[Batch]:
         stmt = select(schema.batches).order_by(schema.batches.c.created_at)
         if state is not None:
