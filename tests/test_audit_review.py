@@ -322,3 +322,50 @@ def test_review_of_an_unknown_lot_is_bad_input(tmp_path):
     r = review(tmp_path / "e.db", "json", tmp_path / "x.json", lot="NOPE")
     assert r.returncode == 2 and b"no batch NOPE" in r.stderr and b"Traceback" not in r.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+async def test_daemon_start_records_config_hashes_and_clock_and_a_changed_config(tmp_path):
+    from test_aggregation_support import GTIN
+    from test_aggregation_support import config as support_config
+
+    from linectl.config_hash import clock_source
+    from linectl.daemon import Daemon
+    from linectl.review import build_review
+
+    raw = support_config(db=str(tmp_path / "line.db")).model_dump(mode="json", exclude_defaults=True)
+    path = tmp_path / "line.yaml"
+
+    def write(min_grade: float) -> str:
+        raw["products"][0]["min_grade"] = min_grade
+        with open(path, "w") as f:
+            YAML(typ="safe").dump(raw, f)
+        return subprocess.run(["sha256sum", str(path)], capture_output=True, text=True, check=True).stdout.split()[0]
+
+    async def run(min_grade: float, lot: str | None = None) -> tuple[str, dict[str, Any] | None]:
+        digest = write(min_grade)
+        d = Daemon(load_config(path), create=True)
+        doc = None
+        try:
+            await d.start()
+            if lot is not None:
+                assert d.line is not None
+                await d.line.execute(C.CreateBatch(actor="t", lot=lot, gtin=GTIN, expiry="301231", planned_qty=10), "test")
+                doc = build_review(d.store, lot)
+        finally:
+            await d.shutdown("test")
+        return digest, doc
+
+    first, _ = await run(1.5)
+    second, doc = await run(2.5, lot="C1")
+    rows = raw_audit(tmp_path / "line.db")
+    starts = [json.loads(r[5]) for r in rows if r[4] == "daemon_started"]
+    assert [s["config"]["config_file_sha256"] for s in starts] == [first, second]
+    assert all(s["config"]["config_file"] == str(path) and set(s["clock"]) >= {"clock", "ntp_synchronized", "how", "timezone"} for s in starts)
+    changed = [json.loads(r[5]) for r in rows if r[4] == "config_changed"]
+    assert len(changed) == 1 and changed[0]["old"] == starts[0]["config"] and changed[0]["new"] == starts[1]["config"]
+    assert changed[0]["old"]["config_sha256"] != changed[0]["new"]["config_sha256"] and changed[0]["reason"]
+    assert doc is not None and doc["config"] == starts[1]["config"] and doc["clock"] == starts[1]["clock"]
+    # the clock source as the machine tells it: systemd-timesyncd's flag file says synchronised
+    flag = tmp_path / "synchronized"
+    flag.write_text("")
+    assert clock_source(str(flag))["ntp_synchronized"] is True and "timesyncd" in clock_source(str(flag))["how"]
