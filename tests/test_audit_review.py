@@ -369,3 +369,19 @@ async def test_daemon_start_records_config_hashes_and_clock_and_a_changed_config
     flag = tmp_path / "synchronized"
     flag.write_text("")
     assert clock_source(str(flag))["ntp_synchronized"] is True and "timesyncd" in clock_source(str(flag))["how"]
+
+
+async def test_a_record_altered_into_non_json_still_gives_a_review_that_says_so(fake_line, store, tmp_path):
+    await run_batch(fake_line)
+    db = Path(store.path)
+    await store.close()
+    seq = next(r[0] for r in raw_audit(db) if r[4] == "batch_state" and '"stopped"' in r[5])
+    with sqlite3.connect(db) as c:
+        c.execute("DROP TRIGGER IF EXISTS audit_never_updated")
+        c.execute("UPDATE audit SET detail = 'not json {' WHERE seq = ?", (seq,))
+    out = tmp_path / "r.json"
+    r = review(db, "json", out)
+    assert r.returncode == 1 and b"Traceback" not in r.stderr, r.stderr.decode()
+    doc = json.loads(out.read_text())
+    assert doc["chain"]["first_bad_seq"] == seq and not doc["chain"]["verified"]
+    assert json.loads(cli("report", "--db", str(db), "--batch", LOT, "--json").stdout)["lot"] == LOT  # the report still reads

@@ -250,7 +250,9 @@ class Reader:
 
     def batch_history(self, lot: str) -> list[BatchTransition]:
         """Every state change of a batch, from the audit trail (every BatchStateChanged is audited)."""
-        rows = self.q("SELECT detail FROM audit WHERE action='batch_state' AND json_extract(detail, '$.lot')=? ORDER BY seq", (lot,))
+        # json_valid first: an altered record that is no JSON any more must not make the report unreadable (audit verify names it)
+        rows = self.q("SELECT detail FROM audit WHERE action='batch_state' AND CASE WHEN json_valid(detail) THEN json_extract(detail, '$.lot')=? END "
+                      "ORDER BY seq", (lot,))
         out: list[BatchTransition] = []
         for (detail,) in rows:
             d = json.loads(detail)
