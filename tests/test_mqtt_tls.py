@@ -160,10 +160,12 @@ async def rig(tmp_path: Path) -> Any:
         broker.close()
 
 
-async def _reply(client: aiomqtt.Client, command_id: str, timeout: float = 15.0) -> dict[str, Any]:
+async def _reply(client: aiomqtt.Client, command_id: str, states: list[bytes], timeout: float = 30.0) -> dict[str, Any]:
     async with asyncio.timeout(timeout):
         async for msg in client.messages:
-            if str(msg.topic).endswith("/reply"):
+            if str(msg.topic).endswith("/state"):
+                states.append(bytes(msg.payload))
+            elif str(msg.topic).endswith("/reply"):
                 body = json.loads(msg.payload)
                 if body.get("command_id") == command_id:
                     return dict(body)
@@ -186,13 +188,18 @@ async def test_line_a_cannot_command_or_read_line_b(tmp_path: Path) -> None:
             async with aiomqtt.Client(**client_options(cfg_b.mqtt, "lineB-operator")) as b:
                 await b.subscribe(f"{b_root}/cmd/+/reply", qos=1)
                 await b.subscribe(f"{b_root}/state", qos=0)
-                for _ in range(300):
-                    if port_open(broker.port) and daemon.poll() is None and "mqtt_connected" in log_path.read_text():
-                        break
+                for _ in range(600):  # the daemon's bridge is up once its retained state arrives
                     assert daemon.poll() is None, log_path.read_text()[-3000:]
-                    await asyncio.sleep(0.05)
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(0.05):
+                            async for msg in b.messages:
+                                states.append(bytes(msg.payload))
+                                break
+                    if states:
+                        break
+                assert states, "line B's daemon never published its state"
                 await b.publish(f"{b_root}/cmd/ack_alarm", json.dumps({"command_id": "b-1", "actor": "mes"}), qos=1)
-                assert (await _reply(b, "b-1"))["ok"] is True
+                assert (await _reply(b, "b-1", states))["ok"] is True
 
                 # line A: linectl's client with line A's TLS settings and password connects (its own subtree works) ...
                 async with aiomqtt.Client(**client_options(cfg_a.mqtt, "lineA-intruder")) as a:
@@ -206,7 +213,7 @@ async def test_line_a_cannot_command_or_read_line_b(tmp_path: Path) -> None:
                                                                                     "expiry": "301231", "planned_qty": 5}), qos=1)
                     # after A's publishes, B's next command: once it is answered, A's (sent before it) would have been too
                     await b.publish(f"{b_root}/cmd/ack_alarm", json.dumps({"command_id": "b-2", "actor": "mes"}), qos=1)
-                    assert (await _reply(b, "b-2"))["ok"] is True
+                    assert (await _reply(b, "b-2", states))["ok"] is True
                     seen_by_a: list[str] = []
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(1.0):
@@ -214,11 +221,12 @@ async def test_line_a_cannot_command_or_read_line_b(tmp_path: Path) -> None:
                                 seen_by_a.append(str(msg.topic))
                     assert not [t for t in seen_by_a if t.startswith(b_root)], seen_by_a  # not even B's retained state
 
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.6):
-                        async for msg in b.messages:
-                            if str(msg.topic).endswith("/state"):
-                                states.append(bytes(msg.payload))
+                async with asyncio.timeout(30):  # a few more state messages (one every state_interval_s at most)
+                    async for msg in b.messages:
+                        if str(msg.topic).endswith("/state"):
+                            states.append(bytes(msg.payload))
+                            if len(states) >= 3:
+                                break
         finally:
             daemon.send_signal(signal.SIGTERM)
             try:
