@@ -8,6 +8,7 @@ registry (`drivers.registry`), the way Frigate selects detectors.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
@@ -19,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from linectl import gs1
 from linectl.drivers.base import DriverConfig
 from linectl.drivers.registry import device_config_classes
-from linectl.yamlsource import ConfigFileError, Problem, dotted, line_of, load_yaml, substitute_env, to_plain
+from linectl.yamlsource import ConfigFileError, Problem, dotted, line_of, parse_yaml, read_config_bytes, substitute_env, to_plain
 
 #: a fixed UTC offset as EPCIS writes eventTimeZoneOffset
 _FIXED_OFFSET = r"^[+-]((0\d|1[0-3]):[0-5]\d|14:00)$"
@@ -466,7 +467,10 @@ class MqttConfig(Model):
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
     username: str | None = None
-    password: str | None = None
+    password: str | None = Field(None, description="prefer password_env or password_file: a password in the YAML travels with every copy of it")
+    password_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="environment variable holding the broker password")
+    password_file: str | None = Field(
+        None, min_length=1, description="file holding the broker password (first line); refused when group or others may read it")
     tls: TlsConfig | None = None
     client_id: str | None = None
     topic_root: str | None = Field(None, description="default: <enterprise>/<site>/<area>/<line>")
@@ -492,6 +496,13 @@ class MqttConfig(Model):
         description="MQTT 5: the broker keeps the command subscription and queues commands this long while the bridge "
         "is disconnected (0 = clean session); MQTT 3.1.1 sessions are always clean",
     )
+
+    @model_validator(mode="after")
+    def _one_password(self) -> MqttConfig:
+        given = [k for k in ("password", "password_env", "password_file") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give the broker password one way, not {' and '.join(given)}")
+        return self
 
 
 class FileSinkConfig(Model):
@@ -932,6 +943,37 @@ class OpcuaServerConfig(Model):
         return self
 
 
+#: commands that must carry a reason unless the line's config says otherwise (Annex 11 §9: the reason for a change)
+DEFAULT_REASON_REQUIRED = ("recall_batch", "reconcile_units")
+#: what may be listed besides the engine commands: changes the CLI makes on the store itself
+CLI_ACTIONS = ("serials_import",)
+#: engine commands that change nothing (never audited as a change): a reason for them means nothing
+_NOT_CHANGES = ("request_state", "verify_code")
+
+
+class AuditConfig(Model):
+    """What the audit trail demands of the people who change GMP data (README "Audit trail and batch review")."""
+
+    reason_required: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_REASON_REQUIRED),
+        description="commands refused (code reason_required) unless they give a reason: engine command names "
+        "(stop_batch, close_batch, ...) and serials_import",
+    )
+
+    @field_validator("reason_required")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        from linectl.control import COMMAND_NAMES
+
+        known = [n for n in COMMAND_NAMES if n not in _NOT_CHANGES] + list(CLI_ACTIONS)
+        bad = [n for n in v if n not in known]
+        if bad:
+            raise ValueError(f"unknown command(s) {', '.join(map(repr, bad))}; known: {', '.join(known)}")
+        if len(set(v)) != len(v):
+            raise ValueError("a command is listed twice")
+        return v
+
+
 class LineConfig(Model):
     line: LineIdentity
     products: list[Product] = Field(min_length=1)
@@ -945,10 +987,18 @@ class LineConfig(Model):
     packml: PackmlConfig = Field(default_factory=PackmlConfig)
     shift: ShiftConfig = Field(default_factory=ShiftConfig)
     opcua_server: OpcuaServerConfig = Field(default_factory=OpcuaServerConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     # The simulator's own section, kept as a mapping: the controller must not import (or need) the simulators, so the
     # section is validated by what uses it (`linectl simulate`, `demo`, and `check-config` when it is present) against
     # linectl.simulators.config.SimulationConfig.
     simulation: dict[str, Any] | None = Field(None, description="line simulator settings; ignored by `linectl run`")
+    #: (path, sha256 of the file's bytes) when loaded from a file by load_config (linectl.config_hash)
+    _source: tuple[str, str] | None = PrivateAttr(default=None)
+
+    @property
+    def source(self) -> tuple[str, str] | None:
+        """(path, sha256 of its bytes as read) of the file this config was loaded from; None when built from data."""
+        return self._source
 
     def product(self, gtin: str) -> Product:
         g = gs1.normalize_gtin(gtin)
@@ -1095,7 +1145,8 @@ def _clean_loc(data: Any, loc: tuple[Any, ...]) -> tuple[Any, ...]:
 
 def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None) -> LineConfig:
     """Load, substitute ${ENV}, validate. Raises ConfigFileError listing every problem with its line."""
-    source = load_yaml(path)
+    raw = read_config_bytes(path)
+    source = parse_yaml(raw, path)
     env_problems = substitute_env(source, env)
     try:
         cfg = parse_config(to_plain(source), source=source, file=str(path))
@@ -1103,4 +1154,5 @@ def load_config(path: str | os.PathLike[str], env: dict[str, str] | None = None)
         raise ConfigFileError(path, sorted(env_problems + exc.problems, key=lambda p: p.line)) from None
     if env_problems:
         raise ConfigFileError(path, env_problems)
+    cfg._source = (os.fspath(path), hashlib.sha256(raw).hexdigest())
     return cfg

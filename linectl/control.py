@@ -32,6 +32,8 @@ class Command(BaseModel):
 
     command_id: str | None = Field(None, max_length=128, description="client id; a repeated id gets the first reply again")
     actor: str = Field("operator", max_length=128, description="who (user id / system) asked")
+    reason: str = Field("", max_length=500, description="why (the audit trail keeps it; required for the commands "
+                        "the line's audit.reason_required lists)")
 
 
 class CreateBatch(Command):
@@ -153,7 +155,6 @@ class ResumeBatch(Command):
 
 class StopBatch(Command):
     name: Literal["stop_batch"] = "stop_batch"
-    reason: str = ""
 
 
 class CloseBatch(Command):
@@ -302,7 +303,6 @@ class ReconcileUnits(Command):
 class RecallBatch(Command):
     name: Literal["recall_batch"] = "recall_batch"
     lot: str
-    reason: str = Field("", max_length=500)
 
 
 class PackmlCmd(Command):

@@ -128,9 +128,27 @@ class Daemon:
         phase("tasks")
         # what exists now (config, drivers, pydantic models) lives for the whole run: keep it out of GC scans,
         # so a full collection costs less mid-production
+        await self._audit_start()
         gc.freeze()
         sd_notify("READY=1\nSTATUS=line controller running")
         log.info("daemon_started", line=self.cfg.topic_root, db=path, devices=list(self.drivers), startup_ms=phases)
+
+    async def _audit_start(self) -> None:
+        """The start in the audit trail with the config's hashes and the clock the records rest on; a config that
+        differs from the one of the last start is recorded as a change (old and new hashes)."""
+        from linectl.config_hash import clock_source, config_fingerprint
+        from linectl.store.audit import change
+        from linectl.store.review_reads import last_audit_of
+
+        fp = config_fingerprint(self.cfg)
+        clock = await asyncio.to_thread(clock_source)
+        last = await asyncio.to_thread(last_audit_of, self.store, "daemon_started")
+        seen = last.detail.get("config") if last is not None else None
+        if isinstance(seen, dict) and seen.get("config_sha256") != fp["config_sha256"]:
+            await self.store.audit("system", "daemon", "config_changed",
+                                   {**change(seen, fp, "the daemon started with another configuration than at its last start"),
+                                    "last_start_seq": last.seq if last is not None else None})
+        await self.store.audit("system", "daemon", "daemon_started", {"config": fp, "clock": clock, "pid": os.getpid()})
 
     def _start_provisioners(self) -> None:
         """A provisioner task per pool product with a serial source; the line nudges it below low water, routes

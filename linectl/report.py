@@ -71,6 +71,8 @@ def batch_report(store: StoreReads, lot: str) -> dict[str, Any]:
         "gtin": b.gtin,
         "expiry": b.expiry,
         "dates": store.batch_dates(lot),  # production_date, packaging_date, best_before, sell_by as printed
+        # the config the batch was created under: file and resolved-config sha256 (linectl.config_hash); None before they were recorded
+        "config": store.batch_config(lot),
         "planned_qty": b.planned_qty,
         "state": b.state,
         "provisioned": provisioned,
@@ -234,6 +236,9 @@ def format_report(r: dict[str, Any]) -> str:
         f"Batch {r['lot']}  GTIN {r['gtin']}  expiry {r['expiry']}"
         + "".join(f"  {k} {v}" for k, v in sorted(r.get("dates", {}).items()))
         + f"  planned {r['planned_qty']}  state {r['state']}",
+        "  config          " + (f"sha256 {r['config']['config_sha256']} (resolved)"
+                                 + (f", file {r['config']['config_file']} sha256 {r['config']['config_file_sha256']}" if r["config"].get("config_file") else "")
+                                 if r.get("config") else "not recorded (batch created before linectl recorded it)"),
         f"  provisioned     {r['provisioned']}",
         f"  commissioned    {r['commissioned']}",
         f"  decommissioned  {r['decommissioned']}",

@@ -44,11 +44,21 @@ class ConfigFileError(Exception):
 
 def load_yaml(path: str | os.PathLike[str]) -> Any:
     """Parse with ruamel's round-trip loader (which keeps line numbers); YAML syntax errors become Problems."""
-    p = Path(path)
+    return parse_yaml(read_config_bytes(path), path)
+
+
+def read_config_bytes(path: str | os.PathLike[str]) -> bytes:
+    """The file's bytes, read once: what is parsed is what is hashed (linectl.config_hash), `sha256sum` gives the same."""
     try:
-        text = p.read_text(encoding="utf-8")
+        return Path(path).read_bytes()
     except OSError as exc:
         raise ConfigFileError(path, [Problem("", 0, f"cannot read file: {exc.strerror or exc}")]) from exc
+
+
+def parse_yaml(raw: bytes, path: str | os.PathLike[str]) -> Any:
+    """`load_yaml` on bytes already read (`path` names them in problems)."""
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigFileError(path, [Problem("", 0, f"not UTF-8 text: {exc}")]) from exc
     yaml = YAML(typ="rt")

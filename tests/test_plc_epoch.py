@@ -121,9 +121,9 @@ async def _restart_and_judge(sl: Any, *, cold: bool, expect_epoch: bool, resume:
         in_bin = sorted(s for s in open_fates if by_serial.get(s) == "rejected")
         passed = sorted(s for s in open_fates if by_serial.get(s) == "passed")
         if in_bin:
-            await line.execute(C.ReconcileUnits(serials=in_bin, outcome="in_bin", actor="qa.jones"), origin="test")
+            await line.execute(C.ReconcileUnits(serials=in_bin, outcome="in_bin", actor="qa.jones", reason="reject bin checked"), origin="test")
         if passed:
-            await line.execute(C.ReconcileUnits(serials=passed, outcome="passed", actor="qa.jones"), origin="test")
+            await line.execute(C.ReconcileUnits(serials=passed, outcome="passed", actor="qa.jones", reason="reject bin checked"), origin="test")
         assert await _fates(sl, lot) == set()
         fates = line.store.unit_fates(lot)
         assert all(f.state == "resolved" and f.resolved_by == "qa.jones@test" for f in fates)
@@ -294,7 +294,7 @@ async def _reconcile_from_truth(sl: Any, lot: str) -> None:
     for outcome, physical in (("in_bin", "rejected"), ("passed", "passed")):
         serials = sorted(s for s in open_fates if by_serial.get(s) == physical)
         if serials:
-            await line.execute(C.ReconcileUnits(serials=serials, outcome=outcome, actor="qa.jones"), origin="test")
+            await line.execute(C.ReconcileUnits(serials=serials, outcome=outcome, actor="qa.jones", reason="reject bin checked"), origin="test")
 
 
 @pytest.mark.parametrize("second", ["cold", "warm", "cold_after_daemon_restart"])
@@ -398,12 +398,12 @@ async def test_reconcile_in_bin_counts_the_rejected_copies_of_a_code(tmp_path):
         await line.store.mark_fate_unknown([(gtin, s, lot, "pv1", "plc1", 1, n, "test: PLC restarted") for n, s in ((5, x), (6, z))])
         for copies in (None, 1):
             with pytest.raises(C.CommandRejected) as exc:
-                await line.execute(C.ReconcileUnits(serials=[x], outcome="in_bin", copies=copies, actor="qa.jones"), origin="test")
+                await line.execute(C.ReconcileUnits(serials=[x], outcome="in_bin", copies=copies, actor="qa.jones", reason="reject bin checked"), origin="test")
             assert exc.value.code == "ambiguous_copies" and x in exc.value.reason and "copies" in exc.value.reason
         assert _states(sl.db, lot)[x] == "commissioned" and await _fates(sl, lot) == {x, z}
         # two packs with x's code in the bin: one is the copy, the other the unit
-        await line.execute(C.ReconcileUnits(serials=[x], outcome="in_bin", copies=2, actor="qa.jones"), origin="test")
+        await line.execute(C.ReconcileUnits(serials=[x], outcome="in_bin", copies=2, actor="qa.jones", reason="reject bin checked"), origin="test")
         assert _states(sl.db, lot)[x] == "decommissioned"
         # one pack with z's code in the bin: the copy; the unit went downstream
-        await line.execute(C.ReconcileUnits(serials=[z], outcome="passed", actor="qa.jones"), origin="test")
+        await line.execute(C.ReconcileUnits(serials=[z], outcome="passed", actor="qa.jones", reason="reject bin checked"), origin="test")
         assert _states(sl.db, lot)[z] == "commissioned" and await _fates(sl, lot) == set()

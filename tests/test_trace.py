@@ -284,7 +284,7 @@ def test_cli_verify_recall_trace_exit_codes(tmp_path: Path, capsys: pytest.Captu
     assert doc["counts"]["unit"] == {"commissioned": 6, "decommissioned": 1} and doc["recalled"] is False
     assert cli.main(["recall", "--batch", "NOSUCH", "--db", str(db)]) == 1
     assert cli.main(["recall", "--batch", LOT, "--db", str(db), "--mark"]) == 2
-    assert cli.main(["recall", "--batch", LOT, "--db", str(db), "--mark", "--actor", "qa", "--format", "csv"]) == 0
+    assert cli.main(["recall", "--batch", LOT, "--db", str(db), "--mark", "--actor", "qa", "--reason", "complaint", "--format", "csv"]) == 0
     capsys.readouterr()
     assert cli.main(["verify", unit_code(u[0]).hri, "--db", str(db)]) == 1
     assert json.loads(capsys.readouterr().out)["verdict"] == "recalled"

@@ -56,7 +56,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--sell-by", dest="sell_by", help="YYMMDD: AI (16)")
     p.add_argument("--qty", type=int, dest="planned_qty")
     p.add_argument("--no-challenge", action="store_true")
-    p.add_argument("--reason", default="")
+    p.add_argument("--reason", default="", help="why: kept in the audit trail; required for the commands the config's "
+                   "audit.reason_required lists")
     p.add_argument("--unused", choices=["return", "void"], help="close: what to do with unused serials")
     p.add_argument("--alarm-id")
     p.add_argument("--serials", help="reconcile: comma-separated serials of units of unknown fate")
@@ -77,11 +78,16 @@ OFFLINE_ORIGIN = "cli:offline"
 async def run_offline(cfg: Any, body: dict[str, Any], path: str) -> dict[str, Any] | None:
     """Close/stop on the store itself when no daemon holds it; None when one does (then: MQTT)."""
     from linectl.control import COMMAND_ADAPTER, CloseBatch, StopBatch
+    from linectl.engine.audit_changes import REASON_REQUIRED, missing_reason
+    from linectl.store.audit import change
     from linectl.store.cliutil import open_store
     from linectl.store.lock import StoreLocked
     from linectl.store.model import StoreError
 
     cmd = COMMAND_ADAPTER.validate_python(body)
+    refusal = missing_reason(cfg.audit.reason_required, cmd.name, cmd.reason)
+    if refusal is not None:  # the daemon refuses it the same way (Line.execute)
+        return _refused(cmd, refusal, REASON_REQUIRED)
     try:
         store = await open_store(path, cfg, readonly=False, command=f"linectl batch {cmd.name}", actor=cmd.actor, origin=OFFLINE_ORIGIN)
     except StoreLocked:
@@ -114,7 +120,8 @@ async def run_offline(cfg: Any, body: dict[str, Any], path: str) -> dict[str, An
             return _refused(cmd, str(exc), "refused")
         # the same audit record the daemon's Line.execute writes for a command
         short = {k: v for k, v in result.items() if k != "report"}
-        await store.audit(cmd.actor, OFFLINE_ORIGIN, cmd.name, {**cmd.model_dump(mode="json", exclude={"serials"}), "lot": lot, "result": short})
+        moved = change({"lot": lot, "state": res["previous"]}, {"lot": lot, "state": result["state"]}, cmd.reason)
+        await store.audit(cmd.actor, OFFLINE_ORIGIN, cmd.name, {**cmd.model_dump(mode="json", exclude={"serials"}), "lot": lot, "result": short, **moved})
         return {"ok": True, "command_id": cmd.command_id, "command": cmd.name, "result": result}
     finally:
         await store.close()
@@ -143,7 +150,7 @@ def build_command(args: argparse.Namespace) -> dict[str, Any]:
             body[key] = v
     if name == "create_batch" and args.no_challenge:
         body["challenge"] = False
-    if name == "stop_batch" and args.reason:
+    if args.reason:
         body["reason"] = args.reason
     if name == "close_batch" and args.unused:
         body["unused_serials"] = args.unused

@@ -27,12 +27,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--out", metavar="FILE", help="write here instead of stdout (written to FILE.tmp, then renamed)")
     p.add_argument("--mark", action="store_true", help="also flag the batch as recalled (audit record; needs --actor)")
     p.add_argument("--actor", help="who marks the recall (with --mark)")
-    p.add_argument("--reason", default="", help="why (with --mark)")
+    p.add_argument("--reason", default="", help="why (with --mark; required unless the config's audit.reason_required omits recall_batch)")
     add_db_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from linectl.engine.audit_changes import missing_reason, reason_required
     from linectl.store.trace import mark_recalled, write_recall_csv, write_recall_json
 
     if args.mark and not args.actor:
@@ -44,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
             print(f"linectl: no batch {args.lot} in {store.path}", file=sys.stderr)
             return 1
         if args.mark:
+            refusal = missing_reason(reason_required(cfg), "recall_batch", args.reason)
+            if refusal is not None:
+                print(f"linectl: {refusal} (--reason)", file=sys.stderr)
+                return EXIT_BAD_INPUT
             actor = args.actor if ":" in args.actor else f"cli:{args.actor}"
             res = await mark_recalled(store, args.lot, actor, args.reason)
             print(f"batch {args.lot} {'was already' if res['already'] else 'is now'} marked recalled", file=sys.stderr)

@@ -32,6 +32,14 @@ def run(args: argparse.Namespace) -> int:
         for prob in exc.problems:
             print(prob.format(args.config), file=sys.stderr)
         return 2
+    if cfg.mqtt.enabled:
+        from linectl.upstream.mqtt_client import SecretRefused, broker_password
+
+        try:
+            broker_password(cfg.mqtt)  # a secret that cannot be used stops the start here, not at each reconnect
+        except SecretRefused as exc:
+            print(f"linectl: {args.config}: {exc}", file=sys.stderr)
+            return 2
     try:
         return asyncio.run(run_daemon(cfg, args.db))
     except StoreError as exc:

@@ -36,6 +36,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     imp.add_argument("--gtin", required=True)
     imp.add_argument("--source", help="where the serials came from (default: import:<file name>)")
     imp.add_argument("--actor", default=None, help="who imports, for the audit trail (default: cli:<login>)")
+    imp.add_argument("--reason", default="", help="why, for the audit trail (required when the config's audit.reason_required lists serials_import)")
     add_db_options(imp)
     imp.set_defaults(func=run_import)
 
@@ -123,6 +124,11 @@ def run_import(args: argparse.Namespace) -> int:
     actor = args.actor or f"cli:{_user()}"
 
     async def body(store: Store, cfg: LineConfig | None) -> int:
+        from linectl.engine.audit_changes import missing_reason, reason_required
+
+        refusal = missing_reason(reason_required(cfg), "serials_import", args.reason)
+        if refusal is not None:
+            raise BadInput(f"{refusal} (--reason)")
         if cfg is not None:
             try:
                 cfg.product(gtin)
@@ -145,7 +151,7 @@ def run_import(args: argparse.Namespace) -> int:
         accepted = duplicates = invalid = 0
         for k in range(0, len(unique), CHUNK):
             chunk = unique[k : k + CHUNK]
-            res = await store.provision(gtin, [s for _, s in chunk], source, actor=actor)
+            res = await store.provision(gtin, [s for _, s in chunk], source, actor=actor, reason=args.reason or None)
             accepted += res.accepted
             duplicates += res.duplicates
             invalid += res.invalid

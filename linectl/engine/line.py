@@ -21,8 +21,11 @@ import structlog
 from linectl import control as C
 from linectl import gs1
 from linectl.config import LineConfig, Product, ShiftConfig
+from linectl.config_hash import config_fingerprint
 from linectl.drivers.base import Driver, Plc
 from linectl.engine import packml as P
+from linectl.engine.audit_changes import before as changes_before
+from linectl.engine.audit_changes import change_of, require_reason
 from linectl.engine.clock import SYSTEM_CLOCK, Clock
 from linectl.engine.station import PartialCloser, ReworkBench, Station, build_stations
 from linectl.engine.verdict import Expected, challenge_status
@@ -667,16 +670,19 @@ class Line:
                 return seen[1]
         if isinstance(command, C.PackmlCmd):
             await self._packml_precheck(command)
+        require_reason(self.cfg.audit.reason_required, command)
         async with self._lock:
             handler = getattr(self, f"_cmd_{command.name}")
             try:
+                was = changes_before(self, command)
                 result: dict[str, Any] = await handler(command, origin)
                 if not isinstance(command, (C.RequestState, C.VerifyCode)):
                     await self.store.audit(
                         command.actor,
                         origin,
                         command.name,
-                        {**command.model_dump(mode="json", exclude={"serials"}), "result": _short(result)},
+                        {**command.model_dump(mode="json", exclude={"serials"}), "result": _short(result),
+                         **change_of(self, command, was, result)},
                         command_id=command.command_id,
                         reply=result,  # durable idempotency: a retry after a restart gets this reply
                     )
@@ -704,7 +710,8 @@ class Line:
         self._check_expiry(c.expiry, product, production=c.production_date)
         C.check_batch_code(c, product.template, product.gtin, product.shelf_life_days is not None)
         required: list[str] = list(self.cfg.batch.challenge) if c.challenge else []
-        await self.store.create_batch(c.lot, product.gtin, c.expiry, c.planned_qty, actor=c.actor, challenge_required=required, dates=c.dates)
+        await self.store.create_batch(c.lot, product.gtin, c.expiry, c.planned_qty, actor=c.actor, origin=origin, challenge_required=required,
+                                      dates=c.dates, audit_extra={"config": config_fingerprint(self.cfg)})
         self.batch = BatchContext(
             c.lot, product.gtin, c.expiry, c.planned_qty, product, BatchState.CREATED, challenge=c.challenge, challenge_required=required, dates=c.dates
         )
@@ -1111,7 +1118,7 @@ class Line:
         for f in picked:
             by_gtin.setdefault(f.gtin, []).append(f.serial)
         for g, serials in by_gtin.items():
-            await self.store.resolve_fates(g, serials, c.outcome, c.actor, origin)
+            await self.store.resolve_fates(g, serials, c.outcome, c.actor, origin, c.reason)
         left = len(self.store.unit_fates(self.batch.lot, open_only=True)) if self.batch is not None else 0
         return {"reconciled": len(picked), "outcome": c.outcome, "serials": [f.serial for f in picked], "still_unknown": left}
 
@@ -1245,8 +1252,8 @@ class Line:
 
         if self.store.batch(c.lot) is None:
             raise C.CommandRejected(f"no batch {c.lot}", "unknown_lot")
-        await mark_recalled(self.store, c.lot, c.actor, c.reason, origin=origin)
-        return {"lot": c.lot, "recalled": True}
+        res = await mark_recalled(self.store, c.lot, c.actor, c.reason, origin=origin)
+        return {"lot": c.lot, "recalled": True, "already": res["already"]}
 
     # ------------------------------------------------------------------ state, PLC outputs
 

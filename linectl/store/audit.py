@@ -24,6 +24,15 @@ META_COUNT = "audit_count"
 META_HEAD = "audit_head"
 
 
+def change(old: Any, new: Any, reason: str | None) -> dict[str, Any]:
+    """The `old`, `new` and `reason` keys every audit record of a GMP-relevant change carries (EU GMP Annex 11 §9).
+
+    They live in the record's detail JSON (no schema change, hashed like the rest). `reason` is what the person
+    gave, or what the system says caused it; None when nobody gave one. An empty reason is recorded as None.
+    """
+    return {"old": old, "new": new, "reason": reason or None}
+
+
 def canonical_detail(detail: dict[str, Any] | None) -> str:
     """The stored text of `detail`; anything not JSON-native is stringified so a record can always be written."""
     return json.dumps(detail or {}, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str, allow_nan=False)

@@ -10,6 +10,7 @@ look-up and one executemany for the whole run.
 
 from __future__ import annotations
 
+import enum
 import json
 from collections import Counter
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from linectl.events import AlarmRaised, Severity
+from linectl.store.audit import change
 from linectl.store.model import BATCH_DATES_KEY, Batch, PoolExhausted, StoreError, tally_name
 from linectl.store.serials import random_serials, sequential_serial
 from linectl.store.writer import BATCH_FORMS, Tx
@@ -374,15 +376,54 @@ def apply_event(tx: Tx, ev: Any, body: str, rendering: Any = None) -> int:
     kind = d["kind"]
     epcis = _choose_rendering(tx, ev, rendering)
     fn = _APPLY.get(kind)
+    actor = d.get("actor")
+    audited = bool(actor) or kind in AUDITED_KINDS
+    before = _held_state(tx, kind, d) if audited else None
     serial_id = fn(tx, ev, seq) if fn is not None else None
     tx.rows.append((seq, d["event_id"], kind, d["lot"], d.get("gtin"), d.get("serial"), serial_id, tx.ts, body, epcis))
-    actor = d.get("actor")
-    if actor or kind in AUDITED_KINDS:
+    if audited:
         who = actor or "system"
         default_origin = f"station:{ev.station}" if ev.station else "line"
         origin = who.split(":", 1)[0] if ":" in who else default_origin
-        tx.audit(who, origin, kind, json.loads(body))
+        detail = json.loads(body)
+        detail.update(_event_change(tx, kind, d, before))
+        tx.audit(who, origin, kind, detail)
     return seq
+
+
+def _held_state(tx: Tx, kind: str, d: dict[str, Any]) -> str | None:
+    """The state an audited event is about to change (read before it is applied): its serial's or its container's."""
+    if kind == "unit_decommissioned":
+        r = tx.cur.execute("SELECT state FROM serials WHERE gtin=? AND serial=?", (d["gtin"], d["serial"])).fetchone()
+        return r[0] if r else None
+    if kind == "container_decommissioned":
+        r = tx.cur.execute("SELECT state FROM containers WHERE sscc=?", (d["sscc"],)).fetchone()
+        return r[0] if r else None
+    return None
+
+
+def _event_change(tx: Tx, kind: str, d: dict[str, Any], before: str | None) -> dict[str, Any]:
+    """old/new/reason of an audited event that changes something; {} for one that records a fact (a measurement)."""
+    reason = d.get("reason")
+    reason_text = reason.value if isinstance(reason, enum.Enum) else reason
+    if kind == "batch_state":
+        prev = d.get("previous")
+        return change(prev.value if prev is not None else None, d["state"].value, reason_text)
+    if kind == "alarm":
+        return change(None, "active", d.get("message"))
+    if kind == "alarm_ack":
+        return change("unacknowledged", "acknowledged", None)
+    if kind == "unit_decommissioned":
+        why = f"{reason_text}: {d['detail']}" if d.get("detail") else reason_text
+        return change({"serial_state": before}, {"serial_state": "decommissioned"}, why)
+    if kind == "container_decommissioned":
+        r = tx.cur.execute("SELECT state FROM containers WHERE sscc=?", (d["sscc"],)).fetchone()
+        return change({"container_state": before}, {"container_state": r[0] if r else None}, reason_text)
+    if kind == "packed":
+        return change({"parent": None}, {"parent": d["parent"], "children": len(d["children"])}, None)
+    if kind == "unpacked":
+        return change({"parent": d["parent"]}, {"parent": None, "children": len(d["children"]) or "all"}, None)
+    return {}
 
 
 RUN_MIN = 8  # shorter runs of commissionings are not worth the bulk path
@@ -592,7 +633,9 @@ def op_mark_sent(tx: Tx, gtin: str, lot: str, serials: list[str]) -> None:
     tx.move(gtin, lot, "allocated", lot, "sent", len(serials))
 
 
-def op_provision(tx: Tx, gtin: str, candidates: list[str], source: str, actor: str, invalid: int, repeats: int) -> list[str]:
+def op_provision(tx: Tx, gtin: str, candidates: list[str], source: str, actor: str, invalid: int, repeats: int,
+                 reason: str | None = None) -> list[str]:
+    before = _pool_size(tx, gtin)
     inserted = [
         r[0]
         for r in tx.cur.execute(
@@ -605,8 +648,15 @@ def op_provision(tx: Tx, gtin: str, candidates: list[str], source: str, actor: s
     tx.audit(actor, None, "serials_provisioned", {
         "gtin": gtin, "source": source, "accepted": len(inserted),
         "duplicates": repeats + len(candidates) - len(inserted), "invalid": invalid,
+        **change({"provisioned": before}, {"provisioned": before + len(inserted)}, reason),
     })
     return inserted
+
+
+def _pool_size(tx: Tx, gtin: str) -> int:
+    """Serials of `gtin` in the pool (provisioned, no lot) as this transaction sees them: the table plus its pending counts."""
+    r = tx.cur.execute("SELECT n FROM serial_tally WHERE gtin=? AND lot='' AND state='provisioned'", (gtin,)).fetchone()
+    return (int(r[0]) if r else 0) + tx.tally.get((gtin, "", "provisioned"), 0)
 
 
 def op_next_sscc_refs(tx: Tx, company_prefix: str, extension: int, n: int) -> list[int]:
@@ -631,7 +681,8 @@ def op_next_sscc_refs(tx: Tx, company_prefix: str, extension: int, n: int) -> li
 
 
 def op_create_batch(tx: Tx, lot: str, gtin: str, expiry: str, planned_qty: int, actor: str, origin: str | None,
-                    challenge_required: list[str] | None = None, dates: dict[str, str] | None = None) -> Batch:
+                    challenge_required: list[str] | None = None, dates: dict[str, str] | None = None,
+                    audit_extra: dict[str, Any] | None = None) -> Batch:
     r = tx.cur.execute("SELECT gtin, state FROM batches WHERE lot=?", (lot,)).fetchone()
     if r is not None:
         raise StoreError(f"batch {lot} already exists (GTIN {r[0]}, {r[1]}); a lot number is used once")
@@ -648,6 +699,8 @@ def op_create_batch(tx: Tx, lot: str, gtin: str, expiry: str, planned_qty: int, 
     if challenge_required is not None:
         detail["challenge_required"] = list(challenge_required)
     _tally(tx, tally_name("lot_tallies", lot), 1)  # this batch's reject and return counts are kept from its first event
+    detail.update(audit_extra or {})
+    detail.update(change(None, {"state": "created", "planned_qty": planned_qty}, None))
     tx.audit(actor, origin, "batch_created", detail)
     return Batch(lot=lot, gtin=gtin, expiry=expiry, planned_qty=planned_qty, state="created", created_at=tx.ts, created_by=actor,
                  challenge_required=None if challenge_required is None else list(challenge_required))
@@ -668,6 +721,7 @@ def op_upsert_products(tx: Tx, rows: list[tuple[str, str, str, str]], actor: str
         detail: dict[str, Any] = {"gtin": gtin, "config": json.loads(config)}
         if r is not None:
             detail["previous"] = json.loads(r[0])
+        detail.update(change(detail.get("previous"), detail["config"], "configuration loaded"))
         tx.audit(actor, None, "product_changed" if r is not None else "product_registered", detail)
         changed += 1
     return changed

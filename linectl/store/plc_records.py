@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from linectl.store.audit import change
 from linectl.store.model import StoreError
 from linectl.store.writer import Tx
 
@@ -102,7 +103,7 @@ def op_fate_unknown(tx: Tx, rows: list[tuple[str, str, str | None, str, str, int
     return n
 
 
-def op_resolve_fates(tx: Tx, gtin: str, serials: list[str], outcome: str, actor: str, origin: str) -> list[str]:
+def op_resolve_fates(tx: Tx, gtin: str, serials: list[str], outcome: str, actor: str, origin: str, reason: str | None = None) -> list[str]:
     """Close open fate records; refuses (naming them) serials that have none open. Returns the serials closed."""
     if outcome not in OUTCOMES:
         raise StoreError(f"outcome must be one of {', '.join(OUTCOMES)}, not {outcome!r}")
@@ -118,7 +119,10 @@ def op_resolve_fates(tx: Tx, gtin: str, serials: list[str], outcome: str, actor:
             "UPDATE unit_fates SET state=?, outcome=?, resolved_by=?, resolved_at=? WHERE gtin=? AND serial=?",
             (RESOLVED, outcome, f"{actor}@{origin}", tx.ts, gtin, s),
         )
-    tx.audit(actor, origin, "units_reconciled", {"gtin": gtin, "outcome": outcome, "serials": serials[:200], "count": len(serials)})
+    tx.audit(actor, origin, "units_reconciled", {
+        "gtin": gtin, "outcome": outcome, "serials": serials[:200], "count": len(serials),
+        **change({"fate": FATE_UNKNOWN}, {"fate": RESOLVED, "outcome": outcome}, reason),
+    })
     return serials
 
 

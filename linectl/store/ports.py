@@ -33,6 +33,9 @@ class StoreReads(Protocol):
     def batch_dates(self, lot: str) -> dict[str, str]:
         """The batch's dates besides expiry as created (production_date, packaging_date, best_before, sell_by)."""
 
+    def batch_config(self, lot: str) -> dict[str, Any] | None:
+        """The config hashes recorded with the batch at its creation (linectl.config_hash); None for a batch from before."""
+
     def unit_fates(self, lot: str | None = None, *, open_only: bool = False) -> list[plc_records.UnitFate]: ...
 
     def rejected_copies(self, gtin: str, serial: str) -> list[plc_records.UnitCopy]:
@@ -103,7 +106,8 @@ class StoreWrites(Protocol):
         """Add serials to the pool. Invalid and duplicate serials are counted and named, never stored."""
 
     async def create_batch(self, lot: str, gtin: str, expiry: str, planned_qty: int, actor: str, origin: str | None = None,
-                           challenge_required: list[str] | None = None, dates: dict[str, str] | None = None) -> Batch: ...
+                           challenge_required: list[str] | None = None, dates: dict[str, str] | None = None,
+                           audit_extra: dict[str, Any] | None = None) -> Batch: ...
 
     async def close_batch(
         self, lot: str, policy: str, actor: str, *, extra_unused: Iterable[str] = (), stop_reason: str | None = None
@@ -113,7 +117,8 @@ class StoreWrites(Protocol):
     async def mark_fate_unknown(self, rows: list[tuple[str, str, str | None, str, str, int, int | None, str]]) -> int:
         """Open fate_unknown records for commissioned units whose fate at the gate is not proven; returns how many."""
 
-    async def resolve_fates(self, gtin: str, serials: Sequence[str], outcome: str, actor: str, origin: str) -> list[str]: ...
+    async def resolve_fates(self, gtin: str, serials: Sequence[str], outcome: str, actor: str, origin: str,
+                            reason: str | None = None) -> list[str]: ...
 
     async def save_plc_state(
         self,

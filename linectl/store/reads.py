@@ -217,6 +217,18 @@ class Reader:
         r = self.q("SELECT value FROM meta WHERE key=?", (BATCH_DATES_KEY + lot,))
         return dict(json.loads(r[0][0])) if r else {}
 
+    def batch_config(self, lot: str) -> dict[str, Any] | None:
+        """The config hashes recorded with the batch at its creation (linectl.config_hash); None for a batch from before."""
+        r = self.q("SELECT detail FROM audit WHERE action='batch_created' AND CASE WHEN json_valid(detail) THEN json_extract(detail, '$.lot')=? END "
+                   "ORDER BY seq LIMIT 1", (lot,))
+        if not r:
+            return None
+        try:
+            cfg = json.loads(r[0][0]).get("config")
+        except ValueError:
+            return None
+        return dict(cfg) if isinstance(cfg, dict) else None
+
     def batches(self, state: str | None = None) -> list[Batch]:
         stmt = select(schema.batches).order_by(schema.batches.c.created_at)
         if state is not None:
@@ -238,7 +250,9 @@ class Reader:
 
     def batch_history(self, lot: str) -> list[BatchTransition]:
         """Every state change of a batch, from the audit trail (every BatchStateChanged is audited)."""
-        rows = self.q("SELECT detail FROM audit WHERE action='batch_state' AND json_extract(detail, '$.lot')=? ORDER BY seq", (lot,))
+        # json_valid first: an altered record that is no JSON any more must not make the report unreadable (audit verify names it)
+        rows = self.q("SELECT detail FROM audit WHERE action='batch_state' AND CASE WHEN json_valid(detail) THEN json_extract(detail, '$.lot')=? END "
+                      "ORDER BY seq", (lot,))
         out: list[BatchTransition] = []
         for (detail,) in rows:
             d = json.loads(detail)

@@ -270,12 +270,15 @@ class Store:
             rows.append((_gtin(p.gtin), p.name, p.serials.scheme, p.model_dump_json()))
         return await self._submit(ops.op_upsert_products, rows, actor)  # type: ignore[no-any-return]
 
-    async def provision(self, gtin: str, serials: Iterable[str], source: str, *, actor: str = "system") -> ProvisionResult:
-        """Add serials to the pool. Invalid and duplicate serials are counted and named, never stored."""
+    async def provision(self, gtin: str, serials: Iterable[str], source: str, *, actor: str = "system",
+                        reason: str | None = None) -> ProvisionResult:
+        """Add serials to the pool. Invalid and duplicate serials are counted and named, never stored.
+
+        `reason`: why (an operator's import), recorded with the pool size before and after in the audit trail."""
         g = _gtin(gtin)
         items = list(serials)
         candidates, problems, rejected, invalid, repeats, positions = await asyncio.to_thread(_screen, items)
-        inserted = await self._submit(ops.op_provision, g, candidates, source, actor, invalid, repeats)
+        inserted = await self._submit(ops.op_provision, g, candidates, source, actor, invalid, repeats, reason)
         dups = repeats
         if len(inserted) != len(candidates):
             got = set(inserted)
@@ -341,7 +344,9 @@ class Store:
             return serial_requests.q_voided_unreturned(c, _gtin(gtin), lot, source_prefix)
 
     async def create_batch(self, lot: str, gtin: str, expiry: str, planned_qty: int, actor: str, origin: str | None = None,
-                           challenge_required: list[str] | None = None, dates: dict[str, str] | None = None) -> Batch:
+                           challenge_required: list[str] | None = None, dates: dict[str, str] | None = None,
+                           audit_extra: dict[str, Any] | None = None) -> Batch:
+        """`audit_extra`: more facts for the batch_created audit record (the config's hashes: linectl.config_hash)."""
         if not isinstance(lot, str) or not _LOT_RE.fullmatch(lot):
             raise StoreError(f"lot {lot!r} must be 1-20 characters of GS1 character set 82")
         if not re.fullmatch(r"\d{6}", str(expiry)):
@@ -351,7 +356,8 @@ class Store:
         for name, value in (dates or {}).items():
             if not re.fullmatch(r"\d{6}", str(value)):
                 raise StoreError(f"{name} {value!r} must be YYMMDD")
-        return await self._submit(ops.op_create_batch, lot, _gtin(gtin), str(expiry), int(planned_qty), actor, origin, challenge_required, dates)  # type: ignore[no-any-return]
+        return await self._submit(  # type: ignore[no-any-return]
+            ops.op_create_batch, lot, _gtin(gtin), str(expiry), int(planned_qty), actor, origin, challenge_required, dates, audit_extra)
 
     async def allocate(self, gtin: str, lot: str, n: int, scheme: Any) -> list[str]:
         """Take n never-used serials for the lot: pool (provisioned ones), random or sequential per the product's scheme."""
@@ -502,8 +508,9 @@ class Store:
             return 0
         return await self._submit(plc_records.op_fate_unknown, [(_gtin(r[0]), *r[1:]) for r in rows])  # type: ignore[no-any-return]
 
-    async def resolve_fates(self, gtin: str, serials: Sequence[str], outcome: str, actor: str, origin: str) -> list[str]:
-        return await self._submit(plc_records.op_resolve_fates, _gtin(gtin), list(serials), outcome, actor, origin)  # type: ignore[no-any-return]
+    async def resolve_fates(self, gtin: str, serials: Sequence[str], outcome: str, actor: str, origin: str,
+                            reason: str | None = None) -> list[str]:
+        return await self._submit(plc_records.op_resolve_fates, _gtin(gtin), list(serials), outcome, actor, origin, reason)  # type: ignore[no-any-return]
 
     async def save_plc_counters(self, lot: str, plc: str, epoch: int, point: str, values: dict[str, int | None]) -> None:
         await self._submit(plc_records.op_plc_counters, lot, plc, int(epoch), point, dict(values))
@@ -604,6 +611,10 @@ class Store:
     def batch_dates(self, lot: str) -> dict[str, str]:
         """The batch's dates besides expiry as created (production_date, packaging_date, best_before, sell_by)."""
         return self._reader.batch_dates(lot)
+
+    def batch_config(self, lot: str) -> dict[str, Any] | None:
+        """The config hashes recorded with the batch at its creation (linectl.config_hash); None for a batch from before."""
+        return self._reader.batch_config(lot)
 
     def in_flight(self, lot: str | None = None) -> list[tuple[str, str, str]]:
         return self._reader.in_flight(lot)

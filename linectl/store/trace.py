@@ -37,6 +37,7 @@ from typing import IO, TYPE_CHECKING, Any
 import structlog
 
 from linectl import gs1
+from linectl.store.audit import change
 from linectl.store.model import BATCH_DATES_KEY
 
 if TYPE_CHECKING:
@@ -626,7 +627,7 @@ async def mark_recalled(store: EngineStore, lot: str, actor: str, reason: str = 
         raise TraceError(f"no batch {lot} in this store")
     if is_recalled(store, lot):
         return {"lot": lot, "recalled": True, "already": True}
-    seq = await store.audit(actor, origin, RECALL_ACTION, {"lot": lot, "reason": reason})
+    seq = await store.audit(actor, origin, RECALL_ACTION, {"lot": lot, **change({"recalled": False}, {"recalled": True}, reason)})
     log.warning("batch_recalled", lot=lot, actor=actor, reason=reason, audit_seq=seq)
     return {"lot": lot, "recalled": True, "already": False, "audit_seq": seq}
 

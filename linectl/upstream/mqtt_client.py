@@ -16,8 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import stat
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiomqtt
@@ -100,7 +103,7 @@ def client_options(mqtt: MqttConfig, client_id: str, *, max_inflight: int | None
         "protocol": aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
         "keepalive": mqtt.keepalive_s,
         "username": mqtt.username,
-        "password": mqtt.password,
+        "password": broker_password(mqtt),
     }
     if v5:
         opts["clean_start"] = paho.MQTT_CLEAN_START_FIRST_ONLY  # a fresh Client per connection: always clean
@@ -114,6 +117,41 @@ def client_options(mqtt: MqttConfig, client_id: str, *, max_inflight: int | None
         if mqtt.tls.insecure:
             opts["tls_insecure"] = True
     return opts
+
+
+class SecretRefused(ValueError):
+    """A secret the config names cannot be used (unset variable, unreadable or too open file): the message says which."""
+
+
+def broker_password(mqtt: MqttConfig) -> str | None:
+    """The broker password from `password`, `password_env` or `password_file`, read at each connect (a rotated file
+    is picked up). A file group or others may read is refused: a secret on a shared line PC is the owner's alone."""
+    if mqtt.password_env is not None:
+        value = os.environ.get(mqtt.password_env)
+        if not value:
+            raise SecretRefused(f"mqtt.password_env: environment variable {mqtt.password_env} is not set")
+        return value
+    if mqtt.password_file is not None:
+        return read_secret_file(mqtt.password_file, "mqtt.password_file")
+    return mqtt.password
+
+
+def read_secret_file(path: str, what: str) -> str:
+    """The first line of a secret file that only its owner may read (mode 0600 or 0400); SecretRefused otherwise."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        raise SecretRefused(f"{what}: cannot read {path}: {exc.strerror or exc}") from None
+    if st.st_mode & 0o077:
+        raise SecretRefused(f"{what}: {path} may be read by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+                            f"make it the owner's alone: chmod 600 {path}")
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SecretRefused(f"{what}: cannot read {path}: {exc}") from None
+    if not lines or not lines[0].strip():
+        raise SecretRefused(f"{what}: {path} is empty")
+    return lines[0].strip()
 
 
 def default_client_id(cfg: LineConfig) -> str:
