@@ -17,10 +17,13 @@ What a window must prove, and the rules for what else is in it:
   not confirm as ended (no End_Of_ROSpec) rejects it too
   (`rfid_window_incomplete`): a case is never decided on part of a window;
 * strays are excluded and reported, never a reason on their own: a tag
-  weaker than `rfid_min_rssi` (a neighbouring case at the edge of the field),
-  a unit already packed into the case this station recorded last (the
-  previous case still in the field, a tag seen in two windows), an SSCC-96
-  tag (a case label, not a unit). The case is then decided on the rest, and
+  weaker than `rfid_min_rssi` (a neighbouring case at the edge of the field);
+  a tag seen in two windows, i.e. a unit already packed into the case this
+  station recorded last, or a tag taken as a unit in the previous window
+  whatever became of that case (the previous case still in the field: after
+  a rejected case its units are free in the store, and counting one would
+  pack a unit that is physically in the reject lane); an SSCC-96 tag (a case
+  label, not a unit). The case is then decided on the rest, and
   the strays are named in its AggResult, its `sscc_label_printing` audit
   record and an `rfid_stray_tags` alarm (or the reject alarm);
 * a tag that does not decode as an SGTIN or SSCC EPC (linectl.epc) at or
@@ -119,6 +122,7 @@ class TunnelCaseRuntime(CaseRuntime):
         self.trigger_seen: int | None = None
         self._queue: asyncio.Queue[TunnelRead] = asyncio.Queue(maxsize=WINDOW_QUEUE)
         self._closed_at: float | None = None
+        self._prev_units: set[str] = set()  # EPCs taken as units in the window decided last (whatever became of its case)
         self.log = log.bind(station=cfg.name, reader=reader.name)
 
     # ------------------------------------------------------------------ line interface
@@ -272,16 +276,19 @@ class TunnelCaseRuntime(CaseRuntime):
                 continue
             units[key] = t.epc_hex
         self._strays = strays
+        previous, self._prev_units = self._prev_units, set(units.values())
         if foreign:
             raise Rejected("foreign_tag", f"tag(s) that are no unit EPC: {_short(foreign)}")
         if dups:
             raise Rejected("duplicate", f"two tags for one unit: {_short(dups)}")
         facts = await asyncio.to_thread(unit_facts, self.line.store, list(units))
         kept: list[tuple[str, str]] = []
-        for key in units:
+        for key, tag_epc in units.items():
             f = facts.get(key)
             if f is not None and f.parent is not None and f.parent == self.last_sscc:
                 strays.append(f"(01){key[0]}(21){key[1]}: packed in the previous case {f.parent}, still in the field")
+            elif tag_epc in previous:
+                strays.append(f"(01){key[0]}(21){key[1]}: a unit of the previous case's window, still in the field")
             else:
                 kept.append(key)
         self.tunnel.strays += len(strays)
