@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from engine_helpers import wait_for
 from rfid_support import TunnelRig, unit_epc
-from test_aggregation_support import CP, GTIN, new_batch
+from test_aggregation_support import CP, GTIN, new_batch, sim_unit
 
 from linectl import epc, gs1
 from linectl.drivers.plc_tags import CASE_ACCEPT, CASE_REJECT
@@ -226,3 +226,35 @@ async def test_partial_case_on_command(rig: TunnelRig) -> None:
     res = await rig.case([unit_epc(x) for x in s])
     assert res.ok and res.partial and res.count == 4
     assert packed(rig.store, res.sscc) == {(GTIN, x) for x in s}
+
+
+async def test_decisions_match_the_tunnel_ground_truth(rig: TunnelRig) -> None:
+    """The line simulator's tunnel (simulators/tunnel.py) with every fault on at random: each decision against what
+    was physically in the case."""
+    from linectl.simulators.config import RfidTunnelSim
+    from linectl.simulators.tunnel import RfidTunnel
+
+    n_cases = 16
+    serials = await rig.commission(6 * n_cases + 1)
+    units = [sim_unit(i, s) for i, s in enumerate(serials, 1)]
+    knobs = RfidTunnelSim(stray_rate=0.4, dead_tag_rate=0.2, missing_unit_rate=0.2, linger_rate=0.4)
+    tunnel = RfidTunnel(rig.reader_sim, rig.plc_sim, knobs, lambda u: unit_epc(gs1.parse(u.content or "").serial or ""),
+                        antennas=[1, 2, 3, 4], seed=11)
+    rig.trigger = int(rig.plc_sim.get("case_trigger"))
+    results = []
+    for k in range(n_cases):
+        tunnel.pass_case(units[6 * k : 6 * k + 6], units[6 * k + 6])
+        await wait_for(lambda k=k: rig.rt.counters.reads > k, 10, "case decision")
+        results.append(rig.rt.recent[-1])
+    truth = list(tunnel.cases)
+    assert all(tunnel.faults[f] > 0 for f in ("stray", "dead", "missing", "linger")), tunnel.faults
+    for k, (tc, res) in enumerate(zip(truth, results)):
+        lingered = set(truth[k - 1].linger) - set(truth[k - 1].dead) if k else set()
+        whole = not tc.missing and not tc.dead
+        assert res.ok == whole, (k, tc, res)
+        assert len(res.strays) == len(tc.stray) + len(lingered), (k, tc, res)
+        if whole:
+            assert packed(rig.store, res.sscc) == {(GTIN, serials[seq - 1]) for seq in tc.in_case.values()}
+        else:
+            assert res.reason == "count_short" and f"{6 - len(tc.missing) - len(tc.dead)} read, case holds 6" in res.detail, (k, tc, res)
+    await wait_for(lambda: rig.plc_sim.get("case_seq") == n_cases, 5, "every decision in the PLC")
