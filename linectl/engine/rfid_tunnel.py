@@ -76,7 +76,7 @@ class TunnelRead:
     window: RfidWindow | None
     reason: str | None = None
     detail: str = ""
-    closed_at: float = field(default_factory=time.monotonic)  # monotonic, when the window was closed (or failed)
+    closed_at: float = field(default_factory=time.monotonic)  # monotonic, when the window was closed (STOP_ROSPEC sent) or failed
 
 
 @dataclass
@@ -115,7 +115,8 @@ class TunnelCaseRuntime(CaseRuntime):
         self.window_s = (cfg.window_ms or default_ms) / 1000.0
         self.min_rssi = cfg.rfid_min_rssi
         self.tunnel = TunnelCounters()
-        #: window closed -> the case's children proven or rejected (decode, store checks, count)
+        #: window closed (STOP_ROSPEC sent) -> the case's children proven or rejected: the reader's last reports and
+        #: End_Of_ROSpec, EPC decoding, the store checks, the count
         self.decision_ms = LatencyHistogram()
         #: window closed -> the decision on record (label printed and proven, store written, PLC told)
         self.settled_ms = LatencyHistogram()
@@ -199,20 +200,21 @@ class TunnelCaseRuntime(CaseRuntime):
             self.tunnel.read_failed += 1
             return TunnelRead(trigger, None, "rfid_read_failed", f"reader {self.rfid.name} could not start the window: {exc.reason}")
         await asyncio.sleep(self.window_s)
+        closing = time.monotonic()  # the window closes now (STOP_ROSPEC); decision times count from here
         try:
             win = await self.rfid.end_window()
         except DeviceError as exc:
             self.tunnel.read_failed += 1
-            return TunnelRead(trigger, None, "rfid_read_failed", exc.reason)
+            return TunnelRead(trigger, None, "rfid_read_failed", exc.reason, closing)
         if not win.complete:
             self.tunnel.incomplete += 1
             return TunnelRead(
                 trigger, win, "rfid_window_incomplete",
-                f"reader {self.rfid.name} sent no End_Of_ROSpec for the window ({len(win.tags)} tags seen): it may hold more reports",
+                f"reader {self.rfid.name} sent no End_Of_ROSpec for the window ({len(win.tags)} tags seen): it may hold more reports", closing,
             )
         self.tunnel.windows += 1
         self.tunnel.tags += len(win.tags)
-        return TunnelRead(trigger, win)
+        return TunnelRead(trigger, win, closed_at=closing)
 
     # ------------------------------------------------------------------ windows -> decisions
 
