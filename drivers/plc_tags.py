@@ -78,6 +78,8 @@ CASE_ACCEPT = 1
 CASE_REJECT = 2
 #: the case-divert handshake: result first, then the counter the PLC watches
 CASE_TAGS = ("case_result", "case_seq")
+#: PLC -> linectl: +1 for every case that enters an RFID tunnel (its photo-eye); each count opens one read window
+CASE_TRIGGER = "case_trigger"
 #: line_mode values
 MODE_IDLE, MODE_CHALLENGE, MODE_PRODUCTION = 0, 1, 2
 
@@ -385,6 +387,19 @@ def next_counter(typ: str, value: int) -> int:
     return value + 1 if lo <= value < hi else max(lo, 0)
 
 
+def counter_delta(typ: str, old: int, new: int) -> int:
+    """Counts a PLC counter of the tag's type moved from old to new, across a wrap as next_counter wraps it.
+
+    A counter that went back (a PLC cold start) comes out as nearly a whole range: callers treat a jump larger
+    than anything the line can do between two polls as a restart, not as that many counts.
+    """
+    if new >= old:
+        return new - old
+    lo, hi = _INT_RANGE.get(typ, (0, 2**32 - 1))
+    base = max(lo, 0)
+    return (hi - old) + 1 + (new - base) if new >= base else hi - lo + 1
+
+
 def fit_counter(typ: str, value: int) -> int:
     """A count as a PLC counter of the tag's type holds it: wrapped past its top, never a range error mid-batch."""
     rng = _INT_RANGE.get(typ)
@@ -430,7 +445,7 @@ def check_tag_map(tags: dict[str, Any], heartbeat: bool) -> None:
                 f"tag {ring} count {spec.count}: "
                 + ("must be 2 x R slots ([seq, verdict] pairs)" if ring == "verdict_ring" else "must be >= 1")
             )
-    for name in CASE_TAGS:
+    for name in (*CASE_TAGS, CASE_TRIGGER):
         spec = tags.get(name)
         if spec is None:
             continue
@@ -489,7 +504,7 @@ def check_packml_tags(tags: dict[str, Any]) -> None:
         if spec.count != 1 or not (spec.type in _INT_RANGE or (is_bool and name in _PACKML_BOOL_OK)):
             kinds = "a bool or a single integer" if name in _PACKML_BOOL_OK else "a single integer (uint16 / INT / UDINT / Int32 ...)"
             raise ValueError(f"PackML tag {name} must be {kinds}, not {spec.type}" + (f"[{spec.count}]" if spec.count != 1 else ""))
-    for n in (PACKML_CNTRL_CMD, PACKML_CMD_CHANGE_REQUEST, PACKML_UNIT_MODE, PACKML_UNIT_MODE_CHANGE_REQUEST):
+    for n in (PACKML_CNTRL_CMD, PACKML_CMD_CHANGE_REQUEST, PACKML_UNIT_MODE, PACKML_UNIT_MODE_CHANGE_REQUEST, CASE_TRIGGER):
         if n in tags and not polled(n, tags[n]):
             raise ValueError(f"{n} is written by the PLC for linectl to act on: it cannot be poll: false")
 

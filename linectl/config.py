@@ -751,9 +751,13 @@ class VerifyStation(Model):
     gln_extension: str | None = Field(
         None, pattern=_SGLN_EXTENSION, description="SGLN extension of this station's EPCIS readPoint; default: the station name"
     )
-    reader: str = Field(description="reader, scanner or camera that reads each unit")
+    reader: str = Field(description="reader, scanner or camera that reads each unit; or an RFID reader (driver: llrp, trigger: continuous)")
     plc: str | None = Field(
         None, description="PLC of a reject gate: a verdict per unit in its verdict_ring, rejects confirmed from reject_ring"
+    )
+    rfid_min_rssi: int | None = Field(
+        None, ge=-128, le=0,
+        description="RFID reader only: tags reported weaker than this (dBm) are outside the read zone: counted as strays, not verified",
     )
     rules: VerifyRules = Field(default_factory=VerifyRules)
 
@@ -784,6 +788,15 @@ class CaseStation(Model):
     )
     units_per_case: int = Field(gt=0, le=10_000)
     sscc_extension: int = Field(0, ge=0, le=9)
+    window_ms: int | None = Field(
+        None, ge=10, le=60_000,
+        description="RFID tunnel only: inventory window per case, opened when the PLC's case_trigger counts a case; "
+        "default the reader's window_ms",
+    )
+    rfid_min_rssi: int | None = Field(
+        None, ge=-128, le=0,
+        description="RFID tunnel only: tags reported weaker than this (dBm) are strays from outside the case: excluded and reported",
+    )
 
 
 class PalletStation(Model):
@@ -1051,6 +1064,8 @@ def _reference_problems(cfg: LineConfig) -> list[tuple[tuple[Any, ...], str]]:
                 continue
             if ref not in cfg.devices:
                 out.append((("stations", i, fld), f"no device named {ref!r} (devices: {', '.join(sorted(cfg.devices)) or 'none'})"))
+            elif fld == "reader" and isinstance(st, (CaseStation, VerifyStation)) and role_of(cfg.devices[ref].driver) == "rfid_reader":
+                out.extend(_rfid_reader_problems(i, st, cfg))
             elif role_of(cfg.devices[ref].driver) != role:
                 out.append((("stations", i, fld), f"device {ref!r} is a {role_of(cfg.devices[ref].driver)}, not a {role}"))
             elif isinstance(st, CaseStation) and fld == "plc":
@@ -1058,7 +1073,53 @@ def _reference_problems(cfg: LineConfig) -> list[tuple[tuple[Any, ...], str]]:
             elif isinstance(st, VerifyStation) and fld == "plc":
                 out.extend(_gate_plc_problems(i, st.name, ref, cfg.devices[ref]))
                 out.extend(_gate_reader_problems(i, st, cfg.devices.get(st.reader)))
+        out.extend(_rfid_keys_problems(i, st, cfg))
     return out
+
+
+def _is_rfid(cfg: LineConfig, device: str | None) -> bool:
+    from linectl.drivers.registry import role_of
+
+    dev = cfg.devices.get(device) if device else None
+    return dev is not None and role_of(dev.driver) == "rfid_reader"
+
+
+def _rfid_keys_problems(i: int, st: Any, cfg: LineConfig) -> list[tuple[tuple[Any, ...], str]]:
+    """RFID keys on a station whose reader reads barcodes would be silently ignored: refuse them."""
+    if not isinstance(st, (CaseStation, VerifyStation)) or st.reader not in cfg.devices or _is_rfid(cfg, st.reader):
+        return []
+    keys = [k for k in ("window_ms", "rfid_min_rssi") if k in st.model_fields_set]
+    return [(("stations", i, k), f"station {st.name!r}: {k} applies to an RFID reader (driver: llrp); reader {st.reader!r} "
+             f"is a {cfg.devices[st.reader].driver}") for k in keys]
+
+
+def _rfid_reader_problems(i: int, st: CaseStation | VerifyStation, cfg: LineConfig) -> list[tuple[tuple[Any, ...], str]]:
+    """What an RFID reader needs at a station: a tunnel works in windows opened by the PLC, a verify reader streams."""
+    from linectl.drivers.plc_tags import CASE_TRIGGER
+
+    dev = cfg.devices[st.reader]
+    trigger = getattr(dev, "trigger", None)
+    if isinstance(st, VerifyStation):
+        out: list[tuple[tuple[Any, ...], str]] = []
+        if trigger != "continuous":
+            out.append((("stations", i, "reader"), f"verify station {st.name!r}: RFID reader {st.reader!r} must run trigger: continuous "
+                        "(each tag is verified as it is reported; README \"RFID: verify station\")"))
+        if st.plc is not None:
+            out.append((("stations", i, "plc"), f"verify station {st.name!r}: a reject gate takes its verdicts per unit sequence, which "
+                        f"an RFID tag stream does not carry; with RFID reader {st.reader!r} set no plc"))
+        return out
+    if trigger != "window":
+        return [(("stations", i, "reader"), f"case station {st.name!r}: RFID tunnel reader {st.reader!r} must run trigger: window "
+                 "(one inventory window per case)")]
+    if st.plc is None:
+        return [(("stations", i, "plc"), f"case station {st.name!r}: an RFID tunnel needs the PLC that counts cases into it "
+                 f"(tag {CASE_TRIGGER}): set plc")]
+    plc = cfg.devices.get(st.plc)
+    tags = getattr(plc, "tags", None) or {}
+    if plc is not None and CASE_TRIGGER not in tags:
+        return [(("stations", i, "plc"), f"case station {st.name!r}: PLC {st.plc!r} has no {CASE_TRIGGER} tag in its tag map "
+                 "(the PLC adds 1 when a case enters the RFID tunnel; linectl reads that case's tags in one window)")]
+    return []
 
 
 def _gate_reader_problems(i: int, st: VerifyStation, dev: Any) -> list[tuple[tuple[Any, ...], str]]:

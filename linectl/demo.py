@@ -471,6 +471,10 @@ async def _aggregation_summary(sl: SimulatedLine, lot: str | None) -> dict[str, 
     out["hierarchy_violations"] = await asyncio.to_thread(check_hierarchy, store)
     packer = await sl.control.call(cmd="pack")
     out["packer"] = {k: packer.get(k) for k in ("units_in", "cases_presented", "case_labels", "cases_to_pallet", "pallet_labels", "skipped")}
+    if "tunnel" in packer:  # an RFID tunnel at the case station: what the simulator put in its field, and what linectl read
+        out["packer"]["tunnel"] = {"cases": packer["tunnel"]["cases"], "faults": packer["tunnel"]["faults"]}
+        if case is not None:
+            out["rfid"] = case.snapshot().get("rfid")
     case_plc = getattr(case.cfg, "plc", None) if case is not None else None
     if case_plc:  # what the case reject pusher did, as the simulated PLC saw it over the wire
         plc = ((await sl.control.call(cmd="status")).get("devices") or {}).get(case_plc) or {}

@@ -26,6 +26,24 @@ class FaultRate(_Model):
     params: dict[str, Any] = Field(default_factory=dict, description="extra fault parameters, e.g. {delay_s: 1.5}")
 
 
+class RfidTunnelSim(_Model):
+    """The case packer's RFID tunnel (a case station whose reader is `driver: llrp`): how cases pass it, and its faults.
+
+    Each rate is the chance per case, drawn with the line seed; the packer's ground truth (`tunnel` in its
+    status) names what was done to which case.
+    """
+
+    dwell_s: float = Field(
+        1.0, gt=0, le=60,
+        description="seconds a case's tags stay in the reader's field after the PLC counted it (the next case entering ends it sooner)",
+    )
+    stray_rate: float = Field(0.0, ge=0, le=1, description="a unit of the neighbouring case at the edge of the field (weak tag)")
+    stray_rssi: int = Field(-72, ge=-128, le=0, description="dBm of such a stray tag")
+    dead_tag_rate: float = Field(0.0, ge=0, le=1, description="one unit of the case has a tag that does not answer")
+    missing_unit_rate: float = Field(0.0, ge=0, le=1, description="one unit falls off before the tunnel: the case holds one less")
+    linger_rate: float = Field(0.0, ge=0, le=1, description="one tag of the case stays in the field into the next case's window")
+
+
 class SimulationConfig(_Model):
     rate_upm: float = Field(600.0, gt=0, le=12_000, description="line speed, units per minute")
     defect_rate: float = Field(0.0, ge=0, le=1, description="fraction of printed units given a defect that must be rejected")
@@ -49,6 +67,7 @@ class SimulationConfig(_Model):
     )
     pack_delay_s: float = Field(0.5, ge=0, le=60, description="case packer: seconds from the reject gate into the open case")
     case_travel_s: float = Field(1.5, ge=0, le=600, description="seconds from the case labeller to the palletizer's scanner")
+    rfid_tunnel: RfidTunnelSim = Field(default_factory=RfidTunnelSim, description="the case packer's RFID tunnel, when the case reader is RFID")
     units_log: str | None = Field(
         None, description="append-only JSON-lines ground truth: one line per unit fed and per unit at the gate (see UnitJournal)"
     )

@@ -32,6 +32,7 @@ from linectl.simulators.defects import DefectPlan
 from linectl.simulators.model import SimUnit, Truth, UnitJournal
 from linectl.simulators.packer import Packer
 from linectl.simulators.plc import PlcSim
+from linectl.simulators.tunnel import RfidTunnel
 
 log = structlog.get_logger("linectl.simulators.line")
 
@@ -76,6 +77,12 @@ def _make_printer(name: str, cfg: Any, line: LineSim) -> Any:
     return klass(config=cfg, defect_for=defects, **kw, **_transport_kwargs(name, cfg))
 
 
+def _make_rfid_reader(name: str, cfg: Any, line: LineSim) -> Any:
+    from linectl.simulators.llrp_reader import LlrpReaderSim
+
+    return LlrpReaderSim(config=cfg, name=name, antennas=max([4, *cfg.antennas]), seed=line.sim.seed)
+
+
 def _make_reader(name: str, cfg: Any, line: LineSim) -> Any:
     mod, cls = READER_CLASSES[cfg.driver]
     klass = getattr(importlib.import_module(mod), cls)
@@ -88,6 +95,7 @@ FACTORIES: dict[str, Callable[[str, Any, LineSim], Any]] = {
     **{k: _make_plc for k in PLC_DRIVERS},
     **{k: _make_printer for k in PRINTER_CLASSES},
     **{k: _make_reader for k in READER_CLASSES},
+    "llrp": _make_rfid_reader,
 }
 
 
@@ -230,10 +238,11 @@ class LineSim:
             return d
 
         reader_cfg = self.cfg.devices[case.reader]
+        tunnel = self._build_tunnel(case, reader_cfg, dev) if reader_cfg.driver == "llrp" else None
         return Packer(
             case.name,
             units_per_case=case.units_per_case,
-            case_reader=dev(case.reader, "case reader"),
+            case_reader=None if tunnel is not None else dev(case.reader, "case reader"),
             case_frame=getattr(reader_cfg, "max_codes", 1) > 1,
             case_printer=dev(case.printer, "case label printer"),
             case_label_reader=dev(case.label_reader, "case label reader"),
@@ -242,7 +251,40 @@ class LineSim:
             pallet_label_reader=dev(pallet.label_reader, "pallet label reader") if pallet else None,
             pack_delay_s=self.sim.pack_delay_s,
             case_travel_s=self.sim.case_travel_s,
+            tunnel=tunnel,
         )
+
+    def _build_tunnel(self, case: Any, reader_cfg: Any, dev: Callable[[str | None, str], Any]) -> RfidTunnel:
+        """The case station reads an RFID tunnel: its reader simulator, and the PLC that counts cases into it."""
+        plc = dev(case.plc, "tunnel PLC")
+        if not isinstance(plc, PlcSim):
+            raise SimulatorError(f"station {case.name}: the RFID tunnel needs a simulated PLC (plc: counts cases into it)")
+        try:
+            return RfidTunnel(dev(case.reader, "RFID tunnel reader"), plc, self.sim.rfid_tunnel, self.unit_epc,
+                              antennas=list(reader_cfg.antennas) or [1, 2, 3, 4], seed=self.sim.seed)
+        except ValueError as exc:
+            raise SimulatorError(f"station {case.name}: {exc}") from None
+
+    def unit_epc(self, unit: SimUnit) -> str | None:
+        """The EPC the unit's RFID tag answers with: the one the RFID printer encoded (SimUnit.rfid_epc), else
+        the EPC of the code printed on it (the smallest SGTIN that holds its serial, filter 1 point of sale), so
+        the tunnel works on a line whose unit printer encodes no tag; None for a unit without an identity."""
+        from linectl import epc, gs1
+
+        if unit.rfid_void:
+            return None
+        if unit.rfid_epc:
+            return unit.rfid_epc
+        if not unit.content:
+            return None
+        try:
+            p = gs1.parse(unit.content)
+            if not (p.gtin and p.serial):
+                return None
+            cpl = self.cfg.product(p.gtin).company_prefix_length
+            return epc.make_epc(epc.choose_scheme(p.serial), gtin=p.gtin, serial=p.serial, company_prefix_length=cpl, filter_value=1).epc_hex
+        except (gs1.GS1Error, epc.EpcError, KeyError):
+            return None
 
     async def start(self) -> None:
         self._build()

@@ -7,7 +7,8 @@ and the palletizer's scanner. This module is that physical flow, on the
 same device simulators (camera folder, scanner socket, ZPL port) the real
 devices replace:
 
-    gate "passed" --pack_delay--> case reader (one frame of N units, or N scans)
+    gate "passed" --pack_delay--> case reader (one frame of N units, or N scans,
+                                  or the N units' tags through an RFID tunnel: simulators/tunnel.py)
     case label printed by the ZPL sim --> label reader reads it
     --case_travel--> palletizer scanner reads the case's GS1-128 SSCC
     pallet label printed --> pallet label reader reads it
@@ -32,6 +33,7 @@ from typing import Any
 import structlog
 
 from linectl.simulators.model import SimUnit
+from linectl.simulators.tunnel import RfidTunnel
 
 log = structlog.get_logger("linectl.simulators.packer")
 
@@ -75,11 +77,13 @@ class Packer:
         pallet_label_reader: Any | None = None,
         pack_delay_s: float = 0.5,
         case_travel_s: float = 1.5,
+        tunnel: RfidTunnel | None = None,
     ) -> None:
         self.name = name
         self.per_case = units_per_case
         self.case_reader = case_reader
-        self.case_frame = case_frame
+        self.case_frame = case_frame or tunnel is not None  # a tunnel reads the whole case at once, like a frame
+        self.tunnel = tunnel
         self.case_label_reader = case_label_reader
         self.pallet_reader = pallet_reader
         self.pallet_label_reader = pallet_label_reader
@@ -126,7 +130,10 @@ class Packer:
         units, self.open = self.open[: self.per_case], self.open[self.per_case :]
         if not units:
             return 0
-        self.case_reader.present_many(units)
+        if self.tunnel is not None:  # the next unit waiting is the neighbouring case's, which may stray into the field
+            self.tunnel.pass_case(units, self.open[0] if self.open else None)
+        else:
+            self.case_reader.present_many(units)
         self.counts.cases_presented += 1
         self.counts.units_presented += len(units)
         log.debug("case_presented", packer=self.name, units=len(units))
@@ -162,4 +169,7 @@ class Packer:
         self._read_label(self.pallet_label_reader, unit)
 
     def status(self) -> dict[str, Any]:
-        return {**self.counts.as_dict(), "open_units": len(self.open), "per_case": self.per_case, "frame": self.case_frame}
+        out = {**self.counts.as_dict(), "open_units": len(self.open), "per_case": self.per_case, "frame": self.case_frame}
+        if self.tunnel is not None:
+            out["tunnel"] = self.tunnel.status()
+        return out

@@ -37,7 +37,7 @@ import structlog
 
 from linectl import gs1
 from linectl.config import CaseStation, PalletStation
-from linectl.drivers.base import CodeReader, DeviceError, Plc, PrintConfirm, Printer, PrintJob, Read
+from linectl.drivers.base import CodeReader, DeviceError, Plc, PrintConfirm, Printer, PrintJob, Read, RfidReader
 from linectl.drivers.plc_tags import CASE_ACCEPT, CASE_REJECT, next_counter
 from linectl.engine.station import LinePort, Station, TaskFactory
 from linectl.events import ChildRef, ContainerCommissioned, ContainerDecommissioned, Packed, Severity
@@ -74,6 +74,11 @@ REASONS = {
     "label_unreadable": "the label was not read back",
     "label_mismatch": "the label read back is not the SSCC allocated",
     "commit_failed": "the store refused the aggregation",
+    # RFID tunnel (linectl/engine/rfid_tunnel.py)
+    "foreign_tag": "a tag in the case is no unit EPC this line decodes",
+    "rfid_read_failed": "the tunnel reader failed during the case's window (connection lost, malformed LLRP, not connected)",
+    "rfid_window_incomplete": "the reader did not confirm the end of the case's window: reports may be missing",
+    "no_window": "a case passed the tunnel while the previous window was still being read",
 }
 
 
@@ -93,6 +98,8 @@ class AggResult:
     reason: str | None = None
     detail: str = ""
     partial: bool = False
+    #: RFID tunnel: tags in the case's window that were excluded as not in this case (why, per tag)
+    strays: list[str] = field(default_factory=list)
     at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="milliseconds"))
 
     def as_dict(self) -> dict[str, Any]:
@@ -134,7 +141,7 @@ class AggregationRuntime(Station):
         self,
         cfg: CaseStation | PalletStation,
         line: LinePort,
-        reader: CodeReader,
+        reader: CodeReader | RfidReader,
         printer: Printer,
         label_reader: CodeReader | None = None,
         *,
@@ -163,6 +170,8 @@ class AggregationRuntime(Station):
         self._label_reads: asyncio.Queue[Read] = asyncio.Queue(maxsize=64)
         self._plc_seq: int | None = None  # last case_seq the PLC confirmed; None = ask the PLC first
         self._signal_lock = asyncio.Lock()  # scan-mode no-reads decide outside _busy: keep result/seq pairs whole
+        self._strays: list[str] = []  # tags the parent being decided excluded (RFID tunnel); reset per parent
+        self.last_sscc: str | None = None  # the parent this station recorded last
 
     @property
     def target(self) -> int:
@@ -217,6 +226,7 @@ class AggregationRuntime(Station):
     # ------------------------------------------------------------------ reads
 
     async def _reads(self) -> None:
+        assert isinstance(self.reader, CodeReader)
         async for r in self.reader.reads():
             try:
                 await self.handle_read(r)
@@ -264,22 +274,21 @@ class AggregationRuntime(Station):
             return await self._close(codes, partial, read_seq)
 
     async def _close(self, codes: list[Any], partial: bool, read_seq: int | None) -> AggResult:
+        self._strays = []
         batch = self.current_batch()
         if batch is None:
             return await self._reject_early(len(codes), "no_batch", "no open batch on the line", partial)
         try:
-            children = self._parse_children(codes, batch)
-            self._check_count(len(children), partial)
-            refs = await asyncio.to_thread(self._check_children, children, batch)
+            refs = await self._children(codes, batch, partial)
         except Rejected as rj:
             return await self._reject_early(len(codes), rj.reason, rj.detail, partial)
         sscc = await self._allocate_sscc(batch)
-        await self.line.store.audit(
-            "system",
-            f"station:{self.name}",
-            LABEL_INTENT_ACTION,
-            {"sscc": sscc, "level": self.level, "lot": batch.lot, "gtin": batch.gtin, "station": self.name, "count": len(refs), "read_seq": read_seq},
-        )
+        intent: dict[str, Any] = {
+            "sscc": sscc, "level": self.level, "lot": batch.lot, "gtin": batch.gtin, "station": self.name, "count": len(refs), "read_seq": read_seq,
+        }
+        if self._strays:
+            intent["strays"] = self._strays[:50]
+        await self.line.store.audit("system", f"station:{self.name}", LABEL_INTENT_ACTION, intent)
         try:
             await self._label(sscc, batch, len(refs))
         except Rejected as rj:
@@ -293,11 +302,28 @@ class AggregationRuntime(Station):
             return await self._reject_labelled(sscc, len(refs), "commit_failed", str(exc)[:300], partial, batch)
         self.counters.recorded += 1
         self.counters.partial += int(partial)
-        res = AggResult(True, self.level, len(refs), sscc, partial=partial)
+        self.last_sscc = sscc
+        res = AggResult(True, self.level, len(refs), sscc, partial=partial, strays=list(self._strays))
         await self._signal(res)
+        if res.strays:
+            await self._report_strays(res)
         self.recent.append(res)
-        self.log.info("aggregated", sscc=sscc, children=len(refs), partial=partial, lot=batch.lot, read_seq=read_seq)
+        self.log.info("aggregated", sscc=sscc, children=len(refs), partial=partial, lot=batch.lot, read_seq=read_seq, strays=len(res.strays))
         return res
+
+    async def _children(self, codes: list[Any], batch: BatchContext, partial: bool) -> list[ChildRef]:
+        """The children of one parent, proven: parsed, counted, then checked against the store. Raises Rejected."""
+        children = self._parse_children(codes, batch)
+        self._check_count(len(children), partial)
+        return await asyncio.to_thread(self._check_children, children, batch)
+
+    async def _report_strays(self, res: AggResult) -> None:
+        """A parent recorded although its read held tags of something else: the operator sees which, and why excluded."""
+        msg = f"{self.level} {res.sscc} recorded with {res.count} children; {len(res.strays)} stray tag(s) excluded: {_short(res.strays)}"
+        try:
+            await self.line.alarm("rfid_stray_tags", msg[:500], Severity.INFO, self.name)
+        except Exception as exc:  # noqa: BLE001
+            self.log.error("alarm_failed", error=str(exc))
 
     def _check_count(self, n: int, partial: bool) -> None:
         if n > self.target:
@@ -379,7 +405,7 @@ class AggregationRuntime(Station):
 
     async def _reject_early(self, n: int, reason: str, detail: str, partial: bool) -> AggResult:
         """Rejected before an SSCC was allocated: nothing to void, the children were never touched."""
-        return await self._rejected(AggResult(False, self.level, n, None, reason, detail, partial))
+        return await self._rejected(AggResult(False, self.level, n, None, reason, detail, partial, strays=list(self._strays)))
 
     async def _reject_labelled(self, sscc: str, n: int, reason: str, detail: str, partial: bool, batch: BatchContext) -> AggResult:
         try:
@@ -391,7 +417,7 @@ class AggregationRuntime(Station):
             self.counters.sscc_voided += 1
         except Exception as exc:  # noqa: BLE001 - the intent record makes recover_containers void it at the next start
             self.log.error("sscc_void_failed", sscc=sscc, error=str(exc))
-        return await self._rejected(AggResult(False, self.level, n, sscc, reason, detail, partial))
+        return await self._rejected(AggResult(False, self.level, n, sscc, reason, detail, partial, strays=list(self._strays)))
 
     async def _rejected(self, res: AggResult) -> AggResult:
         assert res.reason is not None
@@ -399,6 +425,8 @@ class AggregationRuntime(Station):
         self.counters.rejected[res.reason] = self.counters.rejected.get(res.reason, 0) + 1
         self.log.warning("rejected", reason=res.reason, detail=res.detail, sscc=res.sscc, children=res.count)
         msg = f"{self.level} rejected ({res.reason}): {res.detail}" + (f"; SSCC {res.sscc} voided" if res.sscc else "")
+        if res.strays:
+            msg += f"; stray tag(s) excluded: {_short(res.strays)}"
         try:
             await self.line.alarm(self.alarm_code, msg[:500], Severity.WARNING, self.name)
         except Exception as exc:  # noqa: BLE001
@@ -509,7 +537,10 @@ class CaseRuntime(AggregationRuntime):
         return out
 
     def _check_children(self, children: list[tuple[str, str]], batch: BatchContext) -> list[ChildRef]:
-        facts = unit_facts(self.line.store, children)
+        return self._judge(children, unit_facts(self.line.store, children), batch)
+
+    def _judge(self, children: list[tuple[str, str]], facts: Mapping[tuple[str, str], Any], batch: BatchContext) -> list[ChildRef]:
+        """Every child known, commissioned, of the running batch and free, or Rejected naming every problem."""
         problems: dict[str, list[str]] = {}
         for g, s in children:
             f = facts.get((g, s))
@@ -587,12 +618,19 @@ def build(st: CaseStation | PalletStation, line: LinePort, drivers: Mapping[str,
     """The registry's builder (linectl/engine/station.py) for `type: case` and `type: pallet`."""
     reader, printer = drivers[st.reader], drivers[st.printer]
     label_reader = drivers[st.label_reader] if st.label_reader else None
-    assert isinstance(reader, CodeReader) and isinstance(printer, Printer)
+    assert isinstance(printer, Printer)
     assert label_reader is None or isinstance(label_reader, CodeReader)
     if isinstance(st, CaseStation):
         plc = drivers[st.plc] if st.plc else None
         assert plc is None or isinstance(plc, Plc)
+        if isinstance(reader, RfidReader):  # an RFID tunnel: config load checked its PLC and case_trigger
+            from linectl.engine.rfid_tunnel import TunnelCaseRuntime
+
+            assert plc is not None
+            return TunnelCaseRuntime(st, line, reader, printer, label_reader, plc=plc)
+        assert isinstance(reader, CodeReader)
         return CaseRuntime(st, line, reader, printer, label_reader, plc=plc)
+    assert isinstance(reader, CodeReader)
     return PalletRuntime(st, line, reader, printer, label_reader)
 
 

@@ -24,6 +24,19 @@ to rework (rework bench) or decommission; linectl does not guess which.
 Stop rules (`rules:`, as print_verify's): consecutive rejects, consecutive
 no-reads, a reject not confirmed, and, with a PLC that reports trigger_count,
 a reader that stays silent while units go by.
+
+With an RFID reader (driver: llrp, `trigger: continuous`, no plc) each tag is
+verified as the reader first reports it: its EPC decodes (linectl.epc) to a
+GTIN + serial, which must pass the same store checks as a read code (known,
+commissioned, of the open batch, not decommissioned, not carried by another
+tag). Why continuous and no gate: a tag stream carries no unit sequence, so
+there is nothing to key a gate verdict to, and a window per unit at line speed
+would be a window per 100 ms. A tag is decided once: the reader reports it
+again while it stays in the field (session 0) or after its flag decays, and
+those reports are the same unit, not a copy (`rfid_repeats`). Tags weaker than
+`rfid_min_rssi` are outside the read zone (`rfid_strays`). A cloned tag on a
+second pack is indistinguishable from a repeat: RFID verification proves what
+is in the stream, not how many packs carry it.
 """
 
 from __future__ import annotations
@@ -37,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from linectl import gs1
-from linectl.config import VerifyStation as VerifyConfig
+from linectl.config import VerifyStation
 from linectl.drivers.base import (
     CodeReader,
     Decoded,
@@ -45,11 +58,14 @@ from linectl.drivers.base import (
     HealthState,
     Plc,
     Read,
+    RfidReader,
+    TagRead,
 )
 from linectl.drivers.plc_tags import VERDICT_GOOD, VERDICT_REJECT, PlcConfigBase
 from linectl.engine.station import LinePort, Station, TaskFactory
 from linectl.engine.stats import LatencyHistogram
 from linectl.engine.verdict import Expected, Verdict, symbol_problem, verify_unit
+from linectl.epc import EpcError, decode_epc
 from linectl.events import ReadRejected, RejectReason, Severity, UnitInspected
 
 if TYPE_CHECKING:
@@ -73,9 +89,13 @@ class VerifyCounters:
     rejected: dict[str, int] = field(default_factory=dict)
     reject_confirmed: int = 0
     failsafe_rejects: int = 0  # units the gate rejected without our reject order
+    rfid_repeats: int = 0  # RFID: reports of a tag already decided (the same unit still in the field)
+    rfid_strays: int = 0  # RFID: tags weaker than rfid_min_rssi, not verified
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "rfid_repeats": self.rfid_repeats,
+            "rfid_strays": self.rfid_strays,
             "read": self.read,
             "good": self.good,
             "rejected": dict(self.rejected),
@@ -101,7 +121,7 @@ def expected_for(batch: BatchContext, serial: str) -> Expected:
 
 
 class VerifyRuntime(Station):
-    def __init__(self, cfg: VerifyConfig, line: LinePort, reader: CodeReader, plc: Plc | None = None) -> None:
+    def __init__(self, cfg: VerifyStation, line: LinePort, reader: CodeReader | RfidReader, plc: Plc | None = None) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.line = line
@@ -128,11 +148,12 @@ class VerifyRuntime(Station):
         self._unread_since: float | None = None  # the PLC counted a unit not read yet, since
         self._pitch_s: float | None = None
         self._pace_last: tuple[int, float] | None = None
+        self._epcs: OrderedDict[str, None] = OrderedDict()  # RFID: EPCs already decided at this station
 
     # ------------------------------------------------------------------ Station hooks
 
     def tasks(self) -> dict[str, TaskFactory]:
-        t: dict[str, TaskFactory] = {f"{self.name}.reads": self._reads}
+        t: dict[str, TaskFactory] = {f"{self.name}.reads": self._tags if isinstance(self.reader, RfidReader) else self._reads}
         if self.plc is not None:
             t[f"{self.name}.watch"] = self._watch
         return t
@@ -194,6 +215,7 @@ class VerifyRuntime(Station):
     # ------------------------------------------------------------------ reads
 
     async def _reads(self) -> None:
+        assert isinstance(self.reader, CodeReader)
         async for r in self.reader.reads():
             self._last_read_at = self.line.clock.monotonic()
             self._unread_since = None
@@ -221,6 +243,57 @@ class VerifyRuntime(Station):
             await self._bad(seq, v, batch, r.received_at)
         return v
 
+    # ------------------------------------------------------------------ RFID (continuous)
+
+    async def _tags(self) -> None:
+        assert isinstance(self.reader, RfidReader)
+        async for tag in self.reader.tags():
+            self._last_read_at = self.line.clock.monotonic()
+            try:
+                await self.handle_tag(tag)
+            except Exception as exc:  # noqa: BLE001 - one bad tag must not stop the station
+                self.log.exception("tag_handling_failed", epc=tag.epc_hex, error=str(exc))
+
+    async def handle_tag(self, tag: TagRead) -> Verdict | None:
+        """Decide the unit of one tag report; None for a stray (below the floor) or a tag already decided."""
+        if self.cfg.rfid_min_rssi is not None and tag.peak_rssi is not None and tag.peak_rssi < self.cfg.rfid_min_rssi:
+            self.counters.rfid_strays += 1
+            return None
+        if tag.epc_hex in self._epcs:
+            self.counters.rfid_repeats += 1
+            self._epcs.move_to_end(tag.epc_hex)
+            return None
+        self._epcs[tag.epc_hex] = None
+        while len(self._epcs) > SEEN_MAX:
+            self._epcs.popitem(last=False)
+        received = time.monotonic()
+        seq = self._last_seq + 1
+        self._last_seq = seq
+        self.counters.read += 1
+        batch = self.line.batch
+        v = self.check_tag(tag, batch, seq)
+        if v.good:
+            assert batch is not None
+            await self._good(seq, v, batch, received)
+        else:
+            await self._bad(seq, v, batch, received)
+        return v
+
+    def check_tag(self, tag: TagRead, batch: BatchContext | None, seq: int) -> Verdict:
+        """The verdict on one tag: its EPC decodes to a unit identity, which passes the store checks."""
+        try:
+            epc = decode_epc(tag.epc_hex)
+        except EpcError as exc:
+            return Verdict(False, RejectReason.WRONG_CONTENT, f"tag EPC {tag.epc_hex[:60]}: {exc}")
+        if epc.gtin is None or epc.serial is None:
+            return Verdict(False, RejectReason.WRONG_CONTENT, f"tag {epc.pure_uri}: an SSCC (a case label), not a unit identity")
+        bad = self._identity(epc.gtin, epc.serial, batch, seq)
+        if bad is not None:
+            return bad
+        return Verdict(True, None, "", None, seen_gtin=epc.gtin, seen_serial=epc.serial)
+
+    # ------------------------------------------------------------------ codes
+
     def check(self, codes: tuple[Decoded, ...], batch: BatchContext | None, seq: int) -> Verdict:
         """The verdict on one unit's codes. Order: what the reader saw (no read, symbology, element string), then
         what the store says of that serial (unknown, decommissioned, not commissioned, another batch), then whether
@@ -237,6 +310,19 @@ class VerifyRuntime(Station):
         g, s = parsed.gtin, parsed.serial
         if not g or not s:
             return Verdict(False, RejectReason.WRONG_CONTENT, f"{parsed.hri}: not a GS1 unit identity (GTIN + serial)")
+        bad = self._identity(g, s, batch, seq)
+        if bad is not None:
+            return bad
+        assert batch is not None
+        v = verify_unit(
+            expected_for(batch, s), codes, min_grade=min_grade, require_gs1=self.rules.require_gs1, check_grade=self.rules.check_grade, allow_dmre=allow_dmre
+        )
+        if v.good:
+            return Verdict(True, None, "", v.grade, seen_gtin=g, seen_serial=s)
+        return Verdict(False, v.reason, v.detail, v.grade, seen_gtin=g, seen_serial=s)
+
+    def _identity(self, g: str, s: str, batch: BatchContext | None, seq: int) -> Verdict | None:
+        """What the store says of GTIN + serial read on unit `seq` (known, state, batch, not on another unit); None = fine."""
         first_on = self._seen.get((g, s))
         self._seen[(g, s)] = first_on if first_on is not None else seq
         self._seen.move_to_end((g, s))
@@ -261,12 +347,7 @@ class VerifyRuntime(Station):
             )
         if first_on is not None and first_on != seq:
             return Verdict(False, RejectReason.DUPLICATE, f"serial {s} was already read on unit {first_on}", seen_gtin=g, seen_serial=s)
-        v = verify_unit(
-            expected_for(batch, s), codes, min_grade=min_grade, require_gs1=self.rules.require_gs1, check_grade=self.rules.check_grade, allow_dmre=allow_dmre
-        )
-        if v.good:
-            return Verdict(True, None, "", v.grade, seen_gtin=g, seen_serial=s)
-        return Verdict(False, v.reason, v.detail, v.grade, seen_gtin=g, seen_serial=s)
+        return None
 
     async def _good(self, seq: int, v: Verdict, batch: BatchContext, received_at: float) -> None:
         assert v.seen_gtin is not None and v.seen_serial is not None
@@ -429,10 +510,10 @@ class VerifyRuntime(Station):
         )
 
 
-def build(cfg: VerifyConfig, line: LinePort, drivers: Mapping[str, Driver]) -> VerifyRuntime:
+def build(cfg: VerifyStation, line: LinePort, drivers: Mapping[str, Driver]) -> VerifyRuntime:
     """The registry's builder (linectl/engine/station.py) for `type: verify`."""
     reader = drivers[cfg.reader]
     plc = drivers[cfg.plc] if cfg.plc else None
-    assert isinstance(reader, CodeReader)  # roles are checked at config load
+    assert isinstance(reader, (CodeReader, RfidReader))  # roles are checked at config load
     assert plc is None or isinstance(plc, Plc)
     return VerifyRuntime(cfg, line, reader, plc)
