@@ -427,7 +427,7 @@ class Product(Model):
         description="what carries each unit's identity and is verified: the printed DataMatrix, the label's RFID tag "
         "(encoded and read back by an RFID label printer), or both (a unit passes only when both verify)",
     )
-    rfid: ProductRfid = Field(default_factory=ProductRfid, description="carrier rfid/both: how the tag's EPC is encoded")
+    rfid: ProductRfid | None = Field(None, description="carrier rfid/both: how the tag's EPC is encoded (default: scheme auto, filter 1)")
     _code_template: gs1.CodeTemplate = PrivateAttr()
 
     @field_validator("gtin")
@@ -462,9 +462,11 @@ class Product(Model):
     @model_validator(mode="after")
     def _rfid_rules(self) -> Product:
         if self.carrier == "datamatrix":
-            if "rfid" in self.model_fields_set:
+            if self.rfid is not None:
                 raise ValueError("rfid: applies to carrier rfid or both; this product's carrier is datamatrix")
             return self
+        if self.rfid is None:
+            self.rfid = ProductRfid()
         if self.company_prefix_length < 6:
             raise ValueError(
                 f"carrier {self.carrier}: an SGTIN EPC needs a company prefix of 6 to 12 digits (TDS partition table), "
@@ -488,8 +490,9 @@ class Product(Model):
 
     def epc(self, gtin: str, serial: str) -> EpcValue:
         """The EPC this product's tag carries for `serial` (EpcError when the scheme cannot hold it)."""
-        scheme = choose_scheme(serial) if self.rfid.scheme == "auto" else self.rfid.scheme
-        return make_epc(scheme, gtin=gtin, serial=serial, company_prefix_length=self.company_prefix_length, filter_value=self.rfid.filter_value)
+        rf = self.rfid or ProductRfid()
+        scheme = choose_scheme(serial) if rf.scheme == "auto" else rf.scheme
+        return make_epc(scheme, gtin=gtin, serial=serial, company_prefix_length=self.company_prefix_length, filter_value=rf.filter_value)
 
 
 def sgtin96_serials_problem(serials: RandomSerials | SequentialSerials | PoolSerials) -> str | None:
@@ -1119,6 +1122,10 @@ def _carrier_problems(cfg: LineConfig, i: int, st: PrintVerifyStation) -> list[t
             out.append((where, f"product {p.gtin} has carrier datamatrix (no tag), but printer {st.printer!r} refuses jobs "
                         "without an EPC (rfid.require_epc): set the product's carrier to rfid or both, or require_epc false"))
     if rfid is not None and any(p.rfid_carrier for p in cfg.products):
+        plc_tags = getattr(cfg.devices.get(st.plc), "tags", None) or {}
+        if "trigger_count" not in plc_tags:
+            out.append((("stations", i, "plc"), f"station {st.name!r}: a ZPL printer has no product counter, so print_verify "
+                        f"numbers its labels from the PLC's trigger count at each start; PLC {st.plc!r} maps no trigger_count tag"))
         if rfid.labels_per_format != 1:
             out.append((("devices", st.printer, "rfid", "labels_per_format"), f"station {st.name!r}: print_verify tracks one "
                         "label per unit and job; labels_per_format > 1 puts VOID labels of one job on several units"))

@@ -36,6 +36,7 @@ from linectl.demo import DEFAULT_CONFIG
 from linectl.epc import decode_epc, make_epc
 from linectl.epcis import EpcisMapper
 from linectl.events import UnitCommissioned, UnitDecommissioned
+from linectl.packaged import example_config
 from linectl.yamlsource import ConfigFileError, load_yaml, to_plain
 
 pytestmark = pytest.mark.slow
@@ -45,32 +46,29 @@ RFID_REASONS = {"rfid_void", "rfid_mismatch", "rfid_no_answer"}
 NUMERIC_SERIALS = {"scheme": "random", "alphabet": "123456789", "length": 11, "planned_volume": 1_000_000}
 
 
+RFID_EXAMPLE = example_config("rfid-line")
+NO_RFID_FAULTS = {"rfid_void_rate": 0.0, "rfid_wrong_epc_rate": 0.0, "rfid_no_answer_rate": 0.0}
+
+
 def rfid_raw(*, carrier: str = "both", rfid: dict[str, Any] | None = None, serials: dict[str, Any] | None = None,
              reader: bool = True, printer_rfid: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The demo line with its coder replaced by an RFID ZPL label printer and its product given an RFID carrier."""
-    raw: dict[str, Any] = to_plain(load_yaml(DEFAULT_CONFIG))
-    devices = raw["devices"]
-    del devices["coder1"]
-    devices["label1"] = {
-        "driver": "zpl", "host": "127.0.0.1", "port": 9303,
-        # confirmations at 20 Hz: an ok tag is reported once ~HS saw its format leave, well before the read point
-        "status_interval_s": 0.05, "settle_s": 0.05,
-        "rfid": {"enabled": True, "verify_timeout_s": 1.0, **(printer_rfid or {})},
-    }
+    """The shipped RFID example line (config/rfid-line.yaml: an RFID ZPL label printer, a reader, a Modbus PLC),
+    its product's carrier / rfid / serials and the printer's rfid block changed."""
+    raw: dict[str, Any] = to_plain(load_yaml(RFID_EXAMPLE))
+    raw["devices"]["label1"]["rfid"].update(printer_rfid or {})
     product = raw["products"][0]
     product["carrier"] = carrier
+    if carrier == "datamatrix":
+        del product["rfid"]
+        del raw["stations"][0]["rules"]["rfid_void_limit"]
     if rfid is not None:
         product["rfid"] = rfid
     if serials is not None:
         product["serials"] = serials
-    st = next(s for s in raw["stations"] if s["type"] == "print_verify")
-    st["printer"] = "label1"
-    st["rate_upm"] = 300
-    st["printer_queue_s"] = 1.5
+    st = raw["stations"][0]
     if not reader:
         del st["reader"]
         st["rules"] = {k: v for k, v in st["rules"].items() if k not in ("no_read_limit", "read_timeout_s")}
-    raw["simulation"].update({"camera_distance": 3, "gate_distance": 14})
     return raw
 
 
@@ -207,7 +205,7 @@ async def test_void_run_stops_the_line_by_rfid_void_limit(tmp_path):
     rejected and decommissioned rfid_void, none commissioned; the rest of the batch record balances."""
     base = write_base(tmp_path, rfid_raw(carrier="both"))
     rules = {"consecutive_reject_limit": 50, "no_read_limit": 50, "rfid_void_limit": 3}
-    async with simulated_line(tmp_path, rate=300, defect_rate=0.0, seed=3, rules=rules, simulation={"variation_rate": 0.0}, base=base) as sl:
+    async with simulated_line(tmp_path, rate=300, defect_rate=0.0, seed=3, rules=rules, simulation={"variation_rate": 0.0, **NO_RFID_FAULTS}, base=base) as sl:
         lot = await sl.create_batch(200, challenge=False)
         await sl.start_batch()
         await wait_for(lambda: sl.line.batch.good_total() >= 10, 30, "10 good units")
@@ -280,6 +278,10 @@ def test_station_refusals():
     # one label per job and unit, VOID and go on
     assert "labels_per_format" in refused(rfid_raw(printer_rfid={"labels_per_format": 2}))
     assert "error_handling E" in refused(rfid_raw(printer_rfid={"error_handling": "E"}))
+    # labels are numbered from the PLC's trigger count (a ZPL printer counts no products)
+    raw = rfid_raw()
+    del raw["devices"]["plc1"]["tags"]["trigger_count"]
+    assert "trigger_count" in refused(raw)
     # rules that cannot apply
     raw = rfid_raw(carrier="rfid", reader=False)
     raw["stations"][0]["rules"]["no_read_limit"] = 3
