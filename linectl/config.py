@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 from linectl import gs1
 from linectl.drivers.base import DriverConfig
 from linectl.drivers.registry import device_config_classes
+from linectl.epc import SGTIN96_MAX_SERIAL, EpcValue, choose_scheme, make_epc
 from linectl.yamlsource import ConfigFileError, Problem, dotted, line_of, parse_yaml, read_config_bytes, substitute_env, to_plain
 
 #: a fixed UTC offset as EPCIS writes eventTimeZoneOffset
@@ -392,6 +393,15 @@ class OpenScsSourceConfig(Model):
 SerialSourceConfig = Annotated[SerialboxSourceConfig | NumberRangeSourceConfig | OpenScsSourceConfig, Field(discriminator="type")]
 
 
+class ProductRfid(Model):
+    """How a product's RFID tag is encoded (GS1 EPC Tag Data Standard); the company prefix length is the product's."""
+
+    scheme: Literal["auto", "sgtin-96", "sgtin-198"] = Field(
+        "auto", description="auto: SGTIN-96 for each serial it can hold (numeric, no leading zero, <= 274877906943), else SGTIN-198"
+    )
+    filter_value: int = Field(1, ge=0, le=7, description="EPC filter value; 1 = point of sale (POS) trade item (TDS)")
+
+
 class Product(Model):
     gtin: str
     name: str
@@ -413,6 +423,12 @@ class Product(Model):
         description="a batch's expiry may be at most this many days after its production_date (or, without one, "
         "after the day the batch is created)",
     )
+    carrier: Literal["datamatrix", "rfid", "both"] = Field(
+        "datamatrix",
+        description="what carries each unit's identity and is verified: the printed DataMatrix, the label's RFID tag "
+        "(encoded and read back by an RFID label printer), or both (a unit passes only when both verify)",
+    )
+    rfid: ProductRfid | None = Field(None, description="carrier rfid/both: how the tag's EPC is encoded (default: scheme auto, filter 1)")
     _code_template: gs1.CodeTemplate = PrivateAttr()
 
     @field_validator("gtin")
@@ -443,6 +459,60 @@ class Product(Model):
         if self.gtin[1 : 1 + self.company_prefix_length] == "" or self.company_prefix_length > 12:
             raise ValueError("company_prefix_length does not fit the GTIN")
         return self
+
+    @model_validator(mode="after")
+    def _rfid_rules(self) -> Product:
+        if self.carrier == "datamatrix":
+            if self.rfid is not None:
+                raise ValueError("rfid: applies to carrier rfid or both; this product's carrier is datamatrix")
+            return self
+        if self.rfid is None:
+            self.rfid = ProductRfid()
+        if self.company_prefix_length < 6:
+            raise ValueError(
+                f"carrier {self.carrier}: an SGTIN EPC needs a company prefix of 6 to 12 digits (TDS partition table), "
+                f"company_prefix_length is {self.company_prefix_length}"
+            )
+        if self.rfid.scheme == "sgtin-96":
+            problem = sgtin96_serials_problem(self.serials)
+            if problem is not None:
+                raise ValueError(f"rfid.scheme sgtin-96: {problem}; use scheme auto or sgtin-198")
+        return self
+
+    @property
+    def rfid_carrier(self) -> bool:
+        """Each unit's label carries an RFID tag to encode and verify (carrier rfid or both)."""
+        return self.carrier != "datamatrix"
+
+    @property
+    def datamatrix_carrier(self) -> bool:
+        """Each unit's printed DataMatrix is read back and verified (carrier datamatrix or both)."""
+        return self.carrier != "rfid"
+
+    def epc(self, gtin: str, serial: str) -> EpcValue:
+        """The EPC this product's tag carries for `serial` (EpcError when the scheme cannot hold it)."""
+        rf = self.rfid or ProductRfid()
+        scheme = choose_scheme(serial) if rf.scheme == "auto" else rf.scheme
+        return make_epc(scheme, gtin=gtin, serial=serial, company_prefix_length=self.company_prefix_length, filter_value=rf.filter_value)
+
+
+def sgtin96_serials_problem(serials: RandomSerials | SequentialSerials | PoolSerials) -> str | None:
+    """Why a serial scheme can produce serials SGTIN-96 cannot hold (not numeric, a leading zero, above 2^38-1), or None."""
+    if isinstance(serials, PoolSerials):
+        return "pool serials come from upstream and may be alphanumeric or have leading zeros"
+    if isinstance(serials, RandomSerials):
+        if not serials.alphabet.isdigit() or not serials.alphabet.isascii():
+            return f"random serials of alphabet {serials.alphabet!r} may hold non-digits"
+        if "0" in serials.alphabet and serials.length > 1:
+            return "random serials may start with 0 (the alphabet has 0), a leading zero SGTIN-96 cannot keep"
+        if int(max(serials.alphabet) * serials.length) > SGTIN96_MAX_SERIAL:
+            return f"random serials of {serials.length} digits go above {SGTIN96_MAX_SERIAL}, the largest SGTIN-96 serial"
+        return None
+    if serials.width > 1 and serials.start < 10 ** (serials.width - 1):
+        return f"sequential serials zero-padded to width {serials.width} start with a leading zero"
+    if serials.start > SGTIN96_MAX_SERIAL:
+        return f"sequential serials start above {SGTIN96_MAX_SERIAL}, the largest SGTIN-96 serial"
+    return None
 
 
 # --------------------------------------------------------------------------- store, MQTT
@@ -685,6 +755,14 @@ class VerifyRules(Model):
     drain_timeout_s: float = Field(5.0, gt=0, description="at stop, how long units on the belt may take to reach reader and gate")
     require_gs1: bool = True
     check_grade: bool = True
+    rfid_void_limit: int = Field(
+        3, ge=1, le=1000,
+        description="print_verify with an RFID product: this many units in a row whose tag the printer VOIDed stop the line",
+    )
+
+
+#: rules about reading the printed code: refused on a print_verify station without a reader (carrier rfid only)
+READ_RULES = ("no_read_limit", "read_timeout_s", "require_gs1", "check_grade")
 
 
 class PrintVerifyStation(Model):
@@ -694,7 +772,10 @@ class PrintVerifyStation(Model):
         None, pattern=_SGLN_EXTENSION, description="SGLN extension of this station's EPCIS readPoint; default: the station name"
     )
     printer: str
-    reader: str
+    reader: str | None = Field(
+        None, description="reader/camera of the printed code; none only for a line whose products are all carrier rfid "
+        "(the RFID printer's read-back of each tag is then the verification)",
+    )
     plc: str
     printer_queue_depth: int = Field(
         4, ge=1, le=1024,
@@ -709,6 +790,14 @@ class PrintVerifyStation(Model):
         description="the line's nominal rate (units/min): sizes printer_queue_s and the confirm wait until the achieved pace is measured",
     )
     rules: VerifyRules = Field(default_factory=VerifyRules)
+
+    @model_validator(mode="after")
+    def _read_rules(self) -> PrintVerifyStation:
+        if self.reader is None:
+            given = [k for k in READ_RULES if k in self.rules.model_fields_set]
+            if given:
+                raise ValueError(f"rules.{', rules.'.join(given)} are about reading the printed code: this station has no reader")
+        return self
 
     @model_validator(mode="after")
     def _queue(self) -> PrintVerifyStation:
@@ -764,8 +853,9 @@ class VerifyStation(Model):
     @model_validator(mode="after")
     def _rules_that_apply(self) -> VerifyStation:
         """A rule this station cannot apply is refused, not silently ignored."""
-        if "link_grace_s" in self.rules.model_fields_set:
-            raise ValueError("rules.link_grace_s is about a printer link; a verify station prints nothing")
+        for k in ("link_grace_s", "rfid_void_limit"):
+            if k in self.rules.model_fields_set:
+                raise ValueError(f"rules.{k} is about a printer; a verify station prints nothing")
         if self.plc is None:
             gated = [k for k in ("reject_confirm_timeout_s", "read_to_gate_units", "read_timeout_s", "drain_timeout_s")
                      if k in self.rules.model_fields_set]
@@ -1074,6 +1164,43 @@ def _reference_problems(cfg: LineConfig) -> list[tuple[tuple[Any, ...], str]]:
                 out.extend(_gate_plc_problems(i, st.name, ref, cfg.devices[ref]))
                 out.extend(_gate_reader_problems(i, st, cfg.devices.get(st.reader)))
         out.extend(_rfid_keys_problems(i, st, cfg))
+        if isinstance(st, PrintVerifyStation):
+            out.extend(_carrier_problems(cfg, i, st))
+    return out
+
+
+def _carrier_problems(cfg: LineConfig, i: int, st: PrintVerifyStation) -> list[tuple[tuple[Any, ...], str]]:
+    """What each product's carrier needs of a print_verify station (every product may run on every station)."""
+    from linectl.drivers.zpl import ZplConfig
+
+    out: list[tuple[tuple[Any, ...], str]] = []
+    dev = cfg.devices.get(st.printer)
+    rfid = dev.rfid if isinstance(dev, ZplConfig) and dev.rfid is not None and dev.rfid.enabled else None
+    for j, p in enumerate(cfg.products):
+        where = ("products", j, "carrier")
+        if p.rfid_carrier and rfid is None:
+            out.append((where, f"product {p.gtin} has carrier {p.carrier}, but station {st.name!r} prints on {st.printer!r}, "
+                        "which is not a ZPL printer with rfid.enabled: nothing would encode the tags"))
+        if p.datamatrix_carrier and st.reader is None:
+            out.append((where, f"product {p.gtin} has carrier {p.carrier}: its DataMatrix must be read back, but station "
+                        f"{st.name!r} has no reader"))
+        if not p.rfid_carrier and rfid is not None and rfid.require_epc:
+            out.append((where, f"product {p.gtin} has carrier datamatrix (no tag), but printer {st.printer!r} refuses jobs "
+                        "without an EPC (rfid.require_epc): set the product's carrier to rfid or both, or require_epc false"))
+    if rfid is not None and any(p.rfid_carrier for p in cfg.products):
+        plc_tags = getattr(cfg.devices.get(st.plc), "tags", None) or {}
+        if "trigger_count" not in plc_tags:
+            out.append((("stations", i, "plc"), f"station {st.name!r}: a ZPL printer has no product counter, so print_verify "
+                        f"numbers its labels from the PLC's trigger count at each start; PLC {st.plc!r} maps no trigger_count tag"))
+        if rfid.labels_per_format != 1:
+            out.append((("devices", st.printer, "rfid", "labels_per_format"), f"station {st.name!r}: print_verify tracks one "
+                        "label per unit and job; labels_per_format > 1 puts VOID labels of one job on several units"))
+        if rfid.error_handling != "N":
+            out.append((("devices", st.printer, "rfid", "error_handling"), f"station {st.name!r}: error_handling E leaves a "
+                        "VOID label's format on the printer and its unit without a confirmation, which print_verify cannot "
+                        "place on a unit; use N (each VOID is that unit's reject, rules.rfid_void_limit stops the line)"))
+    if "rfid_void_limit" in st.rules.model_fields_set and not any(p.rfid_carrier for p in cfg.products):
+        out.append((("stations", i, "rules", "rfid_void_limit"), "rules.rfid_void_limit: no product of this line has an RFID carrier"))
     return out
 
 

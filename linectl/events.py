@@ -50,6 +50,10 @@ class RejectReason(str, enum.Enum):
     LINE_STOPPED = "line_stopped"  # sent to printer but the line stopped before it was printed
     NOT_COMMISSIONED = "not_commissioned"  # verify station: a serial of this line that is not commissioned
     DECOMMISSIONED = "decommissioned"  # verify station: a serial decommissioned since it was commissioned
+    # RFID label printers (print_verify, product carrier rfid/both): the label's tag is not the serial's EPC
+    RFID_VOID = "rfid_void"  # the tag failed to encode: the printer printed the label VOID
+    RFID_MISMATCH = "rfid_mismatch"  # the tag reads back another EPC (or EPC length) than the one sent
+    RFID_NO_ANSWER = "rfid_no_answer"  # no verification of the tag came from the printer before the unit was decided
 
 
 class Event(BaseModel):
@@ -95,6 +99,9 @@ class UnitDecommissioned(Event):
     #: have passed (store table unit_copies; reconcile_units counts them)
     read_gtin: str | None = None
     read_serial: str | None = None
+    #: the EPC (hex, without the PC word) an RFID label printer read back from the unit's tag when it was not the
+    #: serial's own (reason rfid_mismatch); when it decodes to an SGTIN, read_gtin/read_serial name that serial too
+    read_epc: str | None = None
 
 
 class SerialsVoided(Event):

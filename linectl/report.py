@@ -102,6 +102,7 @@ def batch_report(store: StoreReads, lot: str) -> dict[str, Any]:
 #: reject reasons that mean the serial was on a physical pack that went to the reject bin
 ON_PACK_REASONS = frozenset({
     "no_read", "wrong_content", "not_gs1", "duplicate", "low_grade", "data_mismatch", "missing_unit", "unexpected_unit", "plc_failsafe",
+    "rfid_void", "rfid_mismatch", "rfid_no_answer",  # an RFID label (VOID or with a wrong / unverified tag) on the pack
 })
 #: decommissioned after passing the gate (a rework bench destroyed the pack): counted among the passed packs
 AFTER_GATE_REASONS = frozenset({"damaged"})

@@ -68,6 +68,15 @@ class SimulationConfig(_Model):
     pack_delay_s: float = Field(0.5, ge=0, le=60, description="case packer: seconds from the reject gate into the open case")
     case_travel_s: float = Field(1.5, ge=0, le=600, description="seconds from the case labeller to the palletizer's scanner")
     rfid_tunnel: RfidTunnelSim = Field(default_factory=RfidTunnelSim, description="the case packer's RFID tunnel, when the case reader is RFID")
+    rfid_void_rate: float = Field(
+        0.0, ge=0, le=1, description="RFID ZPL printers: fraction of labels whose tag fails (printed VOID)"
+    )
+    rfid_wrong_epc_rate: float = Field(
+        0.0, ge=0, le=1, description="RFID ZPL printers: fraction of labels whose tag keeps another EPC (the write hit the neighbouring inlay)"
+    )
+    rfid_no_answer_rate: float = Field(
+        0.0, ge=0, le=1, description="RFID ZPL printers: fraction of labels whose verification never reaches the host (the tag is right)"
+    )
     units_log: str | None = Field(
         None, description="append-only JSON-lines ground truth: one line per unit fed and per unit at the gate (see UnitJournal)"
     )

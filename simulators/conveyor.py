@@ -408,6 +408,12 @@ class Conveyor:
                 "gate": unit.extras.get("gate"),
                 "plc_epoch": unit.extras.get("plc_epoch"),
                 "upstream_seq": unit.extras.get("upstream_seq"),
+                # RFID label (RFID ZPL printer): what its tag answers (None: no tag, or VOID), the EPC the printer
+                # was asked to write, whether the label came out VOID, and the injected fault that shaped it
+                "rfid_epc": unit.rfid_epc,
+                "rfid_epc_sent": unit.extras.get("rfid_epc_sent"),
+                "rfid_void": unit.rfid_void,
+                "rfid_fault": unit.extras.get("rfid_fault"),
             }
         )
         if self.on_unit is not None:

@@ -72,6 +72,12 @@ def _make_printer(name: str, cfg: Any, line: LineSim) -> Any:
     kw: dict[str, Any] = {"render_images": name in line.rendering, "seed": line.sim.seed}
     if cfg.driver == "zpl":
         kw["auto_print"] = name not in line.wired  # on a conveyor the product trigger prints, else it runs free
+        if cfg.rfid is not None and cfg.rfid.enabled:
+            kw.update(
+                rfid_void_rate=line.sim.rfid_void_rate,
+                rfid_wrong_epc_rate=line.sim.rfid_wrong_epc_rate,
+                rfid_no_answer_rate=line.sim.rfid_no_answer_rate,
+            )
     # Unit defects are printed by the coders on the conveyor; label printers print clean unless a fault is injected.
     defects = None if name in line.labellers and name not in line.wired else line.plan.defect_for
     return klass(config=cfg, defect_for=defects, **kw, **_transport_kwargs(name, cfg))
@@ -152,7 +158,7 @@ class LineSim:
         for st in self._conveyor_stations():
             printer = getattr(st, "printer", None) if st.type == "print_verify" else None
             self.wired.update(x for x in (printer, st.reader, st.plc) if x)
-            reader_cfg = self.cfg.devices.get(st.reader)
+            reader_cfg = self.cfg.devices.get(st.reader) if st.reader else None  # (print_verify of carrier rfid: no reader)
             if printer and reader_cfg is not None and reader_cfg.driver == "camera":
                 self.rendering.add(printer)
         self.labellers = {st.printer for st in self.cfg.stations if st.type in ("case", "pallet")}
@@ -188,8 +194,8 @@ class LineSim:
                     "a slot would be reused before its unit reaches the gate"
                 )
             printer = self.devices.get(getattr(st, "printer", None) or "") if st.type == "print_verify" else None
-            reader = self.devices.get(st.reader)
-            camera = self.cfg.devices[st.reader].driver == "camera" if st.reader in self.cfg.devices else False
+            reader = self.devices.get(st.reader) if st.reader else None
+            camera = self.cfg.devices[st.reader].driver == "camera" if st.reader and st.reader in self.cfg.devices else False
             fed_by = upstream if st.type == "verify" else None
             self.conveyors[st.name] = conv = Conveyor(
                 st.name,

@@ -123,6 +123,7 @@ class UnitJournal:
 
     Records: {"ev":"start","run":R,"t":T}
              {"ev":"fed","uid":U,"seq":S,"t":T,"content":C|null,"defect":D,"challenge":K,"variation":V,"job_seq":J,"symbology":Y}
+                 (+ "rfid_epc","rfid_void","rfid_epc_sent","rfid_fault" for a unit with an RFID label)
              {"ev":"gate","uid":U,"seq":S,"t":T,"outcome":"passed"|"rejected"}
     """
 
@@ -144,8 +145,17 @@ class UnitJournal:
             {
                 "ev": "fed", "uid": uid, "seq": unit.seq, "content": unit.content, "defect": unit.defect,
                 "challenge": unit.challenge, "variation": unit.variation, "job_seq": unit.job_seq, "symbology": unit.symbology,
+                **self._rfid(unit),
             }
         )
+
+    @staticmethod
+    def _rfid(unit: SimUnit) -> dict[str, Any]:
+        """An RFID label's truth (what its tag answers, VOID, the EPC sent, the injected fault); nothing for other units."""
+        if "rfid_epc_sent" not in unit.extras:
+            return {}
+        return {"rfid_epc": unit.rfid_epc, "rfid_void": unit.rfid_void, "rfid_epc_sent": unit.extras["rfid_epc_sent"],
+                "rfid_fault": unit.extras.get("rfid_fault")}
 
     def gate(self, uid: str, unit: SimUnit) -> None:
         self.write({"ev": "gate", "uid": uid, "seq": unit.seq, "outcome": unit.outcome})

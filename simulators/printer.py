@@ -1029,6 +1029,8 @@ class ZplPrinterSim(SimServer):
             self.send(sent)
         self.rfid_labels.append(truth)
         unit.rfid_pc, unit.rfid_epc, unit.rfid_void = truth.tag_pc, truth.tag_epc, truth.void
+        unit.extras["rfid_epc_sent"] = truth.epc_sent
+        unit.extras["rfid_fault"] = fault
         if ok:
             if fault == "wrong_epc":
                 unit.defect = unit.defect or "rfid_wrong_epc"

@@ -60,6 +60,8 @@ ALARM_CODES = {
     "pool_low": 51,
     "failsafe_reject": 60,
     "printer_not_primed": 22,
+    "rfid_void_run": 23,  # print_verify: rules.rfid_void_limit labels in a row VOIDed by the RFID printer
+    "rfid_epc_error": 24,  # print_verify: a serial's EPC cannot be encoded in the product's rfid.scheme
     "task_failed": 90,
     "store_error": 91,
 }

@@ -15,6 +15,24 @@ Safety rules carried by this module:
   stops;
 - a PLC reject of a unit already commissioned is caught from the reject ring
   and that serial decommissioned.
+
+RFID (product carrier rfid/both, an RFID ZPL label printer): each job carries the
+serial's EPC; the printer encodes the label's tag and reports its read-back with
+the print confirmation (PrintConfirm.rfid_status). A unit is never good before
+its tag's outcome is known:
+- a VOID, a wrong tag (mismatch) or no verification (no_answer) rejects the unit
+  as soon as it is known (the confirmation may come before the read), with its
+  own reason (rfid_void, rfid_mismatch, rfid_no_answer);
+- the printer reports a VOID or a wrong tag at once but an ok tag only when ~HS
+  saw its format leave, so confirmations come out of job order: an older job
+  without its outcome is placed on the unit before the newer one (formats print
+  in order), its outcome still awaited; once a later label is confirmed ok, an
+  older one still without outcome will never get one (rfid_no_answer);
+- carrier both: the read decides, and a good read of a unit whose tag outcome
+  is still unknown waits a little for it, then rejects (rfid_no_answer);
+- carrier rfid: the tag read-back is the verification: the unit is decided when
+  its outcome arrives, reads (when a reader is there at all) are not used.
+A run of VOID units stops the line (rules.rfid_void_limit).
 """
 
 from __future__ import annotations
@@ -31,11 +49,12 @@ import structlog
 from linectl import gs1
 from linectl.config import PrintVerifyStation as PrintVerifyConfig
 from linectl.config import queue_depth_for
-from linectl.drivers.base import CodeReader, DeviceError, HealthState, Plc, Printer, PrintJob, Read
+from linectl.drivers.base import CodeReader, DeviceError, HealthState, Plc, PrintConfirm, Printer, PrintJob, Read
 from linectl.drivers.plc_tags import PlcConfigBase
 from linectl.engine.station import LinePort, Station, TaskFactory
 from linectl.engine.stats import LatencyHistogram
 from linectl.engine.verdict import CHALLENGE_EXPECTED_REASON, Expected, Verdict, classify_unknown, verify_unit
+from linectl.epc import EpcError, EpcValue, decode_epc
 from linectl.events import AlarmRaised, ChallengeResult, RejectReason, Severity, UnitCommissioned, UnitDecommissioned
 from linectl.store.model import StoreError
 
@@ -55,6 +74,13 @@ VERDICT_GOOD = 1
 HOLD_AHEAD_POLLS = 10
 VERDICT_REJECT = 2
 SERIAL_BLOCK = 256
+#: how long a good read of a unit waits for its tag's outcome (carrier both) before the unit is rejected unverified
+TAG_WAIT_S = 0.25
+#: tag outcomes remembered per unit seq (the VOID-run rule looks back this far at most)
+TAG_LOG = 1024
+#: PrintConfirm.rfid_status -> the reject reason of a unit whose tag is not the serial's EPC
+TAG_REJECTS = {"void": RejectReason.RFID_VOID, "mismatch": RejectReason.RFID_MISMATCH, "no_answer": RejectReason.RFID_NO_ANSWER}
+RFID_REASONS = frozenset(r.value for r in TAG_REJECTS.values())
 #: the PLC's physical pack counters (optional tags), snapshotted per batch for the report
 PLC_COUNTERS = ("trigger_count", "pass_total", "reject_total", "gate_reject_total")
 
@@ -68,6 +94,22 @@ def _int_or_none(v: Any) -> int | None:
         return None
 
 
+@dataclass(frozen=True)
+class TagOutcome:
+    """What an RFID label printer reported of one job's tag (PrintConfirm.rfid_status and the rest)."""
+
+    status: str  # ok | void | mismatch | no_answer
+    reason: str
+    epc_read: str | None
+    void_labels: int
+
+    @classmethod
+    def of(cls, c: PrintConfirm) -> TagOutcome:
+        if c.rfid_status is None:
+            return cls("no_answer", "the printer confirmed the print without a verification of the tag", None, 0)
+        return cls(c.rfid_status, c.rfid_reason, c.epc_read, c.rfid_void_labels)
+
+
 @dataclass
 class Job:
     job_seq: int
@@ -76,6 +118,12 @@ class Job:
     expected: Expected
     sent_at: float
     acked: bool = False  # the printer acknowledged it: it holds the code (see primed)
+    #: the EPC its label's tag must carry (product carrier rfid/both), None for a DataMatrix-only job
+    epc: EpcValue | None = None
+    #: the unit it was placed on (its print confirmation, or a later job's for an RFID job)
+    unit_seq: int | None = None
+    #: the printer's outcome for its tag, None while awaited
+    tag: TagOutcome | None = None
 
 
 @dataclass(frozen=True)
@@ -422,6 +470,8 @@ class StationCounters:
     print_failures: int = 0
     production_units: int = 0
     challenge_units: int = 0
+    #: RFID tag outcomes reported by the printer: ok / void / mismatch / no_answer
+    tags: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -435,11 +485,12 @@ class StationCounters:
             "print_failures": self.print_failures,
             "production_units": self.production_units,
             "challenge_units": self.challenge_units,
+            "tags": dict(self.tags),
         }
 
 
 class PrintVerifyRuntime(Station):
-    def __init__(self, cfg: PrintVerifyConfig, line: LinePort, printer: Printer, reader: CodeReader, plc: Plc) -> None:
+    def __init__(self, cfg: PrintVerifyConfig, line: LinePort, printer: Printer, reader: CodeReader | None, plc: Plc) -> None:
         self.cfg = cfg
         self.name = cfg.name
         self.line = line
@@ -466,6 +517,11 @@ class PrintVerifyRuntime(Station):
         self._space = asyncio.Event()
         self._refill = asyncio.Event()
         self._confirm_arrived = asyncio.Event()
+        self._tag_arrived = asyncio.Event()
+        #: RFID jobs placed on a unit before their own confirmation (a newer job's came first), by job number
+        self._placed: OrderedDict[int, Job] = OrderedDict()
+        #: unit seq -> its tag's outcome status, the last TAG_LOG units (the VOID-run rule)
+        self._tag_log: OrderedDict[int, str] = OrderedDict()
         self._challenge_kinds: list[str] = []
         self._challenge_index = 0
         self._challenge_results: list[dict[str, Any]] = []
@@ -514,20 +570,27 @@ class PrintVerifyRuntime(Station):
         return int(count) // 2
 
     def tasks(self) -> dict[str, TaskFactory]:
-        return {
+        out: dict[str, TaskFactory] = {
             f"{self.name}.feeder": self._feeder,
             f"{self.name}.allocator": self._allocator,
             f"{self.name}.confirms": self._confirms,
-            f"{self.name}.reads": self._reads,
             f"{self.name}.watch": self._watch,
         }
+        if self.reader is not None:
+            out[f"{self.name}.reads"] = self._reads
+        return out
 
     def line_plcs(self) -> list[Plc]:
         return [self.plc]
 
     @property
     def runs_challenge(self) -> bool:
-        return True
+        """The challenge packs test the code reading: a station without a reader (carrier rfid) has none to run."""
+        return self.reader is not None
+
+    def _reads_codes(self) -> bool:
+        """The batch's units are verified by reading their printed code (carrier datamatrix or both)."""
+        return self.reader is not None and (self.batch is None or self.batch.product.datamatrix_carrier)
 
     @property
     def in_challenge(self) -> bool:
@@ -559,6 +622,10 @@ class PrintVerifyRuntime(Station):
 
     def begin_production(self, batch: BatchContext) -> None:
         self.batch = batch
+        if self._trigger_seen is not None and self._trigger_seen > self._max_printed_seq:
+            # the infeed is closed: the next unit is the PLC's next trigger. A printer without a product counter
+            # (ZPL) has its prints numbered from here (challenge packs and blanks took numbers meanwhile)
+            self._max_printed_seq = self._trigger_seen
         self.mode = "production"
         self._stopping_feed = False
         self._consecutive_rejects = 0
@@ -707,7 +774,13 @@ class PrintVerifyRuntime(Station):
                     continue
                 if len(self._serials) - n < SERIAL_BLOCK // 2:
                     self._refill.set()
-                jobs = [self._make_job(self._serials.popleft(), batch) for _ in range(n)]
+                taken = [self._serials.popleft() for _ in range(n)]
+                try:
+                    jobs = [self._make_job(serial, batch) for serial in taken]
+                except EpcError as exc:
+                    self._serials.extendleft(reversed(taken))  # never sent: still the batch's, returned or voided at close
+                    await self.line.fault_stop("rfid_epc_error", f"cannot encode the RFID tag of a serial: {exc}", self.name)
+                    continue
                 # durable 'sent' before the printer sees a single byte of them
                 await self.line.store.mark_sent(batch.gtin, batch.lot, [j.serial for j in jobs])
                 for j in jobs:
@@ -720,6 +793,7 @@ class PrintVerifyRuntime(Station):
                                 element_string=j.code.element_string,
                                 hri=j.code.hri,
                                 fields={"lot": batch.lot, "expiry": batch.expiry, "gtin": batch.gtin, "serial": j.serial, **batch.dates},
+                                epc_hex=None if j.epc is None else j.epc.epc_hex,
                             )
                         )
                         j.acked = True
@@ -742,9 +816,11 @@ class PrintVerifyRuntime(Station):
                         break
 
     def _make_job(self, serial: str, batch: BatchContext) -> Job:
+        """One job: its code, and for an RFID product the EPC its tag gets (EpcError when the scheme cannot hold it)."""
+        epc = batch.product.epc(batch.gtin, serial) if batch.product.rfid_carrier else None
         self._job_counter += 1
         code, exp = batch.unit_code(serial)
-        return Job(self._job_counter, serial, code, exp, time.monotonic())
+        return Job(self._job_counter, serial, code, exp, time.monotonic(), epc=epc)
 
     async def _allocator(self) -> None:
         """Keep a block of allocated serials in hand, so the feeder never waits on the store mid-run."""
@@ -772,39 +848,146 @@ class PrintVerifyRuntime(Station):
 
     async def _confirms(self) -> None:
         async for c in self.printer.confirmations():
+            now = self.line.clock.monotonic()
             job = self._on_printer.pop(c.seq, None)
             if job is None:
-                self.log.warning("unknown_print_confirm", job=c.seq)
+                placed = self._placed.pop(c.seq, None)
+                if placed is not None:
+                    await self._tag_outcome(placed, TagOutcome.of(c))  # its label was placed when a newer one's came
+                else:
+                    self.log.warning("unknown_print_confirm", job=c.seq)
                 continue
-            # jobs queued before this one and not confirmed were skipped by the printer
+            # jobs queued before this one and not confirmed were skipped by the printer; but an RFID label printer
+            # reports a VOID or a wrong tag at once and an ok tag only once its format left: an older RFID job without
+            # its confirmation was printed, on the unit before (formats print in order), its outcome still to come
             for older in [k for k in self._on_printer if k < c.seq]:
                 skipped = self._on_printer.pop(older)
+                if skipped.epc is not None and job.epc is not None:
+                    await self._place(skipped, None, now)
+                    self._placed[skipped.job_seq] = skipped
+                    while len(self._placed) > 4 * self.ring_slots:
+                        self._placed.popitem(last=False)  # its unit is decided (gate fail-safe) or gone long since
+                    continue
                 await self._decommission(skipped, RejectReason.PRINT_FAILED, "printer skipped the job", seq=None)
-            unit_seq = c.product_count
-            if unit_seq is None:
-                unit_seq = self._max_printed_seq + 1
-            now = self.line.clock.monotonic()
-            if self._tracker.print_confirmed(unit_seq, job, now) is None:
-                # a late confirm for a unit already being decided or decided (read before its print confirm came):
-                # the job is on that unit, which never gets a good verdict for it; its serial goes
-                self.log.warning("print_confirm_for_decided_unit", job=c.seq, seq=unit_seq)
-                await self._decommission(
-                    job, RejectReason.MISSING_UNIT, f"printed on unit {unit_seq}, already decided without its print confirmation", seq=unit_seq
-                )
-            elif self._unread_since is None:
-                self._unread_since = now
-            self._max_printed_seq = max(self._max_printed_seq, unit_seq)
-            self.counters.printed += 1
-            self._confirm_arrived.set()
-            self._space.set()
+            await self._place(job, c.product_count, now)
+            if job.epc is not None:
+                await self._tag_outcome(job, TagOutcome.of(c))
             if self.mode == "production" and not self._on_printer and self.remaining_to_issue() == 0:
                 # the last code the batch needs is on a unit: stop the infeed so no unprinted pack follows it
                 await self.line.set_infeed(self.name, False)
 
+    async def _place(self, job: Job, product_count: int | None, now: float) -> None:
+        """The printer put `job` on a unit: its product count, or the unit after the last printed one."""
+        unit_seq = product_count if product_count is not None else self._max_printed_seq + 1
+        job.unit_seq = unit_seq
+        if self._tracker.print_confirmed(unit_seq, job, now) is None:
+            # a late confirm for a unit already being decided or decided (read before its print confirm came):
+            # the job is on that unit, which never gets a good verdict for it; its serial goes
+            self.log.warning("print_confirm_for_decided_unit", job=job.job_seq, seq=unit_seq)
+            await self._decommission(
+                job, RejectReason.MISSING_UNIT, f"printed on unit {unit_seq}, already decided without its print confirmation", seq=unit_seq
+            )
+        elif self._unread_since is None and self._reads_codes():
+            self._unread_since = now
+        if self.reader is None:
+            self._measure_pace(unit_seq, now)  # no reads to measure the pace by: the prints are one per unit
+        self._max_printed_seq = max(self._max_printed_seq, unit_seq)
+        self.counters.printed += 1
+        self._confirm_arrived.set()
+        self._space.set()
+
+    # ------------------------------------------------------------------ RFID tag outcomes
+
+    async def _tag_outcome(self, job: Job, tag: TagOutcome) -> None:
+        """The printer's outcome for `job`'s tag: decide its unit when that is due, apply the VOID-run rule."""
+        job.tag = tag
+        self._placed.pop(job.job_seq, None)
+        self.counters.tags[tag.status] = self.counters.tags.get(tag.status, 0) + 1
+        self._tag_arrived.set()
+        seq = job.unit_seq
+        if seq is None:
+            return
+        self._tag_log[seq] = tag.status
+        while len(self._tag_log) > TAG_LOG:
+            self._tag_log.popitem(last=False)
+        unit = self._tracker.get(seq)
+        if unit is not None and unit.job is job and unit.state is UnitState.PRINTED:
+            if tag.status != "ok":
+                await self._decide_now(unit, self._tag_verdict(job))  # known bad: no need to wait for its read
+            elif not self._reads_codes():
+                await self._decide_now(unit, None)  # carrier rfid: the tag's read-back is the verification
+        elif unit is None or unit.job is not job:
+            self.log.info("tag_outcome_after_decision", job=job.job_seq, seq=seq, status=tag.status)
+        if tag.status == "ok":
+            # a later label confirmed ok: an older one still without its outcome will never get one in time
+            for u in [u for u in self._tracker.printed() if u.seq < seq and u.job is not None and u.job.epc is not None and u.job.tag is None]:
+                why = f"no verification of this label's tag from the printer, which confirmed a later label (unit {seq})"
+                await self._decide_now(u, Verdict(False, RejectReason.RFID_NO_ANSWER, why))
+        elif tag.status == "void":
+            await self._void_run(seq)
+
+    def _tag_verdict(self, job: Job) -> Verdict | None:
+        """The reject verdict of a unit whose tag is not verified as the serial's EPC; None when it is (or no tag)."""
+        tag = job.tag
+        if job.epc is None or (tag is not None and tag.status == "ok"):
+            return None
+        if tag is None:
+            return Verdict(False, RejectReason.RFID_NO_ANSWER, "no verification of the tag from the printer when the unit was decided")
+        reason = TAG_REJECTS.get(tag.status, RejectReason.RFID_NO_ANSWER)
+        detail = tag.reason or f"RFID tag {tag.status}"
+        if tag.void_labels and tag.status != "void":
+            detail += f"; {tag.void_labels} VOID label(s) before it"
+        seen_gtin = seen_serial = None
+        if tag.status == "mismatch" and tag.epc_read:
+            other = read_back_epc(tag.epc_read)
+            if isinstance(other, EpcValue):
+                seen_gtin, seen_serial = other.gtin, other.serial  # (None for an SSCC: the EPC is still recorded)
+                detail += f" ({other.pure_uri})"
+            else:
+                detail += f" (not a GS1 EPC: {other})"
+        return Verdict(False, reason, detail, seen_gtin=seen_gtin, seen_serial=seen_serial)
+
+    async def _decide_now(self, unit: TrackedUnit, v: Verdict | None) -> None:
+        """Decide a printed unit without its read: rejected by its tag's outcome, or good by it (carrier rfid)."""
+        taken = self._tracker.take_printed(unit.seq, holds_issue=True)
+        if taken is None or taken.job is None:
+            return  # the read loop (or the gate) has it
+        job = taken.job
+        at = time.monotonic()
+        self.counters.production_units += 1
+        try:
+            if v is None and self.plc.health.state == HealthState.DISCONNECTED:
+                v = Verdict(False, RejectReason.PLC_FAILSAFE, f"PLC {self.plc.name} unreachable: the good verdict cannot reach the gate")
+            if v is None:
+                await self._accept(taken, job, Verdict.ok(None), at)
+            else:
+                await self._reject(taken, v, at)
+        except DeviceError as exc:
+            await self.line.fault_stop("plc_write_failed", f"PLC {self.plc.name}: {exc.reason}", self.name)
+        finally:
+            self._tracker.decision_done(taken)
+
+    async def _void_run(self, seq: int) -> None:
+        """Units in a row (by unit seq, up to `seq`) whose tag the printer VOIDed: the line stops at rfid_void_limit."""
+        n = 0
+        while self._tag_log.get(seq - n) == "void":
+            n += 1
+        limit = self.rules.rfid_void_limit
+        if n >= limit and self.mode == "production":
+            await self.line.fault_stop(
+                "rfid_void_run",
+                f"{n} labels in a row VOIDed by printer {self.printer.name} (rules.rfid_void_limit {limit}): check the RFID inlays and the encoder",
+                self.name,
+            )
+
     # ------------------------------------------------------------------ reads
 
     async def _reads(self) -> None:
+        assert self.reader is not None  # the task runs only with a reader (tasks())
         async for r in self.reader.reads():
+            if self.mode == "production" and not self._reads_codes():
+                self.counters.read += 1  # carrier rfid: the tag's read-back decides, the printed code is not used
+                continue
             self._last_read_at = self.line.clock.monotonic()
             self._measure_pace(r.seq, r.received_at)
             self._unread_since = None
@@ -824,7 +1007,11 @@ class PrintVerifyRuntime(Station):
             self.log.warning("read_of_earlier_epoch", seq=seq, epoch=self.plc_epoch)
             return
         if t.remembered(seq):
-            self.log.warning("second_read_for_unit", seq=seq)
+            known = t.get(seq)
+            if known is not None and known.reject_reason in RFID_REASONS:
+                self.log.debug("read_of_unit_rejected_by_its_tag", seq=seq, reason=known.reject_reason)
+            else:
+                self.log.warning("second_read_for_unit", seq=seq)
             return
         self._last_read_seq = max(self._last_read_seq, seq)
         if self.mode == "challenge" and not t.is_printed(seq):
@@ -887,13 +1074,31 @@ class PrintVerifyRuntime(Station):
             allow_dmre=self._allow_dmre(),
             is_known_serial=self._is_known,
         )
+        job = unit.job
+        if job.epc is not None:
+            if v.good and job.tag is None:
+                await self._await_tag(job)
+            tag_v = self._tag_verdict(job)
+            if tag_v is not None and (v.good or job.tag is not None):
+                v = tag_v  # the tag's outcome is the more specific reason (a VOID label reads as nothing at all)
         if v.good and self.plc.health.state == HealthState.DISCONNECTED:
             # the gate will reject it fail-safe whatever we decide: do not commission a unit that cannot leave
             v = Verdict(False, RejectReason.PLC_FAILSAFE, f"PLC {self.plc.name} unreachable: the good verdict cannot reach the gate", grade=v.grade)
         if v.good:
-            await self._accept(unit, unit.job, v, r.received_at)
+            await self._accept(unit, job, v, r.received_at)
         else:
             await self._reject(unit, v, r.received_at)
+
+    async def _await_tag(self, job: Job) -> None:
+        """A good read of a unit whose tag's outcome is not in yet (the printer reports ok once ~HS saw the format
+        leave): wait for it a little, never long (the read loop waits meanwhile)."""
+        deadline = time.monotonic() + TAG_WAIT_S
+        while job.tag is None and time.monotonic() < deadline:
+            self._tag_arrived.clear()
+            try:
+                await asyncio.wait_for(self._tag_arrived.wait(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                break
 
     def _job_on_printer(self, r: Read) -> Job | None:
         """The job on the printer whose serial this read shows (its print confirmation never arrived), if any."""
@@ -968,7 +1173,11 @@ class PrintVerifyRuntime(Station):
         await self._await_confirm(unit, v.reason.value)
         self.counters.rejected[v.reason.value] = self.counters.rejected.get(v.reason.value, 0) + 1
         if job is not None:
-            await self._decommission(job, v.reason, v.detail, seq=seq, read=(v.seen_gtin, v.seen_serial))
+            read_epc = None
+            if v.reason is RejectReason.RFID_MISMATCH and job.tag is not None and job.tag.epc_read:
+                other = read_back_epc(job.tag.epc_read)
+                read_epc = other.epc_hex if isinstance(other, EpcValue) else job.tag.epc_read
+            await self._decommission(job, v.reason, v.detail, seq=seq, read=(v.seen_gtin, v.seen_serial), read_epc=read_epc)
         elif self.batch is not None:
             await self.line.store.count_packs(self.batch.lot, "blank")  # a pack with none of the batch's serials on it
         self.line.unit_decided(self.name, False, v.reason.value)
@@ -987,7 +1196,9 @@ class PrintVerifyRuntime(Station):
                 self.name,
             )
 
-    async def _decommission(self, job: Job, reason: RejectReason, detail: str, *, seq: int | None, read: tuple[str | None, str | None] = (None, None)) -> None:
+    async def _decommission(
+        self, job: Job, reason: RejectReason, detail: str, *, seq: int | None, read: tuple[str | None, str | None] = (None, None), read_epc: str | None = None
+    ) -> None:
         batch = self.batch
         assert batch is not None
         read_gtin, read_serial = read
@@ -1005,6 +1216,7 @@ class PrintVerifyRuntime(Station):
                 station=self.name,
                 read_gtin=read_gtin,
                 read_serial=read_serial,
+                read_epc=read_epc,
             )
         )
         self.line.count_units(batch.lot, decommissioned=1)
@@ -1533,6 +1745,8 @@ class PrintVerifyRuntime(Station):
                 await self.line.fault_stop("printer_fault", f"printer {self.printer.name}: {self.printer.health.reason or 'not ready'}", self.name)
         else:
             self._printer_down_since = None
+        if self.reader is None or not self._reads_codes():
+            return  # carrier rfid: no read is awaited (a unit without its tag's outcome is rejected fail-safe at the gate)
         silent_since = self._unread_since if self.mode == "production" else None
         first = self._tracker.first_printed()
         if first is not None and first.printed_at is not None:
@@ -1604,6 +1818,22 @@ class PrintVerifyRuntime(Station):
         }
 
 
+def read_back_epc(epc_read: str) -> EpcValue | str:
+    """What a tag that is not the serial's holds, decoded; else why not (the printer reads back as many words as it
+    wrote: a shorter EPC, e.g. a pre-encoded 96-bit one under an SGTIN-198 write, comes with zero words after it)."""
+    try:
+        return decode_epc(epc_read)
+    except EpcError as exc:
+        why = str(exc)
+    short = epc_read[:24]
+    if len(epc_read) > 24 and not epc_read[24:].strip("0"):
+        try:
+            return decode_epc(short)
+        except EpcError:
+            pass
+    return why
+
+
 def _by_seq(u: TrackedUnit) -> int:
     return u.seq
 
@@ -1615,6 +1845,8 @@ def _link_reason(reason: str) -> bool:
 
 def build(cfg: PrintVerifyConfig, line: LinePort, drivers: Mapping[str, Driver]) -> PrintVerifyRuntime:
     """The registry's builder (linectl/engine/station.py) for `type: print_verify`."""
-    printer, reader, plc = drivers[cfg.printer], drivers[cfg.reader], drivers[cfg.plc]
-    assert isinstance(printer, Printer) and isinstance(reader, CodeReader) and isinstance(plc, Plc)  # roles checked at config load
+    printer, plc = drivers[cfg.printer], drivers[cfg.plc]
+    reader = drivers[cfg.reader] if cfg.reader is not None else None
+    assert isinstance(printer, Printer) and isinstance(plc, Plc)  # roles checked at config load
+    assert reader is None or isinstance(reader, CodeReader)
     return PrintVerifyRuntime(cfg, line, printer, reader, plc)
