@@ -30,6 +30,7 @@ from linectl.commands import (
     simulate,
     trace,
     upstream,
+    users,
     verify,
 )
 
@@ -43,6 +44,7 @@ COMMANDS = (
     serials,
     trace,
     audit,
+    users,
     batch,
     report,
     run,
