@@ -298,6 +298,8 @@ class Daemon:
                 await asyncio.wait_for(prov.aclose(), 5)
             except Exception as exc:  # noqa: BLE001
                 log.warning("serial_source_close_failed", source=prov.name, error=str(exc))
+        if line is not None:  # refusals counted since the last interval: their aggregated audit record before the store closes
+            await line.access_refusals.flush()
         if self.store is not None:
             await self.store.close()
         log.info("daemon_stopped", reason=reason)

@@ -9,6 +9,7 @@ DirectoryUnavailable: the gate then refuses, or falls back to the user's local p
 
 from __future__ import annotations
 
+import math
 import ssl
 from dataclasses import dataclass
 
@@ -53,8 +54,9 @@ def directory_login(cfg: LdapConfig, username: str, password: str) -> DirectoryU
     tls = None
     if cfg.url.startswith("ldaps://") or cfg.start_tls:
         tls = Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=cfg.ca_file)
-    server = Server(cfg.url, use_ssl=cfg.url.startswith("ldaps://"), tls=tls, connect_timeout=cfg.timeout_s, get_info=NONE)
-    conn = Connection(server, user=dn, password=password, authentication=SIMPLE, receive_timeout=cfg.timeout_s, raise_exceptions=False,
+    timeout = max(1, math.ceil(cfg.timeout_s))  # ldap3 packs the receive timeout as an integer (struct)
+    server = Server(cfg.url, use_ssl=cfg.url.startswith("ldaps://"), tls=tls, connect_timeout=timeout, get_info=NONE)
+    conn = Connection(server, user=dn, password=password, authentication=SIMPLE, receive_timeout=timeout, raise_exceptions=False,
                       read_only=True)
     try:
         try:
@@ -79,12 +81,14 @@ def directory_login(cfg: LdapConfig, username: str, password: str) -> DirectoryU
             groups = {_norm(str(r["dn"])) for r in (conn.response or []) if r.get("type") == "searchResEntry"}
         except LDAPException as exc:
             raise DirectoryUnavailable(f"{cfg.url}: {type(exc).__name__}: {exc}") from None
-        except OSError as exc:
-            raise DirectoryUnavailable(f"{cfg.url}: {exc}") from None
+        except (DirectoryRefused, DirectoryUnavailable):
+            raise
+        except Exception as exc:  # noqa: BLE001 - ldap3 lets struct/socket/ssl errors through: the directory could not be asked
+            raise DirectoryUnavailable(f"{cfg.url}: {type(exc).__name__}: {exc}") from None
     finally:
         try:
             conn.unbind()
-        except (LDAPException, OSError):
+        except Exception:  # noqa: BLE001, S110 - closing a connection that failed
             pass
     mapping = {_norm(g): role for g, role in cfg.group_roles.items()}
     roles = tuple(sorted({mapping[g] for g in groups if g in mapping}))
