@@ -13,7 +13,7 @@ daemon holds the store, the command goes to it over MQTT as usual.
 
 On a line with access control (`access:`) every command names its user:
 `--user NAME` (or LINECTL_USER) and the password from `--password-file`,
-LINECTL_PASSWORD or a prompt (linectl/commands/session.py). Over MQTT the CLI
+LINECTL_PASSWORD or a prompt (linectl/access/client.py). Over MQTT the CLI
 logs in, sends the command with the token and logs out; offline it checks the
 password and the user's permission against the store itself. The actor of the
 command is that user.
@@ -30,7 +30,7 @@ import sys
 import uuid
 from typing import Any
 
-from linectl.commands.session import add_user_options, cli_user, send, user_password
+from linectl.access.client import add_user_options, cli_user, send, user_password
 
 ACTIONS = {
     "create": "create_batch",

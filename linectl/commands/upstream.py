@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     what.add_argument("--sink", help="the sink, as named in `upstream status`, that delivers its parked document again (sink_retry)")
     r.add_argument("--actor", default=None)
     r.add_argument("--timeout", type=float, default=30.0)
-    from linectl.commands.session import add_user_options
+    from linectl.access.client import add_user_options
 
     add_user_options(r)
     r.set_defaults(func=run_retry)

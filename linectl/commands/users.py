@@ -22,7 +22,7 @@ import sys
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from linectl.commands.session import add_user_options, cli_user, send, user_password
+from linectl.access.client import add_user_options, cli_user, send, user_password
 from linectl.store.cliutil import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, BadInput, add_db_options, load_line_config, run_async, run_with_store
 
 if TYPE_CHECKING:
