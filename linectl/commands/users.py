@@ -135,7 +135,12 @@ def run_change(args: argparse.Namespace) -> int:
         if reply is None:  # a daemon owns the store: the change goes to it
             if not user:
                 raise BadInput("a daemon runs this line: give --user NAME (a user who may administer users) to send the change to it")
-            reply = await send(cfg, body, args.timeout, user=user, password=password(), session="one_shot")
+            try:
+                reply = await send(cfg, body, args.timeout, user=user, password=password(), session="one_shot")
+            except TimeoutError:  # an OSError to run_async: said here, with what to check
+                print(f"linectl users {args.users_action}: the store is held (by a daemon?) and no daemon answered over MQTT within "
+                      f"{args.timeout}s (is it running and connected to {cfg.mqtt.host}:{cfg.mqtt.port}?)", file=sys.stderr)
+                return EXIT_CHECK_FAILED
         print(json.dumps(reply, indent=2))
         if not reply.get("ok"):
             print(f"linectl users {args.users_action}: refused: {reply['error']['message']}", file=sys.stderr)
