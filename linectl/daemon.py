@@ -149,8 +149,13 @@ class Daemon:
             from pathlib import Path
 
             from linectl.access.bootstrap import create_default_users, write_password_file
+            from linectl.access.passwords import PasswordRefused
+            from linectl.store.model import StoreError
 
-            generated = await create_default_users(self.cfg.access, self.store, actor="system", origin="daemon")
+            try:
+                generated = await create_default_users(self.cfg.access, self.store, actor="system", origin="daemon")
+            except PasswordRefused as exc:  # a default user's password from the environment (the demo shows it, no traceback)
+                raise StoreError(f"default users: {exc}") from None
             where = write_password_file(Path(f"{self.store.path}.initial-passwords"), generated)
             log.info("default_users_created", users=sorted(generated), generated_passwords_in=None if where is None else str(where))
         users = self.store.users()

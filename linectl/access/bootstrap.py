@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from linectl.access.gate import DEFAULT_USERS, generate_password
-from linectl.access.passwords import check_policy, hash_password
+from linectl.access.passwords import PasswordRefused, check_policy, hash_password
 from linectl.access.settings import AccessConfig
 
 
@@ -34,7 +34,10 @@ async def create_default_users(cfg: AccessConfig, store: Any, *, actor: str, ori
     for name, _display, _roles in DEFAULT_USERS:
         pw = env.get(password_env(name))
         if pw:
-            check_policy(pw, cfg.password, name)
+            try:
+                check_policy(pw, cfg.password, name)
+            except PasswordRefused as exc:
+                raise PasswordRefused(f"{password_env(name)}: {exc}") from None
             chosen[name] = (pw, False)
         else:
             chosen[name] = (generate_password(max(16, cfg.password.min_length)), True)
