@@ -31,6 +31,7 @@ from linectl.commands import (
     simulate,
     trace,
     upstream,
+    users,
     verify,
 )
 
@@ -44,6 +45,7 @@ COMMANDS = (
     serials,
     trace,
     audit,
+    users,
     batch,
     report,
     run,

@@ -18,6 +18,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from linectl import gs1
+from linectl.access.settings import DISABLED as ACCESS_DISABLED
+from linectl.access.settings import AccessConfig
 from linectl.drivers.base import DriverConfig
 from linectl.drivers.registry import device_config_classes
 from linectl.epc import SGTIN96_MAX_SERIAL, EpcValue, choose_scheme, make_epc
@@ -1091,6 +1093,8 @@ class LineConfig(Model):
     shift: ShiftConfig = Field(default_factory=ShiftConfig)
     opcua_server: OpcuaServerConfig = Field(default_factory=OpcuaServerConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    #: who may command the line (linectl/access); the section absent: access control off, said loudly at start
+    access: AccessConfig = Field(default_factory=lambda: AccessConfig.model_validate(ACCESS_DISABLED))
     # The simulator's own section, kept as a mapping: the controller must not import (or need) the simulators, so the
     # section is validated by what uses it (`linectl simulate`, `demo`, and `check-config` when it is present) against
     # linectl.simulators.config.SimulationConfig.
@@ -1130,6 +1134,10 @@ def _reference_problems(cfg: LineConfig) -> list[tuple[tuple[Any, ...], str]]:
         if p.gtin in seen_gtin:
             out.append((("products", i, "gtin"), f"GTIN {p.gtin} is configured twice (also products.{seen_gtin[p.gtin]})"))
         seen_gtin[p.gtin] = i
+    for key in cfg.access.devices:
+        dev = cfg.devices.get(key.split(":", 1)[1])
+        if dev is None or role_of(dev.driver) != "plc":
+            out.append((("access", "devices", key), f"{key}: no PLC device {key.split(':', 1)[1]!r} in devices"))
     names: set[str] = set()
     extensions: dict[str, str] = {}
     for i, st in enumerate(cfg.stations):

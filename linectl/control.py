@@ -15,7 +15,7 @@ from datetime import date
 from typing import Annotated, Any, Literal, Protocol
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationInfo, field_validator, model_validator
 
 from linectl import gs1
 from linectl.gs1_dictionary import LintError, lint_yymmd0
@@ -31,9 +31,23 @@ class Command(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     command_id: str | None = Field(None, max_length=128, description="client id; a repeated id gets the first reply again")
-    actor: str = Field("operator", max_length=128, description="who (user id / system) asked")
+    actor: str = Field("operator", max_length=128, description="who (user id / system) asked; with access control: the "
+                       "authenticated user, set by linectl (linectl/access)")
     reason: str = Field("", max_length=500, description="why (the audit trail keeps it; required for the commands "
                         "the line's audit.reason_required lists)")
+
+
+#: validation context of a command whose actor was set by linectl from a verified identity (linectl/access): the
+#: placeholder checks below ("rework needs actor: the operator's id") are for unauthenticated lines only
+AUTHENTICATED = {"authenticated": True}
+
+
+def _authenticated(info: ValidationInfo) -> bool:
+    return isinstance(info.context, dict) and bool(info.context.get("authenticated"))
+
+
+#: user names (store users, directory users): what an audit record, a login and an OPC UA session name a person by
+USERNAME_PATTERN = r"^[A-Za-z0-9_.@-]{1,64}$"
 
 
 class CreateBatch(Command):
@@ -254,12 +268,12 @@ class Rework(Command):
     station: str | None = Field(None, description="reprint: the rework station whose printer prints (default: the first with one)")
 
     @model_validator(mode="after")
-    def _shape(self) -> Rework:
+    def _shape(self, info: ValidationInfo) -> Rework:
         if self.operation in ("add", "replace") and not self.child:
             raise ValueError(f"rework {self.operation} needs child: the unit put in")
         if self.operation not in ("add", "replace") and self.child:
             raise ValueError(f"rework {self.operation} takes no child")
-        if not self.actor.strip() or self.actor == "operator":
+        if not _authenticated(info) and (not self.actor.strip() or self.actor == "operator"):
             raise ValueError("rework needs actor: the operator's id (it goes in the audit trail)")
         return self
 
@@ -292,8 +306,8 @@ class ReconcileUnits(Command):
     )
 
     @model_validator(mode="after")
-    def _who(self) -> ReconcileUnits:
-        if not self.actor.strip() or self.actor == "operator":
+    def _who(self, info: ValidationInfo) -> ReconcileUnits:
+        if not _authenticated(info) and (not self.actor.strip() or self.actor == "operator"):
             raise ValueError("reconcile_units needs actor: the id of the operator who checked the bin (audit trail)")
         if len(set(self.serials)) != len(self.serials):
             raise ValueError("serials: a serial is listed twice")
@@ -344,6 +358,45 @@ class SetUnitMode(Command):
         return parse_unit_mode(v).name
 
 
+class UsersAdmin(Command):
+    """A change to a user (linectl/access): add, roles, passwd, lock, unlock, deactivate, reactivate.
+
+    The CLI's `linectl users ...` sends it to a running daemon (the store has one owner); offline the CLI makes the
+    same change itself. Needs the permission users_admin, except a user's passwd of their own account. Every
+    change is an audit record with the old and the new value and `reason` (Annex 11 §9). `new_password` is a
+    secret: it is hashed (argon2id) and never logged, audited or echoed."""
+
+    name: Literal["users_admin"] = "users_admin"
+    action: Literal["add", "roles", "passwd", "lock", "unlock", "deactivate", "reactivate"]
+    username: str = Field(pattern=USERNAME_PATTERN)
+    display_name: str | None = Field(None, min_length=1, max_length=128)
+    roles: list[str] | None = Field(None, min_length=1, max_length=20)
+    source: Literal["local", "ldap"] = "local"
+    new_password: SecretStr | None = Field(None, max_length=1024)
+    reason: str = Field(min_length=1, max_length=500, description="why (Annex 11 §9: recorded with the change)")
+
+    @model_validator(mode="after")
+    def _shape(self) -> UsersAdmin:
+        if self.action == "add":
+            if not self.display_name or not self.roles:
+                raise ValueError("users_admin add needs display_name and roles")
+            if self.source == "local" and self.new_password is None:
+                raise ValueError("users_admin add of a local user needs new_password")
+        elif self.action == "roles":
+            if not self.roles:
+                raise ValueError("users_admin roles needs roles")
+        elif self.action == "passwd":
+            if self.new_password is None:
+                raise ValueError("users_admin passwd needs new_password")
+        if self.action != "add" and self.display_name is not None:
+            raise ValueError(f"users_admin {self.action} takes no display_name")
+        if self.action not in ("add", "roles") and self.roles is not None:
+            raise ValueError(f"users_admin {self.action} takes no roles")
+        if self.action not in ("add", "passwd") and self.new_password is not None:
+            raise ValueError(f"users_admin {self.action} takes no new_password")
+        return self
+
+
 AnyCommand = Annotated[
     (
         CreateBatch
@@ -367,6 +420,7 @@ AnyCommand = Annotated[
         | ReconcileUnits
         | PackmlCmd
         | SetUnitMode
+        | UsersAdmin
     ),
     Field(discriminator="name"),
 ]

@@ -73,6 +73,8 @@ class Daemon:
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     loop_lag_ms: float = 0.0
     _bridge: Any = None
+    #: the access gate (linectl/access): logins, tokens, users_admin; shared by the MQTT bridge and the OPC UA server
+    access: Any = None
 
     async def start(self) -> None:
         from linectl.epcis import EpcisMapper
@@ -98,6 +100,7 @@ class Daemon:
         phase("store_open")
         self.drivers = build_drivers(self.cfg)
         self.line = Line(self.cfg, self.store, self.drivers)
+        await self._start_access()
         await self.line.recover_in_flight()
         from linectl.engine.aggregation import recover_containers  # SSCCs labelled but never recorded: void them
 
@@ -121,7 +124,7 @@ class Daemon:
 
             from linectl.opcua_server import PackmlServer
 
-            ua_server = PackmlServer(self.cfg, self.line, base_dir=Path(path).resolve().parent)
+            ua_server = PackmlServer(self.cfg, self.line, base_dir=Path(path).resolve().parent, access=self.access)
             self.upstream.append(ua_server)  # stopped with the upstream links, also when its start fails half-way
             await ua_server.start()
         self.supervisor.start("retention", self._retention)
@@ -149,6 +152,36 @@ class Daemon:
                                    {**change(seen, fp, "the daemon started with another configuration than at its last start"),
                                     "last_start_seq": last.seq if last is not None else None})
         await self.store.audit("system", "daemon", "daemon_started", {"config": fp, "clock": clock, "pid": os.getpid()})
+
+    async def _start_access(self) -> None:
+        from linectl.access.gate import Access
+
+        assert self.line is not None
+        self.access = Access(self.cfg.access, self.store, refusals=self.line.access_refusals)
+        if not self.cfg.access.enabled:
+            log.warning("access_control_disabled", message="access control disabled: every command is anonymous",
+                        fix="add an access: section to the line config (README: Users and access)")
+            return
+        self.line.on_users_admin = self.access.admin
+        if self.create and not self.store.users():  # a store the demo (or a test) makes: its default users, as init does
+            from pathlib import Path
+
+            from linectl.access.bootstrap import create_default_users, write_password_file
+            from linectl.access.passwords import PasswordRefused
+            from linectl.store.model import StoreError
+
+            try:
+                generated = await create_default_users(self.cfg.access, self.store, actor="system", origin="daemon")
+            except PasswordRefused as exc:  # a default user's password from the environment (the demo shows it, no traceback)
+                raise StoreError(f"default users: {exc}") from None
+            where = write_password_file(Path(f"{self.store.path}.initial-passwords"), generated)
+            log.info("default_users_created", users=sorted(generated), generated_passwords_in=None if where is None else str(where))
+        users = self.store.users()
+        log.info("access_control_enabled", users=sum(1 for u in users if u.active), ldap=self.cfg.access.ldap is not None,
+                 session_ttl_s=self.cfg.access.session_ttl_s)
+        if not any(u.active for u in users) and self.cfg.access.ldap is None:
+            log.warning("access_no_users", message="access control is on but the store has no active user: nobody can command the line",
+                        fix="linectl users add (offline) or linectl init on a new store")
 
     def _start_provisioners(self) -> None:
         """A provisioner task per pool product with a serial source; the line nudges it below low water, routes
@@ -217,7 +250,8 @@ class Daemon:
         line.on_sink_retry = sink_retry
         if self.cfg.mqtt.enabled:
             fwd = next(s for s in sinks if s.name == "mqtt")
-            bridge = MqttBridge(self.cfg, self.line, store=self.store, forwarder=fwd, sinks=sinks, sources=list(self.provisioners.values()))
+            bridge = MqttBridge(self.cfg, self.line, store=self.store, forwarder=fwd, sinks=sinks, sources=list(self.provisioners.values()),
+                                access=self.access)
             self.upstream.insert(0, bridge)
             self.supervisor.start("mqtt_bridge", bridge.run)
             self.line.on_state_change(bridge.state_changed)
@@ -287,6 +321,8 @@ class Daemon:
                 await asyncio.wait_for(prov.aclose(), 5)
             except Exception as exc:  # noqa: BLE001
                 log.warning("serial_source_close_failed", source=prov.name, error=str(exc))
+        if line is not None:  # refusals counted since the last interval: their aggregated audit record before the store closes
+            await line.access_refusals.flush()
         if self.store is not None:
             await self.store.close()
         log.info("daemon_stopped", reason=reason)

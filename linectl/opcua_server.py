@@ -4,7 +4,8 @@ A packaging line is integrated through PackML: a SCADA tool browses Objects/Pack
 PackMLBaseObjectType instance, reads its state machines, Status and Admin, and drives it with the state-machine
 methods (Start, Stop, Hold, ...). Every method goes through `line.execute` like an MQTT command or a PLC tag, so
 it is validated the same way and audited with the OPC UA session's user; PackML's "not in this state" comes back
-as BadInvalidState.
+as BadInvalidState. With access control on (linectl/access) the session user must also be a user of the line's
+store, active and not locked, and the command one its roles allow; otherwise BadUserAccessDenied.
 
 asyncua instantiates a type only from the instance declarations it finds directly below the type: the children
 of nested objects' own types (Admin's counters, the state machines' methods) are not created, whatever
@@ -219,8 +220,12 @@ def load_trusted(directory: Path) -> dict[bytes, str]:
 class PackmlServer:
     """asyncua Server with the PackML nodeset and one PackMLBaseObjectType instance: the line."""
 
-    def __init__(self, cfg: LineConfig, line: Any, base_dir: Path | None = None) -> None:
+    def __init__(self, cfg: LineConfig, line: Any, base_dir: Path | None = None, access: Any = None) -> None:
         self.cfg: OpcuaServerConfig = cfg.opcua_server
+        #: linectl.access.Access when access control is on: a method's caller must be an active store user
+        self.access = access if access is not None and access.enabled else None
+        if self.access is None and cfg.access.enabled:
+            raise OpcuaServerError("access control is on (access:) but the OPC UA server was given no access gate")
         self.line_name = cfg.line.name
         self.line = line
         base = base_dir if base_dir is not None else Path(cfg.store.path).resolve().parent
@@ -509,7 +514,8 @@ class PackmlServer:
         found = self.passwords.users.get(user.name)
         return None if found is None else found.name
 
-    async def _call(self, what: str, parent: Any, expected: Any, args: tuple[Any, ...], run: Callable[[str], Coroutine[Any, Any, None]]) -> Any:
+    async def _call(self, what: str, parent: Any, expected: Any, args: tuple[Any, ...],
+                    run: Callable[[str, Any], Coroutine[Any, Any, None]]) -> Any:
         """The common path of every method: who calls, on which object, how many waiting, then the engine."""
         from asyncua import ua
 
@@ -524,6 +530,12 @@ class PackmlServer:
             return bad(ua.StatusCodes.BadUserAccessDenied, "anonymous sessions may not call methods")
         if self.passwords.users[name].role != "operator":
             return bad(ua.StatusCodes.BadUserAccessDenied, "role viewer may not call methods", name)
+        principal = None
+        if self.access is not None:
+            try:
+                principal = await self.access.user_principal(name, "opcua", "opcua")
+            except CommandRejected as exc:
+                return bad(ua.StatusCodes.BadUserAccessDenied, f"{exc.code}: {exc.reason}", name)
         if expected is not None and parent != expected:
             return bad(ua.StatusCodes.BadMethodInvalid, f"{what} is not a method of {parent}", name)
         if self._pending >= MAX_PENDING_CALLS:
@@ -533,13 +545,14 @@ class PackmlServer:
         # own task, shielded: a client that times out or drops its connection must not cancel a stop half-way
         self._pending += 1
         self.calls += 1
-        task = asyncio.create_task(run(name), name=f"opcua_server.{what}")
+        task = asyncio.create_task(run(name, principal), name=f"opcua_server.{what}")
         task.add_done_callback(self._call_done)
         self._inflight[task] = (what, name, False)
         try:
             await asyncio.wait_for(asyncio.shield(task), CALL_TIMEOUT_S)
         except CommandRejected as exc:
-            code = ua.StatusCodes.BadInvalidState if exc.code == "invalid_state" else ua.StatusCodes.BadRequestNotAllowed
+            code = {"invalid_state": ua.StatusCodes.BadInvalidState, "forbidden": ua.StatusCodes.BadUserAccessDenied}.get(
+                exc.code, ua.StatusCodes.BadRequestNotAllowed)
             return bad(code, exc.reason, name)
         except ValueError as exc:  # pydantic's ValidationError is one: a malformed argument
             return bad(ua.StatusCodes.BadInvalidArgument, str(exc).splitlines()[0][:300], name)
@@ -585,8 +598,8 @@ class PackmlServer:
                 log.warning("opcua_method_refused", method=mname, reason=f"{len(args)} arguments given, none taken")
                 return ua.StatusCode(ua.StatusCodes.BadTooManyArguments)
 
-            async def run(user: str) -> None:
-                await self.line.execute(PackmlCmd(command=command, actor=user), origin="opcua")
+            async def run(user: str, principal: Any) -> None:
+                await self.line.execute(PackmlCmd(command=command, actor=user), origin="opcua", principal=principal)
 
             return await self._call(mname, parent, owner, args, run)
 
@@ -604,8 +617,8 @@ class PackmlServer:
             return ua.CallMethodResult(StatusCode=ua.StatusCode(ua.StatusCodes.BadInvalidArgument),
                                        InputArgumentResults=[ua.StatusCode(ua.StatusCodes.BadTypeMismatch)])
 
-        async def run(user: str) -> None:
-            await self.line.execute(SetUnitMode(mode=int(v.Value), actor=user), origin="opcua")
+        async def run(user: str, principal: Any) -> None:
+            await self.line.execute(SetUnitMode(mode=int(v.Value), actor=user), origin="opcua", principal=principal)
 
         return await self._call("SetUnitMode", parent, self.line_node.nodeid, args, run)
 

@@ -58,6 +58,15 @@ DEFECT_REASONS: dict[str, set[str]] = {
 }
 
 
+#: the default users' passwords for the stores tests create (`linectl init` and a demo store read them from the environment)
+TEST_PASSWORDS = {"operator": "Shift-Runner-pw1", "qa": "Release-Check-pw2", "admin": "Key-Keeper-pw-03"}
+
+
+def password_env() -> dict[str, str]:
+    """The environment `linectl init` takes the default users' passwords from."""
+    return {f"LINECTL_PASSWORD_{u.upper()}": pw for u, pw in TEST_PASSWORDS.items()}
+
+
 def port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.3):
@@ -76,9 +85,17 @@ def variant_raw(
     station: dict[str, Any] | None = None,
     simulation: dict[str, Any] | None = None,
     base: Path = DEFAULT_CONFIG,
+    access: bool = False,
 ) -> dict[str, Any]:
-    """The demo line's config as plain data, its print_verify stations' rules / fields and the simulation changed."""
+    """The demo line's config as plain data, its print_verify stations' rules / fields and the simulation changed.
+
+    access=False (the default) drops the config's `access:` section: the tests of the line's other features send
+    their MQTT commands without logging in, as to a line without access control (whose daemon warns at start
+    "access control disabled"). Access control itself is proven by tests/test_access*.py and by the CLI of
+    LineProcesses (tests/test_daemon.py), which run with the section."""
     raw: dict[str, Any] = to_plain(load_yaml(base))
+    if not access:
+        raw.pop("access", None)
     for st in raw.get("stations", []):
         if st.get("type") == "print_verify":
             st.setdefault("rules", {}).update(rules or {})
@@ -102,9 +119,10 @@ def variant_config(
     simulation: dict[str, Any] | None = None,
     base: Path = DEFAULT_CONFIG,
     name: str = "variant.yaml",
+    access: bool = False,
 ) -> Path:
     """The demo line YAML with station rules / station fields / simulation settings changed."""
-    raw = variant_raw(rules=rules, station=station, simulation=simulation, base=base)
+    raw = variant_raw(rules=rules, station=station, simulation=simulation, base=base, access=access)
     path = Path(directory) / name
     with open(path, "w", encoding="utf-8") as fh:
         YAML(typ="safe").dump(raw, fh)
@@ -122,6 +140,7 @@ async def simulated_line(
     simulation: dict[str, Any] | None = None,
     overrides: dict[str, Any] | None = None,
     base: Path = DEFAULT_CONFIG,
+    access: bool = False,
 ) -> AsyncIterator[SimulatedLine]:
     """A SimulatedLine on the demo config (variant), own temp dir and db, a unique MQTT topic root.
 
@@ -129,7 +148,7 @@ async def simulated_line(
     test), else the embedded broker. Always tears the simulator down, even when
     the daemon's shutdown fails.
     """
-    cfg = variant_config(tmp_path, rules=rules, simulation=simulation, base=base)
+    cfg = variant_config(tmp_path, rules=rules, simulation=simulation, base=base, access=access)
     broker = "{}:{}".format(*SHARED_BROKER) if port_open(*SHARED_BROKER) else None
     ov: dict[str, Any] = {"mqtt": {"topic_root": unique_root()}}
     for k, v in (overrides or {}).items():

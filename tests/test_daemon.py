@@ -25,8 +25,10 @@ from engine_helpers import (
     LINECTL,
     REPO,
     SHARED_BROKER,
+    TEST_PASSWORDS,
     db_query,
     lot_events_from_db,
+    password_env,
     port_open,
     serial_states,
     spawn,
@@ -45,6 +47,8 @@ from linectl.yamlsource import load_yaml, to_plain
 pytestmark = pytest.mark.slow
 
 GTIN = "09501101530003"
+#: the line's operator in these tests, a user of the store (added by the default admin after `linectl init`)
+OPERATOR, OPERATOR_PW = "operator1", "Line-Runner-pw-7"
 
 
 class LineProcesses:
@@ -63,7 +67,8 @@ class LineProcesses:
 
             self.broker = Broker(tmp / "broker").start()
             host, port = "127.0.0.1", self.broker.port
-        base = variant_config(tmp, simulation={"rate_upm": rate, "defect_rate": defect_rate, "seed": seed, "variation_rate": 0.02})
+        # with the demo config's access control: the CLI logs in as operator1 (added after init by the admin, over the CLI)
+        base = variant_config(tmp, simulation={"rate_upm": rate, "defect_rate": defect_rate, "seed": seed, "variation_rate": 0.02}, access=True)
         raw = _rewrite_ports(to_plain(load_yaml(base)), tmp)
         raw["mqtt"].update({"host": host, "port": port, "enabled": True, "topic_root": unique_root()})
         raw["store"]["path"] = str(self.db)
@@ -88,7 +93,11 @@ class LineProcesses:
 
     def start_daemon(self) -> None:
         if not self.db.exists():  # `linectl run` never creates a store: the line is commissioned with `linectl init`
-            subprocess.run([*LINECTL, "init", "-c", str(self.cfg)], check=True, capture_output=True, cwd=REPO, timeout=60)
+            env = {**os.environ, **password_env()}
+            subprocess.run([*LINECTL, "init", "-c", str(self.cfg)], check=True, capture_output=True, cwd=REPO, timeout=60, env=env)
+            subprocess.run([*LINECTL, "users", "add", OPERATOR, "-c", str(self.cfg), "--name", "Operator One", "--roles", "operator,supervisor,qa",
+                            "--reason", "test operator", "--user", "admin"], check=True, capture_output=True, cwd=REPO, timeout=60,
+                           env={**env, "LINECTL_PASSWORD": TEST_PASSWORDS["admin"], "LINECTL_NEW_PASSWORD": OPERATOR_PW})
         self.daemon_runs += 1
         self.daemon = spawn([*LINECTL, "--log-level", "info", "run", "-c", str(self.cfg)], self.logs / f"daemon{self.daemon_runs}.log")
         self.wait_ready()
@@ -108,8 +117,8 @@ class LineProcesses:
 
     def batch(self, action: str, *args: str, timeout: float = 20) -> tuple[int, dict[str, Any], str]:
         p = subprocess.run(
-            [*LINECTL, "--log-level", "error", "batch", action, "-c", str(self.cfg), "--actor", "operator1", "--timeout", str(timeout), *args],
-            capture_output=True, text=True, cwd=REPO, timeout=timeout + 30,
+            [*LINECTL, "--log-level", "error", "batch", action, "-c", str(self.cfg), "--user", OPERATOR, "--timeout", str(timeout), *args],
+            capture_output=True, text=True, cwd=REPO, timeout=timeout + 30, env={**os.environ, "LINECTL_PASSWORD": OPERATOR_PW},
         )
         try:
             body = json.loads(p.stdout) if p.stdout.strip() else {}

@@ -97,12 +97,12 @@ def gate_plc_commands(line: Any, after: Callable[[], Awaitable[None]] | None = N
     entered, release = asyncio.Event(), asyncio.Event()
     real = line.execute
 
-    async def gated(command: Any, origin: str) -> dict[str, Any]:
+    async def gated(command: Any, origin: str, principal: Any = None) -> dict[str, Any]:
         plc = isinstance(command, C.PackmlCmd) and origin.startswith("plc:")
         if plc:
             entered.set()
             await release.wait()
-        result: dict[str, Any] = await real(command, origin)
+        result: dict[str, Any] = await real(command, origin, principal)
         if plc and after is not None:
             await after()
         return result

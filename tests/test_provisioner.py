@@ -106,7 +106,7 @@ async def test_store_migrates_v8_file(tmp_path):
         c.execute("UPDATE meta SET value='8' WHERE key='schema_version'")
     s = await Store.open(p)
     try:
-        assert s.opened_from_version == 8 and s.stats()["schema_version"] == SCHEMA_VERSION == 9
+        assert s.opened_from_version == 8 and s.stats()["schema_version"] == SCHEMA_VERSION == 10
         assert s.available(GTIN) == 2 and s.requests() == []
         rid = await s.request_new("request", "src", GTIN, 5, "k1")
         assert [r.state for r in s.requests()] == ["pending"] and rid == s.requests()[0].id

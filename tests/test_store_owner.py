@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_helpers import LINECTL, REPO, db_query, lot_events_from_db, spawn, stop_proc
+from engine_helpers import LINECTL, REPO, TEST_PASSWORDS, db_query, lot_events_from_db, password_env, spawn, stop_proc
 
 from linectl.events import UnitDecommissioned
 from linectl.store import Store
@@ -58,8 +58,13 @@ def write_config(tmp: Path, db: Path, name: str = "line1", gln: str = "541234500
     return p
 
 
-def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*LINECTL, "--log-level", "error", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
+def cli(*args: str, timeout: float = 60, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LINECTL, "--log-level", "error", *args], capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+#: the demo's store has the default users (their passwords from the environment): qa closes and stops offline
+QA = {"LINECTL_PASSWORD": TEST_PASSWORDS["qa"]}
 
 
 def files_of(d: Path) -> set[str]:
@@ -310,7 +315,7 @@ async def test_second_daemon_is_refused_and_touches_nothing(tmp_path: Path):
 
 
 def _demo(db: Path, log: Path, units: int = 3000) -> subprocess.Popen[bytes]:
-    return spawn([*LINECTL, "--log-level", "warning", "demo", "--db", str(db), "--units", str(units), "--rate", "600"], log)
+    return spawn([*LINECTL, "--log-level", "warning", "demo", "--db", str(db), "--units", str(units), "--rate", "600"], log, env=password_env())
 
 
 def _wait_commissioned(db: Path, p: subprocess.Popen[bytes], log: Path, n: int, timeout: float = 90) -> str:
@@ -329,7 +334,13 @@ def _wait_commissioned(db: Path, p: subprocess.Popen[bytes], log: Path, n: int, 
 
 def _close_offline_and_report(tmp_path: Path, db: Path, lot: str) -> dict[str, Any]:
     demo_cfg = str(REPO / "config" / "demo-line.yaml")
-    r = cli("batch", "close", "-c", demo_cfg, "--db", str(db), "--unused", "void", "--actor", "qa1")
+    r = cli("batch", "close", "-c", demo_cfg, "--db", str(db), "--unused", "void", "--actor", "qa1", "--user", "qa", env=QA)
+    assert r.returncode == 2 and "--actor 'qa1' is not --user 'qa'" in r.stderr  # with access control the actor is the user
+    r = cli("batch", "close", "-c", demo_cfg, "--db", str(db), "--unused", "void", "--user", "operator", env={"LINECTL_PASSWORD": TEST_PASSWORDS["operator"]})
+    assert r.returncode == 1 and json.loads(r.stdout)["error"]["code"] == "forbidden", r.stdout  # operators do not close batches
+    r = cli("batch", "close", "-c", demo_cfg, "--db", str(db), "--unused", "void", "--user", "qa", env={"LINECTL_PASSWORD": "wrong"})
+    assert r.returncode == 1 and json.loads(r.stdout)["error"]["code"] == "wrong_password", r.stdout
+    r = cli("batch", "close", "-c", demo_cfg, "--db", str(db), "--unused", "void", "--user", "qa", env=QA)
     assert r.returncode == 0, (r.stdout, r.stderr)
     reply = json.loads(r.stdout)
     assert reply["ok"] and reply["result"]["offline"] and reply["result"]["lot"] == lot
@@ -343,9 +354,9 @@ def _close_offline_and_report(tmp_path: Path, db: Path, lot: str) -> dict[str, A
     r = cli("audit", "verify", "--db", str(db))
     assert r.returncode == 0, r.stdout
     closes = [a for a in audit_actions(db) if a[2] == "close_batch"]
-    assert closes == [("qa1", "cli:offline", "close_batch")], closes
+    assert closes == [("qa", "cli:offline", "close_batch")], closes
     # a closed batch stays closed: a second offline close is refused, not applied twice
-    r = cli("batch", "close", "-c", demo_cfg, "--db", str(db), "--lot", lot)
+    r = cli("batch", "close", "-c", demo_cfg, "--db", str(db), "--lot", lot, "--user", "qa", env=QA)
     assert r.returncode == 1 and "already closed" in r.stderr and "Traceback" not in r.stderr
     return reply
 
@@ -385,15 +396,17 @@ def test_kill9_of_the_demo_then_offline_stop_and_close(tmp_path: Path):
     assert db_query(db, "SELECT state FROM batches WHERE lot=?", (lot,))[0][0] == "running"
     sent = {s for (s,) in db_query(db, "SELECT serial FROM serials WHERE lot=? AND state='sent'", (lot,))}
     demo_cfg = str(REPO / "config" / "demo-line.yaml")
-    r = cli("batch", "stop", "-c", demo_cfg, "--db", str(db), "--actor", "qa1", "--reason", "demo killed")
+    r = cli("batch", "stop", "-c", demo_cfg, "--db", str(db), "--user", "qa", "--reason", "demo killed", env=QA)
     assert r.returncode == 0 and json.loads(r.stdout)["result"] == {"lot": lot, "state": "stopped", "previous": "running", "offline": True}, r.stderr
     assert db_query(db, "SELECT state FROM batches WHERE lot=?", (lot,))[0][0] == "stopped"
     r = cli("batch", "stop", "-c", demo_cfg, "--db", str(db))
+    assert r.returncode == 2 and "give --user" in r.stderr  # no anonymous command on a line with access control
+    r = cli("batch", "stop", "-c", demo_cfg, "--db", str(db), "--user", "qa", env=QA)
     assert r.returncode == 1 and "only a running" in r.stderr
     reply = _close_offline_and_report(tmp_path, db, lot)
     decommissioned = {e.serial for e in lot_events_from_db(db, lot) if isinstance(e, UnitDecommissioned) and e.reason.value == "line_stopped"}
     assert sent <= decommissioned and reply["result"]["decommissioned_in_flight"] == len(sent)
-    assert [a for a in audit_actions(db) if a[2] == "stop_batch"] == [("qa1", "cli:offline", "stop_batch")]
+    assert [a for a in audit_actions(db) if a[2] == "stop_batch"] == [("qa", "cli:offline", "stop_batch")]
 
 
 # --------------------------------------------------------------------------- the store operations themselves (in-process)

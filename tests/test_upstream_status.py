@@ -53,4 +53,4 @@ def test_status_refuses_bad_input_without_traceback(tmp_path):
     assert p.returncode == 3 and "Traceback" not in p.stderr and "no such database file" in p.stderr
     p = status("--db", str(tmp_path / "x.db"), "--live")
     assert p.returncode == 2 and "--live needs -c CONFIG" in p.stderr
-    assert SCHEMA_VERSION == 9
+    assert SCHEMA_VERSION == 10

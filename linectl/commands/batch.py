@@ -10,6 +10,13 @@ it, the command takes the store's owner lock and runs there, through the same
 store operation and audit record as the daemon's (origin `cli:offline`). A
 batch a crash left running/challenge/paused is recorded stopped first. When a
 daemon holds the store, the command goes to it over MQTT as usual.
+
+On a line with access control (`access:`) every command names its user:
+`--user NAME` (or LINECTL_USER) and the password from `--password-file`,
+LINECTL_PASSWORD or a prompt (linectl/access/client.py). Over MQTT the CLI
+logs in, sends the command with the token and logs out; offline it checks the
+password and the user's permission against the store itself. The actor of the
+command is that user.
 """
 
 from __future__ import annotations
@@ -22,6 +29,8 @@ import os
 import sys
 import uuid
 from typing import Any
+
+from linectl.access.client import add_user_options, cli_user, send, user_password
 
 ACTIONS = {
     "create": "create_batch",
@@ -65,7 +74,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--copies", type=int, help="reconcile in_bin: packs carrying each code found in the bin (when copies were rejected as duplicates)")
     p.add_argument("--packml-command", dest="packml_command", help="packml: the PackML command (name or CntrlCmd number)")
     p.add_argument("--mode", help="unit-mode: Production, Maintenance or Manual (or 1-3)")
-    p.add_argument("--actor", default=None, help="who is commanding (default: the login name)")
+    p.add_argument("--actor", default=None, help="who is commanding, on a line without access control (default: the login name)")
+    add_user_options(p)
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--db", metavar="PATH", help="store for an offline close/stop (default: store.path of the config)")
     p.set_defaults(func=run)
@@ -75,16 +85,18 @@ OFFLINE = {"close", "stop"}
 OFFLINE_ORIGIN = "cli:offline"
 
 
-async def run_offline(cfg: Any, body: dict[str, Any], path: str) -> dict[str, Any] | None:
-    """Close/stop on the store itself when no daemon holds it; None when one does (then: MQTT)."""
-    from linectl.control import COMMAND_ADAPTER, CloseBatch, StopBatch
+async def run_offline(cfg: Any, body: dict[str, Any], path: str, password: str | None = None) -> dict[str, Any] | None:
+    """Close/stop on the store itself when no daemon holds it; None when one does (then: MQTT).
+
+    With access control the actor (body["actor"], the --user) must prove `password` and hold the command's permission."""
+    from linectl.control import AUTHENTICATED, COMMAND_ADAPTER, CloseBatch, CommandRejected, StopBatch
     from linectl.engine.audit_changes import REASON_REQUIRED, missing_reason
     from linectl.store.audit import change
     from linectl.store.cliutil import open_store
     from linectl.store.lock import StoreLocked
     from linectl.store.model import StoreError
 
-    cmd = COMMAND_ADAPTER.validate_python(body)
+    cmd = COMMAND_ADAPTER.validate_python(body, context=AUTHENTICATED if cfg.access.enabled else None)
     refusal = missing_reason(cfg.audit.reason_required, cmd.name, cmd.reason)
     if refusal is not None:  # the daemon refuses it the same way (Line.execute)
         return _refused(cmd, refusal, REASON_REQUIRED)
@@ -92,7 +104,21 @@ async def run_offline(cfg: Any, body: dict[str, Any], path: str) -> dict[str, An
         store = await open_store(path, cfg, readonly=False, command=f"linectl batch {cmd.name}", actor=cmd.actor, origin=OFFLINE_ORIGIN)
     except StoreLocked:
         return None
+    access = None
     try:
+        if cfg.access.enabled:
+            from linectl.access.gate import Access
+            from linectl.access.principal import permits
+
+            access = Access(cfg.access, store)
+            try:
+                principal = await access.authenticate(cmd.actor, password, channel="cli", origin=OFFLINE_ORIGIN)
+            except CommandRejected as exc:
+                return _refused(cmd, exc.reason, exc.code)
+            refused = permits(principal, cmd)
+            if refused is not None:
+                access.deny("forbidden", refused, OFFLINE_ORIGIN, principal.name)
+                return _refused(cmd, refused, "forbidden")
         who = f"{cmd.actor}@{OFFLINE_ORIGIN}"
         open_batches = [b for b in store.batches() if b.state != "closed"]
         lot = body.get("lot")
@@ -124,6 +150,8 @@ async def run_offline(cfg: Any, body: dict[str, Any], path: str) -> dict[str, An
         await store.audit(cmd.actor, OFFLINE_ORIGIN, cmd.name, {**cmd.model_dump(mode="json", exclude={"serials"}), "lot": lot, "result": short, **moved})
         return {"ok": True, "command_id": cmd.command_id, "command": cmd.name, "result": result}
     finally:
+        if access is not None:
+            await access.refusals.flush()  # a refused login is audited (aggregated) before the store closes
         await store.close()
 
 
@@ -133,7 +161,7 @@ def _refused(cmd: Any, reason: str, code: str) -> dict[str, Any]:
 
 def build_command(args: argparse.Namespace) -> dict[str, Any]:
     name = ACTIONS[args.action]
-    body: dict[str, Any] = {"name": name, "command_id": uuid.uuid4().hex, "actor": args.actor or getpass.getuser()}
+    body: dict[str, Any] = {"name": name, "command_id": uuid.uuid4().hex, "actor": cli_user(args) or args.actor or getpass.getuser()}
     if args.file:
         from linectl.yamlsource import load_yaml, to_plain
 
@@ -166,32 +194,28 @@ def build_command(args: argparse.Namespace) -> dict[str, Any]:
         body["mode"] = args.mode
     if name == "ack_alarm" and args.alarm_id:
         body["alarm_id"] = args.alarm_id
-    from linectl.control import COMMAND_ADAPTER
+    from linectl.control import AUTHENTICATED, COMMAND_ADAPTER
 
-    COMMAND_ADAPTER.validate_python(body)  # fail here, with pydantic's message, before touching the network
+    # fail here, with pydantic's message, before touching the network
+    COMMAND_ADAPTER.validate_python(body, context=AUTHENTICATED if cli_user(args) else None)
     return body
 
 
-async def send_command(cfg: Any, body: dict[str, Any], timeout: float) -> dict[str, Any]:
-    import aiomqtt
+async def send_command(cfg: Any, body: dict[str, Any], timeout: float, *, user: str | None = None, password: str | None = None) -> dict[str, Any]:
+    """The command to the daemon over MQTT (logged in as `user` when given); its reply."""
+    return await send(cfg, body, timeout, user=user, password=password)
 
-    from linectl.forwarder import client_options
 
-    root = cfg.topic_root
-    name = body["name"]
-    reply_topic = f"{root}/cmd/{name}/reply"
-    async with aiomqtt.Client(**client_options(cfg.mqtt, f"linectl-cli-{uuid.uuid4().hex[:8]}")) as client:
-        await client.subscribe(reply_topic, qos=1)
-        await client.publish(f"{root}/cmd/{name}", json.dumps(body), qos=1)
-        async with asyncio.timeout(timeout):
-            async for msg in client.messages:
-                try:
-                    reply = json.loads(msg.payload)
-                except ValueError:
-                    continue
-                if isinstance(reply, dict) and reply.get("command_id") == body["command_id"]:
-                    return reply
-    raise TimeoutError
+def credentials(cfg: Any, args: argparse.Namespace) -> tuple[str | None, str | None]:
+    """(user, password) for a line with access control, (None, None) without; ValueError names what is missing."""
+    user = cli_user(args)
+    if not cfg.access.enabled:
+        return None, None
+    if not user:
+        raise ValueError("this line has access control (access: in the config): give --user NAME (or set LINECTL_USER)")
+    if args.actor and args.actor != user:
+        raise ValueError(f"--actor {args.actor!r} is not --user {user!r}: with access control the actor is the user who logs in")
+    return user, user_password(args, user)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -211,13 +235,21 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"linectl batch: {exc.filename or args.file}: {exc.strerror or exc}", file=sys.stderr)
         return 2
+    try:
+        user, password = credentials(cfg, args)
+    except ValueError as exc:
+        print(f"linectl batch: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"linectl batch: {exc.filename or args.password_file}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     if args.action in OFFLINE:
         from linectl.store.model import StoreError
 
         path = str(args.db or cfg.store.path)
         if args.db or os.path.exists(path):  # a store on this machine: offline unless a daemon holds it
             try:
-                reply = asyncio.run(run_offline(cfg, body, path))
+                reply = asyncio.run(run_offline(cfg, body, path, password))
             except StoreError as exc:
                 print(f"linectl batch: store error: {exc}", file=sys.stderr)
                 return 3
@@ -227,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
                     print(f"linectl batch {args.action}: refused: {reply['error']['message']}", file=sys.stderr)
                 return 0 if reply.get("ok") else 1
     try:
-        reply = asyncio.run(send_command(cfg, body, args.timeout))
+        reply = asyncio.run(send_command(cfg, body, args.timeout, user=user, password=password))
     except TimeoutError:
         print(f"linectl batch: no reply from the daemon within {args.timeout}s (is it running and connected to {cfg.mqtt.host}:{cfg.mqtt.port}?)",
             file=sys.stderr)

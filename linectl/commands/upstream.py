@@ -42,6 +42,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     what.add_argument("--sink", help="the sink, as named in `upstream status`, that delivers its parked document again (sink_retry)")
     r.add_argument("--actor", default=None)
     r.add_argument("--timeout", type=float, default=30.0)
+    from linectl.access.client import add_user_options
+
+    add_user_options(r)
     r.set_defaults(func=run_retry)
 
 
@@ -128,7 +131,7 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_retry(args: argparse.Namespace) -> int:
-    from linectl.commands.batch import send_command
+    from linectl.commands.batch import credentials, send_command
     from linectl.config import load_config
     from linectl.control import COMMAND_ADAPTER
     from linectl.yamlsource import ConfigFileError
@@ -142,11 +145,16 @@ def run_retry(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"linectl upstream: {args.config}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    body: dict[str, Any] = {"command_id": uuid.uuid4().hex, "actor": args.actor or getpass.getuser()}
+    try:
+        user, password = credentials(cfg, args)
+    except (ValueError, OSError) as exc:
+        print(f"linectl upstream retry: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    body: dict[str, Any] = {"command_id": uuid.uuid4().hex, "actor": user or args.actor or getpass.getuser()}
     body.update({"name": "serials_retry", "gtin": args.gtin} if args.gtin else {"name": "sink_retry", "sink": args.sink})
     COMMAND_ADAPTER.validate_python(body)
     try:
-        reply = asyncio.run(send_command(cfg, body, args.timeout))
+        reply = asyncio.run(send_command(cfg, body, args.timeout, user=user, password=password))
     except TimeoutError:
         print(f"linectl upstream retry: no reply from the daemon within {args.timeout}s", file=sys.stderr)
         return 1

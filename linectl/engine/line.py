@@ -20,6 +20,7 @@ import structlog
 
 from linectl import control as C
 from linectl import gs1
+from linectl.access.principal import Principal, permits
 from linectl.config import LineConfig, Product, ShiftConfig
 from linectl.config_hash import config_fingerprint
 from linectl.drivers.base import Driver, Plc
@@ -246,6 +247,10 @@ class Line:
         #: command_id -> (command name, reply) of commands executed by this process (the store keeps them across restarts)
         self._replies: OrderedDict[str, tuple[str, dict[str, Any]]] = OrderedDict()
         self.verify_tally = C.RefusalTally("verify_alarms_suppressed", store=store)
+        #: commands refused for who sent them, every channel (the daemon hands the same tally to linectl.access.Access)
+        self.access_refusals = C.RefusalTally("access_refused", store=store)
+        #: users_admin (the daemon wires linectl.access.Access.admin): async (command, actor, origin) -> reply
+        self.on_users_admin: Any = None
         self._lock = asyncio.Lock()
         self._stop_task: asyncio.Task[None] | None = None
         self._faulting = False
@@ -653,9 +658,23 @@ class Line:
 
     # ------------------------------------------------------------------ commands
 
-    async def execute(self, command: Any, origin: str) -> dict[str, Any]:
+    async def execute(self, command: Any, origin: str, principal: Principal | None = None) -> dict[str, Any]:
+        """Apply one command; `principal` is who a channel verified it came from (linectl/access).
+
+        With a principal the command must be one its roles (or device permissions) allow, else CommandRejected
+        `forbidden`, and its actor becomes the principal's name whatever the command said. Without one the caller is
+        code in this process (the demo harness, a test) and the actor is taken as given: every channel from outside
+        (MQTT, PLC tags, OPC UA) passes the principal it verified when access control is on."""
         if isinstance(command, dict):
-            command = C.COMMAND_ADAPTER.validate_python(command)
+            command = C.COMMAND_ADAPTER.validate_python(command, context=C.AUTHENTICATED if principal is not None else None)
+        if principal is not None:
+            refused = permits(principal, command)
+            if refused is not None:
+                if self.access_refusals.note("forbidden", origin, f"{principal.name[:64]}: {command.name}"):
+                    log.warning("command_forbidden", command=command.name, actor=principal.name, origin=origin, reason=refused)
+                raise C.CommandRejected(refused, "forbidden")
+            if command.actor != principal.name:
+                command = command.model_copy(update={"actor": principal.name})
         if command.command_id:
             # a retry gets the reply the command got the first time, also after a restart (stored with its audit record)
             seen = self._replies.get(command.command_id)
@@ -684,7 +703,8 @@ class Line:
                         origin,
                         command.name,
                         {**command.model_dump(mode="json", exclude={"serials"}), "result": _short(result),
-                         **change_of(self, command, was, result)},
+                         **change_of(self, command, was, result),
+                         **({} if principal is None else {"auth": {"kind": principal.kind, "channel": principal.channel, "session": principal.session}})},
                         command_id=command.command_id,
                         reply=result,  # durable idempotency: a retry after a restart gets this reply
                     )
@@ -1248,6 +1268,12 @@ class Line:
         was, self.packml.unit_mode = self.packml.unit_mode, mode
         log.info("packml_unit_mode", mode=mode.name, previous=was.name, actor=c.actor, origin=origin)
         return {"unit_mode": mode.name, "UnitModeCurrent": int(mode), "previous": was.name}
+
+    async def _cmd_users_admin(self, c: C.UsersAdmin, origin: str) -> dict[str, Any]:
+        if self.on_users_admin is None:
+            raise C.CommandRejected("user administration is not available on this line (access control is off)", "unsupported")
+        result: dict[str, Any] = await self.on_users_admin(c, c.actor, origin)
+        return result
 
     async def _cmd_recall_batch(self, c: C.RecallBatch, origin: str) -> dict[str, Any]:
         from linectl.store.trace import mark_recalled

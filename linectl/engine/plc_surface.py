@@ -1,7 +1,10 @@
 """The PLC as an operator panel: command tags in, status tags out, e-stop and PLC loss stop the line.
 
 Commands from tags go through the same `Line.execute` as MQTT and CLI, with
-origin "plc:<name>", so they are validated and audited the same way. A
+origin "plc:<name>", so they are validated and audited the same way. With access
+control on, the PLC is the device actor "plc:<name>" (the actor of its commands)
+and may send only what access.devices allows it (default: start, pause, resume,
+stop, reset, PackML commands and unit mode; never close a batch). A
 command bit is cleared only after the command was handled, so the HMI sees
 when it was taken.
 
@@ -25,6 +28,7 @@ from typing import Any
 import structlog
 
 from linectl import control as C
+from linectl.access.principal import Principal, device_principal
 from linectl.drivers.base import DeviceError, HealthState, Plc
 from linectl.drivers.plc_tags import (
     PACKML_CMD_CHANGE_REQUEST,
@@ -74,6 +78,8 @@ class PlcSurface:
     def __init__(self, line: Line, plc: Plc, interval_s: float = 0.1, packml_refresh_s: float = 1.0) -> None:
         self.line = line
         self.plc = plc
+        #: who the PLC's commands come from (None: access control off, the commands' own actor)
+        self.principal: Principal | None = device_principal(line.cfg.access, f"plc:{plc.name}") if line.cfg.access.enabled else None
         self.interval_s = interval_s
         self._estop_seen = False
         self._lost = False
@@ -133,7 +139,7 @@ class PlcSurface:
 
     async def _command(self, tag: str, cmd: Any) -> None:
         try:
-            result = await self.line.execute(cmd, origin=f"plc:{self.plc.name}")
+            result = await self.line.execute(cmd, origin=f"plc:{self.plc.name}", principal=self.principal)
             log.info("plc_command", tag=tag, result=result)
         except C.CommandRejected as exc:
             log.warning("plc_command_rejected", tag=tag, reason=exc.reason)
@@ -215,7 +221,7 @@ class PlcSurface:
 
     async def _run(self, command: C.Command, what: str) -> int:
         try:
-            await self.line.execute(command, origin=f"plc:{self.plc.name}")
+            await self.line.execute(command, origin=f"plc:{self.plc.name}", principal=self.principal)
         except C.CommandRejected as exc:
             log.warning("packml_request_refused", plc=self.plc.name, request=what, code=exc.code, reason=exc.reason)
             return PACKML_RESULT_INVALID_STATE if exc.code == "invalid_state" else PACKML_RESULT_REFUSED

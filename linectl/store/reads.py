@@ -18,6 +18,7 @@ from sqlalchemy import exc as sa_exc
 from linectl.events import RejectReason, event_from_json
 from linectl.store import schema
 from linectl.store.audit import GENESIS, META_COUNT, META_HEAD, verify_rows
+from linectl.store.identity import verify_identity
 from linectl.store.model import (
     BATCH_DATES_KEY,
     SERIAL_STATES,
@@ -295,7 +296,14 @@ class Reader:
         with self.snapshot() as c:  # meta and rows from one snapshot, or a concurrent append looks like tampering
             m: dict[str, str] = dict(c.exec_driver_sql("SELECT key, value FROM meta WHERE key IN (?, ?)", (META_COUNT, META_HEAD)).all())
             rows = c.exec_driver_sql("SELECT seq, ts, actor, origin, action, detail, prev_hash, hash FROM audit ORDER BY seq")
-            return verify_rows((tuple(r) for r in rows), int(m.get(META_COUNT, 0)), m.get(META_HEAD, GENESIS))
+            check = verify_rows((tuple(r) for r in rows), int(m.get(META_COUNT, 0)), m.get(META_HEAD, GENESIS))
+            if not check.ok:
+                return check
+            # the rows the trail vouches for: users and signatures carry the digest their last record wrote
+            bad = verify_identity(c)
+            if bad is not None:
+                return AuditCheck(False, check.checked if bad[0] is None else bad[0] - 1, bad[0], bad[1])
+            return check
 
     def audit_log(self, after_seq: int = 0, limit: int = 1000) -> list[AuditRecord]:
         rows = self.q(

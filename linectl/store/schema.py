@@ -42,7 +42,7 @@ from linectl.store.model import StoreError
 log = structlog.get_logger("linectl.store")
 
 APP_ID = "linectl"
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 SQLITE_HEADER = b"SQLite format 3\x00"
 
 metadata = MetaData()
@@ -358,6 +358,73 @@ serial_requests = Table(
 )
 Index("ix_serial_requests_open", serial_requests.c.source, serial_requests.c.state)
 
+# People and their sessions (linectl/access, ops in identity.py), v10. A users row is never deleted (deactivated);
+# every change is an audit record with old and new value and the reason, and the row's `digest` (sha256 over its
+# fields, chained to that record's seq) is written in that record's detail too, so `audit verify` sees a row changed
+# outside linectl. failed_attempts is a counter, not part of the digest (a lock it causes is an audited change).
+users = Table(
+    "users",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("username", Text, nullable=False),
+    Column("display_name", Text, nullable=False),
+    Column("roles", Text, nullable=False),  # JSON list of role names
+    Column("password_hash", Text),  # argon2id; NULL: no local password (a directory user without a fallback)
+    Column("password_history", Text, nullable=False, server_default="[]"),  # JSON list of earlier hashes, newest first
+    Column("source", Text, nullable=False),  # 'local' | 'ldap'
+    Column("active", Integer, nullable=False, server_default="1"),  # 0: deactivated (never deleted)
+    Column("locked_until", Text),  # UTC ISO; NULL: not locked; far future: locked until unlocked
+    Column("lock_reason", Text),
+    Column("failed_attempts", Integer, nullable=False, server_default="0"),
+    Column("password_changed_at", Text),
+    Column("created_at", Text, nullable=False),
+    Column("changed_at", Text, nullable=False),
+    Column("audit_seq", Integer, nullable=False),  # the audit record that made this version of the row
+    Column("digest", Text, nullable=False),
+    UniqueConstraint("username", name="uq_users_username"),
+    CheckConstraint("source IN ('local','ldap')", name="ck_users_source"),
+)
+
+# Session tokens (only their sha256 is kept), bound to the channel and client they were issued to.
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("token_hash", Text, nullable=False),
+    Column("username", Text, nullable=False),
+    Column("channel", Text, nullable=False),  # 'mqtt' | 'cli' | ...
+    Column("client_id", Text, nullable=False),  # the MQTT client (origin) the token is bound to
+    Column("issued_at", Text, nullable=False),
+    Column("expires_at", Text, nullable=False),
+    Column("revoked_at", Text),
+    Column("revoked_by", Text),
+    UniqueConstraint("token_hash", name="uq_sessions_token_hash"),
+)
+Index("ix_sessions_username", sessions.c.username, sessions.c.revoked_at)
+
+# Electronic signatures (21 CFR 11.50/11.70): who signed which record, meaning, when; linked to the record by its
+# digest, and to the audit record written with the signature (its detail carries this row's digest).
+signatures = Table(
+    "signatures",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("record_ref", Text, nullable=False),  # 'audit:<seq>' | 'event:<event id>'
+    Column("record_digest", Text, nullable=False),  # sha256 of the signed record as it was signed
+    Column("signer", Text, nullable=False),
+    Column("signer_name", Text, nullable=False),
+    Column("meaning", Text, nullable=False),
+    Column("signed_at", Text, nullable=False),
+    Column("second_signer", Text),
+    Column("second_signer_name", Text),
+    Column("second_meaning", Text),
+    Column("second_signed_at", Text),
+    Column("audit_seq", Integer, nullable=False),
+    Column("digest", Text, nullable=False),
+    CheckConstraint("meaning IN ('performed','reviewed','approved')", name="ck_signatures_meaning"),
+    CheckConstraint("second_meaning IS NULL OR second_meaning IN ('performed','reviewed','approved')", name="ck_signatures_second_meaning"),
+)
+Index("ix_signatures_ref", signatures.c.record_ref)
+
 # Guards against a code path that deletes by mistake; not against a person with the file (the hash chain is for that).
 TRIGGERS = (
     "CREATE TRIGGER IF NOT EXISTS serials_never_deleted BEFORE DELETE ON serials "
@@ -368,6 +435,10 @@ TRIGGERS = (
     "BEGIN SELECT RAISE(ABORT, 'audit records are never changed'); END",
     "CREATE TRIGGER IF NOT EXISTS audit_never_deleted BEFORE DELETE ON audit "
     "BEGIN SELECT RAISE(ABORT, 'audit records are never deleted'); END",
+    "CREATE TRIGGER IF NOT EXISTS users_never_deleted BEFORE DELETE ON users "
+    "BEGIN SELECT RAISE(ABORT, 'users are never deleted (deactivate them)'); END",
+    "CREATE TRIGGER IF NOT EXISTS signatures_never_deleted BEFORE DELETE ON signatures "
+    "BEGIN SELECT RAISE(ABORT, 'signatures are never deleted'); END",
 )
 
 
@@ -786,6 +857,13 @@ def _migrate_serial_requests(conn: Connection) -> None:
     serial_requests.create(conn, checkfirst=True)  # with its index
 
 
+def _migrate_identities(conn: Connection) -> None:
+    """v9 -> v10: users, sessions and signatures (linectl/access). Nothing else changes: the actors of earlier
+    records stay the names they were given; a line gets its users from `linectl init` or `linectl users add`."""
+    for t in (users, sessions, signatures):
+        t.create(conn, checkfirst=True)  # with their indexes
+
+
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     1: _migrate_1_to_2,
     2: _migrate_command_ids,
@@ -795,6 +873,7 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {
     6: _migrate_plc_carried,
     7: _migrate_sink_cursors,
     8: _migrate_serial_requests,
+    9: _migrate_identities,
 }
 
 

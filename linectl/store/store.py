@@ -23,6 +23,7 @@ from sqlalchemy import Connection
 
 from linectl.jsonable import json_default
 from linectl.store import containers, ops, plc_records, schema, serial_requests
+from linectl.store import identity as people  # `identity` is the line identity here (Store.identity)
 from linectl.store.lock import StoreLock
 from linectl.store.model import (
     AuditCheck,
@@ -401,6 +402,47 @@ class Store:
         if command_id:
             command = (command_id, action, json.dumps(reply, separators=(",", ":"), default=json_default))
         return await self._submit(ops.op_audit, actor, origin, action, detail or {}, command)  # type: ignore[no-any-return]
+
+    # ------------------------------------------------------------------ people, sessions, signatures (linectl.store.identity)
+
+    async def add_user(self, username: str, display_name: str, roles: Sequence[str], password_hash: str | None, source: str, *,
+                       actor: str, origin: str, reason: str) -> int:
+        """A new user (audited with the reason); returns the audit seq. The hash is made by linectl.access, never here."""
+        return int(await self._submit(people.op_user_add, username, display_name, list(roles), password_hash, source, actor, origin, reason))
+
+    async def change_user(self, username: str, changes: dict[str, Any], action: str, *, actor: str, origin: str, reason: str,
+                          history_n: int = 0) -> int:
+        """Change a user's audited fields (roles, password_hash, active, locked_until, lock_reason, display_name, source)."""
+        return int(await self._submit(people.op_user_change, username, dict(changes), action, actor, origin, reason, int(history_n)))
+
+    async def login_result(self, username: str, ok: bool, *, attempts: int, lock_until: str, origin: str) -> dict[str, Any]:
+        return await self._submit(people.op_login_result, username, bool(ok), int(attempts), lock_until, origin)  # type: ignore[no-any-return]
+
+    async def open_session(self, token_hash: str, username: str, channel: str, client_id: str, expires_at: str, *, origin: str) -> int:
+        return int(await self._submit(people.op_session_open, token_hash, username, channel, client_id, expires_at, origin))
+
+    async def revoke_session(self, token_hash: str, *, actor: str, origin: str, reason: str) -> int | None:
+        res = await self._submit(people.op_session_revoke, token_hash, actor, origin, reason)
+        return None if res is None else int(res)
+
+    def user(self, username: str) -> people.UserRecord | None:
+        return people.read_user(self._reader, username)
+
+    def users(self) -> list[people.UserRecord]:
+        return people.read_users(self._reader)
+
+    def session(self, token_hash: str) -> people.SessionRecord | None:
+        return people.read_session(self._reader, token_hash)
+
+    async def add_signature(self, record_ref: str, record_digest: str, signer: str, signer_name: str, meaning: str, *,
+                            origin: str, second: tuple[str, str, str] | None = None) -> tuple[int, int]:
+        """Record an electronic signature of `record_ref` ('audit:<seq>' / 'event:<event id>') whose content hashed to
+        `record_digest` (sha256 hex); `second`: (username, display name, meaning) of a second signer.
+        Returns (signature id, audit seq of the signature record). Verifying the signer is the caller's job."""
+        return await self._submit(people.op_signature_add, record_ref, record_digest, signer, signer_name, meaning, second, origin)  # type: ignore[no-any-return]
+
+    def signatures_for(self, record_ref: str) -> list[people.SignatureRecord]:
+        return people.read_signatures(self._reader, record_ref)
 
     # ------------------------------------------------------------------ upstream sinks: one cursor each
 

@@ -108,6 +108,12 @@ class Tx:
         self._head_dirty = True
         return self._head.append(self.cur, self.ts, actor, origin or origin_of(actor), action, detail)
 
+    def next_audit_seq(self) -> int:
+        """The seq the next `audit()` of this transaction gets (a row digest chained to its own record needs it first)."""
+        if self._head is None:
+            self._head = AuditHead.load(self.cur)
+        return self._head.count + 1
+
     def count(self, gtin: str, lot: str | None, state: str, n: int) -> None:
         """Adjust serial_tally for (gtin, lot, state) by n; written once per transaction in finish()."""
         k = (gtin, lot or "", state)

@@ -46,8 +46,27 @@ subscription asks the broker not to send retained messages at all.
 `origin` comes from the MQTT 5 user property "origin" (or "client_id"): MQTT
 does not tell a subscriber who published, so it is the sender's claim. When
 mqtt.authorized_origins is set, a command without a listed origin is refused,
-which keeps honest clients apart; real access control belongs in the broker's
-ACL on <root>/cmd/#.
+which keeps honest clients apart; the broker's ACL on <root>/cmd/# still decides
+who may publish at all.
+
+With access control on (linectl/access, config `access:`), every command names
+who sends it, checked here before anything else (also before a cached reply is
+handed out):
+  cmd/login    {"username", "password"} -> result {token, expires_at, username, roles, ...}:
+               a session token bound to this client's origin (above), valid access.session_ttl_s
+  cmd/logout   {"auth": {"token"}} -> the session is closed; its token is refused from then on
+  cmd/<other>  {"auth": {"token": ...}, ...} or, one-shot, {"auth": {"username", "password"}, ...}
+The `auth` block is an envelope, not part of the command: it is taken off before the command is
+validated, and the command's actor becomes the verified user. A command that names a different
+`actor` is refused (forged_actor); naming oneself is allowed. Refusals carry error.code
+(unauthenticated, wrong_password, token_expired, token_revoked, token_client_mismatch, locked,
+deactivated, password_expired, directory_unavailable, forbidden, forged_actor, rate_limited).
+A login reply carries the token: send login with an MQTT 5 ResponseTopic only this client reads
+(the broker's ACL, e.g. a pattern on %c), not to the shared cmd/login/reply, and use TLS. The token
+is bound to the origin the bridge sees, which is the client's claim: binding stops a token copied
+into another client from working there, not a client that lies about its origin (the broker's ACL
+and TLS keep tokens from being read in the first place). A later `signature` block (e-signatures)
+is another envelope key taken off here the same way (ENVELOPE_KEYS).
 """
 
 from __future__ import annotations
@@ -69,12 +88,13 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import ValidationError
 
-from linectl.control import COMMAND_ADAPTER, COMMAND_NAMES, CommandRejected, RefusalTally
+from linectl.control import AUTHENTICATED, COMMAND_ADAPTER, COMMAND_NAMES, CommandRejected, RefusalTally
 from linectl.drivers.base import Backoff
 from linectl.jsonable import json_default
 from linectl.upstream.mqtt_client import client_options, default_client_id, reconnect_loop, track_link
 
 if TYPE_CHECKING:  # pragma: no cover
+    from linectl.access.gate import Access
     from linectl.config import LineConfig
     from linectl.engine.packml import PackTags
 
@@ -103,6 +123,10 @@ MAX_RESPONSE_TOPIC_BYTES = 256
 PARSE_IN_THREAD_BYTES = 64 * 1024  # bigger payloads are decoded and validated off the event loop
 REFUSAL_INTERVAL_S = 60.0
 READ_ONLY_COMMANDS = frozenset({"verify_code", "request_state"})
+#: commands of the access gate, answered here (not engine commands)
+AUTH_COMMANDS = ("login", "logout")
+#: keys of a command payload that are not the command: who sends it (and, later, an e-signature)
+ENVELOPE_KEYS = ("auth",)
 
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b"[]{},")
 _DEPTH_STEP = [0] * 256
@@ -167,8 +191,11 @@ class MqttBridge:
         client_id: str | None = None,
         backoff_initial_s: float = 0.2,
         backoff_max_s: float = 10.0,
+        access: Access | None = None,
     ) -> None:
         self.cfg = cfg
+        #: the access gate (linectl/access); None or disabled: commands are anonymous, as before
+        self.access = access if access is not None and access.enabled else None
         self.mqtt = cfg.mqtt
         self.target = target
         self.store = store
@@ -499,13 +526,22 @@ class MqttBridge:
                 raise CommandError("bad_response_topic", topic_problem)
             if self.mqtt.authorized_origins and origin not in self.mqtt.authorized_origins:
                 raise CommandError("unauthorized", f"origin {origin!r} is not in mqtt.authorized_origins")
-            cmd = await asyncio.to_thread(_validate, obj) if offload else _validate(obj)
+            envelope = {k: obj.pop(k) for k in ENVELOPE_KEYS if k in obj}
+            if name in AUTH_COMMANDS:
+                return await self._auth_command(name, obj, envelope, origin, command_id), reply_topic, props
+            principal = None
+            if self.access is not None:
+                principal = await self._principal(obj, envelope, origin)
+            cmd = await asyncio.to_thread(_validate, obj, principal is not None) if offload else _validate(obj, principal is not None)
             cached = await self._cached_reply(cmd.command_id, name)
             if cached is not None:
                 log.info("command_repeated", command=name, command_id=cmd.command_id, origin=origin)
                 return cached, reply_topic, props
             self._check_references(cmd)
-            result = await self.target.execute(cmd, origin=f"mqtt:{origin}")
+            if principal is None:
+                result = await self.target.execute(cmd, origin=f"mqtt:{origin}")
+            else:
+                result = await self.target.execute(cmd, origin=f"mqtt:{origin}", principal=principal)
         except CommandError as exc:
             return self._refused(name, command_id or exc.command_id, origin, exc.code, exc.message), reply_topic, props
         except CommandRejected as exc:
@@ -528,6 +564,40 @@ class MqttBridge:
         self._state_dirty.set()
         return reply, reply_topic, props
 
+    async def _principal(self, obj: dict[str, Any], envelope: dict[str, Any], origin: str) -> Any:
+        """Who sends this command (from its auth block); its actor is set to that user, a different one refused."""
+        assert self.access is not None
+        if "auth" not in envelope:
+            raise self.access.deny("unauthenticated", "the command needs auth: {token} (from login) or {username, password}", f"mqtt:{origin}")
+        probe = _probe(obj)  # a one-shot credential may change its own expired password: it needs to see the command
+        principal = await self.access.credential(envelope["auth"], channel="mqtt", client_id=origin, origin=f"mqtt:{origin}", command=probe)
+        claimed = obj.get("actor")
+        if claimed is not None and claimed != principal.name:
+            raise self.access.deny("forged_actor", f"actor {str(claimed)[:64]!r} is not the authenticated user {principal.name!r} "
+                                   "(leave actor out: linectl sets it)", f"mqtt:{origin}", principal.name)
+        obj["actor"] = principal.name
+        return principal
+
+    async def _auth_command(self, name: str, obj: dict[str, Any], envelope: dict[str, Any], origin: str, command_id: str | None) -> dict[str, Any]:
+        """login / logout: answered by the access gate, never cached (a retried login opens a new session)."""
+        if self.access is None:
+            raise CommandError("unsupported", "access control is off on this line: commands need no login")
+        body = {k: v for k, v in obj.items() if k not in ("name", "command_id")}
+        if name == "login":
+            extra = set(body) - {"username", "password"}
+            if extra:
+                raise CommandError("invalid", f"login takes username and password; unknown: {', '.join(sorted(extra))}")
+            result = await self.access.login(body.get("username"), body.get("password"), channel="mqtt", client_id=origin, origin=f"mqtt:{origin}")
+        else:
+            if body:
+                raise CommandError("invalid", f"logout takes only auth: {{token}}; unknown: {', '.join(sorted(body))}")
+            auth = envelope.get("auth")
+            token = auth.get("token") if isinstance(auth, dict) else None
+            result = await self.access.logout(token, client_id=origin, origin=f"mqtt:{origin}")
+        self.commands_accepted += 1
+        log.info("command_accepted", command=name, command_id=command_id, origin=origin, user=result.get("username"))
+        return {"ok": True, "command_id": command_id, "command": name, "result": result}
+
     def response_topic_problem(self, topic: Any, name: str) -> str | None:
         """Why a reply must not go to `topic` (None: it may). The command's own fallback reply topic is always fine."""
         if not isinstance(topic, str) or not topic:
@@ -549,8 +619,8 @@ class MqttBridge:
         """Size, then shape (depth, items) without recursion, then json.loads: nothing unbounded runs first."""
         if len(payload) > self.mqtt.max_command_bytes:
             raise CommandError("too_large", f"payload is {len(payload)} bytes; the limit is mqtt.max_command_bytes = {self.mqtt.max_command_bytes}")
-        if name not in COMMAND_NAMES:
-            raise CommandError("unknown_command", f"unknown command {name[:100]!r}; known: {', '.join(COMMAND_NAMES)}")
+        if name not in COMMAND_NAMES and name not in AUTH_COMMANDS:
+            raise CommandError("unknown_command", f"unknown command {name[:100]!r}; known: {', '.join((*AUTH_COMMANDS, *COMMAND_NAMES))}")
         text = payload.strip()
         if not text:
             raise CommandError("empty_payload", "payload is empty (an empty message clears a retained one; it is never a command)")
@@ -617,12 +687,22 @@ def _as_bytes(payload: Any) -> bytes:
     return str(payload).encode()  # aiomqtt hands int/float payloads over already decoded
 
 
-def _validate(obj: dict[str, Any]) -> Any:
+def _validate(obj: dict[str, Any], authenticated: bool = False) -> Any:
     try:
-        return COMMAND_ADAPTER.validate_python(obj)
+        return COMMAND_ADAPTER.validate_python(obj, context=AUTHENTICATED if authenticated else None)
     except ValidationError as exc:
         cid = obj.get("command_id") if isinstance(obj.get("command_id"), str) else None
         raise CommandError("invalid", _validation_message(exc), cid) from None
+
+
+def _probe(obj: dict[str, Any]) -> Any:
+    """The command if it validates as is (only to see whether a one-shot credential changes its own password), else None."""
+    if obj.get("name") != "users_admin":
+        return None
+    try:
+        return COMMAND_ADAPTER.validate_python(obj, context=AUTHENTICATED)
+    except ValidationError:
+        return None
 
 
 def _validation_message(exc: ValidationError) -> str:

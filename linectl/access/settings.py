@@ -1,0 +1,159 @@
+"""`access:` in the line config: roles and their commands, password policy, lockout, sessions, device actors, LDAP.
+
+The section absent: access control is off (every command anonymous, as before linectl had users) and the daemon
+says so loudly at start. The section present: `enabled` defaults to true, and the example configs all have it.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from linectl.control import COMMAND_NAMES, USERNAME_PATTERN
+
+ROLE_NAMES = ("operator", "supervisor", "qa", "engineer", "administrator")
+_READ = ("request_state", "verify_code")
+_OPERATOR = (*_READ, "create_batch", "start_batch", "pause_batch", "resume_batch", "stop_batch", "challenge", "ack_alarm", "reset",
+             "close_case", "rework_mode", "packml_command")
+#: what each role may do by default (command names of linectl.control); `access.roles.<role>` replaces a role's list
+DEFAULT_ROLES: dict[str, tuple[str, ...]] = {
+    "operator": _OPERATOR,
+    "supervisor": (*_OPERATOR, "close_batch", "provision_pool", "serials_retry", "sink_retry", "rework", "reconcile_units", "set_unit_mode"),
+    "qa": (*_READ, "stop_batch", "close_batch", "rework", "reconcile_units", "recall_batch", "ack_alarm"),
+    "engineer": (*_READ, "pause_batch", "resume_batch", "stop_batch", "challenge", "ack_alarm", "reset", "set_unit_mode",
+                 "packml_command", "provision_pool", "serials_retry", "sink_retry"),
+    # separation of duties: who administers users does not run production
+    "administrator": (*_READ, "users_admin"),
+}
+#: a PLC not listed under access.devices: what its command tags and PackML handshake can ask (never close, never users)
+DEFAULT_DEVICE_PERMISSIONS = ("request_state", "start_batch", "pause_batch", "resume_batch", "stop_batch", "reset", "packml_command",
+                              "set_unit_mode")
+DEVICE_PATTERN = r"^plc:[A-Za-z0-9_-]+$"
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _commands(v: list[str], where: str) -> list[str]:
+    unknown = [c for c in v if c not in COMMAND_NAMES]
+    if unknown:
+        raise ValueError(f"{where}: unknown command {', '.join(map(repr, unknown))}; known: {', '.join(COMMAND_NAMES)}")
+    return sorted(set(v))
+
+
+class PasswordPolicy(_Model):
+    """21 CFR 11.300(b): passwords checked and aged."""
+
+    min_length: int = Field(12, ge=8, le=128)
+    classes: int = Field(3, ge=1, le=4, description="how many of lower case, upper case, digits, other characters it must have")
+    max_age_days: int = Field(90, ge=0, le=3650, description="a password older than this is refused at login (0: never expires)")
+    history: int = Field(5, ge=0, le=24, description="a new password may not be one of the last n")
+
+
+class Lockout(_Model):
+    """21 CFR 11.300(d): repeated wrong passwords lock the account."""
+
+    attempts: int = Field(5, ge=1, le=100, description="wrong passwords in a row that lock the user")
+    lock_minutes: int = Field(30, ge=0, le=525600, description="how long; 0: until an administrator unlocks")
+
+
+class LdapConfig(_Model):
+    """Directory login: a simple bind as the user, then the user's groups map to roles."""
+
+    url: str = Field(pattern=r"^ldaps?://[^/\s]+$", description="ldap://host:389 or ldaps://host:636")
+    bind_dn_template: str = Field(description="the user's DN, {username} replaced (escaped): uid={username},ou=people,dc=example,dc=com")
+    start_tls: bool = Field(False, description="StartTLS on an ldap:// connection")
+    ca_file: str | None = Field(None, description="CA certificate(s) (PEM) the server's certificate is checked against (TLS)")
+    group_search_base: str = Field(min_length=1)
+    group_filter: str = Field("(&(objectClass=groupOfNames)(member={user_dn}))", description="{user_dn} replaced (escaped)")
+    group_roles: dict[str, str] = Field(min_length=1, description="group DN -> role name")
+    fallback_local: bool = Field(False, description="directory unreachable: accept a user's local password (if the user has one)")
+    timeout_s: float = Field(5.0, gt=0, le=60)
+
+    @field_validator("bind_dn_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        if "{username}" not in v:
+            raise ValueError("bind_dn_template must contain {username}")
+        return v
+
+    @field_validator("group_filter")
+    @classmethod
+    def _filter(cls, v: str) -> str:
+        if "{user_dn}" not in v or not (v.startswith("(") and v.endswith(")")):
+            raise ValueError("group_filter must be an LDAP filter in parentheses containing {user_dn}")
+        return v
+
+    @model_validator(mode="after")
+    def _tls(self) -> LdapConfig:
+        if self.start_tls and self.url.startswith("ldaps://"):
+            raise ValueError("start_tls is for ldap:// URLs; ldaps:// is TLS already")
+        return self
+
+
+class AccessConfig(_Model):
+    enabled: bool = Field(True, description="false: every command anonymous (a loud warning at start)")
+    roles: dict[str, list[str]] = Field(default_factory=dict, description="role -> the commands it may send; replaces a built-in "
+                                        "role's list (operator, supervisor, qa, engineer, administrator) or adds a role")
+    password: PasswordPolicy = Field(default_factory=PasswordPolicy)
+    lockout: Lockout = Field(default_factory=Lockout)
+    session_ttl_s: int = Field(8 * 3600, ge=60, le=7 * 86400, description="a login's token expires this long after it was issued")
+    devices: dict[str, list[str]] = Field(default_factory=dict, description="plc:<device> -> the commands its tags may send "
+                                          f"(default: {', '.join(DEFAULT_DEVICE_PERMISSIONS)})")
+    ldap: LdapConfig | None = None
+
+    @field_validator("roles")
+    @classmethod
+    def _roles(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for role, cmds in v.items():
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", role):
+                raise ValueError(f"role name {role!r}: lower case letters, digits, _ (up to 32)")
+            v[role] = _commands(cmds, f"roles.{role}")
+        return v
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        for dev, cmds in v.items():
+            if not re.fullmatch(DEVICE_PATTERN, dev):
+                raise ValueError(f"devices: {dev!r} must be plc:<device name>")
+            if "users_admin" in cmds:
+                raise ValueError(f"devices.{dev}: a device never administers users")
+            v[dev] = _commands(cmds, f"devices.{dev}")
+        return v
+
+    @model_validator(mode="after")
+    def _ldap_roles(self) -> AccessConfig:
+        if self.ldap is not None:
+            unknown = sorted({r for r in self.ldap.group_roles.values() if r not in self.role_names})
+            if unknown:
+                raise ValueError(f"ldap.group_roles maps to unknown role {', '.join(unknown)}; roles: {', '.join(self.role_names)}")
+        return self
+
+    @property
+    def role_names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((*ROLE_NAMES, *self.roles)))
+
+    def role_permissions(self, role: str) -> frozenset[str]:
+        if role in self.roles:
+            return frozenset(self.roles[role])
+        return frozenset(DEFAULT_ROLES.get(role, ()))
+
+    def permissions(self, roles: tuple[str, ...] | list[str]) -> frozenset[str]:
+        """The union of the roles' commands (a role the config no longer has gives nothing)."""
+        out: frozenset[str] = frozenset()
+        for r in roles:
+            out |= self.role_permissions(r)
+        return out
+
+    def device_permissions(self, device: str) -> frozenset[str]:
+        return frozenset(self.devices.get(device, DEFAULT_DEVICE_PERMISSIONS))
+
+
+#: the config used when a line config has no access: section
+DISABLED = {"enabled": False}
+USERNAME = USERNAME_PATTERN
+Channel = Literal["mqtt", "cli", "opcua", "plc", "internal"]
