@@ -145,8 +145,8 @@ def to_gray(img: np.ndarray) -> np.ndarray:
         bits = max(8, int(img.max()).bit_length())
         img = (img >> (bits - 8)).astype(np.uint8)
     elif img.dtype != np.uint8:
-        # dst=None (allocate the output) is OpenCV's documented form; its stubs require an array there
-        img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)  # type: ignore[call-overload]
+        # dst=None (allocate the output) is OpenCV's documented form; the stubs of OpenCV < 5.1 require an array there
+        img = cv2.normalize(img, None, 0, 255, cv2.NORM_MINMAX).astype(np.uint8)  # type: ignore[call-overload, unused-ignore]
     if img.ndim == 3:
         if img.shape[2] == 4:
             return cv2.cvtColor(img, cv2.COLOR_BGRA2GRAY)

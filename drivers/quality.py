@@ -313,8 +313,8 @@ class _Sampler:
         else:
             width = 256
             m = np.concatenate([m, np.full((-n % width, 2), -1e6, dtype=np.float32)]).reshape(-1, width, 2)
-        # map2=None is OpenCV's documented form for a two-channel map1; its stubs require an array there
-        out = cv2.remap(self.crop, m, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=float("nan"))  # type: ignore[call-overload]
+        # map2=None is OpenCV's documented form for a two-channel map1; the stubs of OpenCV < 5.1 require an array there
+        out = cv2.remap(self.crop, m, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=float("nan"))  # type: ignore[call-overload, unused-ignore]
         return np.asarray(out).reshape(-1)[:n]
 
 

@@ -472,7 +472,8 @@ async def _aggregation_summary(sl: SimulatedLine, lot: str | None) -> dict[str, 
     packer = await sl.control.call(cmd="pack")
     out["packer"] = {k: packer.get(k) for k in ("units_in", "cases_presented", "case_labels", "cases_to_pallet", "pallet_labels", "skipped")}
     if "tunnel" in packer:  # an RFID tunnel at the case station: what the simulator put in its field, and what linectl read
-        out["packer"]["tunnel"] = {"cases": packer["tunnel"]["cases"], "faults": packer["tunnel"]["faults"]}
+        # "last": the ground truth of the last 5 cases (EPC in the field -> unit, untagged units, faults per case)
+        out["packer"]["tunnel"] = {k: packer["tunnel"][k] for k in ("cases", "faults", "last")}
         if case is not None:
             out["rfid"] = case.snapshot().get("rfid")
     case_plc = getattr(case.cfg, "plc", None) if case is not None else None

@@ -272,23 +272,25 @@ class LineSim:
             raise SimulatorError(f"station {case.name}: {exc}") from None
 
     def unit_epc(self, unit: SimUnit) -> str | None:
-        """The EPC the unit's RFID tag answers with: the one the RFID printer encoded (SimUnit.rfid_epc), else
-        the EPC of the code printed on it (the smallest SGTIN that holds its serial, filter 1 point of sale), so
-        the tunnel works on a line whose unit printer encodes no tag; None for a unit without an identity."""
+        """The EPC the unit's RFID tag answers a reader with, so the tunnel's field holds what is physically on it.
+
+        A unit whose label an RFID printer encoded carries that tag: the EPC the simulated tag holds (another one
+        after a wrong-EPC fault), None when it does not answer (VOID, dead). A unit without an RFID label gets the
+        tag its product's rfid settings would encode for the code printed on it (Product.epc: scheme, filter value,
+        company prefix length; scheme auto, filter 1 for a DataMatrix-only product), so the tunnel also runs behind a
+        unit printer that encodes no tag. None for a unit without an identity."""
         from linectl import epc, gs1
 
-        if unit.rfid_void:
-            return None
-        if unit.rfid_epc:
-            return unit.rfid_epc
+        if unit.rfid_labelled:
+            return None if unit.rfid_void else unit.rfid_epc
         if not unit.content:
             return None
         try:
             p = gs1.parse(unit.content)
             if not (p.gtin and p.serial):
                 return None
-            cpl = self.cfg.product(p.gtin).company_prefix_length
-            return epc.make_epc(epc.choose_scheme(p.serial), gtin=p.gtin, serial=p.serial, company_prefix_length=cpl, filter_value=1).epc_hex
+            tag: str = self.cfg.product(p.gtin).epc(p.gtin, p.serial).epc_hex
+            return tag
         except (gs1.GS1Error, epc.EpcError, KeyError):
             return None
 

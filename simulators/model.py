@@ -54,6 +54,12 @@ class SimUnit:
     def bad(self) -> bool:
         return self.defect is not None or self.challenge is not None
 
+    @property
+    def rfid_labelled(self) -> bool:
+        """An RFID printer encoded (or tried to encode) this unit's label: its tag, not its printed code, is what a
+        reader finds, and `rfid_epc` None then means a tag that does not answer."""
+        return "rfid_epc_sent" in self.extras
+
 
 class PrintHead(Protocol):
     """A printer simulator as the conveyor sees it: prints its next queued job on the unit at the trigger."""
@@ -152,7 +158,7 @@ class UnitJournal:
     @staticmethod
     def _rfid(unit: SimUnit) -> dict[str, Any]:
         """An RFID label's truth (what its tag answers, VOID, the EPC sent, the injected fault); nothing for other units."""
-        if "rfid_epc_sent" not in unit.extras:
+        if not unit.rfid_labelled:
             return {}
         return {"rfid_epc": unit.rfid_epc, "rfid_void": unit.rfid_void, "rfid_epc_sent": unit.extras["rfid_epc_sent"],
                 "rfid_fault": unit.extras.get("rfid_fault")}

@@ -91,6 +91,7 @@ class Packer:
         self.case_travel_s = case_travel_s
         self.counts = PackCounts()
         self.open: list[SimUnit] = []  # frame mode: units waiting in the open case
+        self.coming: list[SimUnit] = []  # units between the gate and the case, in order (next to arrive first)
         self._label_seq = 0
         if case_printer is not None:
             case_printer.on_label = self._case_label
@@ -110,12 +111,14 @@ class Packer:
             self._skip("nothing_printed")
             return
         self.counts.units_in += 1
+        self.coming.append(unit)
         asyncio.get_running_loop().call_later(self.pack_delay_s, self._arrive, unit)
 
     def _skip(self, why: str) -> None:
         self.counts.skipped[why] = self.counts.skipped.get(why, 0) + 1
 
     def _arrive(self, unit: SimUnit) -> None:
+        self.coming.remove(unit)
         if not self.case_frame:  # a scanner reads each unit as it drops into the case
             self.case_reader.present(unit)
             self.counts.units_presented += 1
@@ -130,8 +133,10 @@ class Packer:
         units, self.open = self.open[: self.per_case], self.open[self.per_case :]
         if not units:
             return 0
-        if self.tunnel is not None:  # the next unit waiting is the neighbouring case's, which may stray into the field
-            self.tunnel.pass_case(units, self.open[0] if self.open else None)
+        if self.tunnel is not None:
+            # the next unit, waiting or on its way in, is the neighbouring case's: it may stray into the field
+            nxt = self.open[:1] or self.coming[:1]
+            self.tunnel.pass_case(units, nxt[0] if nxt else None)
         else:
             self.case_reader.present_many(units)
         self.counts.cases_presented += 1

@@ -4,7 +4,14 @@ Both demos run through the public interface (simulator process, broker, daemon) 
 `linectl export epcis` of each must hold the same events: the same types, actions, business steps,
 dispositions, read points and the same number of SGTINs and SSCCs in each, event for event. Only the
 identifiers differ. The RFID line's tunnel truth (cases the simulator put in the reader's field) is compared
-with what the case station read.
+with what the case station read, and the tags in the field with the EPCs the unit printer was told to encode
+(the product's `rfid:` settings). The simulated tunnel takes each unit's tag from what the ZPL printer simulator
+physically encoded on its label (driver and simulator over TCP), with the product's EPC only for a unit without
+an RFID label.
+
+Both demos run with `--defect-rate 0` and demo-rfid.yaml's RFID fault rates are 0, so every unit passes and the
+two exports are compared event for event; RFID rejects (VOID, wrong tag, lost verification) are covered by
+tests/test_rfid_print_verify.py.
 """
 
 from __future__ import annotations
@@ -18,11 +25,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from engine_helpers import wait_for
+from epcpy.epc_schemes.sgtin import SGTIN, SGTINFilterValue
 
+from linectl import epc, gs1
+from linectl.config import load_config
+from linectl.drivers.base import PrintJob
+from linectl.drivers.zpl import ZplConfig, ZplPrinter
 from linectl.epcis import validate_document
+from linectl.simulators.line import LineSim
+from linectl.simulators.model import SimUnit
+from linectl.simulators.printer import ZplPrinterSim
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = 30
+SEED = 9  # the tunnel's seeded draws put a stray unit (the next case's first) in the field of both full cases
 pytestmark = pytest.mark.timeout(600)
 
 
@@ -32,7 +49,8 @@ def linectl(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
 
 def run_demo(config: str, tmp: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     db = tmp / "line.db"
-    res = linectl("demo", "--config", str(ROOT / "config" / config), "--units", str(UNITS), "--defect-rate", "0", "--seed", "5", "--json", "--db", str(db))
+    res = linectl("demo", "--config", str(ROOT / "config" / config), "--units", str(UNITS), "--defect-rate", "0", "--seed", str(SEED),
+                  "--json", "--db", str(db))
     assert res.returncode == 0, res.stderr[-3000:] + res.stdout[-2000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     out = tmp / "batch.json"
@@ -80,6 +98,7 @@ def test_rfid_demo_packs_every_unit_through_the_tunnel(demos: dict[str, Any]) ->
     rfid = agg["rfid"]
     assert rfid["counters"]["windows"] == cases and rfid["counters"]["no_window"] == 0 and rfid["counters"]["read_failed"] == 0
     assert rfid["counters"]["tags"] >= UNITS
+    assert agg["packer"]["tunnel"]["faults"]["stray"] >= 1, "no stray in the field: the stray exclusion went untested"
     assert rfid["counters"]["strays"] == agg["packer"]["tunnel"]["faults"]["stray"]
     assert (agg["packer"]["plc_cases_passed"], agg["packer"]["plc_cases_diverted"]) == (cases, 0)
 
@@ -90,3 +109,74 @@ def test_rfid_line_exports_the_same_events_as_a_datamatrix_line(demos: dict[str,
     assert Counter(rfid) == Counter(dm)
     aggs = [x for x in rfid if x[0] == "AggregationEvent"]
     assert len(aggs) == -(-UNITS // 12) + 1 and all(x[7] == "sscc" for x in aggs)
+
+
+def commissioned_uris(doc: dict[str, Any]) -> set[str]:
+    return {x for e in doc["epcisBody"]["eventList"] if e.get("bizStep") == "commissioning" for x in e.get("epcList", [])}
+
+
+def test_the_tunnel_read_the_tags_the_label_printer_encoded(demos: dict[str, Any]) -> None:
+    """Every tag the simulator put in the tunnel's field is the product's EPC (carrier both, scheme auto: SGTIN-198
+    for these alphanumeric serials, filter 1) of a unit this line commissioned, one per unit, none untagged."""
+    s, doc = demos["rfid"]
+    cases = s["aggregation"]["packer"]["tunnel"]["last"]
+    assert len(cases) == -(-UNITS // 12)
+    assert all(c["untagged"] == [] and c["missing"] == [] and c["dead"] == [] for c in cases)
+    # a stray is the next case's unit at the edge of the field: in its own case's field later, never in two cases
+    assert all(set(c["stray"]) <= set(nxt["in_case"]) for c, nxt in zip(cases, cases[1:]))
+    tags = [epc.decode_epc(h) for c in cases for h in c["in_case"]]
+    assert len(tags) == UNITS
+    assert {(t.scheme, t.filter_value) for t in tags} == {("sgtin-198", 1)}
+    assert {t.pure_uri for t in tags} == {x for x in commissioned_uris(doc) if x.startswith("urn:epc:id:sgtin:")}
+
+
+async def test_the_simulated_tunnel_takes_the_tag_on_the_unit(tmp_path: Path) -> None:
+    """LineSim.unit_epc, what the tunnel puts in the reader's field for a unit: the tag the ZPL printer simulator
+    encoded on its label (driver over TCP), none for a VOID label, the other EPC a wrong-EPC tag kept; for a unit
+    without an RFID label the product's rfid settings (here SGTIN-198, filter 4, against epcpy)."""
+    raw = (ROOT / "config" / "demo-rfid.yaml").read_text()
+    raw, n = re.subn(r"(rfid:\n\s+scheme: )auto(.*\n\s+filter_value: )1", r"\g<1>sgtin-198\g<2>4", raw)
+    assert n == 1
+    (tmp_path / "line.yaml").write_text(raw)
+    cfg = load_config(tmp_path / "line.yaml")
+    product = cfg.products[0]
+    assert product.rfid is not None and (product.rfid.scheme, product.rfid.filter_value) == ("sgtin-198", 4)
+    sim_line = LineSim(cfg)
+    gtin = product.gtin
+
+    def job(i: int, serial: str) -> PrintJob:
+        code = gs1.compose_unit(gtin, serial, lot="L1", expiry="301231")
+        return PrintJob(i, code.element_string, code.hri, {}, epc_hex=product.epc(gtin, serial).epc_hex)
+
+    printer = ZplPrinterSim(port=0, print_time_s=10.0)  # labels wait for the product trigger (print-and-apply)
+    await printer.start()
+    drv = ZplPrinter("label1", ZplConfig(driver="zpl", host="127.0.0.1", port=printer.port, status_interval_s=0.05, settle_s=0.1,
+                                         rfid={"enabled": True, "verify_timeout_s": 0.5}, backoff_initial_s=0.05, backoff_max_s=0.2))
+    try:
+        await drv.start()
+        assert await drv.wait_connected(3)
+        other = product.epc(gtin, "ZZZZ00000001").epc_hex
+        printer.inject("void")
+        printer.inject("wrong_epc", epc=other)
+        jobs = [job(1, "AB12CD34EF56"), job(2, "AB12CD34EF57"), job(3, "AB12CD34EF58")]
+        for j in jobs:
+            await drv.send(j)
+        await wait_for(lambda: len(printer.buffer) + (printer.current is not None) == 3, 3, "three formats on the printer")
+        units = [SimUnit(seq=k) for k in (1, 2, 3)]
+        for u in units:
+            printer.on_trigger(u)
+    finally:
+        await drv.stop()
+        await printer.stop()
+    void, wrong, ok = units
+    assert void.rfid_void and sim_line.unit_epc(void) is None
+    assert wrong.content == jobs[1].element_string and wrong.defect == "rfid_wrong_epc"
+    assert sim_line.unit_epc(wrong) == other != jobs[1].epc_hex  # not the EPC its printed code names
+    assert sim_line.unit_epc(ok) == jobs[2].epc_hex == ok.rfid_epc
+    # no RFID label: the tag its product's settings would encode for the printed serial
+    plain = SimUnit(seq=4, content=gs1.compose_unit(gtin, "12345", lot="L1", expiry="301231").element_string)
+    expected = SGTIN("urn:epc:id:sgtin:9501101.053000.12345").hex(
+        binary_coding_scheme=SGTIN.BinaryCodingScheme.SGTIN_198, filter_value=SGTINFilterValue.INNER_PACK
+    )
+    assert sim_line.unit_epc(plain) == expected.upper().ljust(52, "0")
+    assert sim_line.unit_epc(SimUnit(seq=5)) is None  # nothing printed: no identity

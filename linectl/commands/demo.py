@@ -142,6 +142,11 @@ def _print_human(s: dict[str, Any]) -> None:
         for name, c in agg.items():
             if isinstance(c, dict) and "recorded" in c:
                 print(f"    {name:<14} recorded {c['recorded']} (partial {c['partial']})  rejected {c['rejected_total']} {c['rejected']}")
+        rfid, tunnel = agg.get("rfid"), (agg.get("packer") or {}).get("tunnel")
+        if rfid and tunnel:
+            c = rfid["counters"]
+            print(f"  RFID tunnel      windows {c['windows']}  tags {c['tags']}  strays {c['strays']}  read failed {c['read_failed']}  "
+                  f"no window {c['no_window']}   (simulated: {tunnel['cases']} cases, faults {tunnel['faults']})")
         bad = agg["hierarchy_violations"]
         print(f"  hierarchy        {'consistent' if not bad else f'{len(bad)} violation(s): ' + '; '.join(bad[:3])}")
     pm = s.get("packml")
