@@ -15,7 +15,8 @@ store or, when a daemon holds it, through the daemon over MQTT (-c CONFIG).
 --digest is the review_digest of the document the signer read: when the batch's
 records changed since, the review built at signing time has another digest and
 the signing is refused (record_changed, exit 1). Without --digest the document
-just built is the one signed. Exit 1 for any refused signing.
+just built is the one signed. The signing's reply is one JSON line on stderr
+(stdout carries the document). Exit 1 for any refused signing.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def sign_review(args: argparse.Namespace, digest: str) -> int:
                 reply = await sign_review_offline(store, cfg, body, blocks)
             finally:
                 await store.close()
-        print(json.dumps(reply, indent=2))
+        print(json.dumps(reply), file=sys.stderr)  # stdout carries the document (without -o)
         if not reply.get("ok"):
             print(f"linectl audit review --sign: refused ({reply['error']['code']}): {reply['error']['message']}", file=sys.stderr)
             return EXIT_CHECK_FAILED
