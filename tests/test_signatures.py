@@ -297,3 +297,66 @@ async def test_sign_review_refuses_a_changed_batch_and_signs_the_same_one(fake_l
     assert [(x["signer"], x["meaning"], x["review_digest"]) for x in doc["review"]["earlier_signatures"]] == [("qa2", "approved", digest2)]
     assert ("sign_review", "qa2") in {(s["signed_action"], s["signer"]) for s in doc["signatures"]["rows"]}
     assert cli("audit", "verify", "--db", str(db)).returncode == 0
+
+
+def test_offline_recall_mark_and_serials_import_are_signed(tmp_path):
+    """The CLI commands that write the store themselves: with access control the recall marking and the serial
+    import are the user's commands recall_batch / provision_pool, refused unsigned, signed with --sign."""
+    import asyncio
+
+    from engine_helpers import TEST_PASSWORDS, password_env, variant_raw
+    from ruamel.yaml import YAML
+
+    from linectl.store import Store
+
+    raw = variant_raw(access=True)
+    raw["store"]["path"] = str(tmp_path / "line.db")
+    cfg = tmp_path / "line.yaml"
+    with open(cfg, "w", encoding="utf-8") as f:
+        YAML(typ="safe").dump(raw, f)
+    db = tmp_path / "line.db"
+    assert cli("init", "-c", str(cfg), env=password_env()).returncode == 0
+    admin = {"LINECTL_PASSWORD": TEST_PASSWORDS["admin"], "LINECTL_NEW_PASSWORD": PW["sup"]}
+    assert cli("users", "add", "lead", "-c", str(cfg), "--name", "Sue P.", "--roles", "supervisor", "--reason", "lead", "--user", "admin",
+               "--sign", env=admin).returncode == 0
+    gtin = raw["products"][0]["gtin"]
+    serials = tmp_path / "serials.txt"
+    serials.write_text("".join(f"S{n:08d}\n" for n in range(50)))
+    imp = ("serials", "import", str(serials), "--gtin", gtin, "-c", str(cfg), "--reason", "L3 file")
+    r = cli(*imp, "--user", "operator", "--sign", env={"LINECTL_PASSWORD": TEST_PASSWORDS["operator"]})
+    assert r.returncode == 1 and "refused (forbidden)" in r.stderr  # an operator may not fill the pool
+    r = cli(*imp, env={})
+    assert r.returncode == 1 and "refused (unauthenticated)" in r.stderr
+    r = cli(*imp, "--user", "lead", env={"LINECTL_PASSWORD": PW["sup"]})
+    assert r.returncode == 1 and "refused (signature_required)" in r.stderr
+    r = cli(*imp, "--user", "lead", "--sign", env={"LINECTL_PASSWORD": "Wrong-pw-9999"})
+    assert r.returncode == 1 and "refused (wrong_password)" in r.stderr
+    assert rows(db, "SELECT count(*) FROM serials") == [(0,)]  # nothing imported by a refused command
+    r = cli(*imp, "--user", "lead", "--sign", env={"LINECTL_PASSWORD": PW["sup"]})
+    assert r.returncode == 0 and "accepted 50" in r.stdout, r.stdout + r.stderr
+    rec = rows(db, "SELECT seq, actor, detail, hash FROM audit WHERE action='serials_import'")
+    assert len(rec) == 1 and rec[0][1] == "lead" and json.loads(rec[0][2])["accepted"] == 50
+    assert rows(db, "SELECT record_ref, record_digest, signer, meaning FROM signatures WHERE signer='lead'") == \
+        [(f"audit:{rec[0][0]}", rec[0][3], "lead", "performed")]
+
+    async def batch() -> None:
+        s = await Store.open(db)
+        try:
+            await s.create_batch("RC1", gtin, "301231", 10, "test", "test")
+        finally:
+            await s.close()
+
+    asyncio.run(batch())
+    mark = ("recall", "--batch", "RC1", "-c", str(cfg), "--mark", "--reason", "complaint", "--out", str(tmp_path / "r.json"))
+    qa = {"LINECTL_PASSWORD": TEST_PASSWORDS["qa"]}
+    r = cli(*mark, "--user", "qa", env=qa)
+    assert r.returncode == 1 and "refused (signature_required)" in r.stderr
+    r = cli(*mark, "--user", "qa", "--sign", "--actor", "someone", env=qa)
+    assert r.returncode == 1 and "refused (forged_actor)" in r.stderr
+    assert rows(db, "SELECT count(*) FROM audit WHERE action='batch_recalled'") == [(0,)]
+    r = cli(*mark, "--user", "qa", "--sign", env=qa)
+    assert r.returncode == 0 and "is now marked recalled" in r.stderr, r.stderr
+    rec = rows(db, "SELECT seq, actor, hash FROM audit WHERE action='batch_recalled'")
+    assert rows(db, "SELECT record_ref, record_digest, signer, meaning FROM signatures WHERE signer='qa'") == \
+        [(f"audit:{rec[0][0]}", rec[0][2], "qa", "approved")]
+    assert cli("audit", "verify", "-c", str(cfg), env={}).returncode == 0

@@ -189,3 +189,18 @@ async def sign(access: Access, command: Any, principal: Principal | None, first:
         p2 = await _verify(access, b2, command, channel, origin, "second_signature")
         s2 = Signer(p2.name, p2.display_name, m2)
     return Signatures(Signer(p1.name, p1.display_name, m1), s2)
+
+
+async def offline_signature(access: Access, command: Any, user: str | None, password: str | None, blocks: dict[str, Any], *,
+                            origin: str) -> Signatures | None:
+    """For a CLI command that writes the store itself (recall --mark, serials import): the user proven, allowed the
+    command, and its signature verified, as the daemon does for the same command over MQTT. CommandRejected names
+    what is wrong; None: access control is off (or no rule and no signature)."""
+    if not access.enabled:
+        if blocks:
+            raise CommandRejected("access control is off on this line: there are no users to sign", "unsupported")
+        return None
+    if not user or password is None:
+        raise access.deny("unauthenticated", "this line has access control (access: in the config): give --user NAME", origin)
+    principal = await access.authenticate(user, password, channel="cli", origin=origin)
+    return await sign(access, command, principal, blocks.get("signature"), blocks.get("second_signature"), channel="cli", origin=origin)
