@@ -319,6 +319,18 @@ class RecallBatch(Command):
     lot: str
 
 
+class SignReview(Command):
+    """Sign the batch review document (linectl.review) of `lot`: the signer read a document whose `review_digest` this is.
+
+    The line builds the review again when the signature is given: a batch whose records changed since the signer's
+    document was built gives another digest, and the signing is refused (record_changed). Always carries a signature
+    (the envelope's `signature`, meaning reviewed or approved)."""
+
+    name: Literal["sign_review"] = "sign_review"
+    lot: str = Field(min_length=1, max_length=20)
+    review_digest: str = Field(pattern=r"^[0-9a-f]{64}$", description="the review_digest of the document the signer read")
+
+
 class PackmlCmd(Command):
     """A PackML CntrlCmd (Reset, Start, Stop, Hold, ...), mapped onto the line's own commands (README "PackML")."""
 
@@ -415,6 +427,7 @@ AnyCommand = Annotated[
         | VerifyCode
         | CloseCase
         | RecallBatch
+        | SignReview
         | Rework
         | ReworkMode
         | ReconcileUnits

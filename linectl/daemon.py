@@ -75,6 +75,8 @@ class Daemon:
     _bridge: Any = None
     #: the access gate (linectl/access): logins, tokens, users_admin; shared by the MQTT bridge and the OPC UA server
     access: Any = None
+    #: the default users' passwords of a store this daemon created (the demo signs as them); empty otherwise
+    initial_passwords: dict[str, str] = field(default_factory=dict, repr=False)
 
     async def start(self) -> None:
         from linectl.epcis import EpcisMapper
@@ -175,6 +177,12 @@ class Daemon:
             except PasswordRefused as exc:  # a default user's password from the environment (the demo shows it, no traceback)
                 raise StoreError(f"default users: {exc}") from None
             where = write_password_file(Path(f"{self.store.path}.initial-passwords"), generated)
+            import os
+
+            from linectl.access.bootstrap import password_env
+
+            # the demo harness signs its critical actions as these users (in memory only, never logged)
+            self.initial_passwords = {n: pw or os.environ.get(password_env(n), "") for n, pw in generated.items()}
             log.info("default_users_created", users=sorted(generated), generated_passwords_in=None if where is None else str(where))
         users = self.store.users()
         log.info("access_control_enabled", users=sum(1 for u in users if u.active), ldap=self.cfg.access.ldap is not None,

@@ -220,6 +220,21 @@ class SimulatedLine:
     def line(self) -> Any:
         return self.daemon.line
 
+    async def run_command(self, command: Any, user: str) -> dict[str, Any]:
+        """Execute `command` in process; an action access.signatures requires a signature for is sent as the demo's
+        default `user` (operator, qa), signed with that user's password, so the demo's record reads like a real one."""
+        from linectl.access.signing import requirement, sign
+
+        d = self.daemon
+        assert self.cfg is not None and d is not None
+        pw = d.initial_passwords.get(user)
+        if not self.cfg.access.enabled or not pw or requirement(self.cfg.access.signatures, command) is None:
+            return await self.line.execute(command, origin="demo")  # type: ignore[no-any-return]
+        principal = await d.access.authenticate(user, pw, channel="demo", origin="demo")
+        command = command.model_copy(update={"actor": user})
+        signed = await sign(d.access, command, principal, {"username": user, "password": pw}, None, channel="demo", origin="demo")
+        return await self.line.execute(command, origin="demo", principal=principal, signatures=signed)  # type: ignore[no-any-return]
+
     async def create_batch(self, units: int, lot: str | None = None, challenge: bool = True) -> str:
         assert self.cfg is not None
         product = self.cfg.products[0]
@@ -231,10 +246,8 @@ class SimulatedLine:
         lot = lot or f"DEMO{int(time.time() * 1000) % 10**9}"
         expiry = (date.today() + timedelta(days=730)).strftime("%y%m%d")
         dates = demo_batch_dates(product.template, expiry)
-        await self.line.execute(
-            C.CreateBatch(lot=lot, gtin=product.gtin, expiry=expiry, planned_qty=units, challenge=challenge, actor="demo", **dates),
-            origin="demo",
-        )
+        await self.run_command(
+            C.CreateBatch(lot=lot, gtin=product.gtin, expiry=expiry, planned_qty=units, challenge=challenge, actor="demo", **dates), "operator")
         return lot
 
     async def _first_fill(self, product: Any) -> None:
@@ -264,7 +277,7 @@ class SimulatedLine:
             for command in ("Reset", "Start"):
                 await self.packml(command)
         else:
-            await self.line.execute(C.StartBatch(actor="demo"), origin="demo")
+            await self.run_command(C.StartBatch(actor="demo"), "operator")
         if kinds:
             await asyncio.wait_for(self.line.challenge_done.wait(), 60)
             if not self.line.challenge_passed:
@@ -396,7 +409,7 @@ async def run_demo(args: Any) -> dict[str, Any]:
             packml = {"plc": sl.packml_plc(), "handshakes": st["done"], "state_current": st.get("packml_state_current"),
                       "packtags": line.packtags().to_json()}
         await sl.finish_packing()
-        close = await line.execute(C.CloseBatch(actor="demo"), origin="demo")
+        close = await sl.run_command(C.CloseBatch(actor="demo"), "qa")  # batch close = release: signed by QA, approved
         await _wait_forwarded(sl.daemon, 60)
         truth = await sl.truth()
         summary = _summary(line, sl.daemon, close["report"], truth, sl.db, t_end - t_prod, t_end - t_start)

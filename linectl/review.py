@@ -12,9 +12,13 @@ lies in the verified part). The JSON is the canonical content; the HTML and
 PDF (linectl.review_render) render it.
 
 `review_digest(doc)` is what an e-signature of the review signs: sha256 over
-the document's canonical JSON (sorted keys, no whitespace, UTF-8), the
-`review_digest` key itself left out, so the digest printed in a document can
-be recomputed from the JSON file alone.
+the document's canonical JSON (sorted keys, no whitespace, UTF-8) without the
+keys that say when, where and in which time zone the document was made
+(DIGEST_EXCLUDED) rather than what the batch's records say, so the digest
+printed in a document can be recomputed from the JSON file alone, and the same
+records give the same digest when the line builds the review again at signing
+time (`linectl audit review --sign`, command sign_review): a changed record
+gives another digest and the signing is refused (record_changed).
 """
 
 from __future__ import annotations
@@ -51,10 +55,28 @@ def canonical(doc: Any) -> str:
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
+#: not signed: the document's own digest, when / where it was made, the local rendering of times (their UTC value is
+#: signed), and the head of the whole line's chain, which moves with every later record of other batches
+DIGEST_EXCLUDED = {"": ("review_digest", "generated_at", "store", "local_zone"),
+                   "chain": ("records_in_chain", "records_verified", "head_seq", "head_hash", "verified_head_hash"),
+                   "audit_trail.records": ("ts_local",)}
+
+
+def digest_body(doc: dict[str, Any]) -> dict[str, Any]:
+    """The part of a review its digest covers (the document without DIGEST_EXCLUDED)."""
+    body = {k: v for k, v in doc.items() if k not in DIGEST_EXCLUDED[""]}
+    if isinstance(body.get("chain"), dict):
+        body["chain"] = {k: v for k, v in body["chain"].items() if k not in DIGEST_EXCLUDED["chain"]}
+    trail = body.get("audit_trail")
+    if isinstance(trail, dict) and isinstance(trail.get("records"), list):
+        body["audit_trail"] = {**trail, "records": [{k: v for k, v in r.items() if k not in DIGEST_EXCLUDED["audit_trail.records"]}
+                                                    for r in trail["records"]]}
+    return body
+
+
 def review_digest(doc: dict[str, Any]) -> str:
-    """sha256 (hex) of the review's canonical JSON without its own `review_digest` key: what a signature of the review signs."""
-    body = {k: v for k, v in doc.items() if k != DIGEST_KEY}
-    return hashlib.sha256(canonical(body).encode("utf-8")).hexdigest()
+    """sha256 (hex) of the canonical JSON of `digest_body(doc)`: what a signature of the review signs."""
+    return hashlib.sha256(canonical(digest_body(doc)).encode("utf-8")).hexdigest()
 
 
 def _names_lot(detail: dict[str, Any]) -> str | None:
@@ -163,36 +185,55 @@ def build_review(store: Store, lot: str, *, zone: tzinfo | None = None, now: dat
             "shown_records_verified": not shown_bad,
             "shown_records_not_verified": shown_bad,
         },
-        "signatures": _signatures(store, {x["seq"] for x in rows}, lot),
+        "signatures": _signatures(store, {x["seq"] for x in rows}),
         "challenge": {"results": report["challenge"], "status": report["challenge_status"]},
         "reconciliation": {k: report[k] for k in (
             "provisioned", "commissioned", "decommissioned", "returned", "voided", "still_allocated", "still_sent", "balanced",
             "problems", "rejects_by_reason", "fate_unknown", "fates_reconciled", "packs", "balanced_packs")},
         "alarms": _alarms(store, rows),
         "review": {"reviewed_by": None, "meaning": None, "date": None,
-                   "note": "to be signed: the signature covers review_digest (sha256 of this document's canonical JSON)"},
+                   "note": "to be signed (linectl audit review --sign): the signature covers review_digest (sha256 of this "
+                           "document's canonical JSON without the keys linectl.review.DIGEST_EXCLUDED names)",
+                   "earlier_signatures": _review_signatures(rows)},
     }
     doc[DIGEST_KEY] = review_digest(doc)
     return doc
 
 
-def _signatures(store: Store, seqs: set[int], lot: str) -> dict[str, Any]:
-    """The signatures table's rows that name a record shown here (or the lot); all rows when no column names a record."""
-    sig = signature_rows(store)
+def review_to_sign(store: Store, lot: str, digest: str, *, zone: tzinfo | None = None) -> dict[str, Any]:
+    """The review of `lot` built again at signing time: the result of a sign_review whose signer read the document with
+    `digest`; CommandRejected record_changed when the batch's records changed since (another digest), unknown_lot."""
+    from linectl.control import CommandRejected
+
+    try:
+        doc = build_review(store, lot, zone=zone)
+    except UnknownLot:
+        raise CommandRejected(f"no batch {lot}", "unknown_lot") from None
+    now = str(doc[DIGEST_KEY])
+    if now != digest:
+        raise CommandRejected(f"the review of batch {lot} changed since the document was built (its digest is now {now}, not {digest}): "
+                              "build it again, read it, then sign", "record_changed")
+    return {"lot": lot, "review_digest": now, "chain_verified": bool(doc["chain"]["verified"]), "records": len(doc["audit_trail"]["records"])}
+
+
+def _signatures(store: Store, seqs: set[int]) -> dict[str, Any]:
+    """The signatures of the records shown here (rows of the signatures table whose record_ref is audit:<seq> of one),
+    each with the action it signs and whether the signed record's hash is still the digest it signed."""
+    sig = signature_rows(store, sorted(seqs))
     if not sig.present:
         return {"table_present": False, "note": "no signatures table in this store", "columns": [], "rows": []}
-    refs = [c for c in sig.columns if ("record" in c.lower() or c.lower().endswith("_ref") or c.lower() == "ref") and "digest" not in c.lower()]
-    wanted = {str(s) for s in seqs} | {lot}
-    # a reference may be the record's seq, "audit:<seq>" or the lot
-    rows = [r for r in sig.rows if any(str(r.get(c)).rsplit(":", 1)[-1] in wanted for c in refs)] if refs else sig.rows
-    return {"table_present": True, "note": None if rows else "no signature names a record of this batch",
-            "columns": sig.columns, "rows": [{k: _jsonable(v) for k, v in r.items()} for r in rows]}
+    return {"table_present": True, "note": None if sig.rows else "no signature names a record of this batch",
+            "columns": sig.columns, "rows": sig.rows}
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, bytes):
-        return v.hex()
-    return v
+def _review_signatures(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Signatures this batch's review already got (sign_review records among those shown, with their signers)."""
+    out = []
+    for x in rows:
+        if x["action"] == "sign_review":
+            signed = x["detail"].get("signature") or {}
+            out.append({"seq": x["seq"], "signed_at": x["ts_utc"], "review_digest": x["detail"].get("review_digest"), **signed})
+    return out
 
 
 def _alarms(store: Store, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -111,8 +111,11 @@ def render_body(doc: dict[str, Any]) -> str:
     elif not sig["rows"]:
         out.append(f"<p>{e(sig['note'])}</p>")
     else:
-        w = max(1, 100 // max(1, len(sig["columns"])))
-        out.append(_table([(c, w) for c in sig["columns"]], [[r.get(c) for c in sig["columns"]] for r in sig["rows"]]))
+        out.append(_table([("Record", 8), ("Action", 12), ("Signer", 16), ("Meaning", 8), ("Signed (UTC)", 18), ("Second signer", 16),
+                           ("Meaning", 8), ("Record unchanged", 8)],
+                          [[r.get("record_ref"), r.get("signed_action"), f"{r.get('signer_name')} ({r.get('signer')})", r.get("meaning"),
+                            r.get("signed_at"), f"{r.get('second_signer_name')} ({r.get('second_signer')})" if r.get("second_signer") else "",
+                            r.get("second_meaning") or "", "yes" if r.get("digest_matches") else "NO"] for r in sig["rows"]]))
     ch = doc["challenge"]
     out.append("<h2>Challenge test</h2>")
     st = ch.get("status") or {}
@@ -140,6 +143,10 @@ def render_body(doc: dict[str, Any]) -> str:
         out.append("<p>No alarm was raised.</p>")
     rv = doc["review"]
     out.append("<h2>Review</h2>")
+    for x in rv.get("earlier_signatures") or []:
+        out.append(f"<p>Review signed by {e(x.get('signer_name'))} ({e(x.get('signer'))}), {e(x.get('meaning'))}, at {e(x.get('signed_at'))}"
+                   + (f", with {e(x.get('second_signer_name'))} ({e(x.get('second_signer'))}), {e(x.get('second_meaning'))}" if x.get("second_signer") else "")
+                   + f": review digest {e(x.get('review_digest'))} (record {e(x.get('seq'))})</p>")
     out.append(_kv([("Reviewed by", rv.get("reviewed_by") or ""), ("Meaning", rv.get("meaning") or ""), ("Date", rv.get("date") or ""),
                     ("Signs", f"review digest {doc.get('review_digest')}")]))
     return "".join(out)

@@ -74,44 +74,50 @@ def test_users_offline_add_passwd_roles_deactivate_with_reasons_and_permissions(
     r = cli("users", "add", "erin", "-c", cfg, "--name", "Erin E.", "--roles", "operator", "--reason", "hire",
             env={"LINECTL_NEW_PASSWORD": NEW_PW})
     assert r.returncode == 1 and reply(r)["error"]["code"] == "unauthenticated"
-    r = cli("users", "add", "erin", "-c", cfg, "--name", "Erin E.", "--roles", "operator", "--reason", "hire", "--user", "admin",
+    r = cli("users", "add", "erin", "-c", cfg, "--name", "Erin E.", "--roles", "operator", "--reason", "hire", "--user", "admin", "--sign",
             env=as_user("admin", "wrong", LINECTL_NEW_PASSWORD=NEW_PW))
     assert r.returncode == 1 and reply(r)["error"]["code"] == "wrong_password"
-    r = cli("users", "add", "erin", "-c", cfg, "--name", "Erin E.", "--roles", "operator", "--reason", "hire", "--user", "operator",
+    r = cli("users", "add", "erin", "-c", cfg, "--name", "Erin E.", "--roles", "operator", "--reason", "hire", "--user", "operator", "--sign",
             env=as_user("operator", LINECTL_NEW_PASSWORD=NEW_PW))
     assert r.returncode == 1 and reply(r)["error"]["code"] == "forbidden"
-    r = cli("users", "add", "erin", "-c", cfg, "--name", "Erin E.", "--roles", "operator", "--reason", "hire", "--user", "admin",
+    r = cli("users", "add", "erin", "-c", cfg, "--name", "Erin E.", "--roles", "operator", "--reason", "hire", "--user", "admin", "--sign",
             env=as_user("admin", LINECTL_NEW_PASSWORD="weak"))
     assert r.returncode == 1 and reply(r)["error"]["code"] == "password_policy"
     # the new password from a file (never on the command line)
     pwfile = tmp_path / "pw.txt"
     pwfile.write_text(NEW_PW + "\n")
-    r = cli("users", "add", "erin", "-c", cfg, "--name", "Erin E.", "--roles", "operator", "--reason", "new hire", "--user", "admin",
+    r = cli("users", "add", "erin", "-c", cfg, "--name", "Erin E.", "--roles", "operator", "--reason", "new hire", "--user", "admin", "--sign",
             "--new-password-file", str(pwfile), env=as_user("admin"))
     assert r.returncode == 0 and reply(r)["result"]["user"]["roles"] == ["operator"], r.stdout + r.stderr
-    r = cli("users", "roles", "erin", "-c", cfg, "--roles", "operator,qa", "--reason", "trained", "--user", "admin", env=as_user("admin"))
+    r = cli("users", "roles", "erin", "-c", cfg, "--roles", "operator,qa", "--reason", "trained", "--user", "admin", "--sign", env=as_user("admin"))
     assert r.returncode == 0 and reply(r)["result"]["user"]["roles"] == ["operator", "qa"]
     # her own password, with her current one (from a file); then the old one is refused
     cur = tmp_path / "cur.txt"
     cur.write_text(NEW_PW)
-    r = cli("users", "passwd", "erin", "-c", cfg, "--reason", "routine", "--user", "erin", "--password-file", str(cur),
+    r = cli("users", "passwd", "erin", "-c", cfg, "--reason", "routine", "--user", "erin", "--sign", "--password-file", str(cur),
             env={"LINECTL_NEW_PASSWORD": "Fresh-Start-pw-88"})
     assert r.returncode == 0, r.stdout + r.stderr
     r = cli("batch", "stop", "-c", cfg, "--user", "erin", env=as_user("erin", NEW_PW))
     assert reply(r)["error"]["code"] == "wrong_password"
-    r = cli("users", "deactivate", "erin", "-c", cfg, "--reason", "left", "--user", "admin", env=as_user("admin"))
+    r = cli("users", "deactivate", "erin", "-c", cfg, "--reason", "left", "--user", "admin", "--sign", env=as_user("admin"))
     assert r.returncode == 0
     r = cli("batch", "stop", "-c", cfg, "--user", "erin", env=as_user("erin", "Fresh-Start-pw-88"))
     assert reply(r)["error"]["code"] == "deactivated"
-    r = cli("users", "deactivate", "admin", "-c", cfg, "--reason", "oops", "--user", "admin", env=as_user("admin"))
+    r = cli("users", "deactivate", "admin", "-c", cfg, "--reason", "oops", "--user", "admin", "--sign", env=as_user("admin"))
     assert r.returncode == 1 and reply(r)["error"]["code"] == "last_administrator"
     r = cli("users", "list", "-c", cfg, "--json")
     erin = next(u for u in json.loads(r.stdout) if u["username"] == "erin")
     assert erin["active"] is False and erin["roles"] == ["operator", "qa"] and "password_hash" not in erin
-    changes = db_query(tmp_path / "line.db", "SELECT actor, origin, action, detail FROM audit WHERE detail LIKE '%\"erin\"%' ORDER BY seq")
+    changes = db_query(tmp_path / "line.db", "SELECT actor, origin, action, detail FROM audit WHERE detail LIKE '%\"erin\"%' "
+                       "AND action != 'signature_added' ORDER BY seq")
     assert [(a, o, act) for a, o, act, _ in changes] == [("admin", "cli:offline", "user_added"), ("admin", "cli:offline", "user_roles_changed"),
                                                          ("erin", "cli:offline", "user_password_changed"), ("admin", "cli:offline", "user_deactivated")]
     assert [json.loads(d)["reason"] for *_, d in changes] == ["new hire", "trained", "routine", "left"]
+    # each change signed (--sign, access.signatures users_admin) by who made it, linked to its record
+    signed = db_query(tmp_path / "line.db", "SELECT s.signer, s.meaning, a.action FROM signatures s JOIN audit a ON s.record_ref = 'audit:' || a.seq "
+                      "AND s.record_digest = a.hash WHERE a.detail LIKE '%\"erin\"%' ORDER BY s.id")
+    assert signed == [("admin", "performed", "user_added"), ("admin", "performed", "user_roles_changed"),
+                      ("erin", "performed", "user_password_changed"), ("admin", "performed", "user_deactivated")]
     r = cli("audit", "verify", "-c", cfg)
     assert r.returncode == 0, r.stdout
     # no password in any record, and none appears in the CLI's output
@@ -131,7 +137,7 @@ async def test_users_and_batch_go_through_the_running_daemon(tmp_path, monkeypat
         async def acli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
             return await asyncio.to_thread(cli, *args, env=env)  # the daemon runs in this event loop: do not block it
 
-        r = await acli("users", "add", "fred", "-c", cfg, "--name", "Fred F.", "--roles", "supervisor", "--reason", "cover", "--user", "admin",
+        r = await acli("users", "add", "fred", "-c", cfg, "--name", "Fred F.", "--roles", "supervisor", "--reason", "cover", "--user", "admin", "--sign",
                 env=as_user("admin", LINECTL_NEW_PASSWORD=NEW_PW))
         assert r.returncode == 0 and "offline" not in reply(r), r.stdout + r.stderr  # the daemon made the change
         r = await acli("batch", "state", "-c", cfg, "--user", "fred", env=as_user("fred", NEW_PW))

@@ -80,6 +80,11 @@ def code(reply: dict[str, Any]) -> str:
     return str(reply["error"]["code"])
 
 
+def sig(user: str, password: str | None = None, **kw: Any) -> dict[str, Any]:
+    """An e-signature block: the user's password entered again for this command."""
+    return {"username": user, "password": password or TEST_PASSWORDS[user], **kw}
+
+
 def expiry() -> str:
     return (date.today() + timedelta(days=400)).strftime("%y%m%d")
 
@@ -104,7 +109,8 @@ async def test_every_mqtt_command_names_a_verified_user(tmp_path, monkeypatch):
             # a forged actor is refused; naming oneself is fine
             r = await hmi.send("create_batch", {**create, **auth, "actor": "qa"})
             assert code(r) == "forged_actor" and "not the authenticated user 'operator'" in r["error"]["message"]
-            r = await hmi.send("create_batch", {**create, **auth, "actor": "operator"})
+            # a batch without its challenge test is a waiver: signed (access.signatures create_batch.no_challenge)
+            r = await hmi.send("create_batch", {**create, **auth, "actor": "operator", "signature": sig("operator")})
             assert r["ok"], r
             # the same token from another client id is refused
             r = await other.send("pause_batch", auth)
@@ -117,13 +123,15 @@ async def test_every_mqtt_command_names_a_verified_user(tmp_path, monkeypatch):
             assert (await other.send("request_state", {"auth": {"token": qa}}))["ok"]
             # a one-shot credential: an administrator adds a user in one command, no session
             r = await other.send("users_admin", {"auth": {"username": "admin", "password": TEST_PASSWORDS["admin"]}, "action": "add",
+                                                 "signature": sig("admin"),
                                                  "username": "dave", "display_name": "Dave D.", "roles": ["supervisor"],
                                                  "new_password": "Shift-Lead-pw-42", "reason": "new shift lead"})
             assert r["ok"] and r["result"]["user"]["roles"] == ["supervisor"], r
             assert code(await other.send("users_admin", {"auth": {"token": qa}, "action": "deactivate", "username": "dave",
                                                          "reason": "x"})) == "forbidden"
             dave = await other.login("dave", "Shift-Lead-pw-42")
-            assert (await other.send("close_batch", {"auth": {"token": dave}, "unused_serials": "return"}))["ok"]
+            assert (await other.send("close_batch", {"auth": {"token": dave}, "unused_serials": "return",
+                                                     "signature": sig("dave", "Shift-Lead-pw-42")}))["ok"]
             # logout, then the same token again
             r = await hmi.send("logout", auth)
             assert r["ok"] and r["result"]["closed"]
@@ -131,7 +139,7 @@ async def test_every_mqtt_command_names_a_verified_user(tmp_path, monkeypatch):
             assert code(await hmi.send("logout", auth)) == "token_revoked"
             # a deactivated user's live session dies with the account
             r = await hmi.send("users_admin", {"auth": {"username": "admin", "password": TEST_PASSWORDS["admin"]}, "action": "deactivate",
-                                               "username": "dave", "reason": "left the company"})
+                                               "username": "dave", "reason": "left the company", "signature": sig("admin")})
             assert r["ok"], r
             assert code(await other.send("request_state", {"auth": {"token": dave}})) == "deactivated"
         # the PLC's tags act as device plc:plc1 with its access.devices set: start yes, close no
@@ -146,6 +154,11 @@ async def test_every_mqtt_command_names_a_verified_user(tmp_path, monkeypatch):
             await line.execute(C.CreateBatch(lot="LP2", gtin=GTIN, expiry=expiry(), planned_qty=10, actor="hmi"), origin="plc:plc1",
                                principal=surface.principal)
         assert info.value.code == "forbidden"
+        # a device cannot sign: with the default access.signatures its start is refused; without the rule it starts
+        with pytest.raises(C.CommandRejected) as info:
+            await line.execute(C.StartBatch(actor="hmi"), origin="plc:plc1", principal=surface.principal)
+        assert info.value.code == "signature_required" and "a device cannot sign" in info.value.reason
+        line.cfg.access.signatures.required.pop("start_batch")
         await line.execute(C.StartBatch(actor="hmi"), origin="plc:plc1", principal=surface.principal)
         await line.execute(C.StopBatch(actor="hmi"), origin="plc:plc1", principal=surface.principal)
     db = tmp_path / "line.db"

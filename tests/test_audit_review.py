@@ -168,8 +168,17 @@ async def test_review_json_matches_the_store(fake_line, store, tmp_path):
     assert r.returncode == 0, r.stderr.decode()
     doc = json.loads(out.read_text())
     assert doc["review_digest"] == review_digest(doc)
-    body = {k: v for k, v in doc.items() if k != "review_digest"}
+    # recomputed from the file by the documented rule: everything but when/where it was made, the local times and
+    # the head of the whole line's chain
+    body = {k: v for k, v in doc.items() if k not in ("review_digest", "generated_at", "store", "local_zone")}
+    body["chain"] = {k: v for k, v in doc["chain"].items()
+                     if k not in ("records_in_chain", "records_verified", "head_seq", "head_hash", "verified_head_hash")}
+    body["audit_trail"] = {**doc["audit_trail"], "records": [{k: v for k, v in x.items() if k != "ts_local"} for x in doc["audit_trail"]["records"]]}
     assert doc["review_digest"] == hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
+    # the same records give the same digest when built again (what signing it later compares), whatever the zone
+    again = tmp_path / "again.json"
+    assert review(db, "json", again).returncode == 0
+    assert json.loads(again.read_text())["review_digest"] == doc["review_digest"]
 
     rows = raw_audit(db)
     details = {seq: json.loads(d) for seq, _, _, _, _, d, _, _ in rows}
@@ -207,7 +216,9 @@ async def test_review_json_matches_the_store(fake_line, store, tmp_path):
     assert [(a["code"], [k["by"] for k in a["acknowledgements"]]) for a in doc["alarms"]] == [(doc["alarms"][0]["code"], ["op1@test"])]
     rec = doc["reconciliation"]
     assert rec["balanced"] is True and rec["commissioned"] == 3 and rec["rejects_by_reason"]["no_read"] == 1
-    assert doc["signatures"] == {"table_present": False, "note": "no signatures table in this store", "columns": [], "rows": []}
+    # a store (schema v10) without any signature: the table is there, no row names this batch's records
+    assert doc["signatures"]["table_present"] is True and doc["signatures"]["rows"] == []
+    assert doc["signatures"]["note"] == "no signature names a record of this batch"
     assert doc["review"]["reviewed_by"] is None
 
     # the batch report exposes the same config hashes
@@ -286,27 +297,29 @@ async def test_tampered_record_makes_the_review_say_the_chain_is_broken(fake_lin
     assert "HASH CHAIN BROKEN" in " ".join(PdfReader(str(pdf)).pages[0].extract_text().split())
 
 
-async def test_signatures_table_is_rendered_when_present(fake_line, store, tmp_path):
+async def test_signatures_of_the_batch_records_are_shown(fake_line, store, tmp_path):
+    """Signatures live in the store's signatures table (schema v10): the review shows those of its own records, from
+    the real table, with the action signed and whether the record still has the hash that was signed."""
     await run_batch(fake_line)
     db = Path(store.path)
-    copy = tmp_path / "signed.db"
+    rows = raw_audit(db)
+    stop = next(r for r in rows if r[4] == "stop_batch")
+    before = rows[0]  # the store's first record: before the batch, not shown in its review
+    await store.add_signature(f"audit:{stop[0]}", stop[7], "jdoe", "Jane <Doe>", "approved", origin="test", second=("sup1", "S. Up", "reviewed"))
+    await store.add_signature(f"audit:{before[0]}", before[7], "other", "Other", "approved", origin="test")
     await store.close()
-    shutil.copy(db, copy)
-    seq = next(r[0] for r in raw_audit(copy) if r[4] == "stop_batch")
-    with sqlite3.connect(copy) as c:  # the table the e-signature part of linectl creates (columns as agreed)
-        c.execute("CREATE TABLE signatures(id INTEGER PRIMARY KEY, record_ref TEXT, record_digest TEXT, signer_username TEXT, "
-                  "signer_display_name TEXT, meaning TEXT, signed_at TEXT, second_signer TEXT)")
-        c.execute("INSERT INTO signatures(record_ref, record_digest, signer_username, signer_display_name, meaning, signed_at, second_signer) "
-                  "VALUES (?,?,?,?,?,?,?)", (f"audit:{seq}", "ab" * 32, "jdoe", "Jane <Doe>", "approved", "2026-01-01T00:00:00Z", None))
-        c.execute("INSERT INTO signatures(record_ref, record_digest, signer_username, signer_display_name, meaning, signed_at, second_signer) "
-                  "VALUES (?,?,?,?,?,?,?)", ("audit:99999", "cd" * 32, "other", "Other", "approved", "2026-01-01T00:00:00Z", None))
     out = tmp_path / "s.json"
-    assert review(copy, "json", out).returncode == 0
+    assert review(db, "json", out).returncode == 0
     sig = json.loads(out.read_text())["signatures"]
-    assert sig["table_present"] and [r["signer_username"] for r in sig["rows"]] == ["jdoe"] and sig["rows"][0]["meaning"] == "approved"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as c:
+        table = list(c.execute("SELECT record_ref, signer, signer_name, meaning, second_signer FROM signatures ORDER BY id"))
+    assert table == [(f"audit:{stop[0]}", "jdoe", "Jane <Doe>", "approved", "sup1"), (f"audit:{before[0]}", "other", "Other", "approved", None)]
+    assert sig["table_present"] and [(r["record_ref"], r["signer"], r["signed_action"], r["meaning"], r["second_signer"], r["second_meaning"],
+                                      r["digest_matches"]) for r in sig["rows"]] == \
+        [(f"audit:{stop[0]}", "jdoe", "stop_batch", "approved", "sup1", "reviewed", True)]
     page = tmp_path / "s.html"
-    assert review(copy, "html", page).returncode == 0
-    assert "Jane &lt;Doe&gt;" in page.read_text()
+    assert review(db, "html", page).returncode == 0
+    assert "Jane &lt;Doe&gt;" in page.read_text() and "stop_batch" in page.read_text()
 
 
 def test_review_of_an_unknown_lot_is_bad_input(tmp_path):

@@ -96,7 +96,7 @@ class LineProcesses:
             env = {**os.environ, **password_env()}
             subprocess.run([*LINECTL, "init", "-c", str(self.cfg)], check=True, capture_output=True, cwd=REPO, timeout=60, env=env)
             subprocess.run([*LINECTL, "users", "add", OPERATOR, "-c", str(self.cfg), "--name", "Operator One", "--roles", "operator,supervisor,qa",
-                            "--reason", "test operator", "--user", "admin"], check=True, capture_output=True, cwd=REPO, timeout=60,
+                            "--reason", "test operator", "--user", "admin", "--sign"], check=True, capture_output=True, cwd=REPO, timeout=60,
                            env={**env, "LINECTL_PASSWORD": TEST_PASSWORDS["admin"], "LINECTL_NEW_PASSWORD": OPERATOR_PW})
         self.daemon_runs += 1
         self.daemon = spawn([*LINECTL, "--log-level", "info", "run", "-c", str(self.cfg)], self.logs / f"daemon{self.daemon_runs}.log")
@@ -116,8 +116,10 @@ class LineProcesses:
     # -- operator CLI (over MQTT)
 
     def batch(self, action: str, *args: str, timeout: float = 20) -> tuple[int, dict[str, Any], str]:
+        # the actions access.signatures lists by default are signed (start, close, a batch without its challenge)
+        sign = ["--sign"] if action in ("start", "close") or (action == "create" and "--no-challenge" in args) else []
         p = subprocess.run(
-            [*LINECTL, "--log-level", "error", "batch", action, "-c", str(self.cfg), "--user", OPERATOR, "--timeout", str(timeout), *args],
+            [*LINECTL, "--log-level", "error", "batch", action, "-c", str(self.cfg), "--user", OPERATOR, "--timeout", str(timeout), *sign, *args],
             capture_output=True, text=True, cwd=REPO, timeout=timeout + 30, env={**os.environ, "LINECTL_PASSWORD": OPERATOR_PW},
         )
         try:

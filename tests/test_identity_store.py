@@ -143,7 +143,11 @@ async def test_sessions_open_and_revoke_once(tmp_path):
 async def test_signatures_are_written_read_and_verified(tmp_path):
     s = await _store(tmp_path)
     try:
-        digest = hashlib.sha256(b"record 7").hexdigest()
+        digest = s.audit_log(0, 1)[0].hash  # an audit record is signed as its chain hash
+        with pytest.raises(StoreError, match="not that record's hash"):
+            await s.add_signature("audit:1", hashlib.sha256(b"record 7").hexdigest(), "qa1", "Q", "approved", origin="x")
+        with pytest.raises(StoreError, match="no such audit record"):
+            await s.add_signature("audit:99999", digest, "qa1", "Q", "approved", origin="x")
         sig_id, seq = await s.add_signature("audit:1", digest, "qa1", "Q. A. One", "approved", origin="mqtt:x",
                                             second=("sup1", "S. Up", "reviewed"))
         with pytest.raises(StoreError, match="meaning"):

@@ -341,6 +341,8 @@ def _close_offline_and_report(tmp_path: Path, db: Path, lot: str) -> dict[str, A
     r = cli("batch", "close", "-c", demo_cfg, "--db", str(db), "--unused", "void", "--user", "qa", env={"LINECTL_PASSWORD": "wrong"})
     assert r.returncode == 1 and json.loads(r.stdout)["error"]["code"] == "wrong_password", r.stdout
     r = cli("batch", "close", "-c", demo_cfg, "--db", str(db), "--unused", "void", "--user", "qa", env=QA)
+    assert r.returncode == 1 and json.loads(r.stdout)["error"]["code"] == "signature_required", r.stdout  # a close is signed
+    r = cli("batch", "close", "-c", demo_cfg, "--db", str(db), "--unused", "void", "--user", "qa", "--sign", env=QA)
     assert r.returncode == 0, (r.stdout, r.stderr)
     reply = json.loads(r.stdout)
     assert reply["ok"] and reply["result"]["offline"] and reply["result"]["lot"] == lot
@@ -355,8 +357,11 @@ def _close_offline_and_report(tmp_path: Path, db: Path, lot: str) -> dict[str, A
     assert r.returncode == 0, r.stdout
     closes = [a for a in audit_actions(db) if a[2] == "close_batch"]
     assert closes == [("qa", "cli:offline", "close_batch")], closes
+    signed = db_query(db, "SELECT s.signer, s.meaning, a.action FROM signatures s JOIN audit a ON s.record_ref = 'audit:' || a.seq "
+                      "AND s.record_digest = a.hash WHERE a.action = 'close_batch'")
+    assert signed == [("qa", "approved", "close_batch")]
     # a closed batch stays closed: a second offline close is refused, not applied twice
-    r = cli("batch", "close", "-c", demo_cfg, "--db", str(db), "--lot", lot, "--user", "qa", env=QA)
+    r = cli("batch", "close", "-c", demo_cfg, "--db", str(db), "--lot", lot, "--user", "qa", "--sign", env=QA)
     assert r.returncode == 1 and "already closed" in r.stderr and "Traceback" not in r.stderr
     return reply
 

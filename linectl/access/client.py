@@ -23,12 +23,49 @@ from typing import Any
 from linectl.access.passwords import PASSWORD_ENV, read_password
 
 USER_ENV = "LINECTL_USER"
+#: the second signer's password (four eyes) when no --second-password-file is given
+SECOND_PASSWORD_ENV = "LINECTL_SECOND_PASSWORD"
+MEANINGS = ("performed", "reviewed", "approved")
 
 
 def add_user_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--user", default=None, help=f"who commands (a user of the line; default ${USER_ENV}); needed when the line has access control")
     p.add_argument("--password-file", dest="password_file", metavar="FILE",
                    help=f"the user's password, first line of FILE (else ${PASSWORD_ENV}, else a prompt)")
+
+
+def add_sign_options(p: argparse.ArgumentParser, *, meanings: tuple[str, ...] = MEANINGS) -> None:
+    """--sign and its companions: the command's electronic signature (linectl/access/signing.py)."""
+    p.add_argument("--sign", action="store_true", help="sign the command electronically with the password of --user "
+                   "(needed for the actions access.signatures lists)")
+    p.add_argument("--meaning", choices=meanings, help="what the signature means (default: the one access.signatures fixes)")
+    p.add_argument("--second-user", dest="second_user", metavar="NAME", help="four eyes: the second person who signs (another user "
+                   "allowed the command)")
+    p.add_argument("--second-password-file", dest="second_password_file", metavar="FILE",
+                   help=f"the second signer's password, first line of FILE (else ${SECOND_PASSWORD_ENV}, else a prompt)")
+    p.add_argument("--second-meaning", dest="second_meaning", choices=MEANINGS, help="the second signature's meaning (default: the rule's)")
+
+
+def signature_blocks(args: argparse.Namespace, user: str | None, password: str | None) -> dict[str, Any]:
+    """The envelope's `signature` (and `second_signature`) from --sign: the password of --user, entered for this
+    command, is the signature's; the second signer's is read now. {} without --sign. ValueError names what is missing."""
+    if not args.sign:
+        extra = [o for o, v in (("--meaning", args.meaning), ("--second-user", args.second_user), ("--second-meaning", args.second_meaning)) if v]
+        if extra:
+            raise ValueError(f"{', '.join(extra)} go with --sign")
+        return {}
+    if user is None or password is None:
+        raise ValueError("--sign needs --user NAME (or LINECTL_USER) and the password: a signature is a user's")
+    out: dict[str, Any] = {"signature": {"username": user, "password": password, **({"meaning": args.meaning} if args.meaning else {})}}
+    if args.second_user:
+        if args.second_user == user:
+            raise ValueError("--second-user is --user: four eyes need another person")
+        pw = read_password(file=args.second_password_file, env=SECOND_PASSWORD_ENV, prompt=f"password of the second signer {args.second_user}: ")
+        out["second_signature"] = {"username": args.second_user, "password": pw,
+                                   **({"meaning": args.second_meaning} if args.second_meaning else {})}
+    elif args.second_meaning or args.second_password_file:
+        raise ValueError("--second-meaning / --second-password-file go with --second-user")
+    return out
 
 
 def cli_user(args: argparse.Namespace) -> str | None:

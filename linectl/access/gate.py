@@ -32,7 +32,7 @@ from linectl.access.passwords import PasswordRefused, check_policy, hash_passwor
 from linectl.access.principal import Principal, device_principal
 from linectl.access.settings import AccessConfig
 from linectl.control import CommandRejected, RefusalTally, UsersAdmin
-from linectl.store.identity import LOCKED_FOREVER, UserRecord
+from linectl.store.identity import LOCKED_FOREVER, SignatureSpec, UserRecord
 from linectl.store.model import StoreError
 
 log = structlog.get_logger("linectl.access")
@@ -229,10 +229,13 @@ class Access:
 
     # ------------------------------------------------------------------ user administration (users_admin)
 
-    async def admin(self, c: UsersAdmin, actor: str, origin: str) -> dict[str, Any]:
-        """Carry out a users_admin command for `actor` (already authorised); CommandRejected names what is wrong."""
+    async def admin(self, c: UsersAdmin, actor: str, origin: str, signature: SignatureSpec | None = None) -> dict[str, Any]:
+        """Carry out a users_admin command for `actor` (already authorised); CommandRejected names what is wrong.
+
+        `signature`: its e-signature, written with the change's own audit record (the offline CLI; through the daemon
+        the signature goes with the users_admin command's record, Line.execute)."""
         try:
-            seq = await self._admin(c, actor, origin)
+            seq = await self._admin(c, actor, origin, signature)
         except StoreError as exc:
             raise CommandRejected(str(exc), "refused") from None
         except PasswordRefused as exc:
@@ -256,7 +259,7 @@ class Access:
             raise CommandRejected(f"{username} is the last active user who may administer users; give another user that role first",
                                   "last_administrator")
 
-    async def _admin(self, c: UsersAdmin, actor: str, origin: str) -> int:
+    async def _admin(self, c: UsersAdmin, actor: str, origin: str, signature: SignatureSpec | None) -> int:
         pw = None if c.new_password is None else c.new_password.get_secret_value()
         if c.action == "add":
             roles = self._roles(c.roles or [])
@@ -265,7 +268,8 @@ class Access:
                 check_policy(pw, self.cfg.password, c.username)
                 h = await asyncio.to_thread(hash_password, pw)
             assert c.display_name is not None
-            return int(await self.store.add_user(c.username, c.display_name, roles, h, c.source, actor=actor, origin=origin, reason=c.reason))
+            return int(await self.store.add_user(c.username, c.display_name, roles, h, c.source, actor=actor, origin=origin, reason=c.reason,
+                                                 signature=signature))
         user = await asyncio.to_thread(self.store.user, c.username)
         if user is None:
             raise CommandRejected(f"no user {c.username!r}", "unknown_user")
@@ -291,7 +295,7 @@ class Access:
         else:
             changes, action = {"active": True}, "user_reactivated"
         return int(await self.store.change_user(c.username, changes, action, actor=actor, origin=origin, reason=c.reason,
-                                                history_n=self.cfg.password.history))
+                                                history_n=self.cfg.password.history, signature=signature))
 
 
 def generate_password(length: int = 16) -> str:

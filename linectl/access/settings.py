@@ -21,7 +21,7 @@ _OPERATOR = (*_READ, "create_batch", "start_batch", "pause_batch", "resume_batch
 DEFAULT_ROLES: dict[str, tuple[str, ...]] = {
     "operator": _OPERATOR,
     "supervisor": (*_OPERATOR, "close_batch", "provision_pool", "serials_retry", "sink_retry", "rework", "reconcile_units", "set_unit_mode"),
-    "qa": (*_READ, "stop_batch", "close_batch", "rework", "reconcile_units", "recall_batch", "ack_alarm"),
+    "qa": (*_READ, "stop_batch", "close_batch", "rework", "reconcile_units", "recall_batch", "ack_alarm", "sign_review"),
     "engineer": (*_READ, "pause_batch", "resume_batch", "stop_batch", "challenge", "ack_alarm", "reset", "set_unit_mode",
                  "packml_command", "provision_pool", "serials_retry", "sink_retry"),
     # separation of duties: who administers users does not run production
@@ -94,6 +94,53 @@ class LdapConfig(_Model):
         return self
 
 
+MEANINGS = ("performed", "reviewed", "approved")
+Meaning = Literal["performed", "reviewed", "approved"]
+#: what a signature rule may name besides a command: the variants of a command that are critical on their own
+SIGNED_VARIANTS = ("create_batch.no_challenge", *(f"rework.{op}" for op in ("remove", "add", "replace", "dissolve", "decommission", "reprint")),
+                   *(f"users_admin.{a}" for a in ("add", "roles", "passwd", "lock", "unlock", "deactivate", "reactivate")))
+#: the critical actions signed by default (21 CFR 11.50/11.200, Annex 11 §14): action -> meaning of the signature
+DEFAULT_SIGNED: dict[str, Meaning] = {
+    "start_batch": "performed",                 # the decision to produce (production follows a passed challenge by itself)
+    "create_batch.no_challenge": "approved",    # waiving the challenge test of a batch
+    "close_batch": "approved",                  # batch close = release of its records
+    "rework.decommission": "performed",
+    "rework.dissolve": "performed",
+    "provision_pool": "performed",              # serial import (also `linectl serials import`)
+    "recall_batch": "approved",                 # recall marking (also `linectl recall --mark`)
+    "users_admin": "performed",                 # user and role changes
+}
+#: always signed, not configurable: the signature is the command (meaning reviewed or approved, the signer's choice)
+REVIEW_COMMAND = "sign_review"
+
+
+class SignatureRules(_Model):
+    """Which actions need an electronic signature, and which a second person's too (four eyes)."""
+
+    required: dict[str, Meaning] = Field(default_factory=lambda: dict(DEFAULT_SIGNED), description="action (a command name, or "
+                                         "create_batch.no_challenge, rework.<operation>, users_admin.<action>) -> the meaning of "
+                                         "its signature; replaces the default list")
+    four_eyes: dict[str, Meaning] = Field(default_factory=dict, description="action -> the meaning of the second person's "
+                                          "signature (another user who may send the command); the action must be in required")
+
+    @field_validator("required", "four_eyes")
+    @classmethod
+    def _actions(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = [a for a in v if a not in COMMAND_NAMES and a not in SIGNED_VARIANTS]
+        if unknown:
+            raise ValueError(f"unknown action {', '.join(map(repr, unknown))}; a command name or one of {', '.join(SIGNED_VARIANTS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _four_eyes_signed(self) -> SignatureRules:
+        if REVIEW_COMMAND in self.required:
+            raise ValueError(f"required.{REVIEW_COMMAND}: a review is always signed (meaning reviewed or approved, given by the signer)")
+        loose = [a for a in self.four_eyes if a not in self.required and a != REVIEW_COMMAND]
+        if loose:
+            raise ValueError(f"four_eyes {', '.join(loose)}: not in required (the first signature comes before the second)")
+        return self
+
+
 class AccessConfig(_Model):
     enabled: bool = Field(True, description="false: every command anonymous (a loud warning at start)")
     roles: dict[str, list[str]] = Field(default_factory=dict, description="role -> the commands it may send; replaces a built-in "
@@ -104,6 +151,7 @@ class AccessConfig(_Model):
     devices: dict[str, list[str]] = Field(default_factory=dict, description="plc:<device> -> the commands its tags may send "
                                           f"(default: {', '.join(DEFAULT_DEVICE_PERMISSIONS)})")
     ldap: LdapConfig | None = None
+    signatures: SignatureRules = Field(default_factory=SignatureRules, description="electronic signatures of critical actions")
 
     @field_validator("roles")
     @classmethod

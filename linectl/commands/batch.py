@@ -16,7 +16,10 @@ On a line with access control (`access:`) every command names its user:
 LINECTL_PASSWORD or a prompt (linectl/access/client.py). Over MQTT the CLI
 logs in, sends the command with the token and logs out; offline it checks the
 password and the user's permission against the store itself. The actor of the
-command is that user.
+command is that user. `--sign [--meaning M] [--second-user NAME]` signs the
+command electronically (linectl/access/signing.py): the password of --user,
+entered for this command, is the signature's; a second signer's password comes
+from --second-password-file, LINECTL_SECOND_PASSWORD or a prompt.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import sys
 import uuid
 from typing import Any
 
-from linectl.access.client import add_user_options, cli_user, send, user_password
+from linectl.access.client import add_sign_options, add_user_options, cli_user, send, signature_blocks, user_password
 
 ACTIONS = {
     "create": "create_batch",
@@ -76,6 +79,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--mode", help="unit-mode: Production, Maintenance or Manual (or 1-3)")
     p.add_argument("--actor", default=None, help="who is commanding, on a line without access control (default: the login name)")
     add_user_options(p)
+    add_sign_options(p)
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--db", metavar="PATH", help="store for an offline close/stop (default: store.path of the config)")
     p.set_defaults(func=run)
@@ -85,10 +89,13 @@ OFFLINE = {"close", "stop"}
 OFFLINE_ORIGIN = "cli:offline"
 
 
-async def run_offline(cfg: Any, body: dict[str, Any], path: str, password: str | None = None) -> dict[str, Any] | None:
+async def run_offline(cfg: Any, body: dict[str, Any], path: str, password: str | None = None,
+                      signature: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Close/stop on the store itself when no daemon holds it; None when one does (then: MQTT).
 
-    With access control the actor (body["actor"], the --user) must prove `password` and hold the command's permission."""
+    With access control the actor (body["actor"], the --user) must prove `password` and hold the command's permission,
+    and a command access.signatures lists needs `signature` (the envelope's signature blocks, linectl.access.signing),
+    written with the command's audit record."""
     from linectl.control import AUTHENTICATED, COMMAND_ADAPTER, CloseBatch, CommandRejected, StopBatch
     from linectl.engine.audit_changes import REASON_REQUIRED, missing_reason
     from linectl.store.audit import change
@@ -105,10 +112,15 @@ async def run_offline(cfg: Any, body: dict[str, Any], path: str, password: str |
     except StoreLocked:
         return None
     access = None
+    signed = None
+    blocks = signature or {}
     try:
+        if blocks and not cfg.access.enabled:
+            return _refused(cmd, "access control is off on this line: there are no users to sign", "unsupported")
         if cfg.access.enabled:
             from linectl.access.gate import Access
             from linectl.access.principal import permits
+            from linectl.access.signing import sign
 
             access = Access(cfg.access, store)
             try:
@@ -119,6 +131,11 @@ async def run_offline(cfg: Any, body: dict[str, Any], path: str, password: str |
             if refused is not None:
                 access.deny("forbidden", refused, OFFLINE_ORIGIN, principal.name)
                 return _refused(cmd, refused, "forbidden")
+            try:
+                signed = await sign(access, cmd, principal, blocks.get("signature"), blocks.get("second_signature"), channel="cli",
+                                    origin=OFFLINE_ORIGIN)
+            except CommandRejected as exc:
+                return _refused(cmd, exc.reason, exc.code)
         who = f"{cmd.actor}@{OFFLINE_ORIGIN}"
         open_batches = [b for b in store.batches() if b.state != "closed"]
         lot = body.get("lot")
@@ -145,9 +162,13 @@ async def run_offline(cfg: Any, body: dict[str, Any], path: str, password: str |
         except StoreError as exc:
             return _refused(cmd, str(exc), "refused")
         # the same audit record the daemon's Line.execute writes for a command
+        if signed is not None:
+            result["signature"] = signed.public()
         short = {k: v for k, v in result.items() if k != "report"}
         moved = change({"lot": lot, "state": res["previous"]}, {"lot": lot, "state": result["state"]}, cmd.reason)
-        await store.audit(cmd.actor, OFFLINE_ORIGIN, cmd.name, {**cmd.model_dump(mode="json", exclude={"serials"}), "lot": lot, "result": short, **moved})
+        await store.audit(cmd.actor, OFFLINE_ORIGIN, cmd.name, {**cmd.model_dump(mode="json", exclude={"serials"}), "lot": lot, "result": short,
+                                                                **moved, **({} if signed is None else {"signature": signed.public()})},
+                          signature=None if signed is None else signed.spec())
         return {"ok": True, "command_id": cmd.command_id, "command": cmd.name, "result": result}
     finally:
         if access is not None:
@@ -237,6 +258,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         user, password = credentials(cfg, args)
+        blocks = signature_blocks(args, user, password)
     except ValueError as exc:
         print(f"linectl batch: {exc}", file=sys.stderr)
         return 2
@@ -249,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
         path = str(args.db or cfg.store.path)
         if args.db or os.path.exists(path):  # a store on this machine: offline unless a daemon holds it
             try:
-                reply = asyncio.run(run_offline(cfg, body, path, password))
+                reply = asyncio.run(run_offline(cfg, body, path, password, blocks))
             except StoreError as exc:
                 print(f"linectl batch: store error: {exc}", file=sys.stderr)
                 return 3
@@ -259,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
                     print(f"linectl batch {args.action}: refused: {reply['error']['message']}", file=sys.stderr)
                 return 0 if reply.get("ok") else 1
     try:
-        reply = asyncio.run(send_command(cfg, body, args.timeout, user=user, password=password))
+        reply = asyncio.run(send_command(cfg, {**body, **blocks}, args.timeout, user=user, password=password))
     except TimeoutError:
         print(f"linectl batch: no reply from the daemon within {args.timeout}s (is it running and connected to {cfg.mqtt.host}:{cfg.mqtt.port}?)",
             file=sys.stderr)

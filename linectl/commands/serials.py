@@ -3,6 +3,12 @@
 import exit codes: 0 something was accepted and nothing was invalid (duplicates
 are reported but harmless), 1 rows were refused (invalid, or nothing new was
 accepted), 2 bad input (unreadable file, bad GTIN, no serials), 3 store error.
+On a line with access control (-c CONFIG with access:) the import is the
+command provision_pool of `--user`: the user proven and allowed it, and its
+signature (--sign; access.signatures provision_pool, by default required)
+verified before a serial is stored; after the import one record
+`serials_import` (file, its sha256, counts) carries the signature. A refusal
+exits 1 naming its code, nothing imported.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import os
 import sys
 from typing import TYPE_CHECKING, Any
 
+from linectl.access.client import add_sign_options, add_user_options, cli_user, signature_blocks, user_password
 from linectl.store.cliutil import EXIT_BAD_INPUT, BadInput, add_db_options, run_with_store
 
 if TYPE_CHECKING:
@@ -38,6 +45,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     imp.add_argument("--actor", default=None, help="who imports, for the audit trail (default: cli:<login>)")
     imp.add_argument("--reason", default="", help="why, for the audit trail (required when the config's audit.reason_required lists serials_import)")
     add_db_options(imp)
+    add_user_options(imp)
+    add_sign_options(imp)
     imp.set_defaults(func=run_import)
 
     st = ssub.add_parser(
@@ -121,7 +130,8 @@ def run_import(args: argparse.Namespace) -> int:
         print(f"linectl: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     source = args.source or f"import:{os.path.basename(args.file)}"
-    actor = args.actor or f"cli:{_user()}"
+    user = cli_user(args)
+    actor = user or args.actor or f"cli:{_user()}"
 
     async def body(store: Store, cfg: LineConfig | None) -> int:
         from linectl.engine.audit_changes import missing_reason, reason_required
@@ -134,6 +144,29 @@ def run_import(args: argparse.Namespace) -> int:
                 cfg.product(gtin)
             except KeyError:
                 raise BadInput(f"GTIN {gtin} is not configured in {args.config}") from None
+        signed: Any = None
+        checked = cfg is not None and cfg.access.enabled
+        if checked:
+            assert cfg is not None
+            from linectl.access.gate import Access
+            from linectl.access.signing import offline_signature
+            from linectl.control import CommandRejected, ProvisionPool
+
+            access = Access(cfg.access, store)
+            try:
+                if args.actor and args.actor != user:
+                    raise CommandRejected(f"--actor {args.actor!r} is not --user {user!r}: with access control the actor is the user",
+                                          "forged_actor")
+                password = user_password(args, user) if user else None
+                # the import is provision_pool for the permission and signature rules (the serials are checked below)
+                probe = ProvisionPool.model_construct(name="provision_pool", gtin=gtin, actor=user or "", reason=args.reason)
+                signed = await offline_signature(access, probe, user, password, signature_blocks(args, user, password), origin="cli:offline")
+            except (CommandRejected, ValueError) as exc:
+                code = exc.code if isinstance(exc, CommandRejected) else "invalid"
+                print(f"linectl serials import: refused ({code}): {exc}", file=sys.stderr)
+                return 1
+            finally:
+                await access.refusals.flush()
         # Repeats across the whole file are found here, so a repeat in a later chunk is named as such.
         first_line: dict[str, int] = {}
         unique: list[tuple[int, str]] = []
@@ -159,6 +192,15 @@ def run_import(args: argparse.Namespace) -> int:
                 if len(problems) < SHOW_PROBLEMS:
                     problems.append(f"line {chunk[idx][0]}: {s!r}: {why}")
         duplicates += repeats
+        if checked:
+            import hashlib
+
+            with open(args.file, "rb") as fh:
+                digest = hashlib.sha256(fh.read()).hexdigest()
+            await store.audit(actor, "cli:offline", "serials_import", {
+                "gtin": gtin, "source": source, "file": os.path.basename(args.file), "file_sha256": digest, "read": len(rows),
+                "accepted": accepted, "duplicates": duplicates, "invalid": invalid, "reason": args.reason or None,
+                **({} if signed is None else {"signature": signed.public()})}, signature=None if signed is None else signed.spec())
         print(
             f"{args.file}: GTIN {gtin}, source {source}: {len(rows)} read, accepted {accepted}, "
             f"duplicates {duplicates}, invalid {invalid}"

@@ -22,7 +22,7 @@ import sys
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from linectl.access.client import add_user_options, cli_user, send, user_password
+from linectl.access.client import add_sign_options, add_user_options, cli_user, send, signature_blocks, user_password
 from linectl.store.cliutil import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, BadInput, add_db_options, load_line_config, run_async, run_with_store
 
 if TYPE_CHECKING:
@@ -68,6 +68,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
                            help="the new password, first line of FILE (else $LINECTL_NEW_PASSWORD, else a prompt)")
         a.add_argument("--timeout", type=float, default=30.0)
         add_user_options(a)
+        add_sign_options(a)
         a.set_defaults(func=run_change, users_action=action)
 
 
@@ -121,22 +122,29 @@ def run_change(args: argparse.Namespace) -> int:
     path = str(args.db or cfg.store.path)
     user = cli_user(args)
 
-    def password() -> str:
+    typed: list[str] = []
+
+    def password() -> str:  # asked once, for the login and the signature of this one command
         assert user is not None
-        return user_password(args, user)
+        if not typed:
+            typed.append(user_password(args, user))
+        return typed[0]
+
+    def blocks() -> dict[str, Any]:
+        return signature_blocks(args, user, password() if args.sign and user else None)
 
     async def main() -> int:
         from linectl.store.lock import StoreLocked
 
         try:
-            reply = await offline(cfg, body, path, user, password)
+            reply = await offline(cfg, body, path, user, password, blocks)
         except StoreLocked:
             reply = None
         if reply is None:  # a daemon owns the store: the change goes to it
             if not user:
                 raise BadInput("a daemon runs this line: give --user NAME (a user who may administer users) to send the change to it")
             try:
-                reply = await send(cfg, body, args.timeout, user=user, password=password(), session="one_shot")
+                reply = await send(cfg, {**body, **blocks()}, args.timeout, user=user, password=password(), session="one_shot")
             except TimeoutError:  # an OSError to run_async: said here, with what to check
                 print(f"linectl users {args.users_action}: the store is held (by a daemon?) and no daemon answered over MQTT within "
                       f"{args.timeout}s (is it running and connected to {cfg.mqtt.host}:{cfg.mqtt.port}?)", file=sys.stderr)
@@ -154,10 +162,13 @@ def run_change(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
 
 
-async def offline(cfg: LineConfig, body: dict[str, Any], path: str, user: str | None, password: Any) -> dict[str, Any] | None:
-    """The change made on the store itself; StoreLocked (raised) when a daemon holds it."""
+async def offline(cfg: LineConfig, body: dict[str, Any], path: str, user: str | None, password: Any,
+                  blocks: Any = dict) -> dict[str, Any] | None:
+    """The change made on the store itself; StoreLocked (raised) when a daemon holds it. `blocks()`: the signature
+    envelope (--sign), checked like the daemon checks it and written with the change's audit record."""
     from linectl.access.gate import Access
     from linectl.access.principal import permits
+    from linectl.access.signing import sign
     from linectl.control import AUTHENTICATED, COMMAND_ADAPTER, CommandRejected, UsersAdmin
     from linectl.store.cliutil import open_store
 
@@ -171,6 +182,7 @@ async def offline(cfg: LineConfig, body: dict[str, Any], path: str, user: str | 
             if body["action"] != "add":
                 return refused("unknown_user", "the store has no users yet: `linectl users add` the first one")
             actor = f"bootstrap:{_login()}"
+            signed = None  # the first user: nobody to sign yet
         else:
             if not user:
                 return refused("unauthenticated", "give --user NAME: a user who may administer users (or the user whose password changes)")
@@ -185,9 +197,15 @@ async def offline(cfg: LineConfig, body: dict[str, Any], path: str, user: str | 
                 access.deny("forbidden", why, OFFLINE_ORIGIN, principal.name)
                 return refused("forbidden", why)
             actor = principal.name
+            env = blocks()
+            try:
+                signed = await sign(access, cmd, principal, env.get("signature"), env.get("second_signature"), channel="cli",
+                                    origin=OFFLINE_ORIGIN) if cfg.access.enabled else None
+            except CommandRejected as exc:
+                return refused(exc.code, exc.reason)
         change = UsersAdmin.model_validate({**body, "actor": actor}, context=AUTHENTICATED)
         try:
-            result = await access.admin(change, actor, OFFLINE_ORIGIN)
+            result = await access.admin(change, actor, OFFLINE_ORIGIN, signature=None if signed is None else signed.spec())
         except CommandRejected as exc:
             return refused(exc.code, exc.reason)
         return {"ok": True, "command_id": body["command_id"], "command": "users_admin", "result": result, "offline": True}

@@ -21,6 +21,7 @@ import structlog
 from linectl import control as C
 from linectl import gs1
 from linectl.access.principal import Principal, permits
+from linectl.access.signing import Signatures, requirement
 from linectl.config import LineConfig, Product, ShiftConfig
 from linectl.config_hash import config_fingerprint
 from linectl.drivers.base import Driver, Plc
@@ -658,13 +659,18 @@ class Line:
 
     # ------------------------------------------------------------------ commands
 
-    async def execute(self, command: Any, origin: str, principal: Principal | None = None) -> dict[str, Any]:
+    async def execute(self, command: Any, origin: str, principal: Principal | None = None, signatures: Signatures | None = None) -> dict[str, Any]:
         """Apply one command; `principal` is who a channel verified it came from (linectl/access).
 
         With a principal the command must be one its roles (or device permissions) allow, else CommandRejected
         `forbidden`, and its actor becomes the principal's name whatever the command said. Without one the caller is
         code in this process (the demo harness, a test) and the actor is taken as given: every channel from outside
-        (MQTT, PLC tags, OPC UA) passes the principal it verified when access control is on."""
+        (MQTT, PLC tags, OPC UA) passes the principal it verified when access control is on.
+
+        `signatures`: the command's electronic signatures, verified by linectl.access.signing.sign; they are written
+        with the command's audit record in one transaction. A command from a principal that access.signatures
+        requires to be signed is refused without them (signature_required: also every device, which cannot sign),
+        and so is a sign_review from anyone."""
         if isinstance(command, dict):
             command = C.COMMAND_ADAPTER.validate_python(command, context=C.AUTHENTICATED if principal is not None else None)
         if principal is not None:
@@ -675,6 +681,7 @@ class Line:
                 raise C.CommandRejected(refused, "forbidden")
             if command.actor != principal.name:
                 command = command.model_copy(update={"actor": principal.name})
+        self._check_signed(command, origin, principal, signatures)
         if command.command_id:
             # a retry gets the reply the command got the first time, also after a restart (stored with its audit record)
             seen = self._replies.get(command.command_id)
@@ -697,6 +704,8 @@ class Line:
             try:
                 was = changes_before(self, command)
                 result: dict[str, Any] = await handler(command, origin)
+                if signatures is not None:
+                    result = {**result, "signature": signatures.public()}
                 if not isinstance(command, (C.RequestState, C.VerifyCode)):
                     await self.store.audit(
                         command.actor,
@@ -704,9 +713,11 @@ class Line:
                         command.name,
                         {**command.model_dump(mode="json", exclude={"serials"}), "result": _short(result),
                          **change_of(self, command, was, result),
-                         **({} if principal is None else {"auth": {"kind": principal.kind, "channel": principal.channel, "session": principal.session}})},
+                         **({} if principal is None else {"auth": {"kind": principal.kind, "channel": principal.channel, "session": principal.session}}),
+                         **({} if signatures is None else {"signature": signatures.public()})},
                         command_id=command.command_id,
                         reply=result,  # durable idempotency: a retry after a restart gets this reply
+                        signature=None if signatures is None else signatures.spec(),  # same transaction (identity.sign_record)
                     )
             except StoreError as exc:
                 if not _is_store_full(exc):
@@ -719,6 +730,34 @@ class Line:
                 self._replies.popitem(last=False)
         self._notify()
         return result
+
+    def _check_signed(self, command: Any, origin: str, principal: Principal | None, signatures: Signatures | None) -> None:
+        """The signature rule (access.signatures) for a command that came through a channel, checked again here so a
+        channel without a signature path (PLC tags, OPC UA methods) cannot bypass it."""
+        if principal is None and signatures is None and not isinstance(command, C.SignReview):
+            return  # code in this process (the demo harness, a test): trusted as it is, like its actor
+        need = requirement(self.cfg.access.signatures, command) if self.cfg.access.enabled or isinstance(command, C.SignReview) else None
+        if need is None:
+            return
+        who = principal.name if principal is not None else command.actor
+        if signatures is None or (need.second_meaning is not None and signatures.second is None):
+            what = "a second person's signature" if signatures is not None else "an electronic signature"
+            why = (f"{command.name} needs {what} (access.signatures {need.action})"
+                   + ("; a device cannot sign: send it from a user (MQTT, CLI)" if principal is not None and principal.kind == "device" else ""))
+            if self.access_refusals.note("signature_required", origin, f"{who[:64]}: {command.name}"):
+                log.warning("signature_required", command=command.name, actor=who, origin=origin, action=need.action)
+            raise C.CommandRejected(why, "signature_required")
+
+    async def _cmd_sign_review(self, c: C.SignReview, origin: str) -> dict[str, Any]:
+        """The review of `c.lot` built again now: signed only when its digest is the one the signer's document shows."""
+        from linectl.review import review_to_sign
+
+        try:
+            return await asyncio.to_thread(review_to_sign, self.store, c.lot, c.review_digest, zone=self._tz)  # type: ignore[arg-type]
+        except C.CommandRejected as exc:
+            if exc.code == "record_changed" and self.access_refusals.note("record_changed", origin, f"{c.actor[:64]}: sign_review {c.lot}"):
+                log.warning("review_changed", lot=c.lot, signed_digest=c.review_digest, actor=c.actor, reason=exc.reason)
+            raise
 
     async def _cmd_create_batch(self, c: C.CreateBatch, origin: str) -> dict[str, Any]:
         if self.batch is not None and self.batch.state != BatchState.CLOSED:

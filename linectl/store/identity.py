@@ -97,6 +97,17 @@ class SignatureRecord:
     digest: str
 
 
+@dataclass(frozen=True)
+class SignatureSpec:
+    """A signature to write with the audit record it signs, in the same transaction (linectl.access.signing makes it,
+    after the signers' passwords were checked). `second`: (username, display name, meaning) of a second person."""
+
+    signer: str
+    signer_name: str
+    meaning: str
+    second: tuple[str, str, str] | None = None
+
+
 def _canon(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
@@ -130,7 +141,7 @@ def _load(tx: Tx, username: str) -> dict[str, Any] | None:
 
 
 def op_user_add(tx: Tx, username: str, display_name: str, roles: list[str], password_hash: str | None, source: str,
-                actor: str, origin: str, reason: str) -> int:
+                actor: str, origin: str, reason: str, signature: SignatureSpec | None = None) -> int:
     """A new user; returns the seq of its audit record. A username is never reused (deactivated users stay)."""
     if _load(tx, username) is not None:
         raise StoreError(f"user {username!r} exists (users are never deleted: a deactivated one keeps the name)")
@@ -146,11 +157,13 @@ def op_user_add(tx: Tx, username: str, display_name: str, roles: list[str], pass
     cols = (*_DIGEST_FIELDS, "failed_attempts", "audit_seq", "digest")
     tx.cur.execute(f"INSERT INTO users({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                    (*(fields[k] for k in _DIGEST_FIELDS), 0, seq, digest))
+    if signature is not None:
+        sign_record(tx, seq, signature, origin, "user_added")
     return seq
 
 
 def op_user_change(tx: Tx, username: str, changes: dict[str, Any], action: str, actor: str, origin: str, reason: str,
-                   history_n: int = 0) -> int:
+                   history_n: int = 0, signature: SignatureSpec | None = None) -> int:
     """Change audited fields of a user (roles as a list); one audit record with old and new value; returns its seq.
 
     A new password_hash pushes the old one into password_history (the newest `history_n` kept) and stamps
@@ -185,6 +198,8 @@ def op_user_change(tx: Tx, username: str, changes: dict[str, Any], action: str, 
     reset = ", failed_attempts=0" if "locked_until" in changes and changes["locked_until"] is None else ""
     tx.cur.execute(f"UPDATE users SET {', '.join(f'{k}=?' for k in sets)}, audit_seq=?, digest=?{reset} WHERE username=?",
                    (*(new[k] for k in sets), seq, digest, username))
+    if signature is not None:
+        sign_record(tx, seq, signature, origin, action)
     return seq
 
 
@@ -228,8 +243,10 @@ def op_session_revoke(tx: Tx, token_hash: str, actor: str, origin: str, reason: 
 
 
 def op_signature_add(tx: Tx, record_ref: str, record_digest: str, signer: str, signer_name: str, meaning: str,
-                     second: tuple[str, str, str] | None, origin: str) -> tuple[int, int]:
-    """A signature row and its audit record (actor: the signer); returns (signature id, audit seq)."""
+                     second: tuple[str, str, str] | None, origin: str, context: dict[str, Any] | None = None) -> tuple[int, int]:
+    """A signature row and its audit record (actor: the signer); returns (signature id, audit seq).
+
+    `context` adds keys to the record's detail (the signed record's action and lot, so a batch's review finds it)."""
     for m in (meaning, *(() if second is None else (second[2],))):
         if m not in MEANINGS:
             raise StoreError(f"signature meaning {m!r}: one of {', '.join(MEANINGS)}")
@@ -237,6 +254,12 @@ def op_signature_add(tx: Tx, record_ref: str, record_digest: str, signer: str, s
         raise StoreError(f"record_ref {record_ref!r} must be audit:<seq> or event:<event id>")
     if len(record_digest) != 64 or any(c not in "0123456789abcdef" for c in record_digest):
         raise StoreError("record_digest must be a sha256 hex digest")
+    if record_ref.startswith("audit:"):  # an audit record is signed as its chain hash (which covers its whole content)
+        row = tx.cur.execute("SELECT hash FROM audit WHERE seq=?", (int(record_ref[6:]) if record_ref[6:].isdigit() else -1,)).fetchone()
+        if row is None:
+            raise StoreError(f"{record_ref}: no such audit record to sign")
+        if row[0] != record_digest:
+            raise StoreError(f"{record_ref}: record_digest is not that record's hash (the record changed, or another one is meant)")
     fields: dict[str, Any] = {
         "record_ref": record_ref, "record_digest": record_digest, "signer": signer, "signer_name": signer_name, "meaning": meaning,
         "signed_at": tx.ts, "second_signer": None if second is None else second[0], "second_signer_name": None if second is None else second[1],
@@ -244,12 +267,21 @@ def op_signature_add(tx: Tx, record_ref: str, record_digest: str, signer: str, s
     }
     seq = tx.next_audit_seq()
     digest = signature_digest(fields, seq)
-    got = tx.audit(signer, origin, SIGNATURE_ACTION, {**{k: v for k, v in fields.items()}, "digest": digest})
+    got = tx.audit(signer, origin, SIGNATURE_ACTION, {**(context or {}), **fields, "digest": digest})
     assert got == seq
     cols = (*_SIG_FIELDS, "audit_seq", "digest")
     tx.cur.execute(f"INSERT INTO signatures({', '.join(cols)}) VALUES ({', '.join('?' * len(cols))})",
                    (*(fields[k] for k in _SIG_FIELDS), seq, digest))
     return int(tx.cur.lastrowid or 0), seq
+
+
+def sign_record(tx: Tx, seq: int, spec: SignatureSpec, origin: str, action: str, lot: Any = None) -> tuple[int, int]:
+    """Sign audit record `seq`, written just before in this transaction: the row links to it by `audit:<seq>` and its
+    chain hash (which covers the record's whole content), so the signature cannot be moved to another record
+    (21 CFR 11.70) and is committed with the record or not at all."""
+    assert tx.next_audit_seq() == seq + 1, "sign the record just written"
+    context: dict[str, Any] = {"signed_action": action, **({"lot": lot} if isinstance(lot, str) else {})}
+    return op_signature_add(tx, f"audit:{seq}", tx.head_hash(), spec.signer, spec.signer_name, spec.meaning, spec.second, origin, context)
 
 
 # --------------------------------------------------------------------------- reads
@@ -321,6 +353,11 @@ def verify_identity(c: Connection) -> tuple[int | None, str] | None:
         if signature_digest(fields, seq) != fields["digest"] or rec is None or rec[0] != SIGNATURE_ACTION \
                 or json.loads(rec[1]).get("digest") != fields["digest"]:
             return seq, f"signatures row {fields['id']} was altered outside linectl: it does not match its audit record {seq}"
+        ref = str(fields["record_ref"])
+        if ref.startswith("audit:"):
+            signed = c.exec_driver_sql("SELECT hash FROM audit WHERE seq=?", (int(ref[6:]) if ref[6:].isdigit() else -1,)).fetchone()
+            if signed is None or signed[0] != fields["record_digest"]:
+                return seq, f"signatures row {fields['id']} signs {ref}, whose hash is not the digest it signed"
     n_sig = c.exec_driver_sql("SELECT count(*) FROM signatures").scalar() or 0
     n_rec = c.exec_driver_sql("SELECT count(*) FROM audit WHERE action=?", (SIGNATURE_ACTION,)).scalar() or 0
     if n_sig != n_rec:

@@ -19,6 +19,7 @@ import structlog
 
 from linectl.events import AlarmRaised, Severity
 from linectl.store.audit import change
+from linectl.store.identity import SignatureSpec, sign_record
 from linectl.store.model import BATCH_DATES_KEY, Batch, PoolExhausted, StoreError, tally_name
 from linectl.store.serials import random_serials, sequential_serial
 from linectl.store.writer import BATCH_FORMS, Tx
@@ -727,8 +728,12 @@ def op_upsert_products(tx: Tx, rows: list[tuple[str, str, str, str]], actor: str
     return changed
 
 
-def op_audit(tx: Tx, actor: str, origin: str, action: str, detail: dict[str, Any], command: tuple[str, str, str] | None = None) -> int:
+def op_audit(tx: Tx, actor: str, origin: str, action: str, detail: dict[str, Any], command: tuple[str, str, str] | None = None,
+             signature: SignatureSpec | None = None) -> int:
     seq = tx.audit(actor, origin, action, detail)
+    if signature is not None:  # the signature of this record, in its transaction (identity.sign_record)
+        result = detail.get("result")
+        sign_record(tx, seq, signature, origin, action, detail.get("lot") or (result.get("lot") if isinstance(result, dict) else None))
     if command is not None:  # (command_id, name, reply JSON): same transaction as the audit record
         tx.cur.execute(
             "INSERT OR IGNORE INTO command_ids(command_id, name, origin, reply, ts) VALUES (?,?,?,?,?)",

@@ -92,9 +92,10 @@ class StoreWrites(Protocol):
         """Store events in the outbox and apply them to the registry, atomically; returns their outbox seqs."""
 
     async def audit(
-        self, actor: str, origin: str, action: str, detail: dict[str, Any] | None = None, *, command_id: str | None = None, reply: Any = None
+        self, actor: str, origin: str, action: str, detail: dict[str, Any] | None = None, *, command_id: str | None = None, reply: Any = None,
+        signature: Any = None,
     ) -> int:
-        """Append a hash-chained audit record; returns its seq."""
+        """Append a hash-chained audit record; returns its seq. `signature` (identity.SignatureSpec): its e-signature, same transaction."""
 
     async def allocate(self, gtin: str, lot: str, n: int, scheme: Any) -> list[str]:
         """Take n never-used serials for the lot: pool (provisioned ones), random or sequential per the product's scheme."""

@@ -91,12 +91,26 @@ def product_name(store: Store, gtin: str) -> str | None:
     return str(r[0]) if r is not None else None
 
 
-def signature_rows(store: Store) -> SignatureRows:
-    """The `signatures` table (created by the e-signature part of linectl), its columns as they are, or present=False."""
+#: the columns a review shows of each signature (schema v10 `signatures`, linectl.store.identity), then what it signs
+SIGNATURE_COLUMNS = ("id", "record_ref", "signed_action", "signer", "signer_name", "meaning", "signed_at", "second_signer",
+                     "second_signer_name", "second_meaning", "second_signed_at", "record_digest", "digest_matches", "audit_seq")
+
+
+def signature_rows(store: Store, seqs: list[int]) -> SignatureRows:
+    """The signatures of audit records `seqs` (record_ref 'audit:<seq>'), with the action of the signed record and
+    whether its hash is still the digest that was signed; present=False for a store older than schema v10."""
     with store.read_snapshot() as c:
         exists = c.exec_driver_sql("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (SIGNATURES_TABLE,)).fetchone()
         if exists is None:
             return SignatureRows(False, [], [])
-        cur = c.exec_driver_sql(f"SELECT * FROM {SIGNATURES_TABLE} ORDER BY rowid")
-        cols = list(cur.keys())
-        return SignatureRows(True, cols, [dict(zip(cols, r)) for r in cur.fetchall()])
+        cur = c.exec_driver_sql(
+            "SELECT s.id, s.record_ref, a.action, s.signer, s.signer_name, s.meaning, s.signed_at, s.second_signer, s.second_signer_name, "
+            "s.second_meaning, s.second_signed_at, s.record_digest, a.hash = s.record_digest, s.audit_seq "
+            f"FROM {SIGNATURES_TABLE} s LEFT JOIN audit a ON s.record_ref = 'audit:' || a.seq "
+            "WHERE s.record_ref IN (SELECT 'audit:' || value FROM json_each(?)) ORDER BY s.id",
+            (json.dumps(seqs),),
+        )
+        rows = [dict(zip(SIGNATURE_COLUMNS, r)) for r in cur.fetchall()]
+    for r in rows:
+        r["digest_matches"] = bool(r["digest_matches"])
+    return SignatureRows(True, list(SIGNATURE_COLUMNS), rows)

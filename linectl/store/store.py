@@ -391,29 +391,34 @@ class Store:
         return await self._submit(ops.op_next_sscc_refs, cp, int(extension), int(n))  # type: ignore[no-any-return]
 
     async def audit(
-        self, actor: str, origin: str, action: str, detail: dict[str, Any] | None = None, *, command_id: str | None = None, reply: Any = None
+        self, actor: str, origin: str, action: str, detail: dict[str, Any] | None = None, *, command_id: str | None = None, reply: Any = None,
+        signature: people.SignatureSpec | None = None,
     ) -> int:
         """Append a hash-chained audit record; returns its seq.
 
         With `command_id`, the command `action` is also recorded as executed with `reply` (its result), in the
         same transaction, so `command_reply(command_id)` answers a retry after a restart with the same reply.
+        With `signature`, the electronic signature of this record (a signatures row and its `signature_added`
+        record, seq + 1) is written in the same transaction.
         """
         command = None
         if command_id:
             command = (command_id, action, json.dumps(reply, separators=(",", ":"), default=json_default))
-        return await self._submit(ops.op_audit, actor, origin, action, detail or {}, command)  # type: ignore[no-any-return]
+        return await self._submit(ops.op_audit, actor, origin, action, detail or {}, command, signature)  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ people, sessions, signatures (linectl.store.identity)
 
     async def add_user(self, username: str, display_name: str, roles: Sequence[str], password_hash: str | None, source: str, *,
-                       actor: str, origin: str, reason: str) -> int:
+                       actor: str, origin: str, reason: str, signature: people.SignatureSpec | None = None) -> int:
         """A new user (audited with the reason); returns the audit seq. The hash is made by linectl.access, never here."""
-        return int(await self._submit(people.op_user_add, username, display_name, list(roles), password_hash, source, actor, origin, reason))
+        return int(await self._submit(people.op_user_add, username, display_name, list(roles), password_hash, source, actor, origin, reason,
+                                      signature))
 
     async def change_user(self, username: str, changes: dict[str, Any], action: str, *, actor: str, origin: str, reason: str,
-                          history_n: int = 0) -> int:
+                          history_n: int = 0, signature: people.SignatureSpec | None = None) -> int:
         """Change a user's audited fields (roles, password_hash, active, locked_until, lock_reason, display_name, source)."""
-        return int(await self._submit(people.op_user_change, username, dict(changes), action, actor, origin, reason, int(history_n)))
+        return int(await self._submit(people.op_user_change, username, dict(changes), action, actor, origin, reason, int(history_n),
+                                      signature))
 
     async def login_result(self, username: str, ok: bool, *, attempts: int, lock_until: str, origin: str) -> dict[str, Any]:
         return await self._submit(people.op_login_result, username, bool(ok), int(attempts), lock_until, origin)  # type: ignore[no-any-return]

@@ -621,13 +621,17 @@ def is_recalled(store: EngineStore, lot: str | None, conn: sqlite3.Connection | 
     return bool(lot) and lot in recalled_lots(store, conn)
 
 
-async def mark_recalled(store: EngineStore, lot: str, actor: str, reason: str = "", origin: str = "cli") -> dict[str, Any]:
-    """Flag a batch as recalled; from then on verify_code answers "recalled" for its units and containers."""
+async def mark_recalled(store: EngineStore, lot: str, actor: str, reason: str = "", origin: str = "cli", *,
+                        signature: Any = None) -> dict[str, Any]:
+    """Flag a batch as recalled; from then on verify_code answers "recalled" for its units and containers.
+
+    `signature` (identity.SignatureSpec): the recall's e-signature, written with its record (the offline CLI)."""
     if store.batch(lot) is None:
         raise TraceError(f"no batch {lot} in this store")
     if is_recalled(store, lot):
         return {"lot": lot, "recalled": True, "already": True}
-    seq = await store.audit(actor, origin, RECALL_ACTION, {"lot": lot, **change({"recalled": False}, {"recalled": True}, reason)})
+    seq = await store.audit(actor, origin, RECALL_ACTION, {"lot": lot, **change({"recalled": False}, {"recalled": True}, reason)},
+                            signature=signature)
     log.warning("batch_recalled", lot=lot, actor=actor, reason=reason, audit_seq=seq)
     return {"lot": lot, "recalled": True, "already": False, "audit_seq": seq}
 

@@ -108,6 +108,12 @@ class Tx:
         self._head_dirty = True
         return self._head.append(self.cur, self.ts, actor, origin or origin_of(actor), action, detail)
 
+    def head_hash(self) -> str:
+        """The chain hash of the last audit record (written in this transaction or before)."""
+        if self._head is None:
+            self._head = AuditHead.load(self.cur)
+        return self._head.hash
+
     def next_audit_seq(self) -> int:
         """The seq the next `audit()` of this transaction gets (a row digest chained to its own record needs it first)."""
         if self._head is None:

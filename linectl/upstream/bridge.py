@@ -65,8 +65,12 @@ A login reply carries the token: send login with an MQTT 5 ResponseTopic only th
 (the broker's ACL, e.g. a pattern on %c), not to the shared cmd/login/reply, and use TLS. The token
 is bound to the origin the bridge sees, which is the client's claim: binding stops a token copied
 into another client from working there, not a client that lies about its origin (the broker's ACL
-and TLS keep tokens from being read in the first place). A later `signature` block (e-signatures)
-is another envelope key taken off here the same way (ENVELOPE_KEYS).
+and TLS keep tokens from being read in the first place).
+Electronic signatures (linectl/access/signing.py) are envelope keys too: `signature` {username,
+password, meaning} and, for four eyes, `second_signature`; both passwords are checked for this
+command (also within a session), and the signature is written with the command's audit record.
+Codes: signature_required, invalid_signature, signer_mismatch, wrong_meaning, same_signer,
+signature_failed, signer_forbidden, record_changed (sign_review).
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import ValidationError
 
+from linectl.access.signing import SIGNATURE_KEYS, sign
 from linectl.control import AUTHENTICATED, COMMAND_ADAPTER, COMMAND_NAMES, CommandRejected, RefusalTally
 from linectl.drivers.base import Backoff
 from linectl.jsonable import json_default
@@ -125,8 +130,8 @@ REFUSAL_INTERVAL_S = 60.0
 READ_ONLY_COMMANDS = frozenset({"verify_code", "request_state"})
 #: commands of the access gate, answered here (not engine commands)
 AUTH_COMMANDS = ("login", "logout")
-#: keys of a command payload that are not the command: who sends it (and, later, an e-signature)
-ENVELOPE_KEYS = ("auth",)
+#: keys of a command payload that are not the command: who sends it, and its electronic signatures
+ENVELOPE_KEYS = ("auth", *SIGNATURE_KEYS)
 
 _NOT_STRUCTURE = bytes(b for b in range(256) if b not in b"[]{},")
 _DEPTH_STEP = [0] * 256
@@ -539,9 +544,14 @@ class MqttBridge:
                 return cached, reply_topic, props
             self._check_references(cmd)
             if principal is None:
+                if any(k in envelope for k in SIGNATURE_KEYS):
+                    raise CommandError("unsupported", "access control is off on this line: there are no users to sign")
                 result = await self.target.execute(cmd, origin=f"mqtt:{origin}")
             else:
-                result = await self.target.execute(cmd, origin=f"mqtt:{origin}", principal=principal)
+                assert self.access is not None
+                signed = await sign(self.access, cmd, principal, envelope.get("signature"), envelope.get("second_signature"),
+                                    channel="mqtt", origin=f"mqtt:{origin}")
+                result = await self.target.execute(cmd, origin=f"mqtt:{origin}", principal=principal, signatures=signed)
         except CommandError as exc:
             return self._refused(name, command_id or exc.command_id, origin, exc.code, exc.message), reply_topic, props
         except CommandRejected as exc:
