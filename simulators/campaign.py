@@ -807,7 +807,10 @@ class Campaign:
         return done
 
     async def _reconcile(self, serials: list[str], outcome: str, copies: int | None) -> int:
-        args: dict[str, Any] = {"serials": serials, "outcome": outcome}
+        # the reason the audit trail keeps (audit.reason_required lists reconcile_units by default): what was checked
+        where = "in the reject bin" if outcome == "in_bin" else "past the gate (not in the bin)"
+        args: dict[str, Any] = {"serials": serials, "outcome": outcome,
+                                "reason": f"physical check after the stop: {len(serials)} unit(s) found {where}"}
         if copies is not None and copies > 1:
             args["copies"] = copies
         r = await self.command("reconcile_units", **args)
