@@ -3,13 +3,13 @@ against what the simulated label physically carries. Driver and simulator over r
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any
 
 import pytest
 from engine_helpers import wait_for
 from epcpy.epc_schemes.sgtin import SGTIN, SGTINFilterValue
+from test_drv_printers import collect
 
 from linectl import gs1
 from linectl.drivers.base import DeviceError, HealthState, PrintConfirm, PrintJob
@@ -68,22 +68,6 @@ async def pair(rfid: dict[str, Any] | None = None, **sim_kw: Any) -> tuple[ZplPr
 async def close(sim: ZplPrinterSim, drv: ZplPrinter) -> None:
     await drv.stop()
     await sim.stop()
-
-
-async def collect(drv: ZplPrinter, n: int, timeout: float = 5.0) -> list[PrintConfirm]:
-    out: list[PrintConfirm] = []
-
-    async def run() -> None:
-        async for c in drv.confirmations():
-            out.append(c)
-            if len(out) >= n:
-                return
-
-    try:
-        await asyncio.wait_for(run(), timeout)
-    except TimeoutError:
-        pass
-    return out
 
 
 def truth_for(sim: ZplPrinterSim, epc: str) -> list[RfidLabelTruth]:
