@@ -2,12 +2,15 @@
 
     .venv/bin/python bench/bench_epcis_rest.py [--backlog 1000000] [--live-rate 10] [--after-s 20]
                                                [--max-events 1000] [--inflight 4] [--sustained 200000]
+                                               [--catchup-max-rate 10000]
 
 1. Sustained: a store holding `--sustained` commissioning events (rendered when stored, as the daemon does) is
-   drained by the sink into the repository; events/s = events / time until the cursor reaches the end.
+   drained by the sink into the repository; events/s = events / time until the cursor reaches the end. Unpaced
+   (`catchup_max_rate: null`): what the sink and repository can carry.
 2. Catch-up: a `--backlog` event store (seeded once into bench/out/, copied per run) drains while a synthetic writer
    in the sink's process (as the engine would be) appends one LIVE event every 1/`--live-rate` s (10/s = 600 upm).
-   Reported: drain time and rate, and the live delay (durably stored -> stored by the repository) p50/p99/max,
+   The backlog lane is paced to `--catchup-max-rate` (the config's default 10,000/s; 0 = unpaced).
+   Reported: drain time and rate, the line's store append latency, and the live delay (durably stored -> stored by the repository) p50/p99/max,
    during the catch-up and after it.
 The repository validates every document against the official schema (jsonschema-rs) and keeps every event; the
 run checks that it holds every outbox event exactly once.
@@ -36,7 +39,7 @@ OUT = REPO / "bench" / "out"
 GTIN = "04012345000016"
 
 
-def bench_config(url: str, max_events: int, inflight: int, max_age_s: float) -> Any:
+def bench_config(url: str, max_events: int, inflight: int, max_age_s: float, catchup_max_rate: float | None) -> Any:
     from linectl.config import parse_config
 
     return parse_config({
@@ -44,7 +47,7 @@ def bench_config(url: str, max_events: int, inflight: int, max_age_s: float) -> 
         "products": [{"gtin": GTIN, "name": "Bench", "company_prefix_length": 7, "serials": {"scheme": "pool", "low_water": 0}}],
         "mqtt": {"enabled": False},
         "upstream": {"epcis_rest": [{"name": "bench", "url": url, "max_events": max_events, "inflight": inflight, "max_age_s": max_age_s,
-                                     "max_bytes": 16 * 1024 * 1024}]},
+                                     "max_bytes": 16 * 1024 * 1024, "catchup_max_rate": catchup_max_rate}]},
     })
 
 
@@ -117,7 +120,7 @@ async def run_sustained(args: argparse.Namespace, url: str) -> dict[str, Any]:
     from linectl.store import Store
     from linectl.upstream.epcis_rest import EpcisRestSink
 
-    cfg = bench_config(url, args.max_events, args.inflight, 0.2)
+    cfg = bench_config(url, args.max_events, args.inflight, 0.2, None)
     seed_path = OUT / f"epcis_rest_seed_{args.sustained}.db"
     if not seed_path.exists():
         print(f"seeding {args.sustained} events into {seed_path} (once)", file=sys.stderr)
@@ -159,7 +162,7 @@ async def run_catchup(args: argparse.Namespace, url: str) -> dict[str, Any]:
     from linectl.store import Store
     from linectl.upstream.epcis_rest import EpcisRestSink
 
-    cfg = bench_config(url, args.max_events, args.inflight, args.max_age_s)
+    cfg = bench_config(url, args.max_events, args.inflight, args.max_age_s, args.catchup_max_rate)
     live_max = int(args.live_rate * 3600)
     seed_path = OUT / f"epcis_rest_catchup_seed_{args.backlog}.db"
     if not seed_path.exists():
@@ -235,6 +238,7 @@ async def run_catchup(args: argparse.Namespace, url: str) -> dict[str, Any]:
         "repository": {k: stats[k] for k in ("events", "duplicates", "jobs", "documents_invalid")},
         "sink": {k: st[k] for k in ("documents_delivered", "events_delivered", "events_already_there", "last_error")},
         "max_events": st["limits"]["events"], "inflight": args.inflight, "max_age_s": args.max_age_s,
+        "catchup_max_rate": args.catchup_max_rate,
     }
 
 
@@ -248,7 +252,10 @@ def main() -> int:
     p.add_argument("--inflight", type=int, default=4)
     p.add_argument("--max-age-s", type=float, default=0.2)
     p.add_argument("--skip-catchup", action="store_true")
+    p.add_argument("--catchup-max-rate", type=float, default=10_000.0,
+                   help="the sink's catchup_max_rate in the catch-up run (0: unpaced); the sustained run is always unpaced")
     args = p.parse_args()
+    args.catchup_max_rate = args.catchup_max_rate or None
     from linectl.logging import setup_logging
 
     setup_logging("warning")

@@ -690,6 +690,10 @@ class EpcisRestSinkConfig(Model):
     inflight: int = Field(4, ge=1, le=32, description="documents in flight at once (1: the repository captures in outbox order)")
     job_timeout_s: float = Field(300.0, gt=0, le=86_400, description="a capture job still running after this long is sent again")
     backlog_alarm_s: float = Field(600.0, gt=0, le=30 * 86_400, description="alarm when the oldest undelivered event is older than this")
+    catchup_max_rate: float | None = Field(
+        10_000.0, gt=0, le=1_000_000,
+        description="during a catch-up, most backlog events per second sent (null: unpaced); the line's live lane is never paced",
+    )
 
     @model_validator(mode="after")
     def _auth(self) -> EpcisRestSinkConfig:

@@ -363,6 +363,47 @@ async def test_catch_up_live_events_overtake_the_backlog(tmp_path):
         await store.close()
 
 
+async def test_catch_up_backlog_is_paced_to_catchup_max_rate(tmp_path):
+    """The backlog lane sends no more than `catchup_max_rate` events/s (plus the documents one slot round may hold),
+    so a drain never takes the line's store and loop; the live lane is not held back by the pacing. Both bounds only
+    grow slacker on a slow machine: a broken pacing fails them, a loaded one does not."""
+    rate, backlog_events, max_events, inflight = 1000.0, 1500, 50, 4
+    async with repository() as repo:
+        cfg = rest_cfg(tmp_path, {"name": "l3", "url": f"http://127.0.0.1:{repo.port}", "max_events": max_events, "max_age_s": 0.1,
+                                  "inflight": inflight, "catchup_max_rate": rate})
+        store = await line_store(tmp_path, cfg)
+        prod = Producer(store)
+        await prod.fill(["OLD"], backlog_events)
+        await prod.prepare("LIVE", 3)
+        (sink,) = EpcisRestSink.from_config(cfg, store, catchup_rows=200)
+        fast(sink)
+        live_ids: list[str] = []
+        samples: list[tuple[float, int]] = []
+        t0 = time.monotonic()
+        async with running(sink):
+            await until(lambda: sink.status()["catching_up"], what="catch-up mode")
+            for e in prod.events("LIVE", 3):
+                await store.append(e)
+                live_ids.append(e.event_id)
+                sink.notify()
+            while store.sink_backlog(sink.name) != 0:
+                samples.append((time.monotonic() - t0, sum(1 for eid in repo.capture_order if eid not in live_ids)))
+                assert time.monotonic() - t0 < 60, "the backlog did not drain"
+                await asyncio.sleep(0.02)
+            elapsed = time.monotonic() - t0
+        check_ground_truth(repo, store, sink, ordered=False)
+        # never ahead of the rate by more than one round of documents in flight
+        for t, n in samples:
+            assert n <= rate * t + inflight * max_events, (t, n)
+        # the last backlog document could only go once (backlog - one document) events were due at the rate
+        assert elapsed >= (backlog_events - max_events) / rate
+        # the live events did not wait for the paced backlog: they are in before its last document
+        order = {eid: i for i, eid in enumerate(repo.capture_order)}
+        last_old = max(i for eid, i in order.items() if eid not in live_ids)
+        assert all(order[eid] < last_old for eid in live_ids)
+        await store.close()
+
+
 async def test_transient_faults_are_retried_and_nothing_is_lost(tmp_path):
     """HTML 500s, 503s, dropped answers (the capture WAS stored), a timeout, failed jobs: all retried with backoff."""
     async with repository(capture_limit=25) as repo:

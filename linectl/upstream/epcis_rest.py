@@ -15,6 +15,9 @@ its own cursor `epcis_rest:<name>`. The interface is GS1's EPCIS 2.0 OpenAPI (sh
   only moves over an unbroken run of confirmed rows. **Catch-up**: with more than 20,000 rows waiting (an outage),
   rows stored from then on go in a live lane ahead of the backlog, so the line's new events arrive within about
   max_age_s while the backlog drains; once the backlog lane reaches where the live lane began they are one again.
+  The backlog lane is paced to `catchup_max_rate` events/s (default 10,000): drained unpaced, days of backlog take
+  the store's reads and the event loop from the line itself (measured: the line's appends p99 57 ms, max 656 ms at
+  36,600 events/s), while 10,000/s still drains a week of a 600 upm line in about 10 minutes.
 - **At least once, never a gap.** Before a document is sent the last seq dispatched is recorded as the cursor's
   pending delivery; a restart sends (cursor, pending] again first, cut at exactly that bound, then goes on. The
   repository answers the re-sent events with "already exists", which counts as delivered: a restart costs
@@ -174,6 +177,9 @@ class EpcisRestSink:
         self.catchup_rows = catchup_rows
         self._live_from: int | None = None  # catch-up: the live lane takes the rows after this seq
         self._live_dispatched = 0
+        # catch-up pacing: backlog events dispatched since the catch-up began, and when it began (monotonic)
+        self._paced_events = 0
+        self._paced_since: float | None = None
         self._opened = False
         self._discovered = False
         # limits: the config's, capped by the repository's announcement, lowered by a 413
@@ -333,6 +339,7 @@ class EpcisRestSink:
             last = int(await asyncio.to_thread(self.store.last_seq))
             if last - self._dispatched > self.catchup_rows:
                 self._live_from = self._live_dispatched = last
+                self._paced_events, self._paced_since = 0, time.monotonic()
                 log.info("epcis_rest_catch_up", sink=self.name, backlog_rows=last - self._dispatched, live_from=last)
         if self._live_from is None:
             return await self._offer(await asyncio.to_thread(self._collect, self._dispatched, self._restart_bound), "main")
@@ -343,8 +350,21 @@ class EpcisRestSink:
             log.info("epcis_rest_caught_up", sink=self.name, live_from=self._live_from, cursor=self.reader.cursor)
             self._dispatched, self._live_from = self._live_dispatched, None
             return None
-        backlog = await self._offer(await asyncio.to_thread(self._collect, self._dispatched, self._live_from), "backlog")
+        ahead = self._pace_ahead()
+        if ahead > 0:  # the backlog lane is ahead of catchup_max_rate: only the live lane goes meanwhile
+            return min(wait, ahead)
+        doc = await asyncio.to_thread(self._collect, self._dispatched, self._live_from)
+        backlog = await self._offer(doc, "backlog")
+        if backlog is None and doc is not None:
+            self._paced_events += len(doc.events)
         return None if backlog is None else min(wait, backlog)
+
+    def _pace_ahead(self) -> float:
+        """Seconds the backlog lane is ahead of `catchup_max_rate` (0 or less: it may send its next document)."""
+        rate = self.rc.catchup_max_rate
+        if rate is None or self._paced_since is None:
+            return 0.0
+        return self._paced_events / rate - (time.monotonic() - self._paced_since)
 
     async def _offer(self, doc: _Document | None, lane: str) -> float | None:
         """Dispatch `doc` (read for `lane`) if it is due: None when dispatched (or passed), else how long to wait."""
