@@ -135,7 +135,7 @@ def test_dashboard_scenarios(tmp_path: Path):
         br.wait_for(f"{panel(a)}.querySelector('.who.signed-in[data-user=operator]')", 20, "operator signed in on line A")
         assert text(br, "document.getElementById('who-name')") == f"Operator: {op}"
         assert br.evaluate("document.getElementById('login').classList.contains('hidden')") is True
-        # the buttons now go through linectl's command path as that operator: pause (amber), resume (green)
+        # the buttons now go through linectl's command path as that operator: pause (amber), resume (green), stop
         click(br, f"{panel(a)}.querySelector('button[data-cmd=pause_batch]')")
         br.wait_for(f"{panel(a)}.dataset.state === 'paused'", 30, "paused from the Pause button")
         assert color(br, f"{panel(a)}.querySelector('.badge.state')", "backgroundColor") == "rgb(249, 168, 37)"
@@ -143,6 +143,16 @@ def test_dashboard_scenarios(tmp_path: Path):
         shot(br, "2-paused")
         click(br, f"{panel(a)}.querySelector('button[data-cmd=resume_batch]')")
         br.wait_for(f"{panel(a)}.dataset.state === 'running'", 30, "running again from the Resume button")
+        # Stop asks for the reason in the page's own dialog (not window.prompt); the first-out names it
+        click(br, f"{panel(a)}.querySelector('button[data-cmd=stop_batch]')")
+        br.wait_for("!document.getElementById('stop-dlg').classList.contains('hidden')", 5, "stop dialog")
+        br.evaluate("document.getElementById('stop-reason').value = 'end of shift test'; document.getElementById('stop-ok').click()")
+        br.wait_for(f"{panel(a)}.dataset.state === 'stopped' && {panel(a)}.querySelector('.cmdres[data-code=ok]')", 30, "stopped from the Stop button")
+        assert text(br, f"{panel(a)}.querySelector('.cmdres')") == "stop_batch: done"
+        assert br.evaluate(f"{panel(a)}.querySelector('.reason').dataset.code") == "stop"
+        assert "end of shift test" in text(br, f"{panel(a)}.querySelector('.reason')")
+        a.batch_ok("start")  # started again from the CLI (signed) for the next scenarios
+        br.wait_for(f"{panel(a)}.dataset.state === 'running'", 30, "running again")
 
         # 3. e-stop on the running line: the first-out is the e-stop, in red, with PackML's state
         a.sim_cmd(cmd="set", device="plc1", tags={"estop": True})
@@ -194,18 +204,9 @@ def test_dashboard_scenarios(tmp_path: Path):
         assert br.evaluate(f"!!{panel(a)}.querySelector('.who.not-signed-in')") is True
         shot(br, "5-node-red-restarted")
 
-        # 6. signed in again, the operator stops the batch (reason in the page's own dialog), then logs out
-        a.batch_ok("reset")
-        a.batch_ok("start")  # the printer fault stopped the batch
+        # 6. signed in again (the session was in Node-RED's memory), then logged out: the form is back
         log_in(br, op, op_pw)
-        br.wait_for(f"{panel(a)}.querySelector('.who.signed-in[data-user=operator]') && {panel(a)}.dataset.state === 'running'", 30, "signed in again, running")
-        click(br, f"{panel(a)}.querySelector('button[data-cmd=stop_batch]')")
-        br.wait_for("!document.getElementById('stop-dlg').classList.contains('hidden')", 5, "stop dialog")
-        br.evaluate("document.getElementById('stop-reason').value = 'end of shift test'; document.getElementById('stop-ok').click()")
-        br.wait_for(f"{panel(a)}.dataset.state === 'stopped'", 30, "stopped from the Stop button")
-        br.wait_for(f"{panel(a)}.querySelector('.cmdres[data-code=ok]')", 20, "stop reply")
-        assert text(br, f"{panel(a)}.querySelector('.cmdres')") == "stop_batch: done"
-        assert "end of shift test" in text(br, f"{panel(a)}.querySelector('.reason')")
+        br.wait_for(f"{panel(a)}.querySelector('.who.signed-in[data-user=operator]')", 30, "signed in again")
         br.evaluate("document.getElementById('logout').click()")
         br.wait_for(f"{panel(a)}.querySelector('.who.not-signed-in') && !document.getElementById('login').classList.contains('hidden')", 20, "logged out")
         assert br.evaluate("document.getElementById('who').classList.contains('hidden')") is True
