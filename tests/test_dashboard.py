@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from dashboard.browser import Browser
 from dashboard.line import DemoLine
-from dashboard.nodered import FLOW, PASSWORD, REPO, USER, NodeRed
+from dashboard.nodered import FLOW, NPM_TIMEOUT_S, PASSWORD, REPO, USER, NodeRed
 from engine_helpers import TEST_PASSWORDS
 from mqtt_fixtures import Broker
 
@@ -89,6 +89,7 @@ def click(br: Browser, expr: str) -> None:
     br.evaluate(f"({expr}).click()")
 
 
+@pytest.mark.timeout(NPM_TIMEOUT_S + 300)  # above pyproject's 300 s: a first run may still install Node-RED from npm
 def test_dashboard_scenarios(tmp_path: Path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for old in [*ARTIFACTS.glob("*.png"), *ARTIFACTS.glob("*.log")]:  # a screenshot is of this run or of none
