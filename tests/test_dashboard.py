@@ -205,19 +205,28 @@ def test_dashboard_scenarios(tmp_path: Path):
         assert br.evaluate(f"!!{panel(a)}.querySelector('.who.not-signed-in')") is True
         shot(br, "5-node-red-restarted")
 
-        # 6. signed in again (the session was in Node-RED's memory), then logged out: the form is back
+        # 6. signed in again (the session was in Node-RED's memory)
         log_in(br, op, op_pw)
         br.wait_for(f"{panel(a)}.querySelector('.who.signed-in[data-user=operator]')", 30, "signed in again")
-        br.evaluate("document.getElementById('logout').click()")
-        br.wait_for(f"{panel(a)}.querySelector('.who.not-signed-in') && !document.getElementById('login').classList.contains('hidden')", 20, "logged out")
-        assert br.evaluate("document.getElementById('who').classList.contains('hidden')") is True
 
         # 7. two lines: one panel each, both fit the small panel; the line without access takes anonymous commands
         b.start()
         br.wait_for(f"{panel(b)} && {panel(b)}.dataset.stale === 'false' && document.querySelectorAll('section.panel').length === 2", 60, "second line")
         click(br, f"{panel(b)}.querySelector('button[data-cmd=ack_alarm]')")
-        br.wait_for(f"{panel(b)}.querySelector('.cmdres[data-code=ok]')", 20, "anonymous Ack all taken by the line without access")
+        br.wait_for(f"{panel(b)}.querySelector('.cmdres[data-code=ok]') && {panel(b)}.querySelector('.who.access-off')", 20,
+                    "anonymous Ack all taken by the line without access")
         shot(br, "6-two-lines", ((1280, 800), (1024, 768)))
+        # logged out: the tokens revoked, the form back, nobody signed in on line A
+        br.evaluate("document.getElementById('logout').click()")
+        br.wait_for(f"{panel(a)}.querySelector('.who.not-signed-in') && !document.getElementById('login').classList.contains('hidden')", 20, "logged out")
+        assert br.evaluate("document.getElementById('who').classList.contains('hidden')") is True
+        # in line A's store: the last dashboard session (the second login) revoked by the operator; the one Node-RED
+        # forgot in its restart is still open (it expires); everything done from the page is the operator's
+        sessions = a.query("SELECT username, revoked_by FROM sessions WHERE client_id = 'node-red-dashboard' ORDER BY id")
+        assert sessions == [(op, None), (op, op)], sessions
+        done = [r for r in a.query("SELECT actor, action FROM audit WHERE origin = 'mqtt:node-red-dashboard' ORDER BY seq") if r[1] != "access_refused"]
+        assert done == [(op, "session_opened"), (op, "pause_batch"), (op, "resume_batch"), (op, "stop_batch"), (op, "ack_alarm"),
+                        (op, "session_opened"), (op, "session_closed")], done
 
         # 8. controller killed: line A stale and offline (Last Will), every button on it disabled; line B still live
         a.kill_daemon()

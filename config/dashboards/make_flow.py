@@ -226,6 +226,8 @@ if (p.name === 'login') {
   const gone = ['token_expired', 'token_revoked', 'token_client_mismatch', 'locked', 'deactivated', 'password_expired'];
   if (!r.ok && p.token && (gone.indexOf(err.code) >= 0 || err.code === 'unauthenticated')) {
     s.lines[p.line] = {error: err.code, message: err.message || ''};
+  } else if (r.ok && !p.token && !(s.lines[p.line] || {}).token) {
+    s.lines[p.line] = {access_off: true};  // the line executed an anonymous command: it has no access control
   }
 }
 if (s) flow.set('sessions', sessions);

@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 import uuid
@@ -104,6 +105,14 @@ class DemoLine:
         reply = asyncio.run(request("127.0.0.1", self.control_port, msg))
         assert reply.get("ok"), reply
         return reply
+
+    def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+        """The line's store as the daemon wrote it, read-only (WAL: alongside the running daemon)."""
+        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+        try:
+            return list(con.execute(sql, args).fetchall())
+        finally:
+            con.close()
 
     def kill_daemon(self) -> None:
         assert self.daemon is not None
