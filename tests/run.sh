@@ -2,8 +2,8 @@
 # The test command of the README: sets itself up on a fresh Debian/Ubuntu machine, runs the static checks (ruff,
 # mypy --strict; a finding fails fast, before the 10-minute suite), then runs the whole suite.
 #   - a virtualenv in .venv (created if missing) with linectl and its test extras installed
-#   - mosquitto (the tests talk to a real broker), libdmtx, chromium and slapd (OpenLDAP, for the directory-login
-#     tests, which start their own server) installed with apt-get when missing
+#   - mosquitto (the tests talk to a real broker), libdmtx, chromium, nodejs + npm and slapd (OpenLDAP, for the directory-login
+#     tests, which start their own server) installed with apt-get when missing; Node-RED 4 from npm into build/
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,14 +16,18 @@ fi
 missing=()
 command -v mosquitto >/dev/null 2>&1 || [[ -x /usr/sbin/mosquitto ]] || missing+=(mosquitto)
 ldconfig -p 2>/dev/null | grep -q libdmtx || missing+=(libdmtx0b)
-# Chromium: the dashboard test renders the shipped Node-RED page headless (Node-RED itself comes from npm, into build/)
+# Chromium: the dashboard test renders the shipped Node-RED page headless; Node-RED itself comes from npm (below)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+{ command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1; } || missing+=(nodejs npm)
 # OpenLDAP's server: tests/test_access_ldap.py runs its own slapd on a free port (the package's own service stays unused)
 command -v slapd >/dev/null 2>&1 || [[ -x /usr/sbin/slapd ]] || missing+=(slapd)
 if (( ${#missing[@]} )); then
   SUDO=""; [[ $(id -u) -ne 0 ]] && SUDO="sudo"
   $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+# Node-RED 4 from npm into build/node-red, here rather than inside the dashboard test (cached; a first install may
+# take minutes, which belong to the set-up, not to a test's time limit)
+.venv/bin/python tests/dashboard/nodered.py || echo "Node-RED could not be installed: tests/test_dashboard.py will fail" >&2
 .venv/bin/ruff check
 tests/typecheck.sh
 # two workers: most tests wait on real processes, brokers and sockets, so two share the 2 cores well (about 10 min

@@ -15,11 +15,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 from dashboard.browser import Browser
 from dashboard.line import DemoLine
-from dashboard.nodered import FLOW, PASSWORD, REPO, USER, NodeRed
+from dashboard.nodered import FLOW, NPM_TIMEOUT_S, PASSWORD, REPO, USER, NodeRed
+from engine_helpers import TEST_PASSWORDS
 from mqtt_fixtures import Broker
 
 pytestmark = pytest.mark.slow
@@ -66,6 +68,28 @@ def color(br: Browser, expr: str, prop: str) -> str:
     return str(br.evaluate(f"getComputedStyle({expr})['{prop}']"))
 
 
+def text(br: Browser, expr: str) -> str:
+    return str(br.evaluate(f"({expr}).textContent"))
+
+
+def shown_state(br: Browser, line: DemoLine) -> dict[str, Any]:
+    """The state message as the page last fetched it from Node-RED (what it rendered from)."""
+    return dict(br.evaluate(f"last.lines[{json.dumps(line.root)}].state"))
+
+
+def log_in(br: Browser, user: str, password: str) -> None:
+    """As an operator does it: the header's form, filled and submitted."""
+    br.wait_for("!document.getElementById('login').classList.contains('hidden')", 10, "the login form")
+    br.evaluate(f"document.getElementById('login-user').value = {json.dumps(user)}; document.getElementById('login-pw').value = {json.dumps(password)};"
+                "document.querySelector('#login button[type=submit]').click()")
+
+
+def click(br: Browser, expr: str) -> None:
+    assert br.evaluate(f"({expr}).disabled") is False, f"{expr} is disabled"
+    br.evaluate(f"({expr}).click()")
+
+
+@pytest.mark.timeout(NPM_TIMEOUT_S + 300)  # above pyproject's 300 s: a first run may still install Node-RED from npm
 def test_dashboard_scenarios(tmp_path: Path):
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     for old in [*ARTIFACTS.glob("*.png"), *ARTIFACTS.glob("*.log")]:  # a screenshot is of this run or of none
@@ -73,8 +97,9 @@ def test_dashboard_scenarios(tmp_path: Path):
     broker = Broker(tmp_path / "broker").start()
     nr: NodeRed | None = None
     br: Browser | None = None
-    a = DemoLine(tmp_path / "lineA", broker.port, seed=5)
-    b = DemoLine(tmp_path / "lineB", broker.port, seed=7)
+    a = DemoLine(tmp_path / "lineA", broker.port, seed=5, access=True)  # access control on, as every shipped config
+    b = DemoLine(tmp_path / "lineB", broker.port, seed=7)  # a line without `access:`: anonymous commands, as before
+    op, op_pw = "operator", TEST_PASSWORDS["operator"]
     try:
         nr = NodeRed(tmp_path / "nr", broker.port).start()
         # protected: no password, no page (httpNodeAuth); the API too
@@ -88,70 +113,136 @@ def test_dashboard_scenarios(tmp_path: Path):
         br.call("Emulation.setTimezoneOverride", timezoneId=TZ)
         br.goto(nr.url)
 
-        # 1. line running: green, not stale, local time, fits 1280x800 and 1024x768
+        # 1. line running: green, not stale, local time, fits 1280x800 and 1024x768; nobody signed in yet
         br.wait_for(f"{panel(a)} && {panel(a)}.dataset.state === 'running' && {panel(a)}.dataset.stale === 'false'", 60, "line A running")
         assert color(br, f"{panel(a)}.querySelector('.badge.state')", "backgroundColor") == GREEN
         assert br.evaluate("document.getElementById('banner-broker').classList.contains('on')") is False
-        shown = br.evaluate(f"{panel(a)}.querySelector('.local-ts').textContent")
+        shown = text(br, f"{panel(a)}.querySelector('.local-ts')")
         tokyo = br.evaluate("new Date().toLocaleString('en-US', {timeZone: 'Asia/Tokyo', hour: 'numeric', hour12: true}).replace(/ [AP]M/, '')")
         utc = br.evaluate("new Date().toLocaleString('en-US', {timeZone: 'UTC', hour: 'numeric', hour12: true}).replace(/ [AP]M/, '')")
         assert f" {tokyo}:" in shown and tokyo != utc, f"time not shown in the panel's local zone ({TZ}): {shown!r}"
+        assert br.evaluate(f"!!{panel(a)}.querySelector('.who.not-signed-in')") is True
+        assert text(br, f"{panel(a)}.querySelector('.packml')") == shown_state(br, a)["packml"]["State"] == "Execute"
         shot(br, "1-running", ((1280, 800), (1024, 768)))
 
-        # 2. the buttons go through linectl's command path: pause (amber), resume (green)
-        br.evaluate(f"{panel(a)}.querySelector('button[data-cmd=pause_batch]').click()")
+        # 2. access control: a button pressed by nobody is refused by the line, and the page says why
+        click(br, f"{panel(a)}.querySelector('button[data-cmd=pause_batch]')")
+        br.wait_for(f"{panel(a)}.querySelector('.cmdres[data-code=unauthenticated]')", 20, "anonymous Pause refused: unauthenticated")
+        assert "pause_batch: refused – unauthenticated" in text(br, f"{panel(a)}.querySelector('.cmdres')")
+        assert br.evaluate(f"{panel(a)}.dataset.state") == "running"
+        log_in(br, op, "not-the-password-1")
+        br.wait_for(f"{panel(a)}.querySelector('.who.refused[data-code=wrong_password]')", 20, "wrong password refused by the line")
+        log_in(br, op, op_pw)
+        br.wait_for(f"{panel(a)}.querySelector('.who.signed-in[data-user=operator]')", 20, "operator signed in on line A")
+        assert text(br, "document.getElementById('who-name')") == f"Operator: {op}"
+        assert br.evaluate("document.getElementById('login').classList.contains('hidden')") is True
+        # the buttons now go through linectl's command path as that operator: pause (amber), resume (green), stop
+        click(br, f"{panel(a)}.querySelector('button[data-cmd=pause_batch]')")
         br.wait_for(f"{panel(a)}.dataset.state === 'paused'", 30, "paused from the Pause button")
         assert color(br, f"{panel(a)}.querySelector('.badge.state')", "backgroundColor") == "rgb(249, 168, 37)"
         br.wait_for(f"{panel(a)}.querySelector('.cmdres') && {panel(a)}.querySelector('.cmdres').textContent === 'pause_batch: done'", 20, "reply shown")
         shot(br, "2-paused")
-        br.evaluate(f"{panel(a)}.querySelector('button[data-cmd=resume_batch]').click()")
+        click(br, f"{panel(a)}.querySelector('button[data-cmd=resume_batch]')")
         br.wait_for(f"{panel(a)}.dataset.state === 'running'", 30, "running again from the Resume button")
+        # Stop asks for the reason in the page's own dialog (not window.prompt); the first-out names it
+        click(br, f"{panel(a)}.querySelector('button[data-cmd=stop_batch]')")
+        br.wait_for("!document.getElementById('stop-dlg').classList.contains('hidden')", 5, "stop dialog")
+        br.evaluate("document.getElementById('stop-reason').value = 'end of shift test'; document.getElementById('stop-ok').click()")
+        br.wait_for(f"{panel(a)}.dataset.state === 'stopped' && {panel(a)}.querySelector('.cmdres[data-code=ok]')", 30, "stopped from the Stop button")
+        assert text(br, f"{panel(a)}.querySelector('.cmdres')") == "stop_batch: done"
+        assert br.evaluate(f"{panel(a)}.querySelector('.reason').dataset.code") == "stop"
+        assert "end of shift test" in text(br, f"{panel(a)}.querySelector('.reason')")
+        a.batch_ok("start")  # started again from the CLI (signed) for the next scenarios
+        br.wait_for(f"{panel(a)}.dataset.state === 'running'", 30, "running again")
 
-        # 3. a fault: the printer refuses a job; the alarm in red, the line in the fault colour
-        a.sim_cmd(cmd="inject", device="coder1", fault="nak", code="07", count=1)
-        br.wait_for(f"{panel(a)}.querySelector('tr[data-code=printer_error]') && {panel(a)}.dataset.severity === 'fault'", 60, "printer_error, fault")
-        assert br.evaluate(f"{panel(a)}.querySelector('tr[data-code=printer_error] td').textContent") == "critical"
-        assert color(br, f"{panel(a)}.querySelector('tr[data-code=printer_error] td')", "backgroundColor") == RED
-        assert color(br, f"{panel(a)}.querySelector('.badge.fault')", "backgroundColor") == RED
-        shot(br, "3-fault", ((1280, 800), (1024, 768)))
-        # acknowledged from its own button: the row loses its Ack button
-        br.evaluate(f"{panel(a)}.querySelector('tr[data-code=printer_error] button.ack').click()")
-        br.wait_for(f"!{panel(a)}.querySelector('tr[data-code=printer_error] button.ack')", 30, "printer_error acknowledged")
-
-        # 4. e-stop: critical alarm in red, the panel in the fault colour
+        # 3. e-stop on the running line: the first-out is the e-stop, in red, with PackML's state
         a.sim_cmd(cmd="set", device="plc1", tags={"estop": True})
-        br.wait_for(f"{panel(a)}.querySelector('tr[data-code=estop]') && {panel(a)}.dataset.severity === 'fault'", 60, "estop alarm and fault colour")
+        br.wait_for(f"{panel(a)}.querySelector('tr[data-code=estop]') && {panel(a)}.dataset.severity === 'fault' && {panel(a)}.querySelector('.reason')",
+                    60, "estop alarm, fault colour, first-out")
+        st = shown_state(br, a)
+        assert st["stop_reason"]["code"] == "estop", st["stop_reason"]
+        assert br.evaluate(f"{panel(a)}.querySelector('.reason').dataset.code") == "estop"
+        assert text(br, f"{panel(a)}.querySelector('.reason')").startswith(st["stop_reason"]["message"])
+        assert text(br, f"{panel(a)}.querySelector('.packml')") == st["packml"]["State"] != "Execute"
         assert color(br, f"{panel(a)}.querySelector('tr[data-code=estop] td')", "backgroundColor") == RED
         assert color(br, panel(a), "borderLeftColor") == RED
-        shot(br, "4-estop", ((1280, 800), (1024, 768)))
+        # rejects by reason, as the state counts them (the simulated line makes defects at 3 %)
+        rejects = {k: v for k, v in st["batch"]["rejected_by_reason"].items() if v}  # seed 5: a few by now (4 in every run seen)
+        assert text(br, f"{panel(a)}.querySelector('.batch-rejects')") == (", ".join(f"{k} {v}" for k, v in sorted(rejects.items())) or "none")
+        shot(br, "3-estop", ((1280, 800), (1024, 768)))
         a.sim_cmd(cmd="set", device="plc1", tags={"estop": False})
+        # acknowledged from its own button by the signed-in operator: the row says who
+        click(br, f"{panel(a)}.querySelector('tr[data-code=estop] button.ack')")
+        br.wait_for(f"{panel(a)}.querySelector('tr[data-code=estop] .acked-by')", 30, "estop acknowledged")
+        assert text(br, f"{panel(a)}.querySelector('tr[data-code=estop] .acked-by')") == f"ack {op}@mqtt:node-red-dashboard"
+        a.batch_ok("reset")
+        a.batch_ok("start")  # an e-stop stops the batch: started again (signed, as access.signatures asks)
+        br.wait_for(f"{panel(a)}.dataset.state === 'running' && !{panel(a)}.querySelector('tr[data-code=estop]')", 30, "running after reset")
 
-        # 5. Node-RED restarted: the page says the server is gone, then shows the alarm list again (retained state)
+        # 4. a fault: the printer refuses a job; the alarm in red, the line in the fault colour; the printer's health
+        a.sim_cmd(cmd="inject", device="coder1", fault="nak", code="07", count=1)
+        br.wait_for(f"{panel(a)}.querySelector('tr[data-code=printer_error]') && {panel(a)}.dataset.severity === 'fault'", 60, "printer_error, fault")
+        assert text(br, f"{panel(a)}.querySelector('tr[data-code=printer_error] td')") == "critical"
+        assert color(br, f"{panel(a)}.querySelector('tr[data-code=printer_error] td')", "backgroundColor") == RED
+        assert color(br, f"{panel(a)}.querySelector('.badge.fault')", "backgroundColor") == RED
+        a.sim_cmd(cmd="inject", device="coder1", fault="fault", code="202")
+        br.wait_for(f"{panel(a)}.querySelector('.devs [data-device=coder1]:not(.dev-ok)')", 30, "printer health bad")
+        dev = shown_state(br, a)["devices"]["coder1"]
+        assert dev["state"] != "connected" and dev["reason"], dev
+        assert text(br, f"{panel(a)}.querySelector('.devs [data-device=coder1]')") == f"coder1: {dev['state']} – {dev['reason']}"
+        shot(br, "4-fault", ((1280, 800), (1024, 768)))
+        a.sim_cmd(cmd="inject", device="coder1", fault="clear_fault")
+
+        # 5. Node-RED restarted: the page says the server is gone, then shows the alarm list again (retained state);
+        # the operator's session was in Node-RED's memory: signed out
         nr.stop()
         br.wait_for("document.getElementById('banner-server').classList.contains('on')", 20, "server-unreachable banner")
+        assert br.evaluate(f"Array.from({panel(a)}.querySelectorAll('button')).every(b => b.disabled)") is True
         nr.start()
         br.goto(nr.url)
-        br.wait_for(f"{panel(a)} && {panel(a)}.querySelector('tr[data-code=estop]')", 60, "alarm list after Node-RED restart")
+        br.wait_for(f"{panel(a)} && {panel(a)}.querySelector('tr[data-code=printer_error]')", 60, "alarm list after Node-RED restart")
+        assert br.evaluate(f"!!{panel(a)}.querySelector('.who.not-signed-in')") is True
         shot(br, "5-node-red-restarted")
 
-        # 6. two lines: one panel each, both fit the small panel
+        # 6. signed in again (the session was in Node-RED's memory)
+        log_in(br, op, op_pw)
+        br.wait_for(f"{panel(a)}.querySelector('.who.signed-in[data-user=operator]')", 30, "signed in again")
+
+        # 7. two lines: one panel each, both fit the small panel; the line without access takes anonymous commands
         b.start()
         br.wait_for(f"{panel(b)} && {panel(b)}.dataset.stale === 'false' && document.querySelectorAll('section.panel').length === 2", 60, "second line")
+        click(br, f"{panel(b)}.querySelector('button[data-cmd=ack_alarm]')")
+        br.wait_for(f"{panel(b)}.querySelector('.cmdres[data-code=ok]') && {panel(b)}.querySelector('.who.access-off')", 20,
+                    "anonymous Ack all taken by the line without access")
         shot(br, "6-two-lines", ((1280, 800), (1024, 768)))
+        # logged out: the tokens revoked, the form back, nobody signed in on line A
+        br.evaluate("document.getElementById('logout').click()")
+        br.wait_for(f"{panel(a)}.querySelector('.who.not-signed-in') && !document.getElementById('login').classList.contains('hidden')", 20, "logged out")
+        assert br.evaluate("document.getElementById('who').classList.contains('hidden')") is True
+        # in line A's store: the last dashboard session (the second login) revoked by the operator; the one Node-RED
+        # forgot in its restart is still open (it expires); everything done from the page is the operator's
+        sessions = a.query("SELECT username, revoked_by FROM sessions WHERE client_id = 'node-red-dashboard' ORDER BY id")
+        assert sessions == [(op, None), (op, op)], sessions
+        done = [r for r in a.query("SELECT actor, action FROM audit WHERE origin = 'mqtt:node-red-dashboard' ORDER BY seq") if r[1] != "access_refused"]
+        assert done == [(op, "session_opened"), (op, "pause_batch"), (op, "resume_batch"), (op, "stop_batch"), (op, "ack_alarm"),
+                        (op, "session_opened"), (op, "session_closed")], done
 
-        # 7. controller killed: line A stale and offline (Last Will), line B still live
+        # 8. controller killed: line A stale and offline (Last Will), every button on it disabled; line B still live
         a.kill_daemon()
         br.wait_for(f"{panel(a)}.dataset.stale === 'true' && {panel(a)}.querySelector('.badge.offline')", 60, "line A stale and offline")
         assert br.evaluate(f"{panel(b)}.dataset.stale") == "false"
-        assert br.evaluate(f"{panel(a)}.querySelector('.badge.stale-flag').textContent") == "stale"
-        assert br.evaluate(f"{panel(a)}.querySelector('button[data-cmd=pause_batch]').disabled") is True
+        assert text(br, f"{panel(a)}.querySelector('.badge.stale-flag')") == "stale"
+        assert br.evaluate(f"{panel(a)}.querySelectorAll('button.ack').length") >= 1
+        assert br.evaluate(f"Array.from({panel(a)}.querySelectorAll('button')).every(b => b.disabled)") is True
+        assert br.evaluate(f"{panel(b)}.querySelector('button[data-cmd=pause_batch]').disabled") is False
         shot(br, "7-controller-killed")
 
-        # 8. broker frozen (SIGSTOP): Node-RED loses its connection -> banner; every line stale; back when it thaws
+        # 9. broker frozen (SIGSTOP): Node-RED loses its connection -> banner; every line stale, no button enabled
         broker.pause()
         try:
             br.wait_for("document.getElementById('banner-broker').classList.contains('on')", 90, "broker banner")
             br.wait_for(f"{panel(b)}.dataset.stale === 'true'", 30, "line B stale while the broker is frozen")
+            assert br.evaluate("Array.from(document.querySelectorAll('section.panel button')).every(b => b.disabled)") is True
             shot(br, "8-broker-frozen", ((1280, 800), (1024, 768)))
         finally:
             broker.resume()

@@ -21,6 +21,7 @@ NR_DIR = REPO / "build" / "node-red"
 NR_BIN = NR_DIR / "node_modules" / "node-red" / "red.js"
 FLOW = REPO / "config" / "dashboards" / "node-red-flow.json"
 USER, PASSWORD = "operator", "line-panel-pw"
+NPM_TIMEOUT_S = 600
 
 
 def free_port() -> int:
@@ -30,7 +31,10 @@ def free_port() -> int:
 
 
 def ensure_node_red() -> Path:
-    """npm install node-red@4 once; a file lock keeps two xdist workers from installing into the same directory."""
+    """npm install node-red@4 once; a file lock keeps two xdist workers from installing into the same directory.
+
+    tests/run.sh calls this before the suite; a test that still has to install has the npm timeout (NPM_TIMEOUT_S)
+    inside its own pytest time limit (tests/test_dashboard.py marks it)."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         raise AssertionError("node and npm are needed for the dashboard tests (apt-get install nodejs npm)")
@@ -39,7 +43,7 @@ def ensure_node_red() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not NR_BIN.exists():
             p = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--loglevel=error", "node-red@4"], cwd=NR_DIR,
-                               capture_output=True, text=True, timeout=600)
+                               capture_output=True, text=True, timeout=NPM_TIMEOUT_S)
             if p.returncode != 0 or not NR_BIN.exists():
                 raise AssertionError(f"npm install node-red@4 failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}")
     return NR_BIN
@@ -116,3 +120,7 @@ class NodeRed:
     def restart(self) -> NodeRed:
         self.stop()
         return self.start()
+
+
+if __name__ == "__main__":  # tests/run.sh: install before the suite, so no test's time limit includes the download
+    print(f"Node-RED: {ensure_node_red()}")
