@@ -10,7 +10,11 @@ Why it looks like this:
   server's CurrentTime, which ticks while a stopped line's tags stand still)
   has come for `stale_after_s`: a subscription the server dropped silently
   must not freeze the engine's view of the gate. Explicit `read_tags([...])`
-  always reads.
+  always reads. When that wire read succeeds the session is fine and the
+  subscription is what died (a server deletes subscriptions without a word
+  when short of resources or after a download, and asyncua's client then
+  stops publishing): the driver creates a new one in the same session, and
+  says so in its health (degraded) until the new one delivers.
 - Array writes carry an IndexRange (OPC UA Part 4, NumericRange), so a verdict
   slot [seq, verdict] is one atomic write and never rewrites its neighbours.
   Every write's StatusCode is checked, and with confirm=readback the value is
@@ -41,7 +45,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from linectl.drivers.base import DeviceError, TagError, register_driver
+from linectl.drivers.base import DeviceError, HealthState, TagError, register_driver
 from linectl.drivers.plc_tags import (
     ConnectionLost,
     PlcConfigBase,
@@ -259,6 +263,8 @@ class _Handler:
 class OpcuaPlc(PolledPlc):
     config_class = OpcuaConfig
     config: OpcuaConfig
+    #: why the health reads degraded after a re-subscription ("" otherwise); class default: set_health may run early
+    _sub_note = ""
 
     def __init__(self, name: str, config: OpcuaConfig) -> None:
         super().__init__(name, config)
@@ -275,6 +281,10 @@ class OpcuaPlc(PolledPlc):
         #: ServerStatus.StartTime stands in for the boot counter when the map has none (see the module docstring)
         self._virtual_epoch = "plc_epoch" not in self._tags
         self.server_restarts = 0
+        #: subscriptions re-created in a live session after going silent (the server dropped them)
+        self.resubscriptions = 0
+        self._resubscribed_at = 0.0
+        self._sub_note = ""
 
     def _where(self) -> str:
         return self.config.url
@@ -307,6 +317,8 @@ class OpcuaPlc(PolledPlc):
                 server_certificate=str(cfg.server_certificate), mode=mode,
             )
         self._client = client
+        if cfg.security_policy == "Basic256Sha256":
+            await self._check_pinned()
         try:
             await client.connect()
         except Exception as exc:  # noqa: BLE001 - refused session, bad certificate, socket error: one health reason
@@ -320,8 +332,36 @@ class OpcuaPlc(PolledPlc):
         self._cache = {}
         self._cache_at = 0.0
         self._sub_broken = ""
+        self._sub_note = ""
+        self._resubscribed_at = 0.0
         if cfg.subscribe:
             await self._subscribe(client)
+
+    async def _check_pinned(self) -> None:
+        """The certificate the server presents (its endpoint list, asked before the secured channel) must be the pinned
+        server_certificate. asyncua would encrypt to the pinned key regardless, and a server that cannot decrypt it
+        simply does not answer: the health would say "timed out" instead of naming the certificate."""
+        from asyncua import Client
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        cfg = self.config
+        assert cfg.server_certificate is not None
+        data = cfg.server_certificate.read_bytes()
+        pinned = x509.load_pem_x509_certificate(data) if b"-----BEGIN" in data else x509.load_der_x509_certificate(data)
+        try:
+            endpoints = await Client(cfg.url, timeout=cfg.connect_timeout_s).connect_and_get_server_endpoints()
+        except Exception as exc:  # noqa: BLE001 - unreachable: the connect below says so the usual way
+            self.log.debug("plc_endpoints_unreadable", error=_ua_why(exc))
+            return
+        presented = {e.ServerCertificate for e in endpoints if e.SecurityPolicyUri.endswith("#Basic256Sha256") and e.ServerCertificate}
+        if presented and pinned.public_bytes(Encoding.DER) not in presented:
+            other = x509.load_der_x509_certificate(next(iter(presented)))
+            raise DeviceError(
+                f"the server's certificate is not the pinned server_certificate {cfg.server_certificate} (presented: "
+                f"{other.subject.rfc4514_string()[:80]}, sha256 {other.fingerprint(hashes.SHA256()).hex()[:16]}..., pinned sha256 "
+                f"{pinned.fingerprint(hashes.SHA256()).hex()[:16]}...): another server, or the PLC's certificate was renewed")
 
     async def _resolve(self, client: Any) -> None:
         from asyncua import ua
@@ -438,13 +478,54 @@ class OpcuaPlc(PolledPlc):
             fresh = time.monotonic() - self._cache_at < self.config.stale_after_s
             if fresh and all(n in self._cache for n in self._poll_names):
                 values = {n: self._cache[n] for n in self._poll_names}
+        stale = values is None and real is None and self.config.subscribe and self._session_ok and self._sub is not None
         if values is None:
             values = await super().read_tags(real) if real is None or real else {}
+        if stale and not self._sub_broken:
+            await self._resubscribe()
         if epoch:
             self._require_session()
             values["plc_epoch"] = self._epoch_value()
         self._latest.update(values)
         return values
+
+    async def _resubscribe(self) -> None:
+        """The wire answered but the subscription said nothing for stale_after_s: replace it (at most once per
+        stale_after_s), in this session; a failure to do so breaks the session (the supervisor reconnects)."""
+        now = time.monotonic()
+        if now - self._resubscribed_at < self.config.stale_after_s or self._client is None:
+            return
+        self._resubscribed_at = now
+        silent = now - self._cache_at if self._cache_at else float("nan")
+        old, self._sub = self._sub, None
+        try:
+            await asyncio.wait_for(old.delete(), self.config.reply_timeout_s)
+        except Exception:  # noqa: BLE001, S110 - the server dropped it already: BadSubscriptionIdInvalid is the usual answer
+            pass
+        try:
+            async with self._io:
+                await asyncio.wait_for(self._subscribe(self._client), self.config.reply_timeout_s * 4)
+        except Exception as exc:  # noqa: BLE001 - cannot subscribe any more: the session is no good
+            self._mark_broken(f"subscription lost and not re-created: {_ua_why(exc)}")
+            return
+        self.resubscriptions += 1
+        self._sub_note = (f"subscription silent for {silent:.1f} s while the server answers reads (dropped by the server?): "
+                          "re-subscribed, reading the wire until it delivers")
+        self.log.warning("plc_resubscribed", silent_s=round(silent, 2), resubscriptions=self.resubscriptions)
+        self.set_health(HealthState.DEGRADED, self._sub_note)
+
+    def _watch_heartbeat(self, first: bool) -> None:
+        if self._sub_note and self._cache_at > self._resubscribed_at:  # the new subscription delivered
+            self.log.info("plc_subscription_back", resubscriptions=self.resubscriptions)
+            self._sub_note = ""
+        super()._watch_heartbeat(first)
+
+    def set_health(self, state: HealthState, reason: str = "") -> None:
+        """As any driver's, except that "connected" reads degraded (with the reason) while a re-created
+        subscription has not delivered yet: said once, not flipped back and forth at every poll."""
+        if state == HealthState.CONNECTED and self._sub_note:
+            state, reason = HealthState.DEGRADED, self._sub_note
+        super().set_health(state, reason)
 
     def _epoch_value(self) -> int:
         assert self._start_time is not None

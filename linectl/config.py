@@ -1045,8 +1045,6 @@ class OpcuaServerConfig(Model):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"opcua_server.users: {', '.join(dup)} listed twice")
-        if self.enabled and not self.users and not self.allow_anonymous:
-            raise ValueError("opcua_server is enabled but has no users (and allow_anonymous is false): nobody could connect")
         if len(set(self.security)) != len(self.security):
             raise ValueError("opcua_server.security lists a policy twice")
         return self
@@ -1138,6 +1136,13 @@ def _reference_problems(cfg: LineConfig) -> list[tuple[tuple[Any, ...], str]]:
         if p.gtin in seen_gtin:
             out.append((("products", i, "gtin"), f"GTIN {p.gtin} is configured twice (also products.{seen_gtin[p.gtin]})"))
         seen_gtin[p.gtin] = i
+    ua = cfg.opcua_server
+    if ua.enabled and cfg.access.enabled and ua.users:
+        out.append((("opcua_server", "users"), "with access: on, OPC UA sessions log in as the store's users (linectl users add): "
+                    "remove opcua_server.users (they are for a line without access control)"))
+    elif ua.enabled and not cfg.access.enabled and not ua.users and not ua.allow_anonymous:
+        out.append((("opcua_server", "users"), "opcua_server is enabled but has no users (and allow_anonymous is false, and no "
+                    "access: section whose users could log in): nobody could connect"))
     for key in cfg.access.devices:
         dev = cfg.devices.get(key.split(":", 1)[1])
         if dev is None or role_of(dev.driver) != "plc":

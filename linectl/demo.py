@@ -19,6 +19,7 @@ import time
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import structlog
 from ruamel.yaml import YAML
@@ -60,6 +61,9 @@ def _rewrite_ports(raw: dict[str, Any], workdir: Path) -> dict[str, Any]:
     for name, dev in (raw.get("devices") or {}).items():
         if isinstance(dev.get("port"), int) and dev.get("host", "127.0.0.1") in ("127.0.0.1", "localhost"):
             dev["port"] = free_port()
+        url = dev.get("url")
+        if dev.get("driver") == "opcua" and isinstance(url, str):  # the OPC UA PLC simulator: its endpoint on a free port
+            dev["url"] = _free_endpoint(url)
         sp = dev.get("serial_port")
         if isinstance(sp, str) and sp.startswith("socket://"):
             dev["serial_port"] = f"socket://127.0.0.1:{free_port()}"
@@ -68,10 +72,21 @@ def _rewrite_ports(raw: dict[str, Any], workdir: Path) -> dict[str, Any]:
             d = workdir / f"frames-{name}"
             d.mkdir(parents=True, exist_ok=True)
             dev["source"] = str(d)
+    ua = raw.get("opcua_server")
+    if isinstance(ua, dict) and ua.get("enabled") and isinstance(ua.get("endpoint"), str):
+        ua["endpoint"] = _free_endpoint(ua["endpoint"])
     sim = raw.setdefault("simulation", {}) or {}
     raw["simulation"] = sim
     sim["control_port"] = free_port()
     return raw
+
+
+def _free_endpoint(url: str) -> str:
+    """An opc.tcp:// URL on this machine with a free port instead of its own (another on the host is left alone)."""
+    parts = urlsplit(url)
+    if parts.scheme != "opc.tcp" or parts.hostname not in ("127.0.0.1", "localhost", "0.0.0.0"):
+        return url
+    return urlunsplit((parts.scheme, f"{parts.hostname}:{free_port()}", parts.path, parts.query, parts.fragment))
 
 
 def demo_batch_dates(template: gs1.CodeTemplate, expiry: str, today: date | None = None) -> dict[str, str]:
@@ -121,6 +136,8 @@ class SimulatedLine:
         #: "sim": the config's local L3/L4 endpoints are answered by simulators (linectl.demo_upstream); "real": as configured
         self.l3 = l3
         self.upstream_sims = UpstreamSimulators(self.workdir)
+        #: the demo's own OPC UA client (certificate trusted by the line's server) when the config has opcua_server
+        self.opcua_client: OpcuaDemoClient | None = None
 
     def write_config(self) -> Path:
         raw = to_plain(load_yaml(self.cfg_path))
@@ -177,6 +194,8 @@ class SimulatedLine:
         from linectl.daemon import Daemon
 
         assert self.cfg is not None
+        if self.cfg.opcua_server.enabled:
+            self.opcua_client = OpcuaDemoClient.prepare(self.cfg, self.db, self.workdir)
         self.daemon = Daemon(self.cfg, str(self.db), create=True)  # the demo (and tests) make their own store
         await self.daemon.start()
         for d in self.daemon.drivers.values():
@@ -276,12 +295,29 @@ class SimulatedLine:
         if drive == "packml":
             for command in ("Reset", "Start"):
                 await self.packml(command)
+        elif drive == "opcua":
+            for method in ("Reset", "Start"):
+                await self.opcua(method)
         else:
             await self.run_command(C.StartBatch(actor="demo"), "operator")
         if kinds:
             await asyncio.wait_for(self.line.challenge_done.wait(), 60)
             if not self.line.challenge_passed:
                 raise RuntimeError(f"challenge test failed: {self.line.snapshot()['stations']}")
+
+    async def opcua(self, method: str) -> None:
+        """One PackML method on the line's OPC UA server, called as SCADA does: as the store user operator."""
+        if self.opcua_client is None:
+            raise RuntimeError(f"{self.cfg_path}: --drive opcua needs an opcua_server: section (see config/packml-line.yaml)")
+        await self.opcua_client.call(method, "operator", self.demo_password("operator"))
+
+    def demo_password(self, user: str) -> str:
+        assert self.cfg is not None and self.daemon is not None
+        pw = self.daemon.initial_passwords.get(user)
+        if not self.cfg.access.enabled or not pw:
+            raise RuntimeError("the demo logs in to OPC UA as the store's user operator: the config needs an access: section "
+                               "and a new store (the default users' passwords)")
+        return str(pw)
 
     def packml_plc(self) -> str:
         """The PLC whose tag map carries the PackTags command handshake (packml_cntrl_cmd)."""
@@ -376,6 +412,95 @@ class SimulatedLine:
         await self.stop()
 
 
+class OpcuaDemoClient:
+    """The demo's SCADA: an asyncua client with its own certificate, trusted by the line's OPC UA server (its file put
+    in trusted_clients_dir before the server starts), over the first policy the server offers."""
+
+    def __init__(self, url: str, policy: str, cert: Path, key: Path, server_cert: Path) -> None:
+        self.url, self.policy, self.cert, self.key, self.server_cert = url, policy, cert, key, server_cert
+        self.calls: list[dict[str, Any]] = []
+
+    @classmethod
+    def prepare(cls, cfg: LineConfig, db: Path, workdir: Path) -> OpcuaDemoClient:
+        """Make the client's certificate and trust it; paths as the daemon resolves them (beside the store file)."""
+        from asyncua.crypto.cert_gen import dump_private_key_as_pem, generate_private_key, generate_self_signed_app_certificate
+        from cryptography import x509
+        from cryptography.hazmat.primitives.serialization import Encoding
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
+        ua_cfg = cfg.opcua_server
+        base = db.resolve().parent
+
+        def where(p: str) -> Path:
+            return Path(p) if Path(p).is_absolute() else base / p
+
+        key = generate_private_key()
+        cert = generate_self_signed_app_certificate(
+            key, "linectl demo client", {}, [x509.UniformResourceIdentifier("urn:linectl:demo-client"), x509.DNSName("localhost")],
+            extended=[ExtendedKeyUsageOID.CLIENT_AUTH], days=30)
+        cdir = workdir / "opcua-client"
+        cdir.mkdir(mode=0o700, exist_ok=True)
+        cp, kp = cdir / "demo-client.der", cdir / "demo-client.pem"
+        cp.write_bytes(cert.public_bytes(Encoding.DER))
+        kp.touch(mode=0o600)
+        kp.write_bytes(dump_private_key_as_pem(key))
+        trusted = where(ua_cfg.trusted_clients_dir)
+        trusted.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # (the server's key may go there: 0700 as it makes it)
+        trusted.mkdir(exist_ok=True, mode=0o700)
+        (trusted / "linectl-demo-client.der").write_bytes(cert.public_bytes(Encoding.DER))
+        url = ua_cfg.endpoint.replace("//0.0.0.0:", "//127.0.0.1:")
+        return cls(url, ua_cfg.security[0], cp, kp, where(ua_cfg.certificate))
+
+    async def client(self, user: str, password: str) -> Any:
+        from asyncua import Client, ua
+        from asyncua.crypto import security_policies as sp
+
+        name, _, mode = self.policy.partition("_")
+        c = Client(self.url, timeout=30)
+        c.application_uri = "urn:linectl:demo-client"
+        await c.set_security(getattr(sp, f"SecurityPolicy{name}"), str(self.cert), str(self.key), server_certificate=str(self.server_cert),
+                             mode=getattr(ua.MessageSecurityMode, mode))
+        c.set_user(user)
+        c.set_password(password)
+        return c
+
+    async def call(self, method: str, user: str, password: str) -> None:
+        """Browse to the line by browse names and call `method` on the state machine that holds it."""
+        from asyncua import ua
+
+        from linectl.opcua_server import METHODS, PACKML_URI
+
+        machine = next(m for m, names in METHODS.items() if method in names)
+        chain = {"BaseStateMachine": ["BaseStateMachine"], "MachineState": ["BaseStateMachine", "MachineState"],
+                 "ExecuteState": ["BaseStateMachine", "MachineState", "ExecuteState"]}[machine]
+        async with await self.client(user, password) as c:
+            ns = await c.get_namespace_index(PACKML_URI)
+            folder = await c.nodes.objects.get_child([f"{ns}:PackMLObjects"])
+            (line,) = await folder.get_children()
+            holder = await line.get_child([f"{ns}:{n}" for n in chain])
+            try:
+                await holder.call_method(await holder.get_child(f"{ns}:{method}"))
+            except ua.UaStatusCodeError as exc:
+                status = ua.StatusCode(exc.code).name
+                self.calls.append({"method": method, "user": user, "status": status})
+                raise RuntimeError(f"OPC UA {method} as {user}: {status} (README \"OPC UA server (PackML)\")") from None
+            self.calls.append({"method": method, "user": user, "status": "Good"})
+
+    async def state_current(self, user: str, password: str) -> int:
+        """StateCurrent as a SCADA reads it (Status/StateCurrent, namespace urn:linectl:packml)."""
+        from linectl.opcua_server import LINECTL_URI, PACKML_URI
+
+        async with await self.client(user, password) as c:
+            ns, mine = await c.get_namespace_index(PACKML_URI), await c.get_namespace_index(LINECTL_URI)
+            (line,) = await (await c.nodes.objects.get_child([f"{ns}:PackMLObjects"])).get_children()
+            return int(await (await line.get_child([f"{ns}:Status", f"{mine}:StateCurrent"])).read_value())
+
+    def how_to_connect(self, db: Path) -> list[str]:
+        return [f"OPC UA server {self.url} ({self.policy}; PackML unit under Objects/PackMLObjects)",
+                f"  log in as a store user, e.g. operator: its password is in {db}.initial-passwords (or $LINECTL_PASSWORD_OPERATOR)",
+                f"  client certificate {self.cert} and key {self.key} (trusted); server certificate {self.server_cert}"]
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> None:
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(base.get(k), dict):
@@ -391,6 +516,9 @@ async def run_demo(args: Any) -> dict[str, Any]:
     )
     async with sl:
         line = sl.line
+        if sl.opcua_client is not None:
+            for text in sl.opcua_client.how_to_connect(sl.db):
+                print(text, file=sys.stderr)
         await sl.create_batch(args.units)
         t_start = time.monotonic()
         await sl.start_batch(drive=args.drive)
@@ -407,6 +535,15 @@ async def run_demo(args: Any) -> dict[str, Any]:
                                  "StateCurrent 17 (Complete) in the PLC", cmd="status")
             st = status["devices"][plc]["packml"]
             packml = {"plc": sl.packml_plc(), "handshakes": st["done"], "state_current": st.get("packml_state_current"),
+                      "packtags": line.packtags().to_json()}
+        elif args.drive == "opcua":  # Complete at the planned quantity, as a SCADA reads it over OPC UA
+            assert sl.opcua_client is not None
+            await _until(lambda: line.packtags().state.name == "Complete", 60, "PackML Complete at the planned quantity")
+            pw = sl.demo_password("operator")
+            deadline = time.monotonic() + 15  # the server writes PackTags at a change and every publish_interval_s
+            while (seen := await sl.opcua_client.state_current("operator", pw)) != 17 and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            packml = {"opcua": sl.opcua_client.url, "calls": sl.opcua_client.calls, "state_current": seen,
                       "packtags": line.packtags().to_json()}
         await sl.finish_packing()
         close = await sl.run_command(C.CloseBatch(actor="demo"), "qa")  # batch close = release: signed by QA, approved

@@ -4,15 +4,17 @@ A packaging line is integrated through PackML: a SCADA tool browses Objects/Pack
 PackMLBaseObjectType instance, reads its state machines, Status and Admin, and drives it with the state-machine
 methods (Start, Stop, Hold, ...). Every method goes through `line.execute` like an MQTT command or a PLC tag, so
 it is validated the same way and audited with the OPC UA session's user; PackML's "not in this state" comes back
-as BadInvalidState. With access control on (linectl/access) the session user must also be a user of the line's
-store, active and not locked, and the command one its roles allow; otherwise BadUserAccessDenied.
+as BadInvalidState. With access control on (linectl/access) a session logs in as a user of the line's store (its
+password, lockout, deactivation and password age: one login for every channel; opcua_server.users is then refused),
+and each call is checked again: active, not locked, the command one its roles allow; otherwise BadUserAccessDenied.
 
 asyncua instantiates a type only from the instance declarations it finds directly below the type: the children
 of nested objects' own types (Admin's counters, the state machines' methods) are not created, whatever
 `instantiate_optional` says. `_complete()` adds the optional children this server fills, from the nodeset's own
 declarations (same browse names, data types and InputArguments), so a client sees the PackML model, not a guess.
 
-Secure by default: no anonymous session, no endpoint without security, users from the config with argon2 hashes,
+Secure by default: no anonymous session, no endpoint without security, users from the store (access: on) or from
+the config with argon2 hashes,
 client certificates trusted only when their file is in `trusted_clients_dir`, and a server certificate generated
 on first start with its private key written 0600 (an existing key readable by others is refused).
 """
@@ -268,7 +270,7 @@ class PackmlServer:
         ensure_certificate(self.cert_path, self.key_path, cfg.application_uri, host if host not in ("0.0.0.0", "::") else socket.gethostname())
         self.trusted_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         trusted = load_trusted(self.trusted_dir)
-        passwords = self.passwords
+        passwords, access = self.passwords, self.access
 
         class Users:
             def get_user(self, iserver: Any, username: str | None = None, password: str | None = None, certificate: Any = None) -> Any:
@@ -278,6 +280,15 @@ class PackmlServer:
                 if username is None and password is None:
                     # asyncua refuses an anonymous token itself unless allow_anonymous put it in the identity tokens
                     return User(role=UserRole.Anonymous, name=None) if cfg.allow_anonymous else None
+                if access is not None:  # access: on: the store's users, its lockout, deactivation and password age
+                    from linectl.control import CommandRejected
+
+                    try:
+                        principal = access.authenticate_now(username, password, channel="opcua", origin="opcua")
+                    except CommandRejected as exc:
+                        log.warning("opcua_login_refused", user=(username or "")[:64], reason=f"{exc.code}: {exc.reason}"[:300])
+                        return None
+                    return User(role=UserRole.User, name=principal.name)
                 found = passwords.check(username, password)
                 return None if found is None else User(role=UserRole.User, name=found.name)
 
@@ -309,7 +320,8 @@ class PackmlServer:
         self.line.on_state_change(self._dirty.set)
         log.info(
             "opcua_server_started", endpoint=cfg.endpoint, security=list(cfg.security), unsecured=cfg.allow_unsecured,
-            anonymous=cfg.allow_anonymous, users=[u.name for u in cfg.users], trusted_clients=sorted(trusted.values()),
+            anonymous=cfg.allow_anonymous, users="the store's (access:)" if access is not None else [u.name for u in cfg.users],
+            trusted_clients=sorted(trusted.values()),
         )
 
     async def stop(self, timeout: float = 3.0) -> None:
@@ -511,6 +523,8 @@ class PackmlServer:
         user = _CALLER.get()
         if user is None or user.name is None:
             return None
+        if self.access is not None:  # a store user, checked again (active, unlocked, roles) at each call
+            return str(user.name)
         found = self.passwords.users.get(user.name)
         return None if found is None else found.name
 
@@ -528,7 +542,7 @@ class PackmlServer:
         name = self._caller()
         if name is None:
             return bad(ua.StatusCodes.BadUserAccessDenied, "anonymous sessions may not call methods")
-        if self.passwords.users[name].role != "operator":
+        if self.access is None and self.passwords.users[name].role != "operator":
             return bad(ua.StatusCodes.BadUserAccessDenied, "role viewer may not call methods", name)
         principal = None
         if self.access is not None:

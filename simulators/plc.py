@@ -33,6 +33,7 @@ import threading
 import time
 import tty
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -180,7 +181,9 @@ PACKML_OPCUA_TAGS: dict[str, dict[str, Any]] = {
 _PACKML_REQUESTS = {"cntrl_cmd": ("packml_cntrl_cmd", "packml_cmd_change_request"), "unit_mode": ("packml_unit_mode", "packml_unit_mode_change_request")}
 PACKML_TAGS = {"modbus_tcp": PACKML_MODBUS_TAGS, "modbus_rtu": PACKML_MODBUS_TAGS, "s7": PACKML_S7_TAGS, "opcua": PACKML_OPCUA_TAGS}
 
-FAULTS = ("disconnect", "slow", "heartbeat_stop", "gate_jam", "confirm_lost", "estop", "plc_restart")
+#: drop_subscriptions (OPC UA only): the server deletes every client subscription at once, as a PLC short of resources
+#: or after a program download does; the sessions stay up and say nothing (asyncua's client then stops publishing)
+FAULTS = ("disconnect", "slow", "heartbeat_stop", "gate_jam", "confirm_lost", "estop", "plc_restart", "drop_subscriptions")
 #: tags a warm restart keeps (retentive memory); a cold restart clears everything but plc_epoch
 RETENTIVE = frozenset({"trigger_count", "pass_total", "reject_total", "gate_reject_total", "verdict_ring", "reject_ring", "plc_epoch", "case_seq",
     "case_result"})
@@ -568,12 +571,15 @@ class OpcuaSimSecurity:
 
     policies: endpoints offered ("None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt").
     users: username -> password; when given, anonymous sessions are refused.
+    trusted_clients: client certificate files (DER) the server accepts on a secured channel; when given, any other
+    client certificate is refused with BadCertificateUntrusted (a PLC's trust list); None: every certificate.
     """
 
     certificate: str | None = None
     private_key: str | None = None
     policies: tuple[str, ...] = ("None",)
     users: dict[str, str] | None = None
+    trusted_clients: tuple[str, ...] | None = None
 
 
 class OpcuaMemory:
@@ -794,6 +800,16 @@ class OpcuaServerHost:
             await srv.load_certificate(sec.certificate)
             assert sec.private_key is not None
             await srv.load_private_key(sec.private_key)
+        if sec.trusted_clients is not None:
+            trusted = {Path(p).read_bytes() for p in sec.trusted_clients}
+
+            async def validate(cert: Any, app: Any) -> None:
+                from cryptography.hazmat.primitives.serialization import Encoding
+
+                if cert.public_bytes(Encoding.DER) not in trusted:
+                    raise ua.UaStatusCodeError(ua.StatusCodes.BadCertificateUntrusted)
+
+            srv.set_certificate_validator(validate)
         await self._address_space(srv)
 
         async def slow(*_a: Any) -> None:
@@ -879,6 +895,15 @@ class OpcuaServerHost:
         else:
             with contextlib.suppress(Exception):
                 await self.server.bserver.stop()
+
+    async def drop_subscriptions(self) -> int:
+        """Delete every client subscription (the drop_subscriptions fault); how many there were."""
+        if self.server is None:
+            return 0
+        svc = self.server.iserver.subscription_service
+        ids = list(svc.subscriptions)
+        await svc.delete_subscriptions(ids)
+        return len(ids)
 
     async def close(self) -> None:
         self._reboot = True
@@ -1265,6 +1290,18 @@ class PlcSim:
             return {"cleared": True}
         if fault == "plc_restart":
             return self.restart(cold=bool(params.pop("cold", False)), outage_s=float(params.pop("duration_s", 0.5)))
+        if fault == "drop_subscriptions":
+            if not isinstance(self.host, OpcuaServerHost):
+                raise ValueError(f"PLC fault drop_subscriptions needs an OPC UA PLC; {self.name} is {self.cfg.driver}")
+            host = self.host
+
+            async def drop() -> None:
+                self.log.warning("plc_fault_injected", fault=fault, subscriptions=await host.drop_subscriptions())
+
+            t = asyncio.create_task(drop())
+            self._fault_tasks.add(t)
+            t.add_done_callback(self._fault_tasks.discard)
+            return {"fault": fault}
         duration = params.pop("duration_s", None)
         if duration is None and not params.get("units"):
             duration = 5.0

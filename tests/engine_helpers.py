@@ -92,10 +92,14 @@ def variant_raw(
     access=False (the default) drops the config's `access:` section: the tests of the line's other features send
     their MQTT commands without logging in, as to a line without access control (whose daemon warns at start
     "access control disabled"). Access control itself is proven by tests/test_access*.py and by the CLI of
-    LineProcesses (tests/test_daemon.py), which run with the section."""
+    LineProcesses (tests/test_daemon.py), which run with the section. An opcua_server: whose users are the store's
+    (packml-line) goes with it: the config check refuses one nobody could log in to."""
     raw: dict[str, Any] = to_plain(load_yaml(base))
     if not access:
         raw.pop("access", None)
+        ua = raw.get("opcua_server") or {}
+        if not ua.get("users") and not ua.get("allow_anonymous"):
+            raw.pop("opcua_server", None)  # its sessions log in as the store's users: without access: nobody could
     for st in raw.get("stations", []):
         if st.get("type") == "print_verify":
             st.setdefault("rules", {}).update(rules or {})

@@ -3,7 +3,8 @@
 Covers for `driver: opcua` what the Modbus/S7 tests cover for theirs: values both ways, array element writes,
 verdict write + confirm, subscriptions, heartbeat loss, transport loss and reconnect, slow replies, server restart
 (ServerStatus.StartTime as the epoch), malformed config refused, Basic256Sha256 with generated certificates and
-user/password, and a wrong password refused.
+user/password, a wrong password refused, a wrong pinned server certificate, an untrusted client certificate, and a
+subscription the server deletes (re-created in the same session).
 """
 
 from __future__ import annotations
@@ -453,3 +454,77 @@ async def test_missing_password_env_is_a_health_reason(monkeypatch):
         assert await wait_for(lambda: "LINECTL_TEST_NO_SUCH_PW is not set" in drv.health.reason, 5.0), drv.health
     finally:
         await drv.stop()
+
+
+# --------------------------------------------------------------------------- faults: certificates, subscriptions
+
+
+async def test_subscription_dropped_by_the_server_is_re_created(ua):
+    """The server deletes every subscription without a word (simulator fault drop_subscriptions): the driver reads the
+    wire once they are stale, re-subscribes in the same session, says so in its health until the new one delivers."""
+    sim, drv = ua
+    subs = sim.host.server.iserver.subscription_service.subscriptions
+    assert len(subs) == 1 and drv.resubscriptions == 0
+    reasons: list[str] = []
+    drv.on_health(lambda _d, h: reasons.append(f"{h.state.value}: {h.reason}"))
+    sim.inject("drop_subscriptions")
+    assert await wait_for(lambda: not subs, 2.0)
+    sim.set("trigger_count", 777)  # nobody is notified of it: the wire read after stale_after_s brings it
+    assert await wait_for(lambda: drv.latest().get("trigger_count") == 777, drv.config.stale_after_s + 3.0), drv.latest()
+    assert await wait_for(lambda: drv.resubscriptions == 1, 3.0)
+    assert len(subs) == 1  # the server's truth: a subscription again, and the same session (no reconnect)
+    assert drv.stats["sessions"] == 1
+    assert await wait_for(lambda: drv.health.state == HealthState.CONNECTED, 3.0), drv.health
+    assert any(r.startswith("degraded: subscription silent") and "re-subscribed" in r for r in reasons), reasons
+    # values come by subscription again: no wire reads for a change
+    reads = drv.stats["reads"]
+    sim.set("trigger_count", 778)
+    assert await wait_for(lambda: drv.latest().get("trigger_count") == 778, 1.0)
+    assert drv.stats["reads"] - reads < 3, (drv.stats, reads)
+
+
+async def test_a_server_certificate_other_than_the_pinned_one_is_refused(certs, tmp_path):
+    """server_certificate pins the PLC: a server presenting another certificate gets no session (health says why)."""
+    impostor_cert, impostor_key = _cert(tmp_path, "impostor", "urn:linectl:plcsim:server")
+    cfg = config(security_policy="Basic256Sha256", security_mode="SignAndEncrypt", certificate=certs["cli_cert"],
+                 private_key=certs["cli_key"], server_certificate=certs["srv_cert"])
+    sim = PlcSim("plc_ua", cfg, opcua=OpcuaSimSecurity(certificate=str(impostor_cert), private_key=str(impostor_key),
+                                                       policies=("Basic256Sha256_SignAndEncrypt",)))
+    await sim.start()
+    drv = OpcuaPlc("plc_ua", cfg)
+    await drv.start()
+    try:
+        assert await wait_for(lambda: "is not the pinned server_certificate" in drv.health.reason, 15.0), drv.health
+        assert "CN=impostor" in drv.health.reason, drv.health
+        await asyncio.sleep(1.0)  # a few attempts with backoff: none gets a session
+        assert drv.health.state == HealthState.DISCONNECTED and drv.stats["sessions"] == 0, (drv.health, drv.stats)
+        assert not sim.host.server.iserver.subscription_service.subscriptions
+    finally:
+        await drv.stop()
+        await sim.stop()
+
+
+async def test_a_client_certificate_the_plc_does_not_trust_is_refused(certs, tmp_path):
+    """The PLC trusts only the certificates on its list: linectl's, once there, gets a session; another is refused
+    with BadCertificateUntrusted in the health reason."""
+    other_cert, other_key = _cert(tmp_path, "other", "urn:linectl:client")
+    secure = {"security_policy": "Basic256Sha256", "security_mode": "SignAndEncrypt", "server_certificate": certs["srv_cert"]}
+    cfg = config(certificate=other_cert, private_key=other_key, **secure)
+    sim = PlcSim("plc_ua", cfg, heartbeat_period_s=0.2, opcua=OpcuaSimSecurity(
+        certificate=str(certs["srv_cert"]), private_key=str(certs["srv_key"]), policies=("Basic256Sha256_SignAndEncrypt",),
+        trusted_clients=(str(certs["cli_cert"]),)))
+    await sim.start()
+    untrusted = OpcuaPlc("plc_ua", cfg)
+    trusted = OpcuaPlc("plc_ua", config(url=cfg.url, certificate=certs["cli_cert"], private_key=certs["cli_key"], **secure))
+    try:
+        await untrusted.start()
+        assert await wait_for(lambda: "BadCertificateUntrusted" in untrusted.health.reason, 15.0), untrusted.health
+        assert untrusted.health.state == HealthState.DISCONNECTED and untrusted.stats["sessions"] == 0
+        await trusted.start()
+        assert await trusted.wait_connected(15.0), trusted.health
+        await trusted.write_tag("verdict_ring", [4, VERDICT_REJECT], index=8)
+        assert sim.verdict_of(4) == (4, VERDICT_REJECT)
+    finally:
+        for d in (untrusted, trusted):
+            await d.stop()
+        await sim.stop()

@@ -21,7 +21,7 @@ import asyncio
 import hashlib
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -64,6 +64,7 @@ class Access:
         self._rate = verify_rate
         self._tokens = 2 * verify_rate
         self._last = time.monotonic()
+        self._background: set[asyncio.Task[Any]] = set()
 
     @property
     def enabled(self) -> bool:
@@ -152,6 +153,44 @@ class Access:
             raise self.deny("password_expired", f"the password of {username} is older than access.password.max_age_days = "
                             f"{self.cfg.password.max_age_days}: change it (linectl users passwd {username})", origin, username)
         return self.principal(user, channel, origin)
+
+    def authenticate_now(self, username: Any, password: Any, *, channel: str, origin: str) -> Principal:
+        """`authenticate` for a caller that cannot await: asyncua asks its user manager for the session user
+        synchronously, inside the event loop. The same rules (rate limit, deactivated, locked, expired password,
+        failed attempts counted towards access.lockout), with the argon2 check (~25 ms) on the loop as the rate limit
+        bounds it. The counting is a store write: it is queued here and lands a moment after the refusal. A directory
+        user (access.ldap) is refused: an LDAP bind could hold the line's event loop for seconds."""
+        if not isinstance(username, str) or not isinstance(password, str) or not username or not password:
+            raise self.deny("unauthenticated", "give username and password", origin)
+        if not self._take():
+            raise self.deny("rate_limited", "too many password checks; try again in a moment", origin, username)
+        user = self.store.user(username)
+        if user is not None and user.source == "ldap":
+            raise self.deny("forbidden", f"{username} is a directory user: this channel logs in local users only", origin, username)
+        if user is None:
+            verify_password(None, password)  # the same cost as a wrong password
+            raise self.deny("wrong_password", "wrong user name or password", origin, username)
+        self.principal(user, channel, origin)  # locked or deactivated: refused before the password is tried
+        if not verify_password(user.password_hash, password):
+            self._later(self._failed(user, origin))
+            raise self.deny("wrong_password", "wrong user name or password", origin, username)
+        self._later(self.store.login_result(username, True, attempts=self.cfg.lockout.attempts, lock_until="", origin=origin))
+        if self.password_expired(user):
+            raise self.deny("password_expired", f"the password of {username} is older than access.password.max_age_days = "
+                            f"{self.cfg.password.max_age_days}: change it (linectl users passwd {username})", origin, username)
+        return self.principal(user, channel, origin)
+
+    def _later(self, work: Coroutine[Any, Any, Any]) -> None:
+        """Run a store write after the caller returns; kept referenced until done, its failure logged."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+
+        def done(t: asyncio.Task[Any]) -> None:
+            self._background.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.warning("login_result_not_recorded", error=str(t.exception())[:300])
+
+        task.add_done_callback(done)
 
     def password_expired(self, user: UserRecord) -> bool:
         days = self.cfg.password.max_age_days

@@ -32,9 +32,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "(a QU4RTET, a repository of your own)",
     )
     p.add_argument(
-        "--drive", choices=["engine", "packml"], default="engine",
+        "--drive", choices=["engine", "packml", "opcua"], default="engine",
         help="packml: the simulated PLC resets and starts the batch through the PackTags command handshake (a config "
-        "whose PLC has the packml_* tags, e.g. packml-line); the batch ends in PackML Complete at the planned quantity",
+        "whose PLC has the packml_* tags, e.g. packml-line); opcua: a SCADA client calls Reset and Start on the line's "
+        "OPC UA server as the store user operator (a config with opcua_server: and access:, e.g. packml-line); either "
+        "way the batch ends in PackML Complete at the planned quantity. The OPC UA server runs whenever the config "
+        "enables it: its endpoint and how to log in are printed at start",
     )
     p.set_defaults(func=run)
 
@@ -150,9 +153,13 @@ def _print_human(s: dict[str, Any]) -> None:
         bad = agg["hierarchy_violations"]
         print(f"  hierarchy        {'consistent' if not bad else f'{len(bad)} violation(s): ' + '; '.join(bad[:3])}")
     pm = s.get("packml")
-    if pm:
+    if pm and "plc" in pm:
         steps = ", ".join(f"{next(iter(h.values()))}→{h.get('state_current')} (result {h.get('result')})" for h in pm["handshakes"])
         print(f"  PackML           PLC {pm['plc']}: {steps}; at the planned quantity StateCurrent {pm['state_current']} "
+              f"({pm['packtags']['State']})")
+    elif pm:
+        steps = ", ".join(f"{c['method']} as {c['user']}: {c['status']}" for c in pm["calls"])
+        print(f"  PackML           OPC UA {pm['opcua']}: {steps}; at the planned quantity StateCurrent {pm['state_current']} "
               f"({pm['packtags']['State']})")
     up = s.get("upstream")
     if up:
