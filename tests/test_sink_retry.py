@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 from engine_helpers import LINECTL, REPO, create_and_start, simulated_line, wait_for, wait_good
@@ -17,6 +21,21 @@ from linectl import control as C
 from linectl.simulators.epcis_repository import EpcisRepository, RepositoryConfig
 
 pytestmark = pytest.mark.slow
+
+
+async def status_json(db: Path | None, until: Callable[[dict[str, Any]], Any], *args: str, timeout: float = 20.0) -> dict[str, Any]:
+    """`linectl upstream status --json` of `db` (None: of the config in `args`; a subprocess: the real CLI) until `until(status)` holds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        proc = await asyncio.create_subprocess_exec(*LINECTL, "upstream", "status", *(("--db", str(db)) if db else ()), "--json", *args, cwd=REPO,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        st: dict[str, Any] = json.loads(out)
+        if until(st):
+            return st
+        assert time.monotonic() < deadline, f"upstream status never showed it: {st}"
+        await asyncio.sleep(0.5)
 
 
 async def test_parked_sink_delivers_again_after_the_operators_retry(tmp_path):
@@ -31,6 +50,12 @@ async def test_parked_sink_delivers_again_after_the_operators_retry(tmp_path):
             await wait_good(sl, 40, 60)
             await wait_for(lambda: sink.status()["parked"] is not None, 30, "the sink parked on the 400")
             assert "upstream_epcis_rest_parked" in [a.code for a in sl.line.alarms.values()]
+            # `upstream status` from the store (read-only, beside the daemon) shows the park the daemon recorded
+            st = await status_json(tmp_path / "line.db", lambda st: (st["sinks"]["epcis_rest:repo"]["state"] or {}).get("parked"))
+            rec = st["sinks"]["epcis_rest:repo"]
+            assert rec["backlog"] > 0 and rec["state"]["running"] is True and "400" in rec["state"]["parked_reason"] and rec["state"]["as_of"]
+            live = await status_json(None, lambda st: True, "-c", str(sl.run_cfg_path), "--live")
+            assert live["live"]["upstream_sinks"]["epcis_rest:repo"]["parked"]
             held = len(repo.capture_order)
             await asyncio.sleep(1.0)
             assert len(repo.capture_order) == held and sl.line.store.sink_backlog("epcis_rest:repo") > 0  # parked: nothing goes
@@ -52,5 +77,13 @@ async def test_parked_sink_delivers_again_after_the_operators_retry(tmp_path):
             assert sorted(repo.capture_order) == sorted(store_ids) and len(set(repo.capture_order)) == len(store_ids)
             origins = {r.origin for r in sl.line.store.audit_log(limit=100_000) if r.action == "sink_retry"}
             assert len(origins) == 1 and next(iter(origins)).startswith("mqtt:")
+        # the daemon is down: the store still says how each sink was when it stopped
+        st = await status_json(tmp_path / "line.db", lambda st: True)
+        rec = st["sinks"]["epcis_rest:repo"]["state"]
+        assert rec["running"] is False and rec["parked"] is False and rec["last_error"] is None
+        proc = await asyncio.create_subprocess_exec(*LINECTL, "upstream", "status", "--db", str(tmp_path / "line.db"), cwd=REPO,
+                                                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, _err = await asyncio.wait_for(proc.communicate(), 60)
+        assert f"no error [as of {rec['as_of']}, when the daemon stopped]" in out.decode()
     finally:
         await repo.stop()
