@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_helpers import LINECTL, REPO, create_and_start, simulated_line, wait_for, wait_good
+from engine_helpers import LINECTL, REPO, TEST_PASSWORDS, create_and_start, db_query, password_env, simulated_line, wait_for, wait_good
 
 from linectl import control as C
 from linectl.simulators.epcis_repository import EpcisRepository, RepositoryConfig
@@ -87,3 +88,38 @@ async def test_parked_sink_delivers_again_after_the_operators_retry(tmp_path):
         assert f"no error [as of {rec['as_of']}, when the daemon stopped]" in out.decode()
     finally:
         await repo.stop()
+
+
+async def test_retry_signed_and_with_its_reason_when_the_site_lists_it(tmp_path, monkeypatch):
+    """A site that lists sink_retry in access.signatures.required and audit.reason_required: `linectl upstream retry`
+    gives --reason and --sign like the other commands; without them the CLI (reason) or the daemon (signature) refuses."""
+    for k, v in password_env().items():
+        monkeypatch.setenv(k, v)
+    xml = tmp_path / "xml"
+    xml.mkdir()
+    over = {"mqtt": {"protocol": "5"}, "upstream": {"epcis_xml": [{"name": "gw", "dir": str(xml)}]},
+            "access": {"roles": {"operator": ["request_state", "sink_retry"]}, "signatures": {"required": {"sink_retry": "performed"}}},
+            "audit": {"reason_required": ["sink_retry"]}}
+    async with simulated_line(tmp_path, access=True, overrides=over) as sl:
+        await wait_for(lambda: sl.daemon.upstream[0].status()["connected"], 15, "the bridge to connect")
+        env = {"LINECTL_PASSWORD": TEST_PASSWORDS["operator"]}
+
+        async def retry(*extra: str) -> tuple[int, str, str]:
+            proc = await asyncio.create_subprocess_exec(
+                *LINECTL, "upstream", "retry", "-c", str(sl.run_cfg_path), "--sink", "epcis_xml:gw", "--user", "operator", *extra, cwd=REPO,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env={**os.environ, **env})
+            out, err = await asyncio.wait_for(proc.communicate(), 60)
+            return int(proc.returncode or 0), out.decode(), err.decode()
+
+        rc, _out, err = await retry("--sign")
+        assert rc == 2 and "sink_retry needs a reason" in err, err
+        rc, out, err = await retry("--reason", "gateway share mounted again")
+        assert rc == 1 and json.loads(out)["error"]["code"] == "signature_required", out + err
+        rc, out, err = await retry("--reason", "gateway share mounted again", "--sign")
+        assert rc == 0, out + err
+        reply = json.loads(out)
+        assert reply["result"]["signature"] == {"signer": "operator", "signer_name": "Default operator", "meaning": "performed"}, reply
+    db = tmp_path / "line.db"
+    rows = [(a, json.loads(d)) for a, act, d in db_query(db, "SELECT actor, action, detail FROM audit ORDER BY seq") if act == "sink_retry"]
+    assert len(rows) == 1 and rows[0][0] == "operator" and rows[0][1]["reason"] == "gateway share mounted again"
+    assert db_query(db, "SELECT signer, meaning FROM signatures") == [("operator", "performed")]

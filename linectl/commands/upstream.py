@@ -45,11 +45,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     what = r.add_mutually_exclusive_group(required=True)
     what.add_argument("--gtin", help="the product whose parked serial requests go to its source again (serials_retry)")
     what.add_argument("--sink", help="the sink, as named in `upstream status`, that delivers its parked document again (sink_retry)")
-    r.add_argument("--actor", default=None)
+    r.add_argument("--actor", default=None, help="who is commanding, on a line without access control (default: the login name)")
+    r.add_argument("--reason", default="", help="why: kept in the audit trail; required when audit.reason_required lists "
+                   "serials_retry / sink_retry")
     r.add_argument("--timeout", type=float, default=30.0)
-    from linectl.access.client import add_user_options
+    from linectl.access.client import add_sign_options, add_user_options
 
     add_user_options(r)
+    add_sign_options(r)
     r.set_defaults(func=run_retry)
 
 
@@ -185,9 +188,13 @@ def run_status(args: argparse.Namespace) -> int:
 
 
 def run_retry(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from linectl.access.client import signature_blocks
     from linectl.commands.batch import credentials, send_command
     from linectl.config import load_config
-    from linectl.control import COMMAND_ADAPTER
+    from linectl.control import AUTHENTICATED, COMMAND_ADAPTER
+    from linectl.engine.audit_changes import missing_reason
     from linectl.yamlsource import ConfigFileError
 
     try:
@@ -201,14 +208,25 @@ def run_retry(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     try:
         user, password = credentials(cfg, args)
+        blocks = signature_blocks(args, user, password)
     except (ValueError, OSError) as exc:
         print(f"linectl upstream retry: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     body: dict[str, Any] = {"command_id": uuid.uuid4().hex, "actor": user or args.actor or getpass.getuser()}
     body.update({"name": "serials_retry", "gtin": args.gtin} if args.gtin else {"name": "sink_retry", "sink": args.sink})
-    COMMAND_ADAPTER.validate_python(body)
+    if args.reason:
+        body["reason"] = args.reason
     try:
-        reply = asyncio.run(send_command(cfg, body, args.timeout, user=user, password=password))
+        COMMAND_ADAPTER.validate_python(body, context=AUTHENTICATED if user else None)
+    except ValidationError as exc:
+        print(f"linectl upstream retry: invalid command: {'; '.join(str(e['msg']) for e in exc.errors(include_url=False))}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    refusal = missing_reason(cfg.audit.reason_required, body["name"], args.reason)
+    if refusal is not None:  # the daemon refuses it too: say so before logging in
+        print(f"linectl upstream retry: {refusal} (--reason)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        reply = asyncio.run(send_command(cfg, {**body, **blocks}, args.timeout, user=user, password=password))
     except TimeoutError:
         print(f"linectl upstream retry: no reply from the daemon within {args.timeout}s", file=sys.stderr)
         return 1
