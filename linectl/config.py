@@ -561,6 +561,8 @@ class MqttConfig(Model):
     confirm_timeout_s: float = Field(
         60.0, gt=0, le=3600, description="delivery_confirm=upstream: resend from the first unconfirmed message after this long"
     )
+    backlog_alarm_s: float = Field(600.0, gt=0, le=30 * 86_400, description="alarm when the oldest event not yet forwarded (PUBACK or "
+                                   "confirmation) is older than this")
     command_session_expiry_s: int = Field(
         60,
         ge=0,
@@ -588,6 +590,7 @@ class FileSinkConfig(Model):
     prefix: str | None = Field(
         None, pattern=r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,63}$", description="file name prefix: <prefix>-<first_seq>-<last_seq>.json; default: line.name"
     )
+    backlog_alarm_s: float = Field(600.0, gt=0, le=30 * 86_400, description="alarm when the oldest undelivered event is older than this")
 
 
 class AlreadyCapturedMatcher(Model):
@@ -635,6 +638,7 @@ class EpcisXmlSinkConfig(Model):
     retry_4xx_s: float = Field(300.0, gt=0, le=86_400, description="a refused (4xx) document is parked and retried after this long")
     max_events: int = Field(500, gt=0, le=100_000, description="most EPCIS events per document (a row's events are never split over two)")
     max_age_s: float = Field(5.0, gt=0, le=86_400, description="a document with fewer events goes once its first event was stored this long ago")
+    backlog_alarm_s: float = Field(600.0, gt=0, le=30 * 86_400, description="alarm when the oldest undelivered event is older than this")
 
     @model_validator(mode="after")
     def _coherent(self) -> EpcisXmlSinkConfig:

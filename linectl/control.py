@@ -15,7 +15,7 @@ from datetime import date
 from typing import Annotated, Any, Literal, Protocol
 
 import structlog
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, TypeAdapter, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, TypeAdapter, ValidationInfo, field_validator, model_validator
 
 from linectl import gs1
 from linectl.gs1_dictionary import LintError, lint_yymmd0
@@ -185,6 +185,21 @@ class ProvisionPool(Command):
     range_count: int | None = Field(None, gt=0, le=1_000_000)
     range_width: int = Field(0, ge=0, le=20)
     request_id: str | None = None  # answer to linectl's own serial request (pages)
+    #: set by the MQTT bridge only, after it checked that an L3 service account (role l3) answers an outstanding
+    #: serial request of this line with at most the serials still owed: such a page needs no person's signature
+    #: (access.signing.signed_actions). Private: no payload can set it (extra keys are refused).
+    _l3_answer: bool = PrivateAttr(False)
+
+    def mark_l3_answer(self) -> None:
+        self._l3_answer = True
+
+    @property
+    def l3_answer(self) -> bool:
+        return self._l3_answer
+
+    def count(self) -> int:
+        """How many serials the command imports (list length or range count)."""
+        return len(self.serials) if self.serials is not None else int(self.range_count or 0)
 
     @model_validator(mode="after")
     def _one_source(self) -> ProvisionPool:

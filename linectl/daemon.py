@@ -73,6 +73,8 @@ class Daemon:
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
     loop_lag_ms: float = 0.0
     _bridge: Any = None
+    #: records each sink's and source's state in the store (linectl/upstream/link_state.py) for `upstream status`
+    _links: Any = None
     #: the access gate (linectl/access): logins, tokens, users_admin; shared by the MQTT bridge and the OPC UA server
     access: Any = None
     #: the default users' passwords of a store this daemon created (the demo signs as them); empty otherwise
@@ -256,6 +258,10 @@ class Daemon:
             return {"sink": name, "unparked": unparked, "status": sink.status()}
 
         line.on_sink_retry = sink_retry
+        from linectl.upstream.link_state import LinkStateRecorder
+
+        self._links = LinkStateRecorder(self.store, sinks, list(self.provisioners.values()))
+        self.supervisor.start("upstream.link_state", self._links.run)
         if self.cfg.mqtt.enabled:
             fwd = next(s for s in sinks if s.name == "mqtt")
             bridge = MqttBridge(self.cfg, self.line, store=self.store, forwarder=fwd, sinks=sinks, sources=list(self.provisioners.values()),
@@ -329,6 +335,8 @@ class Daemon:
                 await asyncio.wait_for(prov.aclose(), 5)
             except Exception as exc:  # noqa: BLE001
                 log.warning("serial_source_close_failed", source=prov.name, error=str(exc))
+        if self._links is not None:  # each link as it was at the stop, for `upstream status` while the daemon is down
+            await self._links.final()
         if line is not None:  # refusals counted since the last interval: their aggregated audit record before the store closes
             await line.access_refusals.flush()
         if self.store is not None:

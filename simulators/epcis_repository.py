@@ -1,4 +1,4 @@
-"""An EPCIS 2.0 capture repository, written from GS1's OpenAPI (shared/standards/epcis/rest/openapi.json).
+"""An EPCIS 2.0 capture repository, written from GS1's OpenAPI (shipped as linectl/standards/epcis/rest/openapi.json).
 
 No installable EPCIS 2.0 repository runs on a laptop, so this one stands in for L3/L4 when the `epcis_rest` sink
 (linectl/upstream/epcis_rest.py) is tested, benchmarked or commissioned on a desk:

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from engine_helpers import TEST_PASSWORDS, db_query, password_env, simulated_line, wait_for
+from engine_helpers import TEST_PASSWORDS, db_query, password_env, simulated_line, variant_raw, wait_for
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -184,3 +184,58 @@ async def test_every_mqtt_command_names_a_verified_user(tmp_path, monkeypatch):
     text = " ".join(str(r[3]) for r in rows)
     assert TEST_PASSWORDS["admin"] not in text and "Shift-Lead-pw-42" not in text and "argon2" not in text
     assert db_query(db, "SELECT count(*) FROM batches WHERE lot='LA2'")[0][0] == 0
+
+
+async def test_l3_service_account_answers_the_lines_serial_request_unsigned_a_person_signs(tmp_path, monkeypatch):
+    """The L3 answers <root>/serials/request through a service account (role l3): pages for the outstanding request
+    are imported without a signature; anything beyond it, and every provision_pool of a person, is signed."""
+    for k, v in password_env().items():
+        monkeypatch.setenv(k, v)
+    products = variant_raw(access=True)["products"][:1]
+    products[0]["serials"] = {"scheme": "pool", "low_water": 0, "request_count": 50}
+    async with simulated_line(tmp_path, rate=600.0, access=True, overrides={"mqtt": {"protocol": "5"}, "products": products}) as sl:
+        bridge = sl.daemon.upstream[0]
+        assert isinstance(bridge, MqttBridge) and bridge.access is not None
+        await wait_for(lambda: bridge.status()["connected"], 15, "the bridge to connect")
+        port, root = sl.cfg.mqtt.port, sl.cfg.topic_root
+        async with Client(port, root) as admin, Client(port, root, origin="l3-sap") as l3, Client(port, root) as eng:
+            a = {"auth": {"token": await admin.login("admin")}, "signature": sig("admin")}
+            add = {**a, "action": "add", "username": "l3svc", "display_name": "SAP ATTP", "new_password": "Service-Acct-pw-77",
+                   "reason": "the L3's service account"}
+            r = await admin.send("users_admin", {**add, "roles": ["l3", "supervisor"]})
+            assert code(r) == "invalid_role" and "goes alone" in r["error"]["message"]
+            assert (await admin.send("users_admin", {**add, "roles": ["l3"]}))["ok"]
+            assert (await admin.send("users_admin", {**a, "action": "add", "username": "erin", "display_name": "Erin E.", "roles": ["engineer"],
+                                                     "new_password": "Line-Engineer-pw-5", "reason": "engineer"}))["ok"]
+            await l3.client.subscribe(f"{root}/serials/request", qos=1)
+            rid = bridge.request_serials(GTIN, 50, "pool")  # what the line's low-water check calls (daemon._pool_low)
+            svc = {"auth": {"token": await l3.login("l3svc", "Service-Acct-pw-77")}}
+            page = {**svc, "gtin": GTIN, "request_id": rid}
+            # more than the request owes, or a page nobody asked for: refused (a service account cannot sign)
+            r = await l3.send("provision_pool", {**page, "serials": [f"L3S{i:05d}" for i in range(51)]})
+            assert code(r) == "request_exceeded" and "owed 50" in r["error"]["message"]
+            r = await l3.send("provision_pool", {**svc, "gtin": GTIN, "serials": ["L3X00001"]})
+            assert code(r) == "signature_required" and "not an outstanding serial request" in r["error"]["message"]
+            r = await l3.send("provision_pool", {**page, "serials": ["L3X00002"], "signature": sig("l3svc", "Service-Acct-pw-77", meaning="performed")})
+            assert code(r) == "signer_forbidden" and "service account" in r["error"]["message"]
+            assert code(await l3.send("start_batch", svc)) == "forbidden"
+            # a person's provision_pool is signed, with the request's id or without
+            e = {"auth": {"token": await eng.login("erin", "Line-Engineer-pw-5")}}
+            assert code(await eng.send("provision_pool", {**e, "gtin": GTIN, "request_id": rid, "serials": ["ERIN0001"]})) == "signature_required"
+            # the answer, in two pages: imported unsigned, the request complete after the second
+            r = await l3.send("provision_pool", {**page, "serials": [f"L3S{i:05d}" for i in range(30)]})
+            assert r["ok"] and r["result"]["accepted"] == 30 and "signature" not in r["result"], r
+            assert [q["received"] for q in bridge.pending_serial_requests()] == [30]
+            r = await l3.send("provision_pool", {**page, "range_start": 900000, "range_count": 20})
+            assert r["ok"] and r["result"]["accepted"] == 20, r
+            assert bridge.pending_serial_requests() == []
+            r = await l3.send("provision_pool", {**page, "serials": ["L3S99999"]})  # the request is answered: nothing more unsigned
+            assert code(r) == "signature_required"
+            r = await eng.send("provision_pool", {**e, "gtin": GTIN, "serials": ["ERIN0001"], "signature": sig("erin", "Line-Engineer-pw-5")})
+            assert r["ok"] and r["result"]["signature"]["signer"] == "erin", r
+            assert sl.daemon.store.available(GTIN) == 51
+    db = tmp_path / "line.db"
+    rows = [(actor, json.loads(d)) for actor, a, d in db_query(db, "SELECT actor, action, detail FROM audit ORDER BY seq") if a == "provision_pool"]
+    assert [(actor, d.get("request_id"), "signature" in d) for actor, d in rows] == [("l3svc", rid, False), ("l3svc", rid, False), ("erin", None, True)]
+    signed = db_query(db, "SELECT signer, meaning FROM signatures ORDER BY id")
+    assert ("erin", "performed") in signed and all(s != "l3svc" for s, _m in signed)

@@ -15,6 +15,7 @@ import contextlib
 import json
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -66,28 +67,42 @@ async def copy_store(src: Path, dst: Path) -> Any:
     return await Store.open(dst)
 
 
+def _instant(t: str) -> datetime:
+    return datetime.fromisoformat(t.replace("Z", "+00:00"))
+
+
 def assert_qu4rtet_holds_exactly(q: Qu4rtet, events: list[dict[str, Any]]) -> None:
-    """QU4RTET's query API gives back the store's events: each eventID once, with its bizStep, action and EPCs."""
+    """QU4RTET's query API gives back every one of the store's events, each exactly once: its eventID, type, action,
+    bizStep, disposition, readPoint, eventTime and EPCs (ILMD lot and expiry of a commissioned unit), read through
+    QU4RTET's events-by-EPC query (one query per EPC an event is keyed by: its first EPC, or its parent)."""
     held = q.events()
     assert len(held) == len(events), f"QU4RTET holds {len(held)} events, the store has {len(events)}"
-    commissioned = [e["epcList"][0] for e in events if e.get("bizStep") == "commissioning"]
-    packed = {e["parentID"]: e["childEPCs"] for e in events if e["type"] == "AggregationEvent"}
-    entries = {x["identifier"]: x for x in q.entries()}
-    assert set(commissioned) | set(packed) <= set(entries)
-    for j in [e for e in events if e.get("bizStep") == "commissioning"][:: max(1, len(commissioned) // 8)] + \
-            [e for e in events if e["type"] == "AggregationEvent"]:
-        epc = j["epcList"][0] if j["type"] == "ObjectEvent" else j["parentID"]
-        got = [next(iter(x.values())) for x in q.events_by_epc(epc)]
-        mine = [x for x in got if x["eventID"] == j["eventID"]]
-        assert len(mine) == 1, f"{j['eventID']} is held {len(mine)} times"
-        x = mine[0]
-        assert (x["bizStep"], x["action"], x["readPoint"]) == (CBV + j["bizStep"], j["action"], j["readPoint"]["id"])
+    by_epc: dict[str, dict[str, dict[str, Any]]] = {}
+    seen: set[str] = set()
+    for j in events:
+        key = j["epcList"][0] if j["type"] == "ObjectEvent" else j["parentID"]
+        if key not in by_epc:  # every event QU4RTET has for this EPC, by eventID (an eventID held twice fails here)
+            got = [next(iter(x.values())) for x in q.events_by_epc(key)]
+            ids = [x["eventID"] for x in got]
+            assert len(ids) == len(set(ids)), f"{key}: an event held twice: {ids}"
+            by_epc[key] = {x["eventID"]: x for x in got}
+        x = by_epc[key].get(j["eventID"])
+        assert x is not None, f"{j['eventID']} ({j['type']} {j.get('bizStep')} of {key}) is not in QU4RTET"
+        seen.add(j["eventID"])
+        want = (CBV + j["bizStep"], j["action"], j["readPoint"]["id"], _instant(j["eventTime"]))
+        assert (x["bizStep"], x["action"], x["readPoint"], _instant(x["eventTime"])) == want, (j, x)
+        if "disposition" in j:
+            assert x["disposition"] == "urn:epcglobal:cbv:disp:" + j["disposition"], (j, x)
         if j["type"] == "AggregationEvent":
-            assert (x["parentID"], sorted(x["childEPCs"])) == (j["parentID"], sorted(j["childEPCs"]))
+            assert (x["parentID"], sorted(x["childEPCs"])) == (j["parentID"], sorted(j["childEPCs"])), (j, x)
         else:
-            assert x["epcList"] == j["epcList"]
+            assert sorted(x["epcList"]) == sorted(j["epcList"]), (j, x)
             if "ilmd" in j:  # units carry their lot and expiry; containers (SSCC) none
                 assert (x["ilmd"]["lotNumber"], x["ilmd"]["itemExpirationDate"]) == (j["ilmd"]["cbvmda:lotNumber"], j["ilmd"]["cbvmda:itemExpirationDate"])
+    assert len(seen) == len(events) == len(held)  # every store event found, and QU4RTET holds no other
+    assert {e.get("bizStep") for e in events} >= {"commissioning", "packing"}  # units, SSCCs and their packing
+    entries = {x["identifier"]: x for x in q.entries()}
+    packed = {e["parentID"]: e["childEPCs"] for e in events if e["type"] == "AggregationEvent"}
     for parent, children in packed.items():  # the hierarchy QU4RTET built from the packing events
         assert all(entries[c]["parent_id"] is not None for c in children), parent
 

@@ -14,12 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mqtt_fixtures import free_port, line_yaml, load_line, unique_root
+from mqtt_fixtures import broker_factory, free_port, line_yaml, load_line, unique_root  # noqa: F401 (fixture)
 from test_forwarder import Producer, open_store
 
 from linectl import events as ev
 from linectl.epcis import validate_document
+from linectl.upstream.epcis_xml import EpcisXmlSink
 from linectl.upstream.file import FileSink
+from linectl.upstream.mqtt import Forwarder
 from linectl.upstream.sink import SINKS, build_sinks, enabled_names, sink_class
 
 pytestmark = pytest.mark.timeout(120)
@@ -259,4 +261,46 @@ async def test_missing_directory_then_full_disk_are_waited_out_without_loss(tmp_
         finally:
             await sink.stop()
             subprocess.run(["umount", str(fs)], check=False, capture_output=True)
+    await store.close()
+
+
+async def test_backlog_age_alarm_of_the_file_epcis_xml_and_mqtt_sinks_raised_once_and_cleared_when_drained(tmp_path, broker_factory):
+    """backlog_alarm_s (as epcis_rest has it) on the file sink, an epcis_xml sink and the MQTT forwarder: each one
+    whose oldest undelivered row gets older than it alarms once (its own code), and is re-armed once it delivered."""
+    broker = broker_factory(start=False)  # the MQTT sink's broker: not there yet
+    out, xml_out = tmp_path / "out", tmp_path / "xml"  # nor the directories
+    p = line_yaml(tmp_path / "line.yaml", port=broker.port, root=unique_root(), extra_mqtt={"backlog_alarm_s": 0.5})
+    doc = json.loads(p.read_text())
+    doc["upstream"] = {"file": {"dir": str(out), "max_age_s": 0.1, "backlog_alarm_s": 0.5},
+                       "epcis_xml": [{"name": "gw", "dir": str(xml_out), "max_age_s": 0.1, "backlog_alarm_s": 0.5}]}
+    p.write_text(json.dumps(doc))
+    cfg = load_line(p)
+    store = await open_store(tmp_path)
+    store.set_sinks(enabled_names(cfg))
+    await Producer(store).fill(["LOTA"], 30)
+    fast = {"backoff_initial_s": 0.05, "backoff_max_s": 0.3}
+    fwd = Forwarder(cfg, store, stats_interval_s=0.1, **fast)
+    fsink, xsink = FileSink(cfg, store, **fast), EpcisXmlSink(cfg, store, cfg.upstream.epcis_xml[0], **fast)
+    sinks = [fwd, fsink, xsink]
+    assert [s.name for s in sinks] == enabled_names(cfg) == ["mqtt", "file", "epcis_xml:gw"]
+    alarms: list[tuple[str, str]] = []
+
+    async def on_alarm(code: str, message: str) -> None:
+        alarms.append((code, message))
+
+    for s in sinks:
+        s.on_alarm = on_alarm
+    async with running(fwd), running(fsink), running(xsink):
+        codes = {"upstream_mqtt_backlog", "upstream_file_backlog", "upstream_epcis_xml_backlog"}
+        await until(lambda: codes <= {c for c, _m in alarms}, what="the three backlog alarms")
+        await asyncio.sleep(1.5)  # still late: no second alarm
+        assert sorted(c for c, _m in alarms if c.endswith("_backlog")) == sorted(codes), alarms
+        msg = dict(alarms)["upstream_file_backlog"]
+        assert "30 rows wait" in msg and "backlog_alarm_s 0.5s" in msg and "No such file or directory" in msg, msg
+        assert all(s.status()["backlog_alarm"] for s in sinks)
+        out.mkdir()
+        xml_out.mkdir()
+        broker.start()
+        await until(lambda: all(store.sink_backlog(s.name) == 0 for s in sinks), what="everything delivered")
+        await until(lambda: not any(s.status()["backlog_alarm"] for s in sinks), what="the alarms re-armed")
     await store.close()

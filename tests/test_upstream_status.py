@@ -32,6 +32,12 @@ async def test_status_shows_sinks_sources_and_available(tmp_path):
         await s.request_answered(r3, '{"numbers": "[7, 8]"}', {"serials": ["7", "8"], "foreign": []})
         await s.request_import(r3, f"serialbox:pool1 request {r3}")
         await s.request_new("request", "serialbox:pool1", GTIN, 10, "k4")  # pending
+        # what the daemon's LinkStateRecorder writes (linectl/upstream/link_state.py), here as a daemon that stopped would
+        await s.note_link_states({
+            "sink:file": {"last_error": "No space left on device", "error_since": 1.0e9, "parked": False, "running": False},
+            f"source:serialbox:pool1:{GTIN}": {"state": "parked", "connected": True, "last_error": "HTTP 404", "last_error_at": "t0",
+                                              "running": False},
+        })
     finally:
         await s.close()
     p = status("--db", str(db), "--json")
@@ -46,6 +52,10 @@ async def test_status_shows_sinks_sources_and_available(tmp_path):
     assert text.returncode == 0
     assert "serialbox:pool1: pending 1, parked 1, lost 1 (50 serials), imported 2 serials" in text.stdout
     assert f"parked request {r1} (100 of {GTIN}): HTTP 404" in text.stdout and f"{GTIN}: 5" in text.stdout
+    as_of = st["sinks"]["file"]["state"]["as_of"]
+    assert st["sources"]["serialbox:pool1"]["state"][GTIN]["state"] == "parked" and as_of.startswith("20")
+    assert f"last error (since 2001-09-09T01:46:40+00:00): No space left on device [as of {as_of}, when the daemon stopped]" in text.stdout
+    assert f"{GTIN}: parked, connected, last error (since t0): HTTP 404 [as of" in text.stdout
 
 
 def test_status_refuses_bad_input_without_traceback(tmp_path):

@@ -30,7 +30,7 @@ import structlog
 from linectl.access.directory import DirectoryRefused, DirectoryUnavailable, DirectoryUser, directory_login
 from linectl.access.passwords import PasswordRefused, check_policy, hash_password, verify_password
 from linectl.access.principal import Principal, device_principal
-from linectl.access.settings import AccessConfig
+from linectl.access.settings import SERVICE_ROLE, AccessConfig
 from linectl.control import CommandRejected, RefusalTally, UsersAdmin
 from linectl.store.identity import LOCKED_FOREVER, SignatureSpec, UserRecord
 from linectl.store.model import StoreError
@@ -287,6 +287,9 @@ class Access:
         unknown = [r for r in roles if r not in self.cfg.role_names]
         if unknown:
             raise CommandRejected(f"unknown role {', '.join(unknown)}; roles: {', '.join(self.cfg.role_names)}", "invalid_role")
+        if SERVICE_ROLE in roles and len(set(roles)) > 1:
+            raise CommandRejected(f"role {SERVICE_ROLE} is an L3 service account's and goes alone: a person's account never "
+                                  "answers serial requests unsigned", "invalid_role")
         return sorted(set(roles))
 
     async def _last_admin(self, username: str, losing: bool) -> None:

@@ -13,7 +13,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from linectl.control import COMMAND_NAMES, USERNAME_PATTERN
 
-ROLE_NAMES = ("operator", "supervisor", "qa", "engineer", "administrator")
+ROLE_NAMES = ("operator", "supervisor", "qa", "engineer", "administrator", "l3")
+#: the role of a service account through which the plant's L3 answers the line's serial requests over MQTT (never a
+#: person's role: a user with it has no other role and cannot sign; README "Electronic signatures")
+SERVICE_ROLE = "l3"
 _READ = ("request_state", "verify_code")
 _OPERATOR = (*_READ, "create_batch", "start_batch", "pause_batch", "resume_batch", "stop_batch", "challenge", "ack_alarm", "reset",
              "close_case", "rework_mode", "packml_command")
@@ -26,6 +29,8 @@ DEFAULT_ROLES: dict[str, tuple[str, ...]] = {
                  "packml_command", "provision_pool", "serials_retry", "sink_retry"),
     # separation of duties: who administers users does not run production
     "administrator": (*_READ, "users_admin"),
+    # the L3's service account: answers to the line's own serial requests (unsigned only as such an answer)
+    SERVICE_ROLE: ("provision_pool",),
 }
 #: a PLC not listed under access.devices: what its command tags and PackML handshake can ask (never close, never users)
 DEFAULT_DEVICE_PERMISSIONS = ("request_state", "start_batch", "pause_batch", "resume_batch", "stop_batch", "reset", "packml_command",
@@ -144,7 +149,7 @@ class SignatureRules(_Model):
 class AccessConfig(_Model):
     enabled: bool = Field(True, description="false: every command anonymous (a loud warning at start)")
     roles: dict[str, list[str]] = Field(default_factory=dict, description="role -> the commands it may send; replaces a built-in "
-                                        "role's list (operator, supervisor, qa, engineer, administrator) or adds a role")
+                                        "role's list (operator, supervisor, qa, engineer, administrator, l3) or adds a role")
     password: PasswordPolicy = Field(default_factory=PasswordPolicy)
     lockout: Lockout = Field(default_factory=Lockout)
     session_ttl_s: int = Field(8 * 3600, ge=60, le=7 * 86400, description="a login's token expires this long after it was issued")

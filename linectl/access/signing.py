@@ -12,7 +12,10 @@ must be another user who may send the command himself (four eyes). Refusals, bef
   same_signer         the second signer is the first
   signature_failed    wrong user name or password (counts towards access.lockout like a failed login)
   locked, deactivated, password_expired, rate_limited, directory_unavailable  as at login, for a signer
-  signer_forbidden    a signer who may not send this command
+  signer_forbidden    a signer who may not send this command, or a service account (role l3): only a person signs
+An L3 service account's provision_pool that answers an outstanding serial request of the line (checked by the MQTT
+bridge, which marks the command) matches no rule: the decision to import was the line's own request, and the
+service account is no person who could sign (README "Electronic signatures").
 The verified signers become a Signatures, which Line.execute writes with the command's audit record in one
 transaction (store identity.sign_record).
 """
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 from linectl.access.principal import Principal, permits
-from linectl.access.settings import REVIEW_COMMAND, Meaning, SignatureRules
+from linectl.access.settings import REVIEW_COMMAND, SERVICE_ROLE, Meaning, SignatureRules
 from linectl.control import USERNAME_PATTERN, CommandRejected
 from linectl.store.identity import SignatureSpec
 
@@ -96,6 +99,8 @@ def signed_actions(command: Any) -> tuple[str, ...]:
         return (f"users_admin.{command.action}", name)
     if name == "packml_command" and command.command == "Start":
         return ("start_batch",)  # PackML Start starts the batch: the same decision
+    if name == "provision_pool" and command.l3_answer:
+        return ()  # the L3 service account's answer to the line's own request (marked by the MQTT bridge only)
     return (name,)
 
 
@@ -145,6 +150,9 @@ async def _verify(access: Access, b: SignatureBlock, command: Any, channel: str,
     why = permits(p, command)
     if why is not None:
         raise access.deny("signer_forbidden", f"{which}: {why}; a signer must be allowed the action", origin, b.username)
+    if SERVICE_ROLE in p.roles:
+        raise access.deny("signer_forbidden", f"{which}: {b.username} is a service account (role {SERVICE_ROLE}): only a person signs",
+                          origin, b.username)
     return p
 
 

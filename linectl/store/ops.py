@@ -775,6 +775,18 @@ def op_cursor_pending(tx: Tx, sink: str, last_seq: int | None) -> None:
         raise StoreError(f"sink {sink!r} has no cursor")
 
 
+#: meta key prefix of the last recorded state of an upstream link (sink or serial source): linectl/upstream/link_state.py
+LINK_STATE_KEY = "link_state:"
+
+
+def op_note_link_states(tx: Tx, states: dict[str, dict[str, Any]]) -> None:
+    """Record each link's state (connected, last error, parked ...) with the time, for `upstream status` read from the
+    store while the daemon is down. Operational state, not a record: overwritten, never audited."""
+    for name, st in states.items():
+        tx.cur.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                       (LINK_STATE_KEY + name, json.dumps({**st, "as_of": tx.ts}, sort_keys=True, default=str)))
+
+
 def op_advance_cursor(tx: Tx, sink: str, seq: int, enabled: frozenset[str] | None, chunk: int) -> int:
     """Move the sink's cursor forward to `seq` (never back), clear a pending delivery it covers, then stamp
     forwarded_at on up to `chunk` rows every enabled sink has now delivered; returns how many were stamped."""

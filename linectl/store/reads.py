@@ -190,6 +190,18 @@ class Reader:
         return {r[0]: {"seq": int(r[1]), "pending": r[2], "updated_at": r[3]}
                 for r in self.q("SELECT sink, seq, pending, updated_at FROM sink_cursors ORDER BY sink")}
 
+    def link_states(self) -> dict[str, dict[str, Any]]:
+        """The last recorded state of every upstream link (ops.op_note_link_states), by link name."""
+        from linectl.store.ops import LINK_STATE_KEY
+
+        out: dict[str, dict[str, Any]] = {}
+        for key, value in self.q("SELECT key, value FROM meta WHERE key >= ? AND key < ? ORDER BY key", (LINK_STATE_KEY, LINK_STATE_KEY[:-1] + ";")):
+            try:
+                out[key[len(LINK_STATE_KEY):]] = json.loads(value)
+            except ValueError:
+                continue  # not ours to judge: a state that cannot be read is left out
+        return out
+
     def delivered_bound(self, enabled: frozenset[str] | None) -> int:
         from linectl.store.ops import bound_of
 

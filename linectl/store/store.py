@@ -488,6 +488,15 @@ class Store:
         c = self._reader.cursors().get(sink)
         return None if c is None else int(c["seq"])
 
+    async def note_link_states(self, states: dict[str, dict[str, Any]]) -> None:
+        """Record upstream links' states (sink:<name>, source:<name>:<gtin>) for `linectl upstream status` offline."""
+        if states:
+            await self._submit(ops.op_note_link_states, dict(states))
+
+    def link_states(self) -> dict[str, dict[str, Any]]:
+        """{link: last recorded state with its as_of time}."""
+        return self._reader.link_states()
+
     def sink_backlog(self, sink: str) -> int:
         """Rows the sink has not delivered yet (all rows after its cursor)."""
         return self._reader.rows_after(self.cursor(sink) or 0)

@@ -71,6 +71,10 @@ password, meaning} and, for four eyes, `second_signature`; both passwords are ch
 command (also within a session), and the signature is written with the command's audit record.
 Codes: signature_required, invalid_signature, signer_mismatch, wrong_meaning, same_signer,
 signature_failed, signer_forbidden, record_changed (sign_review).
+The L3 answers serials/request through a service account (a user whose only role is l3): its provision_pool
+with the request_id of an outstanding request, for that GTIN and at most the serials still owed, needs no
+signature (the line decided the import when it asked); anything else it sends is refused (request_mismatch,
+request_exceeded, signature_required) and a person's provision_pool is signed as access.signatures says.
 """
 
 from __future__ import annotations
@@ -92,8 +96,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import ValidationError
 
-from linectl.access.signing import SIGNATURE_KEYS, sign
-from linectl.control import AUTHENTICATED, COMMAND_ADAPTER, COMMAND_NAMES, CommandRejected, RefusalTally
+from linectl.access.settings import SERVICE_ROLE
+from linectl.access.signing import SIGNATURE_KEYS, requirement, sign
+from linectl.control import AUTHENTICATED, COMMAND_ADAPTER, COMMAND_NAMES, CommandRejected, ProvisionPool, RefusalTally
 from linectl.drivers.base import Backoff
 from linectl.jsonable import json_default
 from linectl.upstream.mqtt_client import client_options, default_client_id, reconnect_loop, track_link
@@ -549,6 +554,7 @@ class MqttBridge:
                 result = await self.target.execute(cmd, origin=f"mqtt:{origin}")
             else:
                 assert self.access is not None
+                self._l3_answer(cmd, principal, origin)
                 signed = await sign(self.access, cmd, principal, envelope.get("signature"), envelope.get("second_signature"),
                                     channel="mqtt", origin=f"mqtt:{origin}")
                 result = await self.target.execute(cmd, origin=f"mqtt:{origin}", principal=principal, signatures=signed)
@@ -587,6 +593,30 @@ class MqttBridge:
                                    "(leave actor out: linectl sets it)", f"mqtt:{origin}", principal.name)
         obj["actor"] = principal.name
         return principal
+
+    def _l3_answer(self, cmd: Any, principal: Any, origin: str) -> None:
+        """An L3 service account's (role l3) provision_pool that answers an outstanding request of this line, for its
+        GTIN and with at most the serials still owed, is marked so no person's signature is asked (access.signing).
+
+        Any other provision_pool of a service account is refused when access.signatures requires a signature (a
+        service account cannot sign); a person's provision_pool keeps its signature rule, request_id or not."""
+        if not isinstance(cmd, ProvisionPool) or SERVICE_ROLE not in principal.roles:
+            return
+        assert self.access is not None
+        r = self._requests.get(cmd.request_id) if cmd.request_id else None
+        if r is None:
+            if requirement(self.access.cfg.signatures, cmd) is not None:
+                raise self.access.deny("signature_required", f"request_id {cmd.request_id!r} is not an outstanding serial request of this "
+                                       "line: a service account's provision_pool is accepted unsigned only as the answer to one "
+                                       "(any other import needs a person's signature)", f"mqtt:{origin}", principal.name)
+            return
+        if r["gtin"] != cmd.gtin:
+            raise CommandError("request_mismatch", f"request {cmd.request_id} asked for GTIN {r['gtin']}, not {cmd.gtin}")
+        owed = int(r["count"]) - int(r["received"])
+        if cmd.count() > owed:
+            raise CommandError("request_exceeded", f"request {cmd.request_id} is owed {owed} serials; this page has {cmd.count()} "
+                               "(send at most what is owed: more would be an import nobody decided)")
+        cmd.mark_l3_answer()
 
     async def _auth_command(self, name: str, obj: dict[str, Any], envelope: dict[str, Any], origin: str, command_id: str | None) -> dict[str, Any]:
         """login / logout: answered by the access gate, never cached (a retried login opens a new session)."""

@@ -1,7 +1,7 @@
 """Sink "epcis_rest": the outbox's EPCIS events captured by EPCIS 2.0 repositories over REST (`upstream.epcis_rest`).
 
 One instance per entry of `upstream.epcis_rest` (a list: a site may feed its own repository and a CMO's), each with
-its own cursor `epcis_rest:<name>`. The interface is GS1's EPCIS 2.0 OpenAPI (shared/standards/epcis/rest):
+its own cursor `epcis_rest:<name>`. The interface is GS1's EPCIS 2.0 OpenAPI (linectl/standards/epcis/rest/openapi.json):
 
 - **Discovery.** At connect (and after every outage) `OPTIONS <url>/capture` gives GS1-EPCIS-Capture-Limit and
   GS1-EPCIS-Capture-File-Size-Limit: documents are cut to the smaller of those and `max_events` / `max_bytes`

@@ -43,6 +43,7 @@ import structlog
 from linectl import epcis, epcis_xml
 from linectl.drivers.base import Backoff
 from linectl.upstream.file import SEQ_DIGITS, FileSink, _Document
+from linectl.upstream.outbox import BacklogAlarm
 
 if TYPE_CHECKING:  # pragma: no cover
     import httpx
@@ -88,7 +89,8 @@ class EpcisXmlSink(FileSink):
         self.version: epcis_xml.XmlVersion = sc.version
         self.url = sc.url
         self._setup(cfg, store, Path(sc.dir) if sc.dir else Path(), sc.max_events, sc.max_age_s, sc.prefix, page_size=page_size,
-                    poll_interval_s=poll_interval_s, backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s, mapper=mapper)
+                    poll_interval_s=poll_interval_s, backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s, mapper=mapper,
+                    backlog_alarm=BacklogAlarm(self.name, sc.backlog_alarm_s, "upstream_epcis_xml_backlog", f"EPCIS XML target {sc.url or sc.dir}"))
         self._pattern = re.compile(sc.already_captured.body_regex) if sc.already_captured else None
         self._client: httpx.AsyncClient | None = None
         #: the current document may already be in the repository (pending at start, or an attempt without a definite answer)
@@ -123,6 +125,8 @@ class EpcisXmlSink(FileSink):
             "target": self.url or str(self.dir),
             "cursor": self.reader.cursor,
             "backlog_rows": self.backlog,
+            "backlog_age_s": None if self.backlog_age_s is None else round(self.backlog_age_s, 1),
+            "backlog_alarm": self.backlog_alarm.alarmed,
             "connected": self.connected,
             "documents": self.files_written,
             "events_written": self.events_written,

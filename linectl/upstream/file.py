@@ -39,7 +39,7 @@ import structlog
 
 from linectl import epcis
 from linectl.drivers.base import Backoff
-from linectl.upstream.outbox import OutboxReader, encoded_events, epoch
+from linectl.upstream.outbox import BacklogAlarm, OutboxReader, encoded_events, epoch, oldest_age_s
 
 if TYPE_CHECKING:  # pragma: no cover
     from linectl.config import LineConfig
@@ -47,6 +47,9 @@ if TYPE_CHECKING:  # pragma: no cover
 log = structlog.get_logger("linectl.upstream.file")
 
 SEQ_DIGITS = 12
+#: how often the age of the oldest undelivered row is looked at (backlog_alarm_s), and the rows behind counted
+BACKLOG_WATCH_S = 1.0
+BACKLOG_COUNT_S = 5.0
 
 
 @dataclass
@@ -78,11 +81,12 @@ class FileSink:
         if fc is None:
             raise ValueError("upstream.file is not configured")
         self._setup(cfg, store, Path(fc.dir), fc.max_events, fc.max_age_s, fc.prefix, page_size=page_size, poll_interval_s=poll_interval_s,
-                    backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s, mapper=mapper)
+                    backoff_initial_s=backoff_initial_s, backoff_max_s=backoff_max_s, mapper=mapper,
+                    backlog_alarm=BacklogAlarm(self.name, fc.backlog_alarm_s, "upstream_file_backlog", f"file sink to {fc.dir}"))
 
     def _setup(
         self, cfg: LineConfig, store: Any, directory: Path, max_events: int, max_age_s: float, prefix: str | None, *, page_size: int,
-        poll_interval_s: float, backoff_initial_s: float, backoff_max_s: float, mapper: epcis.EpcisMapper | None,
+        poll_interval_s: float, backoff_initial_s: float, backoff_max_s: float, mapper: epcis.EpcisMapper | None, backlog_alarm: BacklogAlarm,
     ) -> None:
         """The state of a sink that cuts the outbox into documents (this one, and linectl.upstream.epcis_xml's), its
         cursor named by `self.name`."""
@@ -110,6 +114,9 @@ class FileSink:
         self.error_since: float | None = None
         self.backlog: int | None = None
         self._backlog_at = 0.0
+        #: age of the oldest row not delivered, looked at every BACKLOG_WATCH_S by its own task (also during an outage)
+        self.backlog_age_s: float | None = None
+        self.backlog_alarm = backlog_alarm
         #: an operator alarm once per outage (the daemon passes the line's); None: log only
         self.on_alarm: Any = None
 
@@ -137,6 +144,8 @@ class FileSink:
             "dir": str(self.dir),
             "cursor": self.reader.cursor,
             "backlog_rows": self.backlog,
+            "backlog_age_s": None if self.backlog_age_s is None else round(self.backlog_age_s, 1),
+            "backlog_alarm": self.backlog_alarm.alarmed,
             "files_written": self.files_written,
             "events_written": self.events_written,
             "last_file": self.last_file,
@@ -168,6 +177,7 @@ class FileSink:
     async def run(self) -> None:
         """Write documents until stop(). Never raises for disk or store trouble: it logs once and retries."""
         self._running = True
+        watch = asyncio.create_task(self._watch_backlog(), name=f"{self.name}.backlog")
         try:
             while not self._stop.is_set():
                 try:
@@ -192,7 +202,24 @@ class FileSink:
                     with contextlib.suppress(asyncio.TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), wait)
         finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
             self._running = False
+
+    async def _watch_backlog(self) -> None:
+        """The backlog-age alarm (backlog_alarm_s), in a task of its own: a failing delivery waits in its backoff."""
+        counted = 0.0
+        while True:
+            await asyncio.sleep(BACKLOG_WATCH_S)
+            try:
+                self.backlog_age_s = await asyncio.to_thread(oldest_age_s, self.reader)
+                if self.backlog_age_s is not None and time.monotonic() - counted >= BACKLOG_COUNT_S:
+                    counted = time.monotonic()
+                    self.backlog = await asyncio.to_thread(self.reader.backlog)
+                await self.backlog_alarm.check(self.backlog_age_s, self.backlog, self.last_error, self.on_alarm)
+            except Exception as exc:  # noqa: BLE001 - a store read failing: the delivery loop reports the store
+                log.debug("backlog_watch_failed", sink=self.name, error=str(exc))
 
     # ---------------------------------------------------------------- one step
 

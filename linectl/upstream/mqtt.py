@@ -82,7 +82,7 @@ from linectl.upstream.mqtt_client import (
     reconnect_loop,
     track_link,
 )
-from linectl.upstream.outbox import OutboxReader, encoded_events, epoch
+from linectl.upstream.outbox import BacklogAlarm, OutboxReader, encoded_events, epoch
 
 if TYPE_CHECKING:  # pragma: no cover
     from linectl.config import LineConfig
@@ -161,8 +161,10 @@ class Forwarder:
         self.store = store
         self.reader = OutboxReader(store, self.name)
         self._opened = False
-        # not called: a broker outage is shown on the state topic (connected, last_error, backlog), as it always was
+        # called only for the backlog-age alarm (mqtt.backlog_alarm_s): a broker outage as such is shown on the state
+        # topic (connected, last_error, backlog), as it always was
         self.on_alarm: Any = None
+        self.backlog_alarm = BacklogAlarm(self.name, cfg.mqtt.backlog_alarm_s, "upstream_mqtt_backlog", f"MQTT broker {cfg.mqtt.host}:{cfg.mqtt.port}")
         self.root = cfg.topic_root
         self.client_id = client_id or f"{cfg.mqtt.client_id or default_client_id(cfg)}-fwd"
         self.mapper = mapper or epcis.EpcisMapper.from_config(cfg)
@@ -257,6 +259,7 @@ class Forwarder:
             "last_error": self._last_error,
             "backlog_rows": self.backlog,
             "oldest_unforwarded_age_s": None if self.oldest_age_s is None else round(self.oldest_age_s, 3),
+            "backlog_alarm": self.backlog_alarm.alarmed,
             "forwarded_rows": self.forwarded_rows,
             "published_messages": self.published_messages,
             "inflight_messages": self._inflight,
@@ -638,6 +641,7 @@ class Forwarder:
         while True:
             with contextlib.suppress(Exception):
                 self.backlog, self.oldest_age_s = await asyncio.to_thread(self._backlog_now)
+                await self.backlog_alarm.check(self.oldest_age_s, self.backlog, self._last_error, self.on_alarm)
             if self.catch_up and time.monotonic() - last_log >= 10.0:
                 last_log = time.monotonic()
                 log.info("catch_up_progress", backlog=self.backlog, oldest_age_s=self.oldest_age_s, forwarded=self.forwarded_rows)

@@ -17,6 +17,7 @@ a duplicate, never a gap.
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -167,3 +168,40 @@ def epoch(value: Any) -> float | None:
         return (d if d.tzinfo else d.replace(tzinfo=UTC)).timestamp()
     except ValueError:
         return None
+
+
+def oldest_age_s(reader: OutboxReader) -> float | None:
+    """(worker thread) Seconds since the oldest row the sink has not delivered was stored; None: nothing waits."""
+    first = reader.oldest_undelivered()
+    created = epoch(first.created_at) if first is not None else None
+    return None if created is None else max(0.0, time.time() - created)
+
+
+class BacklogAlarm:
+    """The sink's backlog-age alarm (config key `backlog_alarm_s` of every sink): once, when the oldest row the sink
+    has not delivered is older than the limit, the operator alarm `code`; re-armed (and logged) once the backlog is
+    back under it, so a later outage alarms again. A sink that keeps failing shows it already (its own alarm); this
+    one also catches the sink that delivers, but too slowly for the line's rate, and one that hangs silently."""
+
+    def __init__(self, sink: str, limit_s: float, code: str, where: str) -> None:
+        self.sink = sink
+        self.limit_s = limit_s
+        self.code = code
+        self.where = where
+        self.alarmed = False
+
+    async def check(self, age_s: float | None, backlog: int | None, last_error: str | None, on_alarm: Any) -> None:
+        late = age_s is not None and age_s > self.limit_s
+        if late and not self.alarmed:
+            self.alarmed = True
+            log.error("upstream_backlog_late", sink=self.sink, backlog_rows=backlog, oldest_age_s=round(age_s or 0.0, 1), limit_s=self.limit_s)
+            if on_alarm is None:
+                return
+            try:
+                await on_alarm(self.code, f"{self.where} ({self.sink}): {backlog if backlog is not None else 'some'} rows wait, the oldest "
+                                          f"since {age_s:.0f}s (> backlog_alarm_s {self.limit_s:g}s); last error: {last_error or 'none'}")
+            except Exception as exc:  # noqa: BLE001 - the alarm is a courtesy; the log line is already written
+                log.warning("upstream_backlog_alarm_failed", sink=self.sink, error=str(exc))
+        elif not late and self.alarmed:
+            self.alarmed = False
+            log.info("upstream_backlog_caught_up", sink=self.sink, backlog_rows=backlog)
