@@ -1428,6 +1428,30 @@ def default_config(driver: str, host: str = "127.0.0.1", port: int | None = None
     return ModbusTcpConfig(driver="modbus_tcp", host=host, port=port if port is not None else 1502, tags=DEFAULT_MODBUS_TAGS, **extra)
 
 
+def _opcua_security(args: argparse.Namespace) -> OpcuaSimSecurity | None:
+    """The secured OPC UA endpoint of a standalone simulator: Basic256Sha256 in the given mode, its certificate
+    generated on first start (as a real PLC's), optional user and password (then no anonymous session)."""
+    from pathlib import Path
+
+    from linectl.opcua_server import OpcuaServerError, ensure_certificate
+
+    cert, key = Path(args.opcua_certificate), Path(args.opcua_key)
+    try:
+        if ensure_certificate(cert, key, "urn:linectl:plcsim:server", args.host):
+            print(f"generated the simulator's certificate {cert} (key {key})", flush=True)
+    except (OSError, OpcuaServerError) as exc:
+        print(f"cannot use the simulator's certificate: {exc}", file=sys.stderr)
+        return None
+    users = None
+    if args.opcua_user:
+        password = os.environ.get(args.opcua_password_env or "", "")
+        if not password:
+            print("--opcua-user needs --opcua-password-env naming a set environment variable", file=sys.stderr)
+            return None
+        users = {args.opcua_user: password}
+    return OpcuaSimSecurity(certificate=str(cert), private_key=str(key), policies=(f"Basic256Sha256_{args.opcua_security}",), users=users)
+
+
 async def _amain(args: argparse.Namespace) -> int:
     if args.config:
         from linectl.config import load_config
@@ -1447,7 +1471,15 @@ async def _amain(args: argparse.Namespace) -> int:
             extra["serial"] = args.serial
         cfg = default_config(args.driver, args.host, args.port, **extra)
         name = args.driver
-    sim = PlcSim(name, cfg)
+    opcua = None
+    if args.opcua_security != "None":
+        if cfg.driver != "opcua":
+            print("--opcua-security is for an OPC UA PLC", file=sys.stderr)
+            return 2
+        opcua = _opcua_security(args)
+        if opcua is None:
+            return 2
+    sim = PlcSim(name, cfg, opcua=opcua)
     bound = await sim.start()
     print(f"{name}: listening on {bound}", flush=True)
     stop = asyncio.Event()
@@ -1467,6 +1499,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, help="standalone TCP port (default 1502 Modbus, 1102 S7, 4840 OPC UA)")
     p.add_argument("--serial", default="/tmp/linectl-plc-rtu", help="standalone RTU: symlink to the pty, or socket://host:port")
+    p.add_argument("--opcua-security", choices=["None", "Sign", "SignAndEncrypt"], default="None",
+                   help="OPC UA: offer only a Basic256Sha256 endpoint in this mode (default: an unsecured endpoint)")
+    p.add_argument("--opcua-certificate", default="plcsim-cert.der", help="OPC UA: the server's certificate (DER), generated when missing")
+    p.add_argument("--opcua-key", default="plcsim-key.pem", help="OPC UA: its private key (PEM, written 0600 when generated)")
+    p.add_argument("--opcua-user", help="OPC UA: the one user allowed (no anonymous session then)")
+    p.add_argument("--opcua-password-env", help="OPC UA: environment variable holding --opcua-user's password")
     args = p.parse_args(argv)
     if args.config and not args.device:
         p.error("--config needs --device")
