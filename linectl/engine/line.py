@@ -702,6 +702,10 @@ class Line:
         async with self._lock:
             handler = getattr(self, f"_cmd_{command.name}")
             try:
+                if isinstance(command, C.PackmlCmd):
+                    # whether an Unhold restarts the batch depends on the fault, which may have changed while this
+                    # command waited for the lock: checked again here, with no await before the handler decides
+                    self._check_signed(command, origin, principal, signatures)
                 was = changes_before(self, command)
                 result: dict[str, Any] = await handler(command, origin)
                 if signatures is not None:
@@ -736,17 +740,24 @@ class Line:
         channel without a signature path (PLC tags, OPC UA methods) cannot bypass it."""
         if principal is None and signatures is None and not isinstance(command, C.SignReview):
             return  # code in this process (the demo harness, a test): trusted as it is, like its actor
-        need = requirement(self.cfg.access.signatures, command) if self.cfg.access.enabled or isinstance(command, C.SignReview) else None
+        need = (requirement(self.cfg.access.signatures, command, starts_batch=self.restarts_batch(command))
+                if self.cfg.access.enabled or isinstance(command, C.SignReview) else None)
         if need is None:
             return
         who = principal.name if principal is not None else command.actor
         if signatures is None or (need.second_meaning is not None and signatures.second is None):
             what = "a second person's signature" if signatures is not None else "an electronic signature"
-            why = (f"{command.name} needs {what} (access.signatures {need.action})"
+            unhold = " (PackML Unhold of a line Held on an empty serial pool restarts the batch)" if self.restarts_batch(command) else ""
+            why = (f"{command.name} needs {what} (access.signatures {need.action}){unhold}"
                    + ("; a device cannot sign: send it from a user (MQTT, CLI)" if principal is not None and principal.kind == "device" else ""))
             if self.access_refusals.note("signature_required", origin, f"{who[:64]}: {command.name}"):
                 log.warning("signature_required", command=command.name, actor=who, origin=origin, action=need.action)
             raise C.CommandRejected(why, "signature_required")
+
+    def restarts_batch(self, command: Any) -> bool:
+        """A PackML Unhold of a line Held on a material fault (an empty serial pool): the fault stopped the batch, so
+        the Unhold runs start_batch and is held to its signature rule (README "Electronic signatures")."""
+        return isinstance(command, C.PackmlCmd) and command.cmd is P.PackmlCommand.Unhold and self.fault in P.HOLD_FAULTS
 
     async def _cmd_sign_review(self, c: C.SignReview, origin: str) -> dict[str, Any]:
         """The review of `c.lot` built again now: signed only when its digest is the one the signer's document shows."""
@@ -1272,7 +1283,7 @@ class Line:
                 acting = S.Holding if cmd is K.Hold else S.Suspending
                 await self._packml_acting(acting, self._cmd_pause_batch(C.PauseBatch(actor=c.actor), origin))
         elif cmd is K.Unhold:
-            if self.fault in P.HOLD_FAULTS:
+            if self.fault in P.HOLD_FAULTS:  # (restarts_batch: execute() checked its signature just before, no await between)
                 await self._cmd_reset(C.ResetLine(actor=c.actor), origin)
                 pm.stop_reason = None
                 await self._packml_acting(S.Unholding, self._cmd_start_batch(C.StartBatch(actor=c.actor), origin))
