@@ -25,7 +25,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from engine_helpers import db_query, sim, simulated_line, state_of, unique_root, wait_for, wait_good
+from engine_helpers import belt_empty, db_query, lot_events_from_db, sim, simulated_line, state_of, unique_root, wait_for, wait_good
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import ValidationError
@@ -238,13 +238,14 @@ def refused(reply: dict[str, Any], code: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def line(tmp_path: Path, *, products: list[dict[str, Any]] | None = None, **packml: Any) -> AsyncIterator[tuple[Any, Client]]:
+async def line(tmp_path: Path, *, products: list[dict[str, Any]] | None = None, defect_rate: float = 0.0,
+               **packml: Any) -> AsyncIterator[tuple[Any, Client]]:
     overrides: dict[str, Any] = {"mqtt": {"topic_root": unique_root(), "protocol": "5"}}
     if products is not None:
         overrides["products"] = products
     if packml:
         overrides["packml"] = packml
-    async with simulated_line(tmp_path, rate=600.0, overrides=overrides) as sl:
+    async with simulated_line(tmp_path, rate=600.0, defect_rate=defect_rate, overrides=overrides) as sl:
         b = sl.daemon.upstream[0]
         assert isinstance(b, MqttBridge)
         await wait_for(lambda: b.status()["connected"], 15, "the bridge to connect")
@@ -516,3 +517,35 @@ async def test_stop_reason_is_the_operators_first_out(tmp_path: Path) -> None:
         assert st["consequences"][0]["code"] == "reject_not_confirmed", st
         await op.state_is(PackmlState.Aborted)
         await sim(sl, cmd="set", device="plc1", tags={"estop": False})
+
+
+async def test_admin_counters_are_the_stores_and_the_simulators(tmp_path: Path) -> None:
+    """After a batch with defects, packml/admin's counters against independent records: GoodCount and
+    ProdConsumedCount against the store file's serials of the lot (commissioned; commissioned + decommissioned),
+    ProdDefectiveCount and DefectiveByReason against the stored decommissionings by reason (those never printed, reason
+    line_stopped, were no unit) and against the simulator's truth of what the gate rejected."""
+    from collections import Counter
+
+    from linectl.events import UnitDecommissioned
+
+    async with line(tmp_path, defect_rate=0.15) as (sl, op):
+        ok(await op.send("create_batch", create_payload(sl, 100_000)))
+        ok(await op.packml_cmd("Reset"))
+        ok(await op.packml_cmd("Start"))
+        await wait_good(sl, 60)
+        ok(await op.packml_cmd("Stop"))
+        await op.state_is(PackmlState.Stopped)
+        await belt_empty(sl)
+        truth = await sl.truth()
+        lot = sl.line.batch.lot
+        states = dict(db_query(sl.db, "SELECT state, count(*) FROM serials WHERE lot=? GROUP BY state", (lot,)))
+        rejected = Counter(e.reason.value for e in lot_events_from_db(sl.db, lot)
+                           if isinstance(e, UnitDecommissioned) and e.reason.value != "line_stopped")
+        assert sum(rejected.values()) > 5, rejected  # defect_rate 0.15: there are defects to count
+        admin = await wait_for(lambda: (a := op.packml.get("admin")) and a["GoodCount"] == states.get("commissioned") and a, 10,
+                               "packml/admin with the final counts")
+        assert admin["GoodCount"] == states["commissioned"] == truth["passed"], (admin, states, truth)
+        assert admin["ProdConsumedCount"] == states["commissioned"] + states.get("decommissioned", 0), (admin, states)
+        assert admin["DefectiveByReason"] == dict(rejected), (admin, rejected)
+        assert admin["ProdDefectiveCount"] == sum(rejected.values()) == truth["rejected"], (admin, truth)
+        assert admin["ProdProcessedCount"] == truth["passed"] + truth["rejected"]
