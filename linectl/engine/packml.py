@@ -219,10 +219,6 @@ class PackTags:
         }
 
 
-def now() -> float:
-    return time.time()
-
-
 __all__ = [
     "ACTING",
     "ALLOWED",
