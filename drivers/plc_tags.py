@@ -66,7 +66,14 @@ PACKML_RESULT_UNKNOWN_COMMAND = 3  # CntrlCmd holds no PackML command number: no
 PACKML_RESULT_REFUSED = 4  # allowed by PackML, refused by the line (fault active, no batch, device down...): nothing changed
 PACKML_RESULT_CHANGED = 5  # CntrlCmd changed while the command ran: the first value was executed, the new one was not
 PACKML_RESULT_STALE = 6  # the request was already up when linectl started: not executed (send it again)
-_PACKML_BOOL_OK = ("packml_cmd_change_request", "packml_unit_mode_change_request", "packml_blocked", "packml_starved")
+#: PLC -> linectl, optional and polled: the equipment around the line as the PLC sees it (README "PackTags on the PLC").
+#: downstream_blocked: the machine after the line takes no product (Status.EquipmentBlocked; a running line is
+#: Suspended); infeed_starved: no product at the infeed (Status.EquipmentStarved, beside linectl's own
+#: packml.starved_after_s timer; Suspended). Both resume by themselves when the PLC clears them.
+PACKML_BLOCKED_INPUT = "downstream_blocked"
+PACKML_STARVED_INPUT = "infeed_starved"
+PACKML_EQUIPMENT_INPUTS = (PACKML_BLOCKED_INPUT, PACKML_STARVED_INPUT)
+_PACKML_BOOL_OK = ("packml_cmd_change_request", "packml_unit_mode_change_request", "packml_blocked", "packml_starved", *PACKML_EQUIPMENT_INPUTS)
 
 #: tags linectl writes (so they must live in a writable area)
 ENGINE_WRITES = ENGINE_WRITTEN | {"cmd_start", "cmd_stop", "cmd_pause", "cmd_reset"} | {PACKML_CMD_CHANGE_REQUEST, PACKML_UNIT_MODE_CHANGE_REQUEST}
@@ -496,7 +503,7 @@ def check_packml_tags(tags: dict[str, Any]) -> None:
     if PACKML_CMD_RESULT in tags and PACKML_CNTRL_CMD not in tags and PACKML_UNIT_MODE not in tags:
         raise ValueError(f"{PACKML_CMD_RESULT} without {PACKML_CNTRL_CMD} or {PACKML_UNIT_MODE}: no request it could answer")
     for name in (PACKML_CNTRL_CMD, PACKML_CMD_CHANGE_REQUEST, PACKML_UNIT_MODE, PACKML_UNIT_MODE_CHANGE_REQUEST, PACKML_CMD_RESULT,
-                 *PACKML_STATUS_TAGS):
+                 *PACKML_STATUS_TAGS, *PACKML_EQUIPMENT_INPUTS):
         spec = tags.get(name)
         if spec is None:
             continue
@@ -504,7 +511,8 @@ def check_packml_tags(tags: dict[str, Any]) -> None:
         if spec.count != 1 or not (spec.type in _INT_RANGE or (is_bool and name in _PACKML_BOOL_OK)):
             kinds = "a bool or a single integer" if name in _PACKML_BOOL_OK else "a single integer (uint16 / INT / UDINT / Int32 ...)"
             raise ValueError(f"PackML tag {name} must be {kinds}, not {spec.type}" + (f"[{spec.count}]" if spec.count != 1 else ""))
-    for n in (PACKML_CNTRL_CMD, PACKML_CMD_CHANGE_REQUEST, PACKML_UNIT_MODE, PACKML_UNIT_MODE_CHANGE_REQUEST, CASE_TRIGGER):
+    for n in (PACKML_CNTRL_CMD, PACKML_CMD_CHANGE_REQUEST, PACKML_UNIT_MODE, PACKML_UNIT_MODE_CHANGE_REQUEST, CASE_TRIGGER,
+              *PACKML_EQUIPMENT_INPUTS):
         if n in tags and not polled(n, tags[n]):
             raise ValueError(f"{n} is written by the PLC for linectl to act on: it cannot be poll: false")
 

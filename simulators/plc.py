@@ -147,6 +147,8 @@ PACKML_MODBUS_TAGS: dict[str, dict[str, Any]] = {
     "packml_stop_reason": {"table": "holding", "address": 48, "type": "int32"},
     "packml_prod_processed_count": {"table": "holding", "address": 50, "type": "int32"},
     "packml_prod_defective_count": {"table": "holding", "address": 52, "type": "int32"},
+    "downstream_blocked": {"table": "coil", "address": 20, "type": "bool"},
+    "infeed_starved": {"table": "coil", "address": 21, "type": "bool"},
 }
 PACKML_S7_TAGS: dict[str, dict[str, Any]] = {
     "packml_cmd_change_request": {"db": 1, "offset": "1.1", "type": "BOOL"},
@@ -161,6 +163,8 @@ PACKML_S7_TAGS: dict[str, dict[str, Any]] = {
     "packml_stop_reason": {"db": 1, "offset": "822", "type": "DINT"},
     "packml_prod_processed_count": {"db": 1, "offset": "826", "type": "DINT"},
     "packml_prod_defective_count": {"db": 1, "offset": "830", "type": "DINT"},
+    "downstream_blocked": {"db": 1, "offset": "1.5", "type": "BOOL"},
+    "infeed_starved": {"db": 1, "offset": "1.6", "type": "BOOL"},
 }
 _PT = "nsu=urn:linectl:plcsim;s=PackTags."
 PACKML_OPCUA_TAGS: dict[str, dict[str, Any]] = {
@@ -176,6 +180,8 @@ PACKML_OPCUA_TAGS: dict[str, dict[str, Any]] = {
     "packml_stop_reason": {"node": _PT + "Admin.StopReason.ID", "type": "Int32", "writable": True},
     "packml_prod_processed_count": {"node": _PT + "Admin.ProdProcessedCount", "type": "Int32", "writable": True},
     "packml_prod_defective_count": {"node": _PT + "Admin.ProdDefectiveCount", "type": "Int32", "writable": True},
+    "downstream_blocked": {"node": _NSU + "DownstreamBlocked", "type": "Boolean"},
+    "infeed_starved": {"node": _NSU + "InfeedStarved", "type": "Boolean"},
 }
 #: the PLC program's two request kinds: (value tag, its change request)
 _PACKML_REQUESTS = {"cntrl_cmd": ("packml_cntrl_cmd", "packml_cmd_change_request"), "unit_mode": ("packml_unit_mode", "packml_unit_mode_change_request")}
@@ -183,7 +189,11 @@ PACKML_TAGS = {"modbus_tcp": PACKML_MODBUS_TAGS, "modbus_rtu": PACKML_MODBUS_TAG
 
 #: drop_subscriptions (OPC UA only): the server deletes every client subscription at once, as a PLC short of resources
 #: or after a program download does; the sessions stay up and say nothing (asyncua's client then stops publishing)
-FAULTS = ("disconnect", "slow", "heartbeat_stop", "gate_jam", "confirm_lost", "estop", "plc_restart", "drop_subscriptions")
+FAULTS = ("disconnect", "slow", "heartbeat_stop", "gate_jam", "confirm_lost", "estop", "plc_restart", "drop_subscriptions",
+          "downstream_blocked", "infeed_empty")
+#: material faults around the line: the PLC holds the infeed (no product enters; units already on the belt run on to
+#: the gate) and shows it in its input tag for the controller, when mapped (README "PackTags on the PLC")
+MATERIAL_FAULTS = {"downstream_blocked": "downstream_blocked", "infeed_empty": "infeed_starved"}
 #: tags a warm restart keeps (retentive memory); a cold restart clears everything but plc_epoch
 RETENTIVE = frozenset({"trigger_count", "pass_total", "reject_total", "gate_reject_total", "verdict_ring", "reject_ring", "plc_epoch", "case_seq",
     "case_result"})
@@ -998,6 +1008,9 @@ class PlcSim:
         self.heartbeat_timeout_s = getattr(cfg, "heartbeat_timeout_s", 2.0)
         self.controller_alive = False
         self.estop = False
+        #: material conditions now (fault injected, or the input tag set from the field): fault kind -> active
+        self.material: dict[str, bool] = dict.fromkeys(MATERIAL_FAULTS, False)
+        self._material_fault_was: dict[str, bool] = dict.fromkeys(MATERIAL_FAULTS, False)
         self.line_mode = MODE_IDLE
         self.line_running = False
         self._ctl_value: Any = None
@@ -1086,7 +1099,7 @@ class PlcSim:
             if not self.faults.active("heartbeat_stop") and self.has("heartbeat_plc"):
                 self._hb = not self._hb
                 self.set("heartbeat_plc", self._hb)
-        before = (self.controller_alive, self.estop, self.line_mode, self.line_running)
+        before = (self.controller_alive, self.estop, self.line_mode, self.line_running, tuple(self.material.values()))
         if self.has("heartbeat_ctl"):
             v = self.get("heartbeat_ctl")
             if v != self._ctl_value:
@@ -1112,9 +1125,15 @@ class PlcSim:
             self._estop_fault_was = fault_estop
         estop = bool(self.get("estop")) if self.has("estop") else False
         self.estop = estop or fault_estop
+        for kind, tag in MATERIAL_FAULTS.items():
+            active = self.faults.active(kind)
+            if self.has(tag) and active != self._material_fault_was[kind]:
+                self.set(tag, 1 if active else 0)  # the sensor the PLC wires to its input tag
+            self._material_fault_was[kind] = active
+            self.material[kind] = active or (bool(self.get(tag)) if self.has(tag) else False)
         self.line_mode = int(self.get("line_mode") or 0) if self.has("line_mode") else MODE_PRODUCTION
         self.line_running = bool(self.get("line_running")) if self.has("line_running") else True
-        if (self.controller_alive, self.estop, self.line_mode, self.line_running) != before:
+        if (self.controller_alive, self.estop, self.line_mode, self.line_running, tuple(self.material.values())) != before:
             for cb in list(self._listeners):
                 cb()
         if self.has("case_seq"):
@@ -1195,7 +1214,7 @@ class PlcSim:
         for tag in ("packml_cntrl_cmd", "packml_cmd_change_request", "packml_unit_mode", "packml_unit_mode_change_request",
                     "packml_cmd_result", "packml_state_current",
                     "packml_unit_mode_current", "packml_stop_reason", "packml_blocked", "packml_starved",
-                    "packml_prod_processed_count", "packml_prod_defective_count"):
+                    "packml_prod_processed_count", "packml_prod_defective_count", *MATERIAL_FAULTS.values()):
             if self.has(tag):
                 v = self.get(tag)
                 out[tag] = bool(v) if isinstance(v, bool) else int(v)
@@ -1229,6 +1248,8 @@ class PlcSim:
         """Line mode the infeed runs in: 0 = no product (serialization interlock), 1 challenge, 2 production."""
         if not self.belt_running() or not self.line_running or self.line_mode not in (MODE_CHALLENGE, MODE_PRODUCTION):
             return MODE_IDLE
+        if any(self.material.values()):
+            return MODE_IDLE  # downstream blocked or infeed empty: no product enters (the belt runs on to the gate)
         return self.line_mode
 
     def count_trigger(self) -> int:
@@ -1380,6 +1401,7 @@ class PlcSim:
             "listening": self.listening,
             "controller_alive": self.controller_alive,
             "estop": self.estop,
+            **{kind: on for kind, on in self.material.items()},
             "line_mode": self.line_mode,
             "line_running": self.line_running,
             "trigger_count": self.trigger_count,

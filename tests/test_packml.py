@@ -25,7 +25,7 @@ from typing import Any
 
 import aiomqtt
 import pytest
-from engine_helpers import db_query, sim, simulated_line, state_of, unique_root, wait_for, wait_good
+from engine_helpers import belt_empty, db_query, lot_events_from_db, sim, simulated_line, state_of, unique_root, wait_for, wait_good
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from pydantic import ValidationError
@@ -142,6 +142,8 @@ class Client:
         self.client = aiomqtt.Client("127.0.0.1", port, protocol=V5, identifier=f"pml-{uuid.uuid4().hex[:8]}")
         self.replies: dict[bytes, dict[str, Any]] = {}
         self.packml: dict[str, dict[str, Any]] = {}
+        #: the last `<root>/state` (the operators' view), to compare its stop_reason with packml/admin's StopReason
+        self.state: dict[str, Any] | None = None
         self.retained_seen: dict[str, bool] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -149,6 +151,7 @@ class Client:
         await self.client.__aenter__()
         await self.client.subscribe(self.reply_topic, qos=1)
         await self.client.subscribe(f"{self.root}/packml/+", qos=1)
+        await self.client.subscribe(f"{self.root}/state", qos=1)
         self._task = asyncio.create_task(self._listen())
         return self
 
@@ -165,6 +168,8 @@ class Client:
             if topic == self.reply_topic:
                 corr = m.properties.CorrelationData if m.properties is not None else b""
                 self.replies[bytes(corr)] = json.loads(m.payload)
+            elif topic == f"{self.root}/state":
+                self.state = json.loads(m.payload)
             else:
                 group = topic.rsplit("/", 1)[1]
                 self.packml[group] = json.loads(m.payload)
@@ -187,6 +192,26 @@ class Client:
 
     async def packml_cmd(self, command: str | int) -> dict[str, Any]:
         return await self.send("packml_command", {"command": command})
+
+    async def stop_reasons_agree(self, code: str | None, timeout: float = 30.0) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        """Wait until packml/admin's StopReason and `<root>/state`'s stop_reason both name `code` (None: both null);
+        -> (StopReason, stop_reason)."""
+
+        def seen() -> tuple[Any, Any] | None:
+            admin, state = self.packml.get("admin"), self.state
+            if admin is None or state is None:
+                return None
+            pk, op = admin["StopReason"], state["stop_reason"]
+            if (pk["Code"] if pk else None) == code and (op["code"] if op else None) == code:
+                return pk, op
+            return None
+
+        try:
+            return await wait_for(seen, timeout, f"StopReason {code} on packml/admin and state")  # type: ignore[no-any-return]
+        except AssertionError:
+            admin, state = self.packml.get("admin") or {}, self.state or {}
+            raise AssertionError(f"packml/admin StopReason {admin.get('StopReason')}, state stop_reason {state.get('stop_reason')}; "
+                                 f"want {code}") from None
 
     async def state_is(self, state: PackmlState, timeout: float = 30.0) -> dict[str, Any]:
         def seen() -> dict[str, Any] | None:
@@ -213,13 +238,14 @@ def refused(reply: dict[str, Any], code: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def line(tmp_path: Path, *, products: list[dict[str, Any]] | None = None, **packml: Any) -> AsyncIterator[tuple[Any, Client]]:
+async def line(tmp_path: Path, *, products: list[dict[str, Any]] | None = None, defect_rate: float = 0.0,
+               **packml: Any) -> AsyncIterator[tuple[Any, Client]]:
     overrides: dict[str, Any] = {"mqtt": {"topic_root": unique_root(), "protocol": "5"}}
     if products is not None:
         overrides["products"] = products
     if packml:
         overrides["packml"] = packml
-    async with simulated_line(tmp_path, rate=600.0, overrides=overrides) as sl:
+    async with simulated_line(tmp_path, rate=600.0, defect_rate=defect_rate, overrides=overrides) as sl:
         b = sl.daemon.upstream[0]
         assert isinstance(b, MqttBridge)
         await wait_for(lambda: b.status()["connected"], 15, "the bridge to connect")
@@ -449,3 +475,77 @@ async def test_empty_serial_pool_holds_and_unhold_resumes(tmp_path: Path) -> Non
         await wait_good(sl, good + 5)
         ok(await op.packml_cmd("Stop"))
         await op.state_is(PackmlState.Stopped)
+
+
+async def test_stop_reason_is_the_operators_first_out(tmp_path: Path) -> None:
+    """PackML StopReason (packml/admin) and `<root>/state`'s stop_reason come from one first-out: an e-stop while Held
+    is the cause of the Aborted line (not the Hold), and an e-stop behind the unconfirmed reject it caused takes over
+    from it in both."""
+    async with line(tmp_path) as (sl, op):
+        ok(await op.send("create_batch", create_payload(sl, 100_000)))
+        ok(await op.packml_cmd("Reset"))
+        ok(await op.packml_cmd("Start"))
+        await wait_good(sl, 5)
+        await op.stop_reasons_agree(None)
+        ok(await op.packml_cmd("Hold"))
+        await op.state_is(PackmlState.Held)
+        pk, _ = await op.stop_reasons_agree("pause")
+        assert pk is not None and pk["ID"] == 0
+
+        # e-stop while Held: Aborted, and the cause both show is the e-stop, ID its alarm code
+        await sim(sl, cmd="set", device="plc1", tags={"estop": True})
+        await op.state_is(PackmlState.Aborted)
+        pk, st = await op.stop_reasons_agree("estop")
+        assert pk is not None and st is not None and pk["ID"] == 31 and pk["Message"] == st["message"]
+        assert sl.line.packtags().stop_reason is not None and sl.line.packtags().stop_reason.id == 31  # the PLC tag's value
+        await sim(sl, cmd="set", device="plc1", tags={"estop": False})
+        await asyncio.sleep(0.5)
+        ok(await op.packml_cmd("Clear"))
+        await op.state_is(PackmlState.Stopped)
+        await op.stop_reasons_agree("estop")  # a reset: the line has not run since, the cause stays shown in both
+
+        ok(await op.packml_cmd("Reset"))
+        ok(await op.packml_cmd("Start"))
+        await op.state_is(PackmlState.Execute)
+        await op.stop_reasons_agree(None)
+        await wait_good(sl, sl.line.batch.good_total() + 5)
+        # an unconfirmed reject stops the line, then the e-stop that caused it is seen: the root cause takes over
+        await sl.line.fault_stop("reject_not_confirmed", "reject of unit 12 not confirmed within 2.00s", "pv1")
+        await sim(sl, cmd="set", device="plc1", tags={"estop": True})
+        pk, st = await op.stop_reasons_agree("estop", timeout=60)
+        assert pk is not None and st is not None and pk["ID"] == 31
+        assert st["consequences"][0]["code"] == "reject_not_confirmed", st
+        await op.state_is(PackmlState.Aborted)
+        await sim(sl, cmd="set", device="plc1", tags={"estop": False})
+
+
+async def test_admin_counters_are_the_stores_and_the_simulators(tmp_path: Path) -> None:
+    """After a batch with defects, packml/admin's counters against independent records: GoodCount and
+    ProdConsumedCount against the store file's serials of the lot (commissioned; commissioned + decommissioned),
+    ProdDefectiveCount and DefectiveByReason against the stored decommissionings by reason (those never printed, reason
+    line_stopped, were no unit) and against the simulator's truth of what the gate rejected."""
+    from collections import Counter
+
+    from linectl.events import UnitDecommissioned
+
+    async with line(tmp_path, defect_rate=0.15) as (sl, op):
+        ok(await op.send("create_batch", create_payload(sl, 100_000)))
+        ok(await op.packml_cmd("Reset"))
+        ok(await op.packml_cmd("Start"))
+        await wait_good(sl, 60)
+        ok(await op.packml_cmd("Stop"))
+        await op.state_is(PackmlState.Stopped)
+        await belt_empty(sl)
+        truth = await sl.truth()
+        lot = sl.line.batch.lot
+        states = dict(db_query(sl.db, "SELECT state, count(*) FROM serials WHERE lot=? GROUP BY state", (lot,)))
+        rejected = Counter(e.reason.value for e in lot_events_from_db(sl.db, lot)
+                           if isinstance(e, UnitDecommissioned) and e.reason.value != "line_stopped")
+        assert sum(rejected.values()) > 5, rejected  # defect_rate 0.15: there are defects to count
+        admin = await wait_for(lambda: (a := op.packml.get("admin")) and a["GoodCount"] == states.get("commissioned") and a, 10,
+                               "packml/admin with the final counts")
+        assert admin["GoodCount"] == states["commissioned"] == truth["passed"], (admin, states, truth)
+        assert admin["ProdConsumedCount"] == states["commissioned"] + states.get("decommissioned", 0), (admin, states)
+        assert admin["DefectiveByReason"] == dict(rejected), (admin, rejected)
+        assert admin["ProdDefectiveCount"] == sum(rejected.values()) == truth["rejected"], (admin, truth)
+        assert admin["ProdProcessedCount"] == truth["passed"] + truth["rejected"]

@@ -304,6 +304,13 @@ def test_tag_map_refuses_a_half_handshake_and_wrong_types() -> None:
         cfg({**PACKML_TAGS["modbus_tcp"], "packml_cmd_change_request": {"table": "discrete", "address": 0, "type": "bool"}})
     with pytest.raises(ValueError, match="cannot be poll: false"):
         cfg({**PACKML_TAGS["modbus_tcp"], "packml_cntrl_cmd": {"table": "holding", "address": 40, "type": "int32", "poll": False}})
+    # the equipment inputs: optional, each alone; a bool or an integer the PLC writes, polled
+    assert "downstream_blocked" in cfg({"downstream_blocked": {"table": "discrete", "address": 3, "type": "bool"}}).tags
+    assert "infeed_starved" in cfg({"infeed_starved": {"table": "input", "address": 3, "type": "uint16"}}).tags
+    with pytest.raises(ValueError, match="infeed_starved must be a bool or a single integer"):
+        cfg({"infeed_starved": {"table": "holding", "address": 10, "type": "float32"}})
+    with pytest.raises(ValueError, match="downstream_blocked is written by the PLC.*poll: false"):
+        cfg({"downstream_blocked": {"table": "coil", "address": 30, "type": "bool", "poll": False}})
 
 
 async def test_request_up_before_linectl_looked_is_not_run(fake_line: Any) -> None:
@@ -348,3 +355,52 @@ async def test_request_up_before_linectl_looked_is_not_run(fake_line: Any) -> No
             await asyncio.gather(task, return_exceptions=True)
         await drv.stop()
         await plc.stop()
+
+
+@pytest.mark.parametrize("driver", ["modbus_tcp", "s7"])
+async def test_blocked_and_starved_from_the_plc(tmp_path: Path, driver: str) -> None:
+    """The simulated PLC's downstream machine blocks, then its infeed runs empty (faults downstream_blocked,
+    infeed_empty: the PLC holds the infeed and sets its input tag): the running line is Suspended with
+    EquipmentBlocked / EquipmentStarved on MQTT packml/status and on the PLC's own PackTags, and produces again by
+    itself when the fault clears. linectl's starved timer is off here, so Starved can only have come from the PLC."""
+    from tests.engine_helpers import unique_root
+    from tests.test_packml import Client, create_payload, ok, refused
+
+    overrides = {"mqtt": {"topic_root": unique_root(), "protocol": "5"}, "packml": {"starved_after_s": 0}}
+    async with simulated_line(tmp_path, base=packml_line(tmp_path, driver), rate=900, overrides=overrides) as sl:
+        async with Client(sl.cfg.mqtt.port, sl.cfg.topic_root) as op:
+            ok(await op.send("create_batch", create_payload(sl, 100_000)))
+            ok(await op.packml_cmd("Reset"))
+            ok(await op.packml_cmd("Start"))
+            st = await op.state_is(S.Execute)
+            assert st["EquipmentBlocked"] is False and st["EquipmentStarved"] is False
+            await wait_good(sl, 10)
+
+            for fault, flag, other in (("downstream_blocked", "EquipmentBlocked", "EquipmentStarved"),
+                                       ("infeed_empty", "EquipmentStarved", "EquipmentBlocked")):
+                await sim(sl, cmd="inject", device="plc1", fault=fault, duration_s=60)
+                st = await op.state_is(S.Suspended)
+                assert st[flag] is True and st[other] is False, st
+                assert state_of(sl) == "running" and sl.line.fault is None  # no fault: material, not the machine
+                # the PLC program reads the same on its PackTags
+                tag = "packml_blocked" if flag == "EquipmentBlocked" else "packml_starved"
+                await wait_async(lambda tag=tag: _plc_tag(sl, tag, True), 10, f"{tag} on the PLC")  # type: ignore[misc]
+                await plc_state(sl, S.Suspended)
+                refused(await op.packml_cmd("Unsuspend"), "starved")  # it produces again by itself
+                # the simulator's truth: no product entered while the PLC held the infeed
+                fed = {k: c["fed"] for k, c in (await sim(sl, cmd="status"))["conveyors"].items()}
+                await asyncio.sleep(1.0)
+                assert {k: c["fed"] for k, c in (await sim(sl, cmd="status"))["conveyors"].items()} == fed
+                good = sl.line.batch.good_total()
+                await sim(sl, cmd="inject", device="plc1", fault="clear")
+                st = await op.state_is(S.Execute)
+                assert st["EquipmentBlocked"] is False and st["EquipmentStarved"] is False
+                await wait_good(sl, good + 10)
+                await plc_state(sl, S.Execute)
+                await wait_async(lambda tag=tag: _plc_tag(sl, tag, False), 10, f"{tag} cleared on the PLC")  # type: ignore[misc]
+            ok(await op.packml_cmd("Stop"))
+            await op.state_is(S.Stopped)
+
+
+async def _plc_tag(sl: Any, tag: str, want: Any) -> bool:
+    return bool((await plc_packml(sl)).get(tag) == want)

@@ -8,6 +8,7 @@ read with sqlite3 directly, not through linectl.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import subprocess
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from engine_helpers import REPO
+from engine_helpers import REPO, wait_for
 
 from linectl import control as C
 from linectl.access.gate import Access
@@ -108,6 +109,10 @@ def test_every_default_action_maps_to_its_rule():
         assert req is not None and req.action in (action, "users_admin") and req.meaning == DEFAULT_SIGNED[req.action], action
     # the PackML Start is the same decision as start_batch; a batch with its challenge, a remove, a pause: unsigned
     assert signed_actions(COMMAND_ADAPTER.validate_python({"name": "packml_command", "command": "Start"})) == ("start_batch",)
+    # an Unhold is one only where it restarts the batch (the line says when: Line.restarts_batch)
+    unhold = COMMAND_ADAPTER.validate_python({"name": "packml_command", "command": "Unhold"})
+    assert signed_actions(unhold) == ("packml_command",) and requirement(rules, unhold) is None
+    assert signed_actions(unhold, starts_batch=True) == ("start_batch",)
     for body in ({"name": "create_batch", "lot": "L", "gtin": "09501101530003", "expiry": "301231", "planned_qty": 5},
                  {"name": "rework", "operation": "remove", "code": "x", "actor": "op"}, {"name": "pause_batch"}):
         assert requirement(rules, COMMAND_ADAPTER.validate_python(body, context=AUTHENTICATED)) is None
@@ -360,3 +365,65 @@ def test_offline_recall_mark_and_serials_import_are_signed(tmp_path):
     assert rows(db, "SELECT record_ref, record_digest, signer, meaning FROM signatures WHERE signer='qa'") == \
         [(f"audit:{rec[0][0]}", rec[0][2], "qa", "approved")]
     assert cli("audit", "verify", "-c", str(cfg), env={}).returncode == 0
+
+
+async def test_packml_unhold_that_restarts_a_batch_is_signed_as_start_batch(make_fake_line, store, tmp_path):
+    """A line Held on an empty serial pool (fault no_serials: the fault stopped the batch) restarts its batch on a
+    PackML Unhold, which runs start_batch: start_batch's signature rule holds for it on every channel. Negative
+    control: an Unhold of a line held by a command (paused) resumes it, and needs no signature."""
+    from engine_helpers import DEFAULT_CONFIG
+
+    from linectl.engine.packml import PackmlState
+    from linectl.yamlsource import load_yaml, to_plain
+
+    raw = to_plain(load_yaml(DEFAULT_CONFIG))
+    raw["products"] = raw["products"][:1]
+    raw["products"][0]["serials"] = {"scheme": "pool", "low_water": 0}
+    base = tmp_path / "pool.yaml"
+    base.write_text(json.dumps(raw))  # (JSON is YAML)
+    fl = await make_fake_line(base=base)
+    rig = Rig(fl, store)
+    await rig.users()
+    gtin = fl.line.cfg.products[0].gtin
+    # one block of serials (print_verify SERIAL_BLOCK, 256) and a few: the refill after half of it finds the pool dry
+    assert (await store.provision(gtin, [str(5_000_000 + i) for i in range(260)], source="test")).accepted == 260
+    await fl.start_batch(units=100_000)
+    for _ in range(260):  # the allocator's PoolExhausted stops the line (Line.task_crashed: fault no_serials)
+        if fl.line.fault is not None:
+            break
+        with contextlib.suppress(AssertionError):
+            await fl.unit()
+    await wait_for(lambda: fl.line.fault == "no_serials" and fl.line.packtags().state is PackmlState.Held, 10, "Held on no_serials")
+    await fl.wait_stopped()
+    assert await store.provision(gtin, [str(6_000_000 + i) for i in range(50)], source="test")
+    unhold = C.PackmlCmd(command="Unhold", actor="op")
+
+    # a PLC's PackML handshake (a device cannot sign), an OPC UA method and an unsigned MQTT command: refused
+    plc = device_principal(rig.line.cfg.access, "plc:plc1")
+    with pytest.raises(CommandRejected) as info:
+        await rig.line.execute(C.PackmlCmd(command="Unhold", actor="plc"), "plc:plc1", principal=plc)
+    assert info.value.code == "signature_required" and "start_batch" in info.value.reason and "a device cannot sign" in info.value.reason
+    ua = await rig.access.authenticate("op", PW["op"], channel="opcua", origin="opcua:scada")
+    with pytest.raises(CommandRejected) as info:
+        await rig.line.execute(unhold, "opcua:scada", principal=ua)
+    assert info.value.code == "signature_required" and "empty serial pool" in info.value.reason
+    await rig.refused("signature_required", unhold, "op")
+    # a signature with another meaning than start_batch's: refused at the channel
+    await rig.refused("wrong_meaning", unhold, "op", sig("op", meaning="approved"))
+    assert fl.line.fault == "no_serials" and fl.state == "stopped"  # nothing ran
+    assert fl.line.packtags().state is PackmlState.Held
+    db = Path(store.path)
+    assert not rows(db, "SELECT 1 FROM audit WHERE action='packml_command'")
+
+    # signed over MQTT: restarts, and the signature is written with the command's record as start_batch's would be
+    r = await rig.send(unhold, "op", sig("op"))
+    assert r["signature"]["meaning"] == "performed" and r["state"] == "Execute", r
+    assert fl.state == "running" and fl.line.fault is None
+    got = rows(db, "SELECT s.signer, s.meaning, a.action FROM signatures s JOIN audit a ON s.record_ref = 'audit:' || a.seq")
+    assert got == [("op", "performed", "packml_command")]
+
+    # negative control: Hold then Unhold from the PLC, no signature: a pause and a resume, not a start
+    r = await rig.line.execute(C.PackmlCmd(command="Hold", actor="plc"), "plc:plc1", principal=plc)
+    assert r["state"] == "Held" and fl.state == "paused"
+    r = await rig.line.execute(C.PackmlCmd(command="Unhold", actor="plc"), "plc:plc1", principal=plc)
+    assert r["state"] == "Execute" and fl.state == "running"

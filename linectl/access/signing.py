@@ -88,8 +88,17 @@ class Requirement:
     second_meaning: str | None
 
 
-def signed_actions(command: Any) -> tuple[str, ...]:
-    """The rule names of a command, the most specific first (rework.decommission before rework)."""
+#: PackML commands that start the batch in some states only: an Unhold of a line Held on an empty serial pool
+#: restarts the batch that fault stopped (it runs start_batch), an Unhold of a paused line resumes it. The line says
+#: which (Line.restarts_batch) and holds such an Unhold to start_batch's rule then; a channel checks a signature
+#: given with one against that rule.
+MAY_START_BATCH = ("Unhold",)
+
+
+def signed_actions(command: Any, *, starts_batch: bool = False) -> tuple[str, ...]:
+    """The rule names of a command, the most specific first (rework.decommission before rework).
+
+    `starts_batch`: the command (a PackML Unhold, MAY_START_BATCH) starts the batch in the line's state now."""
     name = str(command.name)
     if name == "create_batch" and command.challenge is False:
         return ("create_batch.no_challenge", name)
@@ -97,18 +106,20 @@ def signed_actions(command: Any) -> tuple[str, ...]:
         return (f"rework.{command.operation}", name)
     if name == "users_admin":
         return (f"users_admin.{command.action}", name)
-    if name == "packml_command" and command.command == "Start":
-        return ("start_batch",)  # PackML Start starts the batch: the same decision
+    if name == "packml_command" and (command.command == "Start" or (starts_batch and command.command in MAY_START_BATCH)):
+        return ("start_batch",)  # PackML Start (an Unhold that restarts) starts the batch: the same decision
     if name == "provision_pool" and command.l3_answer:
         return ()  # the L3 service account's answer to the line's own request (marked by the MQTT bridge only)
     return (name,)
 
 
-def requirement(rules: SignatureRules, command: Any) -> Requirement | None:
-    """The signature `command` needs under `rules`, or None. A review (sign_review) always needs one."""
+def requirement(rules: SignatureRules, command: Any, *, starts_batch: bool = False) -> Requirement | None:
+    """The signature `command` needs under `rules`, or None. A review (sign_review) always needs one.
+
+    `starts_batch`: see signed_actions (the line knows it; a channel cannot)."""
     if command.name == REVIEW_COMMAND:
         return Requirement(REVIEW_COMMAND, None, rules.four_eyes.get(REVIEW_COMMAND))
-    for action in signed_actions(command):
+    for action in signed_actions(command, starts_batch=starts_batch):
         if action in rules.required:
             return Requirement(action, rules.required[action], rules.four_eyes.get(action))
     return None
@@ -166,7 +177,10 @@ async def sign(access: Access, command: Any, principal: Principal | None, first:
         why = permits(principal, command)
         if why is not None:
             raise access.deny("forbidden", why, origin, who)
-    req = requirement(access.cfg.signatures, command) if access.enabled or command.name == REVIEW_COMMAND else None
+    # a signature given with a command that may start the batch (a PackML Unhold) is one of start_batch's; given none,
+    # the channel lets it pass and the line refuses it if it does start the batch now (Line._check_signed)
+    req = (requirement(access.cfg.signatures, command, starts_batch=first is not None)
+           if access.enabled or command.name == REVIEW_COMMAND else None)
     if first is None:
         if second is not None:
             raise access.deny("invalid_signature", "second_signature without signature", origin, who)

@@ -360,7 +360,6 @@ class Line:
         log.critical("store_refuses_writes", error=self.store_down)
         await self.infeed_idle_now()
         self._promote_first_out("store_error", f"the store refuses writes: {self.store_down}")  # the cause operators must see
-        self.packml.latch_stop(ALARM_CODES["store_error"], "store_error", self.store_down)
         self._fault_codes.add("store_error")
         if self._store_retry is None or self._store_retry.done():
             self._store_retry = asyncio.create_task(self._retry_store(), name="store_retry")
@@ -486,7 +485,6 @@ class Line:
         else:  # the line runs, or stands for a command (pause, stop) or a fault already reset: this fault is the cause now
             self.first_out = FirstOut(code, message[:500], _now_iso())
         self._fault_codes.add(code)
-        self.packml.latch_stop(ALARM_CODES.get(code, 99), code, message)
         self._faulting = True  # the alarm append awaits: a second fault meanwhile must not start a second stop
         try:
             await self.alarm(code, message, Severity.CRITICAL, station)
@@ -702,6 +700,10 @@ class Line:
         async with self._lock:
             handler = getattr(self, f"_cmd_{command.name}")
             try:
+                if isinstance(command, C.PackmlCmd):
+                    # whether an Unhold restarts the batch depends on the fault, which may have changed while this
+                    # command waited for the lock: checked again here, with no await before the handler decides
+                    self._check_signed(command, origin, principal, signatures)
                 was = changes_before(self, command)
                 result: dict[str, Any] = await handler(command, origin)
                 if signatures is not None:
@@ -736,17 +738,24 @@ class Line:
         channel without a signature path (PLC tags, OPC UA methods) cannot bypass it."""
         if principal is None and signatures is None and not isinstance(command, C.SignReview):
             return  # code in this process (the demo harness, a test): trusted as it is, like its actor
-        need = requirement(self.cfg.access.signatures, command) if self.cfg.access.enabled or isinstance(command, C.SignReview) else None
+        need = (requirement(self.cfg.access.signatures, command, starts_batch=self.restarts_batch(command))
+                if self.cfg.access.enabled or isinstance(command, C.SignReview) else None)
         if need is None:
             return
         who = principal.name if principal is not None else command.actor
         if signatures is None or (need.second_meaning is not None and signatures.second is None):
             what = "a second person's signature" if signatures is not None else "an electronic signature"
-            why = (f"{command.name} needs {what} (access.signatures {need.action})"
+            unhold = " (PackML Unhold of a line Held on an empty serial pool restarts the batch)" if self.restarts_batch(command) else ""
+            why = (f"{command.name} needs {what} (access.signatures {need.action}){unhold}"
                    + ("; a device cannot sign: send it from a user (MQTT, CLI)" if principal is not None and principal.kind == "device" else ""))
             if self.access_refusals.note("signature_required", origin, f"{who[:64]}: {command.name}"):
                 log.warning("signature_required", command=command.name, actor=who, origin=origin, action=need.action)
             raise C.CommandRejected(why, "signature_required")
+
+    def restarts_batch(self, command: Any) -> bool:
+        """A PackML Unhold of a line Held on a material fault (an empty serial pool): the fault stopped the batch, so
+        the Unhold runs start_batch and is held to its signature rule (README "Electronic signatures")."""
+        return isinstance(command, C.PackmlCmd) and command.cmd is P.PackmlCommand.Unhold and self.fault in P.HOLD_FAULTS
 
     async def _cmd_sign_review(self, c: C.SignReview, origin: str) -> dict[str, Any]:
         """The review of `c.lot` built again now: signed only when its digest is the one the signer's document shows."""
@@ -903,7 +912,6 @@ class Line:
         await self._write_line_mode("idle")
         for s in self.stations:
             s.pause()
-        self.packml.latch_stop(0, "pause", f"paused by {c.actor}@{origin}")
         self._latch_first_out("pause", f"paused by {c.actor}@{origin}")
         await self._set_state(BatchState.PAUSED, actor=f"{c.actor}@{origin}", reason="pause")
         return {"lot": b.lot, "state": b.state.value}
@@ -938,9 +946,8 @@ class Line:
         b = self.batch
         if b is None or b.state not in ALLOWED["stop"]:
             return
-        why = "planned_quantity" if reason == "planned quantity reached" else "stop"
+        why = {"planned quantity reached": "planned_quantity", "PackML Abort": "abort"}.get(reason, "stop")
         if not origin.startswith("rule:"):  # a fault's own stop is how the fault acts, not another cause
-            self.packml.latch_stop(0, why, f"{reason} ({actor}@{origin})")
             self._latch_first_out(why, f"{reason} ({actor}@{origin})")
         await self._write_line_mode("idle")
         # each station says how long units on the belt may need (a print_verify station: at least the confirm wait)
@@ -1203,13 +1210,20 @@ class Line:
             )
         else:
             admin = P.AdminCounters(None, 0, 0, 0, {}, 0)
-        blocked = bool(pm.blocked_input)
+        blocked = pm.blocked()
         starved = pm.starved(engine, self.infeed_stopped)
         return P.PackTags(
-            state, pm.unit_mode, pm.stop_reason, blocked, starved, pm.mach_speed, self.achieved_rate_upm(), admin, time.time(),
+            state, pm.unit_mode, self._packml_stop_reason(), blocked, starved, pm.mach_speed, self.achieved_rate_upm(), admin, time.time(),
             engine_state=b.state.value if b is not None else "idle",
             allowed=tuple(c.name for c in sorted(P.ALLOWED[state])),
         )
+
+    def equipment_reported(self, plc: str, *, blocked: bool | None, starved: bool | None) -> None:
+        """A PLC's downstream_blocked / infeed_starved as polled (None: no such tag, or the PLC is gone): PackML
+        EquipmentBlocked / EquipmentStarved and, while the batch runs, Suspended (README "PackML")."""
+        if self.packml.equipment(plc, blocked=blocked, starved=starved):
+            log.info("packml_equipment", plc=plc, blocked=blocked, starved=starved)
+            self._notify()
 
     def _production_mode(self) -> None:
         if self.packml.unit_mode != P.UnitMode.Production:
@@ -1230,7 +1244,7 @@ class Line:
         self._packml_refuse(cmd, self.packtags().state)
         if cmd is P.PackmlCommand.Abort:
             self.packml.aborted = True
-            self.packml.latch_stop(0, "abort", f"PackML Abort by {c.actor}")
+            self._latch_first_out("abort", f"PackML Abort by {c.actor}")
             await self.infeed_idle_now()
             self._notify()
 
@@ -1252,7 +1266,6 @@ class Line:
         is_open = b is not None and b.state != BatchState.CLOSED
         if cmd is K.Reset:
             pm.armed, pm.complete = True, False
-            pm.stop_reason = None
         elif cmd is K.Start:
             if not is_open:
                 raise C.CommandRejected("no open batch: create_batch first, then Start", "no_batch")
@@ -1272,15 +1285,15 @@ class Line:
                 acting = S.Holding if cmd is K.Hold else S.Suspending
                 await self._packml_acting(acting, self._cmd_pause_batch(C.PauseBatch(actor=c.actor), origin))
         elif cmd is K.Unhold:
-            if self.fault in P.HOLD_FAULTS:
+            if self.fault in P.HOLD_FAULTS:  # (restarts_batch: execute() checked its signature just before, no await between)
                 await self._cmd_reset(C.ResetLine(actor=c.actor), origin)
-                pm.stop_reason = None
                 await self._packml_acting(S.Unholding, self._cmd_start_batch(C.StartBatch(actor=c.actor), origin))
             else:
                 await self._packml_acting(S.Unholding, self._cmd_resume_batch(C.ResumeBatch(actor=c.actor), origin))
         elif cmd is K.Unsuspend:
             if b is None or b.state != BatchState.PAUSED:
-                raise C.CommandRejected("the line is Suspended because it is starved: it resumes by itself when product arrives", "starved")
+                why = "blocked downstream" if self.packml.blocked() else "starved"
+                raise C.CommandRejected(f"the line is Suspended because it is {why}: it resumes by itself when product flows again", "starved")
             await self._packml_acting(S.Unsuspending, self._cmd_resume_batch(C.ResumeBatch(actor=c.actor), origin))
         elif cmd is K.Complete:
             pm.completing = True
@@ -1294,7 +1307,6 @@ class Line:
             if self.fault is not None:
                 await self._packml_acting(S.Clearing, self._cmd_reset(C.ResetLine(actor=c.actor), origin))
             pm.aborted = pm.armed = False
-            pm.stop_reason = None
         after = self.packtags().state
         log.info("packml_command", command=cmd.name, before=before.name, after=after.name, actor=c.actor, origin=origin)
         return {"command": cmd.name, "from": before.name, "state": after.name, "StateCurrent": int(after)}
@@ -1419,11 +1431,26 @@ class Line:
             return None
         return {"units": self.challenge_units, "passed": self.challenge_passed}
 
+    def stop_cause(self) -> FirstOut | None:
+        """The first-out of the current (or last) stop, as operators see it: the one source of `<root>/state`'s
+        stop_reason and of PackML Admin.StopReason (MQTT packml/admin, OPC UA, the PLC tag packml_stop_reason).
+
+        None while the line runs; shown from the moment a stop or pause begins (a drain: Stopping) until the line
+        runs again, through a reset (the line has not run since)."""
+        return self.first_out
+
     def _stop_reason_json(self) -> dict[str, Any] | None:
-        b = self.batch
-        if self.first_out is None or (b is not None and b.state in (BatchState.RUNNING, BatchState.CHALLENGE) and self.fault is None):
+        cause = self.stop_cause()
+        return None if cause is None else cause.to_json()
+
+    def _packml_stop_reason(self) -> P.StopReason | None:
+        """Admin.StopReason from the first-out: ID the alarm code number of a fault (99 one without a number), 0 for
+        a command (pause, stop, abort, planned quantity)."""
+        cause = self.stop_cause()
+        if cause is None:
             return None
-        return self.first_out.to_json()
+        id_ = ALARM_CODES.get(cause.code, 0 if cause.code in P.COMMAND_STOP_CODES else 99)
+        return P.StopReason(id_, cause.code, cause.message, datetime.fromisoformat(cause.at).timestamp())
 
     def snapshot(self) -> dict[str, Any]:
         """The operators' view (README "Operators' view: the state message"); the MQTT bridge adds the stamps."""

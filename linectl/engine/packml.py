@@ -138,9 +138,18 @@ def _known() -> str:
     return ", ".join(f"{c.name}={c.value}" for c in PackmlCommand if c is not PackmlCommand.Undefined)
 
 
+#: first-out codes of a stop a command asked for (Admin.StopReason ID 0): pause (Hold, Suspend), stop, abort, the
+#: planned quantity reached (Complete)
+COMMAND_STOP_CODES = frozenset({"pause", "stop", "abort", "planned_quantity"})
+
+
 @dataclass(frozen=True)
 class StopReason:
-    """Admin.StopReason: the first-out cause of the last stop (ID = linectl alarm code number, 0 = a command)."""
+    """Admin.StopReason: the first-out cause of the last stop (ID = linectl alarm code number, 0 = a command).
+
+    Derived from the line's first-out (Line.stop_cause), never latched separately: PackML, OPC UA, the PLC tag and
+    `<root>/state` always name the same cause, also when a root cause (e-stop, PLC lost) takes over from its
+    consequence or an e-stop comes while the line is Held."""
 
     id: int
     code: str
@@ -210,13 +219,10 @@ class PackTags:
         }
 
 
-def now() -> float:
-    return time.time()
-
-
 __all__ = [
     "ACTING",
     "ALLOWED",
+    "COMMAND_STOP_CODES",
     "AdminCounters",
     "PackTags",
     "PackmlCommand",
@@ -265,12 +271,12 @@ class PackmlUnit:
         self.complete = False  # planned quantity reached or Complete command: Complete until Reset
         self.completing = False
         self.suspended = False  # Suspend command: the batch is paused as Suspended, not Held
-        self.stop_reason: StopReason | None = None
         self.mach_speed = mach_speed
         self.starved_after_s = starved_after_s
-        #: set by whoever sees the downstream or upstream equipment (PLC PackTags handshake); None = not reported
-        self.blocked_input: bool | None = None
-        self.starved_input: bool | None = None
+        #: what each PLC reports of the equipment around the line (tags downstream_blocked / infeed_starved, polled by
+        #: the PLC surface), by PLC name; a PLC without the tag, or gone, reports nothing
+        self.blocked_by: dict[str, bool] = {}
+        self.starved_by: dict[str, bool] = {}
         self._lot: str | None = None
         self.defective: dict[str, int] = {}
         self.decommissioned_before = 0
@@ -296,10 +302,19 @@ class PackmlUnit:
         key = reason or "unknown"
         self.defective[key] = self.defective.get(key, 0) + 1
 
-    def latch_stop(self, id_: int, code: str, message: str) -> None:
-        """First-out: the first cause after the line last entered Execute is kept; later ones are alarms only."""
-        if self.stop_reason is None:
-            self.stop_reason = StopReason(id_, code, message[:500], now())
+    def equipment(self, source: str, *, blocked: bool | None, starved: bool | None) -> bool:
+        """What PLC `source` reports now (None: it has no such tag, or is gone); True when that changed anything."""
+        before = (dict(self.blocked_by), dict(self.starved_by))
+        for seen, value in ((self.blocked_by, blocked), (self.starved_by, starved)):
+            if value is None:
+                seen.pop(source, None)
+            else:
+                seen[source] = value
+        return (self.blocked_by, self.starved_by) != before
+
+    def blocked(self) -> bool:
+        """EquipmentBlocked: a PLC reports the machine downstream takes no product (whatever the batch does)."""
+        return any(self.blocked_by.values())
 
     def engine_changed(self, engine: str) -> None:
         """The batch changed state: drop overlays that no longer describe it."""
@@ -310,7 +325,6 @@ class PackmlUnit:
             self.armed = self.aborted = self.complete = self.completing = False
             if engine == BatchState.RUNNING.value:
                 self.suspended = False
-                self.stop_reason = None
                 self.producing_since = self.last_unit = time.monotonic()
         elif engine == BatchState.PAUSED.value:
             self.armed = False
@@ -332,7 +346,10 @@ class PackmlUnit:
                 return PackmlState.Holding
             return PackmlState.Completing if self.completing else PackmlState.Stopping
         if engine == BatchState.RUNNING.value:
-            return PackmlState.Suspended if self.starved(engine, infeed_stopped) else PackmlState.Execute
+            # blocked downstream or starved upstream: the line cannot produce, through no fault of its own, and
+            # produces again by itself once product flows (TR88 Suspended)
+            suspended = self.blocked() or self.starved(engine, infeed_stopped)
+            return PackmlState.Suspended if suspended else PackmlState.Execute
         if engine == BatchState.CHALLENGE.value:
             return PackmlState.Starting
         if engine == BatchState.PAUSED.value:
@@ -348,9 +365,11 @@ class PackmlUnit:
         return PackmlState.Idle if self.armed else PackmlState.Stopped
 
     def starved(self, engine: str, infeed_stopped: bool) -> bool:
-        """No unit for `starved_after_s` while the batch runs with the infeed open, or the PLC says so."""
-        if self.starved_input is not None:
-            return self.starved_input and engine == BatchState.RUNNING.value
-        if engine != BatchState.RUNNING.value or infeed_stopped or self.starved_after_s <= 0:
+        """EquipmentStarved: a PLC reports its infeed empty (whatever the batch does), or no unit came for
+        `starved_after_s` while the batch runs with the infeed open and nothing downstream is blocked (a blocked
+        line gets no units either: that is Blocked, not Starved)."""
+        if any(self.starved_by.values()):
+            return True
+        if engine != BatchState.RUNNING.value or infeed_stopped or self.starved_after_s <= 0 or self.blocked():
             return False
         return time.monotonic() - max(self.last_unit, self.producing_since) > self.starved_after_s

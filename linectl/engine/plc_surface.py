@@ -31,6 +31,7 @@ from linectl import control as C
 from linectl.access.principal import Principal, device_principal
 from linectl.drivers.base import DeviceError, HealthState, Plc
 from linectl.drivers.plc_tags import (
+    PACKML_BLOCKED_INPUT,
     PACKML_CMD_CHANGE_REQUEST,
     PACKML_CMD_RESULT,
     PACKML_CNTRL_CMD,
@@ -40,6 +41,7 @@ from linectl.drivers.plc_tags import (
     PACKML_RESULT_REFUSED,
     PACKML_RESULT_STALE,
     PACKML_RESULT_UNKNOWN_COMMAND,
+    PACKML_STARVED_INPUT,
     PACKML_STATUS_TAGS,
     PACKML_UNIT_MODE,
     PACKML_UNIT_MODE_CHANGE_REQUEST,
@@ -90,6 +92,9 @@ class PlcSurface:
             _Handshake(req, value) for req, value in ((REQ, CNTRL), (MODE_REQ, MODE)) if req in names and value in names and RESULT in names
         ]
         self._packml_status_tags = [t for t in PACKML_STATUS_TAGS if t in names]
+        #: the equipment inputs this PLC's tag map names (downstream_blocked, infeed_starved)
+        self._blocked_tag = PACKML_BLOCKED_INPUT if PACKML_BLOCKED_INPUT in names else None
+        self._starved_tag = PACKML_STARVED_INPUT if PACKML_STARVED_INPUT in names else None
         #: PackTags as last written to the PLC (forgotten when the PLC goes away: it may have restarted)
         self._written: dict[str, Any] = {}
         self._written_at = 0.0
@@ -109,6 +114,7 @@ class PlcSurface:
                     continue
                 await self.line.resync_line_mode(self.plc)
                 await self._check_estop(tags)
+                self._equipment(tags)
                 for tag, make in COMMAND_TAGS.items():
                     if tags.get(tag):
                         await self._command(tag, make())
@@ -136,6 +142,13 @@ class PlcSurface:
         if estop and not self._estop_seen:
             await self.line.fault_stop("estop", f"emergency stop on PLC {self.plc.name}")
         self._estop_seen = estop
+
+    def _equipment(self, tags: dict[str, Any]) -> None:
+        if self._blocked_tag is None and self._starved_tag is None:
+            return
+        b, s = self._blocked_tag, self._starved_tag
+        self.line.equipment_reported(self.plc.name, blocked=None if b is None or b not in tags else bool(tags[b]),
+                                     starved=None if s is None or s not in tags else bool(tags[s]))
 
     async def _command(self, tag: str, cmd: Any) -> None:
         try:
@@ -278,6 +291,7 @@ class PlcSurface:
     def _on_health(self, plc: Any, health: Any) -> None:
         if health.state == HealthState.DISCONNECTED:
             self._written.clear()
+            self.line.equipment_reported(plc.name, blocked=None, starved=None)  # a PLC gone says nothing of its equipment
             if not self._lost and self.line.batch is not None and not self.line.shutting_down:
                 self._lost = True
                 asyncio.get_running_loop().create_task(self.line.fault_stop("plc_lost", f"PLC {plc.name} lost: {health.reason}"))
