@@ -357,7 +357,7 @@ async def test_request_up_before_linectl_looked_is_not_run(fake_line: Any) -> No
         await plc.stop()
 
 
-@pytest.mark.parametrize("driver", ["modbus_tcp", "s7"])
+@pytest.mark.parametrize("driver", ["modbus_tcp", "s7", "opcua"])
 async def test_blocked_and_starved_from_the_plc(tmp_path: Path, driver: str) -> None:
     """The simulated PLC's downstream machine blocks, then its infeed runs empty (faults downstream_blocked,
     infeed_empty: the PLC holds the infeed and sets its input tag): the running line is Suspended with
