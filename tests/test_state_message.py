@@ -76,9 +76,11 @@ class StateWatcher:
 
 
 @contextlib.asynccontextmanager
-async def line(tmp_path: Path, **kw: Any) -> AsyncIterator[Any]:
+async def line(tmp_path: Path, upstream: dict[str, Any] | None = None, **kw: Any) -> AsyncIterator[Any]:
     root = unique_root()
-    ov = {"mqtt": {"topic_root": root, "port": PORT, "state_interval_s": INTERVAL_S}}
+    ov: dict[str, Any] = {"mqtt": {"topic_root": root, "port": PORT, "state_interval_s": INTERVAL_S}}
+    if upstream is not None:
+        ov["upstream"] = upstream
     async with simulated_line(tmp_path, rate=900.0, rules=RELAXED, overrides=ov, **kw) as sl:
         yield sl
 
@@ -108,7 +110,9 @@ def stamp_ok(msg: dict[str, Any]) -> None:
 
 
 async def test_rate_counters_backlog_devices_and_stamps(tmp_path):
-    async with line(tmp_path, defect_rate=0.15, seed=7) as sl:
+    # a file sink beside MQTT: each sink's backlog is its own and each must reach 0
+    (tmp_path / "epcis-out").mkdir()
+    async with line(tmp_path, defect_rate=0.15, seed=7, upstream={"file": {"dir": str(tmp_path / "epcis-out"), "max_age_s": 0.5}}) as sl:
         root = sl.cfg.topic_root
         async with StateWatcher(root) as dash:
             first = await dash.until(lambda m: True, "a state message")
@@ -144,7 +148,7 @@ async def test_rate_counters_backlog_devices_and_stamps(tmp_path):
                 "stopped with every sink's backlog at 0",
             )
             assert stopped["rate_upm"] == 0.0 and stopped["stop_reason"]["code"] == "stop"
-            assert stopped["upstream_sinks"], "the demo line has upstream sinks"
+            assert {"mqtt", "file"} <= set(stopped["upstream_sinks"]), stopped["upstream_sinks"]
 
             # counters by reason: the simulator's ground truth and the store agree with the message
             truth = await sl.truth()
@@ -245,10 +249,15 @@ async def test_estop_first_out_alarms_acknowledged_and_late_dashboard(tmp_path):
 
 
 async def test_root_cause_behind_its_consequence_becomes_first_out(tmp_path):
-    """The bug seen: the belt stopped by the e-stop leaves a reject unconfirmed, and that fault came first."""
+    """The bug seen: the belt stopped by the e-stop leaves a reject unconfirmed, and that fault came first.
+    The batch runs its challenge first: the state's challenge counters are the simulator's challenge units."""
     async with line(tmp_path, defect_rate=0.0, seed=5) as sl:
         async with StateWatcher(sl.cfg.topic_root) as dash:
-            await create_and_start(sl, 100_000, challenge=False)
+            await create_and_start(sl, 100_000, challenge=True)
+            fed = [u for u in (await sim(sl, cmd="units", last=1000))["units"] if u["challenge"]]
+            assert fed and all(u["outcome"] == "rejected" for u in fed), fed  # truth: every challenge pack rejected
+            m = await dash.until(lambda m: m["state"] == "running" and m["batch"]["challenge"] is not None, "the challenge counters")
+            assert m["batch"]["challenge"] == {"units": len(fed), "passed": True}, (m["batch"]["challenge"], len(fed))
             await wait_good(sl, 20)
             await sl.line.fault_stop("reject_not_confirmed", "reject of unit 12 not confirmed within 2.00s", "pv1")
             await sl.line.fault_stop("estop", "emergency stop on PLC plc1")

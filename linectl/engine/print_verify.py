@@ -1245,6 +1245,7 @@ class PrintVerifyRuntime(Station):
             except gs1.GS1Error:
                 pass
         await self.plc.write_tag("verdict_ring", [seq, VERDICT_REJECT], index=2 * (seq % self.ring_slots))
+        self.line.unit_decided(self.name, False, "challenge")  # the state's batch.challenge.units and the rate window
         self._tracker.remember(unit)
         kind = self._challenge_kinds[self._challenge_index] if self._challenge_index < len(self._challenge_kinds) else "extra"
         self._challenge_index += 1

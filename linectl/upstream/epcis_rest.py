@@ -293,6 +293,8 @@ class EpcisRestSink:
                 with contextlib.suppress(Exception):
                     await self._client.aclose()
                 self._client = None
+            with contextlib.suppress(Exception):  # the last state published at a clean stop: what is really left
+                self.backlog = await asyncio.to_thread(self.reader.backlog)
             self._running = False
 
     # ---------------------------------------------------------------- the dispatcher

@@ -205,6 +205,10 @@ class FileSink:
             watch.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watch
+            # the last state published at a clean stop shows what is really left (the count is otherwise at most
+            # a second old, and rows stored in that second would show as delivered)
+            with contextlib.suppress(Exception):
+                self.backlog = await asyncio.to_thread(self.reader.backlog)
             self._running = False
 
     async def _watch_backlog(self) -> None:
