@@ -164,7 +164,7 @@ async def test_batch_driven_through_packtags(tmp_path: Path, driver: str) -> Non
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("driver", ["modbus_tcp", "opcua"])
+@pytest.mark.parametrize("driver", ["modbus_tcp", "s7", "opcua"])
 async def test_cntrl_cmd_changed_during_a_command(tmp_path: Path, driver: str) -> None:
     async with simulated_line(tmp_path, base=packml_line(tmp_path, driver), rate=900) as sl:
         await sl.create_batch(2000, challenge=False)
@@ -194,7 +194,7 @@ async def test_cntrl_cmd_changed_during_a_command(tmp_path: Path, driver: str) -
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("driver", ["modbus_tcp", "opcua"])
+@pytest.mark.parametrize("driver", ["modbus_tcp", "s7", "opcua"])
 async def test_plc_restart_mid_handshake(tmp_path: Path, driver: str) -> None:
     async with simulated_line(tmp_path, base=packml_line(tmp_path, driver), rate=900) as sl:
         await sl.create_batch(2000, challenge=False)
@@ -231,7 +231,7 @@ async def test_plc_restart_mid_handshake(tmp_path: Path, driver: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("driver", ["modbus_tcp", "opcua"])
+@pytest.mark.parametrize("driver", ["modbus_tcp", "s7", "opcua"])
 async def test_link_lost_before_the_acknowledge(tmp_path: Path, driver: str) -> None:
     """The command ran, the link dropped before the acknowledge; the PLC kept its memory and still waits. linectl
     acknowledges it when the link is back, with the result it had, and does not run it a second time."""
