@@ -342,25 +342,38 @@ async def test_happy_path_everything_once_within_limits(tmp_path, inflight):
         await store.close()
 
 
+async def catch_up_setup(tmp_path: Path, cfg: Any, backlog: int, live: int) -> tuple[Any, Any, EpcisRestSink]:
+    """A store holding `backlog` events of lot OLD (more than the sink's catch-up threshold of 200 rows) and `live`
+    events of lot LIVE prepared for later, with its sink: the start of every catch-up test."""
+    store = await line_store(tmp_path, cfg)
+    prod = Producer(store)
+    await prod.fill(["OLD"], backlog)
+    await prod.prepare("LIVE", live)
+    (sink,) = EpcisRestSink.from_config(cfg, store, catchup_rows=200)
+    return store, prod, fast(sink)
+
+
+async def append_live(store: Any, sink: EpcisRestSink, prod: Any, n: int, gap_s: float = 0.0) -> list[str]:
+    """Once the sink is catching up, the line stores `n` new events (`gap_s` apart); their eventIDs."""
+    await until(lambda: sink.status()["catching_up"], what="catch-up mode")
+    live_ids: list[str] = []
+    for e in prod.events("LIVE", n):
+        await store.append(e)
+        live_ids.append(e.event_id)
+        sink.notify()
+        if gap_s:
+            await asyncio.sleep(gap_s)
+    return live_ids
+
+
 async def test_catch_up_live_events_overtake_the_backlog(tmp_path):
     """After an outage the backlog drains in its own lane; events the line makes meanwhile are captured before the
     backlog is through, and the cursor still ends at the end with every event once."""
     async with repository(job_delay_s=0.05) as repo:
         cfg = rest_cfg(tmp_path, {"name": "l3", "url": f"http://127.0.0.1:{repo.port}", "max_events": 25, "max_age_s": 0.1, "inflight": 2})
-        store = await line_store(tmp_path, cfg)
-        prod = Producer(store)
-        await prod.fill(["OLD"], 1500)
-        await prod.prepare("LIVE", 10)
-        (sink,) = EpcisRestSink.from_config(cfg, store, catchup_rows=200)
-        fast(sink)
-        live_ids: list[str] = []
+        store, prod, sink = await catch_up_setup(tmp_path, cfg, 1500, 10)
         async with running(sink):
-            await until(lambda: sink.status()["catching_up"], what="catch-up mode")
-            for e in prod.events("LIVE", 10):
-                await store.append(e)
-                live_ids.append(e.event_id)
-                sink.notify()
-                await asyncio.sleep(0.05)
+            live_ids = await append_live(store, sink, prod, 10, gap_s=0.05)
             await until(lambda: store.sink_backlog(sink.name) == 0, what="all delivered")
             assert not sink.status()["catching_up"]
         check_ground_truth(repo, store, sink, ordered=False)
@@ -379,21 +392,11 @@ async def test_catch_up_backlog_is_paced_to_catchup_max_rate(tmp_path):
     async with repository() as repo:
         cfg = rest_cfg(tmp_path, {"name": "l3", "url": f"http://127.0.0.1:{repo.port}", "max_events": max_events, "max_age_s": 0.1,
                                   "inflight": inflight, "catchup_max_rate": rate})
-        store = await line_store(tmp_path, cfg)
-        prod = Producer(store)
-        await prod.fill(["OLD"], backlog_events)
-        await prod.prepare("LIVE", 3)
-        (sink,) = EpcisRestSink.from_config(cfg, store, catchup_rows=200)
-        fast(sink)
-        live_ids: list[str] = []
+        store, prod, sink = await catch_up_setup(tmp_path, cfg, backlog_events, 3)
         samples: list[tuple[float, int]] = []
         t0 = time.monotonic()
         async with running(sink):
-            await until(lambda: sink.status()["catching_up"], what="catch-up mode")
-            for e in prod.events("LIVE", 3):
-                await store.append(e)
-                live_ids.append(e.event_id)
-                sink.notify()
+            live_ids = await append_live(store, sink, prod, 3)
             while store.sink_backlog(sink.name) != 0:
                 samples.append((time.monotonic() - t0, sum(1 for eid in repo.capture_order if eid not in live_ids)))
                 assert time.monotonic() - t0 < 60, "the backlog did not drain"
